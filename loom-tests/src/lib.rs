@@ -1,0 +1,1 @@
+//! Shared helpers for the loom and shuttle models (see `tests/`).

@@ -1,0 +1,182 @@
+//! Page requests from the destination: the typed request and its wire format.
+//!
+//! A request names a RAM block by index and a byte range inside it, as QEMU's
+//! `MIG_RP_MSG_REQ_PAGES` does (which names the block by its id string). On the wire it is
+//! [`UrgentRequest::WIRE_LEN`] bytes, little endian:
+//!
+//! | bytes  | field                               |
+//! |--------|-------------------------------------|
+//! | 0..2   | magic `0x4850` (`"PH"`)             |
+//! | 2..4   | flags, must be 0                    |
+//! | 4..8   | block index (`u32`)                 |
+//! | 8..16  | byte offset in the block (`u64`)    |
+//! | 16..24 | length in bytes (`u64`)             |
+//!
+//! Decoding checks only the frame; whether the block and range exist is the scheduler's check
+//! against its layout. Both kinds of failure are typed errors.
+
+use std::fmt;
+
+use crate::layout::LocationError;
+
+const MAGIC: u16 = 0x4850;
+
+/// A page request from the destination: `len` bytes at byte `offset` of block `block`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct UrgentRequest {
+    /// Block index in the layout.
+    pub block: u32,
+    /// Byte offset of the faulting address in the block.
+    pub offset: u64,
+    /// Bytes requested (normally one host page).
+    pub len: u64,
+}
+
+/// A request frame that could not be decoded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DecodeError {
+    /// The frame is not [`UrgentRequest::WIRE_LEN`] bytes long.
+    WrongLength {
+        /// Bytes received.
+        got: usize,
+    },
+    /// The frame does not start with the request magic.
+    BadMagic(u16),
+    /// Flags this version does not know were set.
+    UnknownFlags(u16),
+}
+
+impl fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::WrongLength { got } => write!(
+                f,
+                "page request frame has {got} bytes, expected {}",
+                UrgentRequest::WIRE_LEN
+            ),
+            Self::BadMagic(m) => write!(f, "page request frame has bad magic {m:#06x}"),
+            Self::UnknownFlags(fl) => write!(f, "page request frame has unknown flags {fl:#06x}"),
+        }
+    }
+}
+
+impl std::error::Error for DecodeError {}
+
+/// Why a page request was refused (and counted as bad).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RequestError {
+    /// The frame is malformed.
+    Decode(DecodeError),
+    /// The block or range is outside the layout.
+    Location(LocationError),
+}
+
+impl fmt::Display for RequestError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Decode(e) => write!(f, "malformed page request: {e}"),
+            Self::Location(e) => write!(f, "page request out of range: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for RequestError {}
+
+impl From<DecodeError> for RequestError {
+    fn from(e: DecodeError) -> Self {
+        Self::Decode(e)
+    }
+}
+
+impl From<LocationError> for RequestError {
+    fn from(e: LocationError) -> Self {
+        Self::Location(e)
+    }
+}
+
+impl UrgentRequest {
+    /// Length of an encoded request.
+    pub const WIRE_LEN: usize = 24;
+
+    /// A request for `len` bytes at `offset` of block `block`.
+    pub const fn new(block: u32, offset: u64, len: u64) -> Self {
+        Self { block, offset, len }
+    }
+
+    /// Encodes the request as one wire frame.
+    ///
+    /// ```
+    /// use pagehint::UrgentRequest;
+    /// let req = UrgentRequest::new(2, 0x20_0000, 4096);
+    /// assert_eq!(UrgentRequest::decode(&req.encode())?, req);
+    /// assert!(UrgentRequest::decode(&[0u8; 24]).is_err()); // bad magic
+    /// assert!(UrgentRequest::decode(&req.encode()[..23]).is_err()); // short frame
+    /// # Ok::<(), pagehint::request::DecodeError>(())
+    /// ```
+    pub fn encode(&self) -> [u8; Self::WIRE_LEN] {
+        let mut out = [0u8; Self::WIRE_LEN];
+        out[0..2].copy_from_slice(&MAGIC.to_le_bytes());
+        out[4..8].copy_from_slice(&self.block.to_le_bytes());
+        out[8..16].copy_from_slice(&self.offset.to_le_bytes());
+        out[16..24].copy_from_slice(&self.len.to_le_bytes());
+        out
+    }
+
+    /// Decodes one wire frame.
+    pub fn decode(frame: &[u8]) -> Result<Self, DecodeError> {
+        let frame: &[u8; Self::WIRE_LEN] = frame
+            .try_into()
+            .map_err(|_| DecodeError::WrongLength { got: frame.len() })?;
+        let u16_at = |i: usize| u16::from_le_bytes([frame[i], frame[i + 1]]);
+        let u64_at = |i: usize| {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&frame[i..i + 8]);
+            u64::from_le_bytes(b)
+        };
+        let magic = u16_at(0);
+        if magic != MAGIC {
+            return Err(DecodeError::BadMagic(magic));
+        }
+        let flags = u16_at(2);
+        if flags != 0 {
+            return Err(DecodeError::UnknownFlags(flags));
+        }
+        let block = u32::from_le_bytes([frame[4], frame[5], frame[6], frame[7]]);
+        Ok(Self {
+            block,
+            offset: u64_at(8),
+            len: u64_at(16),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_malformed_frame_is_a_typed_error() {
+        let good = UrgentRequest::new(u32::MAX, u64::MAX, 1).encode();
+        assert_eq!(UrgentRequest::decode(&good).unwrap().offset, u64::MAX);
+        let mut flags = good;
+        flags[2] = 1;
+        assert_eq!(
+            UrgentRequest::decode(&flags),
+            Err(DecodeError::UnknownFlags(1))
+        );
+        let mut magic = good;
+        magic[0] ^= 0xff;
+        assert!(matches!(
+            UrgentRequest::decode(&magic),
+            Err(DecodeError::BadMagic(_))
+        ));
+        assert_eq!(
+            UrgentRequest::decode(&[]),
+            Err(DecodeError::WrongLength { got: 0 })
+        );
+        assert_eq!(
+            UrgentRequest::decode(&[0; 25]),
+            Err(DecodeError::WrongLength { got: 25 })
+        );
+    }
+}

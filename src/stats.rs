@@ -1,0 +1,130 @@
+//! Counters a VMM exports: what each path sent, what the hint did, what was refused.
+//!
+//! Counters are relaxed and approximate while threads run; a snapshot taken when the
+//! scheduler is quiescent is exact. The background scanner batches its counts locally and
+//! publishes them every few claims, at the end of each round and when it is dropped, so the
+//! hot loop does no shared read-modify-write for statistics.
+
+use crate::sync::StatCounter;
+use std::sync::atomic::Ordering;
+
+/// A snapshot of a [`PageScheduler`](crate::PageScheduler)'s counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SchedulerStats {
+    /// Page requests accepted (valid) by the urgent side, in any mode.
+    pub requests: u64,
+    /// Requests refused as malformed or out of range.
+    pub bad_requests: u64,
+    /// Requests queued for the background path (vanilla mode).
+    pub requests_queued: u64,
+    /// Queued requests the background path jumped to (their page was still dirty).
+    pub queued_followed: u64,
+    /// Host pages claimed by the urgent path.
+    pub urgent_host_pages: u64,
+    /// Target pages the urgent path sends (whole host pages).
+    pub urgent_pages: u64,
+    /// Urgent requests whose host page was already claimed (by the background path, or sent).
+    pub urgent_already_claimed: u64,
+    /// Claims made by background scanners.
+    pub background_claims: u64,
+    /// Host pages claimed by background scanners.
+    pub background_host_pages: u64,
+    /// Target pages background scanners send (whole host pages).
+    pub background_pages: u64,
+    /// Background claims that found their chunk already taken by the urgent path.
+    pub background_claims_lost: u64,
+    /// Hints offered by the urgent path.
+    pub hints_offered: u64,
+    /// Offers accepted (the cell was empty).
+    pub hints_accepted: u64,
+    /// Offers refused because a hint was pending.
+    pub hints_refused_pending: u64,
+    /// Hints taken by background scanners.
+    pub hints_taken: u64,
+    /// Completed background rounds (a full sweep found nothing left to claim).
+    pub rounds: u64,
+}
+
+macro_rules! counters {
+    ($name:ident { $($field:ident),* $(,)? }) => {
+        /// Shared counters, one relaxed atomic each.
+        #[derive(Default)]
+        pub(crate) struct $name { $(pub(crate) $field: StatCounter,)* }
+
+        impl $name {
+            /// Copies the counters into `out`.
+            pub(crate) fn read_into(&self, out: &mut SchedulerStats) {
+                // Relaxed: statistics, exact only when quiescent.
+                $(out.$field = self.$field.load(Ordering::Relaxed);)*
+            }
+            /// Zeroes the counters.
+            pub(crate) fn reset(&self) {
+                // Relaxed: statistics; reset happens between migrations.
+                $(self.$field.store(0, Ordering::Relaxed);)*
+            }
+        }
+    };
+}
+
+counters!(UrgentCounters {
+    requests,
+    bad_requests,
+    requests_queued,
+    urgent_host_pages,
+    urgent_pages,
+    urgent_already_claimed,
+    hints_offered,
+    hints_accepted,
+    hints_refused_pending,
+});
+
+counters!(BackgroundCounters {
+    queued_followed,
+    background_claims,
+    background_host_pages,
+    background_pages,
+    background_claims_lost,
+    hints_taken,
+    rounds,
+});
+
+/// A scanner's unpublished counts (plain integers, owned by one thread).
+#[derive(Default, Debug)]
+pub(crate) struct LocalCounts {
+    pub(crate) queued_followed: u64,
+    pub(crate) claims: u64,
+    pub(crate) host_pages: u64,
+    pub(crate) pages: u64,
+    pub(crate) lost: u64,
+    pub(crate) hints_taken: u64,
+    pub(crate) rounds: u64,
+}
+
+impl LocalCounts {
+    /// Adds the local counts to the shared counters and zeroes them.
+    pub(crate) fn publish(&mut self, to: &BackgroundCounters) {
+        let c = std::mem::take(self);
+        for (counter, n) in [
+            (&to.queued_followed, c.queued_followed),
+            (&to.background_claims, c.claims),
+            (&to.background_host_pages, c.host_pages),
+            (&to.background_pages, c.pages),
+            (&to.background_claims_lost, c.lost),
+            (&to.hints_taken, c.hints_taken),
+            (&to.rounds, c.rounds),
+        ] {
+            if n != 0 {
+                // Relaxed: statistics, exact only when quiescent.
+                counter.fetch_add(n, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// Adds one to a shared counter.
+#[inline]
+pub(crate) fn bump(c: &StatCounter, n: u64) {
+    // Relaxed: statistics, exact only when quiescent.
+    c.fetch_add(n, Ordering::Relaxed);
+}

@@ -1,0 +1,33 @@
+//! The one place that chooses which atomics the crate uses.
+//!
+//! * default: `core::sync::atomic`;
+//! * `--cfg pagehint_loom` (set by `cargo loom`): loom's atomics, so every interleaving and
+//!   every weak-memory outcome allowed by C11 is explored;
+//! * feature `shuttle` (set by `cargo shuttle`): shuttle's atomics, so shuttle's scheduler
+//!   controls every atomic step.
+//!
+//! We use our own cfg name (as crossbeam does with `crossbeam_loom`) so that a global
+//! `--cfg loom` for another crate does not flip ours. No other module names loom or shuttle:
+//! everything concurrent in `pagehint` goes through the types re-exported here.
+
+#[cfg(pagehint_loom)]
+pub(crate) use loom::sync::atomic::{AtomicU64, Ordering};
+
+#[cfg(all(feature = "shuttle", not(pagehint_loom)))]
+pub(crate) use shuttle::sync::atomic::{AtomicU64, Ordering};
+
+#[cfg(not(any(pagehint_loom, feature = "shuttle")))]
+pub(crate) use core::sync::atomic::{AtomicU64, Ordering};
+
+/// Whether bitmap words may live in a lazily zeroed anonymous mapping.
+///
+/// Only plain `core` atomics have the layout of a `u64`; loom's and shuttle's carry
+/// bookkeeping and must be constructed one by one. Miri cannot map memory either.
+pub(crate) const MAPPED_STORAGE: bool = cfg!(not(any(pagehint_loom, feature = "shuttle", miri)));
+
+/// Statistics counters: plain `core` atomics in every build.
+///
+/// Counters take part in no protocol (nothing is decided on their values), so the model
+/// checkers need not see them; keeping them out of loom's and shuttle's view avoids
+/// multiplying the interleavings they explore by every counter update.
+pub(crate) use core::sync::atomic::AtomicU64 as StatCounter;
