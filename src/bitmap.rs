@@ -105,6 +105,41 @@ impl From<LocationError> for DirtyLogError {
     }
 }
 
+/// A bitmap that was not built for the layout it is used with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LayoutMismatch {
+    /// The bitmap and the layout have different numbers of blocks.
+    BlockCount {
+        /// Blocks in the bitmap.
+        bitmap: usize,
+        /// Blocks in the layout.
+        layout: usize,
+    },
+    /// A block has a different number of target pages, or a different host page size, in the
+    /// bitmap and in the layout.
+    BlockShape {
+        /// The block.
+        block: u32,
+    },
+}
+
+impl fmt::Display for LayoutMismatch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::BlockCount { bitmap, layout } => write!(
+                f,
+                "dirty bitmap has {bitmap} blocks but the layout has {layout}"
+            ),
+            Self::BlockShape { block } => write!(
+                f,
+                "block {block} has another size or host page size in the dirty bitmap than in the layout"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for LayoutMismatch {}
+
 /// Dirty host pages that one claim made the caller the only sender of.
 ///
 /// A claim covers an aligned run of whole host pages of one block, at most 64 of them; the
@@ -205,6 +240,8 @@ pub struct DirtyBitmap {
     blocks: Vec<BlockWords>,
     words: Words,
     summary: Words,
+    /// Set while a [`PageScheduler`](crate::PageScheduler) drives this bitmap (one at a time).
+    driven: std::sync::atomic::AtomicBool,
 }
 
 impl DirtyBitmap {
@@ -236,6 +273,7 @@ impl DirtyBitmap {
             blocks,
             words: Words::zeroed(words)?,
             summary: Words::zeroed(summary)?,
+            driven: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -350,47 +388,336 @@ impl DirtyBitmap {
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     pub fn merge_dirty_log(&self, block: u32, log: &[u64]) -> Result<u64, DirtyLogError> {
-        let b = *self.block(block)?;
-        if log.len() != b.words {
+        let pages = self.block(block)?.pages;
+        self.merge_dirty_log_at(block, 0, pages, log)
+    }
+
+    /// ORs a dirty log covering `pages` target pages of `block` from page `first_page` into
+    /// the bitmap: bit `i % 64` of word `i / 64` is page `first_page + i`. This is what
+    /// `KVM_GET_DIRTY_LOG` returns for a memory slot that maps part of a block. Zero words
+    /// cost no atomic; when `first_page` is not a multiple of 64, each log word is shifted
+    /// into (at most) two bitmap words. Returns the number of pages the log marks dirty.
+    ///
+    /// The range must lie inside the block, and the log must have exactly one bit per page,
+    /// rounded up to whole words, with no bit past `pages`; a malformed log is refused whole,
+    /// before anything is merged (I8). Concurrent claims lose nothing (I7): each merged word
+    /// is one `fetch_or`, and for wide host pages the summary bits are set after the page
+    /// bits they cover.
+    ///
+    /// ```
+    /// # let layout = pagehint::RamLayout::single("m", 1 << 20, 4096)?; // 256 pages
+    /// let bitmap = pagehint::DirtyBitmap::new(&layout)?;
+    /// // a slot of 70 pages starting at page 100: pages 100, 101 and 169
+    /// assert_eq!(bitmap.merge_dirty_log_at(0, 100, 70, &[0b11, 1 << 5])?, 3);
+    /// assert_eq!(bitmap.find_next_dirty(0, 102)?, Some(169));
+    /// assert!(bitmap.merge_dirty_log_at(0, 200, 70, &[0, 0]).is_err()); // past the block
+    /// assert!(bitmap.merge_dirty_log_at(0, 100, 70, &[0, 1 << 6]).is_err()); // past the slot
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn merge_dirty_log_at(
+        &self,
+        block: u32,
+        first_page: u64,
+        pages: u64,
+        log: &[u64],
+    ) -> Result<u64, DirtyLogError> {
+        let b = *self.ranged(block, first_page, pages)?;
+        // Cannot saturate: a block has at most 2^40 pages.
+        let expected = usize::try_from(pages.div_ceil(WORD_BITS)).unwrap_or(usize::MAX);
+        if log.len() != expected {
             return Err(DirtyLogError::WrongLength {
                 block,
-                expected: b.words,
+                expected,
                 got: log.len(),
             });
         }
-        let tail = b.pages % WORD_BITS;
+        let tail = pages % WORD_BITS;
         if tail != 0 && log.last().is_some_and(|w| w & !low_mask(tail) != 0) {
             return Err(DirtyLogError::BitsPastEnd { block });
         }
         let words = &self.words.get()[b.word_base..b.word_base + b.words];
+        let summary = &self.summary.get()[b.summary_base..b.summary_base + b.summary_words];
+        let base = (first_page >> WORD_SHIFT) as usize;
+        let off = (first_page % WORD_BITS) as u32;
         let mut marked = 0;
         // Wide blocks: summary bits to set, gathered per summary word, set only after the page
         // words they cover have been merged.
         let mut pending: Option<(usize, u64)> = None;
-        let summary = &self.summary.get()[b.summary_base..b.summary_base + b.summary_words];
-        for (i, &bits) in log.iter().enumerate().filter(|(_, w)| **w != 0) {
-            marked += u64::from(bits.count_ones());
-            // Release: page contents written before the log was taken are visible to the claimer.
-            words[i].fetch_or(bits, Ordering::Release);
-            if b.wide() {
-                let hp = i as u64 >> (b.host_shift - WORD_SHIFT);
-                let (sw, bit) = ((hp >> WORD_SHIFT) as usize, 1u64 << (hp % WORD_BITS));
-                match &mut pending {
-                    Some((w, mask)) if *w == sw => *mask |= bit,
-                    _ => {
-                        if let Some((w, mask)) = pending.replace((sw, bit)) {
-                            // Release: orders the merged page bits before the summary bit.
-                            summary[w].fetch_or(mask, Ordering::Release);
-                        }
-                    }
-                }
+        // Bits of the previous log word that spill into the current bitmap word.
+        let mut carry = 0u64;
+        let mut i = 0;
+        while i < log.len() {
+            // Sparse logs: skip clean words eight at a time with plain reads of the caller's
+            // log (no carry pending means the skipped bitmap words get nothing).
+            if carry == 0
+                && log
+                    .get(i..i + 8)
+                    .is_some_and(|g| g.iter().fold(0, |a, w| a | w) == 0)
+            {
+                i += 8;
+                continue;
             }
+            let bits = log[i];
+            i += 1;
+            if bits == 0 && carry == 0 {
+                continue;
+            }
+            let i = i - 1;
+            marked += u64::from(bits.count_ones());
+            let word = (bits << off) | carry;
+            carry = if off == 0 {
+                0
+            } else {
+                bits >> (WORD_BITS as u32 - off)
+            };
+            if word != 0 {
+                // Release: page contents written before the log was taken are visible to the
+                // claimer that collects these bits.
+                words[base + i].fetch_or(word, Ordering::Release);
+                gather_summary(&b, summary, base + i, &mut pending);
+            }
+        }
+        if carry != 0 {
+            // In range: the tail check above keeps every bit inside `first_page + pages`.
+            // Release: as above.
+            words[base + log.len()].fetch_or(carry, Ordering::Release);
+            gather_summary(&b, summary, base + log.len(), &mut pending);
         }
         if let Some((w, mask)) = pending {
             // Release: orders the merged page bits before the summary bit.
             summary[w].fetch_or(mask, Ordering::Release);
         }
         Ok(marked)
+    }
+
+    /// Words of `block`'s bitmap: the length of its dirty log, and the bound of
+    /// [`get_and_clear`](Self::get_and_clear).
+    pub fn block_words(&self, block: u32) -> Result<usize, LocationError> {
+        Ok(self.block(block)?.words)
+    }
+
+    /// Hands the caller the dirty words `from_word .. from_word + out.len()` of `block` and
+    /// clears them, for precopy consumers: `out[i]` receives word `from_word + i`, whose bit
+    /// `j` is target page `64 * (from_word + i) + j` (the format of a KVM dirty log).
+    /// Returns the number of dirty pages handed over.
+    ///
+    /// No allocation; a clean word costs one relaxed load, a dirty word one swap. The range
+    /// must lie inside the block's [`block_words`](Self::block_words) (an empty `out` is a
+    /// no-op); otherwise nothing is touched and a typed error is returned.
+    ///
+    /// # Granularity and concurrency
+    /// Like [`claim_page`](Self::claim_page), this is target-page granular, and it may run
+    /// concurrently with marks, merges and claims of any kind: every bit it returns is the
+    /// caller's alone (I1), and a page marked after its word was collected stays dirty (I7).
+    /// On blocks whose host pages are at most 64 target pages, a word holds whole host pages,
+    /// so host pages are never split (I2). On blocks with wider host pages, a host page lying
+    /// wholly inside the range is taken through its summary bit, exactly like
+    /// [`claim_host_page`](Self::claim_host_page): it goes whole either to this call or to a
+    /// concurrent host-page claim (whose words then read as zero here), and leaves no stale
+    /// summary bit behind. A wide host page cut by the range's ends is collected word by word
+    /// and keeps its summary bit (a later host-page claim may find it empty, and clears it); a
+    /// host-page claim running at the same moment may get the rest of it. Consumers that need
+    /// whole host pages use ranges aligned to host pages (`host page pages / 64` words).
+    ///
+    /// ```
+    /// # let layout = pagehint::RamLayout::single("m", 1 << 20, 4096)?; // 256 pages, 4 words
+    /// let bitmap = pagehint::DirtyBitmap::new(&layout)?;
+    /// bitmap.mark_range(0, 62, 4)?; // pages 62..66: words 0 and 1
+    /// let mut out = [0u64; 2];
+    /// assert_eq!(bitmap.get_and_clear(0, 0, &mut out)?, 4);
+    /// assert_eq!(out, [0b11 << 62, 0b11]);
+    /// assert_eq!(bitmap.get_and_clear(0, 0, &mut out)?, 0); // cleared
+    /// assert!(bitmap.get_and_clear(0, 3, &mut out).is_err()); // words 3..5 of 4
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn get_and_clear(
+        &self,
+        block: u32,
+        from_word: usize,
+        out: &mut [u64],
+    ) -> Result<u64, LocationError> {
+        let b = *self.block(block)?;
+        let end = match from_word.checked_add(out.len()) {
+            Some(end) if end <= b.words => end,
+            _ => {
+                return Err(LocationError::RangeOutOfBounds {
+                    block,
+                    first: (from_word as u64).saturating_mul(WORD_BITS),
+                    count: (out.len() as u64).saturating_mul(WORD_BITS),
+                })
+            }
+        };
+        let words = &self.words.get()[b.word_base..b.word_base + b.words];
+        let take = |w: usize| {
+            // Relaxed: a clean-looking word is left alone; a bit set after this load is a
+            // mark after the collection, which stays dirty (I7).
+            if words[w].load(Ordering::Relaxed) == 0 {
+                0
+            } else {
+                // Acquire: sees the page contents published by the marks collected; the
+                // swap's atomicity gives each bit to one collector only.
+                words[w].swap(0, Ordering::Acquire)
+            }
+        };
+        let mut collected = 0;
+        if !b.wide() {
+            for (o, w) in out.iter_mut().zip(from_word..end) {
+                *o = take(w);
+                collected += u64::from(o.count_ones());
+            }
+            return Ok(collected);
+        }
+        let per = b.words_per_host();
+        let summary = &self.summary.get()[b.summary_base..b.summary_base + b.summary_words];
+        // Host pages wholly inside the range.
+        let (full_first, full_end) = (from_word.div_ceil(per), end / per);
+        // The summary word last elected from, and the host pages of it we won.
+        let mut elected: Option<(usize, u64)> = None;
+        let mut w = from_word;
+        while w < end {
+            let hp = w / per;
+            let seg_end = ((hp + 1) * per).min(end);
+            let won = if hp >= full_first && hp < full_end {
+                let sw = hp >> WORD_SHIFT;
+                let won = match elected {
+                    Some((s, won)) if s == sw => won,
+                    _ => {
+                        // The range's whole host pages in this summary word.
+                        let lo = (full_first.max(sw << WORD_SHIFT) - (sw << WORD_SHIFT)) as u64;
+                        let hi = (full_end.min((sw + 1) << WORD_SHIFT) - (sw << WORD_SHIFT)) as u64;
+                        let mask = low_mask(hi - lo) << lo;
+                        // Relaxed: a clean-looking summary elects nothing; its page bits
+                        // belong to a marker about to set the summary bit, or to the claimer
+                        // that cleared it.
+                        let won = if summary[sw].load(Ordering::Relaxed) & mask == 0 {
+                            0
+                        } else {
+                            // Acquire pairs with the markers' release, as in a host-page
+                            // claim; the RMW elects one collector per host page.
+                            summary[sw].fetch_and(!mask, Ordering::Acquire) & mask
+                        };
+                        elected = Some((sw, won));
+                        won
+                    }
+                };
+                won & (1 << (hp as u64 % WORD_BITS)) != 0
+            } else {
+                true
+            };
+            for (o, i) in out[w - from_word..seg_end - from_word]
+                .iter_mut()
+                .zip(w..seg_end)
+            {
+                *o = if won { take(i) } else { 0 };
+                collected += u64::from(o.count_ones());
+            }
+            w = seg_end;
+        }
+        Ok(collected)
+    }
+
+    /// Checks that this bitmap was built for `layout`: the same blocks, pages and host page
+    /// sizes.
+    ///
+    /// ```
+    /// use pagehint::{bitmap::LayoutMismatch, DirtyBitmap, RamLayout};
+    /// let bitmap = DirtyBitmap::new(&"a:1M,b:2M".parse()?)?;
+    /// assert!(bitmap.check_layout(&"x:1M,y:2M".parse()?).is_ok()); // names are not kept
+    /// assert_eq!(
+    ///     bitmap.check_layout(&"a:1M,b:4M".parse()?),
+    ///     Err(LayoutMismatch::BlockShape { block: 1 })
+    /// );
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn check_layout(&self, layout: &RamLayout) -> Result<(), LayoutMismatch> {
+        if self.blocks.len() != layout.blocks().len() {
+            return Err(LayoutMismatch::BlockCount {
+                bitmap: self.blocks.len(),
+                layout: layout.blocks().len(),
+            });
+        }
+        for (i, (b, l)) in self.blocks.iter().zip(layout.blocks()).enumerate() {
+            if b.pages != l.pages() || b.host_shift != l.host_page_shift() {
+                return Err(LayoutMismatch::BlockShape { block: i as u32 });
+            }
+        }
+        Ok(())
+    }
+
+    /// Replaces the dirty state of `block` by the complement of `received`, the
+    /// destination's bitmap of received pages (postcopy recovery): a page is dirty exactly
+    /// when it was not received. Returns the number of pages now dirty in the block.
+    ///
+    /// Shape rules and errors as for [`merge_dirty_log`](Self::merge_dirty_log), checked
+    /// before anything is changed. The caller guarantees that nothing claims from the block
+    /// meanwhile (the scheduler's `&mut self` does). A mark concurrent with the rebuild is
+    /// either superseded by the received state or kept, never half-kept: the summary words
+    /// are cleared with acquire RMWs before the page words are written, so a page bit set
+    /// after its word was rebuilt gets its summary bit after the clear.
+    pub(crate) fn reset_from_received(
+        &self,
+        block: u32,
+        received: &[u64],
+    ) -> Result<u64, DirtyLogError> {
+        let b = *self.block(block)?;
+        if received.len() != b.words {
+            return Err(DirtyLogError::WrongLength {
+                block,
+                expected: b.words,
+                got: received.len(),
+            });
+        }
+        let tail = b.pages % WORD_BITS;
+        let tail_mask = if tail == 0 { !0 } else { low_mask(tail) };
+        if received.last().is_some_and(|w| w & !tail_mask != 0) {
+            return Err(DirtyLogError::BitsPastEnd { block });
+        }
+        let words = &self.words.get()[b.word_base..b.word_base + b.words];
+        let summary = &self.summary.get()[b.summary_base..b.summary_base + b.summary_words];
+        for s in summary {
+            // Acquire: reads from any marker's summary release it clears, so that marker's
+            // page bit is ordered before the rebuild of its word below (and superseded by
+            // it); a later marker sets its summary bit after this clear.
+            s.swap(0, Ordering::Acquire);
+        }
+        let mut dirty = 0;
+        let mut pending: Option<(usize, u64)> = None;
+        for (i, &r) in received.iter().enumerate() {
+            let bits = if i + 1 == b.words { !r & tail_mask } else { !r };
+            dirty += u64::from(bits.count_ones());
+            // Release: like a mark; the claimer that collects these bits sees what this
+            // thread did before the rebuild.
+            words[i].store(bits, Ordering::Release);
+            if bits != 0 {
+                gather_summary(&b, summary, i, &mut pending);
+            }
+        }
+        if let Some((w, mask)) = pending {
+            // Release: orders the rebuilt page bits before the summary bit.
+            summary[w].fetch_or(mask, Ordering::Release);
+        }
+        Ok(dirty)
+    }
+
+    /// Records that a scheduler drives this bitmap; `false` if another one already does.
+    pub(crate) fn attach(&self) -> bool {
+        // AcqRel on success: a scheduler attached after another one detached sees all that
+        // the old one did before detaching. Relaxed on failure: nothing is learnt but "taken".
+        self.driven
+            .compare_exchange(
+                false,
+                true,
+                std::sync::atomic::Ordering::AcqRel,
+                std::sync::atomic::Ordering::Relaxed,
+            )
+            .is_ok()
+    }
+
+    /// Records that the scheduler driving this bitmap is gone.
+    pub(crate) fn detach(&self) {
+        // Release: pairs with the next `attach`.
+        self.driven
+            .store(false, std::sync::atomic::Ordering::Release);
     }
 
     /// Whether target page `loc` is dirty (a relaxed snapshot).
@@ -598,6 +925,33 @@ fn host_mask(got: u64, host_shift: u32) -> u64 {
     out
 }
 
+/// For a wide block, gathers the summary bit of the host page that holds block word `w` in
+/// `pending`, first setting the bits gathered for an earlier summary word. Words must come
+/// in increasing order, each after its page bits were set: the caller sets what remains
+/// pending at the end.
+#[inline]
+fn gather_summary(
+    b: &BlockWords,
+    summary: &[AtomicU64],
+    w: usize,
+    pending: &mut Option<(usize, u64)>,
+) {
+    if !b.wide() {
+        return;
+    }
+    let hp = (w >> (b.host_shift - WORD_SHIFT)) as u64;
+    let (sw, bit) = ((hp >> WORD_SHIFT) as usize, 1u64 << (hp % WORD_BITS));
+    match pending {
+        Some((pw, mask)) if *pw == sw => *mask |= bit,
+        _ => {
+            if let Some((pw, mask)) = pending.replace((sw, bit)) {
+                // Release: orders the page bits set before it ahead of the summary bit.
+                summary[pw].fetch_or(mask, Ordering::Release);
+            }
+        }
+    }
+}
+
 /// Calls `f(word_index, mask)` for each word touched by bits `start..end`.
 #[inline]
 fn for_each_word_span(start: u64, end: u64, mut f: impl FnMut(usize, u64)) {
@@ -610,7 +964,39 @@ fn for_each_word_span(start: u64, end: u64, mut f: impl FnMut(usize, u64)) {
     }
 }
 
-/// The first set bit at or after bit `from` of `words` (relaxed loads, 8 words per test).
+/// How far ahead of itself a long scan prefetches: 512 words, one 4 KiB base page.
+///
+/// Hardware prefetchers stop at page boundaries, and eight scalar relaxed loads per cache
+/// line keep fewer misses in flight than a vectorised plain read. Measured on the 2-vCPU
+/// machine (benches `next_dirty_*`, BENCHMARKS.md): a sparse 32 MiB bitmap (1 TiB guest)
+/// scanned at ~0.7–0.85× the plain read of the same bytes without it, above 1× with it;
+/// 512 B and 1 KiB ahead helped less.
+const PREFETCH_WORDS: usize = 512;
+
+/// Asks the CPU to start loading the cache line `PREFETCH_WORDS` words past word `i`.
+#[inline(always)]
+fn prefetch_ahead(words: &[AtomicU64], i: usize) {
+    // Only with plain `core` atomics on x86-64: a pure performance hint, left out of the model
+    // checkers' and Miri's builds.
+    #[cfg(all(
+        target_arch = "x86_64",
+        not(any(pagehint_loom, pagehint_shuttle, miri))
+    ))]
+    // SAFETY: a prefetch never faults and has no architectural effect, whatever the address;
+    // `wrapping_add` keeps the address computation defined past the end of the slice.
+    unsafe {
+        use core::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        _mm_prefetch::<_MM_HINT_T0>(words.as_ptr().wrapping_add(i + PREFETCH_WORDS).cast());
+    }
+    #[cfg(not(all(
+        target_arch = "x86_64",
+        not(any(pagehint_loom, pagehint_shuttle, miri))
+    )))]
+    let _ = (words, i);
+}
+
+/// The first set bit at or after bit `from` of `words` (relaxed loads, 8 words per test,
+/// prefetching [`PREFETCH_WORDS`] ahead).
 #[inline]
 fn find_set(words: &[AtomicU64], from: u64) -> Option<u64> {
     let mut i = (from >> WORD_SHIFT) as usize;
@@ -624,6 +1010,7 @@ fn find_set(words: &[AtomicU64], from: u64) -> Option<u64> {
     }
     i += 1;
     while i + 8 <= words.len() {
+        prefetch_ahead(words, i);
         let group = &words[i..i + 8];
         // Relaxed: a search hint, as above; eight loads and one branch per 512 pages.
         let any = group

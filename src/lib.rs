@@ -1,21 +1,85 @@
-//! pagehint
+//! Lock-free page scheduling for live migration.
+//!
+//! `pagehint` gives a virtual-machine monitor the machinery of QEMU's postcopy-preempt page
+//! scheduling — a dirty bitmap, a background scanner, an urgent path for faulted pages, and
+//! the spatial-locality page hint of QEMU 10.1 — **without a bitmap mutex**:
+//!
+//! * [`PageHint`]: a single-slot cell, `(block, page)` and a valid bit packed in one
+//!   `AtomicU64`; compare-exchange set-if-empty to offer, swap to take.
+//! * [`DirtyBitmap`]: one bit per target page in `AtomicU64` words; claims give each dirty
+//!   page, and each whole host page (4 KiB, 2 MiB, 1 GiB), to exactly one sender.
+//! * [`PageScheduler`]: the background scanner ([`BackgroundScanner`]: wraparound across RAM
+//!   blocks, follows hints) and the urgent path ([`PageScheduler::serve`]), composed so that
+//!   every page is sent exactly once and the scan never reports "done" while a page is dirty,
+//!   whatever hints it followed.
+//!
+//! # Guarantees
+//! The numbered invariants of the design (tests, models and proofs refer to them):
+//!
+//! * **I1 exactly once** — every page dirty at the start is sent exactly once, by the urgent
+//!   or the background path.
+//! * **I2 whole host pages** — all target pages of a host page are sent by one path, in one
+//!   claim.
+//! * **I3 no false completion** — the background path reports a round complete only when no
+//!   page is dirty, whatever hints it followed.
+//! * **I4 the hint slot** — at most one hint pending; offers never overwrite; each accepted
+//!   hint is taken at most once, never torn; an empty take yields nothing.
+//! * **I5 progress** — a request is served by the urgent path or by the background path that
+//!   already claimed the page; the background path finishes a round.
+//! * **I6 hints are advisory** — any hint changes only the order of sending.
+//! * **I7 no lost dirtying** — a page marked after it was claimed is claimable again.
+//! * **I8 bad input is harmless** — out-of-range or malformed requests, layouts and logs get
+//!   typed errors and are counted; no panic, no state change.
+//!
+//! # Data flow
+//! [`layout`] → [`bitmap`] → [`hint`] → [`scheduler`]; lower modules never know the higher
+//! ones. Every atomic goes through one private shim module that selects `core`, loom
+//! (`--cfg pagehint_loom`) or shuttle atomics, so the same code is model-checked.
+//!
+//! # Example
+//! ```
+//! use pagehint::{PageScheduler, RamLayout, SchedulerConfig, Served, UrgentRequest};
+//!
+//! let layout: RamLayout = "pc.ram:64M:2M,vga:16M".parse()?;
+//! let sched = PageScheduler::new(layout, SchedulerConfig::preempt_hint())?;
+//! sched.bitmap().mark_all(); // switch to postcopy: every page still to send
+//!
+//! // Return path: the destination faulted on block 0, offset 5 MiB.
+//! match sched.serve(UrgentRequest::new(0, 5 << 20, 4096))? {
+//!     Served::Send(claim) => {
+//!         // ... send claim.host_pages() on the urgent channel, then:
+//!         sched.urgent_sent(&claim); // hint: continue right after this host page
+//!     }
+//!     Served::AlreadyClaimed(_) | Served::Queued(_) => {}
+//! }
+//!
+//! // Background sender: starts right after the faulted 2 MiB page.
+//! let mut scanner = sched.background();
+//! let first = scanner.next_claim().unwrap();
+//! assert_eq!(first.host_pages().next().unwrap().first_page, 1536);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 #![cfg_attr(docsrs, feature(doc_cfg))]
+
+mod storage;
+mod sync;
+
 pub mod bitmap;
 pub mod hint;
 pub mod layout;
 pub mod request;
 pub mod scheduler;
 pub mod stats;
-mod storage;
-mod sync;
+pub mod vmm;
 
-pub use bitmap::{Claim, DirtyBitmap, DirtyLogError};
+pub use bitmap::{Claim, DirtyBitmap, DirtyLogError, LayoutMismatch};
 pub use hint::PageHint;
 pub use layout::{
     BlockSpec, HostPage, LayoutError, LocationError, PageLocation, RamBlock, RamLayout,
 };
 pub use request::{RequestError, UrgentRequest};
 pub use scheduler::{
-    BackgroundScanner, ClaimBatch, HintPolicy, Mode, PageScheduler, SchedulerConfig, Served,
+    AttachError, BackgroundScanner, ClaimBatch, HintPolicy, Mode, PageScheduler, RecoveryError,
+    SchedulerConfig, Served,
 };
 pub use stats::SchedulerStats;

@@ -25,6 +25,29 @@
 //!   page, so in postcopy there are finitely many jumps and the round ends.
 //! * **I6**: a hint only moves the scan position; any position is valid input.
 //!
+//! # Several background senders
+//! Like QEMU's multifd channels (which QEMU cannot use in postcopy), any number of
+//! [`BackgroundScanner`]s may run over one scheduler, each on its own thread and channel;
+//! [`PageScheduler::background_scanners`] starts them at evenly spaced positions of the
+//! layout. Each page still goes to exactly one sender, because every claim goes through the
+//! bitmap (I1/I2). The hint cell stays a single slot: a hint is taken by whichever scanner
+//! polls first (the take is a swap, so no two scanners follow the same hint: I4), and that
+//! scanner continues after the faulted page while the others keep their own positions. Each
+//! scanner's "done" keeps its meaning (I3): the scanner verified every page clean since its
+//! last jump, and in postcopy no path ever sets a bit, so no page is dirty, whichever scanner
+//! or urgent path cleared it. "Done" means every page is *claimed*; the migration has sent
+//! everything once every scanner reported done and every sender finished sending its claims.
+//!
+//! # Postcopy recovery
+//! After a broken connection, QEMU rebuilds the source's dirty bitmap from the destination's
+//! bitmap of received pages ("dirty = not received") and resumes. [`PageScheduler::recover_block`]
+//! does that for one block. It takes `&mut self`: no scanner (which borrows the scheduler)
+//! and no urgent call can run meanwhile, checked by the compiler; a scheduler shared through
+//! an `Arc` is recovered with [`PageScheduler::recover_shared`], which refuses with
+//! [`RecoveryError::SendersActive`] while another handle exists. A bitmap is driven by one
+//! scheduler at a time ([`PageScheduler::with_bitmap`] refuses a second one), so no sender of
+//! another scheduler can be claiming from it either.
+//!
 //! # Claim batch: throughput against urgent latency
 //! One atomic per 4 KiB page costs about five times QEMU's plain bit operations under its
 //! lock; one atomic per 64-page word is almost free. The background path therefore claims a
@@ -34,11 +57,12 @@
 //! 64 KiB, about 52 µs at 10 Gbit/s, for the default of 16 pages).
 
 use std::fmt;
+use std::sync::Arc;
 
 use crossbeam_queue::SegQueue;
 use crossbeam_utils::CachePadded;
 
-use crate::bitmap::{Claim, DirtyBitmap};
+use crate::bitmap::{Claim, DirtyBitmap, DirtyLogError, LayoutMismatch};
 use crate::hint::{Offer, PageHint};
 use crate::layout::{HostPage, LocationError, PageLocation, RamLayout};
 use crate::request::{RequestError, UrgentRequest};
@@ -218,7 +242,7 @@ pub enum Served {
 /// ```
 pub struct PageScheduler {
     layout: RamLayout,
-    bitmap: DirtyBitmap,
+    bitmap: Arc<DirtyBitmap>,
     hint: CachePadded<PageHint>,
     queue: SegQueue<PageLocation>,
     config: SchedulerConfig,
@@ -229,8 +253,49 @@ pub struct PageScheduler {
 impl PageScheduler {
     /// A scheduler over a clean bitmap for `layout`.
     pub fn new(layout: RamLayout, config: SchedulerConfig) -> std::io::Result<Self> {
-        let bitmap = DirtyBitmap::new(&layout)?;
-        Ok(Self {
+        let bitmap = Arc::new(DirtyBitmap::new(&layout)?);
+        // A fresh bitmap is driven by no one: attaching cannot fail.
+        let _ = bitmap.attach();
+        Ok(Self::assemble(layout, bitmap, config))
+    }
+
+    /// A scheduler over an existing, shared bitmap: the one a VMM's guest memory and dirty-log
+    /// sync have been marking (see [`crate::vmm`]). The bitmap keeps its dirty bits.
+    ///
+    /// Refused if the bitmap was not built for `layout`, or if another scheduler still
+    /// drives it (one scheduler per bitmap: what makes [`recover_block`](Self::recover_block)
+    /// safe). The bitmap is free again when this scheduler is dropped.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use pagehint::{scheduler::AttachError, DirtyBitmap, PageScheduler, RamLayout, SchedulerConfig};
+    /// let layout = RamLayout::single("pc.ram", 16 << 20, 4096)?;
+    /// let bitmap = Arc::new(DirtyBitmap::new(&layout)?);
+    /// bitmap.mark_range(0, 0, 10)?; // the guest ran before migration started
+    /// let sched = PageScheduler::with_bitmap(layout.clone(), Arc::clone(&bitmap), SchedulerConfig::default())?;
+    /// assert_eq!(sched.bitmap().dirty_pages(), 10);
+    /// assert!(matches!(
+    ///     PageScheduler::with_bitmap(layout.clone(), Arc::clone(&bitmap), SchedulerConfig::default()),
+    ///     Err(AttachError::InUse)
+    /// ));
+    /// drop(sched);
+    /// assert!(PageScheduler::with_bitmap(layout, bitmap, SchedulerConfig::default()).is_ok());
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn with_bitmap(
+        layout: RamLayout,
+        bitmap: Arc<DirtyBitmap>,
+        config: SchedulerConfig,
+    ) -> Result<Self, AttachError> {
+        bitmap.check_layout(&layout).map_err(AttachError::Layout)?;
+        if !bitmap.attach() {
+            return Err(AttachError::InUse);
+        }
+        Ok(Self::assemble(layout, bitmap, config))
+    }
+
+    fn assemble(layout: RamLayout, bitmap: Arc<DirtyBitmap>, config: SchedulerConfig) -> Self {
+        Self {
             layout,
             bitmap,
             hint: CachePadded::new(PageHint::new()),
@@ -238,7 +303,12 @@ impl PageScheduler {
             config,
             urgent: CachePadded::new(UrgentCounters::default()),
             background: CachePadded::new(BackgroundCounters::default()),
-        })
+        }
+    }
+
+    /// The dirty bitmap as a shared handle (to hand to guest memory or a dirty-log thread).
+    pub fn shared_bitmap(&self) -> Arc<DirtyBitmap> {
+        Arc::clone(&self.bitmap)
     }
 
     /// The layout.
@@ -262,6 +332,47 @@ impl PageScheduler {
     /// position; the hint cell is shared.
     pub fn background(&self) -> BackgroundScanner<'_> {
         self.background_from(PageLocation::new(0, 0))
+    }
+
+    /// `n` background scanners for `n` sender threads, starting at evenly spaced positions:
+    /// scanner `i` starts at the host page holding global page `i * total_pages / n`.
+    /// See the [module docs](self) for how several scanners share the hint and what each
+    /// one's "done" means.
+    ///
+    /// ```
+    /// use pagehint::{PageScheduler, RamLayout, SchedulerConfig};
+    /// let sched = PageScheduler::new("a:4M,b:4M".parse()?, SchedulerConfig::default())?;
+    /// sched.bitmap().mark_all();
+    /// let sent = std::sync::atomic::AtomicU64::new(0);
+    /// std::thread::scope(|s| {
+    ///     for scanner in sched.background_scanners(4) {
+    ///         let sent = &sent;
+    ///         s.spawn(move || {
+    ///             for claim in scanner {
+    ///                 sent.fetch_add(claim.pages_to_send(), std::sync::atomic::Ordering::Relaxed);
+    ///             }
+    ///         });
+    ///     }
+    /// });
+    /// assert_eq!(sent.into_inner(), 2048); // every page exactly once
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn background_scanners(&self, n: usize) -> Vec<BackgroundScanner<'_>> {
+        let total = u128::from(self.layout.total_pages());
+        (0..n)
+            .map(|i| {
+                // Below `total`, so it fits a u64 and names a page of the layout.
+                let global = (total * i as u128 / n as u128) as u64;
+                let start = self
+                    .layout
+                    .location_of(global)
+                    .and_then(|loc| self.layout.host_page_of(loc))
+                    .map_or(PageLocation::new(0, 0), |hp| {
+                        PageLocation::new(hp.block, hp.first_page)
+                    });
+                self.background_from(start)
+            })
+            .collect()
     }
 
     /// A background scanner starting at `start` (the first page if `start` is not in the
@@ -290,7 +401,6 @@ impl PageScheduler {
                 return Err(e);
             }
         };
-        bump(&self.urgent.requests, 1);
         // Cannot fail: `loc` was just checked against the layout.
         let hp = self.layout.host_page_of(loc)?;
         match self.config.mode {
@@ -345,7 +455,6 @@ impl PageScheduler {
             return None;
         }
         let next = self.after(claim.end());
-        bump(&self.urgent.hints_offered, 1);
         // Cannot fail: layout locations always fit the hint's packing.
         let offer = self.hint.offer(next).ok()?;
         match offer {
@@ -371,6 +480,11 @@ impl PageScheduler {
         let mut s = SchedulerStats::default();
         self.urgent.read_into(&mut s);
         self.background.read_into(&mut s);
+        // Derived rather than counted (one fewer locked instruction each on the urgent path):
+        // every valid request is queued, claims one host page, or finds it already claimed,
+        // and every offer is accepted or refused.
+        s.requests = s.requests_queued + s.urgent_host_pages + s.urgent_already_claimed;
+        s.hints_offered = s.hints_accepted + s.hints_refused_pending;
         s
     }
 
@@ -382,7 +496,137 @@ impl PageScheduler {
         self.urgent.reset();
         self.background.reset();
     }
+
+    /// Postcopy recovery for one block: rebuilds its send state from the destination's bitmap
+    /// of received pages (bit `p % 64` of word `p / 64` set: page `p` was received), so that
+    /// exactly the pages not received are dirty, as QEMU does after a broken connection. Also
+    /// drops the pending hint and queued requests, which belong to the broken connection.
+    /// Returns the number of pages left to send in the block.
+    ///
+    /// `&mut self` proves that no scanner and no urgent call of this scheduler runs, and no
+    /// other scheduler drives the bitmap; senders must have stopped (and their in-flight
+    /// pages count as not received unless the destination says otherwise). The received
+    /// bitmap must have one bit per page of the block, in whole words, and no bit past the
+    /// block's end; a malformed one is refused before anything changes (I8). Page bits that
+    /// the guest sets concurrently through a shared bitmap are either superseded or kept.
+    ///
+    /// ```
+    /// use pagehint::{PageScheduler, RamLayout, SchedulerConfig};
+    /// let mut sched = PageScheduler::new(RamLayout::single("m", 1 << 20, 4096)?, SchedulerConfig::default())?;
+    /// sched.bitmap().mark_all();
+    /// let mut scanner = sched.background();
+    /// let _ = scanner.next_claim(); // sent some pages, then the connection broke
+    /// drop(scanner); // every sender stops
+    /// // the destination received pages 0..16 and 64..128
+    /// let received = [0xffff, !0, 0, 0];
+    /// assert_eq!(sched.recover_block(0, &received)?, 256 - 16 - 64);
+    /// assert_eq!(sched.bitmap().find_next_dirty(0, 0)?, Some(16));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    ///
+    /// A live scanner borrows the scheduler, so recovering while it runs does not compile:
+    ///
+    /// ```compile_fail
+    /// # use pagehint::{PageScheduler, RamLayout, SchedulerConfig};
+    /// # let mut sched = PageScheduler::new(RamLayout::single("m", 1 << 20, 4096).unwrap(), SchedulerConfig::default()).unwrap();
+    /// let scanner = sched.background();
+    /// sched.recover_block(0, &[0; 4]).unwrap();
+    /// drop(scanner);
+    /// ```
+    pub fn recover_block(&mut self, block: u32, received: &[u64]) -> Result<u64, RecoveryError> {
+        let dirty = self
+            .bitmap
+            .reset_from_received(block, received)
+            .map_err(RecoveryError::Received)?;
+        self.hint.clear();
+        while self.queue.pop().is_some() {}
+        Ok(dirty)
+    }
+
+    /// [`recover_block`](Self::recover_block) for a scheduler shared through an `Arc` (one
+    /// handle per sender thread): refused with [`RecoveryError::SendersActive`] while any
+    /// other handle exists, that is while any sender may still run.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use pagehint::{scheduler::RecoveryError, PageScheduler, RamLayout, SchedulerConfig};
+    /// let mut sched = Arc::new(PageScheduler::new(RamLayout::single("m", 1 << 20, 4096)?, SchedulerConfig::default())?);
+    /// let sender = Arc::clone(&sched); // a sender thread's handle
+    /// assert_eq!(
+    ///     PageScheduler::recover_shared(&mut sched, 0, &[0; 4]),
+    ///     Err(RecoveryError::SendersActive { handles: 1 })
+    /// );
+    /// drop(sender); // the sender thread exited
+    /// assert_eq!(PageScheduler::recover_shared(&mut sched, 0, &[0; 4]), Ok(256));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn recover_shared(
+        this: &mut Arc<Self>,
+        block: u32,
+        received: &[u64],
+    ) -> Result<u64, RecoveryError> {
+        let handles = Arc::strong_count(this) - 1;
+        match Arc::get_mut(this) {
+            Some(sched) => sched.recover_block(block, received),
+            None => Err(RecoveryError::SendersActive {
+                // At least one: `get_mut` fails only while another handle (strong or weak) exists.
+                handles: handles.max(1),
+            }),
+        }
+    }
 }
+
+impl Drop for PageScheduler {
+    fn drop(&mut self) {
+        self.bitmap.detach();
+    }
+}
+
+/// Why [`PageScheduler::with_bitmap`] refused a bitmap.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttachError {
+    /// The bitmap was built for another layout.
+    Layout(LayoutMismatch),
+    /// Another scheduler drives the bitmap.
+    InUse,
+}
+
+impl fmt::Display for AttachError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Layout(e) => e.fmt(f),
+            Self::InUse => f.write_str("another page scheduler drives this dirty bitmap"),
+        }
+    }
+}
+
+impl std::error::Error for AttachError {}
+
+/// Why postcopy recovery refused to rebuild a block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RecoveryError {
+    /// The received bitmap is malformed for the block (or the block does not exist).
+    Received(DirtyLogError),
+    /// Other handles to the scheduler exist: senders may still run.
+    SendersActive {
+        /// Other handles (strong references) to the scheduler.
+        handles: usize,
+    },
+}
+
+impl fmt::Display for RecoveryError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Received(e) => write!(f, "received bitmap refused: {e}"),
+            Self::SendersActive { handles } => write!(
+                f,
+                "cannot recover while senders run: {handles} other handle(s) to the scheduler"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for RecoveryError {}
 
 impl fmt::Debug for PageScheduler {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -400,7 +644,9 @@ const PUBLISH_EVERY: u64 = 64;
 /// The background path: a scan position over the layout, following hints.
 ///
 /// Yields claims until a round completes ([`None`]); iterating again starts a new round.
-/// Several scanners may run over one scheduler; each claim still goes to one of them.
+/// Several scanners may run over one scheduler; each claim still goes to one of them, and
+/// each scanner's "done" still means that no page is left unclaimed (in postcopy; see the
+/// [module docs](self)).
 pub struct BackgroundScanner<'a> {
     s: &'a PageScheduler,
     block: u32,

@@ -3,27 +3,29 @@
 //! * default: `core::sync::atomic`;
 //! * `--cfg pagehint_loom` (set by `cargo loom`): loom's atomics, so every interleaving and
 //!   every weak-memory outcome allowed by C11 is explored;
-//! * feature `shuttle` (set by `cargo shuttle`): shuttle's atomics, so shuttle's scheduler
-//!   controls every atomic step.
+//! * `--cfg pagehint_shuttle` (set by `cargo shuttle`): shuttle's atomics, so shuttle's
+//!   scheduler controls every atomic step.
 //!
-//! We use our own cfg name (as crossbeam does with `crossbeam_loom`) so that a global
-//! `--cfg loom` for another crate does not flip ours. No other module names loom or shuttle:
-//! everything concurrent in `pagehint` goes through the types re-exported here.
+//! We use our own cfg names (as crossbeam does with `crossbeam_loom`) so that a global
+//! `--cfg loom` for another crate does not flip ours. Shuttle is a cfg, not a cargo feature:
+//! shuttle's atomics panic outside a shuttle test, and a feature would be switched on by
+//! `cargo test --all-features`, breaking every ordinary test. No other module names loom or
+//! shuttle: everything concurrent in `pagehint` goes through the types re-exported here.
 
 #[cfg(pagehint_loom)]
 pub(crate) use loom::sync::atomic::{AtomicU64, Ordering};
 
-#[cfg(all(feature = "shuttle", not(pagehint_loom)))]
+#[cfg(all(pagehint_shuttle, not(pagehint_loom)))]
 pub(crate) use shuttle::sync::atomic::{AtomicU64, Ordering};
 
-#[cfg(not(any(pagehint_loom, feature = "shuttle")))]
+#[cfg(not(any(pagehint_loom, pagehint_shuttle)))]
 pub(crate) use core::sync::atomic::{AtomicU64, Ordering};
 
 /// Whether bitmap words may live in a lazily zeroed anonymous mapping.
 ///
 /// Only plain `core` atomics have the layout of a `u64`; loom's and shuttle's carry
 /// bookkeeping and must be constructed one by one. Miri cannot map memory either.
-pub(crate) const MAPPED_STORAGE: bool = cfg!(not(any(pagehint_loom, feature = "shuttle", miri)));
+pub(crate) const MAPPED_STORAGE: bool = cfg!(not(any(pagehint_loom, pagehint_shuttle, miri)));
 
 /// Statistics counters: plain `core` atomics in every build.
 ///

@@ -1,0 +1,165 @@
+//! loom: the dirty bitmap (I1, I2, I7), exhaustively: every interleaving and weak-memory
+//! outcome, no preemption bound. See `pagehint_models::bitmap` for the models:
+//! * two claimers of one target page (I1);
+//! * two claimers of one host page, narrow (4 pages inside one word) and wide (128 pages, a
+//!   scaled-down 2 MiB host page: two words and a summary bit), through different target pages
+//!   of it (I1, I2);
+//! * a guest writing and marking pages (single page, range across words, dirty log) while a
+//!   sender claims, narrow and wide; then a drain: nothing lost, nothing stranded, and the
+//!   collector of each mark sees the contents written before it (I7, release/acquire).
+//!
+//! Each model also runs on `FlawedBitmap<NoFlaw>` (the mutants' unbroken base: it must pass)
+//! and on the mutants it must catch: a load-then-store claim (I1, and I7: it erases a racing
+//! mark), a host page claimed one target page at a time (I2), a wide claim without the summary
+//! election (I2), a marker that sets the summary bit before the page bit (I7: the mark is
+//! stranded), and relaxed marks and claims (I7: the collector misses the page contents; only
+//! a weak-memory checker sees this one).
+#![cfg(pagehint_loom)]
+
+use pagehint::{DirtyBitmap, PageLocation};
+use pagehint_models::bitmap::{self as model, narrow_layout, wide_layout, Mark, ModelBitmap};
+use pagehint_models::flawed::{
+    FlawedBitmap, LoadThenStoreClaim, NoFlaw, NoSummaryElection, RelaxedOrderings,
+    SplitHostPageClaim, SummaryBeforePageBit,
+};
+
+fn loc(page: u64) -> PageLocation {
+    PageLocation::new(0, page)
+}
+
+fn one_page<B: ModelBitmap>() {
+    loom::model(|| model::i1_two_claimers_one_page::<B>(5));
+}
+
+/// Narrow host page 1 (pages 4..8): pages 5 and 7 dirty, claimed through pages 4 and 7;
+/// page 9 (host page 2, same word) is the bystander.
+fn narrow_host_page<B: ModelBitmap>() {
+    loom::model(|| {
+        model::i1_i2_two_claimers_one_host_page::<B>(
+            &narrow_layout(),
+            &[loc(5), loc(7)],
+            [loc(4), loc(7)],
+            loc(9),
+        )
+    });
+}
+
+/// Wide host page 0 (pages 0..128, words 0 and 1): pages 3 and 100 dirty, claimed through
+/// pages 3 and 100; page 200 (host page 1) is the bystander.
+fn wide_host_page<B: ModelBitmap>() {
+    loom::model(|| {
+        model::i1_i2_two_claimers_one_host_page::<B>(
+            &wide_layout(),
+            &[loc(3), loc(100)],
+            [loc(3), loc(100)],
+            loc(200),
+        )
+    });
+}
+
+/// Narrow: page 1 (host page 0) dirty and claimed while page 5 (host page 1, same word) is
+/// written and marked.
+fn narrow_mark_races_claim<B: ModelBitmap>() {
+    loom::model(|| model::i7_mark_races_claim::<B>(&narrow_layout(), loc(1), &Mark::Page(loc(5))));
+}
+
+/// Wide: page 3 (word 0) dirty and its host page claimed while page 100 (word 1, same host
+/// page) is written and marked.
+fn wide_mark_races_claim<B: ModelBitmap>() {
+    loom::model(|| model::i7_mark_races_claim::<B>(&wide_layout(), loc(3), &Mark::Page(loc(100))));
+}
+
+#[test]
+fn i1_two_claimers_one_page() {
+    one_page::<DirtyBitmap>();
+    one_page::<FlawedBitmap<NoFlaw>>();
+}
+
+#[test]
+#[should_panic(expected = "I1: both claimers won")]
+fn mutant_load_then_store_page_claim_is_caught() {
+    one_page::<FlawedBitmap<LoadThenStoreClaim>>();
+}
+
+#[test]
+fn i1_i2_two_claimers_one_narrow_host_page() {
+    narrow_host_page::<DirtyBitmap>();
+    narrow_host_page::<FlawedBitmap<NoFlaw>>();
+}
+
+#[test]
+#[should_panic(expected = "I2: host page split")]
+fn mutant_split_narrow_host_page_claim_is_caught() {
+    narrow_host_page::<FlawedBitmap<SplitHostPageClaim>>();
+}
+
+#[test]
+fn i1_i2_two_claimers_one_wide_host_page() {
+    wide_host_page::<DirtyBitmap>();
+    wide_host_page::<FlawedBitmap<NoFlaw>>();
+}
+
+#[test]
+#[should_panic(expected = "I2: host page split")]
+fn mutant_wide_claim_without_summary_election_is_caught() {
+    wide_host_page::<FlawedBitmap<NoSummaryElection>>();
+}
+
+#[test]
+fn i7_mark_races_claim_narrow() {
+    narrow_mark_races_claim::<DirtyBitmap>();
+    narrow_mark_races_claim::<FlawedBitmap<NoFlaw>>();
+}
+
+#[test]
+#[should_panic(expected = "I7: the mark of block 0 page 5 was lost")]
+fn mutant_load_then_store_claim_loses_a_racing_mark() {
+    narrow_mark_races_claim::<FlawedBitmap<LoadThenStoreClaim>>();
+}
+
+#[test]
+fn i7_mark_races_claim_wide() {
+    wide_mark_races_claim::<DirtyBitmap>();
+    wide_mark_races_claim::<FlawedBitmap<NoFlaw>>();
+}
+
+#[test]
+#[should_panic(expected = "I7: 1 dirty bit(s) stranded")]
+fn mutant_summary_before_page_bit_strands_a_mark() {
+    wide_mark_races_claim::<FlawedBitmap<SummaryBeforePageBit>>();
+}
+
+#[test]
+#[should_panic(expected = "I7: the mark of block 0 page 100 was lost")]
+fn mutant_relaxed_mark_and_claim_miss_the_contents() {
+    wide_mark_races_claim::<FlawedBitmap<RelaxedOrderings>>();
+}
+
+#[test]
+fn i7_mark_range_across_words_races_claim_wide() {
+    loom::model(|| {
+        model::i7_mark_races_claim::<DirtyBitmap>(
+            &wide_layout(),
+            loc(3),
+            &Mark::Range {
+                block: 0,
+                first: 62,
+                count: 4,
+            },
+        )
+    });
+}
+
+#[test]
+fn i7_dirty_log_merge_races_claim_wide() {
+    loom::model(|| {
+        model::i7_mark_races_claim::<DirtyBitmap>(
+            &wide_layout(),
+            loc(3),
+            &Mark::Log {
+                block: 0,
+                pages: vec![70, 100, 130],
+            },
+        )
+    });
+}
