@@ -4,7 +4,7 @@
 #           unsafe code, under Miri (undefined behaviour, data races, leaks); plus the stress
 #           test with one round (Miri's own race detector and weak-memory emulation);
 #   tsan  - tests/stress.rs under ThreadSanitizer (-Zsanitizer=thread -Zbuild-std), with
-#           PAGEHINT_STRESS_ROUNDS rounds (default 30: millions of protocol operations);
+#           PAGEHINT_STRESS_ROUNDS rounds (default 300: about 3 million protocol operations, ~15 s);
 #   fuzz  - every cargo-fuzz target for FUZZ_SECONDS seconds each (default 30), from the
 #           checked-in seed corpus fuzz/corpus/<target>/ (new inputs go to a scratch dir).
 #
@@ -67,7 +67,7 @@ tsan() {
     # halt_on_error: the first race report fails the run.
     RUSTFLAGS="-Zsanitizer=thread" RUSTDOCFLAGS="-Zsanitizer=thread" \
         TSAN_OPTIONS="halt_on_error=1 ${TSAN_OPTIONS:-}" \
-        PAGEHINT_STRESS_ROUNDS="${PAGEHINT_STRESS_ROUNDS:-30}" \
+        PAGEHINT_STRESS_ROUNDS="${PAGEHINT_STRESS_ROUNDS:-300}" \
         cargo +nightly test -Zbuild-std --target "$host" --target-dir "$target/tsan" \
         --test stress -- --nocapture
 }

@@ -976,22 +976,18 @@ const PREFETCH_WORDS: usize = 512;
 /// Asks the CPU to start loading the cache line `PREFETCH_WORDS` words past word `i`.
 #[inline(always)]
 fn prefetch_ahead(words: &[AtomicU64], i: usize) {
-    // Only with plain `core` atomics on x86-64: a pure performance hint, left out of the model
-    // checkers' and Miri's builds.
-    #[cfg(all(
-        target_arch = "x86_64",
-        not(any(pagehint_loom, pagehint_shuttle, miri))
-    ))]
-    // SAFETY: a prefetch never faults and has no architectural effect, whatever the address;
-    // `wrapping_add` keeps the address computation defined past the end of the slice.
-    unsafe {
-        use core::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-        _mm_prefetch::<_MM_HINT_T0>(words.as_ptr().wrapping_add(i + PREFETCH_WORDS).cast());
+    // Only with plain atomics on real x86-64 hardware: a pure performance hint, left out of
+    // the model checkers' and Miri's builds.
+    #[cfg(target_arch = "x86_64")]
+    if crate::sync::PLAIN_ATOMICS {
+        // SAFETY: a prefetch never faults and has no architectural effect, whatever the
+        // address; `wrapping_add` keeps the address computation defined past the slice's end.
+        unsafe {
+            use core::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+            _mm_prefetch::<_MM_HINT_T0>(words.as_ptr().wrapping_add(i + PREFETCH_WORDS).cast());
+        }
     }
-    #[cfg(not(all(
-        target_arch = "x86_64",
-        not(any(pagehint_loom, pagehint_shuttle, miri))
-    )))]
+    #[cfg(not(target_arch = "x86_64"))]
     let _ = (words, i);
 }
 

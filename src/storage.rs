@@ -10,7 +10,7 @@ use std::ptr::NonNull;
 
 use memmap2::{MmapMut, MmapOptions};
 
-use crate::sync::{AtomicU64, MAPPED_STORAGE};
+use crate::sync::{AtomicU64, PLAIN_ATOMICS};
 
 /// Storage this large or larger is mapped rather than allocated.
 const MAP_THRESHOLD_BYTES: usize = 1 << 16;
@@ -45,7 +45,7 @@ impl Words {
                 "bitmap size overflows the address space",
             )
         })?;
-        if MAPPED_STORAGE && bytes >= MAP_THRESHOLD_BYTES {
+        if PLAIN_ATOMICS && bytes >= MAP_THRESHOLD_BYTES {
             let mut map = MmapOptions::new().len(bytes).map_anon()?;
             // Mappings are page aligned, so the cast is aligned for `AtomicU64`; the pointer is
             // taken from `&mut` so writes through it are permitted.

@@ -21,11 +21,13 @@ pub(crate) use shuttle::sync::atomic::{AtomicU64, Ordering};
 #[cfg(not(any(pagehint_loom, pagehint_shuttle)))]
 pub(crate) use core::sync::atomic::{AtomicU64, Ordering};
 
-/// Whether bitmap words may live in a lazily zeroed anonymous mapping.
+/// Whether the atomics are plain `core` ones running on real hardware: only then may the
+/// crate use raw-memory techniques around them (bitmap words in a lazily zeroed anonymous
+/// mapping, cache prefetches).
 ///
 /// Only plain `core` atomics have the layout of a `u64`; loom's and shuttle's carry
 /// bookkeeping and must be constructed one by one. Miri cannot map memory either.
-pub(crate) const MAPPED_STORAGE: bool = cfg!(not(any(pagehint_loom, pagehint_shuttle, miri)));
+pub(crate) const PLAIN_ATOMICS: bool = cfg!(not(any(pagehint_loom, pagehint_shuttle, miri)));
 
 /// Statistics counters: plain `core` atomics in every build.
 ///

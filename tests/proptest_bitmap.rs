@@ -72,20 +72,20 @@ fn op() -> impl Strategy<Value = Op> {
     let words = prop::collection::vec((any::<u16>(), any::<u64>()), 0..4);
     let len_delta = prop_oneof![8 => Just(0i8), 1 => -2i8..=2];
     prop_oneof![
-        4 => (block.clone(), raw.clone()).prop_map(|(b, p)| Op::Mark(b, p)),
-        3 => (block.clone(), raw.clone(), 0u64..140).prop_map(|(b, p, n)| Op::MarkRange(b, p, n)),
+        4 => (block.clone(), raw).prop_map(|(b, p)| Op::Mark(b, p)),
+        3 => (block.clone(), raw, 0u64..140).prop_map(|(b, p, n)| Op::MarkRange(b, p, n)),
         2 => (block.clone(), len_delta.clone(), words.clone(), prop::bool::weighted(0.8)).prop_map(
             |(block, len_delta, words, mask_tail)| Op::MergeLog { block, len_delta, words, mask_tail }
         ),
-        2 => (block.clone(), raw.clone(), 0u64..200, len_delta, words, prop::bool::weighted(0.8))
+        2 => (block.clone(), raw, 0u64..200, len_delta, words, prop::bool::weighted(0.8))
             .prop_map(|(block, first, pages, len_delta, words, mask_tail)| Op::MergeLogAt {
                 block, first, pages, len_delta, words, mask_tail
             }),
-        3 => (block.clone(), raw.clone()).prop_map(|(b, p)| Op::ClaimPage(b, p)),
-        4 => (block.clone(), raw.clone()).prop_map(|(b, p)| Op::ClaimHostPage(b, p)),
-        2 => (block.clone(), raw.clone(), 0u8..12).prop_map(|(b, w, n)| Op::GetAndClear(b, w, n)),
-        1 => (block.clone(), raw.clone()).prop_map(|(b, p)| Op::IsDirty(b, p)),
-        2 => (block.clone(), raw.clone()).prop_map(|(b, p)| Op::FindNextDirty(b, p)),
+        3 => (block.clone(), raw).prop_map(|(b, p)| Op::ClaimPage(b, p)),
+        4 => (block.clone(), raw).prop_map(|(b, p)| Op::ClaimHostPage(b, p)),
+        2 => (block.clone(), raw, 0u8..12).prop_map(|(b, w, n)| Op::GetAndClear(b, w, n)),
+        1 => (block.clone(), raw).prop_map(|(b, p)| Op::IsDirty(b, p)),
+        2 => (block.clone(), raw).prop_map(|(b, p)| Op::FindNextDirty(b, p)),
         2 => (block.clone(), raw).prop_map(|(b, p)| Op::FindNextDirtyHostPage(b, p)),
         1 => block.prop_map(Op::BlockDirtyPages),
     ]
@@ -155,6 +155,9 @@ impl Model {
     }
 
     fn dirty_in(&self, block: u32, pages: std::ops::Range<u64>) -> Vec<u64> {
+        if pages.is_empty() {
+            return vec![];
+        }
         self.dirty
             .range((block, pages.start)..(block, pages.end))
             .map(|&(_, p)| p)

@@ -38,6 +38,8 @@ pub trait ModelBitmap: Send + Sync + 'static {
     fn mark_range(&self, block: u32, first: u64, count: u64);
     /// Merges a KVM-style dirty log for `block`.
     fn merge_dirty_log(&self, block: u32, log: &[u64]);
+    /// Merges a dirty log covering `pages` pages of `block` from `first`.
+    fn merge_dirty_log_at(&self, block: u32, first: u64, pages: u64, log: &[u64]);
     /// Claims one target page; whether it was dirty.
     fn claim_page(&self, loc: PageLocation) -> bool;
     /// Claims the host page containing `loc`.
@@ -89,6 +91,10 @@ impl ModelBitmap for DirtyBitmap {
     fn merge_dirty_log(&self, block: u32, log: &[u64]) {
         DirtyBitmap::merge_dirty_log(self, block, log).expect("model logs are well formed");
     }
+    fn merge_dirty_log_at(&self, block: u32, first: u64, pages: u64, log: &[u64]) {
+        DirtyBitmap::merge_dirty_log_at(self, block, first, pages, log)
+            .expect("model logs are well formed");
+    }
     fn claim_page(&self, loc: PageLocation) -> bool {
         DirtyBitmap::claim_page(self, loc).expect("model pages are in range")
     }
@@ -118,6 +124,9 @@ impl ModelBitmap for PageScheduler {
     }
     fn merge_dirty_log(&self, block: u32, log: &[u64]) {
         ModelBitmap::merge_dirty_log(self.bitmap(), block, log)
+    }
+    fn merge_dirty_log_at(&self, block: u32, first: u64, pages: u64, log: &[u64]) {
+        ModelBitmap::merge_dirty_log_at(self.bitmap(), block, first, pages, log)
     }
     fn claim_page(&self, loc: PageLocation) -> bool {
         ModelBitmap::claim_page(self.bitmap(), loc)
@@ -255,6 +264,18 @@ pub enum Mark {
         /// Pages the log marks.
         pages: Vec<u64>,
     },
+    /// `merge_dirty_log_at` of a log covering `len` pages from `first` (a memory slot that
+    /// maps part of the block), with these pages set.
+    LogAt {
+        /// Block.
+        block: u32,
+        /// First page the log covers.
+        first: u64,
+        /// Pages the log covers.
+        len: u64,
+        /// Pages the log marks (inside `first..first + len`).
+        pages: Vec<u64>,
+    },
 }
 
 impl Mark {
@@ -269,7 +290,7 @@ impl Mark {
             } => (*first..first + count)
                 .map(|p| PageLocation::new(*block, p))
                 .collect(),
-            Mark::Log { block, pages } => pages
+            Mark::Log { block, pages } | Mark::LogAt { block, pages, .. } => pages
                 .iter()
                 .map(|&p| PageLocation::new(*block, p))
                 .collect(),
@@ -292,6 +313,19 @@ impl Mark {
                     log[(p / 64) as usize] |= 1 << (p % 64);
                 }
                 bm.merge_dirty_log(*block, &log);
+            }
+            Mark::LogAt {
+                block,
+                first,
+                len,
+                pages,
+            } => {
+                let mut log = vec![0u64; len.div_ceil(64) as usize];
+                for &p in pages {
+                    let i = p - first;
+                    log[(i / 64) as usize] |= 1 << (i % 64);
+                }
+                bm.merge_dirty_log_at(*block, *first, *len, &log);
             }
         }
     }

@@ -196,6 +196,18 @@ impl<F: Flaw> ModelBitmap for FlawedBitmap<F> {
         }
     }
 
+    fn merge_dirty_log_at(&self, block: u32, first: u64, pages: u64, log: &[u64]) {
+        let g = self.blocks[block as usize];
+        // Gather the log's bits per bitmap word, then mark word by word.
+        let mut words = std::collections::BTreeMap::<u64, u64>::new();
+        for i in (0..pages).filter(|i| log[(i / 64) as usize] & (1 << (i % 64)) != 0) {
+            *words.entry((first + i) / 64).or_default() |= 1 << ((first + i) % 64);
+        }
+        for (w, bits) in words {
+            self.mark_word(&g, w, bits);
+        }
+    }
+
     fn claim_page(&self, loc: PageLocation) -> bool {
         let g = self.blocks[loc.block as usize];
         let bit = 1 << (loc.page % 64);

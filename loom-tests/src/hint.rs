@@ -1,8 +1,8 @@
 //! The hint slot model (design I4) and its mutants.
 //!
 //! [`i4_offer_take_model`] runs offerers and takers against one slot ([`TWO_OFFERERS`]: two
-//! offerers and a taker; [`TWO_TAKERS`]: an offerer offering twice and two takers), then drains
-//! it, and checks I4:
+//! offerers and a taker; [`REOFFER`]: the same with one offerer offering twice;
+//! [`TWO_TAKERS`]: an offerer offering twice and two takers), then drains it, and checks I4:
 //! * at most one hint is pending and an offer never overwrites a pending one: every accepted
 //!   offer is taken exactly once by the end (none lost);
 //! * each accepted hint is taken at most once;
@@ -180,6 +180,13 @@ pub struct HintRace {
 /// Two offerers against one taker: overwriting, tearing, the ordering contract.
 pub const TWO_OFFERERS: HintRace = HintRace {
     offerers: &[&[0], &[1]],
+    takers: 1,
+};
+
+/// An offerer offering twice and another offering once against a taker: offers after a
+/// take are accepted again, and still never overwrite.
+pub const REOFFER: HintRace = HintRace {
+    offerers: &[&[0, 2], &[1]],
     takers: 1,
 };
 

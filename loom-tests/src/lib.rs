@@ -15,6 +15,12 @@
 //! | [`bitmap::i7_mark_races_claim`] | `DirtyBitmap` | [`flawed::LoadThenStoreClaim`], [`flawed::SummaryBeforePageBit`], [`flawed::RelaxedOrderings`] |
 //! | [`protocol::protocol_model`] | `PageScheduler` | [`protocol::TrustingScanner`], [`protocol::CheckThenSendScanner`] |
 //! | [`precopy::precopy_model`] | `DirtyBitmap`, `PageScheduler` | [`flawed::SummaryBeforePageBit`], [`flawed::LoadThenStoreClaim`] |
+//!
+//! The bitmap models also run on [`flawed::FlawedBitmap<NoFlaw>`](flawed::NoFlaw), the
+//! mutants' unbroken base, which must pass: each mutant fails for its one flaw. Loom checks
+//! the small cases (`tests/loom_*.rs`), shuttle the big ones (`tests/shuttle_*.rs`); without
+//! either, `tests/smoke_std.rs` runs the models once on std threads so that
+//! `cargo test --workspace` exercises them too.
 
 #[cfg(all(feature = "loom", not(pagehint_loom)))]
 compile_error!(

@@ -6,8 +6,8 @@
 //! threads are coroutines run one at a time, so these counters are exact; on std threads their
 //! read-modify-writes are atomic anyway.
 //!
-//! [`GuestPages`] is guest memory: a version number per target page, in
-//! [`ContentWord`](crate::sync::ContentWord)s (loom's atomics under loom), so that loom checks
+//! [`GuestPages`] is guest memory: a version number per watched target page, in
+//! [`ContentWord`]s (loom's atomics under loom), so that loom checks
 //! the bitmap's release/acquire contract: whoever collects a mark must see the page contents
 //! written before it.
 

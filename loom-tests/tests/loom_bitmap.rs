@@ -135,31 +135,69 @@ fn mutant_relaxed_mark_and_claim_miss_the_contents() {
     wide_mark_races_claim::<FlawedBitmap<RelaxedOrderings>>();
 }
 
+/// Pages 62..66 (across words 0 and 1 of host page 0) written and marked with `mark_range`.
+fn wide_range_races_claim<B: ModelBitmap>() {
+    let mark = Mark::Range {
+        block: 0,
+        first: 62,
+        count: 4,
+    };
+    loom::model(move || model::i7_mark_races_claim::<B>(&wide_layout(), loc(3), &mark));
+}
+
+/// Pages 70, 100 (host page 0) and 130 (host page 1) merged from a whole-block dirty log.
+fn wide_log_races_claim<B: ModelBitmap>() {
+    let mark = Mark::Log {
+        block: 0,
+        pages: vec![70, 100, 130],
+    };
+    loom::model(move || model::i7_mark_races_claim::<B>(&wide_layout(), loc(3), &mark));
+}
+
+/// A memory slot's log covering pages 60..130 (not word aligned: each log word is shifted
+/// into two bitmap words), marking pages of both wide host pages.
+fn wide_slot_log_races_claim<B: ModelBitmap>() {
+    let mark = Mark::LogAt {
+        block: 0,
+        first: 60,
+        len: 70,
+        pages: vec![63, 100, 129],
+    };
+    loom::model(move || model::i7_mark_races_claim::<B>(&wide_layout(), loc(3), &mark));
+}
+
 #[test]
 fn i7_mark_range_across_words_races_claim_wide() {
-    loom::model(|| {
-        model::i7_mark_races_claim::<DirtyBitmap>(
-            &wide_layout(),
-            loc(3),
-            &Mark::Range {
-                block: 0,
-                first: 62,
-                count: 4,
-            },
-        )
-    });
+    wide_range_races_claim::<DirtyBitmap>();
+    wide_range_races_claim::<FlawedBitmap<NoFlaw>>();
+}
+
+#[test]
+#[should_panic(expected = "I7: ")]
+fn mutant_summary_before_page_bit_loses_a_racing_range() {
+    wide_range_races_claim::<FlawedBitmap<SummaryBeforePageBit>>();
 }
 
 #[test]
 fn i7_dirty_log_merge_races_claim_wide() {
-    loom::model(|| {
-        model::i7_mark_races_claim::<DirtyBitmap>(
-            &wide_layout(),
-            loc(3),
-            &Mark::Log {
-                block: 0,
-                pages: vec![70, 100, 130],
-            },
-        )
-    });
+    wide_log_races_claim::<DirtyBitmap>();
+    wide_log_races_claim::<FlawedBitmap<NoFlaw>>();
+}
+
+#[test]
+#[should_panic(expected = "I7: ")]
+fn mutant_summary_before_page_bit_loses_a_racing_log() {
+    wide_log_races_claim::<FlawedBitmap<SummaryBeforePageBit>>();
+}
+
+#[test]
+fn i7_slot_dirty_log_merge_races_claim_wide() {
+    wide_slot_log_races_claim::<DirtyBitmap>();
+    wide_slot_log_races_claim::<FlawedBitmap<NoFlaw>>();
+}
+
+#[test]
+#[should_panic(expected = "I7: ")]
+fn mutant_summary_before_page_bit_loses_a_racing_slot_log() {
+    wide_slot_log_races_claim::<FlawedBitmap<SummaryBeforePageBit>>();
 }

@@ -1,19 +1,19 @@
-//! shuttle: precopy dirty tracking (I7) at realistic sizes: a guest thread writes pages and
-//! merges their dirty marks (KVM-style dirty logs, ranges across words, single pages) while
-//! two senders run rounds of claims (at least two each, and more while the guest writes); then
-//! the bitmap is drained. Every mark must be collected
-//! by a claim after it happened: the destination ends with the newest version of every page,
-//! and no dirty bit is left that no claim collects. See `pagehint_models::precopy`.
+//! shuttle: precopy dirty tracking (I7) at realistic sizes. A guest thread writes pages and
+//! merges their dirty marks (KVM-style dirty logs of whole blocks and of memory slots, ranges
+//! across words, single pages) while two senders run rounds of claims (at least two each, and
+//! more while the guest writes); then the bitmap is drained. Every mark must be collected by a
+//! claim after it happened: the destination ends with the newest version of every page, and no
+//! dirty bit is left that no claim collects. See `pagehint_models::precopy`.
 //!
 //! Layout: three blocks, 4,416 target pages (256 in 4 KiB host pages, 4,096 in eight real
-//! 2 MiB host pages, 64 in 16 KiB host pages). The
-//! marks are drawn from shuttle's own generator, so a failing schedule replays exactly.
-//! Senders: the real background scanner (`PageScheduler`, batched claims) and a plain
-//! find-and-claim loop over `DirtyBitmap`.
+//! 2 MiB host pages, 64 in 16 KiB host pages). The marks are drawn from shuttle's own
+//! generator, so a failing schedule replays exactly. Senders: the real background scanner
+//! (`PageScheduler`, batched claims) and a plain find-and-claim loop over `DirtyBitmap`.
 //!
-//! Checkers: `check_random` (10,000 schedules) and `check_pct` (depth 3, 50,000 schedules). Mutants each
-//! must catch: a marker that sets a 2 MiB host page's summary bit before the page bit (the
-//! mark is stranded), and a load-then-store claim (it erases a racing mark in its word).
+//! Checkers: `check_random` (10,000 schedules) and `check_pct` (depth 3, 50,000 schedules).
+//! Mutants each must catch: a marker that sets a 2 MiB host page's summary bit before the page
+//! bit (the mark is stranded), and a load-then-store claim (it erases a racing mark in its
+//! word).
 #![cfg(feature = "shuttle")]
 
 use pagehint::{BlockSpec, DirtyBitmap, PageScheduler, RamLayout};
@@ -42,15 +42,16 @@ fn layout() -> RamLayout {
 }
 
 /// A random mark at a uniformly drawn page (so mostly in the 2 MiB block): that page, a range
-/// of up to 70 pages from it (crossing words), or a dirty log with it and up to three more
-/// pages of its block set.
+/// of up to 70 pages from it (crossing words), a block's dirty log with it and up to three
+/// more pages set, or a memory slot's dirty log starting at it (up to 130 pages, not word
+/// aligned) with up to three more pages set.
 fn random_mark(layout: &RamLayout) -> Mark {
     let mut rng = thread_rng();
     let mut below = |n: u64| rng.next_u64() % n;
     let at = layout.location_of(below(layout.total_pages())).unwrap();
     let block = at.block;
     let pages = layout.blocks()[block as usize].pages();
-    match below(3) {
+    match below(4) {
         0 => Mark::Page(at),
         1 => {
             let first = at.page;
@@ -61,11 +62,25 @@ fn random_mark(layout: &RamLayout) -> Mark {
                 count,
             }
         }
-        _ => {
+        2 => {
             let n = below(4);
             Mark::Log {
                 block,
                 pages: (0..n).map(|_| below(pages)).chain([at.page]).collect(),
+            }
+        }
+        _ => {
+            // A memory slot's log: up to 130 pages from `at`, not word aligned.
+            let len = 1 + below((pages - at.page).min(130));
+            let n = below(4);
+            Mark::LogAt {
+                block,
+                first: at.page,
+                len,
+                pages: (0..n)
+                    .map(|_| at.page + below(len))
+                    .chain([at.page])
+                    .collect(),
             }
         }
     }

@@ -1,0 +1,78 @@
+//! The models on plain std threads, once each: not a check of interleavings (that is what
+//! `cargo loom` and `cargo shuttle` do), but it keeps the shared model code running under
+//! `cargo test --workspace`, so a model that no longer passes on the real types is noticed
+//! there too.
+#![cfg(not(any(pagehint_loom, feature = "shuttle")))]
+
+use pagehint::{BlockSpec, ClaimBatch, DirtyBitmap, PageHint, PageLocation, PageScheduler};
+use pagehint::{RamLayout, SchedulerConfig};
+use pagehint_models::bitmap::{self as model, narrow_layout, wide_layout, Mark};
+use pagehint_models::flawed::{FlawedBitmap, NoFlaw};
+use pagehint_models::hint::{i4_offer_take_model, TWO_OFFERERS, TWO_TAKERS};
+use pagehint_models::precopy::{precopy_model, PrecopyCase};
+use pagehint_models::protocol::{protocol_model, ProtocolCase};
+
+fn loc(page: u64) -> PageLocation {
+    PageLocation::new(0, page)
+}
+
+#[test]
+fn hint_models_pass_on_the_real_slot() {
+    i4_offer_take_model::<PageHint>(TWO_OFFERERS);
+    i4_offer_take_model::<PageHint>(TWO_TAKERS);
+}
+
+#[test]
+fn bitmap_models_pass_on_the_real_bitmap_and_the_control() {
+    fn all<B: model::ModelBitmap>() {
+        model::i1_two_claimers_one_page::<B>(5);
+        let (n, w) = (narrow_layout(), wide_layout());
+        model::i1_i2_two_claimers_one_host_page::<B>(
+            &n,
+            &[loc(5), loc(7)],
+            [loc(4), loc(7)],
+            loc(9),
+        );
+        model::i1_i2_two_claimers_one_host_page::<B>(
+            &w,
+            &[loc(3), loc(100)],
+            [loc(3), loc(100)],
+            loc(200),
+        );
+        model::i7_mark_races_claim::<B>(&n, loc(1), &Mark::Page(loc(5)));
+        model::i7_mark_races_claim::<B>(&w, loc(3), &Mark::Page(loc(100)));
+    }
+    all::<DirtyBitmap>();
+    all::<FlawedBitmap<NoFlaw>>();
+}
+
+#[test]
+fn protocol_and_precopy_models_pass_on_the_real_scheduler() {
+    let layout = RamLayout::new(
+        4096,
+        [
+            BlockSpec::new("low", 256 * 4096, 4096),
+            BlockSpec::new("huge", 1024 * 4096, 2 << 20),
+        ],
+    )
+    .unwrap();
+    protocol_model::<PageScheduler>(&ProtocolCase {
+        layout: layout.clone(),
+        config: SchedulerConfig::preempt_hint().with_batch(ClaimBatch::DEFAULT),
+        requests: vec![PageLocation::new(1, 700), PageLocation::new(0, 3)],
+        stray_hints: vec![PageLocation::new(1, 1023), PageLocation::new(5, 0)],
+        scanners: 2,
+    });
+    let range = |block, first, count| Mark::Range {
+        block,
+        first,
+        count,
+    };
+    precopy_model::<PageScheduler>(&PrecopyCase {
+        layout,
+        initial: vec![range(0, 10, 70), range(1, 500, 30)],
+        batches: vec![vec![range(1, 510, 4), Mark::Page(PageLocation::new(0, 3))]],
+        senders: 2,
+        rounds: 2,
+    });
+}
