@@ -21,6 +21,9 @@
 //!   nothing re-dirties a page, and the urgent path only clears bits, so a verified page stays
 //!   clean; hence "done" means no page is dirty, whatever hints were followed. (QEMU's scan
 //!   compares against its position before the hint, and can report "all clean" early.)
+//!   Precisely, "dirty" means *unclaimed*: when the scan ends, a wide host page whose summary
+//!   election the urgent path has just won may still show page bits until that claim's word
+//!   swaps finish; it is owned and will be sent, not lost (Spin's `I3BITS`, proofs/README.md).
 //! * **I5**: every jump follows an urgent send (or a queued request) of a distinct dirty host
 //!   page, so in postcopy there are finitely many jumps and the round ends.
 //! * **I6**: a hint only moves the scan position; any position is valid input.

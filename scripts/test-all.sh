@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# scripts/test-all.sh: every test of the project, in one command (the README's test command).
+#
+#   1. unit, property, integration, example and bench-smoke tests (debug), all features;
+#   2. doc tests;
+#   3. loom models and their mutants      (`cargo loom`,    release, target/loom);
+#   4. shuttle models and their mutants   (`cargo shuttle`, release, target/shuttle);
+#   5. Spin models and their mutants      (`proofs/check.sh`; needs `spin` and gcc);
+#   6. Miri over the crate's unit tests and one stress round (`scripts/sanitize.sh miri`).
+#
+# ThreadSanitizer and fuzzing run too when TEST_ALL_SANITIZE=1 (as CI does):
+# `scripts/sanitize.sh tsan fuzz` with FUZZ_SECONDS (default 20) per fuzz target.
+# Installs nothing: `.ci/run` shows what a fresh machine needs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+start=$(date +%s)
+step() {
+    echo
+    echo "==> $* ($(($(date +%s) - start)) s elapsed)"
+}
+
+step "unit, property, integration, example and bench smoke tests"
+cargo test --workspace --all-targets --features pagehint/vm-memory
+step "doc tests"
+cargo test --workspace --doc --features pagehint/vm-memory
+step "loom models (cargo loom)"
+cargo loom
+step "shuttle models (cargo shuttle)"
+cargo shuttle
+step "Spin models (proofs/check.sh)"
+proofs/check.sh
+step "Miri (scripts/sanitize.sh miri)"
+scripts/sanitize.sh miri
+if [[ "${TEST_ALL_SANITIZE:-0}" == 1 ]]; then
+    step "ThreadSanitizer and fuzzing (scripts/sanitize.sh tsan fuzz)"
+    FUZZ_SECONDS="${FUZZ_SECONDS:-20}" scripts/sanitize.sh tsan fuzz
+fi
+step "all tests passed"
