@@ -36,7 +36,7 @@ use std::io;
 
 use crate::layout::{HostPage, LocationError, PageLocation, RamLayout};
 use crate::storage::Words;
-use crate::sync::{AtomicU64, Ordering};
+use crate::sync::{AtomicBool, AtomicU64, Ordering};
 
 const WORD_BITS: u64 = 64;
 /// log2 of the target pages in one word.
@@ -241,7 +241,7 @@ pub struct DirtyBitmap {
     words: Words,
     summary: Words,
     /// Set while a [`PageScheduler`](crate::PageScheduler) drives this bitmap (one at a time).
-    driven: std::sync::atomic::AtomicBool,
+    driven: AtomicBool,
 }
 
 impl DirtyBitmap {
@@ -273,7 +273,7 @@ impl DirtyBitmap {
             blocks,
             words: Words::zeroed(words)?,
             summary: Words::zeroed(summary)?,
-            driven: std::sync::atomic::AtomicBool::new(false),
+            driven: AtomicBool::new(false),
         })
     }
 
@@ -704,20 +704,14 @@ impl DirtyBitmap {
         // AcqRel on success: a scheduler attached after another one detached sees all that
         // the old one did before detaching. Relaxed on failure: nothing is learnt but "taken".
         self.driven
-            .compare_exchange(
-                false,
-                true,
-                std::sync::atomic::Ordering::AcqRel,
-                std::sync::atomic::Ordering::Relaxed,
-            )
+            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Relaxed)
             .is_ok()
     }
 
     /// Records that the scheduler driving this bitmap is gone.
     pub(crate) fn detach(&self) {
         // Release: pairs with the next `attach`.
-        self.driven
-            .store(false, std::sync::atomic::Ordering::Release);
+        self.driven.store(false, Ordering::Release);
     }
 
     /// Whether target page `loc` is dirty (a relaxed snapshot).

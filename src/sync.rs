@@ -13,13 +13,13 @@
 //! shuttle: everything concurrent in `pagehint` goes through the types re-exported here.
 
 #[cfg(pagehint_loom)]
-pub(crate) use loom::sync::atomic::{AtomicU64, Ordering};
+pub(crate) use loom::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 #[cfg(all(pagehint_shuttle, not(pagehint_loom)))]
-pub(crate) use shuttle::sync::atomic::{AtomicU64, Ordering};
+pub(crate) use shuttle::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 #[cfg(not(any(pagehint_loom, pagehint_shuttle)))]
-pub(crate) use core::sync::atomic::{AtomicU64, Ordering};
+pub(crate) use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 /// Whether the atomics are plain `core` ones running on real hardware: only then may the
 /// crate use raw-memory techniques around them (bitmap words in a lazily zeroed anonymous
