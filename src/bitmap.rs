@@ -288,26 +288,14 @@ impl DirtyBitmap {
 
     fn located(&self, loc: PageLocation) -> Result<&BlockWords, LocationError> {
         let b = self.block(loc.block)?;
-        if loc.page >= b.pages {
-            return Err(LocationError::PageOutOfRange {
-                block: loc.block,
-                page: loc.page,
-                pages: b.pages,
-            });
-        }
+        LocationError::check_page(loc, b.pages)?;
         Ok(b)
     }
 
     fn ranged(&self, block: u32, first: u64, count: u64) -> Result<&BlockWords, LocationError> {
         let b = self.block(block)?;
-        match first.checked_add(count) {
-            Some(end) if count > 0 && end <= b.pages => Ok(b),
-            _ => Err(LocationError::RangeOutOfBounds {
-                block,
-                first,
-                count,
-            }),
-        }
+        LocationError::check_range(block, first, count, b.pages)?;
+        Ok(b)
     }
 
     #[inline]

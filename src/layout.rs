@@ -282,6 +282,33 @@ impl fmt::Display for LocationError {
 
 impl std::error::Error for LocationError {}
 
+impl LocationError {
+    /// `Ok` if target page `loc.page` lies inside a block of `pages` pages.
+    pub(crate) fn check_page(loc: PageLocation, pages: u64) -> Result<(), Self> {
+        if loc.page < pages {
+            Ok(())
+        } else {
+            Err(Self::PageOutOfRange {
+                block: loc.block,
+                page: loc.page,
+                pages,
+            })
+        }
+    }
+
+    /// `Ok` if `count` pages from `first` form a non-empty range inside a block of `pages`.
+    pub(crate) fn check_range(block: u32, first: u64, count: u64, pages: u64) -> Result<(), Self> {
+        match first.checked_add(count) {
+            Some(end) if count > 0 && end <= pages => Ok(()),
+            _ => Err(Self::RangeOutOfBounds {
+                block,
+                first,
+                count,
+            }),
+        }
+    }
+}
+
 /// The guest's RAM blocks and page sizes, validated once.
 ///
 /// ```
@@ -465,13 +492,7 @@ impl RamLayout {
     /// Checks that `loc` names a target page of this layout.
     pub fn check(&self, loc: PageLocation) -> Result<&RamBlock, LocationError> {
         let b = self.block(loc.block)?;
-        if loc.page >= b.pages {
-            return Err(LocationError::PageOutOfRange {
-                block: loc.block,
-                page: loc.page,
-                pages: b.pages,
-            });
-        }
+        LocationError::check_page(loc, b.pages)?;
         Ok(b)
     }
 
@@ -556,14 +577,8 @@ impl RamLayout {
         count: u64,
     ) -> Result<&RamBlock, LocationError> {
         let b = self.block(block)?;
-        match first.checked_add(count) {
-            Some(end) if count > 0 && end <= b.pages => Ok(b),
-            _ => Err(LocationError::RangeOutOfBounds {
-                block,
-                first,
-                count,
-            }),
-        }
+        LocationError::check_range(block, first, count, b.pages)?;
+        Ok(b)
     }
 
     /// The target page after `loc` in scan order: the next page of the block, else the first
