@@ -730,7 +730,9 @@ impl BackgroundScanner<'_> {
                     let shift = s.bitmap.chunk_shift(self.block, batch);
                     let claim = s.bitmap.claim_at(self.block, p, shift);
                     // The whole chunk is clean now: we cleared it, or the urgent path had.
-                    let end = ((p >> shift) + 1) << shift;
+                    // A chunk may run past a block whose length is not a multiple of it; only
+                    // the pages that exist count as verified (I3), or the count over-runs.
+                    let end = (((p >> shift) + 1) << shift).min(pages);
                     self.swept += end - self.page;
                     self.page = end;
                     if end >= pages {
