@@ -220,11 +220,21 @@ fn i3_chunks_past_a_block_end_count_only_real_pages() {
         let sched = PageScheduler::new(layout.clone(), config).unwrap();
         sched.bitmap().mark_all();
         for page in 0..512 {
-            assert!(sched.bitmap().claim_page(pagehint::PageLocation::new(s_block, page)).unwrap());
+            assert!(sched
+                .bitmap()
+                .claim_page(pagehint::PageLocation::new(s_block, page))
+                .unwrap());
         }
-        sched.hint().offer(pagehint::PageLocation::new(s_block, 1024)).unwrap();
+        sched
+            .hint()
+            .offer(pagehint::PageLocation::new(s_block, 1024))
+            .unwrap();
         let sent: u64 = sched.background().map(|c| c.pages_to_send()).sum();
-        assert_eq!(sched.bitmap().dirty_pages(), 0, "I3: done while dirty (batch {batch})");
+        assert_eq!(
+            sched.bitmap().dirty_pages(),
+            0,
+            "I3: done while dirty (batch {batch})"
+        );
         assert_eq!(sent, layout.total_pages() - 512, "I1 (batch {batch})");
     }
 }

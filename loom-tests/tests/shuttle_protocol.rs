@@ -1,8 +1,9 @@
 //! shuttle: the whole postcopy protocol (I1, I2, I3, I5, I6) at realistic sizes.
 //!
-//! Layout: three blocks, 1,344 target pages: 256 pages in 4 KiB host pages, 1,024 pages in
-//! real 2 MiB host pages (512 target pages: 8 words and a summary bit each), and 64 pages in
-//! 16 KiB host pages. Every page starts dirty. Four threads: a return-path thread serving
+//! Layout: five blocks, 1,368 target pages: 256 pages in 4 KiB host pages, 1,024 pages in
+//! real 2 MiB host pages (512 target pages: 8 words and a summary bit each), 64 pages in
+//! 16 KiB host pages, and two blocks shorter than a claim chunk (4 pages in 4 KiB host pages,
+//! 20 pages in 8 KiB host pages). Every page starts dirty. Four threads: a return-path thread serving
 //! random page requests (and the last host page of the layout: a guest touching the end of
 //! RAM) and offering hints, a thread offering stray hints (random pages, the last page, and a
 //! location outside the layout: I6), and two background scanners, each scanning one round to
@@ -32,6 +33,10 @@ fn big_layout() -> RamLayout {
             BlockSpec::new("pc.ram", 256 * 4096, 4096),
             BlockSpec::new("hugepages", 1024 * 4096, 2 << 20),
             BlockSpec::new("mid", 64 * 4096, 16 << 10),
+            // Blocks shorter than a claim chunk: chunks run past their ends, which must not
+            // count as verified pages (I3; tests/protocol.rs has the deterministic case).
+            BlockSpec::new("rom", 4 * 4096, 4096),
+            BlockSpec::new("vga", 20 * 4096, 8 << 10),
         ],
     )
     .unwrap()
