@@ -36,7 +36,7 @@
 #ifndef BATCH
 #define BATCH 1
 #endif
-/* chunk_shift(): wide blocks claim one host page; narrow ones clamp(batch, host, word). */
+/* DirtyBitmap::scan_step's chunk: wide blocks claim one host page; narrow ones clamp(batch, host, word). */
 #define CHUNK(b) (WIDE(b) -> HSHIFT(b) : (BATCH < HSHIFT(b) -> HSHIFT(b) : (BATCH > WSHIFT -> WSHIFT : BATCH)))
 
 /* Property switches: a run enables the assertions of one property (check.sh passes -DP_xx). */
@@ -257,8 +257,9 @@ inline take(v) {
 }
 
 /*
- * One step of BackgroundScanner::next_claim after follow(): next_candidate (one relaxed load
- * of the block's word, or of its summary word when wide), then claim_at on the chunk around
+ * One step of BackgroundScanner::next_claim after follow(), i.e. DirtyBitmap::scan_step:
+ * next_host_candidate (one relaxed load of the block's word, or of its summary word when
+ * wide), then claim_chunk on the chunk around
  * the candidate and the advance of the scan position and of the contiguous clean count
  * `swept`; or, with no candidate, the rest of the block counted clean and the move to the
  * next block. Uses the caller's variables blk, pg, swept, v, tb, cand, s, got, x, end, k
@@ -266,7 +267,7 @@ inline take(v) {
  * block of the claim.
  */
 inline scan_claim() {
-        /* next_candidate(blk, pg): first host page at/after pg's host page that may be dirty */
+        /* next_host_candidate(blk, pg): first host page at/after pg's host page that may be dirty */
         if
         :: !WIDE(blk) ->
             /* find_set over the block's words (block 0 has one word): one load */

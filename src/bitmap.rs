@@ -741,7 +741,7 @@ impl DirtyBitmap {
         if b.wide() {
             return self.claim_wide(b, block, page);
         }
-        let shift = chunk_shift.clamp(b.host_shift, WORD_SHIFT);
+        let shift = chunk_shift;
         let first = page & !low_mask(u64::from(shift));
         let off = first % WORD_BITS;
         let mask = low_mask(1 << shift) << off;
@@ -847,35 +847,61 @@ impl DirtyBitmap {
         self.blocks.len()
     }
 
-    /// Claims the aligned chunk containing `page` (crate-internal scanner entry).
+    /// One background scan step over `block` from page `from` (the scanner's only entry):
+    /// finds the next host page that may be dirty and claims the aligned chunk of
+    /// `1 << batch_shift` target pages around it (whole host pages: at most one word for
+    /// narrow host pages, exactly one host page for wide ones).
+    ///
+    /// The returned `end` is where the scan continues: every page of `from..end` is now
+    /// claimed (by this caller or another) or was clean. A chunk is clamped to the block's
+    /// end, since a block need not be a multiple of the chunk: pages past it do not exist and
+    /// must not count as scanned (I3).
     #[inline]
-    pub(crate) fn claim_at(&self, block: u32, page: u64, chunk_shift: u32) -> Option<Claim> {
+    pub(crate) fn scan_step(&self, block: u32, from: u64, batch_shift: u32) -> ScanStep {
         let b = &self.blocks[block as usize];
-        self.claim_chunk(b, block, page, chunk_shift)
-    }
-
-    /// The next host page that may be dirty, at or after `from` (crate-internal scanner entry).
-    #[inline]
-    pub(crate) fn next_candidate(&self, block: u32, from: u64) -> Option<u64> {
-        self.next_host_candidate(&self.blocks[block as usize], from)
-    }
-
-    /// Pages of `block` (crate-internal; `block` valid).
-    #[inline]
-    pub(crate) fn block_pages(&self, block: u32) -> u64 {
-        self.blocks[block as usize].pages
-    }
-
-    /// The chunk, in target pages (log2), that a claim of `batch_shift` takes on `block`.
-    #[inline]
-    pub(crate) fn chunk_shift(&self, block: u32, batch_shift: u32) -> u32 {
-        let b = &self.blocks[block as usize];
-        if b.wide() {
+        let Some(page) = self.next_host_candidate(b, from) else {
+            return ScanStep {
+                end: b.pages,
+                block_end: true,
+                found: Found::Clean,
+            };
+        };
+        let shift = if b.wide() {
             b.host_shift
         } else {
             batch_shift.clamp(b.host_shift, WORD_SHIFT)
+        };
+        let end = (((page >> shift) + 1) << shift).min(b.pages);
+        let found = match self.claim_chunk(b, block, page, shift) {
+            Some(claim) => Found::Won(claim),
+            None => Found::Lost,
+        };
+        ScanStep {
+            end,
+            block_end: end == b.pages,
+            found,
         }
     }
+}
+
+/// What one [`DirtyBitmap::scan_step`] did.
+pub(crate) struct ScanStep {
+    /// Every page from the step's start to `end` is claimed or was clean.
+    pub(crate) end: u64,
+    /// `end` is the block's end.
+    pub(crate) block_end: bool,
+    /// What the step found.
+    pub(crate) found: Found,
+}
+
+/// What a scan step found in its chunk.
+pub(crate) enum Found {
+    /// No page may be dirty from the step's start to the block's end.
+    Clean,
+    /// A dirty candidate, but another claimer emptied the chunk first.
+    Lost,
+    /// The caller's claim.
+    Won(Claim),
 }
 
 impl fmt::Debug for DirtyBitmap {
@@ -1063,21 +1089,46 @@ mod tests {
         assert_eq!(bm.dirty_pages(), l.total_pages() - 1 - 4 - 512);
     }
 
+    fn won(step: ScanStep) -> (u64, bool, Claim) {
+        match step.found {
+            Found::Won(c) => (step.end, step.block_end, c),
+            Found::Lost => panic!("lost"),
+            Found::Clean => panic!("clean"),
+        }
+    }
+
     #[test]
-    fn chunk_claims_whole_host_pages() {
+    fn scan_steps_claim_whole_host_pages_and_stop_at_block_ends() {
         let l = layout();
         let bm = DirtyBitmap::new(&l).unwrap();
         bm.mark_dirty(PageLocation::new(1, 5)).unwrap();
         bm.mark_dirty(PageLocation::new(1, 30)).unwrap();
-        let c = bm.claim_at(1, 31, 6).unwrap();
+        let (end, block_end, c) = won(bm.scan_step(1, 0, 6));
+        assert_eq!((end, block_end), (64, false));
         let hps: Vec<_> = c.host_pages().map(|h| h.first_page).collect();
         assert_eq!(hps, vec![4, 28]);
         assert_eq!(c.dirty_pages(), 2);
         assert_eq!(c.pages_to_send(), 8);
         assert_eq!(c.end(), PageLocation::new(1, 32));
         // a batch smaller than the host page still takes whole host pages
-        assert_eq!(bm.chunk_shift(1, 0), 2);
-        assert_eq!(bm.chunk_shift(2, 3), 9);
+        bm.mark_dirty(PageLocation::new(1, 101)).unwrap();
+        let (end, _, c) = won(bm.scan_step(1, 64, 0));
+        assert_eq!((end, c.host_pages().next().unwrap().first_page), (104, 100));
+        // wide host pages: exactly one host page per step
+        bm.mark_dirty(PageLocation::new(2, 600)).unwrap();
+        let (end, block_end, c) = won(bm.scan_step(2, 0, 3));
+        assert_eq!((end, block_end, c.pages_to_send()), (1024, true, 512));
+        // a chunk running past a 100-page block ends at the block's end (I3)
+        bm.mark_dirty(PageLocation::new(0, 99)).unwrap();
+        let (end, block_end, _) = won(bm.scan_step(0, 70, 6));
+        assert_eq!((end, block_end), (100, true));
+        let step = bm.scan_step(0, 0, 6);
+        assert!(matches!(step.found, Found::Clean) && step.end == 100 && step.block_end);
+        // a candidate whose bits someone else took first: lost, but scanned past
+        bm.mark_dirty(PageLocation::new(2, 10)).unwrap();
+        assert!(bm.claim_page(PageLocation::new(2, 10)).unwrap());
+        let step = bm.scan_step(2, 0, 6);
+        assert!(matches!(step.found, Found::Lost) && step.end == 512 && !step.block_end);
     }
 
     #[test]

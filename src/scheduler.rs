@@ -65,7 +65,7 @@ use std::sync::Arc;
 use crossbeam_queue::SegQueue;
 use crossbeam_utils::CachePadded;
 
-use crate::bitmap::{Claim, DirtyBitmap, DirtyLogError, LayoutMismatch};
+use crate::bitmap::{Claim, DirtyBitmap, DirtyLogError, Found, LayoutMismatch};
 use crate::hint::{Offer, PageHint};
 use crate::layout::{HostPage, LocationError, PageLocation, RamLayout};
 use crate::request::{RequestError, UrgentRequest};
@@ -724,37 +724,24 @@ impl BackgroundScanner<'_> {
         let batch = s.config.batch.shift;
         loop {
             self.follow();
-            let pages = s.bitmap.block_pages(self.block);
-            match s.bitmap.next_candidate(self.block, self.page) {
-                Some(p) => {
-                    let shift = s.bitmap.chunk_shift(self.block, batch);
-                    let claim = s.bitmap.claim_at(self.block, p, shift);
-                    // The whole chunk is clean now: we cleared it, or the urgent path had.
-                    // A chunk may run past a block whose length is not a multiple of it; only
-                    // the pages that exist count as verified (I3), or the count over-runs.
-                    let end = (((p >> shift) + 1) << shift).min(pages);
-                    self.swept += end - self.page;
-                    self.page = end;
-                    if end >= pages {
-                        self.advance_block();
+            let step = s.bitmap.scan_step(self.block, self.page, batch);
+            self.swept += step.end - self.page;
+            self.page = step.end;
+            if step.block_end {
+                self.advance_block();
+            }
+            match step.found {
+                Found::Won(c) => {
+                    self.local.claims += 1;
+                    self.local.host_pages += u64::from(c.host_page_count());
+                    self.local.pages += c.pages_to_send();
+                    if self.local.claims >= PUBLISH_EVERY {
+                        self.publish();
                     }
-                    match claim {
-                        Some(c) => {
-                            self.local.claims += 1;
-                            self.local.host_pages += u64::from(c.host_page_count());
-                            self.local.pages += c.pages_to_send();
-                            if self.local.claims >= PUBLISH_EVERY {
-                                self.publish();
-                            }
-                            return Some(c);
-                        }
-                        None => self.local.lost += 1,
-                    }
+                    return Some(c);
                 }
-                None => {
-                    self.swept += pages - self.page;
-                    self.advance_block();
-                }
+                Found::Lost => self.local.lost += 1,
+                Found::Clean => {}
             }
             if self.swept >= total {
                 self.swept = 0;
