@@ -125,6 +125,17 @@ impl Model {
         }
     }
 
+    /// The error a single-page operation on (`block`, `page`) must give, if any.
+    fn page_error(&self, block: u32, page: u64) -> Option<LocationError> {
+        match self.pages(block) {
+            None => Some(self.no_block(block)),
+            Some(pages) if page >= pages => {
+                Some(LocationError::PageOutOfRange { block, page, pages })
+            }
+            Some(_) => None,
+        }
+    }
+
     fn mark(&mut self, block: u32, page: u64) {
         self.dirty.insert((block, page));
         if self.wide(block) {
@@ -198,13 +209,9 @@ fn step(bm: &DirtyBitmap, m: &mut Model, op: &Op) -> Result<(), TestCaseError> {
         Op::Mark(block, raw) => {
             let page = m.page(block, raw);
             let got = bm.mark_dirty(PageLocation::new(block, page));
-            match m.pages(block) {
-                None => prop_assert_eq!(got, Err(m.no_block(block))),
-                Some(pages) if page >= pages => prop_assert_eq!(
-                    got,
-                    Err(LocationError::PageOutOfRange { block, page, pages })
-                ),
-                Some(_) => {
+            match m.page_error(block, page) {
+                Some(e) => prop_assert_eq!(got, Err(e)),
+                None => {
                     prop_assert_eq!(got, Ok(()));
                     m.mark(block, page);
                 }
@@ -313,26 +320,18 @@ fn step(bm: &DirtyBitmap, m: &mut Model, op: &Op) -> Result<(), TestCaseError> {
         Op::ClaimPage(block, raw) => {
             let page = m.page(block, raw);
             let got = bm.claim_page(PageLocation::new(block, page));
-            match m.pages(block) {
-                None => prop_assert_eq!(got, Err(m.no_block(block))),
-                Some(pages) if page >= pages => prop_assert_eq!(
-                    got,
-                    Err(LocationError::PageOutOfRange { block, page, pages })
-                ),
+            match m.page_error(block, page) {
+                Some(e) => prop_assert_eq!(got, Err(e)),
                 // Target-page granular: a wide host page keeps its summary bit.
-                Some(_) => prop_assert_eq!(got, Ok(m.dirty.remove(&(block, page)))),
+                None => prop_assert_eq!(got, Ok(m.dirty.remove(&(block, page)))),
             }
         }
         Op::ClaimHostPage(block, raw) => {
             let page = m.page(block, raw);
             let got = bm.claim_host_page(PageLocation::new(block, page));
-            match m.pages(block) {
-                None => prop_assert_eq!(got, Err(m.no_block(block))),
-                Some(pages) if page >= pages => prop_assert_eq!(
-                    got,
-                    Err(LocationError::PageOutOfRange { block, page, pages })
-                ),
-                Some(_) => {
+            match m.page_error(block, page) {
+                Some(e) => prop_assert_eq!(got, Err(e)),
+                None => {
                     let got = got.unwrap();
                     let hp = m.host_pages(block);
                     let first = page / hp * hp;
@@ -397,13 +396,9 @@ fn step(bm: &DirtyBitmap, m: &mut Model, op: &Op) -> Result<(), TestCaseError> {
         Op::IsDirty(block, raw) => {
             let page = m.page(block, raw);
             let got = bm.is_dirty(PageLocation::new(block, page));
-            match m.pages(block) {
-                None => prop_assert_eq!(got, Err(m.no_block(block))),
-                Some(pages) if page >= pages => prop_assert_eq!(
-                    got,
-                    Err(LocationError::PageOutOfRange { block, page, pages })
-                ),
-                Some(_) => prop_assert_eq!(got, Ok(m.dirty.contains(&(block, page)))),
+            match m.page_error(block, page) {
+                Some(e) => prop_assert_eq!(got, Err(e)),
+                None => prop_assert_eq!(got, Ok(m.dirty.contains(&(block, page)))),
             }
         }
         Op::FindNextDirty(block, raw) => {
