@@ -41,6 +41,7 @@ use vm_memory::bitmap::{Bitmap, BitmapSlice, NewBitmap, WithBitmapSlice};
 
 use crate::bitmap::{DirtyBitmap, LayoutMismatch};
 use crate::layout::{LocationError, RamLayout, DEFAULT_TARGET_PAGE_SIZE};
+use crate::stats::bump;
 use crate::sync::StatCounter;
 
 /// Why a [`RegionBitmap`] could not be made for a block.
@@ -175,8 +176,7 @@ impl RegionBitmap {
     }
 
     fn ignore(&self) {
-        // Relaxed: statistics; nothing is decided on it.
-        self.ignored.fetch_add(1, Ordering::Relaxed);
+        bump(&self.ignored, 1);
     }
 }
 

@@ -27,6 +27,7 @@ use std::sync::atomic::Ordering;
 
 use crate::bitmap::{DirtyBitmap, DirtyLogError};
 use crate::layout::{LocationError, RamLayout};
+use crate::stats::bump;
 use crate::sync::StatCounter;
 
 /// Where one KVM memory slot lies in the layout: `pages` target pages of block `block` from
@@ -238,14 +239,11 @@ impl KvmSlots {
         });
         match result {
             Ok(pages) => {
-                // Relaxed: statistics, exact only when quiescent.
-                self.logs_merged.fetch_add(1, Ordering::Relaxed);
-                // Relaxed: as above.
-                self.log_pages.fetch_add(pages, Ordering::Relaxed);
+                bump(&self.logs_merged, 1);
+                bump(&self.log_pages, pages);
             }
             Err(_) => {
-                // Relaxed: as above.
-                self.logs_rejected.fetch_add(1, Ordering::Relaxed);
+                bump(&self.logs_rejected, 1);
             }
         }
         result
@@ -311,12 +309,8 @@ impl KvmSlots {
             }
         }
         flush(&mut run, &mut report);
-        // Relaxed: statistics, exact only when quiescent.
-        self.ring_entries
-            .fetch_add(report.marked, Ordering::Relaxed);
-        // Relaxed: as above.
-        self.ring_rejected
-            .fetch_add(report.rejected, Ordering::Relaxed);
+        bump(&self.ring_entries, report.marked);
+        bump(&self.ring_rejected, report.rejected);
         report
     }
 
