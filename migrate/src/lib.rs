@@ -1,26 +1,39 @@
-//! `pagehint-migrate`: a real postcopy migration harness for the `pagehint` scheduler.
+//! `pagehint-migrate`: a real live-migration harness for the `pagehint` scheduler — a KVM
+//! virtual machine (or a host thread) migrated with precopy and postcopy between two
+//! processes or machines, over two TCP channels through an emulated link.
 //!
-//! A source process (or thread) holds guest RAM and runs the [`pagehint::PageScheduler`]; a
-//! destination maps guest RAM, registers it with userfaultfd, runs a guest workload on it and
-//! measures every fault while pages arrive over two TCP channels through an emulated link.
-//! See [`source`], [`dest`], [`link`] and [`workload`]; the binary compares the three modes
-//! (vanilla, preempt, preempt-hint) on each workload and checks the project's targets.
+//! # Data flow
+//! `options` (typed settings, parsed once) → `guest` (layout, image, the KVM guest and its
+//! programs, the thread guest) → `source` (guest RAM, the VM, precopy, the switch-over, the
+//! scheduler in postcopy) → `wire` / `link` / `handshake` (frames, the emulated link, both
+//! sides of connection setup) → `dest` (placement, faults, the guest resumed) → `verify`
+//! and `result` (what held and what was measured) → `compare` / `export` (the matrix of
+//! runs, targets, table, JSON, SVG). `main` is a thin shell over `cli` → `compare` →
+//! `export`.
 //!
-//! Data flow: `image` (source RAM) → `source` (scheduler + senders) → `wire` / `link` (TCP,
-//! emulated timing) → `dest` (receivers, fault thread) → `guest` / `workload` → `report`.
+//! # The guest kinds
+//! * **KVM** ([`guest::kvm`]): vCPUs run generated x86-64 workload programs that read,
+//!   write and check signed pages; KVM's dirty log or dirty rings feed the source's bitmap
+//!   during precopy; at the destination the vCPUs fault through userfaultfd.
+//! * **thread** ([`guest::thread`]): a host thread reads the same image at the destination
+//!   (the fallback where `/dev/kvm` is missing).
 
+pub mod cli;
 pub mod clock;
-pub mod config;
+pub mod compare;
 pub mod dest;
+pub mod export;
 pub mod guest;
-pub mod image;
+pub mod handshake;
+pub mod hugepages;
 pub mod link;
+pub mod options;
 pub mod pin;
-pub mod report;
+pub mod result;
 pub mod source;
 pub mod uffd;
+pub(crate) mod verify;
 pub mod wire;
-pub mod workload;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -28,11 +41,11 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-pub use config::{FaultPath, MigrationMode, RunConfig, Workload};
 pub use dest::{run_destination, RunError};
 pub use link::LinkParams;
+pub use options::{FaultPath, GuestKind, MigrationMode, RunConfig, Workload};
 pub use pin::PinPlan;
-pub use report::RunResult;
+pub use result::RunResult;
 pub use source::SourceServer;
 
 /// A source server on a loopback port, served by a background thread until dropped.

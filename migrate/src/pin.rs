@@ -29,6 +29,10 @@ pub enum Role {
     BackgroundSender,
     /// The destination's background receiver.
     BackgroundReceiver,
+    /// vCPUs after the first (they float: with two CPUs there is no third to give them).
+    ExtraVcpu,
+    /// The source's housekeeping: dirty-ring harvesting, the device model.
+    Housekeeping,
 }
 
 /// Which CPU each role runs on.
@@ -66,7 +70,10 @@ impl PinPlan {
             Role::Guest | Role::FaultThread | Role::UrgentReceiver | Role::ReturnPath => {
                 self.fault_cpu
             }
-            Role::BackgroundSender | Role::BackgroundReceiver => self.bulk_cpu,
+            Role::BackgroundSender | Role::BackgroundReceiver | Role::Housekeeping => {
+                self.bulk_cpu
+            }
+            Role::ExtraVcpu => None,
         };
         if let Some(cpu) = cpu {
             let mut set = CpuSet::new();

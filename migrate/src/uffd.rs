@@ -1,96 +1,40 @@
 //! userfaultfd(2) in missing mode: the kernel mechanism QEMU's postcopy destination uses.
 //!
-//! Protocol: guest memory is registered in `UFFDIO_REGISTER_MODE_MISSING`; a thread that
-//! touches a page not yet placed blocks in the kernel and a fault event (the address) is
-//! queued on the descriptor; the fault thread reads it and asks the source for the page; a
+//! Protocol: guest memory is registered in `UFFDIO_REGISTER_MODE_MISSING`; a thread (a KVM
+//! vCPU thread inside `KVM_RUN`, or the thread guest) that touches a page not yet placed
+//! blocks in the kernel, and a fault event — the address, whether it was a write, and the
+//! faulting thread's id (`UFFD_FEATURE_THREAD_ID`, which per-vCPU blocktime needs) — is
+//! queued on the descriptor. The fault thread reads it and asks the source for the page; a
 //! receiver places the page with `UFFDIO_COPY` (or `UFFDIO_ZEROPAGE`), which maps it
-//! atomically and wakes the blocked thread. Placing a page that is already present fails with
-//! `EEXIST`: in postcopy that means a page was sent twice, and it is reported as such.
+//! atomically and wakes the blocked thread. Placing a page that is already present fails
+//! with `EEXIST`: in postcopy that means a page was sent twice, and it is reported as such.
 //!
-//! The syscall comes from `rustix`; the handful of ioctl structures and numbers are defined
-//! here from `<linux/userfaultfd.h>` (stable kernel ABI, size-checked below), so nothing needs
-//! libclang or a C toolchain.
+//! Structures, constants and ioctl numbers come from `linux-raw-sys` (which `rustix` already
+//! builds on); only `USERFAULTFD_IOC_NEW` is defined here. hugetlbfs has no
+//! `UFFDIO_ZEROPAGE`: a zero huge page is placed with `UFFDIO_COPY` of zeros.
 
 use std::fmt;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
 
+use linux_raw_sys::general::{
+    uffd_msg, uffdio_api, uffdio_copy, uffdio_range, uffdio_register, uffdio_zeropage,
+    UFFDIO_REGISTER_MODE_MISSING, UFFD_API, UFFD_EVENT_PAGEFAULT, UFFD_FEATURE_MISSING_HUGETLBFS,
+    UFFD_FEATURE_THREAD_ID, UFFD_PAGEFAULT_FLAG_WRITE, UFFD_USER_MODE_ONLY,
+};
+use linux_raw_sys::ioctl::{UFFDIO_API, UFFDIO_COPY, UFFDIO_REGISTER, UFFDIO_UNREGISTER, UFFDIO_ZEROPAGE};
 use rustix::event::{poll, PollFd, PollFlags};
 use rustix::io::Errno;
 use rustix::ioctl::{self, opcode, Ioctl, IoctlOutput, Opcode, Updater};
 use rustix::mm::{userfaultfd, UserfaultfdFlags};
 
-const UFFDIO: u8 = 0xAA;
-const UFFD_API: u64 = 0xAA;
-const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
-const UFFDIO_REGISTER_MODE_MISSING: u64 = 1;
-const UFFD_USER_MODE_ONLY: u32 = 1;
-
-#[repr(C)]
-struct UffdioApi {
-    api: u64,
-    features: u64,
-    ioctls: u64,
-}
-
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct UffdioRange {
-    start: u64,
-    len: u64,
-}
-
-#[repr(C)]
-struct UffdioRegister {
-    range: UffdioRange,
-    mode: u64,
-    ioctls: u64,
-}
-
-#[repr(C)]
-struct UffdioCopy {
-    dst: u64,
-    src: u64,
-    len: u64,
-    mode: u64,
-    copy: i64,
-}
-
-#[repr(C)]
-struct UffdioZeropage {
-    range: UffdioRange,
-    mode: u64,
-    zeropage: i64,
-}
-
-/// `struct uffd_msg`: an 8-byte header and a 24-byte union; for a page fault the union is
-/// `{flags: u64, address: u64, ptid: u32}`.
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct UffdMsg {
-    event: u8,
-    reserved1: u8,
-    reserved2: u16,
-    reserved3: u32,
-    arg: [u64; 3],
-}
-
-const _: () = {
-    assert!(std::mem::size_of::<UffdioApi>() == 24);
-    assert!(std::mem::size_of::<UffdioRange>() == 16);
-    assert!(std::mem::size_of::<UffdioRegister>() == 32);
-    assert!(std::mem::size_of::<UffdioCopy>() == 40);
-    assert!(std::mem::size_of::<UffdioZeropage>() == 32);
-    assert!(std::mem::size_of::<UffdMsg>() == 32);
-};
-
-const UFFDIO_API_OP: Opcode = opcode::read_write::<UffdioApi>(UFFDIO, 0x3F);
-const UFFDIO_REGISTER_OP: Opcode = opcode::read_write::<UffdioRegister>(UFFDIO, 0x00);
-const UFFDIO_UNREGISTER_OP: Opcode = opcode::read::<UffdioRange>(UFFDIO, 0x01);
-const UFFDIO_COPY_OP: Opcode = opcode::read_write::<UffdioCopy>(UFFDIO, 0x03);
-const UFFDIO_ZEROPAGE_OP: Opcode = opcode::read_write::<UffdioZeropage>(UFFDIO, 0x04);
-/// `USERFAULTFD_IOC_NEW` on `/dev/userfaultfd`.
-const USERFAULTFD_IOC_NEW: Opcode = opcode::none(UFFDIO, 0x00);
+/// `USERFAULTFD_IOC_NEW` on `/dev/userfaultfd` (not in linux-raw-sys).
+const USERFAULTFD_IOC_NEW: Opcode = opcode::none(0xAA, 0x00);
+const API: Opcode = UFFDIO_API as Opcode;
+const REGISTER: Opcode = UFFDIO_REGISTER as Opcode;
+const UNREGISTER: Opcode = UFFDIO_UNREGISTER as Opcode;
+const COPY: Opcode = UFFDIO_COPY as Opcode;
+const ZEROPAGE: Opcode = UFFDIO_ZEROPAGE as Opcode;
 
 /// `ioctl(/dev/userfaultfd, USERFAULTFD_IOC_NEW, flags)`: returns a new descriptor.
 struct NewUffd(u32);
@@ -119,7 +63,7 @@ unsafe impl Ioctl for NewUffd {
 pub enum PlaceError {
     /// `EEXIST`: a page of the range was already present, i.e. it was placed twice.
     AlreadyPlaced {
-        /// Guest address of the range.
+        /// Address of the page found present.
         addr: u64,
     },
     /// Any other failure of the ioctl.
@@ -139,17 +83,30 @@ impl fmt::Display for PlaceError {
 
 impl std::error::Error for PlaceError {}
 
-/// A userfaultfd descriptor with one registered range.
+/// One page fault read from the descriptor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Fault {
+    /// The faulting address.
+    pub addr: u64,
+    /// A write fault.
+    pub write: bool,
+    /// The faulting thread's id (0 without `UFFD_FEATURE_THREAD_ID`).
+    pub tid: u32,
+}
+
+/// A userfaultfd descriptor.
 #[derive(Debug)]
 pub struct Userfault {
     fd: OwnedFd,
     how: &'static str,
+    features: u64,
 }
 
 impl Userfault {
     /// Opens a userfaultfd: the syscall, then the syscall in user-mode-only mode (allowed to
-    /// unprivileged users), then `/dev/userfaultfd`. The error of the first attempt is
-    /// returned if all fail.
+    /// unprivileged users; not enough for KVM, whose faults happen in the kernel), then
+    /// `/dev/userfaultfd`. Asks for thread ids and hugetlbfs where the kernel has them. The
+    /// error of the first attempt is returned if all fail.
     pub fn open() -> io::Result<Self> {
         let flags = UserfaultfdFlags::CLOEXEC | UserfaultfdFlags::NONBLOCK;
         // SAFETY: the descriptor gives access to faults of this process only.
@@ -157,29 +114,41 @@ impl Userfault {
             Ok(fd) => return Self::handshake(fd, "userfaultfd(2)"),
             Err(e) => e,
         };
-        let user_only = flags | UserfaultfdFlags::from_bits_retain(UFFD_USER_MODE_ONLY);
-        // SAFETY: as above; user-mode-only faults suffice, the guest is a user thread.
-        if let Ok(fd) = unsafe { userfaultfd(user_only) } {
-            return Self::handshake(fd, "userfaultfd(2), user-mode only");
-        }
         if let Ok(dev) = std::fs::File::open("/dev/userfaultfd") {
             // SAFETY: USERFAULTFD_IOC_NEW takes the flags as its integer argument.
             if let Ok(fd) = unsafe { ioctl::ioctl(&dev, NewUffd(flags.bits())) } {
                 return Self::handshake(fd, "/dev/userfaultfd");
             }
         }
+        let user_only = flags | UserfaultfdFlags::from_bits_retain(UFFD_USER_MODE_ONLY);
+        // SAFETY: as above; user-mode-only faults suffice for the thread guest.
+        if let Ok(fd) = unsafe { userfaultfd(user_only) } {
+            return Self::handshake(fd, "userfaultfd(2), user-mode only");
+        }
         Err(first.into())
     }
 
     fn handshake(fd: OwnedFd, how: &'static str) -> io::Result<Self> {
-        let mut api = UffdioApi {
-            api: UFFD_API,
-            features: 0,
-            ioctls: 0,
-        };
-        // SAFETY: UFFDIO_API takes a `struct uffdio_api`.
-        unsafe { ioctl::ioctl(&fd, Updater::<UFFDIO_API_OP, _>::new(&mut api)) }?;
-        Ok(Self { fd, how })
+        let wanted = u64::from(UFFD_FEATURE_THREAD_ID | UFFD_FEATURE_MISSING_HUGETLBFS);
+        // Ask for the features; a kernel without some refuses the API call, so fall back to
+        // none on a fresh descriptor's worth of state (the API call may be repeated only if
+        // it failed).
+        for features in [wanted, u64::from(UFFD_FEATURE_THREAD_ID), 0] {
+            let mut api = uffdio_api {
+                api: u64::from(UFFD_API),
+                features,
+                ioctls: 0,
+            };
+            // SAFETY: UFFDIO_API takes a `struct uffdio_api`.
+            if unsafe { ioctl::ioctl(&fd, Updater::<API, _>::new(&mut api)) }.is_ok() {
+                return Ok(Self {
+                    fd,
+                    how,
+                    features: api.features,
+                });
+            }
+        }
+        Err(io::Error::other("UFFDIO_API refused every feature set"))
     }
 
     /// How the descriptor was obtained.
@@ -187,36 +156,42 @@ impl Userfault {
         self.how
     }
 
+    /// Whether faults carry the faulting thread's id.
+    pub fn has_thread_id(&self) -> bool {
+        self.features & u64::from(UFFD_FEATURE_THREAD_ID) != 0
+    }
+
+    /// Whether this descriptor only sees faults of user-mode code (not KVM's).
+    pub fn user_mode_only(&self) -> bool {
+        self.how.ends_with("user-mode only")
+    }
+
     /// Registers `[start, start + len)` in missing mode.
     ///
     /// # Safety
-    /// The range must be a private anonymous mapping that stays mapped while registered.
+    /// The range must be a private anonymous (or hugetlb) mapping that stays mapped while
+    /// registered.
     pub unsafe fn register(&self, start: u64, len: u64) -> io::Result<()> {
-        let mut reg = UffdioRegister {
-            range: UffdioRange { start, len },
-            mode: UFFDIO_REGISTER_MODE_MISSING,
+        let mut reg = uffdio_register {
+            range: uffdio_range { start, len },
+            mode: u64::from(UFFDIO_REGISTER_MODE_MISSING),
             ioctls: 0,
         };
         // SAFETY: UFFDIO_REGISTER takes a `struct uffdio_register`.
-        unsafe { ioctl::ioctl(&self.fd, Updater::<UFFDIO_REGISTER_OP, _>::new(&mut reg)) }?;
+        unsafe { ioctl::ioctl(&self.fd, Updater::<REGISTER, _>::new(&mut reg)) }?;
         Ok(())
     }
 
     /// Unregisters the range, which wakes every thread blocked on it (their faults are then
-    /// resolved by the kernel as ordinary anonymous faults). Used to abort a run.
+    /// resolved by the kernel as ordinary faults). Used to abort a run.
     pub fn unregister(&self, start: u64, len: u64) -> io::Result<()> {
-        let mut range = UffdioRange { start, len };
+        let mut range = uffdio_range { start, len };
         // SAFETY: UFFDIO_UNREGISTER takes a `struct uffdio_range`.
-        unsafe {
-            ioctl::ioctl(
-                &self.fd,
-                Updater::<UFFDIO_UNREGISTER_OP, _>::new(&mut range),
-            )
-        }?;
+        unsafe { ioctl::ioctl(&self.fd, Updater::<UNREGISTER, _>::new(&mut range)) }?;
         Ok(())
     }
 
-    /// Places `src` at guest address `dst` atomically and wakes threads waiting on it.
+    /// Places `src` at `dst` atomically and wakes threads waiting on it.
     ///
     /// # Safety
     /// `[dst, dst + src.len())` must lie in the registered range.
@@ -224,7 +199,7 @@ impl Userfault {
         let mut done = 0u64;
         let len = src.len() as u64;
         while done < len {
-            let mut c = UffdioCopy {
+            let mut c = uffdio_copy {
                 dst: dst + done,
                 src: src.as_ptr() as u64 + done,
                 len: len - done,
@@ -232,7 +207,7 @@ impl Userfault {
                 copy: 0,
             };
             // SAFETY: UFFDIO_COPY takes a `struct uffdio_copy`; `src` is readable for `len`.
-            let r = unsafe { ioctl::ioctl(&self.fd, Updater::<UFFDIO_COPY_OP, _>::new(&mut c)) };
+            let r = unsafe { ioctl::ioctl(&self.fd, Updater::<COPY, _>::new(&mut c)) };
             match r {
                 Ok(()) => done += c.copy.max(0) as u64,
                 // A partial copy (e.g. interrupted): continue after the copied part.
@@ -245,15 +220,16 @@ impl Userfault {
         Ok(())
     }
 
-    /// Maps zero pages at `[dst, dst + len)` and wakes threads waiting on them.
+    /// Maps zero pages at `[dst, dst + len)` and wakes threads waiting on them (not for
+    /// hugetlbfs: copy zeros there).
     ///
     /// # Safety
     /// The range must lie in the registered range.
     pub unsafe fn zero(&self, dst: u64, len: u64) -> Result<(), PlaceError> {
         let mut done = 0u64;
         while done < len {
-            let mut z = UffdioZeropage {
-                range: UffdioRange {
+            let mut z = uffdio_zeropage {
+                range: uffdio_range {
                     start: dst + done,
                     len: len - done,
                 },
@@ -261,8 +237,7 @@ impl Userfault {
                 zeropage: 0,
             };
             // SAFETY: UFFDIO_ZEROPAGE takes a `struct uffdio_zeropage`.
-            let r =
-                unsafe { ioctl::ioctl(&self.fd, Updater::<UFFDIO_ZEROPAGE_OP, _>::new(&mut z)) };
+            let r = unsafe { ioctl::ioctl(&self.fd, Updater::<ZEROPAGE, _>::new(&mut z)) };
             match r {
                 Ok(()) => done += z.zeropage.max(0) as u64,
                 Err(Errno::AGAIN) if z.zeropage > 0 => done += z.zeropage as u64,
@@ -284,32 +259,30 @@ impl Userfault {
         }
     }
 
-    /// Reads the pending events and appends the addresses of page faults to `out`.
-    pub fn read_faults(&self, out: &mut Vec<u64>) -> io::Result<()> {
-        let mut msgs = [UffdMsg {
-            event: 0,
-            reserved1: 0,
-            reserved2: 0,
-            reserved3: 0,
-            arg: [0; 3],
-        }; 64];
+    /// Reads the pending events and appends the page faults to `out`.
+    pub fn read_faults(&self, out: &mut Vec<Fault>) -> io::Result<()> {
+        const N: usize = 64;
+        let mut buf = [0u8; N * std::mem::size_of::<uffd_msg>()];
         loop {
-            // SAFETY: `UffdMsg` is plain old data; the kernel writes whole messages.
-            let buf = unsafe {
-                std::slice::from_raw_parts_mut(
-                    msgs.as_mut_ptr().cast::<u8>(),
-                    std::mem::size_of_val(&msgs),
-                )
-            };
-            match rustix::io::read(&self.fd, buf) {
+            match rustix::io::read(&self.fd, &mut buf) {
                 Ok(n) => {
-                    let count = n / std::mem::size_of::<UffdMsg>();
-                    for m in &msgs[..count] {
-                        if m.event == UFFD_EVENT_PAGEFAULT {
-                            out.push(m.arg[1]);
+                    let count = n / std::mem::size_of::<uffd_msg>();
+                    for raw in buf[..n].chunks_exact(std::mem::size_of::<uffd_msg>()) {
+                        // SAFETY: the kernel wrote whole `struct uffd_msg`s (plain data, any bit
+                        // pattern valid); read unaligned from the byte buffer.
+                        let m: uffd_msg = unsafe { std::ptr::read_unaligned(raw.as_ptr().cast()) };
+                        if u32::from(m.event) == UFFD_EVENT_PAGEFAULT {
+                            // SAFETY: the `pagefault` member is the one a PAGEFAULT event fills.
+                            let pf = unsafe { m.arg.pagefault };
+                            out.push(Fault {
+                                addr: pf.address,
+                                write: pf.flags & u64::from(UFFD_PAGEFAULT_FLAG_WRITE) != 0,
+                                // SAFETY: `ptid` is the union's only member.
+                                tid: unsafe { pf.feat.ptid },
+                            });
                         }
                     }
-                    if count < msgs.len() {
+                    if count < N {
                         return Ok(());
                     }
                 }

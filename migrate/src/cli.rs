@@ -1,0 +1,346 @@
+//! The command line, parsed once into typed [`Options`]: every size, duration, rate and
+//! enum is checked here, and the guest kind is decided here (KVM wherever `/dev/kvm` and
+//! kernel-mode userfaultfd work, else the thread guest, saying why).
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+use pagehint::layout::parse_size;
+use pagehint::ClaimBatch;
+
+use crate::guest::layout::HostPageSize;
+use crate::link::LinkParams;
+use crate::options::{
+    DestFault, DirtyTracking, FaultPath, GuestKind, GuestSpec, MigrationMode, Precopy, RunConfig,
+    SourceFault, Workload,
+};
+use crate::pin::PinPlan;
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Pin {
+    /// Guest + fault path on one CPU, background streams on another.
+    Auto,
+    /// Let the kernel place threads.
+    Off,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+enum GuestArg {
+    /// KVM where `/dev/kvm` opens (and userfaultfd sees kernel faults), else thread.
+    Auto,
+    /// A KVM virtual machine.
+    Kvm,
+    /// A host thread.
+    Thread,
+}
+
+/// Migrate a guest (a KVM virtual machine, or a host thread) with precopy and postcopy using
+/// the pagehint scheduler, and compare vanilla, preempt and preempt-hint on real guest
+/// workloads (userfaultfd destination, TCP channels through an emulated link).
+#[derive(Parser, Debug)]
+#[command(name = "pagehint-migrate", version)]
+pub struct Cli {
+    /// What runs as the guest.
+    #[arg(long, value_enum, default_value = "auto")]
+    guest: GuestArg,
+    /// vCPUs of the KVM guest.
+    #[arg(long, default_value_t = 1)]
+    vcpus: u32,
+    /// Guest RAM size (64M, 1G, ...), split into two RAM blocks around a 4 GiB hole.
+    #[arg(long, default_value = "1G")]
+    mem: String,
+    /// Host page size: 4K, or 2M for hugetlb-backed guests (reserved and given back).
+    #[arg(long, default_value = "4K")]
+    host_page: String,
+    /// Precopy rounds before postcopy (0: pure postcopy); they stop early when the dirty set
+    /// stops shrinking.
+    #[arg(long, default_value_t = 0)]
+    precopy_rounds: u32,
+    /// Track the KVM guest's writes with KVM's dirty rings instead of the dirty log.
+    #[arg(long)]
+    dirty_ring: bool,
+    /// Modes to compare, comma separated.
+    #[arg(long, value_delimiter = ',', default_value = "vanilla,preempt,preempt-hint")]
+    modes: Vec<String>,
+    /// Guest workloads, comma separated: seq, random, stream, kv.
+    #[arg(long, value_delimiter = ',', default_value = "seq,random,stream,kv")]
+    workloads: Vec<String>,
+    /// Write the results as a JSON list to FILE.
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
+    /// Write an SVG plot of fault waits and vCPU blocktime to FILE.
+    #[arg(long, value_name = "FILE")]
+    svg: Option<PathBuf>,
+    /// Emulated link bandwidth in bits/s (10G, 2.5G, 800M; 0 = unlimited).
+    #[arg(long, default_value = "10G")]
+    bandwidth: String,
+    /// Emulated one-way delay (50us, 1ms, 0).
+    #[arg(long, default_value = "50us")]
+    delay: String,
+    /// Send-queue (socket buffer) depth of the background channel.
+    #[arg(long, default_value = "8M")]
+    queue: String,
+    /// Background bytes an urgent page may wait behind in the interface queue.
+    #[arg(long, default_value = "64K")]
+    nic_queue: String,
+    /// Target pages per background claim (1 to 64, a power of two).
+    #[arg(long, default_value_t = 16)]
+    claim_batch: u64,
+    /// Playback rate of the stream workload, bytes/s.
+    #[arg(long, default_value = "256M")]
+    stream_rate: String,
+    /// Seed of the guest image and workloads.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Thread guest: use the software fault path even where userfaultfd works.
+    #[arg(long)]
+    no_uffd: bool,
+    /// Thread pinning.
+    #[arg(long, value_enum, default_value = "auto")]
+    pin: Pin,
+    /// Run only the source, listening on ADDR (e.g. 0.0.0.0:4444), for a destination
+    /// started elsewhere with --connect.
+    #[arg(long, value_name = "ADDR", conflicts_with = "connect")]
+    listen: Option<String>,
+    /// Run only the destination, migrating from the source at ADDR.
+    #[arg(long, value_name = "ADDR")]
+    connect: Option<String>,
+    /// Give up when the peer is silent this long (20s, 500ms).
+    #[arg(long, default_value = "20s")]
+    timeout: String,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
+    /// Test hook: the destination sends N malformed page requests at the start of postcopy.
+    #[arg(long, hide = true, default_value_t = 0)]
+    inject_bad: u64,
+    /// Test hook: the source drops both connections after N host pages.
+    #[arg(long, hide = true, default_value_t = 0)]
+    test_drop_after: u64,
+    /// Test hook: the source corrupts a page or sends one twice (none, corrupt, duplicate).
+    #[arg(long, hide = true, default_value = "none")]
+    test_source_fault: String,
+    /// Test hook: the destination overwrites pages placed twice (none, overwrite-duplicate).
+    #[arg(long, hide = true, default_value = "none")]
+    test_dest_fault: String,
+}
+
+/// Where this process stands in the migration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Endpoint {
+    /// Both sides, over loopback.
+    Local,
+    /// The source only, listening here.
+    Listen(String),
+    /// The destination only, migrating from this source.
+    Connect(SocketAddr),
+}
+
+/// The whole invocation, typed.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Settings of every run.
+    pub cfg: RunConfig,
+    /// Modes, in order.
+    pub modes: Vec<MigrationMode>,
+    /// Workloads, in order.
+    pub workloads: Vec<Workload>,
+    /// JSON output.
+    pub json: Option<PathBuf>,
+    /// SVG output.
+    pub svg: Option<PathBuf>,
+    /// Local, source or destination.
+    pub endpoint: Endpoint,
+    /// No progress bar.
+    pub quiet: bool,
+    /// Which guest runs, and why.
+    pub guest_note: String,
+}
+
+/// Parses `12ms`, `50us`, `2s`, `0`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let v: f64 = num.parse().map_err(|_| format!("bad duration {s:?}"))?;
+    let scale = match unit {
+        "" | "s" => 1e9,
+        "ms" => 1e6,
+        "us" | "µs" => 1e3,
+        "ns" => 1.0,
+        _ => return Err(format!("bad duration unit in {s:?} (s, ms, us, ns)")),
+    };
+    if !v.is_finite() || v < 0.0 || v * scale > 3.6e12 {
+        return Err(format!("duration {s:?} out of range"));
+    }
+    Ok(Duration::from_nanos((v * scale) as u64))
+}
+
+/// Parses `10G`, `800M`, `2.5Gbit`, `0` (bits per second).
+pub fn parse_bits(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let v: f64 = num.parse().map_err(|_| format!("bad bandwidth {s:?}"))?;
+    let scale = match unit.trim_end_matches("bit").trim_end_matches("bps") {
+        "" => 1.0,
+        "K" | "k" => 1e3,
+        "M" => 1e6,
+        "G" => 1e9,
+        _ => return Err(format!("bad bandwidth unit in {s:?} (K, M, G bits/s)")),
+    };
+    if !v.is_finite() || v < 0.0 || v * scale > 1e13 {
+        return Err(format!("bandwidth {s:?} out of range"));
+    }
+    Ok((v * scale) as u64)
+}
+
+fn size(what: &str, s: &str) -> Result<u64, String> {
+    parse_size(s).map_err(|e| format!("--{what} {s}: {e}"))
+}
+
+fn list<T: std::str::FromStr<Err = String>>(what: &str, v: &[String]) -> Result<Vec<T>, String> {
+    if v.is_empty() {
+        return Err(format!("--{what} needs at least one entry"));
+    }
+    v.iter().map(|s| s.parse().map_err(|e| format!("--{what}: {e}"))).collect()
+}
+
+/// Why the KVM guest cannot run here, if it cannot.
+pub fn kvm_unavailable() -> Option<String> {
+    if let Err(e) = crate::guest::kvm::vm::probe() {
+        return Some(e);
+    }
+    match crate::uffd::Userfault::open() {
+        Err(e) => Some(format!("userfaultfd does not open: {e}")),
+        Ok(u) if u.user_mode_only() => {
+            Some("userfaultfd sees only user-mode faults here (KVM's vCPUs fault in the kernel)".into())
+        }
+        Ok(_) => None,
+    }
+}
+
+/// `MemAvailable` from /proc/meminfo, in bytes.
+fn mem_available() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+impl Options {
+    /// Parses `cli` into options, deciding the guest kind.
+    pub fn from_cli(cli: Cli) -> Result<Self, String> {
+        let host_page: HostPageSize = cli.host_page.parse().map_err(|e| format!("--host-page: {e}"))?;
+        let mem = size("mem", &cli.mem)?;
+        let (kind, guest_note) = match cli.guest {
+            GuestArg::Thread => (GuestKind::Thread, "thread guest (--guest thread)".to_string()),
+            GuestArg::Kvm => match kvm_unavailable() {
+                None => (GuestKind::Kvm, "KVM virtual machine (--guest kvm)".to_string()),
+                Some(why) => return Err(format!("--guest kvm: {why}")),
+            },
+            GuestArg::Auto => match kvm_unavailable() {
+                None => (GuestKind::Kvm, "KVM virtual machine (/dev/kvm opens)".to_string()),
+                Some(why) => (GuestKind::Thread, format!("THREAD GUEST, the fallback: {why}")),
+            },
+        };
+        let mut guest = GuestSpec::new(kind, mem, host_page, cli.vcpus).map_err(|e| format!("--mem / --vcpus: {e}"))?;
+        guest.seed = cli.seed;
+        guest.stream_rate = size("stream-rate", &cli.stream_rate)?.max(1);
+        let tracking = match (kind, cli.dirty_ring) {
+            (GuestKind::Thread, true) => return Err("--dirty-ring needs the KVM guest".into()),
+            (GuestKind::Thread, false) => DirtyTracking::None,
+            (GuestKind::Kvm, true) => DirtyTracking::Ring,
+            (GuestKind::Kvm, false) => DirtyTracking::Log,
+        };
+        if kind == GuestKind::Thread && cli.vcpus != 1 {
+            return Err("--vcpus needs the KVM guest (the thread guest is one thread)".into());
+        }
+        let mut cfg = RunConfig::new(guest);
+        cfg.precopy = Precopy {
+            rounds: cli.precopy_rounds,
+            tracking,
+        };
+        cfg.link = LinkParams {
+            bandwidth_bps: parse_bits(&cli.bandwidth).map_err(|e| format!("--bandwidth: {e}"))?,
+            delay_ns: parse_duration(&cli.delay).map_err(|e| format!("--delay: {e}"))?.as_nanos() as u64,
+            queue_bytes: size("queue", &cli.queue)?,
+            nic_queue_bytes: size("nic-queue", &cli.nic_queue)?,
+        };
+        cfg.claim_batch = ClaimBatch::pages(cli.claim_batch).map_err(|e| format!("--claim-batch: {e}"))?;
+        cfg.fault_path = if cli.no_uffd {
+            if kind == GuestKind::Kvm {
+                return Err("--no-uffd needs the thread guest (KVM's vCPUs fault through userfaultfd)".into());
+            }
+            FaultPath::Software
+        } else {
+            FaultPath::Auto
+        };
+        cfg.pin = match cli.pin {
+            Pin::Auto => PinPlan::auto(),
+            Pin::Off => PinPlan::OFF,
+        };
+        cfg.idle_timeout = parse_duration(&cli.timeout)
+            .map_err(|e| format!("--timeout: {e}"))?
+            .max(Duration::from_millis(200));
+        cfg.inject_bad = cli.inject_bad;
+        cfg.drop_after = cli.test_drop_after;
+        cfg.source_fault = cli.test_source_fault.parse::<SourceFault>()?;
+        cfg.dest_fault = cli.test_dest_fault.parse::<DestFault>()?;
+        let endpoint = match (&cli.listen, &cli.connect) {
+            (Some(l), _) => Endpoint::Listen(l.clone()),
+            (None, Some(c)) => Endpoint::Connect(
+                c.to_socket_addrs()
+                    .map_err(|e| format!("--connect {c:?}: {e}"))?
+                    .next()
+                    .ok_or_else(|| format!("--connect {c:?} resolves to nothing"))?,
+            ),
+            (None, None) => Endpoint::Local,
+        };
+        // Guest RAM in normal memory: the image template and the source's copy (source), the
+        // destination's copy; hugetlb copies are checked when they are reserved.
+        let normal_copies = match (&endpoint, host_page) {
+            (Endpoint::Local, HostPageSize::Small) => 3,
+            (Endpoint::Local, HostPageSize::Huge2M) => 1,
+            (Endpoint::Listen(_), HostPageSize::Small) => 2,
+            (Endpoint::Listen(_), HostPageSize::Huge2M) => 1,
+            (Endpoint::Connect(_), HostPageSize::Small) => 1,
+            (Endpoint::Connect(_), HostPageSize::Huge2M) => 0,
+        };
+        if let Some(avail) = mem_available() {
+            if mem * normal_copies > avail {
+                return Err(format!(
+                    "--mem {} needs {} MiB of memory ({normal_copies} copies of guest RAM), only {} MiB are available",
+                    cli.mem,
+                    (mem * normal_copies) >> 20,
+                    avail >> 20
+                ));
+            }
+        }
+        Ok(Self {
+            cfg,
+            modes: list("modes", &cli.modes)?,
+            workloads: list("workloads", &cli.workloads)?,
+            json: cli.json,
+            svg: cli.svg,
+            endpoint,
+            quiet: cli.quiet,
+            guest_note,
+        })
+    }
+
+    /// 2 MiB pages this process needs in hugetlb (0 for 4 KiB host pages).
+    pub fn huge_pages_needed(&self) -> u64 {
+        let l = self.cfg.layout();
+        if l.host_page() != HostPageSize::Huge2M {
+            return 0;
+        }
+        let copies = match self.endpoint {
+            Endpoint::Local => 2,
+            _ => 1,
+        };
+        copies * l.host_pages()
+    }
+}

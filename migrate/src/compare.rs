@@ -1,0 +1,182 @@
+//! The comparison: every workload × mode against one source (in-process over loopback, or a
+//! remote one), with a progress bar; and the source-only mode that serves sessions.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicBool;
+use std::time::Instant;
+
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::cli::{Endpoint, Options};
+use crate::guest::layout::TARGET_PAGE;
+use crate::options::{GuestKind, MigrationMode, Workload};
+use crate::result::RunResult;
+use crate::{run_destination, LocalSource, SourceServer};
+
+/// The runs of one invocation.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    /// Finished runs, in order.
+    pub rows: Vec<RunResult>,
+    /// The run that failed (and stopped the comparison), if one did.
+    pub failure: Option<String>,
+    /// Wall time of the comparison.
+    pub seconds: f64,
+}
+
+/// The header lines: what is migrated, how, over what.
+pub fn header(o: &Options, source: &str) -> String {
+    let c = &o.cfg;
+    let l = c.layout();
+    let mib = |p: u64| (p * TARGET_PAGE) >> 20;
+    let guest = match c.guest.kind {
+        GuestKind::Kvm => format!(
+            "{}; {} vCPU{}; precopy {} round{} ({} tracking), then postcopy",
+            o.guest_note,
+            l.vcpus(),
+            if l.vcpus() == 1 { "" } else { "s" },
+            c.precopy.rounds,
+            if c.precopy.rounds == 1 { "" } else { "s" },
+            c.precopy.tracking
+        ),
+        GuestKind::Thread => format!("{}; postcopy", o.guest_note),
+    };
+    let blocks: Vec<String> = l
+        .ram()
+        .blocks()
+        .iter()
+        .zip(l.block_ranges())
+        .map(|(b, (gpa, len))| format!("{} {} MiB at {gpa:#x}", b.name(), len >> 20))
+        .collect();
+    format!(
+        "pagehint-migrate: {} MiB of guest RAM in {} host pages\n  guest        {guest}\n  RAM blocks   {}\n  source       {source}; background scan starts at page 0\n  link         {}\n  pinning      {}\n  workloads    seq: {} MiB at {} MiB | random: the {} MiB data area | stream: {} MiB at {} MiB, {} MiB/s | kv: a {} MiB hash table at {} MiB\n",
+        l.mem() >> 20,
+        l.host_page(),
+        blocks.join(", "),
+        c.link.describe(),
+        c.pin.describe(),
+        mib(l.seq.end - l.seq.start),
+        mib(l.seq.start),
+        mib(l.data.end - l.data.start),
+        mib(l.stream.end - l.stream.start),
+        mib(l.stream.start),
+        c.guest.stream_rate >> 20,
+        mib(l.kv.end - l.kv.start),
+        mib(l.kv.start),
+    )
+}
+
+/// Serves sessions as the source only (`--listen`), until killed.
+pub fn serve(addr: &str, o: &Options) -> Result<(), String> {
+    let server = SourceServer::bind(addr, o.cfg.pin, o.cfg.idle_timeout)
+        .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+    match server.local_addr() {
+        Ok(a) => println!("pagehint-migrate source listening on {a}"),
+        Err(e) => println!("pagehint-migrate source listening ({e})"),
+    }
+    let _ = std::io::stdout().flush();
+    let stop = AtomicBool::new(false);
+    let mut n = 0;
+    server.serve(&stop, |r| {
+        n += 1;
+        match r {
+            Ok(rep) => {
+                let s = &rep.summary.stats;
+                eprintln!(
+                    "session {n}: {} of {} MiB done: {} pages urgent, {} background, {} hints taken, {} bad requests rejected{}",
+                    rep.mode,
+                    rep.mem >> 20,
+                    s.urgent_pages,
+                    s.background_pages,
+                    s.hints_taken,
+                    s.bad_requests,
+                    rep.summary
+                        .rejected
+                        .first()
+                        .map(|m| format!(" (first: {m})"))
+                        .unwrap_or_default()
+                );
+            }
+            Err(e) => eprintln!("session {n} failed: {e}"),
+        }
+    });
+    Ok(())
+}
+
+/// Runs every workload × mode; prints one line per run.
+pub fn run(o: &Options) -> Result<Outcome, String> {
+    let local;
+    let (addr, shown): (SocketAddr, String) = match &o.endpoint {
+        Endpoint::Connect(a) => (*a, format!("{a} (remote)")),
+        Endpoint::Local => {
+            local = LocalSource::start(o.cfg.pin, o.cfg.idle_timeout, true)
+                .map_err(|e| format!("cannot start the source: {e}"))?;
+            (local.addr(), format!("in-process on {} (TCP loopback)", local.addr()))
+        }
+        Endpoint::Listen(_) => return Err("a listening source runs no comparison".into()),
+    };
+    println!("{}", header(o, &shown));
+    let runs: Vec<(Workload, MigrationMode)> = o
+        .workloads
+        .iter()
+        .flat_map(|&w| o.modes.iter().map(move |&m| (w, m)))
+        .collect();
+    let started = Instant::now();
+    let mut out = Outcome::default();
+    for (i, &(w, m)) in runs.iter().enumerate() {
+        let pb = if o.quiet {
+            ProgressBar::hidden()
+        } else {
+            ProgressBar::new(1)
+        };
+        pb.set_style(
+            ProgressStyle::with_template("{prefix:<28} [{bar:32}] {percent:>3}% of pages  {elapsed}")
+                .expect("valid template")
+                .progress_chars("=> "),
+        );
+        pb.set_prefix(format!("[{}/{}] {w} / {m}", i + 1, runs.len()));
+        let progress = |n: u64, total: u64| {
+            pb.set_length(total.max(1));
+            pb.set_position(n);
+        };
+        let r = run_destination(addr, &o.cfg, m, w, &progress);
+        pb.finish_and_clear();
+        match r {
+            Ok(r) => {
+                println!(
+                    "[{}/{}] {:<7} {:<13} precopy {:>6.1} ms, downtime {:>5.1} ms, postcopy {:>7.1} ms, {:>6} faults, request p50 {:>8.1} µs, blocktime {:>8.1} ms, {}",
+                    i + 1,
+                    runs.len(),
+                    r.workload,
+                    r.mode,
+                    r.precopy_ms,
+                    r.downtime_ms,
+                    r.duration_ms,
+                    r.faults,
+                    r.request_p50_us,
+                    r.blocktime_ms,
+                    if r.verified {
+                        "verified".to_string()
+                    } else {
+                        format!("NOT VERIFIED: {}", r.problems.join("; "))
+                    }
+                );
+                if r.bad_requests > 0 {
+                    println!(
+                        "        the source rejected {} malformed page requests and went on (first: {})",
+                        r.bad_requests,
+                        r.rejected.first().cloned().unwrap_or_default()
+                    );
+                }
+                out.rows.push(r);
+            }
+            Err(e) => {
+                out.failure = Some(format!("{w} / {m}: {e}"));
+                break;
+            }
+        }
+    }
+    out.seconds = started.elapsed().as_secs_f64();
+    Ok(out)
+}

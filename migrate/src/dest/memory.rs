@@ -1,0 +1,552 @@
+//! The destination's guest RAM: one anonymous (or hugetlb) mapping holding both RAM blocks
+//! back to back, what is present in it, and how pages get there.
+//!
+//! # Phases
+//! * **precopy**: nothing runs on this memory; received pages are copied in (a page sent
+//!   again overwrites the older copy), and each target page seen is recorded.
+//! * **switch-over** ([`DestMemory::switch`]): the source's list of host pages still to send
+//!   is applied: those that hold precopy data are discarded (`MADV_DONTNEED`), every other
+//!   host page must be whole from precopy (checked), and the mapping is registered with
+//!   userfaultfd before any vCPU runs.
+//! * **postcopy**: each missing host page is placed exactly once, atomically, with
+//!   `UFFDIO_COPY` (zero pages: `UFFDIO_ZEROPAGE`, or a copy of zeros on hugetlbfs), which
+//!   wakes the threads faulting on it. A second placement fails with `EEXIST`: it is counted
+//!   and fails verification (with the `overwrite-duplicate` test hook it is copied over the
+//!   first, as a destination without atomic placement would).
+//!
+//! # Invariants
+//! * A host page's present bit is set only after its contents are in place (`Release`); the
+//!   software fault path reads it with `Acquire` before reading the page. With userfaultfd
+//!   the kernel maps the page atomically.
+//! * Placement time and first request time are recorded per host page: request latency is
+//!   their difference, and blocktime is measured against the placement time.
+
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::thread::Thread;
+
+use memmap2::{MmapMut, MmapOptions};
+
+use crate::clock::now_ns;
+use crate::guest::layout::{GuestLayout, HostPageSize, TARGET_PAGE};
+use crate::options::FaultPath;
+use crate::uffd::{PlaceError, Userfault};
+use crate::wire::SwitchOver;
+
+const NOBODY: u64 = u64::MAX;
+
+/// A bitmap of atomic words.
+#[derive(Debug)]
+pub struct Bits(Box<[AtomicU64]>);
+
+impl Bits {
+    fn new(n: u64) -> Self {
+        Self((0..n.div_ceil(64)).map(|_| AtomicU64::new(0)).collect())
+    }
+    fn get(&self, i: u64, o: Ordering) -> bool {
+        self.0[(i / 64) as usize].load(o) & (1 << (i % 64)) != 0
+    }
+    /// Sets bit `i`; true if it was clear.
+    fn set(&self, i: u64, o: Ordering) -> bool {
+        self.0[(i / 64) as usize].fetch_or(1 << (i % 64), o) & (1 << (i % 64)) == 0
+    }
+}
+
+fn stamps(n: u64) -> Box<[AtomicU64]> {
+    (0..n).map(|_| AtomicU64::new(0)).collect()
+}
+
+/// Why a frame could not be applied.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MemoryError {
+    /// The frame's range is not whole units inside its block.
+    BadRange(String),
+    /// Placement failed.
+    Place(PlaceError),
+    /// The switch-over does not fit this memory, or leaves a page nowhere.
+    Switch(String),
+}
+
+impl std::fmt::Display for MemoryError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::BadRange(s) => write!(f, "bad page frame: {s}"),
+            Self::Place(e) => write!(f, "{e}"),
+            Self::Switch(s) => write!(f, "switch-over: {s}"),
+        }
+    }
+}
+
+impl std::error::Error for MemoryError {}
+
+/// Guest RAM at the destination.
+#[derive(Debug)]
+pub struct DestMemory {
+    // Declared before `map`: the descriptor is closed before the memory is unmapped.
+    uffd: Option<Userfault>,
+    map: MmapMut,
+    base: usize,
+    len: u64,
+    layout: GuestLayout,
+    host_shift: u32,
+    host_pages: u64,
+    huge: bool,
+    /// Host pages whose contents are in place.
+    present: Bits,
+    /// Host pages requested from the source.
+    requested: Bits,
+    /// Target pages received in precopy.
+    precopy_seen: Bits,
+    /// Per host page: when it was first requested (0: never).
+    request_ns: Box<[AtomicU64]>,
+    /// Per host page: when it was placed in postcopy (0: not in postcopy).
+    placed_ns: Box<[AtomicU64]>,
+    /// Host pages missing at the switch-over.
+    pending: AtomicU64,
+    /// Host pages placed in postcopy.
+    placed: AtomicU64,
+    placed_twice: AtomicU64,
+    first_twice: Mutex<Option<String>>,
+    overwrite_duplicates: bool,
+    last_placed_ns: AtomicU64,
+    postcopy: AtomicBool,
+    waiting_on: AtomicU64,
+    waiter: Mutex<Option<Thread>>,
+    fault_path: FaultPath,
+    path_note: Mutex<String>,
+    zeros: Vec<u8>,
+}
+
+impl DestMemory {
+    /// Maps RAM for `layout` (hugetlb for 2 MiB host pages) and opens a userfaultfd if
+    /// `path` allows (it is registered at the switch-over).
+    pub fn new(layout: &GuestLayout, path: FaultPath, overwrite_duplicates: bool) -> io::Result<Self> {
+        let len = usize::try_from(layout.mem()).map_err(|_| io::Error::other("RAM does not fit"))?;
+        let huge = layout.host_page() == HostPageSize::Huge2M;
+        let mut opts = MmapOptions::new();
+        opts.len(len);
+        if huge {
+            opts.huge(Some(21));
+        }
+        let mut map = opts.map_anon().map_err(|e| {
+            if huge {
+                io::Error::new(
+                    e.kind(),
+                    format!("mapping {} MiB of hugetlb pages: {e} (are enough huge pages reserved?)", len >> 20),
+                )
+            } else {
+                e
+            }
+        })?;
+        let base = map.as_mut_ptr() as usize;
+        let hp = layout.host_page().bytes();
+        let host_pages = layout.mem() / hp;
+        let (uffd, note) = match path {
+            FaultPath::Software => (None, "software (forced by --no-uffd)".to_string()),
+            FaultPath::Auto => match Userfault::open() {
+                Ok(u) => {
+                    let n = format!("userfaultfd ({})", u.how());
+                    (Some(u), n)
+                }
+                Err(e) => (None, format!("software (no userfaultfd: {e})")),
+            },
+        };
+        Ok(Self {
+            uffd,
+            map,
+            base,
+            len: layout.mem(),
+            layout: layout.clone(),
+            host_shift: hp.trailing_zeros(),
+            host_pages,
+            huge,
+            present: Bits::new(host_pages),
+            requested: Bits::new(host_pages),
+            precopy_seen: Bits::new(layout.pages()),
+            request_ns: stamps(host_pages),
+            placed_ns: stamps(host_pages),
+            pending: AtomicU64::new(0),
+            placed: AtomicU64::new(0),
+            placed_twice: AtomicU64::new(0),
+            first_twice: Mutex::new(None),
+            overwrite_duplicates,
+            last_placed_ns: AtomicU64::new(0),
+            postcopy: AtomicBool::new(false),
+            waiting_on: AtomicU64::new(NOBODY),
+            waiter: Mutex::new(None),
+            fault_path: path,
+            path_note: Mutex::new(note),
+            zeros: vec![0u8; if huge { hp as usize } else { 0 }],
+        })
+    }
+
+    /// The userfaultfd, if this memory uses one.
+    pub fn userfault(&self) -> Option<&Userfault> {
+        self.uffd.as_ref()
+    }
+
+    /// How faults are caught, in words.
+    pub fn fault_path(&self) -> String {
+        self.path_note.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The layout.
+    pub fn layout(&self) -> &GuestLayout {
+        &self.layout
+    }
+
+    /// Host address of RAM block `b` (for KVM's memory slots).
+    pub fn block_host(&self, b: u32) -> u64 {
+        (self.base as u64) + self.layout.block_first_page(b) * TARGET_PAGE
+    }
+
+    /// Host pages of RAM.
+    pub fn host_pages(&self) -> u64 {
+        self.host_pages
+    }
+
+    /// Bytes per host page.
+    pub fn host_page_size(&self) -> u64 {
+        1 << self.host_shift
+    }
+
+    /// Host page containing global target page `page`.
+    pub fn host_page_of(&self, page: u64) -> u64 {
+        (page * TARGET_PAGE) >> self.host_shift
+    }
+
+    /// Host page containing host address `addr`, if it is guest RAM.
+    pub fn host_page_at(&self, addr: u64) -> Option<u64> {
+        let off = addr.checked_sub(self.base as u64)?;
+        (off < self.len).then_some(off >> self.host_shift)
+    }
+
+    /// Block and byte offset in it of host page `hp`.
+    pub fn host_page_location(&self, hp: u64) -> (u32, u64) {
+        let loc = self.layout.location((hp << self.host_shift) / TARGET_PAGE);
+        (loc.block, loc.page * TARGET_PAGE)
+    }
+
+    /// Whether host page `hp` is in place.
+    pub fn is_present(&self, hp: u64) -> bool {
+        // Acquire: pairs with the Release in `mark_present`: the contents are visible.
+        self.present.get(hp, Ordering::Acquire)
+    }
+
+    /// Marks host page `hp` requested; true the first time (one request per page), and
+    /// records when.
+    pub fn claim_request(&self, hp: u64, at_ns: u64) -> bool {
+        // Relaxed: only deduplicates requests; nothing else is ordered by it.
+        let first = self.requested.set(hp, Ordering::Relaxed);
+        if first {
+            // Relaxed: read after the run.
+            self.request_ns[hp as usize].store(at_ns, Ordering::Relaxed);
+        }
+        first
+    }
+
+    /// When host page `hp` was first requested and placed in postcopy (0: not).
+    pub fn times(&self, hp: u64) -> (u64, u64) {
+        // Relaxed: read after the run.
+        (
+            self.request_ns[hp as usize].load(Ordering::Relaxed),
+            self.placed_ns[hp as usize].load(Ordering::Relaxed),
+        )
+    }
+
+    /// Host pages missing at the switch-over.
+    pub fn pending(&self) -> u64 {
+        // Relaxed: set once at the switch-over, before postcopy.
+        self.pending.load(Ordering::Relaxed)
+    }
+
+    /// Host pages placed in postcopy so far.
+    pub fn placed(&self) -> u64 {
+        // Relaxed: a progress figure.
+        self.placed.load(Ordering::Relaxed)
+    }
+
+    /// Whether postcopy has placed every missing host page.
+    pub fn complete(&self) -> bool {
+        self.postcopy.load(Ordering::Acquire) && self.placed() >= self.pending()
+    }
+
+    /// When the last page was placed (ns), 0 if none.
+    pub fn last_placed_ns(&self) -> u64 {
+        // Relaxed: read after the receivers are joined, or as a progress figure.
+        self.last_placed_ns.load(Ordering::Relaxed)
+    }
+
+    /// Host pages placed more than once, and the first such event.
+    pub fn placed_twice(&self) -> (u64, Option<String>) {
+        // Relaxed: read after the receivers are joined.
+        let n = self.placed_twice.load(Ordering::Relaxed);
+        (n, self.first_twice.lock().unwrap_or_else(|e| e.into_inner()).clone())
+    }
+
+    fn twice(&self, what: String) {
+        // Relaxed: a counter read after the threads are joined.
+        self.placed_twice.fetch_add(1, Ordering::Relaxed);
+        self.first_twice
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_or_insert(what);
+    }
+
+    /// Global byte offset of `[offset, offset + len)` of `block`, checked to be whole
+    /// `unit`-byte units inside the block.
+    fn range(&self, block: u32, offset: u64, len: u64, unit: u64) -> Result<u64, MemoryError> {
+        let blocks = self.layout.block_ranges();
+        let size = blocks
+            .get(block as usize)
+            .ok_or_else(|| MemoryError::BadRange(format!("no block {block}")))?
+            .1;
+        let end = offset.checked_add(len).filter(|&e| e <= size);
+        if offset % unit != 0 || len % unit != 0 || len == 0 || end.is_none() {
+            return Err(MemoryError::BadRange(format!(
+                "block {block} bytes {offset:#x}+{len:#x} are not whole {unit}-byte units inside it"
+            )));
+        }
+        Ok(self.layout.block_first_page(block) * TARGET_PAGE + offset)
+    }
+
+    /// Precopy: copies `data` (or zeros) to `[offset, offset + len)` of `block`.
+    pub fn precopy_place(&self, block: u32, offset: u64, len: u64, data: Option<&[u8]>) -> Result<(), MemoryError> {
+        if self.postcopy.load(Ordering::Relaxed) {
+            return Err(MemoryError::BadRange("a precopy page after the switch-over".into()));
+        }
+        let at = self.range(block, offset, len, TARGET_PAGE)?;
+        if data.is_some_and(|d| d.len() as u64 != len) {
+            return Err(MemoryError::BadRange("payload length".into()));
+        }
+        let first = at / TARGET_PAGE;
+        for (i, p) in (first..first + len / TARGET_PAGE).enumerate() {
+            let dst = (self.base as u64 + p * TARGET_PAGE) as *mut u8;
+            // Relaxed: precopy is one thread (the main channel's receiver).
+            self.precopy_seen.set(p, Ordering::Relaxed);
+            match data {
+                // SAFETY: in bounds (checked); nothing else touches guest RAM in precopy.
+                Some(d) => unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        d[i * TARGET_PAGE as usize..].as_ptr(),
+                        dst,
+                        TARGET_PAGE as usize,
+                    )
+                },
+                // Written, not skipped: the page must be populated, or once the memory is
+                // registered with userfaultfd an access would fault on a page marked present.
+                // SAFETY: as above.
+                None => unsafe { std::ptr::write_bytes(dst, 0, TARGET_PAGE as usize) },
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies the switch-over: discards the pending host pages that hold precopy data,
+    /// checks that every other host page arrived whole in precopy, and registers the
+    /// memory with userfaultfd. Returns the pending host pages.
+    pub fn switch(&self, sw: &SwitchOver) -> Result<u64, MemoryError> {
+        let blocks = self.layout.ram().blocks();
+        if sw.pending.len() != blocks.len()
+            || sw.host_pages.iter().zip(blocks).any(|(&hp, b)| hp != b.host_pages())
+        {
+            return Err(MemoryError::Switch("the pending-page bitmaps do not fit this layout".into()));
+        }
+        let per = self.host_page_size() / TARGET_PAGE;
+        let mut pending = 0;
+        let mut discard: Vec<(u64, u64)> = Vec::new(); // runs of host pages
+        let mut hp = 0u64;
+        for (b, words) in sw.pending.iter().enumerate() {
+            for i in 0..sw.host_pages[b] {
+                let missing = words[(i / 64) as usize] & (1 << (i % 64)) != 0;
+                let pages = hp * per..(hp + 1) * per;
+                // Relaxed: precopy is over; its one thread is this one.
+                let any_seen = pages.clone().any(|p| self.precopy_seen.get(p, Ordering::Relaxed));
+                if missing {
+                    pending += 1;
+                    if any_seen {
+                        match discard.last_mut() {
+                            Some((f, n)) if *f + *n == hp => *n += 1,
+                            _ => discard.push((hp, 1)),
+                        }
+                    }
+                } else {
+                    if !pages.clone().all(|p| self.precopy_seen.get(p, Ordering::Relaxed)) {
+                        return Err(MemoryError::Switch(format!(
+                            "host page {hp} is neither pending nor whole from precopy: a page would be lost"
+                        )));
+                    }
+                    self.mark_present(hp);
+                }
+                hp += 1;
+            }
+        }
+        for (first, n) in discard {
+            let addr = self.base + (first << self.host_shift) as usize;
+            // SAFETY: whole host pages inside our private mapping; nothing runs on it yet.
+            let r = unsafe {
+                libc::madvise(addr as *mut libc::c_void, (n << self.host_shift) as usize, libc::MADV_DONTNEED)
+            };
+            if r != 0 {
+                return Err(MemoryError::Switch(format!(
+                    "discarding host pages {first}..{}: {}",
+                    first + n,
+                    io::Error::last_os_error()
+                )));
+            }
+        }
+        // Relaxed: published to the other threads by the Release store of `postcopy`.
+        self.pending.store(pending, Ordering::Relaxed);
+        if let Some(u) = &self.uffd {
+            // SAFETY: `map` is our private mapping; the descriptor is closed before it is
+            // unmapped (field order).
+            if let Err(e) = unsafe { u.register(self.base as u64, self.len) } {
+                return Err(MemoryError::Switch(format!("UFFDIO_REGISTER: {e}")));
+            }
+        }
+        // Release: the pending count and present bits before any postcopy placement.
+        self.postcopy.store(true, Ordering::Release);
+        Ok(pending)
+    }
+
+    /// Postcopy: places `[offset, offset + len)` of `block`: `data` (exactly `len` bytes)
+    /// or zero pages. Whole host pages.
+    pub fn place(&self, block: u32, offset: u64, len: u64, data: Option<&[u8]>) -> Result<(), MemoryError> {
+        // Acquire: pairs with the switch-over's Release (registration, present bits).
+        if !self.postcopy.load(Ordering::Acquire) {
+            return Err(MemoryError::BadRange("a postcopy page before the switch-over".into()));
+        }
+        let at = self.range(block, offset, len, self.host_page_size())?;
+        if data.is_some_and(|d| d.len() as u64 != len) {
+            return Err(MemoryError::BadRange("payload length".into()));
+        }
+        let page = self.host_page_size();
+        let first = at >> self.host_shift;
+        for (i, hp) in (first..first + (len >> self.host_shift)).enumerate() {
+            let src = data.map(|d| &d[i * page as usize..(i + 1) * page as usize]);
+            self.place_host_page(hp, src)?;
+        }
+        Ok(())
+    }
+
+    fn place_host_page(&self, hp: u64, data: Option<&[u8]>) -> Result<(), MemoryError> {
+        let addr = self.base as u64 + (hp << self.host_shift);
+        let page = self.host_page_size();
+        match &self.uffd {
+            Some(u) => {
+                // SAFETY: one host page inside the registered mapping.
+                let r = unsafe {
+                    match data {
+                        Some(d) => u.copy(addr, d),
+                        None if self.huge => u.copy(addr, &self.zeros),
+                        None => u.zero(addr, page),
+                    }
+                };
+                match r {
+                    Ok(()) => {}
+                    Err(e @ PlaceError::AlreadyPlaced { .. }) => {
+                        self.twice(e.to_string());
+                        if self.overwrite_duplicates {
+                            // Test hook: what a destination without atomic placement does.
+                            // SAFETY: in bounds; the race with the guest is the point.
+                            unsafe {
+                                match data {
+                                    Some(d) => std::ptr::copy_nonoverlapping(d.as_ptr(), addr as *mut u8, page as usize),
+                                    None => std::ptr::write_bytes(addr as *mut u8, 0, page as usize),
+                                }
+                            }
+                        }
+                        return Ok(());
+                    }
+                    Err(e) => return Err(MemoryError::Place(e)),
+                }
+            }
+            None => {
+                if self.is_present(hp) {
+                    self.twice(format!("host page {hp} placed twice"));
+                    return Ok(());
+                }
+                if let Some(d) = data {
+                    // SAFETY: in bounds; the page is not present, so the guest does not read
+                    // it (it waits for the bit), and only this receiver writes it.
+                    unsafe { std::ptr::copy_nonoverlapping(d.as_ptr(), addr as *mut u8, page as usize) };
+                } // zero pages: the page was discarded or never written, so it reads zero
+            }
+        }
+        let now = now_ns();
+        // Relaxed: read after the run.
+        self.placed_ns[hp as usize].store(now, Ordering::Relaxed);
+        if self.mark_present(hp) {
+            // Relaxed: progress counters.
+            self.placed.fetch_add(1, Ordering::Relaxed);
+        }
+        self.last_placed_ns.store(now, Ordering::Relaxed);
+        // SeqCst: the software waiter's store-then-check against this set-then-check (Dekker).
+        let w = self.waiting_on.load(Ordering::SeqCst);
+        if w == hp {
+            if let Some(t) = self.waiter.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+                t.unpark();
+            }
+        }
+        Ok(())
+    }
+
+    /// Sets the present bit; true if it was clear.
+    fn mark_present(&self, hp: u64) -> bool {
+        // SeqCst (implies Release): publishes the contents to `is_present`, and orders
+        // against the software waiter's `waiting_on` store.
+        self.present.set(hp, Ordering::SeqCst)
+    }
+
+    /// Unregisters the memory so a guest blocked in a fault wakes up (abort).
+    pub fn release_blocked_guest(&self) {
+        if let Some(u) = &self.uffd {
+            let _ = u.unregister(self.base as u64, self.len);
+        }
+    }
+
+    /// Software path: waits until host page `hp` is present, asking for it first with
+    /// `request`. Returns false if `stop` was raised.
+    pub fn wait_present(&self, hp: u64, request: &dyn Fn(u64), stop: &AtomicBool) -> bool {
+        if self.claim_request(hp, now_ns()) {
+            request(hp);
+        }
+        *self.waiter.lock().unwrap_or_else(|e| e.into_inner()) = Some(std::thread::current());
+        // SeqCst: Dekker with `place_host_page`.
+        self.waiting_on.store(hp, Ordering::SeqCst);
+        let ok = loop {
+            if self.present.get(hp, Ordering::SeqCst) {
+                break true;
+            }
+            // Relaxed: a polled flag.
+            if stop.load(Ordering::Relaxed) {
+                break false;
+            }
+            std::thread::park_timeout(std::time::Duration::from_millis(2));
+        };
+        self.waiting_on.store(NOBODY, Ordering::SeqCst);
+        ok
+    }
+
+    /// Whether the software fault path is in use (no userfaultfd).
+    pub fn software(&self) -> bool {
+        self.uffd.is_none()
+    }
+
+    /// Forces the software path (userfaultfd refused the registration).
+    pub fn fault_path_kind(&self) -> FaultPath {
+        self.fault_path
+    }
+
+    /// Host address of global target page `page`.
+    pub fn page_addr(&self, page: u64) -> u64 {
+        assert!(page < self.layout.pages(), "page {page} outside guest RAM");
+        self.base as u64 + page * TARGET_PAGE
+    }
+
+    /// The whole mapping as bytes (after the run, for verification).
+    pub fn all_bytes(&self) -> &[u8] {
+        &self.map[..]
+    }
+}

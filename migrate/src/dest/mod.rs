@@ -1,0 +1,558 @@
+//! The migration destination: one run of one workload in one mode.
+//!
+//! Threads (all scoped to the run):
+//! * the **background receiver** reads the main channel: precopy pages (copied in), then the
+//!   switch-over (discard, register userfaultfd, hand the vCPU state over), then postcopy
+//!   pages; each frame is held until its arrival time on the emulated link;
+//! * the **urgent receiver** places the urgent channel's pages;
+//! * the **fault thread** ([`faults`]) turns userfaultfd events into page requests;
+//! * the **guest**: the KVM vCPUs, loaded with the source's state, or the thread guest;
+//! * this thread sends `START`, waits for the switch-over, starts the guest, watches progress
+//!   and stalls, and when every page is in, lets the guest finish (the KVM guest verifies its
+//!   share of RAM), sends `DONE`, and hands everything to [`crate::verify`].
+//!
+//! Any failure (dropped connection, protocol error, placement error, stall, guest crash) is
+//! recorded, raises the stop flag, shuts the sockets down, unregisters the userfaultfd range
+//! (a vCPU blocked in a fault wakes up) and kicks the vCPUs: the run ends with a typed
+//! [`RunError`], never a hang.
+
+pub mod faults;
+pub mod memory;
+mod receiver;
+
+use std::fmt;
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use pagehint::UrgentRequest;
+
+use crate::clock::{boot_id, now_ns, tight_timer_slack};
+use crate::guest::kvm::vcpu::VcpuEnd;
+use crate::guest::kvm::vm::Tracking;
+use crate::guest::kvm::{GuestCounters, Machine};
+use crate::guest::thread::{self, FaultLog, ThreadGuest, WorkloadReport};
+use crate::handshake::{self, ConnectError};
+use crate::options::{DestFault, FaultPath, GuestKind, MigrationMode, RunConfig, Workload};
+use crate::pin::Role;
+use crate::result::RunResult;
+use crate::verify;
+use crate::wire::{write_parts, Channel, Guard, Hello, Role as HelloRole, RpHeader, RpKind, Summary, SwitchOver, WireError};
+use memory::{DestMemory, MemoryError};
+
+/// Why a run failed.
+#[derive(Debug)]
+pub enum RunError {
+    /// Local setup failed (memory, KVM, userfaultfd).
+    Setup(String),
+    /// The source refused the parameters.
+    Refused(String),
+    /// A connection failed.
+    Wire(WireError),
+    /// A page frame could not be applied.
+    Memory(MemoryError),
+    /// No page arrived for the idle limit although some are missing.
+    Stalled {
+        /// Host pages placed in postcopy.
+        received: u64,
+        /// Host pages missing at the switch-over.
+        total: u64,
+        /// The limit.
+        idle: Duration,
+    },
+    /// The guest crashed, or a vCPU failed.
+    Guest(String),
+}
+
+impl fmt::Display for RunError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Setup(s) => write!(f, "setup failed: {s}"),
+            Self::Refused(s) => write!(f, "the source refused the migration: {s}"),
+            Self::Wire(e) => write!(f, "{e}"),
+            Self::Memory(e) => write!(f, "{e}"),
+            Self::Stalled {
+                received,
+                total,
+                idle,
+            } => write!(
+                f,
+                "migration stalled: {received} of {total} host pages after {idle:?} without progress"
+            ),
+            Self::Guest(s) => write!(f, "guest failed: {s}"),
+        }
+    }
+}
+
+impl std::error::Error for RunError {}
+
+impl From<WireError> for RunError {
+    fn from(e: WireError) -> Self {
+        Self::Wire(e)
+    }
+}
+
+impl From<MemoryError> for RunError {
+    fn from(e: MemoryError) -> Self {
+        Self::Memory(e)
+    }
+}
+
+/// One run's shared state.
+pub(crate) struct Dest<'a> {
+    cfg: &'a RunConfig,
+    mem: &'a DestMemory,
+    machine: Option<&'a Machine>,
+    main: TcpStream,
+    urgent: TcpStream,
+    rp_lock: Mutex<()>,
+    stop: AtomicBool,
+    /// `DONE` was sent: the source may now close the channels.
+    finished: AtomicBool,
+    /// Source clock minus destination clock.
+    offset_ns: i64,
+    bg_progress: AtomicU64,
+    failure: Mutex<Option<RunError>>,
+    requests_sent: AtomicU64,
+    summary: Mutex<Option<Summary>>,
+    switch: Mutex<Option<SwitchOver>>,
+    /// Frames received (precopy + postcopy), for the idle check before the switch.
+    frames: AtomicU64,
+}
+
+impl Dest<'_> {
+    fn guard(&self, keepalive: bool) -> Guard<'_> {
+        Guard {
+            stop: &self.stop,
+            idle: self.cfg.idle_timeout,
+            keepalive: keepalive.then_some(&self.bg_progress),
+        }
+    }
+
+    fn stopped(&self) -> bool {
+        // Relaxed: a polled flag.
+        self.stop.load(Ordering::Relaxed)
+    }
+
+    fn fail(&self, e: RunError) {
+        if matches!(e, RunError::Wire(WireError::Stopped)) {
+            return;
+        }
+        // Relaxed: `finished` only decides whether a closed channel is an error.
+        if self.finished.load(Ordering::Relaxed)
+            && matches!(e, RunError::Wire(WireError::Closed(Channel::Urgent)))
+        {
+            return;
+        }
+        {
+            let mut f = self.failure.lock().unwrap_or_else(|p| p.into_inner());
+            if f.is_none() {
+                *f = Some(e);
+            }
+        }
+        self.abort();
+    }
+
+    fn abort(&self) {
+        // Relaxed: a polled flag; the shutdowns, the unregister and the kicks unblock.
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.main.shutdown(Shutdown::Both);
+        let _ = self.urgent.shutdown(Shutdown::Both);
+        self.mem.release_blocked_guest();
+        if let Some(m) = self.machine {
+            m.kick_all();
+        }
+    }
+
+    fn send_rp(&self, kind: RpKind, body: &[u8]) -> Result<(), WireError> {
+        let h = RpHeader {
+            kind,
+            len: body.len() as u32,
+            sent_ns: now_ns(),
+        };
+        let _l = self.rp_lock.lock().unwrap_or_else(|p| p.into_inner());
+        write_parts(&self.main, &[&h.encode(), body], &self.guard(false), Channel::ReturnPath)
+    }
+
+    fn request(&self, hp: u64) -> Result<(), WireError> {
+        let (block, offset) = self.mem.host_page_location(hp);
+        let req = UrgentRequest::new(block, offset, self.mem.host_page_size());
+        // Relaxed: a counter read after the run.
+        self.requests_sent.fetch_add(1, Ordering::Relaxed);
+        self.send_rp(RpKind::Request, &req.encode())
+    }
+
+    fn to_local(&self, source_ns: u64) -> u64 {
+        (source_ns as i64).wrapping_sub(self.offset_ns) as u64
+    }
+
+    /// Sends `n` malformed or out-of-range requests of every kind (test hook).
+    fn inject_bad(&self, n: u64) -> Result<(), WireError> {
+        let block1 = self.cfg.layout().block_ranges()[1].1;
+        for i in 0..n {
+            let good = UrgentRequest::new(0, 0, 4096).encode();
+            let body: Vec<u8> = match i % 7 {
+                0 => {
+                    let mut b = good;
+                    b[0] ^= 0xff; // bad magic
+                    b.to_vec()
+                }
+                1 => good[..23].to_vec(), // short frame
+                2 => {
+                    let mut b = good;
+                    b[2] = 1; // unknown flags
+                    b.to_vec()
+                }
+                3 => UrgentRequest::new(7, 0, 4096).encode().to_vec(), // no such block
+                4 => UrgentRequest::new(1, block1, 4096).encode().to_vec(), // past the end
+                5 => UrgentRequest::new(0, 4096, 0).encode().to_vec(), // empty
+                _ => UrgentRequest::new(0, u64::MAX - 100, 4096).encode().to_vec(), // overflow
+            };
+            self.send_rp(RpKind::Request, &body)?;
+        }
+        Ok(())
+    }
+}
+
+/// What the guest side of a run produced.
+pub(crate) enum GuestOutcome {
+    /// KVM: each vCPU's counters at the destination, and their ops when postcopy completed.
+    Kvm {
+        counters: Vec<GuestCounters>,
+        ops_at_complete: u64,
+        tids: Vec<u32>,
+        tsc_khz: u32,
+    },
+    /// Thread guest: its report and fault log.
+    Thread {
+        report: WorkloadReport,
+        log: FaultLog,
+        tid: u32,
+    },
+}
+
+/// Timestamps of one run (destination clock).
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Times {
+    pub start: u64,
+    pub switch_applied: u64,
+    pub resume: u64,
+    pub complete: u64,
+}
+
+/// Migrates guest RAM from the source at `addr` in `mode` while the guest runs `workload`.
+/// `progress(placed, pending)` is called a few times per second in postcopy.
+pub fn run_destination(
+    addr: SocketAddr,
+    cfg: &RunConfig,
+    mode: MigrationMode,
+    workload: Workload,
+    progress: &dyn Fn(u64, u64),
+) -> Result<RunResult, RunError> {
+    let layout = cfg.layout().clone();
+    let kvm = cfg.guest.kind == GuestKind::Kvm;
+    let path = if kvm { FaultPath::Auto } else { cfg.fault_path };
+    let mem = DestMemory::new(&layout, path, cfg.dest_fault == DestFault::OverwriteDuplicate)
+        .map_err(|e| RunError::Setup(format!("mapping guest RAM: {e}")))?;
+    if kvm {
+        match mem.userfault() {
+            None => {
+                return Err(RunError::Setup(format!(
+                    "the KVM guest needs userfaultfd: {}",
+                    mem.fault_path()
+                )))
+            }
+            Some(u) if u.user_mode_only() => {
+                return Err(RunError::Setup(
+                    "the KVM guest needs userfaultfd for kernel faults (run as root, or allow /dev/userfaultfd)".into(),
+                ))
+            }
+            Some(_) => {}
+        }
+    }
+    let machine = if kvm {
+        // SAFETY: `mem` outlives the machine (declared before it, dropped after).
+        let (m, _) = unsafe { Machine::new(&layout, [mem.block_host(0), mem.block_host(1)], Tracking::Off) }
+            .map_err(|e| RunError::Setup(format!("destination VM: {e}")))?;
+        Some(m)
+    } else {
+        None
+    };
+    let hello = Hello {
+        role: HelloRole::Main,
+        mode,
+        workload,
+        guest: cfg.guest.clone(),
+        precopy: cfg.precopy,
+        link: cfg.link,
+        claim_batch: cfg.claim_batch,
+        scan_start: 0,
+        drop_after: cfg.drop_after,
+        source_fault: cfg.source_fault,
+        boot_id: boot_id(),
+    };
+    let conn = handshake::connect(addr, &hello, cfg.idle_timeout).map_err(|e| match e {
+        ConnectError::Wire(w) => RunError::Wire(w),
+        ConnectError::Refused(r) => RunError::Refused(r),
+    })?;
+    let (same_clock, measured_offset, offset_ns) = (conn.same_clock, conn.measured_offset_ns, conn.offset_ns());
+    let d = Dest {
+        cfg,
+        mem: &mem,
+        machine: machine.as_ref(),
+        main: conn.main,
+        urgent: conn.urgent,
+        rp_lock: Mutex::new(()),
+        stop: AtomicBool::new(false),
+        finished: AtomicBool::new(false),
+        offset_ns,
+        bg_progress: AtomicU64::new(now_ns()),
+        failure: Mutex::new(None),
+        requests_sent: AtomicU64::new(0),
+        summary: Mutex::new(None),
+        switch: Mutex::new(None),
+        frames: AtomicU64::new(0),
+    };
+    let mut times = Times::default();
+    let (events, outcome) = std::thread::scope(|s| {
+        let bg = s.spawn(|| {
+            cfg.pin.apply(Role::BackgroundReceiver);
+            tight_timer_slack();
+            if let Err(e) = d.receiver(&d.main, Channel::Background) {
+                d.fail(e);
+            }
+        });
+        s.spawn(|| {
+            cfg.pin.apply(Role::UrgentReceiver);
+            tight_timer_slack();
+            if let Err(e) = d.receiver(&d.urgent, Channel::Urgent) {
+                d.fail(e);
+            }
+        });
+        let fault_thread = s.spawn(|| {
+            cfg.pin.apply(Role::FaultThread);
+            tight_timer_slack();
+            let req = |hp: u64| d.request(hp).map_err(|e| e.to_string());
+            faults::fault_loop(d.mem, &d.stop, &req).unwrap_or_else(|e| {
+                d.fail(RunError::Setup(e));
+                Vec::new()
+            })
+        });
+        times.start = now_ns();
+        if let Err(e) = d.send_rp(RpKind::Start, &[]) {
+            d.fail(e.into());
+        }
+        let outcome = d.drive(s, workload, &mut times, progress);
+        let _ = bg.join();
+        // Relaxed: a polled flag; ends the urgent receiver and the fault thread.
+        d.stop.store(true, Ordering::Relaxed);
+        if let Some(m) = d.machine {
+            m.kick_all();
+        }
+        (fault_thread.join().unwrap_or_default(), outcome)
+    });
+    if let Some(e) = d.failure.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        return Err(e);
+    }
+    let outcome = outcome?;
+    let summary = d
+        .summary
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take()
+        .ok_or(RunError::Wire(WireError::Closed(Channel::Background)))?;
+    let switch = d
+        .switch
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take()
+        .ok_or_else(|| RunError::Wire(WireError::Closed(Channel::Background)))?;
+    let problems = verify::verify(&verify::Evidence {
+        cfg,
+        mem: &mem,
+        summary: &summary,
+        switch: &switch,
+        outcome: &outcome,
+        workload,
+    });
+    let mut r = RunResult::assemble(crate::result::Inputs {
+        cfg,
+        mode,
+        workload,
+        mem: &mem,
+        summary: &summary,
+        switch: &switch,
+        outcome: &outcome,
+        events: &events,
+        times,
+        offset_ns,
+        requests_sent: d.requests_sent.load(Ordering::Relaxed),
+        problems,
+    });
+    r.clock_offset_us = measured_offset as f64 / 1e3;
+    r.same_clock = same_clock;
+    drop(machine);
+    Ok(r)
+}
+
+impl Dest<'_> {
+    /// Waits for the switch-over, runs the guest through postcopy, and sends `DONE`.
+    fn drive<'s>(
+        &'s self,
+        s: &'s std::thread::Scope<'s, '_>,
+        workload: Workload,
+        times: &mut Times,
+        progress: &dyn Fn(u64, u64),
+    ) -> Result<GuestOutcome, RunError> {
+        let cfg = self.cfg;
+        // Precopy: wait for the switch-over, as long as frames keep coming.
+        let mut last = (0, now_ns());
+        let switch = loop {
+            if self.stopped() {
+                return Err(RunError::Wire(WireError::Stopped));
+            }
+            if let Some(sw) = self.switch.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+                break sw.clone();
+            }
+            // Relaxed: a progress figure.
+            let n = self.frames.load(Ordering::Relaxed);
+            if n != last.0 {
+                last = (n, now_ns());
+            } else if now_ns() - last.1 > cfg.idle_timeout.as_nanos() as u64 {
+                let e = RunError::Wire(WireError::Timeout(Channel::Background, cfg.idle_timeout));
+                return Err(e);
+            }
+            std::thread::sleep(Duration::from_micros(100));
+        };
+        times.switch_applied = now_ns();
+        // Start the guest where the source stopped it.
+        let vcpus = match self.machine {
+            Some(m) => {
+                m.load(&switch.vcpus)
+                    .map_err(|e| RunError::Setup(format!("loading the vCPU state: {e}")))?;
+                m.set_stream_rate(cfg.guest.stream_rate, crate::source::STREAM_FRAME_PAGES);
+                times.resume = now_ns();
+                Some(m.run(s, cfg.pin, None))
+            }
+            None => None,
+        };
+        let thread_guest = vcpus.is_none().then(|| {
+            times.resume = now_ns();
+            s.spawn(move || {
+                let complete = || self.mem.complete();
+                let request = |hp: u64| {
+                    if let Err(e) = self.request(hp) {
+                        self.fail(e.into());
+                    }
+                };
+                let (complete, request): (&(dyn Fn() -> bool + Sync), &(dyn Fn(u64) + Sync)) =
+                    (&complete, &request);
+                cfg.pin.apply(Role::Guest);
+                tight_timer_slack();
+                // SAFETY: gettid has no preconditions.
+                let tid = unsafe { libc::gettid() } as u32;
+                let mut g = ThreadGuest {
+                    mem: self.mem,
+                    request,
+                    stop: &self.stop,
+                    complete,
+                    log: FaultLog::default(),
+                };
+                let r = thread::run(workload, &mut g, cfg.layout(), cfg.guest.seed, cfg.guest.stream_rate);
+                (r, g.log, tid)
+            })
+        });
+        if let Err(e) = self.inject_bad(cfg.inject_bad) {
+            self.fail(e.into());
+        }
+        // Postcopy: watch progress until every page is in, then let the guest finish.
+        let pending = self.mem.pending();
+        let mut last = (0, now_ns());
+        let mut ops_at_complete = None;
+        loop {
+            std::thread::sleep(Duration::from_millis(5));
+            let placed = self.mem.placed();
+            progress(placed, pending);
+            if self.stopped() {
+                break;
+            }
+            if placed != last.0 {
+                last = (placed, now_ns());
+            } else if placed < pending && now_ns() - last.1 > cfg.idle_timeout.as_nanos() as u64 {
+                self.fail(RunError::Stalled {
+                    received: placed,
+                    total: pending,
+                    idle: cfg.idle_timeout,
+                });
+                break;
+            }
+            if let Some(vs) = &vcpus {
+                if let Some(i) = vs.iter().position(|h| h.is_finished()) {
+                    if ops_at_complete.is_none() {
+                        // A vCPU ended before it was asked to: it failed.
+                        let _ = i;
+                        break;
+                    }
+                }
+            }
+            if self.mem.complete() {
+                if times.complete == 0 {
+                    times.complete = self.mem.last_placed_ns().max(times.resume);
+                    if let Some(m) = self.machine {
+                        ops_at_complete = Some(m.counters().iter().map(|c| c.ops).sum::<u64>());
+                        m.finish_all();
+                    }
+                }
+                let guest_done = match (&vcpus, &thread_guest) {
+                    (Some(vs), _) => vs.iter().all(|h| h.is_finished()),
+                    (None, Some(t)) => t.is_finished(),
+                    (None, None) => true,
+                };
+                if guest_done {
+                    // Relaxed: see `fail`.
+                    self.finished.store(true, Ordering::Relaxed);
+                    if let Err(e) = self.send_rp(RpKind::Done, &[]) {
+                        self.fail(e.into());
+                    }
+                    break;
+                }
+            }
+        }
+        // Collect the guest.
+        if let (Some(vs), Some(m)) = (vcpus, self.machine) {
+            if ops_at_complete.is_none() || self.stopped() {
+                m.kick_all();
+            }
+            let mut failed = None;
+            for (i, h) in vs.into_iter().enumerate() {
+                match h.join() {
+                    Ok(VcpuEnd::Done) => {}
+                    Ok(VcpuEnd::Stopped(_)) if self.stopped() => {}
+                    Ok(VcpuEnd::Stopped(_)) => failed = Some(format!("vCPU {i} stopped before it finished")),
+                    Ok(VcpuEnd::Failed(e)) => failed = Some(e),
+                    Err(_) => failed = Some(format!("vCPU {i} thread panicked")),
+                }
+            }
+            if let Some(f) = failed {
+                if !self.stopped() {
+                    self.fail(RunError::Guest(f.clone()));
+                }
+                return Err(RunError::Guest(f));
+            }
+            return Ok(GuestOutcome::Kvm {
+                counters: m.counters(),
+                ops_at_complete: ops_at_complete.unwrap_or(0),
+                tids: m.controls().iter().map(|c| c.tid()).collect(),
+                tsc_khz: m.tsc_khz(),
+            });
+        }
+        let (report, log, tid) = thread_guest
+            .map(|t| {
+                t.join()
+                    .unwrap_or_else(|_| (WorkloadReport::default(), FaultLog::default(), 0))
+            })
+            .unwrap_or_default();
+        Ok(GuestOutcome::Thread { report, log, tid })
+    }
+}

@@ -1,0 +1,109 @@
+//! The destination's receivers: one per channel, each holding frames until their arrival
+//! time on the emulated link and then applying them in order.
+//!
+//! On the main channel, page frames before the `SWITCH` frame are precopy pages (copied in);
+//! the `SWITCH` frame is applied in place — discard, register userfaultfd — before any later
+//! frame, and handed to the main thread, which starts the guest; page frames after it (and
+//! all urgent-channel frames) are postcopy placements. `SUMMARY` ends the main channel.
+
+use std::collections::VecDeque;
+use std::net::TcpStream;
+use std::sync::atomic::Ordering;
+
+use super::{Dest, RunError};
+use crate::clock::now_ns;
+use crate::wire::{
+    read_full, wait_readable, Channel, FrameHeader, FrameKind, Summary, SwitchOver, WireError,
+    POLL_SLICE,
+};
+
+/// Frames due this soon are applied at once rather than slept for.
+const EARLY_NS: u64 = 5_000;
+
+impl Dest<'_> {
+    pub(super) fn receiver(&self, stream: &TcpStream, chan: Channel) -> Result<(), RunError> {
+        let g = self.guard(true);
+        let mut queue: VecDeque<(FrameHeader, Vec<u8>, u64)> = VecDeque::new();
+        let mut pool: Vec<Vec<u8>> = Vec::new();
+        let mut last = now_ns();
+        loop {
+            let now = now_ns();
+            while queue.front().is_some_and(|f| f.2 <= now + EARLY_NS) {
+                let (h, buf, _) = queue.pop_front().expect("front exists");
+                if self.apply(&h, &buf, chan)? {
+                    return Ok(());
+                }
+                pool.push(buf);
+            }
+            if self.stopped() {
+                return Err(WireError::Stopped.into());
+            }
+            let timeout = queue
+                .front()
+                .map_or(POLL_SLICE.as_nanos() as u64, |f| f.2.saturating_sub(now));
+            let ready = wait_readable(stream, timeout).map_err(|e| WireError::Io(chan, e))?;
+            if !ready {
+                if queue.is_empty() {
+                    g.check(last, chan)?;
+                }
+                continue;
+            }
+            let mut hb = [0u8; FrameHeader::LEN];
+            read_full(stream, &mut hb, &g, chan)?;
+            let h = FrameHeader::decode(&hb, chan)?;
+            let mut buf = pool.pop().unwrap_or_default();
+            buf.resize(h.payload_len() as usize, 0);
+            read_full(stream, &mut buf, &g, chan)?;
+            last = now_ns();
+            // Relaxed: coarse progress figures.
+            self.frames.fetch_add(1, Ordering::Relaxed);
+            if chan == Channel::Background {
+                self.bg_progress.store(last, Ordering::Relaxed);
+            }
+            match h.kind {
+                FrameKind::Pages | FrameKind::Zero | FrameKind::Switch | FrameKind::Summary => {
+                    let due = if h.kind == FrameKind::Summary {
+                        0
+                    } else {
+                        self.to_local(h.arrival_ns)
+                    };
+                    queue.push_back((h, buf, due));
+                }
+                FrameKind::Abort => {
+                    let msg = String::from_utf8_lossy(&buf).into_owned();
+                    return Err(WireError::PeerAbort(chan, msg).into());
+                }
+                FrameKind::Pong => {}
+            }
+        }
+    }
+
+    /// Applies one due frame; true when the channel is done (the summary arrived).
+    fn apply(&self, h: &FrameHeader, buf: &[u8], chan: Channel) -> Result<bool, RunError> {
+        let data = (h.kind == FrameKind::Pages).then_some(buf);
+        match h.kind {
+            FrameKind::Pages | FrameKind::Zero => {
+                let switched = self.switch.lock().unwrap_or_else(|p| p.into_inner()).is_some();
+                if chan == Channel::Background && !switched {
+                    self.mem.precopy_place(h.block, h.offset, h.len, data)?;
+                } else {
+                    self.mem.place(h.block, h.offset, h.len, data)?;
+                }
+            }
+            FrameKind::Switch if chan == Channel::Background => {
+                let sw = SwitchOver::decode(buf)?;
+                self.mem.switch(&sw)?;
+                *self.switch.lock().unwrap_or_else(|p| p.into_inner()) = Some(sw);
+            }
+            FrameKind::Summary if chan == Channel::Background => {
+                let s = Summary::decode(buf)?;
+                *self.summary.lock().unwrap_or_else(|p| p.into_inner()) = Some(s);
+                return Ok(true);
+            }
+            k => {
+                return Err(WireError::Malformed(chan, format!("a {k:?} frame on the {chan}")).into());
+            }
+        }
+        Ok(false)
+    }
+}

@@ -1,0 +1,252 @@
+//! The KVM guest: a virtual machine whose vCPUs run generated x86-64 workload programs over
+//! the harness's guest RAM.
+//!
+//! * [`program`]: the guest program (assembled here) and its status-page ABI;
+//! * [`boot`]: page tables, GDT and first registers;
+//! * [`vm`]: memory slots, status pages, vCPUs, the vCPU state that migrates;
+//! * [`vcpu`]: the `KVM_RUN` loop and the kick that stops a vCPU anywhere;
+//! * [`dirty`]: KVM's dirty log and dirty rings into pagehint's bitmap.
+//!
+//! [`Machine`] puts them together for one side of a migration: the source boots the
+//! program, runs it through precopy and stops it; the destination loads the stopped vCPUs'
+//! state and runs them on, over memory that faults through userfaultfd.
+
+pub mod boot;
+pub mod dirty;
+pub mod program;
+pub mod vcpu;
+pub mod vm;
+
+use std::sync::Mutex;
+use std::thread::{Scope, ScopedJoinHandle};
+
+use kvm_ioctls::VcpuFd;
+
+use crate::guest::image::PageFault;
+use crate::guest::layout::GuestLayout;
+use crate::pin::{PinPlan, Role};
+use dirty::DirtyRing;
+use program::mailbox as mb;
+use vcpu::{VcpuControl, VcpuEnd, VcpuEnv};
+use vm::{KvmError, Tracking, VcpuState, Vm};
+
+/// Bytes of dirty ring per vCPU (4096 entries).
+pub const RING_BYTES: u32 = 64 << 10;
+
+/// What the guest program reported in one vCPU's status page.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GuestCounters {
+    /// Pages checked, or lookups.
+    pub ops: u64,
+    /// Pages written.
+    pub writes: u64,
+    /// Failed checks.
+    pub errors: u64,
+    /// The first failure: kind, global page, the two words found, the generation expected.
+    pub first_error: Option<(PageFault, u64, u64, u64, u64)>,
+    /// Stream frames played.
+    pub frames: u64,
+    /// Frames finished more than one interval late.
+    pub late_frames: u64,
+    /// The stream's longest pause, TSC ticks.
+    pub longest_pause_tsc: u64,
+    /// Pages verified by the final check.
+    pub verified: u64,
+    /// 1 running, 2 verifying, 3 done.
+    pub state: u64,
+}
+
+impl GuestCounters {
+    /// The first failure in words.
+    pub fn first_error_text(&self) -> Option<String> {
+        self.first_error.map(|(k, page, w1, w2, gen)| {
+            format!(
+                "{} at page {page} (found {w1:#x}, {w2:#x}; generation {gen} expected)",
+                k.describe()
+            )
+        })
+    }
+}
+
+/// One side's VM, its vCPUs and their controls.
+#[derive(Debug)]
+pub struct Machine {
+    vm: Vm,
+    /// Each locked by its thread while it runs.
+    vcpus: Vec<Mutex<VcpuFd>>,
+    controls: Vec<VcpuControl>,
+    tsc_khz: u32,
+}
+
+impl Machine {
+    /// A VM over RAM blocks at host addresses `ram`, with its vCPUs created, and their dirty
+    /// rings if `tracking` uses rings.
+    ///
+    /// # Safety
+    /// As [`Vm::new`]: the RAM mappings outlive the machine.
+    pub unsafe fn new(
+        layout: &GuestLayout,
+        ram: [u64; 2],
+        tracking: Tracking,
+    ) -> Result<(Self, Vec<DirtyRing>), KvmError> {
+        // SAFETY: forwarded to the caller.
+        let vm = unsafe { Vm::new(layout, ram, tracking) }?;
+        let mut vcpus = Vec::new();
+        let mut rings = Vec::new();
+        for i in 0..layout.vcpus() {
+            let v = vm.create_vcpu(i)?;
+            if let Tracking::Ring(bytes) = tracking {
+                rings.push(DirtyRing::map(&v, bytes).map_err(|e| KvmError {
+                    what: format!("mapping vCPU {i}'s dirty ring"),
+                    errno: e.raw_os_error().unwrap_or(libc::EINVAL),
+                })?);
+            }
+            vcpus.push(v);
+        }
+        let tsc_khz = vm.tsc_khz(&vcpus[0])?;
+        let vcpus = vcpus.into_iter().map(Mutex::new).collect();
+        let controls = (0..layout.vcpus()).map(|_| VcpuControl::default()).collect();
+        Ok((
+            Self {
+                vm,
+                vcpus,
+                controls,
+                tsc_khz,
+            },
+            rings,
+        ))
+    }
+
+    /// The VM.
+    pub fn vm(&self) -> &Vm {
+        &self.vm
+    }
+
+    /// The vCPUs' controls.
+    pub fn controls(&self) -> &[VcpuControl] {
+        &self.controls
+    }
+
+    /// The guest's TSC frequency, kHz.
+    pub fn tsc_khz(&self) -> u32 {
+        self.tsc_khz
+    }
+
+    /// Sets every vCPU to its boot state.
+    pub fn boot(&self, seed: u64) -> Result<(), KvmError> {
+        for (i, v) in self.vcpus.iter().enumerate() {
+            let v = v.lock().unwrap_or_else(|p| p.into_inner());
+            VcpuState::boot(&v, i as u32, seed)?.load(&v, false)?;
+        }
+        Ok(())
+    }
+
+    /// Loads the states saved at the source (one per vCPU, in order).
+    pub fn load(&self, states: &[VcpuState]) -> Result<(), KvmError> {
+        if states.len() != self.vcpus.len() {
+            return Err(KvmError {
+                what: format!("{} vCPU states for {} vCPUs", states.len(), self.vcpus.len()),
+                errno: libc::EINVAL,
+            });
+        }
+        for (s, v) in states.iter().zip(&self.vcpus) {
+            s.load(&v.lock().unwrap_or_else(|p| p.into_inner()), true)?;
+        }
+        Ok(())
+    }
+
+    /// Tells the program how fast to stream (`rate` bytes/s in frames of `frame_pages`).
+    pub fn set_stream_rate(&self, rate: u64, frame_pages: u64) {
+        let ticks = u128::from(frame_pages * 4096) * u128::from(self.tsc_khz) * 1000
+            / u128::from(rate.max(1));
+        for i in 0..self.controls.len() as u32 {
+            self.vm.mailboxes().write(i, mb::FRAME_TSC, ticks as u64);
+        }
+    }
+
+    /// Runs every vCPU on its own thread of `scope` until it is kicked, done or failed.
+    /// `ring_full(i)` harvests vCPU `i`'s dirty ring when KVM says it is full.
+    pub fn run<'s>(
+        &'s self,
+        scope: &'s Scope<'s, '_>,
+        pin: PinPlan,
+        ring_full: Option<&'s (dyn Fn(u32) -> Result<(), String> + Sync)>,
+    ) -> Vec<ScopedJoinHandle<'s, VcpuEnd>> {
+        let mailboxes = self.vm.mailboxes();
+        let tsc_khz = self.tsc_khz;
+        self.vcpus
+            .iter()
+            .zip(&self.controls)
+            .enumerate()
+            .map(|(i, (vcpu, ctl))| {
+                std::thread::Builder::new()
+                    .name(format!("vcpu{i}"))
+                    .spawn_scoped(scope, move || {
+                        pin.apply(if i == 0 { Role::Guest } else { Role::ExtraVcpu });
+                        crate::clock::tight_timer_slack();
+                        let env = VcpuEnv {
+                            index: i as u32,
+                            mailboxes,
+                            tsc_khz,
+                            ring_full,
+                        };
+                        let mut vcpu = vcpu.lock().unwrap_or_else(|p| p.into_inner());
+                        vcpu::run(&mut vcpu, ctl, &env)
+                    })
+                    .expect("spawning a vCPU thread")
+            })
+            .collect()
+    }
+
+    /// Kicks every vCPU (each saves its state and returns [`VcpuEnd::Stopped`]).
+    pub fn kick_all(&self) {
+        for c in &self.controls {
+            c.kick();
+        }
+    }
+
+    /// Asks every program to stop, verify its share and report done.
+    pub fn finish_all(&self) {
+        for (i, c) in self.controls.iter().enumerate() {
+            self.vm.mailboxes().write(i as u32, mb::STOP, 1);
+            c.wake();
+        }
+    }
+
+    /// Whether every program reported that it started.
+    pub fn all_started(&self) -> bool {
+        self.controls.iter().all(|c| c.started())
+    }
+
+    /// What each vCPU's program reported.
+    pub fn counters(&self) -> Vec<GuestCounters> {
+        let m = self.vm.mailboxes();
+        (0..self.controls.len() as u32)
+            .map(|i| {
+                let r = |o| m.read(i, o);
+                GuestCounters {
+                    ops: r(mb::OPS),
+                    writes: r(mb::WRITES),
+                    errors: r(mb::ERRORS),
+                    first_error: (r(mb::ERRORS) > 0).then(|| {
+                        (
+                            PageFault::from_code(r(mb::ERR_KIND)).unwrap_or(PageFault::Corrupt),
+                            r(mb::ERR_PAGE),
+                            r(mb::ERR_W1),
+                            r(mb::ERR_W2),
+                            r(mb::ERR_GEN),
+                        )
+                    }),
+                    frames: r(mb::FRAMES),
+                    late_frames: r(mb::LATE_FRAMES),
+                    longest_pause_tsc: r(mb::LONGEST_PAUSE),
+                    verified: r(mb::VERIFIED),
+                    state: r(mb::STATE),
+                }
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,261 @@
+//! Both sides of connection setup, in one place.
+//!
+//! 1. The destination connects the **main** connection and sends a [`Hello`] with
+//!    [`Role::Main`]: every parameter of the run. The source checks it and prepares the
+//!    session (guest memory, the VM) *before* answering, so a refusal carries the reason
+//!    ([`HelloReply::error`]); otherwise the reply carries a session token.
+//! 2. The destination connects the **urgent** connection with [`Role::Urgent`] and the
+//!    token; the source accepts only that token.
+//! 3. Clock probes: the destination sends `PING`s on the return path and the source answers
+//!    `PONG` with its clock, until the destination sends `START`. The offset is used only
+//!    across machines (one machine's processes share `CLOCK_MONOTONIC`, known from the boot
+//!    id).
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use crate::clock::{boot_id, now_ns};
+use crate::wire::{
+    configure, read_full, write_parts, Channel, FrameHeader, FrameKind, Guard, Hello, HelloReply,
+    Role, RpHeader, RpKind, WireError,
+};
+
+/// Why the destination could not set up the session.
+#[derive(Debug)]
+pub enum ConnectError {
+    /// A connection failed.
+    Wire(WireError),
+    /// The source refused the parameters, saying why.
+    Refused(String),
+}
+
+impl From<WireError> for ConnectError {
+    fn from(e: WireError) -> Self {
+        Self::Wire(e)
+    }
+}
+
+/// The destination's side of a set-up session.
+#[derive(Debug)]
+pub struct Connected {
+    /// Main connection.
+    pub main: TcpStream,
+    /// Urgent connection.
+    pub urgent: TcpStream,
+    /// Both sides share `CLOCK_MONOTONIC`.
+    pub same_clock: bool,
+    /// Source clock minus destination clock, as the pings measured it.
+    pub measured_offset_ns: i64,
+}
+
+impl Connected {
+    /// The offset to apply to source timestamps (0 on one machine).
+    pub fn offset_ns(&self) -> i64 {
+        if self.same_clock {
+            0
+        } else {
+            self.measured_offset_ns
+        }
+    }
+}
+
+fn dial(addr: SocketAddr, idle: Duration) -> Result<TcpStream, WireError> {
+    let s = TcpStream::connect_timeout(&addr, idle).map_err(|e| WireError::Io(Channel::Handshake, e))?;
+    configure(&s).map_err(|e| WireError::Io(Channel::Handshake, e))?;
+    Ok(s)
+}
+
+/// Destination: connects both channels with `hello` and measures the clock offset.
+pub fn connect(addr: SocketAddr, hello: &Hello, idle: Duration) -> Result<Connected, ConnectError> {
+    let stop = AtomicBool::new(false);
+    let g = Guard {
+        stop: &stop,
+        idle,
+        keepalive: None,
+    };
+    let main = dial(addr, idle)?;
+    let mut h = hello.clone();
+    h.role = Role::Main;
+    write_parts(&main, &[&h.encode()], &g, Channel::Handshake)?;
+    let reply = HelloReply::read(&main, &g)?;
+    if !reply.error.is_empty() {
+        return Err(ConnectError::Refused(reply.error));
+    }
+    let urgent = dial(addr, idle)?;
+    h.role = Role::Urgent { token: reply.token };
+    write_parts(&urgent, &[&h.encode()], &g, Channel::Handshake)?;
+    let ureply = HelloReply::read(&urgent, &g)?;
+    if !ureply.error.is_empty() {
+        return Err(ConnectError::Refused(ureply.error));
+    }
+    // Always probed (so the path is exercised); used only across machines.
+    let measured_offset_ns = clock_offset(&main, &g)?;
+    Ok(Connected {
+        main,
+        urgent,
+        same_clock: reply.boot_id == boot_id(),
+        measured_offset_ns,
+    })
+}
+
+/// Measures source clock minus destination clock with a few pings.
+fn clock_offset(main: &TcpStream, g: &Guard<'_>) -> Result<i64, WireError> {
+    let mut best = (u64::MAX, 0i64);
+    for _ in 0..8 {
+        let t0 = now_ns();
+        let h = RpHeader {
+            kind: RpKind::Ping,
+            len: 0,
+            sent_ns: t0,
+        };
+        write_parts(main, &[&h.encode()], g, Channel::ReturnPath)?;
+        let mut hb = [0u8; FrameHeader::LEN];
+        read_full(main, &mut hb, g, Channel::Background)?;
+        let t1 = now_ns();
+        let pong = FrameHeader::decode(&hb, Channel::Background)?;
+        if pong.kind != FrameKind::Pong {
+            return Err(WireError::Malformed(Channel::Background, "expected a pong".into()));
+        }
+        if t1 - t0 < best.0 {
+            best = (t1 - t0, pong.arrival_ns as i64 - ((t0 + t1) / 2) as i64);
+        }
+    }
+    Ok(best.1)
+}
+
+/// The source's side of a set-up session.
+#[derive(Debug)]
+pub struct Accepted {
+    /// What the destination asked for.
+    pub hello: Hello,
+    /// Main connection.
+    pub main: TcpStream,
+    /// Urgent connection.
+    pub urgent: TcpStream,
+    /// Both sides share `CLOCK_MONOTONIC`.
+    pub same_clock: bool,
+}
+
+fn accept_one(
+    listener: &TcpListener,
+    stop: &AtomicBool,
+    limit: Option<Duration>,
+) -> Result<TcpStream, WireError> {
+    let start = now_ns();
+    loop {
+        match listener.accept() {
+            Ok((s, _)) => {
+                s.set_nonblocking(false)
+                    .and_then(|_| configure(&s))
+                    .map_err(|e| WireError::Io(Channel::Handshake, e))?;
+                return Ok(s);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                // Relaxed: a polled flag.
+                if stop.load(Ordering::Relaxed) {
+                    return Err(WireError::Stopped);
+                }
+                if let Some(l) = limit {
+                    if now_ns() - start > l.as_nanos() as u64 {
+                        return Err(WireError::Timeout(Channel::Handshake, l));
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => return Err(WireError::Io(Channel::Handshake, e)),
+        }
+    }
+}
+
+/// Source: accepts a session on `listener` (non-blocking), preparing it with `prepare`
+/// before answering (its error is the refusal's reason).
+pub fn accept<T>(
+    listener: &TcpListener,
+    stop: &AtomicBool,
+    idle: Duration,
+    prepare: impl FnOnce(&Hello) -> Result<T, String>,
+) -> Result<(Accepted, T), WireError> {
+    let main = accept_one(listener, stop, None)?;
+    let g = Guard {
+        stop,
+        idle,
+        keepalive: None,
+    };
+    let mut hb = [0u8; Hello::LEN];
+    read_full(&main, &mut hb, &g, Channel::Handshake)?;
+    let token = now_ns() ^ 0x005e_ed0f_5e55_1011;
+    let checked = Hello::decode(&hb)
+        .map_err(|e| e.to_string())
+        .and_then(|h| match h.role {
+            Role::Main => Ok(h),
+            Role::Urgent { .. } => Err("expected a main-connection hello".to_string()),
+        })
+        .and_then(|h| prepare(&h).map(|t| (h, t)));
+    HelloReply {
+        error: checked.as_ref().err().cloned().unwrap_or_default(),
+        token,
+        boot_id: boot_id(),
+    }
+    .write(&main, &g)?;
+    let (hello, prepared) = checked.map_err(|e| WireError::Malformed(Channel::Handshake, e))?;
+    let urgent = accept_one(listener, stop, Some(idle))?;
+    read_full(&urgent, &mut hb, &g, Channel::Handshake)?;
+    let ok = matches!(Hello::decode(&hb).map(|h| h.role), Ok(Role::Urgent { token: t }) if t == token);
+    HelloReply {
+        error: if ok {
+            String::new()
+        } else {
+            "bad urgent-connection token".into()
+        },
+        token,
+        boot_id: boot_id(),
+    }
+    .write(&urgent, &g)?;
+    if !ok {
+        return Err(WireError::Malformed(
+            Channel::Handshake,
+            "urgent connection with a wrong token".into(),
+        ));
+    }
+    let same_clock = hello.boot_id == boot_id();
+    Ok((
+        Accepted {
+            hello,
+            main,
+            urgent,
+            same_clock,
+        },
+        prepared,
+    ))
+}
+
+/// Source: answers clock probes until the destination sends `START`.
+pub fn answer_pings_until_start(main: &TcpStream, g: &Guard<'_>) -> Result<(), WireError> {
+    loop {
+        let mut hb = [0u8; RpHeader::LEN];
+        read_full(main, &mut hb, g, Channel::ReturnPath)?;
+        let h = RpHeader::decode(&hb)?;
+        let mut body = vec![0u8; h.len as usize];
+        read_full(main, &mut body, g, Channel::ReturnPath)?;
+        match h.kind {
+            RpKind::Ping => {
+                let pong = FrameHeader {
+                    kind: FrameKind::Pong,
+                    block: 0,
+                    offset: 0,
+                    len: 0,
+                    arrival_ns: now_ns(),
+                };
+                write_parts(main, &[&pong.encode()], g, Channel::Background)?;
+            }
+            RpKind::Start => return Ok(()),
+            RpKind::Done | RpKind::Request => {
+                return Err(WireError::Malformed(
+                    Channel::ReturnPath,
+                    format!("{:?} before START", h.kind),
+                ))
+            }
+        }
+    }
+}

@@ -1,0 +1,290 @@
+//! What one migration run is, as typed values parsed once: the mode, the guest (kind,
+//! workload, vCPUs, layout), precopy and dirty tracking, the link and the test hooks.
+//!
+//! Every enum here has one name on the command line, one code on the wire (`code` /
+//! `from_code`, checked), and nothing else converts them.
+
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+use pagehint::{ClaimBatch, SchedulerConfig};
+
+use crate::guest::layout::{GuestLayout, GuestLayoutError, HostPageSize};
+use crate::link::LinkParams;
+use crate::pin::PinPlan;
+
+/// Defines a command-line and wire enum: its variants, names and codes.
+macro_rules! named_enum {
+    ($(#[$m:meta])* $name:ident, $what:literal { $($(#[$vm:meta])* $v:ident = $code:literal, $s:literal;)+ }) => {
+        $(#[$m])*
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+        pub enum $name {
+            $($(#[$vm])* $v,)+
+        }
+
+        impl $name {
+            /// Every value, in table order.
+            pub const ALL: &'static [Self] = &[$(Self::$v),+];
+
+            /// The command-line name.
+            pub fn name(self) -> &'static str {
+                match self { $(Self::$v => $s,)+ }
+            }
+
+            /// The wire code.
+            pub fn code(self) -> u64 {
+                match self { $(Self::$v => $code,)+ }
+            }
+
+            /// From a wire code.
+            pub fn from_code(c: u64) -> Option<Self> {
+                match c { $($code => Some(Self::$v),)+ _ => None }
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.name())
+            }
+        }
+
+        impl FromStr for $name {
+            type Err = String;
+            fn from_str(s: &str) -> Result<Self, String> {
+                Self::ALL.iter().copied().find(|v| v.name() == s).ok_or_else(|| {
+                    let names: Vec<_> = Self::ALL.iter().map(|v| v.name()).collect();
+                    format!("unknown {} {s:?} ({})", $what, names.join(", "))
+                })
+            }
+        }
+    };
+}
+
+named_enum!(
+    /// How the source serves page requests.
+    MigrationMode, "mode" {
+        /// One channel; requests are queued and move the background scan (QEMU's postcopy).
+        Vanilla = 0, "vanilla";
+        /// A separate urgent channel, no hint (QEMU's postcopy-preempt before the seed).
+        Preempt = 1, "preempt";
+        /// Urgent channel plus the spatial-locality hint (the seed, QEMU 10.1).
+        PreemptHint = 2, "preempt-hint";
+    }
+);
+
+impl MigrationMode {
+    /// The scheduler configuration with `batch`.
+    pub fn scheduler(self, batch: ClaimBatch) -> SchedulerConfig {
+        match self {
+            Self::Vanilla => SchedulerConfig::vanilla(),
+            Self::Preempt => SchedulerConfig::preempt(),
+            Self::PreemptHint => SchedulerConfig::preempt_hint(),
+        }
+        .with_batch(batch)
+    }
+
+    /// Whether urgent pages travel on their own channel.
+    pub fn preempt(self) -> bool {
+        self != Self::Vanilla
+    }
+}
+
+named_enum!(
+    /// What the guest does while it is migrated.
+    Workload, "workload" {
+        /// Reads (and every eighth page writes) its window in order, over and over.
+        Seq = 1, "seq";
+        /// Reads random pages of the data area, writing a quarter of those it owns.
+        Random = 2, "random";
+        /// Plays its window in 64 KiB frames at a fixed rate, like video playback.
+        Stream = 3, "stream";
+        /// Looks keys up in a hash table built before the migration; updates an eighth.
+        Kv = 4, "kv";
+    }
+);
+
+named_enum!(
+    /// What runs as the guest.
+    GuestKind, "guest" {
+        /// A KVM virtual machine: vCPUs running generated x86-64 programs.
+        Kvm = 1, "kvm";
+        /// A host thread that reads guest memory (no precopy writes, no dirty tracking).
+        Thread = 2, "thread";
+    }
+);
+
+named_enum!(
+    /// How the source learns which pages the guest wrote during precopy.
+    DirtyTracking, "dirty tracking" {
+        /// Nothing runs at the source (thread guest), so nothing is tracked.
+        None = 0, "none";
+        /// `KVM_GET_DIRTY_LOG` per memory slot, once per precopy round.
+        Log = 1, "log";
+        /// KVM's per-vCPU dirty rings, harvested continuously.
+        Ring = 2, "ring";
+    }
+);
+
+named_enum!(
+    /// A fault injected on purpose (test hook): each must make the run fail verification.
+    SourceFault, "source fault" {
+        /// None.
+        None = 0, "none";
+        /// One byte of the first data-area page sent in postcopy is flipped.
+        CorruptPage = 1, "corrupt";
+        /// The first host page of the seq window is sent again after the background scan.
+        DuplicatePage = 2, "duplicate";
+    }
+);
+
+named_enum!(
+    /// A destination fault injected on purpose (test hook).
+    DestFault, "destination fault" {
+        /// None.
+        None = 0, "none";
+        /// A page placed twice overwrites the first copy (`memcpy` after `EEXIST`), as a
+        /// destination without atomic placement would: the guest must notice what it undid.
+        OverwriteDuplicate = 1, "overwrite-duplicate";
+    }
+);
+
+impl Default for SourceFault {
+    fn default() -> Self {
+        Self::None
+    }
+}
+
+impl Default for DestFault {
+    fn default() -> Self {
+        Self::None
+    }
+}
+
+/// How the destination catches the guest's accesses to missing pages (thread guest).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FaultPath {
+    /// userfaultfd if it can be opened, else the software path.
+    Auto,
+    /// The software path: the guest checks the received bitmap before each access.
+    Software,
+}
+
+/// The guest of a run: kind, size, host pages, vCPUs, the workload's pace and its seed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GuestSpec {
+    /// KVM VM or host thread.
+    pub kind: GuestKind,
+    /// RAM, blocks and windows.
+    pub layout: GuestLayout,
+    /// Stream playback rate, bytes per second.
+    pub stream_rate: u64,
+    /// Image and workload seed.
+    pub seed: u64,
+}
+
+impl GuestSpec {
+    /// A guest of `mem` bytes.
+    pub fn new(
+        kind: GuestKind,
+        mem: u64,
+        host_page: HostPageSize,
+        vcpus: u32,
+    ) -> Result<Self, GuestLayoutError> {
+        let vcpus = if kind == GuestKind::Thread { 1 } else { vcpus };
+        Ok(Self {
+            kind,
+            layout: GuestLayout::new(mem, host_page, vcpus)?,
+            stream_rate: 256 << 20,
+            seed: 1,
+        })
+    }
+}
+
+/// Precopy before postcopy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Precopy {
+    /// At most this many rounds (0: pure postcopy). Rounds stop early when the dirty set
+    /// stops shrinking.
+    pub rounds: u32,
+    /// How dirty pages are found.
+    pub tracking: DirtyTracking,
+}
+
+/// Settings shared by every run of one invocation.
+#[derive(Clone, Debug)]
+pub struct RunConfig {
+    /// The guest.
+    pub guest: GuestSpec,
+    /// Precopy rounds and dirty tracking.
+    pub precopy: Precopy,
+    /// The emulated link.
+    pub link: LinkParams,
+    /// Background claim batch.
+    pub claim_batch: ClaimBatch,
+    /// Fault path (thread guest; the KVM guest always uses userfaultfd).
+    pub fault_path: FaultPath,
+    /// Thread placement.
+    pub pin: PinPlan,
+    /// Longest silence of the peer before a run fails.
+    pub idle_timeout: Duration,
+    /// Test hook: malformed page requests the destination sends at the start of postcopy.
+    pub inject_bad: u64,
+    /// Test hook: the source drops the connections after this many host pages (0: never).
+    pub drop_after: u64,
+    /// Test hook: a fault the source injects.
+    pub source_fault: SourceFault,
+    /// Test hook: a fault the destination injects.
+    pub dest_fault: DestFault,
+}
+
+impl RunConfig {
+    /// The default settings for `guest`.
+    pub fn new(guest: GuestSpec) -> Self {
+        let tracking = match guest.kind {
+            GuestKind::Kvm => DirtyTracking::Log,
+            GuestKind::Thread => DirtyTracking::None,
+        };
+        Self {
+            guest,
+            precopy: Precopy {
+                rounds: 0,
+                tracking,
+            },
+            link: LinkParams::DEFAULT,
+            claim_batch: ClaimBatch::DEFAULT,
+            fault_path: FaultPath::Auto,
+            pin: PinPlan::auto(),
+            idle_timeout: Duration::from_secs(20),
+            inject_bad: 0,
+            drop_after: 0,
+            source_fault: SourceFault::None,
+            dest_fault: DestFault::None,
+        }
+    }
+
+    /// The guest layout.
+    pub fn layout(&self) -> &GuestLayout {
+        &self.guest.layout
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_and_codes_round_trip_and_unknown_ones_are_errors() {
+        for &m in MigrationMode::ALL {
+            assert_eq!(m.name().parse::<MigrationMode>(), Ok(m));
+            assert_eq!(MigrationMode::from_code(m.code()), Some(m));
+        }
+        for &w in Workload::ALL {
+            assert_eq!(Workload::from_code(w.code()), Some(w));
+        }
+        assert!(MigrationMode::from_code(9).is_none());
+        let e = "fast".parse::<MigrationMode>().unwrap_err();
+        assert!(e.contains("vanilla, preempt, preempt-hint"), "{e}");
+        assert_eq!("ring".parse::<DirtyTracking>(), Ok(DirtyTracking::Ring));
+    }
+}

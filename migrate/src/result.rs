@@ -1,0 +1,342 @@
+//! What one migration run measured ([`RunResult`], one JSON object per run), assembled from
+//! the run's evidence: the destination's fault record and placement times, the source's
+//! summary and switch-over, and what the guest reported.
+//!
+//! Measured at the destination, as QEMU 10.1 reports it: per-request latency (fault read →
+//! page placed), per-vCPU blocktime and total blocktime (every vCPU blocked at once),
+//! downtime (source vCPUs stop → destination vCPUs run), precopy and postcopy bytes, the
+//! request count; and what the guest felt: each fault's wait, the stream's longest pause, the
+//! guest's progress rate before (source, precopy) and after (destination, postcopy) the
+//! switch.
+
+use serde::Serialize;
+
+use crate::dest::faults::{self, FaultEvent};
+use crate::dest::memory::DestMemory;
+use crate::dest::{GuestOutcome, Times};
+use crate::options::{MigrationMode, RunConfig, Workload};
+use crate::wire::{Summary, SwitchOver};
+
+/// What one migration run measured.
+#[derive(Clone, Debug, Serialize)]
+pub struct RunResult {
+    /// `vanilla`, `preempt` or `preempt-hint`.
+    pub mode: String,
+    /// `seq`, `random`, `stream` or `kv`.
+    pub workload: String,
+    /// `kvm` or `thread`.
+    pub guest: String,
+    /// vCPUs (1 for the thread guest).
+    pub vcpus: u32,
+    /// RAM blocks.
+    pub blocks: u32,
+    /// Guest RAM bytes.
+    pub mem_bytes: u64,
+    /// Host page bytes.
+    pub host_page: u64,
+    /// How faults were caught.
+    pub fault_path: String,
+    /// Precopy rounds asked for.
+    pub precopy_rounds: u32,
+    /// Precopy rounds done (fewer when the dirty set stopped shrinking).
+    pub precopy_rounds_done: u64,
+    /// `log`, `ring` or `none`.
+    pub dirty_tracking: String,
+    /// Dirty pages at the start of each precopy round.
+    pub dirty_per_round: Vec<u64>,
+    /// Link: bits per second (0 unlimited).
+    pub bandwidth_bps: u64,
+    /// Link: one-way delay, µs.
+    pub delay_us: f64,
+    /// Link: background send queue, bytes.
+    pub queue_bytes: u64,
+    /// Link: interface queue, bytes.
+    pub nic_queue_bytes: u64,
+    /// Background claim batch, target pages.
+    pub claim_batch: u64,
+    /// Stream playback rate, bytes/s.
+    pub stream_rate: u64,
+    /// Image and workload seed.
+    pub seed: u64,
+
+    /// Guest faults that waited (vCPU faults read from userfaultfd; the thread guest's own).
+    pub faults: u64,
+    /// Median fault wait, µs.
+    pub fault_p50_us: f64,
+    /// 99th-percentile fault wait, µs.
+    pub fault_p99_us: f64,
+    /// Longest fault wait, µs.
+    pub fault_max_us: f64,
+    /// Total time the guest waited on faults (sum over vCPUs), ms.
+    pub stall_ms: f64,
+    /// Time every vCPU was blocked at once (QEMU's `postcopy-blocktime`), ms.
+    pub blocktime_ms: f64,
+    /// Each vCPU's blocked time, ms.
+    pub vcpu_blocktime_ms: Vec<f64>,
+    /// stream: the longest time the player was behind schedule; others: the longest fault, ms.
+    pub longest_pause_ms: f64,
+    /// Page requests sent.
+    pub requests_sent: u64,
+    /// Median request latency (fault read → page placed), µs.
+    pub request_p50_us: f64,
+    /// 99th-percentile request latency, µs.
+    pub request_p99_us: f64,
+    /// Longest request latency, µs.
+    pub request_max_us: f64,
+
+    /// Source vCPUs stop → destination vCPUs run, ms.
+    pub downtime_ms: f64,
+    /// START → the last page placed, ms.
+    pub total_ms: f64,
+    /// START → the source stopped the guest, ms.
+    pub precopy_ms: f64,
+    /// Destination guest resumed → the last page placed, ms.
+    pub duration_ms: f64,
+    /// Postcopy: RAM still to send over its duration, MiB/s.
+    pub throughput_mib_s: f64,
+    /// Link bytes in precopy.
+    pub precopy_bytes: u64,
+    /// Link bytes in postcopy.
+    pub postcopy_bytes: u64,
+    /// Target pages sent in precopy.
+    pub precopy_pages: u64,
+    /// Host pages missing at the switch-over (sent in postcopy).
+    pub pending_host_pages: u64,
+
+    /// Pages checked (or lookups) by the guest at the source, during precopy.
+    pub guest_ops_precopy: u64,
+    /// The same at the destination, until postcopy completed.
+    pub guest_ops_postcopy: u64,
+    /// Guest progress before the switch (source), operations per second.
+    pub progress_before_per_s: f64,
+    /// Guest progress after it (destination, until postcopy completed), per second.
+    pub progress_after_per_s: f64,
+    /// Pages the guest wrote (source and destination).
+    pub guest_writes: u64,
+    /// Failed checks of the guest's own (source and destination): must be 0.
+    pub guest_check_errors: u64,
+    /// The guest's first failed check, in words.
+    pub guest_first_error: Option<String>,
+    /// Data pages the guest verified after postcopy.
+    pub guest_verified_pages: u64,
+
+    /// Target pages sent by the urgent path.
+    pub pages_urgent: u64,
+    /// Target pages sent by the background path in postcopy.
+    pub pages_background: u64,
+    /// Requests for pages the background path had already claimed (preempt).
+    pub already_claimed: u64,
+    /// Valid requests the source served.
+    pub requests: u64,
+    /// Hints offered by the urgent path.
+    pub hints_offered: u64,
+    /// Hints accepted into the empty slot.
+    pub hints_accepted: u64,
+    /// Hints the background scan took.
+    pub hints_taken: u64,
+    /// Queued requests the background scan jumped to (vanilla).
+    pub queued_followed: u64,
+    /// Malformed or out-of-range requests the source rejected.
+    pub bad_requests: u64,
+    /// The source's messages for the first rejected requests.
+    pub rejected: Vec<String>,
+    /// All-zero host pages sent without payload in postcopy.
+    pub zero_host_pages: u64,
+    /// Host pages placed twice (must be 0).
+    pub placed_twice: u64,
+    /// Fault events read from userfaultfd (every thread).
+    pub uffd_faults: u64,
+    /// Source clock minus destination clock as measured by pings, µs.
+    pub clock_offset_us: f64,
+    /// Source and destination share `CLOCK_MONOTONIC` (same boot), so no offset is applied.
+    pub same_clock: bool,
+    /// Everything in [`crate::verify`] holds.
+    pub verified: bool,
+    /// What failed verification.
+    pub problems: Vec<String>,
+    /// Sorted fault waits (ns), for the plot.
+    #[serde(skip)]
+    pub latencies_ns: Vec<u64>,
+}
+
+/// The `p`-th percentile (nearest rank) of sorted `v`; 0 if empty.
+pub fn percentile_ns(sorted: &[u64], p: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+/// What [`RunResult::assemble`] reads.
+pub(crate) struct Inputs<'a> {
+    pub cfg: &'a RunConfig,
+    pub mode: MigrationMode,
+    pub workload: Workload,
+    pub mem: &'a DestMemory,
+    pub summary: &'a Summary,
+    pub switch: &'a SwitchOver,
+    pub outcome: &'a GuestOutcome,
+    pub events: &'a [FaultEvent],
+    pub times: Times,
+    pub offset_ns: i64,
+    pub requests_sent: u64,
+    pub problems: Vec<String>,
+}
+
+fn ms(ns: u64) -> f64 {
+    ns as f64 / 1e6
+}
+
+fn us(ns: u64) -> f64 {
+    ns as f64 / 1e3
+}
+
+impl RunResult {
+    pub(crate) fn assemble(i: Inputs<'_>) -> Self {
+        let cfg = i.cfg;
+        let layout = cfg.layout();
+        let t = i.times;
+        let requests = faults::request_latencies(i.mem);
+        let stop_local = (i.switch.stop_ns as i64).wrapping_sub(i.offset_ns) as u64;
+        let (mut lat, stall_ns, blocktime, longest_pause_ns, guest) = match i.outcome {
+            GuestOutcome::Kvm {
+                counters,
+                ops_at_complete,
+                tids,
+                tsc_khz,
+                ..
+            } => {
+                let b = faults::blocktime(i.events, i.mem, tids);
+                let lat: Vec<u64> = i
+                    .events
+                    .iter()
+                    .filter(|e| tids.contains(&e.tid))
+                    .map(|e| i.mem.times(e.hp).1.saturating_sub(e.at_ns))
+                    .collect();
+                let pause_tsc = counters.iter().map(|c| c.longest_pause_tsc).max().unwrap_or(0);
+                let pause = (u128::from(pause_tsc) * 1_000_000 / u128::from((*tsc_khz).max(1))) as u64;
+                let stall = b.per_vcpu_ns.iter().sum();
+                let g = (
+                    *ops_at_complete,
+                    counters.iter().map(|c| c.writes).sum::<u64>(),
+                    counters.iter().map(|c| c.errors).sum::<u64>(),
+                    counters.iter().find_map(|c| c.first_error_text()),
+                    counters.iter().map(|c| c.verified).sum::<u64>(),
+                );
+                (lat, stall, b, pause, g)
+            }
+            GuestOutcome::Thread { report, log, tid } => {
+                let b = faults::blocktime(i.events, i.mem, &[*tid]);
+                let b = if i.mem.software() {
+                    faults::Blocktime {
+                        per_vcpu_ns: vec![log.stall_ns],
+                        all_ns: log.stall_ns,
+                        vcpu_faults: log.latencies_ns.len() as u64,
+                    }
+                } else {
+                    b
+                };
+                (
+                    log.latencies_ns.clone(),
+                    log.stall_ns,
+                    b,
+                    report.longest_pause_ns,
+                    (report.ops, 0, report.wrong, None, 0),
+                )
+            }
+        };
+        lat.sort_unstable();
+        let longest_pause_ns = if i.workload == crate::options::Workload::Stream {
+            longest_pause_ns
+        } else {
+            lat.last().copied().unwrap_or(0)
+        };
+        let duration = i.mem.last_placed_ns().max(t.resume).saturating_sub(t.resume);
+        let pending_bytes = i.mem.pending() * layout.host_page().bytes();
+        let st = &i.summary.stats;
+        let sw = i.switch;
+        let (ops_after, writes, errors, first_error, verified) = guest;
+        let complete = if t.complete > 0 { t.complete } else { i.mem.last_placed_ns() };
+        RunResult {
+            mode: i.mode.name().into(),
+            workload: i.workload.name().into(),
+            guest: cfg.guest.kind.name().into(),
+            vcpus: layout.vcpus(),
+            blocks: layout.ram().blocks().len() as u32,
+            mem_bytes: layout.mem(),
+            host_page: layout.host_page().bytes(),
+            fault_path: i.mem.fault_path(),
+            precopy_rounds: cfg.precopy.rounds,
+            precopy_rounds_done: sw.rounds,
+            dirty_tracking: cfg.precopy.tracking.name().into(),
+            dirty_per_round: sw.dirty_per_round.clone(),
+            bandwidth_bps: cfg.link.bandwidth_bps,
+            delay_us: us(cfg.link.delay_ns),
+            queue_bytes: cfg.link.queue_bytes,
+            nic_queue_bytes: cfg.link.nic_queue_bytes,
+            claim_batch: cfg.claim_batch.get(),
+            stream_rate: cfg.guest.stream_rate,
+            seed: cfg.guest.seed,
+            faults: lat.len() as u64,
+            fault_p50_us: us(percentile_ns(&lat, 50.0)),
+            fault_p99_us: us(percentile_ns(&lat, 99.0)),
+            fault_max_us: us(lat.last().copied().unwrap_or(0)),
+            stall_ms: ms(stall_ns),
+            blocktime_ms: ms(blocktime.all_ns),
+            vcpu_blocktime_ms: blocktime.per_vcpu_ns.iter().map(|&n| ms(n)).collect(),
+            longest_pause_ms: ms(longest_pause_ns),
+            requests_sent: i.requests_sent,
+            request_p50_us: us(percentile_ns(&requests, 50.0)),
+            request_p99_us: us(percentile_ns(&requests, 99.0)),
+            request_max_us: us(requests.last().copied().unwrap_or(0)),
+            downtime_ms: ms(t.resume.saturating_sub(stop_local)),
+            total_ms: ms(complete.saturating_sub(t.start)),
+            precopy_ms: ms(stop_local.saturating_sub(t.start)),
+            duration_ms: ms(duration),
+            throughput_mib_s: if duration > 0 {
+                pending_bytes as f64 / (1 << 20) as f64 / (duration as f64 / 1e9)
+            } else {
+                0.0
+            },
+            precopy_bytes: sw.precopy_bytes,
+            postcopy_bytes: i.summary.postcopy_bytes,
+            precopy_pages: sw.precopy_pages,
+            pending_host_pages: i.mem.pending(),
+            guest_ops_precopy: sw.guest[0],
+            guest_ops_postcopy: ops_after,
+            progress_before_per_s: if sw.source_run_ns > 0 {
+                sw.guest[0] as f64 / (sw.source_run_ns as f64 / 1e9)
+            } else {
+                0.0
+            },
+            progress_after_per_s: if complete > t.resume {
+                ops_after as f64 / ((complete - t.resume) as f64 / 1e9)
+            } else {
+                0.0
+            },
+            guest_writes: sw.guest[1] + writes,
+            guest_check_errors: sw.guest[2] + errors,
+            guest_first_error: first_error,
+            guest_verified_pages: verified,
+            pages_urgent: st.urgent_pages,
+            pages_background: st.background_pages,
+            already_claimed: st.urgent_already_claimed,
+            requests: st.requests,
+            hints_offered: st.hints_offered,
+            hints_accepted: st.hints_accepted,
+            hints_taken: st.hints_taken,
+            queued_followed: st.queued_followed,
+            bad_requests: st.bad_requests,
+            rejected: i.summary.rejected.clone(),
+            zero_host_pages: i.summary.zero_host_pages,
+            placed_twice: i.mem.placed_twice().0,
+            uffd_faults: i.events.len() as u64,
+            clock_offset_us: 0.0,
+            same_clock: true,
+            verified: i.problems.is_empty(),
+            problems: i.problems,
+            latencies_ns: lat,
+        }
+    }
+}

@@ -1,0 +1,155 @@
+//! The source's guest RAM: a vm-memory `GuestMemoryMmap<RegionBitmap>` of two regions (the
+//! two RAM blocks) whose writes through vm-memory — the image copied in, the device model's
+//! writes — mark pagehint's shared [`DirtyBitmap`], exactly as a rust-vmm VMM's device
+//! emulation does. The vCPUs' writes reach the same bitmap through KVM's dirty log or rings
+//! ([`crate::guest::kvm::dirty`]).
+//!
+//! Reads for sending go through vm-memory's volatile copies: the vCPUs may be writing the
+//! same pages during precopy (a page changed while it was read is dirty again, and is sent
+//! again: I7).
+
+use std::sync::Arc;
+
+use pagehint::vmm::RegionBitmap;
+use pagehint::DirtyBitmap;
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestRegionMmap};
+
+use crate::guest::image::{page_checksum, Params, Template};
+use crate::guest::layout::{GuestLayout, HostPageSize, DEVICE_GPA, GENTAB_GPA, PARAMS_GPA, TARGET_PAGE};
+
+/// The source's guest RAM and its dirty bitmap.
+#[derive(Debug)]
+pub struct SourceMemory {
+    layout: GuestLayout,
+    mem: GuestMemoryMmap<RegionBitmap>,
+    bitmap: Arc<DirtyBitmap>,
+    hosts: [u64; 2],
+}
+
+impl SourceMemory {
+    /// Maps RAM (hugetlb pages for 2 MiB host pages), copies `template` in and writes the
+    /// parameter page, all through vm-memory.
+    pub fn new(template: &Template, params: &Params) -> Result<Self, String> {
+        let layout = template.layout().clone();
+        let bitmap = Arc::new(
+            DirtyBitmap::new(layout.ram()).map_err(|e| format!("dirty bitmap: {e}"))?,
+        );
+        let tracking =
+            RegionBitmap::for_layout(&bitmap, layout.ram()).map_err(|e| e.to_string())?;
+        let huge = layout.host_page() == HostPageSize::Huge2M;
+        let regions = tracking
+            .into_iter()
+            .zip(layout.block_ranges())
+            .map(|(t, (gpa, len))| {
+                // hugetlb: no MAP_NORESERVE, so a short pool fails here, not with SIGBUS later.
+                let flags = if huge {
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_HUGETLB
+                } else {
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE
+                };
+                let region = MmapRegionBuilder::new_with_bitmap(len as usize, t)
+                    .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+                    .with_mmap_flags(flags)
+                    .build()
+                    .map_err(|e| {
+                        format!(
+                            "mapping {} MiB of source RAM{}: {e}",
+                            len >> 20,
+                            if huge { " in hugetlb pages" } else { "" }
+                        )
+                    })?;
+                GuestRegionMmap::new(region, GuestAddress(gpa))
+                    .ok_or_else(|| "guest region overflows".to_string())
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        let mem = GuestMemoryMmap::from_regions(regions).map_err(|e| e.to_string())?;
+        let mut hosts = [0u64; 2];
+        for (h, (gpa, _)) in hosts.iter_mut().zip(layout.block_ranges()) {
+            *h = mem
+                .get_host_address(GuestAddress(gpa))
+                .map_err(|e| e.to_string())? as u64;
+        }
+        let me = Self {
+            layout,
+            mem,
+            bitmap,
+            hosts,
+        };
+        let low = (me.layout.low_pages() * TARGET_PAGE) as usize;
+        for (i, (gpa, len)) in me.layout.block_ranges().into_iter().enumerate() {
+            let from = if i == 0 { 0 } else { low };
+            me.mem
+                .write_slice(&template.bytes()[from..from + len as usize], GuestAddress(gpa))
+                .map_err(|e| format!("copying the image in: {e}"))?;
+        }
+        let words: Vec<u8> = params.encode().iter().flat_map(|w| w.to_le_bytes()).collect();
+        me.mem
+            .write_slice(&words, GuestAddress(PARAMS_GPA))
+            .map_err(|e| format!("writing the parameter page: {e}"))?;
+        Ok(me)
+    }
+
+    /// The layout.
+    pub fn layout(&self) -> &GuestLayout {
+        &self.layout
+    }
+
+    /// The shared dirty bitmap.
+    pub fn bitmap(&self) -> &Arc<DirtyBitmap> {
+        &self.bitmap
+    }
+
+    /// Host addresses of the two blocks (for KVM's memory slots).
+    pub fn hosts(&self) -> [u64; 2] {
+        self.hosts
+    }
+
+    /// Copies `buf.len()` bytes of block `block` from byte `offset` into `buf`.
+    pub fn read(&self, block: u32, offset: u64, buf: &mut [u8]) -> Result<(), String> {
+        let gpa = self.layout.block_ranges()[block as usize].0 + offset;
+        self.mem
+            .read_slice(buf, GuestAddress(gpa))
+            .map_err(|e| format!("reading block {block} at {offset:#x}: {e}"))
+    }
+
+    /// The device model's write: rewrites the device page (a counter and a pattern), through
+    /// vm-memory, so that the page is marked dirty in the shared bitmap.
+    pub fn device_write(&self, n: u64) -> Result<(), String> {
+        let mut page = [0u8; TARGET_PAGE as usize];
+        for (i, w) in page.chunks_exact_mut(8).enumerate() {
+            w.copy_from_slice(&(n.wrapping_mul(0x9e37_79b9) ^ i as u64).to_le_bytes());
+        }
+        self.mem
+            .write_slice(&page, GuestAddress(DEVICE_GPA))
+            .map_err(|e| format!("device write: {e}"))
+    }
+
+    /// The guest's generation table (the source is stopped).
+    pub fn generations(&self) -> Result<Vec<u32>, String> {
+        let mut buf = vec![0u8; (self.layout.pages() * 4) as usize];
+        self.mem
+            .read_slice(&mut buf, GuestAddress(GENTAB_GPA))
+            .map_err(|e| format!("reading the generation table: {e}"))?;
+        Ok(buf
+            .chunks_exact(4)
+            .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")))
+            .collect())
+    }
+
+    /// The checksum of every target page, global page order (the source is stopped).
+    pub fn checksums(&self) -> Result<Vec<u64>, String> {
+        let mut out = Vec::with_capacity(self.layout.pages() as usize);
+        let mut buf = vec![0u8; 1 << 20];
+        for (b, (_, len)) in self.layout.block_ranges().into_iter().enumerate() {
+            let mut off = 0;
+            while off < len {
+                let n = (len - off).min(buf.len() as u64) as usize;
+                self.read(b as u32, off, &mut buf[..n])?;
+                out.extend(buf[..n].chunks_exact(TARGET_PAGE as usize).map(page_checksum));
+                off += n as u64;
+            }
+        }
+        Ok(out)
+    }
+}

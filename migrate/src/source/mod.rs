@@ -1,0 +1,509 @@
+//! The migration source: guest RAM and (KVM guest) the running VM, precopy, the switch-over,
+//! and the `pagehint` scheduler behind two TCP channels in postcopy.
+//!
+//! A session (one migration), after the handshake ([`crate::handshake`]) and `START`:
+//! 1. **precopy** ([`precopy`]): the vCPUs run the workload, the device model writes through
+//!    vm-memory, and the precopy sender sends rounds of dirty pages on the main channel,
+//!    taking KVM's dirty log (or harvesting its dirty rings) into the shared bitmap;
+//! 2. **switch-over**: the vCPUs are kicked and their state saved, the device stops, the last
+//!    dirty pages are synced, and the `SWITCH` frame carries the vCPU state and the host pages
+//!    still to send (the destination discards those);
+//! 3. **postcopy** ([`postcopy`]): a [`PageScheduler`] takes over the same bitmap; the
+//!    background sender scans, the return-path thread serves requests (urgent channel in
+//!    preempt modes, with the hint in preempt-hint);
+//! 4. when the destination says `DONE`, the source sends its counters and the checksum of
+//!    every page as it was at the switch-over.
+//!
+//! Any failure stops every thread, shuts the sockets down (which unblocks the peer) and ends
+//! the session with a typed error.
+
+pub mod memory;
+pub mod postcopy;
+pub mod precopy;
+pub mod send;
+
+use std::net::{Shutdown, TcpListener, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use pagehint::DirtyBitmap;
+
+use crate::clock::{now_ns, tight_timer_slack};
+use crate::guest::image::{Params, Template};
+use crate::guest::kvm::dirty::{DirtyRing, DirtyTracker};
+use crate::guest::kvm::vcpu::VcpuEnd;
+use crate::guest::kvm::vm::{Tracking, VcpuState};
+use crate::guest::kvm::{boot, GuestCounters, Machine, RING_BYTES};
+use crate::guest::layout::GuestLayout;
+use crate::handshake::{self, Accepted};
+use crate::link::Link;
+use crate::options::{DirtyTracking, GuestKind, MigrationMode, SourceFault};
+use crate::pin::{PinPlan, Role};
+use crate::wire::{Channel, FrameKind, Guard, Hello, Summary, SwitchOver, WireError};
+use memory::SourceMemory;
+use send::{Hooks, Outbound, SendError, Sent};
+
+/// How many rejected requests are reported by message (all are counted).
+const REJECTED_KEPT: usize = 8;
+/// Frames of the stream workload, in target pages (64 KiB).
+pub const STREAM_FRAME_PAGES: u64 = 16;
+
+/// What one served session did.
+#[derive(Debug)]
+pub struct SessionReport {
+    /// The mode the destination asked for.
+    pub mode: MigrationMode,
+    /// Guest RAM bytes.
+    pub mem: u64,
+    /// What the source sent.
+    pub summary: Summary,
+}
+
+/// Everything a session needs before it answers the hello: guest RAM with the image, and
+/// (KVM guest) the VM with its vCPUs booted. Field order: the VM goes before the memory.
+struct Prepared {
+    machine: Option<Machine>,
+    rings: Vec<DirtyRing>,
+    mem: SourceMemory,
+}
+
+/// The listening source; serves one destination session at a time.
+#[derive(Debug)]
+pub struct SourceServer {
+    listener: TcpListener,
+    pin: PinPlan,
+    idle: Duration,
+    cache: Mutex<Option<Arc<Template>>>,
+}
+
+impl SourceServer {
+    /// Listens on `addr`.
+    pub fn bind(addr: impl ToSocketAddrs, pin: PinPlan, idle: Duration) -> std::io::Result<Self> {
+        let listener = TcpListener::bind(addr)?;
+        listener.set_nonblocking(true)?;
+        Ok(Self {
+            listener,
+            pin,
+            idle,
+            cache: Mutex::new(None),
+        })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// The image template for `(layout, seed)`, built once and reused.
+    fn template(&self, layout: &GuestLayout, seed: u64) -> Result<Arc<Template>, String> {
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(t) = cache.as_ref() {
+            if t.layout().ram() == layout.ram() && t.layout().vcpus() == layout.vcpus() && t.seed() == seed {
+                return Ok(Arc::clone(t));
+            }
+        }
+        *cache = None; // free the old template before building a new one
+        let pieces = boot::system_pieces(layout)?;
+        let t = Arc::new(
+            Template::build(layout, seed, &pieces).map_err(|e| format!("building the image: {e}"))?,
+        );
+        *cache = Some(Arc::clone(&t));
+        Ok(t)
+    }
+
+    fn prepare(&self, h: &Hello) -> Result<Prepared, String> {
+        let layout = &h.guest.layout;
+        let template = self.template(layout, h.guest.seed)?;
+        let params = Params::new(layout, h.workload, h.guest.seed, STREAM_FRAME_PAGES);
+        let mem = SourceMemory::new(&template, &params)?;
+        let (machine, rings) = match h.guest.kind {
+            GuestKind::Thread => {
+                if h.precopy.tracking != DirtyTracking::None {
+                    return Err("the thread guest has no dirty tracking (use --guest kvm)".into());
+                }
+                (None, Vec::new())
+            }
+            GuestKind::Kvm => {
+                let tracking = match h.precopy.tracking {
+                    DirtyTracking::None => return Err("a KVM guest needs dirty tracking".into()),
+                    DirtyTracking::Log => Tracking::Log,
+                    DirtyTracking::Ring => Tracking::Ring(RING_BYTES),
+                };
+                // SAFETY: `mem` outlives the machine (`Prepared`'s field order drops the
+                // machine first).
+                let (m, rings) = unsafe { Machine::new(layout, mem.hosts(), tracking) }
+                    .map_err(|e| format!("source VM: {e}"))?;
+                m.boot(h.guest.seed).map_err(|e| format!("source VM: {e}"))?;
+                m.set_stream_rate(h.guest.stream_rate, STREAM_FRAME_PAGES);
+                (Some(m), rings)
+            }
+        };
+        Ok(Prepared {
+            machine,
+            rings,
+            mem,
+        })
+    }
+
+    /// Serves sessions until `stop` is raised, reporting each with `log`.
+    pub fn serve(&self, stop: &AtomicBool, mut log: impl FnMut(Result<SessionReport, WireError>)) {
+        loop {
+            match self.serve_session(stop) {
+                Err(WireError::Stopped) => return,
+                r => log(r),
+            }
+        }
+    }
+
+    /// Accepts and serves one session.
+    pub fn serve_session(&self, stop: &AtomicBool) -> Result<SessionReport, WireError> {
+        let (acc, prepared) = handshake::accept(&self.listener, stop, self.idle, |h| self.prepare(h))?;
+        let Accepted {
+            hello,
+            main,
+            urgent,
+            same_clock,
+        } = acc;
+        let Prepared {
+            machine,
+            rings,
+            mem,
+        } = prepared;
+        let session = Session {
+            hello: &hello,
+            mem: &mem,
+            machine: machine.as_ref(),
+            out: Outbound {
+                mem: &mem,
+                link: Link::new(hello.link),
+                main: &main,
+                urgent: &urgent,
+                sent: Sent::default(),
+                hooks: Hooks {
+                    corrupt_pending: AtomicBool::new(hello.source_fault == SourceFault::CorruptPage),
+                    drop_after: hello.drop_after,
+                },
+            },
+            same_clock,
+            pin: self.pin,
+            idle: self.idle,
+            outer_stop: stop,
+            stop: AtomicBool::new(false),
+            bg_progress: AtomicU64::new(now_ns()),
+            rejected: Mutex::new(Vec::new()),
+            failure: Mutex::new(None),
+        };
+        let summary = session.run(rings)?;
+        drop(machine);
+        Ok(SessionReport {
+            mode: hello.mode,
+            mem: hello.guest.layout.mem(),
+            summary,
+        })
+    }
+}
+
+/// One migration at the source.
+pub(crate) struct Session<'a> {
+    hello: &'a Hello,
+    mem: &'a SourceMemory,
+    machine: Option<&'a Machine>,
+    out: Outbound<'a>,
+    same_clock: bool,
+    pin: PinPlan,
+    idle: Duration,
+    outer_stop: &'a AtomicBool,
+    stop: AtomicBool,
+    /// When the background sender last wrote (keeps the return path's idle timer quiet).
+    bg_progress: AtomicU64,
+    rejected: Mutex<Vec<String>>,
+    failure: Mutex<Option<WireError>>,
+}
+
+impl Session<'_> {
+    fn guard(&self, keepalive: bool) -> Guard<'_> {
+        Guard {
+            stop: &self.stop,
+            idle: self.idle,
+            keepalive: keepalive.then_some(&self.bg_progress),
+        }
+    }
+
+    fn stopped(&self) -> bool {
+        // Relaxed: a polled flag.
+        self.stop.load(Ordering::Relaxed)
+    }
+
+    /// Records the first failure and stops everything.
+    fn fail(&self, e: WireError) {
+        let mut f = self.failure.lock().unwrap_or_else(|p| p.into_inner());
+        if f.is_none() && !matches!(e, WireError::Stopped) {
+            *f = Some(e);
+        }
+        // Relaxed: the flag is polled; the sockets' shutdown is what unblocks threads.
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.out.main.shutdown(Shutdown::Both);
+        let _ = self.out.urgent.shutdown(Shutdown::Both);
+        if let Some(m) = self.machine {
+            m.kick_all();
+        }
+    }
+
+    fn send_failed(&self, e: SendError) {
+        self.fail(match e {
+            SendError::Wire(w) => w,
+            SendError::Memory(m) => WireError::Malformed(Channel::Background, m),
+            // Test hook: drop both connections as a crashed source would.
+            SendError::Dropped(n) => WireError::PeerAbort(
+                Channel::Background,
+                format!("connections dropped on purpose after {n} host pages (test hook)"),
+            ),
+        });
+    }
+
+    fn layout(&self) -> &GuestLayout {
+        self.mem.layout()
+    }
+
+    fn bitmap(&self) -> &DirtyBitmap {
+        self.mem.bitmap()
+    }
+
+    fn run(&self, rings: Vec<DirtyRing>) -> Result<Summary, WireError> {
+        handshake::answer_pings_until_start(self.out.main, &self.guard(false))?;
+        // Relaxed: a coarse timestamp for idle checks.
+        self.bg_progress.store(now_ns(), Ordering::Relaxed);
+        // Migration starts: every page is still to send.
+        self.bitmap().mark_all();
+        let switch = self.precopy(rings);
+        let switch = match switch {
+            Ok(s) => s,
+            Err(e) => {
+                self.fail(e);
+                return Err(self.take_failure());
+            }
+        };
+        self.out.sent.end_precopy();
+        let body = switch.encode();
+        if let Err(e) = self.out.frame(
+            FrameKind::Switch,
+            0,
+            0,
+            body.len() as u64,
+            &body,
+            Channel::Background,
+            &self.guard(false),
+        ) {
+            self.fail(e);
+            return Err(self.take_failure());
+        }
+        let stats = self.postcopy()?;
+        let checksums = self
+            .mem
+            .checksums()
+            .map_err(|e| WireError::Malformed(Channel::Background, e))?;
+        let generations = match self.machine {
+            Some(_) => self
+                .mem
+                .generations()
+                .map_err(|e| WireError::Malformed(Channel::Background, e))?,
+            None => Vec::new(),
+        };
+        // Relaxed loads: the counting threads have been joined.
+        let s = &self.out.sent;
+        let summary = Summary {
+            stats,
+            bg_host_pages: s.bg_host_pages.load(Ordering::Relaxed),
+            urgent_host_pages: s.urgent_host_pages.load(Ordering::Relaxed),
+            zero_host_pages: s.zero_host_pages.load(Ordering::Relaxed),
+            postcopy_bytes: s.postcopy_bytes.load(Ordering::Relaxed),
+            rejected: self.rejected.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+            checksums,
+            generations,
+        };
+        let body = summary.encode();
+        self.out.frame(
+            FrameKind::Summary,
+            0,
+            0,
+            body.len() as u64,
+            &body,
+            Channel::Background,
+            &self.guard(false),
+        )?;
+        let _ = self.out.main.shutdown(Shutdown::Write);
+        let _ = self.out.urgent.shutdown(Shutdown::Both);
+        Ok(summary)
+    }
+
+    fn take_failure(&self) -> WireError {
+        self.failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            .unwrap_or(WireError::Stopped)
+    }
+
+    /// Runs the guest through precopy and stops it; returns the switch-over.
+    fn precopy(&self, rings: Vec<DirtyRing>) -> Result<SwitchOver, WireError> {
+        let tracker = match self.machine {
+            Some(m) => Some(
+                DirtyTracker::new(m.vm(), self.layout(), self.bitmap(), rings)
+                    .map_err(|e| WireError::Malformed(Channel::Handshake, e))?,
+            ),
+            None => None,
+        };
+        let ring_full = |i: u32| tracker.as_ref().map_or(Ok(0), |t| t.harvest_ring(i, true)).map(|_| ());
+        let ring_full: &(dyn Fn(u32) -> Result<(), String> + Sync) = &ring_full;
+        let rings_on = self.hello.precopy.tracking == DirtyTracking::Ring;
+        let housekeeping_stop = AtomicBool::new(false);
+        let device_writes = AtomicU64::new(0);
+        std::thread::scope(|s| {
+            let device = s.spawn(|| {
+                self.pin.apply(Role::Housekeeping);
+                let mut n = 0u64;
+                // Relaxed: a polled flag.
+                while !housekeeping_stop.load(Ordering::Relaxed) {
+                    n += 1;
+                    if let Err(e) = self.mem.device_write(n) {
+                        return Err(e);
+                    }
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                device_writes.store(n, Ordering::Relaxed);
+                Ok(())
+            });
+            let harvester = rings_on.then(|| {
+                s.spawn(|| {
+                    self.pin.apply(Role::Housekeeping);
+                    // Relaxed: a polled flag.
+                    while !housekeeping_stop.load(Ordering::Relaxed) {
+                        if let Some(t) = &tracker {
+                            t.sync()?;
+                        }
+                        std::thread::sleep(Duration::from_millis(2));
+                    }
+                    Ok::<(), String>(())
+                })
+            });
+            let vcpus = self
+                .machine
+                .map(|m| m.run(s, self.pin, rings_on.then_some(ring_full)));
+            let t_run = now_ns();
+            self.pin.apply(Role::BackgroundSender);
+            tight_timer_slack();
+            let result = (|| {
+                if let Some(m) = self.machine {
+                    // The guest boots (its first `out` says so) before anything is sent.
+                    while !m.all_started() {
+                        if now_ns() - t_run > self.idle.as_nanos() as u64 {
+                            return Err(WireError::Malformed(
+                                Channel::Handshake,
+                                "the source guest did not start".into(),
+                            ));
+                        }
+                        if self.stopped() {
+                            return Err(WireError::Stopped);
+                        }
+                        std::thread::sleep(Duration::from_micros(200));
+                    }
+                }
+                precopy::run(
+                    &self.out,
+                    self.bitmap(),
+                    tracker.as_ref(),
+                    self.hello.precopy.rounds,
+                    &self.guard(false),
+                )
+                .map_err(|e| match e {
+                    SendError::Wire(w) => w,
+                    SendError::Memory(m) => WireError::Malformed(Channel::Background, m),
+                    SendError::Dropped(n) => WireError::PeerAbort(Channel::Background, format!("dropped after {n}")),
+                })
+            })();
+            // Stop the guest wherever it is, then everything else that marks pages.
+            let stop_ns = now_ns();
+            let mut states: Vec<VcpuState> = Vec::new();
+            let mut failed = None;
+            if let (Some(m), Some(handles)) = (self.machine, vcpus) {
+                m.kick_all();
+                for (i, h) in handles.into_iter().enumerate() {
+                    match h.join() {
+                        Ok(VcpuEnd::Stopped(st)) => states.push(st),
+                        Ok(VcpuEnd::Done) => failed = Some(format!("vCPU {i} finished at the source")),
+                        Ok(VcpuEnd::Failed(e)) => failed = Some(e),
+                        Err(_) => failed = Some(format!("vCPU {i} thread panicked")),
+                    }
+                }
+            }
+            // Relaxed: a polled flag; the joins below wait for the threads.
+            housekeeping_stop.store(true, Ordering::Relaxed);
+            let dev = device.join().unwrap_or_else(|_| Err("device thread panicked".into()));
+            let harv = harvester.map_or(Ok(()), |h| h.join().unwrap_or_else(|_| Err("harvester panicked".into())));
+            let report = result?;
+            if let Some(f) = failed.or(dev.err()).or(harv.err()) {
+                return Err(WireError::Malformed(Channel::Background, f));
+            }
+            if let Some(t) = &tracker {
+                t.sync().map_err(|e| WireError::Malformed(Channel::Background, e))?;
+                if t.rejected() > 0 {
+                    return Err(WireError::Malformed(
+                        Channel::Background,
+                        format!("{} dirty-ring entries were refused", t.rejected()),
+                    ));
+                }
+            }
+            let guest = self.machine.map(|m| m.counters()).unwrap_or_default();
+            Ok(SwitchOver {
+                stop_ns,
+                rounds: report.rounds,
+                precopy_pages: self.out.sent.precopy_pages.load(Ordering::Relaxed),
+                precopy_bytes: self.out.sent.precopy_bytes.load(Ordering::Relaxed),
+                source_run_ns: stop_ns - t_run,
+                vcpus: states,
+                pending: self.pending(),
+                host_pages: self.layout().ram().blocks().iter().map(|b| b.host_pages()).collect(),
+                guest: sum_counters(&guest),
+                dirty_per_round: report.dirty_per_round,
+            })
+        })
+    }
+
+    /// Per block, one bit per host page with a dirty target page (the vCPUs are stopped).
+    fn pending(&self) -> Vec<Vec<u64>> {
+        self.layout()
+            .ram()
+            .blocks()
+            .iter()
+            .enumerate()
+            .map(|(b, block)| {
+                let shift = block.host_page_shift();
+                let mut words = vec![0u64; block.host_pages().div_ceil(64) as usize];
+                let mut from = 0;
+                while let Ok(Some(p)) = self.bitmap().find_next_dirty(b as u32, from) {
+                    let hp = p >> shift;
+                    words[(hp / 64) as usize] |= 1 << (hp % 64);
+                    from = (hp + 1) << shift;
+                }
+                words
+            })
+            .collect()
+    }
+}
+
+/// The source's guest counters summed over vCPUs, in the switch-over's order.
+fn sum_counters(c: &[GuestCounters]) -> [u64; 10] {
+    let mut out = [0u64; 10];
+    for g in c {
+        out[0] += g.ops;
+        out[1] += g.writes;
+        out[2] += g.errors;
+        out[8] += g.frames;
+        out[9] = out[9].max(g.longest_pause_tsc);
+    }
+    if let Some((k, page, w1, w2, gen)) = c.iter().find_map(|g| g.first_error) {
+        out[3..8].copy_from_slice(&[k as u64, page, w1, w2, gen]);
+    }
+    out
+}

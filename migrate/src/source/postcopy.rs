@@ -1,0 +1,162 @@
+//! Postcopy at the source: the `pagehint` scheduler over the bitmap precopy left.
+//!
+//! * the **background sender** iterates a [`BackgroundScanner`](pagehint::BackgroundScanner)
+//!   from the scan start and writes each claim's host pages on the background channel; in
+//!   vanilla mode it is the only sender, and the scanner jumps to queued requests;
+//! * the **return-path thread** reads page requests, waits out the link's one-way delay, and
+//!   calls [`PageScheduler::serve_frame`] (which rejects malformed and out-of-range requests
+//!   with a typed error: they are counted, the first few reported, and the migration goes
+//!   on). In preempt modes it writes the claimed host page on the urgent channel, then calls
+//!   `urgent_sent`, which offers the hint (preempt-hint).
+//!
+//! Both end when the destination says `DONE` (it has every page).
+
+use std::net::TcpStream;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use pagehint::{Claim, PageScheduler, SchedulerStats, Served};
+
+use super::send::{Phase, SendError};
+use super::Session;
+use crate::clock::{now_ns, sleep_until, tight_timer_slack};
+use crate::options::SourceFault;
+use crate::pin::Role;
+use crate::wire::{read_full, Channel, Guard, RpHeader, RpKind, WireError};
+
+impl Session<'_> {
+    /// Runs postcopy to the destination's `DONE`; returns the scheduler's counters.
+    pub(super) fn postcopy(&self) -> Result<SchedulerStats, WireError> {
+        let layout = self.layout();
+        let sched = PageScheduler::with_bitmap(
+            layout.ram().clone(),
+            Arc::clone(self.mem.bitmap()),
+            self.hello.mode.scheduler(self.hello.claim_batch),
+        )
+        .map_err(|e| WireError::Malformed(Channel::Handshake, e.to_string()))?;
+        std::thread::scope(|s| {
+            let bg = s.spawn(|| {
+                self.pin.apply(Role::BackgroundSender);
+                tight_timer_slack();
+                if let Err(e) = self.background(&sched) {
+                    self.send_failed(e);
+                }
+            });
+            let rp = s.spawn(|| {
+                self.pin.apply(Role::ReturnPath);
+                tight_timer_slack();
+                if let Err(e) = self.return_path(&sched) {
+                    self.send_failed(e);
+                }
+            });
+            // Watch for an outer stop (the server shutting down).
+            while !bg.is_finished() || !rp.is_finished() {
+                // Relaxed: a polled flag.
+                if self.outer_stop.load(Ordering::Relaxed) {
+                    self.fail(WireError::Stopped);
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+        if let Some(e) = self.failure.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            return Err(e);
+        }
+        if self.stopped() {
+            return Err(WireError::Stopped);
+        }
+        Ok(sched.stats())
+    }
+
+    fn background(&self, sched: &PageScheduler) -> Result<(), SendError> {
+        let layout = self.layout();
+        let mut scanner = sched.background_from(layout.location(self.hello.scan_start));
+        let g = self.guard(false);
+        let mut buf = Vec::new();
+        while let Some(claim) = scanner.next_claim() {
+            self.send_claim(&claim, Channel::Background, &g, &mut buf)?;
+            // Relaxed: a coarse timestamp.
+            self.bg_progress.store(now_ns(), Ordering::Relaxed);
+        }
+        drop(scanner);
+        if self.hello.source_fault == SourceFault::DuplicatePage {
+            // Test hook: send the seq window's first host page again, as a buggy scheduler
+            // would; the guest writes that page early, so the copy is stale by now.
+            let per = layout.host_page().pages();
+            let loc = layout.location(layout.seq.start);
+            self.out
+                .send_pages(loc.block, loc.page, per, per, Channel::Background, Phase::Postcopy, &g, &mut buf)?;
+        }
+        Ok(())
+    }
+
+    fn return_path(&self, sched: &PageScheduler) -> Result<(), SendError> {
+        let g = self.guard(true);
+        let delay = self.out.link.params().delay_ns;
+        let mut buf = Vec::new();
+        loop {
+            let (h, body) = read_rp(self.out.main, &g)?;
+            match h.kind {
+                RpKind::Done => return Ok(()),
+                RpKind::Ping | RpKind::Start => {}
+                RpKind::Request => {
+                    // The request has been on the emulated link since it was sent.
+                    let due = if self.same_clock { h.sent_ns } else { now_ns() } + delay;
+                    sleep_until(due);
+                    match sched.serve_frame(&body) {
+                        Ok(Served::Send(claim)) => {
+                            self.send_claim(&claim, Channel::Urgent, &g, &mut buf)?;
+                            let _ = sched.urgent_sent(&claim);
+                        }
+                        Ok(Served::AlreadyClaimed(_)) | Ok(Served::Queued(_)) => {}
+                        Err(e) => {
+                            let mut r = self.rejected.lock().unwrap_or_else(|p| p.into_inner());
+                            if r.len() < super::REJECTED_KEPT {
+                                r.push(e.to_string());
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sends every host page of `claim` on `chan`, contiguous host pages in one go.
+    fn send_claim(
+        &self,
+        claim: &Claim,
+        chan: Channel,
+        g: &Guard<'_>,
+        buf: &mut Vec<u8>,
+    ) -> Result<(), SendError> {
+        let unit = self.layout().host_page().pages();
+        let mut run: Option<(u64, u64)> = None;
+        for hp in claim.host_pages() {
+            match run {
+                Some((first, n)) if first + n == hp.first_page => run = Some((first, n + hp.pages)),
+                _ => {
+                    if let Some((first, n)) = run {
+                        self.out
+                            .send_pages(claim.block(), first, n, unit, chan, Phase::Postcopy, g, buf)?;
+                    }
+                    run = Some((hp.first_page, hp.pages));
+                }
+            }
+        }
+        if let Some((first, n)) = run {
+            self.out
+                .send_pages(claim.block(), first, n, unit, chan, Phase::Postcopy, g, buf)?;
+        }
+        Ok(())
+    }
+}
+
+/// Reads one return-path frame.
+fn read_rp(s: &TcpStream, g: &Guard<'_>) -> Result<(RpHeader, Vec<u8>), WireError> {
+    let mut hb = [0u8; RpHeader::LEN];
+    read_full(s, &mut hb, g, Channel::ReturnPath)?;
+    let h = RpHeader::decode(&hb)?;
+    let mut body = vec![0u8; h.len as usize];
+    read_full(s, &mut body, g, Channel::ReturnPath)?;
+    Ok((h, body))
+}

@@ -1,0 +1,248 @@
+//! The source's outgoing side: pages framed onto the two channels through the emulated link.
+//!
+//! A run of pages is copied out of guest RAM (a volatile copy: vCPUs may be writing during
+//! precopy), split into units — target pages in precopy, host pages in postcopy — and
+//! consecutive units of the same kind (data or all-zero) become one frame: `PAGES` with the
+//! bytes, or `ZERO` with none. Each frame takes its slot on the [`Link`]: the sender blocks
+//! while the background queue is full and stamps the frame with its arrival time.
+
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use super::memory::SourceMemory;
+use crate::clock::sleep_until;
+use crate::guest::layout::TARGET_PAGE;
+use crate::link::Link;
+use crate::wire::{write_parts, Channel, FrameHeader, FrameKind, Guard, WireError};
+
+/// Which phase a page is sent in (for the accounting).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// Before the switch-over (may be sent again).
+    Precopy,
+    /// After it (each host page exactly once).
+    Postcopy,
+}
+
+/// Counters of what was sent (relaxed; read after the senders are joined).
+#[derive(Debug, Default)]
+pub struct Sent {
+    /// Target pages sent in precopy.
+    pub precopy_pages: AtomicU64,
+    /// Link bytes in precopy.
+    pub precopy_bytes: AtomicU64,
+    /// Link bytes in postcopy.
+    pub postcopy_bytes: AtomicU64,
+    /// Host pages sent on the background channel in postcopy.
+    pub bg_host_pages: AtomicU64,
+    /// Host pages sent on the urgent channel.
+    pub urgent_host_pages: AtomicU64,
+    /// Of the postcopy host pages, all-zero ones (no payload).
+    pub zero_host_pages: AtomicU64,
+    /// Set at the switch-over.
+    precopy_over: AtomicBool,
+}
+
+/// Test hooks of the outgoing side.
+#[derive(Debug)]
+pub struct Hooks {
+    /// Flip a byte of the first data-area page sent in postcopy (once).
+    pub corrupt_pending: AtomicBool,
+    /// Drop both connections after this many postcopy host pages (0: never).
+    pub drop_after: u64,
+}
+
+/// Frames pages onto the channels.
+#[derive(Debug)]
+pub struct Outbound<'a> {
+    /// Guest RAM.
+    pub mem: &'a SourceMemory,
+    /// The emulated link.
+    pub link: Link,
+    /// Main connection (background channel).
+    pub main: &'a TcpStream,
+    /// Urgent connection.
+    pub urgent: &'a TcpStream,
+    /// What was sent.
+    pub sent: Sent,
+    /// Test hooks.
+    pub hooks: Hooks,
+}
+
+/// Why sending stopped.
+#[derive(Debug)]
+pub enum SendError {
+    /// The connection failed.
+    Wire(WireError),
+    /// Guest memory could not be read.
+    Memory(String),
+    /// The drop hook fired.
+    Dropped(u64),
+}
+
+impl From<WireError> for SendError {
+    fn from(e: WireError) -> Self {
+        Self::Wire(e)
+    }
+}
+
+impl Outbound<'_> {
+    /// Sends target pages `first .. first + count` of `block` on `chan`, in units of `unit`
+    /// target pages (a unit is all-zero or not), reading them into `buf`.
+    pub fn send_pages(
+        &self,
+        block: u32,
+        first: u64,
+        count: u64,
+        unit: u64,
+        chan: Channel,
+        phase: Phase,
+        guard: &Guard<'_>,
+        buf: &mut Vec<u8>,
+    ) -> Result<(), SendError> {
+        let bytes = (count * TARGET_PAGE) as usize;
+        buf.resize(bytes, 0);
+        self.mem
+            .read(block, first * TARGET_PAGE, &mut buf[..bytes])
+            .map_err(SendError::Memory)?;
+        if phase == Phase::Postcopy {
+            self.maybe_corrupt(block, first, &mut buf[..bytes]);
+        }
+        let unit_bytes = (unit * TARGET_PAGE) as usize;
+        let mut at = 0;
+        while at < bytes {
+            let zero = is_zero(&buf[at..at + unit_bytes]);
+            let mut end = at + unit_bytes;
+            while end < bytes && is_zero(&buf[end..end + unit_bytes]) == zero {
+                end += unit_bytes;
+            }
+            let offset = (first * TARGET_PAGE) + at as u64;
+            let payload: &[u8] = if zero { &[] } else { &buf[at..end] };
+            self.frame(
+                if zero { FrameKind::Zero } else { FrameKind::Pages },
+                block,
+                offset,
+                (end - at) as u64,
+                payload,
+                chan,
+                guard,
+            )?;
+            let units = ((end - at) / unit_bytes) as u64;
+            match phase {
+                // Relaxed: counters read after the senders are joined.
+                Phase::Precopy => {
+                    self.sent
+                        .precopy_pages
+                        .fetch_add(units * unit, Ordering::Relaxed);
+                }
+                Phase::Postcopy => {
+                    let c = if chan == Channel::Urgent {
+                        &self.sent.urgent_host_pages
+                    } else {
+                        &self.sent.bg_host_pages
+                    };
+                    c.fetch_add(units, Ordering::Relaxed);
+                    if zero {
+                        self.sent.zero_host_pages.fetch_add(units, Ordering::Relaxed);
+                    }
+                    self.check_drop()?;
+                }
+            }
+            at = end;
+        }
+        Ok(())
+    }
+
+    /// Sends one frame (header and payload) on `chan` through the link. `len` is the payload
+    /// length, or the bytes of zero pages for `ZERO`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn frame(
+        &self,
+        kind: FrameKind,
+        block: u32,
+        offset: u64,
+        len: u64,
+        payload: &[u8],
+        chan: Channel,
+        guard: &Guard<'_>,
+    ) -> Result<(), WireError> {
+        let wire = (FrameHeader::LEN + payload.len()) as u64;
+        let (slot, stream) = match chan {
+            Channel::Urgent => (self.link.urgent(wire), self.urgent),
+            _ => (self.link.background(wire), self.main),
+        };
+        if slot.block_until_ns > 0 {
+            sleep_until(slot.block_until_ns);
+        }
+        let h = FrameHeader {
+            kind,
+            block,
+            offset,
+            len,
+            arrival_ns: slot.arrival_ns,
+        };
+        write_parts(stream, &[&h.encode(), payload], guard, chan)?;
+        let counter = match kind {
+            FrameKind::Pages | FrameKind::Zero if self.sent.precopy_done() => {
+                &self.sent.postcopy_bytes
+            }
+            FrameKind::Pages | FrameKind::Zero => &self.sent.precopy_bytes,
+            _ => return Ok(()),
+        };
+        // Relaxed: a counter read after the senders are joined.
+        counter.fetch_add(wire, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn maybe_corrupt(&self, block: u32, first: u64, buf: &mut [u8]) {
+        // Relaxed: a one-shot test-hook flag.
+        if !self.hooks.corrupt_pending.load(Ordering::Relaxed) {
+            return;
+        }
+        let l = self.mem.layout();
+        let base = l.block_first_page(block) + first;
+        for (i, page) in buf.chunks_exact_mut(TARGET_PAGE as usize).enumerate() {
+            if l.data.contains(&(base + i as u64)) && !is_zero(page) {
+                if self.hooks.corrupt_pending.swap(false, Ordering::Relaxed) {
+                    page[100] ^= 0x40;
+                }
+                return;
+            }
+        }
+    }
+
+    fn check_drop(&self) -> Result<(), SendError> {
+        if self.hooks.drop_after == 0 {
+            return Ok(());
+        }
+        // Relaxed: an approximate total is enough for a test hook.
+        let total = self.sent.bg_host_pages.load(Ordering::Relaxed)
+            + self.sent.urgent_host_pages.load(Ordering::Relaxed);
+        if total >= self.hooks.drop_after {
+            return Err(SendError::Dropped(total));
+        }
+        Ok(())
+    }
+}
+
+impl Sent {
+    /// Marks the end of precopy (later page frames count as postcopy bytes).
+    pub fn end_precopy(&self) {
+        // Relaxed: set by the one precopy thread before the postcopy senders start.
+        self.precopy_over.store(true, Ordering::Relaxed);
+    }
+
+    fn precopy_done(&self) -> bool {
+        // Relaxed: see `end_precopy`.
+        self.precopy_over.load(Ordering::Relaxed)
+    }
+}
+
+/// Whether `b` is all zeros (word at a time).
+pub fn is_zero(b: &[u8]) -> bool {
+    let (head, words, tail) = {
+        // SAFETY: u64 has no invalid bit patterns; align_to splits off unaligned ends.
+        unsafe { b.align_to::<u64>() }
+    };
+    head.iter().all(|&x| x == 0) && words.iter().all(|&w| w == 0) && tail.iter().all(|&x| x == 0)
+}

@@ -1,0 +1,206 @@
+//! Page frames (source → destination) and return-path frames (destination → source).
+//!
+//! Page frame, 32-byte header, little endian:
+//! `magic u16 | kind u8 | 0 u8 | block u32 | offset u64 | len u64 | arrival_ns u64`, then
+//! `len` payload bytes for `PAGES`, `SUMMARY`, `SWITCH` and `ABORT`, nothing for `ZERO` (a run
+//! of zero pages) and `PONG`. `offset` is a byte offset in RAM block `block`.
+//!
+//! Return-path frame, 16-byte header: `magic u16 | kind u8 | 0 u8 | len u32 | sent_ns u64`,
+//! then `len` bytes (≤ 256): a page request in [`pagehint::UrgentRequest`]'s wire format for
+//! `REQUEST` (checked by the scheduler, which rejects malformed ones with a typed error),
+//! nothing for `DONE`, `PING` and `START`.
+
+use super::{Channel, WireError};
+
+const PAGE_MAGIC: u16 = 0x4750;
+const RP_MAGIC: u16 = 0x5052;
+/// Largest page frame payload accepted (a claim of 64 host pages of 2 MiB is 128 MiB).
+pub const MAX_PAYLOAD: u64 = 256 << 20;
+/// Largest return-path body accepted.
+pub const MAX_RP_BODY: u32 = 256;
+
+/// Kinds of page frames.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum FrameKind {
+    /// Host pages with their contents.
+    Pages = 1,
+    /// A run of all-zero host pages (no payload).
+    Zero = 2,
+    /// End of migration: the source's counters and checksums.
+    Summary = 3,
+    /// The source failed; the payload is its message.
+    Abort = 4,
+    /// Clock probe answer; `arrival_ns` is the source's clock.
+    Pong = 5,
+    /// The switch to postcopy: vCPU state and the pages to discard ([`super::SwitchOver`]).
+    Switch = 6,
+}
+
+/// A page frame header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FrameHeader {
+    /// What follows.
+    pub kind: FrameKind,
+    /// RAM block.
+    pub block: u32,
+    /// Byte offset in the block.
+    pub offset: u64,
+    /// Payload bytes (`Pages`, `Summary`, `Abort`) or bytes of zero pages (`Zero`).
+    pub len: u64,
+    /// Arrival time on the emulated link (source clock).
+    pub arrival_ns: u64,
+}
+
+impl FrameHeader {
+    /// Encoded size.
+    pub const LEN: usize = 32;
+
+    /// Encodes the header.
+    pub fn encode(&self) -> [u8; Self::LEN] {
+        let mut b = [0u8; Self::LEN];
+        b[0..2].copy_from_slice(&PAGE_MAGIC.to_le_bytes());
+        b[2] = self.kind as u8;
+        b[4..8].copy_from_slice(&self.block.to_le_bytes());
+        b[8..16].copy_from_slice(&self.offset.to_le_bytes());
+        b[16..24].copy_from_slice(&self.len.to_le_bytes());
+        b[24..32].copy_from_slice(&self.arrival_ns.to_le_bytes());
+        b
+    }
+
+    /// Decodes and checks a header.
+    pub fn decode(b: &[u8; Self::LEN], chan: Channel) -> Result<Self, WireError> {
+        let bad = |what: String| WireError::Malformed(chan, what);
+        let magic = u16::from_le_bytes([b[0], b[1]]);
+        if magic != PAGE_MAGIC || b[3] != 0 {
+            return Err(bad(format!("bad page frame magic {magic:#06x}")));
+        }
+        let kind = match b[2] {
+            1 => FrameKind::Pages,
+            2 => FrameKind::Zero,
+            3 => FrameKind::Summary,
+            4 => FrameKind::Abort,
+            5 => FrameKind::Pong,
+            6 => FrameKind::Switch,
+            k => return Err(bad(format!("unknown page frame kind {k}"))),
+        };
+        let u64_at = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().expect("8 bytes"));
+        let h = Self {
+            kind,
+            block: u32::from_le_bytes(b[4..8].try_into().expect("4 bytes")),
+            offset: u64_at(8),
+            len: u64_at(16),
+            arrival_ns: u64_at(24),
+        };
+        if h.kind != FrameKind::Zero && h.len > MAX_PAYLOAD {
+            return Err(bad(format!("page frame payload of {} bytes", h.len)));
+        }
+        Ok(h)
+    }
+
+    /// Payload bytes that follow this header on the wire.
+    pub fn payload_len(&self) -> u64 {
+        match self.kind {
+            FrameKind::Zero | FrameKind::Pong => 0,
+            _ => self.len,
+        }
+    }
+}
+
+/// Kinds of return-path frames.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum RpKind {
+    /// A page request (body: an `UrgentRequest` frame, possibly malformed).
+    Request = 1,
+    /// The destination has every page and the guest has finished.
+    Done = 2,
+    /// Clock probe (before `Start`).
+    Ping = 3,
+    /// The destination is ready: postcopy starts now.
+    Start = 4,
+}
+
+/// A return-path frame header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RpHeader {
+    /// What follows.
+    pub kind: RpKind,
+    /// Body bytes.
+    pub len: u32,
+    /// When the destination sent it (destination clock).
+    pub sent_ns: u64,
+}
+
+impl RpHeader {
+    /// Encoded size.
+    pub const LEN: usize = 16;
+
+    /// Encodes the header.
+    pub fn encode(&self) -> [u8; Self::LEN] {
+        let mut b = [0u8; Self::LEN];
+        b[0..2].copy_from_slice(&RP_MAGIC.to_le_bytes());
+        b[2] = self.kind as u8;
+        b[4..8].copy_from_slice(&self.len.to_le_bytes());
+        b[8..16].copy_from_slice(&self.sent_ns.to_le_bytes());
+        b
+    }
+
+    /// Decodes and checks a header (the body is checked by the scheduler).
+    pub fn decode(b: &[u8; Self::LEN]) -> Result<Self, WireError> {
+        let bad = |what: String| WireError::Malformed(Channel::ReturnPath, what);
+        let magic = u16::from_le_bytes([b[0], b[1]]);
+        if magic != RP_MAGIC || b[3] != 0 {
+            return Err(bad(format!("bad return-path frame magic {magic:#06x}")));
+        }
+        let kind = match b[2] {
+            1 => RpKind::Request,
+            2 => RpKind::Done,
+            3 => RpKind::Ping,
+            4 => RpKind::Start,
+            k => return Err(bad(format!("unknown return-path frame kind {k}"))),
+        };
+        let len = u32::from_le_bytes(b[4..8].try_into().expect("4 bytes"));
+        if len > MAX_RP_BODY {
+            return Err(bad(format!("return-path body of {len} bytes")));
+        }
+        Ok(Self {
+            kind,
+            len,
+            sent_ns: u64::from_le_bytes(b[8..16].try_into().expect("8 bytes")),
+        })
+    }
+}
+
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip_and_garbage_is_a_typed_error() {
+        let h = FrameHeader {
+            kind: FrameKind::Zero,
+            block: 1,
+            offset: 4096,
+            len: 8192,
+            arrival_ns: 77,
+        };
+        assert_eq!(FrameHeader::decode(&h.encode(), Channel::Urgent).unwrap(), h);
+        let mut bad = h.encode();
+        bad[2] = 9;
+        assert!(matches!(
+            FrameHeader::decode(&bad, Channel::Urgent),
+            Err(WireError::Malformed(Channel::Urgent, _))
+        ));
+        let r = RpHeader {
+            kind: RpKind::Request,
+            len: 24,
+            sent_ns: 5,
+        };
+        assert_eq!(RpHeader::decode(&r.encode()).unwrap(), r);
+        let mut big = r.encode();
+        big[4..8].copy_from_slice(&1000u32.to_le_bytes());
+        assert!(RpHeader::decode(&big).is_err());
+    }
+}

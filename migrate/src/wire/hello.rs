@@ -1,0 +1,259 @@
+//! The destination's hello (what it asks the source to migrate) and the source's reply.
+//!
+//! Hello: `"PHMIGRT2"`, then 22 little-endian `u64` fields in [`Hello::encode`]'s order, then
+//! the 36-byte boot id. Every field is decoded into its typed value and checked here (enum
+//! codes, host page size, claim batch, the guest layout), so the rest of the source sees
+//! only values that make sense; a bad field is a [`WireError::Malformed`] saying which.
+//!
+//! Reply: `token u64 | boot id [36] | message length u32 | message` (empty when accepted).
+
+use std::net::TcpStream;
+
+use pagehint::ClaimBatch;
+
+use super::{read_full, write_parts, Channel, Guard, WireError};
+use crate::guest::layout::HostPageSize;
+use crate::link::LinkParams;
+use crate::options::{
+    DirtyTracking, GuestKind, GuestSpec, MigrationMode, Precopy, SourceFault, Workload,
+};
+
+/// Which connection a hello opens.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// The main connection of a new session.
+    Main,
+    /// The urgent connection of the session with this token.
+    Urgent {
+        /// The session token from the main connection's reply.
+        token: u64,
+    },
+}
+
+/// Migration parameters the destination sends when it connects.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Hello {
+    /// Main or urgent connection.
+    pub role: Role,
+    /// Mode.
+    pub mode: MigrationMode,
+    /// What the guest runs.
+    pub workload: Workload,
+    /// The guest.
+    pub guest: GuestSpec,
+    /// Precopy before postcopy.
+    pub precopy: Precopy,
+    /// The emulated link.
+    pub link: LinkParams,
+    /// Background claim batch.
+    pub claim_batch: ClaimBatch,
+    /// Target page (global) where the background scan starts.
+    pub scan_start: u64,
+    /// Test hook: the source drops both connections after this many host pages (0: never).
+    pub drop_after: u64,
+    /// Test hook: a fault the source injects.
+    pub source_fault: SourceFault,
+    /// Destination's boot id.
+    pub boot_id: [u8; 36],
+}
+
+const MAGIC: &[u8; 8] = b"PHMIGRT2";
+const FIELDS: usize = 22;
+const LEN: usize = 8 + FIELDS * 8 + 36;
+
+impl Hello {
+    /// Encoded size.
+    pub const LEN: usize = LEN;
+
+    /// Encodes the hello.
+    pub fn encode(&self) -> [u8; LEN] {
+        let (role, token) = match self.role {
+            Role::Main => (1, 0),
+            Role::Urgent { token } => (2, token),
+        };
+        let l = &self.guest.layout;
+        let vals: [u64; FIELDS] = [
+            role,
+            token,
+            self.mode.code(),
+            self.workload.code(),
+            self.guest.kind.code(),
+            l.mem(),
+            l.host_page().bytes(),
+            u64::from(l.vcpus()),
+            self.guest.seed,
+            self.guest.stream_rate,
+            u64::from(self.precopy.rounds),
+            self.precopy.tracking.code(),
+            self.link.bandwidth_bps,
+            self.link.delay_ns,
+            self.link.queue_bytes,
+            self.link.nic_queue_bytes,
+            self.claim_batch.get(),
+            self.scan_start,
+            self.drop_after,
+            self.source_fault.code(),
+            0,
+            0,
+        ];
+        let mut b = [0u8; LEN];
+        b[..8].copy_from_slice(MAGIC);
+        for (i, v) in vals.iter().enumerate() {
+            b[8 + i * 8..16 + i * 8].copy_from_slice(&v.to_le_bytes());
+        }
+        b[LEN - 36..].copy_from_slice(&self.boot_id);
+        b
+    }
+
+    /// Decodes and checks a hello.
+    pub fn decode(b: &[u8; LEN]) -> Result<Self, WireError> {
+        let bad = |what: String| WireError::Malformed(Channel::Handshake, what);
+        if &b[..8] != MAGIC {
+            return Err(bad("not a pagehint-migrate destination (bad hello)".into()));
+        }
+        let v = |i: usize| u64::from_le_bytes(b[8 + i * 8..16 + i * 8].try_into().expect("8"));
+        let role = match (v(0), v(1)) {
+            (1, _) => Role::Main,
+            (2, token) => Role::Urgent { token },
+            (r, _) => return Err(bad(format!("unknown connection role {r}"))),
+        };
+        let mode =
+            MigrationMode::from_code(v(2)).ok_or_else(|| bad(format!("unknown mode {}", v(2))))?;
+        let workload =
+            Workload::from_code(v(3)).ok_or_else(|| bad(format!("unknown workload {}", v(3))))?;
+        let kind =
+            GuestKind::from_code(v(4)).ok_or_else(|| bad(format!("unknown guest kind {}", v(4))))?;
+        let host_page = HostPageSize::from_bytes(v(6))
+            .ok_or_else(|| bad(format!("host page of {} bytes (4 KiB or 2 MiB)", v(6))))?;
+        let vcpus = u32::try_from(v(7)).map_err(|_| bad(format!("{} vCPUs", v(7))))?;
+        let mut guest = GuestSpec::new(kind, v(5), host_page, vcpus)
+            .map_err(|e| bad(format!("guest: {e}")))?;
+        guest.seed = v(8);
+        guest.stream_rate = v(9).max(1);
+        let rounds = u32::try_from(v(10)).map_err(|_| bad(format!("{} precopy rounds", v(10))))?;
+        let tracking = DirtyTracking::from_code(v(11))
+            .ok_or_else(|| bad(format!("unknown dirty tracking {}", v(11))))?;
+        let claim_batch = ClaimBatch::pages(v(16)).map_err(|e| bad(e.to_string()))?;
+        if v(17) >= guest.layout.pages() {
+            return Err(bad(format!("scan start page {} is outside guest RAM", v(17))));
+        }
+        let source_fault = SourceFault::from_code(v(19))
+            .ok_or_else(|| bad(format!("unknown source fault {}", v(19))))?;
+        let mut boot_id = [0u8; 36];
+        boot_id.copy_from_slice(&b[LEN - 36..]);
+        Ok(Self {
+            role,
+            mode,
+            workload,
+            guest,
+            precopy: Precopy { rounds, tracking },
+            link: LinkParams {
+                bandwidth_bps: v(12),
+                delay_ns: v(13),
+                queue_bytes: v(14),
+                nic_queue_bytes: v(15),
+            },
+            claim_batch,
+            scan_start: v(17),
+            drop_after: v(18),
+            source_fault,
+            boot_id,
+        })
+    }
+}
+
+/// The source's answer to a hello.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HelloReply {
+    /// Empty when accepted, else why not.
+    pub error: String,
+    /// Session token for the urgent connection.
+    pub token: u64,
+    /// Source's boot id.
+    pub boot_id: [u8; 36],
+}
+
+impl HelloReply {
+    /// Writes the reply.
+    pub fn write(&self, s: &TcpStream, guard: &Guard<'_>) -> Result<(), WireError> {
+        let msg = self.error.as_bytes();
+        let mut head = Vec::with_capacity(48);
+        head.extend_from_slice(&self.token.to_le_bytes());
+        head.extend_from_slice(&self.boot_id);
+        head.extend_from_slice(&(msg.len() as u32).to_le_bytes());
+        write_parts(s, &[&head, msg], guard, Channel::Handshake)
+    }
+
+    /// Reads a reply.
+    pub fn read(s: &TcpStream, guard: &Guard<'_>) -> Result<Self, WireError> {
+        let mut head = [0u8; 48];
+        read_full(s, &mut head, guard, Channel::Handshake)?;
+        let len = u32::from_le_bytes(head[44..48].try_into().expect("4 bytes"));
+        if len > 4096 {
+            return Err(WireError::Malformed(
+                Channel::Handshake,
+                format!("hello reply message of {len} bytes"),
+            ));
+        }
+        let mut msg = vec![0u8; len as usize];
+        read_full(s, &mut msg, guard, Channel::Handshake)?;
+        let mut boot_id = [0u8; 36];
+        boot_id.copy_from_slice(&head[8..44]);
+        Ok(Self {
+            error: String::from_utf8_lossy(&msg).into_owned(),
+            token: u64::from_le_bytes(head[0..8].try_into().expect("8 bytes")),
+            boot_id,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hello() -> Hello {
+        let guest = GuestSpec::new(GuestKind::Kvm, 64 << 20, HostPageSize::Small, 2).unwrap();
+        Hello {
+            role: Role::Urgent { token: 9 },
+            mode: MigrationMode::PreemptHint,
+            workload: Workload::Kv,
+            guest,
+            precopy: Precopy {
+                rounds: 3,
+                tracking: DirtyTracking::Ring,
+            },
+            link: LinkParams::DEFAULT,
+            claim_batch: ClaimBatch::pages(32).unwrap(),
+            scan_start: 7,
+            drop_after: 0,
+            source_fault: SourceFault::DuplicatePage,
+            boot_id: [b'x'; 36],
+        }
+    }
+
+    #[test]
+    fn hello_round_trips() {
+        let h = hello();
+        assert_eq!(Hello::decode(&h.encode()).unwrap(), h);
+    }
+
+    #[test]
+    fn every_bad_field_is_named() {
+        let good = hello().encode();
+        for (field, value, says) in [
+            (2, 9u64, "unknown mode"),
+            (3, 0, "unknown workload"),
+            (6, 8192, "host page"),
+            (7, 0, "vCPUs"),
+            (11, 7, "dirty tracking"),
+            (16, 48, "48"),
+            (17, 1u64 << 40, "scan start"),
+            (5, 3 << 20, "guest"),
+        ] {
+            let mut b = good;
+            b[8 + field * 8..16 + field * 8].copy_from_slice(&value.to_le_bytes());
+            let e = Hello::decode(&b).unwrap_err().to_string();
+            assert!(e.contains(says), "field {field}: {e}");
+        }
+    }
+}

@@ -1,0 +1,208 @@
+//! The harness's wire formats and blocking I/O that never hangs.
+//!
+//! Two TCP connections per migration, as QEMU's postcopy-preempt has:
+//! * **main**: source → destination the precopy pages, the switch-over, then the page frames
+//!   of the background channel (and, in vanilla, every page); destination → source the return
+//!   path (page requests, `DONE`, pings).
+//! * **urgent**: source → destination page frames sent by the return-path thread (preempt).
+//!
+//! Every read and write runs with a short socket timeout and is retried until a stop flag is
+//! raised or the peer has been silent for the idle limit, so a dead peer or a dropped
+//! connection ends the run with a typed [`WireError`], never a hang.
+//!
+//! * [`frame`]: page frames and return-path frames;
+//! * [`hello`]: what the destination asks for, and the source's answer;
+//! * [`switch`]: the switch-over from precopy to postcopy (vCPU state, pages to discard);
+//! * [`summary`]: what the source reports at the end.
+
+pub mod frame;
+pub mod hello;
+pub mod summary;
+pub mod switch;
+
+pub use frame::{FrameHeader, FrameKind, RpHeader, RpKind};
+pub use hello::{Hello, HelloReply, Role};
+pub use summary::Summary;
+pub use switch::SwitchOver;
+
+use std::fmt;
+use std::io::{self, IoSlice, Read, Write};
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use rustix::event::{poll, PollFd, PollFlags};
+
+use crate::clock::now_ns;
+
+/// The socket timeout each blocking call waits before re-checking the stop flag.
+pub const POLL_SLICE: Duration = Duration::from_millis(100);
+
+
+/// Which connection an error happened on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Channel {
+    /// The main connection, source → destination (background pages).
+    Background,
+    /// The preempt connection (urgent pages).
+    Urgent,
+    /// The main connection, destination → source (requests).
+    ReturnPath,
+    /// Connection setup.
+    Handshake,
+}
+
+impl fmt::Display for Channel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Background => "background channel",
+            Self::Urgent => "urgent channel",
+            Self::ReturnPath => "return path",
+            Self::Handshake => "handshake",
+        })
+    }
+}
+
+/// Why a connection failed.
+#[derive(Debug)]
+pub enum WireError {
+    /// The peer closed the connection.
+    Closed(Channel),
+    /// Nothing moved for too long.
+    Timeout(Channel, Duration),
+    /// A socket error (reset, broken pipe, ...).
+    Io(Channel, io::Error),
+    /// The peer sent something that is not a frame of this protocol.
+    Malformed(Channel, String),
+    /// The peer reported an error and aborted.
+    PeerAbort(Channel, String),
+    /// This side was asked to stop.
+    Stopped,
+}
+
+impl fmt::Display for WireError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Closed(c) => write!(f, "connection lost: the peer closed the {c}"),
+            Self::Timeout(c, d) => write!(f, "connection lost: nothing on the {c} for {d:?}"),
+            Self::Io(c, e) => write!(f, "connection lost on the {c}: {e}"),
+            Self::Malformed(c, what) => write!(f, "protocol error on the {c}: {what}"),
+            Self::PeerAbort(c, msg) => write!(f, "the peer aborted ({c}): {msg}"),
+            Self::Stopped => write!(f, "stopped"),
+        }
+    }
+}
+
+impl std::error::Error for WireError {}
+
+/// Sets the socket options every harness connection uses.
+pub fn configure(stream: &TcpStream) -> io::Result<()> {
+    stream.set_nodelay(true)?;
+    stream.set_read_timeout(Some(POLL_SLICE))?;
+    stream.set_write_timeout(Some(POLL_SLICE))?;
+    Ok(())
+}
+
+fn timed_out(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted
+    )
+}
+
+/// When blocking I/O gives up: a stop flag, and an idle limit measured from the later of this
+/// call's last progress and an optional keep-alive stamp that another thread refreshes (so a
+/// channel that is legitimately silent, like the urgent one, stays up while the other moves).
+#[derive(Clone, Copy, Debug)]
+pub struct Guard<'a> {
+    /// Raised to stop.
+    pub stop: &'a AtomicBool,
+    /// Longest silence tolerated.
+    pub idle: Duration,
+    /// Last progress of a related channel (ns), if any.
+    pub keepalive: Option<&'a AtomicU64>,
+}
+
+impl Guard<'_> {
+    /// Err if stopped or idle since `last` (and since the keep-alive stamp).
+    pub fn check(&self, last: u64, chan: Channel) -> Result<(), WireError> {
+        // Relaxed: a flag polled every slice; nothing is published through it.
+        if self.stop.load(Ordering::Relaxed) {
+            return Err(WireError::Stopped);
+        }
+        // Relaxed: a timestamp compared against a coarse limit.
+        let kept = self.keepalive.map_or(0, |k| k.load(Ordering::Relaxed));
+        if now_ns().saturating_sub(last.max(kept)) > self.idle.as_nanos() as u64 {
+            return Err(WireError::Timeout(chan, self.idle));
+        }
+        Ok(())
+    }
+}
+
+/// Waits until `stream` is readable (data or EOF) or `timeout_ns` passes.
+pub fn wait_readable(stream: &TcpStream, timeout_ns: u64) -> Result<bool, io::Error> {
+    let mut fds = [PollFd::new(stream, PollFlags::IN)];
+    match poll(&mut fds, Some(&crate::clock::timespec(timeout_ns))) {
+        Ok(n) => Ok(n > 0),
+        Err(rustix::io::Errno::INTR) => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Fills `buf` from `stream`, giving up as `guard` says.
+pub fn read_full(
+    mut stream: &TcpStream,
+    buf: &mut [u8],
+    guard: &Guard<'_>,
+    chan: Channel,
+) -> Result<(), WireError> {
+    let mut got = 0;
+    let mut last = now_ns();
+    while got < buf.len() {
+        match stream.read(&mut buf[got..]) {
+            Ok(0) => return Err(WireError::Closed(chan)),
+            Ok(n) => {
+                got += n;
+                last = now_ns();
+            }
+            Err(e) if timed_out(&e) => guard.check(last, chan)?,
+            Err(e) => return Err(WireError::Io(chan, e)),
+        }
+    }
+    Ok(())
+}
+
+/// Writes `parts` in order, giving up as `guard` says.
+pub fn write_parts(
+    mut stream: &TcpStream,
+    parts: &[&[u8]],
+    guard: &Guard<'_>,
+    chan: Channel,
+) -> Result<(), WireError> {
+    let total: usize = parts.iter().map(|p| p.len()).sum();
+    let mut done = 0usize;
+    let mut last = now_ns();
+    while done < total {
+        let mut skip = done;
+        let mut slices = Vec::with_capacity(parts.len());
+        for p in parts {
+            if skip >= p.len() {
+                skip -= p.len();
+                continue;
+            }
+            slices.push(IoSlice::new(&p[skip..]));
+            skip = 0;
+        }
+        match stream.write_vectored(&slices) {
+            Ok(0) => return Err(WireError::Closed(chan)),
+            Ok(n) => {
+                done += n;
+                last = now_ns();
+            }
+            Err(e) if timed_out(&e) => guard.check(last, chan)?,
+            Err(e) => return Err(WireError::Io(chan, e)),
+        }
+    }
+    Ok(())
+}
+

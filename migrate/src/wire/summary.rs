@@ -1,0 +1,167 @@
+//! What the source reports at the end of a migration: its scheduler's counters, what it
+//! sent on each channel, the first rejected requests, and the checksum of every target page
+//! as it was at the switch-over (the destination is verified against them).
+
+use pagehint::SchedulerStats;
+
+use super::{Channel, WireError};
+
+/// What the source reports at the end of a migration.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Summary {
+    /// The scheduler's counters.
+    pub stats: SchedulerStats,
+    /// Host pages written on the background channel.
+    pub bg_host_pages: u64,
+    /// Host pages written on the urgent channel.
+    pub urgent_host_pages: u64,
+    /// Of those, all-zero host pages sent as `ZERO` frames.
+    pub zero_host_pages: u64,
+    /// Link bytes sent in postcopy (headers included).
+    pub postcopy_bytes: u64,
+    /// The first few rejected requests, as the scheduler's error messages.
+    pub rejected: Vec<String>,
+    /// Checksum of every target page at the switch-over, global page order.
+    pub checksums: Vec<u64>,
+    /// The guest's generation table at the switch-over (one entry per global page; empty
+    /// when nothing ran at the source).
+    pub generations: Vec<u32>,
+}
+
+fn stats_fields(s: &SchedulerStats) -> [u64; 16] {
+    [
+        s.requests,
+        s.bad_requests,
+        s.requests_queued,
+        s.queued_followed,
+        s.urgent_host_pages,
+        s.urgent_pages,
+        s.urgent_already_claimed,
+        s.background_claims,
+        s.background_host_pages,
+        s.background_pages,
+        s.background_claims_lost,
+        s.hints_offered,
+        s.hints_accepted,
+        s.hints_refused_pending,
+        s.hints_taken,
+        s.rounds,
+    ]
+}
+
+impl Summary {
+    /// Encodes the summary.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(256 + self.checksums.len() * 8);
+        let mut put = |v: u64| out.extend_from_slice(&v.to_le_bytes());
+        for v in stats_fields(&self.stats) {
+            put(v);
+        }
+        put(self.bg_host_pages);
+        put(self.urgent_host_pages);
+        put(self.zero_host_pages);
+        put(self.postcopy_bytes);
+        put(self.rejected.len() as u64);
+        put(self.checksums.len() as u64);
+        for r in &self.rejected {
+            out.extend_from_slice(&(r.len() as u32).to_le_bytes());
+            out.extend_from_slice(r.as_bytes());
+        }
+        for c in &self.checksums {
+            out.extend_from_slice(&c.to_le_bytes());
+        }
+        out.extend_from_slice(&(self.generations.len() as u64).to_le_bytes());
+        for g in &self.generations {
+            out.extend_from_slice(&g.to_le_bytes());
+        }
+        out
+    }
+
+    /// Decodes a summary, checking every length.
+    pub fn decode(b: &[u8]) -> Result<Self, WireError> {
+        let bad = || WireError::Malformed(Channel::Background, "truncated summary".into());
+        let mut at = 0usize;
+        let mut take = |n: usize| -> Result<&[u8], WireError> {
+            let s = b.get(at..at + n).ok_or_else(bad)?;
+            at += n;
+            Ok(s)
+        };
+        let mut u = [0u64; 22];
+        for v in u.iter_mut() {
+            *v = u64::from_le_bytes(take(8)?.try_into().expect("8 bytes"));
+        }
+        let mut stats = SchedulerStats::default();
+        stats.requests = u[0];
+        stats.bad_requests = u[1];
+        stats.requests_queued = u[2];
+        stats.queued_followed = u[3];
+        stats.urgent_host_pages = u[4];
+        stats.urgent_pages = u[5];
+        stats.urgent_already_claimed = u[6];
+        stats.background_claims = u[7];
+        stats.background_host_pages = u[8];
+        stats.background_pages = u[9];
+        stats.background_claims_lost = u[10];
+        stats.hints_offered = u[11];
+        stats.hints_accepted = u[12];
+        stats.hints_refused_pending = u[13];
+        stats.hints_taken = u[14];
+        stats.rounds = u[15];
+        let (nrej, nsum) = (u[20], u[21]);
+        if nrej > 64 || nsum > (b.len() / 8) as u64 {
+            return Err(bad());
+        }
+        let mut rejected = Vec::new();
+        for _ in 0..nrej {
+            let len = u32::from_le_bytes(take(4)?.try_into().expect("4 bytes")) as usize;
+            rejected.push(String::from_utf8_lossy(take(len)?).into_owned());
+        }
+        let mut checksums = Vec::with_capacity(nsum as usize);
+        for _ in 0..nsum {
+            checksums.push(u64::from_le_bytes(take(8)?.try_into().expect("8 bytes")));
+        }
+        let ngen = u64::from_le_bytes(take(8)?.try_into().expect("8 bytes"));
+        if ngen > (b.len() / 4) as u64 {
+            return Err(bad());
+        }
+        let mut generations = Vec::with_capacity(ngen as usize);
+        for _ in 0..ngen {
+            generations.push(u32::from_le_bytes(take(4)?.try_into().expect("4 bytes")));
+        }
+        Ok(Self {
+            stats,
+            bg_host_pages: u[16],
+            urgent_host_pages: u[17],
+            zero_host_pages: u[18],
+            postcopy_bytes: u[19],
+            rejected,
+            checksums,
+            generations,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn summary_round_trips_and_rejects_truncation() {
+        let mut stats = SchedulerStats::default();
+        stats.requests = 3;
+        stats.rounds = 1;
+        let s = Summary {
+            stats,
+            bg_host_pages: 10,
+            urgent_host_pages: 2,
+            zero_host_pages: 1,
+            postcopy_bytes: 4096,
+            rejected: vec!["bad".into()],
+            checksums: vec![1, 2, 3],
+            generations: vec![0, 2, 4],
+        };
+        let b = s.encode();
+        assert_eq!(Summary::decode(&b).unwrap(), s);
+        assert!(Summary::decode(&b[..b.len() - 1]).is_err());
+    }
+}
