@@ -62,7 +62,11 @@ pub struct Cli {
     #[arg(long)]
     dirty_ring: bool,
     /// Modes to compare, comma separated.
-    #[arg(long, value_delimiter = ',', default_value = "vanilla,preempt,preempt-hint")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "vanilla,preempt,preempt-hint"
+    )]
     modes: Vec<String>,
     /// Guest workloads, comma separated: seq, random, stream, kv.
     #[arg(long, value_delimiter = ',', default_value = "seq,random,stream,kv")]
@@ -85,6 +89,10 @@ pub struct Cli {
     /// Background bytes an urgent page may wait behind in the interface queue.
     #[arg(long, default_value = "64K")]
     nic_queue: String,
+    /// Most unsent bytes on the background channel in preempt modes, like TCP_NOTSENT_LOWAT:
+    /// auto (1M, at least two host pages), off (the whole send queue), or a size.
+    #[arg(long, default_value = "auto")]
+    lowat: String,
     /// Target pages per background claim (1 to 64, a power of two).
     #[arg(long, default_value_t = 16)]
     claim_batch: u64,
@@ -162,7 +170,9 @@ pub struct Options {
 /// Parses `12ms`, `50us`, `2s`, `0`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len());
+    let split = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
     let v: f64 = num.parse().map_err(|_| format!("bad duration {s:?}"))?;
     let scale = match unit {
@@ -181,7 +191,9 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 /// Parses `10G`, `800M`, `2.5Gbit`, `0` (bits per second).
 pub fn parse_bits(s: &str) -> Result<u64, String> {
     let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len());
+    let split = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
     let v: f64 = num.parse().map_err(|_| format!("bad bandwidth {s:?}"))?;
     let scale = match unit.trim_end_matches("bit").trim_end_matches("bps") {
@@ -205,7 +217,9 @@ fn list<T: std::str::FromStr<Err = String>>(what: &str, v: &[String]) -> Result<
     if v.is_empty() {
         return Err(format!("--{what} needs at least one entry"));
     }
-    v.iter().map(|s| s.parse().map_err(|e| format!("--{what}: {e}"))).collect()
+    v.iter()
+        .map(|s| s.parse().map_err(|e| format!("--{what}: {e}")))
+        .collect()
 }
 
 /// Why the KVM guest cannot run here, if it cannot.
@@ -215,10 +229,23 @@ pub fn kvm_unavailable() -> Option<String> {
     }
     match crate::uffd::Userfault::open() {
         Err(e) => Some(format!("userfaultfd does not open: {e}")),
-        Ok(u) if u.user_mode_only() => {
-            Some("userfaultfd sees only user-mode faults here (KVM's vCPUs fault in the kernel)".into())
-        }
+        Ok(u) if u.user_mode_only() => Some(
+            "userfaultfd sees only user-mode faults here (KVM's vCPUs fault in the kernel)".into(),
+        ),
         Ok(_) => None,
+    }
+}
+
+/// Copies of guest RAM in normal memory: the image template and the source's RAM (source),
+/// the destination's RAM; with 2 MiB host pages both RAMs are hugetlb pages instead.
+fn normal_copies(endpoint: &Endpoint, host_page: HostPageSize) -> u64 {
+    match (endpoint, host_page) {
+        (Endpoint::Local, HostPageSize::Small) => 3,
+        (Endpoint::Local, HostPageSize::Huge2M) => 1,
+        (Endpoint::Listen(_), HostPageSize::Small) => 2,
+        (Endpoint::Listen(_), HostPageSize::Huge2M) => 1,
+        (Endpoint::Connect(_), HostPageSize::Small) => 1,
+        (Endpoint::Connect(_), HostPageSize::Huge2M) => 0,
     }
 }
 
@@ -233,20 +260,36 @@ fn mem_available() -> Option<u64> {
 impl Options {
     /// Parses `cli` into options, deciding the guest kind.
     pub fn from_cli(cli: Cli) -> Result<Self, String> {
-        let host_page: HostPageSize = cli.host_page.parse().map_err(|e| format!("--host-page: {e}"))?;
+        let host_page: HostPageSize = cli
+            .host_page
+            .parse()
+            .map_err(|e| format!("--host-page: {e}"))?;
         let mem = size("mem", &cli.mem)?;
         let (kind, guest_note) = match cli.guest {
-            GuestArg::Thread => (GuestKind::Thread, "thread guest (--guest thread)".to_string()),
+            GuestArg::Thread => (
+                GuestKind::Thread,
+                "thread guest (--guest thread)".to_string(),
+            ),
             GuestArg::Kvm => match kvm_unavailable() {
-                None => (GuestKind::Kvm, "KVM virtual machine (--guest kvm)".to_string()),
+                None => (
+                    GuestKind::Kvm,
+                    "KVM virtual machine (--guest kvm)".to_string(),
+                ),
                 Some(why) => return Err(format!("--guest kvm: {why}")),
             },
             GuestArg::Auto => match kvm_unavailable() {
-                None => (GuestKind::Kvm, "KVM virtual machine (/dev/kvm opens)".to_string()),
-                Some(why) => (GuestKind::Thread, format!("THREAD GUEST, the fallback: {why}")),
+                None => (
+                    GuestKind::Kvm,
+                    "KVM virtual machine (/dev/kvm opens)".to_string(),
+                ),
+                Some(why) => (
+                    GuestKind::Thread,
+                    format!("THREAD GUEST, the fallback: {why}"),
+                ),
             },
         };
-        let mut guest = GuestSpec::new(kind, mem, host_page, cli.vcpus).map_err(|e| format!("--mem / --vcpus: {e}"))?;
+        let mut guest = GuestSpec::new(kind, mem, host_page, cli.vcpus)
+            .map_err(|e| format!("--mem / --vcpus: {e}"))?;
         guest.seed = cli.seed;
         guest.stream_rate = size("stream-rate", &cli.stream_rate)?.max(1);
         let tracking = match (kind, cli.dirty_ring) {
@@ -265,14 +308,25 @@ impl Options {
         };
         cfg.link = LinkParams {
             bandwidth_bps: parse_bits(&cli.bandwidth).map_err(|e| format!("--bandwidth: {e}"))?,
-            delay_ns: parse_duration(&cli.delay).map_err(|e| format!("--delay: {e}"))?.as_nanos() as u64,
+            delay_ns: parse_duration(&cli.delay)
+                .map_err(|e| format!("--delay: {e}"))?
+                .as_nanos() as u64,
             queue_bytes: size("queue", &cli.queue)?,
             nic_queue_bytes: size("nic-queue", &cli.nic_queue)?,
+            lowat_bytes: match cli.lowat.as_str() {
+                "auto" => LinkParams::auto_lowat(host_page.bytes()),
+                "off" | "0" => 0,
+                s => size("lowat", s)?.max(host_page.bytes()),
+            },
         };
-        cfg.claim_batch = ClaimBatch::pages(cli.claim_batch).map_err(|e| format!("--claim-batch: {e}"))?;
+        cfg.claim_batch =
+            ClaimBatch::pages(cli.claim_batch).map_err(|e| format!("--claim-batch: {e}"))?;
         cfg.fault_path = if cli.no_uffd {
             if kind == GuestKind::Kvm {
-                return Err("--no-uffd needs the thread guest (KVM's vCPUs fault through userfaultfd)".into());
+                return Err(
+                    "--no-uffd needs the thread guest (KVM's vCPUs fault through userfaultfd)"
+                        .into(),
+                );
             }
             FaultPath::Software
         } else {
@@ -299,16 +353,7 @@ impl Options {
             ),
             (None, None) => Endpoint::Local,
         };
-        // Guest RAM in normal memory: the image template and the source's copy (source), the
-        // destination's copy; hugetlb copies are checked when they are reserved.
-        let normal_copies = match (&endpoint, host_page) {
-            (Endpoint::Local, HostPageSize::Small) => 3,
-            (Endpoint::Local, HostPageSize::Huge2M) => 1,
-            (Endpoint::Listen(_), HostPageSize::Small) => 2,
-            (Endpoint::Listen(_), HostPageSize::Huge2M) => 1,
-            (Endpoint::Connect(_), HostPageSize::Small) => 1,
-            (Endpoint::Connect(_), HostPageSize::Huge2M) => 0,
-        };
+        let normal_copies = normal_copies(&endpoint, host_page);
         if let Some(avail) = mem_available() {
             if mem * normal_copies > avail {
                 return Err(format!(
@@ -329,6 +374,15 @@ impl Options {
             quiet: cli.quiet,
             guest_note,
         })
+    }
+
+    /// Bytes of normal memory and 2 MiB hugetlb pages this process maps for one run.
+    pub fn memory_needed(&self) -> (u64, u64) {
+        let l = self.cfg.layout();
+        (
+            normal_copies(&self.endpoint, l.host_page()) * l.mem(),
+            self.huge_pages_needed(),
+        )
     }
 
     /// 2 MiB pages this process needs in hugetlb (0 for 4 KiB host pages).

@@ -56,12 +56,25 @@ pub fn table(rows: &[RunResult]) -> String {
             format!("{:.0}", r.precopy_bytes as f64 / (1 << 20) as f64),
             format!("{}/{}", r.pages_urgent, r.pages_background),
             format!("{}/{}", r.hints_offered, r.hints_taken),
-            format!("{:.0}→{:.0}", r.progress_before_per_s, r.progress_after_per_s),
-            if r.verified { "yes".into() } else { "NO".into() },
+            format!(
+                "{:.0}→{:.0}",
+                r.progress_before_per_s, r.progress_after_per_s
+            ),
+            if r.verified {
+                "yes".into()
+            } else {
+                "NO".into()
+            },
         ]);
     }
     let widths: Vec<usize> = (0..head.len())
-        .map(|c| cells.iter().map(|row| row[c].chars().count()).max().unwrap_or(0))
+        .map(|c| {
+            cells
+                .iter()
+                .map(|row| row[c].chars().count())
+                .max()
+                .unwrap_or(0)
+        })
         .collect();
     for (i, row) in cells.iter().enumerate() {
         if i == 1 || (i > 1 && rows[i - 1].workload != rows[i - 2].workload) {
@@ -213,7 +226,9 @@ fn mode_color(mode: &str) -> &'static str {
 }
 
 fn esc(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
 }
 
 /// An SVG with one panel per workload: the fault-wait distribution of each mode (CDF, log
@@ -229,12 +244,24 @@ pub fn svg(rows: &[RunResult], subtitle: &str) -> String {
     let cols = 2usize;
     let nrows = workloads.len().div_ceil(cols).max(1);
     let (w, h) = (pw * cols as f64 + 20.0, ph * nrows as f64 + 70.0);
-    let all: Vec<u64> = rows.iter().flat_map(|r| r.latencies_ns.iter().copied()).collect();
-    let lo = all.iter().copied().filter(|&v| v > 0).min().unwrap_or(1_000).max(100) as f64;
+    let all: Vec<u64> = rows
+        .iter()
+        .flat_map(|r| r.latencies_ns.iter().copied())
+        .collect();
+    let lo = all
+        .iter()
+        .copied()
+        .filter(|&v| v > 0)
+        .min()
+        .unwrap_or(1_000)
+        .max(100) as f64;
     let hi = all.iter().copied().max().unwrap_or(1_000_000).max(10_000) as f64;
     let (d0, d1) = (
         (lo / 1e3).log10().floor(),
-        (hi / 1e3).log10().ceil().max((lo / 1e3).log10().floor() + 1.0),
+        (hi / 1e3)
+            .log10()
+            .ceil()
+            .max((lo / 1e3).log10().floor() + 1.0),
     );
     let mut s = String::new();
     let _ = writeln!(
@@ -246,7 +273,11 @@ pub fn svg(rows: &[RunResult], subtitle: &str) -> String {
         s,
         r##"<text x="10" y="20" font-size="15" font-weight="bold">pagehint-migrate: fault waits (fraction at or below) and per-vCPU blocktime</text>"##
     );
-    let _ = writeln!(s, r##"<text x="10" y="38" fill="#555">{}</text>"##, esc(subtitle));
+    let _ = writeln!(
+        s,
+        r##"<text x="10" y="38" fill="#555">{}</text>"##,
+        esc(subtitle)
+    );
     for (i, wl) in workloads.iter().enumerate() {
         let ox = 10.0 + pw * (i % cols) as f64;
         let oy = 50.0 + ph * (i / cols) as f64;

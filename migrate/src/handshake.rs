@@ -61,7 +61,8 @@ impl Connected {
 }
 
 fn dial(addr: SocketAddr, idle: Duration) -> Result<TcpStream, WireError> {
-    let s = TcpStream::connect_timeout(&addr, idle).map_err(|e| WireError::Io(Channel::Handshake, e))?;
+    let s = TcpStream::connect_timeout(&addr, idle)
+        .map_err(|e| WireError::Io(Channel::Handshake, e))?;
     configure(&s).map_err(|e| WireError::Io(Channel::Handshake, e))?;
     Ok(s)
 }
@@ -115,7 +116,10 @@ fn clock_offset(main: &TcpStream, g: &Guard<'_>) -> Result<i64, WireError> {
         let t1 = now_ns();
         let pong = FrameHeader::decode(&hb, Channel::Background)?;
         if pong.kind != FrameKind::Pong {
-            return Err(WireError::Malformed(Channel::Background, "expected a pong".into()));
+            return Err(WireError::Malformed(
+                Channel::Background,
+                "expected a pong".into(),
+            ));
         }
         if t1 - t0 < best.0 {
             best = (t1 - t0, pong.arrival_ns as i64 - ((t0 + t1) / 2) as i64);
@@ -201,7 +205,8 @@ pub fn accept<T>(
     let (hello, prepared) = checked.map_err(|e| WireError::Malformed(Channel::Handshake, e))?;
     let urgent = accept_one(listener, stop, Some(idle))?;
     read_full(&urgent, &mut hb, &g, Channel::Handshake)?;
-    let ok = matches!(Hello::decode(&hb).map(|h| h.role), Ok(Role::Urgent { token: t }) if t == token);
+    let ok =
+        matches!(Hello::decode(&hb).map(|h| h.role), Ok(Role::Urgent { token: t }) if t == token);
     HelloReply {
         error: if ok {
             String::new()

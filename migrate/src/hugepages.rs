@@ -19,7 +19,8 @@ pub struct HugePages {
 }
 
 fn free_pages() -> Result<u64, String> {
-    let info = fs::read_to_string("/proc/meminfo").map_err(|e| format!("reading /proc/meminfo: {e}"))?;
+    let info =
+        fs::read_to_string("/proc/meminfo").map_err(|e| format!("reading /proc/meminfo: {e}"))?;
     info.lines()
         .find(|l| l.starts_with("HugePages_Free:"))
         .and_then(|l| l.split_whitespace().nth(1))

@@ -9,7 +9,10 @@
 //!   queued bytes exceed `queue`, the sender blocks (a full socket buffer), so in steady state
 //!   a page queued now arrives `queue / bandwidth` later. In vanilla postcopy the requested
 //!   pages travel here too, behind the queue: that is why vanilla's fault latency is
-//!   milliseconds.
+//!   milliseconds. With a **low-water mark** (`lowat`, what `TCP_NOTSENT_LOWAT` does to a real
+//!   socket) the sender blocks as soon as `lowat` bytes are unsent, so the pages it has
+//!   claimed wait in the scanner's bitmap — where the urgent path can still take them — and
+//!   not in the socket, where it cannot (see [`LinkParams::for_mode`]).
 //! * **urgent channel** (preempt modes): its own socket, so its page does not wait behind
 //!   the background queue, only behind what is already in the interface queue (at most
 //!   `nic_queue` bytes of background data) before it is serialised; the background tail is
@@ -35,16 +38,40 @@ pub struct LinkParams {
     pub queue_bytes: u64,
     /// Background bytes an urgent frame may wait behind in the interface queue.
     pub nic_queue_bytes: u64,
+    /// Unsent bytes the background channel may hold in preempt modes (0: the whole queue).
+    pub lowat_bytes: u64,
 }
 
 impl LinkParams {
-    /// 10 Gbit/s, 50 µs one way, 8 MiB of socket buffers, 64 KiB interface queue.
+    /// 10 Gbit/s, 50 µs one way, 8 MiB of socket buffers, 64 KiB interface queue, no
+    /// low-water mark.
     pub const DEFAULT: Self = Self {
         bandwidth_bps: 10_000_000_000,
         delay_ns: 50_000,
         queue_bytes: 8 << 20,
         nic_queue_bytes: 64 << 10,
+        lowat_bytes: 0,
     };
+
+    /// The low-water mark `auto` picks for host pages of `host_page` bytes: 1 MiB, and at
+    /// least two host pages (one on the wire while the next is written).
+    pub fn auto_lowat(host_page: u64) -> u64 {
+        (1 << 20).max(2 * host_page)
+    }
+
+    /// The link as the source runs it in `preempt` mode or not: in preempt modes the
+    /// background channel's depth is the low-water mark (if set); vanilla keeps the whole
+    /// queue, as QEMU's single postcopy channel does (it is the baseline).
+    pub fn for_mode(self, preempt: bool) -> Self {
+        if preempt && self.lowat_bytes > 0 {
+            Self {
+                queue_bytes: self.queue_bytes.min(self.lowat_bytes),
+                ..self
+            }
+        } else {
+            self
+        }
+    }
 
     /// Nanoseconds to serialise `bytes` (0 when unlimited).
     pub fn tx_ns(&self, bytes: u64) -> u64 {
@@ -62,11 +89,21 @@ impl LinkParams {
         } else {
             format!("{:.1} Gbit/s", self.bandwidth_bps as f64 / 1e9)
         };
+        let lowat = if self.lowat_bytes == 0 {
+            "no low-water mark".to_string()
+        } else {
+            format!(
+                "{} KiB unsent at most in preempt modes ({} to drain)",
+                self.lowat_bytes >> 10,
+                crate::clock::human_ns(self.tx_ns(self.lowat_bytes.min(self.queue_bytes)))
+            )
+        };
         format!(
-            "{bw}, {} µs one way, {} KiB send queue ({} to drain), {} KiB interface queue",
+            "{bw}, {} µs one way, {} KiB send queue ({} to drain), {}, {} KiB interface queue",
             self.delay_ns / 1000,
             self.queue_bytes >> 10,
             crate::clock::human_ns(self.tx_ns(self.queue_bytes)),
+            lowat,
             self.nic_queue_bytes >> 10,
         )
     }
@@ -176,6 +213,7 @@ mod tests {
         delay_ns: 100,
         queue_bytes: 1000,
         nic_queue_bytes: 50,
+        lowat_bytes: 0,
     };
 
     #[test]
@@ -207,6 +245,21 @@ mod tests {
         // idle link: no wait
         let idle = Link::new(P);
         assert_eq!(idle.urgent_at(0, 10).arrival_ns, 110);
+    }
+
+    #[test]
+    fn the_low_water_mark_bounds_the_background_queue_in_preempt_modes_only() {
+        let p = LinkParams {
+            lowat_bytes: 500,
+            ..P
+        };
+        assert_eq!(p.for_mode(false).queue_bytes, 1000);
+        let l = Link::new(p.for_mode(true));
+        l.background_at(0, 400);
+        let b = l.background_at(0, 400); // 800 bytes queued > 500
+        assert_eq!(b.block_until_ns, 800 - 500 + 500 / 16);
+        assert_eq!(LinkParams::auto_lowat(4096), 1 << 20);
+        assert_eq!(LinkParams::auto_lowat(2 << 20), 4 << 20);
     }
 
     #[test]

@@ -245,13 +245,17 @@ impl RunConfig {
             GuestKind::Kvm => DirtyTracking::Log,
             GuestKind::Thread => DirtyTracking::None,
         };
+        let link = LinkParams {
+            lowat_bytes: LinkParams::auto_lowat(guest.layout.host_page().bytes()),
+            ..LinkParams::DEFAULT
+        };
         Self {
             guest,
             precopy: Precopy {
                 rounds: 0,
                 tracking,
             },
-            link: LinkParams::DEFAULT,
+            link,
             claim_batch: ClaimBatch::DEFAULT,
             fault_path: FaultPath::Auto,
             pin: PinPlan::auto(),

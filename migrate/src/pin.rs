@@ -70,9 +70,7 @@ impl PinPlan {
             Role::Guest | Role::FaultThread | Role::UrgentReceiver | Role::ReturnPath => {
                 self.fault_cpu
             }
-            Role::BackgroundSender | Role::BackgroundReceiver | Role::Housekeeping => {
-                self.bulk_cpu
-            }
+            Role::BackgroundSender | Role::BackgroundReceiver | Role::Housekeeping => self.bulk_cpu,
             Role::ExtraVcpu => None,
         };
         if let Some(cpu) = cpu {

@@ -52,6 +52,8 @@ pub struct RunResult {
     pub queue_bytes: u64,
     /// Link: interface queue, bytes.
     pub nic_queue_bytes: u64,
+    /// Link: most unsent background bytes in this run (the send queue in vanilla).
+    pub lowat_bytes: u64,
     /// Background claim batch, target pages.
     pub claim_batch: u64,
     /// Stream playback rate, bytes/s.
@@ -214,8 +216,13 @@ impl RunResult {
                     .filter(|e| tids.contains(&e.tid))
                     .map(|e| i.mem.times(e.hp).1.saturating_sub(e.at_ns))
                     .collect();
-                let pause_tsc = counters.iter().map(|c| c.longest_pause_tsc).max().unwrap_or(0);
-                let pause = (u128::from(pause_tsc) * 1_000_000 / u128::from((*tsc_khz).max(1))) as u64;
+                let pause_tsc = counters
+                    .iter()
+                    .map(|c| c.longest_pause_tsc)
+                    .max()
+                    .unwrap_or(0);
+                let pause =
+                    (u128::from(pause_tsc) * 1_000_000 / u128::from((*tsc_khz).max(1))) as u64;
                 let stall = b.per_vcpu_ns.iter().sum();
                 let g = (
                     *ops_at_complete,
@@ -252,12 +259,20 @@ impl RunResult {
         } else {
             lat.last().copied().unwrap_or(0)
         };
-        let duration = i.mem.last_placed_ns().max(t.resume).saturating_sub(t.resume);
+        let duration = i
+            .mem
+            .last_placed_ns()
+            .max(t.resume)
+            .saturating_sub(t.resume);
         let pending_bytes = i.mem.pending() * layout.host_page().bytes();
         let st = &i.summary.stats;
         let sw = i.switch;
         let (ops_after, writes, errors, first_error, verified) = guest;
-        let complete = if t.complete > 0 { t.complete } else { i.mem.last_placed_ns() };
+        let complete = if t.complete > 0 {
+            t.complete
+        } else {
+            i.mem.last_placed_ns()
+        };
         RunResult {
             mode: i.mode.name().into(),
             workload: i.workload.name().into(),
@@ -275,6 +290,7 @@ impl RunResult {
             delay_us: us(cfg.link.delay_ns),
             queue_bytes: cfg.link.queue_bytes,
             nic_queue_bytes: cfg.link.nic_queue_bytes,
+            lowat_bytes: cfg.link.for_mode(i.mode.preempt()).queue_bytes,
             claim_batch: cfg.claim_batch.get(),
             stream_rate: cfg.guest.stream_rate,
             seed: cfg.guest.seed,

@@ -19,10 +19,13 @@ use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
 
 use linux_raw_sys::general::{
     uffd_msg, uffdio_api, uffdio_copy, uffdio_range, uffdio_register, uffdio_zeropage,
-    UFFDIO_REGISTER_MODE_MISSING, UFFD_API, UFFD_EVENT_PAGEFAULT, UFFD_FEATURE_MISSING_HUGETLBFS,
-    UFFD_FEATURE_THREAD_ID, UFFD_PAGEFAULT_FLAG_WRITE, UFFD_USER_MODE_ONLY,
+    UFFDIO_REGISTER_MODE_MISSING, UFFD_API, UFFD_EVENT_PAGEFAULT, UFFD_FEATURE_EXACT_ADDRESS,
+    UFFD_FEATURE_MISSING_HUGETLBFS, UFFD_FEATURE_THREAD_ID, UFFD_PAGEFAULT_FLAG_WRITE,
+    UFFD_USER_MODE_ONLY,
 };
-use linux_raw_sys::ioctl::{UFFDIO_API, UFFDIO_COPY, UFFDIO_REGISTER, UFFDIO_UNREGISTER, UFFDIO_ZEROPAGE};
+use linux_raw_sys::ioctl::{
+    UFFDIO_API, UFFDIO_COPY, UFFDIO_REGISTER, UFFDIO_UNREGISTER, UFFDIO_ZEROPAGE,
+};
 use rustix::event::{poll, PollFd, PollFlags};
 use rustix::io::Errno;
 use rustix::ioctl::{self, opcode, Ioctl, IoctlOutput, Opcode, Updater};
@@ -129,7 +132,9 @@ impl Userfault {
     }
 
     fn handshake(fd: OwnedFd, how: &'static str) -> io::Result<Self> {
-        let wanted = u64::from(UFFD_FEATURE_THREAD_ID | UFFD_FEATURE_MISSING_HUGETLBFS);
+        let wanted = u64::from(
+            UFFD_FEATURE_THREAD_ID | UFFD_FEATURE_MISSING_HUGETLBFS | UFFD_FEATURE_EXACT_ADDRESS,
+        );
         // Ask for the features; a kernel without some refuses the API call, so fall back to
         // none on a fresh descriptor's worth of state (the API call may be repeated only if
         // it failed).

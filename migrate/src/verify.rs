@@ -41,7 +41,10 @@ pub(crate) fn verify(e: &Evidence<'_>) -> Vec<String> {
     // 1. Exactly once.
     let (twice, first) = mem.placed_twice();
     if twice > 0 {
-        problems.push(format!("{twice} host pages placed twice ({})", first.unwrap_or_default()));
+        problems.push(format!(
+            "{twice} host pages placed twice ({})",
+            first.unwrap_or_default()
+        ));
     }
     if mem.placed() != mem.pending() || e.switch.pending_host_pages() != mem.pending() {
         problems.push(format!(
@@ -108,7 +111,8 @@ pub(crate) fn verify(e: &Evidence<'_>) -> Vec<String> {
                 for (w, b) in words.iter_mut().zip(page.chunks_exact(8)) {
                     *w = u64::from_le_bytes(b.try_into().expect("8 bytes"));
                 }
-                if let Err(f) = check_page(&words, layout.gpa(p) / TARGET_PAGE, generation(ram, p)) {
+                if let Err(f) = check_page(&words, layout.gpa(p) / TARGET_PAGE, generation(ram, p))
+                {
                     bad_sig += 1;
                     first_bad.get_or_insert((p, f));
                 }
@@ -144,8 +148,13 @@ pub(crate) fn verify(e: &Evidence<'_>) -> Vec<String> {
             }
             let errors: u64 = counters.iter().map(|c| c.errors).sum();
             if errors > 0 {
-                let first = counters.iter().find_map(|c| c.first_error_text()).unwrap_or_default();
-                problems.push(format!("the guest's checks failed {errors} times (first: {first})"));
+                let first = counters
+                    .iter()
+                    .find_map(|c| c.first_error_text())
+                    .unwrap_or_default();
+                problems.push(format!(
+                    "the guest's checks failed {errors} times (first: {first})"
+                ));
             }
             let verified: u64 = counters.iter().map(|c| c.verified).sum();
             if verified != layout.data.end - layout.data.start {
@@ -162,7 +171,9 @@ pub(crate) fn verify(e: &Evidence<'_>) -> Vec<String> {
                 .filter(|&&(p, sum)| e.summary.checksums.get(p as usize) != Some(&sum))
                 .count();
             if seen_bad > 0 {
-                problems.push(format!("the guest read {seen_bad} pages with wrong contents"));
+                problems.push(format!(
+                    "the guest read {seen_bad} pages with wrong contents"
+                ));
             }
             if report.wrong > 0 {
                 problems.push(format!("{} key lookups gave wrong answers", report.wrong));

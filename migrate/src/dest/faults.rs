@@ -108,7 +108,9 @@ pub fn blocktime(events: &[FaultEvent], mem: &DestMemory, tids: &[u32]) -> Block
     let all_ns = merged
         .iter()
         .skip(1)
-        .fold(merged.first().cloned().unwrap_or_default(), |acc, iv| intersect(&acc, iv))
+        .fold(merged.first().cloned().unwrap_or_default(), |acc, iv| {
+            intersect(&acc, iv)
+        })
         .iter()
         .map(|(a, b)| b - a)
         .sum();
@@ -169,8 +171,14 @@ mod tests {
 
     #[test]
     fn intervals_merge_and_intersect() {
-        assert_eq!(merge(vec![(5, 7), (1, 3), (2, 4), (7, 8)]), vec![(1, 4), (5, 8)]);
-        assert_eq!(intersect(&[(1, 4), (5, 8)], &[(3, 6)]), vec![(3, 4), (5, 6)]);
+        assert_eq!(
+            merge(vec![(5, 7), (1, 3), (2, 4), (7, 8)]),
+            vec![(1, 4), (5, 8)]
+        );
+        assert_eq!(
+            intersect(&[(1, 4), (5, 8)], &[(3, 6)]),
+            vec![(3, 4), (5, 6)]
+        );
         assert!(intersect(&[(1, 2)], &[(2, 3)]).is_empty());
     }
 }

@@ -121,8 +121,13 @@ pub struct DestMemory {
 impl DestMemory {
     /// Maps RAM for `layout` (hugetlb for 2 MiB host pages) and opens a userfaultfd if
     /// `path` allows (it is registered at the switch-over).
-    pub fn new(layout: &GuestLayout, path: FaultPath, overwrite_duplicates: bool) -> io::Result<Self> {
-        let len = usize::try_from(layout.mem()).map_err(|_| io::Error::other("RAM does not fit"))?;
+    pub fn new(
+        layout: &GuestLayout,
+        path: FaultPath,
+        overwrite_duplicates: bool,
+    ) -> io::Result<Self> {
+        let len =
+            usize::try_from(layout.mem()).map_err(|_| io::Error::other("RAM does not fit"))?;
         let huge = layout.host_page() == HostPageSize::Huge2M;
         let mut opts = MmapOptions::new();
         opts.len(len);
@@ -133,7 +138,10 @@ impl DestMemory {
             if huge {
                 io::Error::new(
                     e.kind(),
-                    format!("mapping {} MiB of hugetlb pages: {e} (are enough huge pages reserved?)", len >> 20),
+                    format!(
+                        "mapping {} MiB of hugetlb pages: {e} (are enough huge pages reserved?)",
+                        len >> 20
+                    ),
                 )
             } else {
                 e
@@ -188,7 +196,10 @@ impl DestMemory {
 
     /// How faults are caught, in words.
     pub fn fault_path(&self) -> String {
-        self.path_note.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.path_note
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// The layout.
@@ -282,7 +293,13 @@ impl DestMemory {
     pub fn placed_twice(&self) -> (u64, Option<String>) {
         // Relaxed: read after the receivers are joined.
         let n = self.placed_twice.load(Ordering::Relaxed);
-        (n, self.first_twice.lock().unwrap_or_else(|e| e.into_inner()).clone())
+        (
+            n,
+            self.first_twice
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
+        )
     }
 
     fn twice(&self, what: String) {
@@ -312,9 +329,17 @@ impl DestMemory {
     }
 
     /// Precopy: copies `data` (or zeros) to `[offset, offset + len)` of `block`.
-    pub fn precopy_place(&self, block: u32, offset: u64, len: u64, data: Option<&[u8]>) -> Result<(), MemoryError> {
+    pub fn precopy_place(
+        &self,
+        block: u32,
+        offset: u64,
+        len: u64,
+        data: Option<&[u8]>,
+    ) -> Result<(), MemoryError> {
         if self.postcopy.load(Ordering::Relaxed) {
-            return Err(MemoryError::BadRange("a precopy page after the switch-over".into()));
+            return Err(MemoryError::BadRange(
+                "a precopy page after the switch-over".into(),
+            ));
         }
         let at = self.range(block, offset, len, TARGET_PAGE)?;
         if data.is_some_and(|d| d.len() as u64 != len) {
@@ -349,9 +374,15 @@ impl DestMemory {
     pub fn switch(&self, sw: &SwitchOver) -> Result<u64, MemoryError> {
         let blocks = self.layout.ram().blocks();
         if sw.pending.len() != blocks.len()
-            || sw.host_pages.iter().zip(blocks).any(|(&hp, b)| hp != b.host_pages())
+            || sw
+                .host_pages
+                .iter()
+                .zip(blocks)
+                .any(|(&hp, b)| hp != b.host_pages())
         {
-            return Err(MemoryError::Switch("the pending-page bitmaps do not fit this layout".into()));
+            return Err(MemoryError::Switch(
+                "the pending-page bitmaps do not fit this layout".into(),
+            ));
         }
         let per = self.host_page_size() / TARGET_PAGE;
         let mut pending = 0;
@@ -362,7 +393,9 @@ impl DestMemory {
                 let missing = words[(i / 64) as usize] & (1 << (i % 64)) != 0;
                 let pages = hp * per..(hp + 1) * per;
                 // Relaxed: precopy is over; its one thread is this one.
-                let any_seen = pages.clone().any(|p| self.precopy_seen.get(p, Ordering::Relaxed));
+                let any_seen = pages
+                    .clone()
+                    .any(|p| self.precopy_seen.get(p, Ordering::Relaxed));
                 if missing {
                     pending += 1;
                     if any_seen {
@@ -372,7 +405,10 @@ impl DestMemory {
                         }
                     }
                 } else {
-                    if !pages.clone().all(|p| self.precopy_seen.get(p, Ordering::Relaxed)) {
+                    if !pages
+                        .clone()
+                        .all(|p| self.precopy_seen.get(p, Ordering::Relaxed))
+                    {
                         return Err(MemoryError::Switch(format!(
                             "host page {hp} is neither pending nor whole from precopy: a page would be lost"
                         )));
@@ -386,7 +422,11 @@ impl DestMemory {
             let addr = self.base + (first << self.host_shift) as usize;
             // SAFETY: whole host pages inside our private mapping; nothing runs on it yet.
             let r = unsafe {
-                libc::madvise(addr as *mut libc::c_void, (n << self.host_shift) as usize, libc::MADV_DONTNEED)
+                libc::madvise(
+                    addr as *mut libc::c_void,
+                    (n << self.host_shift) as usize,
+                    libc::MADV_DONTNEED,
+                )
             };
             if r != 0 {
                 return Err(MemoryError::Switch(format!(
@@ -412,10 +452,18 @@ impl DestMemory {
 
     /// Postcopy: places `[offset, offset + len)` of `block`: `data` (exactly `len` bytes)
     /// or zero pages. Whole host pages.
-    pub fn place(&self, block: u32, offset: u64, len: u64, data: Option<&[u8]>) -> Result<(), MemoryError> {
+    pub fn place(
+        &self,
+        block: u32,
+        offset: u64,
+        len: u64,
+        data: Option<&[u8]>,
+    ) -> Result<(), MemoryError> {
         // Acquire: pairs with the switch-over's Release (registration, present bits).
         if !self.postcopy.load(Ordering::Acquire) {
-            return Err(MemoryError::BadRange("a postcopy page before the switch-over".into()));
+            return Err(MemoryError::BadRange(
+                "a postcopy page before the switch-over".into(),
+            ));
         }
         let at = self.range(block, offset, len, self.host_page_size())?;
         if data.is_some_and(|d| d.len() as u64 != len) {
@@ -452,8 +500,14 @@ impl DestMemory {
                             // SAFETY: in bounds; the race with the guest is the point.
                             unsafe {
                                 match data {
-                                    Some(d) => std::ptr::copy_nonoverlapping(d.as_ptr(), addr as *mut u8, page as usize),
-                                    None => std::ptr::write_bytes(addr as *mut u8, 0, page as usize),
+                                    Some(d) => std::ptr::copy_nonoverlapping(
+                                        d.as_ptr(),
+                                        addr as *mut u8,
+                                        page as usize,
+                                    ),
+                                    None => {
+                                        std::ptr::write_bytes(addr as *mut u8, 0, page as usize)
+                                    }
                                 }
                             }
                         }
@@ -470,7 +524,9 @@ impl DestMemory {
                 if let Some(d) = data {
                     // SAFETY: in bounds; the page is not present, so the guest does not read
                     // it (it waits for the bit), and only this receiver writes it.
-                    unsafe { std::ptr::copy_nonoverlapping(d.as_ptr(), addr as *mut u8, page as usize) };
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(d.as_ptr(), addr as *mut u8, page as usize)
+                    };
                 } // zero pages: the page was discarded or never written, so it reads zero
             }
         }
@@ -485,7 +541,12 @@ impl DestMemory {
         // SeqCst: the software waiter's store-then-check against this set-then-check (Dekker).
         let w = self.waiting_on.load(Ordering::SeqCst);
         if w == hp {
-            if let Some(t) = self.waiter.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            if let Some(t) = self
+                .waiter
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_ref()
+            {
                 t.unpark();
             }
         }

@@ -38,7 +38,10 @@ use crate::options::{DestFault, FaultPath, GuestKind, MigrationMode, RunConfig, 
 use crate::pin::Role;
 use crate::result::RunResult;
 use crate::verify;
-use crate::wire::{write_parts, Channel, Guard, Hello, Role as HelloRole, RpHeader, RpKind, Summary, SwitchOver, WireError};
+use crate::wire::{
+    write_parts, Channel, Guard, Hello, Role as HelloRole, RpHeader, RpKind, Summary, SwitchOver,
+    WireError,
+};
 use memory::{DestMemory, MemoryError};
 
 /// Why a run failed.
@@ -172,7 +175,12 @@ impl Dest<'_> {
             sent_ns: now_ns(),
         };
         let _l = self.rp_lock.lock().unwrap_or_else(|p| p.into_inner());
-        write_parts(&self.main, &[&h.encode(), body], &self.guard(false), Channel::ReturnPath)
+        write_parts(
+            &self.main,
+            &[&h.encode(), body],
+            &self.guard(false),
+            Channel::ReturnPath,
+        )
     }
 
     fn request(&self, hp: u64) -> Result<(), WireError> {
@@ -207,7 +215,9 @@ impl Dest<'_> {
                 3 => UrgentRequest::new(7, 0, 4096).encode().to_vec(), // no such block
                 4 => UrgentRequest::new(1, block1, 4096).encode().to_vec(), // past the end
                 5 => UrgentRequest::new(0, 4096, 0).encode().to_vec(), // empty
-                _ => UrgentRequest::new(0, u64::MAX - 100, 4096).encode().to_vec(), // overflow
+                _ => UrgentRequest::new(0, u64::MAX - 100, 4096)
+                    .encode()
+                    .to_vec(), // overflow
             };
             self.send_rp(RpKind::Request, &body)?;
         }
@@ -253,8 +263,12 @@ pub fn run_destination(
     let layout = cfg.layout().clone();
     let kvm = cfg.guest.kind == GuestKind::Kvm;
     let path = if kvm { FaultPath::Auto } else { cfg.fault_path };
-    let mem = DestMemory::new(&layout, path, cfg.dest_fault == DestFault::OverwriteDuplicate)
-        .map_err(|e| RunError::Setup(format!("mapping guest RAM: {e}")))?;
+    let mem = DestMemory::new(
+        &layout,
+        path,
+        cfg.dest_fault == DestFault::OverwriteDuplicate,
+    )
+    .map_err(|e| RunError::Setup(format!("mapping guest RAM: {e}")))?;
     if kvm {
         match mem.userfault() {
             None => {
@@ -273,8 +287,14 @@ pub fn run_destination(
     }
     let machine = if kvm {
         // SAFETY: `mem` outlives the machine (declared before it, dropped after).
-        let (m, _) = unsafe { Machine::new(&layout, [mem.block_host(0), mem.block_host(1)], Tracking::Off) }
-            .map_err(|e| RunError::Setup(format!("destination VM: {e}")))?;
+        let (m, _) = unsafe {
+            Machine::new(
+                &layout,
+                [mem.block_host(0), mem.block_host(1)],
+                Tracking::Off,
+            )
+        }
+        .map_err(|e| RunError::Setup(format!("destination VM: {e}")))?;
         Some(m)
     } else {
         None
@@ -296,7 +316,8 @@ pub fn run_destination(
         ConnectError::Wire(w) => RunError::Wire(w),
         ConnectError::Refused(r) => RunError::Refused(r),
     })?;
-    let (same_clock, measured_offset, offset_ns) = (conn.same_clock, conn.measured_offset_ns, conn.offset_ns());
+    let (same_clock, measured_offset, offset_ns) =
+        (conn.same_clock, conn.measured_offset_ns, conn.offset_ns());
     let d = Dest {
         cfg,
         mem: &mem,
@@ -412,7 +433,12 @@ impl Dest<'_> {
             if self.stopped() {
                 return Err(RunError::Wire(WireError::Stopped));
             }
-            if let Some(sw) = self.switch.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            if let Some(sw) = self
+                .switch
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_ref()
+            {
                 break sw.clone();
             }
             // Relaxed: a progress figure.
@@ -459,7 +485,13 @@ impl Dest<'_> {
                     complete,
                     log: FaultLog::default(),
                 };
-                let r = thread::run(workload, &mut g, cfg.layout(), cfg.guest.seed, cfg.guest.stream_rate);
+                let r = thread::run(
+                    workload,
+                    &mut g,
+                    cfg.layout(),
+                    cfg.guest.seed,
+                    cfg.guest.stream_rate,
+                );
                 (r, g.log, tid)
             })
         });
@@ -529,7 +561,9 @@ impl Dest<'_> {
                 match h.join() {
                     Ok(VcpuEnd::Done) => {}
                     Ok(VcpuEnd::Stopped(_)) if self.stopped() => {}
-                    Ok(VcpuEnd::Stopped(_)) => failed = Some(format!("vCPU {i} stopped before it finished")),
+                    Ok(VcpuEnd::Stopped(_)) => {
+                        failed = Some(format!("vCPU {i} stopped before it finished"))
+                    }
                     Ok(VcpuEnd::Failed(e)) => failed = Some(e),
                     Err(_) => failed = Some(format!("vCPU {i} thread panicked")),
                 }

@@ -83,7 +83,11 @@ impl Dest<'_> {
         let data = (h.kind == FrameKind::Pages).then_some(buf);
         match h.kind {
             FrameKind::Pages | FrameKind::Zero => {
-                let switched = self.switch.lock().unwrap_or_else(|p| p.into_inner()).is_some();
+                let switched = self
+                    .switch
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .is_some();
                 if chan == Channel::Background && !switched {
                     self.mem.precopy_place(h.block, h.offset, h.len, data)?;
                 } else {
@@ -101,7 +105,9 @@ impl Dest<'_> {
                 return Ok(true);
             }
             k => {
-                return Err(WireError::Malformed(chan, format!("a {k:?} frame on the {chan}")).into());
+                return Err(
+                    WireError::Malformed(chan, format!("a {k:?} frame on the {chan}")).into(),
+                );
             }
         }
         Ok(false)

@@ -53,9 +53,9 @@ pub const FIRST_GEN: u32 = 2;
 /// The signature sum of a page: words 1..512 folded by `h = rotl((h ^ w) * MUL, ROT)` from
 /// [`SUM_SEED`]. Cheap enough for the guest to compute on every read (about a microsecond).
 pub fn page_sum(words: &[u64]) -> u64 {
-    words[1..]
-        .iter()
-        .fold(SUM_SEED, |h, &w| (h ^ w).wrapping_mul(SUM_MUL).rotate_left(SUM_ROT))
+    words[1..].iter().fold(SUM_SEED, |h, &w| {
+        (h ^ w).wrapping_mul(SUM_MUL).rotate_left(SUM_ROT)
+    })
 }
 
 /// The splitmix64 finaliser: a bijective 64-bit mixer (the guest has the same code).
@@ -342,7 +342,11 @@ pub struct Template {
 impl Template {
     /// Builds the template, with `system` (the boot pieces: `(guest-physical address,
     /// bytes)`, all in the system area) written in.
-    pub fn build(layout: &GuestLayout, seed: u64, system: &[(u64, Vec<u8>)]) -> std::io::Result<Self> {
+    pub fn build(
+        layout: &GuestLayout,
+        seed: u64,
+        system: &[(u64, Vec<u8>)],
+    ) -> std::io::Result<Self> {
         let len = usize::try_from(layout.mem()).map_err(std::io::Error::other)?;
         let mut mem = memmap2::MmapMut::map_anon(len)?;
         // Huge pages where the kernel has them: faster to fill.
@@ -389,7 +393,11 @@ impl Template {
             }
             for p in layout.kv.clone() {
                 let at = (p * TARGET_PAGE) as usize / 8;
-                sign(&mut words[at..at + WORDS], layout.gpa(p) / TARGET_PAGE, FIRST_GEN);
+                sign(
+                    &mut words[at..at + WORDS],
+                    layout.gpa(p) / TARGET_PAGE,
+                    FIRST_GEN,
+                );
             }
         }
         let gt = GENTAB_GPA as usize;

@@ -126,7 +126,9 @@ impl ThreadGuest<'_> {
     /// be registered with userfaultfd (the access blocks until placed).
     unsafe fn page(&self, page: u64) -> &[u8] {
         // SAFETY: in bounds (`page_addr` checks); placed or faulting, per the caller.
-        unsafe { std::slice::from_raw_parts(self.mem.page_addr(page) as *const u8, TARGET_PAGE as usize) }
+        unsafe {
+            std::slice::from_raw_parts(self.mem.page_addr(page) as *const u8, TARGET_PAGE as usize)
+        }
     }
 
     /// Reads the `u64` at byte `offset` of page `page`.
@@ -155,7 +157,13 @@ impl Rng {
 }
 
 /// Runs workload `w` to its end (or until the run is aborted).
-pub fn run(w: Workload, g: &mut ThreadGuest<'_>, layout: &GuestLayout, seed: u64, stream_rate: u64) -> WorkloadReport {
+pub fn run(
+    w: Workload,
+    g: &mut ThreadGuest<'_>,
+    layout: &GuestLayout,
+    seed: u64,
+    stream_rate: u64,
+) -> WorkloadReport {
     let t0 = now_ns();
     let mut r = WorkloadReport {
         completed: true,

@@ -16,7 +16,9 @@ use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestRegionMmap};
 
 use crate::guest::image::{page_checksum, Params, Template};
-use crate::guest::layout::{GuestLayout, HostPageSize, DEVICE_GPA, GENTAB_GPA, PARAMS_GPA, TARGET_PAGE};
+use crate::guest::layout::{
+    GuestLayout, HostPageSize, DEVICE_GPA, GENTAB_GPA, PARAMS_GPA, TARGET_PAGE,
+};
 
 /// The source's guest RAM and its dirty bitmap.
 #[derive(Debug)]
@@ -32,9 +34,8 @@ impl SourceMemory {
     /// parameter page, all through vm-memory.
     pub fn new(template: &Template, params: &Params) -> Result<Self, String> {
         let layout = template.layout().clone();
-        let bitmap = Arc::new(
-            DirtyBitmap::new(layout.ram()).map_err(|e| format!("dirty bitmap: {e}"))?,
-        );
+        let bitmap =
+            Arc::new(DirtyBitmap::new(layout.ram()).map_err(|e| format!("dirty bitmap: {e}"))?);
         let tracking =
             RegionBitmap::for_layout(&bitmap, layout.ram()).map_err(|e| e.to_string())?;
         let huge = layout.host_page() == HostPageSize::Huge2M;
@@ -80,10 +81,17 @@ impl SourceMemory {
         for (i, (gpa, len)) in me.layout.block_ranges().into_iter().enumerate() {
             let from = if i == 0 { 0 } else { low };
             me.mem
-                .write_slice(&template.bytes()[from..from + len as usize], GuestAddress(gpa))
+                .write_slice(
+                    &template.bytes()[from..from + len as usize],
+                    GuestAddress(gpa),
+                )
                 .map_err(|e| format!("copying the image in: {e}"))?;
         }
-        let words: Vec<u8> = params.encode().iter().flat_map(|w| w.to_le_bytes()).collect();
+        let words: Vec<u8> = params
+            .encode()
+            .iter()
+            .flat_map(|w| w.to_le_bytes())
+            .collect();
         me.mem
             .write_slice(&words, GuestAddress(PARAMS_GPA))
             .map_err(|e| format!("writing the parameter page: {e}"))?;
@@ -146,7 +154,11 @@ impl SourceMemory {
             while off < len {
                 let n = (len - off).min(buf.len() as u64) as usize;
                 self.read(b as u32, off, &mut buf[..n])?;
-                out.extend(buf[..n].chunks_exact(TARGET_PAGE as usize).map(page_checksum));
+                out.extend(
+                    buf[..n]
+                        .chunks_exact(TARGET_PAGE as usize)
+                        .map(page_checksum),
+                );
                 off += n as u64;
             }
         }

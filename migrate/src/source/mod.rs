@@ -99,14 +99,18 @@ impl SourceServer {
     fn template(&self, layout: &GuestLayout, seed: u64) -> Result<Arc<Template>, String> {
         let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(t) = cache.as_ref() {
-            if t.layout().ram() == layout.ram() && t.layout().vcpus() == layout.vcpus() && t.seed() == seed {
+            if t.layout().ram() == layout.ram()
+                && t.layout().vcpus() == layout.vcpus()
+                && t.seed() == seed
+            {
                 return Ok(Arc::clone(t));
             }
         }
         *cache = None; // free the old template before building a new one
         let pieces = boot::system_pieces(layout)?;
         let t = Arc::new(
-            Template::build(layout, seed, &pieces).map_err(|e| format!("building the image: {e}"))?,
+            Template::build(layout, seed, &pieces)
+                .map_err(|e| format!("building the image: {e}"))?,
         );
         *cache = Some(Arc::clone(&t));
         Ok(t)
@@ -134,7 +138,8 @@ impl SourceServer {
                 // machine first).
                 let (m, rings) = unsafe { Machine::new(layout, mem.hosts(), tracking) }
                     .map_err(|e| format!("source VM: {e}"))?;
-                m.boot(h.guest.seed).map_err(|e| format!("source VM: {e}"))?;
+                m.boot(h.guest.seed)
+                    .map_err(|e| format!("source VM: {e}"))?;
                 m.set_stream_rate(h.guest.stream_rate, STREAM_FRAME_PAGES);
                 (Some(m), rings)
             }
@@ -158,7 +163,8 @@ impl SourceServer {
 
     /// Accepts and serves one session.
     pub fn serve_session(&self, stop: &AtomicBool) -> Result<SessionReport, WireError> {
-        let (acc, prepared) = handshake::accept(&self.listener, stop, self.idle, |h| self.prepare(h))?;
+        let (acc, prepared) =
+            handshake::accept(&self.listener, stop, self.idle, |h| self.prepare(h))?;
         let Accepted {
             hello,
             main,
@@ -176,12 +182,14 @@ impl SourceServer {
             machine: machine.as_ref(),
             out: Outbound {
                 mem: &mem,
-                link: Link::new(hello.link),
+                link: Link::new(hello.link.for_mode(hello.mode.preempt())),
                 main: &main,
                 urgent: &urgent,
                 sent: Sent::default(),
                 hooks: Hooks {
-                    corrupt_pending: AtomicBool::new(hello.source_fault == SourceFault::CorruptPage),
+                    corrupt_pending: AtomicBool::new(
+                        hello.source_fault == SourceFault::CorruptPage,
+                    ),
                     drop_after: hello.drop_after,
                 },
             },
@@ -318,7 +326,11 @@ impl Session<'_> {
             urgent_host_pages: s.urgent_host_pages.load(Ordering::Relaxed),
             zero_host_pages: s.zero_host_pages.load(Ordering::Relaxed),
             postcopy_bytes: s.postcopy_bytes.load(Ordering::Relaxed),
-            rejected: self.rejected.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+            rejected: self
+                .rejected
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
             checksums,
             generations,
         };
@@ -354,7 +366,12 @@ impl Session<'_> {
             ),
             None => None,
         };
-        let ring_full = |i: u32| tracker.as_ref().map_or(Ok(0), |t| t.harvest_ring(i, true)).map(|_| ());
+        let ring_full = |i: u32| {
+            tracker
+                .as_ref()
+                .map_or(Ok(0), |t| t.harvest_ring(i, true))
+                .map(|_| ())
+        };
         let ring_full: &(dyn Fn(u32) -> Result<(), String> + Sync) = &ring_full;
         let rings_on = self.hello.precopy.tracking == DirtyTracking::Ring;
         let housekeeping_stop = AtomicBool::new(false);
@@ -419,7 +436,9 @@ impl Session<'_> {
                 .map_err(|e| match e {
                     SendError::Wire(w) => w,
                     SendError::Memory(m) => WireError::Malformed(Channel::Background, m),
-                    SendError::Dropped(n) => WireError::PeerAbort(Channel::Background, format!("dropped after {n}")),
+                    SendError::Dropped(n) => {
+                        WireError::PeerAbort(Channel::Background, format!("dropped after {n}"))
+                    }
                 })
             })();
             // Stop the guest wherever it is, then everything else that marks pages.
@@ -431,7 +450,9 @@ impl Session<'_> {
                 for (i, h) in handles.into_iter().enumerate() {
                     match h.join() {
                         Ok(VcpuEnd::Stopped(st)) => states.push(st),
-                        Ok(VcpuEnd::Done) => failed = Some(format!("vCPU {i} finished at the source")),
+                        Ok(VcpuEnd::Done) => {
+                            failed = Some(format!("vCPU {i} finished at the source"))
+                        }
                         Ok(VcpuEnd::Failed(e)) => failed = Some(e),
                         Err(_) => failed = Some(format!("vCPU {i} thread panicked")),
                     }
@@ -439,14 +460,20 @@ impl Session<'_> {
             }
             // Relaxed: a polled flag; the joins below wait for the threads.
             housekeeping_stop.store(true, Ordering::Relaxed);
-            let dev = device.join().unwrap_or_else(|_| Err("device thread panicked".into()));
-            let harv = harvester.map_or(Ok(()), |h| h.join().unwrap_or_else(|_| Err("harvester panicked".into())));
+            let dev = device
+                .join()
+                .unwrap_or_else(|_| Err("device thread panicked".into()));
+            let harv = harvester.map_or(Ok(()), |h| {
+                h.join()
+                    .unwrap_or_else(|_| Err("harvester panicked".into()))
+            });
             let report = result?;
             if let Some(f) = failed.or(dev.err()).or(harv.err()) {
                 return Err(WireError::Malformed(Channel::Background, f));
             }
             if let Some(t) = &tracker {
-                t.sync().map_err(|e| WireError::Malformed(Channel::Background, e))?;
+                t.sync()
+                    .map_err(|e| WireError::Malformed(Channel::Background, e))?;
                 if t.rejected() > 0 {
                     return Err(WireError::Malformed(
                         Channel::Background,
@@ -463,7 +490,13 @@ impl Session<'_> {
                 source_run_ns: stop_ns - t_run,
                 vcpus: states,
                 pending: self.pending(),
-                host_pages: self.layout().ram().blocks().iter().map(|b| b.host_pages()).collect(),
+                host_pages: self
+                    .layout()
+                    .ram()
+                    .blocks()
+                    .iter()
+                    .map(|b| b.host_pages())
+                    .collect(),
                 guest: sum_counters(&guest),
                 dirty_per_round: report.dirty_per_round,
             })

@@ -59,7 +59,12 @@ impl Session<'_> {
                 std::thread::sleep(Duration::from_millis(20));
             }
         });
-        if let Some(e) = self.failure.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        if let Some(e) = self
+            .failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
             return Err(e);
         }
         if self.stopped() {
@@ -84,8 +89,16 @@ impl Session<'_> {
             // would; the guest writes that page early, so the copy is stale by now.
             let per = layout.host_page().pages();
             let loc = layout.location(layout.seq.start);
-            self.out
-                .send_pages(loc.block, loc.page, per, per, Channel::Background, Phase::Postcopy, &g, &mut buf)?;
+            self.out.send_pages(
+                loc.block,
+                loc.page,
+                per,
+                per,
+                Channel::Background,
+                Phase::Postcopy,
+                &g,
+                &mut buf,
+            )?;
         }
         Ok(())
     }
@@ -136,8 +149,16 @@ impl Session<'_> {
                 Some((first, n)) if first + n == hp.first_page => run = Some((first, n + hp.pages)),
                 _ => {
                     if let Some((first, n)) = run {
-                        self.out
-                            .send_pages(claim.block(), first, n, unit, chan, Phase::Postcopy, g, buf)?;
+                        self.out.send_pages(
+                            claim.block(),
+                            first,
+                            n,
+                            unit,
+                            chan,
+                            Phase::Postcopy,
+                            g,
+                            buf,
+                        )?;
                     }
                     run = Some((hp.first_page, hp.pages));
                 }

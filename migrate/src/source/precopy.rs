@@ -88,7 +88,10 @@ pub fn run(
             t.sync().map_err(SendError::Memory)?;
         }
         let dirty = bitmap.dirty_pages();
-        let shrinking = report.dirty_per_round.last().is_none_or(|&prev| dirty < prev);
+        let shrinking = report
+            .dirty_per_round
+            .last()
+            .is_none_or(|&prev| dirty < prev);
         report.dirty_per_round.push(dirty);
         if r > 0 && (!shrinking || dirty == 0) {
             break;
@@ -113,7 +116,11 @@ fn runs(words: &[u64], base: u64) -> Vec<(u64, u64)> {
                 Some((f, l)) if *f + *l == first => *l += len,
                 _ => out.push((first, len)),
             }
-            w = if bit + len >= 64 { 0 } else { w & !(((1u64 << len) - 1) << bit) };
+            w = if bit + len >= 64 {
+                0
+            } else {
+                w & !(((1u64 << len) - 1) << bit)
+            };
         }
     }
     out

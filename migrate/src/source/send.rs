@@ -119,7 +119,11 @@ impl Outbound<'_> {
             let offset = (first * TARGET_PAGE) + at as u64;
             let payload: &[u8] = if zero { &[] } else { &buf[at..end] };
             self.frame(
-                if zero { FrameKind::Zero } else { FrameKind::Pages },
+                if zero {
+                    FrameKind::Zero
+                } else {
+                    FrameKind::Pages
+                },
                 block,
                 offset,
                 (end - at) as u64,
@@ -143,7 +147,9 @@ impl Outbound<'_> {
                     };
                     c.fetch_add(units, Ordering::Relaxed);
                     if zero {
-                        self.sent.zero_host_pages.fetch_add(units, Ordering::Relaxed);
+                        self.sent
+                            .zero_host_pages
+                            .fetch_add(units, Ordering::Relaxed);
                     }
                     self.check_drop()?;
                 }

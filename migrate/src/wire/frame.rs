@@ -172,7 +172,6 @@ impl RpHeader {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -186,7 +185,10 @@ mod tests {
             len: 8192,
             arrival_ns: 77,
         };
-        assert_eq!(FrameHeader::decode(&h.encode(), Channel::Urgent).unwrap(), h);
+        assert_eq!(
+            FrameHeader::decode(&h.encode(), Channel::Urgent).unwrap(),
+            h
+        );
         let mut bad = h.encode();
         bad[2] = 9;
         assert!(matches!(

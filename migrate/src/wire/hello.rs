@@ -93,7 +93,7 @@ impl Hello {
             self.scan_start,
             self.drop_after,
             self.source_fault.code(),
-            0,
+            self.link.lowat_bytes,
             0,
         ];
         let mut b = [0u8; LEN];
@@ -121,13 +121,13 @@ impl Hello {
             MigrationMode::from_code(v(2)).ok_or_else(|| bad(format!("unknown mode {}", v(2))))?;
         let workload =
             Workload::from_code(v(3)).ok_or_else(|| bad(format!("unknown workload {}", v(3))))?;
-        let kind =
-            GuestKind::from_code(v(4)).ok_or_else(|| bad(format!("unknown guest kind {}", v(4))))?;
+        let kind = GuestKind::from_code(v(4))
+            .ok_or_else(|| bad(format!("unknown guest kind {}", v(4))))?;
         let host_page = HostPageSize::from_bytes(v(6))
             .ok_or_else(|| bad(format!("host page of {} bytes (4 KiB or 2 MiB)", v(6))))?;
         let vcpus = u32::try_from(v(7)).map_err(|_| bad(format!("{} vCPUs", v(7))))?;
-        let mut guest = GuestSpec::new(kind, v(5), host_page, vcpus)
-            .map_err(|e| bad(format!("guest: {e}")))?;
+        let mut guest =
+            GuestSpec::new(kind, v(5), host_page, vcpus).map_err(|e| bad(format!("guest: {e}")))?;
         guest.seed = v(8);
         guest.stream_rate = v(9).max(1);
         let rounds = u32::try_from(v(10)).map_err(|_| bad(format!("{} precopy rounds", v(10))))?;
@@ -135,7 +135,10 @@ impl Hello {
             .ok_or_else(|| bad(format!("unknown dirty tracking {}", v(11))))?;
         let claim_batch = ClaimBatch::pages(v(16)).map_err(|e| bad(e.to_string()))?;
         if v(17) >= guest.layout.pages() {
-            return Err(bad(format!("scan start page {} is outside guest RAM", v(17))));
+            return Err(bad(format!(
+                "scan start page {} is outside guest RAM",
+                v(17)
+            )));
         }
         let source_fault = SourceFault::from_code(v(19))
             .ok_or_else(|| bad(format!("unknown source fault {}", v(19))))?;
@@ -152,6 +155,7 @@ impl Hello {
                 delay_ns: v(13),
                 queue_bytes: v(14),
                 nic_queue_bytes: v(15),
+                lowat_bytes: v(20),
             },
             claim_batch,
             scan_start: v(17),

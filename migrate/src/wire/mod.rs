@@ -38,7 +38,6 @@ use crate::clock::now_ns;
 /// The socket timeout each blocking call waits before re-checking the stop flag.
 pub const POLL_SLICE: Duration = Duration::from_millis(100);
 
-
 /// Which connection an error happened on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Channel {
@@ -205,4 +204,3 @@ pub fn write_parts(
     }
     Ok(())
 }
-

@@ -180,7 +180,9 @@ impl<'a> DirtyTracker<'a> {
                 for i in 0..self.rings.len() as u32 {
                     marked += self.harvest_ring(i, false)?;
                 }
-                self.vm.reset_dirty_rings().map_err(|e: KvmError| e.to_string())?;
+                self.vm
+                    .reset_dirty_rings()
+                    .map_err(|e: KvmError| e.to_string())?;
                 Ok(marked)
             }
         }

@@ -105,7 +105,9 @@ impl Machine {
         }
         let tsc_khz = vm.tsc_khz(&vcpus[0])?;
         let vcpus = vcpus.into_iter().map(Mutex::new).collect();
-        let controls = (0..layout.vcpus()).map(|_| VcpuControl::default()).collect();
+        let controls = (0..layout.vcpus())
+            .map(|_| VcpuControl::default())
+            .collect();
         Ok((
             Self {
                 vm,
@@ -145,7 +147,11 @@ impl Machine {
     pub fn load(&self, states: &[VcpuState]) -> Result<(), KvmError> {
         if states.len() != self.vcpus.len() {
             return Err(KvmError {
-                what: format!("{} vCPU states for {} vCPUs", states.len(), self.vcpus.len()),
+                what: format!(
+                    "{} vCPU states for {} vCPUs",
+                    states.len(),
+                    self.vcpus.len()
+                ),
                 errno: libc::EINVAL,
             });
         }

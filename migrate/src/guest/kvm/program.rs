@@ -35,7 +35,9 @@
 use iced_x86::code_asm::*;
 use iced_x86::IcedError;
 
-use crate::guest::image::{Params, PageFault, PAGE_TAG, SLOTS_PER_PAGE, SLOT_BASE, SUM_MUL, SUM_ROT, SUM_SEED};
+use crate::guest::image::{
+    PageFault, Params, PAGE_TAG, SLOTS_PER_PAGE, SLOT_BASE, SUM_MUL, SUM_ROT, SUM_SEED,
+};
 use crate::guest::layout::{CODE_GPA, CODE_MAX, PARAMS_GPA};
 
 pub use crate::guest::layout::CODE_GPA as ENTRY;
@@ -591,7 +593,8 @@ impl Gen {
     }
 
     fn emit_kv(&mut self, mut at: CodeLabel) -> R {
-        let (check, write, mix64, report) = (self.check_page, self.write_page, self.mix64, self.report);
+        let (check, write, mix64, report) =
+            (self.check_page, self.write_page, self.mix64, self.report);
         self.a.set_label(&mut at)?;
         let lp = at;
         let mut have_key = self.a.create_label();
@@ -772,7 +775,11 @@ mod tests {
     #[test]
     fn the_program_assembles_and_fits() {
         let code = assemble().unwrap();
-        assert!(code.len() > 200 && code.len() as u64 <= CODE_MAX, "{}", code.len());
+        assert!(
+            code.len() > 200 && code.len() as u64 <= CODE_MAX,
+            "{}",
+            code.len()
+        );
         // Deterministic: the same bytes every time (the image template caches it).
         assert_eq!(code, assemble().unwrap());
     }

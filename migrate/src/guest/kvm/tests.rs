@@ -49,7 +49,11 @@ impl Ram {
 
     fn at(&mut self, page: u64) -> &mut [u8] {
         let low = self.layout.low_pages();
-        let (b, p) = if page < low { (0, page) } else { (1, page - low) };
+        let (b, p) = if page < low {
+            (0, page)
+        } else {
+            (1, page - low)
+        };
         &mut self.blocks[b][(p * TARGET_PAGE) as usize..((p + 1) * TARGET_PAGE) as usize]
     }
 
@@ -64,7 +68,10 @@ impl Ram {
     }
 
     fn addrs(&self) -> [u64; 2] {
-        [self.blocks[0].as_ptr() as u64, self.blocks[1].as_ptr() as u64]
+        [
+            self.blocks[0].as_ptr() as u64,
+            self.blocks[1].as_ptr() as u64,
+        ]
     }
 }
 
@@ -78,7 +85,11 @@ fn every_workload_runs_writes_and_verifies_clean() {
         let mut ram = Ram::new(&layout, 3, w);
         let counters = run_and_finish(&mut ram, Duration::from_millis(150));
         let verified: u64 = counters.iter().map(|c| c.verified).sum();
-        assert_eq!(verified, layout.data.end - layout.data.start, "{w}: {counters:?}");
+        assert_eq!(
+            verified,
+            layout.data.end - layout.data.start,
+            "{w}: {counters:?}"
+        );
         for (i, c) in counters.iter().enumerate() {
             assert_eq!(c.errors, 0, "{w} vCPU {i}: {:?}", c.first_error_text());
             assert_eq!(c.state, mb::DONE, "{w} vCPU {i}");

@@ -142,7 +142,8 @@ pub fn run(vcpu: &mut VcpuFd, ctl: &VcpuControl, env: &VcpuEnv<'_>) -> VcpuEnd {
     install_kick_handler();
     let _ = ctl.thread.set(std::thread::current());
     // SAFETY: gettid has no preconditions.
-    ctl.tid.store(unsafe { libc::gettid() } as u32, Ordering::Relaxed);
+    ctl.tid
+        .store(unsafe { libc::gettid() } as u32, Ordering::Relaxed);
     KVM_RUN.with(|p| p.set(vcpu.get_kvm_run() as *mut kvm_run));
     // SAFETY: pthread_self has no preconditions.
     ctl.pthread
@@ -169,33 +170,40 @@ fn run_loop(vcpu: &mut VcpuFd, ctl: &VcpuControl, env: &VcpuEnv<'_>) -> VcpuEnd 
         }
         let exit = vcpu.run();
         match exit {
-            Ok(VcpuExit::IoOut(EVENT_PORT, data)) => match data.first().copied().and_then(Event::from_byte) {
-                Some(Event::Started) => {
-                    // Relaxed: a polled flag.
-                    ctl.started.store(true, Ordering::Relaxed);
+            Ok(VcpuExit::IoOut(EVENT_PORT, data)) => {
+                match data.first().copied().and_then(Event::from_byte) {
+                    Some(Event::Started) => {
+                        // Relaxed: a polled flag.
+                        ctl.started.store(true, Ordering::Relaxed);
+                    }
+                    Some(Event::Sleep) => {
+                        let ticks = env.mailboxes.read(i, mb::SLEEP_TSC);
+                        let ns =
+                            (u128::from(ticks) * 1_000_000 / u128::from(env.tsc_khz.max(1))) as u64;
+                        sleep_unless_stopped(ctl, env, ns.min(1_000_000_000));
+                    }
+                    Some(Event::Idle) => sleep_unless_stopped(ctl, env, 10_000_000),
+                    Some(Event::Done) => return VcpuEnd::Done,
+                    None => {
+                        return VcpuEnd::Failed(format!("vCPU {i}: unknown event {data:?}"));
+                    }
                 }
-                Some(Event::Sleep) => {
-                    let ticks = env.mailboxes.read(i, mb::SLEEP_TSC);
-                    let ns = (u128::from(ticks) * 1_000_000 / u128::from(env.tsc_khz.max(1))) as u64;
-                    sleep_unless_stopped(ctl, env, ns.min(1_000_000_000));
-                }
-                Some(Event::Idle) => sleep_unless_stopped(ctl, env, 10_000_000),
-                Some(Event::Done) => return VcpuEnd::Done,
-                None => {
-                    return VcpuEnd::Failed(format!("vCPU {i}: unknown event {data:?}"));
-                }
-            },
+            }
             Ok(VcpuExit::Unsupported(KVM_EXIT_DIRTY_RING_FULL)) => {
                 let Some(harvest) = env.ring_full else {
                     return VcpuEnd::Failed(format!("vCPU {i}: dirty ring full without a ring"));
                 };
                 if let Err(e) = harvest(i) {
-                    return VcpuEnd::Failed(format!("vCPU {i}: harvesting its full dirty ring: {e}"));
+                    return VcpuEnd::Failed(format!(
+                        "vCPU {i}: harvesting its full dirty ring: {e}"
+                    ));
                 }
             }
             Ok(other) => {
                 let what = format!("{other:?}");
-                let regs = vcpu.get_regs().map(|r| format!("rip {:#x} rsp {:#x}", r.rip, r.rsp));
+                let regs = vcpu
+                    .get_regs()
+                    .map(|r| format!("rip {:#x} rsp {:#x}", r.rip, r.rsp));
                 return VcpuEnd::Failed(format!(
                     "vCPU {i}: unexpected exit {what} ({})",
                     regs.unwrap_or_else(|e| e.to_string())

@@ -48,7 +48,10 @@ impl fmt::Display for KvmError {
 impl std::error::Error for KvmError {}
 
 /// Wraps a kvm-ioctls result with what it was for.
-pub fn kvm<T>(what: impl FnOnce() -> String, r: Result<T, kvm_ioctls::Error>) -> Result<T, KvmError> {
+pub fn kvm<T>(
+    what: impl FnOnce() -> String,
+    r: Result<T, kvm_ioctls::Error>,
+) -> Result<T, KvmError> {
     r.map_err(|e| KvmError {
         what: what(),
         errno: e.errno(),
@@ -59,7 +62,10 @@ pub fn kvm<T>(what: impl FnOnce() -> String, r: Result<T, kvm_ioctls::Error>) ->
 pub fn probe() -> Result<(), String> {
     let k = Kvm::new().map_err(|e| format!("/dev/kvm does not open: {e}"))?;
     if k.get_api_version() != 12 {
-        return Err(format!("KVM API version {} (12 expected)", k.get_api_version()));
+        return Err(format!(
+            "KVM API version {} (12 expected)",
+            k.get_api_version()
+        ));
     }
     k.create_vm()
         .map_err(|e| format!("KVM_CREATE_VM failed: {e}"))?;
@@ -97,7 +103,12 @@ impl Mailboxes {
         // SAFETY: in bounds and 8-byte aligned (checked); the mapping lives as long as
         // `self`; the guest writes these words with plain stores and the host only with
         // atomics, so no Rust reference aliases a concurrently written non-atomic.
-        unsafe { &*(self.map.as_ptr().add(vcpu as usize * 4096 + offset as usize) as *const AtomicU64) }
+        unsafe {
+            &*(self
+                .map
+                .as_ptr()
+                .add(vcpu as usize * 4096 + offset as usize) as *const AtomicU64)
+        }
     }
 
     /// Reads word `offset` of vCPU `vcpu`'s page.
@@ -140,7 +151,11 @@ impl Vm {
     /// # Safety
     /// `ram[i]` must be mappings of the layout's block sizes that stay mapped (and are not
     /// remapped) for as long as the VM exists: the guest reads and writes them.
-    pub unsafe fn new(layout: &GuestLayout, ram: [u64; 2], tracking: Tracking) -> Result<Self, KvmError> {
+    pub unsafe fn new(
+        layout: &GuestLayout,
+        ram: [u64; 2],
+        tracking: Tracking,
+    ) -> Result<Self, KvmError> {
         let kvm_ = kvm(|| "opening /dev/kvm".into(), Kvm::new())?;
         let fd = kvm(|| "KVM_CREATE_VM".into(), kvm_.create_vm())?;
         if let Tracking::Ring(bytes) = tracking {
@@ -188,7 +203,9 @@ impl Vm {
                 userspace_addr: host,
             };
             // SAFETY: the caller guarantees the mapping outlives the VM.
-            kvm(|| format!("memory slot {slot}"), unsafe { fd.set_user_memory_region(region) })?;
+            kvm(|| format!("memory slot {slot}"), unsafe {
+                fd.set_user_memory_region(region)
+            })?;
         }
         let mb = kvm_userspace_memory_region {
             slot: MAILBOX_SLOT,
@@ -198,7 +215,9 @@ impl Vm {
             userspace_addr: mailboxes.addr(),
         };
         // SAFETY: the status pages are owned by `self` and outlive the slot.
-        kvm(|| "status-page slot".into(), unsafe { fd.set_user_memory_region(mb) })?;
+        kvm(|| "status-page slot".into(), unsafe {
+            fd.set_user_memory_region(mb)
+        })?;
         Ok(Self {
             kvm: kvm_,
             fd,
@@ -226,8 +245,14 @@ impl Vm {
 
     /// Creates vCPU `index` with the host's supported CPUID (long mode needs it).
     pub fn create_vcpu(&self, index: u32) -> Result<VcpuFd, KvmError> {
-        let v = kvm(|| format!("creating vCPU {index}"), self.fd.create_vcpu(u64::from(index)))?;
-        kvm(|| format!("vCPU {index}: KVM_SET_CPUID2"), v.set_cpuid2(&self.cpuid))?;
+        let v = kvm(
+            || format!("creating vCPU {index}"),
+            self.fd.create_vcpu(u64::from(index)),
+        )?;
+        kvm(
+            || format!("vCPU {index}: KVM_SET_CPUID2"),
+            v.set_cpuid2(&self.cpuid),
+        )?;
         Ok(v)
     }
 
@@ -235,7 +260,8 @@ impl Vm {
     pub fn dirty_log(&self, block: u32) -> Result<Vec<u64>, KvmError> {
         kvm(
             || format!("KVM_GET_DIRTY_LOG of slot {block}"),
-            self.fd.get_dirty_log(block, self.block_bytes[block as usize] as usize),
+            self.fd
+                .get_dirty_log(block, self.block_bytes[block as usize] as usize),
         )
     }
 
@@ -307,8 +333,7 @@ fn from_bytes<T: Copy + Default>(b: &[u8]) -> Option<T> {
 
 impl VcpuState {
     /// Encoded size.
-    pub const LEN: usize =
-        std::mem::size_of::<kvm_regs>() + std::mem::size_of::<kvm_sregs>() + 8;
+    pub const LEN: usize = std::mem::size_of::<kvm_regs>() + std::mem::size_of::<kvm_sregs>() + 8;
 
     /// The boot state of vCPU `index` over `vcpu`'s fresh system registers.
     pub fn boot(vcpu: &VcpuFd, index: u32, seed: u64) -> Result<Self, KvmError> {
