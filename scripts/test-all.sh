@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # scripts/test-all.sh: every test of the project, in one command (the README's test command).
 #
-#   1. unit, property, integration, example and bench-smoke tests (debug), all features;
+#   1. unit, property, integration, example and bench-smoke tests (debug), all features,
+#      among them the migration harness's end-to-end tests of a KVM guest (they need root
+#      for userfaultfd, KVM and hugetlb pages; wherever /dev/kvm opens they must run:
+#      PAGEHINT_REQUIRE_KVM turns a skipped KVM test into a failure);
 #   2. doc tests;
 #   3. loom models and their mutants      (`cargo loom`,    release, target/loom);
 #   4. shuttle models and their mutants   (`cargo shuttle`, release, target/shuttle);
@@ -15,6 +18,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 start=$(date +%s)
+
+# A KVM test may skip (saying why) only where /dev/kvm does not open.
+if [[ -z "${PAGEHINT_REQUIRE_KVM:-}" ]] && { exec 3<>/dev/kvm; } 2>/dev/null; then
+    exec 3>&-
+    export PAGEHINT_REQUIRE_KVM=1
+    echo "/dev/kvm opens: the KVM tests must run (PAGEHINT_REQUIRE_KVM=1)"
+fi
 step() {
     echo
     echo "==> $* ($(($(date +%s) - start)) s elapsed)"

@@ -222,20 +222,6 @@ fn list<T: std::str::FromStr<Err = String>>(what: &str, v: &[String]) -> Result<
         .collect()
 }
 
-/// Why the KVM guest cannot run here, if it cannot.
-pub fn kvm_unavailable() -> Option<String> {
-    if let Err(e) = crate::guest::kvm::vm::probe() {
-        return Some(e);
-    }
-    match crate::uffd::Userfault::open() {
-        Err(e) => Some(format!("userfaultfd does not open: {e}")),
-        Ok(u) if u.user_mode_only() => Some(
-            "userfaultfd sees only user-mode faults here (KVM's vCPUs fault in the kernel)".into(),
-        ),
-        Ok(_) => None,
-    }
-}
-
 /// Copies of guest RAM in normal memory: the image template and the source's RAM (source),
 /// the destination's RAM; with 2 MiB host pages both RAMs are hugetlb pages instead.
 fn normal_copies(endpoint: &Endpoint, host_page: HostPageSize) -> u64 {
@@ -270,14 +256,14 @@ impl Options {
                 GuestKind::Thread,
                 "thread guest (--guest thread)".to_string(),
             ),
-            GuestArg::Kvm => match kvm_unavailable() {
+            GuestArg::Kvm => match crate::guest::kvm::unavailable() {
                 None => (
                     GuestKind::Kvm,
                     "KVM virtual machine (--guest kvm)".to_string(),
                 ),
                 Some(why) => return Err(format!("--guest kvm: {why}")),
             },
-            GuestArg::Auto => match kvm_unavailable() {
+            GuestArg::Auto => match crate::guest::kvm::unavailable() {
                 None => (
                     GuestKind::Kvm,
                     "KVM virtual machine (/dev/kvm opens)".to_string(),

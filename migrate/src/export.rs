@@ -22,6 +22,10 @@ fn fmt_ms(ms: f64) -> String {
     fmt_us(ms * 1e3)
 }
 
+fn fmt_rate(r: Option<f64>) -> String {
+    r.map_or("-".into(), |r| format!("{r:.0}"))
+}
+
 /// The comparison table, one row per run.
 pub fn table(rows: &[RunResult]) -> String {
     let mut out = String::new();
@@ -57,8 +61,9 @@ pub fn table(rows: &[RunResult]) -> String {
             format!("{}/{}", r.pages_urgent, r.pages_background),
             format!("{}/{}", r.hints_offered, r.hints_taken),
             format!(
-                "{:.0}→{:.0}",
-                r.progress_before_per_s, r.progress_after_per_s
+                "{}→{}",
+                fmt_rate(r.progress_before_per_s),
+                fmt_rate(r.progress_after_per_s)
             ),
             if r.verified {
                 "yes".into()
@@ -243,7 +248,7 @@ pub fn svg(rows: &[RunResult], subtitle: &str) -> String {
     let (pw, ph) = (460.0, 380.0);
     let cols = 2usize;
     let nrows = workloads.len().div_ceil(cols).max(1);
-    let (w, h) = (pw * cols as f64 + 20.0, ph * nrows as f64 + 70.0);
+    let (w, h) = (pw * cols as f64 + 20.0, ph * nrows as f64 + 82.0);
     let all: Vec<u64> = rows
         .iter()
         .flat_map(|r| r.latencies_ns.iter().copied())
@@ -280,7 +285,7 @@ pub fn svg(rows: &[RunResult], subtitle: &str) -> String {
     );
     for (i, wl) in workloads.iter().enumerate() {
         let ox = 10.0 + pw * (i % cols) as f64;
-        let oy = 50.0 + ph * (i / cols) as f64;
+        let oy = 62.0 + ph * (i / cols) as f64;
         // CDF on the left 62%, blocktime bars on the right.
         let (l, t, pr, pb) = (ox + 45.0, oy + 25.0, ox + pw * 0.62, oy + ph - 120.0);
         let x_of = |ns: f64| l + ((ns / 1e3).max(1e-3).log10() - d0) / (d1 - d0) * (pr - l);
@@ -370,13 +375,12 @@ pub fn svg(rows: &[RunResult], subtitle: &str) -> String {
             .max(1e-3);
         let _ = writeln!(
             s,
-            r##"<rect x="{bl}" y="{bt}" width="{}" height="{}" fill="none" stroke="#999"/><text x="{}" y="{}" text-anchor="middle" fill="#555">vCPU blocktime</text><text x="{}" y="{}" text-anchor="end">{}</text>"##,
+            r##"<rect x="{bl}" y="{bt}" width="{}" height="{}" fill="none" stroke="#999"/><text x="{}" y="{}" text-anchor="middle" fill="#555">vCPU blocktime, ms</text><text x="{br}" y="{}" text-anchor="end" font-size="9" fill="#555">full scale {}</text>"##,
             br - bl,
             bb - bt,
             (bl + br) / 2.0,
             bb + 28.0,
-            bl - 4.0,
-            bt + 8.0,
+            bt - 4.0,
             esc(&fmt_ms(max))
         );
         let groups = runs.len().max(1) as f64;
@@ -397,12 +401,17 @@ pub fn svg(rows: &[RunResult], subtitle: &str) -> String {
                     esc(&fmt_ms(b))
                 );
             }
+            let total: f64 = r.vcpu_blocktime_ms.iter().sum();
             let _ = writeln!(
                 s,
                 r##"<text x="{:.1}" y="{}" text-anchor="middle" font-size="9">{}</text>"##,
                 bl + g as f64 * gw + gw / 2.0,
                 bb + 12.0,
-                esc(&fmt_ms(r.vcpu_blocktime_ms.iter().sum()))
+                if total >= 100.0 {
+                    format!("{total:.0}")
+                } else {
+                    format!("{total:.1}")
+                }
             );
         }
     }

@@ -133,7 +133,8 @@ named_enum!(
         None = 0, "none";
         /// One byte of the first data-area page sent in postcopy is flipped.
         CorruptPage = 1, "corrupt";
-        /// The first host page of the seq window is sent again after the background scan.
+        /// The first host page of the seq window is sent again when three quarters of the
+        /// background's pages are out.
         DuplicatePage = 2, "duplicate";
     }
 );
@@ -148,18 +149,6 @@ named_enum!(
         OverwriteDuplicate = 1, "overwrite-duplicate";
     }
 );
-
-impl Default for SourceFault {
-    fn default() -> Self {
-        Self::None
-    }
-}
-
-impl Default for DestFault {
-    fn default() -> Self {
-        Self::None
-    }
-}
 
 /// How the destination catches the guest's accesses to missing pages (thread guest).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -184,14 +173,16 @@ pub struct GuestSpec {
 }
 
 impl GuestSpec {
-    /// A guest of `mem` bytes.
+    /// A guest of `mem` bytes (the thread guest is one thread: `vcpus` must be 1).
     pub fn new(
         kind: GuestKind,
         mem: u64,
         host_page: HostPageSize,
         vcpus: u32,
     ) -> Result<Self, GuestLayoutError> {
-        let vcpus = if kind == GuestKind::Thread { 1 } else { vcpus };
+        if kind == GuestKind::Thread && vcpus != 1 {
+            return Err(GuestLayoutError::Vcpus(vcpus));
+        }
         Ok(Self {
             kind,
             layout: GuestLayout::new(mem, host_page, vcpus)?,

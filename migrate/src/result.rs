@@ -109,10 +109,12 @@ pub struct RunResult {
     pub guest_ops_precopy: u64,
     /// The same at the destination, until postcopy completed.
     pub guest_ops_postcopy: u64,
-    /// Guest progress before the switch (source), operations per second.
-    pub progress_before_per_s: f64,
-    /// Guest progress after it (destination, until postcopy completed), per second.
-    pub progress_after_per_s: f64,
+    /// Guest progress before the switch (source, precopy), operations per second (null when
+    /// the guest ran there for less than 10 ms: pure postcopy).
+    pub progress_before_per_s: Option<f64>,
+    /// Guest progress after it (destination, until postcopy completed), per second (null
+    /// when postcopy took less than 10 ms).
+    pub progress_after_per_s: Option<f64>,
     /// Pages the guest wrote (source and destination).
     pub guest_writes: u64,
     /// Failed checks of the guest's own (source and destination): must be 0.
@@ -184,6 +186,11 @@ pub(crate) struct Inputs<'a> {
     pub offset_ns: i64,
     pub requests_sent: u64,
     pub problems: Vec<String>,
+}
+
+/// `ops` per second over `ns`, if `ns` is long enough to mean something (10 ms).
+fn rate(ops: u64, ns: u64) -> Option<f64> {
+    (ns >= 10_000_000).then(|| ops as f64 / (ns as f64 / 1e9))
 }
 
 fn ms(ns: u64) -> f64 {
@@ -321,16 +328,8 @@ impl RunResult {
             pending_host_pages: i.mem.pending(),
             guest_ops_precopy: sw.guest[0],
             guest_ops_postcopy: ops_after,
-            progress_before_per_s: if sw.source_run_ns > 0 {
-                sw.guest[0] as f64 / (sw.source_run_ns as f64 / 1e9)
-            } else {
-                0.0
-            },
-            progress_after_per_s: if complete > t.resume {
-                ops_after as f64 / ((complete - t.resume) as f64 / 1e9)
-            } else {
-                0.0
-            },
+            progress_before_per_s: rate(sw.guest[0], sw.source_run_ns),
+            progress_after_per_s: rate(ops_after, complete.saturating_sub(t.resume)),
             guest_writes: sw.guest[1] + writes,
             guest_check_errors: sw.guest[2] + errors,
             guest_first_error: first_error,

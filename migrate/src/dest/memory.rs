@@ -113,7 +113,6 @@ pub struct DestMemory {
     postcopy: AtomicBool,
     waiting_on: AtomicU64,
     waiter: Mutex<Option<Thread>>,
-    fault_path: FaultPath,
     path_note: Mutex<String>,
     zeros: Vec<u8>,
 }
@@ -183,7 +182,6 @@ impl DestMemory {
             postcopy: AtomicBool::new(false),
             waiting_on: AtomicU64::new(NOBODY),
             waiter: Mutex::new(None),
-            fault_path: path,
             path_note: Mutex::new(note),
             zeros: vec![0u8; if huge { hp as usize } else { 0 }],
         })
@@ -593,11 +591,6 @@ impl DestMemory {
     /// Whether the software fault path is in use (no userfaultfd).
     pub fn software(&self) -> bool {
         self.uffd.is_none()
-    }
-
-    /// Forces the software path (userfaultfd refused the registration).
-    pub fn fault_path_kind(&self) -> FaultPath {
-        self.fault_path
     }
 
     /// Host address of global target page `page`.

@@ -388,7 +388,7 @@ pub fn run_destination(
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .take()
-        .ok_or_else(|| RunError::Wire(WireError::Closed(Channel::Background)))?;
+        .ok_or(RunError::Wire(WireError::Closed(Channel::Background)))?;
     let problems = verify::verify(&verify::Evidence {
         cfg,
         mem: &mem,

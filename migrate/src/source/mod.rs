@@ -383,9 +383,7 @@ impl Session<'_> {
                 // Relaxed: a polled flag.
                 while !housekeeping_stop.load(Ordering::Relaxed) {
                     n += 1;
-                    if let Err(e) = self.mem.device_write(n) {
-                        return Err(e);
-                    }
+                    self.mem.device_write(n)?;
                     std::thread::sleep(Duration::from_millis(1));
                 }
                 device_writes.store(n, Ordering::Relaxed);
@@ -449,7 +447,7 @@ impl Session<'_> {
                 m.kick_all();
                 for (i, h) in handles.into_iter().enumerate() {
                     match h.join() {
-                        Ok(VcpuEnd::Stopped(st)) => states.push(st),
+                        Ok(VcpuEnd::Stopped(st)) => states.push(*st),
                         Ok(VcpuEnd::Done) => {
                             failed = Some(format!("vCPU {i} finished at the source"))
                         }

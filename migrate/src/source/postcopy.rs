@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use pagehint::{Claim, PageScheduler, SchedulerStats, Served};
 
-use super::send::{Phase, SendError};
+use super::send::{PageRun, Phase, SendError};
 use super::Session;
 use crate::clock::{now_ns, sleep_until, tight_timer_slack};
 use crate::options::SourceFault;
@@ -78,27 +78,34 @@ impl Session<'_> {
         let mut scanner = sched.background_from(layout.location(self.hello.scan_start));
         let g = self.guard(false);
         let mut buf = Vec::new();
+        // Test hook: once three quarters of the background's host pages are out, send the seq
+        // window's first host page again, as a buggy scheduler would. The seq guest rewrites
+        // that page on every pass, so the copy is stale by then, and its next pass sees it.
+        let per = layout.host_page().pages();
+        let mut duplicate = (self.hello.source_fault == SourceFault::DuplicatePage)
+            .then(|| sched.bitmap().dirty_pages() * 3 / 4 / per);
+        let mut sent = 0u64;
         while let Some(claim) = scanner.next_claim() {
             self.send_claim(&claim, Channel::Background, &g, &mut buf)?;
+            sent += u64::from(claim.host_page_count());
             // Relaxed: a coarse timestamp.
             self.bg_progress.store(now_ns(), Ordering::Relaxed);
-        }
-        drop(scanner);
-        if self.hello.source_fault == SourceFault::DuplicatePage {
-            // Test hook: send the seq window's first host page again, as a buggy scheduler
-            // would; the guest writes that page early, so the copy is stale by now.
-            let per = layout.host_page().pages();
-            let loc = layout.location(layout.seq.start);
-            self.out.send_pages(
-                loc.block,
-                loc.page,
-                per,
-                per,
-                Channel::Background,
-                Phase::Postcopy,
-                &g,
-                &mut buf,
-            )?;
+            if duplicate.is_some_and(|at| sent >= at) {
+                duplicate = None;
+                let loc = layout.location(layout.seq.start);
+                self.out.send_pages(
+                    PageRun {
+                        block: loc.block,
+                        first: loc.page,
+                        count: per,
+                        unit: per,
+                    },
+                    Channel::Background,
+                    Phase::Postcopy,
+                    &g,
+                    &mut buf,
+                )?;
+            }
         }
         Ok(())
     }
@@ -150,10 +157,12 @@ impl Session<'_> {
                 _ => {
                     if let Some((first, n)) = run {
                         self.out.send_pages(
-                            claim.block(),
-                            first,
-                            n,
-                            unit,
+                            PageRun {
+                                block: claim.block(),
+                                first,
+                                count: n,
+                                unit,
+                            },
                             chan,
                             Phase::Postcopy,
                             g,
@@ -165,8 +174,18 @@ impl Session<'_> {
             }
         }
         if let Some((first, n)) = run {
-            self.out
-                .send_pages(claim.block(), first, n, unit, chan, Phase::Postcopy, g, buf)?;
+            self.out.send_pages(
+                PageRun {
+                    block: claim.block(),
+                    first,
+                    count: n,
+                    unit,
+                },
+                chan,
+                Phase::Postcopy,
+                g,
+                buf,
+            )?;
         }
         Ok(())
     }

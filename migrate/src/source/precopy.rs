@@ -10,7 +10,7 @@
 
 use pagehint::DirtyBitmap;
 
-use super::send::{Outbound, Phase, SendError};
+use super::send::{Outbound, PageRun, Phase, SendError};
 use crate::guest::kvm::dirty::DirtyTracker;
 use crate::wire::{Channel, Guard};
 
@@ -54,10 +54,12 @@ pub fn drain_round(
                 while first < end {
                     let count = RUN_MAX.min(end - first);
                     out.send_pages(
-                        block,
-                        first,
-                        count,
-                        1,
+                        PageRun {
+                            block,
+                            first,
+                            count,
+                            unit: 1,
+                        },
                         Channel::Background,
                         Phase::Precopy,
                         guard,
@@ -91,7 +93,7 @@ pub fn run(
         let shrinking = report
             .dirty_per_round
             .last()
-            .is_none_or(|&prev| dirty < prev);
+            .map_or(true, |&prev| dirty < prev);
         report.dirty_per_round.push(dirty);
         if r > 0 && (!shrinking || dirty == 0) {
             break;

@@ -43,6 +43,20 @@ pub struct Sent {
     precopy_over: AtomicBool,
 }
 
+/// Target pages `first .. first + count` of `block`, sent in units of `unit` target pages
+/// (a unit is all-zero or not: a target page in precopy, a host page in postcopy).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PageRun {
+    /// RAM block.
+    pub block: u32,
+    /// First target page in the block.
+    pub first: u64,
+    /// Target pages.
+    pub count: u64,
+    /// Target pages per unit.
+    pub unit: u64,
+}
+
 /// Test hooks of the outgoing side.
 #[derive(Debug)]
 pub struct Hooks {
@@ -87,19 +101,21 @@ impl From<WireError> for SendError {
 }
 
 impl Outbound<'_> {
-    /// Sends target pages `first .. first + count` of `block` on `chan`, in units of `unit`
-    /// target pages (a unit is all-zero or not), reading them into `buf`.
+    /// Sends `run` on `chan`, reading the pages into `buf`.
     pub fn send_pages(
         &self,
-        block: u32,
-        first: u64,
-        count: u64,
-        unit: u64,
+        run: PageRun,
         chan: Channel,
         phase: Phase,
         guard: &Guard<'_>,
         buf: &mut Vec<u8>,
     ) -> Result<(), SendError> {
+        let PageRun {
+            block,
+            first,
+            count,
+            unit,
+        } = run;
         let bytes = (count * TARGET_PAGE) as usize;
         buf.resize(bytes, 0);
         self.mem

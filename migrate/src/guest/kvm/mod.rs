@@ -30,6 +30,38 @@ use program::mailbox as mb;
 use vcpu::{VcpuControl, VcpuEnd, VcpuEnv};
 use vm::{KvmError, Tracking, VcpuState, Vm};
 
+/// Why the KVM guest cannot run here, if it cannot: `/dev/kvm` must open and create a VM,
+/// and userfaultfd must report kernel-mode faults (KVM's vCPUs fault inside the kernel).
+pub fn unavailable() -> Option<String> {
+    if let Err(e) = vm::probe() {
+        return Some(e);
+    }
+    match crate::uffd::Userfault::open() {
+        Err(e) => Some(format!("userfaultfd does not open: {e}")),
+        Ok(u) if u.user_mode_only() => Some(
+            "userfaultfd sees only user-mode faults here (KVM's vCPUs fault in the kernel)".into(),
+        ),
+        Ok(_) => None,
+    }
+}
+
+/// For tests: whether the KVM guest can run here. Where it cannot, prints that `test` was
+/// skipped and why, and returns false — unless `PAGEHINT_REQUIRE_KVM` is set (`.ci/run` sets
+/// it wherever `/dev/kvm` opens), where it panics: a KVM test is never skipped on a machine
+/// that has KVM.
+pub fn ready_or_skip(test: &str) -> bool {
+    match unavailable() {
+        None => true,
+        Some(why) if std::env::var_os("PAGEHINT_REQUIRE_KVM").is_some() => {
+            panic!("{test}: PAGEHINT_REQUIRE_KVM is set, but the KVM guest cannot run: {why}")
+        }
+        Some(why) => {
+            eprintln!("SKIPPED {test}: it needs KVM and kernel-mode userfaultfd: {why}");
+            false
+        }
+    }
+}
+
 /// Bytes of dirty ring per vCPU (4096 entries).
 pub const RING_BYTES: u32 = 64 << 10;
 
@@ -143,7 +175,9 @@ impl Machine {
         Ok(())
     }
 
-    /// Loads the states saved at the source (one per vCPU, in order).
+    /// Loads the states saved at the source (one per vCPU, in order), and sets each
+    /// program's clock offset so that its clock resumes where it stopped (the downtime does
+    /// not count: the guest was not running), whatever KVM could do with the TSC.
     pub fn load(&self, states: &[VcpuState]) -> Result<(), KvmError> {
         if states.len() != self.vcpus.len() {
             return Err(KvmError {
@@ -155,8 +189,13 @@ impl Machine {
                 errno: libc::EINVAL,
             });
         }
-        for (s, v) in states.iter().zip(&self.vcpus) {
-            s.load(&v.lock().unwrap_or_else(|p| p.into_inner()), true)?;
+        for (i, (s, v)) in states.iter().zip(&self.vcpus).enumerate() {
+            let v = v.lock().unwrap_or_else(|p| p.into_inner());
+            s.load(&v, true)?;
+            let now = VcpuState::read_tsc(&v)?;
+            self.vm
+                .mailboxes()
+                .write(i as u32, mb::CLOCK_OFFSET, s.tsc.wrapping_sub(now));
         }
         Ok(())
     }

@@ -9,7 +9,9 @@
 //! emulates CPL 0 code instruction by instruction but runs CPL 3 code natively.)
 //! Everything the program needs is in the parameter page ([`Params`]); everything it keeps
 //! lives in registers and guest RAM, so a vCPU stopped anywhere and resumed elsewhere with the
-//! same registers and memory carries on. It reports through its status page
+//! same registers and memory carries on. Its clock is `rdtsc` plus an offset the host keeps
+//! in the status page (a minimal pvclock, see [`mailbox::CLOCK_OFFSET`]). It reports
+//! through its status page
 //! ([`mailbox`]: device memory, never migrated) and wakes the host with `out` on
 //! [`EVENT_PORT`] only when it must ([`Event`]).
 //!
@@ -38,7 +40,7 @@ use iced_x86::IcedError;
 use crate::guest::image::{
     PageFault, Params, PAGE_TAG, SLOTS_PER_PAGE, SLOT_BASE, SUM_MUL, SUM_ROT, SUM_SEED,
 };
-use crate::guest::layout::{CODE_GPA, CODE_MAX, PARAMS_GPA};
+use crate::guest::layout::{CODE_GPA, CODE_MAX};
 
 pub use crate::guest::layout::CODE_GPA as ENTRY;
 
@@ -106,6 +108,9 @@ pub mod mailbox {
     pub const VERIFIED: i32 = 112;
     /// Guest: frames that ended more than one interval after they were due.
     pub const LATE_FRAMES: i32 = 120;
+    /// Host → guest: added to `rdtsc` to make the program's clock (a minimal pvclock). The
+    /// destination sets it so that the clock resumes where it stopped at the source.
+    pub const CLOCK_OFFSET: i32 = 128;
     /// Status page states.
     pub const RUNNING: u64 = 1;
     /// See [`STATE`].
@@ -487,8 +492,8 @@ impl Gen {
         let mut clear = self.a.create_label();
         let mut stop = self.a.create_label();
         let mut end_ok = self.a.create_label();
-        // Locals: [rsp] due (TSC), [rsp+8] pause start (0: none), [rsp+16] pause end,
-        // [rsp+24] the frame's end page.
+        // Locals: [rsp] due, [rsp+8] pause start (0: none), [rsp+16] pause end, [rsp+24] the
+        // frame's end page. Times are the program's clock: rdtsc + CLOCK_OFFSET.
         {
             let a = &mut self.a;
             a.test(r13, r13)?;
@@ -497,6 +502,7 @@ impl Gen {
             a.rdtsc()?;
             a.shl(rdx, 32)?;
             a.or(rax, rdx)?;
+            a.add(rax, qword_ptr(r14 + mb::CLOCK_OFFSET))?;
             a.mov(qword_ptr(rsp), rax)?;
             a.mov(qword_ptr(rsp + 8), 0)?;
             a.set_label(&mut frame)?;
@@ -506,6 +512,7 @@ impl Gen {
             a.rdtsc()?;
             a.shl(rdx, 32)?;
             a.or(rax, rdx)?;
+            a.add(rax, qword_ptr(r14 + mb::CLOCK_OFFSET))?;
             a.mov(rcx, qword_ptr(rsp))?;
             a.cmp(rax, rcx)?;
             a.jae(read)?;
@@ -540,6 +547,7 @@ impl Gen {
             a.rdtsc()?;
             a.shl(rdx, 32)?;
             a.or(rax, rdx)?;
+            a.add(rax, qword_ptr(r14 + mb::CLOCK_OFFSET))?;
             a.mov(rcx, qword_ptr(rsp))?;
             a.add(rcx, qword_ptr(r14 + mb::FRAME_TSC))?;
             a.cmp(rax, rcx)?;
@@ -764,9 +772,6 @@ pub fn assemble() -> Result<Vec<u8>, IcedError> {
     assert!((code.len() as u64) <= CODE_MAX, "guest program too large");
     Ok(code)
 }
-
-/// The program's parameter page address (for the ABI's `rsi`).
-pub const PARAMS: u64 = PARAMS_GPA;
 
 #[cfg(test)]
 mod tests {

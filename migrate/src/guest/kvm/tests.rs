@@ -13,13 +13,7 @@ use crate::guest::layout::{GuestLayout, HostPageSize, GENTAB_GPA, PARAMS_GPA, TA
 use crate::options::Workload;
 
 fn kvm_or_skip(test: &str) -> bool {
-    match vm::probe() {
-        Ok(()) => true,
-        Err(why) => {
-            eprintln!("SKIPPED {test}: KVM test needs /dev/kvm: {why}");
-            false
-        }
-    }
+    ready_or_skip(test)
 }
 
 /// Guest RAM as two anonymous mappings filled from a template.
@@ -94,7 +88,6 @@ fn every_workload_runs_writes_and_verifies_clean() {
             assert_eq!(c.errors, 0, "{w} vCPU {i}: {:?}", c.first_error_text());
             assert_eq!(c.state, mb::DONE, "{w} vCPU {i}");
         }
-        eprintln!("{w}: {counters:?}");
         let ops: u64 = counters.iter().map(|c| c.ops).sum();
         let writes: u64 = counters.iter().map(|c| c.writes).sum();
         assert!(ops > 100, "{w}: {ops} ops");

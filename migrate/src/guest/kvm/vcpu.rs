@@ -116,7 +116,7 @@ impl VcpuControl {
 #[derive(Debug)]
 pub enum VcpuEnd {
     /// Kicked: its state, to resume elsewhere.
-    Stopped(VcpuState),
+    Stopped(Box<VcpuState>),
     /// The program reported [`Event::Done`].
     Done,
     /// The guest crashed or KVM failed.
@@ -164,7 +164,11 @@ fn run_loop(vcpu: &mut VcpuFd, ctl: &VcpuControl, env: &VcpuEnv<'_>) -> VcpuEnd 
             let _ = vcpu.run();
             vcpu.set_kvm_immediate_exit(0);
             return match VcpuState::save(vcpu) {
-                Ok(s) => VcpuEnd::Stopped(s),
+                Ok(mut s) => {
+                    // The program's clock, not the raw TSC, is what must resume.
+                    s.tsc = s.tsc.wrapping_add(env.mailboxes.read(i, mb::CLOCK_OFFSET));
+                    VcpuEnd::Stopped(Box::new(s))
+                }
                 Err(e) => VcpuEnd::Failed(format!("vCPU {i}: saving state: {e}")),
             };
         }

@@ -14,7 +14,7 @@ use kvm_bindings::{
     KVM_CAP_DIRTY_LOG_RING, KVM_CAP_DIRTY_LOG_RING_ACQ_REL, KVM_MAX_CPUID_ENTRIES,
     KVM_MEM_LOG_DIRTY_PAGES,
 };
-use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use memmap2::MmapMut;
 
 use super::boot;
@@ -137,7 +137,6 @@ impl Mailboxes {
 /// A VM over guest RAM the caller owns.
 #[derive(Debug)]
 pub struct Vm {
-    kvm: Kvm,
     fd: VmFd,
     cpuid: CpuId,
     mailboxes: Mailboxes,
@@ -219,7 +218,6 @@ impl Vm {
             fd.set_user_memory_region(mb)
         })?;
         Ok(Self {
-            kvm: kvm_,
             fd,
             cpuid,
             mailboxes,
@@ -282,11 +280,6 @@ impl Vm {
     pub fn tsc_khz(&self, vcpu: &VcpuFd) -> Result<u32, KvmError> {
         kvm(|| "KVM_GET_TSC_KHZ".into(), vcpu.get_tsc_khz())
     }
-
-    /// Whether KVM offers `cap`.
-    pub fn has(&self, cap: Cap) -> bool {
-        self.kvm.check_extension(cap)
-    }
 }
 
 /// What a vCPU carries from the source to the destination: general and system registers
@@ -297,7 +290,8 @@ pub struct VcpuState {
     pub regs: kvm_regs,
     /// `KVM_GET_SREGS`.
     pub sregs: kvm_sregs,
-    /// `MSR_IA32_TSC`.
+    /// The guest's clock when it stopped: `MSR_IA32_TSC` plus the program's clock offset
+    /// (see [`super::program::mailbox::CLOCK_OFFSET`]).
     pub tsc: u64,
 }
 
@@ -345,10 +339,8 @@ impl VcpuState {
         })
     }
 
-    /// Reads a stopped vCPU's state.
-    pub fn save(vcpu: &VcpuFd) -> Result<Self, KvmError> {
-        let regs = kvm(|| "KVM_GET_REGS".into(), vcpu.get_regs())?;
-        let sregs = kvm(|| "KVM_GET_SREGS".into(), vcpu.get_sregs())?;
+    /// The vCPU's TSC as KVM reports it (what `rdtsc` returns in the guest).
+    pub fn read_tsc(vcpu: &VcpuFd) -> Result<u64, KvmError> {
         let mut msrs = Msrs::from_entries(&[kvm_msr_entry {
             index: MSR_IA32_TSC,
             ..Default::default()
@@ -358,16 +350,30 @@ impl VcpuState {
             errno: libc::EINVAL,
         })?;
         let n = kvm(|| "KVM_GET_MSRS (TSC)".into(), vcpu.get_msrs(&mut msrs))?;
-        let tsc = if n == 1 { msrs.as_slice()[0].data } else { 0 };
+        if n != 1 {
+            return Err(KvmError {
+                what: "KVM_GET_MSRS returned no TSC".into(),
+                errno: libc::EINVAL,
+            });
+        }
+        Ok(msrs.as_slice()[0].data)
+    }
+
+    /// Reads a stopped vCPU's state (`tsc` is the raw TSC; add the clock offset).
+    pub fn save(vcpu: &VcpuFd) -> Result<Self, KvmError> {
+        let regs = kvm(|| "KVM_GET_REGS".into(), vcpu.get_regs())?;
+        let sregs = kvm(|| "KVM_GET_SREGS".into(), vcpu.get_sregs())?;
+        let tsc = Self::read_tsc(vcpu)?;
         Ok(Self { regs, sregs, tsc })
     }
 
-    /// Loads the state into a vCPU that has not run. The TSC is set only if `set_tsc` (a
-    /// booting vCPU keeps KVM's): through the vCPU's TSC offset (`KVM_VCPU_TSC_OFFSET`),
-    /// so that the guest's clock resumes exactly where it stopped. (Writing `MSR_IA32_TSC`
-    /// from the host is no good here: KVM treats a write within a second of what it expects
-    /// as an attempt to synchronise vCPUs and keeps its own offset.) Kernels without the
-    /// attribute get the MSR write.
+    /// Loads the state into a vCPU that has not run. If `set_tsc` (a booting vCPU keeps
+    /// KVM's), the TSC is moved to `tsc` through the vCPU's TSC offset
+    /// (`KVM_VCPU_TSC_OFFSET`; writing `MSR_IA32_TSC` from the host is no good: KVM treats a
+    /// write within a second of what it expects as an attempt to synchronise vCPUs and
+    /// keeps its own offset), or the MSR where the attribute is missing. Some KVMs cannot
+    /// move it at all (on PVM the guest's user code reads the host's TSC), so the caller
+    /// reads it back and makes up the difference in the program's clock offset.
     pub fn load(&self, vcpu: &VcpuFd, set_tsc: bool) -> Result<(), KvmError> {
         kvm(|| "KVM_SET_SREGS".into(), vcpu.set_sregs(&self.sregs))?;
         kvm(|| "KVM_SET_REGS".into(), vcpu.set_regs(&self.regs))?;

@@ -1,0 +1,72 @@
+//! Helpers shared by the integration tests.
+
+#![allow(dead_code)]
+
+use std::sync::mpsc;
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use pagehint_migrate::guest::layout::HostPageSize;
+use pagehint_migrate::hugepages::HugePages;
+use pagehint_migrate::options::{GuestKind, GuestSpec};
+use pagehint_migrate::{
+    run_destination, LocalSource, MigrationMode, PinPlan, RunConfig, RunError, RunResult, Workload,
+};
+
+/// A configuration for a small guest, unpinned, with a test-sized idle limit.
+pub fn config(kind: GuestKind, mem: u64, host_page: HostPageSize, vcpus: u32) -> RunConfig {
+    let mut c = RunConfig::new(GuestSpec::new(kind, mem, host_page, vcpus).unwrap());
+    c.idle_timeout = Duration::from_secs(10);
+    c.pin = PinPlan::OFF;
+    c
+}
+
+/// Whether this process is root.
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Runs `f` on a thread and fails the test if it takes longer than `limit` (a hang).
+pub fn within<T: Send + 'static>(limit: Duration, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(limit)
+        .unwrap_or_else(|_| panic!("did not finish within {limit:?}: a hang"))
+}
+
+/// One migration against a fresh in-process source.
+pub fn migrate(cfg: RunConfig, mode: MigrationMode, w: Workload) -> Result<RunResult, RunError> {
+    let src = LocalSource::start(PinPlan::OFF, cfg.idle_timeout, true).unwrap();
+    run_destination(src.addr(), &cfg, mode, w, &|_, _| {})
+}
+
+/// Checks what every verified run must show.
+pub fn check_verified(r: &RunResult) {
+    assert!(r.verified, "{} / {}: {:?}", r.workload, r.mode, r.problems);
+    assert_eq!(r.placed_twice, 0);
+    assert_eq!(
+        r.pages_urgent + r.pages_background,
+        r.pending_host_pages * r.host_page / 4096,
+        "{} / {}: every missing page sent exactly once in postcopy (I1)",
+        r.workload,
+        r.mode
+    );
+    assert_eq!(r.guest_check_errors, 0);
+}
+
+/// Huge pages for a test: one test at a time reserves them (the pool is global).
+pub fn huge_pages(pages: u64) -> Option<(MutexGuard<'static, ()>, HugePages)> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    let guard = LOCK.lock().unwrap_or_else(|p| p.into_inner());
+    match HugePages::reserve(pages) {
+        Ok(h) => Some((guard, h)),
+        Err(e) if !is_root() => {
+            eprintln!("SKIPPED: hugetlb test needs root to reserve huge pages: {e}");
+            None
+        }
+        Err(e) => panic!("reserving {pages} huge pages as root: {e}"),
+    }
+}

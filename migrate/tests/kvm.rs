@@ -1,0 +1,288 @@
+//! End-to-end migrations of a KVM virtual machine: two RAM blocks, two vCPUs, precopy with
+//! KVM's dirty log and with its dirty rings, in every mode and workload; pure postcopy; 2 MiB
+//! hugetlb pages; and the guest's own checks catching a corrupted page and a stale copy
+//! placed over a page it wrote. Each test says it was skipped, and why, where KVM or
+//! kernel-mode userfaultfd is missing; `.ci/run` sets `PAGEHINT_REQUIRE_KVM` wherever
+//! `/dev/kvm` opens, which turns such a skip into a failure.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::{check_verified, config, huge_pages, migrate, within};
+use pagehint_migrate::guest::kvm::ready_or_skip;
+use pagehint_migrate::guest::layout::HostPageSize;
+use pagehint_migrate::options::{DestFault, DirtyTracking, GuestKind, SourceFault};
+use pagehint_migrate::{LocalSource, MigrationMode, PinPlan, RunConfig, RunResult, Workload};
+
+const MEM: u64 = 64 << 20;
+
+fn kvm(vcpus: u32) -> RunConfig {
+    config(GuestKind::Kvm, MEM, HostPageSize::Small, vcpus)
+}
+
+fn run_all(cfg: RunConfig, runs: Vec<(Workload, MigrationMode)>) -> Vec<RunResult> {
+    within(Duration::from_secs(240), move || {
+        let src = LocalSource::start(PinPlan::OFF, cfg.idle_timeout, true).unwrap();
+        runs.into_iter()
+            .map(|(w, m)| {
+                pagehint_migrate::run_destination(src.addr(), &cfg, m, w, &|_, _| {})
+                    .unwrap_or_else(|e| panic!("{w} / {m}: {e}"))
+            })
+            .collect()
+    })
+}
+
+fn check_kvm(r: &RunResult, vcpus: u32) {
+    check_verified(r);
+    assert_eq!(r.guest, "kvm");
+    assert_eq!((r.vcpus, r.blocks), (vcpus, 2));
+    assert_eq!(r.vcpu_blocktime_ms.len(), vcpus as usize);
+    assert!(r.fault_path.starts_with("userfaultfd"), "{}", r.fault_path);
+    assert!(r.guest_verified_pages > 0, "the guest verified its RAM");
+    assert!(
+        r.downtime_ms > 0.0 && r.downtime_ms < 1000.0,
+        "{}",
+        r.downtime_ms
+    );
+}
+
+#[test]
+fn precopy_with_the_dirty_log_and_the_dirty_ring_in_every_mode_and_workload() {
+    if !ready_or_skip("precopy_with_the_dirty_log_and_the_dirty_ring_in_every_mode_and_workload") {
+        return;
+    }
+    for tracking in [DirtyTracking::Log, DirtyTracking::Ring] {
+        let mut c = kvm(2);
+        c.precopy.rounds = 3;
+        c.precopy.tracking = tracking;
+        // Every mode and every workload: workload i with mode i % 3.
+        let runs: Vec<_> = Workload::ALL
+            .iter()
+            .enumerate()
+            .map(|(i, &w)| (w, MigrationMode::ALL[(i + tracking.code() as usize) % 3]))
+            .collect();
+        for r in run_all(c, runs) {
+            check_kvm(&r, 2);
+            assert_eq!(r.dirty_tracking, tracking.name());
+            assert!(r.precopy_rounds_done >= 1, "{}", r.precopy_rounds_done);
+            assert!(
+                r.precopy_pages >= MEM / 4096,
+                "round 0 sends all of RAM: {}",
+                r.precopy_pages
+            );
+            assert!(r.precopy_bytes > MEM / 2, "{}", r.precopy_bytes);
+            assert_eq!(
+                r.dirty_per_round[0],
+                MEM / 4096,
+                "round 0 starts with every page dirty"
+            );
+            assert!(r.guest_ops_precopy > 0, "the guest ran during precopy");
+            assert!(r.guest_writes > 0, "the guest wrote during precopy");
+            assert!(
+                r.pending_host_pages < MEM / 4096 / 2,
+                "{} / {}: precopy left {} of {} pages for postcopy",
+                r.workload,
+                r.mode,
+                r.pending_host_pages,
+                MEM / 4096
+            );
+        }
+    }
+}
+
+#[test]
+fn pure_postcopy_in_every_mode_and_workload() {
+    if !ready_or_skip("pure_postcopy_in_every_mode_and_workload") {
+        return;
+    }
+    let runs: Vec<_> = Workload::ALL
+        .iter()
+        .flat_map(|&w| MigrationMode::ALL.iter().map(move |&m| (w, m)))
+        .collect();
+    let rows = run_all(kvm(1), runs);
+    for r in &rows {
+        check_kvm(r, 1);
+        assert_eq!(r.precopy_rounds_done, 0);
+        assert_eq!(
+            r.pending_host_pages,
+            MEM / 4096,
+            "pure postcopy: every page pending"
+        );
+        assert!(
+            r.faults > 0 && r.requests_sent > 0,
+            "{} / {}",
+            r.workload,
+            r.mode
+        );
+        assert!(r.request_p50_us > 0.0);
+    }
+    let get = |w: &str, m: &str| {
+        rows.iter()
+            .find(|r| r.workload == w && r.mode == m)
+            .unwrap()
+    };
+    assert_eq!(
+        get("random", "vanilla").pages_urgent,
+        0,
+        "vanilla has no urgent channel"
+    );
+    assert_eq!(
+        get("random", "preempt").hints_offered,
+        0,
+        "preempt offers no hints"
+    );
+    assert!(get("seq", "preempt").pages_urgent > 0);
+    assert!(
+        get("seq", "preempt-hint").hints_taken > 0,
+        "the scan follows the hint"
+    );
+    assert!(get("stream", "preempt").longest_pause_ms > 0.0);
+}
+
+#[test]
+fn hugetlb_host_pages_migrate_whole() {
+    if !ready_or_skip("hugetlb_host_pages_migrate_whole") {
+        return;
+    }
+    let Some(_huge) = huge_pages(2 * MEM / (2 << 20)) else {
+        return;
+    };
+    let mut c = config(GuestKind::Kvm, MEM, HostPageSize::Huge2M, 2);
+    c.precopy.rounds = 2;
+    let rows = run_all(
+        c,
+        vec![
+            (Workload::Random, MigrationMode::PreemptHint),
+            (Workload::Stream, MigrationMode::Preempt),
+        ],
+    );
+    for r in &rows {
+        check_kvm(r, 2);
+        assert_eq!(r.host_page, 2 << 20);
+        assert_eq!(
+            r.pages_urgent % 512,
+            0,
+            "urgent pages come in whole 2 MiB host pages"
+        );
+        assert_eq!(r.lowat_bytes, 4 << 20, "two host pages unsent at most");
+    }
+}
+
+#[test]
+fn the_guest_catches_a_corrupted_page() {
+    if !ready_or_skip("the_guest_catches_a_corrupted_page") {
+        return;
+    }
+    let r = within(Duration::from_secs(60), || {
+        let mut c = kvm(1);
+        c.source_fault = SourceFault::CorruptPage;
+        migrate(c, MigrationMode::PreemptHint, Workload::Kv)
+    })
+    .unwrap();
+    assert!(!r.verified, "a corrupted page went unnoticed");
+    assert!(
+        r.guest_check_errors > 0,
+        "the guest's own check must see it: {:?}",
+        r.problems
+    );
+    let first = r.guest_first_error.clone().unwrap_or_default();
+    assert!(first.contains("corrupt page"), "{first}");
+    let problems = r.problems.join("; ");
+    assert!(problems.contains("the guest's checks failed"), "{problems}");
+    assert!(problems.contains("differ from the source"), "{problems}");
+}
+
+#[test]
+fn the_guest_catches_a_page_placed_twice() {
+    if !ready_or_skip("the_guest_catches_a_page_placed_twice") {
+        return;
+    }
+    // A page sent twice: userfaultfd refuses the second copy (EEXIST), which verification
+    // counts; a destination that copied it over anyway would undo the guest's writes, and
+    // the guest's next read of that page must say so.
+    for (dest, guest_sees_it) in [
+        (DestFault::None, false),
+        (DestFault::OverwriteDuplicate, true),
+    ] {
+        let r = within(Duration::from_secs(60), move || {
+            let mut c = kvm(1);
+            c.source_fault = SourceFault::DuplicatePage;
+            c.dest_fault = dest;
+            migrate(c, MigrationMode::Preempt, Workload::Seq)
+        })
+        .unwrap();
+        assert!(!r.verified);
+        assert_eq!(r.placed_twice, 1, "{dest:?}");
+        let problems = r.problems.join("; ");
+        assert!(
+            problems.contains("placed twice") && problems.contains("EEXIST"),
+            "{problems}"
+        );
+        if guest_sees_it {
+            let first = r.guest_first_error.clone().unwrap_or_default();
+            assert!(
+                first.contains("stale page"),
+                "{dest:?}: {first} ({problems})"
+            );
+        } else {
+            assert_eq!(r.guest_check_errors, 0, "{problems}");
+        }
+    }
+}
+
+#[test]
+fn the_command_line_migrates_a_kvm_guest_and_prints_the_targets() {
+    if !ready_or_skip("the_command_line_migrates_a_kvm_guest_and_prints_the_targets") {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("pagehint-migrate-kvm-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let json = dir.join("r.json");
+    let out = within(Duration::from_secs(120), {
+        let json = json.clone();
+        move || {
+            Command::new(env!("CARGO_BIN_EXE_pagehint-migrate"))
+                .args([
+                    "--mem",
+                    "64M",
+                    "--vcpus",
+                    "2",
+                    "--precopy-rounds",
+                    "1",
+                    "--quiet",
+                    "--workloads",
+                    "random",
+                ])
+                .arg("--json")
+                .arg(&json)
+                .output()
+                .unwrap()
+        }
+    });
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("KVM virtual machine (/dev/kvm opens); 2 vCPUs"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("random request p50: vanilla / preempt"),
+        "{stdout}"
+    );
+    let rows: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    for r in rows.as_array().unwrap() {
+        assert_eq!(r["guest"], "kvm");
+        assert_eq!(r["vcpus"], 2);
+        assert_eq!(r["precopy_rounds"], 1);
+        assert_eq!(r["vcpu_blocktime_ms"].as_array().unwrap().len(), 2);
+        assert_eq!(r["verified"], true);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
