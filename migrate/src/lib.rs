@@ -6,16 +6,16 @@
 //! `options` (typed settings, parsed once) → `guest` (layout, image, the KVM guest and its
 //! programs, the thread guest) → `source` (guest RAM, the VM, precopy, the switch-over, the
 //! scheduler in postcopy) → `wire` / `link` / `handshake` (frames, the emulated link, both
-//! sides of connection setup) → `dest` (placement, faults, the guest resumed) → `verify`
-//! and `result` (what held and what was measured) → `compare` / `export` (the matrix of
-//! runs, targets, table, JSON, SVG). `main` is a thin shell over `cli` → `compare` →
-//! `export`.
+//! sides of connection setup) → `dest` (placement, faults, the guest resumed; the run's
+//! evidence) → `verify` and `result` (what held and what was measured) → `run` (the three
+//! together) → `compare` / `export` (the matrix of runs, targets, table, JSON, SVG). `main`
+//! is a thin shell over `cli` → `compare` → `export`.
 //!
 //! # The guest kinds
 //! * **KVM** ([`guest::kvm`]): vCPUs run generated x86-64 workload programs that read,
 //!   write and check signed pages; KVM's dirty log or dirty rings feed the source's bitmap
 //!   during precopy; at the destination the vCPUs fault through userfaultfd.
-//! * **thread** ([`guest::thread`]): a host thread reads the same image at the destination
+//! * **thread** ([`dest::thread_guest`]): a host thread reads the same image at the destination
 //!   (the fallback where `/dev/kvm` is missing).
 
 pub mod cli;
@@ -27,12 +27,14 @@ pub mod guest;
 pub mod handshake;
 pub mod hugepages;
 pub mod link;
+mod names;
 pub mod options;
 pub mod pin;
 pub mod result;
+pub mod run;
 pub mod source;
 pub mod uffd;
-pub(crate) mod verify;
+pub mod verify;
 pub mod wire;
 
 use std::net::SocketAddr;
@@ -41,11 +43,12 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-pub use dest::{run_destination, RunError};
+pub use dest::RunError;
 pub use link::LinkParams;
 pub use options::{FaultPath, GuestKind, MigrationMode, RunConfig, Workload};
 pub use pin::PinPlan;
 pub use result::RunResult;
+pub use run::run_destination;
 pub use source::SourceServer;
 
 /// A source server on a loopback port, served by a background thread until dropped.

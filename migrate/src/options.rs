@@ -4,62 +4,15 @@
 //! Every enum here has one name on the command line, one code on the wire (`code` /
 //! `from_code`, checked), and nothing else converts them.
 
-use std::fmt;
-use std::str::FromStr;
 use std::time::Duration;
 
 use pagehint::{ClaimBatch, SchedulerConfig};
 
 use crate::guest::layout::{GuestLayout, GuestLayoutError, HostPageSize};
+pub use crate::guest::Workload;
 use crate::link::LinkParams;
+use crate::names::named_enum;
 use crate::pin::PinPlan;
-
-/// Defines a command-line and wire enum: its variants, names and codes.
-macro_rules! named_enum {
-    ($(#[$m:meta])* $name:ident, $what:literal { $($(#[$vm:meta])* $v:ident = $code:literal, $s:literal;)+ }) => {
-        $(#[$m])*
-        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-        pub enum $name {
-            $($(#[$vm])* $v,)+
-        }
-
-        impl $name {
-            /// Every value, in table order.
-            pub const ALL: &'static [Self] = &[$(Self::$v),+];
-
-            /// The command-line name.
-            pub fn name(self) -> &'static str {
-                match self { $(Self::$v => $s,)+ }
-            }
-
-            /// The wire code.
-            pub fn code(self) -> u64 {
-                match self { $(Self::$v => $code,)+ }
-            }
-
-            /// From a wire code.
-            pub fn from_code(c: u64) -> Option<Self> {
-                match c { $($code => Some(Self::$v),)+ _ => None }
-            }
-        }
-
-        impl fmt::Display for $name {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(self.name())
-            }
-        }
-
-        impl FromStr for $name {
-            type Err = String;
-            fn from_str(s: &str) -> Result<Self, String> {
-                Self::ALL.iter().copied().find(|v| v.name() == s).ok_or_else(|| {
-                    let names: Vec<_> = Self::ALL.iter().map(|v| v.name()).collect();
-                    format!("unknown {} {s:?} ({})", $what, names.join(", "))
-                })
-            }
-        }
-    };
-}
 
 named_enum!(
     /// How the source serves page requests.
@@ -89,20 +42,6 @@ impl MigrationMode {
         self != Self::Vanilla
     }
 }
-
-named_enum!(
-    /// What the guest does while it is migrated.
-    Workload, "workload" {
-        /// Reads (and every eighth page writes) its window in order, over and over.
-        Seq = 1, "seq";
-        /// Reads random pages of the data area, writing a quarter of those it owns.
-        Random = 2, "random";
-        /// Plays its window in 64 KiB frames at a fixed rate, like video playback.
-        Stream = 3, "stream";
-        /// Looks keys up in a hash table built before the migration; updates an eighth.
-        Kv = 4, "kv";
-    }
-);
 
 named_enum!(
     /// What runs as the guest.

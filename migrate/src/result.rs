@@ -13,7 +13,7 @@ use serde::Serialize;
 
 use crate::dest::faults::{self, FaultEvent};
 use crate::dest::memory::DestMemory;
-use crate::dest::{GuestOutcome, Times};
+use crate::dest::{Evidence, GuestOutcome, Times};
 use crate::options::{MigrationMode, RunConfig, Workload};
 use crate::wire::{Summary, SwitchOver};
 
@@ -172,25 +172,24 @@ pub fn percentile_ns(sorted: &[u64], p: f64) -> u64 {
     sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
-/// What [`RunResult::assemble`] reads.
-pub(crate) struct Inputs<'a> {
-    pub cfg: &'a RunConfig,
-    pub mode: MigrationMode,
-    pub workload: Workload,
-    pub mem: &'a DestMemory,
-    pub summary: &'a Summary,
-    pub switch: &'a SwitchOver,
-    pub outcome: &'a GuestOutcome,
-    pub events: &'a [FaultEvent],
-    pub times: Times,
-    pub offset_ns: i64,
-    pub requests_sent: u64,
-    pub problems: Vec<String>,
-}
-
 /// `ops` per second over `ns`, if `ns` is long enough to mean something (10 ms).
 fn rate(ops: u64, ns: u64) -> Option<f64> {
     (ns >= 10_000_000).then(|| ops as f64 / (ns as f64 / 1e9))
+}
+
+/// The parts of the evidence the assembly reads.
+struct Inputs<'a> {
+    mode: MigrationMode,
+    workload: Workload,
+    mem: &'a DestMemory,
+    summary: &'a Summary,
+    switch: &'a SwitchOver,
+    outcome: &'a GuestOutcome,
+    events: &'a [FaultEvent],
+    times: Times,
+    offset_ns: i64,
+    requests_sent: u64,
+    problems: Vec<String>,
 }
 
 fn ms(ns: u64) -> f64 {
@@ -202,8 +201,28 @@ fn us(ns: u64) -> f64 {
 }
 
 impl RunResult {
-    pub(crate) fn assemble(i: Inputs<'_>) -> Self {
-        let cfg = i.cfg;
+    /// The measurements of a run of `workload` in `mode` with `cfg`, from what it left, with
+    /// the `problems` verification found.
+    pub fn assemble(
+        cfg: &RunConfig,
+        mode: MigrationMode,
+        workload: Workload,
+        e: &Evidence,
+        problems: Vec<String>,
+    ) -> Self {
+        let i = Inputs {
+            mode,
+            workload,
+            mem: &e.mem,
+            summary: &e.summary,
+            switch: &e.switch,
+            outcome: &e.outcome,
+            events: &e.events,
+            times: e.times,
+            offset_ns: e.offset_ns,
+            requests_sent: e.requests_sent,
+            problems,
+        };
         let layout = cfg.layout();
         let t = i.times;
         let requests = faults::request_latencies(i.mem);
@@ -261,7 +280,7 @@ impl RunResult {
             }
         };
         lat.sort_unstable();
-        let longest_pause_ns = if i.workload == crate::options::Workload::Stream {
+        let longest_pause_ns = if i.workload == Workload::Stream {
             longest_pause_ns
         } else {
             lat.last().copied().unwrap_or(0)
@@ -347,8 +366,8 @@ impl RunResult {
             zero_host_pages: i.summary.zero_host_pages,
             placed_twice: i.mem.placed_twice().0,
             uffd_faults: i.events.len() as u64,
-            clock_offset_us: 0.0,
-            same_clock: true,
+            clock_offset_us: e.measured_offset_ns as f64 / 1e3,
+            same_clock: e.same_clock,
             verified: i.problems.is_empty(),
             problems: i.problems,
             latencies_ns: lat,

@@ -14,30 +14,18 @@
 //!    right.
 //! 4. **Bad input was harmless**: the source rejected exactly the malformed requests sent.
 
-use crate::dest::memory::DestMemory;
-use crate::dest::GuestOutcome;
+use crate::dest::{Evidence, GuestOutcome};
 use crate::guest::image::{check_page, generation, page_checksum, PageFault, WORDS};
 use std::ops::Range;
 
 use crate::guest::layout::{GENTAB_GPA, STACKS_GPA, TARGET_PAGE};
 use crate::options::{RunConfig, Workload};
-use crate::wire::{Summary, SwitchOver};
 
-/// What a run left to verify.
-pub(crate) struct Evidence<'a> {
-    pub cfg: &'a RunConfig,
-    pub mem: &'a DestMemory,
-    pub summary: &'a Summary,
-    pub switch: &'a SwitchOver,
-    pub outcome: &'a GuestOutcome,
-    pub workload: Workload,
-}
-
-/// The problems found (empty: verified).
-pub(crate) fn verify(e: &Evidence<'_>) -> Vec<String> {
+/// The problems found in a run of `workload` with `cfg` (empty: verified).
+pub fn verify(cfg: &RunConfig, workload: Workload, e: &Evidence) -> Vec<String> {
     let mut problems = Vec::new();
-    let layout = e.cfg.layout();
-    let mem = e.mem;
+    let layout = cfg.layout();
+    let mem = &e.mem;
     // 1. Exactly once.
     let (twice, first) = mem.placed_twice();
     if twice > 0 {
@@ -136,7 +124,7 @@ pub(crate) fn verify(e: &Evidence<'_>) -> Vec<String> {
         }
     }
     // 3. The guest's own checks.
-    match e.outcome {
+    match &e.outcome {
         GuestOutcome::Kvm { counters, .. } => {
             let src_errors = e.switch.guest[2];
             if src_errors > 0 {
@@ -179,15 +167,15 @@ pub(crate) fn verify(e: &Evidence<'_>) -> Vec<String> {
                 problems.push(format!("{} key lookups gave wrong answers", report.wrong));
             }
             if !report.completed {
-                problems.push(format!("the {} workload did not complete", e.workload));
+                problems.push(format!("the {} workload did not complete", workload));
             }
         }
     }
     // 4. Bad input.
-    if e.summary.stats.bad_requests != e.cfg.inject_bad {
+    if e.summary.stats.bad_requests != cfg.inject_bad {
         problems.push(format!(
             "the source rejected {} requests, {} malformed ones were sent",
-            e.summary.stats.bad_requests, e.cfg.inject_bad
+            e.summary.stats.bad_requests, cfg.inject_bad
         ));
     }
     problems

@@ -189,9 +189,10 @@ fn the_guest_catches_a_corrupted_page() {
     );
     let first = r.guest_first_error.clone().unwrap_or_default();
     assert!(first.contains("corrupt page"), "{first}");
+    // (The host's comparison with the source flags it too, unless the guest rewrote the
+    // page after its check failed: kv re-signs pages it looks keys up in.)
     let problems = r.problems.join("; ");
     assert!(problems.contains("the guest's checks failed"), "{problems}");
-    assert!(problems.contains("differ from the source"), "{problems}");
 }
 
 #[test]

@@ -19,6 +19,7 @@
 pub mod faults;
 pub mod memory;
 mod receiver;
+pub mod thread_guest;
 
 use std::fmt;
 use std::net::{Shutdown, SocketAddr, TcpStream};
@@ -32,17 +33,15 @@ use crate::clock::{boot_id, now_ns, tight_timer_slack};
 use crate::guest::kvm::vcpu::VcpuEnd;
 use crate::guest::kvm::vm::Tracking;
 use crate::guest::kvm::{GuestCounters, Machine};
-use crate::guest::thread::{self, FaultLog, ThreadGuest, WorkloadReport};
 use crate::handshake::{self, ConnectError};
 use crate::options::{DestFault, FaultPath, GuestKind, MigrationMode, RunConfig, Workload};
 use crate::pin::Role;
-use crate::result::RunResult;
-use crate::verify;
 use crate::wire::{
     write_parts, Channel, Guard, Hello, Role as HelloRole, RpHeader, RpKind, Summary, SwitchOver,
     WireError,
 };
 use memory::{DestMemory, MemoryError};
+use thread_guest::{FaultLog, ThreadGuest, WorkloadReport};
 
 /// Why a run failed.
 #[derive(Debug)]
@@ -226,40 +225,79 @@ impl Dest<'_> {
 }
 
 /// What the guest side of a run produced.
-pub(crate) enum GuestOutcome {
-    /// KVM: each vCPU's counters at the destination, and their ops when postcopy completed.
+#[derive(Debug)]
+pub enum GuestOutcome {
+    /// The KVM guest.
     Kvm {
+        /// Each vCPU's counters at the destination.
         counters: Vec<GuestCounters>,
+        /// Their operations when postcopy completed.
         ops_at_complete: u64,
+        /// The vCPU threads' ids (userfaultfd reports them).
         tids: Vec<u32>,
+        /// The guest's TSC frequency.
         tsc_khz: u32,
     },
-    /// Thread guest: its report and fault log.
+    /// The thread guest.
     Thread {
+        /// Its report.
         report: WorkloadReport,
+        /// Its faults.
         log: FaultLog,
+        /// Its thread id.
         tid: u32,
     },
 }
 
-/// Timestamps of one run (destination clock).
+/// Timestamps of one run (destination clock, ns).
 #[derive(Clone, Copy, Debug, Default)]
-pub(crate) struct Times {
+pub struct Times {
+    /// `START` sent.
     pub start: u64,
+    /// The switch-over applied (discard, registration).
     pub switch_applied: u64,
+    /// The guest resumed.
     pub resume: u64,
+    /// Every missing page placed.
     pub complete: u64,
 }
 
-/// Migrates guest RAM from the source at `addr` in `mode` while the guest runs `workload`.
-/// `progress(placed, pending)` is called a few times per second in postcopy.
-pub fn run_destination(
+/// What a finished run left, for [`crate::verify`] and [`crate::result`]: the destination's
+/// memory and records, and what the source sent.
+#[derive(Debug)]
+pub struct Evidence {
+    /// Guest RAM as the run left it, with its placement and request records.
+    pub mem: DestMemory,
+    /// The source's summary.
+    pub summary: Summary,
+    /// The switch-over.
+    pub switch: SwitchOver,
+    /// What the guest reported.
+    pub outcome: GuestOutcome,
+    /// Every fault read from userfaultfd.
+    pub events: Vec<faults::FaultEvent>,
+    /// When things happened (destination clock).
+    pub times: Times,
+    /// Source clock minus destination clock, as applied.
+    pub offset_ns: i64,
+    /// The same, as the pings measured it.
+    pub measured_offset_ns: i64,
+    /// Both sides share `CLOCK_MONOTONIC`.
+    pub same_clock: bool,
+    /// Page requests sent.
+    pub requests_sent: u64,
+}
+
+/// Migrates guest RAM from the source at `addr` in `mode` while the guest runs `workload`,
+/// and returns what the run left. `progress(placed, pending)` is called a few times per
+/// second in postcopy.
+pub fn run(
     addr: SocketAddr,
     cfg: &RunConfig,
     mode: MigrationMode,
     workload: Workload,
     progress: &dyn Fn(u64, u64),
-) -> Result<RunResult, RunError> {
+) -> Result<Evidence, RunError> {
     let layout = cfg.layout().clone();
     let kvm = cfg.guest.kind == GuestKind::Kvm;
     let path = if kvm { FaultPath::Auto } else { cfg.fault_path };
@@ -389,32 +427,22 @@ pub fn run_destination(
         .unwrap_or_else(|p| p.into_inner())
         .take()
         .ok_or(RunError::Wire(WireError::Closed(Channel::Background)))?;
-    let problems = verify::verify(&verify::Evidence {
-        cfg,
-        mem: &mem,
-        summary: &summary,
-        switch: &switch,
-        outcome: &outcome,
-        workload,
-    });
-    let mut r = RunResult::assemble(crate::result::Inputs {
-        cfg,
-        mode,
-        workload,
-        mem: &mem,
-        summary: &summary,
-        switch: &switch,
-        outcome: &outcome,
-        events: &events,
+    // Relaxed: the counting threads have been joined.
+    let requests_sent = d.requests_sent.load(Ordering::Relaxed);
+    drop(d);
+    drop(machine);
+    Ok(Evidence {
+        mem,
+        summary,
+        switch,
+        outcome,
+        events,
         times,
         offset_ns,
-        requests_sent: d.requests_sent.load(Ordering::Relaxed),
-        problems,
-    });
-    r.clock_offset_us = measured_offset as f64 / 1e3;
-    r.same_clock = same_clock;
-    drop(machine);
-    Ok(r)
+        measured_offset_ns: measured_offset,
+        same_clock,
+        requests_sent,
+    })
 }
 
 impl Dest<'_> {
@@ -485,7 +513,7 @@ impl Dest<'_> {
                     complete,
                     log: FaultLog::default(),
                 };
-                let r = thread::run(
+                let r = thread_guest::run(
                     workload,
                     &mut g,
                     cfg.layout(),

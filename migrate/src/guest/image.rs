@@ -29,7 +29,7 @@
 use std::ops::Range;
 
 use super::layout::{GuestLayout, GENTAB_GPA, MAILBOX_GPA, TARGET_PAGE};
-use crate::options::Workload;
+use super::Workload;
 
 /// Words per target page.
 pub const WORDS: usize = (TARGET_PAGE / 8) as usize;

@@ -10,7 +10,7 @@ use memmap2::MmapMut;
 use super::*;
 use crate::guest::image::{words_of, Params, Template, PAGE_TAG};
 use crate::guest::layout::{GuestLayout, HostPageSize, GENTAB_GPA, PARAMS_GPA, TARGET_PAGE};
-use crate::options::Workload;
+use crate::guest::Workload;
 
 fn kvm_or_skip(test: &str) -> bool {
     ready_or_skip(test)

@@ -17,11 +17,11 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use super::memory::DestMemory;
 use crate::clock::{now_ns, sleep_until};
-use crate::dest::memory::DestMemory;
 use crate::guest::image::{kv_geometry, kv_home, kv_key, kv_slot, kv_value, page_checksum};
 use crate::guest::layout::{GuestLayout, TARGET_PAGE};
-use crate::options::Workload;
+use crate::guest::Workload;
 
 /// Target pages per stream frame (64 KiB).
 pub const STREAM_FRAME_PAGES: u64 = 16;

@@ -1,0 +1,26 @@
+//! One migration, whole: the destination's run ([`crate::dest`]), then its verification
+//! ([`crate::verify`]) and its measurements ([`crate::result`]), apart from each other.
+
+use std::net::SocketAddr;
+
+use crate::dest::{self, RunError};
+use crate::options::{MigrationMode, RunConfig, Workload};
+use crate::result::RunResult;
+use crate::verify;
+
+/// Migrates guest RAM from the source at `addr` in `mode` while the guest runs `workload`,
+/// verifies the result and measures it. `progress(placed, pending)` is called a few times
+/// per second in postcopy.
+pub fn run_destination(
+    addr: SocketAddr,
+    cfg: &RunConfig,
+    mode: MigrationMode,
+    workload: Workload,
+    progress: &dyn Fn(u64, u64),
+) -> Result<RunResult, RunError> {
+    let evidence = dest::run(addr, cfg, mode, workload, progress)?;
+    let problems = verify::verify(cfg, workload, &evidence);
+    Ok(RunResult::assemble(
+        cfg, mode, workload, &evidence, problems,
+    ))
+}
