@@ -7,10 +7,9 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::Duration;
 
-use common::{check_verified, config, huge_pages, migrate, within};
+use common::{check_verified, command_line, config, huge_pages, migrate, within};
 use pagehint_migrate::guest::kvm::ready_or_skip;
 use pagehint_migrate::guest::layout::HostPageSize;
 use pagehint_migrate::options::{DestFault, DirtyTracking, GuestKind, SourceFault};
@@ -238,35 +237,19 @@ fn the_command_line_migrates_a_kvm_guest_and_prints_the_targets() {
     if !ready_or_skip("the_command_line_migrates_a_kvm_guest_and_prints_the_targets") {
         return;
     }
-    let dir = std::env::temp_dir().join(format!("pagehint-migrate-kvm-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let json = dir.join("r.json");
-    let out = within(Duration::from_secs(120), {
-        let json = json.clone();
-        move || {
-            Command::new(env!("CARGO_BIN_EXE_pagehint-migrate"))
-                .args([
-                    "--mem",
-                    "64M",
-                    "--vcpus",
-                    "2",
-                    "--precopy-rounds",
-                    "1",
-                    "--quiet",
-                    "--workloads",
-                    "random",
-                ])
-                .arg("--json")
-                .arg(&json)
-                .output()
-                .unwrap()
-        }
-    });
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
+    let (stdout, rows, svg) = command_line(
+        "pagehint-migrate-kvm",
+        &[
+            "--mem",
+            "64M",
+            "--vcpus",
+            "2",
+            "--precopy-rounds",
+            "1",
+            "--quiet",
+            "--workloads",
+            "random",
+        ],
     );
     assert!(
         stdout.contains("KVM virtual machine (/dev/kvm opens); 2 vCPUs"),
@@ -276,14 +259,12 @@ fn the_command_line_migrates_a_kvm_guest_and_prints_the_targets() {
         stdout.contains("random request p50: vanilla / preempt"),
         "{stdout}"
     );
-    let rows: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
-    for r in rows.as_array().unwrap() {
+    assert!(svg.contains("vCPU blocktime"));
+    for r in &rows {
         assert_eq!(r["guest"], "kvm");
         assert_eq!(r["vcpus"], 2);
         assert_eq!(r["precopy_rounds"], 1);
         assert_eq!(r["vcpu_blocktime_ms"].as_array().unwrap().len(), 2);
         assert_eq!(r["verified"], true);
     }
-    let _ = std::fs::remove_dir_all(&dir);
 }

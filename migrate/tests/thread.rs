@@ -13,7 +13,7 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
-use common::{check_verified, config, huge_pages, is_root, migrate, within};
+use common::{check_verified, command_line, config, huge_pages, is_root, migrate, within};
 use pagehint_migrate::guest::layout::HostPageSize;
 use pagehint_migrate::options::{DirtyTracking, FaultPath, GuestKind, SourceFault};
 use pagehint_migrate::wire::{Guard, Hello, HelloReply, Role, WireError};
@@ -270,46 +270,25 @@ fn the_source_refuses_bad_parameters_with_a_reason() {
 
 #[test]
 fn the_command_line_prints_the_comparison_and_writes_json_and_svg() {
-    let dir = std::env::temp_dir().join(format!("pagehint-migrate-test-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let (json, svg) = (dir.join("r.json"), dir.join("r.svg"));
-    let out = within(Duration::from_secs(120), {
-        let (json, svg) = (json.clone(), svg.clone());
-        move || {
-            Command::new(env!("CARGO_BIN_EXE_pagehint-migrate"))
-                .args([
-                    "--guest",
-                    "thread",
-                    "--mem",
-                    "16M",
-                    "--quiet",
-                    "--workloads",
-                    "seq,stream",
-                    "--json",
-                ])
-                .arg(&json)
-                .arg("--svg")
-                .arg(&svg)
-                .output()
-                .unwrap()
-        }
-    });
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
+    let (stdout, rows, svg) = command_line(
+        "pagehint-migrate-thread",
+        &[
+            "--guest",
+            "thread",
+            "--mem",
+            "16M",
+            "--quiet",
+            "--workloads",
+            "seq,stream",
+        ],
     );
     assert!(
         stdout.contains("targets (ratios from this run)"),
         "{stdout}"
     );
     assert!(stdout.contains("thread guest (--guest thread)"), "{stdout}");
-    let rows: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
-    let rows = rows.as_array().unwrap();
     assert_eq!(rows.len(), 6);
-    for r in rows {
+    for r in &rows {
         for key in [
             "mode",
             "workload",
@@ -339,11 +318,9 @@ fn the_command_line_prints_the_comparison_and_writes_json_and_svg() {
         assert_eq!(r["verified"], true, "{r}");
         assert_eq!(r["guest"], "thread");
     }
-    let svg = std::fs::read_to_string(&svg).unwrap();
     assert!(
         svg.starts_with("<svg") && svg.contains("preempt-hint") && svg.contains("vCPU blocktime")
     );
-    let _ = std::fs::remove_dir_all(&dir);
 
     // Bad input on the command line: a clear error and a failing status.
     for (args, says) in [

@@ -547,14 +547,13 @@ impl Dest<'_> {
                 });
                 break;
             }
-            if let Some(vs) = &vcpus {
-                if let Some(i) = vs.iter().position(|h| h.is_finished()) {
-                    if ops_at_complete.is_none() {
-                        // A vCPU ended before it was asked to: it failed.
-                        let _ = i;
-                        break;
-                    }
-                }
+            // A vCPU that ends before it is asked to has failed: go and collect it.
+            if ops_at_complete.is_none()
+                && vcpus
+                    .as_ref()
+                    .is_some_and(|vs| vs.iter().any(|h| h.is_finished()))
+            {
+                break;
             }
             if self.mem.complete() {
                 if times.complete == 0 {

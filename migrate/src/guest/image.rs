@@ -11,7 +11,8 @@
 //! | 2 | [`PAGE_TAG`] `|` generation |
 //! | 3..512 | pseudo-random data, or hash-table slots in the `kv` window |
 //!
-//! The **generation table** (one `u32` per global page at [`GENTAB_GPA`](super::layout::GENTAB_GPA))
+//! The **generation table** (one `u32` per global page at
+//! [`GENTAB_GPA`])
 //! says what each page must hold: generation 0 is a zero page (never written: every byte
 //! zero, as most of a fresh guest's RAM is); an even generation `g > 0` is a signed page of
 //! generation `g`; an odd value means the page's writer is rewriting it (a seqlock: readers

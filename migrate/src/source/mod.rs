@@ -8,7 +8,7 @@
 //! 2. **switch-over**: the vCPUs are kicked and their state saved, the device stops, the last
 //!    dirty pages are synced, and the `SWITCH` frame carries the vCPU state and the host pages
 //!    still to send (the destination discards those);
-//! 3. **postcopy** ([`postcopy`]): a [`PageScheduler`] takes over the same bitmap; the
+//! 3. **postcopy** ([`postcopy`]): a [`PageScheduler`](pagehint::PageScheduler) takes over the same bitmap; the
 //!    background sender scans, the return-path thread serves requests (urgent channel in
 //!    preempt modes, with the hint in preempt-hint);
 //! 4. when the destination says `DONE`, the source sends its counters and the checksum of

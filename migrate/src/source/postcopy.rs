@@ -150,42 +150,22 @@ impl Session<'_> {
         buf: &mut Vec<u8>,
     ) -> Result<(), SendError> {
         let unit = self.layout().host_page().pages();
-        let mut run: Option<(u64, u64)> = None;
+        // Contiguous host pages go out as one run.
+        let mut runs: Vec<(u64, u64)> = Vec::new();
         for hp in claim.host_pages() {
-            match run {
-                Some((first, n)) if first + n == hp.first_page => run = Some((first, n + hp.pages)),
-                _ => {
-                    if let Some((first, n)) = run {
-                        self.out.send_pages(
-                            PageRun {
-                                block: claim.block(),
-                                first,
-                                count: n,
-                                unit,
-                            },
-                            chan,
-                            Phase::Postcopy,
-                            g,
-                            buf,
-                        )?;
-                    }
-                    run = Some((hp.first_page, hp.pages));
-                }
+            match runs.last_mut() {
+                Some((first, n)) if *first + *n == hp.first_page => *n += hp.pages,
+                _ => runs.push((hp.first_page, hp.pages)),
             }
         }
-        if let Some((first, n)) = run {
-            self.out.send_pages(
-                PageRun {
-                    block: claim.block(),
-                    first,
-                    count: n,
-                    unit,
-                },
-                chan,
-                Phase::Postcopy,
-                g,
-                buf,
-            )?;
+        for (first, count) in runs {
+            let run = PageRun {
+                block: claim.block(),
+                first,
+                count,
+                unit,
+            };
+            self.out.send_pages(run, chan, Phase::Postcopy, g, buf)?;
         }
         Ok(())
     }

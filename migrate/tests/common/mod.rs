@@ -2,6 +2,8 @@
 
 #![allow(dead_code)]
 
+use std::path::PathBuf;
+use std::process::Command;
 use std::sync::mpsc;
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
@@ -69,4 +71,37 @@ pub fn huge_pages(pages: u64) -> Option<(MutexGuard<'static, ()>, HugePages)> {
         }
         Err(e) => panic!("reserving {pages} huge pages as root: {e}"),
     }
+}
+
+/// Runs the command line with `args` plus `--json` and `--svg` into a scratch folder named
+/// after `test`; checks it succeeded; returns its stdout, the JSON rows and the SVG text.
+pub fn command_line(test: &str, args: &[&str]) -> (String, Vec<serde_json::Value>, String) {
+    let dir: PathBuf = std::env::temp_dir().join(format!("{test}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (json, svg) = (dir.join("r.json"), dir.join("r.svg"));
+    let out = within(Duration::from_secs(180), {
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        let (json, svg) = (json.clone(), svg.clone());
+        move || {
+            Command::new(env!("CARGO_BIN_EXE_pagehint-migrate"))
+                .args(&args)
+                .arg("--json")
+                .arg(&json)
+                .arg("--svg")
+                .arg(&svg)
+                .output()
+                .unwrap()
+        }
+    });
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let svg = std::fs::read_to_string(&svg).unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    (stdout, rows.as_array().unwrap().clone(), svg)
 }

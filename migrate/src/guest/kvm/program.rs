@@ -3,7 +3,7 @@
 //!
 //! # ABI
 //! The host starts vCPU `i` in 64-bit mode at **CPL 3** with IOPL 3 (port I/O allowed) and
-//! interrupts off, at [`CODE_GPA`], with `rdi = i`, `rsi =` [`PARAMS_GPA`], `rbx =` a non-zero
+//! interrupts off, at [`CODE_GPA`], with `rdi = i`, `rsi =` [`PARAMS_GPA`](crate::guest::layout::PARAMS_GPA), `rbx =` a non-zero
 //! random seed and `rsp =` the top of its stack page. (CPL 3 because the program needs no
 //! privilege, and because some hosts' KVM — this project's machines run KVM on PVM —
 //! emulates CPL 0 code instruction by instruction but runs CPL 3 code natively.)
@@ -25,7 +25,7 @@
 //!   counted and the first one recorded in the status page.
 //! * `write_page(rdi = page)`: only the page's owner calls it: entry odd, re-sign with the
 //!   next generation, entry even.
-//! * workloads ([`Workload`]), each looping until the host sets `STOP` in the status page,
+//! * workloads ([`Workload`](crate::guest::Workload)), each looping until the host sets `STOP` in the status page,
 //!   then `fsck`: the vCPU checks its share of the whole data area, sets `STATE = DONE`, and
 //!   reports [`Event::Done`].
 //!
