@@ -278,11 +278,22 @@ pub fn svg(rows: &[RunResult], subtitle: &str) -> String {
         s,
         r##"<text x="10" y="20" font-size="15" font-weight="bold">pagehint-migrate: fault waits (fraction at or below) and per-vCPU blocktime</text>"##
     );
+    // The subtitle on two lines, split before the link's description.
+    let (first, link) = subtitle
+        .split_once(", link ")
+        .map_or((subtitle, ""), |(a, b)| (a, b));
     let _ = writeln!(
         s,
-        r##"<text x="10" y="38" fill="#555">{}</text>"##,
-        esc(subtitle)
+        r##"<text x="10" y="36" fill="#555">{}</text>"##,
+        esc(first)
     );
+    if !link.is_empty() {
+        let _ = writeln!(
+            s,
+            r##"<text x="10" y="50" fill="#555" font-size="10">link: {}</text>"##,
+            esc(link)
+        );
+    }
     for (i, wl) in workloads.iter().enumerate() {
         let ox = 10.0 + pw * (i % cols) as f64;
         let oy = 62.0 + ph * (i / cols) as f64;
