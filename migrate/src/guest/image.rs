@@ -244,6 +244,11 @@ pub struct Params {
     pub mailbox: u64,
     /// Target pages per stream frame.
     pub frame_pages: u64,
+    /// 1: vCPU 0 builds the image itself before the workload (a booted guest, whose RAM
+    /// starts zeroed; it sets this to 2 when done); 0: the host built it.
+    pub init: u64,
+    /// `rbx` for a booted guest's boot code to hand the program (the ABI's random seed).
+    pub boot_rbx: u64,
 }
 
 /// Magic word 0 of the parameter page.
@@ -280,6 +285,10 @@ impl Params {
     pub const MAILBOX: i32 = 144;
     /// See [`Params::frame_pages`].
     pub const FRAME_PAGES: i32 = 152;
+    /// See [`Params::init`].
+    pub const INIT: i32 = 160;
+    /// See [`Params::boot_rbx`].
+    pub const BOOT_RBX: i32 = 168;
 
     /// The parameters of `layout` running `workload` with `seed`.
     pub fn new(layout: &GuestLayout, workload: Workload, seed: u64, frame_pages: u64) -> Self {
@@ -300,11 +309,13 @@ impl Params {
             gentab: GENTAB_GPA,
             mailbox: MAILBOX_GPA,
             frame_pages,
+            init: 0,
+            boot_rbx: 0,
         }
     }
 
     /// The page's words.
-    pub fn encode(&self) -> [u64; 20] {
+    pub fn encode(&self) -> [u64; 22] {
         [
             PARAMS_MAGIC,
             self.workload,
@@ -326,6 +337,8 @@ impl Params {
             self.gentab,
             self.mailbox,
             self.frame_pages,
+            self.init,
+            self.boot_rbx,
         ]
     }
 }

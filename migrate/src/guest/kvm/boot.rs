@@ -14,8 +14,8 @@ use crate::guest::layout::{GuestLayout, PARAMS_GPA, PDPT_GPA, PD_GPA, PML4_GPA, 
 
 /// Where the GDT lies (in page 0).
 pub const GDT_GPA: u64 = 0x500;
-/// GDT: null, kernel code, kernel data, user code (64-bit), user data.
-const GDT: [u64; 5] = [
+/// GDT: null, kernel code (64-bit), kernel data, user code (64-bit), user data.
+pub const GDT: [u64; 5] = [
     0,
     0x00af_9a00_0000_ffff,
     0x00cf_9200_0000_ffff,

@@ -38,7 +38,7 @@ use iced_x86::code_asm::*;
 use iced_x86::IcedError;
 
 use crate::guest::image::{
-    PageFault, Params, PAGE_TAG, SLOTS_PER_PAGE, SLOT_BASE, SUM_MUL, SUM_ROT, SUM_SEED,
+    PageFault, Params, FIRST_GEN, PAGE_TAG, SLOTS_PER_PAGE, SLOT_BASE, SUM_MUL, SUM_ROT, SUM_SEED,
 };
 use crate::guest::layout::{CODE_GPA, CODE_MAX};
 
@@ -418,6 +418,213 @@ impl Gen {
         self.a.jmp(again)
     }
 
+    /// `rax = kv_key(seed, rax)` (clobbers rcx, rdx).
+    fn kv_key(&mut self) -> R {
+        let mix64 = self.mix64;
+        let a = &mut self.a;
+        let mut have = a.create_label();
+        a.mov(rcx, 0x9e37_79b9_7f4a_7c15u64)?;
+        a.imul_2(rax, rcx)?;
+        a.xor(rax, qword_ptr(r15 + Params::SEED))?;
+        a.mov(rcx, 0x6b65_795f_7365_6564u64)?;
+        a.xor(rax, rcx)?;
+        a.call(mix64)?;
+        a.test(rax, rax)?;
+        a.jnz(have)?;
+        a.mov(eax, 1)?;
+        a.set_label(&mut have)?;
+        Ok(())
+    }
+
+    /// The image a booted guest builds itself ([`Params::init`]), exactly what
+    /// [`Template`](crate::guest::image::Template) builds on the host: signed data pages (one
+    /// in eight zero: written with zeros, since firmware leaves data in RAM), the generation
+    /// table, the hash table. vCPU 0 builds it; the others wait. Keeps `rbx` and `rbp`.
+    fn emit_init(&mut self, mut at: CodeLabel, done: CodeLabel) -> R {
+        let (mix64, sum) = (self.mix64, self.sum);
+        self.a.set_label(&mut at)?;
+        let mut wait = self.a.create_label();
+        let mut page = self.a.create_label();
+        let mut not_kv = self.a.create_label();
+        let mut next = self.a.create_label();
+        let mut fill = self.a.create_label();
+        let mut zero = self.a.create_label();
+        let mut keys = self.a.create_label();
+        let mut key = self.a.create_label();
+        let mut probe = self.a.create_label();
+        let mut store = self.a.create_label();
+        let mut next_slot = self.a.create_label();
+        let mut sign = self.a.create_label();
+        let mut signed = self.a.create_label();
+        let mut finished = self.a.create_label();
+        {
+            let a = &mut self.a;
+            a.test(r13, r13)?;
+            a.jnz(wait)?;
+            a.push(rbx)?;
+            a.push(rbp)?;
+            a.sub(rsp, 24)?;
+            // Data pages: a generation each, contents for the non-zero ones.
+            a.mov(rbp, qword_ptr(r15 + Params::DATA))?;
+            a.set_label(&mut page)?;
+            a.cmp(rbp, qword_ptr(r15 + Params::DATA + 8))?;
+            a.jae(keys)?;
+            a.cmp(rbp, qword_ptr(r15 + Params::KV))?;
+            a.jb(not_kv)?;
+            a.cmp(rbp, qword_ptr(r15 + Params::KV + 8))?;
+            a.jae(not_kv)?;
+            a.mov(dword_ptr(r12 + rbp * 4), FIRST_GEN)?;
+            a.jmp(next)?;
+            a.set_label(&mut not_kv)?;
+            // starts_zero: mix64(seed ^ "zero" ^ p * K) % 8 == 0
+            a.mov(rax, 0xd6e8_feb8_6659_fd93u64)?;
+            a.imul_2(rax, rbp)?;
+            a.xor(rax, qword_ptr(r15 + Params::SEED))?;
+            a.xor(rax, 0x7a65_726f)?;
+            a.call(mix64)?;
+            a.test(al, 7)?;
+            a.jz(zero)?;
+            // fill_random: xorshift64* from mix64(seed ^ p * K) | 1 over words 3..512
+            a.mov(rax, 0x9e37_79b9_7f4a_7c15u64)?;
+            a.imul_2(rax, rbp)?;
+            a.xor(rax, qword_ptr(r15 + Params::SEED))?;
+            a.call(mix64)?;
+            a.or(rax, 1)?;
+            a.mov(rbx, rax)?;
+        }
+        self.gpa(rsi, rbp)?;
+        {
+            let a = &mut self.a;
+            a.lea(rdi, qword_ptr(rsi + 24))?;
+            a.lea(r9, qword_ptr(rsi + 4096))?;
+            a.mov(r8, 0x2545_f491_4f6c_dd1du64)?;
+            a.set_label(&mut fill)?;
+            for (left, n) in [(false, 12), (true, 25), (false, 27)] {
+                a.mov(rax, rbx)?;
+                if left {
+                    a.shl(rax, n)?;
+                } else {
+                    a.shr(rax, n)?;
+                }
+                a.xor(rbx, rax)?;
+            }
+            a.mov(rax, rbx)?;
+            a.imul_2(rax, r8)?;
+            a.mov(qword_ptr(rdi), rax)?;
+            a.add(rdi, 8)?;
+            a.cmp(rdi, r9)?;
+            a.jne(fill)?;
+            a.mov(rax, rsi)?;
+            a.shr(rax, 12)?;
+            a.mov(qword_ptr(rsi + 8), rax)?;
+            a.mov(rax, PAGE_TAG | u64::from(FIRST_GEN))?;
+            a.mov(qword_ptr(rsi + 16), rax)?;
+            a.call(sum)?;
+            a.mov(qword_ptr(rsi), rax)?;
+            a.mov(dword_ptr(r12 + rbp * 4), FIRST_GEN)?;
+            a.jmp(next)?;
+            // A zero page: written with zeros, whatever the firmware left there.
+            a.set_label(&mut zero)?;
+        }
+        self.gpa(rsi, rbp)?;
+        {
+            let a = &mut self.a;
+            a.xor(eax, eax)?;
+            a.mov(rdi, rsi)?;
+            a.mov(ecx, 512)?;
+            a.rep().stosq()?;
+            a.mov(dword_ptr(r12 + rbp * 4), 0)?;
+            a.set_label(&mut next)?;
+            a.inc(rbp)?;
+            a.jmp(page)?;
+            // The hash table: key i at its home slot or the next free one.
+            a.set_label(&mut keys)?;
+            a.xor(ebp, ebp)?;
+            a.set_label(&mut key)?;
+            a.cmp(rbp, qword_ptr(r15 + Params::KV_KEYS))?;
+            a.jae(sign)?;
+            a.mov(rax, rbp)?;
+        }
+        self.kv_key()?;
+        {
+            let a = &mut self.a;
+            a.mov(rbx, rax)?;
+            a.xor(rax, 0x686f_6d65)?;
+            a.call(mix64)?;
+            a.mul(qword_ptr(r15 + Params::KV_SLOTS))?;
+            a.mov(qword_ptr(rsp), rdx)?;
+            a.set_label(&mut probe)?;
+            a.mov(rax, qword_ptr(rsp))?;
+            a.xor(edx, edx)?;
+            a.mov(ecx, SLOTS_PER_PAGE as u32)?;
+            a.div(rcx)?;
+            a.add(rax, qword_ptr(r15 + Params::KV))?;
+            a.shl(rdx, 4)?;
+            a.add(rdx, SLOT_BASE as i32)?;
+            a.mov(qword_ptr(rsp + 8), rdx)?;
+        }
+        self.gpa(rsi, rax)?;
+        {
+            let a = &mut self.a;
+            a.add(rsi, qword_ptr(rsp + 8))?;
+            a.mov(rax, qword_ptr(rsi))?;
+            a.test(rax, rax)?;
+            a.jz(store)?;
+            a.cmp(rax, rbx)?;
+            a.je(store)?;
+            a.mov(rax, qword_ptr(rsp))?;
+            a.inc(rax)?;
+            a.cmp(rax, qword_ptr(r15 + Params::KV_SLOTS))?;
+            a.jb(next_slot)?;
+            a.xor(eax, eax)?;
+            a.set_label(&mut next_slot)?;
+            a.mov(qword_ptr(rsp), rax)?;
+            a.jmp(probe)?;
+            a.set_label(&mut store)?;
+            a.mov(qword_ptr(rsi), rbx)?;
+            a.mov(qword_ptr(rsp + 16), rsi)?;
+            a.mov(rax, rbx)?;
+            a.mov(rcx, 0x7661_6c75_6500_0000u64)?;
+            a.xor(rax, rcx)?;
+            a.call(mix64)?;
+            a.mov(rsi, qword_ptr(rsp + 16))?;
+            a.mov(qword_ptr(rsi + 8), rax)?;
+            a.inc(rbp)?;
+            a.jmp(key)?;
+            // Then sign every page of the table.
+            a.set_label(&mut sign)?;
+            a.mov(rbp, qword_ptr(r15 + Params::KV))?;
+            a.set_label(&mut signed)?;
+            a.cmp(rbp, qword_ptr(r15 + Params::KV + 8))?;
+            a.jae(finished)?;
+        }
+        self.gpa(rsi, rbp)?;
+        {
+            let a = &mut self.a;
+            a.mov(rax, rsi)?;
+            a.shr(rax, 12)?;
+            a.mov(qword_ptr(rsi + 8), rax)?;
+            a.mov(rax, PAGE_TAG | u64::from(FIRST_GEN))?;
+            a.mov(qword_ptr(rsi + 16), rax)?;
+            a.call(sum)?;
+            a.mov(qword_ptr(rsi), rax)?;
+            a.inc(rbp)?;
+            a.jmp(signed)?;
+            a.set_label(&mut finished)?;
+            a.add(rsp, 24)?;
+            a.pop(rbp)?;
+            a.pop(rbx)?;
+            a.mov(qword_ptr(r15 + Params::INIT), 2)?;
+            a.jmp(done)?;
+            // Other vCPUs wait for vCPU 0.
+            a.set_label(&mut wait)?;
+            a.cmp(qword_ptr(r15 + Params::INIT), 1)?;
+            a.jne(done)?;
+            a.pause()?;
+            a.jmp(wait)
+        }
+    }
+
     fn emit_seq(&mut self, mut at: CodeLabel) -> R {
         let (share, check, write) = (self.share, self.check_page, self.write_page);
         self.a.set_label(&mut at)?;
@@ -521,7 +728,19 @@ impl Gen {
         }
         self.event(Event::Sleep)?;
         {
+            // Then wait out what is left (all of it where no host sleeps for the guest: a
+            // booted guest's `out` goes nowhere).
             let a = &mut self.a;
+            let mut spin = a.create_label();
+            a.set_label(&mut spin)?;
+            a.rdtsc()?;
+            a.shl(rdx, 32)?;
+            a.or(rax, rdx)?;
+            a.add(rax, qword_ptr(r14 + mb::CLOCK_OFFSET))?;
+            a.cmp(rax, qword_ptr(rsp))?;
+            a.jae(read)?;
+            a.pause()?;
+            a.jmp(spin)?;
             a.set_label(&mut read)?;
             a.mov(rax, qword_ptr(r15 + Params::FRAME_PAGES))?;
             a.add(rax, rbp)?;
@@ -605,7 +824,6 @@ impl Gen {
             (self.check_page, self.write_page, self.mix64, self.report);
         self.a.set_label(&mut at)?;
         let lp = at;
-        let mut have_key = self.a.create_label();
         let mut probe = self.a.create_label();
         let mut good = self.a.create_label();
         let mut miss = self.a.create_label();
@@ -619,16 +837,11 @@ impl Gen {
             // key = max(mix64(seed ^ C ^ i * K), 1), i = (rbx * keys) >> 64
             a.mov(rax, rbx)?;
             a.mul(qword_ptr(r15 + Params::KV_KEYS))?;
-            a.mov(rax, 0x9e37_79b9_7f4a_7c15u64)?;
-            a.imul_2(rax, rdx)?;
-            a.xor(rax, qword_ptr(r15 + Params::SEED))?;
-            a.mov(rcx, 0x6b65_795f_7365_6564u64)?;
-            a.xor(rax, rcx)?;
-            a.call(mix64)?;
-            a.test(rax, rax)?;
-            a.jnz(have_key)?;
-            a.mov(eax, 1)?;
-            a.set_label(&mut have_key)?;
+            a.mov(rax, rdx)?;
+        }
+        self.kv_key()?;
+        {
+            let a = &mut self.a;
             a.mov(rbp, rax)?;
             // slot = (mix64(key ^ "home") * slots) >> 64
             a.xor(rax, 0x686f_6d65)?;
@@ -745,6 +958,14 @@ pub fn assemble() -> Result<Vec<u8>, IcedError> {
         a.sub(rsp, 64)?;
         a.mov(qword_ptr(r14 + mb::STATE), mb::RUNNING as i32)?;
     }
+    let init = g.a.create_label();
+    let mut run = g.a.create_label();
+    {
+        let a = &mut g.a;
+        a.cmp(qword_ptr(r15 + Params::INIT), 0)?;
+        a.jne(init)?;
+        a.set_label(&mut run)?;
+    }
     g.event(Event::Started)?;
     {
         let a = &mut g.a;
@@ -757,6 +978,7 @@ pub fn assemble() -> Result<Vec<u8>, IcedError> {
         a.je(stream)?;
         a.jmp(kv)?;
     }
+    g.emit_init(init, run)?;
     g.emit_seq(seq)?;
     g.emit_random(random)?;
     g.emit_stream(stream)?;
