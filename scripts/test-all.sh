@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # scripts/test-all.sh: every test of the project, in one command (the README's test command).
 #
+#   0. installs what this machine lacks (`scripts/install-deps.sh`: spin, gcc, iproute2,
+#      QEMU 10.0 from bookworm-backports, nightly miri and rust-src);
 #   1. unit, property, integration, example and bench-smoke tests (debug), all features,
 #      among them the migration harness's end-to-end tests of a KVM guest (they need root
 #      for userfaultfd, KVM and hugetlb pages; wherever /dev/kvm opens they must run:
-#      PAGEHINT_REQUIRE_KVM turns a skipped KVM test into a failure);
+#      PAGEHINT_REQUIRE_KVM turns a skipped KVM test into a failure) and the short QEMU
+#      side-by-side (PAGEHINT_REQUIRE_QEMU, set where QEMU is installed too);
 #   2. doc tests;
 #   3. loom models and their mutants      (`cargo loom`,    release, target/loom);
 #   4. shuttle models and their mutants   (`cargo shuttle`, release, target/shuttle);
@@ -13,17 +16,22 @@
 #
 # ThreadSanitizer and fuzzing run too when TEST_ALL_SANITIZE=1 (as CI does):
 # `scripts/sanitize.sh tsan fuzz` with FUZZ_SECONDS (default 20) per fuzz target.
-# Installs nothing: `.ci/run` shows what a fresh machine needs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 start=$(date +%s)
+scripts/install-deps.sh
 
 # A KVM test may skip (saying why) only where /dev/kvm does not open.
 if [[ -z "${PAGEHINT_REQUIRE_KVM:-}" ]] && { exec 3<>/dev/kvm; } 2>/dev/null; then
     exec 3>&-
     export PAGEHINT_REQUIRE_KVM=1
     echo "/dev/kvm opens: the KVM tests must run (PAGEHINT_REQUIRE_KVM=1)"
+fi
+if [[ -n "${PAGEHINT_REQUIRE_KVM:-}" && -z "${PAGEHINT_REQUIRE_QEMU:-}" && $(id -u) == 0 ]] &&
+    qemu-system-x86_64 --version >/dev/null 2>&1; then
+    export PAGEHINT_REQUIRE_QEMU=1
+    echo "QEMU and root too: the QEMU side-by-side test must run (PAGEHINT_REQUIRE_QEMU=1)"
 fi
 step() {
     echo

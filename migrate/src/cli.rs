@@ -17,6 +17,8 @@ use crate::options::{
     SourceFault, Workload,
 };
 use crate::pin::PinPlan;
+use crate::values::parse_list;
+pub use crate::values::{parse_bits, parse_duration};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum Pin {
@@ -40,8 +42,14 @@ enum GuestArg {
 /// the pagehint scheduler, and compare vanilla, preempt and preempt-hint on real guest
 /// workloads (userfaultfd destination, TCP channels through an emulated link).
 #[derive(Parser, Debug)]
-#[command(name = "pagehint-migrate", version)]
+#[command(
+    name = "pagehint-migrate",
+    version,
+    args_conflicts_with_subcommands = true
+)]
 pub struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// What runs as the guest.
     #[arg(long, value_enum, default_value = "auto")]
     guest: GuestArg,
@@ -93,6 +101,11 @@ pub struct Cli {
     /// auto (1M, at least two host pages), off (the whole send queue), or a size.
     #[arg(long, default_value = "auto")]
     lowat: String,
+    /// With the emulated link off (--bandwidth 0): pace the background channel at this many
+    /// bits/s in the kernel (SO_MAX_PACING_RATE; 0 = no pacing), the bandwidth cap of a
+    /// real link.
+    #[arg(long, default_value = "0")]
+    pace: String,
     /// Target pages per background claim (1 to 64, a power of two).
     #[arg(long, default_value_t = 16)]
     claim_batch: u64,
@@ -135,6 +148,22 @@ pub struct Cli {
     test_dest_fault: String,
 }
 
+/// What else `pagehint-migrate` does.
+#[derive(clap::Subcommand, Debug)]
+pub enum Command {
+    /// Migrate the same guest with QEMU 10.0 and with pagehint over the same shaped link
+    /// (two network namespaces, a veth pair, tc tbf), side by side. Needs root, KVM and
+    /// qemu-system-x86_64 (scripts/install-qemu.sh).
+    CompareQemu(crate::qemu::cli::CompareQemuCli),
+}
+
+impl Cli {
+    /// The subcommand, if one was given (taken out; the rest is the harness's options).
+    pub fn take_command(&mut self) -> Option<Command> {
+        self.command.take()
+    }
+}
+
 /// Where this process stands in the migration.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Endpoint {
@@ -167,59 +196,8 @@ pub struct Options {
     pub guest_note: String,
 }
 
-/// Parses `12ms`, `50us`, `2s`, `0`.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let v: f64 = num.parse().map_err(|_| format!("bad duration {s:?}"))?;
-    let scale = match unit {
-        "" | "s" => 1e9,
-        "ms" => 1e6,
-        "us" | "µs" => 1e3,
-        "ns" => 1.0,
-        _ => return Err(format!("bad duration unit in {s:?} (s, ms, us, ns)")),
-    };
-    if !v.is_finite() || v < 0.0 || v * scale > 3.6e12 {
-        return Err(format!("duration {s:?} out of range"));
-    }
-    Ok(Duration::from_nanos((v * scale) as u64))
-}
-
-/// Parses `10G`, `800M`, `2.5Gbit`, `0` (bits per second).
-pub fn parse_bits(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let split = s
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let v: f64 = num.parse().map_err(|_| format!("bad bandwidth {s:?}"))?;
-    let scale = match unit.trim_end_matches("bit").trim_end_matches("bps") {
-        "" => 1.0,
-        "K" | "k" => 1e3,
-        "M" => 1e6,
-        "G" => 1e9,
-        _ => return Err(format!("bad bandwidth unit in {s:?} (K, M, G bits/s)")),
-    };
-    if !v.is_finite() || v < 0.0 || v * scale > 1e13 {
-        return Err(format!("bandwidth {s:?} out of range"));
-    }
-    Ok((v * scale) as u64)
-}
-
 fn size(what: &str, s: &str) -> Result<u64, String> {
     parse_size(s).map_err(|e| format!("--{what} {s}: {e}"))
-}
-
-fn list<T: std::str::FromStr<Err = String>>(what: &str, v: &[String]) -> Result<Vec<T>, String> {
-    if v.is_empty() {
-        return Err(format!("--{what} needs at least one entry"));
-    }
-    v.iter()
-        .map(|s| s.parse().map_err(|e| format!("--{what}: {e}")))
-        .collect()
 }
 
 /// Copies of guest RAM in normal memory: the image template and the source's RAM (source),
@@ -304,7 +282,11 @@ impl Options {
                 "off" | "0" => 0,
                 s => size("lowat", s)?.max(host_page.bytes()),
             },
+            pace_bps: parse_bits(&cli.pace).map_err(|e| format!("--pace: {e}"))?,
         };
+        if cfg.link.pace_bps > 0 && cfg.link.emulated() {
+            return Err("--pace paces a real link: it needs --bandwidth 0 (emulation off)".into());
+        }
         cfg.claim_batch =
             ClaimBatch::pages(cli.claim_batch).map_err(|e| format!("--claim-batch: {e}"))?;
         cfg.fault_path = if cli.no_uffd {
@@ -352,8 +334,8 @@ impl Options {
         }
         Ok(Self {
             cfg,
-            modes: list("modes", &cli.modes)?,
-            workloads: list("workloads", &cli.workloads)?,
+            modes: parse_list("modes", &cli.modes)?,
+            workloads: parse_list("workloads", &cli.workloads)?,
             json: cli.json,
             svg: cli.svg,
             endpoint,

@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 
 use crate::result::RunResult;
 
-fn fmt_us(us: f64) -> String {
+pub(crate) fn fmt_us(us: f64) -> String {
     if us <= 0.0 {
         "-".into()
     } else if us < 1000.0 {
@@ -18,7 +18,7 @@ fn fmt_us(us: f64) -> String {
     }
 }
 
-fn fmt_ms(ms: f64) -> String {
+pub(crate) fn fmt_ms(ms: f64) -> String {
     fmt_us(ms * 1e3)
 }
 
@@ -105,7 +105,7 @@ pub fn table(rows: &[RunResult]) -> String {
 }
 
 /// One target of the issue, checked on this run's results.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct TargetCheck {
     /// What is compared.
     pub what: String,
@@ -208,7 +208,7 @@ pub fn targets_text(checks: &[TargetCheck]) -> String {
         let val = match c.ratio {
             Some(r) if r.is_finite() => format!(" = {r:.2}x"),
             Some(_) => " = inf".into(),
-            None if c.target == "all" => String::new(),
+            None if c.target == "all" || c.what.contains("not comparable") => String::new(),
             None => " (not run)".into(),
         };
         let _ = writeln!(out, "  [{mark}] {}{val}   (target {})", c.what, c.target);
@@ -230,7 +230,7 @@ fn mode_color(mode: &str) -> &'static str {
     }
 }
 
-fn esc(s: &str) -> String {
+pub(crate) fn esc(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")

@@ -11,6 +11,11 @@
 //! together) → `compare` / `export` (the matrix of runs, targets, table, JSON, SVG). `main`
 //! is a thin shell over `cli` → `compare` → `export`.
 //!
+//! [`qemu`] (`pagehint-migrate compare-qemu`) sits on top: the same guest booted from a disk
+//! ([`guest::disk`]) and migrated by QEMU, and this harness's source and destination as two
+//! processes, over one real shaped link; `main` runs it as `qemu::cli` → `qemu::compare` →
+//! `qemu::export`.
+//!
 //! # The guest kinds
 //! * **KVM** ([`guest::kvm`]): vCPUs run generated x86-64 workload programs that read,
 //!   write and check signed pages; KVM's dirty log or dirty rings feed the source's bitmap
@@ -30,11 +35,14 @@ pub mod link;
 mod names;
 pub mod options;
 pub mod pin;
+pub mod qemu;
 pub mod result;
 pub mod run;
 pub mod source;
 pub mod uffd;
+pub mod values;
 pub mod verify;
+pub mod warm;
 pub mod wire;
 
 use std::net::SocketAddr;

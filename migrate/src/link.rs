@@ -40,6 +40,9 @@ pub struct LinkParams {
     pub nic_queue_bytes: u64,
     /// Unsent bytes the background channel may hold in preempt modes (0: the whole queue).
     pub lowat_bytes: u64,
+    /// Kernel pacing of the background channel on a real link, bits/s (`SO_MAX_PACING_RATE`;
+    /// 0: none): the bandwidth cap, applied smoothly by TCP instead of in bursts.
+    pub pace_bps: u64,
 }
 
 impl LinkParams {
@@ -51,6 +54,7 @@ impl LinkParams {
         queue_bytes: 8 << 20,
         nic_queue_bytes: 64 << 10,
         lowat_bytes: 0,
+        pace_bps: 0,
     };
 
     /// The low-water mark `auto` picks for host pages of `host_page` bytes: 1 MiB, and at
@@ -82,8 +86,37 @@ impl LinkParams {
         }
     }
 
+    /// Whether the link is emulated (a bandwidth is set); when it is not, the channels are
+    /// real sockets on a real link and the low-water mark and pacing become socket options
+    /// (`TCP_NOTSENT_LOWAT`, `SO_MAX_PACING_RATE`) on the background channel.
+    pub fn emulated(&self) -> bool {
+        self.bandwidth_bps > 0
+    }
+
+    /// On a real link, the `TCP_NOTSENT_LOWAT` of the background channel (0: none): the
+    /// low-water mark in preempt modes; vanilla keeps the whole send buffer, as QEMU's single
+    /// channel does (see `wire::configure_background`).
+    pub fn socket_lowat(&self, preempt: bool) -> u64 {
+        if !self.emulated() && preempt {
+            self.lowat_bytes
+        } else {
+            0
+        }
+    }
+
     /// One-line description.
     pub fn describe(&self) -> String {
+        if !self.emulated() {
+            let lowat = match self.lowat_bytes {
+                0 => "no low-water mark".to_string(),
+                b => format!("TCP_NOTSENT_LOWAT {} KiB in preempt modes", b >> 10),
+            };
+            let pace = match self.pace_bps {
+                0 => "no pacing".to_string(),
+                b => format!("background paced at {:.2} Gbit/s", b as f64 / 1e9),
+            };
+            return format!("emulation off (a real link), {lowat}, {pace}");
+        }
         let bw = if self.bandwidth_bps == 0 {
             "unlimited".to_string()
         } else {
@@ -214,6 +247,7 @@ mod tests {
         queue_bytes: 1000,
         nic_queue_bytes: 50,
         lowat_bytes: 0,
+        pace_bps: 0,
     };
 
     #[test]

@@ -64,19 +64,32 @@ impl PinPlan {
         }
     }
 
-    /// Pins the calling thread for `role` (best effort: failure leaves it unpinned).
-    pub fn apply(&self, role: Role) {
-        let cpu = match role {
+    /// The CPU of `role`, if it is pinned.
+    pub fn cpu(&self, role: Role) -> Option<usize> {
+        match role {
             Role::Guest | Role::FaultThread | Role::UrgentReceiver | Role::ReturnPath => {
                 self.fault_cpu
             }
             Role::BackgroundSender | Role::BackgroundReceiver | Role::Housekeeping => self.bulk_cpu,
             Role::ExtraVcpu => None,
-        };
-        if let Some(cpu) = cpu {
-            let mut set = CpuSet::new();
-            set.set(cpu);
-            let _ = sched_setaffinity(None, &set);
+        }
+    }
+
+    /// Pins the calling thread for `role` (best effort: failure leaves it unpinned).
+    pub fn apply(&self, role: Role) {
+        let _ = self.apply_to(None, role);
+    }
+
+    /// Pins thread `tid` (another process's too, with the right to) for `role`; `None` is the
+    /// calling thread. Whether it was pinned.
+    pub fn apply_to(&self, tid: Option<rustix::thread::Pid>, role: Role) -> bool {
+        match self.cpu(role) {
+            Some(cpu) => {
+                let mut set = CpuSet::new();
+                set.set(cpu);
+                sched_setaffinity(tid, &set).is_ok()
+            }
+            None => false,
         }
     }
 

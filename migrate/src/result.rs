@@ -9,7 +9,7 @@
 //! guest's progress rate before (source, precopy) and after (destination, postcopy) the
 //! switch.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::dest::faults::{self, FaultEvent};
 use crate::dest::memory::DestMemory;
@@ -18,7 +18,7 @@ use crate::options::{MigrationMode, RunConfig, Workload};
 use crate::wire::{Summary, SwitchOver};
 
 /// What one migration run measured.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct RunResult {
     /// `vanilla`, `preempt` or `preempt-hint`.
     pub mode: String,
@@ -52,8 +52,12 @@ pub struct RunResult {
     pub queue_bytes: u64,
     /// Link: interface queue, bytes.
     pub nic_queue_bytes: u64,
-    /// Link: most unsent background bytes in this run (the send queue in vanilla).
+    /// Link: most unsent background bytes in this run (emulated: the send queue in vanilla;
+    /// real: the `TCP_NOTSENT_LOWAT` set, 0 for none).
     pub lowat_bytes: u64,
+    /// Kernel pacing of the background channel on a real link, bits/s (0: none).
+    #[serde(default)]
+    pub pace_bps: u64,
     /// Background claim batch, target pages.
     pub claim_batch: u64,
     /// Stream playback rate, bytes/s.
@@ -316,7 +320,12 @@ impl RunResult {
             delay_us: us(cfg.link.delay_ns),
             queue_bytes: cfg.link.queue_bytes,
             nic_queue_bytes: cfg.link.nic_queue_bytes,
-            lowat_bytes: cfg.link.for_mode(i.mode.preempt()).queue_bytes,
+            lowat_bytes: if cfg.link.emulated() {
+                cfg.link.for_mode(i.mode.preempt()).queue_bytes
+            } else {
+                cfg.link.socket_lowat(i.mode.preempt())
+            },
+            pace_bps: cfg.link.pace_bps,
             claim_batch: cfg.claim_batch.get(),
             stream_rate: cfg.guest.stream_rate,
             seed: cfg.guest.seed,

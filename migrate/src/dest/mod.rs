@@ -485,7 +485,7 @@ impl Dest<'_> {
             Some(m) => {
                 m.load(&switch.vcpus)
                     .map_err(|e| RunError::Setup(format!("loading the vCPU state: {e}")))?;
-                m.set_stream_rate(cfg.guest.stream_rate, crate::source::STREAM_FRAME_PAGES);
+                m.set_stream_rate(cfg.guest.stream_rate, crate::guest::STREAM_FRAME_PAGES);
                 times.resume = now_ns();
                 Some(m.run(s, cfg.pin, None))
             }

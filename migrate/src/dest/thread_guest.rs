@@ -21,10 +21,8 @@ use super::memory::DestMemory;
 use crate::clock::{now_ns, sleep_until};
 use crate::guest::image::{kv_geometry, kv_home, kv_key, kv_slot, kv_value, page_checksum};
 use crate::guest::layout::{GuestLayout, TARGET_PAGE};
-use crate::guest::Workload;
+use crate::guest::{Workload, STREAM_FRAME_PAGES};
 
-/// Target pages per stream frame (64 KiB).
-pub const STREAM_FRAME_PAGES: u64 = 16;
 /// At most this many page checksums are kept for checking.
 const OBSERVED_KEPT: usize = 1 << 20;
 

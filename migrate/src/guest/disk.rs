@@ -64,12 +64,7 @@ pub struct DiskSpec {
 /// The parameter page of a booted guest.
 pub fn params(spec: &DiskSpec) -> Params {
     let l = &spec.layout;
-    let mut p = Params::new(
-        l,
-        spec.workload,
-        spec.seed,
-        crate::source::STREAM_FRAME_PAGES,
-    );
+    let mut p = Params::new(l, spec.workload, spec.seed, super::STREAM_FRAME_PAGES);
     p.low_pages = l.pages();
     p.mailbox = MAILBOX;
     p.init = 1;

@@ -14,6 +14,9 @@ pub mod layout;
 
 use crate::names::named_enum;
 
+/// Frames of the stream workload, in target pages (64 KiB).
+pub const STREAM_FRAME_PAGES: u64 = 16;
+
 named_enum!(
     /// What the guest does while it is migrated.
     Workload, "workload" {

@@ -36,6 +36,7 @@ use crate::guest::kvm::vcpu::VcpuEnd;
 use crate::guest::kvm::vm::{Tracking, VcpuState};
 use crate::guest::kvm::{boot, GuestCounters, Machine, RING_BYTES};
 use crate::guest::layout::GuestLayout;
+use crate::guest::STREAM_FRAME_PAGES;
 use crate::handshake::{self, Accepted};
 use crate::link::Link;
 use crate::options::{DirtyTracking, GuestKind, MigrationMode, SourceFault};
@@ -46,8 +47,6 @@ use send::{Hooks, Outbound, SendError, Sent};
 
 /// How many rejected requests are reported by message (all are counted).
 const REJECTED_KEPT: usize = 8;
-/// Frames of the stream workload, in target pages (64 KiB).
-pub const STREAM_FRAME_PAGES: u64 = 16;
 
 /// What one served session did.
 #[derive(Debug)]
@@ -176,6 +175,8 @@ impl SourceServer {
             rings,
             mem,
         } = prepared;
+        crate::wire::configure_background(&main, &hello.link, hello.mode.preempt())
+            .map_err(|e| WireError::Io(Channel::Background, e))?;
         let session = Session {
             hello: &hello,
             mem: &mem,

@@ -94,7 +94,7 @@ impl Hello {
             self.drop_after,
             self.source_fault.code(),
             self.link.lowat_bytes,
-            0,
+            self.link.pace_bps,
         ];
         let mut b = [0u8; LEN];
         b[..8].copy_from_slice(MAGIC);
@@ -156,6 +156,7 @@ impl Hello {
                 queue_bytes: v(14),
                 nic_queue_bytes: v(15),
                 lowat_bytes: v(20),
+                pace_bps: v(21),
             },
             claim_batch,
             scan_start: v(17),

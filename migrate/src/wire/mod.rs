@@ -34,6 +34,7 @@ use std::time::Duration;
 use rustix::event::{poll, PollFd, PollFlags};
 
 use crate::clock::now_ns;
+use crate::link::LinkParams;
 
 /// The socket timeout each blocking call waits before re-checking the stop flag.
 pub const POLL_SLICE: Duration = Duration::from_millis(100);
@@ -100,6 +101,53 @@ pub fn configure(stream: &TcpStream) -> io::Result<()> {
     stream.set_read_timeout(Some(POLL_SLICE))?;
     stream.set_write_timeout(Some(POLL_SLICE))?;
     Ok(())
+}
+
+/// On a real link (emulation off), the background channel's socket options: the pacing rate
+/// as `SO_MAX_PACING_RATE` (the bandwidth cap, applied by TCP evenly instead of in bursts, so
+/// an urgent page on the other socket finds the interface queue nearly empty) and, in preempt
+/// modes, the low-water mark as `TCP_NOTSENT_LOWAT` (the sender blocks with at most that many
+/// unsent bytes, so claimed pages wait in the bitmap, where a request can still take them,
+/// not in the socket, where it cannot). Vanilla keeps the whole send buffer, as QEMU's single
+/// channel does: it is the baseline. Nothing on an emulated link, whose model does both.
+pub fn configure_background(
+    stream: &TcpStream,
+    link: &LinkParams,
+    preempt: bool,
+) -> io::Result<()> {
+    if link.emulated() {
+        return Ok(());
+    }
+    let lowat = link.socket_lowat(preempt);
+    if lowat > 0 {
+        let v = u32::try_from(lowat).unwrap_or(u32::MAX);
+        setsockopt_u32(stream, libc::IPPROTO_TCP, libc::TCP_NOTSENT_LOWAT, v)?;
+    }
+    if link.pace_bps > 0 {
+        let v = u32::try_from(link.pace_bps / 8).unwrap_or(u32::MAX);
+        setsockopt_u32(stream, libc::SOL_SOCKET, libc::SO_MAX_PACING_RATE, v)?;
+    }
+    Ok(())
+}
+
+fn setsockopt_u32(stream: &TcpStream, level: i32, name: i32, v: u32) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a valid socket descriptor (borrowed from `stream` for the call) and a pointer
+    // to a live u32 with its exact length; the kernel only reads it.
+    let r = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            level,
+            name,
+            (&v as *const u32).cast(),
+            std::mem::size_of::<u32>() as libc::socklen_t,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 fn timed_out(e: &io::Error) -> bool {
@@ -203,4 +251,72 @@ pub fn write_parts(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+    use std::os::fd::AsRawFd;
+
+    fn getsockopt_u32(s: &TcpStream, level: i32, name: i32) -> u32 {
+        let mut v = 0u32;
+        let mut len = std::mem::size_of::<u32>() as libc::socklen_t;
+        // SAFETY: a valid socket and a live u32 with its length; the kernel writes at most it.
+        let r = unsafe {
+            libc::getsockopt(
+                s.as_raw_fd(),
+                level,
+                name,
+                (&mut v as *mut u32).cast(),
+                &mut len,
+            )
+        };
+        assert_eq!(r, 0, "{}", io::Error::last_os_error());
+        v
+    }
+
+    fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let a = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        (a, l.accept().unwrap().0)
+    }
+
+    #[test]
+    fn a_real_link_gets_the_low_water_mark_in_preempt_modes_and_pacing_always() {
+        let real = LinkParams {
+            bandwidth_bps: 0,
+            lowat_bytes: 1 << 20,
+            pace_bps: 8_000_000_000,
+            ..LinkParams::DEFAULT
+        };
+        let lowat = |s: &TcpStream| getsockopt_u32(s, libc::IPPROTO_TCP, libc::TCP_NOTSENT_LOWAT);
+        let pace = |s: &TcpStream| getsockopt_u32(s, libc::SOL_SOCKET, libc::SO_MAX_PACING_RATE);
+        let (preempt, _p) = pair();
+        configure_background(&preempt, &real, true).unwrap();
+        assert_eq!(lowat(&preempt), 1 << 20);
+        assert_eq!(pace(&preempt), 1_000_000_000, "bytes per second");
+        let (vanilla, _v) = pair();
+        let before = lowat(&vanilla);
+        configure_background(&vanilla, &real, false).unwrap();
+        assert_eq!(
+            lowat(&vanilla),
+            before,
+            "vanilla keeps the whole send buffer"
+        );
+        assert_eq!(pace(&vanilla), 1_000_000_000);
+        // An emulated link models both; the socket is left alone.
+        let (emulated, _e) = pair();
+        let (p0, l0) = (pace(&emulated), lowat(&emulated));
+        configure_background(
+            &emulated,
+            &LinkParams {
+                bandwidth_bps: 10_000_000_000,
+                ..real
+            },
+            true,
+        )
+        .unwrap();
+        assert_eq!((pace(&emulated), lowat(&emulated)), (p0, l0));
+    }
 }

@@ -88,6 +88,12 @@ pub struct GuestCounters {
     pub state: u64,
 }
 
+/// The stream's frame interval in TSC ticks: `frame_pages` pages at `rate` bytes/s on a TSC of
+/// `tsc_khz`.
+pub fn frame_tsc(rate: u64, frame_pages: u64, tsc_khz: u32) -> u64 {
+    (u128::from(frame_pages * 4096) * u128::from(tsc_khz) * 1000 / u128::from(rate.max(1))) as u64
+}
+
 impl GuestCounters {
     /// The first failure in words.
     pub fn first_error_text(&self) -> Option<String> {
@@ -202,10 +208,9 @@ impl Machine {
 
     /// Tells the program how fast to stream (`rate` bytes/s in frames of `frame_pages`).
     pub fn set_stream_rate(&self, rate: u64, frame_pages: u64) {
-        let ticks = u128::from(frame_pages * 4096) * u128::from(self.tsc_khz) * 1000
-            / u128::from(rate.max(1));
+        let ticks = frame_tsc(rate, frame_pages, self.tsc_khz);
         for i in 0..self.controls.len() as u32 {
-            self.vm.mailboxes().write(i, mb::FRAME_TSC, ticks as u64);
+            self.vm.mailboxes().write(i, mb::FRAME_TSC, ticks);
         }
     }
 
@@ -267,29 +272,33 @@ impl Machine {
     pub fn counters(&self) -> Vec<GuestCounters> {
         let m = self.vm.mailboxes();
         (0..self.controls.len() as u32)
-            .map(|i| {
-                let r = |o| m.read(i, o);
-                GuestCounters {
-                    ops: r(mb::OPS),
-                    writes: r(mb::WRITES),
-                    errors: r(mb::ERRORS),
-                    first_error: (r(mb::ERRORS) > 0).then(|| {
-                        (
-                            PageFault::from_code(r(mb::ERR_KIND)).unwrap_or(PageFault::Corrupt),
-                            r(mb::ERR_PAGE),
-                            r(mb::ERR_W1),
-                            r(mb::ERR_W2),
-                            r(mb::ERR_GEN),
-                        )
-                    }),
-                    frames: r(mb::FRAMES),
-                    late_frames: r(mb::LATE_FRAMES),
-                    longest_pause_tsc: r(mb::LONGEST_PAUSE),
-                    verified: r(mb::VERIFIED),
-                    state: r(mb::STATE),
-                }
-            })
+            .map(|i| GuestCounters::decode(|o| m.read(i, o)))
             .collect()
+    }
+}
+
+impl GuestCounters {
+    /// Decodes a status page, given its word at each byte offset (see [`mb`]).
+    pub fn decode(r: impl Fn(i32) -> u64) -> Self {
+        Self {
+            ops: r(mb::OPS),
+            writes: r(mb::WRITES),
+            errors: r(mb::ERRORS),
+            first_error: (r(mb::ERRORS) > 0).then(|| {
+                (
+                    PageFault::from_code(r(mb::ERR_KIND)).unwrap_or(PageFault::Corrupt),
+                    r(mb::ERR_PAGE),
+                    r(mb::ERR_W1),
+                    r(mb::ERR_W2),
+                    r(mb::ERR_GEN),
+                )
+            }),
+            frames: r(mb::FRAMES),
+            late_frames: r(mb::LATE_FRAMES),
+            longest_pause_tsc: r(mb::LONGEST_PAUSE),
+            verified: r(mb::VERIFIED),
+            state: r(mb::STATE),
+        }
     }
 }
 

@@ -72,6 +72,15 @@ pub fn probe() -> Result<(), String> {
     Ok(())
 }
 
+/// The TSC frequency KVM gives a new vCPU, kHz: what any KVM guest on this host (QEMU's too)
+/// counts in.
+pub fn host_tsc_khz() -> Result<u32, KvmError> {
+    let k = kvm(|| "opening /dev/kvm".into(), Kvm::new())?;
+    let vm = kvm(|| "KVM_CREATE_VM".into(), k.create_vm())?;
+    let vcpu = kvm(|| "KVM_CREATE_VCPU".into(), vm.create_vcpu(0))?;
+    kvm(|| "KVM_GET_TSC_KHZ".into(), vcpu.get_tsc_khz())
+}
+
 /// How the VM tracks the guest's writes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Tracking {

@@ -1,0 +1,197 @@
+//! `pagehint-migrate compare-qemu`'s command line, parsed once into [`CompareOptions`].
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+use pagehint::layout::parse_size;
+
+use super::netns::LinkSpec;
+use super::peer::QemuMode;
+use crate::guest::layout::{GuestLayout, HostPageSize};
+use crate::options::{MigrationMode, Workload};
+use crate::values::{parse_bits, parse_duration, parse_list};
+
+/// Migrate the same guest with QEMU 10.0 and with pagehint over the same shaped link
+/// (two network namespaces, a veth pair, `tc tbf`), and print them side by side.
+/// Needs root, KVM and `qemu-system-x86_64` (scripts/install-qemu.sh).
+#[derive(Args, Debug)]
+pub struct CompareQemuCli {
+    /// Guest RAM (one vCPU, 4 KiB pages, one RAM block below 4 GiB for QEMU's `pc` machine).
+    #[arg(long, default_value = "512M")]
+    mem: String,
+    /// Guest workloads, comma separated: seq, random, stream, kv.
+    #[arg(long, value_delimiter = ',', default_value = "seq,random,stream,kv")]
+    workloads: Vec<String>,
+    /// Link classes (`tbf` rates), comma separated.
+    #[arg(long, value_delimiter = ',', default_value = "10G,1G")]
+    links: Vec<String>,
+    /// `tbf` queue: the longest a packet may wait in it.
+    #[arg(long, default_value = "10ms")]
+    link_queue: String,
+    /// QEMU's modes, comma separated: vanilla, preempt (none: QEMU is not run).
+    #[arg(long, value_delimiter = ',', default_value = "vanilla,preempt")]
+    qemu_modes: Vec<String>,
+    /// pagehint's modes, comma separated (none: pagehint is not run).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "vanilla,preempt,preempt-hint"
+    )]
+    modes: Vec<String>,
+    /// The bandwidth cap of both peers, as a fraction of the link rate (QEMU: max-bandwidth
+    /// and max-postcopy-bandwidth; pagehint: pacing of its background channel).
+    #[arg(long, default_value_t = 0.9)]
+    cap: f64,
+    /// pagehint's low-water mark on its background channel in preempt modes
+    /// (TCP_NOTSENT_LOWAT): auto (1 MiB), off (the whole send buffer), or a size.
+    #[arg(long, default_value = "auto")]
+    lowat: String,
+    /// The QEMU binary.
+    #[arg(long, default_value = "qemu-system-x86_64")]
+    qemu: PathBuf,
+    /// How long the guest runs at the source before migrating (QEMU; pagehint's source starts
+    /// migrating once its guest runs).
+    #[arg(long, default_value = "1s")]
+    settle: String,
+    /// Playback rate of the stream workload, bytes/s.
+    #[arg(long, default_value = "256M")]
+    stream_rate: String,
+    /// Seed of the guest image and workloads.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Thread placement of both peers: auto (the harness's plan: guest and fault path on one
+    /// CPU, bulk streams on another; QEMU's threads placed alike by name) or off (none).
+    #[arg(long, default_value = "auto")]
+    pin: String,
+    /// Where sockets, logs and traces go (default: a fresh folder under the temporary
+    /// directory, removed after a successful run).
+    #[arg(long, value_name = "DIR")]
+    workdir: Option<PathBuf>,
+    /// Write the comparison as JSON to FILE.
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
+    /// Write an SVG plot to FILE.
+    #[arg(long, value_name = "FILE")]
+    svg: Option<PathBuf>,
+}
+
+/// The comparison, typed.
+#[derive(Clone, Debug)]
+pub struct CompareOptions {
+    /// Guest RAM, bytes.
+    pub mem: u64,
+    /// Workloads, in order.
+    pub workloads: Vec<Workload>,
+    /// Links, in order.
+    pub links: Vec<LinkSpec>,
+    /// QEMU's modes.
+    pub qemu_modes: Vec<QemuMode>,
+    /// pagehint's modes.
+    pub modes: Vec<MigrationMode>,
+    /// Cap of both peers, fraction of the link rate.
+    pub cap: f64,
+    /// pagehint's `--lowat`, checked.
+    pub lowat: String,
+    /// QEMU binary.
+    pub qemu: PathBuf,
+    /// Guest run time at the source before a QEMU migration.
+    pub settle: Duration,
+    /// Stream rate, bytes/s.
+    pub stream_rate: u64,
+    /// Seed.
+    pub seed: u64,
+    /// Pin both peers' threads.
+    pub pin: bool,
+    /// Work folder, and whether it was given (kept) or made (removed on success).
+    pub workdir: (PathBuf, bool),
+    /// JSON output.
+    pub json: Option<PathBuf>,
+    /// SVG output.
+    pub svg: Option<PathBuf>,
+}
+
+impl CompareOptions {
+    /// Checks and types the command line.
+    pub fn from_cli(c: CompareQemuCli) -> Result<Self, String> {
+        let mem = parse_size(&c.mem).map_err(|e| format!("--mem: {e}"))?;
+        if mem > (2 << 30) {
+            return Err("--mem: at most 2G (QEMU's `pc` machine keeps RAM in one block below 4 GiB only up to there)".into());
+        }
+        GuestLayout::new(mem, HostPageSize::Small, 1).map_err(|e| format!("--mem: {e}"))?;
+        let workloads: Vec<Workload> = parse_list("workloads", &c.workloads)?;
+        let queue = parse_duration(&c.link_queue).map_err(|e| format!("--link-queue: {e}"))?;
+        if queue.is_zero() {
+            return Err("--link-queue: a tbf queue needs a length".into());
+        }
+        let links = c
+            .links
+            .iter()
+            .map(|l| {
+                let rate_bps = parse_bits(l).map_err(|e| format!("--links: {e}"))?;
+                if rate_bps < 1_000_000 {
+                    return Err(format!("--links: {l}: at least 1 Mbit/s"));
+                }
+                Ok(LinkSpec { rate_bps, queue })
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        if !(c.cap > 0.0 && c.cap <= 1.0) {
+            return Err(format!(
+                "--cap: {} (a fraction of the link rate, 0 < cap <= 1)",
+                c.cap
+            ));
+        }
+        // `none` runs no mode of that peer.
+        fn modes<T: std::str::FromStr<Err = String>>(
+            what: &str,
+            v: &[String],
+        ) -> Result<Vec<T>, String> {
+            if v.len() == 1 && v[0] == "none" {
+                Ok(Vec::new())
+            } else {
+                parse_list(what, v)
+            }
+        }
+        let qemu_modes: Vec<QemuMode> = modes("qemu-modes", &c.qemu_modes)?;
+        let modes: Vec<MigrationMode> = modes("modes", &c.modes)?;
+        if links.is_empty() || (qemu_modes.is_empty() && modes.is_empty()) {
+            return Err("nothing to compare".into());
+        }
+        let pin = match c.pin.as_str() {
+            "auto" => true,
+            "off" => false,
+            p => return Err(format!("--pin: {p:?} (auto, off)")),
+        };
+        let workdir = match c.workdir {
+            Some(d) => (d, true),
+            None => (
+                std::env::temp_dir().join(format!("pagehint-compare-qemu-{}", std::process::id())),
+                false,
+            ),
+        };
+        Ok(Self {
+            mem,
+            workloads,
+            links,
+            qemu_modes,
+            modes,
+            cap: c.cap,
+            lowat: match c.lowat.as_str() {
+                "auto" | "off" => c.lowat.clone(),
+                l => parse_size(l)
+                    .map(|_| l.to_string())
+                    .map_err(|e| format!("--lowat: {e} (auto, off or a size)"))?,
+            },
+            qemu: c.qemu,
+            settle: parse_duration(&c.settle).map_err(|e| format!("--settle: {e}"))?,
+            stream_rate: parse_size(&c.stream_rate)
+                .map_err(|e| format!("--stream-rate: {e}"))?
+                .max(1),
+            seed: c.seed,
+            pin,
+            workdir,
+            json: c.json,
+            svg: c.svg,
+        })
+    }
+}

@@ -1,0 +1,82 @@
+//! Command-line values, parsed the same way by every command: durations, bit rates and
+//! lists of named values. Each returns a message saying what was wrong, never panics.
+
+use std::time::Duration;
+
+/// Parses `12ms`, `50us`, `2s`, `0`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let v: f64 = num.parse().map_err(|_| format!("bad duration {s:?}"))?;
+    let scale = match unit {
+        "" | "s" => 1e9,
+        "ms" => 1e6,
+        "us" | "µs" => 1e3,
+        "ns" => 1.0,
+        _ => return Err(format!("bad duration unit in {s:?} (s, ms, us, ns)")),
+    };
+    if !v.is_finite() || v < 0.0 || v * scale > 3.6e12 {
+        return Err(format!("duration {s:?} out of range"));
+    }
+    Ok(Duration::from_nanos((v * scale) as u64))
+}
+
+/// Parses `10G`, `800M`, `2.5Gbit`, `0` (bits per second).
+pub fn parse_bits(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let v: f64 = num.parse().map_err(|_| format!("bad bandwidth {s:?}"))?;
+    let scale = match unit.trim_end_matches("bit").trim_end_matches("bps") {
+        "" => 1.0,
+        "K" | "k" => 1e3,
+        "M" => 1e6,
+        "G" => 1e9,
+        _ => return Err(format!("bad bandwidth unit in {s:?} (K, M, G bits/s)")),
+    };
+    if !v.is_finite() || v < 0.0 || v * scale > 1e13 {
+        return Err(format!("bandwidth {s:?} out of range"));
+    }
+    Ok((v * scale) as u64)
+}
+
+/// Parses every entry of a comma-separated option; an empty list is an error.
+pub fn parse_list<T: std::str::FromStr<Err = String>>(
+    what: &str,
+    v: &[String],
+) -> Result<Vec<T>, String> {
+    if v.is_empty() {
+        return Err(format!("--{what} needs at least one entry"));
+    }
+    v.iter()
+        .map(|s| s.parse().map_err(|e| format!("--{what}: {e}")))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_parse_and_bad_ones_say_why() {
+        assert_eq!(parse_duration("50us").unwrap(), Duration::from_micros(50));
+        assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
+        assert!(parse_duration("3 parsecs").is_err());
+        assert!(parse_duration("-1s").is_err());
+        assert_eq!(parse_bits("10G").unwrap(), 10_000_000_000);
+        assert_eq!(parse_bits("2.5Gbit").unwrap(), 2_500_000_000);
+        assert_eq!(parse_bits("800M").unwrap(), 800_000_000);
+        assert!(parse_bits("10T").is_err());
+        let modes: Vec<crate::options::MigrationMode> =
+            parse_list("modes", &["vanilla".into(), "preempt-hint".into()]).unwrap();
+        assert_eq!(modes.len(), 2);
+        assert!(parse_list::<crate::options::MigrationMode>("modes", &[]).is_err());
+        let e = parse_list::<crate::options::MigrationMode>("modes", &["fast".into()]).unwrap_err();
+        assert!(e.contains("--modes") && e.contains("fast"), "{e}");
+    }
+}
