@@ -5,9 +5,12 @@
 #   Debian packages: spin and gcc (the Spin models), iproute2 (ip, tc: the shaped link of the
 #   QEMU comparison), QEMU 10.0 (`qemu-system-x86`) from bookworm-backports, added by copying
 #   the machine's own Debian source entry with its suite changed (no host name is written);
-#   rustup components: nightly miri and rust-src (Miri, ThreadSanitizer's -Zbuild-std);
+#   rustup components: nightly miri and rust-src (Miri, ThreadSanitizer's -Zbuild-std),
+#   stable clippy, and the library's MSRV toolchain (the `rust-version` of `pagehint` in
+#   Cargo.toml, minimal profile) for the MSRV build;
 #   cargo-fuzz when INSTALL_FUZZ=1 (CI's fuzz run).
 set -euo pipefail
+cd "$(dirname "$0")/.."
 
 say() { echo "install-deps: $*"; }
 root=0
@@ -55,6 +58,10 @@ if command -v rustup >/dev/null 2>&1; then
         rustup component list --toolchain nightly --installed 2>/dev/null | grep -q "^$c" ||
             rustup component add "$c" --toolchain nightly
     done
+    cargo clippy --version >/dev/null 2>&1 || rustup component add clippy
+    msrv=$(sed -n '/^\[package\]/,/^\[/s/^rust-version = "\(.*\)"/\1/p' Cargo.toml)
+    rustup run "$msrv" rustc --version >/dev/null 2>&1 ||
+        rustup toolchain install "$msrv" --profile minimal
 fi
 if [[ "${INSTALL_FUZZ:-0}" == 1 ]]; then
     cargo +nightly fuzz --version >/dev/null 2>&1 || cargo install cargo-fuzz --locked

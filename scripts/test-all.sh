@@ -3,16 +3,19 @@
 #
 #   0. installs what this machine lacks (`scripts/install-deps.sh`: spin, gcc, iproute2,
 #      QEMU 10.0 from bookworm-backports, nightly miri and rust-src);
-#   1. unit, property, integration, example and bench-smoke tests (debug), all features,
+#   1. clippy over every target with all features, warnings denied (its `incompatible_msrv`
+#      lint checks the workspace's rust-version), and a build of the library with the MSRV
+#      toolchain its own rust-version names;
+#   2. unit, property, integration, example and bench-smoke tests (debug), all features,
 #      among them the migration harness's end-to-end tests of a KVM guest (they need root
 #      for userfaultfd, KVM and hugetlb pages; wherever /dev/kvm opens they must run:
 #      PAGEHINT_REQUIRE_KVM turns a skipped KVM test into a failure) and the short QEMU
 #      side-by-side (PAGEHINT_REQUIRE_QEMU, set where QEMU is installed too);
-#   2. doc tests;
-#   3. loom models and their mutants      (`cargo loom`,    release, target/loom);
-#   4. shuttle models and their mutants   (`cargo shuttle`, release, target/shuttle);
-#   5. Spin models and their mutants      (`proofs/check.sh`; needs `spin` and gcc);
-#   6. Miri over the crate's unit tests and one stress round (`scripts/sanitize.sh miri`).
+#   3. doc tests;
+#   4. loom models and their mutants      (`cargo loom`,    release, target/loom);
+#   5. shuttle models and their mutants   (`cargo shuttle`, release, target/shuttle);
+#   6. Spin models and their mutants      (`proofs/check.sh`; needs `spin` and gcc);
+#   7. Miri over the crate's unit tests and one stress round (`scripts/sanitize.sh miri`).
 #
 # ThreadSanitizer and fuzzing run too when TEST_ALL_SANITIZE=1 (as CI does):
 # `scripts/sanitize.sh tsan fuzz` with FUZZ_SECONDS (default 20) per fuzz target.
@@ -38,10 +41,14 @@ step() {
     echo "==> $* ($(($(date +%s) - start)) s elapsed)"
 }
 
+step "clippy (all targets, all features) and the library's MSRV build"
+cargo clippy --workspace --all-targets --all-features -- -D warnings
+msrv=$(sed -n '/^\[package\]/,/^\[/s/^rust-version = "\(.*\)"/\1/p' Cargo.toml)
+cargo "+$msrv" check -p pagehint --features vm-memory --lib --target-dir target/msrv
 step "unit, property, integration, example and bench smoke tests"
-cargo test --workspace --all-targets --features pagehint/vm-memory
+cargo test --workspace --all-targets --all-features
 step "doc tests"
-cargo test --workspace --doc --features pagehint/vm-memory
+cargo test --workspace --doc --all-features
 step "loom models (cargo loom)"
 cargo loom
 step "shuttle models (cargo shuttle)"

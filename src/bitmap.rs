@@ -144,6 +144,44 @@ impl std::error::Error for LayoutMismatch {}
 ///
 /// A claim covers an aligned run of whole host pages of one block, at most 64 of them; the
 /// caller must send every host page [`host_pages`](Claim::host_pages) yields, whole.
+///
+/// # A claim is an obligation
+/// The claimed bits have left the bitmap: nobody else will send these pages, and the scan
+/// will not find them again. Dropping a claim unsent loses them (unless they are marked dirty
+/// again). So `Claim`, the outcomes that carry one ([`HostPageClaim`], [`PageClaim`],
+/// [`Served`](crate::Served)) and the methods that return them
+/// ([`BackgroundScanner::next_claim`](crate::BackgroundScanner::next_claim),
+/// [`PageHint::take`](crate::PageHint::take), ...) are `#[must_use]`: ignoring one is a
+/// warning, also after `?`. A deliberate `let _ = ...` is not linted by rustc; clippy's
+/// `let_underscore_must_use` (restriction group) catches that too.
+///
+/// ```compile_fail
+/// #![deny(unused_must_use)]
+/// # let layout = pagehint::RamLayout::single("m", 1 << 20, 4096)?;
+/// # let bitmap = pagehint::DirtyBitmap::new(&layout)?;
+/// bitmap.claim_host_page(pagehint::PageLocation::new(0, 7))?; // error: unused `HostPageClaim`
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+/// ```compile_fail
+/// #![deny(unused_must_use)]
+/// # let layout = pagehint::RamLayout::single("m", 1 << 20, 4096)?;
+/// # let bitmap = pagehint::DirtyBitmap::new(&layout)?;
+/// bitmap.claim_page(pagehint::PageLocation::new(0, 7))?; // error: unused `PageClaim`
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+/// The same code with the outcome used compiles under the same lint:
+/// ```
+/// #![deny(unused_must_use)]
+/// # let layout = pagehint::RamLayout::single("m", 1 << 20, 4096)?;
+/// # let bitmap = pagehint::DirtyBitmap::new(&layout)?;
+/// # bitmap.mark_all();
+/// if let Some(claim) = bitmap.claim_host_page(pagehint::PageLocation::new(0, 7))?.into_claim() {
+///     for hp in claim.host_pages() { /* send hp */ }
+/// }
+/// assert!(bitmap.claim_page(pagehint::PageLocation::new(0, 8))?.is_claimed());
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[must_use = "a claim owns pages that have left the dirty bitmap: send them (or mark them dirty again), or they are lost"]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Claim {
     block: u32,
@@ -197,6 +235,54 @@ impl Claim {
     }
 }
 
+/// What [`DirtyBitmap::claim_host_page`] got.
+#[must_use = "a won claim owns pages that have left the dirty bitmap: send them, or they are lost"]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HostPageClaim {
+    /// The caller is now the only sender of these host pages (see [`Claim`]).
+    Claimed(Claim),
+    /// None of the host page's target pages was dirty: clean, or claimed by someone else.
+    NotDirty,
+}
+
+impl HostPageClaim {
+    /// The claim, if one was won.
+    #[must_use = "a won claim owns pages that have left the dirty bitmap: send them, or they are lost"]
+    pub fn into_claim(self) -> Option<Claim> {
+        match self {
+            Self::Claimed(c) => Some(c),
+            Self::NotDirty => None,
+        }
+    }
+    /// Whether a claim was won.
+    pub fn is_claimed(&self) -> bool {
+        matches!(self, Self::Claimed(_))
+    }
+}
+
+impl From<Option<Claim>> for HostPageClaim {
+    fn from(c: Option<Claim>) -> Self {
+        c.map_or(Self::NotDirty, Self::Claimed)
+    }
+}
+
+/// What [`DirtyBitmap::claim_page`] got.
+#[must_use = "a claimed page has left the dirty bitmap: send it (or mark it dirty again), or it is lost"]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PageClaim {
+    /// The page was dirty and its bit is now the caller's: send the page.
+    Claimed,
+    /// The page was not dirty: clean, or claimed by someone else.
+    NotDirty,
+}
+
+impl PageClaim {
+    /// Whether the page was claimed.
+    pub fn is_claimed(self) -> bool {
+        self == Self::Claimed
+    }
+}
+
 /// Where one block lives in the word arrays.
 #[derive(Clone, Copy, Debug)]
 struct BlockWords {
@@ -230,10 +316,10 @@ impl BlockWords {
 /// let layout = RamLayout::single("pc.ram", 1 << 30, 2 << 20)?; // 2 MiB host pages
 /// let bitmap = DirtyBitmap::new(&layout)?;
 /// bitmap.mark_range(0, 1000, 20)?;
-/// let claim = bitmap.claim_host_page(PageLocation::new(0, 1019))?.expect("dirty");
+/// let claim = bitmap.claim_host_page(PageLocation::new(0, 1019))?.into_claim().expect("dirty");
 /// assert_eq!(claim.dirty_pages(), 20);
 /// assert_eq!(claim.host_pages().next().unwrap().first_page, 512);
-/// assert!(bitmap.claim_host_page(PageLocation::new(0, 1000))?.is_none()); // exactly once
+/// assert!(bitmap.claim_host_page(PageLocation::new(0, 1000))?.into_claim().is_none()); // exactly once
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 pub struct DirtyBitmap {
@@ -709,24 +795,33 @@ impl DirtyBitmap {
         Ok(self.word(b, loc.page).load(Ordering::Relaxed) & (1 << (loc.page % WORD_BITS)) != 0)
     }
 
-    /// Claims one target page: clears its bit and returns whether it was dirty. Exactly one
-    /// of several concurrent claimers of a dirty page gets `true`.
+    /// Claims one target page: clears its bit and says whether it was dirty. Exactly one
+    /// of several concurrent claimers of a dirty page gets [`PageClaim::Claimed`].
     ///
     /// This is target-page granular: on a block with larger host pages, senders that must
     /// keep host pages whole use [`claim_host_page`](Self::claim_host_page) instead.
-    pub fn claim_page(&self, loc: PageLocation) -> Result<bool, LocationError> {
+    #[must_use = "a claimed page has left the dirty bitmap: send it (or mark it dirty again), or it is lost"]
+    pub fn claim_page(&self, loc: PageLocation) -> Result<PageClaim, LocationError> {
         let b = self.located(loc)?;
         let bit = 1 << (loc.page % WORD_BITS);
         // Acquire: sees the page contents published by the mark it collects; the RMW's
         // atomicity gives the bit to one claimer only.
-        Ok(self.word(b, loc.page).fetch_and(!bit, Ordering::Acquire) & bit != 0)
+        let was = self.word(b, loc.page).fetch_and(!bit, Ordering::Acquire) & bit != 0;
+        Ok(if was {
+            PageClaim::Claimed
+        } else {
+            PageClaim::NotDirty
+        })
     }
 
-    /// Claims the whole host page containing `loc`: `None` if none of its target pages was
-    /// dirty (already claimed by someone else, or clean).
-    pub fn claim_host_page(&self, loc: PageLocation) -> Result<Option<Claim>, LocationError> {
+    /// Claims the whole host page containing `loc`: [`HostPageClaim::NotDirty`] if none of
+    /// its target pages was dirty (already claimed by someone else, or clean).
+    #[must_use = "a won claim owns pages that have left the dirty bitmap: send them, or they are lost"]
+    pub fn claim_host_page(&self, loc: PageLocation) -> Result<HostPageClaim, LocationError> {
         let b = *self.located(loc)?;
-        Ok(self.claim_chunk(&b, loc.block, loc.page, b.host_shift))
+        Ok(self
+            .claim_chunk(&b, loc.block, loc.page, b.host_shift)
+            .into())
     }
 
     /// Claims the aligned chunk of `1 << chunk_shift` target pages (at least one host page)
@@ -1060,11 +1155,18 @@ mod tests {
         bm.mark_all();
         assert_eq!(bm.dirty_pages(), l.total_pages());
         assert_eq!(bm.block_dirty_pages(0).unwrap(), 100);
-        assert!(bm.claim_page(PageLocation::new(0, 99)).unwrap());
-        assert!(!bm.claim_page(PageLocation::new(0, 99)).unwrap());
+        assert!(bm
+            .claim_page(PageLocation::new(0, 99))
+            .unwrap()
+            .is_claimed());
+        assert!(!bm
+            .claim_page(PageLocation::new(0, 99))
+            .unwrap()
+            .is_claimed());
         let c = bm
             .claim_host_page(PageLocation::new(1, 7))
             .unwrap()
+            .into_claim()
             .unwrap();
         assert_eq!(
             c.host_pages().collect::<Vec<_>>(),
@@ -1078,11 +1180,13 @@ mod tests {
         let c = bm
             .claim_host_page(PageLocation::new(2, 600))
             .unwrap()
+            .into_claim()
             .unwrap();
         assert_eq!((c.dirty_pages(), c.pages_to_send()), (512, 512));
         assert!(bm
             .claim_host_page(PageLocation::new(2, 513))
             .unwrap()
+            .into_claim()
             .is_none());
         assert_eq!(bm.find_next_dirty_host_page(2, 512).unwrap(), None);
         assert_eq!(bm.find_next_dirty_host_page(2, 0).unwrap(), Some(0));
@@ -1126,7 +1230,10 @@ mod tests {
         assert!(matches!(step.found, Found::Clean) && step.end == 100 && step.block_end);
         // a candidate whose bits someone else took first: lost, but scanned past
         bm.mark_dirty(PageLocation::new(2, 10)).unwrap();
-        assert!(bm.claim_page(PageLocation::new(2, 10)).unwrap());
+        assert!(bm
+            .claim_page(PageLocation::new(2, 10))
+            .unwrap()
+            .is_claimed());
         let step = bm.scan_step(2, 0, 6);
         assert!(matches!(step.found, Found::Lost) && step.end == 512 && !step.block_end);
     }
@@ -1137,9 +1244,16 @@ mod tests {
         let bm = DirtyBitmap::new(&l).unwrap();
         let loc = PageLocation::new(2, 1000);
         bm.mark_dirty(loc).unwrap();
-        assert!(bm.claim_host_page(loc).unwrap().is_some());
+        assert!(bm.claim_host_page(loc).unwrap().into_claim().is_some());
         bm.mark_dirty(loc).unwrap();
-        assert_eq!(bm.claim_host_page(loc).unwrap().unwrap().dirty_pages(), 1);
+        assert_eq!(
+            bm.claim_host_page(loc)
+                .unwrap()
+                .into_claim()
+                .unwrap()
+                .dirty_pages(),
+            1
+        );
     }
 
     #[test]
@@ -1172,6 +1286,7 @@ mod tests {
         let c = bm
             .claim_host_page(PageLocation::new(2, 512))
             .unwrap()
+            .into_claim()
             .unwrap();
         assert_eq!(c.dirty_pages(), 3);
     }

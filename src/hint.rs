@@ -60,6 +60,9 @@ impl std::error::Error for PackError {}
 
 /// Packs `loc` with the valid bit set, or refuses it if it does not fit.
 ///
+/// Not API (hidden from the docs, not covered by semver): public only so that the model
+/// crate's mutants of the cell use the real packing. Use [`PageHint`].
+///
 /// ```
 /// use pagehint::{hint, PageLocation};
 /// let word = hint::pack(PageLocation::new(7, 1 << 35))?;
@@ -68,6 +71,7 @@ impl std::error::Error for PackError {}
 /// assert!(hint::pack(PageLocation::new(0, 1 << 40)).is_err());
 /// # Ok::<(), pagehint::hint::PackError>(())
 /// ```
+#[doc(hidden)]
 pub fn pack(loc: PageLocation) -> Result<u64, PackError> {
     if u64::from(loc.block) > BLOCK_MASK || loc.page > PAGE_MASK {
         return Err(PackError { location: loc });
@@ -76,6 +80,9 @@ pub fn pack(loc: PageLocation) -> Result<u64, PackError> {
 }
 
 /// Unpacks a cell word: `None` for the empty word (valid bit clear).
+///
+/// Not API, like [`pack`].
+#[doc(hidden)]
 pub fn unpack(word: u64) -> Option<PageLocation> {
     (word & VALID != 0)
         .then(|| PageLocation::new(((word >> PAGE_BITS) & BLOCK_MASK) as u32, word & PAGE_MASK))
@@ -142,6 +149,12 @@ impl PageHint {
     }
 
     /// Takes the pending hint, leaving the cell empty; `None` if none was pending.
+    ///
+    /// ```compile_fail
+    /// #![deny(unused_must_use)]
+    /// pagehint::PageHint::new().take(); // error: unused return value
+    /// ```
+    #[must_use = "a taken hint has left the cell: follow it, or the urgent path's locality is lost"]
     pub fn take(&self) -> Option<PageLocation> {
         // Relaxed: an empty-looking cell means "no hint yet", which is always a valid answer
         // for an advisory hint; the swap below is what takes a hint exactly once.

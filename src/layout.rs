@@ -177,6 +177,13 @@ pub enum LayoutError {
         /// Its number of target pages.
         pages: u64,
     },
+    /// The blocks add up to 2^64 bytes or more: byte offsets and `total_bytes` would wrap.
+    TotalTooLarge {
+        /// Target pages up to and including the block that crossed the limit.
+        pages: u64,
+        /// The target page size.
+        target_page_size: u64,
+    },
     /// Two blocks share a name.
     DuplicateName(String),
     /// A layout description could not be parsed.
@@ -204,6 +211,13 @@ impl fmt::Display for LayoutError {
             Self::BlockTooLarge { block, pages } => write!(
                 f,
                 "block {block}: {pages} target pages, at most {MAX_BLOCK_PAGES} fit a packed page hint"
+            ),
+            Self::TotalTooLarge {
+                pages,
+                target_page_size,
+            } => write!(
+                f,
+                "{pages} target pages of {target_page_size} bytes: the layout is 2^64 bytes or more"
             ),
             Self::DuplicateName(n) => write!(f, "two RAM blocks are named {n}"),
             Self::Parse(msg) => write!(f, "cannot parse RAM layout: {msg}"),
@@ -370,6 +384,14 @@ impl RamLayout {
             }
             let host_shift = (host_page_size >> target_shift).trailing_zeros();
             // Cannot overflow: at most 2^23 blocks of at most 2^40 pages each.
+            let end = total + pages;
+            // Every byte offset of the layout, `total_bytes` included, must fit a u64.
+            if end > u64::MAX >> target_shift {
+                return Err(LayoutError::TotalTooLarge {
+                    pages: end,
+                    target_page_size,
+                });
+            }
             out.push(RamBlock {
                 name,
                 pages,
@@ -466,7 +488,7 @@ impl RamLayout {
     pub fn total_pages(&self) -> u64 {
         self.total_pages
     }
-    /// Total guest RAM in bytes.
+    /// Total guest RAM in bytes (below 2^64: [`new`](Self::new) refuses larger layouts).
     pub fn total_bytes(&self) -> u64 {
         self.total_pages << self.target_shift
     }
@@ -600,7 +622,11 @@ impl FromStr for RamLayout {
     }
 }
 
-/// Parses a byte size such as `4096`, `4K`, `2M`, `1G`, `16T` (suffixes are powers of 1024).
+/// Parses a byte size such as `4096`, `4K`, `2M`, `1G`, `16T` (suffixes are powers of 1024),
+/// as the layout string does.
+///
+/// Not API (hidden from the docs, not covered by semver): public only so that
+/// `pagehint-migrate`'s command line reads sizes as the layout string does.
 ///
 /// ```
 /// assert_eq!(pagehint::layout::parse_size("2M")?, 2 << 20);
@@ -608,6 +634,7 @@ impl FromStr for RamLayout {
 /// assert!(pagehint::layout::parse_size("99999999999T").is_err());
 /// # Ok::<(), pagehint::LayoutError>(())
 /// ```
+#[doc(hidden)]
 pub fn parse_size(s: &str) -> Result<u64, LayoutError> {
     let s = s.trim();
     let (digits, shift) = match s.char_indices().last() {

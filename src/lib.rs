@@ -72,7 +72,7 @@ pub mod scheduler;
 pub mod stats;
 pub mod vmm;
 
-pub use bitmap::{Claim, DirtyBitmap, DirtyLogError, LayoutMismatch};
+pub use bitmap::{Claim, DirtyBitmap, DirtyLogError, HostPageClaim, LayoutMismatch, PageClaim};
 pub use hint::PageHint;
 pub use layout::{
     BlockSpec, HostPage, LayoutError, LocationError, PageLocation, RamBlock, RamLayout,
@@ -83,3 +83,9 @@ pub use scheduler::{
     SchedulerConfig, Served,
 };
 pub use stats::SchedulerStats;
+
+/// The README's Rust snippets, compiled and run as doctests so that they cannot rot (one
+/// of them builds vm-memory regions, hence the feature).
+#[cfg(all(doctest, feature = "vm-memory"))]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

@@ -1,7 +1,16 @@
-//! Page requests from the destination: the typed request and its wire format.
+//! Page requests from the destination: the typed request, and an optional wire frame.
 //!
-//! A request names a RAM block by index and a byte range inside it, as QEMU's
-//! `MIG_RP_MSG_REQ_PAGES` does (which names the block by its id string). On the wire it is
+//! **The API is [`UrgentRequest`]**: a RAM block by index and a byte range inside it, the
+//! information QEMU's `MIG_RP_MSG_REQ_PAGES` carries (QEMU names the block by its id string;
+//! map it to an index once with [`RamLayout::block_index`](crate::RamLayout::block_index)).
+//! A VMM decodes its own return-path message, builds an `UrgentRequest` and calls
+//! [`PageScheduler::serve`](crate::PageScheduler::serve).
+//!
+//! **The frame below is pagehint's own, not QEMU's `MIG_RP_MSG_REQ_PAGES`** and not any other
+//! VMM's: a fixed 24-byte message that `pagehint-migrate` puts on its return path and the
+//! fuzz targets feed with arbitrary bytes. Use it ([`UrgentRequest::encode`],
+//! [`UrgentRequest::decode`], [`PageScheduler::serve_frame`](crate::PageScheduler::serve_frame))
+//! if you have no return-path format of your own; otherwise ignore it. It is
 //! [`UrgentRequest::WIRE_LEN`] bytes, little endian:
 //!
 //! | bytes  | field                               |

@@ -203,6 +203,17 @@ impl Default for SchedulerConfig {
 }
 
 /// What the urgent path does with a valid request.
+///
+/// `#[must_use]`: [`Served::Send`] owns a [`Claim`] (see [A claim is an obligation](Claim#a-claim-is-an-obligation)).
+///
+/// ```compile_fail
+/// #![deny(unused_must_use)]
+/// # use pagehint::{PageScheduler, RamLayout, SchedulerConfig, UrgentRequest};
+/// # let sched = PageScheduler::new(RamLayout::single("m", 1 << 20, 4096)?, SchedulerConfig::preempt())?;
+/// sched.serve(UrgentRequest::new(0, 0, 4096))?; // error: unused `Served`
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[must_use = "Served::Send owns pages that have left the dirty bitmap: send them and call urgent_sent, or they are lost"]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Served {
     /// Preempt: the caller now owns these host pages; send them on the urgent channel, then
@@ -396,6 +407,7 @@ impl PageScheduler {
 
     /// Serves a page request from the destination (urgent path). Invalid requests are
     /// counted and refused without touching any state.
+    #[must_use = "Served::Send owns pages that have left the dirty bitmap: send them and call urgent_sent, or they are lost"]
     pub fn serve(&self, req: UrgentRequest) -> Result<Served, RequestError> {
         let loc = match self.check_request(req) {
             Ok(loc) => loc,
@@ -412,7 +424,7 @@ impl PageScheduler {
                 bump(&self.urgent.requests_queued, 1);
                 Ok(Served::Queued(hp))
             }
-            Mode::Preempt => match self.bitmap.claim_host_page(loc)? {
+            Mode::Preempt => match self.bitmap.claim_host_page(loc)?.into_claim() {
                 Some(claim) => {
                     bump(&self.urgent.urgent_host_pages, 1);
                     bump(&self.urgent.urgent_pages, claim.pages_to_send());
@@ -426,7 +438,9 @@ impl PageScheduler {
         }
     }
 
-    /// Decodes a request frame and serves it; malformed frames are counted as bad requests.
+    /// Decodes a request frame (pagehint's own, see [`request`](crate::request)) and serves
+    /// it; malformed frames are counted as bad requests.
+    #[must_use = "Served::Send owns pages that have left the dirty bitmap: send them and call urgent_sent, or they are lost"]
     pub fn serve_frame(&self, frame: &[u8]) -> Result<Served, RequestError> {
         match UrgentRequest::decode(frame) {
             Ok(req) => self.serve(req),
@@ -718,6 +732,15 @@ impl BackgroundScanner<'_> {
 
     /// The next claim to send on the background channel, or `None` when a full contiguous
     /// sweep found no dirty page (the round is complete; I3).
+    ///
+    /// ```compile_fail
+    /// #![deny(unused_must_use)]
+    /// # use pagehint::{PageScheduler, RamLayout, SchedulerConfig};
+    /// # let sched = PageScheduler::new(RamLayout::single("m", 1 << 20, 4096)?, SchedulerConfig::preempt())?;
+    /// sched.background().next_claim(); // error: unused return value
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    #[must_use = "a claim owns pages that have left the dirty bitmap: send them (or mark them dirty again), or they are lost"]
     pub fn next_claim(&mut self) -> Option<Claim> {
         let s = self.s;
         let total = s.layout.total_pages();

@@ -10,7 +10,9 @@
 
 use std::collections::BTreeSet;
 
-use pagehint::{BlockSpec, DirtyBitmap, DirtyLogError, LocationError, PageLocation, RamLayout};
+use pagehint::{
+    BlockSpec, DirtyBitmap, DirtyLogError, LocationError, PageClaim, PageLocation, RamLayout,
+};
 use proptest::prelude::*;
 
 /// The layouts: a narrow-only one and a mixed one with wide host pages.
@@ -323,7 +325,10 @@ fn step(bm: &DirtyBitmap, m: &mut Model, op: &Op) -> Result<(), TestCaseError> {
             match m.page_error(block, page) {
                 Some(e) => prop_assert_eq!(got, Err(e)),
                 // Target-page granular: a wide host page keeps its summary bit.
-                None => prop_assert_eq!(got, Ok(m.dirty.remove(&(block, page)))),
+                None => prop_assert_eq!(
+                    got.map(PageClaim::is_claimed),
+                    Ok(m.dirty.remove(&(block, page)))
+                ),
             }
         }
         Op::ClaimHostPage(block, raw) => {
@@ -332,7 +337,7 @@ fn step(bm: &DirtyBitmap, m: &mut Model, op: &Op) -> Result<(), TestCaseError> {
             match m.page_error(block, page) {
                 Some(e) => prop_assert_eq!(got, Err(e)),
                 None => {
-                    let got = got.unwrap();
+                    let got = got.unwrap().into_claim();
                     let hp = m.host_pages(block);
                     let first = page / hp * hp;
                     let elected = !m.wide(block) || m.summary.remove(&(block, first / hp));
@@ -475,9 +480,9 @@ proptest! {
         let pages = layout.blocks()[block as usize].pages();
         let loc = PageLocation::new(block, raw % pages);
         bm.mark_dirty(loc).unwrap();
-        prop_assert_eq!(bm.claim_host_page(loc).unwrap().map(|c| c.dirty_pages()), Some(1));
-        prop_assert!(bm.claim_host_page(loc).unwrap().is_none());
+        prop_assert_eq!(bm.claim_host_page(loc).unwrap().into_claim().map(|c| c.dirty_pages()), Some(1));
+        prop_assert!(bm.claim_host_page(loc).unwrap().into_claim().is_none());
         bm.mark_dirty(loc).unwrap();
-        prop_assert_eq!(bm.claim_host_page(loc).unwrap().map(|c| c.dirty_pages()), Some(1));
+        prop_assert_eq!(bm.claim_host_page(loc).unwrap().into_claim().map(|c| c.dirty_pages()), Some(1));
     }
 }

@@ -223,7 +223,8 @@ fn i3_chunks_past_a_block_end_count_only_real_pages() {
             assert!(sched
                 .bitmap()
                 .claim_page(pagehint::PageLocation::new(s_block, page))
-                .unwrap());
+                .unwrap()
+                .is_claimed());
         }
         sched
             .hint()

@@ -258,7 +258,7 @@ fn precopy_merger_against_claims() {
                 let mut rng = Rng(u64::from(r) * 131 + 5);
                 while merging.load(Ordering::Acquire) {
                     let loc = layout.location_of(rng.next() % total as u64).unwrap();
-                    if let Some(c) = sched.bitmap().claim_host_page(loc).unwrap() {
+                    if let Some(c) = sched.bitmap().claim_host_page(loc).unwrap().into_claim() {
                         marks.collect(layout, &c);
                     }
                 }

@@ -110,6 +110,7 @@ fn get_and_clear_hands_over_every_dirty_word_once() {
         assert!(bm
             .claim_host_page(PageLocation::new(2, p))
             .unwrap()
+            .into_claim()
             .is_none());
     }
     assert_eq!(bm.find_next_dirty_host_page(2, 0).unwrap(), None);
@@ -157,6 +158,7 @@ fn get_and_clear_clears_summaries_of_whole_host_pages_only() {
     assert_eq!(
         bm.claim_host_page(PageLocation::new(2, 0))
             .unwrap()
+            .into_claim()
             .unwrap()
             .dirty_pages(),
         192
@@ -176,6 +178,7 @@ fn get_and_clear_and_host_page_claims_elect_one_owner_per_wide_host_page() {
     assert!(bm
         .claim_host_page(PageLocation::new(2, 600))
         .unwrap()
+        .into_claim()
         .is_some());
     let mut out = [0u64; 32];
     assert_eq!(bm.get_and_clear(2, 0, &mut out).unwrap(), 512 * 3);
@@ -186,6 +189,7 @@ fn get_and_clear_and_host_page_claims_elect_one_owner_per_wide_host_page() {
         assert!(bm
             .claim_host_page(PageLocation::new(2, p))
             .unwrap()
+            .into_claim()
             .is_none());
     }
     // marks after the collection are claimable again (I7)
@@ -223,7 +227,11 @@ fn get_and_clear_against_claims_keeps_host_pages_whole() {
                     let mut p = pages;
                     while p > 0 {
                         p -= step;
-                        if let Some(c) = bm.claim_host_page(PageLocation::new(block, p)).unwrap() {
+                        if let Some(c) = bm
+                            .claim_host_page(PageLocation::new(block, p))
+                            .unwrap()
+                            .into_claim()
+                        {
                             assert_eq!(c.dirty_pages(), step, "I2: round {round}");
                             got.claim(&c, 2);
                         }
@@ -311,7 +319,7 @@ proptest! {
         let mut claimed = 0;
         let mut from = 0;
         while let Some(p) = bm.find_next_dirty_host_page(block, from).unwrap() {
-            if let Some(c) = bm.claim_host_page(PageLocation::new(block, p)).unwrap() {
+            if let Some(c) = bm.claim_host_page(PageLocation::new(block, p)).unwrap().into_claim() {
                 claimed += c.dirty_pages();
             }
             from = p + l.blocks()[block as usize].host_page_pages();
@@ -384,7 +392,11 @@ fn dirty_ring_import_races_claims_without_loss() {
         let mut n = 0;
         let mut from = 0;
         while let Some(p) = bm.find_next_dirty_host_page(2, from).unwrap() {
-            if let Some(c) = bm.claim_host_page(PageLocation::new(2, p)).unwrap() {
+            if let Some(c) = bm
+                .claim_host_page(PageLocation::new(2, p))
+                .unwrap()
+                .into_claim()
+            {
                 assert_eq!(c.host_page_count(), 1, "I2");
                 n += c.dirty_pages();
             }
@@ -702,6 +714,7 @@ fn recovery_rebuilds_wide_host_page_summaries() {
         .bitmap()
         .claim_host_page(PageLocation::new(2, 1024))
         .unwrap()
+        .into_claim()
         .unwrap();
     assert_eq!((c.dirty_pages(), c.pages_to_send()), (1, 512));
     assert_eq!(

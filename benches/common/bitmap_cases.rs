@@ -12,7 +12,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bitvec::prelude::*;
-use pagehint::{ClaimBatch, DirtyBitmap, PageLocation, PageScheduler, RamLayout, SchedulerConfig};
+use pagehint::{
+    ClaimBatch, DirtyBitmap, HostPageClaim, PageClaim, PageLocation, PageScheduler, RamLayout,
+    SchedulerConfig,
+};
 use vm_memory::bitmap::AtomicBitmap;
 
 use super::crew::{Crew, Role, Stopwatch};
@@ -30,7 +33,7 @@ pub fn touched_bitmap(bytes: u64, host_page: u64) -> PageScheduler {
     .expect("bitmap storage");
     sched.bitmap().mark_all();
     for c in sched.background() {
-        black_box(c);
+        let _ = black_box(c);
     }
     assert_eq!(sched.bitmap().dirty_pages(), 0);
     sched
@@ -387,7 +390,7 @@ impl Claiming {
             let (t, mut acc) = (Instant::now(), 0u64);
             for p in 0..n {
                 // "Send" a claimed page as the QEMU port does: add it to an accumulator.
-                if let Ok(true) = self.ours.claim_page(PageLocation::new(0, p)) {
+                if let Ok(PageClaim::Claimed) = self.ours.claim_page(PageLocation::new(0, p)) {
                     acc = acc.wrapping_add(p);
                 }
             }
@@ -429,7 +432,12 @@ impl Claiming {
                 let c = self
                     .ours
                     .claim_host_page(PageLocation::new(0, h * self.host_page_pages));
-                for hp in c.ok().flatten().iter().flat_map(|c| c.host_pages()) {
+                for hp in c
+                    .ok()
+                    .and_then(HostPageClaim::into_claim)
+                    .iter()
+                    .flat_map(|c| c.host_pages())
+                {
                     acc = acc.wrapping_add(hp.first_page);
                 }
             }

@@ -125,10 +125,10 @@ fuzz_target!(|data: &[u8]| {
     let mut claimed = 0;
     for hp in 0..blk.host_pages() {
         let loc = PageLocation::new(block, hp * blk.host_page_pages());
-        if let Some(c) = sched.bitmap().claim_host_page(loc).unwrap() {
+        if let Some(c) = sched.bitmap().claim_host_page(loc).unwrap().into_claim() {
             claimed += c.dirty_pages();
         }
-        assert!(sched.bitmap().claim_host_page(loc).unwrap().is_none(), "claimed twice");
+        assert!(sched.bitmap().claim_host_page(loc).unwrap().into_claim().is_none(), "claimed twice");
     }
     assert_eq!(claimed, block_dirty, "a dirty page the claims could not reach (I7)");
     assert_eq!(sched.bitmap().block_dirty_pages(block).unwrap(), 0);

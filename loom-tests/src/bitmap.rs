@@ -96,11 +96,14 @@ impl ModelBitmap for DirtyBitmap {
             .expect("model logs are well formed");
     }
     fn claim_page(&self, loc: PageLocation) -> bool {
-        DirtyBitmap::claim_page(self, loc).expect("model pages are in range")
+        DirtyBitmap::claim_page(self, loc)
+            .expect("model pages are in range")
+            .is_claimed()
     }
     fn claim_host_page(&self, loc: PageLocation) -> Option<Taken> {
         DirtyBitmap::claim_host_page(self, loc)
             .expect("model pages are in range")
+            .into_claim()
             .map(taken)
     }
     fn find_next_dirty_host_page(&self, block: u32, from: u64) -> Option<u64> {

@@ -20,9 +20,12 @@
 //! mutants' unbroken base, which must pass: each mutant fails for its one flaw. Loom checks
 //! the small cases (`tests/loom_*.rs`), shuttle the big ones (`tests/shuttle_*.rs`); without
 //! either, `tests/smoke_std.rs` runs the models once on std threads so that
-//! `cargo test --workspace` exercises them too.
+//! `cargo test --workspace` exercises them too, with `--all-features` as well (both features
+//! and no cfg: the std build; the cfgs, not the features, choose the checker).
 
-#[cfg(all(feature = "loom", not(pagehint_loom)))]
+// `--all-features` sets both features and no cfg: that builds the plain std models (the smoke
+// tests), so only one feature without its cfg is the sign of a lost `build.rustflags`.
+#[cfg(all(feature = "loom", not(feature = "shuttle"), not(pagehint_loom)))]
 compile_error!(
     "the `loom` feature is set by `cargo loom`, which also passes `--cfg pagehint_loom` through \
      build.rustflags; that cfg is missing (a RUSTFLAGS or CARGO_ENCODED_RUSTFLAGS environment \
@@ -30,7 +33,7 @@ compile_error!(
 );
 
 #[cfg(any(
-    all(feature = "shuttle", not(pagehint_shuttle)),
+    all(feature = "shuttle", not(feature = "loom"), not(pagehint_shuttle)),
     all(pagehint_shuttle, not(feature = "shuttle"))
 ))]
 compile_error!(

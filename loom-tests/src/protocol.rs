@@ -91,14 +91,14 @@ impl ModelProtocol for TrustingScanner {
             let mut wrapped = false;
             loop {
                 let next = bm.find_next_dirty_host_page(pos.block, pos.page).unwrap();
-                if wrapped && pos.block == start.block && next.map_or(true, |p| p >= start.page) {
+                if wrapped && pos.block == start.block && next.is_none_or(|p| p >= start.page) {
                     return; // "all clean"
                 }
                 match next {
                     Some(p) => {
                         let loc = PageLocation::new(pos.block, p);
                         pos.page = p + layout.host_page_of(loc).unwrap().pages;
-                        if let Some(c) = bm.claim_host_page(loc).unwrap() {
+                        if let Some(c) = bm.claim_host_page(loc).unwrap().into_claim() {
                             c.host_pages().for_each(&mut *send);
                             break;
                         }
@@ -133,7 +133,7 @@ impl ModelProtocol for CheckThenSendScanner {
             let mut from = 0;
             while let Some(p) = bm.find_next_dirty_host_page(block, from).unwrap() {
                 let loc = PageLocation::new(block, p);
-                let _ = bm.claim_host_page(loc).unwrap(); // BUG: the claim's result is ignored
+                let _ = bm.claim_host_page(loc).unwrap().into_claim(); // BUG: the claim's result is ignored
                 send(layout.host_page_of(loc).unwrap());
                 from = p + b.host_page_pages();
             }

@@ -2,7 +2,7 @@
 //!
 //! `pagehint` picks loom's atomics under `--cfg pagehint_loom` and shuttle's under
 //! `--cfg pagehint_shuttle`; `cargo shuttle` sets that cfg together with this crate's `shuttle`
-//! feature (the crate refuses to build with only one of them). The models and the mutants use
+//! feature (the crate refuses to build with the cfg alone, or the feature alone). The models and the mutants use
 //! the same choice here, so a mutant runs on exactly the atomics the real code runs on and the
 //! same checker explores both. Without either, the models run on std threads
 //! (one schedule per run: a smoke test, not a check).
@@ -14,14 +14,14 @@ pub use loom::{
     thread,
 };
 
-#[cfg(all(feature = "shuttle", not(pagehint_loom)))]
+#[cfg(all(pagehint_shuttle, not(pagehint_loom)))]
 pub use shuttle::{
     sync::atomic::{AtomicU64, Ordering},
     sync::Arc,
     thread,
 };
 
-#[cfg(not(any(pagehint_loom, feature = "shuttle")))]
+#[cfg(not(any(pagehint_loom, pagehint_shuttle)))]
 pub use std::{
     sync::atomic::{AtomicU64, Ordering},
     sync::Arc,

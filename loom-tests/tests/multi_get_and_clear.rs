@@ -106,7 +106,8 @@ impl<const RING: bool> Collect for Real<RING> {
         let c = self
             .bitmap
             .claim_host_page(PageLocation::new(0, page))
-            .unwrap()?;
+            .unwrap()
+            .into_claim()?;
         Some(c.dirty_pages())
     }
     fn get_and_clear(&self, out: &mut [u64; 2]) {
@@ -119,6 +120,7 @@ impl<const RING: bool> Collect for Real<RING> {
                 .bitmap
                 .claim_host_page(PageLocation::new(0, p))
                 .unwrap()
+                .into_claim()
             {
                 c.host_pages().for_each(|hp| send(hp, c.dirty_pages()));
             }

@@ -7,7 +7,7 @@
 //!
 //! The MUTANT (scanners pooling their verified-clean counts, see `multi_model`) is caught by
 //! the same checker.
-#![cfg(feature = "shuttle")]
+#![cfg(pagehint_shuttle)]
 
 mod multi_model;
 

@@ -14,7 +14,7 @@
 //! Mutants each must catch: a marker that sets a 2 MiB host page's summary bit before the page
 //! bit (the mark is stranded), and a load-then-store claim (it erases a racing mark in its
 //! word).
-#![cfg(feature = "shuttle")]
+#![cfg(pagehint_shuttle)]
 
 use pagehint::{BlockSpec, DirtyBitmap, PageScheduler, RamLayout};
 use pagehint_models::bitmap::{Mark, ModelBitmap};

@@ -15,7 +15,7 @@
 //! exhaustively on the small layout of the loom model. Each has a mutant it must catch: QEMU's
 //! weak spot (a scanner that judges "all clean" against its position before a hint: I3), and
 //! a scanner that sends what it saw dirty without checking its claim won (I1).
-#![cfg(feature = "shuttle")]
+#![cfg(pagehint_shuttle)]
 
 use pagehint::{BlockSpec, ClaimBatch, PageLocation, PageScheduler, RamLayout, SchedulerConfig};
 use pagehint_models::protocol::{

@@ -2,7 +2,7 @@
 //! `cargo loom` and `cargo shuttle` do), but it keeps the shared model code running under
 //! `cargo test --workspace`, so a model that no longer passes on the real types is noticed
 //! there too.
-#![cfg(not(any(pagehint_loom, feature = "shuttle")))]
+#![cfg(not(any(pagehint_loom, pagehint_shuttle)))]
 
 use pagehint::{BlockSpec, ClaimBatch, DirtyBitmap, PageHint, PageLocation, PageScheduler};
 use pagehint::{RamLayout, SchedulerConfig};

@@ -61,6 +61,39 @@ impl DirtyRingEntry {
     }
 }
 
+/// `(slot, offset)`, as a harvester that reads `kvm_dirty_gfn` itself yields them (the item
+/// type of the dirty-ring iterator proposed for kvm-ioctls).
+///
+/// ```
+/// use pagehint::vmm::DirtyRingEntry;
+/// assert_eq!(DirtyRingEntry::from((1u32, 7u64)), DirtyRingEntry::new(1, 7));
+/// ```
+impl From<(u32, u64)> for DirtyRingEntry {
+    fn from((slot, offset): (u32, u64)) -> Self {
+        Self::new(slot, offset)
+    }
+}
+
+/// A harvested `kvm_dirty_gfn` (feature `kvm`): its slot and offset; the flags are the
+/// harvester's business (it must have seen `KVM_DIRTY_GFN_F_DIRTY` with acquire before
+/// reading the entry, and hands it back with `KVM_DIRTY_GFN_F_RESET`).
+#[cfg(feature = "kvm")]
+#[cfg_attr(docsrs, doc(cfg(feature = "kvm")))]
+impl From<&kvm_bindings::kvm_dirty_gfn> for DirtyRingEntry {
+    fn from(gfn: &kvm_bindings::kvm_dirty_gfn) -> Self {
+        Self::new(gfn.slot, gfn.offset)
+    }
+}
+
+/// A harvested `kvm_dirty_gfn` by value (feature `kvm`); see the reference conversion.
+#[cfg(feature = "kvm")]
+#[cfg_attr(docsrs, doc(cfg(feature = "kvm")))]
+impl From<kvm_bindings::kvm_dirty_gfn> for DirtyRingEntry {
+    fn from(gfn: kvm_bindings::kvm_dirty_gfn) -> Self {
+        Self::from(&gfn)
+    }
+}
+
 /// Why a slot mapping, a dirty log or a ring entry was refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SlotError {
@@ -426,6 +459,7 @@ mod tests {
         let c = bm
             .claim_host_page(PageLocation::new(1, 512))
             .unwrap()
+            .into_claim()
             .unwrap();
         assert_eq!(c.dirty_pages(), 1);
         let st = s.stats();
@@ -500,8 +534,15 @@ mod tests {
         let loc = PageLocation::new(1, 700);
         for _ in 0..3 {
             s.import_dirty_ring(&bm, [DirtyRingEntry::new(9, 0)]);
-            assert_eq!(bm.claim_host_page(loc).unwrap().unwrap().dirty_pages(), 1);
+            assert_eq!(
+                bm.claim_host_page(loc)
+                    .unwrap()
+                    .into_claim()
+                    .unwrap()
+                    .dirty_pages(),
+                1
+            );
         }
-        assert!(bm.claim_host_page(loc).unwrap().is_none());
+        assert!(bm.claim_host_page(loc).unwrap().into_claim().is_none());
     }
 }

@@ -89,7 +89,7 @@ impl<const POOLED: bool> MultiSenders for Rewrite<POOLED> {
                 Some(p) => {
                     let loc = PageLocation::new(pos.block, p);
                     let end = p + layout.host_page_of(loc).unwrap().pages;
-                    if let Some(c) = bm.claim_host_page(loc).unwrap() {
+                    if let Some(c) = bm.claim_host_page(loc).unwrap().into_claim() {
                         c.host_pages().for_each(&mut *send);
                     }
                     end - pos.page

@@ -93,7 +93,7 @@ pub fn run(
         let shrinking = report
             .dirty_per_round
             .last()
-            .map_or(true, |&prev| dirty < prev);
+            .is_none_or(|&prev| dirty < prev);
         report.dirty_per_round.push(dirty);
         if r > 0 && (!shrinking || dirty == 0) {
             break;
