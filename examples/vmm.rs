@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use pagehint::vmm::{DirtyRingEntry, KvmSlots, RegionBitmap, SlotMapping};
+use pagehint::vmm::{DirtyRingEntry, GpaMap, KvmSlots, RegionBitmap, SlotMapping};
 use pagehint::{
     Claim, DirtyBitmap, PageLocation, PageScheduler, RamLayout, SchedulerConfig, Served,
     UrgentRequest,
@@ -107,13 +107,16 @@ fn sync_dirty_log(kvm: &FakeKvm, slots: &KvmSlots, bitmap: &DirtyBitmap) -> Resu
 struct Destination {
     mem: GuestMemoryMmap<()>,
     layout: RamLayout,
+    /// Where each block lies in guest physical memory (the same on both sides).
+    gpas: GpaMap,
     received: Vec<AtomicBool>,
 }
 
 impl Destination {
     /// Copies target page `page` of `block` from the source (the "network").
     fn receive(&self, src: &GuestMemoryMmap<RegionBitmap>, block: u32, page: u64) {
-        let gpa = GuestAddress(block as u64 * REGION as u64 + page * PAGE as u64);
+        let loc = PageLocation::new(block, page);
+        let gpa = GuestAddress(self.gpas.gpa(loc).expect("a page of the layout"));
         let mut buf = [0u8; PAGE];
         // Reads do not mark pages dirty.
         src.read_slice(&mut buf, gpa).expect("source page");
@@ -256,6 +259,7 @@ fn main() -> Result<(), Error> {
             (GuestAddress(REGION as u64), REGION),
         ])?,
         layout: layout.clone(),
+        gpas: GpaMap::new(&layout, &[0, REGION as u64])?,
         received: (0..layout.total_pages())
             .map(|_| AtomicBool::new(false))
             .collect(),
@@ -323,14 +327,13 @@ fn main() -> Result<(), Error> {
                     if bitmap.get_and_clear(block, from, &mut buf[..n])? == 0 {
                         continue;
                     }
-                    for (i, &w) in buf[..n].iter().enumerate() {
-                        let mut bits = w;
-                        while bits != 0 {
-                            let page = ((from + i) * 64) as u64 + u64::from(bits.trailing_zeros());
-                            dest.receive(&mem, block, page);
+                    // the dirty words as guest-physical ranges, runs coalesced
+                    for range in dest.gpas.dirty_ranges(block, from, &buf[..n])? {
+                        for gpa in (range.gpa..range.gpa + range.len).step_by(PAGE) {
+                            let loc = dest.gpas.location(gpa)?;
+                            dest.receive(&mem, loc.block, loc.page);
                             // Relaxed: a count, read after the scope.
                             precopy_pages.fetch_add(1, Ordering::Relaxed);
-                            bits &= bits - 1;
                         }
                     }
                 }

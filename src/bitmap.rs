@@ -782,17 +782,26 @@ impl DirtyBitmap {
             .is_ok()
     }
 
+    /// Whether a scheduler drives this bitmap now.
+    pub(crate) fn is_driven(&self) -> bool {
+        // Acquire: pairs with `attach`'s AcqRel; a caller that sees `false` and then clears
+        // pages could still race with a later attach, which is the caller's documented
+        // contract (clear only what no scheduler is about to send).
+        self.driven.load(Ordering::Acquire)
+    }
+
     /// Records that the scheduler driving this bitmap is gone.
     pub(crate) fn detach(&self) {
         // Release: pairs with the next `attach`.
         self.driven.store(false, Ordering::Release);
     }
 
-    /// Whether target page `loc` is dirty (a relaxed snapshot).
+    /// Whether target page `loc` is dirty (a snapshot; it may change right after).
     pub fn is_dirty(&self, loc: PageLocation) -> Result<bool, LocationError> {
         let b = self.located(loc)?;
-        // Relaxed: a snapshot for callers that decide nothing irrevocable on it.
-        Ok(self.word(b, loc.page).load(Ordering::Relaxed) & (1 << (loc.page % WORD_BITS)) != 0)
+        // Acquire, as vm-memory's `AtomicBitmap::dirty_at`: pairs with the marker's release,
+        // so a caller that sees the bit also sees the write published before the mark.
+        Ok(self.word(b, loc.page).load(Ordering::Acquire) & (1 << (loc.page % WORD_BITS)) != 0)
     }
 
     /// Claims one target page: clears its bit and says whether it was dirty. Exactly one

@@ -294,3 +294,68 @@ fn marks_past_a_region_end_are_cut_and_counted() {
     assert_eq!(bitmap.block_dirty_pages(1).unwrap(), 1);
     assert_eq!(bitmap.block_dirty_pages(0).unwrap(), 0);
 }
+
+/// `AtomicBitmap` parity: a standalone bitmap (`NewBitmap::with_len`, what
+/// `GuestMemoryMmap::from_ranges` builds) uses the host's page size, as `AtomicBitmap` does;
+/// both agree on `len` and on which offsets a write dirtied.
+#[test]
+fn standalone_bitmaps_use_the_host_page_size_like_atomic_bitmap() {
+    use vm_memory::bitmap::{AtomicBitmap, NewBitmap};
+    // SAFETY: sysconf has no preconditions.
+    let host = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as u64;
+    for len in [0, 1, 4096, 5000, 1 << 20, (1 << 20) + 1] {
+        let ours = RegionBitmap::with_len(len);
+        let theirs = AtomicBitmap::with_len(len);
+        assert_eq!(ours.len(), theirs.len(), "len {len}");
+        if len == 0 {
+            continue;
+        }
+        assert_eq!(ours.page_size(), host);
+        let (off, n) = (len / 3, len.min(100));
+        ours.mark_dirty(off, n);
+        theirs.mark_dirty(off, n);
+        for probe in (0..len).step_by(host as usize / 2) {
+            assert_eq!(
+                ours.dirty_at(probe),
+                theirs.dirty_at(probe),
+                "len {len} at {probe}"
+            );
+        }
+        assert_eq!(ours.get_and_reset(), theirs.get_and_reset(), "len {len}");
+    }
+}
+
+/// `get_and_reset`, `reset`, `len` and `Clone`, which Cloud Hypervisor and Firecracker call
+/// on `AtomicBitmap`: the same words; `reset` refuses while a scheduler drives the bitmap;
+/// a clone shares the block.
+#[test]
+fn region_bitmap_get_and_reset_reset_and_clone() {
+    let (layout, bitmap, _mem) = shared_memory();
+    let r1 = RegionBitmap::for_block(Arc::clone(&bitmap), &layout, 1).unwrap();
+    assert_eq!(r1.len(), 16);
+    let clone = r1.clone();
+    clone.mark_dirty(0x3000, 0x1001); // pages 3 and 4, through the clone
+    assert!(r1.dirty_at(0x4000), "the clone shares the block");
+    assert_eq!(r1.get_and_reset(), [0b11000]);
+    assert!(!clone.dirty_at(0x3000));
+
+    r1.mark_dirty(0, 0x3000);
+    assert_eq!(r1.reset(), Ok(3));
+    assert_eq!(bitmap.dirty_pages(), 0);
+
+    r1.mark_dirty(0, 0x1000);
+    let sched = PageScheduler::with_bitmap(
+        layout.clone(),
+        Arc::clone(&bitmap),
+        SchedulerConfig::preempt(),
+    )
+    .unwrap();
+    assert_eq!(
+        r1.reset(),
+        Err(pagehint::vmm::RegionBitmapError::Driven { block: 1 }),
+        "pages a scheduler drives are not discarded"
+    );
+    assert_eq!(sched.background().count(), 1, "the page is still sent");
+    drop(sched);
+    assert_eq!(r1.reset(), Ok(0));
+}

@@ -16,7 +16,8 @@
 //! * The part of a range past the region's end is ignored, as vm-memory does: the trait
 //!   returns nothing, so there is no error to return. Unlike vm-memory, each mark that was cut
 //!   or ignored is *counted* ([`RegionBitmap::ignored_marks`]), so a VMM can see it.
-//! * `dirty_at(offset)` is a relaxed snapshot; offsets past the end are clean.
+//! * `dirty_at(offset)` is an acquire load, as vm-memory's: a reader that sees the bit sees
+//!   the write published before the mark. Offsets past the end are clean.
 //! * Slices (`slice_at`) add their base offset with wrapping arithmetic, as vm-memory's
 //!   `BaseSlice` does: an overflowing offset marks a wrong page (a false positive, which
 //!   sends a page twice but loses none), never panics.
@@ -25,13 +26,26 @@
 //! * shared (what a migrating VMM wants): [`RegionBitmap::for_block`] for each region, passed
 //!   to `MmapRegionBuilder::new_with_bitmap`; see the crate's `examples/vmm.rs`.
 //! * standalone ([`NewBitmap::with_len`], used by `GuestMemoryMmap::from_ranges`): each
-//!   region gets a private one-block bitmap of 4 KiB target pages (vm-memory's
-//!   `AtomicBitmap` uses the host page size). It tracks like `AtomicBitmap` and offers
+//!   region gets a private one-block bitmap whose pages are the host's page size
+//!   (`sysconf(_SC_PAGESIZE)`: 4 KiB on x86, 16 or 64 KiB on some arm64 and POWER hosts), as
+//!   vm-memory's `AtomicBitmap` does, so a caller that checks one offset per host page (as
+//!   Firecracker's `dump_dirty` does) sees every write. It tracks like `AtomicBitmap` and offers
 //!   [`DirtyBitmap::get_and_clear`] through [`RegionBitmap::dirty_bitmap`], but the regions
 //!   do not share one bitmap, so a single scheduler cannot send them: build shared ones for
 //!   migration. `with_len` cannot fail; if no bitmap can be built (more than 4 PiB, or no
 //!   memory for the bitmap), the region is *untracked*: it reports every page dirty (so no
 //!   consumer skips a page) and counts every mark as ignored.
+//!
+//! # What Cloud Hypervisor and Firecracker call on `AtomicBitmap`, here
+//! | `AtomicBitmap`        | [`RegionBitmap`]                                            |
+//! |-----------------------|-------------------------------------------------------------|
+//! | `len()`               | [`len`](RegionBitmap::len): pages (bits), the same          |
+//! | `get_and_reset()`     | [`get_and_reset`](RegionBitmap::get_and_reset): the same words, `#[must_use]` |
+//! | `reset()`             | [`reset`](RegionBitmap::reset): refuses while a scheduler drives the bitmap (the pages would never be sent); returns the pages discarded |
+//! | `clone()`             | `Clone` **shares** the block instead of copying the bits: a copy would track writes nobody sends |
+//! | `dirty_at` (Acquire)  | `dirty_at`: Acquire, the same                               |
+//! | `with_len` (host page size) | the same page size                                    |
+//! | `mark_dirty` past the end: ignored | ignored and counted ([`ignored_marks`](RegionBitmap::ignored_marks)) |
 
 use std::fmt;
 use std::sync::atomic::Ordering;
@@ -40,7 +54,7 @@ use std::sync::Arc;
 use vm_memory::bitmap::{Bitmap, BitmapSlice, NewBitmap, WithBitmapSlice};
 
 use crate::bitmap::{DirtyBitmap, LayoutMismatch};
-use crate::layout::{LocationError, RamLayout, DEFAULT_TARGET_PAGE_SIZE};
+use crate::layout::{BlockSpec, LocationError, RamLayout};
 use crate::stats::bump;
 use crate::sync::StatCounter;
 
@@ -51,6 +65,12 @@ pub enum RegionBitmapError {
     Layout(LayoutMismatch),
     /// The block does not exist.
     Location(LocationError),
+    /// [`RegionBitmap::reset`] would discard dirty pages that a scheduler is driving: they
+    /// would never be sent.
+    Driven {
+        /// The block.
+        block: u32,
+    },
 }
 
 impl fmt::Display for RegionBitmapError {
@@ -58,6 +78,10 @@ impl fmt::Display for RegionBitmapError {
         match self {
             Self::Layout(e) => e.fmt(f),
             Self::Location(e) => e.fmt(f),
+            Self::Driven { block } => write!(
+                f,
+                "block {block}'s dirty pages belong to a running scheduler; resetting them would lose them"
+            ),
         }
     }
 }
@@ -134,12 +158,14 @@ impl RegionBitmap {
             .collect()
     }
 
-    /// A private one-block bitmap of `len` bytes in 4 KiB target pages (rounded up).
+    /// A private one-block bitmap of `len` bytes in pages of the host's page size (rounded
+    /// up), as vm-memory's `AtomicBitmap::with_len`.
     fn standalone(len: usize) -> Self {
-        let shift = DEFAULT_TARGET_PAGE_SIZE.trailing_zeros();
-        let pages = (len as u64).div_ceil(DEFAULT_TARGET_PAGE_SIZE);
+        let page = host_page_size();
+        let shift = page.trailing_zeros();
+        let pages = (len as u64).div_ceil(page);
         let bitmap = (pages > 0)
-            .then(|| RamLayout::single("region", pages << shift, DEFAULT_TARGET_PAGE_SIZE).ok())
+            .then(|| RamLayout::new(page, [BlockSpec::new("region", pages << shift, page)]).ok())
             .flatten()
             .and_then(|layout| DirtyBitmap::new(&layout).ok())
             .map(Arc::new);
@@ -164,6 +190,73 @@ impl RegionBitmap {
     pub fn pages(&self) -> u64 {
         self.pages
     }
+    /// Pages tracked, as vm-memory's `AtomicBitmap::len` (bits, one per page).
+    pub fn len(&self) -> usize {
+        self.pages as usize
+    }
+    /// Whether the region has no pages.
+    pub fn is_empty(&self) -> bool {
+        self.pages == 0
+    }
+    /// The region's page size in bytes (the layout's target page size; for a standalone
+    /// bitmap the host's page size).
+    pub fn page_size(&self) -> u64 {
+        1 << self.page_shift
+    }
+
+    /// Takes the region's dirty pages and clears them, as vm-memory's
+    /// `AtomicBitmap::get_and_reset`: one bit per page, 64 pages per word, word *i* bit *j* =
+    /// page `64 * i + j` of the region. The caller now owns these pages (it must send them,
+    /// or lose them), exactly as with [`DirtyBitmap::get_and_clear`], which this is over the
+    /// whole block (so it may run while a scheduler drives the bitmap: each page goes to one
+    /// of them). An untracked region reports every page dirty.
+    ///
+    /// ```
+    /// # use std::sync::Arc;
+    /// # use pagehint::{vmm::RegionBitmap, DirtyBitmap, RamLayout};
+    /// use vm_memory::bitmap::Bitmap;
+    /// let layout: RamLayout = "low:1M,high:1M".parse()?;
+    /// let region = RegionBitmap::for_block(Arc::new(DirtyBitmap::new(&layout)?), &layout, 1)?;
+    /// region.mark_dirty(0x3000, 0x2000); // pages 3 and 4
+    /// assert_eq!(region.get_and_reset(), [0b11000, 0, 0, 0]);
+    /// assert_eq!(region.get_and_reset(), [0; 4]);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    #[must_use = "the dirty pages have left the bitmap: send them, or they are lost"]
+    pub fn get_and_reset(&self) -> Vec<u64> {
+        let mut words = vec![0u64; self.pages.div_ceil(64) as usize];
+        match &self.bitmap {
+            // Cannot fail: the whole block of a bitmap checked to have it.
+            Some(bitmap) => {
+                let _ = bitmap.get_and_clear(self.block, 0, &mut words);
+            }
+            None => {
+                for (i, w) in words.iter_mut().enumerate() {
+                    let left = self.pages - i as u64 * 64;
+                    *w = if left >= 64 { !0 } else { (1 << left) - 1 };
+                }
+            }
+        }
+        words
+    }
+
+    /// Clears the region's dirty pages, as vm-memory's `AtomicBitmap::reset`, but refuses
+    /// while a [`PageScheduler`](crate::PageScheduler) drives the shared bitmap: those pages
+    /// would never be sent. (vm-memory's `reset` returns nothing; this returns the refusal,
+    /// and the pages discarded.)
+    pub fn reset(&self) -> Result<u64, RegionBitmapError> {
+        match &self.bitmap {
+            Some(bitmap) if bitmap.is_driven() => {
+                Err(RegionBitmapError::Driven { block: self.block })
+            }
+            Some(_) => Ok(self
+                .get_and_reset()
+                .iter()
+                .map(|w| u64::from(w.count_ones()))
+                .sum()),
+            None => Ok(0),
+        }
+    }
     /// Whether marks are recorded (false only for a standalone bitmap that could not be
     /// built; such a region reports every page dirty).
     pub fn is_tracked(&self) -> bool {
@@ -178,6 +271,30 @@ impl RegionBitmap {
     fn ignore(&self) {
         bump(&self.ignored, 1);
     }
+}
+
+/// Another handle to the same block of the same shared bitmap: marks through either reach
+/// the one bitmap the scheduler sends from. (vm-memory's `AtomicBitmap::clone` copies the
+/// bits into an independent bitmap; a copy of one block of a migrating bitmap would track
+/// writes nobody sends, so this shares instead. A standalone bitmap is shared likewise.)
+/// The clone's [`ignored_marks`](RegionBitmap::ignored_marks) count starts from the
+/// original's.
+impl Clone for RegionBitmap {
+    fn clone(&self) -> Self {
+        Self {
+            bitmap: self.bitmap.clone(),
+            block: self.block,
+            page_shift: self.page_shift,
+            pages: self.pages,
+            ignored: StatCounter::new(self.ignored_marks()),
+        }
+    }
+}
+
+/// The host's page size (`sysconf(_SC_PAGESIZE)`), as vm-memory's `AtomicBitmap::with_len`
+/// uses it.
+fn host_page_size() -> u64 {
+    rustix::param::page_size() as u64
 }
 
 impl Default for RegionBitmap {

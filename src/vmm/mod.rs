@@ -18,12 +18,14 @@
 //! This module sits at the top of the data flow: it uses the bitmap and scheduler, and
 //! nothing below it knows about it. See `examples/vmm.rs` for the whole integration.
 
+pub mod gpa;
 pub mod kvm;
 
 #[cfg(feature = "vm-memory")]
 #[cfg_attr(docsrs, doc(cfg(feature = "vm-memory")))]
 pub mod guest_memory;
 
+pub use gpa::{DirtyRanges, GpaError, GpaMap, GpaRange};
 pub use kvm::{DirtyRingEntry, KvmSlots, RingImport, SlotError, SlotMapping, SlotStats};
 
 #[cfg(feature = "vm-memory")]
