@@ -1,6 +1,6 @@
 /*
  * pagehint.pml: the shared part of the Spin models of pagehint's protocol
- * (src/bitmap.rs, src/hint.rs, src/scheduler.rs), included by postcopy.pml and precopy.pml.
+ * (src/bitmap/, src/hint.rs, src/scheduler.rs), included by postcopy.pml and precopy.pml.
  *
  * Granularity: every atomic operation of the Rust code is one Promela step (one `atomic`
  * block holding the shared access plus the thread-local arithmetic around it, and the ghost

@@ -15,7 +15,7 @@
 //! # Invariants (design I4)
 //! * at most one hint is pending;
 //! * [`offer`](PageHint::offer) is *set-if-empty* (a compare-exchange from empty): a pending
-//!   hint is never overwritten, as in the seed patch;
+//!   hint is never overwritten, as in QEMU's page-hint patch;
 //! * [`take`](PageHint::take) swaps the cell to empty, so each accepted hint is taken at most
 //!   once, and what it returns is exactly a value some offer stored;
 //! * taking from an empty cell returns `None` and does not write the cell (a plain load

@@ -87,7 +87,8 @@ pub enum Mode {
 pub enum HintPolicy {
     /// No hints: the background scan ignores faults.
     Off,
-    /// After each urgent send, offer the next location if no hint is pending (the seed).
+    /// After each urgent send, offer the next location if no hint is pending (QEMU's
+    /// page-hint patch).
     SetIfEmpty,
 }
 
@@ -171,7 +172,7 @@ impl SchedulerConfig {
             batch: ClaimBatch::DEFAULT,
         }
     }
-    /// Postcopy-preempt without the hint (QEMU before the seed patch).
+    /// Postcopy-preempt without the hint (QEMU before its page-hint patch).
     pub const fn preempt() -> Self {
         Self {
             mode: Mode::Preempt,
@@ -179,7 +180,7 @@ impl SchedulerConfig {
             batch: ClaimBatch::DEFAULT,
         }
     }
-    /// Postcopy-preempt with the spatial-locality hint (QEMU 10.1, the seed).
+    /// Postcopy-preempt with the spatial-locality hint (QEMU 10.1's page-hint patch).
     pub const fn preempt_hint() -> Self {
         Self {
             mode: Mode::Preempt,
@@ -397,7 +398,7 @@ impl PageScheduler {
             .check(start)
             .map_or(PageLocation::new(0, 0), |_| start);
         BackgroundScanner {
-            s: self,
+            sched: self,
             block: start.block,
             page: start.page,
             swept: 0,
@@ -665,7 +666,7 @@ const PUBLISH_EVERY: u64 = 64;
 /// each scanner's "done" still means that no page is left unclaimed (in postcopy; see the
 /// [module docs](self)).
 pub struct BackgroundScanner<'a> {
-    s: &'a PageScheduler,
+    sched: &'a PageScheduler,
     block: u32,
     page: u64,
     /// Pages verified clean, contiguously, ending at (block, page), since the last jump.
@@ -692,25 +693,27 @@ impl BackgroundScanner<'_> {
     /// (vanilla).
     #[inline]
     fn follow(&mut self) {
-        let s = self.s;
-        match s.config.mode {
+        let sched = self.sched;
+        match sched.config.mode {
             Mode::Preempt => {
-                if let Some(to) = s.hint.take() {
+                if let Some(to) = sched.hint.take() {
                     self.local.hints_taken += 1;
                     // Any value is harmless (I6); one outside the layout is simply not followed.
-                    if s.layout.check(to).is_ok() {
+                    if sched.layout.check(to).is_ok() {
                         self.jump(to);
                     }
                 }
             }
             Mode::Vanilla => {
-                while let Some(loc) = s.queue.pop() {
+                while let Some(loc) = sched.queue.pop() {
                     // Queued locations were checked by `serve`. A stale "dirty" answer (the
                     // snapshot is relaxed) costs one lost claim attempt, nothing more.
-                    let Ok(hp) = s.layout.host_page_of(loc) else {
+                    let Ok(hp) = sched.layout.host_page_of(loc) else {
                         continue;
                     };
-                    let next = s.bitmap.find_next_dirty_host_page(loc.block, hp.first_page);
+                    let next = sched
+                        .bitmap
+                        .find_next_dirty_host_page(loc.block, hp.first_page);
                     if next == Ok(Some(hp.first_page)) {
                         self.local.queued_followed += 1;
                         self.jump(loc);
@@ -722,12 +725,12 @@ impl BackgroundScanner<'_> {
     }
 
     fn advance_block(&mut self) {
-        self.block = ((self.block as usize + 1) % self.s.layout.blocks().len()) as u32;
+        self.block = ((self.block as usize + 1) % self.sched.layout.blocks().len()) as u32;
         self.page = 0;
     }
 
     fn publish(&mut self) {
-        self.local.publish(&self.s.background);
+        self.local.publish(&self.sched.background);
     }
 
     /// The next claim to send on the background channel, or `None` when a full contiguous
@@ -742,12 +745,12 @@ impl BackgroundScanner<'_> {
     /// ```
     #[must_use = "a claim owns pages that have left the dirty bitmap: send them (or mark them dirty again), or they are lost"]
     pub fn next_claim(&mut self) -> Option<Claim> {
-        let s = self.s;
-        let total = s.layout.total_pages();
-        let batch = s.config.batch.shift;
+        let sched = self.sched;
+        let total = sched.layout.total_pages();
+        let batch = sched.config.batch.shift;
         loop {
             self.follow();
-            let step = s.bitmap.scan_step(self.block, self.page, batch);
+            let step = sched.bitmap.scan_step(self.block, self.page, batch);
             self.swept += step.end - self.page;
             self.page = step.end;
             if step.block_end {
