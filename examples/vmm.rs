@@ -16,7 +16,9 @@
 //!   path for faults send the rest. The connection breaks half way; the destination's
 //!   received bitmap rebuilds the send state (`recover_block`) and the senders resume.
 //!
-//! At the end the destination's memory must equal the source's, byte for byte.
+//! At the end the destination's memory must equal the source's, byte for byte. `main` runs
+//! the phases in that order, one function each: `source`, `destination`, `precopy`,
+//! `switch_to_postcopy`, `postcopy` (broken half way), `recover`, `postcopy` again, `check`.
 
 use std::fs::OpenOptions;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -172,8 +174,43 @@ fn xorshift(x: &mut u64) -> u64 {
     *x
 }
 
+/// The source VMM: guest memory that tracks into the shared bitmap, and KVM's view of it.
+struct Source {
+    layout: RamLayout,
+    bitmap: Arc<DirtyBitmap>,
+    mem: GuestMemoryMmap<RegionBitmap>,
+    slots: KvmSlots,
+    kvm: FakeKvm,
+}
+
 fn main() -> Result<(), Error> {
-    // --- Guest memory: one RAM block per region; region 1 declared with 2 MiB host pages.
+    let src = source()?;
+    let dest = destination(&src.layout)?;
+    let left = precopy(&src, &dest)?;
+    let mut sched = switch_to_postcopy(&src, &dest)?;
+    let faults = postcopy(&src, &dest, &sched, Some(left / 2));
+    let missing = dest
+        .received
+        .iter()
+        // Relaxed: read after the senders were joined.
+        .filter(|r| !r.load(Ordering::Relaxed))
+        .count();
+    println!("postcopy: the connection broke after {faults} faults; {missing} pages never arrived");
+    let to_resend = recover(&mut sched, &dest)?;
+    let faults = postcopy(&src, &dest, &sched, None);
+    let st = sched.stats();
+    println!(
+        "recovered: {to_resend} pages to resend; resumed with {faults} faults; \
+         background sent {} pages, urgent {} pages, {} hints taken of {} accepted",
+        st.background_pages, st.urgent_pages, st.hints_taken, st.hints_accepted
+    );
+    check(&src, &dest)
+}
+
+/// Guest memory: one RAM block per region, region 1 declared with 2 MiB host pages, both
+/// tracking into one shared bitmap; and the KVM slots over it: block 0 whole (slot 0, dirty
+/// log), block 1 in two halves (slot 1 with a dirty log, slot 2 with the dirty ring).
+fn source() -> Result<Source, Error> {
     let layout: RamLayout = "ram-low:16M,ram-high:16M:2M".parse()?;
     let bitmap = Arc::new(DirtyBitmap::new(&layout)?);
     let path = std::env::temp_dir().join(format!("pagehint-vmm-example-{}", std::process::id()));
@@ -201,8 +238,6 @@ fn main() -> Result<(), Error> {
         .collect::<Result<Vec<_>, Error>>()?;
     let mem = GuestMemoryMmap::from_regions(regions)?;
 
-    // --- KVM slots: block 0 whole (slot 0, dirty log); block 1 in two halves (slot 1 with a
-    // dirty log, slot 2 with the dirty ring).
     let mut slots = KvmSlots::new();
     let half = (REGION / 2 / PAGE) as u64;
     slots.insert(
@@ -253,20 +288,41 @@ fn main() -> Result<(), Error> {
         ring_slot: (2, (REGION + REGION / 2) as u64, REGION / 2),
         ring: Mutex::new(Vec::new()),
     };
-    let dest = Destination {
+    Ok(Source {
+        layout,
+        bitmap,
+        mem,
+        slots,
+        kvm,
+    })
+}
+
+/// The destination: empty memory at the same guest physical addresses.
+fn destination(layout: &RamLayout) -> Result<Destination, Error> {
+    Ok(Destination {
         mem: GuestMemoryMmap::from_ranges(&[
             (GuestAddress(0), REGION),
             (GuestAddress(REGION as u64), REGION),
         ])?,
         layout: layout.clone(),
-        gpas: GpaMap::new(&layout, &[0, REGION as u64])?,
+        gpas: GpaMap::new(layout, &[0, REGION as u64])?,
         received: (0..layout.total_pages())
             .map(|_| AtomicBool::new(false))
             .collect(),
-    };
+    })
+}
 
-    // --- Precopy: the guest runs (2 vCPUs, 1 device) while the sync loop feeds the bitmap
-    // and the precopy sender drains it with get_and_clear.
+/// Precopy: the guest runs (2 vCPUs, 1 device) while the sync loop feeds the bitmap and the
+/// precopy sender drains it with `get_and_clear`, as guest-physical ranges. Returns the pages
+/// dirty at the switch.
+fn precopy(src: &Source, dest: &Destination) -> Result<u64, Error> {
+    let Source {
+        layout,
+        bitmap,
+        mem,
+        slots,
+        kvm,
+    } = src;
     bitmap.mark_all(); // the first pass sends everything
     let stop_guest = AtomicBool::new(false);
     let precopy_pages = AtomicU64::new(0);
@@ -331,7 +387,7 @@ fn main() -> Result<(), Error> {
                     for range in dest.gpas.dirty_ranges(block, from, &buf[..n])? {
                         for gpa in (range.gpa..range.gpa + range.len).step_by(PAGE) {
                             let loc = dest.gpas.location(gpa)?;
-                            dest.receive(&mem, loc.block, loc.page);
+                            dest.receive(mem, loc.block, loc.page);
                             // Relaxed: a count, read after the scope.
                             precopy_pages.fetch_add(1, Ordering::Relaxed);
                         }
@@ -349,7 +405,7 @@ fn main() -> Result<(), Error> {
         Ok(writes)
     })?;
     // The vCPUs stopped: one last sync, so every write is in the bitmap.
-    sync_dirty_log(&kvm, &slots, &bitmap)?;
+    sync_dirty_log(kvm, slots, bitmap)?;
     let left = bitmap.dirty_pages();
     println!(
         "precopy: {guest_writes} guest writes; sent {} pages while the guest ran; \
@@ -359,8 +415,13 @@ fn main() -> Result<(), Error> {
     );
     println!("  KVM import: {:?}", slots.stats());
 
-    // --- Postcopy: the destination discards what is dirty at the switch (QEMU's discard
-    // bitmap: its copy is stale), then the scheduler takes over the same bitmap.
+    Ok(left)
+}
+
+/// The switch to postcopy: the destination discards what is dirty (QEMU's discard bitmap:
+/// its copy is stale), then the scheduler takes over the same bitmap.
+fn switch_to_postcopy(src: &Source, dest: &Destination) -> Result<PageScheduler, Error> {
+    let (layout, bitmap) = (&src.layout, &src.bitmap);
     for block in 0..layout.blocks().len() as u32 {
         let mut from = 0;
         while let Some(page) = bitmap.find_next_dirty(block, from)? {
@@ -368,88 +429,87 @@ fn main() -> Result<(), Error> {
             from = page + 1;
         }
     }
-    let mut sched = PageScheduler::with_bitmap(
+    Ok(PageScheduler::with_bitmap(
         layout.clone(),
-        Arc::clone(&bitmap),
+        Arc::clone(bitmap),
         SchedulerConfig::preempt_hint(),
-    )?;
-    // Runs the postcopy senders until every page is sent, or until `break_after` pages were
-    // sent (the connection breaks: senders stop, and what they had claimed never arrives).
-    let postcopy = |sched: &PageScheduler, break_after: Option<u64>| {
-        let broken = AtomicBool::new(false);
-        let faults = AtomicUsize::new(0);
-        let sent = AtomicU64::new(0);
-        let count = |claim: &Claim| {
-            // Relaxed: a count; it only decides when to simulate the break.
-            let n = sent.fetch_add(claim.pages_to_send(), Ordering::Relaxed);
-            if break_after.is_some_and(|b| n >= b) {
-                // Relaxed: the break is simulated; the scope's join orders it for the main thread.
-                broken.store(true, Ordering::Relaxed);
-            }
-        };
-        std::thread::scope(|s| {
-            // the return path: faults from the destination's guest
-            s.spawn(|| {
-                let mut x = 0xdead_beef_u64;
-                let total = layout.total_pages();
-                // Relaxed: a stop request; the scope's join orders everything after it.
-                while !broken.load(Ordering::Relaxed) && sched.bitmap().dirty_pages() > 0 {
-                    let loc = layout
-                        .location_of(xorshift(&mut x) % total)
-                        .expect("in range");
-                    let req = UrgentRequest::new(loc.block, loc.page * PAGE as u64, PAGE as u64);
-                    if let Ok(Served::Send(claim)) = sched.serve(req) {
-                        count(&claim);
-                        // Relaxed: as above.
-                        if broken.load(Ordering::Relaxed) {
-                            return; // in flight when the connection broke
-                        }
-                        dest.receive_claim(&mem, &claim);
-                        sched.urgent_sent(&claim);
-                        // Relaxed: a count, read after the scope.
-                        faults.fetch_add(1, Ordering::Relaxed);
+    )?)
+}
+
+/// Runs the postcopy senders (a return path serving random faults, three background
+/// scanners) until every page is sent, or until `break_after` pages were sent (the connection
+/// breaks: senders stop, and what they had claimed never arrives). Returns the faults served.
+fn postcopy(
+    src: &Source,
+    dest: &Destination,
+    sched: &PageScheduler,
+    break_after: Option<u64>,
+) -> usize {
+    let (layout, mem) = (&src.layout, &src.mem);
+    let broken = AtomicBool::new(false);
+    let faults = AtomicUsize::new(0);
+    let sent = AtomicU64::new(0);
+    let count = |claim: &Claim| {
+        // Relaxed: a count; it only decides when to simulate the break.
+        let n = sent.fetch_add(claim.pages_to_send(), Ordering::Relaxed);
+        if break_after.is_some_and(|b| n >= b) {
+            // Relaxed: the break is simulated; the scope's join orders it for the main thread.
+            broken.store(true, Ordering::Relaxed);
+        }
+    };
+    std::thread::scope(|s| {
+        // the return path: faults from the destination's guest
+        s.spawn(|| {
+            let mut x = 0xdead_beef_u64;
+            let total = layout.total_pages();
+            // Relaxed: a stop request; the scope's join orders everything after it.
+            while !broken.load(Ordering::Relaxed) && sched.bitmap().dirty_pages() > 0 {
+                let loc = layout
+                    .location_of(xorshift(&mut x) % total)
+                    .expect("in range");
+                let req = UrgentRequest::new(loc.block, loc.page * PAGE as u64, PAGE as u64);
+                if let Ok(Served::Send(claim)) = sched.serve(req) {
+                    count(&claim);
+                    // Relaxed: as above.
+                    if broken.load(Ordering::Relaxed) {
+                        return; // in flight when the connection broke
                     }
+                    dest.receive_claim(mem, &claim);
+                    sched.urgent_sent(&claim);
+                    // Relaxed: a count, read after the scope.
+                    faults.fetch_add(1, Ordering::Relaxed);
                 }
-            });
-            for scanner in sched.background_scanners(3) {
-                let (broken, dest, mem, count) = (&broken, &dest, &mem, &count);
-                s.spawn(move || {
-                    for claim in scanner {
-                        count(&claim);
-                        // Relaxed: as above.
-                        if broken.load(Ordering::Relaxed) {
-                            return; // in flight when the connection broke
-                        }
-                        dest.receive_claim(mem, &claim);
-                    }
-                });
             }
         });
-        faults.into_inner()
-    };
-    let faults = postcopy(&sched, Some(left / 2));
-    let missing = dest
-        .received
-        .iter()
-        // Relaxed: read after the senders were joined.
-        .filter(|r| !r.load(Ordering::Relaxed))
-        .count();
-    println!("postcopy: the connection broke after {faults} faults; {missing} pages never arrived");
+        for scanner in sched.background_scanners(3) {
+            let (broken, dest, mem, count) = (&broken, &dest, &mem, &count);
+            s.spawn(move || {
+                for claim in scanner {
+                    count(&claim);
+                    // Relaxed: as above.
+                    if broken.load(Ordering::Relaxed) {
+                        return; // in flight when the connection broke
+                    }
+                    dest.receive_claim(mem, &claim);
+                }
+            });
+        }
+    });
+    faults.into_inner()
+}
 
-    // --- Recovery: dirty = not received, block by block; then resume.
+/// Recovery: dirty = not received, block by block. Returns the pages to send again.
+fn recover(sched: &mut PageScheduler, dest: &Destination) -> Result<u64, Error> {
     let mut to_resend = 0;
-    for block in 0..layout.blocks().len() as u32 {
+    for block in 0..sched.layout().blocks().len() as u32 {
         to_resend += sched.recover_block(block, &dest.received_bitmap(block))?;
     }
-    let faults = postcopy(&sched, None);
-    let st = sched.stats();
-    println!(
-        "recovered: {to_resend} pages to resend; resumed with {faults} faults; \
-         background sent {} pages, urgent {} pages, {} hints taken of {} accepted",
-        st.background_pages, st.urgent_pages, st.hints_taken, st.hints_accepted
-    );
+    Ok(to_resend)
+}
 
-    // --- Check: the destination holds the source's memory.
+/// The destination holds the source's memory, and no write went past a region.
+fn check(src: &Source, dest: &Destination) -> Result<(), Error> {
+    let mem = &src.mem;
     let (mut a, mut b) = (vec![0u8; PAGE], vec![0u8; PAGE]);
     for addr in (0..2 * REGION).step_by(PAGE) {
         mem.read_slice(&mut a, GuestAddress(addr as u64))?;

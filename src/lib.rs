@@ -13,28 +13,13 @@
 //!   every page is sent exactly once and the scan never reports "done" while a page is dirty,
 //!   whatever hints it followed.
 //!
-//! # Guarantees
-//! The numbered invariants of the design (tests, models and proofs refer to them):
-//!
-//! * **I1 exactly once** — every page dirty at the start is sent exactly once, by the urgent
-//!   or the background path.
-//! * **I2 whole host pages** — all target pages of a host page are sent by one path, in one
-//!   claim.
-//! * **I3 no false completion** — the background path reports a round complete only when no
-//!   page is dirty, whatever hints it followed.
-//! * **I4 the hint slot** — at most one hint pending; offers never overwrite; each accepted
-//!   hint is taken at most once, never torn; an empty take yields nothing.
-//! * **I5 progress** — a request is served by the urgent path or by the background path that
-//!   already claimed the page; the background path finishes a round.
-//! * **I6 hints are advisory** — any hint changes only the order of sending.
-//! * **I7 no lost dirtying** — a page marked after it was claimed is claimable again.
-//! * **I8 bad input is harmless** — out-of-range or malformed requests, layouts and logs get
-//!   typed errors and are counted; no panic, no state change.
-//!
-//! # Data flow
-//! [`layout`] → [`bitmap`] → [`hint`] → [`scheduler`]; lower modules never know the higher
-//! ones. Every atomic goes through one private shim module that selects `core`, loom
-//! (`--cfg pagehint_loom`) or shuttle atomics, so the same code is model-checked.
+//! # Design
+//! The numbered guarantees I1–I8 (exactly once, whole host pages, no false completion, the
+//! hint slot, progress, advisory hints, no lost dirtying, harmless bad input), the ordering
+//! contract, the data flow and the map from each guarantee to the tests, models and proofs
+//! that check it are written once, in [`design`]. Every atomic goes through one private shim
+//! module that selects `core`, loom (`--cfg pagehint_loom`) or shuttle atomics, so the same
+//! code is model-checked.
 //!
 //! # Example
 //! ```
@@ -65,6 +50,7 @@ mod storage;
 mod sync;
 
 pub mod bitmap;
+pub mod design;
 pub mod hint;
 pub mod layout;
 pub mod request;

@@ -60,9 +60,7 @@
 //! 64 KiB, about 52 µs at 10 Gbit/s, for the default of 16 pages).
 
 use std::fmt;
-use std::sync::Arc;
 
-use crossbeam_queue::SegQueue;
 use crossbeam_utils::CachePadded;
 
 use crate::bitmap::{Claim, DirtyBitmap, DirtyLogError, Found, LayoutMismatch};
@@ -70,6 +68,7 @@ use crate::hint::{Offer, PageHint};
 use crate::layout::{HostPage, LocationError, PageLocation, RamLayout};
 use crate::request::{RequestError, UrgentRequest};
 use crate::stats::{bump, BackgroundCounters, LocalCounts, SchedulerStats, UrgentCounters};
+use crate::sync::{Arc, Queue};
 
 /// How page requests reach the sender.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -259,7 +258,7 @@ pub struct PageScheduler {
     layout: RamLayout,
     bitmap: Arc<DirtyBitmap>,
     hint: CachePadded<PageHint>,
-    queue: SegQueue<PageLocation>,
+    queue: Queue<PageLocation>,
     config: SchedulerConfig,
     urgent: CachePadded<UrgentCounters>,
     background: CachePadded<BackgroundCounters>,
@@ -314,7 +313,7 @@ impl PageScheduler {
             layout,
             bitmap,
             hint: CachePadded::new(PageHint::new()),
-            queue: SegQueue::new(),
+            queue: Queue::new(),
             config,
             urgent: CachePadded::new(UrgentCounters::default()),
             background: CachePadded::new(BackgroundCounters::default()),
@@ -709,6 +708,7 @@ impl BackgroundScanner<'_> {
                     // Queued locations were checked by `serve`. A stale "dirty" answer (the
                     // snapshot is relaxed) costs one lost claim attempt, nothing more.
                     let Ok(hp) = sched.layout.host_page_of(loc) else {
+                        self.local.queued_stale += 1;
                         continue;
                     };
                     let next = sched
@@ -719,6 +719,9 @@ impl BackgroundScanner<'_> {
                         self.jump(loc);
                         break;
                     }
+                    // Already sent (by a background path: the urgent path sends nothing in
+                    // vanilla mode).
+                    self.local.queued_stale += 1;
                 }
             }
         }

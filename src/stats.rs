@@ -20,6 +20,10 @@ pub struct SchedulerStats {
     pub requests_queued: u64,
     /// Queued requests the background path jumped to (their page was still dirty).
     pub queued_followed: u64,
+    /// Queued requests the background path took off the queue and dropped because their host
+    /// page was no longer dirty (already sent). Once the queue is drained,
+    /// `queued_followed + queued_stale == requests_queued`: no request is lost.
+    pub queued_stale: u64,
     /// Host pages claimed by the urgent path.
     pub urgent_host_pages: u64,
     /// Target pages the urgent path sends (whole host pages).
@@ -81,6 +85,7 @@ counters!(UrgentCounters {
 
 counters!(BackgroundCounters {
     queued_followed,
+    queued_stale,
     background_claims,
     background_host_pages,
     background_pages,
@@ -93,6 +98,7 @@ counters!(BackgroundCounters {
 #[derive(Default, Debug)]
 pub(crate) struct LocalCounts {
     pub(crate) queued_followed: u64,
+    pub(crate) queued_stale: u64,
     pub(crate) claims: u64,
     pub(crate) host_pages: u64,
     pub(crate) pages: u64,
@@ -107,6 +113,7 @@ impl LocalCounts {
         let c = std::mem::take(self);
         for (counter, n) in [
             (&to.queued_followed, c.queued_followed),
+            (&to.queued_stale, c.queued_stale),
             (&to.background_claims, c.claims),
             (&to.background_host_pages, c.host_pages),
             (&to.background_pages, c.pages),

@@ -10,7 +10,8 @@
 //! `--cfg loom` for another crate does not flip ours. Shuttle is a cfg, not a cargo feature:
 //! shuttle's atomics panic outside a shuttle test, and a feature would be switched on by
 //! `cargo test --all-features`, breaking every ordinary test. No other module names loom or
-//! shuttle: everything concurrent in `pagehint` goes through the types re-exported here.
+//! shuttle: everything concurrent in `pagehint` goes through the types re-exported here —
+//! the atomics, `Arc`, and the vanilla-mode request [`Queue`].
 
 #[cfg(pagehint_loom)]
 pub(crate) use loom::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -20,6 +21,53 @@ pub(crate) use shuttle::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 #[cfg(not(any(pagehint_loom, pagehint_shuttle)))]
 pub(crate) use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+// `Arc`: the checkers' own under their cfgs (loom checks the reference counts' orderings and
+// reports leaks); the public API names `std::sync::Arc` in every ordinary build.
+#[cfg(pagehint_loom)]
+pub(crate) use loom::sync::Arc;
+#[cfg(all(pagehint_shuttle, not(pagehint_loom)))]
+pub(crate) use shuttle::sync::Arc;
+#[cfg(not(any(pagehint_loom, pagehint_shuttle)))]
+pub(crate) use std::sync::Arc;
+
+/// The vanilla-mode request queue (multi-producer, multi-consumer, FIFO, linearizable):
+/// crossbeam's lock-free `SegQueue` in ordinary builds.
+#[cfg(not(any(pagehint_loom, pagehint_shuttle)))]
+pub(crate) use crossbeam_queue::SegQueue as Queue;
+
+/// The vanilla-mode request queue under a model checker: a `VecDeque` behind the checker's
+/// own mutex, so that every push and pop is a step the checker schedules (crossbeam's
+/// `SegQueue` is built on std atomics, which the checkers cannot see). The models thereby
+/// check pagehint's protocol over *a* linearizable FIFO queue; that `SegQueue` is one is
+/// crossbeam's claim, checked by crossbeam's own loom tests.
+#[cfg(any(pagehint_loom, pagehint_shuttle))]
+pub(crate) struct Queue<T>(CheckedMutex<std::collections::VecDeque<T>>);
+
+#[cfg(pagehint_loom)]
+use loom::sync::Mutex as CheckedMutex;
+#[cfg(all(pagehint_shuttle, not(pagehint_loom)))]
+use shuttle::sync::Mutex as CheckedMutex;
+
+#[cfg(any(pagehint_loom, pagehint_shuttle))]
+impl<T> Queue<T> {
+    /// An empty queue.
+    pub(crate) fn new() -> Self {
+        Self(CheckedMutex::new(std::collections::VecDeque::new()))
+    }
+    /// Appends `value`.
+    pub(crate) fn push(&self, value: T) {
+        self.lock().push_back(value);
+    }
+    /// Takes the oldest value.
+    pub(crate) fn pop(&self) -> Option<T> {
+        self.lock().pop_front()
+    }
+    fn lock(&self) -> impl std::ops::DerefMut<Target = std::collections::VecDeque<T>> + '_ {
+        // A poisoned lock only means a model thread panicked; the panic is the model's result.
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
 
 /// Whether the atomics are plain `core` ones running on real hardware: only then may the
 /// crate use raw-memory techniques around them (bitmap words in a lazily zeroed anonymous

@@ -3,76 +3,40 @@
 //! 16 KiB and 2 MiB host pages. Checks I1 (exactly once), I2 (whole host pages), I3 (no
 //! "done" while dirty) and I5 (the round ends) on real threads.
 
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Mutex;
 
-use pagehint::{
-    BlockSpec, Claim, ClaimBatch, PageScheduler, RamLayout, SchedulerConfig, Served, UrgentRequest,
-};
+use pagehint::{ClaimBatch, PageScheduler, RamLayout, SchedulerConfig, Served, UrgentRequest};
+
+mod common;
+use common::{mixed_layout, Collected, Rng};
 
 fn layout() -> RamLayout {
-    RamLayout::new(
-        4096,
-        [
-            BlockSpec::new("pc.ram", 8 << 20, 4096),
-            BlockSpec::new("hugepages", 8 << 20, 2 << 20),
-            BlockSpec::new("mid", 1 << 20, 16 << 10),
-        ],
-    )
-    .unwrap()
-}
-
-/// Records each sent target page; panics on a second send.
-struct Sent {
-    pages: Vec<AtomicU8>,
-}
-
-impl Sent {
-    fn new(layout: &RamLayout) -> Self {
-        Self {
-            pages: (0..layout.total_pages())
-                .map(|_| AtomicU8::new(0))
-                .collect(),
-        }
-    }
-    fn record(&self, layout: &RamLayout, claim: &Claim, by: u8) {
-        for hp in claim.host_pages() {
-            for page in hp.page_range() {
-                let g = layout
-                    .global_index(pagehint::PageLocation::new(hp.block, page))
-                    .unwrap();
-                let prev = self.pages[g as usize].swap(by, Ordering::Relaxed);
-                assert_eq!(prev, 0, "page {g} sent twice (by {prev} then {by}): I1/I2");
-            }
-        }
-    }
+    mixed_layout(8 << 20, 1 << 20, 8 << 20)
 }
 
 fn run(config: SchedulerConfig, seed: u64) {
     let layout = layout();
     let sched = PageScheduler::new(layout.clone(), config).unwrap();
     sched.bitmap().mark_all();
-    let sent = Sent::new(&layout);
+    let sent = Collected::new(&layout);
     let done = std::sync::atomic::AtomicBool::new(false);
     let log = Mutex::new(Vec::new());
     std::thread::scope(|s| {
         s.spawn(|| {
-            let mut x = seed;
+            let mut rng = Rng(seed);
             // A bounded number of faults, as a guest makes: an unbounded flood would only
             // grow the vanilla request queue faster than any sender drains it.
             for _ in 0..20_000 {
                 if done.load(Ordering::Relaxed) {
                     break;
                 }
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                let g = x % layout.total_pages();
+                let g = rng.next() % layout.total_pages();
                 let loc = layout.location_of(g).unwrap();
                 let req = UrgentRequest::new(loc.block, loc.page * 4096, 4096);
                 match sched.serve(req).unwrap() {
                     Served::Send(c) => {
-                        sent.record(&layout, &c, 1);
+                        sent.claim(&c, 1);
                         sched.urgent_sent(&c);
                     }
                     Served::AlreadyClaimed(_) | Served::Queued(_) => {}
@@ -82,7 +46,7 @@ fn run(config: SchedulerConfig, seed: u64) {
         s.spawn(|| {
             let mut scanner = sched.background();
             while let Some(c) = scanner.next_claim() {
-                sent.record(&layout, &c, 2);
+                sent.claim(&c, 2);
             }
             // The round ended, so every page is claimed; stop the guest's faults.
             done.store(true, Ordering::Relaxed);
@@ -98,38 +62,35 @@ fn run(config: SchedulerConfig, seed: u64) {
         vec![0],
         "I3: done while pages were dirty"
     );
-    assert!(
-        sent.pages.iter().all(|p| p.load(Ordering::Relaxed) != 0),
-        "I1: a page was lost"
-    );
+    assert!(sent.all_once(), "I1: a page was lost");
     let st = sched.stats();
     assert_eq!(st.urgent_pages + st.background_pages, layout.total_pages());
     assert_eq!(st.rounds, 1);
 }
 
 #[test]
-fn preempt_hint_sends_every_page_once() {
+fn i1_i2_i3_preempt_hint_sends_every_page_once() {
     for seed in 1..20 {
         run(SchedulerConfig::preempt_hint(), seed);
     }
 }
 
 #[test]
-fn preempt_sends_every_page_once() {
+fn i1_i2_i3_preempt_sends_every_page_once() {
     for seed in 1..10 {
         run(SchedulerConfig::preempt(), seed);
     }
 }
 
 #[test]
-fn vanilla_sends_every_page_once() {
+fn i1_i2_i3_i5_vanilla_sends_every_page_once() {
     for seed in 1..10 {
         run(SchedulerConfig::vanilla(), seed);
     }
 }
 
 #[test]
-fn every_batch_size_keeps_host_pages_whole() {
+fn i2_every_batch_size_keeps_host_pages_whole() {
     for pages in [1, 2, 4, 8, 16, 32, 64] {
         let batch = ClaimBatch::pages(pages).unwrap();
         run(SchedulerConfig::preempt_hint().with_batch(batch), pages);
@@ -137,7 +98,7 @@ fn every_batch_size_keeps_host_pages_whole() {
 }
 
 #[test]
-fn bad_requests_are_counted_and_change_nothing() {
+fn i8_bad_requests_are_counted_and_change_nothing() {
     let sched = PageScheduler::new(layout(), SchedulerConfig::preempt_hint()).unwrap();
     sched.bitmap().mark_all();
     let before = sched.bitmap().dirty_pages();
@@ -157,7 +118,7 @@ fn bad_requests_are_counted_and_change_nothing() {
 }
 
 #[test]
-fn hint_moves_the_scan_right_after_the_faulted_page() {
+fn i4_i6_hint_moves_the_scan_right_after_the_faulted_page() {
     let sched = PageScheduler::new(
         layout(),
         SchedulerConfig::preempt_hint().with_batch(ClaimBatch::HOST_PAGE),
@@ -174,7 +135,7 @@ fn hint_moves_the_scan_right_after_the_faulted_page() {
             .first_page,
         0
     );
-    let Ok(Served::Send(c)) = sched.serve(UrgentRequest::new(1, 3 << 20, 4096)) else {
+    let Ok(Served::Send(c)) = sched.serve(UrgentRequest::new(2, 3 << 20, 4096)) else {
         panic!()
     };
     assert_eq!(c.host_pages().next().unwrap().first_page, 512);
@@ -182,22 +143,22 @@ fn hint_moves_the_scan_right_after_the_faulted_page() {
     let next = bg.next_claim().unwrap();
     assert_eq!(
         (next.block(), next.host_pages().next().unwrap().first_page),
-        (1, 1024)
+        (2, 1024)
     );
     // a stale hint pointing at sent pages changes nothing but the order
     sched
         .hint()
-        .offer(pagehint::PageLocation::new(1, 600))
+        .offer(pagehint::PageLocation::new(2, 600))
         .unwrap();
     let next = bg.next_claim().unwrap();
     assert_eq!(
         (next.block(), next.host_pages().next().unwrap().first_page),
-        (1, 1536)
+        (2, 1536)
     );
 }
 
 #[test]
-fn scanning_a_clean_bitmap_completes_at_once() {
+fn i3_i5_scanning_a_clean_bitmap_completes_at_once() {
     let sched = PageScheduler::new(layout(), SchedulerConfig::preempt_hint()).unwrap();
     assert_eq!(sched.background().next_claim(), None);
     assert_eq!(sched.stats().rounds, 1);

@@ -13,10 +13,10 @@
 //! and, for precopy, I7 (no lost dirtying: every mark is collected by a later claim or by
 //! the final drain).
 
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 use pagehint::{
-    BlockSpec, Claim, ClaimBatch, PageLocation, PageScheduler, RamLayout, SchedulerConfig, Served,
+    Claim, ClaimBatch, PageLocation, PageScheduler, RamLayout, SchedulerConfig, Served,
     UrgentRequest,
 };
 
@@ -28,65 +28,18 @@ fn rounds() -> u32 {
         .unwrap_or(3)
 }
 
+mod common;
+use common::{mixed_layout, Collected, Rng};
+
 /// 4 KiB, 16 KiB and 2 MiB host pages (the last spans 8 words: the summary protocol).
 fn layout() -> RamLayout {
-    RamLayout::new(
-        4096,
-        [
-            BlockSpec::new("pc.ram", 1 << 20, 4096),
-            BlockSpec::new("mid", 256 << 10, 16 << 10),
-            BlockSpec::new("huge", 4 << 20, 2 << 20),
-        ],
-    )
-    .unwrap()
+    mixed_layout(1 << 20, 256 << 10, 4 << 20)
 }
 
 /// Prints the protocol operations a test did (requests served, claims made, logs merged);
 /// `--nocapture` shows it.
 fn report(test: &str, ops: u64) {
     eprintln!("{test}: {ops} protocol operations");
-}
-
-/// A xorshift generator: deterministic per seed, no dependency.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
-
-/// Who sent each target page (0: nobody yet).
-struct Sent(Vec<AtomicU8>);
-
-impl Sent {
-    fn new(layout: &RamLayout) -> Self {
-        Self(
-            (0..layout.total_pages())
-                .map(|_| AtomicU8::new(0))
-                .collect(),
-        )
-    }
-    fn record(&self, layout: &RamLayout, claim: &Claim, by: u8) {
-        for hp in claim.host_pages() {
-            assert_eq!(
-                hp.first_page % hp.pages,
-                0,
-                "I2: a claim of a partial host page"
-            );
-            for page in hp.page_range() {
-                let g = layout
-                    .global_index(PageLocation::new(hp.block, page))
-                    .unwrap();
-                // Relaxed: the swap's atomicity alone detects a second sender.
-                let prev = self.0[g as usize].swap(by, Ordering::Relaxed);
-                assert_eq!(prev, 0, "I1: page {g} sent by {prev} and by {by}");
-            }
-        }
-    }
 }
 
 /// One postcopy round: `urgent` return-path threads against `scanners` background threads.
@@ -100,7 +53,7 @@ fn postcopy_round(
 ) -> u64 {
     sched.reset();
     sched.bitmap().mark_all();
-    let sent = Sent::new(layout);
+    let sent = Collected::new(layout);
     let running = AtomicU32::new(scanners as u32);
     let total = layout.total_pages();
     std::thread::scope(|s| {
@@ -115,7 +68,7 @@ fn postcopy_round(
                     match sched.serve(req).unwrap() {
                         Served::Send(c) => {
                             assert!(c.host_pages().any(|hp| hp.contains(loc)));
-                            sent.record(layout, &c, 1 + u as u8);
+                            sent.claim(&c, 1 + u as u8);
                             sched.urgent_sent(&c);
                         }
                         Served::AlreadyClaimed(_) | Served::Queued(_) => {}
@@ -127,7 +80,7 @@ fn postcopy_round(
             let (sent, running) = (&sent, &running);
             s.spawn(move || {
                 while let Some(c) = scanner.next_claim() {
-                    sent.record(layout, &c, 100);
+                    sent.claim(&c, 100);
                 }
                 drop(scanner);
                 // Release: the last scanner out stops the urgent threads.
@@ -137,17 +90,14 @@ fn postcopy_round(
     });
     // I3 and I1 once every thread is done: nothing dirty, nothing lost.
     assert_eq!(sched.bitmap().dirty_pages(), 0, "I3: pages left dirty");
-    assert!(
-        sent.0.iter().all(|p| p.load(Ordering::Relaxed) != 0),
-        "I1: a page was never sent"
-    );
+    assert!(sent.all_once(), "I1: a page was never sent");
     let st = sched.stats();
     assert_eq!(st.urgent_pages + st.background_pages, total);
     st.requests + st.background_claims + st.background_claims_lost
 }
 
 #[test]
-fn postcopy_preempt_hint_many_rounds() {
+fn i1_i2_i3_postcopy_preempt_hint_many_rounds() {
     let layout = layout();
     let mut ops = 0;
     for batch in [ClaimBatch::HOST_PAGE, ClaimBatch::DEFAULT, ClaimBatch::WORD] {
@@ -164,7 +114,7 @@ fn postcopy_preempt_hint_many_rounds() {
 }
 
 #[test]
-fn postcopy_vanilla_many_rounds() {
+fn i1_i2_i3_postcopy_vanilla_many_rounds() {
     let layout = layout();
     let mut ops = 0;
     let sched = PageScheduler::new(layout.clone(), SchedulerConfig::vanilla()).unwrap();
@@ -202,7 +152,7 @@ impl Marks {
 /// Precopy: a merger harvests random dirty logs while scanners and an urgent claimer claim.
 /// I7: after a final drain, every page's latest mark has been collected.
 #[test]
-fn precopy_merger_against_claims() {
+fn i7_precopy_merger_against_claims() {
     let layout = layout();
     let sched = PageScheduler::new(layout.clone(), SchedulerConfig::preempt()).unwrap();
     let total = layout.total_pages() as usize;

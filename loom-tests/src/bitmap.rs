@@ -12,6 +12,13 @@
 //!   destination ends with the newest contents of every page (so whoever collected a mark saw
 //!   the contents written before it: the release/acquire contract), and no set bit is left
 //!   unclaimable.
+//! * [`i1_i2_drain_and_claim_one_owner`]: a precopy consumer's `get_and_clear` over a wide
+//!   host page races a host-page claim of it: exactly one gets it, whole (the drain takes a
+//!   wholly covered wide host page through its summary bit, like a claim).
+//! * [`i7_mark_races_drain`]: a guest writes a page and KVM reports it (a dirty log merged at
+//!   a slot's page offset, or a dirty-ring entry, i.e. a range mark) while a consumer drains
+//!   the block; a host-page sweep then collects what is left. The mark is collected exactly
+//!   once, and its collector sees the contents written before it.
 
 use pagehint::{DirtyBitmap, HostPage, PageLocation, PageScheduler, RamLayout, SchedulerConfig};
 
@@ -44,6 +51,9 @@ pub trait ModelBitmap: Send + Sync + 'static {
     fn claim_page(&self, loc: PageLocation) -> bool;
     /// Claims the host page containing `loc`.
     fn claim_host_page(&self, loc: PageLocation) -> Option<Taken>;
+    /// Hands over and clears the dirty words `from_word .. from_word + out.len()` of `block`
+    /// (`DirtyBitmap::get_and_clear`, the precopy drain).
+    fn get_and_clear(&self, block: u32, from_word: usize, out: &mut [u64]);
     /// The first host page at or after `from`'s that may be dirty.
     fn find_next_dirty_host_page(&self, block: u32, from: u64) -> Option<u64>;
     /// Dirty target pages (exact when quiescent).
@@ -106,6 +116,9 @@ impl ModelBitmap for DirtyBitmap {
             .into_claim()
             .map(taken)
     }
+    fn get_and_clear(&self, block: u32, from_word: usize, out: &mut [u64]) {
+        DirtyBitmap::get_and_clear(self, block, from_word, out).expect("model ranges are in range");
+    }
     fn find_next_dirty_host_page(&self, block: u32, from: u64) -> Option<u64> {
         DirtyBitmap::find_next_dirty_host_page(self, block, from).expect("model blocks exist")
     }
@@ -136,6 +149,9 @@ impl ModelBitmap for PageScheduler {
     }
     fn claim_host_page(&self, loc: PageLocation) -> Option<Taken> {
         ModelBitmap::claim_host_page(self.bitmap(), loc)
+    }
+    fn get_and_clear(&self, block: u32, from_word: usize, out: &mut [u64]) {
+        ModelBitmap::get_and_clear(self.bitmap(), block, from_word, out)
     }
     fn find_next_dirty_host_page(&self, block: u32, from: u64) -> Option<u64> {
         ModelBitmap::find_next_dirty_host_page(self.bitmap(), block, from)
@@ -380,4 +396,95 @@ pub fn i7_mark_races_claim<B: ModelBitmap>(layout: &RamLayout, dirty: PageLocati
     drain(&*bm, layout, &guest);
     guest.assert_in_sync();
     assert_nothing_stranded(&*bm);
+}
+
+/// One block of 128 target pages in one wide host page (a scaled-down 2 MiB page): two
+/// words and a summary bit.
+pub fn drain_wide_layout() -> RamLayout {
+    RamLayout::single("huge", 128 * 4096, 128 * 4096).expect("valid layout")
+}
+
+/// One block of 128 target pages in 4 KiB host pages: two words.
+pub fn drain_narrow_layout() -> RamLayout {
+    RamLayout::single("ram", 128 * 4096, 4096).expect("valid layout")
+}
+
+/// The target pages set in `words` (word `i`, bit `j` = page `64 i + j`).
+pub fn pages_of(words: &[u64]) -> Vec<u64> {
+    let mut out = Vec::new();
+    for (i, &w) in words.iter().enumerate() {
+        let mut bits = w;
+        while bits != 0 {
+            out.push(i as u64 * 64 + u64::from(bits.trailing_zeros()));
+            bits &= bits - 1;
+        }
+    }
+    out
+}
+
+/// I1/I2 on [`drain_wide_layout`]: every page dirty; `get_and_clear` of both words and a
+/// host-page claim race for the one host page.
+pub fn i1_i2_drain_and_claim_one_owner<B: ModelBitmap>() {
+    let layout = drain_wide_layout();
+    let bm = Arc::new(B::new(&layout));
+    bm.mark_range(0, 0, 128);
+    let t = {
+        let bm = bm.clone();
+        thread::spawn(move || {
+            let mut out = [0u64; 2];
+            bm.get_and_clear(0, 0, &mut out);
+            pages_of(&out).len() as u64
+        })
+    };
+    let claimed = bm
+        .claim_host_page(PageLocation::new(0, 0))
+        .map_or(0, |t| t.dirty);
+    let collected = t.join().unwrap();
+    assert!(
+        (collected == 0 || collected == 128) && (claimed == 0 || claimed == 128),
+        "I2: host page split: get_and_clear took {collected} pages, the claim {claimed}"
+    );
+    assert_eq!(collected + claimed, 128, "I1: pages lost or taken twice");
+}
+
+/// I7 on `layout` (one block of two words): page 70 is written and then marked by `mark`
+/// while a consumer drains both words; then a host-page sweep collects what is left. Page 70
+/// is collected exactly once, and its collector sees the written contents.
+pub fn i7_mark_races_drain<B: ModelBitmap>(layout: &RamLayout, mark: &Mark) {
+    let page = PageLocation::new(0, 70);
+    assert_eq!(mark.pages(), [page], "the model marks page 70");
+    let bm = Arc::new(B::new(layout));
+    let guest = Arc::new(GuestPages::new([page]));
+    let marker = {
+        let (bm, guest, mark, layout) = (bm.clone(), guest.clone(), mark.clone(), layout.clone());
+        thread::spawn(move || {
+            guest.write(page, 1);
+            mark.apply(&*bm, &layout);
+        })
+    };
+    let mut out = [0u64; 2];
+    bm.get_and_clear(0, 0, &mut out);
+    let mut collected = pages_of(&out).len() as u64;
+    for p in pages_of(&out) {
+        guest.send(HostPage {
+            block: 0,
+            first_page: p,
+            pages: 1,
+        });
+    }
+    marker.join().unwrap();
+    let hp = layout.blocks()[0].host_page_pages();
+    let mut from = 0;
+    while let Some(p) = bm.find_next_dirty_host_page(0, from) {
+        if let Some(t) = bm.claim_host_page(PageLocation::new(0, p)) {
+            guest.send(t.host_page);
+            collected += t.dirty;
+        }
+        from = p + hp;
+    }
+    assert_eq!(
+        collected, 1,
+        "I7: the mark of {page} was collected {collected} times"
+    );
+    guest.assert_in_sync();
 }

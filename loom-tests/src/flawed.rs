@@ -29,6 +29,10 @@ pub enum BitmapFlaw {
     /// Marks and claims are relaxed: a claimer may collect a mark without seeing the page
     /// contents written before it (only a weak-memory checker, loom, can see this).
     RelaxedOrderings,
+    /// `get_and_clear` swaps a wide host page's words first and clears its summary bit after:
+    /// a mark landing in between keeps its page bit but loses its summary bit, so host-page
+    /// scans never find it.
+    SummaryClearedLast,
 }
 
 /// Chooses a [`BitmapFlaw`] at the type level.
@@ -60,6 +64,8 @@ flaws! {
     SummaryBeforePageBit => SummaryBeforePageBit;
     /// MUTANT: see [`BitmapFlaw::RelaxedOrderings`].
     RelaxedOrderings => RelaxedOrderings;
+    /// MUTANT: see [`BitmapFlaw::SummaryClearedLast`].
+    SummaryClearedLast => SummaryClearedLast;
 }
 
 /// The ordering of a mark: release, unless the flaw is [`BitmapFlaw::RelaxedOrderings`].
@@ -270,6 +276,55 @@ impl<F: Flaw> ModelBitmap for FlawedBitmap<F> {
             u64::from(got.count_ones())
         };
         (dirty != 0).then_some(Taken { host_page, dirty })
+    }
+
+    fn get_and_clear(&self, block: u32, from_word: usize, out: &mut [u64]) {
+        let g = self.blocks[block as usize];
+        let take = |w: usize| {
+            let word = &self.words[g.word_base + w];
+            // Relaxed pre-check, then the acquire swap that gives each bit to one collector.
+            if word.load(Ordering::Relaxed) == 0 {
+                0
+            } else {
+                word.swap(0, claim_order::<F>())
+            }
+        };
+        let end = from_word + out.len();
+        let per = if g.wide() {
+            (g.host_pages() / 64) as usize
+        } else {
+            1
+        };
+        let mut w = from_word;
+        while w < end {
+            let hp_first = w / per * per;
+            let whole = g.wide() && hp_first >= from_word && hp_first + per <= end;
+            if !whole {
+                // A narrow word, or part of a wide host page cut by the range: word by word.
+                out[w - from_word] = take(w);
+                w += 1;
+                continue;
+            }
+            let (s, bit) = self.summary_of(&g, (hp_first / per) as u64);
+            let won = match F::FLAW {
+                // BUG (NoSummaryElection, SummaryClearedLast): collect without the election
+                // first.
+                BitmapFlaw::NoSummaryElection | BitmapFlaw::SummaryClearedLast => true,
+                // Relaxed pre-check, then the acquire RMW that elects one collector.
+                _ => {
+                    s.load(Ordering::Relaxed) & bit != 0
+                        && s.fetch_and(!bit, claim_order::<F>()) & bit != 0
+                }
+            };
+            for i in hp_first..hp_first + per {
+                out[i - from_word] = if won { take(i) } else { 0 };
+            }
+            if F::FLAW == BitmapFlaw::SummaryClearedLast {
+                // BUG (SummaryClearedLast): the summary bit is cleared after the words.
+                s.fetch_and(!bit, claim_order::<F>());
+            }
+            w = hp_first + per;
+        }
     }
 
     fn find_next_dirty_host_page(&self, block: u32, from: u64) -> Option<u64> {

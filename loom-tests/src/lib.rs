@@ -1,27 +1,41 @@
 //! Model checks of `pagehint`'s protocols, run by `cargo loom` (loom: every interleaving and
 //! weak-memory outcome of small cases) and `cargo shuttle` (shuttle: random, PCT and DFS
-//! schedules of bigger cases). The invariant IDs (I1–I7) are those of the shared design doc.
+//! schedules of bigger cases). The invariant IDs (I1–I8) are those of `pagehint::design`.
 //!
-//! Each model is a generic function over a small trait that the real type implements, and so
-//! does at least one deliberately broken *mutant*, built here on the same shim atomics
-//! ([`sync`]). The test files run every model on the real type (it must pass) and on its
-//! mutants (`#[should_panic(expected = "<invariant>")]`: the same checker must catch them).
+//! # Where models and mutants live (one rule)
+//! * A model, the small trait it is generic over, its real implementations and its mutants
+//!   live in `src/<subject>.rs`; the bitmap's mutants share one framework, [`flawed`]
+//!   (`FlawedBitmap<F>`: the bitmap rewritten small on the shim, one [`flawed::BitmapFlaw`]
+//!   chosen by a type parameter); a subject whose mutants are rewrites of a scanner keeps the
+//!   rewrite beside its model, with the flaw as a const parameter and the control (no flaw)
+//!   passing the same model.
+//! * `tests/loom_<subject>.rs` runs the models under loom, `tests/shuttle_<subject>.rs` under
+//!   shuttle: they only choose cases and checkers, and run every mutant with
+//!   `#[should_panic(expected = "<invariant>")]`: the same checker must catch it.
+//! * `tests/smoke_std.rs` runs every model once on std threads, on the real types and the
+//!   controls, so that `cargo test --workspace` (with `--all-features` too: both features and
+//!   no cfg is the std build; the cfgs, not the features, choose the checker) keeps them
+//!   running.
+//! * Shared helpers live here: [`record`] (what was sent, exactly once; guest page contents),
+//!   [`sync`] (the checker's threads and primitives), layouts and [`bitmap::pages_of`].
 //!
-//! | model | real type | mutants |
-//! |---|---|---|
-//! | [`hint::i4_offer_take_model`] | `PageHint` | [`hint::OverwritingOffer`], [`hint::LoadThenStoreTake`], [`hint::SplitWordHint`], [`hint::RelaxedHint`] |
-//! | [`bitmap::i1_two_claimers_one_page`] | `DirtyBitmap` | [`flawed::LoadThenStoreClaim`] |
-//! | [`bitmap::i1_i2_two_claimers_one_host_page`] | `DirtyBitmap` | [`flawed::SplitHostPageClaim`], [`flawed::NoSummaryElection`] |
-//! | [`bitmap::i7_mark_races_claim`] | `DirtyBitmap` | [`flawed::LoadThenStoreClaim`], [`flawed::SummaryBeforePageBit`], [`flawed::RelaxedOrderings`] |
-//! | [`protocol::protocol_model`] | `PageScheduler` | [`protocol::TrustingScanner`], [`protocol::CheckThenSendScanner`] |
-//! | [`precopy::precopy_model`] | `DirtyBitmap`, `PageScheduler` | [`flawed::SummaryBeforePageBit`], [`flawed::LoadThenStoreClaim`] |
+//! # Catalogue
+//! | model | subject | real type | mutants | loom | shuttle |
+//! |---|---|---|---|---|---|
+//! | [`hint::i4_offer_take_model`] | hint (I4) | `PageHint` | [`hint::OverwritingOffer`], [`hint::LoadThenStoreTake`], [`hint::SplitWordHint`], [`hint::RelaxedHint`] | `loom_hint` | — |
+//! | [`bitmap::i1_two_claimers_one_page`] | bitmap (I1) | `DirtyBitmap` | [`flawed::LoadThenStoreClaim`] | `loom_bitmap` | — |
+//! | [`bitmap::i1_i2_two_claimers_one_host_page`] | bitmap (I1, I2) | `DirtyBitmap` | [`flawed::SplitHostPageClaim`], [`flawed::NoSummaryElection`] | `loom_bitmap` | — |
+//! | [`bitmap::i7_mark_races_claim`] | bitmap (I7) | `DirtyBitmap` | [`flawed::LoadThenStoreClaim`], [`flawed::SummaryBeforePageBit`], [`flawed::RelaxedOrderings`] | `loom_bitmap` | — |
+//! | [`bitmap::i1_i2_drain_and_claim_one_owner`] | drain (I1, I2) | `DirtyBitmap` | [`flawed::NoSummaryElection`] | `loom_bitmap` | — |
+//! | [`bitmap::i7_mark_races_drain`] | drain (I7) | `DirtyBitmap` | [`flawed::SummaryClearedLast`], [`flawed::RelaxedOrderings`] | `loom_bitmap` | — |
+//! | [`protocol::protocol_model`] | postcopy (I1–I3, I5, I6) | `PageScheduler` | [`protocol::TrustingScanner`], [`protocol::CheckThenSendScanner`] | `loom_protocol` | `shuttle_protocol` |
+//! | [`vanilla::vanilla_model`] | vanilla mode (I1–I3, I5) | `PageScheduler` | [`vanilla::OverwritingSlotRewrite`], [`vanilla::SendRequestedUnclaimedRewrite`] | `loom_vanilla` | `shuttle_vanilla` |
+//! | [`multi::senders_and_urgent`] | several senders (I1–I4) | `PageScheduler` | [`multi::Rewrite`]`<true>` (pooled sweep counts) | `loom_multi` | `shuttle_multi` |
+//! | [`precopy::precopy_model`] | precopy (I7) | `DirtyBitmap`, `PageScheduler` | [`flawed::SummaryBeforePageBit`], [`flawed::LoadThenStoreClaim`] | — | `shuttle_precopy` |
 //!
 //! The bitmap models also run on [`flawed::FlawedBitmap<NoFlaw>`](flawed::NoFlaw), the
-//! mutants' unbroken base, which must pass: each mutant fails for its one flaw. Loom checks
-//! the small cases (`tests/loom_*.rs`), shuttle the big ones (`tests/shuttle_*.rs`); without
-//! either, `tests/smoke_std.rs` runs the models once on std threads so that
-//! `cargo test --workspace` exercises them too, with `--all-features` as well (both features
-//! and no cfg: the std build; the cfgs, not the features, choose the checker).
+//! mutants' unbroken base, which must pass: each mutant fails for its one flaw. The
+//! guarantees and the map of every check are in `pagehint::design`.
 
 // `--all-features` sets both features and no cfg: that builds the plain std models (the smoke
 // tests), so only one feature without its cfg is the sign of a lost `build.rustflags`.
@@ -46,7 +60,9 @@ compile_error!(
 pub mod bitmap;
 pub mod flawed;
 pub mod hint;
+pub mod multi;
 pub mod precopy;
 pub mod protocol;
 pub mod record;
 pub mod sync;
+pub mod vanilla;

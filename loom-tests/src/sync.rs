@@ -10,21 +10,21 @@
 #[cfg(pagehint_loom)]
 pub use loom::{
     sync::atomic::{AtomicU64, Ordering},
-    sync::Arc,
+    sync::{Arc, Mutex},
     thread,
 };
 
 #[cfg(all(pagehint_shuttle, not(pagehint_loom)))]
 pub use shuttle::{
     sync::atomic::{AtomicU64, Ordering},
-    sync::Arc,
+    sync::{Arc, Mutex},
     thread,
 };
 
 #[cfg(not(any(pagehint_loom, pagehint_shuttle)))]
 pub use std::{
     sync::atomic::{AtomicU64, Ordering},
-    sync::Arc,
+    sync::{Arc, Mutex},
     thread,
 };
 

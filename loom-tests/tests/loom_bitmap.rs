@@ -6,21 +6,31 @@
 //!   of it (I1, I2);
 //! * a guest writing and marking pages (single page, range across words, dirty log) while a
 //!   sender claims, narrow and wide; then a drain: nothing lost, nothing stranded, and the
-//!   collector of each mark sees the contents written before it (I7, release/acquire).
+//!   collector of each mark sees the contents written before it (I7, release/acquire);
+//! * the precopy drain (`get_and_clear`): against a host-page claim of a wide host page (one
+//!   owner, whole: I1, I2), and against a KVM mark of page 70 — a dirty log merged at a slot's
+//!   page offset (`KvmSlots::merge_dirty_log`), or a dirty-ring entry (a range mark,
+//!   `KvmSlots::import_dirty_ring`) — narrow and wide, followed by a host-page sweep: the mark
+//!   is collected exactly once, with its contents (I7).
 //!
 //! Each model also runs on `FlawedBitmap<NoFlaw>` (the mutants' unbroken base: it must pass)
 //! and on the mutants it must catch: a load-then-store claim (I1, and I7: it erases a racing
 //! mark), a host page claimed one target page at a time (I2), a wide claim without the summary
 //! election (I2), a marker that sets the summary bit before the page bit (I7: the mark is
 //! stranded), and relaxed marks and claims (I7: the collector misses the page contents; only
-//! a weak-memory checker sees this one).
+//! a weak-memory checker sees this one); for the drain, one that collects a wide host page
+//! without the summary election (I2), one that clears the summary bit after the words (I7:
+//! a mark landing in between is stranded), and relaxed orderings (I7: contents missed).
 #![cfg(pagehint_loom)]
 
 use pagehint::{DirtyBitmap, PageLocation};
-use pagehint_models::bitmap::{self as model, narrow_layout, wide_layout, Mark, ModelBitmap};
+use pagehint_models::bitmap::{
+    self as model, drain_narrow_layout, drain_wide_layout, narrow_layout, wide_layout, Mark,
+    ModelBitmap,
+};
 use pagehint_models::flawed::{
     FlawedBitmap, LoadThenStoreClaim, NoFlaw, NoSummaryElection, RelaxedOrderings,
-    SplitHostPageClaim, SummaryBeforePageBit,
+    SplitHostPageClaim, SummaryBeforePageBit, SummaryClearedLast,
 };
 
 fn loc(page: u64) -> PageLocation {
@@ -200,4 +210,75 @@ fn i7_slot_dirty_log_merge_races_claim_wide() {
 #[should_panic(expected = "I7: ")]
 fn mutant_summary_before_page_bit_loses_a_racing_slot_log() {
     wide_slot_log_races_claim::<FlawedBitmap<SummaryBeforePageBit>>();
+}
+
+/// KVM reports page 70 through a slot mapping pages 6..128 of the block: a dirty log merged at
+/// the slot's page offset (slot page 64 is block page 70).
+fn slot_log() -> Mark {
+    Mark::LogAt {
+        block: 0,
+        first: 6,
+        len: 122,
+        pages: vec![70],
+    }
+}
+
+/// KVM reports page 70 through a dirty-ring entry (`import_dirty_ring` marks runs as ranges).
+fn ring_entry() -> Mark {
+    Mark::Range {
+        block: 0,
+        first: 70,
+        count: 1,
+    }
+}
+
+fn drain_models<B: ModelBitmap>() {
+    loom::model(model::i1_i2_drain_and_claim_one_owner::<B>);
+    for mark in [slot_log(), ring_entry()] {
+        for layout in [drain_wide_layout(), drain_narrow_layout()] {
+            let mark = mark.clone();
+            loom::model(move || model::i7_mark_races_drain::<B>(&layout, &mark));
+        }
+    }
+}
+
+#[test]
+fn i1_i2_i7_get_and_clear_races_claims_and_kvm_marks() {
+    drain_models::<DirtyBitmap>();
+}
+
+#[test]
+fn i1_i2_i7_get_and_clear_control_passes() {
+    drain_models::<FlawedBitmap<NoFlaw>>();
+}
+
+#[test]
+#[should_panic(expected = "I2: host page split")]
+fn mutant_get_and_clear_without_election_is_caught() {
+    loom::model(model::i1_i2_drain_and_claim_one_owner::<FlawedBitmap<NoSummaryElection>>);
+}
+
+#[test]
+#[should_panic(expected = "I7: the mark of block 0 page 70 was collected 0 times")]
+fn mutant_get_and_clear_clearing_the_summary_last_is_caught() {
+    loom::model(|| {
+        model::i7_mark_races_drain::<FlawedBitmap<SummaryClearedLast>>(
+            &drain_wide_layout(),
+            &slot_log(),
+        )
+    });
+}
+
+#[test]
+#[should_panic(
+    expected = "I7: the mark of block 0 page 70 was lost: the guest wrote version 1, the destination has 0"
+)]
+fn mutant_relaxed_get_and_clear_misses_the_contents() {
+    // Only a weak-memory checker sees this one: the bit arrives, the page contents do not.
+    loom::model(|| {
+        model::i7_mark_races_drain::<FlawedBitmap<RelaxedOrderings>>(
+            &drain_narrow_layout(),
+            &ring_entry(),
+        )
+    });
 }

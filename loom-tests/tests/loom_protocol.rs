@@ -11,9 +11,7 @@
 //! outcome. The three-thread variants (stray hints, two scanners) need a bound; it is stated
 //! and explained at [`run_bounded`].
 //!
-//! Vanilla mode is left to shuttle: its request queue (crossbeam's `SegQueue`) is not built on
-//! the shim's atomics, so loom would run each request as one indivisible step and explore a
-//! single interleaving.
+//! Vanilla mode (the request queue) has its own model: `loom_vanilla.rs`.
 //!
 //! Mutants, each caught by the same model: QEMU's weak spot (a scanner that follows the hint
 //! but judges "all clean" against its position before the hint: I3), and a scanner that sends

@@ -6,11 +6,15 @@
 
 use pagehint::{BlockSpec, ClaimBatch, DirtyBitmap, PageHint, PageLocation, PageScheduler};
 use pagehint::{RamLayout, SchedulerConfig};
-use pagehint_models::bitmap::{self as model, narrow_layout, wide_layout, Mark};
+use pagehint_models::bitmap::{
+    self as model, drain_narrow_layout, drain_wide_layout, narrow_layout, wide_layout, Mark,
+};
 use pagehint_models::flawed::{FlawedBitmap, NoFlaw};
 use pagehint_models::hint::{i4_offer_take_model, TWO_OFFERERS, TWO_TAKERS};
+use pagehint_models::multi::{senders_and_urgent, Rewrite};
 use pagehint_models::precopy::{precopy_model, PrecopyCase};
 use pagehint_models::protocol::{protocol_model, ProtocolCase};
+use pagehint_models::vanilla::{vanilla_model, ControlRewrite, VanillaCase};
 
 fn loc(page: u64) -> PageLocation {
     PageLocation::new(0, page)
@@ -41,6 +45,10 @@ fn bitmap_models_pass_on_the_real_bitmap_and_the_control() {
         );
         model::i7_mark_races_claim::<B>(&n, loc(1), &Mark::Page(loc(5)));
         model::i7_mark_races_claim::<B>(&w, loc(3), &Mark::Page(loc(100)));
+        model::i1_i2_drain_and_claim_one_owner::<B>();
+        for layout in [drain_wide_layout(), drain_narrow_layout()] {
+            model::i7_mark_races_drain::<B>(&layout, &Mark::Page(loc(70)));
+        }
     }
     all::<DirtyBitmap>();
     all::<FlawedBitmap<NoFlaw>>();
@@ -75,4 +83,31 @@ fn protocol_and_precopy_models_pass_on_the_real_scheduler() {
         senders: 2,
         rounds: 2,
     });
+}
+
+#[test]
+fn vanilla_model_passes_on_the_real_scheduler_and_the_control() {
+    let case = VanillaCase {
+        layout: RamLayout::new(4096, [BlockSpec::new("ram", 256 * 4096, 2 * 4096)]).unwrap(),
+        requests: (0..16)
+            .map(|i| PageLocation::new(0, i * 37 % 256))
+            .collect(),
+    };
+    vanilla_model::<PageScheduler>(&case);
+    vanilla_model::<ControlRewrite>(&case);
+}
+
+#[test]
+fn multi_sender_model_passes_on_the_real_scheduler_and_the_control() {
+    let layout = RamLayout::new(
+        4096,
+        [
+            BlockSpec::new("low", 64 * 4096, 2 * 4096),
+            BlockSpec::new("huge", 512 * 4096, 128 * 4096),
+        ],
+    )
+    .unwrap();
+    let faults = [PageLocation::new(0, 5), PageLocation::new(1, 300)];
+    senders_and_urgent::<PageScheduler>(&layout, 3, &faults);
+    senders_and_urgent::<Rewrite<false>>(&layout, 3, &faults);
 }

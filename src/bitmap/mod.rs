@@ -279,6 +279,7 @@ impl DirtyBitmap {
     }
 
     /// Whether a scheduler drives this bitmap now.
+    #[cfg_attr(not(feature = "vm-memory"), allow(dead_code))] // used by RegionBitmap::reset
     pub(crate) fn is_driven(&self) -> bool {
         // Acquire: pairs with `attach`'s AcqRel; a caller that sees `false` and then clears
         // pages could still race with a later attach, which is the caller's documented

@@ -47,9 +47,9 @@
 //! | `with_len` (host page size) | the same page size                                    |
 //! | `mark_dirty` past the end: ignored | ignored and counted ([`ignored_marks`](RegionBitmap::ignored_marks)) |
 
+use crate::sync::Arc;
 use std::fmt;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 
 use vm_memory::bitmap::{Bitmap, BitmapSlice, NewBitmap, WithBitmapSlice};
 

@@ -318,7 +318,7 @@ impl DestMemory {
             .ok_or_else(|| MemoryError::BadRange(format!("no block {block}")))?
             .1;
         let end = offset.checked_add(len).filter(|&e| e <= size);
-        if offset % unit != 0 || len % unit != 0 || len == 0 || end.is_none() {
+        if !offset.is_multiple_of(unit) || !len.is_multiple_of(unit) || len == 0 || end.is_none() {
             return Err(MemoryError::BadRange(format!(
                 "block {block} bytes {offset:#x}+{len:#x} are not whole {unit}-byte units inside it"
             )));

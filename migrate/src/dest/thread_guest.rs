@@ -134,7 +134,7 @@ impl ThreadGuest<'_> {
     /// # Safety
     /// As for [`page`](Self::page).
     unsafe fn read_u64(&self, page: u64, offset: u64) -> u64 {
-        assert!(offset % 8 == 0 && offset + 8 <= TARGET_PAGE);
+        assert!(offset.is_multiple_of(8) && offset + 8 <= TARGET_PAGE);
         // SAFETY: in bounds and aligned; see above.
         u64::from_le(unsafe { std::ptr::read((self.mem.page_addr(page) + offset) as *const u64) })
     }

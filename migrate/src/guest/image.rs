@@ -196,7 +196,7 @@ pub fn kv_geometry(window: &Range<u64>) -> (u64, u64) {
 
 /// Whether data page `page` starts as a zero page (about one in eight).
 pub fn starts_zero(seed: u64, page: u64) -> bool {
-    mix64(seed ^ 0x7a65_726f ^ page.wrapping_mul(0xd6e8_feb8_6659_fd93)) % 8 == 0
+    mix64(seed ^ 0x7a65_726f ^ page.wrapping_mul(0xd6e8_feb8_6659_fd93)).is_multiple_of(8)
 }
 
 fn fill_random(seed: u64, page: u64, out: &mut [u64]) {

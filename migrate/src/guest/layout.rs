@@ -195,7 +195,7 @@ impl GuestLayout {
             return Err(GuestLayoutError::TooLarge { mem });
         }
         let hp = host_page.bytes();
-        if mem % hp != 0 || mem < 2 * hp {
+        if !mem.is_multiple_of(hp) || mem < 2 * hp {
             return Err(GuestLayoutError::NotWholeHostPages { mem, host_page });
         }
         let pages = mem / TARGET_PAGE;

@@ -1,13 +1,13 @@
-//! The model of several background senders and the urgent path, shared by `multi_senders`
-//! (loom) and `multi_shuttle` (shuttle): the trait, the real implementation, the rewrite and
-//! its pooled-count mutant, and the checker.
+//! Several background senders and the urgent path (design I1, I2, I3, I4), run by
+//! `tests/loom_multi.rs` (loom) and `tests/shuttle_multi.rs` (shuttle): the trait, the real
+//! implementation, the rewrite and its pooled-count mutant, and the checker.
 
+use crate::record::SentPages;
+use crate::sync::{thread, Arc, AtomicU64, Ordering};
 use pagehint::{
     ClaimBatch, HostPage, PageLocation, PageScheduler, RamLayout, SchedulerConfig, Served,
     UrgentRequest,
 };
-use pagehint_models::record::SentPages;
-use pagehint_models::sync::{thread, Arc, AtomicU64, Ordering};
 
 /// Several background senders over one scheduler: the real ones, or a rewrite.
 pub trait MultiSenders: Send + Sync + 'static {

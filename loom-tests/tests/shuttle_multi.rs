@@ -2,17 +2,15 @@
 //! search exhaustively (I1, I2, I3, I4): three senders from `background_scanners(3)`, a
 //! return-path thread serving several faults, two blocks (narrow host pages and 2 MiB-style
 //! wide ones), random and PCT schedules. Shuttle treats every ordering as sequentially
-//! consistent: these find interleaving bugs; the loom models (`multi_senders`,
-//! `multi_get_and_clear`) cover weak memory.
+//! consistent: these find interleaving bugs; the loom models (`loom_multi`, and
+//! `loom_bitmap` for the drain) cover weak memory.
 //!
-//! The MUTANT (scanners pooling their verified-clean counts, see `multi_model`) is caught by
+//! The MUTANT (scanners pooling their verified-clean counts, see `pagehint_models::multi`) is caught by
 //! the same checker.
 #![cfg(pagehint_shuttle)]
 
-mod multi_model;
-
-use multi_model::{senders_and_urgent, Rewrite};
 use pagehint::{BlockSpec, PageLocation, PageScheduler, RamLayout};
+use pagehint_models::multi::{senders_and_urgent, Rewrite};
 
 /// 8 narrow host pages of 2 target pages, then 4 wide host pages of 128 target pages.
 fn layout() -> RamLayout {

@@ -9,7 +9,7 @@
 //!   pages it verified clean is its own, restarted by its own jumps;
 //! * a hint is taken by at most one scanner (I4: taken ≤ accepted).
 //!
-//! The scanner is also rewritten (in `multi_model`) on the public API (hint take, host-page scan and
+//! The scanner is also rewritten (in `pagehint_models::multi`) on the public API (hint take, host-page scan and
 //! claim), and the control rewrite passes the same model. Its MUTANT pools the scanners'
 //! verified-clean counts in one shared counter on the shim atomics ("together we swept the
 //! whole RAM"): ground swept by both scanners (after a wrap, or after a hint moved one into
@@ -17,10 +17,8 @@
 //! dirty. Only a model with two senders can catch it; this one does (I3).
 #![cfg(pagehint_loom)]
 
-mod multi_model;
-
-use multi_model::{senders_and_urgent, Rewrite};
 use pagehint::{BlockSpec, PageLocation, PageScheduler, RamLayout};
+use pagehint_models::multi::{senders_and_urgent, Rewrite};
 
 /// One block of four host pages of two target pages (one word); scanners start at host pages
 /// 0 and 2; the fault is in host page 0, so the hint points at host page 1.

@@ -1,0 +1,86 @@
+//! The design, written once: words, the numbered guarantees I1–I8, the ordering contract, the
+//! data flow, and where each guarantee is checked. The README, the crate root, the models
+//! (`loom-tests/`) and the Spin proofs (`proofs/`) refer here. This module holds no code.
+//!
+//! # Words
+//! * **target page**: the unit of dirty tracking (4 KiB by default); one bit in the
+//!   [`DirtyBitmap`](crate::DirtyBitmap).
+//! * **host page**: the unit of sending and placing (4 KiB, 2 MiB or 1 GiB; a power-of-two
+//!   multiple of the target page, fixed per RAM block); always sent whole, on one channel.
+//! * **RAM block**: a contiguous range of guest memory with its own host page size
+//!   ([`RamBlock`](crate::RamBlock)).
+//! * **claim**: the atomic act that takes dirty pages out of the bitmap and makes the caller
+//!   their only sender ([`Claim`](crate::Claim)); an obligation, hence `#[must_use]`.
+//! * **urgent path**: the return-path thread serving the destination's page requests (faults):
+//!   [`PageScheduler::serve`](crate::PageScheduler::serve).
+//! * **background path**: a scanner sending dirty pages in address order, wrapping at the end:
+//!   [`BackgroundScanner`](crate::BackgroundScanner).
+//! * **hint**: the single-slot cell through which the urgent path tells the background path
+//!   where the guest works, so the scan continues right after the last faulted page
+//!   ([`PageHint`](crate::PageHint); QEMU's page-hint patch, commit 20d82622812d).
+//! * **round**: one pass of a background scan over the whole layout.
+//! * **vanilla / preempt / preempt-hint**: QEMU's three postcopy behaviours
+//!   ([`SchedulerConfig`](crate::SchedulerConfig)): one channel and a request queue; a
+//!   separate urgent channel; the urgent channel plus the hint.
+//!
+//! # Guarantees
+//! Postcopy (nothing re-dirties pages after the switch):
+//!
+//! * **I1 exactly once** — every page dirty at the start is sent exactly once, by the urgent
+//!   or a background path; never twice, never lost.
+//! * **I2 whole host pages** — all target pages of one host page are sent by one path, in one
+//!   claim, also when the host page spans many bitmap words (2 MiB, 1 GiB).
+//! * **I3 no false completion** — a background scanner reports a round complete only when no
+//!   page is dirty, whatever hints it followed (stale, repeated, out of order, pointing
+//!   anywhere). QEMU's scan, started from a hint, can wrap early: see `proofs/README.md`.
+//! * **I4 the hint slot** — at most one hint is pending; an offer never overwrites a pending
+//!   hint (set-if-empty); each accepted hint is taken at most once; a taken value is exactly
+//!   one that was offered (never torn); taking from an empty slot yields nothing.
+//! * **I5 progress** — a request for a page not yet sent is served by the urgent path or by
+//!   the background path that already claimed it (in vanilla mode: every queued request is
+//!   taken off the queue, followed or found already sent); every round ends.
+//! * **I6 hints are advisory** — any hint value changes only the order of sending, never which
+//!   pages are sent (I1–I3 hold for every hint sequence).
+//!
+//! Precopy and dirty tracking:
+//!
+//! * **I7 no lost dirtying** — a page marked dirty after it was claimed is claimable again;
+//!   merging dirty logs or rings, or draining with `get_and_clear`, concurrently with claims
+//!   never drops a bit.
+//! * **I8 bad input is harmless** — an out-of-range or malformed request, layout, log or ring
+//!   entry gets a typed error and is counted; no panic, no state change, no page lost.
+//!
+//! # Ordering contract
+//! Marking is a release and claiming an acquire: guest memory written before a page is marked
+//! is visible to the sender whose claim collects the mark. Lookups (`find_next_*`, counts) are
+//! relaxed snapshots that decide nothing irrevocable; `is_dirty` is an acquire load, as
+//! vm-memory's `dirty_at`. Every atomic operation in `src/` carries a comment saying why its
+//! ordering is enough, and goes through the one shim module (`src/sync.rs`) that selects
+//! std, loom or shuttle primitives.
+//!
+//! # Data flow
+//! [`layout`](crate::layout) (blocks, page sizes, locations) → [`bitmap`](crate::bitmap)
+//! (dirty bits, claims, search) and [`hint`](crate::hint) (the slot), siblings that do not
+//! know each other → [`scheduler`](crate::scheduler) (background scan, urgent path, counters)
+//! → [`vmm`](crate::vmm) (vm-memory, KVM, guest physical addresses) → users: the migration
+//! harness, the benchmarks, a VMM. Lower modules never name higher ones.
+//!
+//! # Where each guarantee is checked
+//! Unit tests are in `src/` (`cargo test --lib`), integration tests and proptests in `tests/`,
+//! loom and shuttle models in `loom-tests/` (`cargo loom`, `cargo shuttle`; every model has
+//! `#[should_panic]` mutants), Spin models in `proofs/` (`proofs/check.sh`; every property
+//! has a mutant Spin must reject). Test names start with the guarantees they check.
+//!
+//! | id | unit / integration / proptest | loom | shuttle | Spin |
+//! |----|-------------------------------|------|---------|------|
+//! | I1 | `tests/protocol.rs` `i1_i2_i3_*`, `tests/stress.rs` `i1_i2_i3_*`, `tests/precopy.rs` `i1_*`, `tests/senders.rs`, `tests/recovery.rs` `i1_*`, `tests/proptest_bitmap.rs` | `loom_bitmap::i1_*`, `loom_protocol::i1_*`, `loom_multi::i1_*`, `loom_vanilla::i1_*` | `shuttle_protocol`, `shuttle_multi`, `shuttle_vanilla` | `postcopy.pml` I1 |
+//! | I2 | `tests/protocol.rs` `i2_*`, `tests/precopy.rs` `i2_*`, `tests/proptest_bitmap.rs` | `loom_bitmap::i1_i2_*` (narrow, wide, drain) | `shuttle_protocol` (2 MiB pages) | `postcopy.pml` I2 |
+//! | I3 | `tests/protocol.rs` `i3_*`, `tests/recovery.rs` `i3_*`, `tests/senders.rs` | `loom_protocol::i1_i2_i3_*`, `loom_multi`, `loom_vanilla` | `shuttle_protocol`, `shuttle_multi` | `postcopy.pml` I3 (and `qemu_seed.pml`: QEMU's weak spot) |
+//! | I4 | `tests/proptest_hint.rs`, `src/hint.rs` unit tests | `loom_hint::i4_*` | — | `hint.pml`, `postcopy.pml` I4 |
+//! | I5 | `tests/protocol.rs` `i1_i2_i3_i5_vanilla_*`, `i3_i5_*` | `loom_vanilla::i1_i3_i5_*` (requests never lost) | `shuttle_vanilla` | `postcopy.pml` L5req, L5term (liveness, weak fairness) |
+//! | I6 | `tests/protocol.rs` `i4_i6_*` | `loom_protocol::i6_*` | `shuttle_protocol` (stray hints) | `postcopy_stray_hints` |
+//! | I7 | `tests/stress.rs` `i7_*`, `tests/precopy.rs` `i7_*`, `tests/kvm_slots.rs` `i7_*`, `tests/kvm.rs` (a real KVM guest) | `loom_bitmap::i7_*` (marks, logs, rings, drain) | `shuttle_precopy::i7_*` | `precopy.pml` I7 |
+//! | I8 | `tests/protocol.rs` `i8_*`, `tests/precopy.rs` `i8_*`, `tests/kvm_slots.rs` `i8_*`, `tests/recovery.rs` `i8_*`, `tests/proptest_layout.rs`, `src/layout.rs` and `src/request.rs` unit tests, `fuzz/` | — | — | — |
+//!
+//! `proofs/README.md` maps each Spin model action to the Rust function it stands for, and
+//! each Spin mutant to its loom or shuttle counterpart.
