@@ -164,6 +164,10 @@ pub struct RunResult {
     pub placed_twice: u64,
     /// Fault events read from userfaultfd (every thread).
     pub uffd_faults: u64,
+    /// Guest faults that raced with a placement: the page was placed by the time the fault
+    /// was read, so the wait is not measured (counted as 0 in `faults`, no blocktime).
+    #[serde(default)]
+    pub raced_faults: u64,
     /// Source clock minus destination clock as measured by pings, µs.
     pub clock_offset_us: f64,
     /// Source and destination share `CLOCK_MONOTONIC` (same boot), so no offset is applied.
@@ -241,6 +245,10 @@ impl RunResult {
         let t = i.times;
         let requests = faults::request_latencies(i.mem);
         let stop_local = (i.switch.stop_ns as i64).wrapping_sub(i.offset_ns) as u64;
+        let guest_tids: Vec<u32> = match i.outcome {
+            GuestOutcome::Kvm { tids, .. } => tids.clone(),
+            GuestOutcome::Thread { tid, .. } => vec![*tid],
+        };
         let (mut lat, stall_ns, blocktime, longest_pause_ns, guest) = match i.outcome {
             GuestOutcome::Kvm {
                 counters,
@@ -363,6 +371,7 @@ impl RunResult {
             zero_host_pages: i.summary.zero_host_pages,
             placed_twice: i.mem.placed_twice().0,
             uffd_faults: i.events.len() as u64,
+            raced_faults: faults::raced(i.events, |hp| i.mem.times(hp).1, &guest_tids),
             clock_offset_us: e.measured_offset_ns as f64 / 1e3,
             same_clock: e.same_clock,
             verified: i.problems.is_empty(),
