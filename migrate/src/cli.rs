@@ -10,7 +10,7 @@ use clap::{Parser, ValueEnum};
 use pagehint::layout::parse_size;
 use pagehint::ClaimBatch;
 
-use crate::guest::layout::HostPageSize;
+use crate::guest::layout::{GuestLayoutError, HostPageSize};
 use crate::link::LinkParams;
 use crate::options::{
     DestFault, DirtyTracking, FaultPath, GuestKind, GuestSpec, MigrationMode, Precopy, RunConfig,
@@ -38,6 +38,21 @@ enum GuestArg {
     Thread,
 }
 
+const AFTER_HELP: &str = "\
+Which side a flag applies to:
+  without --listen/--connect  both sides, in this process over loopback: every flag
+  --connect ADDR              the destination: every flag (its hello tells the source the
+                              guest, the link, the modes' settings and the test hooks)
+  --listen ADDR               the source only: --pin, --timeout, --quiet, --sessions, --once;
+                              every other flag is refused (each destination's hello decides)
+
+Exit status: 0 every run completed and verified (targets are reported, not enforced, unless
+--check); 1 a run failed verification, a target missed with --check, or an output file
+could not be written; 2 bad input, or a run failed (it is still recorded, and the rest run).";
+
+/// Flags a listening source uses; every other one is decided by each destination's hello.
+const LISTEN_FLAGS: &[&str] = &["listen", "pin", "timeout", "quiet", "sessions", "once"];
+
 /// Migrate a guest (a KVM virtual machine, or a host thread) with precopy and postcopy using
 /// the pagehint scheduler, and compare vanilla, preempt and preempt-hint on real guest
 /// workloads (userfaultfd destination, TCP channels through an emulated link).
@@ -45,7 +60,9 @@ enum GuestArg {
 #[command(
     name = "pagehint-migrate",
     version,
-    args_conflicts_with_subcommands = true
+    args_conflicts_with_subcommands = true,
+    allow_negative_numbers = true,
+    after_help = AFTER_HELP
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -57,10 +74,10 @@ pub struct Cli {
     #[arg(long, default_value_t = 1)]
     vcpus: u32,
     /// Guest RAM size (64M, 1G, ...), split into two RAM blocks around a 4 GiB hole.
-    #[arg(long, default_value = "1G")]
+    #[arg(long, allow_hyphen_values = true, default_value = "1G")]
     mem: String,
     /// Host page size: 4K, or 2M for hugetlb-backed guests (reserved and given back).
-    #[arg(long, default_value = "4K")]
+    #[arg(long, allow_hyphen_values = true, default_value = "4K")]
     host_page: String,
     /// Precopy rounds before postcopy (0: pure postcopy); they stop early when the dirty set
     /// stops shrinking.
@@ -86,31 +103,31 @@ pub struct Cli {
     #[arg(long, value_name = "FILE")]
     svg: Option<PathBuf>,
     /// Emulated link bandwidth in bits/s (10G, 2.5G, 800M; 0 = unlimited).
-    #[arg(long, default_value = "10G")]
+    #[arg(long, allow_hyphen_values = true, default_value = "10G")]
     bandwidth: String,
     /// Emulated one-way delay (50us, 1ms, 0).
-    #[arg(long, default_value = "50us")]
+    #[arg(long, allow_hyphen_values = true, default_value = "50us")]
     delay: String,
     /// Send-queue (socket buffer) depth of the background channel.
-    #[arg(long, default_value = "8M")]
+    #[arg(long, allow_hyphen_values = true, default_value = "8M")]
     queue: String,
     /// Background bytes an urgent page may wait behind in the interface queue.
-    #[arg(long, default_value = "64K")]
+    #[arg(long, allow_hyphen_values = true, default_value = "64K")]
     nic_queue: String,
     /// Most unsent bytes on the background channel in preempt modes, like TCP_NOTSENT_LOWAT:
     /// auto (1M, at least two host pages), off (the whole send queue), or a size.
-    #[arg(long, default_value = "auto")]
+    #[arg(long, allow_hyphen_values = true, default_value = "auto")]
     lowat: String,
     /// With the emulated link off (--bandwidth 0): pace the background channel at this many
     /// bits/s in the kernel (SO_MAX_PACING_RATE; 0 = no pacing), the bandwidth cap of a
     /// real link.
-    #[arg(long, default_value = "0")]
+    #[arg(long, allow_hyphen_values = true, default_value = "0")]
     pace: String,
     /// Target pages per background claim (1 to 64, a power of two).
     #[arg(long, default_value_t = 16)]
     claim_batch: u64,
     /// Playback rate of the stream workload, bytes/s.
-    #[arg(long, default_value = "256M")]
+    #[arg(long, allow_hyphen_values = true, default_value = "256M")]
     stream_rate: String,
     /// Seed of the guest image and workloads.
     #[arg(long, default_value_t = 1)]
@@ -128,9 +145,18 @@ pub struct Cli {
     /// Run only the destination, migrating from the source at ADDR.
     #[arg(long, value_name = "ADDR")]
     connect: Option<String>,
-    /// Give up when the peer is silent this long (20s, 500ms).
-    #[arg(long, default_value = "20s")]
+    /// Give up when the peer is silent this long (20s, 500ms; at least 200ms).
+    #[arg(long, allow_hyphen_values = true, default_value = "20s")]
     timeout: String,
+    /// With --listen: serve this many migrations, then exit (default: until killed).
+    #[arg(long, value_name = "N", requires = "listen")]
+    sessions: Option<u64>,
+    /// With --listen: serve one migration, then exit (--sessions 1).
+    #[arg(long, requires = "listen", conflicts_with = "sessions")]
+    once: bool,
+    /// Exit with status 1 when a target misses (targets are otherwise only reported).
+    #[arg(long)]
+    check: bool,
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
@@ -146,6 +172,9 @@ pub struct Cli {
     /// Test hook: the destination overwrites pages placed twice (none, overwrite-duplicate).
     #[arg(long, hide = true, default_value = "none")]
     test_dest_fault: String,
+    /// The flags given on the command line (not defaulted), by id.
+    #[arg(skip)]
+    given: Vec<String>,
 }
 
 /// What else `pagehint-migrate` does.
@@ -158,6 +187,32 @@ pub enum Command {
 }
 
 impl Cli {
+    /// Parses this process's arguments (exiting with clap's message on a parse error),
+    /// remembering which flags were given.
+    pub fn parse_args() -> Self {
+        Self::try_parse_args_from(std::env::args_os()).unwrap_or_else(|e| e.exit())
+    }
+
+    /// Parses `args` (the first is the program name), remembering which flags were given.
+    pub fn try_parse_args_from<I, T>(args: I) -> Result<Self, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        use clap::{CommandFactory, FromArgMatches};
+        let m = Self::command().try_get_matches_from(args)?;
+        let mut cli = Self::from_arg_matches(&m)?;
+        let args: Vec<String> = Self::command()
+            .get_arguments()
+            .map(|a| a.get_id().to_string())
+            .collect();
+        cli.given = args
+            .into_iter()
+            .filter(|id| m.value_source(id) == Some(clap::parser::ValueSource::CommandLine))
+            .collect();
+        Ok(cli)
+    }
+
     /// The subcommand, if one was given (taken out; the rest is the harness's options).
     pub fn take_command(&mut self) -> Option<Command> {
         self.command.take()
@@ -194,6 +249,37 @@ pub struct Options {
     pub quiet: bool,
     /// Which guest runs, and why.
     pub guest_note: String,
+    /// `--listen`: migrations to serve before exiting (None: until killed).
+    pub sessions: Option<u64>,
+    /// A missed target fails the invocation (status 1).
+    pub check: bool,
+}
+
+/// The shortest `--timeout`.
+const MIN_TIMEOUT: Duration = Duration::from_millis(200);
+
+/// An error if `v` names a value twice.
+fn unique<T: PartialEq + std::fmt::Display>(what: &str, v: &[T]) -> Result<(), String> {
+    for (i, x) in v.iter().enumerate() {
+        if v[..i].contains(x) {
+            return Err(format!("--{what}: {x} is given twice"));
+        }
+    }
+    Ok(())
+}
+
+/// Checks, before any run, that an output file can be written (it is created if missing,
+/// and written at the end).
+fn writable(flag: &str, p: &std::path::Path) -> Result<(), String> {
+    if p.is_dir() {
+        return Err(format!("--{flag} {}: is a directory", p.display()));
+    }
+    std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(p)
+        .map(drop)
+        .map_err(|e| format!("--{flag} {}: cannot write it: {e}", p.display()))
 }
 
 fn size(what: &str, s: &str) -> Result<u64, String> {
@@ -213,17 +299,24 @@ fn normal_copies(endpoint: &Endpoint, host_page: HostPageSize) -> u64 {
     }
 }
 
-/// `MemAvailable` from /proc/meminfo, in bytes.
-fn mem_available() -> Option<u64> {
-    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
-}
-
 impl Options {
     /// Parses `cli` into options, deciding the guest kind.
     pub fn from_cli(cli: Cli) -> Result<Self, String> {
+        if cli.listen.is_some() {
+            let ignored: Vec<String> = cli
+                .given
+                .iter()
+                .filter(|id| !LISTEN_FLAGS.contains(&id.as_str()))
+                .map(|id| format!("--{}", id.replace('_', "-")))
+                .collect();
+            if !ignored.is_empty() {
+                return Err(format!(
+                    "--listen serves what each destination's hello asks for: {} would be ignored here; give {} to the --connect side (a listening source takes only --pin, --timeout, --quiet, --sessions, --once)",
+                    ignored.join(", "),
+                    if ignored.len() == 1 { "it" } else { "them" }
+                ));
+            }
+        }
         let host_page: HostPageSize = cli
             .host_page
             .parse()
@@ -252,10 +345,20 @@ impl Options {
                 ),
             },
         };
-        let mut guest = GuestSpec::new(kind, mem, host_page, cli.vcpus)
-            .map_err(|e| format!("--mem / --vcpus: {e}"))?;
+        let mut guest = GuestSpec::new(kind, mem, host_page, cli.vcpus).map_err(|e| match e {
+            GuestLayoutError::Vcpus(_) => format!("--vcpus {}: {e}", cli.vcpus),
+            e => format!("--mem {} with --host-page {}: {e}", cli.mem, cli.host_page),
+        })?;
         guest.seed = cli.seed;
-        guest.stream_rate = size("stream-rate", &cli.stream_rate)?.max(1);
+        guest.stream_rate = match size("stream-rate", &cli.stream_rate)? {
+            0 => {
+                return Err(format!(
+                    "--stream-rate {}: a stream needs a rate above 0 bytes/s",
+                    cli.stream_rate
+                ))
+            }
+            r => r,
+        };
         let tracking = match (kind, cli.dirty_ring) {
             (GuestKind::Thread, true) => return Err("--dirty-ring needs the KVM guest".into()),
             (GuestKind::Thread, false) => DirtyTracking::None,
@@ -304,9 +407,17 @@ impl Options {
             Pin::Auto => PinPlan::auto(),
             Pin::Off => PinPlan::OFF,
         };
-        cfg.idle_timeout = parse_duration(&cli.timeout)
-            .map_err(|e| format!("--timeout: {e}"))?
-            .max(Duration::from_millis(200));
+        cfg.idle_timeout = match parse_duration(&cli.timeout)
+            .map_err(|e| format!("--timeout {}: {e}", cli.timeout))?
+        {
+            t if t < MIN_TIMEOUT => {
+                return Err(format!(
+                "--timeout {}: at least {MIN_TIMEOUT:?} (a peer silent this long is given up on)",
+                cli.timeout
+            ))
+            }
+            t => t,
+        };
         cfg.inject_bad = cli.inject_bad;
         cfg.drop_after = cli.test_drop_after;
         cfg.source_fault = cli.test_source_fault.parse::<SourceFault>()?;
@@ -321,26 +432,47 @@ impl Options {
             ),
             (None, None) => Endpoint::Local,
         };
-        let normal_copies = normal_copies(&endpoint, host_page);
-        if let Some(avail) = mem_available() {
-            if mem * normal_copies > avail {
-                return Err(format!(
-                    "--mem {} needs {} MiB of memory ({normal_copies} copies of guest RAM), only {} MiB are available",
+        // A listening source checks each hello's guest against its memory instead.
+        if !matches!(endpoint, Endpoint::Listen(_)) {
+            let copies = normal_copies(&endpoint, host_page);
+            crate::warm::check_fits(
+                &format!(
+                    "--mem {} ({copies} cop{} of guest RAM)",
                     cli.mem,
-                    (mem * normal_copies) >> 20,
-                    avail >> 20
-                ));
+                    if copies == 1 { "y" } else { "ies" }
+                ),
+                mem * copies,
+                crate::warm::mem_available(),
+            )?;
+        }
+        let modes = parse_list("modes", &cli.modes)?;
+        let workloads = parse_list("workloads", &cli.workloads)?;
+        unique("modes", &modes)?;
+        unique("workloads", &workloads)?;
+        for (flag, path) in [("json", &cli.json), ("svg", &cli.svg)] {
+            if let Some(p) = path {
+                writable(flag, p)?;
             }
         }
         Ok(Self {
             cfg,
-            modes: parse_list("modes", &cli.modes)?,
-            workloads: parse_list("workloads", &cli.workloads)?,
+            modes,
+            workloads,
             json: cli.json,
             svg: cli.svg,
             endpoint,
             quiet: cli.quiet,
             guest_note,
+            sessions: match (cli.once, cli.sessions) {
+                (true, _) => Some(1),
+                (false, Some(0)) => {
+                    return Err(
+                        "--sessions 0: at least 1 (or leave it out to serve until killed)".into(),
+                    )
+                }
+                (false, n) => n,
+            },
+            check: cli.check,
         })
     }
 
@@ -364,5 +496,117 @@ impl Options {
             _ => 1,
         };
         copies * l.host_pages()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn options(args: &[&str]) -> Result<Options, String> {
+        let mem: &[&str] = if args.contains(&"--mem") {
+            &[]
+        } else {
+            &["--mem", "16M"]
+        };
+        let cli = Cli::try_parse_args_from(
+            ["pagehint-migrate", "--guest", "thread"]
+                .iter()
+                .chain(mem)
+                .chain(args),
+        )
+        .map_err(|e| e.to_string())?;
+        Options::from_cli(cli)
+    }
+
+    fn error(args: &[&str]) -> String {
+        match options(args) {
+            Ok(_) => panic!("{args:?} was accepted"),
+            Err(e) => e,
+        }
+    }
+
+    #[test]
+    fn a_listener_refuses_the_flags_it_would_ignore_and_takes_its_own() {
+        let e = Options::from_cli(
+            Cli::try_parse_args_from([
+                "pagehint-migrate",
+                "--listen",
+                "127.0.0.1:0",
+                "--mem",
+                "64M",
+                "--bandwidth",
+                "1G",
+            ])
+            .unwrap(),
+        )
+        .unwrap_err();
+        assert!(e.contains("--mem, --bandwidth would be ignored"), "{e}");
+        let o = Options::from_cli(
+            Cli::try_parse_args_from([
+                "pagehint-migrate",
+                "--listen",
+                "127.0.0.1:0",
+                "--pin",
+                "off",
+                "--timeout",
+                "5s",
+                "--once",
+            ])
+            .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(o.sessions, Some(1));
+        assert_eq!(o.cfg.idle_timeout, Duration::from_secs(5));
+        // --sessions and --once belong to the listener.
+        assert!(options(&["--sessions", "2"]).is_err());
+        assert!(options(&["--once"]).is_err());
+    }
+
+    #[test]
+    fn bad_values_name_their_option_and_echo_what_was_typed() {
+        for (args, says) in [
+            (
+                &["--stream-rate", "0"][..],
+                "--stream-rate 0: a stream needs a rate above 0",
+            ),
+            (&["--timeout", "0"][..], "--timeout 0: at least 200ms"),
+            (
+                &["--timeout", "100ms"][..],
+                "--timeout 100ms: at least 200ms",
+            ),
+            (
+                &["--modes", "preempt,preempt"][..],
+                "--modes: preempt is given twice",
+            ),
+            (
+                &["--workloads", "seq,kv,seq"][..],
+                "--workloads: seq is given twice",
+            ),
+            (
+                &["--mem", "0"][..],
+                "--mem 0 with --host-page 4K: 0 bytes of RAM is too small",
+            ),
+            (
+                &["--mem", "3000K"][..],
+                "--mem 3000K with --host-page 4K: 3000 KiB",
+            ),
+            (&["--mem", "-1"][..], "--mem -1"),
+            (&["--delay", "-1ms"][..], "--delay"),
+            (&["--vcpus", "-1"][..], "--vcpus"),
+            (&["--claim-batch", "-4"][..], "--claim-batch"),
+            (&["--host-page", "8K"][..], "--host-page"),
+            (
+                &["--json", "/nonexistent-dir/r.json"][..],
+                "--json /nonexistent-dir/r.json: cannot write it",
+            ),
+            (&["--svg", "/"][..], "--svg /: is a directory"),
+        ] {
+            let e = error(args);
+            assert!(e.contains(says), "{args:?}: {e}");
+        }
+        let o = options(&["--modes", "preempt", "--timeout", "200ms", "--check"]).unwrap();
+        assert!(o.check);
+        assert_eq!(o.modes, vec![MigrationMode::Preempt]);
     }
 }

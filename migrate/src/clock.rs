@@ -26,6 +26,25 @@ pub fn sleep_until(deadline_ns: u64) {
     let _ = clock_nanosleep_absolute(ClockId::Monotonic, &ts);
 }
 
+/// Longest a stoppable sleep goes without looking at its stop condition.
+pub const STOP_SLICE_NS: u64 = 10_000_000;
+
+/// Sleeps until `deadline_ns` like [`sleep_until`], but in slices of at most
+/// [`STOP_SLICE_NS`], returning early (false) as soon as `stop()` is true; true when the
+/// deadline was reached.
+pub fn sleep_until_unless(deadline_ns: u64, stop: impl Fn() -> bool) -> bool {
+    loop {
+        if stop() {
+            return false;
+        }
+        let now = now_ns();
+        if now >= deadline_ns {
+            return true;
+        }
+        sleep_until(deadline_ns.min(now + STOP_SLICE_NS));
+    }
+}
+
 /// A `Timespec` for a relative timeout of `ns` nanoseconds.
 pub fn timespec(ns: u64) -> Timespec {
     Timespec {
@@ -63,5 +82,29 @@ pub fn human_ns(ns: u64) -> String {
         format!("{:.1} ms", ns as f64 / 1e6)
     } else {
         format!("{:.2} s", d.as_secs_f64())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    #[test]
+    fn a_stoppable_sleep_ends_soon_after_the_stop_not_at_its_deadline() {
+        let stop = AtomicBool::new(false);
+        let t0 = now_ns();
+        let reached = std::thread::scope(|s| {
+            s.spawn(|| {
+                std::thread::sleep(Duration::from_millis(50));
+                // Relaxed: a polled flag.
+                stop.store(true, Ordering::Relaxed);
+            });
+            // An hour away: only the stop can end it. Relaxed: a polled flag.
+            sleep_until_unless(t0 + 3_600_000_000_000, || stop.load(Ordering::Relaxed))
+        });
+        assert!(!reached);
+        assert!(now_ns() - t0 < 2_000_000_000, "it ignored the stop");
+        assert!(sleep_until_unless(now_ns() + 1_000_000, || false));
     }
 }

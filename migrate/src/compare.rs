@@ -17,10 +17,10 @@ use crate::{run_destination, LocalSource, SourceServer};
 /// The runs of one invocation.
 #[derive(Debug, Default)]
 pub struct Outcome {
-    /// Finished runs, in order.
+    /// Every run, in order; a failed one is a row with its error and how far it got.
     pub rows: Vec<RunResult>,
-    /// The run that failed (and stopped the comparison), if one did.
-    pub failure: Option<String>,
+    /// Each failed run, in words.
+    pub failures: Vec<String>,
     /// Wall time of the comparison.
     pub seconds: f64,
 }
@@ -67,7 +67,8 @@ pub fn header(o: &Options, source: &str) -> String {
     )
 }
 
-/// Serves sessions as the source only (`--listen`), until killed.
+/// Serves sessions as the source only (`--listen`), until killed or `--sessions` have been
+/// served.
 pub fn serve(addr: &str, o: &Options) -> Result<(), String> {
     let server = SourceServer::bind(addr, o.cfg.pin, o.cfg.idle_timeout)
         .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
@@ -78,7 +79,7 @@ pub fn serve(addr: &str, o: &Options) -> Result<(), String> {
     let _ = std::io::stdout().flush();
     let stop = AtomicBool::new(false);
     let mut n = 0;
-    server.serve(&stop, |r| {
+    server.serve(&stop, o.sessions, |r| {
         n += 1;
         match r {
             Ok(rep) => {
@@ -104,7 +105,8 @@ pub fn serve(addr: &str, o: &Options) -> Result<(), String> {
     Ok(())
 }
 
-/// Runs every workload × mode; prints one line per run.
+/// Runs every workload × mode; prints one line per run. A failed run is recorded (with how
+/// far it got) and the rest go on.
 pub fn run(o: &Options) -> Result<Outcome, String> {
     let local;
     let (addr, shown): (SocketAddr, String) = match &o.endpoint {
@@ -147,7 +149,9 @@ pub fn run(o: &Options) -> Result<Outcome, String> {
             .progress_chars("=> "),
         );
         pb.set_prefix(format!("[{}/{}] {w} / {m}", i + 1, runs.len()));
+        let reached = std::cell::Cell::new(None);
         let progress = |n: u64, total: u64| {
+            reached.set(Some((n, total)));
             pb.set_length(total.max(1));
             pb.set_position(n);
         };
@@ -183,8 +187,20 @@ pub fn run(o: &Options) -> Result<Outcome, String> {
                 out.rows.push(r);
             }
             Err(e) => {
-                out.failure = Some(format!("{w} / {m}: {e}"));
-                break;
+                let reached = match reached.get() {
+                    Some((n, total)) => {
+                        format!("postcopy: {n} of {total} host pages placed")
+                    }
+                    None => "before postcopy (setup, handshake or precopy)".to_string(),
+                };
+                println!(
+                    "[{}/{}] {w:<7} {m:<13} FAILED ({reached}): {e}",
+                    i + 1,
+                    runs.len()
+                );
+                out.failures.push(format!("{w} / {m}: {e}"));
+                out.rows
+                    .push(RunResult::failed(&o.cfg, m, w, e.to_string(), reached));
             }
         }
     }

@@ -39,6 +39,7 @@ pub fn table(rows: &[RunResult]) -> String {
         "longest pause",
         "downtime",
         "postcopy",
+        "MiB/s",
         "precopy MiB",
         "urgent/bg pages",
         "hints off/taken",
@@ -47,6 +48,13 @@ pub fn table(rows: &[RunResult]) -> String {
     ];
     let mut cells: Vec<Vec<String>> = vec![head.iter().map(|s| s.to_string()).collect()];
     for r in rows {
+        if r.error.is_some() {
+            let mut row = vec![r.workload.clone(), r.mode.clone()];
+            row.resize(head.len() - 1, "-".into());
+            row.push("FAILED".into());
+            cells.push(row);
+            continue;
+        }
         cells.push(vec![
             r.workload.clone(),
             r.mode.clone(),
@@ -57,6 +65,7 @@ pub fn table(rows: &[RunResult]) -> String {
             fmt_ms(r.longest_pause_ms),
             fmt_ms(r.downtime_ms),
             fmt_ms(r.duration_ms),
+            format!("{:.0}", r.throughput_mib_s),
             format!("{:.0}", r.precopy_bytes as f64 / (1 << 20) as f64),
             format!("{}/{}", r.pages_urgent, r.pages_background),
             format!("{}/{}", r.hints_offered, r.hints_taken),
@@ -118,7 +127,8 @@ pub struct TargetCheck {
 }
 
 fn find<'a>(rows: &'a [RunResult], w: &str, m: &str) -> Option<&'a RunResult> {
-    rows.iter().find(|r| r.workload == w && r.mode == m)
+    rows.iter()
+        .find(|r| r.workload == w && r.mode == m && r.error.is_none())
 }
 
 /// Checks the targets that the runs present allow. With 2 MiB host pages the hint must
@@ -194,24 +204,33 @@ pub fn targets(rows: &[RunResult]) -> Vec<TargetCheck> {
     out
 }
 
-/// The target checks as text lines.
+/// A check's mark: `PASS`, `MISS`, or `n/a ` when a run it compares is missing.
+fn mark(c: &TargetCheck) -> &'static str {
+    if c.pass {
+        "PASS"
+    } else if c.ratio.is_none() && c.target != "all" {
+        "n/a "
+    } else {
+        "MISS"
+    }
+}
+
+/// Whether any check missed its target (one that could not be checked, `n/a`, does not).
+pub fn any_missed(checks: &[TargetCheck]) -> bool {
+    checks.iter().any(|c| mark(c) == "MISS")
+}
+
+/// The target checks as text lines: `[MARK] what = ratio; target: goal`.
 pub fn targets_text(checks: &[TargetCheck]) -> String {
     let mut out = String::new();
     for c in checks {
-        let mark = if c.pass {
-            "PASS"
-        } else if c.ratio.is_none() && c.target != "all" {
-            "n/a "
-        } else {
-            "MISS"
-        };
         let val = match c.ratio {
             Some(r) if r.is_finite() => format!(" = {r:.2}x"),
             Some(_) => " = inf".into(),
             None if c.target == "all" || c.what.contains("not comparable") => String::new(),
             None => " (not run)".into(),
         };
-        let _ = writeln!(out, "  [{mark}] {}{val}   (target {})", c.what, c.target);
+        let _ = writeln!(out, "  [{}] {}{val}; target: {}", mark(c), c.what, c.target);
     }
     out
 }
@@ -343,6 +362,12 @@ pub fn svg(rows: &[RunResult], subtitle: &str) -> String {
             (l + pr) / 2.0,
             pb + 28.0
         );
+        let _ = writeln!(
+            s,
+            r##"<text x="{x}" y="{y}" text-anchor="middle" fill="#555" transform="rotate(-90 {x} {y})">fraction of faults waiting at most this</text>"##,
+            x = l - 30.0,
+            y = (t + pb) / 2.0
+        );
         let runs: Vec<&RunResult> = rows.iter().filter(|r| r.workload == *wl).collect();
         let mut legend_y = pb + 46.0;
         for r in &runs {
@@ -365,7 +390,7 @@ pub fn svg(rows: &[RunResult], subtitle: &str) -> String {
             }
             let _ = writeln!(
                 s,
-                r##"<rect x="{}" y="{}" width="10" height="3" fill="{c}"/><text x="{}" y="{}">{} — {} faults, request p50 {}, pause {}</text>"##,
+                r##"<rect x="{}" y="{}" width="10" height="3" fill="{c}"/><text x="{}" y="{}">{} — {} faults, request p50 {}, pause {}, stall {}, postcopy {}</text>"##,
                 l + 8.0,
                 legend_y - 4.0,
                 l + 22.0,
@@ -373,7 +398,9 @@ pub fn svg(rows: &[RunResult], subtitle: &str) -> String {
                 esc(&r.mode),
                 n,
                 esc(&fmt_us(r.request_p50_us)),
-                esc(&fmt_ms(r.longest_pause_ms))
+                esc(&fmt_ms(r.longest_pause_ms)),
+                esc(&fmt_ms(r.stall_ms)),
+                esc(&fmt_ms(r.duration_ms))
             );
             legend_y += 14.0;
         }
@@ -393,6 +420,13 @@ pub fn svg(rows: &[RunResult], subtitle: &str) -> String {
             bb + 28.0,
             bt - 4.0,
             esc(&fmt_ms(max))
+        );
+        let _ = writeln!(
+            s,
+            r##"<text x="{}" y="{bb}" text-anchor="end" font-size="9" fill="#555">0</text><text x="{x}" y="{y}" text-anchor="middle" fill="#555" transform="rotate(-90 {x} {y})">blocked time per vCPU</text>"##,
+            bl - 3.0,
+            x = bl - 8.0,
+            y = (bt + bb) / 2.0
         );
         let groups = runs.len().max(1) as f64;
         let gw = (br - bl) / groups;
@@ -428,4 +462,104 @@ pub fn svg(rows: &[RunResult], subtitle: &str) -> String {
     }
     let _ = writeln!(s, "</svg>");
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::guest::layout::HostPageSize;
+    use crate::options::{GuestKind, GuestSpec, MigrationMode, RunConfig, Workload};
+
+    fn cfg() -> RunConfig {
+        RunConfig::new(GuestSpec::new(GuestKind::Thread, 16 << 20, HostPageSize::Small, 1).unwrap())
+    }
+
+    fn done(w: Workload, m: MigrationMode, p50: f64) -> RunResult {
+        RunResult {
+            request_p50_us: p50,
+            throughput_mib_s: 812.4,
+            verified: true,
+            ..RunResult::configured(&cfg(), m, w)
+        }
+    }
+
+    #[test]
+    fn a_failed_run_is_a_row_with_its_configuration_and_the_targets_skip_it() {
+        let rows = vec![
+            done(Workload::Random, MigrationMode::Vanilla, 4000.0),
+            RunResult::failed(
+                &cfg(),
+                MigrationMode::Preempt,
+                Workload::Random,
+                "connection lost".into(),
+                "postcopy: 10 of 4096 host pages placed".into(),
+            ),
+        ];
+        let t = table(&rows);
+        assert!(t.contains("MiB/s") && t.contains("812"), "{t}");
+        let failed = t
+            .lines()
+            .find(|l| l.starts_with("random    preempt"))
+            .unwrap();
+        assert!(failed.ends_with("FAILED"), "{t}");
+        let checks = targets(&rows);
+        let p50 = &checks[0];
+        assert_eq!(
+            p50.ratio, None,
+            "a failed run has no measurements to compare"
+        );
+        assert!(!any_missed(&checks[..1]), "n/a is not a miss");
+        let verified = checks.last().unwrap();
+        assert_eq!(verified.what, "runs verified: 1 of 2");
+        assert!(any_missed(&checks));
+        let j: serde_json::Value = serde_json::from_str(&json(&rows)).unwrap();
+        assert_eq!(j[1]["error"], "connection lost");
+        assert_eq!(j[1]["reached"], "postcopy: 10 of 4096 host pages placed");
+        assert_eq!(j[1]["bandwidth_bps"], 10_000_000_000u64);
+        assert!(j[0]["pin"].as_str().is_some_and(|p| !p.is_empty()));
+        assert_eq!(j[0]["error"], serde_json::Value::Null);
+    }
+
+    #[test]
+    fn the_plot_labels_both_y_axes_and_shows_stall_and_postcopy_time() {
+        let mut r = done(Workload::Seq, MigrationMode::Preempt, 200.0);
+        r.latencies_ns = vec![50_000, 200_000];
+        r.vcpu_blocktime_ms = vec![12.0];
+        r.stall_ms = 3.5;
+        r.duration_ms = 640.0;
+        let p = svg(&[r], "test, link 10G");
+        assert!(
+            p.contains(">fraction of faults waiting at most this</text>"),
+            "{p}"
+        );
+        assert!(p.contains(">blocked time per vCPU</text>"), "{p}");
+        assert!(p.contains("stall 3.5 ms, postcopy 640.0 ms"), "{p}");
+    }
+
+    #[test]
+    fn target_lines_say_the_ratio_and_the_target_apart() {
+        let rows = vec![
+            done(Workload::Random, MigrationMode::Vanilla, 400.0),
+            done(Workload::Random, MigrationMode::Preempt, 200.0),
+        ];
+        let checks = targets(&rows);
+        let text = targets_text(&checks);
+        assert!(
+            text.contains(
+                "  [MISS] random request p50: vanilla / preempt = 2.00x; target: >= 5x\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "  [n/a ] seq blocktime: preempt / preempt-hint (not run); target: >= 5x\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("  [PASS] runs verified: 2 of 2; target: all\n"),
+            "{text}"
+        );
+        assert!(any_missed(&checks));
+    }
 }

@@ -5,11 +5,15 @@
 //!    session (guest memory, the VM) *before* answering, so a refusal carries the reason
 //!    ([`HelloReply::error`]); otherwise the reply carries a session token.
 //! 2. The destination connects the **urgent** connection with [`Role::Urgent`] and the
-//!    token; the source accepts only that token.
+//!    token; the source accepts only that token (other connections meanwhile are refused
+//!    and closed, without ending the session).
 //! 3. Clock probes: the destination sends `PING`s on the return path and the source answers
 //!    `PONG` with its clock, until the destination sends `START`. The offset is used only
 //!    across machines (one machine's processes share `CLOCK_MONOTONIC`, known from the boot
 //!    id).
+//!
+//! A new connection has [`HELLO_DEADLINE`] to send its hello, so a client that connects
+//! and says nothing cannot hold the source for the whole idle limit.
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -115,6 +119,14 @@ fn clock_offset(main: &TcpStream, g: &Guard<'_>) -> Result<i64, WireError> {
         read_full(main, &mut hb, g, Channel::Background)?;
         let t1 = now_ns();
         let pong = FrameHeader::decode(&hb, Channel::Background)?;
+        if pong.kind == FrameKind::Abort && pong.len <= 4096 {
+            let mut msg = vec![0u8; pong.len as usize];
+            read_full(main, &mut msg, g, Channel::Background)?;
+            return Err(WireError::PeerAbort(
+                Channel::Background,
+                String::from_utf8_lossy(&msg).into_owned(),
+            ));
+        }
         if pong.kind != FrameKind::Pong {
             return Err(WireError::Malformed(
                 Channel::Background,
@@ -172,6 +184,11 @@ fn accept_one(
     }
 }
 
+/// How long the source waits for a hello on a new connection (at most the idle limit): a
+/// destination sends its hello as soon as it connects, so a client that connects and says
+/// nothing holds the source up this long, not the whole idle limit.
+pub const HELLO_DEADLINE: Duration = Duration::from_secs(2);
+
 /// Source: accepts a session on `listener` (non-blocking), preparing it with `prepare`
 /// before answering (its error is the refusal's reason).
 pub fn accept<T>(
@@ -186,8 +203,12 @@ pub fn accept<T>(
         idle,
         keepalive: None,
     };
+    let hello_guard = Guard {
+        idle: idle.min(HELLO_DEADLINE),
+        ..g
+    };
     let mut hb = [0u8; Hello::LEN];
-    read_full(&main, &mut hb, &g, Channel::Handshake)?;
+    read_full(&main, &mut hb, &hello_guard, Channel::Handshake)?;
     let token = now_ns() ^ 0x005e_ed0f_5e55_1011;
     let checked = Hello::decode(&hb)
         .map_err(|e| e.to_string())
@@ -203,26 +224,39 @@ pub fn accept<T>(
     }
     .write(&main, &g)?;
     let (hello, prepared) = checked.map_err(|e| WireError::Malformed(Channel::Handshake, e))?;
-    let urgent = accept_one(listener, stop, Some(idle))?;
-    read_full(&urgent, &mut hb, &g, Channel::Handshake)?;
-    let ok =
-        matches!(Hello::decode(&hb).map(|h| h.role), Ok(Role::Urgent { token: t }) if t == token);
-    HelloReply {
-        error: if ok {
-            String::new()
-        } else {
-            "bad urgent-connection token".into()
-        },
-        token,
-        boot_id: boot_id(),
-    }
-    .write(&urgent, &g)?;
-    if !ok {
-        return Err(WireError::Malformed(
-            Channel::Handshake,
-            "urgent connection with a wrong token".into(),
-        ));
-    }
+    // The urgent connection: the first one within the idle limit that says this session's
+    // token. Any other connection (a stray client, another destination's main connection)
+    // is answered with a refusal and closed; it does not end this session.
+    let start = now_ns();
+    let urgent = loop {
+        let left = idle.saturating_sub(Duration::from_nanos(now_ns() - start));
+        if left.is_zero() {
+            return Err(WireError::Timeout(Channel::Handshake, idle));
+        }
+        let c = accept_one(listener, stop, Some(left))?;
+        let cg = Guard {
+            idle: left.min(HELLO_DEADLINE),
+            ..g
+        };
+        if read_full(&c, &mut hb, &cg, Channel::Handshake).is_err() {
+            continue;
+        }
+        let ok = matches!(Hello::decode(&hb).map(|h| h.role), Ok(Role::Urgent { token: t }) if t == token);
+        let reply = HelloReply {
+            error: if ok {
+                String::new()
+            } else {
+                "the source is busy with another session (or a bad urgent-connection token); try again".into()
+            },
+            token,
+            boot_id: boot_id(),
+        };
+        if ok {
+            reply.write(&c, &g)?;
+            break c;
+        }
+        let _ = reply.write(&c, &cg);
+    };
     let same_clock = hello.boot_id == boot_id();
     Ok((
         Accepted {

@@ -78,7 +78,7 @@ impl LocalSource {
         let thread = std::thread::Builder::new()
             .name("source".into())
             .spawn(move || {
-                server.serve(&s2, |r| {
+                server.serve(&s2, None, |r| {
                     if let Err(e) = r {
                         if log {
                             eprintln!("source: session ended: {e}");

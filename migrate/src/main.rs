@@ -4,7 +4,6 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
 use pagehint_migrate::cli::{Cli, Command, Endpoint, Options};
 use pagehint_migrate::hugepages::HugePages;
 use pagehint_migrate::qemu;
@@ -16,10 +15,11 @@ blocktime: time every vCPU was blocked at once (QEMU's postcopy-blocktime); long
 downtime: source vCPUs stop -> destination vCPUs run; postcopy: destination resumes -> last page placed
 urgent/bg pages: 4 KiB pages sent by the urgent path / the background scan in postcopy; hints off/taken: offered / taken by the scan
 guest ops/s: pages checked (or lookups) per second at the source in precopy -> at the destination in postcopy
+MiB/s: postcopy throughput, RAM still to send at the switch-over / postcopy time
 verified: each missing page placed exactly once, memory equals the source's at the switch-over, the guest's own checks passed";
 
 fn main() -> ExitCode {
-    let mut cli = Cli::parse();
+    let mut cli = Cli::parse_args();
     if let Some(Command::CompareQemu(c)) = cli.take_command() {
         return compare_qemu(c);
     }
@@ -57,12 +57,17 @@ fn main() -> ExitCode {
         }
     };
     let rows = &outcome.rows;
-    if let Some(first) = rows.first() {
-        println!("\nfault path: {}\n", first.fault_path);
+    let targets = export::targets(rows);
+    if !rows.is_empty() {
+        if let Some(done) = rows.iter().find(|r| r.error.is_none()) {
+            println!("\nfault path: {}\n", done.fault_path);
+        } else {
+            println!();
+        }
         print!("{}", export::table(rows));
         println!("\n{LEGEND}\n");
         println!("targets (ratios from this run):");
-        print!("{}", export::targets_text(&export::targets(rows)));
+        print!("{}", export::targets_text(&targets));
         println!("\ntotal time {:.1} s", outcome.seconds);
     }
     let l = opts.cfg.layout();
@@ -79,12 +84,18 @@ fn main() -> ExitCode {
         (&opts.json, export::json(rows)),
         (&opts.svg, export::svg(rows, &subtitle)),
     ]);
-    if let Some(f) = outcome.failure {
-        eprintln!("error: {f}");
+    if !outcome.failures.is_empty() {
+        for f in &outcome.failures {
+            eprintln!("error: {f}");
+        }
         return ExitCode::from(2);
     }
     if rows.iter().any(|r| !r.verified) {
         eprintln!("error: some runs failed verification");
+        return ExitCode::from(1);
+    }
+    if opts.check && export::any_missed(&targets) {
+        eprintln!("error: a target missed (--check)");
         return ExitCode::from(1);
     }
     status

@@ -17,8 +17,9 @@ use crate::dest::{Evidence, GuestOutcome, Times};
 use crate::options::{MigrationMode, RunConfig, Workload};
 use crate::wire::{Summary, SwitchOver};
 
-/// What one migration run measured.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+/// What one migration run measured (a failed run: its configuration, the error and how far
+/// it got; nothing measured).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct RunResult {
     /// `vanilla`, `preempt` or `preempt-hint`.
     pub mode: String,
@@ -64,6 +65,15 @@ pub struct RunResult {
     pub stream_rate: u64,
     /// Image and workload seed.
     pub seed: u64,
+    /// Thread placement (`--pin`).
+    #[serde(default)]
+    pub pin: String,
+    /// Why the run failed (null when it completed; its measurements are then all zero).
+    #[serde(default)]
+    pub error: Option<String>,
+    /// How far a failed run got (null when it completed).
+    #[serde(default)]
+    pub reached: Option<String>,
 
     /// Guest faults that waited (vCPU faults read from userfaultfd; the thread guest's own).
     pub faults: u64,
@@ -154,6 +164,10 @@ pub struct RunResult {
     pub placed_twice: u64,
     /// Fault events read from userfaultfd (every thread).
     pub uffd_faults: u64,
+    /// Guest faults that raced with a placement: the page was placed by the time the fault
+    /// was read, so the wait is not measured (counted as 0 in `faults`, no blocktime).
+    #[serde(default)]
+    pub raced_faults: u64,
     /// Source clock minus destination clock as measured by pings, µs.
     pub clock_offset_us: f64,
     /// Source and destination share `CLOCK_MONOTONIC` (same boot), so no offset is applied.
@@ -231,6 +245,10 @@ impl RunResult {
         let t = i.times;
         let requests = faults::request_latencies(i.mem);
         let stop_local = (i.switch.stop_ns as i64).wrapping_sub(i.offset_ns) as u64;
+        let guest_tids: Vec<u32> = match i.outcome {
+            GuestOutcome::Kvm { tids, .. } => tids.clone(),
+            GuestOutcome::Thread { tid, .. } => vec![*tid],
+        };
         let (mut lat, stall_ns, blocktime, longest_pause_ns, guest) = match i.outcome {
             GuestOutcome::Kvm {
                 counters,
@@ -304,31 +322,9 @@ impl RunResult {
             i.mem.last_placed_ns()
         };
         RunResult {
-            mode: i.mode.name().into(),
-            workload: i.workload.name().into(),
-            guest: cfg.guest.kind.name().into(),
-            vcpus: layout.vcpus(),
-            blocks: layout.ram().blocks().len() as u32,
-            mem_bytes: layout.mem(),
-            host_page: layout.host_page().bytes(),
             fault_path: i.mem.fault_path(),
-            precopy_rounds: cfg.precopy.rounds,
             precopy_rounds_done: sw.rounds,
-            dirty_tracking: cfg.precopy.tracking.name().into(),
             dirty_per_round: sw.dirty_per_round.clone(),
-            bandwidth_bps: cfg.link.bandwidth_bps,
-            delay_us: us(cfg.link.delay_ns),
-            queue_bytes: cfg.link.queue_bytes,
-            nic_queue_bytes: cfg.link.nic_queue_bytes,
-            lowat_bytes: if cfg.link.emulated() {
-                cfg.link.for_mode(i.mode.preempt()).queue_bytes
-            } else {
-                cfg.link.socket_lowat(i.mode.preempt())
-            },
-            pace_bps: cfg.link.pace_bps,
-            claim_batch: cfg.claim_batch.get(),
-            stream_rate: cfg.guest.stream_rate,
-            seed: cfg.guest.seed,
             faults: lat.len() as u64,
             fault_p50_us: us(percentile_ns(&lat, 50.0)),
             fault_p99_us: us(percentile_ns(&lat, 99.0)),
@@ -375,11 +371,62 @@ impl RunResult {
             zero_host_pages: i.summary.zero_host_pages,
             placed_twice: i.mem.placed_twice().0,
             uffd_faults: i.events.len() as u64,
+            raced_faults: faults::raced(i.events, |hp| i.mem.times(hp).1, &guest_tids),
             clock_offset_us: e.measured_offset_ns as f64 / 1e3,
             same_clock: e.same_clock,
             verified: i.problems.is_empty(),
             problems: i.problems,
             latencies_ns: lat,
+            ..Self::configured(cfg, i.mode, i.workload)
+        }
+    }
+
+    /// A run of `workload` in `mode` with `cfg` as configured: the settings filled in, nothing
+    /// measured, not verified.
+    pub fn configured(cfg: &RunConfig, mode: MigrationMode, workload: Workload) -> Self {
+        let layout = cfg.layout();
+        RunResult {
+            mode: mode.name().into(),
+            workload: workload.name().into(),
+            guest: cfg.guest.kind.name().into(),
+            vcpus: layout.vcpus(),
+            blocks: layout.ram().blocks().len() as u32,
+            mem_bytes: layout.mem(),
+            host_page: layout.host_page().bytes(),
+            precopy_rounds: cfg.precopy.rounds,
+            dirty_tracking: cfg.precopy.tracking.name().into(),
+            bandwidth_bps: cfg.link.bandwidth_bps,
+            delay_us: us(cfg.link.delay_ns),
+            queue_bytes: cfg.link.queue_bytes,
+            nic_queue_bytes: cfg.link.nic_queue_bytes,
+            lowat_bytes: if cfg.link.emulated() {
+                cfg.link.for_mode(mode.preempt()).queue_bytes
+            } else {
+                cfg.link.socket_lowat(mode.preempt())
+            },
+            pace_bps: cfg.link.pace_bps,
+            claim_batch: cfg.claim_batch.get(),
+            stream_rate: cfg.guest.stream_rate,
+            seed: cfg.guest.seed,
+            pin: cfg.pin.describe(),
+            ..Self::default()
+        }
+    }
+
+    /// A run that failed with `error` after getting as far as `reached`: its configuration,
+    /// the error, and nothing measured.
+    pub fn failed(
+        cfg: &RunConfig,
+        mode: MigrationMode,
+        workload: Workload,
+        error: String,
+        reached: String,
+    ) -> Self {
+        RunResult {
+            problems: vec![format!("the run failed: {error}")],
+            error: Some(error),
+            reached: Some(reached),
+            ..Self::configured(cfg, mode, workload)
         }
     }
 }

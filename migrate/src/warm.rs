@@ -1,4 +1,4 @@
-//! Memory warm-up before measuring.
+//! Memory: what is available, and the warm-up before measuring.
 
 use std::time::Instant;
 
@@ -28,4 +28,42 @@ pub fn warm_up(normal_bytes: u64, huge_pages: u64) -> Result<f64, String> {
         drop(m);
     }
     Ok(t.elapsed().as_secs_f64())
+}
+
+/// `MemAvailable` from /proc/meminfo, in bytes (None where it cannot be read).
+pub fn mem_available() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// Whether `bytes` more of normal memory fit in `available` (None: unknown, assumed to fit);
+/// else the refusal, naming `what` needs it.
+pub fn check_fits(what: &str, bytes: u64, available: Option<u64>) -> Result<(), String> {
+    match available {
+        Some(avail) if bytes > avail => Err(format!(
+            "{what} needs {} MiB of memory, only {} MiB are available",
+            bytes >> 20,
+            avail >> 20
+        )),
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_that_does_not_fit_is_refused_with_the_figures() {
+        assert!(mem_available().is_some_and(|m| m > 0));
+        assert!(check_fits("x", 1 << 30, Some(2 << 30)).is_ok());
+        assert!(check_fits("x", 1 << 30, None).is_ok());
+        let e = check_fits("a 4 GiB guest (2 copies)", 8 << 30, Some(3 << 30)).unwrap_err();
+        assert_eq!(
+            e,
+            "a 4 GiB guest (2 copies) needs 8192 MiB of memory, only 3072 MiB are available"
+        );
+    }
 }

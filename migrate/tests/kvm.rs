@@ -268,3 +268,26 @@ fn the_command_line_migrates_a_kvm_guest_and_prints_the_targets() {
         assert_eq!(r["verified"], true);
     }
 }
+
+#[test]
+fn a_very_slow_stream_stops_when_postcopy_completes() {
+    if !ready_or_skip("a_very_slow_stream_stops_when_postcopy_completes") {
+        return;
+    }
+    // 1 KiB/s: one 64 KiB frame a minute. The guest waits for its next frame in host sleeps
+    // of at most a second and must stop waiting when it is asked to finish, not a minute
+    // later.
+    let t = std::time::Instant::now();
+    let r = within(Duration::from_secs(40), || {
+        let mut c = kvm(1);
+        c.guest.stream_rate = 1024;
+        migrate(c, MigrationMode::Preempt, Workload::Stream)
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+    check_kvm(&r, 1);
+    assert!(
+        t.elapsed() < Duration::from_secs(20),
+        "took {:?}",
+        t.elapsed()
+    );
+}

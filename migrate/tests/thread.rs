@@ -150,16 +150,7 @@ fn a_dropped_connection_ends_the_run_with_a_clear_error() {
 #[test]
 fn a_killed_source_process_ends_the_run_with_a_clear_error() {
     let mut child = Command::new(env!("CARGO_BIN_EXE_pagehint-migrate"))
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--pin",
-            "off",
-            "--guest",
-            "thread",
-            "--mem",
-            "16M",
-        ])
+        .args(["--listen", "127.0.0.1:0", "--pin", "off"])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()

@@ -121,6 +121,21 @@ pub fn blocktime(events: &[FaultEvent], mem: &DestMemory, tids: &[u32]) -> Block
     }
 }
 
+/// Faults of the threads `tids` that raced with a placement: the access found its page
+/// missing, but the page had been placed (`placed_ns(hp)`, 0 if never) by the time the fault
+/// was read, so its wait is not measured (it counts as 0, and adds no blocktime).
+pub fn raced(events: &[FaultEvent], placed_ns: impl Fn(u64) -> u64, tids: &[u32]) -> u64 {
+    events
+        .iter()
+        .filter(|e| {
+            tids.contains(&e.tid) && {
+                let placed = placed_ns(e.hp);
+                placed > 0 && placed <= e.at_ns
+            }
+        })
+        .count() as u64
+}
+
 /// Latencies (ns, sorted) of the host pages requested: placed − first request.
 pub fn request_latencies(mem: &DestMemory) -> Vec<u64> {
     let mut v: Vec<u64> = (0..mem.host_pages())
@@ -167,7 +182,28 @@ fn intersect(x: &[(u64, u64)], y: &[(u64, u64)]) -> Vec<(u64, u64)> {
 
 #[cfg(test)]
 mod tests {
-    use super::{intersect, merge};
+    use super::{intersect, merge, raced, FaultEvent};
+
+    #[test]
+    fn a_fault_read_after_its_page_was_placed_counts_as_raced() {
+        let ev = |tid, hp, at_ns| FaultEvent {
+            tid,
+            hp,
+            at_ns,
+            write: false,
+        };
+        // Page 1 placed at 100, page 2 at 300, page 3 never.
+        let placed = |hp: u64| [0, 100, 300, 0][hp as usize];
+        let events = [
+            ev(7, 1, 150), // read after the placement: raced
+            ev(7, 1, 100), // read at the placement: raced
+            ev(7, 2, 200), // read before: waited
+            ev(7, 3, 50),  // never placed: not raced
+            ev(9, 1, 500), // another thread
+        ];
+        assert_eq!(raced(&events, placed, &[7]), 2);
+        assert_eq!(raced(&events, placed, &[7, 9]), 3);
+    }
 
     #[test]
     fn intervals_merge_and_intersect() {

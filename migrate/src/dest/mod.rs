@@ -8,8 +8,9 @@
 //! * the **fault thread** ([`faults`]) turns userfaultfd events into page requests;
 //! * the **guest**: the KVM vCPUs, loaded with the source's state, or the thread guest;
 //! * this thread sends `START`, waits for the switch-over, starts the guest, watches progress
-//!   and stalls, and when every page is in, lets the guest finish (the KVM guest verifies its
-//!   share of RAM), sends `DONE`, and hands everything to [`crate::verify`].
+//!   and stalls, and when every page is in, sends `DONE` (the transfer is over: the source
+//!   answers with its summary and closes), lets the guest finish (the KVM guest verifies its
+//!   share of RAM) and hands everything to [`crate::verify`].
 //!
 //! Any failure (dropped connection, protocol error, placement error, stall, guest crash) is
 //! recorded, raises the stop flag, shuts the sockets down, unregisters the userfaultfd range
@@ -115,6 +116,10 @@ pub(crate) struct Dest<'a> {
     /// Source clock minus destination clock.
     offset_ns: i64,
     bg_progress: AtomicU64,
+    /// When the urgent channel last brought a frame.
+    urgent_progress: AtomicU64,
+    /// Preempt modes: the urgent channel carries pages.
+    preempt: bool,
     failure: Mutex<Option<RunError>>,
     requests_sent: AtomicU64,
     summary: Mutex<Option<Summary>>,
@@ -367,6 +372,8 @@ pub fn run(
         finished: AtomicBool::new(false),
         offset_ns,
         bg_progress: AtomicU64::new(now_ns()),
+        urgent_progress: AtomicU64::new(now_ns()),
+        preempt: mode.preempt(),
         failure: Mutex::new(None),
         requests_sent: AtomicU64::new(0),
         summary: Mutex::new(None),
@@ -446,7 +453,8 @@ pub fn run(
 }
 
 impl Dest<'_> {
-    /// Waits for the switch-over, runs the guest through postcopy, and sends `DONE`.
+    /// Waits for the switch-over, runs the guest through postcopy, sends `DONE` when the last
+    /// page is placed, and collects the guest when it has finished.
     fn drive<'s>(
         &'s self,
         s: &'s std::thread::Scope<'s, '_>,
@@ -458,9 +466,7 @@ impl Dest<'_> {
         // Precopy: wait for the switch-over, as long as frames keep coming.
         let mut last = (0, now_ns());
         let switch = loop {
-            if self.stopped() {
-                return Err(RunError::Wire(WireError::Stopped));
-            }
+            // The switch first: once applied, a failure is one of postcopy, and says so.
             if let Some(sw) = self
                 .switch
                 .lock()
@@ -468,6 +474,9 @@ impl Dest<'_> {
                 .as_ref()
             {
                 break sw.clone();
+            }
+            if self.stopped() {
+                return Err(RunError::Wire(WireError::Stopped));
             }
             // Relaxed: a progress figure.
             let n = self.frames.load(Ordering::Relaxed);
@@ -540,10 +549,21 @@ impl Dest<'_> {
             if placed != last.0 {
                 last = (placed, now_ns());
             } else if placed < pending && now_ns() - last.1 > cfg.idle_timeout.as_nanos() as u64 {
-                self.fail(RunError::Stalled {
-                    received: placed,
-                    total: pending,
-                    idle: cfg.idle_timeout,
+                // Nothing placed for the idle limit: a lost connection if nothing arrives
+                // on either channel either (a partition, a stopped source), else a stall.
+                let silent =
+                    self.both_silent(WireError::Timeout(Channel::Urgent, cfg.idle_timeout));
+                self.fail(match silent {
+                    WireError::Timeout(Channel::Both, _)
+                        if self.channel_quiet(&self.bg_progress, cfg.idle_timeout) =>
+                    {
+                        RunError::Wire(silent)
+                    }
+                    _ => RunError::Stalled {
+                        received: placed,
+                        total: pending,
+                        idle: cfg.idle_timeout,
+                    },
                 });
                 break;
             }
@@ -562,6 +582,15 @@ impl Dest<'_> {
                         ops_at_complete = Some(m.counters().iter().map(|c| c.ops).sum::<u64>());
                         m.finish_all();
                     }
+                    // The transfer is complete: say so now, whatever the guest still does
+                    // (its final check, the rest of a slow stream), so that the source's
+                    // idle limit never depends on how long the guest runs afterwards.
+                    // Relaxed: see `fail`.
+                    self.finished.store(true, Ordering::Relaxed);
+                    if let Err(e) = self.send_rp(RpKind::Done, &[]) {
+                        self.fail(e.into());
+                        break;
+                    }
                 }
                 let guest_done = match (&vcpus, &thread_guest) {
                     (Some(vs), _) => vs.iter().all(|h| h.is_finished()),
@@ -569,15 +598,12 @@ impl Dest<'_> {
                     (None, None) => true,
                 };
                 if guest_done {
-                    // Relaxed: see `fail`.
-                    self.finished.store(true, Ordering::Relaxed);
-                    if let Err(e) = self.send_rp(RpKind::Done, &[]) {
-                        self.fail(e.into());
-                    }
                     break;
                 }
             }
         }
+        // Where postcopy got to (a failed run reports it).
+        progress(self.mem.placed(), pending);
         // Collect the guest.
         if let (Some(vs), Some(m)) = (vcpus, self.machine) {
             if ops_at_complete.is_none() || self.stopped() {

@@ -8,7 +8,8 @@
 
 use std::collections::VecDeque;
 use std::net::TcpStream;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use super::{Dest, RunError};
 use crate::clock::now_ns;
@@ -44,7 +45,7 @@ impl Dest<'_> {
             let ready = wait_readable(stream, timeout).map_err(|e| WireError::Io(chan, e))?;
             if !ready {
                 if queue.is_empty() {
-                    g.check(last, chan)?;
+                    g.check(last, chan).map_err(|e| self.both_silent(e))?;
                 }
                 continue;
             }
@@ -59,6 +60,8 @@ impl Dest<'_> {
             self.frames.fetch_add(1, Ordering::Relaxed);
             if chan == Channel::Background {
                 self.bg_progress.store(last, Ordering::Relaxed);
+            } else {
+                self.urgent_progress.store(last, Ordering::Relaxed);
             }
             match h.kind {
                 FrameKind::Pages | FrameKind::Zero | FrameKind::Switch | FrameKind::Summary => {
@@ -75,6 +78,29 @@ impl Dest<'_> {
                 }
                 FrameKind::Pong => {}
             }
+        }
+    }
+
+    /// Whether the channel whose last frame `stamp` holds has been silent for most (half)
+    /// of `idle`: two channels cut at once fall silent at about the same time.
+    pub(super) fn channel_quiet(&self, stamp: &AtomicU64, idle: Duration) -> bool {
+        // Relaxed: a coarse timestamp compared with a limit of seconds.
+        now_ns().saturating_sub(stamp.load(Ordering::Relaxed)) > idle.as_nanos() as u64 / 2
+    }
+
+    /// A receiver's timeout, named for both channels when both fell silent: the urgent
+    /// receiver's idle timer already runs from the background channel's last frame; the
+    /// background's counts the urgent channel (preempt modes) by its last frame too.
+    pub(super) fn both_silent(&self, e: WireError) -> WireError {
+        let WireError::Timeout(chan, idle) = e else {
+            return e;
+        };
+        if chan == Channel::Urgent
+            || (self.preempt && self.channel_quiet(&self.urgent_progress, idle))
+        {
+            WireError::Timeout(Channel::Both, idle)
+        } else {
+            e
         }
     }
 

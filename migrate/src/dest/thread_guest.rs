@@ -18,7 +18,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::memory::DestMemory;
-use crate::clock::{now_ns, sleep_until};
+use crate::clock::{now_ns, sleep_until_unless};
 use crate::guest::image::{kv_geometry, kv_home, kv_key, kv_slot, kv_value, page_checksum};
 use crate::guest::layout::{GuestLayout, TARGET_PAGE};
 use crate::guest::{Workload, STREAM_FRAME_PAGES};
@@ -217,9 +217,10 @@ fn stream(g: &mut ThreadGuest<'_>, layout: &GuestLayout, rate: u64, r: &mut Work
     let mut pause_to = 0;
     let frames = layout.stream.clone().step_by(STREAM_FRAME_PAGES as usize);
     for (i, first) in frames.enumerate() {
-        let due = start + i as u64 * interval;
-        if now_ns() < due {
-            sleep_until(due);
+        let due = start.saturating_add((i as u64).saturating_mul(interval));
+        if now_ns() < due && !sleep_until_unless(due, || g.aborted()) {
+            r.completed = false;
+            return;
         }
         for page in first..(first + STREAM_FRAME_PAGES).min(layout.stream.end) {
             if !read_page(g, page, r) {

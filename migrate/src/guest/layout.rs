@@ -145,13 +145,14 @@ impl fmt::Display for GuestLayoutError {
         match self {
             Self::NotWholeHostPages { mem, host_page } => write!(
                 f,
-                "{mem} bytes of RAM do not split into two blocks of whole {host_page} host pages"
+                "{} of RAM does not split into two blocks of whole {host_page} host pages",
+                human_size(*mem)
             ),
             Self::TooSmall { mem, min } => write!(
                 f,
-                "{} MiB of RAM is too small: at least {} MiB with this host page",
-                mem >> 20,
-                min >> 20
+                "{} of RAM is too small: at least {} with this host page",
+                human_size(*mem),
+                human_size(*min)
             ),
             Self::TooLarge { mem } => write!(
                 f,
@@ -165,6 +166,17 @@ impl fmt::Display for GuestLayoutError {
 }
 
 impl std::error::Error for GuestLayoutError {}
+
+/// `bytes` as a size is typed: `3 GiB`, `64 MiB`, `12 KiB`, or `4097 bytes`.
+pub fn human_size(bytes: u64) -> String {
+    match bytes {
+        0 => "0 bytes".into(),
+        b if b % (1 << 30) == 0 => format!("{} GiB", b >> 30),
+        b if b % (1 << 20) == 0 => format!("{} MiB", b >> 20),
+        b if b % (1 << 10) == 0 => format!("{} KiB", b >> 10),
+        b => format!("{b} bytes"),
+    }
+}
 
 /// The guest's memory layout; see the [module docs](self).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -186,6 +198,15 @@ pub struct GuestLayout {
 }
 
 impl GuestLayout {
+    /// The least RAM (a power of two) a guest with `host_page` host pages can have.
+    pub fn min_mem(host_page: HostPageSize) -> u64 {
+        let mut m = 4 * host_page.bytes();
+        while m < MAX_MEM && Self::new(m, host_page, 1).is_err() {
+            m *= 2;
+        }
+        m
+    }
+
     /// The layout of `mem` bytes of RAM in `host_page` host pages, for `vcpus` vCPUs.
     pub fn new(mem: u64, host_page: HostPageSize, vcpus: u32) -> Result<Self, GuestLayoutError> {
         if vcpus == 0 || vcpus > MAX_VCPUS {
@@ -195,7 +216,13 @@ impl GuestLayout {
             return Err(GuestLayoutError::TooLarge { mem });
         }
         let hp = host_page.bytes();
-        if !mem.is_multiple_of(hp) || mem < 2 * hp {
+        if mem < 2 * hp {
+            return Err(GuestLayoutError::TooSmall {
+                mem,
+                min: Self::min_mem(host_page),
+            });
+        }
+        if !mem.is_multiple_of(hp) {
             return Err(GuestLayoutError::NotWholeHostPages { mem, host_page });
         }
         let pages = mem / TARGET_PAGE;
@@ -371,12 +398,29 @@ mod tests {
             GuestLayout::new(64 << 20, HostPageSize::Small, 0),
             Err(GuestLayoutError::Vcpus(0))
         ));
-        assert!(matches!(
-            GuestLayout::new(3 << 20, HostPageSize::Huge2M, 1),
-            Err(GuestLayoutError::NotWholeHostPages { .. })
-        ));
+        let e = GuestLayout::new(67 << 20, HostPageSize::Huge2M, 1).unwrap_err();
+        assert!(
+            matches!(e, GuestLayoutError::NotWholeHostPages { .. }),
+            "{e:?}"
+        );
+        assert!(
+            e.to_string().starts_with("67 MiB of RAM does not split"),
+            "{e}"
+        );
         let e = GuestLayout::new(2 << 20, HostPageSize::Small, 1).unwrap_err();
         assert!(e.to_string().contains("too small"), "{e}");
+        // No RAM at all, or less than two host pages: too small, with the least that works.
+        for (mem, hp) in [(0, HostPageSize::Small), (3 << 20, HostPageSize::Huge2M)] {
+            let e = GuestLayout::new(mem, hp, 1).unwrap_err();
+            let min = GuestLayout::min_mem(hp);
+            assert_eq!(e, GuestLayoutError::TooSmall { mem, min });
+            assert!(GuestLayout::new(min, hp, 1).is_ok());
+            assert!(GuestLayout::new(min / 2, hp, 1).is_err());
+        }
+        assert_eq!(human_size(0), "0 bytes");
+        assert_eq!(human_size(3000 << 10), "3000 KiB");
+        assert_eq!(human_size(4097), "4097 bytes");
+        assert_eq!(human_size(2 << 30), "2 GiB");
         assert!(GuestLayout::new(128 << 30, HostPageSize::Small, 1).is_err());
     }
 

@@ -184,9 +184,17 @@ impl CompareOptions {
             },
             qemu: c.qemu,
             settle: parse_duration(&c.settle).map_err(|e| format!("--settle: {e}"))?,
-            stream_rate: parse_size(&c.stream_rate)
-                .map_err(|e| format!("--stream-rate: {e}"))?
-                .max(1),
+            stream_rate: match parse_size(&c.stream_rate)
+                .map_err(|e| format!("--stream-rate {}: {e}", c.stream_rate))?
+            {
+                0 => {
+                    return Err(format!(
+                        "--stream-rate {}: a stream needs a rate above 0 bytes/s",
+                        c.stream_rate
+                    ))
+                }
+                r => r,
+            },
             seed: c.seed,
             pin,
             workdir,

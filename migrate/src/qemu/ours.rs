@@ -64,7 +64,7 @@ impl Source {
         let mut c = link.command(End::Source, &setup.exe);
         c.arg("--listen")
             .arg(format!("{}:{}", link.ip(End::Source), setup.port))
-            .args(["--guest", "kvm", "--timeout", "60s"])
+            .args(["--timeout", "60s"])
             .args(["--pin", if setup.pin { "auto" } else { "off" }])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

@@ -14,8 +14,9 @@
 //! 4. when the destination says `DONE`, the source sends its counters and the checksum of
 //!    every page as it was at the switch-over.
 //!
-//! Any failure stops every thread, shuts the sockets down (which unblocks the peer) and ends
-//! the session with a typed error.
+//! Any failure stops every thread and ends the session with a typed error; the reason goes
+//! to the destination in an `ABORT` frame before the connections close (except the test
+//! hook's drop, which cuts them as a crash would).
 
 pub mod memory;
 pub mod postcopy;
@@ -41,9 +42,14 @@ use crate::handshake::{self, Accepted};
 use crate::link::Link;
 use crate::options::{DirtyTracking, GuestKind, MigrationMode, SourceFault};
 use crate::pin::{PinPlan, Role};
-use crate::wire::{Channel, FrameKind, Guard, Hello, Summary, SwitchOver, WireError};
+use crate::wire::{
+    write_parts, Channel, FrameHeader, FrameKind, Guard, Hello, Summary, SwitchOver, WireError,
+};
 use memory::SourceMemory;
 use send::{Hooks, Outbound, SendError, Sent};
+
+/// How long a failing source waits, after its `ABORT` frame, for the destination to hang up.
+const ABORT_LINGER: Duration = Duration::from_secs(1);
 
 /// How many rejected requests are reported by message (all are counted).
 const REJECTED_KEPT: usize = 8;
@@ -115,8 +121,41 @@ impl SourceServer {
         Ok(t)
     }
 
+    /// Refuses a guest whose memory does not fit in what this machine has available: the
+    /// image template (unless the cached one is reused) and guest RAM (normal memory for 4 KiB
+    /// host pages; hugetlb pages, checked when mapped, for 2 MiB).
+    fn check_memory(&self, layout: &GuestLayout, seed: u64) -> Result<(), String> {
+        // A cached template is reused, or freed before the new one is built.
+        let (cached, freed) = {
+            let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+            match cache.as_ref() {
+                Some(t)
+                    if t.layout().ram() == layout.ram()
+                        && t.layout().vcpus() == layout.vcpus()
+                        && t.seed() == seed =>
+                {
+                    (true, 0)
+                }
+                Some(t) => (false, t.layout().mem()),
+                None => (false, 0),
+            }
+        };
+        let copies = u64::from(!cached)
+            + u64::from(layout.host_page() == crate::guest::layout::HostPageSize::Small);
+        crate::warm::check_fits(
+            &format!(
+                "a {} MiB guest ({copies} cop{} of its RAM at the source)",
+                layout.mem() >> 20,
+                if copies == 1 { "y" } else { "ies" }
+            ),
+            copies * layout.mem(),
+            crate::warm::mem_available().map(|a| a + freed),
+        )
+    }
+
     fn prepare(&self, h: &Hello) -> Result<Prepared, String> {
         let layout = &h.guest.layout;
+        self.check_memory(layout, h.guest.seed)?;
         let template = self.template(layout, h.guest.seed)?;
         let params = Params::new(layout, h.workload, h.guest.seed, STREAM_FRAME_PAGES);
         let mem = SourceMemory::new(&template, &params)?;
@@ -150,20 +189,50 @@ impl SourceServer {
         })
     }
 
-    /// Serves sessions until `stop` is raised, reporting each with `log`.
-    pub fn serve(&self, stop: &AtomicBool, mut log: impl FnMut(Result<SessionReport, WireError>)) {
-        loop {
-            match self.serve_session(stop) {
-                Err(WireError::Stopped) => return,
-                r => log(r),
+    /// Serves sessions until `stop` is raised or `sessions` migrations have been served (a
+    /// session counts once its handshake is done, whether it then succeeds or fails; a
+    /// connection that never completes one does not count), reporting each with `log`.
+    pub fn serve(
+        &self,
+        stop: &AtomicBool,
+        sessions: Option<u64>,
+        mut log: impl FnMut(Result<SessionReport, WireError>),
+    ) {
+        let mut served = 0;
+        while sessions.map_or(true, |n| served < n) {
+            match self.session(stop) {
+                Err((_, WireError::Stopped)) => return,
+                Err((accepted, e)) => {
+                    served += u64::from(accepted);
+                    log(Err(e));
+                }
+                Ok(r) => {
+                    served += 1;
+                    log(Ok(r));
+                }
             }
         }
     }
 
     /// Accepts and serves one session.
     pub fn serve_session(&self, stop: &AtomicBool) -> Result<SessionReport, WireError> {
+        self.session(stop).map_err(|(_, e)| e)
+    }
+
+    /// Accepts and serves one session; an error says whether the handshake had completed.
+    fn session(&self, stop: &AtomicBool) -> Result<SessionReport, (bool, WireError)> {
         let (acc, prepared) =
-            handshake::accept(&self.listener, stop, self.idle, |h| self.prepare(h))?;
+            handshake::accept(&self.listener, stop, self.idle, |h| self.prepare(h))
+                .map_err(|e| (false, e))?;
+        self.run_session(stop, acc, prepared).map_err(|e| (true, e))
+    }
+
+    fn run_session(
+        &self,
+        stop: &AtomicBool,
+        acc: Accepted,
+        prepared: Prepared,
+    ) -> Result<SessionReport, WireError> {
         let Accepted {
             hello,
             main,
@@ -193,6 +262,7 @@ impl SourceServer {
                     ),
                     drop_after: hello.drop_after,
                 },
+                torn_main: AtomicBool::new(false),
             },
             same_clock,
             pin: self.pin,
@@ -244,16 +314,24 @@ impl Session<'_> {
         self.stop.load(Ordering::Relaxed)
     }
 
-    /// Records the first failure and stops everything.
+    /// Records the first failure and stops everything. Every thread polls the flag (its I/O
+    /// waits at most [`crate::wire::POLL_SLICE`]); the connections stay up so that the
+    /// session's end can tell the destination why ([`Self::tell_peer`]), except for the
+    /// test hook's drop, which cuts them at once as a crash would.
     fn fail(&self, e: WireError) {
-        let mut f = self.failure.lock().unwrap_or_else(|p| p.into_inner());
-        if f.is_none() && !matches!(e, WireError::Stopped) {
-            *f = Some(e);
+        let dropped = matches!(e, WireError::Dropped(_));
+        {
+            let mut f = self.failure.lock().unwrap_or_else(|p| p.into_inner());
+            if f.is_none() && !matches!(e, WireError::Stopped) {
+                *f = Some(e);
+            }
         }
-        // Relaxed: the flag is polled; the sockets' shutdown is what unblocks threads.
+        // Relaxed: the flag is polled; the joins after it are what the session waits on.
         self.stop.store(true, Ordering::Relaxed);
-        let _ = self.out.main.shutdown(Shutdown::Both);
-        let _ = self.out.urgent.shutdown(Shutdown::Both);
+        if dropped {
+            let _ = self.out.main.shutdown(Shutdown::Both);
+            let _ = self.out.urgent.shutdown(Shutdown::Both);
+        }
         if let Some(m) = self.machine {
             m.kick_all();
         }
@@ -264,11 +342,63 @@ impl Session<'_> {
             SendError::Wire(w) => w,
             SendError::Memory(m) => WireError::Malformed(Channel::Background, m),
             // Test hook: drop both connections as a crashed source would.
-            SendError::Dropped(n) => WireError::PeerAbort(
-                Channel::Background,
-                format!("connections dropped on purpose after {n} host pages (test hook)"),
-            ),
+            SendError::Dropped(n) => WireError::Dropped(n),
         });
+    }
+
+    /// At the end of a failed session (every sending thread joined): sends the reason in an
+    /// `ABORT` frame on the main connection, where the last frame went out whole and the
+    /// destination may still be listening, waits briefly for the destination to hang up (so
+    /// that it reads the reason before it sees the urgent connection close), and closes both
+    /// connections.
+    fn tell_peer(&self, e: &WireError) {
+        // Relaxed: written by the sending threads, which have been joined.
+        let whole = !self.out.torn_main.load(Ordering::Relaxed);
+        let worth = !matches!(
+            e,
+            WireError::Dropped(_)
+                | WireError::PeerAbort(..)
+                | WireError::Closed(_)
+                | WireError::Io(..)
+        );
+        if whole && worth {
+            let msg = match e {
+                WireError::Stopped => "the source is shutting down".to_string(),
+                e => e.to_string(),
+            };
+            let msg = &msg.as_bytes()[..msg.len().min(4096)];
+            let h = FrameHeader {
+                kind: FrameKind::Abort,
+                block: 0,
+                offset: 0,
+                len: msg.len() as u64,
+                arrival_ns: now_ns(),
+            };
+            let quiet = AtomicBool::new(false);
+            let g = Guard {
+                stop: &quiet,
+                idle: self.idle.min(ABORT_LINGER),
+                keepalive: None,
+            };
+            if write_parts(self.out.main, &[&h.encode(), msg], &g, Channel::Background).is_ok() {
+                let _ = self.out.main.shutdown(Shutdown::Write);
+                // Discard whatever the destination still sends until it closes.
+                let end = now_ns() + ABORT_LINGER.as_nanos() as u64;
+                let mut sink = [0u8; 4096];
+                while now_ns() < end {
+                    match std::io::Read::read(&mut &*self.out.main, &mut sink) {
+                        Ok(0) => break,
+                        Ok(_) => {}
+                        Err(e)
+                            if e.kind() == std::io::ErrorKind::WouldBlock
+                                || e.kind() == std::io::ErrorKind::TimedOut => {}
+                        Err(_) => break,
+                    }
+                }
+            }
+        }
+        let _ = self.out.main.shutdown(Shutdown::Both);
+        let _ = self.out.urgent.shutdown(Shutdown::Both);
     }
 
     fn layout(&self) -> &GuestLayout {
@@ -279,8 +409,24 @@ impl Session<'_> {
         self.mem.bitmap()
     }
 
+    /// Runs the session; a failure is told to the destination before the connections close.
     fn run(&self, rings: Vec<DirtyRing>) -> Result<Summary, WireError> {
-        handshake::answer_pings_until_start(self.out.main, &self.guard(false))?;
+        // Before `START` only pongs go out; a failure there is a silent or closed connection,
+        // or a frame out of place, and the pongs are whole unless a write failed.
+        if let Err(e) = handshake::answer_pings_until_start(self.out.main, &self.guard(false)) {
+            if matches!(e, WireError::Malformed(..)) {
+                self.tell_peer(&e);
+            }
+            return Err(e);
+        }
+        let r = self.transfer(rings);
+        if let Err(e) = &r {
+            self.tell_peer(e);
+        }
+        r
+    }
+
+    fn transfer(&self, rings: Vec<DirtyRing>) -> Result<Summary, WireError> {
         // Relaxed: a coarse timestamp for idle checks.
         self.bg_progress.store(now_ns(), Ordering::Relaxed);
         // Migration starts: every page is still to send.
@@ -435,9 +581,7 @@ impl Session<'_> {
                 .map_err(|e| match e {
                     SendError::Wire(w) => w,
                     SendError::Memory(m) => WireError::Malformed(Channel::Background, m),
-                    SendError::Dropped(n) => {
-                        WireError::PeerAbort(Channel::Background, format!("dropped after {n}"))
-                    }
+                    SendError::Dropped(n) => WireError::Dropped(n),
                 })
             })();
             // Stop the guest wherever it is, then everything else that marks pages.

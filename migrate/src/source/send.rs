@@ -81,6 +81,9 @@ pub struct Outbound<'a> {
     pub sent: Sent,
     /// Test hooks.
     pub hooks: Hooks,
+    /// A frame write on the main connection failed, perhaps part way (so no `ABORT` frame
+    /// may follow it).
+    pub torn_main: AtomicBool,
 }
 
 /// Why sending stopped.
@@ -203,7 +206,14 @@ impl Outbound<'_> {
             len,
             arrival_ns: slot.arrival_ns,
         };
-        write_parts(stream, &[&h.encode(), payload], guard, chan)?;
+        if let Err(e) = write_parts(stream, &[&h.encode(), payload], guard, chan) {
+            // Part of the frame may be out: nothing more can follow it on this channel.
+            if chan != Channel::Urgent {
+                // Relaxed: read after the writing threads are joined.
+                self.torn_main.store(true, Ordering::Relaxed);
+            }
+            return Err(e);
+        }
         let counter = match kind {
             FrameKind::Pages | FrameKind::Zero if self.sent.precopy_done() => {
                 &self.sent.postcopy_bytes

@@ -1,11 +1,15 @@
 //! The destination's hello (what it asks the source to migrate) and the source's reply.
 //!
-//! Hello: `"PHMIGRT2"`, then 22 little-endian `u64` fields in [`Hello::encode`]'s order, then
+//! Hello: `"PHMIGRT3"`, then 22 little-endian `u64` fields in [`Hello::encode`]'s order, then
 //! the 36-byte boot id. Every field is decoded into its typed value and checked here (enum
 //! codes, host page size, claim batch, the guest layout), so the rest of the source sees
 //! only values that make sense; a bad field is a [`WireError::Malformed`] saying which.
 //!
-//! Reply: `token u64 | boot id [36] | message length u32 | message` (empty when accepted).
+//! Reply: `"PHMIGRS3" | token u64 | boot id [36] | message length u32 | message` (empty when
+//! accepted, at most 4096 bytes).
+//!
+//! The last byte of both magics is the protocol version: a peer of another version, or
+//! another service altogether, is named as such instead of being misread.
 
 use std::net::TcpStream;
 
@@ -57,7 +61,15 @@ pub struct Hello {
     pub boot_id: [u8; 36],
 }
 
-const MAGIC: &[u8; 8] = b"PHMIGRT2";
+/// The protocol version both directions carry (the last byte of each magic).
+pub const VERSION: u8 = b'3';
+const MAGIC: &[u8; 8] = b"PHMIGRT3";
+const REPLY_MAGIC: &[u8; 8] = b"PHMIGRS3";
+
+/// `found`, an 8-byte magic, as printable text.
+fn shown(found: &[u8]) -> String {
+    found.escape_ascii().to_string()
+}
 const FIELDS: usize = 22;
 const LEN: usize = 8 + FIELDS * 8 + 36;
 
@@ -109,7 +121,18 @@ impl Hello {
     pub fn decode(b: &[u8; LEN]) -> Result<Self, WireError> {
         let bad = |what: String| WireError::Malformed(Channel::Handshake, what);
         if &b[..8] != MAGIC {
-            return Err(bad("not a pagehint-migrate destination (bad hello)".into()));
+            return Err(bad(if b[..7] == MAGIC[..7] {
+                format!(
+                    "the destination speaks protocol version {}, this source version {}",
+                    b[7].escape_ascii(),
+                    VERSION.escape_ascii()
+                )
+            } else {
+                format!(
+                    "not a pagehint-migrate destination (its hello starts \"{}\")",
+                    shown(&b[..8])
+                )
+            }));
         }
         let v = |i: usize| u64::from_le_bytes(b[8 + i * 8..16 + i * 8].try_into().expect("8"));
         let role = match (v(0), v(1)) {
@@ -129,7 +152,10 @@ impl Hello {
         let mut guest =
             GuestSpec::new(kind, v(5), host_page, vcpus).map_err(|e| bad(format!("guest: {e}")))?;
         guest.seed = v(8);
-        guest.stream_rate = v(9).max(1);
+        guest.stream_rate = match v(9) {
+            0 => return Err(bad("stream rate of 0 bytes/s".into())),
+            r => r,
+        };
         let rounds = u32::try_from(v(10)).map_err(|_| bad(format!("{} precopy rounds", v(10))))?;
         let tracking = DirtyTracking::from_code(v(11))
             .ok_or_else(|| bad(format!("unknown dirty tracking {}", v(11))))?;
@@ -167,6 +193,9 @@ impl Hello {
     }
 }
 
+/// Longest refusal message a reply carries.
+const MAX_REPLY_MESSAGE: u32 = 4096;
+
 /// The source's answer to a hello.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HelloReply {
@@ -182,19 +211,45 @@ impl HelloReply {
     /// Writes the reply.
     pub fn write(&self, s: &TcpStream, guard: &Guard<'_>) -> Result<(), WireError> {
         let msg = self.error.as_bytes();
-        let mut head = Vec::with_capacity(48);
+        let msg = &msg[..msg.len().min(MAX_REPLY_MESSAGE as usize)];
+        let mut head = Vec::with_capacity(56);
+        head.extend_from_slice(REPLY_MAGIC);
         head.extend_from_slice(&self.token.to_le_bytes());
         head.extend_from_slice(&self.boot_id);
         head.extend_from_slice(&(msg.len() as u32).to_le_bytes());
         write_parts(s, &[&head, msg], guard, Channel::Handshake)
     }
 
-    /// Reads a reply.
+    /// Reads a reply; a peer that is not a pagehint-migrate source (or speaks another
+    /// version) is named as such.
     pub fn read(s: &TcpStream, guard: &Guard<'_>) -> Result<Self, WireError> {
+        let mut magic = [0u8; 8];
+        read_full(s, &mut magic, guard, Channel::Handshake).map_err(|e| match e {
+            WireError::Closed(c) => WireError::Malformed(
+                c,
+                "the peer closed the connection without answering the hello: not a pagehint-migrate source?".into(),
+            ),
+            e => e,
+        })?;
+        if &magic != REPLY_MAGIC {
+            let what = if magic[..7] == REPLY_MAGIC[..7] {
+                format!(
+                    "the source speaks protocol version {}, this destination version {}",
+                    magic[7].escape_ascii(),
+                    VERSION.escape_ascii()
+                )
+            } else {
+                format!(
+                    "not a pagehint-migrate source (it answered \"{}\")",
+                    shown(&magic)
+                )
+            };
+            return Err(WireError::Malformed(Channel::Handshake, what));
+        }
         let mut head = [0u8; 48];
         read_full(s, &mut head, guard, Channel::Handshake)?;
         let len = u32::from_le_bytes(head[44..48].try_into().expect("4 bytes"));
-        if len > 4096 {
+        if len > MAX_REPLY_MESSAGE {
             return Err(WireError::Malformed(
                 Channel::Handshake,
                 format!("hello reply message of {len} bytes"),
@@ -243,6 +298,61 @@ mod tests {
     }
 
     #[test]
+    fn another_service_or_version_is_named_in_both_directions() {
+        let mut b = hello().encode();
+        b[7] = b'2';
+        let e = Hello::decode(&b).unwrap_err().to_string();
+        assert!(
+            e.contains("protocol version 2, this source version 3"),
+            "{e}"
+        );
+        b[..8].copy_from_slice(b"GET / HT");
+        let e = Hello::decode(&b).unwrap_err().to_string();
+        assert!(e.contains("not a pagehint-migrate destination"), "{e}");
+
+        use std::io::Write;
+        use std::sync::atomic::AtomicBool;
+        let stop = AtomicBool::new(false);
+        let g = Guard {
+            stop: &stop,
+            idle: std::time::Duration::from_secs(5),
+            keepalive: None,
+        };
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let read_after = |answer: &[u8]| {
+            let c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+            let (mut s, _) = l.accept().unwrap();
+            s.write_all(answer).unwrap();
+            drop(s);
+            super::super::configure(&c).unwrap();
+            HelloReply::read(&c, &g)
+        };
+        let e = read_after(b"SSH-2.0-OpenSSH_9.2p1 Debian-2\r\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not a pagehint-migrate source"), "{e}");
+        assert!(e.contains("SSH-2.0-"), "{e}");
+        let e = read_after(b"PHMIGRS2").unwrap_err().to_string();
+        assert!(
+            e.contains("protocol version 2, this destination version 3"),
+            "{e}"
+        );
+        let e = read_after(b"").unwrap_err().to_string();
+        assert!(e.contains("not a pagehint-migrate source"), "{e}");
+        // A real reply, refusal and all, round-trips.
+        let reply = HelloReply {
+            error: "no".into(),
+            token: 7,
+            boot_id: [b'b'; 36],
+        };
+        let c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (s, _) = l.accept().unwrap();
+        reply.write(&s, &g).unwrap();
+        super::super::configure(&c).unwrap();
+        assert_eq!(HelloReply::read(&c, &g).unwrap(), reply);
+    }
+
+    #[test]
     fn every_bad_field_is_named() {
         let good = hello().encode();
         for (field, value, says) in [
@@ -254,6 +364,7 @@ mod tests {
             (16, 48, "48"),
             (17, 1u64 << 40, "scan start"),
             (5, 3 << 20, "guest"),
+            (9, 0, "stream rate of 0"),
         ] {
             let mut b = good;
             b[8 + field * 8..16 + field * 8].copy_from_slice(&value.to_le_bytes());

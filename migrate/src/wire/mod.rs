@@ -50,6 +50,9 @@ pub enum Channel {
     ReturnPath,
     /// Connection setup.
     Handshake,
+    /// Both connections at once (the background and the urgent channel fell silent
+    /// together: a partition, or a source that stopped).
+    Both,
 }
 
 impl fmt::Display for Channel {
@@ -59,6 +62,7 @@ impl fmt::Display for Channel {
             Self::Urgent => "urgent channel",
             Self::ReturnPath => "return path",
             Self::Handshake => "handshake",
+            Self::Both => "background and urgent channels (both connections)",
         })
     }
 }
@@ -74,10 +78,14 @@ pub enum WireError {
     Io(Channel, io::Error),
     /// The peer sent something that is not a frame of this protocol.
     Malformed(Channel, String),
-    /// The peer reported an error and aborted.
+    /// The source reported an error and aborted (its `ABORT` frame, read by the
+    /// destination).
     PeerAbort(Channel, String),
     /// This side was asked to stop.
     Stopped,
+    /// Test hook: this side (the source) dropped both connections on purpose after this many
+    /// host pages, as a crashed source would.
+    Dropped(u64),
 }
 
 impl fmt::Display for WireError {
@@ -87,8 +95,12 @@ impl fmt::Display for WireError {
             Self::Timeout(c, d) => write!(f, "connection lost: nothing on the {c} for {d:?}"),
             Self::Io(c, e) => write!(f, "connection lost on the {c}: {e}"),
             Self::Malformed(c, what) => write!(f, "protocol error on the {c}: {what}"),
-            Self::PeerAbort(c, msg) => write!(f, "the peer aborted ({c}): {msg}"),
+            Self::PeerAbort(c, msg) => write!(f, "the source aborted ({c}): {msg}"),
             Self::Stopped => write!(f, "stopped"),
+            Self::Dropped(n) => write!(
+                f,
+                "connections dropped on purpose after {n} host pages (test hook)"
+            ),
         }
     }
 }
@@ -280,6 +292,23 @@ mod tests {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let a = TcpStream::connect(l.local_addr().unwrap()).unwrap();
         (a, l.accept().unwrap().0)
+    }
+
+    #[test]
+    fn errors_say_whose_they_are() {
+        // The source's own test-hook drop is not the peer aborting.
+        let d = WireError::Dropped(1000).to_string();
+        assert_eq!(
+            d,
+            "connections dropped on purpose after 1000 host pages (test hook)"
+        );
+        let a = WireError::PeerAbort(Channel::Background, "no memory".into()).to_string();
+        assert_eq!(a, "the source aborted (background channel): no memory");
+        let both = WireError::Timeout(Channel::Both, Duration::from_secs(20)).to_string();
+        assert!(
+            both.contains("nothing on the background and urgent channels"),
+            "{both}"
+        );
     }
 
     #[test]

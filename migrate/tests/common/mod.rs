@@ -57,6 +57,7 @@ pub fn check_verified(r: &RunResult) {
         r.mode
     );
     assert_eq!(r.guest_check_errors, 0);
+    assert!(r.raced_faults <= r.faults, "raced faults are faults");
 }
 
 /// Huge pages for a test: one test at a time reserves them (the pool is global).

@@ -47,6 +47,10 @@ pub use crate::guest::layout::CODE_GPA as ENTRY;
 /// The I/O port the program reports events on (one byte, an [`Event`]).
 pub const EVENT_PORT: u16 = 0x0ee0;
 
+/// A stream frame due more than this many TSC ticks from now (a few ms) is slept for again
+/// rather than spun for.
+const RESLEEP_TSC: i32 = 1 << 24;
+
 /// What the program tells the host through [`EVENT_PORT`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
@@ -729,16 +733,24 @@ impl Gen {
         self.event(Event::Sleep)?;
         {
             // Then wait out what is left (all of it where no host sleeps for the guest: a
-            // booted guest's `out` goes nowhere).
+            // booted guest's `out` goes nowhere), stopping when asked to; far from due (the
+            // host sleeps at most a second at a time, and a stop cuts its sleep short), ask
+            // for another sleep instead of spinning.
             let a = &mut self.a;
             let mut spin = a.create_label();
             a.set_label(&mut spin)?;
+            a.cmp(qword_ptr(r14 + mb::STOP), 0)?;
+            a.jne(stop)?;
             a.rdtsc()?;
             a.shl(rdx, 32)?;
             a.or(rax, rdx)?;
             a.add(rax, qword_ptr(r14 + mb::CLOCK_OFFSET))?;
-            a.cmp(rax, qword_ptr(rsp))?;
+            a.mov(rcx, qword_ptr(rsp))?;
+            a.cmp(rax, rcx)?;
             a.jae(read)?;
+            a.sub(rcx, rax)?;
+            a.cmp(rcx, RESLEEP_TSC)?;
+            a.ja(frame)?;
             a.pause()?;
             a.jmp(spin)?;
             a.set_label(&mut read)?;

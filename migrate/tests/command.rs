@@ -1,0 +1,153 @@
+//! The command line as a user meets it (thread guest, small RAM): a listener that serves one
+//! migration and exits, every run recorded when some fail, and outputs checked before any
+//! run. Every test bounds its own run time, so a hang is a failure.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::within;
+
+fn exe() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_pagehint-migrate"))
+}
+
+#[test]
+fn a_listener_with_once_serves_one_migration_and_exits() {
+    let mut source = exe()
+        .args(["--listen", "127.0.0.1:0", "--pin", "off", "--once"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(source.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line.trim().rsplit(' ').next().unwrap().to_string();
+    let dest = within(Duration::from_secs(60), move || {
+        exe()
+            .args([
+                "--connect",
+                &addr,
+                "--guest",
+                "thread",
+                "--mem",
+                "16M",
+                "--pin",
+                "off",
+                "--quiet",
+                "--modes",
+                "preempt",
+                "--workloads",
+                "seq",
+            ])
+            .output()
+            .unwrap()
+    });
+    let stdout = String::from_utf8_lossy(&dest.stdout);
+    assert!(
+        dest.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&dest.stderr)
+    );
+    assert!(stdout.contains("verified"), "{stdout}");
+    let status = within(Duration::from_secs(20), move || source.wait().unwrap());
+    assert!(
+        status.success(),
+        "the listener exits 0 after its one session"
+    );
+}
+
+#[test]
+fn failed_runs_are_recorded_with_how_far_they_got_and_the_rest_still_run() {
+    let dir = std::env::temp_dir().join(format!("pagehint-failed-rows-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let json = dir.join("r.json");
+    let out = within(Duration::from_secs(60), {
+        let json = json.clone();
+        move || {
+            exe()
+                .args([
+                    "--guest",
+                    "thread",
+                    "--mem",
+                    "16M",
+                    "--pin",
+                    "off",
+                    "--quiet",
+                    "--modes",
+                    "preempt",
+                    "--workloads",
+                    "seq,random",
+                    // Test hook: the source drops both connections after 1000 host pages.
+                    "--test-drop-after",
+                    "100",
+                    "--json",
+                ])
+                .arg(&json)
+                .output()
+                .unwrap()
+        }
+    });
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(2), "{stdout}");
+    let rows: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let rows = rows.as_array().unwrap();
+    assert_eq!(rows.len(), 2, "both runs recorded: {rows:?}");
+    for r in rows {
+        assert!(
+            r["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("connection lost")),
+            "{r}"
+        );
+        // Postcopy, with the pages placed, unless the drop beat the switch-over frame's
+        // arrival (the destination then never left precopy, and says so).
+        assert!(
+            r["reached"].as_str().is_some_and(|e| {
+                (e.starts_with("postcopy: ") && e.ends_with(" of 4096 host pages placed"))
+                    || e == "before postcopy (setup, handshake or precopy)"
+            }),
+            "{r}"
+        );
+        assert_eq!(r["verified"], false);
+        assert_eq!(r["stream_rate"], 256u64 << 20);
+    }
+    assert_eq!(
+        stdout.matches("FAILED").count(),
+        4,
+        "two run lines, two table rows: {stdout}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn an_unwritable_output_is_refused_before_any_run() {
+    let t = Instant::now();
+    let out = exe()
+        .args([
+            "--guest",
+            "thread",
+            "--mem",
+            "16M",
+            "--svg",
+            "/nonexistent-dir/p.svg",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--svg /nonexistent-dir/p.svg: cannot write it"),
+        "{err}"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).is_empty(),
+        "nothing ran"
+    );
+    assert!(t.elapsed() < Duration::from_secs(10));
+}

@@ -1,0 +1,302 @@
+//! What real migrations meet beyond a clean run (thread guest, small RAM, a few seconds
+//! each): a guest that keeps playing long after the last page is placed, a client that
+//! connects and says nothing, a hello asking for more memory than the source has, a peer
+//! that is not a pagehint-migrate source, and a source that fails and says why. Every test
+//! bounds its own run time, so a hang is a failure.
+
+mod common;
+
+use std::io::Write;
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::AtomicBool;
+use std::time::{Duration, Instant};
+
+use common::{check_verified, config, within};
+use pagehint_migrate::clock::{boot_id, now_ns};
+use pagehint_migrate::guest::layout::HostPageSize;
+use pagehint_migrate::handshake::{self, ConnectError};
+use pagehint_migrate::options::{GuestKind, GuestSpec};
+use pagehint_migrate::wire::{
+    read_full, write_parts, Channel, FrameHeader, FrameKind, Guard, Hello, Role, RpHeader, RpKind,
+};
+use pagehint_migrate::{
+    run_destination, LocalSource, MigrationMode, PinPlan, RunConfig, RunError, Workload,
+};
+
+const MEM: u64 = 16 << 20;
+
+fn cfg() -> RunConfig {
+    config(GuestKind::Thread, MEM, HostPageSize::Small, 1)
+}
+
+fn hello(c: &RunConfig) -> Hello {
+    Hello {
+        role: Role::Main,
+        mode: MigrationMode::Preempt,
+        workload: Workload::Seq,
+        guest: c.guest.clone(),
+        precopy: c.precopy,
+        link: c.link,
+        claim_batch: c.claim_batch,
+        scan_start: 0,
+        drop_after: 0,
+        source_fault: c.source_fault,
+        boot_id: boot_id(),
+    }
+}
+
+#[test]
+fn a_guest_that_plays_long_after_the_last_page_does_not_time_the_source_out() {
+    // The thread guest plays its stream window (a sixteenth of RAM: 1 MiB) at 384 KiB/s, so
+    // about 2.7 s, most of it after postcopy has placed every page; the source gives up
+    // after 1 s of silence on the return path. DONE goes out when the last page is placed.
+    let r = within(Duration::from_secs(60), || {
+        let src = LocalSource::start(PinPlan::OFF, Duration::from_secs(1), true).unwrap();
+        let mut c = cfg();
+        c.guest.stream_rate = 384 << 10;
+        let t = Instant::now();
+        let r = run_destination(
+            src.addr(),
+            &c,
+            MigrationMode::Preempt,
+            Workload::Stream,
+            &|_, _| {},
+        );
+        (r, t.elapsed())
+    });
+    let (r, took) = r;
+    let r = r.unwrap_or_else(|e| panic!("the guest outlived the source's idle limit: {e}"));
+    check_verified(&r);
+    assert!(
+        took > Duration::from_secs(2),
+        "the guest played its whole window ({took:?})"
+    );
+    assert!(
+        r.duration_ms < 1000.0,
+        "postcopy ended long before the guest did: {} ms",
+        r.duration_ms
+    );
+}
+
+#[test]
+fn a_client_that_connects_and_says_nothing_does_not_hold_up_a_real_destination() {
+    let (r, took) = within(Duration::from_secs(60), || {
+        // The source's idle limit is 20 s; the destination gives up on the source after 10.
+        let src = LocalSource::start(PinPlan::OFF, Duration::from_secs(20), true).unwrap();
+        let silent = TcpStream::connect(src.addr()).unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        let t = Instant::now();
+        let r = run_destination(
+            src.addr(),
+            &cfg(),
+            MigrationMode::PreemptHint,
+            Workload::Random,
+            &|_, _| {},
+        );
+        drop(silent);
+        (r, t.elapsed())
+    });
+    check_verified(&r.unwrap_or_else(|e| panic!("a silent client blocked the source: {e}")));
+    assert!(
+        took < handshake::HELLO_DEADLINE + Duration::from_secs(5),
+        "took {took:?}"
+    );
+}
+
+#[test]
+fn the_source_refuses_a_guest_that_does_not_fit_in_its_memory_and_says_why() {
+    let big = pagehint_migrate::guest::layout::MAX_MEM;
+    if pagehint_migrate::warm::mem_available().is_some_and(|a| a >= 2 * big) {
+        eprintln!("SKIPPED: this machine has room for two 64 GiB copies");
+        return;
+    }
+    let r = within(Duration::from_secs(30), move || {
+        let c = cfg();
+        let src = LocalSource::start(PinPlan::OFF, c.idle_timeout, false).unwrap();
+        let mut h = hello(&c);
+        h.guest = GuestSpec::new(GuestKind::Thread, big, HostPageSize::Small, 1).unwrap();
+        handshake::connect(src.addr(), &h, c.idle_timeout).map(|_| ())
+    });
+    match r {
+        Err(ConnectError::Refused(why)) => {
+            assert!(why.contains("a 65536 MiB guest"), "{why}");
+            assert!(why.contains("MiB are available"), "{why}");
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_peer_that_is_not_a_pagehint_migrate_source_is_named() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let _ = s.write_all(b"HTTP/1.0 400 Bad Request\r\n\r\n");
+        std::thread::sleep(Duration::from_secs(2));
+    });
+    let e = within(Duration::from_secs(30), move || {
+        run_destination(
+            addr,
+            &cfg(),
+            MigrationMode::Preempt,
+            Workload::Seq,
+            &|_, _| {},
+        )
+    })
+    .expect_err("an HTTP server is no source");
+    let msg = e.to_string();
+    assert!(msg.contains("not a pagehint-migrate source"), "{msg}");
+    assert!(msg.contains("HTTP/1.0"), "{msg}");
+}
+
+#[test]
+fn a_failing_source_sends_its_reason_in_an_abort_frame() {
+    // A destination that breaks the protocol after START: the source fails with a protocol
+    // error and must say so on the main connection before closing it.
+    let msg = within(Duration::from_secs(30), || {
+        let c = cfg();
+        let src = LocalSource::start(PinPlan::OFF, c.idle_timeout, false).unwrap();
+        let conn = handshake::connect(src.addr(), &hello(&c), c.idle_timeout).unwrap();
+        let stop = AtomicBool::new(false);
+        let g = Guard {
+            stop: &stop,
+            idle: Duration::from_secs(10),
+            keepalive: None,
+        };
+        let start = RpHeader {
+            kind: RpKind::Start,
+            len: 0,
+            sent_ns: now_ns(),
+        };
+        write_parts(&conn.main, &[&start.encode()], &g, Channel::ReturnPath).unwrap();
+        write_parts(
+            &conn.main,
+            &[b"not a frame at all"],
+            &g,
+            Channel::ReturnPath,
+        )
+        .unwrap();
+        // Read page frames until the abort.
+        loop {
+            let mut hb = [0u8; FrameHeader::LEN];
+            read_full(&conn.main, &mut hb, &g, Channel::Background)
+                .expect("the source closed without an ABORT frame");
+            let h = FrameHeader::decode(&hb, Channel::Background).unwrap();
+            let mut body = vec![0u8; h.payload_len() as usize];
+            read_full(&conn.main, &mut body, &g, Channel::Background).unwrap();
+            if h.kind == FrameKind::Abort {
+                break String::from_utf8(body).unwrap();
+            }
+        }
+    });
+    assert!(msg.contains("protocol error on the return path"), "{msg}");
+    assert!(msg.contains("magic"), "{msg}");
+}
+
+#[test]
+fn the_destination_reports_the_reason_a_source_gave() {
+    // A source that refuses nothing but aborts right after START with a reason.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let stop = AtomicBool::new(false);
+        let r = handshake::accept(&listener, &stop, Duration::from_secs(10), |_| Ok(()));
+        let (acc, ()) = r.unwrap();
+        let g = Guard {
+            stop: &stop,
+            idle: Duration::from_secs(10),
+            keepalive: None,
+        };
+        handshake::answer_pings_until_start(&acc.main, &g).unwrap();
+        let why = b"the source guest failed: a test said so";
+        let h = FrameHeader {
+            kind: FrameKind::Abort,
+            block: 0,
+            offset: 0,
+            len: why.len() as u64,
+            arrival_ns: now_ns(),
+        };
+        write_parts(&acc.main, &[&h.encode(), why], &g, Channel::Background).unwrap();
+        std::thread::sleep(Duration::from_secs(2));
+    });
+    let e = within(Duration::from_secs(30), move || {
+        run_destination(
+            addr,
+            &cfg(),
+            MigrationMode::Preempt,
+            Workload::Seq,
+            &|_, _| {},
+        )
+    })
+    .expect_err("the source aborted");
+    assert!(matches!(e, RunError::Wire(_)), "{e:?}");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("the source aborted") && msg.contains("a test said so"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn a_source_that_falls_silent_mid_postcopy_is_reported_on_both_channels() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+    // A source process, stopped (SIGSTOP) once postcopy is under way: both connections stay
+    // open and both fall silent, as in a network partition.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pagehint-migrate"))
+        .args(["--listen", "127.0.0.1:0", "--pin", "off", "--once"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line.trim().rsplit(' ').next().unwrap().parse().unwrap();
+    let pid = child.id() as i32;
+    let placed = Arc::new(AtomicU64::new(0));
+    let stopper = {
+        let placed = Arc::clone(&placed);
+        std::thread::spawn(move || {
+            // Relaxed: a polled progress figure.
+            while placed.load(Ordering::Relaxed) == 0 {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            // SAFETY: signals our own child process.
+            unsafe { libc::kill(pid, libc::SIGSTOP) };
+        })
+    };
+    let r = within(Duration::from_secs(30), move || {
+        // A slow link, so that postcopy is still running when the source stops.
+        let mut c = cfg();
+        c.idle_timeout = Duration::from_secs(1);
+        c.link.bandwidth_bps = 50_000_000;
+        run_destination(
+            addr,
+            &c,
+            MigrationMode::Preempt,
+            Workload::Random,
+            // Relaxed: a progress figure for the stopper thread.
+            &|n, _| placed.store(n, Ordering::Relaxed),
+        )
+    });
+    stopper.join().unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    let e = r.expect_err("the source stopped");
+    assert!(
+        matches!(
+            e,
+            RunError::Wire(pagehint_migrate::wire::WireError::Timeout(Channel::Both, _))
+        ),
+        "{e:?}"
+    );
+    assert!(
+        e.to_string().contains("background and urgent channels"),
+        "{e}"
+    );
+}
