@@ -199,7 +199,7 @@ impl SourceServer {
         mut log: impl FnMut(Result<SessionReport, WireError>),
     ) {
         let mut served = 0;
-        while sessions.map_or(true, |n| served < n) {
+        while sessions.is_none_or(|n| served < n) {
             match self.session(stop) {
                 Err((_, WireError::Stopped)) => return,
                 Err((accepted, e)) => {
