@@ -3,16 +3,23 @@
 //! target directory.
 //!
 //! The workloads are those of the criterion benches (`benches/common/`), timed here with a
-//! short, fixed protocol so the whole report takes about a minute on 2 cores: each case is
-//! calibrated to about [`SAMPLE`] per sample, then ours and the baseline are sampled
-//! alternately [`SAMPLES`] times and the medians compared. Latency cases record every
-//! request's latency and report percentiles over all of them.
+//! short, fixed protocol so the whole report takes about a minute on 2 cores. Each ratio is
+//! the median of [`Protocol::repetitions`] independent repetitions (default 5), reported with
+//! its min–max; a case whose spread (max / min) exceeds 2× is flagged unstable. One
+//! repetition calibrates both sides afresh to about [`Protocol::sample`] per sample, runs one
+//! discarded warm-up sample of each (caches, frequency ramp), then samples ours and the
+//! baseline alternately [`Protocol::samples`] times and compares the medians. Latency cases
+//! record every request's latency; each repetition is one alternating chunk of requests, and
+//! its percentiles are that chunk's.
 //!
 //! Options (after `cargo bench-report`):
 //! * `--only A,B`: only cases whose name contains one of the substrings;
 //! * `--threads 1,2,4,8,16`: the scaling table instead (multi-thread marking, and urgent
 //!   latency with a busy sender, an urgent thread and N-2 dirty-log mergers), written to
 //!   `bench-report-scaling.{json,md}`;
+//! * `--repetitions N`: independent repetitions per case (default 5, at least 1);
+//! * `--long`: longer repetitions (9 samples of ~25 ms instead of 3 of ~10 ms), about three
+//!   times the run time, for a report to quote;
 //! * `--update-benchmarks-md`: also replace the generated table in `BENCHMARKS.md`;
 //! * `--out DIR`: write the files to DIR instead of the target directory;
 //! * a bare word: like `--only` (so `cargo bench -- FILTER` filters this binary's cases too).
@@ -28,24 +35,54 @@ use std::time::{Duration, Instant};
 
 use common::bitmap_cases::{Claiming, Density, ManyMarkers, Marking, Merging, NextDirty};
 use common::hint_cases::{uncontended, Cells, HintCell, TwoThreads};
+use common::kvm_log::KvmLogSync;
 use common::scheduler_cases::{ScanClaim, ScanClaimWithUrgent, Side, UrgentLatency};
 use common::{percentile, size_name, GIB};
 use pagehint::ClaimBatch;
 
-/// Target duration of one timed sample.
-const SAMPLE: Duration = Duration::from_millis(25);
-/// Samples per contender and case.
-const SAMPLES: usize = 9;
-/// Urgent requests per contender in a latency case (in [`LATENCY_CHUNKS`] alternating chunks).
+/// Urgent requests per contender in a latency case (split into one chunk per repetition).
 const LATENCY_REQUESTS: u64 = 200_000;
-const LATENCY_CHUNKS: u64 = 4;
+/// A case whose max / min ratio over its repetitions exceeds this is flagged unstable.
+const UNSTABLE_SPREAD: f64 = 2.0;
+
+/// How each case is timed.
+#[derive(Clone, Copy, Debug)]
+struct Protocol {
+    /// Independent repetitions per case.
+    repetitions: usize,
+    /// Alternating samples per side in one repetition.
+    samples: usize,
+    /// Target duration of one timed sample.
+    sample: Duration,
+}
+
+impl Protocol {
+    const DEFAULT: Self = Self {
+        repetitions: 5,
+        samples: 3,
+        sample: Duration::from_millis(10),
+    };
+    const LONG: Self = Self {
+        repetitions: 5,
+        samples: 9,
+        sample: Duration::from_millis(25),
+    };
+    const SMOKE: Self = Self {
+        repetitions: 1,
+        samples: 1,
+        sample: Duration::ZERO,
+    };
+}
+
+/// One repetition's figures: ours and the baseline, in the row's unit.
+type Rep = (f64, f64);
 
 /// One line of the report.
 struct Row {
     case: String,
-    ours_ns: f64,
+    /// One (ours, baseline) per repetition.
+    reps: Vec<Rep>,
     baseline: String,
-    baseline_ns: f64,
     /// What one "ns" figure is (per take, per page, per pass, p99 of requests...).
     unit: &'static str,
     /// The issue's target ratio, if this case has one on this machine.
@@ -54,13 +91,36 @@ struct Row {
 }
 
 impl Row {
+    fn ratios(&self) -> Vec<f64> {
+        self.reps.iter().map(|&(o, b)| b / o).collect()
+    }
+    /// The median ratio (baseline / ours) over the repetitions.
     fn ratio(&self) -> f64 {
-        self.baseline_ns / self.ours_ns
+        median(self.ratios())
+    }
+    fn ratio_min(&self) -> f64 {
+        self.ratios().into_iter().fold(f64::INFINITY, f64::min)
+    }
+    fn ratio_max(&self) -> f64 {
+        self.ratios().into_iter().fold(f64::NEG_INFINITY, f64::max)
+    }
+    /// Median of our figures over the repetitions.
+    fn ours_ns(&self) -> f64 {
+        median(self.reps.iter().map(|r| r.0).collect())
+    }
+    /// Median of the baseline's figures over the repetitions.
+    fn baseline_ns(&self) -> f64 {
+        median(self.reps.iter().map(|r| r.1).collect())
+    }
+    /// Whether the repetitions disagree by more than [`UNSTABLE_SPREAD`].
+    fn unstable(&self) -> bool {
+        self.reps.len() > 1 && self.ratio_max() > UNSTABLE_SPREAD * self.ratio_min()
     }
 }
 
 struct Opts {
     smoke: bool,
+    protocol: Protocol,
     only: Vec<String>,
     threads: Option<Vec<usize>>,
     update_md: bool,
@@ -68,8 +128,14 @@ struct Opts {
 }
 
 fn opts() -> Opts {
+    let smoke = common::smoke_test();
     let mut o = Opts {
-        smoke: common::smoke_test(),
+        smoke,
+        protocol: if smoke {
+            Protocol::SMOKE
+        } else {
+            Protocol::DEFAULT
+        },
         only: Vec::new(),
         threads: None,
         update_md: false,
@@ -96,6 +162,25 @@ fn opts() -> Opts {
                     _ => {
                         eprintln!("--threads wants a list of positive counts, like 1,2,4,8,16");
                         std::process::exit(2);
+                    }
+                }
+            }
+            "--repetitions" => match args.next().and_then(|n| n.parse::<usize>().ok()) {
+                Some(n) if n > 0 => {
+                    if !o.smoke {
+                        o.protocol.repetitions = n
+                    }
+                }
+                _ => {
+                    eprintln!("--repetitions wants a positive count, like 5");
+                    std::process::exit(2);
+                }
+            },
+            "--long" => {
+                if !o.smoke {
+                    o.protocol = Protocol {
+                        repetitions: o.protocol.repetitions,
+                        ..Protocol::LONG
                     }
                 }
             }
@@ -146,16 +231,16 @@ impl Sizes {
     }
 }
 
-/// Calibrates `f` (iterations → elapsed) so one call takes about [`SAMPLE`].
-fn calibrate(f: &mut dyn FnMut(u64) -> Duration, smoke: bool) -> u64 {
-    if smoke {
+/// Calibrates `f` (iterations → elapsed) so one call takes about `p.sample`.
+fn calibrate(f: &mut dyn FnMut(u64) -> Duration, p: Protocol) -> u64 {
+    if p.sample.is_zero() {
         return 1;
     }
     let mut iters = 1u64;
     loop {
         let d = f(iters);
-        if d >= SAMPLE / 8 || iters >= 1 << 40 {
-            let scaled = (iters as f64 * SAMPLE.as_secs_f64() / d.as_secs_f64().max(1e-9)).ceil();
+        if d >= p.sample / 8 || iters >= 1 << 40 {
+            let scaled = (iters as f64 * p.sample.as_secs_f64() / d.as_secs_f64().max(1e-9)).ceil();
             return (scaled as u64).max(1);
         }
         iters *= 4;
@@ -167,21 +252,30 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// Ours and the baseline, sampled alternately; medians of ns per iteration / `per_iter`.
+/// Ours and the baseline: `p.repetitions` independent repetitions, each calibrated afresh,
+/// warmed up (one discarded call per side) and sampled alternately `p.samples` times; per
+/// repetition the medians of ns per iteration / `per_iter`.
 fn pair(
-    smoke: bool,
+    p: Protocol,
     per_iter: f64,
     ours: &mut dyn FnMut(u64) -> Duration,
     base: &mut dyn FnMut(u64) -> Duration,
-) -> (f64, f64) {
-    let (io, ib) = (calibrate(ours, smoke), calibrate(base, smoke));
-    let samples = if smoke { 1 } else { SAMPLES };
-    let (mut so, mut sb) = (Vec::new(), Vec::new());
-    for _ in 0..samples {
-        so.push(ours(io).as_nanos() as f64 / io as f64 / per_iter);
-        sb.push(base(ib).as_nanos() as f64 / ib as f64 / per_iter);
-    }
-    (median(so), median(sb))
+) -> Vec<Rep> {
+    (0..p.repetitions)
+        .map(|_| {
+            let (io, ib) = (calibrate(ours, p), calibrate(base, p));
+            if !p.sample.is_zero() {
+                ours(io);
+                base(ib);
+            }
+            let (mut so, mut sb) = (Vec::new(), Vec::new());
+            for _ in 0..p.samples {
+                so.push(ours(io).as_nanos() as f64 / io as f64 / per_iter);
+                sb.push(base(ib).as_nanos() as f64 / ib as f64 / per_iter);
+            }
+            (median(so), median(sb))
+        })
+        .collect()
 }
 
 struct Report {
@@ -205,7 +299,7 @@ impl Report {
     fn push(
         &mut self,
         case: String,
-        (ours_ns, baseline_ns): (f64, f64),
+        reps: Vec<Rep>,
         baseline: &str,
         unit: &'static str,
         target: Option<f64>,
@@ -213,26 +307,28 @@ impl Report {
     ) {
         let row = Row {
             case,
-            ours_ns,
+            reps,
             baseline: baseline.to_owned(),
-            baseline_ns,
             unit,
             target,
             note,
         };
         eprintln!(
-            "[{:>5.1}s] {:<44} {:>12.2} {:>12.2} {:>8.2}x",
+            "[{:>5.1}s] {:<44} {:>12.2} {:>12.2} {:>8.2}x  ({:.2}–{:.2}){}",
             self.started.elapsed().as_secs_f64(),
             row.case,
-            row.ours_ns,
-            row.baseline_ns,
-            row.ratio()
+            row.ours_ns(),
+            row.baseline_ns(),
+            row.ratio(),
+            row.ratio_min(),
+            row.ratio_max(),
+            if row.unstable() { "  UNSTABLE" } else { "" }
         );
         self.rows.push(row);
     }
 
     fn hint(&mut self) {
-        let smoke = self.o.smoke;
+        let proto = self.o.protocol;
         if self.wants_any(&["hint_uncontended"]) {
             let cells = Cells::default();
             for (cell, name) in [
@@ -241,7 +337,7 @@ impl Report {
             ] {
                 if self.wants(name) {
                     let r = pair(
-                        smoke,
+                        proto,
                         1.0,
                         &mut |n| uncontended(&cells, HintCell::Ours, n),
                         &mut |n| uncontended(&cells, cell, n),
@@ -261,27 +357,38 @@ impl Report {
             "hint_2thread_vs_std_mutex",
             "hint_2thread_vs_parking_lot",
             "hint_2thread_vs_bare_atomic",
+            "hint_2thread_per_hint_vs_std_mutex",
+            "hint_2thread_per_hint_vs_parking_lot",
+            "hint_2thread_per_hint_vs_bare_atomic",
         ]) {
             let two = TwoThreads::new();
             if !two.pinned() {
                 self.unpinned.push("hint_2thread".into());
             }
-            for (cell, name, target) in [
-                (HintCell::StdMutex, "hint_2thread_vs_std_mutex", Some(10.0)),
+            // The floor: the crate's cell must stay within 1.3x of a bare atomic's cost, per
+            // take and per hint delivered (ratio >= 1 / 1.3).
+            let floor = Some(0.77);
+            for (cell, name, target, per_hint_target) in [
+                (
+                    HintCell::StdMutex,
+                    "hint_2thread_vs_std_mutex",
+                    Some(10.0),
+                    None,
+                ),
                 (
                     HintCell::ParkingLot,
                     "hint_2thread_vs_parking_lot",
                     Some(5.0),
+                    None,
                 ),
-                // The floor: does the crate's cell keep a bare atomic's cost?
-                (HintCell::Bare, "hint_2thread_vs_bare_atomic", None),
+                (HintCell::Bare, "hint_2thread_vs_bare_atomic", floor, floor),
             ] {
                 if self.wants(name) {
                     // Also count the takes that found a hint: a mutex the taker holds most of
                     // the time makes its takes cheap and empty, so the rate explains the time.
                     let (mut ho, mut hb) = ((0u64, 0u64), (0u64, 0u64));
                     let r = pair(
-                        smoke,
+                        proto,
                         1.0,
                         &mut |n| {
                             let d = two.run(HintCell::Ours, n);
@@ -309,17 +416,41 @@ impl Report {
                         note,
                     );
                 }
+                // The same race, per hint *delivered*: the taker's time divided by the takes
+                // that found a hint (a cell whose takes mostly come back empty is cheap per
+                // take and dear per hint).
+                let per_hint = name.replace("hint_2thread_", "hint_2thread_per_hint_");
+                if self.wants(&per_hint) {
+                    let per_delivered = |cell: HintCell, n: u64| {
+                        let d = two.run(cell, n);
+                        d.mul_f64(n as f64 / two.last_hits().max(1) as f64)
+                    };
+                    let r = pair(
+                        proto,
+                        1.0,
+                        &mut |n| per_delivered(HintCell::Ours, n),
+                        &mut |n| per_delivered(cell, n),
+                    );
+                    self.push(
+                        per_hint,
+                        r,
+                        cell.label(),
+                        "ns per hint delivered, other thread offering",
+                        per_hint_target,
+                        String::new(),
+                    );
+                }
             }
         }
     }
 
     fn bitmap(&mut self) {
-        let smoke = self.o.smoke;
+        let (smoke, proto) = (self.o.smoke, self.o.protocol);
         let sz = Sizes::new(smoke);
         if self.wants_any(&["mark_page_vs_vm_memory", "mark_range_256_vs_vm_memory"]) {
             let m = Marking::new(sz.mark_guest);
             if self.wants("mark_page_vs_vm_memory") {
-                let r = pair(smoke, 1.0, &mut |n| m.page_ours(n), &mut |n| m.page_vmm(n));
+                let r = pair(proto, 1.0, &mut |n| m.page_ours(n), &mut |n| m.page_vmm(n));
                 self.push(
                     "mark_page_vs_vm_memory".into(),
                     r,
@@ -330,7 +461,7 @@ impl Report {
                 );
             }
             if self.wants("mark_range_256_vs_vm_memory") {
-                let r = pair(smoke, 1.0, &mut |n| m.range_ours(n), &mut |n| {
+                let r = pair(proto, 1.0, &mut |n| m.range_ours(n), &mut |n| {
                     m.range_vmm(n)
                 });
                 self.push(
@@ -358,13 +489,14 @@ impl Report {
             let size = size_name(sz.merge_guest);
             let read_case = format!("merge_log_{dname}_{size}_vs_read_bandwidth");
             let qemu_case = format!("merge_log_{dname}_{size}_vs_qemu");
-            if !self.wants_any(&[&read_case, &qemu_case]) {
+            let kvm_case = format!("merge_log_{dname}_{size}_vs_kvm_sync");
+            if !self.wants_any(&[&read_case, &qemu_case, &kvm_case]) {
                 continue;
             }
             let m = Merging::new(sz.merge_guest, density);
             let note = format!("log of {}", bytes_name(m.log_bytes()));
             if self.wants(&read_case) {
-                let r = pair(smoke, 1.0, &mut |n| m.ours(n), &mut |n| m.read(n));
+                let r = pair(proto, 1.0, &mut |n| m.ours(n), &mut |n| m.read(n));
                 self.push(
                     read_case,
                     r,
@@ -375,15 +507,38 @@ impl Report {
                 );
             }
             if self.wants(&qemu_case) && density == Density::Random {
-                let r = pair(smoke, 1.0, &mut |n| m.ours(n), &mut |n| m.qemu(n));
+                let r = pair(proto, 1.0, &mut |n| m.ours(n), &mut |n| m.qemu(n));
                 self.push(
                     qemu_case,
                     r,
                     "QEMU port: plain OR under bitmap_mutex",
                     "ns per merge",
                     None,
-                    note,
+                    note.clone(),
                 );
+            }
+            // What the merge sits next to: the kernel's side of the same sync.
+            if self.wants(&kvm_case) && density == Density::Random {
+                match KvmLogSync::new(sz.merge_guest, &m.log) {
+                    Ok(mut k) => {
+                        let r = pair(proto, 1.0, &mut |n| m.ours(n), &mut |n| k.sync(n));
+                        let share = 1.0 / (1.0 + median(r.iter().map(|&(o, b)| b / o).collect()));
+                        let note = format!(
+                            "{note}; a real KVM slot of {} GiB with the same log; the merge is {:.0}% of a whole sync (ioctls + merge)",
+                            sz.merge_guest >> 30,
+                            100.0 * share
+                        );
+                        self.push(
+                            kvm_case,
+                            r,
+                            "KVM_GET_DIRTY_LOG + KVM_CLEAR_DIRTY_LOG (manual protect), untouched slot: a floor",
+                            "ns per sync",
+                            None,
+                            note,
+                        );
+                    }
+                    Err(why) => eprintln!("{kvm_case}: skipped, {why}"),
+                }
             }
         }
         for &bytes in &sz.next_dirty {
@@ -399,7 +554,7 @@ impl Report {
                 let note = format!("{} bitmap, dirty pages: {}", bytes_name(f.bytes()), f.dirty);
                 if sparse && self.wants(&read_case) {
                     let target = (bytes == 1 << 40).then_some(0.8);
-                    let r = pair(smoke, 1.0, &mut |n| f.ours(n), &mut |n| f.read(n));
+                    let r = pair(proto, 1.0, &mut |n| f.ours(n), &mut |n| f.read(n));
                     self.push(
                         read_case,
                         r,
@@ -410,7 +565,7 @@ impl Report {
                     );
                 }
                 if self.wants(&bitvec_case) && (!sparse || bytes == 1 << 40 || smoke) {
-                    let r = pair(smoke, 1.0, &mut |n| f.ours(n), &mut |n| f.bitvec(n));
+                    let r = pair(proto, 1.0, &mut |n| f.ours(n), &mut |n| f.bitvec(n));
                     self.push(
                         bitvec_case,
                         r,
@@ -424,7 +579,7 @@ impl Report {
         }
         if self.wants("claim_page_vs_qemu") {
             let c = Claiming::new(sz.claim_guest, common::PAGE);
-            let r = pair(smoke, 1.0, &mut |n| c.page_ours(n), &mut |n| c.page_qemu(n));
+            let r = pair(proto, 1.0, &mut |n| c.page_ours(n), &mut |n| c.page_qemu(n));
             self.push(
                 "claim_page_vs_qemu".into(),
                 r,
@@ -436,7 +591,7 @@ impl Report {
         }
         if self.wants("claim_host_page_2mib_vs_qemu") {
             let c = Claiming::new(sz.claim_guest, 2 << 20);
-            let r = pair(smoke, 1.0, &mut |n| c.host_page_ours(n), &mut |n| {
+            let r = pair(proto, 1.0, &mut |n| c.host_page_ours(n), &mut |n| {
                 c.host_page_qemu(n)
             });
             self.push(
@@ -460,7 +615,7 @@ impl Report {
         if !m.pinned() {
             self.unpinned.push(case.clone());
         }
-        let r = pair(self.o.smoke, 1.0, &mut |n| m.run(true, n), &mut |n| {
+        let r = pair(self.o.protocol, 1.0, &mut |n| m.run(true, n), &mut |n| {
             m.run(false, n)
         });
         let target = (threads >= 16).then_some(50.0);
@@ -480,7 +635,7 @@ impl Report {
     }
 
     fn scheduler(&mut self) {
-        let smoke = self.o.smoke;
+        let (smoke, proto) = (self.o.smoke, self.o.protocol);
         let sz = Sizes::new(smoke);
         let batches = [ClaimBatch::DEFAULT, ClaimBatch::WORD, ClaimBatch::HOST_PAGE];
         let names = [
@@ -496,7 +651,7 @@ impl Report {
             let pages = f.s.pages as f64;
             for (i, name) in names.iter().enumerate() {
                 if self.wants(name) {
-                    let r = pair(smoke, pages, &mut |n| f.run(Side::Ours(i), n), &mut |n| {
+                    let r = pair(proto, pages, &mut |n| f.run(Side::Ours(i), n), &mut |n| {
                         f.run(Side::Qemu, n)
                     });
                     let target = (i == 0).then_some(0.8);
@@ -517,7 +672,7 @@ impl Report {
                 (1, "scan_claim_1thread_word_vs_plain_bitops"),
             ] {
                 if self.wants(name) {
-                    let r = pair(smoke, pages, &mut |n| f.run(Side::Ours(i), n), &mut |n| {
+                    let r = pair(proto, pages, &mut |n| f.run(Side::Ours(i), n), &mut |n| {
                         f.run(Side::Plain, n)
                     });
                     let note = format!("ClaimBatch: {} target pages", batches[i].get());
@@ -539,7 +694,7 @@ impl Report {
                 self.unpinned.push(name.into());
             }
             let pages = f.pages as f64;
-            let r = pair(smoke, pages, &mut |n| f.run(Side::Ours(0), n), &mut |n| {
+            let r = pair(proto, pages, &mut |n| f.run(Side::Ours(0), n), &mut |n| {
                 f.run(Side::Qemu, n)
             });
             let note = format!(
@@ -592,31 +747,46 @@ impl Report {
             if !f.pinned() {
                 self.unpinned.push(format!("{prefix}urgent_busy{tag}"));
             }
-            let (mut so, mut sb) = (Vec::new(), Vec::new());
             // A short warm-up of each side, discarded.
             f.run(Side::Ours(b), requests / 20 + 1, None);
             f.run(Side::Qemu, requests / 20 + 1, None);
-            let chunks = if self.o.smoke { 1 } else { LATENCY_CHUNKS };
-            for _ in 0..chunks {
-                f.run(Side::Ours(b), requests / chunks, Some(&mut so));
-                f.run(Side::Qemu, requests / chunks, Some(&mut sb));
+            // One repetition = one alternating chunk of requests per side.
+            let reps = self.o.protocol.repetitions as u64;
+            let chunk = (requests / reps).max(1);
+            let mut chunks: Vec<(Vec<u64>, Vec<u64>)> = Vec::new();
+            for _ in 0..reps {
+                let (mut so, mut sb) = (Vec::new(), Vec::new());
+                f.run(Side::Ours(b), chunk, Some(&mut so));
+                f.run(Side::Qemu, chunk, Some(&mut sb));
+                so.sort_unstable();
+                sb.sort_unstable();
+                chunks.push((so, sb));
             }
-            so.sort_unstable();
-            sb.sort_unstable();
+            let max_us = |last: &mut dyn Iterator<Item = Option<&u64>>| {
+                last.flatten().max().copied().unwrap_or(0) as f64 / 1e3
+            };
+            let (max_ours, max_base) = (
+                max_us(&mut chunks.iter().map(|c| c.0.last())),
+                max_us(&mut chunks.iter().map(|c| c.1.last())),
+            );
             let note = format!(
-                "ClaimBatch: {}, mergers: {}, {} requests each, max {:.1} / {:.1} µs",
+                "ClaimBatch: {}, mergers: {}, {} requests per side in {} chunks, max {:.1} / {:.1} µs",
                 batches[b].get(),
                 mergers,
-                so.len(),
-                *so.last().unwrap_or(&0) as f64 / 1e3,
-                *sb.last().unwrap_or(&0) as f64 / 1e3,
+                chunk * reps,
+                reps,
+                max_ours,
+                max_base,
             );
             for (q, qn) in [(0.5, "p50"), (0.99, "p99")] {
                 let case = format!("{prefix}urgent_{qn}_busy{tag}_vs_qemu");
                 if !self.wants(&case) {
                     continue;
                 }
-                let r = (percentile(&so, q) as f64, percentile(&sb, q) as f64);
+                let r = chunks
+                    .iter()
+                    .map(|(so, sb)| (percentile(so, q) as f64, percentile(sb, q) as f64))
+                    .collect();
                 let target =
                     (qn == "p99" && b == 0 && mergers == 0 && prefix.is_empty()).then_some(5.0);
                 let unit = if qn == "p50" {
@@ -734,7 +904,8 @@ fn target_dir() -> PathBuf {
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target"))
 }
 
-/// The rows as a JSON list of `{case, ours_ns, baseline, baseline_ns, ratio}`.
+/// The rows as a JSON list of `{case, ours_ns, baseline, baseline_ns, ratio, ratio_min,
+/// ratio_max, repetitions, unstable, target}` (figures are medians over the repetitions).
 fn json(rows: &[Row]) -> String {
     fn s(x: &str) -> String {
         let mut o = String::from('"');
@@ -762,12 +933,17 @@ fn json(rows: &[Row]) -> String {
         .iter()
         .map(|r| {
             format!(
-                "  {{\"case\": {}, \"ours_ns\": {}, \"baseline\": {}, \"baseline_ns\": {}, \"ratio\": {}}}",
+                "  {{\"case\": {}, \"ours_ns\": {}, \"baseline\": {}, \"baseline_ns\": {}, \"ratio\": {}, \"ratio_min\": {}, \"ratio_max\": {}, \"repetitions\": {}, \"unstable\": {}, \"target\": {}}}",
                 s(&r.case),
-                f(r.ours_ns),
+                f(r.ours_ns()),
                 s(&r.baseline),
-                f(r.baseline_ns),
-                f(r.ratio())
+                f(r.baseline_ns()),
+                f(r.ratio()),
+                f(r.ratio_min()),
+                f(r.ratio_max()),
+                r.reps.len(),
+                r.unstable(),
+                r.target.map_or("null".into(), f),
             )
         })
         .collect();
@@ -815,38 +991,45 @@ fn markdown(r: &Report, machine: &str) -> String {
             "**Cases with more threads than the {cpus} CPUs share CPUs (pinned modulo {cpus}).**  "
         );
     }
+    let p = r.o.protocol;
     let _ = writeln!(
         md,
-        "Protocol: {} alternating samples of ~{} ms per side (medians); latency: {} requests per side in {} alternating chunks.\n",
-        SAMPLES,
-        SAMPLE.as_millis(),
+        "Protocol: {} independent repetitions per case (median ratio, min–max); each: fresh calibration, one warm-up, {} alternating samples of ~{} ms per side (medians); latency: {} requests per side, one alternating chunk per repetition. **unstable**: max / min ratio > {}×.\n",
+        p.repetitions,
+        p.samples,
+        p.sample.as_millis(),
         r.sz.latency_requests,
-        LATENCY_CHUNKS
+        UNSTABLE_SPREAD
     );
     let _ = writeln!(
         md,
-        "| case | ours | baseline | baseline figure | ratio | target | unit, notes |"
+        "| case | ours | baseline | baseline figure | ratio | min–max | target | unit, notes |"
     );
-    let _ = writeln!(md, "|---|---:|---|---:|---:|---|---|");
+    let _ = writeln!(md, "|---|---:|---|---:|---:|---:|---|---|");
     for row in &r.rows {
         let target = match row.target {
             Some(t) if row.ratio() >= t => format!("≥ {t} ✔"),
             Some(t) => format!("≥ {t} ✘ MISSED"),
             None => String::new(),
         };
-        let unit = if row.note.is_empty() {
+        let mut unit = if row.note.is_empty() {
             row.unit.to_string()
         } else {
             format!("{}; {}", row.unit, row.note)
         };
+        if row.unstable() {
+            unit = format!("**unstable**; {unit}");
+        }
         let _ = writeln!(
             md,
-            "| `{}` | {} | {} | {} | {:.2}× | {} | {} |",
+            "| `{}` | {} | {} | {} | {:.2}× | {:.2}–{:.2} | {} | {} |",
             row.case,
-            fmt_ns(row.ours_ns),
+            fmt_ns(row.ours_ns()),
             row.baseline,
-            fmt_ns(row.baseline_ns),
+            fmt_ns(row.baseline_ns()),
             row.ratio(),
+            row.ratio_min(),
+            row.ratio_max(),
             target,
             unit
         );

@@ -13,6 +13,7 @@
 pub mod bitmap_cases;
 pub mod crew;
 pub mod hint_cases;
+pub mod kvm_log;
 pub mod qemu;
 pub mod scheduler_cases;
 
