@@ -22,8 +22,8 @@
 //! prefetchers) before the gate opens; a prefetcher holds the *read* side from its removed
 //! check to the end of its copy. A copy issued while the event is queued fails with `EAGAIN`
 //! ([`PlaceError::Retry`]): the prefetcher drops the gate and retries, the event thread
-//! re-queues its own copy until after the next read. The model of this protocol, with the
-//! mutant that reads events outside the gate, is `loom-tests/src/remove.rs`.
+//! re-queues its own copy until after the next read. (A loom model of this gate, with the
+//! mutant that marks removed pages after opening it, is still to be written.)
 
 use std::fmt;
 use std::io;
