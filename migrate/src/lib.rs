@@ -36,6 +36,7 @@ mod names;
 pub mod options;
 pub mod pin;
 pub mod qemu;
+pub mod restore;
 pub mod result;
 pub mod run;
 pub mod source;

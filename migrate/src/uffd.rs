@@ -19,9 +19,9 @@ use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
 
 use linux_raw_sys::general::{
     uffd_msg, uffdio_api, uffdio_copy, uffdio_range, uffdio_register, uffdio_zeropage,
-    UFFDIO_REGISTER_MODE_MISSING, UFFD_API, UFFD_EVENT_PAGEFAULT, UFFD_FEATURE_EXACT_ADDRESS,
-    UFFD_FEATURE_MISSING_HUGETLBFS, UFFD_FEATURE_THREAD_ID, UFFD_PAGEFAULT_FLAG_WRITE,
-    UFFD_USER_MODE_ONLY,
+    UFFDIO_REGISTER_MODE_MISSING, UFFD_API, UFFD_EVENT_PAGEFAULT, UFFD_EVENT_REMOVE,
+    UFFD_FEATURE_EVENT_REMOVE, UFFD_FEATURE_EXACT_ADDRESS, UFFD_FEATURE_MISSING_HUGETLBFS,
+    UFFD_FEATURE_THREAD_ID, UFFD_PAGEFAULT_FLAG_WRITE, UFFD_USER_MODE_ONLY,
 };
 use linux_raw_sys::ioctl::{
     UFFDIO_API, UFFDIO_COPY, UFFDIO_REGISTER, UFFDIO_UNREGISTER, UFFDIO_ZEROPAGE,
@@ -69,6 +69,10 @@ pub enum PlaceError {
         /// Address of the page found present.
         addr: u64,
     },
+    /// `EAGAIN` before anything was placed, from [`Userfault::try_copy`] /
+    /// [`Userfault::try_zero`]: the address space is changing (an event such as
+    /// `UFFD_EVENT_REMOVE` is queued and not yet read). Read the events, then retry.
+    Retry,
     /// Any other failure of the ioctl.
     Os(Errno),
 }
@@ -79,6 +83,7 @@ impl fmt::Display for PlaceError {
             Self::AlreadyPlaced { addr } => {
                 write!(f, "page at {addr:#x} placed twice (UFFDIO_COPY: EEXIST)")
             }
+            Self::Retry => write!(f, "placing a page must wait: an event is pending (EAGAIN)"),
             Self::Os(e) => write!(f, "placing a page failed: {e}"),
         }
     }
@@ -97,6 +102,23 @@ pub struct Fault {
     pub tid: u32,
 }
 
+/// One event read from the descriptor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UffdEvent {
+    /// A page fault.
+    Fault(Fault),
+    /// `UFFD_EVENT_REMOVE`: `madvise(MADV_DONTNEED / MADV_REMOVE)` dropped `[start, end)`
+    /// (Firecracker's balloon); the range stays registered and faults again, on zeros.
+    Remove {
+        /// First byte.
+        start: u64,
+        /// End (exclusive).
+        end: u64,
+    },
+    /// Any other event (fork, remap, unmap: not enabled by a Firecracker-style VMM).
+    Other(u8),
+}
+
 /// A userfaultfd descriptor.
 #[derive(Debug)]
 pub struct Userfault {
@@ -111,34 +133,58 @@ impl Userfault {
     /// `/dev/userfaultfd`. Asks for thread ids and hugetlbfs where the kernel has them. The
     /// error of the first attempt is returned if all fail.
     pub fn open() -> io::Result<Self> {
+        Self::open_with(0)
+    }
+
+    /// As [`open`](Self::open), also asking for `UFFD_FEATURE_EVENT_REMOVE` (what Firecracker
+    /// requires of its descriptor: the balloon's `madvise` then reports removed ranges).
+    pub fn open_with_remove_events() -> io::Result<Self> {
+        Self::open_with(u64::from(UFFD_FEATURE_EVENT_REMOVE))
+    }
+
+    /// A descriptor received from another process (a VMM), which has already done the
+    /// `UFFDIO_API` handshake and registered its memory. Its features are unknown here:
+    /// faults carry a thread id only if the VMM asked for one (0 otherwise).
+    pub fn from_received(fd: OwnedFd) -> Self {
+        Self {
+            fd,
+            how: "received from the VMM",
+            features: 0,
+        }
+    }
+
+    fn open_with(extra: u64) -> io::Result<Self> {
         let flags = UserfaultfdFlags::CLOEXEC | UserfaultfdFlags::NONBLOCK;
         // SAFETY: the descriptor gives access to faults of this process only.
         let first = match unsafe { userfaultfd(flags) } {
-            Ok(fd) => return Self::handshake(fd, "userfaultfd(2)"),
+            Ok(fd) => return Self::handshake(fd, "userfaultfd(2)", extra),
             Err(e) => e,
         };
         if let Ok(dev) = std::fs::File::open("/dev/userfaultfd") {
             // SAFETY: USERFAULTFD_IOC_NEW takes the flags as its integer argument.
             if let Ok(fd) = unsafe { ioctl::ioctl(&dev, NewUffd(flags.bits())) } {
-                return Self::handshake(fd, "/dev/userfaultfd");
+                return Self::handshake(fd, "/dev/userfaultfd", extra);
             }
         }
         let user_only = flags | UserfaultfdFlags::from_bits_retain(UFFD_USER_MODE_ONLY);
         // SAFETY: as above; user-mode-only faults suffice for the thread guest.
         if let Ok(fd) = unsafe { userfaultfd(user_only) } {
-            return Self::handshake(fd, "userfaultfd(2), user-mode only");
+            return Self::handshake(fd, "userfaultfd(2), user-mode only", extra);
         }
         Err(first.into())
     }
 
-    fn handshake(fd: OwnedFd, how: &'static str) -> io::Result<Self> {
-        let wanted = u64::from(
-            UFFD_FEATURE_THREAD_ID | UFFD_FEATURE_MISSING_HUGETLBFS | UFFD_FEATURE_EXACT_ADDRESS,
-        );
+    fn handshake(fd: OwnedFd, how: &'static str, extra: u64) -> io::Result<Self> {
+        let wanted = extra
+            | u64::from(
+                UFFD_FEATURE_THREAD_ID
+                    | UFFD_FEATURE_MISSING_HUGETLBFS
+                    | UFFD_FEATURE_EXACT_ADDRESS,
+            );
         // Ask for the features; a kernel without some refuses the API call, so fall back to
         // none on a fresh descriptor's worth of state (the API call may be repeated only if
         // it failed).
-        for features in [wanted, u64::from(UFFD_FEATURE_THREAD_ID), 0] {
+        for features in [wanted, extra | u64::from(UFFD_FEATURE_THREAD_ID), extra] {
             let mut api = uffdio_api {
                 api: u64::from(UFFD_API),
                 features,
@@ -201,6 +247,22 @@ impl Userfault {
     /// # Safety
     /// `[dst, dst + src.len())` must lie in the registered range.
     pub unsafe fn copy(&self, dst: u64, src: &[u8]) -> Result<(), PlaceError> {
+        // SAFETY: forwarded to the caller.
+        unsafe { self.copy_inner(dst, src, false) }
+    }
+
+    /// As [`copy`](Self::copy), but returns [`PlaceError::Retry`] instead of spinning when
+    /// the kernel answers `EAGAIN` with nothing placed yet: a thread that also reads the
+    /// events must not spin while the event that blocks it waits to be read.
+    ///
+    /// # Safety
+    /// As [`copy`](Self::copy).
+    pub unsafe fn try_copy(&self, dst: u64, src: &[u8]) -> Result<(), PlaceError> {
+        // SAFETY: forwarded to the caller.
+        unsafe { self.copy_inner(dst, src, true) }
+    }
+
+    unsafe fn copy_inner(&self, dst: u64, src: &[u8], give_up: bool) -> Result<(), PlaceError> {
         let mut done = 0u64;
         let len = src.len() as u64;
         while done < len {
@@ -217,6 +279,7 @@ impl Userfault {
                 Ok(()) => done += c.copy.max(0) as u64,
                 // A partial copy (e.g. interrupted): continue after the copied part.
                 Err(Errno::AGAIN) if c.copy > 0 => done += c.copy as u64,
+                Err(Errno::AGAIN) if give_up && done == 0 => return Err(PlaceError::Retry),
                 Err(Errno::AGAIN) => {}
                 Err(Errno::EXIST) => return Err(PlaceError::AlreadyPlaced { addr: dst + done }),
                 Err(e) => return Err(PlaceError::Os(e)),
@@ -231,6 +294,21 @@ impl Userfault {
     /// # Safety
     /// The range must lie in the registered range.
     pub unsafe fn zero(&self, dst: u64, len: u64) -> Result<(), PlaceError> {
+        // SAFETY: forwarded to the caller.
+        unsafe { self.zero_inner(dst, len, false) }
+    }
+
+    /// As [`zero`](Self::zero), returning [`PlaceError::Retry`] on `EAGAIN` with nothing
+    /// placed (see [`try_copy`](Self::try_copy)).
+    ///
+    /// # Safety
+    /// As [`zero`](Self::zero).
+    pub unsafe fn try_zero(&self, dst: u64, len: u64) -> Result<(), PlaceError> {
+        // SAFETY: forwarded to the caller.
+        unsafe { self.zero_inner(dst, len, true) }
+    }
+
+    unsafe fn zero_inner(&self, dst: u64, len: u64, give_up: bool) -> Result<(), PlaceError> {
         let mut done = 0u64;
         while done < len {
             let mut z = uffdio_zeropage {
@@ -246,6 +324,7 @@ impl Userfault {
             match r {
                 Ok(()) => done += z.zeropage.max(0) as u64,
                 Err(Errno::AGAIN) if z.zeropage > 0 => done += z.zeropage as u64,
+                Err(Errno::AGAIN) if give_up && done == 0 => return Err(PlaceError::Retry),
                 Err(Errno::AGAIN) => {}
                 Err(Errno::EXIST) => return Err(PlaceError::AlreadyPlaced { addr: dst + done }),
                 Err(e) => return Err(PlaceError::Os(e)),
@@ -266,6 +345,17 @@ impl Userfault {
 
     /// Reads the pending events and appends the page faults to `out`.
     pub fn read_faults(&self, out: &mut Vec<Fault>) -> io::Result<()> {
+        let mut events = Vec::new();
+        self.read_events(&mut events)?;
+        out.extend(events.into_iter().filter_map(|e| match e {
+            UffdEvent::Fault(f) => Some(f),
+            _ => None,
+        }));
+        Ok(())
+    }
+
+    /// Reads the pending events, in order, and appends them to `out`.
+    pub fn read_events(&self, out: &mut Vec<UffdEvent>) -> io::Result<()> {
         const N: usize = 64;
         let mut buf = [0u8; N * std::mem::size_of::<uffd_msg>()];
         loop {
@@ -276,15 +366,25 @@ impl Userfault {
                         // SAFETY: the kernel wrote whole `struct uffd_msg`s (plain data, any bit
                         // pattern valid); read unaligned from the byte buffer.
                         let m: uffd_msg = unsafe { std::ptr::read_unaligned(raw.as_ptr().cast()) };
-                        if u32::from(m.event) == UFFD_EVENT_PAGEFAULT {
+                        let kind = u32::from(m.event);
+                        if kind == UFFD_EVENT_PAGEFAULT {
                             // SAFETY: the `pagefault` member is the one a PAGEFAULT event fills.
                             let pf = unsafe { m.arg.pagefault };
-                            out.push(Fault {
+                            out.push(UffdEvent::Fault(Fault {
                                 addr: pf.address,
                                 write: pf.flags & u64::from(UFFD_PAGEFAULT_FLAG_WRITE) != 0,
                                 // SAFETY: `ptid` is the union's only member.
                                 tid: unsafe { pf.feat.ptid },
+                            }));
+                        } else if kind == UFFD_EVENT_REMOVE {
+                            // SAFETY: the `remove` member is the one a REMOVE event fills.
+                            let r = unsafe { m.arg.remove };
+                            out.push(UffdEvent::Remove {
+                                start: r.start,
+                                end: r.end,
                             });
+                        } else {
+                            out.push(UffdEvent::Other(m.event));
                         }
                     }
                     if count < N {

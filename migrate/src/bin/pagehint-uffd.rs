@@ -1,0 +1,135 @@
+//! `pagehint-uffd`: a Firecracker-compatible userfaultfd page-fault handler that loads guest
+//! memory with pagehint's scheduler. A thin shell: cli → options → run → export.
+
+use std::os::unix::net::UnixListener;
+use std::process::ExitCode;
+
+use clap::Parser;
+use pagehint_migrate::hugepages::HugePages;
+use pagehint_migrate::restore::cli::{Action, Cli, ServeOptions};
+use pagehint_migrate::restore::compare::{compare, table};
+use pagehint_migrate::restore::export::svg;
+use pagehint_migrate::restore::handler::{handle_connection, Control};
+use pagehint_migrate::restore::source::FileSource;
+use pagehint_migrate::restore::vmm::{restore, take_snapshot, RestoreOptions, Snapshot};
+
+fn main() -> ExitCode {
+    let action = match Cli::parse().action() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match run(action) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn serve(o: ServeOptions) -> Result<(), String> {
+    let src =
+        FileSource::open(&o.mem_file).map_err(|e| format!("{}: {e}", o.mem_file.display()))?;
+    let _ = std::fs::remove_file(&o.socket);
+    let listener =
+        UnixListener::bind(&o.socket).map_err(|e| format!("{}: {e}", o.socket.display()))?;
+    eprintln!(
+        "pagehint-uffd: policy {}, {} prefetcher(s), listening on {}",
+        o.handler.policy,
+        o.handler.prefetchers,
+        o.socket.display()
+    );
+    let (conn, _) = listener.accept().map_err(|e| format!("accept: {e}"))?;
+    let report = handle_connection(&conn, &src, &o.handler, &Control::default());
+    let _ = std::fs::remove_file(&o.socket);
+    let report = report.map_err(|e| e.to_string())?;
+    let json = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
+    match o.json {
+        Some(p) => std::fs::write(&p, json).map_err(|e| format!("{}: {e}", p.display()))?,
+        None => println!("{json}"),
+    }
+    Ok(())
+}
+
+fn run(action: Action) -> Result<(), String> {
+    match action {
+        Action::Serve(o) => serve(o),
+        Action::Snapshot {
+            dir,
+            mem,
+            vcpus,
+            workload,
+            host_page,
+            warm,
+        } => {
+            let s = take_snapshot(&dir, mem, host_page, vcpus, workload, 7, warm)?;
+            println!(
+                "snapshot of {} ({} bytes, {} vCPUs) in {}",
+                s.workload,
+                mem,
+                vcpus,
+                dir.display()
+            );
+            Ok(())
+        }
+        Action::Restore {
+            dir,
+            socket,
+            run_for,
+        } => {
+            let snap = Snapshot::load(&dir)?;
+            let huge = snap.layout.host_page().bytes() > 4096;
+            let _h = if huge {
+                Some(HugePages::reserve(snap.layout.host_pages())?)
+            } else {
+                None
+            };
+            let out = restore(
+                &snap,
+                &RestoreOptions {
+                    socket,
+                    hugetlb: huge,
+                    run_for,
+                    linger: std::time::Duration::ZERO,
+                },
+                &|| true,
+            )?;
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&out).map_err(|e| e.to_string())?
+            );
+            if out.errors > 0 {
+                return Err(format!("the guest found {} bad pages", out.errors));
+            }
+            Ok(())
+        }
+        Action::Compare(o, json, svg_path) => {
+            let _h = if o.host_page.bytes() > 4096 {
+                Some(HugePages::reserve(o.mem / o.host_page.bytes() + 8)?)
+            } else {
+                None
+            };
+            let c = compare(&o, &|r| {
+                eprintln!(
+                    "{} / {}: blocktime {:.2} ms, {} faults",
+                    r.workload, r.policy, r.blocktime_total_ms, r.faults
+                )
+            })?;
+            print!("{}", table(&c));
+            if let Some(p) = json {
+                let j = serde_json::to_string_pretty(&c).map_err(|e| e.to_string())?;
+                std::fs::write(&p, j).map_err(|e| format!("{}: {e}", p.display()))?;
+            }
+            if let Some(p) = svg_path {
+                std::fs::write(&p, svg(&c)).map_err(|e| format!("{}: {e}", p.display()))?;
+            }
+            if c.rows.iter().any(|r| r.guest_errors > 0 || r.eexist > 0) {
+                return Err("a restore had guest check errors or pages placed twice".into());
+            }
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,246 @@
+//! `pagehint-uffd`'s command line: parsed once into typed options.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use pagehint::layout::parse_size;
+
+use super::compare::CompareOptions;
+use super::handler::{HandlerOptions, Policy};
+use crate::guest::layout::HostPageSize;
+use crate::options::Workload;
+
+/// A userfaultfd page-fault handler for Firecracker snapshot restore, loading memory with
+/// pagehint's scheduler; and the tools to measure it.
+#[derive(Debug, Parser)]
+#[command(name = "pagehint-uffd", version)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve one VMM: listen on SOCKET (Firecracker's `mem_backend.backend_path`), receive
+    /// the userfaultfd and the regions, serve faults from MEM_FILE until the VMM goes.
+    Serve {
+        /// The Unix socket to listen on (created; removed afterwards).
+        #[arg(long)]
+        socket: PathBuf,
+        /// The snapshot memory file.
+        #[arg(long)]
+        mem_file: PathBuf,
+        /// on-demand, linear, pagehint-nohint or pagehint.
+        #[arg(long, default_value = "pagehint")]
+        policy: String,
+        /// Prefetcher threads (pagehint policies).
+        #[arg(long, default_value_t = 1)]
+        prefetchers: usize,
+        /// Seconds to wait for the handshake once the VMM connects.
+        #[arg(long, default_value_t = 5)]
+        handshake_timeout_s: u64,
+        /// Write the session's report here as JSON.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// Boot the KVM guest, run a workload, and write a snapshot (mem + vmstate) to DIR.
+    Snapshot {
+        /// Output directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Guest RAM.
+        #[arg(long, default_value = "64M")]
+        mem: String,
+        /// vCPUs.
+        #[arg(long, default_value_t = 2)]
+        vcpus: u32,
+        /// seq, random, stream or kv.
+        #[arg(long, default_value = "kv")]
+        workload: String,
+        /// 4K or 2M (2M: the restore maps hugetlb pages).
+        #[arg(long, default_value = "4K")]
+        host_page: String,
+        /// Milliseconds the workload runs before the snapshot.
+        #[arg(long, default_value_t = 200)]
+        warm_ms: u64,
+    },
+    /// Play Firecracker's part: restore the snapshot in DIR through the handler at SOCKET.
+    Restore {
+        /// The snapshot directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// The handler's socket.
+        #[arg(long)]
+        socket: PathBuf,
+        /// Milliseconds of workload before the guest verifies and stops.
+        #[arg(long, default_value_t = 500)]
+        run_ms: u64,
+    },
+    /// Compare the policies on every workload (one snapshot each): table, JSON, SVG.
+    Compare {
+        /// Working directory for snapshots and sockets.
+        #[arg(long, default_value = "/tmp/pagehint-uffd-compare")]
+        dir: PathBuf,
+        /// Guest RAM.
+        #[arg(long, default_value = "256M")]
+        mem: String,
+        /// vCPUs.
+        #[arg(long, default_value_t = 2)]
+        vcpus: u32,
+        /// 4K or 2M.
+        #[arg(long, default_value = "4K")]
+        host_page: String,
+        /// Comma-separated workloads.
+        #[arg(long, default_value = "seq,random,stream,kv")]
+        workloads: String,
+        /// Prefetcher threads (pagehint policies).
+        #[arg(long, default_value_t = 1)]
+        prefetchers: usize,
+        /// Milliseconds of workload after resume.
+        #[arg(long, default_value_t = 500)]
+        run_ms: u64,
+        /// JSON output.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// SVG output.
+        #[arg(long)]
+        svg: Option<PathBuf>,
+    },
+}
+
+/// Settings of `serve`.
+#[derive(Debug)]
+pub struct ServeOptions {
+    /// Socket path.
+    pub socket: PathBuf,
+    /// Memory file.
+    pub mem_file: PathBuf,
+    /// Handler settings.
+    pub handler: HandlerOptions,
+    /// JSON report path.
+    pub json: Option<PathBuf>,
+}
+
+/// What to run, checked.
+#[derive(Debug)]
+pub enum Action {
+    /// Serve one VMM.
+    Serve(ServeOptions),
+    /// Write a snapshot.
+    Snapshot {
+        /// Directory.
+        dir: PathBuf,
+        /// RAM bytes.
+        mem: u64,
+        /// vCPUs.
+        vcpus: u32,
+        /// Workload.
+        workload: Workload,
+        /// Host page size.
+        host_page: HostPageSize,
+        /// Warm-up.
+        warm: Duration,
+    },
+    /// Restore as the VMM.
+    Restore {
+        /// Snapshot directory.
+        dir: PathBuf,
+        /// Handler socket.
+        socket: PathBuf,
+        /// Workload time.
+        run_for: Duration,
+    },
+    /// Compare.
+    Compare(CompareOptions, Option<PathBuf>, Option<PathBuf>),
+}
+
+fn policy(s: &str) -> Result<Policy, String> {
+    Policy::parse(s)
+        .ok_or_else(|| format!("--policy {s}: one of on-demand, linear, pagehint-nohint, pagehint"))
+}
+
+impl Cli {
+    /// Checks the arguments.
+    pub fn action(self) -> Result<Action, String> {
+        let size = |s: &str, what: &str| parse_size(s).map_err(|e| format!("--{what}: {e}"));
+        let hp = |s: &str| {
+            s.parse::<HostPageSize>()
+                .map_err(|e| format!("--host-page: {e}"))
+        };
+        Ok(match self.command {
+            Command::Serve {
+                socket,
+                mem_file,
+                policy: p,
+                prefetchers,
+                handshake_timeout_s,
+                json,
+            } => Action::Serve(ServeOptions {
+                socket,
+                mem_file,
+                handler: HandlerOptions {
+                    policy: policy(&p)?,
+                    prefetchers,
+                    handshake_timeout: Duration::from_secs(handshake_timeout_s),
+                },
+                json,
+            }),
+            Command::Snapshot {
+                dir,
+                mem,
+                vcpus,
+                workload,
+                host_page,
+                warm_ms,
+            } => Action::Snapshot {
+                dir,
+                mem: size(&mem, "mem")?,
+                vcpus,
+                workload: workload.parse().map_err(|e| format!("--workload: {e}"))?,
+                host_page: hp(&host_page)?,
+                warm: Duration::from_millis(warm_ms),
+            },
+            Command::Restore {
+                dir,
+                socket,
+                run_ms,
+            } => Action::Restore {
+                dir,
+                socket,
+                run_for: Duration::from_millis(run_ms),
+            },
+            Command::Compare {
+                dir,
+                mem,
+                vcpus,
+                host_page,
+                workloads,
+                prefetchers,
+                run_ms,
+                json,
+                svg,
+            } => Action::Compare(
+                CompareOptions {
+                    dir,
+                    mem: size(&mem, "mem")?,
+                    vcpus,
+                    host_page: hp(&host_page)?,
+                    workloads: workloads
+                        .split(',')
+                        .map(|w| w.trim().parse().map_err(|e| format!("--workloads: {e}")))
+                        .collect::<Result<_, String>>()?,
+                    policies: Policy::ALL.to_vec(),
+                    prefetchers: prefetchers.max(1),
+                    run_for: Duration::from_millis(run_ms),
+                    warm: Duration::from_millis(200),
+                    linger: Duration::from_secs(30),
+                },
+                json,
+                svg,
+            ),
+        })
+    }
+}

@@ -1,0 +1,722 @@
+//! The page server: one event thread serving vCPU faults, and N prefetchers, over one
+//! [`PageScheduler`] whose bitmap means "not yet loaded".
+//!
+//! # Roles
+//! * **Urgent path** (the event thread): polls the userfaultfd and the VMM's socket, reads
+//!   events, and for each fault claims the faulted host page through
+//!   [`PageScheduler::serve`]; a won claim is read from the source and placed with
+//!   `UFFDIO_COPY`, then [`PageScheduler::urgent_sent`] leaves the hint "continue after the
+//!   fault" (policy `pagehint`). A lost claim means a prefetcher owns the page: its copy wakes
+//!   the vCPU.
+//! * **Background path** (the prefetchers): each runs a [`BackgroundScanner`](pagehint::scheduler::BackgroundScanner)
+//!   and places every host page it claims. Every page goes to exactly one claim (the bitmap's
+//!   I1/I2), so each page is placed once; an `EEXIST` would mean otherwise and is counted.
+//!
+//! # Removed ranges (`UFFD_EVENT_REMOVE`)
+//! The balloon's `madvise(MADV_DONTNEED)` queues a REMOVE event and waits until the handler
+//! reads it; the kernel then zaps the range, which stays registered. A removed page must
+//! never be filled from the file again: it faults again later and gets zeros (as Firecracker's
+//! valid handler does). The race to close is a copy of stale file data issued after the event
+//! was read but before the page was marked removed. So events are read under the *write*
+//! side of a gate, and the page marked removed (and, if not yet loaded, claimed away from the
+//! prefetchers) before the gate opens; a prefetcher holds the *read* side from its removed
+//! check to the end of its copy. A copy issued while the event is queued fails with `EAGAIN`
+//! ([`PlaceError::Retry`]): the prefetcher drops the gate and retries, the event thread
+//! re-queues its own copy until after the next read. (A loom model of this gate, with the
+//! mutant that marks removed pages after opening it, is still to be written.)
+
+use std::fmt;
+use std::io;
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, RwLock};
+use std::time::Duration;
+
+use pagehint::{
+    BlockSpec, PageLocation, PageScheduler, RamLayout, SchedulerConfig, Served, UrgentRequest,
+};
+use rustix::event::{poll, PollFd, PollFlags};
+
+use super::protocol::{recv_handshake, GuestRegionUffdMapping, ProtocolError};
+use super::source::PageSource;
+use crate::clock::now_ns;
+use crate::uffd::{PlaceError, UffdEvent, Userfault};
+
+/// How pages are loaded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Policy {
+    /// One page per fault and nothing else (Firecracker's sample handler).
+    OnDemand,
+    /// Faults served, and one prefetcher from page 0 upwards, ignoring faults (Cloud
+    /// Hypervisor's postcopy).
+    Linear,
+    /// Faults served, and the prefetchers without the hint (evenly spaced linear scans).
+    PagehintNoHint,
+    /// Faults served, and the prefetchers follow each fault (the hint).
+    Pagehint,
+}
+
+impl Policy {
+    /// Every policy, in the comparison's order.
+    pub const ALL: [Self; 4] = [
+        Self::OnDemand,
+        Self::Linear,
+        Self::PagehintNoHint,
+        Self::Pagehint,
+    ];
+
+    /// The name used on the command line and in tables.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::OnDemand => "on-demand",
+            Self::Linear => "linear",
+            Self::PagehintNoHint => "pagehint-nohint",
+            Self::Pagehint => "pagehint",
+        }
+    }
+
+    /// Parses [`name`](Self::name).
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|p| p.name() == s)
+    }
+
+    fn prefetchers(self, asked: usize) -> usize {
+        match self {
+            Self::OnDemand => 0,
+            Self::Linear => 1,
+            Self::PagehintNoHint | Self::Pagehint => asked.max(1),
+        }
+    }
+
+    fn config(self) -> SchedulerConfig {
+        match self {
+            Self::Pagehint => SchedulerConfig::preempt_hint(),
+            _ => SchedulerConfig::preempt(),
+        }
+    }
+}
+
+impl fmt::Display for Policy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Handler settings.
+#[derive(Clone, Copy, Debug)]
+pub struct HandlerOptions {
+    /// The loading policy.
+    pub policy: Policy,
+    /// Prefetcher threads (policies pagehint and pagehint-nohint; linear uses one).
+    pub prefetchers: usize,
+    /// How long to wait for the VMM's handshake after it connects.
+    pub handshake_timeout: Duration,
+}
+
+impl Default for HandlerOptions {
+    fn default() -> Self {
+        Self {
+            policy: Policy::Pagehint,
+            prefetchers: 1,
+            handshake_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Why a session failed.
+#[derive(Debug)]
+pub enum HandlerError {
+    /// The handshake failed.
+    Protocol(ProtocolError),
+    /// The regions do not make a layout (too many, too big).
+    Layout(String),
+    /// A fault outside every region: the VMM and the JSON disagree.
+    FaultOutside(u64),
+    /// The source could not give a page.
+    Source {
+        /// File offset.
+        offset: u64,
+        /// The error.
+        error: io::Error,
+    },
+    /// Placing a page failed other than with `EEXIST` / `EAGAIN`.
+    Place(PlaceError),
+    /// An event other than a fault or a remove (fork, remap, unmap): not enabled by a
+    /// Firecracker-style VMM, so not handled.
+    UnexpectedEvent(u8),
+    /// Polling or reading the descriptor or the socket failed.
+    Io(io::Error),
+}
+
+impl fmt::Display for HandlerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Protocol(e) => write!(f, "handshake: {e}"),
+            Self::Layout(e) => write!(f, "regions: {e}"),
+            Self::FaultOutside(a) => write!(f, "fault at {a:#x}, outside every region"),
+            Self::Source { offset, error } => {
+                write!(f, "reading the page at file offset {offset:#x}: {error}")
+            }
+            Self::Place(e) => write!(f, "{e}"),
+            Self::UnexpectedEvent(e) => write!(f, "unexpected userfaultfd event {e:#x}"),
+            Self::Io(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl std::error::Error for HandlerError {}
+
+impl From<ProtocolError> for HandlerError {
+    fn from(e: ProtocolError) -> Self {
+        Self::Protocol(e)
+    }
+}
+
+/// Between the handler and whoever runs it: a stop request, and word that every page is in.
+#[derive(Debug, Default)]
+pub struct Control {
+    /// Set to end the session (as if the VMM had closed the socket).
+    pub stop: AtomicBool,
+    /// Set by the handler once every page has been loaded (or removed).
+    pub all_loaded: AtomicBool,
+}
+
+impl Control {
+    /// Whether every page is in.
+    pub fn all_loaded(&self) -> bool {
+        // Acquire: pairs with the handler's Release store, so the caller may rely on the
+        // placements that preceded it (it only reads the flag today).
+        self.all_loaded.load(Ordering::Acquire)
+    }
+}
+
+/// One fault as the handler saw it.
+#[derive(Clone, Copy, Debug, serde::Serialize)]
+pub struct FaultRecord {
+    /// The faulting thread (0 unless the VMM asked for `UFFD_FEATURE_THREAD_ID`).
+    pub tid: u32,
+    /// When the handler read it (`CLOCK_MONOTONIC` ns).
+    pub read_ns: u64,
+    /// When its host page was placed (ns; 0 if never).
+    pub placed_ns: u64,
+}
+
+impl FaultRecord {
+    /// Time blocked as the handler measures it: from reading the fault to its page being
+    /// placed (0 if the page was placed first).
+    pub fn blocked_ns(&self) -> u64 {
+        self.placed_ns.saturating_sub(self.read_ns)
+    }
+}
+
+/// What a session did.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct HandlerReport {
+    /// The policy.
+    pub policy: Option<Policy>,
+    /// Prefetcher threads run.
+    pub prefetchers: usize,
+    /// Host pages in all regions.
+    pub host_pages: u64,
+    /// Bytes in all regions.
+    pub bytes: u64,
+    /// When serving started (ns).
+    pub start_ns: u64,
+    /// Fault events read.
+    pub faults: u64,
+    /// Host pages placed by the event thread for a fault.
+    pub fault_placed: u64,
+    /// Faults whose page a prefetcher owned (or had placed) already.
+    pub fault_already_claimed: u64,
+    /// Host pages placed by the prefetchers.
+    pub prefetched: u64,
+    /// Removed pages faulted again and filled with zeros.
+    pub zero_filled: u64,
+    /// Host pages removed before they were ever loaded (never filled from the file).
+    pub removed_unloaded: u64,
+    /// REMOVE events.
+    pub remove_events: u64,
+    /// `EEXIST` answers (a page placed twice: 0 unless something is wrong).
+    pub eexist: u64,
+    /// `EAGAIN` retries (an event was pending).
+    pub retries: u64,
+    /// When every page had been loaded or removed (ns), if it happened.
+    pub all_loaded_ns: Option<u64>,
+    /// When serving ended (ns).
+    pub end_ns: u64,
+    /// Bytes that arrived on the socket after the handshake (ignored).
+    pub unexpected_bytes: u64,
+    /// A prefetcher's failure, if any (prefetching then stopped; faults were still served).
+    pub prefetch_error: Option<String>,
+    /// Every fault.
+    #[serde(skip)]
+    pub fault_records: Vec<FaultRecord>,
+}
+
+impl HandlerReport {
+    /// Total time blocked per faulting thread id: (tid, faults, ns).
+    pub fn blocktime_by_tid(&self) -> Vec<(u32, u64, u64)> {
+        let mut v: Vec<(u32, u64, u64)> = Vec::new();
+        for r in &self.fault_records {
+            match v.iter_mut().find(|e| e.0 == r.tid) {
+                Some(e) => {
+                    e.1 += 1;
+                    e.2 += r.blocked_ns();
+                }
+                None => v.push((r.tid, 1, r.blocked_ns())),
+            }
+        }
+        v.sort_unstable();
+        v
+    }
+}
+
+/// Guest memory as the scheduler sees it: one block per region.
+struct Regions {
+    maps: Vec<GuestRegionUffdMapping>,
+    layout: RamLayout,
+    /// First global host page of each region.
+    first_hp: Vec<u64>,
+    host_pages: u64,
+}
+
+impl Regions {
+    fn new(maps: Vec<GuestRegionUffdMapping>) -> Result<Self, HandlerError> {
+        let specs = maps
+            .iter()
+            .enumerate()
+            .map(|(i, m)| BlockSpec::new(format!("region{i}"), m.size, m.page_size));
+        let layout =
+            RamLayout::new(4096, specs).map_err(|e| HandlerError::Layout(e.to_string()))?;
+        let mut first_hp = Vec::with_capacity(maps.len());
+        let mut n = 0;
+        for m in &maps {
+            first_hp.push(n);
+            n += m.size / m.page_size;
+        }
+        Ok(Self {
+            maps,
+            layout,
+            first_hp,
+            host_pages: n,
+        })
+    }
+
+    /// (region, byte offset in the region) of `addr`.
+    fn find(&self, addr: u64) -> Option<(usize, u64)> {
+        self.maps
+            .iter()
+            .position(|m| m.contains(addr))
+            .map(|r| (r, addr - self.maps[r].base_host_virt_addr))
+    }
+
+    /// Global host page of target page `page` of region `r`.
+    fn hp(&self, r: usize, page: u64) -> u64 {
+        self.first_hp[r] + (page << 12) / self.maps[r].page_size
+    }
+}
+
+/// State shared by the event thread and the prefetchers.
+struct Shared<'a> {
+    regions: Regions,
+    sched: PageScheduler,
+    uffd: &'a Userfault,
+    source: &'a dyn PageSource,
+    /// Readers: prefetchers from their removed check to the end of their copy. Writer: the
+    /// event thread while it reads events and marks removed pages.
+    gate: RwLock<()>,
+    /// Per host page: removed by a REMOVE event (written under the gate's write side).
+    removed: Box<[AtomicBool]>,
+    /// Per host page: when it was placed from the source (ns; 0 = not yet).
+    placed_ns: Box<[AtomicU64]>,
+    stop: AtomicBool,
+    /// Host pages loaded from the source or removed before loading, both paths.
+    loaded: AtomicU64,
+    prefetched: AtomicU64,
+    eexist: AtomicU64,
+    retries: AtomicU64,
+    prefetch_error: Mutex<Option<String>>,
+}
+
+impl Shared<'_> {
+    /// Reads host page `hp` (region `r`, target page `page`) from the source and places it.
+    fn place_from_source(
+        &self,
+        r: usize,
+        page: u64,
+        buf: &mut [u8],
+        try_once: bool,
+    ) -> Result<(), HandlerError> {
+        let m = &self.regions.maps[r];
+        let at = page << 12;
+        let offset = m.offset + at;
+        self.source
+            .read_at(offset, buf)
+            .map_err(|error| HandlerError::Source { offset, error })?;
+        let dst = m.base_host_virt_addr + at;
+        // SAFETY: one host page inside a region the VMM registered with this descriptor.
+        let r = unsafe {
+            if try_once {
+                self.uffd.try_copy(dst, buf)
+            } else {
+                self.uffd.copy(dst, buf)
+            }
+        };
+        self.placed(r)
+    }
+
+    fn placed(&self, r: Result<(), PlaceError>) -> Result<(), HandlerError> {
+        match r {
+            Ok(()) => Ok(()),
+            Err(PlaceError::AlreadyPlaced { .. }) => {
+                // Relaxed: a counter read after the threads are joined.
+                self.eexist.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(e) => Err(HandlerError::Place(e)),
+        }
+    }
+
+    fn stamp(&self, hp: u64) {
+        // Relaxed: read after every thread is joined (the join orders it).
+        self.placed_ns[hp as usize].store(now_ns(), Ordering::Relaxed);
+        // Relaxed: a count; the event thread only compares it with the total.
+        self.loaded.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn prefetch(&self, scanner: pagehint::scheduler::BackgroundScanner<'_>) {
+        let mut buf = Vec::new();
+        for claim in scanner {
+            for hp in claim.host_pages() {
+                let r = claim.block() as usize;
+                let g = self.regions.hp(r, hp.first_page);
+                buf.resize(self.regions.maps[r].page_size as usize, 0);
+                loop {
+                    // Relaxed: a polled flag; stopping late only loads more.
+                    if self.stop.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    let gate = self.gate.read().unwrap_or_else(|p| p.into_inner());
+                    // Relaxed: written under the gate's write side, which this read side
+                    // excludes; the lock orders it.
+                    if self.removed[g as usize].load(Ordering::Relaxed) {
+                        break;
+                    }
+                    match self.place_from_source(r, hp.first_page, &mut buf, true) {
+                        Ok(()) => {
+                            drop(gate);
+                            self.stamp(g);
+                            // Relaxed: a counter read after the join.
+                            self.prefetched.fetch_add(1, Ordering::Relaxed);
+                            break;
+                        }
+                        Err(HandlerError::Place(PlaceError::Retry)) => {
+                            drop(gate);
+                            // Relaxed: a counter read after the join.
+                            self.retries.fetch_add(1, Ordering::Relaxed);
+                            std::thread::yield_now();
+                        }
+                        Err(e) => {
+                            let mut slot = self
+                                .prefetch_error
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner());
+                            slot.get_or_insert(e.to_string());
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Accepts the handshake on `stream` (a connection from the VMM) and serves it until the VMM
+/// closes the socket or `stop` is set.
+pub fn handle_connection(
+    stream: &UnixStream,
+    source: &dyn PageSource,
+    opts: &HandlerOptions,
+    control: &Control,
+) -> Result<HandlerReport, HandlerError> {
+    let (maps, fd) = recv_handshake(stream, opts.handshake_timeout, source.size())?;
+    let uffd = Userfault::from_received(fd);
+    serve(stream, maps, &uffd, source, opts, control)
+}
+
+/// Serves faults on `uffd` for `maps` from `source` until the VMM closes `stream` or
+/// `control.stop` is set.
+pub fn serve(
+    stream: &UnixStream,
+    maps: Vec<GuestRegionUffdMapping>,
+    uffd: &Userfault,
+    source: &dyn PageSource,
+    opts: &HandlerOptions,
+    control: &Control,
+) -> Result<HandlerReport, HandlerError> {
+    let regions = Regions::new(maps)?;
+    let sched = PageScheduler::new(regions.layout.clone(), opts.policy.config())
+        .map_err(HandlerError::Io)?;
+    sched.bitmap().mark_all(); // nothing is loaded yet
+    let n = regions.host_pages as usize;
+    let shared = Shared {
+        sched,
+        uffd,
+        source,
+        gate: RwLock::new(()),
+        removed: (0..n).map(|_| AtomicBool::new(false)).collect(),
+        placed_ns: (0..n).map(|_| AtomicU64::new(0)).collect(),
+        stop: AtomicBool::new(false),
+        loaded: AtomicU64::new(0),
+        prefetched: AtomicU64::new(0),
+        eexist: AtomicU64::new(0),
+        retries: AtomicU64::new(0),
+        prefetch_error: Mutex::new(None),
+        regions,
+    };
+    let prefetchers = opts.policy.prefetchers(opts.prefetchers);
+    let mut report = HandlerReport {
+        policy: Some(opts.policy),
+        prefetchers,
+        host_pages: shared.regions.host_pages,
+        bytes: shared.regions.maps.iter().map(|m| m.size).sum(),
+        start_ns: now_ns(),
+        ..Default::default()
+    };
+    let result = std::thread::scope(|s| {
+        let scanners = match opts.policy {
+            Policy::Linear => vec![shared.sched.background_from(PageLocation::new(0, 0))],
+            _ => shared.sched.background_scanners(prefetchers),
+        };
+        let shared = &shared;
+        for (i, sc) in scanners.into_iter().enumerate().take(prefetchers) {
+            std::thread::Builder::new()
+                .name(format!("prefetch{i}"))
+                .spawn_scoped(s, move || shared.prefetch(sc))
+                .map_err(HandlerError::Io)?;
+        }
+        let r = event_loop(shared, stream, control, &mut report);
+        // Relaxed: a polled flag; the scope's join orders everything after it.
+        shared.stop.store(true, Ordering::Relaxed);
+        r
+    });
+    report.end_ns = now_ns();
+    // Relaxed loads: every thread has been joined.
+    report.prefetched = shared.prefetched.load(Ordering::Relaxed);
+    report.eexist = shared.eexist.load(Ordering::Relaxed);
+    report.retries += shared.retries.load(Ordering::Relaxed);
+    report.prefetch_error = shared
+        .prefetch_error
+        .into_inner()
+        .unwrap_or_else(|p| p.into_inner());
+    let mut last = 0;
+    let mut all = true;
+    for (p, r) in shared.placed_ns.iter().zip(shared.removed.iter()) {
+        // Relaxed: joined.
+        let (p, r) = (p.load(Ordering::Relaxed), r.load(Ordering::Relaxed));
+        if p == 0 && !r {
+            all = false;
+        }
+        last = last.max(p);
+    }
+    report.all_loaded_ns = all.then_some(last);
+    for f in &mut report.fault_records {
+        if f.placed_ns == 0 {
+            f.placed_ns = f.read_ns;
+        }
+    }
+    result.map(|()| report)
+}
+
+/// A fault (or its copy) that must wait for the next read of events.
+struct Pending {
+    record: usize,
+    r: usize,
+    page: u64,
+    hp: u64,
+    claim: Option<pagehint::Claim>,
+}
+
+fn event_loop(
+    sh: &Shared<'_>,
+    stream: &UnixStream,
+    control: &Control,
+    report: &mut HandlerReport,
+) -> Result<(), HandlerError> {
+    let mut events = Vec::new();
+    let mut retry: Vec<Pending> = Vec::new();
+    let mut buf = Vec::new();
+    let zeros = vec![0u8; 2 << 20];
+    // The socket is only watched for its end (or stray bytes).
+    stream.set_nonblocking(true).map_err(HandlerError::Io)?;
+    loop {
+        // Relaxed: a polled flag.
+        if control.stop.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        // Relaxed: a count compared with the total; the flag below carries the news.
+        if sh.loaded.load(Ordering::Relaxed) == sh.regions.host_pages {
+            // Release: see `Control::all_loaded`.
+            control.all_loaded.store(true, Ordering::Release);
+        }
+        let (uffd_ready, sock_ready) = {
+            let mut fds = [
+                PollFd::new(sh.uffd, PollFlags::IN),
+                PollFd::new(stream, PollFlags::IN),
+            ];
+            let wait = if retry.is_empty() {
+                50_000_000
+            } else {
+                100_000
+            };
+            match poll(&mut fds, Some(&crate::clock::timespec(wait))) {
+                Ok(_) | Err(rustix::io::Errno::INTR) => {}
+                Err(e) => return Err(HandlerError::Io(e.into())),
+            }
+            (!fds[0].revents().is_empty(), !fds[1].revents().is_empty())
+        };
+        if sock_ready {
+            let mut b = [0u8; 4096];
+            match io::Read::read(&mut &*stream, &mut b) {
+                Ok(0) => return Ok(()), // the VMM is gone
+                Ok(n) => report.unexpected_bytes += n as u64,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return Ok(()),
+                Err(e) => return Err(HandlerError::Io(e)),
+            }
+        }
+        events.clear();
+        if uffd_ready || !retry.is_empty() {
+            let _w = sh.gate.write().unwrap_or_else(|p| p.into_inner());
+            sh.uffd.read_events(&mut events).map_err(HandlerError::Io)?;
+            // Mark removed ranges before any prefetcher can copy again (module docs).
+            for e in &events {
+                if let UffdEvent::Remove { start, end } = *e {
+                    report.remove_events += 1;
+                    mark_removed(sh, start, end, report);
+                }
+            }
+        }
+        let now = now_ns();
+        for e in std::mem::take(&mut events) {
+            match e {
+                UffdEvent::Remove { .. } => {}
+                UffdEvent::Other(k) => return Err(HandlerError::UnexpectedEvent(k)),
+                UffdEvent::Fault(f) => {
+                    report.faults += 1;
+                    let (r, off) = sh
+                        .regions
+                        .find(f.addr)
+                        .ok_or(HandlerError::FaultOutside(f.addr))?;
+                    let ps = sh.regions.maps[r].page_size;
+                    let page = (off & !(ps - 1)) >> 12;
+                    let hp = sh.regions.hp(r, page);
+                    report.fault_records.push(FaultRecord {
+                        tid: f.tid,
+                        read_ns: now,
+                        placed_ns: 0,
+                    });
+                    let record = report.fault_records.len() - 1;
+                    let claim = if sh.removed[hp as usize].load(Ordering::Relaxed) {
+                        // Relaxed: only this thread writes it.
+                        None
+                    } else {
+                        let req = UrgentRequest::new(r as u32, off & !4095, 4096);
+                        match sh.sched.serve(req) {
+                            Ok(Served::Send(c)) => Some(c),
+                            Ok(_) => {
+                                report.fault_already_claimed += 1;
+                                continue;
+                            }
+                            Err(e) => return Err(HandlerError::Layout(e.to_string())),
+                        }
+                    };
+                    retry.push(Pending {
+                        record,
+                        r,
+                        page,
+                        hp,
+                        claim,
+                    });
+                }
+            }
+        }
+        // Place what the faults need (new ones, and those that had to wait).
+        let mut still = Vec::new();
+        for p in retry.drain(..) {
+            let ps = sh.regions.maps[p.r].page_size as usize;
+            // Relaxed: only this thread writes `removed`.
+            let removed = sh.removed[p.hp as usize].load(Ordering::Relaxed);
+            let r = if removed {
+                let dst = sh.regions.maps[p.r].base_host_virt_addr + (p.page << 12);
+                // SAFETY: one host page inside a registered region.
+                let r = unsafe {
+                    if ps > 4096 {
+                        sh.uffd.try_copy(dst, &zeros[..ps])
+                    } else {
+                        sh.uffd.try_zero(dst, 4096)
+                    }
+                };
+                sh.placed(r)
+            } else {
+                buf.resize(ps, 0);
+                sh.place_from_source(p.r, p.page, &mut buf, true)
+            };
+            match r {
+                Ok(()) => {
+                    let t = now_ns();
+                    if removed {
+                        report.zero_filled += 1;
+                    } else {
+                        sh.stamp(p.hp);
+                        report.fault_placed += 1;
+                    }
+                    report.fault_records[p.record].placed_ns = t;
+                    if let Some(c) = &p.claim {
+                        let _ = sh.sched.urgent_sent(c);
+                    }
+                }
+                Err(HandlerError::Place(PlaceError::Retry)) => {
+                    report.retries += 1;
+                    still.push(p);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        retry = still;
+    }
+}
+
+/// Marks the host pages overlapping `[start, end)` removed, and claims those not yet loaded
+/// so that no prefetcher loads them.
+fn mark_removed(sh: &Shared<'_>, start: u64, end: u64, report: &mut HandlerReport) {
+    for (r, m) in sh.regions.maps.iter().enumerate() {
+        let lo = start.max(m.base_host_virt_addr);
+        let hi = end.min(m.base_host_virt_addr + m.size);
+        if lo >= hi {
+            continue;
+        }
+        let ps = m.page_size;
+        let mut at = (lo - m.base_host_virt_addr) & !(ps - 1);
+        while m.base_host_virt_addr + at < hi {
+            let page = at >> 12;
+            let hp = sh.regions.hp(r, page);
+            // Relaxed: published to prefetchers by releasing the gate's write side.
+            sh.removed[hp as usize].store(true, Ordering::Relaxed);
+            if let Ok(c) = sh
+                .sched
+                .bitmap()
+                .claim_host_page(PageLocation::new(r as u32, page))
+            {
+                if c.into_claim().is_some() {
+                    report.removed_unloaded += 1;
+                    // Relaxed: a count (see `stamp`).
+                    sh.loaded.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            at += ps;
+        }
+    }
+}

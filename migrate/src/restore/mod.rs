@@ -1,0 +1,22 @@
+//! Snapshot restore through userfaultfd: `pagehint-uffd`, a page-fault handler that speaks
+//! Firecracker's protocol and loads guest memory with pagehint's scheduler, and a small
+//! restore VMM that plays Firecracker's part for the tests and the comparison.
+//!
+//! * [`protocol`]: the handshake (the region JSON and the descriptor over a Unix socket), in
+//!   Firecracker's format (the version is stated there);
+//! * [`source`]: where pages come from (the snapshot memory file);
+//! * [`handler`]: the page server (faults, prefetchers, removed ranges) and its report;
+//! * [`vmm`]: snapshots of the KVM guest, and the restore VMM;
+//! * [`compare`] / [`export`]: the policy comparison, its table, JSON and SVG;
+//! * [`cli`]: the `pagehint-uffd` command line.
+//!
+//! Data flows one way: `protocol` and `source` feed `handler`; `vmm` uses the guest and
+//! `protocol`; `compare` runs both; the binary is `cli` → `compare`/`handler` → `export`.
+
+pub mod cli;
+pub mod compare;
+pub mod export;
+pub mod handler;
+pub mod protocol;
+pub mod source;
+pub mod vmm;

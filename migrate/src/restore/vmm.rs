@@ -1,0 +1,386 @@
+//! Snapshots of the KVM guest, and a restore VMM that does what Firecracker does on
+//! `PUT /snapshot/load` with a `Uffd` memory backend.
+//!
+//! * [`take_snapshot`] boots the KVM guest (its workload, its signed pages), runs it a while,
+//!   stops its vCPUs and writes the snapshot: `mem` (guest RAM, the low block then the high
+//!   block, as Firecracker's memory file holds its regions back to back) and `vmstate` (the
+//!   layout, the workload and every vCPU's state, as JSON).
+//! * [`restore`] maps guest memory anonymously (or from hugetlb), opens a userfaultfd with
+//!   `UFFD_FEATURE_EVENT_REMOVE` (as Firecracker requires; thread ids too, which Firecracker
+//!   does not ask for, so that blocktime can be told per vCPU), registers both regions,
+//!   connects to the handler's socket and sends the region JSON and the descriptor, then
+//!   loads the vCPU state and runs the vCPUs: every guest page faults through the handler.
+//!   After `run_for`, the guest is asked to verify its whole share of memory (its own page
+//!   checks) and stop; the socket is closed when the VMM is done, which ends the handler.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use memmap2::MmapMut;
+use serde::{Deserialize, Serialize};
+
+use super::protocol::{send_handshake, GuestRegionUffdMapping};
+use crate::clock::now_ns;
+use crate::guest::image::{Params, Template};
+use crate::guest::kvm::vcpu::VcpuEnd;
+use crate::guest::kvm::vm::{Tracking, VcpuState};
+use crate::guest::kvm::{boot, GuestCounters, Machine};
+use crate::guest::layout::{GuestLayout, HostPageSize, PARAMS_GPA, TARGET_PAGE};
+use crate::guest::STREAM_FRAME_PAGES;
+use crate::options::Workload;
+use crate::pin::PinPlan;
+use crate::uffd::Userfault;
+
+/// The stream workload's rate in the snapshot's guest (bytes/s).
+pub const STREAM_RATE: u64 = 256 << 20;
+
+/// What `vmstate` holds.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct VmState {
+    /// Guest RAM bytes.
+    pub mem: u64,
+    /// Host page size the snapshot was laid out for (4096 or 2097152).
+    pub host_page: u64,
+    /// The workload the guest runs.
+    pub workload: String,
+    /// The image seed.
+    pub seed: u64,
+    /// Each vCPU's saved state ([`VcpuState::encode`]), hex.
+    pub vcpus: Vec<String>,
+}
+
+/// A snapshot on disk.
+#[derive(Clone, Debug)]
+pub struct Snapshot {
+    /// The directory.
+    pub dir: PathBuf,
+    /// Its state.
+    pub state: VmState,
+    /// The guest layout.
+    pub layout: GuestLayout,
+    /// The workload.
+    pub workload: Workload,
+    /// The vCPU states.
+    pub vcpus: Vec<VcpuState>,
+}
+
+impl Snapshot {
+    /// The memory file.
+    pub fn mem_path(&self) -> PathBuf {
+        self.dir.join("mem")
+    }
+
+    /// Reads the snapshot in `dir`.
+    pub fn load(dir: &Path) -> Result<Self, String> {
+        let p = dir.join("vmstate");
+        let text = fs::read(&p).map_err(|e| format!("{}: {e}", p.display()))?;
+        let state: VmState =
+            serde_json::from_slice(&text).map_err(|e| format!("{}: {e}", p.display()))?;
+        let host = HostPageSize::from_bytes(state.host_page)
+            .ok_or_else(|| format!("host page {} in vmstate", state.host_page))?;
+        let workload: Workload = state.workload.parse().map_err(|e: String| e)?;
+        let vcpus = state
+            .vcpus
+            .iter()
+            .map(|h| unhex(h).and_then(|b| VcpuState::decode(&b)))
+            .collect::<Option<Vec<_>>>()
+            .ok_or("a vCPU state in vmstate does not decode")?;
+        let layout =
+            GuestLayout::new(state.mem, host, vcpus.len() as u32).map_err(|e| e.to_string())?;
+        let mem = dir.join("mem");
+        let len = fs::metadata(&mem)
+            .map_err(|e| format!("{}: {e}", mem.display()))?
+            .len();
+        if len != state.mem {
+            return Err(format!(
+                "{}: {len} bytes, vmstate says {}",
+                mem.display(),
+                state.mem
+            ));
+        }
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            state,
+            layout,
+            workload,
+            vcpus,
+        })
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+fn kvm_err(e: impl std::fmt::Display) -> String {
+    e.to_string()
+}
+
+/// Boots the guest (`vcpus` vCPUs, `mem` bytes laid out for `host_page`), runs `workload`
+/// for `warm`, stops it and writes the snapshot into `dir`.
+pub fn take_snapshot(
+    dir: &Path,
+    mem: u64,
+    host_page: HostPageSize,
+    vcpus: u32,
+    workload: Workload,
+    seed: u64,
+    warm: Duration,
+) -> Result<Snapshot, String> {
+    let layout = GuestLayout::new(mem, host_page, vcpus).map_err(|e| e.to_string())?;
+    let pieces = boot::system_pieces(&layout)?;
+    let t =
+        Template::build(&layout, seed, &pieces).map_err(|e| format!("building the image: {e}"))?;
+    let low = (layout.low_pages() * TARGET_PAGE) as usize;
+    let map = |n: usize| MmapMut::map_anon(n.max(1)).map_err(|e| format!("mapping RAM: {e}"));
+    let mut b0 = map(low)?;
+    let mut b1 = map(mem as usize - low)?;
+    b0[..low].copy_from_slice(&t.bytes()[..low]);
+    b1[..mem as usize - low].copy_from_slice(&t.bytes()[low..]);
+    for (i, w) in Params::new(&layout, workload, seed, STREAM_FRAME_PAGES)
+        .encode()
+        .iter()
+        .enumerate()
+    {
+        let at = PARAMS_GPA as usize + i * 8;
+        b0[at..at + 8].copy_from_slice(&w.to_le_bytes());
+    }
+    // SAFETY: the mappings outlive the machine (dropped at the end of this function).
+    let (m, _) = unsafe {
+        Machine::new(
+            &layout,
+            [b0.as_ptr() as u64, b1.as_ptr() as u64],
+            Tracking::Off,
+        )
+    }
+    .map_err(kvm_err)?;
+    m.boot(seed).map_err(kvm_err)?;
+    m.set_stream_rate(STREAM_RATE, STREAM_FRAME_PAGES);
+    let ends: Vec<VcpuEnd> = std::thread::scope(|s| {
+        let hs = m.run(s, PinPlan::OFF, None);
+        std::thread::sleep(warm);
+        m.kick_all();
+        hs.into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or(VcpuEnd::Failed("vCPU thread panicked".into()))
+            })
+            .collect()
+    });
+    let mut states = Vec::new();
+    for (i, e) in ends.into_iter().enumerate() {
+        match e {
+            VcpuEnd::Stopped(s) => states.push(*s),
+            other => return Err(format!("vCPU {i} did not stop cleanly: {other:?}")),
+        }
+    }
+    if let Some((i, c)) = m.counters().iter().enumerate().find(|(_, c)| c.errors > 0) {
+        return Err(format!(
+            "vCPU {i} found errors before the snapshot: {:?}",
+            c.first_error_text()
+        ));
+    }
+    fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let mut memf = Vec::with_capacity(mem as usize);
+    memf.extend_from_slice(&b0[..low]);
+    memf.extend_from_slice(&b1[..mem as usize - low]);
+    fs::write(dir.join("mem"), &memf).map_err(|e| format!("writing mem: {e}"))?;
+    let state = VmState {
+        mem,
+        host_page: host_page.bytes(),
+        workload: workload.to_string(),
+        seed,
+        vcpus: states.iter().map(|s| hex(&s.encode())).collect(),
+    };
+    let json = serde_json::to_vec_pretty(&state).map_err(|e| e.to_string())?;
+    fs::write(dir.join("vmstate"), json).map_err(|e| format!("writing vmstate: {e}"))?;
+    Snapshot::load(dir)
+}
+
+/// Guest memory for a restore: one mapping per region, anonymous or hugetlb.
+struct GuestRam {
+    ptrs: [(*mut libc::c_void, usize); 2],
+}
+
+// SAFETY: the mappings are plain memory; the raw pointers are only addresses.
+unsafe impl Send for GuestRam {}
+// SAFETY: as above.
+unsafe impl Sync for GuestRam {}
+
+impl GuestRam {
+    fn map(sizes: [u64; 2], huge: bool) -> io::Result<Self> {
+        let mut ptrs = [(std::ptr::null_mut(), 0usize); 2];
+        for (i, &len) in sizes.iter().enumerate() {
+            let len = len.max(if huge { 2 << 20 } else { 4096 }) as usize;
+            let mut flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
+            if huge {
+                flags |= libc::MAP_HUGETLB | (21 << libc::MAP_HUGE_SHIFT);
+            }
+            // SAFETY: a fresh anonymous mapping; no address is fixed.
+            let p = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    len,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    flags,
+                    -1,
+                    0,
+                )
+            };
+            if p == libc::MAP_FAILED {
+                return Err(io::Error::last_os_error());
+            }
+            ptrs[i] = (p, len);
+        }
+        Ok(Self { ptrs })
+    }
+
+    fn addr(&self, i: usize) -> u64 {
+        self.ptrs[i].0 as u64
+    }
+}
+
+impl Drop for GuestRam {
+    fn drop(&mut self) {
+        for (p, len) in self.ptrs {
+            if !p.is_null() {
+                // SAFETY: mapped by `map` with this length; nothing uses it any more.
+                unsafe { libc::munmap(p, len) };
+            }
+        }
+    }
+}
+
+/// How to restore.
+#[derive(Clone, Debug)]
+pub struct RestoreOptions {
+    /// The handler's socket.
+    pub socket: PathBuf,
+    /// Back guest memory with 2 MiB hugetlb pages (the snapshot must be laid out for them).
+    pub hugetlb: bool,
+    /// How long the workload runs before the guest is asked to verify and stop.
+    pub run_for: Duration,
+    /// After the guest is done, keep running (memory mapped, socket open) up to this long
+    /// while `loaded()` says the handler is still loading: a VMM keeps running after its
+    /// workload, and "time until all memory is loaded" needs the handler to get there.
+    pub linger: Duration,
+}
+
+/// What a restore measured.
+#[derive(Clone, Debug, Serialize)]
+pub struct RestoreOutcome {
+    /// When the vCPUs were started (ns).
+    pub resumed_ns: u64,
+    /// When the guest was asked to verify and stop (ns).
+    pub stop_ns: u64,
+    /// When every vCPU had reported done (ns).
+    pub done_ns: u64,
+    /// Workload operations done before the stop request, all vCPUs.
+    pub ops: u64,
+    /// Pages verified by the guest's final check.
+    pub verified: u64,
+    /// The guest's page-check errors (must be 0).
+    pub errors: u64,
+    /// The first error, if any.
+    pub first_error: Option<String>,
+    /// Each vCPU's thread id (to attribute faults).
+    pub tids: Vec<u32>,
+    /// The status pages.
+    #[serde(skip)]
+    pub counters: Vec<GuestCounters>,
+}
+
+/// Restores `snap` through the handler listening on `opts.socket`.
+pub fn restore(
+    snap: &Snapshot,
+    opts: &RestoreOptions,
+    loaded: &dyn Fn() -> bool,
+) -> Result<RestoreOutcome, String> {
+    let layout = &snap.layout;
+    if opts.hugetlb != (layout.host_page() == HostPageSize::Huge2M) {
+        return Err(
+            "hugetlb backing needs a snapshot laid out for 2 MiB pages, and only it".into(),
+        );
+    }
+    let ranges = layout.block_ranges();
+    let sizes = [ranges[0].1, ranges[1].1];
+    let ram = GuestRam::map(sizes, opts.hugetlb).map_err(|e| format!("mapping guest RAM: {e}"))?;
+    let uffd = Userfault::open_with_remove_events().map_err(|e| format!("userfaultfd: {e}"))?;
+    if uffd.user_mode_only() {
+        return Err("userfaultfd sees only user-mode faults here; KVM needs kernel faults".into());
+    }
+    let page = layout.host_page().bytes();
+    let mut maps = Vec::new();
+    let mut offset = 0;
+    for (i, &len) in sizes.iter().enumerate() {
+        if len == 0 {
+            continue;
+        }
+        // SAFETY: our own private mapping, alive until `ram` drops (after the VM).
+        unsafe { uffd.register(ram.addr(i), len) }.map_err(|e| format!("UFFDIO_REGISTER: {e}"))?;
+        maps.push(GuestRegionUffdMapping::new(ram.addr(i), len, offset, page));
+        offset += len;
+    }
+    let sock = send_handshake(&opts.socket, &maps, &uffd)
+        .map_err(|e| format!("handshake on {}: {e}", opts.socket.display()))?;
+    // SAFETY: `ram` outlives the machine (declared before it).
+    let (m, _) = unsafe { Machine::new(layout, [ram.addr(0), ram.addr(1)], Tracking::Off) }
+        .map_err(kvm_err)?;
+    m.load(&snap.vcpus).map_err(kvm_err)?;
+    m.set_stream_rate(STREAM_RATE, STREAM_FRAME_PAGES);
+    let mut out = RestoreOutcome {
+        resumed_ns: now_ns(),
+        stop_ns: 0,
+        done_ns: 0,
+        ops: 0,
+        verified: 0,
+        errors: 0,
+        first_error: None,
+        tids: Vec::new(),
+        counters: Vec::new(),
+    };
+    let ends: Vec<VcpuEnd> = std::thread::scope(|s| {
+        let hs = m.run(s, PinPlan::OFF, None);
+        let deadline = out.resumed_ns + opts.run_for.as_nanos() as u64;
+        while now_ns() < deadline && !hs.iter().any(|h| h.is_finished()) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        out.ops = m.counters().iter().map(|c| c.ops).sum();
+        out.stop_ns = now_ns();
+        m.finish_all();
+        let ends = hs
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or(VcpuEnd::Failed("vCPU thread panicked".into()))
+            })
+            .collect();
+        out.done_ns = now_ns();
+        ends
+    });
+    let until = now_ns() + opts.linger.as_nanos() as u64;
+    while now_ns() < until && !loaded() {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    drop(sock); // the handler's signal that the VMM is done
+    for (i, e) in ends.iter().enumerate() {
+        if !matches!(e, VcpuEnd::Done) {
+            return Err(format!("vCPU {i}: {e:?}"));
+        }
+    }
+    out.counters = m.counters();
+    out.tids = m.controls().iter().map(|c| c.tid()).collect();
+    out.verified = out.counters.iter().map(|c| c.verified).sum();
+    out.errors = out.counters.iter().map(|c| c.errors).sum();
+    out.first_error = out.counters.iter().find_map(|c| c.first_error_text());
+    Ok(out)
+}
