@@ -160,6 +160,28 @@ pub struct Cli {
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
+    /// Postcopy recovery: when the connections break in postcopy, the destination keeps its
+    /// guest blocked and reconnects (with backoff) for up to this long, and the source keeps
+    /// the session paused as long; then the migration resumes where it was (30s; 0: off, a
+    /// broken connection ends the run).
+    #[arg(
+        long,
+        value_name = "DURATION",
+        allow_hyphen_values = true,
+        default_value = "30s"
+    )]
+    recover_timeout: String,
+    /// Postcopy recovery: reconnect to ADDR instead of the --connect address (the same
+    /// source, reached another way).
+    #[arg(long, value_name = "ADDR", requires = "connect")]
+    reconnect: Option<String>,
+    /// Test hook: the source cuts both connections after N postcopy host pages sent on them,
+    /// as a broken network would; recovery resumes the run (see --test-cuts).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    test_cut_after: u64,
+    /// Test hook: with --test-cut-after, cut the connections K times in each run.
+    #[arg(long, value_name = "K", default_value_t = 1)]
+    test_cuts: u64,
     /// Test hook: the destination sends N malformed page requests at the start of postcopy.
     #[arg(long, hide = true, default_value_t = 0)]
     inject_bad: u64,
@@ -420,6 +442,28 @@ impl Options {
         };
         cfg.inject_bad = cli.inject_bad;
         cfg.drop_after = cli.test_drop_after;
+        cfg.recover_timeout = parse_duration(&cli.recover_timeout)
+            .map_err(|e| format!("--recover-timeout {}: {e}", cli.recover_timeout))?;
+        if cli.test_cut_after > 0 && cfg.recover_timeout.is_zero() {
+            return Err(
+                "--test-cut-after needs postcopy recovery (a --recover-timeout above 0)".into(),
+            );
+        }
+        cfg.cut_after = cli.test_cut_after;
+        cfg.cuts = if cli.test_cut_after > 0 {
+            cli.test_cuts
+        } else {
+            0
+        };
+        cfg.reconnect = match &cli.reconnect {
+            None => None,
+            Some(r) => Some(
+                r.to_socket_addrs()
+                    .map_err(|e| format!("--reconnect {r:?}: {e}"))?
+                    .next()
+                    .ok_or_else(|| format!("--reconnect {r:?}: no address"))?,
+            ),
+        };
         cfg.source_fault = cli.test_source_fault.parse::<SourceFault>()?;
         cfg.dest_fault = cli.test_dest_fault.parse::<DestFault>()?;
         let endpoint = match (&cli.listen, &cli.connect) {
