@@ -116,7 +116,9 @@ pub fn connect(addr: SocketAddr, hello: &Hello, idle: Duration) -> Result<Connec
 
 /// Destination: resumes the paused session `token` on new connections (postcopy recovery),
 /// sending `received` (the received bitmap, every block in order) after the resume hello.
-/// Connection attempts give up after `connect`; each answer is awaited for `idle`.
+/// Connection attempts give up after `connect`; each answer is awaited for `idle` (the rest
+/// of the recovery window: a source that has not noticed the break yet answers once its own
+/// idle limit has passed, and an attempt abandoned meanwhile would only be refused later).
 pub fn resume(
     addr: SocketAddr,
     hello: &Hello,
@@ -377,14 +379,20 @@ pub fn accept_resume(
             Ok(h) if h.role == (Role::Resume { token }) => {
                 match read_received(&c, &g, words) {
                     Ok(received) => {
-                        HelloReply {
+                        let ok = HelloReply {
                             error: String::new(),
                             token,
                             boot_id: boot_id(),
                         }
-                        .write(&c, &g)?;
-                        break (c, received);
+                        .write(&c, &g);
+                        // An attempt the destination gave up on: wait for the next one.
+                        if ok.is_ok() {
+                            break (c, received);
+                        }
+                        continue;
                     }
+                    // A connection that broke part way: wait for the next attempt.
+                    Err(e) if e.connection_lost() => continue,
                     Err(e) => e.to_string(),
                 }
             }

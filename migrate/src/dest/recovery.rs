@@ -261,7 +261,15 @@ impl Dest<'_> {
             }
             attempts += 1;
             let connect = Duration::from_nanos(left).min(CONNECT_LIMIT);
-            match handshake::resume(self.resume_to, &self.hello, token, &received, connect, idle) {
+            let answer = Duration::from_nanos(left).max(idle);
+            match handshake::resume(
+                self.resume_to,
+                &self.hello,
+                token,
+                &received,
+                connect,
+                answer,
+            ) {
                 Ok(c) => break c,
                 Err(ConnectError::Refused(r)) => {
                     return Err(RunError::Recovery {
