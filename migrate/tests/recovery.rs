@@ -304,6 +304,10 @@ fn a_partition_between_two_namespaces_is_recovered_when_the_link_comes_back() {
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     let r = &rows[0];
     let _ = std::fs::remove_dir_all(&dir);
+    eprintln!(
+        "partition: {} cut(s) survived, recovery {} ms, postcopy {:.0} ms, {} pages sent again, placed per connection {}",
+        r["cuts"], r["recovery_ms"], r["duration_ms"].as_f64().unwrap_or(0.0), r["resent_pages"], r["placed_per_connection"]
+    );
     assert_eq!(r["verified"], true, "{r}");
     assert!(r["cuts"].as_u64().unwrap() >= 1, "{r}");
     assert!(

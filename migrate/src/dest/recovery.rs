@@ -3,8 +3,8 @@
 //!
 //! A receiver or a page request that finds its connection lost after the switch-over
 //! ([`WireError::connection_lost`]) records the break, stops that connection's receivers and
-//! shuts its sockets down ([`Dest::conn_failed`]); the guest is neither released nor kicked.
-//! The main thread then ([`Dest::recover`]):
+//! shuts its sockets down (`Dest::conn_failed`); the guest is neither released nor kicked.
+//! The main thread then (`Dest::recover`):
 //! 1. joins the broken connection's receivers, so nothing is placed any more: the received
 //!    bitmap it takes next is exact (frames that arrived but were not yet due on the emulated
 //!    link are dropped with the connection, and counted as not received);

@@ -10,7 +10,7 @@
 //!   `urgent_sent`, which offers the hint (preempt-hint).
 //!
 //! Both end when the destination says `DONE` (it has every page), or when the connections
-//! break: then the session waits to be resumed ([`Session::resume`]), rebuilds the
+//! break: then the session waits to be resumed (`Session::resume`), rebuilds the
 //! scheduler from the destination's received bitmap, and starts both again on the new
 //! connections.
 
