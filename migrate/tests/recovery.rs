@@ -1,7 +1,8 @@
 //! Postcopy recovery: connections cut mid-postcopy, any number of times, in every mode, with
 //! the thread guest and the KVM guest; a source stopped longer than the idle limit and
-//! continued; a real partition (`ip link set down`, then `up`) between two network
-//! namespaces (root only); and what ends a run instead: recovery switched off, a source
+//! continued; a relay on the first path that dies, the destination resuming at its
+//! `--reconnect` address; a real partition (`ip link set down`, then `up`) between two
+//! network namespaces (root only); and what ends a run instead: recovery switched off, a source
 //! that crashed. Every resumed run verifies: each missing page placed by exactly one
 //! connection, and the source's rebuild after each break agreeing with what the destination
 //! lacked.
@@ -314,4 +315,86 @@ fn a_partition_between_two_namespaces_is_recovered_when_the_link_comes_back() {
         r["recovery_total_ms"].as_f64().unwrap() > 1000.0,
         "the link was down for 3 s: {r}"
     );
+}
+
+/// A TCP forwarder to `to`: every connection made to it is relayed; `cut()` shuts every
+/// relayed connection down at once, and closes any later one unanswered, as a dead
+/// middlebox would.
+struct Relay {
+    addr: std::net::SocketAddr,
+    conns: Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+    dead: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Relay {
+    fn start(to: std::net::SocketAddr) -> Self {
+        use std::net::{TcpListener, TcpStream};
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let conns: Arc<std::sync::Mutex<Vec<TcpStream>>> = Arc::default();
+        let dead: Arc<std::sync::atomic::AtomicBool> = Arc::default();
+        let (kept, gone) = (Arc::clone(&conns), Arc::clone(&dead));
+        std::thread::spawn(move || {
+            for c in l.incoming() {
+                let Ok(a) = c else { return };
+                // Relaxed: a flag set once by the test.
+                if gone.load(Ordering::Relaxed) {
+                    continue; // dropped: closed unanswered
+                }
+                let Ok(b) = TcpStream::connect(to) else {
+                    return;
+                };
+                let _ = (a.set_nodelay(true), b.set_nodelay(true));
+                let mut list = kept.lock().unwrap();
+                list.push(a.try_clone().unwrap());
+                list.push(b.try_clone().unwrap());
+                for (mut from, mut into) in
+                    [(a.try_clone().unwrap(), b.try_clone().unwrap()), (b, a)]
+                {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut into);
+                        let _ = into.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        Self { addr, conns, dead }
+    }
+
+    fn cut(&self) {
+        // Relaxed: a flag read by the accept loop.
+        self.dead.store(true, Ordering::Relaxed);
+        for c in self.conns.lock().unwrap().drain(..) {
+            let _ = c.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+#[test]
+fn a_destination_resumes_through_another_address_when_the_first_path_dies() {
+    // The first connections go through a relay, which dies mid-postcopy; --reconnect names
+    // the source's own address, and the migration resumes there.
+    let r = within(Duration::from_secs(60), || {
+        let mut c = config(GuestKind::Thread, 16 << 20, HostPageSize::Small, 1);
+        c.recover_timeout = Duration::from_secs(10);
+        c.link.bandwidth_bps = 200_000_000;
+        let src = LocalSource::start(PinPlan::OFF, c.idle_timeout, true).unwrap();
+        let relay = Relay::start(src.addr());
+        c.reconnect = Some(src.addr());
+        let cut = std::sync::atomic::AtomicBool::new(false);
+        run_destination(
+            relay.addr,
+            &c,
+            MigrationMode::Preempt,
+            Workload::Random,
+            &|placed, _| {
+                // Relaxed: a one-shot flag of this callback.
+                if placed > 500 && !cut.swap(true, Ordering::Relaxed) {
+                    relay.cut();
+                }
+            },
+        )
+    });
+    let r = r.unwrap_or_else(|e| panic!("not resumed through --reconnect: {e}"));
+    check_resumed(&r, 1);
 }
