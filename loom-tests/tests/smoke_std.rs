@@ -111,3 +111,16 @@ fn multi_sender_model_passes_on_the_real_scheduler_and_the_control() {
     senders_and_urgent::<PageScheduler>(&layout, 3, &faults);
     senders_and_urgent::<Rewrite<false>>(&layout, 3, &faults);
 }
+
+#[test]
+fn recovery_handoff_model_passes_with_the_harness_order() {
+    for before_cut in 0..4 {
+        pagehint_models::recovery::handoff_model::<false>(
+            &pagehint_models::recovery::HandoffCase {
+                pages: 64,
+                batch: 4,
+                before_cut,
+            },
+        );
+    }
+}

@@ -46,6 +46,13 @@ Which side a flag applies to:
   --listen ADDR               the source only: --pin, --timeout, --quiet, --sessions, --once;
                               every other flag is refused (each destination's hello decides)
 
+Postcopy recovery: when the connections break after the switch-over (closed, reset, or
+both silent for --timeout), the destination keeps its guest blocked, reconnects with
+backoff (to --connect, or --reconnect) for up to --recover-timeout, and sends its received
+bitmap; the source, which keeps the session paused as long, resends what did not arrive and
+postcopy goes on in the same mode, after any number of breaks. The results report the cuts
+survived and the time spent recovering (--test-cut-after N --test-cuts K injects them).
+
 Exit status: 0 every run completed and verified (targets are reported, not enforced, unless
 --check); 1 a run failed verification, a target missed with --check, or an output file
 could not be written; 2 bad input, or a run failed (it is still recorded, and the rest run).";
@@ -160,6 +167,28 @@ pub struct Cli {
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
+    /// Postcopy recovery: when the connections break in postcopy, the destination keeps its
+    /// guest blocked and reconnects (with backoff) for up to this long, and the source keeps
+    /// the session paused as long; then the migration resumes where it was (30s; 0: off, a
+    /// broken connection ends the run).
+    #[arg(
+        long,
+        value_name = "DURATION",
+        allow_hyphen_values = true,
+        default_value = "30s"
+    )]
+    recover_timeout: String,
+    /// Postcopy recovery: reconnect to ADDR instead of the --connect address (the same
+    /// source, reached another way).
+    #[arg(long, value_name = "ADDR", requires = "connect")]
+    reconnect: Option<String>,
+    /// Test hook: the source cuts both connections after N postcopy host pages sent on them,
+    /// as a broken network would; recovery resumes the run (see --test-cuts).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    test_cut_after: u64,
+    /// Test hook: with --test-cut-after, cut the connections K times in each run.
+    #[arg(long, value_name = "K", default_value_t = 1)]
+    test_cuts: u64,
     /// Test hook: the destination sends N malformed page requests at the start of postcopy.
     #[arg(long, hide = true, default_value_t = 0)]
     inject_bad: u64,
@@ -420,6 +449,36 @@ impl Options {
         };
         cfg.inject_bad = cli.inject_bad;
         cfg.drop_after = cli.test_drop_after;
+        cfg.recover_timeout = parse_duration(&cli.recover_timeout)
+            .map_err(|e| format!("--recover-timeout {}: {e}", cli.recover_timeout))?;
+        if cli.test_cut_after > 0 && cfg.recover_timeout.is_zero() {
+            return Err(
+                "--test-cut-after needs postcopy recovery (a --recover-timeout above 0)".into(),
+            );
+        }
+        if cli.test_cut_after == 0 && cli.test_cuts != 1 {
+            return Err(
+                "--test-cuts needs --test-cut-after N (the pages after which to cut)".into(),
+            );
+        }
+        if cli.test_cut_after > 0 && cli.test_cuts == 0 {
+            return Err("--test-cuts: at least 1 (or leave --test-cut-after out)".into());
+        }
+        cfg.cut_after = cli.test_cut_after;
+        cfg.cuts = if cli.test_cut_after > 0 {
+            cli.test_cuts
+        } else {
+            0
+        };
+        cfg.reconnect = match &cli.reconnect {
+            None => None,
+            Some(r) => Some(
+                r.to_socket_addrs()
+                    .map_err(|e| format!("--reconnect {r:?}: {e}"))?
+                    .next()
+                    .ok_or_else(|| format!("--reconnect {r:?}: no address"))?,
+            ),
+        };
         cfg.source_fault = cli.test_source_fault.parse::<SourceFault>()?;
         cfg.dest_fault = cli.test_dest_fault.parse::<DestFault>()?;
         let endpoint = match (&cli.listen, &cli.connect) {
@@ -601,6 +660,19 @@ mod tests {
                 "--json /nonexistent-dir/r.json: cannot write it",
             ),
             (&["--svg", "/"][..], "--svg /: is a directory"),
+            (&["--recover-timeout", "-1s"][..], "--recover-timeout -1s"),
+            (
+                &["--test-cuts", "3"][..],
+                "--test-cuts needs --test-cut-after",
+            ),
+            (
+                &["--test-cut-after", "100", "--test-cuts", "0"][..],
+                "--test-cuts: at least 1",
+            ),
+            (
+                &["--test-cut-after", "100", "--recover-timeout", "0"][..],
+                "--test-cut-after needs postcopy recovery",
+            ),
         ] {
             let e = error(args);
             assert!(e.contains(says), "{args:?}: {e}");
@@ -608,5 +680,54 @@ mod tests {
         let o = options(&["--modes", "preempt", "--timeout", "200ms", "--check"]).unwrap();
         assert!(o.check);
         assert_eq!(o.modes, vec![MigrationMode::Preempt]);
+    }
+
+    #[test]
+    fn recovery_flags_reach_the_run_and_a_listener_refuses_them() {
+        let o = options(&[]).unwrap();
+        assert_eq!(o.cfg.recover_timeout, Duration::from_secs(30));
+        assert_eq!((o.cfg.cut_after, o.cfg.cuts), (0, 0));
+        let o = options(&[
+            "--recover-timeout",
+            "5s",
+            "--test-cut-after",
+            "100",
+            "--test-cuts",
+            "3",
+        ])
+        .unwrap();
+        assert_eq!(o.cfg.recover_timeout, Duration::from_secs(5));
+        assert_eq!((o.cfg.cut_after, o.cfg.cuts), (100, 3));
+        assert_eq!(
+            options(&["--recover-timeout", "0"])
+                .unwrap()
+                .cfg
+                .recover_timeout,
+            Duration::ZERO
+        );
+        let o = Options::from_cli(
+            Cli::try_parse_args_from([
+                "pagehint-migrate",
+                "--connect",
+                "127.0.0.1:4444",
+                "--reconnect",
+                "127.0.0.1:5555",
+            ])
+            .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(o.cfg.reconnect, Some("127.0.0.1:5555".parse().unwrap()));
+        let e = Options::from_cli(
+            Cli::try_parse_args_from([
+                "pagehint-migrate",
+                "--listen",
+                "127.0.0.1:0",
+                "--recover-timeout",
+                "5s",
+            ])
+            .unwrap(),
+        )
+        .unwrap_err();
+        assert!(e.contains("--recover-timeout would be ignored"), "{e}");
     }
 }

@@ -85,7 +85,7 @@ pub fn serve(addr: &str, o: &Options) -> Result<(), String> {
             Ok(rep) => {
                 let s = &rep.summary.stats;
                 eprintln!(
-                    "session {n}: {} of {} MiB done: {} pages urgent, {} background, {} hints taken, {} bad requests rejected{}",
+                    "session {n}: {} of {} MiB done: {} pages urgent, {} background, {} hints taken, {} bad requests rejected{}{}",
                     rep.mode,
                     rep.mem >> 20,
                     s.urgent_pages,
@@ -96,7 +96,11 @@ pub fn serve(addr: &str, o: &Options) -> Result<(), String> {
                         .rejected
                         .first()
                         .map(|m| format!(" (first: {m})"))
-                        .unwrap_or_default()
+                        .unwrap_or_default(),
+                    match rep.recoveries() {
+                        0 => String::new(),
+                        k => format!("; resumed after {k} broken connection(s)"),
+                    }
                 );
             }
             Err(e) => eprintln!("session {n} failed: {e}"),

@@ -29,7 +29,9 @@ fn fmt_rate(r: Option<f64>) -> String {
 /// The comparison table, one row per run.
 pub fn table(rows: &[RunResult]) -> String {
     let mut out = String::new();
-    let head = [
+    // Postcopy recovery's column, when a run survived a break.
+    let recovery = rows.iter().any(|r| r.cuts > 0);
+    let mut head = vec![
         "workload",
         "mode",
         "faults",
@@ -46,6 +48,9 @@ pub fn table(rows: &[RunResult]) -> String {
         "guest ops/s before→after",
         "verified",
     ];
+    if recovery {
+        head.insert(head.len() - 1, "cuts/recovery");
+    }
     let mut cells: Vec<Vec<String>> = vec![head.iter().map(|s| s.to_string()).collect()];
     for r in rows {
         if r.error.is_some() {
@@ -55,7 +60,7 @@ pub fn table(rows: &[RunResult]) -> String {
             cells.push(row);
             continue;
         }
-        cells.push(vec![
+        let mut row = vec![
             r.workload.clone(),
             r.mode.clone(),
             r.faults.to_string(),
@@ -79,7 +84,14 @@ pub fn table(rows: &[RunResult]) -> String {
             } else {
                 "NO".into()
             },
-        ]);
+        ];
+        if recovery {
+            row.insert(
+                row.len() - 1,
+                format!("{}/{}", r.cuts, fmt_ms(r.recovery_total_ms)),
+            );
+        }
+        cells.push(row);
     }
     let widths: Vec<usize> = (0..head.len())
         .map(|c| {

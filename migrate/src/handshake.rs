@@ -12,6 +12,13 @@
 //!    across machines (one machine's processes share `CLOCK_MONOTONIC`, known from the boot
 //!    id).
 //!
+//! 4. **Resume** (postcopy recovery, any number of times): after its connections broke in
+//!    postcopy, the destination connects a new main connection with [`Role::Resume`] and
+//!    the session token, followed by its received bitmap; the source, which has been waiting
+//!    for it with the session paused ([`accept_resume`]), answers, then takes a new urgent
+//!    connection with the same token, as in step 2. No clock probes: the clocks are the ones
+//!    measured at the start.
+//!
 //! A new connection has [`HELLO_DEADLINE`] to send its hello, so a client that connects
 //! and says nothing cannot hold the source for the whole idle limit.
 
@@ -51,6 +58,8 @@ pub struct Connected {
     pub same_clock: bool,
     /// Source clock minus destination clock, as the pings measured it.
     pub measured_offset_ns: i64,
+    /// The session token (to resume the session after a broken connection).
+    pub token: u64,
 }
 
 impl Connected {
@@ -101,7 +110,50 @@ pub fn connect(addr: SocketAddr, hello: &Hello, idle: Duration) -> Result<Connec
         urgent,
         same_clock: reply.boot_id == boot_id(),
         measured_offset_ns,
+        token: reply.token,
     })
+}
+
+/// Destination: resumes the paused session `token` on new connections (postcopy recovery),
+/// sending `received` (the received bitmap, every block in order) after the resume hello.
+/// Connection attempts give up after `connect`; each answer is awaited for `idle` (the rest
+/// of the recovery window: a source that has not noticed the break yet answers once its own
+/// idle limit has passed, and an attempt abandoned meanwhile would only be refused later).
+pub fn resume(
+    addr: SocketAddr,
+    hello: &Hello,
+    token: u64,
+    received: &[u64],
+    connect: Duration,
+    idle: Duration,
+) -> Result<(TcpStream, TcpStream), ConnectError> {
+    let stop = AtomicBool::new(false);
+    let g = Guard {
+        stop: &stop,
+        idle,
+        keepalive: None,
+    };
+    let main = dial(addr, connect)?;
+    let mut h = hello.clone();
+    h.role = Role::Resume { token };
+    let mut bits = Vec::with_capacity(8 + received.len() * 8);
+    bits.extend_from_slice(&(received.len() as u64).to_le_bytes());
+    for w in received {
+        bits.extend_from_slice(&w.to_le_bytes());
+    }
+    write_parts(&main, &[&h.encode(), &bits], &g, Channel::Handshake)?;
+    let reply = HelloReply::read(&main, &g)?;
+    if !reply.error.is_empty() {
+        return Err(ConnectError::Refused(reply.error));
+    }
+    let urgent = dial(addr, connect)?;
+    h.role = Role::Urgent { token };
+    write_parts(&urgent, &[&h.encode()], &g, Channel::Handshake)?;
+    let ureply = HelloReply::read(&urgent, &g)?;
+    if !ureply.error.is_empty() {
+        return Err(ConnectError::Refused(ureply.error));
+    }
+    Ok((main, urgent))
 }
 
 /// Measures source clock minus destination clock with a few pings.
@@ -151,6 +203,8 @@ pub struct Accepted {
     pub urgent: TcpStream,
     /// Both sides share `CLOCK_MONOTONIC`.
     pub same_clock: bool,
+    /// The session token (a resume hello must carry it).
+    pub token: u64,
 }
 
 fn accept_one(
@@ -215,6 +269,10 @@ pub fn accept<T>(
         .and_then(|h| match h.role {
             Role::Main => Ok(h),
             Role::Urgent { .. } => Err("expected a main-connection hello".to_string()),
+            Role::Resume { .. } => Err(
+                "no paused session to resume here (the source was restarted, or gave up waiting)"
+                    .to_string(),
+            ),
         })
         .and_then(|h| prepare(&h).map(|t| (h, t)));
     HelloReply {
@@ -224,19 +282,41 @@ pub fn accept<T>(
     }
     .write(&main, &g)?;
     let (hello, prepared) = checked.map_err(|e| WireError::Malformed(Channel::Handshake, e))?;
-    // The urgent connection: the first one within the idle limit that says this session's
-    // token. Any other connection (a stray client, another destination's main connection)
-    // is answered with a refusal and closed; it does not end this session.
+    let urgent = accept_urgent(listener, &g, token)?;
+    let same_clock = hello.boot_id == boot_id();
+    Ok((
+        Accepted {
+            hello,
+            main,
+            urgent,
+            same_clock,
+            token,
+        },
+        prepared,
+    ))
+}
+
+/// Source: the urgent connection of session `token`: the first one within the idle limit
+/// that says this session's token. Any other connection (a stray client, another
+/// destination's main connection) is answered with a refusal and closed; it does not end
+/// this session.
+fn accept_urgent(
+    listener: &TcpListener,
+    g: &Guard<'_>,
+    token: u64,
+) -> Result<TcpStream, WireError> {
+    let idle = g.idle;
+    let mut hb = [0u8; Hello::LEN];
     let start = now_ns();
-    let urgent = loop {
+    loop {
         let left = idle.saturating_sub(Duration::from_nanos(now_ns() - start));
         if left.is_zero() {
             return Err(WireError::Timeout(Channel::Handshake, idle));
         }
-        let c = accept_one(listener, stop, Some(left))?;
+        let c = accept_one(listener, g.stop, Some(left))?;
         let cg = Guard {
             idle: left.min(HELLO_DEADLINE),
-            ..g
+            ..*g
         };
         if read_full(&c, &mut hb, &cg, Channel::Handshake).is_err() {
             continue;
@@ -252,21 +332,106 @@ pub fn accept<T>(
             boot_id: boot_id(),
         };
         if ok {
-            reply.write(&c, &g)?;
-            break c;
+            reply.write(&c, g)?;
+            return Ok(c);
         }
         let _ = reply.write(&c, &cg);
+    }
+}
+
+/// Most received-bitmap words a resume carries (64 GiB of 4 KiB pages).
+const MAX_RECEIVED_WORDS: u64 = (64 << 30) / 4096 / 64;
+
+/// Source: waits up to `window` for the destination to resume the paused session `token`
+/// (postcopy recovery): a main connection with [`Role::Resume`] and the token, then its
+/// received bitmap (exactly `words` words), then the urgent connection. Any other
+/// connection meanwhile is refused, with the reason, and closed. Returns the new main and
+/// urgent connections and the received bitmap.
+pub fn accept_resume(
+    listener: &TcpListener,
+    stop: &AtomicBool,
+    idle: Duration,
+    window: Duration,
+    token: u64,
+    words: usize,
+) -> Result<(TcpStream, TcpStream, Vec<u64>), WireError> {
+    let g = Guard {
+        stop,
+        idle,
+        keepalive: None,
     };
-    let same_clock = hello.boot_id == boot_id();
-    Ok((
-        Accepted {
-            hello,
-            main,
-            urgent,
-            same_clock,
-        },
-        prepared,
-    ))
+    let mut hb = [0u8; Hello::LEN];
+    let start = now_ns();
+    let main = loop {
+        let left = window.saturating_sub(Duration::from_nanos(now_ns() - start));
+        if left.is_zero() {
+            return Err(WireError::Timeout(Channel::Handshake, window));
+        }
+        let c = accept_one(listener, stop, Some(left))?;
+        let cg = Guard {
+            idle: idle.min(HELLO_DEADLINE),
+            ..g
+        };
+        if read_full(&c, &mut hb, &cg, Channel::Handshake).is_err() {
+            continue;
+        }
+        let refusal = match Hello::decode(&hb) {
+            Ok(h) if h.role == (Role::Resume { token }) => {
+                match read_received(&c, &g, words) {
+                    Ok(received) => {
+                        let ok = HelloReply {
+                            error: String::new(),
+                            token,
+                            boot_id: boot_id(),
+                        }
+                        .write(&c, &g);
+                        // An attempt the destination gave up on: wait for the next one.
+                        if ok.is_ok() {
+                            break (c, received);
+                        }
+                        continue;
+                    }
+                    // A connection that broke part way: wait for the next attempt.
+                    Err(e) if e.connection_lost() => continue,
+                    Err(e) => e.to_string(),
+                }
+            }
+            Ok(h) if matches!(h.role, Role::Resume { .. }) => {
+                "no paused session with that token here (the source was restarted?)".into()
+            }
+            Ok(_) => {
+                "the source is busy: a session is paused, waiting for its destination to resume it; try again".into()
+            }
+            Err(e) => e.to_string(),
+        };
+        let _ = HelloReply {
+            error: refusal,
+            token: 0,
+            boot_id: boot_id(),
+        }
+        .write(&c, &cg);
+    };
+    let (main, received) = main;
+    let urgent = accept_urgent(listener, &g, token)?;
+    Ok((main, urgent, received))
+}
+
+/// Reads a resume's received bitmap: a word count (exactly `words`), then the words.
+fn read_received(c: &TcpStream, g: &Guard<'_>, words: usize) -> Result<Vec<u64>, WireError> {
+    let mut n = [0u8; 8];
+    read_full(c, &mut n, g, Channel::Handshake)?;
+    let n = u64::from_le_bytes(n);
+    if n != words as u64 || n > MAX_RECEIVED_WORDS {
+        return Err(WireError::Malformed(
+            Channel::Handshake,
+            format!("a received bitmap of {n} words for a guest of {words}"),
+        ));
+    }
+    let mut b = vec![0u8; words * 8];
+    read_full(c, &mut b, g, Channel::Handshake)?;
+    Ok(b.chunks_exact(8)
+        .map(|w| u64::from_le_bytes(w.try_into().expect("8 bytes")))
+        .collect())
 }
 
 /// Source: answers clock probes until the destination sends `START`.

@@ -16,7 +16,8 @@ downtime: source vCPUs stop -> destination vCPUs run; postcopy: destination resu
 urgent/bg pages: 4 KiB pages sent by the urgent path / the background scan in postcopy; hints off/taken: offered / taken by the scan
 guest ops/s: pages checked (or lookups) per second at the source in precopy -> at the destination in postcopy
 MiB/s: postcopy throughput, RAM still to send at the switch-over / postcopy time
-verified: each missing page placed exactly once, memory equals the source's at the switch-over, the guest's own checks passed";
+cuts/recovery (with breaks): connection breaks survived in postcopy / time from the breaks to postcopy resumed
+verified: each missing page placed exactly once (across all connections), memory equals the source's at the switch-over, the guest's own checks passed";
 
 fn main() -> ExitCode {
     let mut cli = Cli::parse_args();

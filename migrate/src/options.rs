@@ -162,6 +162,17 @@ pub struct RunConfig {
     pub inject_bad: u64,
     /// Test hook: the source drops the connections after this many host pages (0: never).
     pub drop_after: u64,
+    /// Postcopy recovery: how long the destination keeps reconnecting after its connections
+    /// broke in postcopy, and the source keeps the session paused (zero: recovery off, a
+    /// broken connection ends the run).
+    pub recover_timeout: Duration,
+    /// Postcopy recovery: where to reconnect (None: the address first connected to).
+    pub reconnect: Option<std::net::SocketAddr>,
+    /// Test hook: the source cuts both connections after this many postcopy host pages sent
+    /// on them (0: never), [`cuts`](Self::cuts) times; recovery resumes the run.
+    pub cut_after: u64,
+    /// Test hook: how many times the source cuts the connections.
+    pub cuts: u64,
     /// Test hook: a fault the source injects.
     pub source_fault: SourceFault,
     /// Test hook: a fault the destination injects.
@@ -192,6 +203,10 @@ impl RunConfig {
             idle_timeout: Duration::from_secs(20),
             inject_bad: 0,
             drop_after: 0,
+            recover_timeout: Duration::from_secs(30),
+            reconnect: None,
+            cut_after: 0,
+            cuts: 0,
             source_fault: SourceFault::None,
             dest_fault: DestFault::None,
         }

@@ -162,6 +162,27 @@ pub struct RunResult {
     pub zero_host_pages: u64,
     /// Host pages placed twice (must be 0).
     pub placed_twice: u64,
+    /// Postcopy recovery: breaks of the connections survived (each resumed on new ones).
+    #[serde(default)]
+    pub cuts: u64,
+    /// Postcopy recovery: time from each break to postcopy resumed, ms, in order.
+    #[serde(default)]
+    pub recovery_ms: Vec<f64>,
+    /// Postcopy recovery: all of that time, ms.
+    #[serde(default)]
+    pub recovery_total_ms: f64,
+    /// Postcopy recovery: host pages placed by each connection, in order (one entry without
+    /// breaks).
+    #[serde(default)]
+    pub placed_per_connection: Vec<u64>,
+    /// Postcopy recovery: target pages the source claimed on a connection that broke before
+    /// they arrived (sent again on the next one): the source's urgent and background pages
+    /// less the pages that were missing.
+    #[serde(default)]
+    pub resent_pages: u64,
+    /// Postcopy recovery: the breaks, in words.
+    #[serde(default)]
+    pub cut_reasons: Vec<String>,
     /// Fault events read from userfaultfd (every thread).
     pub uffd_faults: u64,
     /// Guest faults that raced with a placement: the page was placed by the time the fault
@@ -370,6 +391,21 @@ impl RunResult {
             rejected: i.summary.rejected.clone(),
             zero_host_pages: i.summary.zero_host_pages,
             placed_twice: i.mem.placed_twice().0,
+            cuts: e.cuts.len() as u64,
+            recovery_ms: e.cuts.iter().map(|c| ms(c.recovery_ns())).collect(),
+            recovery_total_ms: ms(e.cuts.iter().map(|c| c.recovery_ns()).sum()),
+            placed_per_connection: {
+                let mut v = vec![0u64; e.cuts.len() + 1];
+                for hp in 0..i.mem.host_pages() {
+                    if let Some(n) = v.get_mut(usize::from(i.mem.placed_by(hp)).wrapping_sub(1)) {
+                        *n += 1;
+                    }
+                }
+                v
+            },
+            resent_pages: (st.urgent_pages + st.background_pages)
+                .saturating_sub(i.mem.pending() * i.mem.host_page_size() / 4096),
+            cut_reasons: e.cuts.iter().map(|c| c.reason.clone()).collect(),
             uffd_faults: i.events.len() as u64,
             raced_faults: faults::raced(i.events, |hp| i.mem.times(hp).1, &guest_tids),
             clock_offset_us: e.measured_offset_ns as f64 / 1e3,

@@ -1,8 +1,11 @@
 //! Verification of a finished run, apart from running it: what must hold, checked from the
 //! evidence the run left.
 //!
-//! 1. **Exactly once**: every host page missing at the switch-over was placed in postcopy,
-//!    and nothing was placed twice (`EEXIST`).
+//! 1. **Exactly once, across all connections**: every host page missing at the switch-over
+//!    was placed in postcopy by exactly one connection (the first, or one resumed after a
+//!    break), no other page was placed in postcopy, and nothing was placed twice (`EEXIST`).
+//!    After each break, the source's rebuild from the received bitmap left exactly the pages
+//!    this side still lacked, and the source resumed as many times as this side did.
 //! 2. **Same memory**: every page the guest did not write at the destination equals the
 //!    source's page at the switch-over (the source sends a checksum of every page). The KVM
 //!    guest writes only its stacks, its generation table and the data pages whose generation
@@ -42,6 +45,7 @@ pub fn verify(cfg: &RunConfig, workload: Workload, e: &Evidence) -> Vec<String> 
             e.switch.pending_host_pages()
         ));
     }
+    connections(e, &mut problems);
     // 2. Same memory. The KVM guest writes at the destination: its data pages through
     // `write_page` (their generation moves on), its stacks, and the generation table; every
     // other page must be the source's. A data page whose generation moved must pass the
@@ -179,4 +183,87 @@ pub fn verify(cfg: &RunConfig, workload: Workload, e: &Evidence) -> Vec<String> 
         ));
     }
     problems
+}
+
+/// Exactly once across all connections: each pending host page placed by one connection,
+/// none other placed in postcopy; each recovery agreed on what was missing.
+fn connections(e: &Evidence, problems: &mut Vec<String>) {
+    let mem = &e.mem;
+    let blocks = &e.switch.host_pages;
+    let mut per_conn: Vec<u64> = vec![0; e.cuts.len() + 1];
+    let (mut unplaced, mut first_unplaced) = (0u64, None);
+    let (mut stray, mut first_stray) = (0u64, None);
+    let (mut beyond, mut first_beyond) = (0u64, None);
+    let mut hp = 0u64;
+    for (b, &n) in blocks.iter().enumerate() {
+        let words = e.switch.pending.get(b).map_or(&[][..], |w| &w[..]);
+        for i in 0..n {
+            let pending = words
+                .get((i / 64) as usize)
+                .is_some_and(|w| w & (1 << (i % 64)) != 0);
+            let by = if hp < mem.host_pages() {
+                mem.placed_by(hp)
+            } else {
+                0
+            };
+            match (pending, by) {
+                (true, 0) => {
+                    unplaced += 1;
+                    first_unplaced.get_or_insert(hp);
+                }
+                (true, c) if usize::from(c) <= per_conn.len() => per_conn[usize::from(c) - 1] += 1,
+                (true, _) => {
+                    beyond += 1;
+                    first_beyond.get_or_insert(hp);
+                }
+                (false, 0) => {}
+                (false, _) => {
+                    stray += 1;
+                    first_stray.get_or_insert(hp);
+                }
+            }
+            hp += 1;
+        }
+    }
+    if let Some(p) = first_unplaced {
+        problems.push(format!(
+            "{unplaced} pending host pages were placed by no connection (first: host page {p})"
+        ));
+    }
+    if let Some(p) = first_stray {
+        problems.push(format!(
+            "{stray} host pages not pending at the switch-over were placed in postcopy (first: host page {p})"
+        ));
+    }
+    if let Some(p) = first_beyond {
+        problems.push(format!(
+            "{beyond} host pages were placed by a connection that never existed (first: host page {p})"
+        ));
+    }
+    let placed: u64 = per_conn.iter().sum();
+    if placed != mem.placed() {
+        problems.push(format!(
+            "the connections placed {placed} host pages ({per_conn:?}), the count says {}",
+            mem.placed()
+        ));
+    }
+    let rec = &e.summary.recoveries;
+    if rec.len() != e.cuts.len() {
+        problems.push(format!(
+            "the destination resumed {} times, the source {} times",
+            e.cuts.len(),
+            rec.len()
+        ));
+    }
+    let per = mem.host_page_size() / crate::guest::layout::TARGET_PAGE;
+    for (i, (c, &left)) in e.cuts.iter().zip(rec).enumerate() {
+        if c.missing_host_pages * per != left {
+            problems.push(format!(
+                "after break {}: the destination lacked {} host pages ({} target pages), the source's rebuild left {left} to send",
+                i + 1,
+                c.missing_host_pages,
+                c.missing_host_pages * per
+            ));
+        }
+    }
 }

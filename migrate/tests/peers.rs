@@ -1,7 +1,9 @@
 //! What real migrations meet beyond a clean run (thread guest, small RAM, a few seconds
 //! each): a guest that keeps playing long after the last page is placed, a client that
 //! connects and says nothing, a hello asking for more memory than the source has, a peer
-//! that is not a pagehint-migrate source, and a source that fails and says why. Every test
+//! that is not a pagehint-migrate source, a source that fails and says why, and strangers
+//! at a paused session's door (garbage, a new destination, a wrong token, a bad received
+//! bitmap), refused with the reason while the session waits for its own. Every test
 //! bounds its own run time, so a hang is a failure.
 
 mod common;
@@ -41,6 +43,9 @@ fn hello(c: &RunConfig) -> Hello {
         scan_start: 0,
         drop_after: 0,
         source_fault: c.source_fault,
+        cut_after: 0,
+        cuts: 0,
+        recover_ms: 0,
         boot_id: boot_id(),
     }
 }
@@ -274,6 +279,7 @@ fn a_source_that_falls_silent_mid_postcopy_is_reported_on_both_channels() {
         // A slow link, so that postcopy is still running when the source stops.
         let mut c = cfg();
         c.idle_timeout = Duration::from_secs(1);
+        c.recover_timeout = Duration::from_secs(2);
         c.link.bandwidth_bps = 50_000_000;
         run_destination(
             addr,
@@ -288,15 +294,81 @@ fn a_source_that_falls_silent_mid_postcopy_is_reported_on_both_channels() {
     let _ = child.kill();
     let _ = child.wait();
     let e = r.expect_err("the source stopped");
+    // The destination tried to resume for the recovery window, then gave up.
+    match &e {
+        RunError::Recovery { cut, why } => {
+            assert!(cut.contains("background and urgent channels"), "{cut}");
+            assert!(why.contains("did not take the session back"), "{why}");
+        }
+        e => panic!("expected a failed recovery, got {e:?}"),
+    }
+}
+
+#[test]
+fn a_paused_session_refuses_strangers_with_a_reason_and_takes_its_own_destination_back() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let waiter = std::thread::spawn(move || {
+        let stop = AtomicBool::new(false);
+        handshake::accept_resume(
+            &listener,
+            &stop,
+            Duration::from_secs(5),
+            Duration::from_secs(20),
+            7,
+            4,
+        )
+    });
+    let stop = AtomicBool::new(false);
+    let g = Guard {
+        stop: &stop,
+        idle: Duration::from_secs(5),
+        keepalive: None,
+    };
+    let ask = |bytes: &[u8]| {
+        let c = TcpStream::connect(addr).unwrap();
+        pagehint_migrate::wire::configure(&c).unwrap();
+        write_parts(&c, &[bytes], &g, Channel::Handshake).unwrap();
+        pagehint_migrate::wire::HelloReply::read(&c, &g)
+            .unwrap()
+            .error
+    };
+    let base = hello(&cfg());
+    let with = move |role| Hello {
+        role,
+        ..base.clone()
+    };
+    let mut garbage = b"GET / HTTP/1.0\r\n\r\n".to_vec();
+    garbage.resize(Hello::LEN, b' ');
+    let e = ask(&garbage);
+    assert!(e.contains("not a pagehint-migrate destination"), "{e}");
+    let e = ask(&with(Role::Main).encode());
+    assert!(e.contains("busy: a session is paused"), "{e}");
+    let e = ask(&with(Role::Resume { token: 8 }).encode());
+    assert!(e.contains("no paused session with that token"), "{e}");
+    let mut short = with(Role::Resume { token: 7 }).encode().to_vec();
+    short.extend_from_slice(&3u64.to_le_bytes());
+    short.extend_from_slice(&[0u8; 24]);
+    let e = ask(&short);
     assert!(
-        matches!(
-            e,
-            RunError::Wire(pagehint_migrate::wire::WireError::Timeout(Channel::Both, _))
-        ),
-        "{e:?}"
-    );
-    assert!(
-        e.to_string().contains("background and urgent channels"),
+        e.contains("a received bitmap of 3 words for a guest of 4"),
         "{e}"
     );
+    let (main, urgent) = within(Duration::from_secs(10), move || {
+        handshake::resume(
+            addr,
+            &with(Role::Main),
+            7,
+            &[1, 2, 3, u64::MAX],
+            Duration::from_secs(1),
+            Duration::from_secs(5),
+        )
+        .map_err(|e| format!("{e:?}"))
+    })
+    .unwrap();
+    let (m, u, received) = waiter.join().unwrap().unwrap();
+    assert_eq!(received, vec![1, 2, 3, u64::MAX]);
+    assert_eq!(m.peer_addr().unwrap(), main.local_addr().unwrap());
+    assert_eq!(u.peer_addr().unwrap(), urgent.local_addr().unwrap());
 }

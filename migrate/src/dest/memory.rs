@@ -22,7 +22,7 @@
 //!   their difference, and blocktime is measured against the placement time.
 
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::thread::Thread;
 
@@ -102,6 +102,10 @@ pub struct DestMemory {
     request_ns: Box<[AtomicU64]>,
     /// Per host page: when it was placed in postcopy (0: not in postcopy).
     placed_ns: Box<[AtomicU64]>,
+    /// Per host page: which connection placed it in postcopy, counting from 1 (0: none).
+    placed_conn: Box<[AtomicU16]>,
+    /// The connection now receiving (0 first; each resume after a break adds one).
+    conn: AtomicU16,
     /// Host pages missing at the switch-over.
     pending: AtomicU64,
     /// Host pages placed in postcopy.
@@ -173,6 +177,8 @@ impl DestMemory {
             precopy_seen: Bits::new(layout.pages()),
             request_ns: stamps(host_pages),
             placed_ns: stamps(host_pages),
+            placed_conn: (0..host_pages).map(|_| AtomicU16::new(0)).collect(),
+            conn: AtomicU16::new(0),
             pending: AtomicU64::new(0),
             placed: AtomicU64::new(0),
             placed_twice: AtomicU64::new(0),
@@ -531,6 +537,10 @@ impl DestMemory {
         let now = now_ns();
         // Relaxed: read after the run.
         self.placed_ns[hp as usize].store(now, Ordering::Relaxed);
+        // Relaxed (both): `conn` is set before this connection's receivers are spawned
+        // (the spawn orders it); the stamp is read after the run.
+        let conn = self.conn.load(Ordering::Relaxed).saturating_add(1);
+        self.placed_conn[hp as usize].store(conn, Ordering::Relaxed);
         if self.mark_present(hp) {
             // Relaxed: progress counters.
             self.placed.fetch_add(1, Ordering::Relaxed);
@@ -556,6 +566,48 @@ impl DestMemory {
         // SeqCst (implies Release): publishes the contents to `is_present`, and orders
         // against the software waiter's `waiting_on` store.
         self.present.set(hp, Ordering::SeqCst)
+    }
+
+    /// Postcopy recovery: the connection that receives from now on (0 first). Called with no
+    /// receiver running.
+    pub fn set_connection(&self, n: u16) {
+        // Relaxed: the receivers that read it are spawned after this store.
+        self.conn.store(n, Ordering::Relaxed);
+    }
+
+    /// Which connection placed host page `hp` in postcopy, counting from 1 (0: none).
+    pub fn placed_by(&self, hp: u64) -> u16 {
+        // Relaxed: read after the run.
+        self.placed_conn[hp as usize].load(Ordering::Relaxed)
+    }
+
+    /// Postcopy recovery: the received bitmap the source rebuilds from ("dirty = not
+    /// received"): for each RAM block in order, one bit per target page (bit `p % 64` of
+    /// word `p / 64`), set when its host page is in place (whole from precopy, or placed).
+    /// Called with no receiver running, so it is exact.
+    pub fn received_bitmap(&self) -> Vec<u64> {
+        let mut out = Vec::new();
+        for (b, block) in self.layout.ram().blocks().iter().enumerate() {
+            let first = self.layout.block_first_page(b as u32);
+            let pages = block.pages();
+            let base = out.len();
+            out.resize(base + pages.div_ceil(64) as usize, 0u64);
+            for p in 0..pages {
+                if self.is_present(self.host_page_of(first + p)) {
+                    out[base + (p / 64) as usize] |= 1 << (p % 64);
+                }
+            }
+        }
+        out
+    }
+
+    /// Host pages requested and not in place (to ask again on a new connection).
+    pub fn requested_missing(&self) -> Vec<u64> {
+        (0..self.host_pages)
+            // Relaxed: a request whose bit this misses is sent by its own thread on the new
+            // connection (the connection swap and its send are ordered by a mutex).
+            .filter(|&hp| self.requested.get(hp, Ordering::Relaxed) && !self.is_present(hp))
+            .collect()
     }
 
     /// Unregisters the memory so a guest blocked in a fault wakes up (abort).

@@ -12,20 +12,28 @@
 //!   answers with its summary and closes), lets the guest finish (the KVM guest verifies its
 //!   share of RAM) and hands everything to [`crate::verify`].
 //!
-//! Any failure (dropped connection, protocol error, placement error, stall, guest crash) is
-//! recorded, raises the stop flag, shuts the sockets down, unregisters the userfaultfd range
-//! (a vCPU blocked in a fault wakes up) and kicks the vCPUs: the run ends with a typed
-//! [`RunError`], never a hang.
+//! **Postcopy recovery** ([`recovery`]): when the connections break after the switch-over
+//! (closed, reset, both silent for the idle limit) and recovery is on, the guest stays as it
+//! is (a vCPU or the thread guest blocked in a fault keeps waiting; the fault thread keeps
+//! recording requests), the receivers of the broken connections are joined, and this thread
+//! reconnects with backoff, sends the received bitmap, asks again for every page still
+//! requested, and starts new receivers: postcopy goes on, as many times as it breaks.
+//!
+//! Any other failure (protocol error, the source's `ABORT`, placement error, stall, guest
+//! crash, recovery that gave up) is recorded, raises the stop flag, shuts the sockets down,
+//! unregisters the userfaultfd range (a vCPU blocked in a fault wakes up) and kicks the
+//! vCPUs: the run ends with a typed [`RunError`], never a hang.
 
 pub mod faults;
 pub mod memory;
 mod receiver;
+pub mod recovery;
 pub mod thread_guest;
 
 use std::fmt;
-use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use pagehint::UrgentRequest;
@@ -42,6 +50,7 @@ use crate::wire::{
     WireError,
 };
 use memory::{DestMemory, MemoryError};
+use recovery::{Broken, Conn, Cut};
 use thread_guest::{FaultLog, ThreadGuest, WorkloadReport};
 
 /// Why a run failed.
@@ -66,6 +75,13 @@ pub enum RunError {
     },
     /// The guest crashed, or a vCPU failed.
     Guest(String),
+    /// The connections broke in postcopy and the session could not be resumed.
+    Recovery {
+        /// What broke the connections.
+        cut: String,
+        /// Why resuming failed.
+        why: String,
+    },
 }
 
 impl fmt::Display for RunError {
@@ -84,6 +100,9 @@ impl fmt::Display for RunError {
                 "migration stalled: {received} of {total} host pages after {idle:?} without progress"
             ),
             Self::Guest(s) => write!(f, "guest failed: {s}"),
+            Self::Recovery { cut, why } => {
+                write!(f, "{cut}; postcopy recovery failed: {why}")
+            }
         }
     }
 }
@@ -107,9 +126,18 @@ pub(crate) struct Dest<'a> {
     cfg: &'a RunConfig,
     mem: &'a DestMemory,
     machine: Option<&'a Machine>,
-    main: TcpStream,
-    urgent: TcpStream,
-    rp_lock: Mutex<()>,
+    /// The current connections (replaced on a resume); its lock also serialises return-path
+    /// writes.
+    conn: Mutex<Conn>,
+    /// Stops the current connections' receivers (raised with `stop`, or on a break).
+    conn_stop: AtomicBool,
+    /// The current connections broke (recoverably): what broke them, and when.
+    broken: Mutex<Option<Broken>>,
+    /// Where to reconnect, and the hello to resume with.
+    resume_to: SocketAddr,
+    hello: Hello,
+    /// Each break survived.
+    cuts: Mutex<Vec<Cut>>,
     stop: AtomicBool,
     /// `DONE` was sent: the source may now close the channels.
     finished: AtomicBool,
@@ -142,6 +170,12 @@ impl Dest<'_> {
         self.stop.load(Ordering::Relaxed)
     }
 
+    /// Whether the current connections' receivers are to stop.
+    fn conn_stopped(&self) -> bool {
+        // Relaxed: a polled flag.
+        self.conn_stop.load(Ordering::Relaxed)
+    }
+
     fn fail(&self, e: RunError) {
         if matches!(e, RunError::Wire(WireError::Stopped)) {
             return;
@@ -162,10 +196,13 @@ impl Dest<'_> {
     }
 
     fn abort(&self) {
-        // Relaxed: a polled flag; the shutdowns, the unregister and the kicks unblock.
+        // Relaxed (both): polled flags; the shutdowns, the unregister and the kicks unblock.
         self.stop.store(true, Ordering::Relaxed);
-        let _ = self.main.shutdown(Shutdown::Both);
-        let _ = self.urgent.shutdown(Shutdown::Both);
+        self.conn_stop.store(true, Ordering::Relaxed);
+        self.conn
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .shutdown();
         self.mem.release_blocked_guest();
         if let Some(m) = self.machine {
             m.kick_all();
@@ -173,26 +210,42 @@ impl Dest<'_> {
     }
 
     fn send_rp(&self, kind: RpKind, body: &[u8]) -> Result<(), WireError> {
+        self.send_rp_on(kind, body).map_err(|(e, _)| e)
+    }
+
+    /// Sends a return-path frame on the current connection; an error says which connection
+    /// (by its number) failed.
+    fn send_rp_on(&self, kind: RpKind, body: &[u8]) -> Result<(), (WireError, u16)> {
         let h = RpHeader {
             kind,
             len: body.len() as u32,
             sent_ns: now_ns(),
         };
-        let _l = self.rp_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let c = self.conn.lock().unwrap_or_else(|p| p.into_inner());
         write_parts(
-            &self.main,
+            &c.main,
             &[&h.encode(), body],
             &self.guard(false),
             Channel::ReturnPath,
         )
+        .map_err(|e| (e, c.number))
     }
 
+    /// Requests host page `hp`. A connection that breaks meanwhile is recovered (the page
+    /// is asked for again on the next one), not an error.
     fn request(&self, hp: u64) -> Result<(), WireError> {
         let (block, offset) = self.mem.host_page_location(hp);
         let req = UrgentRequest::new(block, offset, self.mem.host_page_size());
         // Relaxed: a counter read after the run.
         self.requests_sent.fetch_add(1, Ordering::Relaxed);
-        self.send_rp(RpKind::Request, &req.encode())
+        match self.send_rp_on(RpKind::Request, &req.encode()) {
+            Ok(()) => Ok(()),
+            Err((e, n)) if e.connection_lost() && self.recoverable() => {
+                self.conn_failed(e.into(), n);
+                Ok(())
+            }
+            Err((e, _)) => Err(e),
+        }
     }
 
     fn to_local(&self, source_ns: u64) -> u64 {
@@ -291,6 +344,8 @@ pub struct Evidence {
     pub same_clock: bool,
     /// Page requests sent.
     pub requests_sent: u64,
+    /// Each break of the connections that postcopy recovery survived, in order.
+    pub cuts: Vec<Cut>,
 }
 
 /// Migrates guest RAM from the source at `addr` in `mode` while the guest runs `workload`,
@@ -353,6 +408,13 @@ pub fn run(
         scan_start: 0,
         drop_after: cfg.drop_after,
         source_fault: cfg.source_fault,
+        cut_after: cfg.cut_after,
+        cuts: cfg.cuts,
+        // Whole ms, at least 1 when recovery is on.
+        recover_ms: match cfg.recover_timeout.as_millis() {
+            0 if !cfg.recover_timeout.is_zero() => 1,
+            ms => ms.try_into().unwrap_or(u64::MAX),
+        },
         boot_id: boot_id(),
     };
     let conn = handshake::connect(addr, &hello, cfg.idle_timeout).map_err(|e| match e {
@@ -365,9 +427,17 @@ pub fn run(
         cfg,
         mem: &mem,
         machine: machine.as_ref(),
-        main: conn.main,
-        urgent: conn.urgent,
-        rp_lock: Mutex::new(()),
+        conn: Mutex::new(Conn {
+            main: Arc::new(conn.main),
+            urgent: Arc::new(conn.urgent),
+            number: 0,
+            token: conn.token,
+        }),
+        conn_stop: AtomicBool::new(false),
+        broken: Mutex::new(None),
+        resume_to: cfg.reconnect.unwrap_or(addr),
+        hello,
+        cuts: Mutex::new(Vec::new()),
         stop: AtomicBool::new(false),
         finished: AtomicBool::new(false),
         offset_ns,
@@ -382,20 +452,7 @@ pub fn run(
     };
     let mut times = Times::default();
     let (events, outcome) = std::thread::scope(|s| {
-        let bg = s.spawn(|| {
-            cfg.pin.apply(Role::BackgroundReceiver);
-            tight_timer_slack();
-            if let Err(e) = d.receiver(&d.main, Channel::Background) {
-                d.fail(e);
-            }
-        });
-        s.spawn(|| {
-            cfg.pin.apply(Role::UrgentReceiver);
-            tight_timer_slack();
-            if let Err(e) = d.receiver(&d.urgent, Channel::Urgent) {
-                d.fail(e);
-            }
-        });
+        let mut receivers = d.spawn_receivers(s);
         let fault_thread = s.spawn(|| {
             cfg.pin.apply(Role::FaultThread);
             tight_timer_slack();
@@ -409,8 +466,11 @@ pub fn run(
         if let Err(e) = d.send_rp(RpKind::Start, &[]) {
             d.fail(e.into());
         }
-        let outcome = d.drive(s, workload, &mut times, progress);
-        let _ = bg.join();
+        let outcome = d.drive(s, workload, &mut times, progress, &mut receivers);
+        // The background receiver ends with the summary (or a failure).
+        if let Some(bg) = receivers.take_background() {
+            let _ = bg.join();
+        }
         // Relaxed: a polled flag; ends the urgent receiver and the fault thread.
         d.stop.store(true, Ordering::Relaxed);
         if let Some(m) = d.machine {
@@ -436,6 +496,7 @@ pub fn run(
         .ok_or(RunError::Wire(WireError::Closed(Channel::Background)))?;
     // Relaxed: the counting threads have been joined.
     let requests_sent = d.requests_sent.load(Ordering::Relaxed);
+    let cuts = std::mem::take(&mut *d.cuts.lock().unwrap_or_else(|p| p.into_inner()));
     drop(d);
     drop(machine);
     Ok(Evidence {
@@ -449,6 +510,7 @@ pub fn run(
         measured_offset_ns: measured_offset,
         same_clock,
         requests_sent,
+        cuts,
     })
 }
 
@@ -461,6 +523,7 @@ impl Dest<'_> {
         workload: Workload,
         times: &mut Times,
         progress: &dyn Fn(u64, u64),
+        receivers: &mut recovery::Receivers<'s>,
     ) -> Result<GuestOutcome, RunError> {
         let cfg = self.cfg;
         // Precopy: wait for the switch-over, as long as frames keep coming.
@@ -476,6 +539,10 @@ impl Dest<'_> {
                 break sw.clone();
             }
             if self.stopped() {
+                return Err(RunError::Wire(WireError::Stopped));
+            }
+            if let Some(e) = self.broken_before_switch(receivers) {
+                self.fail(e);
                 return Err(RunError::Wire(WireError::Stopped));
             }
             // Relaxed: a progress figure.
@@ -546,6 +613,15 @@ impl Dest<'_> {
             if self.stopped() {
                 break;
             }
+            if self.broken_now() {
+                if let Err(e) = self.recover(s, receivers) {
+                    self.fail(e);
+                    break;
+                }
+                // The time spent reconnecting is not a stall.
+                last = (self.mem.placed(), now_ns());
+                continue;
+            }
             if placed != last.0 {
                 last = (placed, now_ns());
             } else if placed < pending && now_ns() - last.1 > cfg.idle_timeout.as_nanos() as u64 {
@@ -553,6 +629,14 @@ impl Dest<'_> {
                 // on either channel either (a partition, a stopped source), else a stall.
                 let silent =
                     self.both_silent(WireError::Timeout(Channel::Urgent, cfg.idle_timeout));
+                let lost = matches!(silent, WireError::Timeout(Channel::Both, _))
+                    && self.channel_quiet(&self.bg_progress, cfg.idle_timeout);
+                if lost && self.recoverable() {
+                    // A partition: recovered like any other break.
+                    let n = self.conn.lock().unwrap_or_else(|p| p.into_inner()).number;
+                    self.conn_failed(silent.into(), n);
+                    continue;
+                }
                 self.fail(match silent {
                     WireError::Timeout(Channel::Both, _)
                         if self.channel_quiet(&self.bg_progress, cfg.idle_timeout) =>

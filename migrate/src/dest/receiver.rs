@@ -22,9 +22,34 @@ use crate::wire::{
 const EARLY_NS: u64 = 5_000;
 
 impl Dest<'_> {
+    /// Receives and applies the frames of `chan` on `stream` until the summary (background
+    /// channel) or an error. If the connection breaks before the switch-over it brought has
+    /// been applied, the frames up to it are applied at once (recovery needs it).
     pub(super) fn receiver(&self, stream: &TcpStream, chan: Channel) -> Result<(), RunError> {
-        let g = self.guard(true);
         let mut queue: VecDeque<(FrameHeader, Vec<u8>, u64)> = VecDeque::new();
+        let r = self.receive(stream, chan, &mut queue);
+        if r.is_err() && queue.iter().any(|f| f.0.kind == FrameKind::Switch) {
+            while let Some((h, buf, _)) = queue.pop_front() {
+                self.apply(&h, &buf, chan)?;
+                if h.kind == FrameKind::Switch {
+                    break;
+                }
+            }
+        }
+        r
+    }
+
+    fn receive(
+        &self,
+        stream: &TcpStream,
+        chan: Channel,
+        queue: &mut VecDeque<(FrameHeader, Vec<u8>, u64)>,
+    ) -> Result<(), RunError> {
+        // Stopped with this connection (a break, or the run's end).
+        let g = crate::wire::Guard {
+            stop: &self.conn_stop,
+            ..self.guard(true)
+        };
         let mut pool: Vec<Vec<u8>> = Vec::new();
         let mut last = now_ns();
         loop {
@@ -36,7 +61,7 @@ impl Dest<'_> {
                 }
                 pool.push(buf);
             }
-            if self.stopped() {
+            if self.conn_stopped() {
                 return Err(WireError::Stopped.into());
             }
             let timeout = queue

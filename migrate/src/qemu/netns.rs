@@ -136,6 +136,16 @@ impl ShapedLink {
         Ok(link)
     }
 
+    /// Takes `end`'s side of the veth pair down (`ip link set ... down`: a partition, nothing
+    /// crosses) or up again.
+    pub fn set_link(&self, end: End, up: bool) -> Result<(), QemuError> {
+        let ns = self.namespace(end);
+        run(
+            "ip",
+            &["-n", ns, "link", "set", ns, if up { "up" } else { "down" }],
+        )
+    }
+
     /// Replaces the shaping of both ends.
     pub fn shape(&self, spec: LinkSpec) -> Result<(), QemuError> {
         for ns in &self.names {

@@ -14,6 +14,16 @@
 //! 4. when the destination says `DONE`, the source sends its counters and the checksum of
 //!    every page as it was at the switch-over.
 //!
+//! **Postcopy recovery**: if the connections break in postcopy (closed, reset, silent for
+//! the idle limit, or cut by the test hook) and the destination asked for recovery, the
+//! session is paused instead of ended: the senders stop, the scheduler stays, and the
+//! source waits (up to the hello's recovery window) for the destination to come back with a
+//! resume hello, its received bitmap and a new urgent connection
+//! ([`handshake::accept_resume`]). The scheduler then rebuilds every block from that bitmap
+//! ([`PageScheduler::recover_block`](pagehint::PageScheduler::recover_block): dirty = not
+//! received; the broken connection's hint and queued requests are dropped), and postcopy
+//! goes on in the same mode on the new connections, as many times as it takes.
+//!
 //! Any failure stops every thread and ends the session with a typed error; the reason goes
 //! to the destination in an `ABORT` frame before the connections close (except the test
 //! hook's drop, which cuts them as a crash would).
@@ -63,6 +73,13 @@ pub struct SessionReport {
     pub mem: u64,
     /// What the source sent.
     pub summary: Summary,
+}
+
+impl SessionReport {
+    /// Times the session was resumed after its connections broke.
+    pub fn recoveries(&self) -> usize {
+        self.summary.recoveries.len()
+    }
 }
 
 /// Everything a session needs before it answers the hello: guest RAM with the image, and
@@ -238,6 +255,7 @@ impl SourceServer {
             main,
             urgent,
             same_clock,
+            token,
         } = acc;
         let Prepared {
             machine,
@@ -246,21 +264,28 @@ impl SourceServer {
         } = prepared;
         crate::wire::configure_background(&main, &hello.link, hello.mode.preempt())
             .map_err(|e| WireError::Io(Channel::Background, e))?;
-        let session = Session {
+        let mut session = Session {
+            listener: &self.listener,
+            token,
+            recoveries: Vec::new(),
             hello: &hello,
             mem: &mem,
             machine: machine.as_ref(),
             out: Outbound {
                 mem: &mem,
                 link: Link::new(hello.link.for_mode(hello.mode.preempt())),
-                main: &main,
-                urgent: &urgent,
+                main,
+                urgent,
                 sent: Sent::default(),
                 hooks: Hooks {
                     corrupt_pending: AtomicBool::new(
                         hello.source_fault == SourceFault::CorruptPage,
                     ),
                     drop_after: hello.drop_after,
+                    cut_after: hello.cut_after,
+                    cuts_left: hello.cuts,
+                    cut_base: 0,
+                    cut_fired: AtomicBool::new(false),
                 },
                 torn_main: AtomicBool::new(false),
             },
@@ -285,6 +310,12 @@ impl SourceServer {
 
 /// One migration at the source.
 pub(crate) struct Session<'a> {
+    /// Where a destination resumes a paused session.
+    listener: &'a TcpListener,
+    /// The session token.
+    token: u64,
+    /// Target pages left to send after each recovery.
+    recoveries: Vec<u64>,
     hello: &'a Hello,
     mem: &'a SourceMemory,
     machine: Option<&'a Machine>,
@@ -319,7 +350,7 @@ impl Session<'_> {
     /// session's end can tell the destination why ([`Self::tell_peer`]), except for the
     /// test hook's drop, which cuts them at once as a crash would.
     fn fail(&self, e: WireError) {
-        let dropped = matches!(e, WireError::Dropped(_));
+        let dropped = matches!(e, WireError::Dropped(_) | WireError::Cut(_));
         {
             let mut f = self.failure.lock().unwrap_or_else(|p| p.into_inner());
             if f.is_none() && !matches!(e, WireError::Stopped) {
@@ -343,6 +374,8 @@ impl Session<'_> {
             SendError::Memory(m) => WireError::Malformed(Channel::Background, m),
             // Test hook: drop both connections as a crashed source would.
             SendError::Dropped(n) => WireError::Dropped(n),
+            // Test hook: cut both connections as a broken network would.
+            SendError::Cut(n) => WireError::Cut(n),
         });
     }
 
@@ -357,6 +390,7 @@ impl Session<'_> {
         let worth = !matches!(
             e,
             WireError::Dropped(_)
+                | WireError::Cut(_)
                 | WireError::PeerAbort(..)
                 | WireError::Closed(_)
                 | WireError::Io(..)
@@ -380,13 +414,13 @@ impl Session<'_> {
                 idle: self.idle.min(ABORT_LINGER),
                 keepalive: None,
             };
-            if write_parts(self.out.main, &[&h.encode(), msg], &g, Channel::Background).is_ok() {
+            if write_parts(&self.out.main, &[&h.encode(), msg], &g, Channel::Background).is_ok() {
                 let _ = self.out.main.shutdown(Shutdown::Write);
                 // Discard whatever the destination still sends until it closes.
                 let end = now_ns() + ABORT_LINGER.as_nanos() as u64;
                 let mut sink = [0u8; 4096];
                 while now_ns() < end {
-                    match std::io::Read::read(&mut &*self.out.main, &mut sink) {
+                    match std::io::Read::read(&mut &self.out.main, &mut sink) {
                         Ok(0) => break,
                         Ok(_) => {}
                         Err(e)
@@ -410,10 +444,10 @@ impl Session<'_> {
     }
 
     /// Runs the session; a failure is told to the destination before the connections close.
-    fn run(&self, rings: Vec<DirtyRing>) -> Result<Summary, WireError> {
+    fn run(&mut self, rings: Vec<DirtyRing>) -> Result<Summary, WireError> {
         // Before `START` only pongs go out; a failure there is a silent or closed connection,
         // or a frame out of place, and the pongs are whole unless a write failed.
-        if let Err(e) = handshake::answer_pings_until_start(self.out.main, &self.guard(false)) {
+        if let Err(e) = handshake::answer_pings_until_start(&self.out.main, &self.guard(false)) {
             if matches!(e, WireError::Malformed(..)) {
                 self.tell_peer(&e);
             }
@@ -426,7 +460,7 @@ impl Session<'_> {
         r
     }
 
-    fn transfer(&self, rings: Vec<DirtyRing>) -> Result<Summary, WireError> {
+    fn transfer(&mut self, rings: Vec<DirtyRing>) -> Result<Summary, WireError> {
         // Relaxed: a coarse timestamp for idle checks.
         self.bg_progress.store(now_ns(), Ordering::Relaxed);
         // Migration starts: every page is still to send.
@@ -480,6 +514,7 @@ impl Session<'_> {
                 .clone(),
             checksums,
             generations,
+            recoveries: self.recoveries.clone(),
         };
         let body = summary.encode();
         self.out.frame(
@@ -582,6 +617,7 @@ impl Session<'_> {
                     SendError::Wire(w) => w,
                     SendError::Memory(m) => WireError::Malformed(Channel::Background, m),
                     SendError::Dropped(n) => WireError::Dropped(n),
+                    SendError::Cut(n) => WireError::Cut(n),
                 })
             })();
             // Stop the guest wherever it is, then everything else that marks pages.

@@ -9,9 +9,12 @@
 //!   on). In preempt modes it writes the claimed host page on the urgent channel, then calls
 //!   `urgent_sent`, which offers the hint (preempt-hint).
 //!
-//! Both end when the destination says `DONE` (it has every page).
+//! Both end when the destination says `DONE` (it has every page), or when the connections
+//! break: then the session waits to be resumed (`Session::resume`), rebuilds the
+//! scheduler from the destination's received bitmap, and starts both again on the new
+//! connections.
 
-use std::net::TcpStream;
+use std::net::{Shutdown, TcpStream};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,32 +24,55 @@ use pagehint::{Claim, PageScheduler, SchedulerStats, Served};
 use super::send::{PageRun, Phase, SendError};
 use super::Session;
 use crate::clock::{now_ns, sleep_until, tight_timer_slack};
+use crate::handshake;
 use crate::options::SourceFault;
 use crate::pin::Role;
 use crate::wire::{read_full, Channel, Guard, RpHeader, RpKind, WireError};
 
 impl Session<'_> {
-    /// Runs postcopy to the destination's `DONE`; returns the scheduler's counters.
-    pub(super) fn postcopy(&self) -> Result<SchedulerStats, WireError> {
-        let layout = self.layout();
-        let sched = PageScheduler::with_bitmap(
+    /// Runs postcopy to the destination's `DONE`, resuming it on new connections after each
+    /// break (see the module [`super`]); returns the scheduler's counters.
+    pub(super) fn postcopy(&mut self) -> Result<SchedulerStats, WireError> {
+        let layout = self.mem.layout();
+        let mut sched = PageScheduler::with_bitmap(
             layout.ram().clone(),
             Arc::clone(self.mem.bitmap()),
             self.hello.mode.scheduler(self.hello.claim_batch),
         )
         .map_err(|e| WireError::Malformed(Channel::Handshake, e.to_string()))?;
+        loop {
+            self.senders(&sched);
+            let failure = self
+                .failure
+                .get_mut()
+                .unwrap_or_else(|p| p.into_inner())
+                .take();
+            match failure {
+                None if self.stopped() => return Err(WireError::Stopped),
+                None => return Ok(sched.stats()),
+                Some(e) if e.connection_lost() && self.hello.recover_ms > 0 => {
+                    self.resume(&mut sched, e)?;
+                }
+                Some(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Runs the background sender and the return-path thread on the current connections
+    /// until both end (`DONE`, or a failure recorded in `self.failure`).
+    fn senders(&self, sched: &PageScheduler) {
         std::thread::scope(|s| {
             let bg = s.spawn(|| {
                 self.pin.apply(Role::BackgroundSender);
                 tight_timer_slack();
-                if let Err(e) = self.background(&sched) {
+                if let Err(e) = self.background(sched) {
                     self.send_failed(e);
                 }
             });
             let rp = s.spawn(|| {
                 self.pin.apply(Role::ReturnPath);
                 tight_timer_slack();
-                if let Err(e) = self.return_path(&sched) {
+                if let Err(e) = self.return_path(sched) {
                     self.send_failed(e);
                 }
             });
@@ -56,21 +82,69 @@ impl Session<'_> {
                 if self.outer_stop.load(Ordering::Relaxed) {
                     self.fail(WireError::Stopped);
                 }
-                std::thread::sleep(Duration::from_millis(20));
+                // Short: after a break, recovery starts once both senders have ended.
+                std::thread::sleep(Duration::from_millis(2));
             }
         });
-        if let Some(e) = self
-            .failure
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
-        {
-            return Err(e);
+    }
+
+    /// Postcopy recovery after `cut` broke the connections (every sender has stopped):
+    /// waits for the destination to resume the session, rebuilds the scheduler from its
+    /// received bitmap (dropping the broken connection's hint and queued requests), and
+    /// installs the new connections. Fails with `cut` if the destination does not come back
+    /// within the recovery window.
+    fn resume(&mut self, sched: &mut PageScheduler, cut: WireError) -> Result<(), WireError> {
+        let _ = self.out.main.shutdown(Shutdown::Both);
+        let _ = self.out.urgent.shutdown(Shutdown::Both);
+        let layout = self.mem.layout();
+        let words: Vec<usize> = layout
+            .ram()
+            .blocks()
+            .iter()
+            .map(|b| b.pages().div_ceil(64) as usize)
+            .collect();
+        let window = Duration::from_millis(self.hello.recover_ms);
+        let (main, urgent, received) = match handshake::accept_resume(
+            self.listener,
+            self.outer_stop,
+            self.idle,
+            window,
+            self.token,
+            words.iter().sum(),
+        ) {
+            Ok(r) => r,
+            Err(WireError::Stopped) => return Err(WireError::Stopped),
+            Err(WireError::Malformed(c, m)) => return Err(WireError::Malformed(c, m)),
+            // The destination never came back: the session ends with the cut.
+            Err(_) => return Err(cut),
+        };
+        crate::wire::configure_background(&main, &self.hello.link, self.hello.mode.preempt())
+            .map_err(|e| WireError::Io(Channel::Background, e))?;
+        let mut left = 0;
+        let mut at = 0;
+        for (b, n) in words.iter().enumerate() {
+            left += sched
+                .recover_block(b as u32, &received[at..at + n])
+                .map_err(|e| {
+                    WireError::Malformed(Channel::Handshake, format!("the received bitmap: {e}"))
+                })?;
+            at += n;
         }
-        if self.stopped() {
-            return Err(WireError::Stopped);
+        self.recoveries.push(left);
+        self.out.main = main;
+        self.out.urgent = urgent;
+        // Exclusive access (every sender has been joined): plain writes through `get_mut`.
+        *self.out.torn_main.get_mut() = false;
+        *self.stop.get_mut() = false;
+        *self.bg_progress.get_mut() = now_ns();
+        let sent = self.out.sent_host_pages();
+        let hooks = &mut self.out.hooks;
+        if *hooks.cut_fired.get_mut() {
+            *hooks.cut_fired.get_mut() = false;
+            hooks.cuts_left = hooks.cuts_left.saturating_sub(1);
         }
-        Ok(sched.stats())
+        hooks.cut_base = sent;
+        Ok(())
     }
 
     fn background(&self, sched: &PageScheduler) -> Result<(), SendError> {
@@ -115,7 +189,7 @@ impl Session<'_> {
         let delay = self.out.link.params().delay_ns;
         let mut buf = Vec::new();
         loop {
-            let (h, body) = read_rp(self.out.main, &g)?;
+            let (h, body) = read_rp(&self.out.main, &g)?;
             match h.kind {
                 RpKind::Done => return Ok(()),
                 RpKind::Ping | RpKind::Start => {}

@@ -64,6 +64,14 @@ pub struct Hooks {
     pub corrupt_pending: AtomicBool,
     /// Drop both connections after this many postcopy host pages (0: never).
     pub drop_after: u64,
+    /// Cut both connections after this many postcopy host pages sent on them (0: never)...
+    pub cut_after: u64,
+    /// ... this many more times.
+    pub cuts_left: u64,
+    /// Postcopy host pages sent before the current connections.
+    pub cut_base: u64,
+    /// The current connections have been cut already.
+    pub cut_fired: AtomicBool,
 }
 
 /// Frames pages onto the channels.
@@ -73,10 +81,10 @@ pub struct Outbound<'a> {
     pub mem: &'a SourceMemory,
     /// The emulated link.
     pub link: Link,
-    /// Main connection (background channel).
-    pub main: &'a TcpStream,
-    /// Urgent connection.
-    pub urgent: &'a TcpStream,
+    /// Main connection (background channel); replaced when a session is resumed.
+    pub main: TcpStream,
+    /// Urgent connection; replaced when a session is resumed.
+    pub urgent: TcpStream,
     /// What was sent.
     pub sent: Sent,
     /// Test hooks.
@@ -95,6 +103,8 @@ pub enum SendError {
     Memory(String),
     /// The drop hook fired.
     Dropped(u64),
+    /// The cut hook fired.
+    Cut(u64),
 }
 
 impl From<WireError> for SendError {
@@ -193,8 +203,8 @@ impl Outbound<'_> {
     ) -> Result<(), WireError> {
         let wire = (FrameHeader::LEN + payload.len()) as u64;
         let (slot, stream) = match chan {
-            Channel::Urgent => (self.link.urgent(wire), self.urgent),
-            _ => (self.link.background(wire), self.main),
+            Channel::Urgent => (self.link.urgent(wire), &self.urgent),
+            _ => (self.link.background(wire), &self.main),
         };
         if slot.block_until_ns > 0 {
             sleep_until(slot.block_until_ns);
@@ -244,16 +254,33 @@ impl Outbound<'_> {
     }
 
     fn check_drop(&self) -> Result<(), SendError> {
-        if self.hooks.drop_after == 0 {
+        let h = &self.hooks;
+        if h.drop_after == 0 && (h.cut_after == 0 || h.cuts_left == 0) {
             return Ok(());
         }
-        // Relaxed: an approximate total is enough for a test hook.
-        let total = self.sent.bg_host_pages.load(Ordering::Relaxed)
-            + self.sent.urgent_host_pages.load(Ordering::Relaxed);
-        if total >= self.hooks.drop_after {
+        let total = self.sent_host_pages();
+        if h.drop_after > 0 && total >= h.drop_after {
             return Err(SendError::Dropped(total));
         }
+        let on_these = total - h.cut_base;
+        // Relaxed: only picks which of the two senders reports the cut; the other one
+        // finds its connection shut down.
+        if h.cut_after > 0
+            && h.cuts_left > 0
+            && on_these >= h.cut_after
+            && !h.cut_fired.swap(true, Ordering::Relaxed)
+        {
+            return Err(SendError::Cut(on_these));
+        }
         Ok(())
+    }
+
+    /// Postcopy host pages sent so far, on every connection.
+    pub fn sent_host_pages(&self) -> u64 {
+        // Relaxed: an approximate total is enough for a test hook; exact once the senders
+        // are joined.
+        self.sent.bg_host_pages.load(Ordering::Relaxed)
+            + self.sent.urgent_host_pages.load(Ordering::Relaxed)
     }
 }
 

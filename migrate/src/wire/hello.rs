@@ -1,11 +1,16 @@
 //! The destination's hello (what it asks the source to migrate) and the source's reply.
 //!
-//! Hello: `"PHMIGRT3"`, then 22 little-endian `u64` fields in [`Hello::encode`]'s order, then
+//! Hello: `"PHMIGRT4"`, then 25 little-endian `u64` fields in [`Hello::encode`]'s order, then
 //! the 36-byte boot id. Every field is decoded into its typed value and checked here (enum
 //! codes, host page size, claim batch, the guest layout), so the rest of the source sees
 //! only values that make sense; a bad field is a [`WireError::Malformed`] saying which.
 //!
-//! Reply: `"PHMIGRS3" | token u64 | boot id [36] | message length u32 | message` (empty when
+//! A [`Role::Resume`] hello (postcopy recovery) is followed by the destination's received
+//! bitmap: a `u64` word count, then that many little-endian words, one bit per target page,
+//! block after block (each block in whole words), as [`pagehint::PageScheduler::recover_block`]
+//! takes it.
+//!
+//! Reply: `"PHMIGRS4" | token u64 | boot id [36] | message length u32 | message` (empty when
 //! accepted, at most 4096 bytes).
 //!
 //! The last byte of both magics is the protocol version: a peer of another version, or
@@ -30,6 +35,12 @@ pub enum Role {
     /// The urgent connection of the session with this token.
     Urgent {
         /// The session token from the main connection's reply.
+        token: u64,
+    },
+    /// A new main connection for the paused session with this token (postcopy recovery);
+    /// the received bitmap follows the hello.
+    Resume {
+        /// The session token from the first main connection's reply.
         token: u64,
     },
 }
@@ -57,20 +68,28 @@ pub struct Hello {
     pub drop_after: u64,
     /// Test hook: a fault the source injects.
     pub source_fault: SourceFault,
+    /// Test hook: the source cuts both connections after this many postcopy host pages sent
+    /// on one pair of connections (0: never), [`cuts`](Self::cuts) times.
+    pub cut_after: u64,
+    /// Test hook: how many times the source cuts the connections.
+    pub cuts: u64,
+    /// How long the source keeps a session whose connections broke in postcopy, waiting for
+    /// the destination to resume it, in ms (0: recovery off, a cut ends the session).
+    pub recover_ms: u64,
     /// Destination's boot id.
     pub boot_id: [u8; 36],
 }
 
 /// The protocol version both directions carry (the last byte of each magic).
-pub const VERSION: u8 = b'3';
-const MAGIC: &[u8; 8] = b"PHMIGRT3";
-const REPLY_MAGIC: &[u8; 8] = b"PHMIGRS3";
+pub const VERSION: u8 = b'4';
+const MAGIC: &[u8; 8] = b"PHMIGRT4";
+const REPLY_MAGIC: &[u8; 8] = b"PHMIGRS4";
 
 /// `found`, an 8-byte magic, as printable text.
 fn shown(found: &[u8]) -> String {
     found.escape_ascii().to_string()
 }
-const FIELDS: usize = 22;
+const FIELDS: usize = 25;
 const LEN: usize = 8 + FIELDS * 8 + 36;
 
 impl Hello {
@@ -82,6 +101,7 @@ impl Hello {
         let (role, token) = match self.role {
             Role::Main => (1, 0),
             Role::Urgent { token } => (2, token),
+            Role::Resume { token } => (3, token),
         };
         let l = &self.guest.layout;
         let vals: [u64; FIELDS] = [
@@ -107,6 +127,9 @@ impl Hello {
             self.source_fault.code(),
             self.link.lowat_bytes,
             self.link.pace_bps,
+            self.cut_after,
+            self.cuts,
+            self.recover_ms,
         ];
         let mut b = [0u8; LEN];
         b[..8].copy_from_slice(MAGIC);
@@ -138,6 +161,7 @@ impl Hello {
         let role = match (v(0), v(1)) {
             (1, _) => Role::Main,
             (2, token) => Role::Urgent { token },
+            (3, token) => Role::Resume { token },
             (r, _) => return Err(bad(format!("unknown connection role {r}"))),
         };
         let mode =
@@ -188,6 +212,9 @@ impl Hello {
             scan_start: v(17),
             drop_after: v(18),
             source_fault,
+            cut_after: v(22),
+            cuts: v(23),
+            recover_ms: v(24),
             boot_id,
         })
     }
@@ -287,6 +314,9 @@ mod tests {
             scan_start: 7,
             drop_after: 0,
             source_fault: SourceFault::DuplicatePage,
+            cut_after: 100,
+            cuts: 3,
+            recover_ms: 5000,
             boot_id: [b'x'; 36],
         }
     }
@@ -295,15 +325,20 @@ mod tests {
     fn hello_round_trips() {
         let h = hello();
         assert_eq!(Hello::decode(&h.encode()).unwrap(), h);
+        let r = Hello {
+            role: Role::Resume { token: 11 },
+            ..hello()
+        };
+        assert_eq!(Hello::decode(&r.encode()).unwrap(), r);
     }
 
     #[test]
     fn another_service_or_version_is_named_in_both_directions() {
         let mut b = hello().encode();
-        b[7] = b'2';
+        b[7] = b'3';
         let e = Hello::decode(&b).unwrap_err().to_string();
         assert!(
-            e.contains("protocol version 2, this source version 3"),
+            e.contains("protocol version 3, this source version 4"),
             "{e}"
         );
         b[..8].copy_from_slice(b"GET / HT");
@@ -332,9 +367,9 @@ mod tests {
             .to_string();
         assert!(e.contains("not a pagehint-migrate source"), "{e}");
         assert!(e.contains("SSH-2.0-"), "{e}");
-        let e = read_after(b"PHMIGRS2").unwrap_err().to_string();
+        let e = read_after(b"PHMIGRS3").unwrap_err().to_string();
         assert!(
-            e.contains("protocol version 2, this destination version 3"),
+            e.contains("protocol version 3, this destination version 4"),
             "{e}"
         );
         let e = read_after(b"").unwrap_err().to_string();

@@ -86,6 +86,21 @@ pub enum WireError {
     /// Test hook: this side (the source) dropped both connections on purpose after this many
     /// host pages, as a crashed source would.
     Dropped(u64),
+    /// Test hook: this side (the source) cut both connections on purpose after this many
+    /// host pages on them, as a broken network would; the session waits to be resumed.
+    Cut(u64),
+}
+
+impl WireError {
+    /// Whether the connections themselves failed (closed, silent, reset, or cut by the test
+    /// hook), so that postcopy recovery may resume the session on new ones. A protocol
+    /// error, the peer's `ABORT`, a stop or the crash hook's drop is final.
+    pub fn connection_lost(&self) -> bool {
+        matches!(
+            self,
+            Self::Closed(_) | Self::Timeout(..) | Self::Io(..) | Self::Cut(_)
+        )
+    }
 }
 
 impl fmt::Display for WireError {
@@ -100,6 +115,10 @@ impl fmt::Display for WireError {
             Self::Dropped(n) => write!(
                 f,
                 "connections dropped on purpose after {n} host pages (test hook)"
+            ),
+            Self::Cut(n) => write!(
+                f,
+                "connections cut on purpose after {n} host pages on them (test hook)"
             ),
         }
     }

@@ -26,7 +26,13 @@ pub struct Summary {
     /// The guest's generation table at the switch-over (one entry per global page; empty
     /// when nothing ran at the source).
     pub generations: Vec<u32>,
+    /// Postcopy recovery: for each resumed connection, the target pages the rebuild from
+    /// the destination's received bitmap left to send ("dirty = not received").
+    pub recoveries: Vec<u64>,
 }
+
+/// Most recoveries a summary carries.
+const MAX_RECOVERIES: u64 = 1 << 16;
 
 fn stats_fields(s: &SchedulerStats) -> [u64; 16] {
     [
@@ -73,6 +79,10 @@ impl Summary {
         out.extend_from_slice(&(self.generations.len() as u64).to_le_bytes());
         for g in &self.generations {
             out.extend_from_slice(&g.to_le_bytes());
+        }
+        out.extend_from_slice(&(self.recoveries.len() as u64).to_le_bytes());
+        for r in &self.recoveries {
+            out.extend_from_slice(&r.to_le_bytes());
         }
         out
     }
@@ -128,6 +138,14 @@ impl Summary {
         for _ in 0..ngen {
             generations.push(u32::from_le_bytes(take(4)?.try_into().expect("4 bytes")));
         }
+        let nrec = u64::from_le_bytes(take(8)?.try_into().expect("8 bytes"));
+        if nrec > MAX_RECOVERIES {
+            return Err(bad());
+        }
+        let mut recoveries = Vec::with_capacity(nrec as usize);
+        for _ in 0..nrec {
+            recoveries.push(u64::from_le_bytes(take(8)?.try_into().expect("8 bytes")));
+        }
         Ok(Self {
             stats,
             bg_host_pages: u[16],
@@ -137,6 +155,7 @@ impl Summary {
             rejected,
             checksums,
             generations,
+            recoveries,
         })
     }
 }
@@ -159,6 +178,7 @@ mod tests {
             rejected: vec!["bad".into()],
             checksums: vec![1, 2, 3],
             generations: vec![0, 2, 4],
+            recoveries: vec![100, 7],
         };
         let b = s.encode();
         assert_eq!(Summary::decode(&b).unwrap(), s);

@@ -1,0 +1,329 @@
+//! Postcopy recovery at the destination: the guest keeps its memory and waits while the
+//! connections are replaced.
+//!
+//! A receiver or a page request that finds its connection lost after the switch-over
+//! ([`WireError::connection_lost`]) records the break, stops that connection's receivers and
+//! shuts its sockets down (`Dest::conn_failed`); the guest is neither released nor kicked.
+//! The main thread then (`Dest::recover`):
+//! 1. joins the broken connection's receivers, so nothing is placed any more: the received
+//!    bitmap it takes next is exact (frames that arrived but were not yet due on the emulated
+//!    link are dropped with the connection, and counted as not received);
+//! 2. reconnects to the source (or the `--reconnect` address) with backoff, until the
+//!    recovery window closes, and resumes the session with that bitmap
+//!    ([`handshake::resume`]);
+//! 3. installs the new connections under the lock that serialises return-path writes, and
+//!    starts their receivers;
+//! 4. asks again for every page requested and not in place (the source dropped the broken
+//!    connection's requests). A request sent meanwhile either went out on the old connection
+//!    before the swap (then its bit is seen here, as the mutex orders them) or goes out on
+//!    the new one.
+//!
+//! Errors from an old connection arriving late are told apart by the connection's number
+//! and ignored.
+
+use std::net::{Shutdown, TcpStream};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::thread::{Scope, ScopedJoinHandle};
+use std::time::Duration;
+
+use super::{Dest, RunError};
+use crate::clock::{now_ns, tight_timer_slack};
+use crate::handshake::{self, ConnectError};
+use crate::pin::Role;
+use crate::wire::{Channel, WireError};
+
+/// Longest wait between two reconnection attempts.
+const MAX_BACKOFF: Duration = Duration::from_secs(1);
+/// First wait between reconnection attempts.
+const FIRST_BACKOFF: Duration = Duration::from_millis(20);
+/// Longest wait for one connection attempt.
+const CONNECT_LIMIT: Duration = Duration::from_secs(2);
+
+/// The current connections.
+#[derive(Debug)]
+pub(crate) struct Conn {
+    /// Main connection (background channel, return path).
+    pub main: Arc<TcpStream>,
+    /// Urgent connection.
+    pub urgent: Arc<TcpStream>,
+    /// 0 for the first connections, one more for each resume.
+    pub number: u16,
+    /// The session token.
+    pub token: u64,
+}
+
+impl Conn {
+    /// Shuts both connections down (their receivers wake up).
+    pub fn shutdown(&self) {
+        let _ = self.main.shutdown(Shutdown::Both);
+        let _ = self.urgent.shutdown(Shutdown::Both);
+    }
+}
+
+/// One break of the connections that postcopy recovery survived.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Cut {
+    /// What broke the connections.
+    pub reason: String,
+    /// When the break was noticed (destination clock, ns).
+    pub detected_ns: u64,
+    /// When postcopy resumed on new connections.
+    pub resumed_ns: u64,
+    /// Host pages still missing at the break (what the source was told it must send).
+    pub missing_host_pages: u64,
+    /// Pages asked for again on the new connections (still requested, not in place).
+    pub rerequested: u64,
+    /// Connection attempts it took.
+    pub attempts: u32,
+}
+
+impl Cut {
+    /// Time from the break to postcopy resumed, ns.
+    pub fn recovery_ns(&self) -> u64 {
+        self.resumed_ns.saturating_sub(self.detected_ns)
+    }
+}
+
+/// A break of the current connections.
+#[derive(Debug)]
+pub(crate) struct Broken {
+    /// What broke them, in words.
+    pub reason: String,
+    /// When (destination clock, ns).
+    pub at_ns: u64,
+    /// The error itself (taken when the break ends the run).
+    pub error: Option<RunError>,
+}
+
+/// The receivers of the current connections.
+pub(crate) struct Receivers<'s> {
+    bg: Option<ScopedJoinHandle<'s, ()>>,
+    urgent: Option<ScopedJoinHandle<'s, ()>>,
+}
+
+impl<'s> Receivers<'s> {
+    /// The background receiver (it ends with the summary).
+    pub fn take_background(&mut self) -> Option<ScopedJoinHandle<'s, ()>> {
+        self.bg.take()
+    }
+
+    fn join(&mut self) {
+        for h in [self.bg.take(), self.urgent.take()].into_iter().flatten() {
+            let _ = h.join();
+        }
+    }
+}
+
+impl Dest<'_> {
+    /// Starts the receivers of the current connections.
+    pub(super) fn spawn_receivers<'s>(&'s self, s: &'s Scope<'s, '_>) -> Receivers<'s> {
+        let (main, urgent, n) = {
+            let c = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+            (Arc::clone(&c.main), Arc::clone(&c.urgent), c.number)
+        };
+        let pin = self.cfg.pin;
+        let bg = s.spawn(move || {
+            pin.apply(Role::BackgroundReceiver);
+            tight_timer_slack();
+            if let Err(e) = self.receiver(&main, Channel::Background) {
+                self.conn_failed(e, n);
+            }
+        });
+        let urgent = s.spawn(move || {
+            pin.apply(Role::UrgentReceiver);
+            tight_timer_slack();
+            if let Err(e) = self.receiver(&urgent, Channel::Urgent) {
+                self.conn_failed(e, n);
+            }
+        });
+        Receivers {
+            bg: Some(bg),
+            urgent: Some(urgent),
+        }
+    }
+
+    /// Whether a lost connection may be recovered rather than end the run: recovery is on,
+    /// the run goes on, and `DONE` has not been sent.
+    pub(super) fn recoverable(&self) -> bool {
+        // Relaxed: `finished` only decides whether a closed channel is an error.
+        !self.cfg.recover_timeout.is_zero()
+            && !self.stopped()
+            && !self.finished.load(Ordering::Relaxed)
+    }
+
+    /// Whether the switch-over has been applied (the guest runs here, in postcopy).
+    pub(super) fn switched(&self) -> bool {
+        self.switch
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+    }
+
+    /// A thread working on connection `number` failed with `e`. A lost connection is marked
+    /// broken, for the main thread to recover: in postcopy both connections are stopped at
+    /// once; before the switch-over has been applied the background receiver reads on (the
+    /// switch-over may be among what arrived before the break, and recovery needs it), and
+    /// the main thread decides once it has ended. Anything else fails the run.
+    pub(super) fn conn_failed(&self, e: RunError, number: u16) {
+        let lost = matches!(&e, RunError::Wire(w) if w.connection_lost());
+        if !lost || !self.recoverable() {
+            return self.fail(e);
+        }
+        let c = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        if c.number != number {
+            return; // a late error of a connection already replaced
+        }
+        let mut b = self.broken.lock().unwrap_or_else(|p| p.into_inner());
+        if b.is_none() {
+            *b = Some(Broken {
+                reason: e.to_string(),
+                at_ns: now_ns(),
+                error: Some(e),
+            });
+        }
+        drop(b);
+        if self.switched() {
+            // Relaxed: a polled flag; the shutdowns wake the receivers.
+            self.conn_stop.store(true, Ordering::Relaxed);
+            c.shutdown();
+        }
+    }
+
+    /// Whether the current connections broke.
+    pub(super) fn broken_now(&self) -> bool {
+        self.broken
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+    }
+
+    /// Before the switch-over: the connections broke and the background receiver has ended
+    /// without bringing the switch-over, so there is no postcopy state to resume (the
+    /// source still has the whole guest): the break's error, to end the run with.
+    pub(super) fn broken_before_switch(&self, receivers: &Receivers<'_>) -> Option<RunError> {
+        if receivers.bg.as_ref().is_some_and(|h| !h.is_finished()) || self.switched() {
+            return None;
+        }
+        let mut b = self.broken.lock().unwrap_or_else(|p| p.into_inner());
+        b.as_mut().and_then(|b| b.error.take())
+    }
+
+    /// In postcopy, once the connections broke: stops them (a break found before the
+    /// switch-over was applied left them running).
+    pub(super) fn stop_broken(&self) {
+        // Relaxed: a polled flag; the shutdowns wake the receivers.
+        self.conn_stop.store(true, Ordering::Relaxed);
+        self.conn
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .shutdown();
+    }
+
+    /// Replaces the broken connections and resumes postcopy (see the module).
+    pub(super) fn recover<'s>(
+        &'s self,
+        s: &'s Scope<'s, '_>,
+        receivers: &mut Receivers<'s>,
+    ) -> Result<(), RunError> {
+        let Some((cut, detected)) = self
+            .broken
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|b| (b.reason.clone(), b.at_ns))
+        else {
+            return Ok(());
+        };
+        self.stop_broken();
+        receivers.join();
+        let received = self.mem.received_bitmap();
+        let missing = self.mem.pending().saturating_sub(self.mem.placed());
+        let token = self.conn.lock().unwrap_or_else(|p| p.into_inner()).token;
+        let window = self.cfg.recover_timeout.as_nanos() as u64;
+        let idle = self.cfg.idle_timeout;
+        let mut backoff = FIRST_BACKOFF;
+        let mut attempts = 0u32;
+        let mut last_error = String::from("no attempt");
+        let (main, urgent) = loop {
+            if self.stopped() {
+                return Err(RunError::Wire(WireError::Stopped));
+            }
+            let left = window.saturating_sub(now_ns() - detected);
+            if left == 0 {
+                return Err(RunError::Recovery {
+                    cut,
+                    why: format!(
+                        "the source did not take the session back within {:?} ({attempts} attempts; the last: {last_error})",
+                        self.cfg.recover_timeout
+                    ),
+                });
+            }
+            attempts += 1;
+            let connect = Duration::from_nanos(left).min(CONNECT_LIMIT);
+            let answer = Duration::from_nanos(left).max(idle);
+            match handshake::resume(
+                self.resume_to,
+                &self.hello,
+                token,
+                &received,
+                connect,
+                answer,
+            ) {
+                Ok(c) => break c,
+                Err(ConnectError::Refused(r)) => {
+                    return Err(RunError::Recovery {
+                        cut,
+                        why: format!("the source refused to resume: {r}"),
+                    })
+                }
+                Err(ConnectError::Wire(w)) if w.connection_lost() => {
+                    last_error = w.to_string();
+                    std::thread::sleep(backoff.min(Duration::from_nanos(left)));
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+                Err(ConnectError::Wire(w)) => {
+                    return Err(RunError::Recovery {
+                        cut,
+                        why: w.to_string(),
+                    })
+                }
+            }
+        };
+        for s in [&main, &urgent] {
+            crate::wire::configure(s).map_err(|e| WireError::Io(Channel::Handshake, e))?;
+        }
+        {
+            let mut c = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+            c.main = Arc::new(main);
+            c.urgent = Arc::new(urgent);
+            c.number = c.number.saturating_add(1);
+            self.mem.set_connection(c.number);
+            *self.broken.lock().unwrap_or_else(|p| p.into_inner()) = None;
+            // Relaxed (all three): no receiver runs; the spawns below order these stores
+            // before the new receivers' loads.
+            self.conn_stop.store(false, Ordering::Relaxed);
+            self.bg_progress.store(now_ns(), Ordering::Relaxed);
+            self.urgent_progress.store(now_ns(), Ordering::Relaxed);
+        }
+        *receivers = self.spawn_receivers(s);
+        let again = self.mem.requested_missing();
+        for &hp in &again {
+            if let Err(e) = self.request(hp) {
+                return Err(e.into());
+            }
+        }
+        self.cuts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(Cut {
+                reason: cut,
+                detected_ns: detected,
+                resumed_ns: now_ns(),
+                missing_host_pages: missing,
+                rerequested: again.len() as u64,
+                attempts,
+            });
+        Ok(())
+    }
+}
