@@ -4,8 +4,9 @@
 #   0. installs what this machine lacks (`scripts/install-deps.sh`: spin, gcc, iproute2,
 #      QEMU 10.0 from bookworm-backports, nightly miri and rust-src);
 #   1. clippy over every target with all features, warnings denied (its `incompatible_msrv`
-#      lint checks the workspace's rust-version), and a build of the library with the MSRV
-#      toolchain its own rust-version names;
+#      lint checks the workspace's rust-version), rustdoc with warnings denied (with and
+#      without features), and a build of the library with the MSRV toolchain its own
+#      rust-version names;
 #   2. unit, property, integration, example and bench-smoke tests (debug), all features,
 #      among them the migration harness's end-to-end tests of a KVM guest (they need root
 #      for userfaultfd, KVM and hugetlb pages; wherever /dev/kvm opens they must run:
@@ -41,8 +42,10 @@ step() {
     echo "==> $* ($(($(date +%s) - start)) s elapsed)"
 }
 
-step "clippy (all targets, all features) and the library's MSRV build"
+step "clippy (all targets, all features), rustdoc warnings, and the library's MSRV build"
 cargo clippy --workspace --all-targets --all-features -- -D warnings
+RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --workspace --quiet
+RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --workspace --all-features --quiet
 msrv=$(sed -n '/^\[package\]/,/^\[/s/^rust-version = "\(.*\)"/\1/p' Cargo.toml)
 cargo "+$msrv" check -p pagehint --features vm-memory --lib --target-dir target/msrv
 step "unit, property, integration, example and bench smoke tests"

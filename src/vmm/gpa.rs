@@ -7,10 +7,10 @@
 //! [`DirtyBitmap::get_and_clear`](crate::DirtyBitmap::get_and_clear)) into coalesced GPA
 //! ranges — what Cloud Hypervisor's `MemoryRangeTable::from_dirty_bitmap` builds.
 //!
-//! With feature `vm-memory`, [`GpaMap::from_guest_memory`] builds the layout and the map
+//! With feature `vm-memory`, `GpaMap::from_guest_memory` builds the layout and the map
 //! from vm-memory's guest memory (`GuestMemoryBackend`, e.g. `GuestMemoryMmap`; one block
 //! per region, in region order), so that region
-//! *i*'s [`RegionBitmap`](crate::vmm::RegionBitmap) tracks into block *i*.
+//! *i*'s `RegionBitmap` tracks into block *i*.
 //!
 //! # Invariants
 //! * blocks do not overlap in GPA space, and every GPA of every block fits a `u64`;
