@@ -31,6 +31,7 @@
 //! | [`protocol::protocol_model`] | postcopy (I1–I3, I5, I6) | `PageScheduler` | [`protocol::TrustingScanner`], [`protocol::CheckThenSendScanner`] | `loom_protocol` | `shuttle_protocol` |
 //! | [`vanilla::vanilla_model`] | vanilla mode (I1–I3, I5) | `PageScheduler` | [`vanilla::OverwritingSlotRewrite`], [`vanilla::SendRequestedUnclaimedRewrite`] | `loom_vanilla` | `shuttle_vanilla` |
 //! | [`multi::senders_and_urgent`] | several senders (I1–I4) | `PageScheduler` | [`multi::Rewrite`]`<true>` (pooled sweep counts) | `loom_multi` | `shuttle_multi` |
+//! | [`remove::remove_model`] | `UFFD_EVENT_REMOVE` against prefetchers (R1–R3) | `RemoveGate` (`pagehint-uffd-gate`), `PageScheduler` | [`remove::MarkAfterUnlock`], [`remove::CopyWithoutReadSide`] | `loom_remove` | `shuttle_remove` |
 //! | [`precopy::precopy_model`] | precopy (I7) | `DirtyBitmap`, `PageScheduler` | [`flawed::SummaryBeforePageBit`], [`flawed::LoadThenStoreClaim`] | — | `shuttle_precopy` |
 //!
 //! The bitmap models also run on [`flawed::FlawedBitmap<NoFlaw>`](flawed::NoFlaw), the
@@ -64,5 +65,6 @@ pub mod multi;
 pub mod precopy;
 pub mod protocol;
 pub mod record;
+pub mod remove;
 pub mod sync;
 pub mod vanilla;

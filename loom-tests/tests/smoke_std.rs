@@ -14,6 +14,7 @@ use pagehint_models::hint::{i4_offer_take_model, TWO_OFFERERS, TWO_TAKERS};
 use pagehint_models::multi::{senders_and_urgent, Rewrite};
 use pagehint_models::precopy::{precopy_model, PrecopyCase};
 use pagehint_models::protocol::{protocol_model, ProtocolCase};
+use pagehint_models::remove::{remove_model, ControlGate, RemoveCase};
 use pagehint_models::vanilla::{vanilla_model, ControlRewrite, VanillaCase};
 
 fn loc(page: u64) -> PageLocation {
@@ -110,4 +111,19 @@ fn multi_sender_model_passes_on_the_real_scheduler_and_the_control() {
     let faults = [PageLocation::new(0, 5), PageLocation::new(1, 300)];
     senders_and_urgent::<PageScheduler>(&layout, 3, &faults);
     senders_and_urgent::<Rewrite<false>>(&layout, 3, &faults);
+}
+
+#[test]
+fn remove_model_passes_on_the_real_gate_and_the_control() {
+    for hint in [false, true] {
+        let case = RemoveCase {
+            host_pages: 16,
+            prefetchers: 2,
+            hint,
+            removes: vec![(9, 12), (14, 15), (10, 13)],
+            touches: vec![1, 5, 3],
+        };
+        remove_model::<pagehint_uffd_gate::RemoveGate>(&case);
+        remove_model::<ControlGate>(&case);
+    }
 }
