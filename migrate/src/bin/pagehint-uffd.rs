@@ -148,8 +148,12 @@ fn run(action: Action) -> Result<(), String> {
             };
             let c = compare(&o, &|r| {
                 eprintln!(
-                    "{} / {}: blocktime {:.2} ms, {} faults",
-                    r.workload, r.policy, r.blocktime_total_ms, r.faults
+                    "{} / {} / run {}: blocktime {:.2} ms, {} faults",
+                    r.workload,
+                    r.policy,
+                    r.repetition + 1,
+                    r.blocktime_total_ms,
+                    r.faults
                 )
             })?;
             print!("{}", table(&c));

@@ -123,6 +123,10 @@ pub enum Command {
         /// Milliseconds of workload after resume.
         #[arg(long, default_value_t = 500)]
         run_ms: u64,
+        /// Restores per workload and policy; medians and min-max are reported, and the
+        /// targets judged on the medians.
+        #[arg(long, default_value_t = 3)]
+        repeat: usize,
         /// JSON output.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -282,6 +286,7 @@ impl Cli {
                 workloads,
                 prefetchers,
                 run_ms,
+                repeat,
                 json,
                 svg,
             } => Action::Compare(
@@ -299,6 +304,10 @@ impl Cli {
                     run_for: Duration::from_millis(run_ms),
                     warm: Duration::from_millis(200),
                     linger: Duration::from_secs(30),
+                    repeat: match repeat {
+                        0 => return Err("--repeat: at least 1".into()),
+                        n => n,
+                    },
                 },
                 json,
                 svg,

@@ -40,7 +40,7 @@ use rustix::event::{poll, PollFd, PollFlags};
 
 use super::protocol::{recv_handshake, GuestRegionUffdMapping, ProtocolError};
 use super::source::PageSource;
-use crate::clock::now_ns;
+use crate::clock::{now_ns, thread_cpu_ns, thread_run_delay_ns};
 use crate::uffd::{PlaceError, UffdEvent, Userfault};
 
 /// How pages are loaded.
@@ -232,10 +232,21 @@ pub struct HandlerReport {
     pub fault_already_claimed: u64,
     /// Host pages placed by the prefetchers.
     pub prefetched: u64,
+    /// CPU time the prefetchers used (ns, all together): against their wall time it tells
+    /// work from waiting for a CPU.
+    pub prefetch_cpu_ns: u64,
+    /// Time the prefetchers were runnable but waiting for a CPU (ns, all together; 0 where
+    /// the kernel keeps no schedstat).
+    pub prefetch_wait_ns: u64,
     /// Removed pages faulted again and filled with zeros.
     pub zero_filled: u64,
-    /// Host pages removed before they were ever loaded (never filled from the file).
+    /// Host pages removed before they were ever loaded (never filled from the file), claimed
+    /// away by the event thread (or held by it for a fault when the remove came).
     pub removed_unloaded: u64,
+    /// Host pages a prefetcher had claimed and then found removed (never filled from the
+    /// file). Every host page is counted once in `fault_placed`, `prefetched`,
+    /// `removed_unloaded` or `removed_skipped`.
+    pub removed_skipped: u64,
     /// REMOVE events.
     pub remove_events: u64,
     /// `EEXIST` answers (a page placed twice: 0 unless something is wrong).
@@ -332,6 +343,12 @@ struct Shared<'a> {
     /// Host pages loaded from the source or removed before loading, both paths.
     loaded: AtomicU64,
     prefetched: AtomicU64,
+    /// Host pages a prefetcher had claimed and then found removed.
+    removed_skipped: AtomicU64,
+    /// CPU time the prefetchers used (ns), all together.
+    prefetch_cpu_ns: AtomicU64,
+    /// Time the prefetchers were runnable but had no CPU (ns), all together.
+    prefetch_wait_ns: AtomicU64,
     eexist: AtomicU64,
     retries: AtomicU64,
     prefetch_error: Mutex<Option<String>>,
@@ -385,19 +402,32 @@ impl Shared<'_> {
     }
 
     fn prefetch(&self, scanner: pagehint::scheduler::BackgroundScanner<'_>) {
+        let (cpu, delay) = (thread_cpu_ns(), thread_run_delay_ns());
+        self.prefetch_pages(scanner);
+        // Relaxed: a sum read after the join.
+        self.prefetch_cpu_ns
+            .fetch_add(thread_cpu_ns() - cpu, Ordering::Relaxed);
+        if let (Some(a), Some(b)) = (delay, thread_run_delay_ns()) {
+            // Relaxed: a sum read after the join.
+            self.prefetch_wait_ns
+                .fetch_add(b.saturating_sub(a), Ordering::Relaxed);
+        }
+    }
+
+    fn prefetch_pages(&self, scanner: pagehint::scheduler::BackgroundScanner<'_>) {
         let mut buf = Vec::new();
         for claim in scanner {
             for hp in claim.host_pages() {
                 let r = claim.block() as usize;
                 let g = self.regions.hp(r, hp.first_page);
                 buf.resize(self.regions.maps[r].page_size as usize, 0);
-                // A snapshot: spares fetching a page already removed; the gate decides.
-                if self.gate.is_removed(g as usize) {
-                    continue;
-                }
-                if let Err(e) = self.fetch(r, hp.first_page, &mut buf) {
-                    self.fail(e);
-                    return;
+                // A snapshot that spares fetching a page already removed (marks are never
+                // cleared, so the gate below then finds it removed too); the gate decides.
+                if !self.gate.is_removed(g as usize) {
+                    if let Err(e) = self.fetch(r, hp.first_page, &mut buf) {
+                        self.fail(e);
+                        return;
+                    }
                 }
                 loop {
                     // Relaxed: a polled flag; stopping late only loads more.
@@ -408,7 +438,19 @@ impl Shared<'_> {
                         .gate
                         .copy_unless_removed(g as usize, || self.copy_page(r, hp.first_page, &buf));
                     match copied {
-                        None => break, // removed: never loaded from the file again
+                        None => {
+                            // Removed: never loaded from the file again. A vCPU whose fault
+                            // was read while this prefetcher owned the page waits for a copy
+                            // that will not come: wake it, so that it faults again and the
+                            // event thread places zeros.
+                            let m = &self.regions.maps[r];
+                            let dst = m.base_host_virt_addr + (hp.first_page << 12);
+                            let _ = self.uffd.wake(dst, m.page_size);
+                            // Relaxed: counts (see `stamp`).
+                            self.removed_skipped.fetch_add(1, Ordering::Relaxed);
+                            self.loaded.fetch_add(1, Ordering::Relaxed);
+                            break;
+                        }
                         Some(Ok(())) => {
                             self.stamp(g);
                             // Relaxed: a counter read after the join.
@@ -468,6 +510,9 @@ pub fn serve(
         stop: AtomicBool::new(false),
         loaded: AtomicU64::new(0),
         prefetched: AtomicU64::new(0),
+        removed_skipped: AtomicU64::new(0),
+        prefetch_cpu_ns: AtomicU64::new(0),
+        prefetch_wait_ns: AtomicU64::new(0),
         eexist: AtomicU64::new(0),
         retries: AtomicU64::new(0),
         prefetch_error: Mutex::new(None),
@@ -502,6 +547,9 @@ pub fn serve(
     report.end_ns = now_ns();
     // Relaxed loads: every thread has been joined.
     report.prefetched = shared.prefetched.load(Ordering::Relaxed);
+    report.removed_skipped = shared.removed_skipped.load(Ordering::Relaxed);
+    report.prefetch_cpu_ns = shared.prefetch_cpu_ns.load(Ordering::Relaxed);
+    report.prefetch_wait_ns = shared.prefetch_wait_ns.load(Ordering::Relaxed);
     report.eexist = shared.eexist.load(Ordering::Relaxed);
     report.retries += shared.retries.load(Ordering::Relaxed);
     report.prefetch_error = shared
@@ -672,6 +720,12 @@ fn event_loop(
                     let t = now_ns();
                     if removed {
                         report.zero_filled += 1;
+                        if p.claim.is_some() {
+                            // Claimed for this fault, removed before it was loaded.
+                            report.removed_unloaded += 1;
+                            // Relaxed: a count (see `stamp`).
+                            sh.loaded.fetch_add(1, Ordering::Relaxed);
+                        }
                     } else {
                         sh.stamp(p.hp);
                         report.fault_placed += 1;
