@@ -446,8 +446,9 @@ impl Shared<'_> {
                             let m = &self.regions.maps[r];
                             let dst = m.base_host_virt_addr + (hp.first_page << 12);
                             let _ = self.uffd.wake(dst, m.page_size);
-                            // Relaxed: counts (see `stamp`).
+                            // Relaxed: a counter read after the join.
                             self.removed_skipped.fetch_add(1, Ordering::Relaxed);
+                            // Relaxed: a count (see `stamp`).
                             self.loaded.fetch_add(1, Ordering::Relaxed);
                             break;
                         }
