@@ -32,6 +32,7 @@
 //! | [`vanilla::vanilla_model`] | vanilla mode (I1–I3, I5) | `PageScheduler` | [`vanilla::OverwritingSlotRewrite`], [`vanilla::SendRequestedUnclaimedRewrite`] | `loom_vanilla` | `shuttle_vanilla` |
 //! | [`multi::senders_and_urgent`] | several senders (I1–I4) | `PageScheduler` | [`multi::Rewrite`]`<true>` (pooled sweep counts) | `loom_multi` | `shuttle_multi` |
 //! | [`recovery::handoff_model`] | recovery handoff at a cut (I1) | `PageScheduler` (`recover_shared`), the harness's handoff as [`recovery::JoinThenSnapshot`] | [`recovery::SnapshotThenJoin`] | `loom_recovery` | `shuttle_recovery` |
+//! | [`remove::remove_model`] | `UFFD_EVENT_REMOVE` against prefetchers (R1–R3) | `RemoveGate` (`pagehint-uffd-gate`), `PageScheduler` | [`remove::MarkAfterUnlock`], [`remove::CopyWithoutReadSide`] | `loom_remove` | `shuttle_remove` |
 //! | [`precopy::precopy_model`] | precopy (I7) | `DirtyBitmap`, `PageScheduler` | [`flawed::SummaryBeforePageBit`], [`flawed::LoadThenStoreClaim`] | — | `shuttle_precopy` |
 //!
 //! The bitmap models also run on [`flawed::FlawedBitmap<NoFlaw>`](flawed::NoFlaw), the
@@ -66,5 +67,6 @@ pub mod precopy;
 pub mod protocol;
 pub mod record;
 pub mod recovery;
+pub mod remove;
 pub mod sync;
 pub mod vanilla;

@@ -9,22 +9,22 @@
 
 #[cfg(pagehint_loom)]
 pub use loom::{
-    sync::atomic::{AtomicU64, Ordering},
-    sync::{Arc, Mutex},
+    sync::atomic::{AtomicBool, AtomicU64, Ordering},
+    sync::{Arc, Condvar, Mutex, MutexGuard, RwLock},
     thread,
 };
 
 #[cfg(all(pagehint_shuttle, not(pagehint_loom)))]
 pub use shuttle::{
-    sync::atomic::{AtomicU64, Ordering},
-    sync::{Arc, Mutex},
+    sync::atomic::{AtomicBool, AtomicU64, Ordering},
+    sync::{Arc, Condvar, Mutex, MutexGuard, RwLock},
     thread,
 };
 
 #[cfg(not(any(pagehint_loom, pagehint_shuttle)))]
 pub use std::{
-    sync::atomic::{AtomicU64, Ordering},
-    sync::{Arc, Mutex},
+    sync::atomic::{AtomicBool, AtomicU64, Ordering},
+    sync::{Arc, Condvar, Mutex, MutexGuard, RwLock},
     thread,
 };
 

@@ -14,6 +14,7 @@ use pagehint_models::hint::{i4_offer_take_model, TWO_OFFERERS, TWO_TAKERS};
 use pagehint_models::multi::{senders_and_urgent, Rewrite};
 use pagehint_models::precopy::{precopy_model, PrecopyCase};
 use pagehint_models::protocol::{protocol_model, ProtocolCase};
+use pagehint_models::remove::{remove_model, ControlGate, RemoveCase};
 use pagehint_models::vanilla::{vanilla_model, ControlRewrite, VanillaCase};
 
 fn loc(page: u64) -> PageLocation {
@@ -122,5 +123,20 @@ fn recovery_handoff_model_passes_with_the_harness_order() {
                 before_cut,
             },
         );
+    }
+}
+
+#[test]
+fn remove_model_passes_on_the_real_gate_and_the_control() {
+    for hint in [false, true] {
+        let case = RemoveCase {
+            host_pages: 16,
+            prefetchers: 2,
+            hint,
+            removes: vec![(9, 12), (14, 15), (10, 13)],
+            touches: vec![1, 5, 3],
+        };
+        remove_model::<pagehint_uffd_gate::RemoveGate>(&case);
+        remove_model::<ControlGate>(&case);
     }
 }

@@ -16,6 +16,19 @@ pub fn now_ns() -> u64 {
     t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
 }
 
+/// CPU time the calling thread has used (ns): `CLOCK_THREAD_CPUTIME_ID`.
+pub fn thread_cpu_ns() -> u64 {
+    let t = clock_gettime(ClockId::ThreadCPUTime);
+    t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
+}
+
+/// Time the calling thread has spent runnable but waiting for a CPU (ns): the second field
+/// of `/proc/thread-self/schedstat`; `None` where the kernel does not keep it.
+pub fn thread_run_delay_ns() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
+    s.split_whitespace().nth(1)?.parse().ok()
+}
+
 /// Sleeps until `deadline_ns` on `CLOCK_MONOTONIC` (returns at once if it has passed).
 pub fn sleep_until(deadline_ns: u64) {
     let ts = Timespec {

@@ -24,7 +24,7 @@ use linux_raw_sys::general::{
     UFFD_FEATURE_THREAD_ID, UFFD_PAGEFAULT_FLAG_WRITE, UFFD_USER_MODE_ONLY,
 };
 use linux_raw_sys::ioctl::{
-    UFFDIO_API, UFFDIO_COPY, UFFDIO_REGISTER, UFFDIO_UNREGISTER, UFFDIO_ZEROPAGE,
+    UFFDIO_API, UFFDIO_COPY, UFFDIO_REGISTER, UFFDIO_UNREGISTER, UFFDIO_WAKE, UFFDIO_ZEROPAGE,
 };
 use rustix::event::{poll, PollFd, PollFlags};
 use rustix::io::Errno;
@@ -38,6 +38,7 @@ const REGISTER: Opcode = UFFDIO_REGISTER as Opcode;
 const UNREGISTER: Opcode = UFFDIO_UNREGISTER as Opcode;
 const COPY: Opcode = UFFDIO_COPY as Opcode;
 const ZEROPAGE: Opcode = UFFDIO_ZEROPAGE as Opcode;
+const WAKE: Opcode = UFFDIO_WAKE as Opcode;
 
 /// `ioctl(/dev/userfaultfd, USERFAULTFD_IOC_NEW, flags)`: returns a new descriptor.
 struct NewUffd(u32);
@@ -331,6 +332,14 @@ impl Userfault {
             }
         }
         Ok(())
+    }
+
+    /// Wakes the threads waiting on faults in `[start, start + len)` without placing
+    /// anything: they retry, and fault again if the page is still missing.
+    pub fn wake(&self, start: u64, len: u64) -> io::Result<()> {
+        let mut r = uffdio_range { start, len };
+        // SAFETY: UFFDIO_WAKE reads a `struct uffdio_range`; no memory is written.
+        unsafe { ioctl::ioctl(&self.fd, Updater::<WAKE, _>::new(&mut r)) }.map_err(Into::into)
     }
 
     /// Waits up to `timeout_ns` for fault events; true if some may be ready.

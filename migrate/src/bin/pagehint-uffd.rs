@@ -1,16 +1,21 @@
 //! `pagehint-uffd`: a Firecracker-compatible userfaultfd page-fault handler that loads guest
 //! memory with pagehint's scheduler. A thin shell: cli → options → run → export.
 
+use std::net::TcpListener;
 use std::os::unix::net::UnixListener;
+use std::path::Path;
 use std::process::ExitCode;
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
 
 use clap::Parser;
 use pagehint_migrate::hugepages::HugePages;
-use pagehint_migrate::restore::cli::{Action, Cli, ServeOptions};
+use pagehint_migrate::restore::cli::{Action, Cli, ServeOptions, SourceSpec};
 use pagehint_migrate::restore::compare::{compare, table};
 use pagehint_migrate::restore::export::svg;
 use pagehint_migrate::restore::handler::{handle_connection, Control};
-use pagehint_migrate::restore::source::FileSource;
+use pagehint_migrate::restore::remote::{serve_memory, RemoteSource};
+use pagehint_migrate::restore::source::{FileSource, PageSource};
 use pagehint_migrate::restore::vmm::{restore, take_snapshot, RestoreOptions, Snapshot};
 
 fn main() -> ExitCode {
@@ -31,8 +36,17 @@ fn main() -> ExitCode {
 }
 
 fn serve(o: ServeOptions) -> Result<(), String> {
-    let src =
-        FileSource::open(&o.mem_file).map_err(|e| format!("{}: {e}", o.mem_file.display()))?;
+    let src: Box<dyn PageSource> = match &o.source {
+        SourceSpec::File(p) => {
+            Box::new(FileSource::open(p).map_err(|e| format!("{}: {e}", p.display()))?)
+        }
+        // One connection per prefetcher and one for the fault thread, so that a fault's
+        // fetch never waits behind a prefetch.
+        SourceSpec::Remote { addr, timeout } => Box::new(
+            RemoteSource::connect(addr.as_str(), o.handler.prefetchers + 1, *timeout)
+                .map_err(|e| e.to_string())?,
+        ),
+    };
     let _ = std::fs::remove_file(&o.socket);
     let listener =
         UnixListener::bind(&o.socket).map_err(|e| format!("{}: {e}", o.socket.display()))?;
@@ -43,7 +57,7 @@ fn serve(o: ServeOptions) -> Result<(), String> {
         o.socket.display()
     );
     let (conn, _) = listener.accept().map_err(|e| format!("accept: {e}"))?;
-    let report = handle_connection(&conn, &src, &o.handler, &Control::default());
+    let report = handle_connection(&conn, &*src, &o.handler, &Control::default());
     let _ = std::fs::remove_file(&o.socket);
     let report = report.map_err(|e| e.to_string())?;
     let json = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
@@ -54,9 +68,29 @@ fn serve(o: ServeOptions) -> Result<(), String> {
     Ok(())
 }
 
+fn mem_server(listen: &str, mem_file: &Path, idle: Duration) -> Result<(), String> {
+    let src = FileSource::open(mem_file).map_err(|e| format!("{}: {e}", mem_file.display()))?;
+    let listener = TcpListener::bind(listen).map_err(|e| format!("{listen}: {e}"))?;
+    eprintln!(
+        "pagehint-uffd mem-server: {} ({} bytes) on {}",
+        mem_file.display(),
+        src.size().unwrap_or(0),
+        listener.local_addr().map_err(|e| e.to_string())?
+    );
+    let stop = AtomicBool::new(false); // runs until the process is interrupted
+    let st = serve_memory(&listener, &src, &stop, idle).map_err(|e| e.to_string())?;
+    eprintln!("{st:?}");
+    Ok(())
+}
+
 fn run(action: Action) -> Result<(), String> {
     match action {
         Action::Serve(o) => serve(o),
+        Action::MemServer {
+            listen,
+            mem_file,
+            idle,
+        } => mem_server(&listen, &mem_file, idle),
         Action::Snapshot {
             dir,
             mem,
@@ -114,8 +148,12 @@ fn run(action: Action) -> Result<(), String> {
             };
             let c = compare(&o, &|r| {
                 eprintln!(
-                    "{} / {}: blocktime {:.2} ms, {} faults",
-                    r.workload, r.policy, r.blocktime_total_ms, r.faults
+                    "{} / {} / run {}: blocktime {:.2} ms, {} faults",
+                    r.workload,
+                    r.policy,
+                    r.repetition + 1,
+                    r.blocktime_total_ms,
+                    r.faults
                 )
             })?;
             print!("{}", table(&c));

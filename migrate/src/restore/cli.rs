@@ -25,14 +25,22 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Serve one VMM: listen on SOCKET (Firecracker's `mem_backend.backend_path`), receive
-    /// the userfaultfd and the regions, serve faults from MEM_FILE until the VMM goes.
+    /// the userfaultfd and the regions, serve faults from MEM_FILE (or from a memory server
+    /// at REMOTE) until the VMM goes.
     Serve {
         /// The Unix socket to listen on (created; removed afterwards).
         #[arg(long)]
         socket: PathBuf,
         /// The snapshot memory file.
+        #[arg(long, required_unless_present = "remote", conflicts_with = "remote")]
+        mem_file: Option<PathBuf>,
+        /// HOST:PORT of a `pagehint-uffd mem-server` to fetch pages from over TCP (pull-mode
+        /// postcopy) instead of a file.
         #[arg(long)]
-        mem_file: PathBuf,
+        remote: Option<String>,
+        /// Seconds a memory server may stay silent before a fetch fails (with --remote).
+        #[arg(long, default_value_t = 5)]
+        remote_timeout_s: u64,
         /// on-demand, linear, pagehint-nohint or pagehint.
         #[arg(long, default_value = "pagehint")]
         policy: String,
@@ -45,6 +53,19 @@ pub enum Command {
         /// Write the session's report here as JSON.
         #[arg(long)]
         json: Option<PathBuf>,
+    },
+    /// Serve a memory file over TCP to `serve --remote` handlers (the source side of
+    /// pull-mode postcopy), until interrupted.
+    MemServer {
+        /// Address to listen on, e.g. 0.0.0.0:7070.
+        #[arg(long)]
+        listen: String,
+        /// The memory file.
+        #[arg(long)]
+        mem_file: PathBuf,
+        /// Seconds a connection may stay silent before it is dropped.
+        #[arg(long, default_value_t = 600)]
+        idle_s: u64,
     },
     /// Boot the KVM guest, run a workload, and write a snapshot (mem + vmstate) to DIR.
     Snapshot {
@@ -102,6 +123,10 @@ pub enum Command {
         /// Milliseconds of workload after resume.
         #[arg(long, default_value_t = 500)]
         run_ms: u64,
+        /// Restores per workload and policy; medians and min-max are reported, and the
+        /// targets judged on the medians.
+        #[arg(long, default_value_t = 3)]
+        repeat: usize,
         /// JSON output.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -116,12 +141,26 @@ pub enum Command {
 pub struct ServeOptions {
     /// Socket path.
     pub socket: PathBuf,
-    /// Memory file.
-    pub mem_file: PathBuf,
+    /// Where pages come from.
+    pub source: SourceSpec,
     /// Handler settings.
     pub handler: HandlerOptions,
     /// JSON report path.
     pub json: Option<PathBuf>,
+}
+
+/// Where `serve` reads pages from.
+#[derive(Debug)]
+pub enum SourceSpec {
+    /// The snapshot memory file.
+    File(PathBuf),
+    /// A memory server over TCP.
+    Remote {
+        /// HOST:PORT.
+        addr: String,
+        /// Silence allowed per fetch.
+        timeout: Duration,
+    },
 }
 
 /// What to run, checked.
@@ -129,6 +168,15 @@ pub struct ServeOptions {
 pub enum Action {
     /// Serve one VMM.
     Serve(ServeOptions),
+    /// Serve a memory file over TCP.
+    MemServer {
+        /// Listen address.
+        listen: String,
+        /// Memory file.
+        mem_file: PathBuf,
+        /// Idle limit per connection.
+        idle: Duration,
+    },
     /// Write a snapshot.
     Snapshot {
         /// Directory.
@@ -174,13 +222,22 @@ impl Cli {
             Command::Serve {
                 socket,
                 mem_file,
+                remote,
+                remote_timeout_s,
                 policy: p,
                 prefetchers,
                 handshake_timeout_s,
                 json,
             } => Action::Serve(ServeOptions {
                 socket,
-                mem_file,
+                source: match (mem_file, remote) {
+                    (Some(f), None) => SourceSpec::File(f),
+                    (None, Some(addr)) => SourceSpec::Remote {
+                        addr,
+                        timeout: Duration::from_secs(remote_timeout_s.max(1)),
+                    },
+                    _ => return Err("give one of --mem-file and --remote".into()),
+                },
                 handler: HandlerOptions {
                     policy: policy(&p)?,
                     prefetchers,
@@ -188,6 +245,15 @@ impl Cli {
                 },
                 json,
             }),
+            Command::MemServer {
+                listen,
+                mem_file,
+                idle_s,
+            } => Action::MemServer {
+                listen,
+                mem_file,
+                idle: Duration::from_secs(idle_s.max(1)),
+            },
             Command::Snapshot {
                 dir,
                 mem,
@@ -220,6 +286,7 @@ impl Cli {
                 workloads,
                 prefetchers,
                 run_ms,
+                repeat,
                 json,
                 svg,
             } => Action::Compare(
@@ -237,6 +304,10 @@ impl Cli {
                     run_for: Duration::from_millis(run_ms),
                     warm: Duration::from_millis(200),
                     linger: Duration::from_secs(30),
+                    repeat: match repeat {
+                        0 => return Err("--repeat: at least 1".into()),
+                        n => n,
+                    },
                 },
                 json,
                 svg,

@@ -17,29 +17,30 @@
 //! reads it; the kernel then zaps the range, which stays registered. A removed page must
 //! never be filled from the file again: it faults again later and gets zeros (as Firecracker's
 //! valid handler does). The race to close is a copy of stale file data issued after the event
-//! was read but before the page was marked removed. So events are read under the *write*
-//! side of a gate, and the page marked removed (and, if not yet loaded, claimed away from the
-//! prefetchers) before the gate opens; a prefetcher holds the *read* side from its removed
-//! check to the end of its copy. A copy issued while the event is queued fails with `EAGAIN`
-//! ([`PlaceError::Retry`]): the prefetcher drops the gate and retries, the event thread
-//! re-queues its own copy until after the next read. (A loom model of this gate, with the
-//! mutant that marks removed pages after opening it, is still to be written.)
+//! was read but before the page was marked removed; the [`RemoveGate`] closes it (events read
+//! and removed pages marked, and if not yet loaded claimed away from the prefetchers, under its
+//! write side; a prefetcher's removed check and copy under its read side). A copy issued while
+//! the event is queued fails with `EAGAIN` ([`PlaceError::Retry`]): the prefetcher leaves the
+//! gate and retries, the event thread re-queues its own copy until after the next read. The
+//! gate is model-checked (loom and shuttle, `loom-tests/src/remove.rs`), with the mutants that
+//! mark after releasing the write side and copy without the read side.
 
 use std::fmt;
 use std::io;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Mutex, RwLock};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use pagehint::{
     BlockSpec, PageLocation, PageScheduler, RamLayout, SchedulerConfig, Served, UrgentRequest,
 };
+use pagehint_uffd_gate::{EventRead, RemoveGate};
 use rustix::event::{poll, PollFd, PollFlags};
 
 use super::protocol::{recv_handshake, GuestRegionUffdMapping, ProtocolError};
 use super::source::PageSource;
-use crate::clock::now_ns;
+use crate::clock::{now_ns, thread_cpu_ns, thread_run_delay_ns};
 use crate::uffd::{PlaceError, UffdEvent, Userfault};
 
 /// How pages are loaded.
@@ -231,10 +232,21 @@ pub struct HandlerReport {
     pub fault_already_claimed: u64,
     /// Host pages placed by the prefetchers.
     pub prefetched: u64,
+    /// CPU time the prefetchers used (ns, all together): against their wall time it tells
+    /// work from waiting for a CPU.
+    pub prefetch_cpu_ns: u64,
+    /// Time the prefetchers were runnable but waiting for a CPU (ns, all together; 0 where
+    /// the kernel keeps no schedstat).
+    pub prefetch_wait_ns: u64,
     /// Removed pages faulted again and filled with zeros.
     pub zero_filled: u64,
-    /// Host pages removed before they were ever loaded (never filled from the file).
+    /// Host pages removed before they were ever loaded (never filled from the file), claimed
+    /// away by the event thread (or held by it for a fault when the remove came).
     pub removed_unloaded: u64,
+    /// Host pages a prefetcher had claimed and then found removed (never filled from the
+    /// file). Every host page is counted once in `fault_placed`, `prefetched`,
+    /// `removed_unloaded` or `removed_skipped`.
+    pub removed_skipped: u64,
     /// REMOVE events.
     pub remove_events: u64,
     /// `EEXIST` answers (a page placed twice: 0 unless something is wrong).
@@ -323,46 +335,41 @@ struct Shared<'a> {
     sched: PageScheduler,
     uffd: &'a Userfault,
     source: &'a dyn PageSource,
-    /// Readers: prefetchers from their removed check to the end of their copy. Writer: the
-    /// event thread while it reads events and marks removed pages.
-    gate: RwLock<()>,
-    /// Per host page: removed by a REMOVE event (written under the gate's write side).
-    removed: Box<[AtomicBool]>,
+    /// Removed host pages, and the gate between reading REMOVE events and copying.
+    gate: RemoveGate,
     /// Per host page: when it was placed from the source (ns; 0 = not yet).
     placed_ns: Box<[AtomicU64]>,
     stop: AtomicBool,
     /// Host pages loaded from the source or removed before loading, both paths.
     loaded: AtomicU64,
     prefetched: AtomicU64,
+    /// Host pages a prefetcher had claimed and then found removed.
+    removed_skipped: AtomicU64,
+    /// CPU time the prefetchers used (ns), all together.
+    prefetch_cpu_ns: AtomicU64,
+    /// Time the prefetchers were runnable but had no CPU (ns), all together.
+    prefetch_wait_ns: AtomicU64,
     eexist: AtomicU64,
     retries: AtomicU64,
     prefetch_error: Mutex<Option<String>>,
 }
 
 impl Shared<'_> {
-    /// Reads host page `hp` (region `r`, target page `page`) from the source and places it.
-    fn place_from_source(
-        &self,
-        r: usize,
-        page: u64,
-        buf: &mut [u8],
-        try_once: bool,
-    ) -> Result<(), HandlerError> {
-        let m = &self.regions.maps[r];
-        let at = page << 12;
-        let offset = m.offset + at;
+    /// Reads target page `page` of region `r` (one host page, `buf.len()` bytes) from the
+    /// source. Done outside the gate: a slow source (a remote one) never holds up the event
+    /// thread's reads.
+    fn fetch(&self, r: usize, page: u64, buf: &mut [u8]) -> Result<(), HandlerError> {
+        let offset = self.regions.maps[r].offset + (page << 12);
         self.source
             .read_at(offset, buf)
-            .map_err(|error| HandlerError::Source { offset, error })?;
-        let dst = m.base_host_virt_addr + at;
+            .map_err(|error| HandlerError::Source { offset, error })
+    }
+
+    /// Places `buf` at target page `page` of region `r` (`EAGAIN`: [`PlaceError::Retry`]).
+    fn copy_page(&self, r: usize, page: u64, buf: &[u8]) -> Result<(), HandlerError> {
+        let dst = self.regions.maps[r].base_host_virt_addr + (page << 12);
         // SAFETY: one host page inside a region the VMM registered with this descriptor.
-        let r = unsafe {
-            if try_once {
-                self.uffd.try_copy(dst, buf)
-            } else {
-                self.uffd.copy(dst, buf)
-            }
-        };
+        let r = unsafe { self.uffd.try_copy(dst, buf) };
         self.placed(r)
     }
 
@@ -378,6 +385,15 @@ impl Shared<'_> {
         }
     }
 
+    /// Records a prefetcher's failure (the first one is reported; prefetching then stops).
+    fn fail(&self, e: HandlerError) {
+        let mut slot = self
+            .prefetch_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        slot.get_or_insert(e.to_string());
+    }
+
     fn stamp(&self, hp: u64) {
         // Relaxed: read after every thread is joined (the join orders it).
         self.placed_ns[hp as usize].store(now_ns(), Ordering::Relaxed);
@@ -386,43 +402,69 @@ impl Shared<'_> {
     }
 
     fn prefetch(&self, scanner: pagehint::scheduler::BackgroundScanner<'_>) {
+        let (cpu, delay) = (thread_cpu_ns(), thread_run_delay_ns());
+        self.prefetch_pages(scanner);
+        // Relaxed: a sum read after the join.
+        self.prefetch_cpu_ns
+            .fetch_add(thread_cpu_ns() - cpu, Ordering::Relaxed);
+        if let (Some(a), Some(b)) = (delay, thread_run_delay_ns()) {
+            // Relaxed: a sum read after the join.
+            self.prefetch_wait_ns
+                .fetch_add(b.saturating_sub(a), Ordering::Relaxed);
+        }
+    }
+
+    fn prefetch_pages(&self, scanner: pagehint::scheduler::BackgroundScanner<'_>) {
         let mut buf = Vec::new();
         for claim in scanner {
             for hp in claim.host_pages() {
                 let r = claim.block() as usize;
                 let g = self.regions.hp(r, hp.first_page);
                 buf.resize(self.regions.maps[r].page_size as usize, 0);
+                // A snapshot that spares fetching a page already removed (marks are never
+                // cleared, so the gate below then finds it removed too); the gate decides.
+                if !self.gate.is_removed(g as usize) {
+                    if let Err(e) = self.fetch(r, hp.first_page, &mut buf) {
+                        self.fail(e);
+                        return;
+                    }
+                }
                 loop {
                     // Relaxed: a polled flag; stopping late only loads more.
                     if self.stop.load(Ordering::Relaxed) {
                         return;
                     }
-                    let gate = self.gate.read().unwrap_or_else(|p| p.into_inner());
-                    // Relaxed: written under the gate's write side, which this read side
-                    // excludes; the lock orders it.
-                    if self.removed[g as usize].load(Ordering::Relaxed) {
-                        break;
-                    }
-                    match self.place_from_source(r, hp.first_page, &mut buf, true) {
-                        Ok(()) => {
-                            drop(gate);
+                    let copied = self
+                        .gate
+                        .copy_unless_removed(g as usize, || self.copy_page(r, hp.first_page, &buf));
+                    match copied {
+                        None => {
+                            // Removed: never loaded from the file again. A vCPU whose fault
+                            // was read while this prefetcher owned the page waits for a copy
+                            // that will not come: wake it, so that it faults again and the
+                            // event thread places zeros.
+                            let m = &self.regions.maps[r];
+                            let dst = m.base_host_virt_addr + (hp.first_page << 12);
+                            let _ = self.uffd.wake(dst, m.page_size);
+                            // Relaxed: a counter read after the join.
+                            self.removed_skipped.fetch_add(1, Ordering::Relaxed);
+                            // Relaxed: a count (see `stamp`).
+                            self.loaded.fetch_add(1, Ordering::Relaxed);
+                            break;
+                        }
+                        Some(Ok(())) => {
                             self.stamp(g);
                             // Relaxed: a counter read after the join.
                             self.prefetched.fetch_add(1, Ordering::Relaxed);
                             break;
                         }
-                        Err(HandlerError::Place(PlaceError::Retry)) => {
-                            drop(gate);
+                        Some(Err(HandlerError::Place(PlaceError::Retry))) => {
                             // Relaxed: a counter read after the join.
                             self.retries.fetch_add(1, Ordering::Relaxed);
                             std::thread::yield_now();
                         }
-                        Err(e) => {
-                            let mut slot = self
-                                .prefetch_error
-                                .lock()
-                                .unwrap_or_else(|p| p.into_inner());
-                            slot.get_or_insert(e.to_string());
+                        Some(Err(e)) => {
+                            self.fail(e);
                             return;
                         }
                     }
@@ -464,12 +506,14 @@ pub fn serve(
         sched,
         uffd,
         source,
-        gate: RwLock::new(()),
-        removed: (0..n).map(|_| AtomicBool::new(false)).collect(),
+        gate: RemoveGate::new(n),
         placed_ns: (0..n).map(|_| AtomicU64::new(0)).collect(),
         stop: AtomicBool::new(false),
         loaded: AtomicU64::new(0),
         prefetched: AtomicU64::new(0),
+        removed_skipped: AtomicU64::new(0),
+        prefetch_cpu_ns: AtomicU64::new(0),
+        prefetch_wait_ns: AtomicU64::new(0),
         eexist: AtomicU64::new(0),
         retries: AtomicU64::new(0),
         prefetch_error: Mutex::new(None),
@@ -504,6 +548,9 @@ pub fn serve(
     report.end_ns = now_ns();
     // Relaxed loads: every thread has been joined.
     report.prefetched = shared.prefetched.load(Ordering::Relaxed);
+    report.removed_skipped = shared.removed_skipped.load(Ordering::Relaxed);
+    report.prefetch_cpu_ns = shared.prefetch_cpu_ns.load(Ordering::Relaxed);
+    report.prefetch_wait_ns = shared.prefetch_wait_ns.load(Ordering::Relaxed);
     report.eexist = shared.eexist.load(Ordering::Relaxed);
     report.retries += shared.retries.load(Ordering::Relaxed);
     report.prefetch_error = shared
@@ -512,9 +559,9 @@ pub fn serve(
         .unwrap_or_else(|p| p.into_inner());
     let mut last = 0;
     let mut all = true;
-    for (p, r) in shared.placed_ns.iter().zip(shared.removed.iter()) {
+    for (hp, p) in shared.placed_ns.iter().enumerate() {
         // Relaxed: joined.
-        let (p, r) = (p.load(Ordering::Relaxed), r.load(Ordering::Relaxed));
+        let (p, r) = (p.load(Ordering::Relaxed), shared.gate.is_removed(hp));
         if p == 0 && !r {
             all = false;
         }
@@ -536,6 +583,8 @@ struct Pending {
     page: u64,
     hp: u64,
     claim: Option<pagehint::Claim>,
+    /// The page's bytes once fetched (empty until then), kept across retries.
+    data: Vec<u8>,
 }
 
 fn event_loop(
@@ -546,7 +595,6 @@ fn event_loop(
 ) -> Result<(), HandlerError> {
     let mut events = Vec::new();
     let mut retry: Vec<Pending> = Vec::new();
-    let mut buf = Vec::new();
     let zeros = vec![0u8; 2 << 20];
     // The socket is only watched for its end (or stray bytes).
     stream.set_nonblocking(true).map_err(HandlerError::Io)?;
@@ -589,15 +637,17 @@ fn event_loop(
         }
         events.clear();
         if uffd_ready || !retry.is_empty() {
-            let _w = sh.gate.write().unwrap_or_else(|p| p.into_inner());
-            sh.uffd.read_events(&mut events).map_err(HandlerError::Io)?;
-            // Mark removed ranges before any prefetcher can copy again (module docs).
-            for e in &events {
-                if let UffdEvent::Remove { start, end } = *e {
-                    report.remove_events += 1;
-                    mark_removed(sh, start, end, report);
+            sh.gate.read_events(|ev| {
+                sh.uffd.read_events(&mut events).map_err(HandlerError::Io)?;
+                // Mark removed ranges before any prefetcher can copy again (module docs).
+                for e in &events {
+                    if let UffdEvent::Remove { start, end } = *e {
+                        report.remove_events += 1;
+                        mark_removed(sh, ev, start, end, report);
+                    }
                 }
-            }
+                Ok::<(), HandlerError>(())
+            })?;
         }
         let now = now_ns();
         for e in std::mem::take(&mut events) {
@@ -619,8 +669,7 @@ fn event_loop(
                         placed_ns: 0,
                     });
                     let record = report.fault_records.len() - 1;
-                    let claim = if sh.removed[hp as usize].load(Ordering::Relaxed) {
-                        // Relaxed: only this thread writes it.
+                    let claim = if sh.gate.is_removed(hp as usize) {
                         None
                     } else {
                         let req = UrgentRequest::new(r as u32, off & !4095, 4096);
@@ -639,16 +688,16 @@ fn event_loop(
                         page,
                         hp,
                         claim,
+                        data: Vec::new(),
                     });
                 }
             }
         }
         // Place what the faults need (new ones, and those that had to wait).
         let mut still = Vec::new();
-        for p in retry.drain(..) {
+        for mut p in retry.drain(..) {
             let ps = sh.regions.maps[p.r].page_size as usize;
-            // Relaxed: only this thread writes `removed`.
-            let removed = sh.removed[p.hp as usize].load(Ordering::Relaxed);
+            let removed = sh.gate.is_removed(p.hp as usize);
             let r = if removed {
                 let dst = sh.regions.maps[p.r].base_host_virt_addr + (p.page << 12);
                 // SAFETY: one host page inside a registered region.
@@ -661,14 +710,23 @@ fn event_loop(
                 };
                 sh.placed(r)
             } else {
-                buf.resize(ps, 0);
-                sh.place_from_source(p.r, p.page, &mut buf, true)
+                if p.data.is_empty() {
+                    p.data.resize(ps, 0);
+                    sh.fetch(p.r, p.page, &mut p.data)?;
+                }
+                sh.copy_page(p.r, p.page, &p.data)
             };
             match r {
                 Ok(()) => {
                     let t = now_ns();
                     if removed {
                         report.zero_filled += 1;
+                        if p.claim.is_some() {
+                            // Claimed for this fault, removed before it was loaded.
+                            report.removed_unloaded += 1;
+                            // Relaxed: a count (see `stamp`).
+                            sh.loaded.fetch_add(1, Ordering::Relaxed);
+                        }
                     } else {
                         sh.stamp(p.hp);
                         report.fault_placed += 1;
@@ -691,7 +749,13 @@ fn event_loop(
 
 /// Marks the host pages overlapping `[start, end)` removed, and claims those not yet loaded
 /// so that no prefetcher loads them.
-fn mark_removed(sh: &Shared<'_>, start: u64, end: u64, report: &mut HandlerReport) {
+fn mark_removed(
+    sh: &Shared<'_>,
+    ev: &EventRead<'_>,
+    start: u64,
+    end: u64,
+    report: &mut HandlerReport,
+) {
     for (r, m) in sh.regions.maps.iter().enumerate() {
         let lo = start.max(m.base_host_virt_addr);
         let hi = end.min(m.base_host_virt_addr + m.size);
@@ -703,8 +767,7 @@ fn mark_removed(sh: &Shared<'_>, start: u64, end: u64, report: &mut HandlerRepor
         while m.base_host_virt_addr + at < hi {
             let page = at >> 12;
             let hp = sh.regions.hp(r, page);
-            // Relaxed: published to prefetchers by releasing the gate's write side.
-            sh.removed[hp as usize].store(true, Ordering::Relaxed);
+            ev.mark_removed(hp as usize);
             if let Ok(c) = sh
                 .sched
                 .bitmap()

@@ -5,12 +5,13 @@
 //! * [`protocol`]: the handshake (the region JSON and the descriptor over a Unix socket), in
 //!   Firecracker's format (the version is stated there);
 //! * [`source`]: where pages come from (the snapshot memory file);
+//! * [`remote`]: pages over TCP from a memory server (pull-mode postcopy), and that server;
 //! * [`handler`]: the page server (faults, prefetchers, removed ranges) and its report;
 //! * [`vmm`]: snapshots of the KVM guest, and the restore VMM;
 //! * [`compare`] / [`export`]: the policy comparison, its table, JSON and SVG;
 //! * [`cli`]: the `pagehint-uffd` command line.
 //!
-//! Data flows one way: `protocol` and `source` feed `handler`; `vmm` uses the guest and
+//! Data flows one way: `protocol` and `source` (or `remote`) feed `handler`; `vmm` uses the guest and
 //! `protocol`; `compare` runs both; the binary is `cli` → `compare`/`handler` → `export`.
 
 pub mod cli;
@@ -18,5 +19,6 @@ pub mod compare;
 pub mod export;
 pub mod handler;
 pub mod protocol;
+pub mod remote;
 pub mod source;
 pub mod vmm;
