@@ -32,6 +32,7 @@
 //! | [`vanilla::vanilla_model`] | vanilla mode (I1–I3, I5) | `PageScheduler` | [`vanilla::OverwritingSlotRewrite`], [`vanilla::SendRequestedUnclaimedRewrite`] | `loom_vanilla` | `shuttle_vanilla` |
 //! | [`multi::senders_and_urgent`] | several senders (I1–I4) | `PageScheduler` | [`multi::Rewrite`]`<true>` (pooled sweep counts) | `loom_multi` | `shuttle_multi` |
 //! | [`recovery::handoff_model`] | recovery handoff at a cut (I1) | `PageScheduler` (`recover_shared`), the harness's handoff as [`recovery::JoinThenSnapshot`] | [`recovery::SnapshotThenJoin`] | `loom_recovery` | `shuttle_recovery` |
+//! | [`overtake::duplicate_pair_model`], [`overtake::overtake_model`] | deliberate duplicates: an urgent resend overtaking the background copy (I1, no stale overwrite, no lost request) | `CopyLedger`, `PageScheduler`; the control [`overtake::ControlGate`] | [`overtake::PlaceEachKind`], [`overtake::DropStillCopies`], [`overtake::ExpectResend`] | `loom_overtake` | `shuttle_overtake` |
 //! | [`precopy::precopy_model`] | precopy (I7) | `DirtyBitmap`, `PageScheduler` | [`flawed::SummaryBeforePageBit`], [`flawed::LoadThenStoreClaim`] | — | `shuttle_precopy` |
 //!
 //! The bitmap models also run on [`flawed::FlawedBitmap<NoFlaw>`](flawed::NoFlaw), the
@@ -62,6 +63,7 @@ pub mod bitmap;
 pub mod flawed;
 pub mod hint;
 pub mod multi;
+pub mod overtake;
 pub mod precopy;
 pub mod protocol;
 pub mod record;
