@@ -180,7 +180,9 @@ impl DestPages {
             v == source_value(hp) || v == guest_value(hp),
             "overtake-stale: the guest read {v} from host page {hp}"
         );
+        // Relaxed: after placement the guest is the page's one writer; checked after joins.
         self.content[i].store(guest_value(hp), Ordering::Relaxed);
+        // Relaxed: bookkeeping, read after the guest has been joined.
         self.written[i].store(1, StdOrdering::Relaxed);
         true
     }
@@ -190,14 +192,17 @@ impl DestPages {
     fn check(&self, came: &[u64], requested: &[u64]) {
         for &hp in requested {
             assert!(
+                // Relaxed: bookkeeping, read after every thread has been joined.
                 self.placed[hp as usize].load(StdOrdering::Relaxed) == 1,
                 "overtake-lost: requested host page {hp} was never placed (the request waits forever)"
             );
         }
         for &hp in came {
             let i = hp as usize;
+            // Relaxed: bookkeeping, read after every thread has been joined.
             let n = self.placed[i].load(StdOrdering::Relaxed);
             assert!(n <= 1, "I1: host page {hp} placed {n} times");
+            // Relaxed: bookkeeping, read after every thread has been joined.
             if self.written[i].load(StdOrdering::Relaxed) == 1 {
                 // Relaxed: every writer has been joined.
                 let v = self.content[i].load(Ordering::Relaxed);
@@ -283,6 +288,7 @@ pub fn overtake_model<G: Gate>(case: &OvertakeCase) {
                 let mut q = bg.lock().expect("bg");
                 q.extend(claim.host_pages().map(|hp| (hp.first_page, CopyKind::Sent)));
             }
+            // SeqCst: model plumbing (see above).
             bg_done.store(1, Ordering::SeqCst);
         })
     };
@@ -297,9 +303,11 @@ pub fn overtake_model<G: Gate>(case: &OvertakeCase) {
         thread::spawn(move || loop {
             let next = requests.lock().expect("requests").pop_front();
             let Some(page) = next else {
+                // SeqCst: model plumbing (see above).
                 if guest_done.load(Ordering::SeqCst) != 0
                     && requests.lock().expect("requests").is_empty()
                 {
+                    // SeqCst: model plumbing (see above).
                     urgent_done.store(1, Ordering::SeqCst);
                     return;
                 }
@@ -311,6 +319,7 @@ pub fn overtake_model<G: Gate>(case: &OvertakeCase) {
                 Served::Send(claim) => {
                     let mut q = urgent.lock().expect("urgent");
                     q.extend(claim.host_pages().map(|hp| (hp.first_page, CopyKind::Sent)));
+                    // SeqCst: model plumbing (see above).
                     progress[1].fetch_add(claim.host_page_count().into(), Ordering::SeqCst);
                     drop(q);
                     let _ = sched.urgent_sent(&claim);
@@ -321,10 +330,12 @@ pub fn overtake_model<G: Gate>(case: &OvertakeCase) {
                         .lock()
                         .expect("urgent")
                         .push_back((hp.first_page, CopyKind::Resent));
+                    // SeqCst: model plumbing (see above).
                     progress[1].fetch_add(1, Ordering::SeqCst);
                 }
                 Served::Queued(_) => unreachable!("preempt mode queues nothing"),
             }
+            // SeqCst: model plumbing (see above).
             progress[0].fetch_add(1, Ordering::SeqCst);
         })
     };
@@ -341,13 +352,16 @@ pub fn overtake_model<G: Gate>(case: &OvertakeCase) {
                 Some((hp, kind)) => {
                     mem.apply(&*gate, hp, kind);
                     if let Some(a) = &applied {
+                        // SeqCst: model plumbing (see above).
                         a[2].fetch_add(1, Ordering::SeqCst);
                     }
                 }
+                // SeqCst: model plumbing (see above).
                 None if done.load(Ordering::SeqCst) != 0
                     && chan.lock().expect("channel").is_empty() =>
                 {
                     if let Some(e) = &ended {
+                        // SeqCst: model plumbing (see above).
                         e.store(1, Ordering::SeqCst);
                     }
                     return;
@@ -387,6 +401,7 @@ pub fn overtake_model<G: Gate>(case: &OvertakeCase) {
                 // Wait for the page. It will never come once the background channel is
                 // drained and every request was served and its urgent copy applied.
                 while !mem.guest_touch(hp) {
+                    // SeqCst (all three): model plumbing (see above).
                     if bg_receiver_done.load(Ordering::SeqCst) == 1
                         && progress[0].load(Ordering::SeqCst) == asked
                         && progress[2].load(Ordering::SeqCst) == progress[1].load(Ordering::SeqCst)
@@ -398,6 +413,7 @@ pub fn overtake_model<G: Gate>(case: &OvertakeCase) {
                     thread::yield_now();
                 }
             }
+            // SeqCst: model plumbing (see above).
             guest_done.store(1, Ordering::SeqCst);
         })
     };
@@ -410,6 +426,7 @@ pub fn overtake_model<G: Gate>(case: &OvertakeCase) {
     mem.check(&all, &case.requests);
     for hp in all {
         assert!(
+            // Relaxed: bookkeeping, read after every thread has been joined.
             mem.placed[hp as usize].load(StdOrdering::Relaxed) == 1,
             "overtake-lost: host page {hp} was never placed"
         );
