@@ -157,7 +157,8 @@ pub struct Cli {
     pin: Pin,
     /// Preempt modes: page requests travel on the urgent connection and a request for a page
     /// the background path already claimed is answered by sending it again on the urgent
-    /// channel (on); or requests share the main connection with the background stream and
+    /// channel, within 1% of the bytes sent (on); or requests share the main connection with
+    /// the background stream and
     /// wait for the background copy (off, the old behaviour); both: each preempt mode runs
     /// twice, old then new.
     #[arg(long, value_enum, default_value = "on")]

@@ -414,7 +414,8 @@ fn the_tail_breakdown_adds_up_and_resent_pages_are_counted_duplicates() {
         }
         assert!(r.duplicate_pages <= r.resent_host_pages, "{r:?}");
         if r.resend {
-            assert_eq!(r.tail.slowest_1pct.paths.background, 0, "resent instead");
+            // Resends stay within 1% of the postcopy bytes.
+            assert!(r.resent_bytes * 100 <= r.postcopy_bytes, "{r:?}");
         } else {
             assert_eq!((r.resent_host_pages, r.duplicate_pages), (0, 0));
         }

@@ -12,7 +12,9 @@
 //!   background copy, which may still sit claimed-but-unsent, in the send queue, in the
 //!   socket buffers or in the destination receiver's backlog: with `resend` (the default)
 //!   the page is sent again on the urgent channel, marked as a deliberate duplicate, and the
-//!   destination places whichever copy arrives first and drops the other (counted).
+//!   destination places whichever copy arrives first and drops the other (counted) — as
+//!   long as the resent bytes stay within 1% of the postcopy bytes sent so far; past that,
+//!   the request waits for the background copy.
 //!
 //! Both end when the destination says `DONE` (it has every page), or when the connections
 //! break: then the session waits to be resumed (`Session::resume`), rebuilds the
@@ -30,10 +32,13 @@ use super::send::{PageRun, Phase, SendError};
 use super::trace::{ReqPath, ReqTrace};
 use super::Session;
 use crate::clock::{now_ns, sleep_until, tight_timer_slack};
+use crate::guest::layout::TARGET_PAGE;
 use crate::handshake;
 use crate::options::SourceFault;
 use crate::pin::Role;
-use crate::wire::{read_full, Channel, Guard, RpHeader, RpKind, WireError, POLL_SLICE};
+use crate::wire::{
+    read_full, Channel, FrameHeader, Guard, RpHeader, RpKind, WireError, POLL_SLICE,
+};
 
 impl Session<'_> {
     /// Runs postcopy to the destination's `DONE`, resuming it on new connections after each
@@ -253,7 +258,7 @@ impl Session<'_> {
                         Ok(Served::AlreadyClaimed(hp)) => {
                             t.host_page = self.global_host_page(hp.block, hp.first_page);
                             t.path = ReqPath::Background as u64;
-                            if self.hello.resend {
+                            if self.hello.resend && self.resend_fits(hp.pages) {
                                 // The background copy may still sit in the send queue, the
                                 // socket buffers or the receiver's backlog: send the page
                                 // again here. The source is stopped, so both copies are
@@ -291,6 +296,18 @@ impl Session<'_> {
                 }
             }
         }
+    }
+
+    /// Whether a resend of a host page of `pages` target pages keeps the resent bytes within
+    /// 1% of the postcopy bytes sent so far (duplicates stay ≤ 1% of what is sent; with
+    /// 2 MiB host pages a few resends would exceed it otherwise).
+    fn resend_fits(&self, pages: u64) -> bool {
+        let frame = FrameHeader::LEN as u64 + pages * TARGET_PAGE;
+        // Relaxed (both): counters; a stale read only undercounts what was sent, which
+        // makes the check stricter.
+        let sent = self.out.sent.postcopy_bytes.load(Ordering::Relaxed);
+        let resent = self.out.sent.resent_bytes.load(Ordering::Relaxed);
+        (resent + frame) * 100 <= sent
     }
 
     /// Global host page of target page `first_page` of `block`.
