@@ -27,7 +27,10 @@
 //! Postcopy (nothing re-dirties pages after the switch):
 //!
 //! * **I1 exactly once** — every page dirty at the start is sent exactly once, by the urgent
-//!   or a background path; never twice, never lost.
+//!   or a background path; never twice, never lost. A user may send a page the background
+//!   path claimed once more on purpose, as a marked duplicate (the source is stopped, so it is
+//!   identical): [`overtake`](crate::overtake)'s `CopyLedger` then has the destination place
+//!   exactly one of the two copies.
 //! * **I2 whole host pages** — all target pages of one host page are sent by one path, in one
 //!   claim, also when the host page spans many bitmap words (2 MiB, 1 GiB).
 //! * **I3 no false completion** — a background scanner reports a round complete only when no
@@ -73,7 +76,7 @@
 //!
 //! | id | unit / integration / proptest | loom | shuttle | Spin |
 //! |----|-------------------------------|------|---------|------|
-//! | I1 | `tests/protocol.rs` `i1_i2_i3_*`, `tests/stress.rs` `i1_i2_i3_*`, `tests/precopy.rs` `i1_*`, `tests/senders.rs`, `tests/recovery.rs` `i1_*`, `tests/proptest_bitmap.rs` | `loom_bitmap::i1_*`, `loom_protocol::i1_*`, `loom_multi::i1_*`, `loom_vanilla::i1_*`, `loom_recovery::i1_*` | `shuttle_protocol`, `shuttle_multi`, `shuttle_vanilla`, `shuttle_recovery` | `postcopy.pml` I1 |
+//! | I1 | `tests/protocol.rs` `i1_i2_i3_*`, `tests/stress.rs` `i1_i2_i3_*`, `tests/precopy.rs` `i1_*`, `tests/senders.rs`, `tests/recovery.rs` `i1_*`, `tests/proptest_bitmap.rs` | `loom_bitmap::i1_*`, `loom_protocol::i1_*`, `loom_multi::i1_*`, `loom_vanilla::i1_*`, `loom_recovery::i1_*`, `loom_overtake` (deliberate duplicates: placed once, no stale overwrite, no lost request) | `shuttle_protocol`, `shuttle_multi`, `shuttle_vanilla`, `shuttle_recovery`, `shuttle_overtake` | `postcopy.pml` I1 |
 //! | I2 | `tests/protocol.rs` `i2_*`, `tests/precopy.rs` `i2_*`, `tests/proptest_bitmap.rs` | `loom_bitmap::i1_i2_*` (narrow, wide, drain) | `shuttle_protocol` (2 MiB pages) | `postcopy.pml` I2 |
 //! | I3 | `tests/protocol.rs` `i3_*`, `tests/recovery.rs` `i3_*`, `tests/senders.rs` | `loom_protocol::i1_i2_i3_*`, `loom_multi`, `loom_vanilla` | `shuttle_protocol`, `shuttle_multi` | `postcopy.pml` I3 (and `qemu_seed.pml`: QEMU's weak spot) |
 //! | I4 | `tests/proptest_hint.rs`, `src/hint.rs` unit tests | `loom_hint::i4_*` | — | `hint.pml`, `postcopy.pml` I4 |

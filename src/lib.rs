@@ -53,6 +53,7 @@ pub mod bitmap;
 pub mod design;
 pub mod hint;
 pub mod layout;
+pub mod overtake;
 pub mod request;
 pub mod scheduler;
 pub mod stats;
@@ -63,6 +64,7 @@ pub use hint::PageHint;
 pub use layout::{
     BlockSpec, HostPage, LayoutError, LocationError, PageLocation, RamBlock, RamLayout,
 };
+pub use overtake::{Arrival, CopyKind, CopyLedger};
 pub use request::{RequestError, UrgentRequest};
 pub use scheduler::{
     AttachError, BackgroundScanner, ClaimBatch, HintPolicy, Mode, PageScheduler, RecoveryError,

@@ -33,6 +33,7 @@
 //! | [`multi::senders_and_urgent`] | several senders (I1–I4) | `PageScheduler` | [`multi::Rewrite`]`<true>` (pooled sweep counts) | `loom_multi` | `shuttle_multi` |
 //! | [`recovery::handoff_model`] | recovery handoff at a cut (I1) | `PageScheduler` (`recover_shared`), the harness's handoff as [`recovery::JoinThenSnapshot`] | [`recovery::SnapshotThenJoin`] | `loom_recovery` | `shuttle_recovery` |
 //! | [`remove::remove_model`] | `UFFD_EVENT_REMOVE` against prefetchers (R1–R3) | `RemoveGate` (`pagehint-uffd-gate`), `PageScheduler` | [`remove::MarkAfterUnlock`], [`remove::CopyWithoutReadSide`] | `loom_remove` | `shuttle_remove` |
+//! | [`overtake::duplicate_pair_model`], [`overtake::overtake_model`] | deliberate duplicates: an urgent resend overtaking the background copy (I1, no stale overwrite, no lost request) | `CopyLedger`, `PageScheduler`; the control [`overtake::ControlGate`] | [`overtake::PlaceEachKind`], [`overtake::DropStillCopies`], [`overtake::ExpectResend`] | `loom_overtake` | `shuttle_overtake` |
 //! | [`precopy::precopy_model`] | precopy (I7) | `DirtyBitmap`, `PageScheduler` | [`flawed::SummaryBeforePageBit`], [`flawed::LoadThenStoreClaim`] | — | `shuttle_precopy` |
 //!
 //! The bitmap models also run on [`flawed::FlawedBitmap<NoFlaw>`](flawed::NoFlaw), the
@@ -63,6 +64,7 @@ pub mod bitmap;
 pub mod flawed;
 pub mod hint;
 pub mod multi;
+pub mod overtake;
 pub mod precopy;
 pub mod protocol;
 pub mod record;

@@ -12,6 +12,9 @@ use pagehint_models::bitmap::{
 use pagehint_models::flawed::{FlawedBitmap, NoFlaw};
 use pagehint_models::hint::{i4_offer_take_model, TWO_OFFERERS, TWO_TAKERS};
 use pagehint_models::multi::{senders_and_urgent, Rewrite};
+use pagehint_models::overtake::{
+    duplicate_pair_model, overtake_model, ControlGate as OvertakeControl, OvertakeCase,
+};
 use pagehint_models::precopy::{precopy_model, PrecopyCase};
 use pagehint_models::protocol::{protocol_model, ProtocolCase};
 use pagehint_models::remove::{remove_model, ControlGate, RemoveCase};
@@ -139,4 +142,17 @@ fn remove_model_passes_on_the_real_gate_and_the_control() {
         remove_model::<pagehint_uffd_gate::RemoveGate>(&case);
         remove_model::<ControlGate>(&case);
     }
+}
+
+#[test]
+fn overtake_models_pass_on_the_real_ledger_and_the_control() {
+    duplicate_pair_model::<pagehint::CopyLedger>();
+    duplicate_pair_model::<OvertakeControl>();
+    let case = OvertakeCase {
+        pages: 8,
+        batch: 2,
+        requests: vec![1, 2, 5, 3],
+    };
+    overtake_model::<pagehint::CopyLedger>(&case);
+    overtake_model::<OvertakeControl>(&case);
 }

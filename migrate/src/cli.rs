@@ -28,6 +28,16 @@ enum Pin {
     Off,
 }
 
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Resend {
+    /// Send an already-claimed page again on the urgent channel.
+    On,
+    /// Wait for the background copy (the old behaviour).
+    Off,
+    /// Run each preempt mode both ways, old then new.
+    Both,
+}
+
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
 enum GuestArg {
     /// KVM where `/dev/kvm` opens (and userfaultfd sees kernel faults), else thread.
@@ -145,6 +155,14 @@ pub struct Cli {
     /// Thread pinning.
     #[arg(long, value_enum, default_value = "auto")]
     pin: Pin,
+    /// Preempt modes: page requests travel on the urgent connection and a request for a page
+    /// the background path already claimed is answered by sending it again on the urgent
+    /// channel, within 1% of the bytes sent (on); or requests share the main connection with
+    /// the background stream and
+    /// wait for the background copy (off, the old behaviour); both: each preempt mode runs
+    /// twice, old then new.
+    #[arg(long, value_enum, default_value = "on")]
+    resend: Resend,
     /// Run only the source, listening on ADDR (e.g. 0.0.0.0:4444), for a destination
     /// started elsewhere with --connect.
     #[arg(long, value_name = "ADDR", conflicts_with = "connect")]
@@ -282,6 +300,8 @@ pub struct Options {
     pub sessions: Option<u64>,
     /// A missed target fails the invocation (status 1).
     pub check: bool,
+    /// `--resend`: the settings each preempt mode runs with, in order.
+    pub resend: Vec<bool>,
 }
 
 /// The shortest `--timeout`.
@@ -513,7 +533,14 @@ impl Options {
                 writable(flag, p)?;
             }
         }
+        let resend = match cli.resend {
+            Resend::On => vec![true],
+            Resend::Off => vec![false],
+            Resend::Both => vec![false, true],
+        };
+        cfg.resend = resend[0];
         Ok(Self {
+            resend,
             cfg,
             modes,
             workloads,

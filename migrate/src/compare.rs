@@ -132,14 +132,23 @@ pub fn run(o: &Options) -> Result<Outcome, String> {
         "  warm-up      touched {} MiB once before measuring ({secs:.1} s): first touches are slow on nested VMs\n",
         (normal + (huge << 21)) >> 20
     );
-    let runs: Vec<(Workload, MigrationMode)> = o
+    // Vanilla has no urgent channel: it runs once, whatever `--resend` says.
+    let runs: Vec<(Workload, MigrationMode, bool)> = o
         .workloads
         .iter()
-        .flat_map(|&w| o.modes.iter().map(move |&m| (w, m)))
+        .flat_map(|&w| {
+            o.modes.iter().flat_map(move |&m| {
+                let variants: &[bool] = if m.preempt() { &o.resend } else { &[false] };
+                variants.iter().map(move |&r| (w, m, r))
+            })
+        })
         .collect();
     let started = Instant::now();
     let mut out = Outcome::default();
-    for (i, &(w, m)) in runs.iter().enumerate() {
+    for (i, &(w, m, resend)) in runs.iter().enumerate() {
+        let mut cfg = o.cfg.clone();
+        cfg.resend = resend;
+        let label = crate::result::mode_label(m, resend);
         let pb = if o.quiet {
             ProgressBar::hidden()
         } else {
@@ -152,23 +161,23 @@ pub fn run(o: &Options) -> Result<Outcome, String> {
             .expect("valid template")
             .progress_chars("=> "),
         );
-        pb.set_prefix(format!("[{}/{}] {w} / {m}", i + 1, runs.len()));
+        pb.set_prefix(format!("[{}/{}] {w} / {label}", i + 1, runs.len()));
         let reached = std::cell::Cell::new(None);
         let progress = |n: u64, total: u64| {
             reached.set(Some((n, total)));
             pb.set_length(total.max(1));
             pb.set_position(n);
         };
-        let r = run_destination(addr, &o.cfg, m, w, &progress);
+        let r = run_destination(addr, &cfg, m, w, &progress);
         pb.finish_and_clear();
         match r {
             Ok(r) => {
                 println!(
-                    "[{}/{}] {:<7} {:<13} precopy {:>6.1} ms, downtime {:>5.1} ms, postcopy {:>7.1} ms, {:>6} faults, request p50 {:>8.1} µs, blocktime {:>8.1} ms, {}",
+                    "[{}/{}] {:<7} {:<24} precopy {:>6.1} ms, downtime {:>5.1} ms, postcopy {:>7.1} ms, {:>6} faults, request p50 {:>8.1} µs, blocktime {:>8.1} ms, {}",
                     i + 1,
                     runs.len(),
                     r.workload,
-                    r.mode,
+                    label,
                     r.precopy_ms,
                     r.downtime_ms,
                     r.duration_ms,
@@ -181,6 +190,10 @@ pub fn run(o: &Options) -> Result<Outcome, String> {
                         format!("NOT VERIFIED: {}", r.problems.join("; "))
                     }
                 );
+                if r.tail.requests > 0 {
+                    println!("        median   {}", r.tail.median.describe());
+                    println!("        slow 1%  {}", r.tail.slowest_1pct.describe());
+                }
                 if r.bad_requests > 0 {
                     println!(
                         "        the source rejected {} malformed page requests and went on (first: {})",
@@ -198,13 +211,13 @@ pub fn run(o: &Options) -> Result<Outcome, String> {
                     None => "before postcopy (setup, handshake or precopy)".to_string(),
                 };
                 println!(
-                    "[{}/{}] {w:<7} {m:<13} FAILED ({reached}): {e}",
+                    "[{}/{}] {w:<7} {label:<24} FAILED ({reached}): {e}",
                     i + 1,
                     runs.len()
                 );
                 out.failures.push(format!("{w} / {m}: {e}"));
                 out.rows
-                    .push(RunResult::failed(&o.cfg, m, w, e.to_string(), reached));
+                    .push(RunResult::failed(&cfg, m, w, e.to_string(), reached));
             }
         }
     }

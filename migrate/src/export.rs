@@ -54,7 +54,7 @@ pub fn table(rows: &[RunResult]) -> String {
     let mut cells: Vec<Vec<String>> = vec![head.iter().map(|s| s.to_string()).collect()];
     for r in rows {
         if r.error.is_some() {
-            let mut row = vec![r.workload.clone(), r.mode.clone()];
+            let mut row = vec![r.workload.clone(), r.label()];
             row.resize(head.len() - 1, "-".into());
             row.push("FAILED".into());
             cells.push(row);
@@ -62,7 +62,7 @@ pub fn table(rows: &[RunResult]) -> String {
         }
         let mut row = vec![
             r.workload.clone(),
-            r.mode.clone(),
+            r.label(),
             r.faults.to_string(),
             fmt_us(r.request_p50_us),
             fmt_us(r.request_p99_us),
@@ -138,9 +138,23 @@ pub struct TargetCheck {
     pub target: String,
 }
 
+/// The run of `w` in `m`: with the resend where both behaviours ran (`--resend both`).
 fn find<'a>(rows: &'a [RunResult], w: &str, m: &str) -> Option<&'a RunResult> {
+    let mut it = rows
+        .iter()
+        .filter(|r| r.workload == w && r.mode == m && r.error.is_none());
+    let first = it.next()?;
+    Some(if first.resend {
+        first
+    } else {
+        it.find(|r| r.resend).unwrap_or(first)
+    })
+}
+
+/// The run of `w` in preempt mode `m` with the old behaviour (no resend), if it ran.
+fn find_old<'a>(rows: &'a [RunResult], w: &str, m: &str) -> Option<&'a RunResult> {
     rows.iter()
-        .find(|r| r.workload == w && r.mode == m && r.error.is_none())
+        .find(|r| r.workload == w && r.mode == m && !r.resend && r.error.is_none())
 }
 
 /// Checks the targets that the runs present allow. With 2 MiB host pages the hint must
@@ -190,6 +204,34 @@ pub fn targets(rows: &[RunResult]) -> Vec<TargetCheck> {
         "<= 1.1x",
         |x| x <= 1.1,
     );
+    let hint = find(rows, "random", "preempt-hint").filter(|r| r.resend);
+    push(
+        "random request p99 / p50 in preempt-hint",
+        hint.map(|r| r.request_p99_us / r.request_p50_us.max(1e-9)),
+        "<= 4x",
+        |x| x <= 4.0,
+    );
+    push(
+        "random request p99 in preempt-hint: no resend / resend",
+        hint.zip(find_old(rows, "random", "preempt-hint"))
+            .map(|(new, old)| old.request_p99_us / new.request_p99_us.max(1e-9)),
+        ">= 5x",
+        |x| x >= 5.0,
+    );
+    if rows.iter().any(|r| r.resend) {
+        let (resent, sent): (u64, u64) = rows
+            .iter()
+            .filter(|r| r.error.is_none())
+            .fold((0, 0), |(a, b), r| {
+                (a + r.resent_bytes, b + r.postcopy_bytes)
+            });
+        push(
+            "resent bytes / postcopy bytes, all runs, %",
+            (sent > 0).then(|| 100.0 * resent as f64 / sent as f64),
+            "<= 1",
+            |x| x <= 1.0,
+        );
+    }
     if rows.iter().any(|r| r.host_page > 4096) {
         push(
             "2M: seq blocktime preempt-hint / preempt",
@@ -237,6 +279,7 @@ pub fn targets_text(checks: &[TargetCheck]) -> String {
     let mut out = String::new();
     for c in checks {
         let val = match c.ratio {
+            Some(r) if r.is_finite() && c.what.ends_with('%') => format!(" = {r:.3}"),
             Some(r) if r.is_finite() => format!(" = {r:.2}x"),
             Some(_) => " = inf".into(),
             None if c.target == "all" || c.what.contains("not comparable") => String::new(),

@@ -450,6 +450,7 @@ pub fn answer_pings_until_start(main: &TcpStream, g: &Guard<'_>) -> Result<(), W
                     offset: 0,
                     len: 0,
                     arrival_ns: now_ns(),
+                    resend: false,
                 };
                 write_parts(main, &[&pong.encode()], g, Channel::Background)?;
             }

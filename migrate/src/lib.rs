@@ -40,6 +40,7 @@ pub mod restore;
 pub mod result;
 pub mod run;
 pub mod source;
+pub mod tail;
 pub mod uffd;
 pub mod values;
 pub mod verify;

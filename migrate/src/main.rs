@@ -14,6 +14,8 @@ faults: vCPU accesses that found their page missing and waited; req p50/p99: req
 blocktime: time every vCPU was blocked at once (QEMU's postcopy-blocktime); longest pause: stream: longest time behind schedule, others: longest fault
 downtime: source vCPUs stop -> destination vCPUs run; postcopy: destination resumes -> last page placed
 urgent/bg pages: 4 KiB pages sent by the urgent path / the background scan in postcopy; hints off/taken: offered / taken by the scan
+(no resend): the old preempt path (--resend off): requests share the main connection, and a page the background path claimed is waited for
+median / slow 1%: each request's latency split into stages (request written, read by the source, answered, its copy on the wire, arrived, read, placed)
 guest ops/s: pages checked (or lookups) per second at the source in precopy -> at the destination in postcopy
 MiB/s: postcopy throughput, RAM still to send at the switch-over / postcopy time
 cuts/recovery (with breaks): connection breaks survived in postcopy / time from the breaks to postcopy resumed

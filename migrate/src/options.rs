@@ -177,6 +177,11 @@ pub struct RunConfig {
     pub source_fault: SourceFault,
     /// Test hook: a fault the destination injects.
     pub dest_fault: DestFault,
+    /// Preempt modes: requests travel on the urgent connection, and a request for a host
+    /// page the background path already claimed is answered by sending it again on the
+    /// urgent channel (false: requests travel on the main connection and wait for the
+    /// background copy, the old behaviour).
+    pub resend: bool,
 }
 
 impl RunConfig {
@@ -209,6 +214,7 @@ impl RunConfig {
             cuts: 0,
             source_fault: SourceFault::None,
             dest_fault: DestFault::None,
+            resend: true,
         }
     }
 

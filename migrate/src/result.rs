@@ -162,6 +162,25 @@ pub struct RunResult {
     pub zero_host_pages: u64,
     /// Host pages placed twice (must be 0).
     pub placed_twice: u64,
+    /// Preempt modes: an already-claimed page was sent again on the urgent channel
+    /// (`--resend`); false: the old behaviour (and vanilla).
+    #[serde(default)]
+    pub resend: bool,
+    /// Host pages the source sent again on the urgent channel (deliberate duplicates).
+    #[serde(default)]
+    pub resent_host_pages: u64,
+    /// Link bytes of those (headers included; part of `postcopy_bytes`).
+    #[serde(default)]
+    pub resent_bytes: u64,
+    /// Deliberate duplicates the destination dropped (the other copy came first): host pages.
+    #[serde(default)]
+    pub duplicate_pages: u64,
+    /// ... and their bytes.
+    #[serde(default)]
+    pub duplicate_bytes: u64,
+    /// Resent bytes as a share of all postcopy bytes, % (target: ≤ 1).
+    #[serde(default)]
+    pub duplicate_share_pct: f64,
     /// Postcopy recovery: breaks of the connections survived (each resumed on new ones).
     #[serde(default)]
     pub cuts: u64,
@@ -197,9 +216,34 @@ pub struct RunResult {
     pub verified: bool,
     /// What failed verification.
     pub problems: Vec<String>,
+    /// Where the requests' time went: the stages of the median requests and of the slowest
+    /// 1% (see [`crate::tail`]).
+    #[serde(default)]
+    pub tail: crate::tail::TailBreakdown,
     /// Sorted fault waits (ns), for the plot.
     #[serde(skip)]
     pub latencies_ns: Vec<u64>,
+}
+
+/// A run's mode as the table shows it: preempt modes with the old behaviour (no resend of
+/// already-claimed pages) are marked.
+pub fn mode_label(mode: MigrationMode, resend: bool) -> String {
+    if mode.preempt() && !resend {
+        format!("{mode} (no resend)")
+    } else {
+        mode.name().to_string()
+    }
+}
+
+impl RunResult {
+    /// This run's mode as the table shows it ([`mode_label`]).
+    pub fn label(&self) -> String {
+        if self.mode != "vanilla" && !self.resend {
+            format!("{} (no resend)", self.mode)
+        } else {
+            self.mode.clone()
+        }
+    }
 }
 
 /// The `p`-th percentile (nearest rank) of sorted `v`; 0 if empty.
@@ -391,6 +435,15 @@ impl RunResult {
             rejected: i.summary.rejected.clone(),
             zero_host_pages: i.summary.zero_host_pages,
             placed_twice: i.mem.placed_twice().0,
+            resent_host_pages: i.summary.resent_host_pages,
+            resent_bytes: i.summary.resent_bytes,
+            duplicate_pages: i.mem.duplicates().0,
+            duplicate_bytes: i.mem.duplicates().1,
+            duplicate_share_pct: if i.summary.postcopy_bytes > 0 {
+                100.0 * i.summary.resent_bytes as f64 / i.summary.postcopy_bytes as f64
+            } else {
+                0.0
+            },
             cuts: e.cuts.len() as u64,
             recovery_ms: e.cuts.iter().map(|c| ms(c.recovery_ns())).collect(),
             recovery_total_ms: ms(e.cuts.iter().map(|c| c.recovery_ns()).sum()),
@@ -412,6 +465,15 @@ impl RunResult {
             same_clock: e.same_clock,
             verified: i.problems.is_empty(),
             problems: i.problems,
+            tail: crate::tail::breakdown(
+                i.mem,
+                &i.summary.requests,
+                |t| (t as i64).wrapping_sub(i.offset_ns) as u64,
+                match i.outcome {
+                    GuestOutcome::Thread { log, .. } if !i.mem.software() => Some(&log.spans[..]),
+                    _ => None,
+                },
+            ),
             latencies_ns: lat,
             ..Self::configured(cfg, i.mode, i.workload)
         }
@@ -445,6 +507,7 @@ impl RunResult {
             stream_rate: cfg.guest.stream_rate,
             seed: cfg.guest.seed,
             pin: cfg.pin.describe(),
+            resend: cfg.resend && mode.preempt(),
             ..Self::default()
         }
     }

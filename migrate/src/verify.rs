@@ -46,6 +46,7 @@ pub fn verify(cfg: &RunConfig, workload: Workload, e: &Evidence) -> Vec<String> 
         ));
     }
     connections(e, &mut problems);
+    duplicates(e, &mut problems);
     // 2. Same memory. The KVM guest writes at the destination: its data pages through
     // `write_page` (their generation moves on), its stacks, and the generation table; every
     // other page must be the source's. A data page whose generation moved must pass the
@@ -183,6 +184,31 @@ pub fn verify(cfg: &RunConfig, workload: Workload, e: &Evidence) -> Vec<String> 
         ));
     }
     problems
+}
+
+/// Deliberate duplicates (the urgent path's resend of a background claim, dropped because
+/// the other copy came first) are harmless only if they are what they claim: no more than
+/// the source resent, and each identical to the source's page at the switch-over. A real
+/// double placement is not one of them: it reaches `UFFDIO_COPY` and is counted above.
+fn duplicates(e: &Evidence, problems: &mut Vec<String>) {
+    let (pages, _, sums) = e.mem.duplicates();
+    if pages > e.summary.resent_host_pages {
+        problems.push(format!(
+            "{pages} duplicate host pages dropped, the source resent only {}",
+            e.summary.resent_host_pages
+        ));
+    }
+    let differ: Vec<u64> = sums
+        .iter()
+        .filter(|&&(p, sum)| e.summary.checksums.get(p as usize) != Some(&sum))
+        .map(|&(p, _)| p)
+        .collect();
+    if let Some(p) = differ.first() {
+        problems.push(format!(
+            "{} pages of dropped duplicates differ from the source's (first: page {p}): not identical copies",
+            differ.len()
+        ));
+    }
 }
 
 /// Exactly once across all connections: each pending host page placed by one connection,

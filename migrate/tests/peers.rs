@@ -46,6 +46,7 @@ fn hello(c: &RunConfig) -> Hello {
         cut_after: 0,
         cuts: 0,
         recover_ms: 0,
+        resend: c.resend,
         boot_id: boot_id(),
     }
 }
@@ -221,6 +222,7 @@ fn the_destination_reports_the_reason_a_source_gave() {
             offset: 0,
             len: why.len() as u64,
             arrival_ns: now_ns(),
+            resend: false,
         };
         write_parts(&acc.main, &[&h.encode(), why], &g, Channel::Background).unwrap();
         std::thread::sleep(Duration::from_secs(2));

@@ -381,3 +381,56 @@ fn verification_catches_a_corrupted_page_and_a_page_sent_twice() {
         }
     }
 }
+
+#[test]
+fn the_tail_breakdown_adds_up_and_resent_pages_are_counted_duplicates() {
+    // Both behaviours on the random workload (software fault path too, where nothing but the
+    // copy ledger keeps two placers of a page apart): every requested page is timed stage by
+    // stage, the stages add up to its latency, and each dropped duplicate is one the source
+    // resent; the old behaviour resends nothing.
+    let runs = within(Duration::from_secs(120), || {
+        let src = LocalSource::start(PinPlan::OFF, cfg().idle_timeout, true).unwrap();
+        let mut out = Vec::new();
+        for path in [FaultPath::Auto, FaultPath::Software] {
+            for resend in [false, true] {
+                let mut c = cfg();
+                c.fault_path = path;
+                c.resend = resend;
+                let r = run_destination(
+                    src.addr(),
+                    &c,
+                    MigrationMode::PreemptHint,
+                    Workload::Random,
+                    &|_, _| {},
+                );
+                out.push(r.unwrap_or_else(|e| panic!("{path:?} resend {resend}: {e}")));
+            }
+        }
+        out
+    });
+    for r in &runs {
+        check_verified(r);
+        assert_eq!(r.placed_twice, 0);
+        let t = &r.tail;
+        assert!(t.requests > 0 && t.requests <= r.requests_sent, "{t:?}");
+        for g in [&t.median, &t.slowest_1pct] {
+            let s = &g.stages_us;
+            let sum = s.request_write
+                + s.return_path
+                + s.source_serve
+                + s.to_wire
+                + s.link
+                + s.receive
+                + s.place;
+            assert!((sum - g.latency_us).abs() < 0.01, "{g:?}");
+            assert_eq!(g.paths.unknown, 0, "every request has a source record");
+        }
+        assert!(r.duplicate_pages <= r.resent_host_pages, "{r:?}");
+        if r.resend {
+            // Resends stay within 1% of the postcopy bytes.
+            assert!(r.resent_bytes * 100 <= r.postcopy_bytes, "{r:?}");
+        } else {
+            assert_eq!((r.resent_host_pages, r.duplicate_pages), (0, 0));
+        }
+    }
+}

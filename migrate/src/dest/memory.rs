@@ -13,6 +13,14 @@
 //!   wakes the threads faulting on it. A second placement fails with `EEXIST`: it is counted
 //!   and fails verification (with the `overwrite-duplicate` test hook it is copied over the
 //!   first, as a destination without atomic placement would).
+//! * **deliberate duplicates**: a host page the background path claimed may also come as a
+//!   resent copy on the urgent channel (its frame says so). A [`CopyLedger`] records which
+//!   copies of each host page came (the scheduler's one copy, the urgent path's resend): the
+//!   first of the two is placed, the other is dropped without touching memory — it can
+//!   neither be placed twice nor overwrite what the guest wrote since — and counted
+//!   ([`duplicates`](DestMemory::duplicates)), its checksums kept for verification (it must
+//!   equal the source's page). A second copy of the *same* kind is a real double placement
+//!   and goes to `UFFDIO_COPY` as before (`EEXIST`, counted, fails verification).
 //!
 //! # Invariants
 //! * A host page's present bit is set only after its contents are in place (`Release`); the
@@ -22,11 +30,12 @@
 //!   their difference, and blocktime is measured against the placement time.
 
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, AtomicU8, Ordering};
 use std::sync::Mutex;
 use std::thread::Thread;
 
 use memmap2::{MmapMut, MmapOptions};
+use pagehint::{Arrival, CopyKind, CopyLedger};
 
 use crate::clock::now_ns;
 use crate::guest::layout::{GuestLayout, HostPageSize, TARGET_PAGE};
@@ -51,6 +60,26 @@ impl Bits {
     fn set(&self, i: u64, o: Ordering) -> bool {
         self.0[(i / 64) as usize].fetch_or(1 << (i % 64), o) & (1 << (i % 64)) == 0
     }
+}
+
+/// How a postcopy frame reached the destination (for the per-fault timing).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Via {
+    /// The channel: 1 background, 2 urgent (0: unknown).
+    pub chan: u8,
+    /// When its receiver read it from the socket (destination clock).
+    pub recv_ns: u64,
+    /// A deliberate duplicate: the urgent path's resend of a background claim.
+    pub resend: bool,
+    /// When it arrives on the emulated link (destination clock).
+    pub due_ns: u64,
+}
+
+impl Via {
+    /// The background channel's code.
+    pub const BACKGROUND: u8 = 1;
+    /// The urgent channel's code.
+    pub const URGENT: u8 = 2;
 }
 
 fn stamps(n: u64) -> Box<[AtomicU64]> {
@@ -104,6 +133,19 @@ pub struct DestMemory {
     placed_ns: Box<[AtomicU64]>,
     /// Per host page: which connection placed it in postcopy, counting from 1 (0: none).
     placed_conn: Box<[AtomicU16]>,
+    /// Which copies of each host page came in postcopy.
+    copies: CopyLedger,
+    /// Deliberate duplicates dropped: host pages, and their bytes.
+    dup_pages: AtomicU64,
+    dup_bytes: AtomicU64,
+    /// `(global target page, checksum)` of every dropped duplicate's target pages.
+    dup_sums: Mutex<Vec<(u64, u64)>>,
+    /// Per host page: when its request was written to the return path (0: never).
+    req_sent_ns: Box<[AtomicU64]>,
+    /// Per host page: how the placed copy came ([`Via`]: channel, read, due).
+    placed_chan: Box<[AtomicU8]>,
+    placed_recv_ns: Box<[AtomicU64]>,
+    placed_due_ns: Box<[AtomicU64]>,
     /// The connection now receiving (0 first; each resume after a break adds one).
     conn: AtomicU16,
     /// Host pages missing at the switch-over.
@@ -178,6 +220,14 @@ impl DestMemory {
             request_ns: stamps(host_pages),
             placed_ns: stamps(host_pages),
             placed_conn: (0..host_pages).map(|_| AtomicU16::new(0)).collect(),
+            copies: CopyLedger::new(host_pages),
+            dup_pages: AtomicU64::new(0),
+            dup_bytes: AtomicU64::new(0),
+            dup_sums: Mutex::new(Vec::new()),
+            req_sent_ns: stamps(host_pages),
+            placed_chan: (0..host_pages).map(|_| AtomicU8::new(0)).collect(),
+            placed_recv_ns: stamps(host_pages),
+            placed_due_ns: stamps(host_pages),
             conn: AtomicU16::new(0),
             pending: AtomicU64::new(0),
             placed: AtomicU64::new(0),
@@ -259,6 +309,33 @@ impl DestMemory {
             self.request_ns[hp as usize].store(at_ns, Ordering::Relaxed);
         }
         first
+    }
+
+    /// Records that the request for host page `hp` was written to the return path at `at_ns`.
+    pub fn request_sent(&self, hp: u64, at_ns: u64) {
+        if let Some(t) = self.req_sent_ns.get(hp as usize) {
+            // Relaxed: read after the run.
+            t.store(at_ns, Ordering::Relaxed);
+        }
+    }
+
+    /// When the request for host page `hp` was written (0: never), and how its placed copy
+    /// came.
+    pub fn delivery(&self, hp: u64) -> (u64, Via) {
+        let i = hp as usize;
+        // Relaxed (all): read after the run.
+        (
+            self.req_sent_ns[i].load(Ordering::Relaxed),
+            Via {
+                chan: self.placed_chan[i].load(Ordering::Relaxed),
+                recv_ns: self.placed_recv_ns[i].load(Ordering::Relaxed),
+                due_ns: self.placed_due_ns[i].load(Ordering::Relaxed),
+                // The urgent copy of a page that was resent is the resend (the scheduler's
+                // copy of a background claim comes on the background channel).
+                resend: self.placed_chan[i].load(Ordering::Relaxed) == Via::URGENT
+                    && self.copies.copies(hp).1,
+            },
+        )
     }
 
     /// When host page `hp` was first requested and placed in postcopy (0: not).
@@ -455,13 +532,14 @@ impl DestMemory {
     }
 
     /// Postcopy: places `[offset, offset + len)` of `block`: `data` (exactly `len` bytes)
-    /// or zero pages. Whole host pages.
+    /// or zero pages, which came `via` a channel. Whole host pages.
     pub fn place(
         &self,
         block: u32,
         offset: u64,
         len: u64,
         data: Option<&[u8]>,
+        via: Via,
     ) -> Result<(), MemoryError> {
         // Acquire: pairs with the switch-over's Release (registration, present bits).
         if !self.postcopy.load(Ordering::Acquire) {
@@ -477,14 +555,25 @@ impl DestMemory {
         let first = at >> self.host_shift;
         for (i, hp) in (first..first + (len >> self.host_shift)).enumerate() {
             let src = data.map(|d| &d[i * page as usize..(i + 1) * page as usize]);
-            self.place_host_page(hp, src)?;
+            self.place_host_page(hp, src, via)?;
         }
         Ok(())
     }
 
-    fn place_host_page(&self, hp: u64, data: Option<&[u8]>) -> Result<(), MemoryError> {
+    fn place_host_page(&self, hp: u64, data: Option<&[u8]>, via: Via) -> Result<(), MemoryError> {
         let addr = self.base as u64 + (hp << self.host_shift);
         let page = self.host_page_size();
+        let kind = if via.resend {
+            CopyKind::Resent
+        } else {
+            CopyKind::Sent
+        };
+        // The first copy is placed; a second of the same kind is placed too, so that the
+        // placement refuses and reports it (a real double placement).
+        if self.copies.arrive(hp, kind) == Arrival::Duplicate {
+            self.drop_duplicate(hp, data);
+            return Ok(());
+        }
         match &self.uffd {
             Some(u) => {
                 // SAFETY: one host page inside the registered mapping.
@@ -535,8 +624,11 @@ impl DestMemory {
             }
         }
         let now = now_ns();
-        // Relaxed: read after the run.
+        // Relaxed (all four): read after the run.
         self.placed_ns[hp as usize].store(now, Ordering::Relaxed);
+        self.placed_chan[hp as usize].store(via.chan, Ordering::Relaxed);
+        self.placed_recv_ns[hp as usize].store(via.recv_ns, Ordering::Relaxed);
+        self.placed_due_ns[hp as usize].store(via.due_ns, Ordering::Relaxed);
         // Relaxed (both): `conn` is set before this connection's receivers are spawned
         // (the spawn orders it); the stamp is read after the run.
         let conn = self.conn.load(Ordering::Relaxed).saturating_add(1);
@@ -559,6 +651,43 @@ impl DestMemory {
             }
         }
         Ok(())
+    }
+
+    /// Counts a dropped deliberate duplicate of host page `hp` and keeps its checksums.
+    fn drop_duplicate(&self, hp: u64, data: Option<&[u8]>) {
+        let page = self.host_page_size();
+        // Relaxed (both): counters read after the receivers are joined.
+        self.dup_pages.fetch_add(1, Ordering::Relaxed);
+        self.dup_bytes.fetch_add(page, Ordering::Relaxed);
+        let first = (hp << self.host_shift) / TARGET_PAGE;
+        let zero = [0u8; TARGET_PAGE as usize];
+        let mut sums = self.dup_sums.lock().unwrap_or_else(|e| e.into_inner());
+        for i in 0..page / TARGET_PAGE {
+            let bytes = match data {
+                Some(d) => &d[(i * TARGET_PAGE) as usize..((i + 1) * TARGET_PAGE) as usize],
+                None => &zero[..],
+            };
+            sums.push((first + i, crate::guest::image::page_checksum(bytes)));
+        }
+    }
+
+    /// Which copies of host page `hp` came: `(sent, resent)`.
+    pub fn copies(&self, hp: u64) -> (bool, bool) {
+        self.copies.copies(hp)
+    }
+
+    /// Deliberate duplicates dropped: host pages, bytes, and `(global target page, checksum)`
+    /// of each of their target pages.
+    pub fn duplicates(&self) -> (u64, u64, Vec<(u64, u64)>) {
+        // Relaxed (both): read after the receivers are joined.
+        (
+            self.dup_pages.load(Ordering::Relaxed),
+            self.dup_bytes.load(Ordering::Relaxed),
+            self.dup_sums
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
+        )
     }
 
     /// Sets the present bit; true if it was clear.

@@ -148,6 +148,9 @@ pub(crate) struct Dest<'a> {
     urgent_progress: AtomicU64,
     /// Preempt modes: the urgent channel carries pages.
     preempt: bool,
+    /// Page requests go on the urgent connection (preempt modes with `resend`), away from
+    /// the main connection's socket, which the background stream keeps busy.
+    requests_on_urgent: bool,
     failure: Mutex<Option<RunError>>,
     requests_sent: AtomicU64,
     summary: Mutex<Option<Summary>>,
@@ -222,8 +225,13 @@ impl Dest<'_> {
             sent_ns: now_ns(),
         };
         let c = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        let stream = if kind == RpKind::Request && self.requests_on_urgent {
+            &c.urgent
+        } else {
+            &c.main
+        };
         write_parts(
-            &c.main,
+            stream,
             &[&h.encode(), body],
             &self.guard(false),
             Channel::ReturnPath,
@@ -239,7 +247,10 @@ impl Dest<'_> {
         // Relaxed: a counter read after the run.
         self.requests_sent.fetch_add(1, Ordering::Relaxed);
         match self.send_rp_on(RpKind::Request, &req.encode()) {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                self.mem.request_sent(hp, now_ns());
+                Ok(())
+            }
             Err((e, n)) if e.connection_lost() && self.recoverable() => {
                 self.conn_failed(e.into(), n);
                 Ok(())
@@ -415,6 +426,7 @@ pub fn run(
             0 if !cfg.recover_timeout.is_zero() => 1,
             ms => ms.try_into().unwrap_or(u64::MAX),
         },
+        resend: cfg.resend,
         boot_id: boot_id(),
     };
     let conn = handshake::connect(addr, &hello, cfg.idle_timeout).map_err(|e| match e {
@@ -444,6 +456,7 @@ pub fn run(
         bg_progress: AtomicU64::new(now_ns()),
         urgent_progress: AtomicU64::new(now_ns()),
         preempt: mode.preempt(),
+        requests_on_urgent: mode.preempt() && cfg.resend,
         failure: Mutex::new(None),
         requests_sent: AtomicU64::new(0),
         summary: Mutex::new(None),

@@ -11,6 +11,7 @@ use std::net::TcpStream;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use super::memory::Via;
 use super::{Dest, RunError};
 use crate::clock::now_ns;
 use crate::wire::{
@@ -26,11 +27,11 @@ impl Dest<'_> {
     /// channel) or an error. If the connection breaks before the switch-over it brought has
     /// been applied, the frames up to it are applied at once (recovery needs it).
     pub(super) fn receiver(&self, stream: &TcpStream, chan: Channel) -> Result<(), RunError> {
-        let mut queue: VecDeque<(FrameHeader, Vec<u8>, u64)> = VecDeque::new();
+        let mut queue: VecDeque<(FrameHeader, Vec<u8>, u64, u64)> = VecDeque::new();
         let r = self.receive(stream, chan, &mut queue);
         if r.is_err() && queue.iter().any(|f| f.0.kind == FrameKind::Switch) {
-            while let Some((h, buf, _)) = queue.pop_front() {
-                self.apply(&h, &buf, chan)?;
+            while let Some((h, buf, due, recv)) = queue.pop_front() {
+                self.apply(&h, &buf, chan, due, recv)?;
                 if h.kind == FrameKind::Switch {
                     break;
                 }
@@ -43,7 +44,7 @@ impl Dest<'_> {
         &self,
         stream: &TcpStream,
         chan: Channel,
-        queue: &mut VecDeque<(FrameHeader, Vec<u8>, u64)>,
+        queue: &mut VecDeque<(FrameHeader, Vec<u8>, u64, u64)>,
     ) -> Result<(), RunError> {
         // Stopped with this connection (a break, or the run's end).
         let g = crate::wire::Guard {
@@ -55,8 +56,8 @@ impl Dest<'_> {
         loop {
             let now = now_ns();
             while queue.front().is_some_and(|f| f.2 <= now + EARLY_NS) {
-                let (h, buf, _) = queue.pop_front().expect("front exists");
-                if self.apply(&h, &buf, chan)? {
+                let (h, buf, due, recv) = queue.pop_front().expect("front exists");
+                if self.apply(&h, &buf, chan, due, recv)? {
                     return Ok(());
                 }
                 pool.push(buf);
@@ -95,7 +96,7 @@ impl Dest<'_> {
                     } else {
                         self.to_local(h.arrival_ns)
                     };
-                    queue.push_back((h, buf, due));
+                    queue.push_back((h, buf, due, last));
                 }
                 FrameKind::Abort => {
                     let msg = String::from_utf8_lossy(&buf).into_owned();
@@ -129,8 +130,16 @@ impl Dest<'_> {
         }
     }
 
-    /// Applies one due frame; true when the channel is done (the summary arrived).
-    fn apply(&self, h: &FrameHeader, buf: &[u8], chan: Channel) -> Result<bool, RunError> {
+    /// Applies one due frame (due at `due`, read at `recv`); true when the channel is done
+    /// (the summary arrived).
+    fn apply(
+        &self,
+        h: &FrameHeader,
+        buf: &[u8],
+        chan: Channel,
+        due: u64,
+        recv: u64,
+    ) -> Result<bool, RunError> {
         let data = (h.kind == FrameKind::Pages).then_some(buf);
         match h.kind {
             FrameKind::Pages | FrameKind::Zero => {
@@ -142,7 +151,17 @@ impl Dest<'_> {
                 if chan == Channel::Background && !switched {
                     self.mem.precopy_place(h.block, h.offset, h.len, data)?;
                 } else {
-                    self.mem.place(h.block, h.offset, h.len, data)?;
+                    let via = Via {
+                        chan: if chan == Channel::Urgent {
+                            Via::URGENT
+                        } else {
+                            Via::BACKGROUND
+                        },
+                        recv_ns: recv,
+                        due_ns: due,
+                        resend: h.resend,
+                    };
+                    self.mem.place(h.block, h.offset, h.len, data, via)?;
                 }
             }
             FrameKind::Switch if chan == Channel::Background => {

@@ -35,6 +35,8 @@ pub struct FaultLog {
     pub stall_ns: u64,
     /// Accesses that found the page missing in the bitmap but present in memory.
     pub raced: u64,
+    /// Each fault that waited: `(host page, access began, access returned)`, ns.
+    pub spans: Vec<(u64, u64, u64)>,
 }
 
 /// What a workload did.
@@ -111,7 +113,9 @@ impl ThreadGuest<'_> {
                 return !self.aborted();
             }
         }
-        let dt = now_ns() - t0;
+        let t1 = now_ns();
+        let dt = t1 - t0;
+        self.log.spans.push((hp, t0, t1));
         self.log.latencies_ns.push(dt);
         self.log.stall_ns += dt;
         !self.aborted()

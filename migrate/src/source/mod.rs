@@ -32,6 +32,7 @@ pub mod memory;
 pub mod postcopy;
 pub mod precopy;
 pub mod send;
+pub mod trace;
 
 use std::net::{Shutdown, TcpListener, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -297,6 +298,9 @@ impl SourceServer {
             bg_progress: AtomicU64::new(now_ns()),
             rejected: Mutex::new(Vec::new()),
             failure: Mutex::new(None),
+            trace: trace::Trace::new(
+                hello.guest.layout.mem() / hello.guest.layout.host_page().bytes(),
+            ),
         };
         let summary = session.run(rings)?;
         drop(machine);
@@ -329,6 +333,8 @@ pub(crate) struct Session<'a> {
     bg_progress: AtomicU64,
     rejected: Mutex<Vec<String>>,
     failure: Mutex<Option<WireError>>,
+    /// Postcopy timings of every request and background page.
+    trace: trace::Trace,
 }
 
 impl Session<'_> {
@@ -407,6 +413,7 @@ impl Session<'_> {
                 offset: 0,
                 len: msg.len() as u64,
                 arrival_ns: now_ns(),
+                resend: false,
             };
             let quiet = AtomicBool::new(false);
             let g = Guard {
@@ -482,6 +489,7 @@ impl Session<'_> {
             body.len() as u64,
             &body,
             Channel::Background,
+            false,
             &self.guard(false),
         ) {
             self.fail(e);
@@ -506,6 +514,8 @@ impl Session<'_> {
             bg_host_pages: s.bg_host_pages.load(Ordering::Relaxed),
             urgent_host_pages: s.urgent_host_pages.load(Ordering::Relaxed),
             zero_host_pages: s.zero_host_pages.load(Ordering::Relaxed),
+            resent_host_pages: s.resent_host_pages.load(Ordering::Relaxed),
+            resent_bytes: s.resent_bytes.load(Ordering::Relaxed),
             postcopy_bytes: s.postcopy_bytes.load(Ordering::Relaxed),
             rejected: self
                 .rejected
@@ -515,6 +525,7 @@ impl Session<'_> {
             checksums,
             generations,
             recoveries: self.recoveries.clone(),
+            requests: self.trace.finish(),
         };
         let body = summary.encode();
         self.out.frame(
@@ -524,6 +535,7 @@ impl Session<'_> {
             body.len() as u64,
             &body,
             Channel::Background,
+            false,
             &self.guard(false),
         )?;
         let _ = self.out.main.shutdown(Shutdown::Write);

@@ -7,7 +7,14 @@
 //!   calls [`PageScheduler::serve_frame`] (which rejects malformed and out-of-range requests
 //!   with a typed error: they are counted, the first few reported, and the migration goes
 //!   on). In preempt modes it writes the claimed host page on the urgent channel, then calls
-//!   `urgent_sent`, which offers the hint (preempt-hint).
+//!   `urgent_sent`, which offers the hint (preempt-hint). A request for a host page the
+//!   background path has already claimed (`Served::AlreadyClaimed`) would wait for the
+//!   background copy, which may still sit claimed-but-unsent, in the send queue, in the
+//!   socket buffers or in the destination receiver's backlog: with `resend` (the default)
+//!   the page is sent again on the urgent channel, marked as a deliberate duplicate, and the
+//!   destination places whichever copy arrives first and drops the other (counted) — as
+//!   long as the resent bytes stay within 1% of the postcopy bytes sent so far; past that,
+//!   the request waits for the background copy.
 //!
 //! Both end when the destination says `DONE` (it has every page), or when the connections
 //! break: then the session waits to be resumed (`Session::resume`), rebuilds the
@@ -22,12 +29,16 @@ use std::time::Duration;
 use pagehint::{Claim, PageScheduler, SchedulerStats, Served};
 
 use super::send::{PageRun, Phase, SendError};
+use super::trace::{ReqPath, ReqTrace};
 use super::Session;
 use crate::clock::{now_ns, sleep_until, tight_timer_slack};
+use crate::guest::layout::TARGET_PAGE;
 use crate::handshake;
 use crate::options::SourceFault;
 use crate::pin::Role;
-use crate::wire::{read_full, Channel, Guard, RpHeader, RpKind, WireError};
+use crate::wire::{
+    read_full, Channel, FrameHeader, Guard, RpHeader, RpKind, WireError, POLL_SLICE,
+};
 
 impl Session<'_> {
     /// Runs postcopy to the destination's `DONE`, resuming it on new connections after each
@@ -160,7 +171,8 @@ impl Session<'_> {
             .then(|| sched.bitmap().dirty_pages() * 3 / 4 / per);
         let mut sent = 0u64;
         while let Some(claim) = scanner.next_claim() {
-            self.send_claim(&claim, Channel::Background, &g, &mut buf)?;
+            let claim_ns = now_ns();
+            self.send_claim(&claim, Channel::Background, &g, &mut buf, Some(claim_ns))?;
             sent += u64::from(claim.host_page_count());
             // Relaxed: a coarse timestamp.
             self.bg_progress.store(now_ns(), Ordering::Relaxed);
@@ -188,8 +200,34 @@ impl Session<'_> {
         let g = self.guard(true);
         let delay = self.out.link.params().delay_ns;
         let mut buf = Vec::new();
+        // Requests come on the main connection, or (preempt modes with `resend`) on the
+        // urgent one; everything else on the main one. Both are watched; once the
+        // destination has closed the urgent one, only the main one.
+        let mut urgent_open = self.hello.mode.preempt();
+        let mut last = now_ns();
         loop {
-            let (h, body) = read_rp(&self.out.main, &g)?;
+            let from = if urgent_open {
+                match wait_either(&self.out.urgent, &self.out.main, POLL_SLICE) {
+                    Err(e) => return Err(WireError::Io(Channel::ReturnPath, e).into()),
+                    Ok(None) => {
+                        g.check(last, Channel::ReturnPath)?;
+                        continue;
+                    }
+                    Ok(Some(true)) => &self.out.urgent,
+                    Ok(Some(false)) => &self.out.main,
+                }
+            } else {
+                &self.out.main
+            };
+            let (h, body) = match read_rp(from, &g) {
+                Err(WireError::Closed(_)) if std::ptr::eq(from, &self.out.urgent) => {
+                    urgent_open = false;
+                    continue;
+                }
+                r => r?,
+            };
+            let read_ns = now_ns();
+            last = read_ns;
             match h.kind {
                 RpKind::Done => return Ok(()),
                 RpKind::Ping | RpKind::Start => {}
@@ -197,12 +235,57 @@ impl Session<'_> {
                     // The request has been on the emulated link since it was sent.
                     let due = if self.same_clock { h.sent_ns } else { now_ns() } + delay;
                     sleep_until(due);
-                    match sched.serve_frame(&body) {
+                    let served = sched.serve_frame(&body);
+                    let served_ns = now_ns();
+                    let mut t = ReqTrace {
+                        read_ns,
+                        served_ns,
+                        ..ReqTrace::default()
+                    };
+                    match served {
                         Ok(Served::Send(claim)) => {
-                            self.send_claim(&claim, Channel::Urgent, &g, &mut buf)?;
+                            let arrival =
+                                self.send_claim(&claim, Channel::Urgent, &g, &mut buf, None)?;
+                            t.urgent_written_ns = now_ns();
+                            t.urgent_arrival_ns = arrival;
                             let _ = sched.urgent_sent(&claim);
+                            if let Some(hp) = claim.host_pages().next() {
+                                t.host_page = self.global_host_page(hp.block, hp.first_page);
+                                t.path = ReqPath::Urgent as u64;
+                                self.trace.request(t);
+                            }
                         }
-                        Ok(Served::AlreadyClaimed(_)) | Ok(Served::Queued(_)) => {}
+                        Ok(Served::AlreadyClaimed(hp)) => {
+                            t.host_page = self.global_host_page(hp.block, hp.first_page);
+                            t.path = ReqPath::Background as u64;
+                            if self.hello.resend && self.resend_fits(hp.pages) {
+                                // The background copy may still sit in the send queue, the
+                                // socket buffers or the receiver's backlog: send the page
+                                // again here. The source is stopped, so both copies are
+                                // identical; the destination places the first to arrive.
+                                let run = PageRun {
+                                    block: hp.block,
+                                    first: hp.first_page,
+                                    count: hp.pages,
+                                    unit: hp.pages,
+                                };
+                                t.urgent_arrival_ns = self.out.send_pages(
+                                    run,
+                                    Channel::Urgent,
+                                    Phase::Resend,
+                                    &g,
+                                    &mut buf,
+                                )?;
+                                t.urgent_written_ns = now_ns();
+                                t.path = ReqPath::Resent as u64;
+                            }
+                            self.trace.request(t);
+                        }
+                        Ok(Served::Queued(hp)) => {
+                            t.host_page = self.global_host_page(hp.block, hp.first_page);
+                            t.path = ReqPath::Queued as u64;
+                            self.trace.request(t);
+                        }
                         Err(e) => {
                             let mut r = self.rejected.lock().unwrap_or_else(|p| p.into_inner());
                             if r.len() < super::REJECTED_KEPT {
@@ -215,14 +298,35 @@ impl Session<'_> {
         }
     }
 
-    /// Sends every host page of `claim` on `chan`, contiguous host pages in one go.
+    /// Whether a resend of a host page of `pages` target pages keeps the resent bytes within
+    /// 1% of the postcopy bytes sent so far (duplicates stay ≤ 1% of what is sent; with
+    /// 2 MiB host pages a few resends would exceed it otherwise).
+    fn resend_fits(&self, pages: u64) -> bool {
+        let frame = FrameHeader::LEN as u64 + pages * TARGET_PAGE;
+        // Relaxed (both): counters; a stale read only undercounts what was sent, which
+        // makes the check stricter.
+        let sent = self.out.sent.postcopy_bytes.load(Ordering::Relaxed);
+        let resent = self.out.sent.resent_bytes.load(Ordering::Relaxed);
+        (resent + frame) * 100 <= sent
+    }
+
+    /// Global host page of target page `first_page` of `block`.
+    pub(super) fn global_host_page(&self, block: u32, first_page: u64) -> u64 {
+        let l = self.layout();
+        (l.block_first_page(block) + first_page) / l.host_page().pages()
+    }
+
+    /// Sends every host page of `claim` on `chan`, contiguous host pages in one go; returns
+    /// when the last frame arrives on the emulated link. A background claim (`claim_ns`:
+    /// when it was claimed) is recorded in the trace.
     fn send_claim(
         &self,
         claim: &Claim,
         chan: Channel,
         g: &Guard<'_>,
         buf: &mut Vec<u8>,
-    ) -> Result<(), SendError> {
+        claim_ns: Option<u64>,
+    ) -> Result<u64, SendError> {
         let unit = self.layout().host_page().pages();
         // Contiguous host pages go out as one run.
         let mut runs: Vec<(u64, u64)> = Vec::new();
@@ -232,6 +336,7 @@ impl Session<'_> {
                 _ => runs.push((hp.first_page, hp.pages)),
             }
         }
+        let mut arrival = 0;
         for (first, count) in runs {
             let run = PageRun {
                 block: claim.block(),
@@ -239,9 +344,31 @@ impl Session<'_> {
                 count,
                 unit,
             };
-            self.out.send_pages(run, chan, Phase::Postcopy, g, buf)?;
+            arrival = self.out.send_pages(run, chan, Phase::Postcopy, g, buf)?;
+            if let Some(c) = claim_ns {
+                let hp = self.global_host_page(claim.block(), first);
+                self.trace
+                    .background(hp, count / unit, c, now_ns(), arrival);
+            }
         }
-        Ok(())
+        Ok(arrival)
+    }
+}
+
+/// Waits up to `timeout` until `a` or `b` is readable (data or EOF): `Some(true)` for `a`
+/// (preferred when both are), `Some(false)` for `b`, `None` when neither.
+fn wait_either(
+    a: &TcpStream,
+    b: &TcpStream,
+    timeout: Duration,
+) -> Result<Option<bool>, std::io::Error> {
+    use rustix::event::{poll, PollFd, PollFlags};
+    let mut fds = [PollFd::new(a, PollFlags::IN), PollFd::new(b, PollFlags::IN)];
+    let ts = crate::clock::timespec(timeout.as_nanos() as u64);
+    match poll(&mut fds, Some(&ts)) {
+        Ok(0) | Err(rustix::io::Errno::INTR) => Ok(None),
+        Ok(_) => Ok(Some(!fds[0].revents().is_empty())),
+        Err(e) => Err(e.into()),
     }
 }
 

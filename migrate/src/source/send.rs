@@ -22,6 +22,9 @@ pub enum Phase {
     Precopy,
     /// After it (each host page exactly once).
     Postcopy,
+    /// After it, on the urgent channel: a host page the background path claimed, sent again
+    /// on purpose (a deliberate duplicate, counted apart).
+    Resend,
 }
 
 /// Counters of what was sent (relaxed; read after the senders are joined).
@@ -39,6 +42,11 @@ pub struct Sent {
     pub urgent_host_pages: AtomicU64,
     /// Of the postcopy host pages, all-zero ones (no payload).
     pub zero_host_pages: AtomicU64,
+    /// Host pages sent again on the urgent channel (deliberate duplicates; not counted
+    /// above).
+    pub resent_host_pages: AtomicU64,
+    /// Link bytes of those (counted in `postcopy_bytes` too).
+    pub resent_bytes: AtomicU64,
     /// Set at the switch-over.
     precopy_over: AtomicBool,
 }
@@ -114,7 +122,8 @@ impl From<WireError> for SendError {
 }
 
 impl Outbound<'_> {
-    /// Sends `run` on `chan`, reading the pages into `buf`.
+    /// Sends `run` on `chan`, reading the pages into `buf`; returns when its last frame
+    /// arrives on the emulated link (source clock).
     pub fn send_pages(
         &self,
         run: PageRun,
@@ -122,7 +131,7 @@ impl Outbound<'_> {
         phase: Phase,
         guard: &Guard<'_>,
         buf: &mut Vec<u8>,
-    ) -> Result<(), SendError> {
+    ) -> Result<u64, SendError> {
         let PageRun {
             block,
             first,
@@ -137,8 +146,10 @@ impl Outbound<'_> {
         if phase == Phase::Postcopy {
             self.maybe_corrupt(block, first, &mut buf[..bytes]);
         }
+        let resend = phase == Phase::Resend;
         let unit_bytes = (unit * TARGET_PAGE) as usize;
         let mut at = 0;
+        let mut arrival = 0;
         while at < bytes {
             let zero = is_zero(&buf[at..at + unit_bytes]);
             let mut end = at + unit_bytes;
@@ -147,7 +158,7 @@ impl Outbound<'_> {
             }
             let offset = (first * TARGET_PAGE) + at as u64;
             let payload: &[u8] = if zero { &[] } else { &buf[at..end] };
-            self.frame(
+            arrival = self.frame(
                 if zero {
                     FrameKind::Zero
                 } else {
@@ -158,6 +169,7 @@ impl Outbound<'_> {
                 (end - at) as u64,
                 payload,
                 chan,
+                resend,
                 guard,
             )?;
             let units = ((end - at) / unit_bytes) as u64;
@@ -182,14 +194,20 @@ impl Outbound<'_> {
                     }
                     self.check_drop()?;
                 }
+                Phase::Resend => {
+                    self.sent
+                        .resent_host_pages
+                        .fetch_add(units, Ordering::Relaxed);
+                }
             }
             at = end;
         }
-        Ok(())
+        Ok(arrival)
     }
 
     /// Sends one frame (header and payload) on `chan` through the link. `len` is the payload
-    /// length, or the bytes of zero pages for `ZERO`.
+    /// length, or the bytes of zero pages for `ZERO`. Returns its arrival time on the
+    /// emulated link (source clock).
     #[allow(clippy::too_many_arguments)]
     pub fn frame(
         &self,
@@ -199,8 +217,9 @@ impl Outbound<'_> {
         len: u64,
         payload: &[u8],
         chan: Channel,
+        resend: bool,
         guard: &Guard<'_>,
-    ) -> Result<(), WireError> {
+    ) -> Result<u64, WireError> {
         let wire = (FrameHeader::LEN + payload.len()) as u64;
         let (slot, stream) = match chan {
             Channel::Urgent => (self.link.urgent(wire), &self.urgent),
@@ -215,6 +234,7 @@ impl Outbound<'_> {
             offset,
             len,
             arrival_ns: slot.arrival_ns,
+            resend,
         };
         if let Err(e) = write_parts(stream, &[&h.encode(), payload], guard, chan) {
             // Part of the frame may be out: nothing more can follow it on this channel.
@@ -229,11 +249,14 @@ impl Outbound<'_> {
                 &self.sent.postcopy_bytes
             }
             FrameKind::Pages | FrameKind::Zero => &self.sent.precopy_bytes,
-            _ => return Ok(()),
+            _ => return Ok(slot.arrival_ns),
         };
-        // Relaxed: a counter read after the senders are joined.
+        // Relaxed (both): counters read after the senders are joined.
         counter.fetch_add(wire, Ordering::Relaxed);
-        Ok(())
+        if resend {
+            self.sent.resent_bytes.fetch_add(wire, Ordering::Relaxed);
+        }
+        Ok(slot.arrival_ns)
     }
 
     fn maybe_corrupt(&self, block: u32, first: u64, buf: &mut [u8]) {

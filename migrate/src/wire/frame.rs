@@ -1,9 +1,12 @@
 //! Page frames (source → destination) and return-path frames (destination → source).
 //!
 //! Page frame, 32-byte header, little endian:
-//! `magic u16 | kind u8 | 0 u8 | block u32 | offset u64 | len u64 | arrival_ns u64`, then
+//! `magic u16 | kind u8 | flags u8 | block u32 | offset u64 | len u64 | arrival_ns u64`, then
 //! `len` payload bytes for `PAGES`, `SUMMARY`, `SWITCH` and `ABORT`, nothing for `ZERO` (a run
-//! of zero pages) and `PONG`. `offset` is a byte offset in RAM block `block`.
+//! of zero pages) and `PONG`. `offset` is a byte offset in RAM block `block`. `flags` is 0,
+//! or [`RESEND`] on a `PAGES` or `ZERO` frame the urgent path sent again on purpose: a host
+//! page the background path had claimed (the destination places whichever copy comes first
+//! and drops the other as a counted, identical duplicate).
 //!
 //! Return-path frame, 16-byte header: `magic u16 | kind u8 | 0 u8 | len u32 | sent_ns u64`,
 //! then `len` bytes (≤ 256): a page request in [`pagehint::UrgentRequest`]'s wire format for
@@ -14,6 +17,8 @@ use super::{Channel, WireError};
 
 const PAGE_MAGIC: u16 = 0x4750;
 const RP_MAGIC: u16 = 0x5052;
+/// Page frame flag: a deliberate duplicate (see the module docs).
+pub const RESEND: u8 = 1;
 /// Largest page frame payload accepted (a claim of 64 host pages of 2 MiB is 128 MiB).
 pub const MAX_PAYLOAD: u64 = 256 << 20;
 /// Largest return-path body accepted.
@@ -50,6 +55,8 @@ pub struct FrameHeader {
     pub len: u64,
     /// Arrival time on the emulated link (source clock).
     pub arrival_ns: u64,
+    /// A deliberate duplicate of a host page the background path claimed (`PAGES`, `ZERO`).
+    pub resend: bool,
 }
 
 impl FrameHeader {
@@ -61,6 +68,7 @@ impl FrameHeader {
         let mut b = [0u8; Self::LEN];
         b[0..2].copy_from_slice(&PAGE_MAGIC.to_le_bytes());
         b[2] = self.kind as u8;
+        b[3] = if self.resend { RESEND } else { 0 };
         b[4..8].copy_from_slice(&self.block.to_le_bytes());
         b[8..16].copy_from_slice(&self.offset.to_le_bytes());
         b[16..24].copy_from_slice(&self.len.to_le_bytes());
@@ -72,7 +80,7 @@ impl FrameHeader {
     pub fn decode(b: &[u8; Self::LEN], chan: Channel) -> Result<Self, WireError> {
         let bad = |what: String| WireError::Malformed(chan, what);
         let magic = u16::from_le_bytes([b[0], b[1]]);
-        if magic != PAGE_MAGIC || b[3] != 0 {
+        if magic != PAGE_MAGIC || b[3] & !RESEND != 0 {
             return Err(bad(format!("bad page frame magic {magic:#06x}")));
         }
         let kind = match b[2] {
@@ -91,7 +99,11 @@ impl FrameHeader {
             offset: u64_at(8),
             len: u64_at(16),
             arrival_ns: u64_at(24),
+            resend: b[3] & RESEND != 0,
         };
+        if h.resend && !matches!(h.kind, FrameKind::Pages | FrameKind::Zero) {
+            return Err(bad(format!("a {:?} frame marked as a resent page", h.kind)));
+        }
         if h.kind != FrameKind::Zero && h.len > MAX_PAYLOAD {
             return Err(bad(format!("page frame payload of {} bytes", h.len)));
         }
@@ -184,11 +196,25 @@ mod tests {
             offset: 4096,
             len: 8192,
             arrival_ns: 77,
+            resend: false,
         };
         assert_eq!(
             FrameHeader::decode(&h.encode(), Channel::Urgent).unwrap(),
             h
         );
+        let again = FrameHeader { resend: true, ..h };
+        assert_eq!(
+            FrameHeader::decode(&again.encode(), Channel::Urgent).unwrap(),
+            again
+        );
+        let mut flags = h.encode();
+        flags[3] = 2;
+        assert!(FrameHeader::decode(&flags, Channel::Urgent).is_err());
+        let abort = FrameHeader {
+            kind: FrameKind::Abort,
+            ..again
+        };
+        assert!(FrameHeader::decode(&abort.encode(), Channel::Urgent).is_err());
         let mut bad = h.encode();
         bad[2] = 9;
         assert!(matches!(

@@ -1,6 +1,6 @@
 //! The destination's hello (what it asks the source to migrate) and the source's reply.
 //!
-//! Hello: `"PHMIGRT4"`, then 25 little-endian `u64` fields in [`Hello::encode`]'s order, then
+//! Hello: `"PHMIGRT5"`, then 26 little-endian `u64` fields in [`Hello::encode`]'s order, then
 //! the 36-byte boot id. Every field is decoded into its typed value and checked here (enum
 //! codes, host page size, claim batch, the guest layout), so the rest of the source sees
 //! only values that make sense; a bad field is a [`WireError::Malformed`] saying which.
@@ -10,7 +10,7 @@
 //! block after block (each block in whole words), as [`pagehint::PageScheduler::recover_block`]
 //! takes it.
 //!
-//! Reply: `"PHMIGRS4" | token u64 | boot id [36] | message length u32 | message` (empty when
+//! Reply: `"PHMIGRS5" | token u64 | boot id [36] | message length u32 | message` (empty when
 //! accepted, at most 4096 bytes).
 //!
 //! The last byte of both magics is the protocol version: a peer of another version, or
@@ -76,20 +76,25 @@ pub struct Hello {
     /// How long the source keeps a session whose connections broke in postcopy, waiting for
     /// the destination to resume it, in ms (0: recovery off, a cut ends the session).
     pub recover_ms: u64,
+    /// Preempt modes: page requests travel on the urgent connection, and a request for a host
+    /// page the background path has already claimed is answered by sending that page again
+    /// on the urgent channel (a deliberate duplicate); false: requests travel on the main
+    /// connection and wait for the background copy (the old behaviour).
+    pub resend: bool,
     /// Destination's boot id.
     pub boot_id: [u8; 36],
 }
 
 /// The protocol version both directions carry (the last byte of each magic).
-pub const VERSION: u8 = b'4';
-const MAGIC: &[u8; 8] = b"PHMIGRT4";
-const REPLY_MAGIC: &[u8; 8] = b"PHMIGRS4";
+pub const VERSION: u8 = b'5';
+const MAGIC: &[u8; 8] = b"PHMIGRT5";
+const REPLY_MAGIC: &[u8; 8] = b"PHMIGRS5";
 
 /// `found`, an 8-byte magic, as printable text.
 fn shown(found: &[u8]) -> String {
     found.escape_ascii().to_string()
 }
-const FIELDS: usize = 25;
+const FIELDS: usize = 26;
 const LEN: usize = 8 + FIELDS * 8 + 36;
 
 impl Hello {
@@ -130,6 +135,7 @@ impl Hello {
             self.cut_after,
             self.cuts,
             self.recover_ms,
+            u64::from(self.resend),
         ];
         let mut b = [0u8; LEN];
         b[..8].copy_from_slice(MAGIC);
@@ -192,6 +198,11 @@ impl Hello {
         }
         let source_fault = SourceFault::from_code(v(19))
             .ok_or_else(|| bad(format!("unknown source fault {}", v(19))))?;
+        let resend = match v(25) {
+            0 => false,
+            1 => true,
+            r => return Err(bad(format!("resend flag {r} (0 or 1)"))),
+        };
         let mut boot_id = [0u8; 36];
         boot_id.copy_from_slice(&b[LEN - 36..]);
         Ok(Self {
@@ -215,6 +226,7 @@ impl Hello {
             cut_after: v(22),
             cuts: v(23),
             recover_ms: v(24),
+            resend,
             boot_id,
         })
     }
@@ -317,6 +329,7 @@ mod tests {
             cut_after: 100,
             cuts: 3,
             recover_ms: 5000,
+            resend: true,
             boot_id: [b'x'; 36],
         }
     }
@@ -338,7 +351,7 @@ mod tests {
         b[7] = b'3';
         let e = Hello::decode(&b).unwrap_err().to_string();
         assert!(
-            e.contains("protocol version 3, this source version 4"),
+            e.contains("protocol version 3, this source version 5"),
             "{e}"
         );
         b[..8].copy_from_slice(b"GET / HT");
@@ -369,7 +382,7 @@ mod tests {
         assert!(e.contains("SSH-2.0-"), "{e}");
         let e = read_after(b"PHMIGRS3").unwrap_err().to_string();
         assert!(
-            e.contains("protocol version 3, this destination version 4"),
+            e.contains("protocol version 3, this destination version 5"),
             "{e}"
         );
         let e = read_after(b"").unwrap_err().to_string();
@@ -400,6 +413,7 @@ mod tests {
             (17, 1u64 << 40, "scan start"),
             (5, 3 << 20, "guest"),
             (9, 0, "stream rate of 0"),
+            (25, 2, "resend flag"),
         ] {
             let mut b = good;
             b[8 + field * 8..16 + field * 8].copy_from_slice(&value.to_le_bytes());

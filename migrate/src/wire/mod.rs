@@ -4,7 +4,10 @@
 //! * **main**: source → destination the precopy pages, the switch-over, then the page frames
 //!   of the background channel (and, in vanilla, every page); destination → source the return
 //!   path (page requests, `DONE`, pings).
-//! * **urgent**: source → destination page frames sent by the return-path thread (preempt).
+//! * **urgent**: source → destination page frames sent by the return-path thread (preempt);
+//!   destination → source the page requests in preempt modes with `resend` (the default),
+//!   so that a request never waits behind the main connection's socket, which the
+//!   background stream keeps busy in both directions (its lock, its backlog).
 //!
 //! Every read and write runs with a short socket timeout and is retried until a stop flag is
 //! raised or the peer has been silent for the idle limit, so a dead peer or a dropped

@@ -5,6 +5,7 @@
 use pagehint::SchedulerStats;
 
 use super::{Channel, WireError};
+use crate::source::trace::ReqTrace;
 
 /// What the source reports at the end of a migration.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -29,6 +30,12 @@ pub struct Summary {
     /// Postcopy recovery: for each resumed connection, the target pages the rebuild from
     /// the destination's received bitmap left to send ("dirty = not received").
     pub recoveries: Vec<u64>,
+    /// Host pages the urgent path sent again on purpose (deliberate duplicates).
+    pub resent_host_pages: u64,
+    /// Link bytes of those.
+    pub resent_bytes: u64,
+    /// Postcopy: how the source handled each valid request, and when (source clock).
+    pub requests: Vec<ReqTrace>,
 }
 
 /// Most recoveries a summary carries.
@@ -83,6 +90,14 @@ impl Summary {
         out.extend_from_slice(&(self.recoveries.len() as u64).to_le_bytes());
         for r in &self.recoveries {
             out.extend_from_slice(&r.to_le_bytes());
+        }
+        out.extend_from_slice(&self.resent_host_pages.to_le_bytes());
+        out.extend_from_slice(&self.resent_bytes.to_le_bytes());
+        out.extend_from_slice(&(self.requests.len() as u64).to_le_bytes());
+        for r in &self.requests {
+            for v in r.fields() {
+                out.extend_from_slice(&v.to_le_bytes());
+            }
         }
         out
     }
@@ -146,6 +161,20 @@ impl Summary {
         for _ in 0..nrec {
             recoveries.push(u64::from_le_bytes(take(8)?.try_into().expect("8 bytes")));
         }
+        let resent_host_pages = u64::from_le_bytes(take(8)?.try_into().expect("8 bytes"));
+        let resent_bytes = u64::from_le_bytes(take(8)?.try_into().expect("8 bytes"));
+        let nreq = u64::from_le_bytes(take(8)?.try_into().expect("8 bytes"));
+        if nreq > (b.len() / (8 * ReqTrace::FIELDS)) as u64 {
+            return Err(bad());
+        }
+        let mut requests = Vec::with_capacity(nreq as usize);
+        for _ in 0..nreq {
+            let mut f = [0u64; ReqTrace::FIELDS];
+            for v in f.iter_mut() {
+                *v = u64::from_le_bytes(take(8)?.try_into().expect("8 bytes"));
+            }
+            requests.push(ReqTrace::from_fields(f));
+        }
         Ok(Self {
             stats,
             bg_host_pages: u[16],
@@ -156,6 +185,9 @@ impl Summary {
             checksums,
             generations,
             recoveries,
+            resent_host_pages,
+            resent_bytes,
+            requests,
         })
     }
 }
@@ -179,6 +211,18 @@ mod tests {
             checksums: vec![1, 2, 3],
             generations: vec![0, 2, 4],
             recoveries: vec![100, 7],
+            resent_host_pages: 4,
+            resent_bytes: 16_512,
+            requests: vec![ReqTrace {
+                host_page: 5,
+                read_ns: 10,
+                served_ns: 60,
+                path: 1,
+                bg_claim_ns: 3,
+                bg_written_ns: 70,
+                bg_arrival_ns: 90,
+                ..ReqTrace::default()
+            }],
         };
         let b = s.encode();
         assert_eq!(Summary::decode(&b).unwrap(), s);
