@@ -23,7 +23,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::dest::memory::{DestMemory, Via};
-use crate::source::trace::{ReqPath, ReqTrace};
+use crate::wire::summary::{ReqPath, ReqTrace};
 
 /// Mean time of each stage over a group of requests, µs.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]

@@ -1,11 +1,11 @@
 //! What the source reports at the end of a migration: its scheduler's counters, what it
-//! sent on each channel, the first rejected requests, and the checksum of every target page
+//! sent on each channel, the first rejected requests, how it handled each request ([`ReqTrace`],
+//! for the per-stage timing of `crate::tail`), and the checksum of every target page
 //! as it was at the switch-over (the destination is verified against them).
 
 use pagehint::SchedulerStats;
 
 use super::{Channel, WireError};
-use crate::source::trace::ReqTrace;
 
 /// What the source reports at the end of a migration.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -189,6 +189,102 @@ impl Summary {
             resent_bytes,
             requests,
         })
+    }
+}
+
+/// How the source answered a request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum ReqPath {
+    /// Claimed by the urgent path and sent on the urgent channel.
+    Urgent = 0,
+    /// Already claimed by the background path: the page comes on the background channel.
+    Background = 1,
+    /// Vanilla: queued for the background path.
+    Queued = 2,
+    /// Already claimed by the background path but not yet (or only just) written: sent again
+    /// on the urgent channel; the destination places whichever copy arrives first.
+    Resent = 3,
+}
+
+impl ReqPath {
+    /// From its wire code.
+    pub fn from_code(c: u64) -> Option<Self> {
+        Some(match c {
+            0 => Self::Urgent,
+            1 => Self::Background,
+            2 => Self::Queued,
+            3 => Self::Resent,
+            _ => return None,
+        })
+    }
+
+    /// Its name in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Urgent => "urgent",
+            Self::Background => "background",
+            Self::Queued => "queued",
+            Self::Resent => "resent",
+        }
+    }
+}
+
+/// One request as the source handled it (source clock, ns; 0: did not happen).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReqTrace {
+    /// Global host page requested.
+    pub host_page: u64,
+    /// The return-path thread read the request.
+    pub read_ns: u64,
+    /// The scheduler answered (after the emulated link's delay).
+    pub served_ns: u64,
+    /// How ([`ReqPath`] code).
+    pub path: u64,
+    /// Urgent copy: its frame written to the socket.
+    pub urgent_written_ns: u64,
+    /// Urgent copy: its arrival on the emulated link.
+    pub urgent_arrival_ns: u64,
+    /// Background copy: claimed by the background scan.
+    pub bg_claim_ns: u64,
+    /// Background copy: its frame written to the socket.
+    pub bg_written_ns: u64,
+    /// Background copy: its arrival on the emulated link.
+    pub bg_arrival_ns: u64,
+}
+
+impl ReqTrace {
+    /// Fields on the wire.
+    pub const FIELDS: usize = 9;
+
+    /// The fields in wire order.
+    pub fn fields(&self) -> [u64; Self::FIELDS] {
+        [
+            self.host_page,
+            self.read_ns,
+            self.served_ns,
+            self.path,
+            self.urgent_written_ns,
+            self.urgent_arrival_ns,
+            self.bg_claim_ns,
+            self.bg_written_ns,
+            self.bg_arrival_ns,
+        ]
+    }
+
+    /// From the fields in wire order.
+    pub fn from_fields(f: [u64; Self::FIELDS]) -> Self {
+        Self {
+            host_page: f[0],
+            read_ns: f[1],
+            served_ns: f[2],
+            path: f[3],
+            urgent_written_ns: f[4],
+            urgent_arrival_ns: f[5],
+            bg_claim_ns: f[6],
+            bg_written_ns: f[7],
+            bg_arrival_ns: f[8],
+        }
     }
 }
 
