@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -16,17 +15,11 @@ fn exe() -> Command {
 
 #[test]
 fn a_listener_with_once_serves_one_migration_and_exits() {
-    let mut source = exe()
-        .args(["--listen", "127.0.0.1:0", "--pin", "off", "--once"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(source.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line.trim().rsplit(' ').next().unwrap().to_string();
+    let (mut source, addr) = common::start_listener(
+        exe()
+            .args(["--listen", "127.0.0.1:0", "--pin", "off", "--once"])
+            .stderr(Stdio::piped()),
+    );
     let dest = within(Duration::from_secs(60), move || {
         exe()
             .args([

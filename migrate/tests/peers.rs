@@ -247,23 +247,17 @@ fn the_destination_reports_the_reason_a_source_gave() {
 
 #[test]
 fn a_source_that_falls_silent_mid_postcopy_is_reported_on_both_channels() {
-    use std::io::{BufRead, BufReader};
     use std::process::{Command, Stdio};
     use std::sync::atomic::{AtomicU64, Ordering};
     use std::sync::Arc;
     // A source process, stopped (SIGSTOP) once postcopy is under way: both connections stay
     // open and both fall silent, as in a network partition.
-    let mut child = Command::new(env!("CARGO_BIN_EXE_pagehint-migrate"))
-        .args(["--listen", "127.0.0.1:0", "--pin", "off", "--once"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line.trim().rsplit(' ').next().unwrap().parse().unwrap();
+    let (mut child, addr) = common::start_listener(
+        Command::new(env!("CARGO_BIN_EXE_pagehint-migrate"))
+            .args(["--listen", "127.0.0.1:0", "--pin", "off", "--once"])
+            .stderr(Stdio::null()),
+    );
+    let addr = addr.parse().unwrap();
     let pid = child.id() as i32;
     let placed = Arc::new(AtomicU64::new(0));
     let stopper = {

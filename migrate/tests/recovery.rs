@@ -135,17 +135,12 @@ fn a_source_stopped_longer_than_the_idle_limit_is_resumed_when_it_continues() {
     // The source process is stopped (SIGSTOP) mid-postcopy for 2.5 s: the destination's
     // 1 s idle limit finds both channels silent, keeps its guest and reconnects until the
     // source continues (SIGCONT) and takes the session back.
-    let mut child = Command::new(env!("CARGO_BIN_EXE_pagehint-migrate"))
-        .args(["--listen", "127.0.0.1:0", "--pin", "off", "--once"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line.trim().rsplit(' ').next().unwrap().parse().unwrap();
+    let (mut child, addr) = common::start_listener(
+        Command::new(env!("CARGO_BIN_EXE_pagehint-migrate"))
+            .args(["--listen", "127.0.0.1:0", "--pin", "off", "--once"])
+            .stderr(Stdio::null()),
+    );
+    let addr = addr.parse().unwrap();
     let pid = child.id() as i32;
     let placed = Arc::new(AtomicU64::new(0));
     let stopper = {

@@ -7,7 +7,6 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
 use std::process::{Command, Stdio};
 use std::sync::atomic::AtomicBool;
@@ -166,17 +165,12 @@ fn a_dropped_connection_ends_the_run_with_a_clear_error() {
 
 #[test]
 fn a_killed_source_process_ends_the_run_with_a_clear_error() {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_pagehint-migrate"))
-        .args(["--listen", "127.0.0.1:0", "--pin", "off"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line.trim().rsplit(' ').next().unwrap().parse().unwrap();
+    let (mut child, addr) = common::start_listener(
+        Command::new(env!("CARGO_BIN_EXE_pagehint-migrate"))
+            .args(["--listen", "127.0.0.1:0", "--pin", "off"])
+            .stderr(Stdio::null()),
+    );
+    let addr = addr.parse().unwrap();
     let pid = child.id();
     let killer = std::thread::spawn(move || {
         std::thread::sleep(Duration::from_millis(1500));
