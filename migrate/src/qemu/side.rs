@@ -235,6 +235,7 @@ pub fn targets(rows: &[SideRow]) -> Vec<TargetCheck> {
                 ratio: r,
                 pass: r.is_some_and(|x| x >= goal),
                 target: format!(">= {goal}x"),
+                note: None,
             });
         }
         let figures: [Figure; 4] = [
@@ -266,12 +267,14 @@ pub fn targets(rows: &[SideRow]) -> Vec<TargetCheck> {
                         ratio: None,
                         pass: false,
                         target: format!("within 1.25x, >= {MIN_REQUESTS} requests each"),
+                        note: None,
                     },
                     None => TargetCheck {
                         what: format!("{link} {w} {name}: pagehint vanilla / QEMU vanilla"),
                         ratio: r,
                         pass: r.is_some_and(|x| (1.0 / 1.25..=1.25).contains(&x)),
                         target: "within 1.25x".into(),
+                        note: None,
                     },
                 });
             }
@@ -287,6 +290,7 @@ pub fn targets(rows: &[SideRow]) -> Vec<TargetCheck> {
             ratio: None,
             pass: ok == rows.len(),
             target: "all".into(),
+            note: None,
         });
     }
     out
