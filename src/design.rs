@@ -80,7 +80,7 @@
 //! | I2 | `tests/protocol.rs` `i2_*`, `tests/precopy.rs` `i2_*`, `tests/proptest_bitmap.rs` | `loom_bitmap::i1_i2_*` (narrow, wide, drain) | `shuttle_protocol` (2 MiB pages) | `postcopy.pml` I2 |
 //! | I3 | `tests/protocol.rs` `i3_*`, `tests/recovery.rs` `i3_*`, `tests/senders.rs` | `loom_protocol::i1_i2_i3_*`, `loom_multi`, `loom_vanilla` | `shuttle_protocol`, `shuttle_multi` | `postcopy.pml` I3 (and `qemu_seed.pml`: QEMU's weak spot) |
 //! | I4 | `tests/proptest_hint.rs`, `src/hint.rs` unit tests | `loom_hint::i4_*` | — | `hint.pml`, `postcopy.pml` I4 |
-//! | I5 | `tests/protocol.rs` `i1_i2_i3_i5_vanilla_*`, `i3_i5_*` | `loom_vanilla::i1_i3_i5_*` (requests never lost) | `shuttle_vanilla` | `postcopy.pml` L5req, L5term (liveness, weak fairness) |
+//! | I5 | `tests/protocol.rs` `i1_i2_i3_i5_vanilla_*`, `i3_i5_*`; every vanilla run of `pagehint-migrate` (its verification: queued = followed + stale) | `loom_vanilla::i1_i3_i5_*` (requests never lost) | `shuttle_vanilla` | `postcopy.pml` L5req, L5term (liveness, weak fairness) |
 //! | I6 | `tests/protocol.rs` `i4_i6_*` | `loom_protocol::i6_*` | `shuttle_protocol` (stray hints) | `postcopy_stray_hints` |
 //! | I7 | `tests/stress.rs` `i7_*`, `tests/precopy.rs` `i7_*`, `tests/kvm_slots.rs` `i7_*`, `tests/kvm.rs` (a real KVM guest) | `loom_bitmap::i7_*` (marks, logs, rings, drain) | `shuttle_precopy::i7_*` | `precopy.pml` I7 |
 //! | I8 | `tests/protocol.rs` `i8_*`, `tests/precopy.rs` `i8_*`, `tests/kvm_slots.rs` `i8_*`, `tests/recovery.rs` `i8_*`, `tests/proptest_layout.rs`, `src/layout.rs` and `src/request.rs` unit tests, `fuzz/` | — | — | — |

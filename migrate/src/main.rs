@@ -19,7 +19,7 @@ median / slow 1%: each request's latency split into stages (request written, rea
 guest ops/s: pages checked (or lookups) per second at the source in precopy -> at the destination in postcopy
 MiB/s: postcopy throughput, RAM still to send at the switch-over / postcopy time
 cuts/recovery (with breaks): connection breaks survived in postcopy / time from the breaks to postcopy resumed
-verified: each missing page placed exactly once (across all connections), memory equals the source's at the switch-over, the guest's own checks passed";
+verified: each missing page placed exactly once (across all connections), memory equals the source's at the switch-over, the guest's own checks passed, no queued request lost (vanilla)";
 
 fn main() -> ExitCode {
     let mut cli = Cli::parse_args();

@@ -154,6 +154,9 @@ pub struct RunResult {
     pub hints_taken: u64,
     /// Queued requests the background scan jumped to (vanilla).
     pub queued_followed: u64,
+    /// Queued requests the background scan took and dropped because their page had been
+    /// sent (vanilla); with no cut, `queued_followed + queued_stale` is every queued request.
+    pub queued_stale: u64,
     /// Malformed or out-of-range requests the source rejected.
     pub bad_requests: u64,
     /// The source's messages for the first rejected requests.
@@ -431,6 +434,7 @@ impl RunResult {
             hints_accepted: st.hints_accepted,
             hints_taken: st.hints_taken,
             queued_followed: st.queued_followed,
+            queued_stale: st.queued_stale,
             bad_requests: st.bad_requests,
             rejected: i.summary.rejected.clone(),
             zero_host_pages: i.summary.zero_host_pages,

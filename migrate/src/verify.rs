@@ -16,6 +16,9 @@
 //!    the data area; the thread guest read the source's contents and every key lookup was
 //!    right.
 //! 4. **Bad input was harmless**: the source rejected exactly the malformed requests sent.
+//! 5. **No queued request lost** (vanilla, I5): every request the source queued for its
+//!    background path was followed or dropped as already sent. A cut drops the broken
+//!    connection's queue on purpose (the pages are asked again), so runs with cuts skip it.
 
 use crate::dest::{Evidence, GuestOutcome};
 use crate::guest::image::{check_page, generation, page_checksum, PageFault, WORDS};
@@ -183,7 +186,26 @@ pub fn verify(cfg: &RunConfig, workload: Workload, e: &Evidence) -> Vec<String> 
             e.summary.stats.bad_requests, cfg.inject_bad
         ));
     }
+    // 5. No queued request lost.
+    if e.summary.recoveries.is_empty() {
+        problems.extend(lost_requests(&e.summary.stats));
+    }
     problems
+}
+
+/// Vanilla (I5): the queued requests neither followed nor dropped as already sent, once the
+/// queue is drained.
+fn lost_requests(st: &pagehint::SchedulerStats) -> Option<String> {
+    let taken = st.queued_followed + st.queued_stale;
+    (taken != st.requests_queued).then(|| {
+        format!(
+            "I5: {} requests queued, {} followed and {} dropped as already sent: {} lost",
+            st.requests_queued,
+            st.queued_followed,
+            st.queued_stale,
+            st.requests_queued as i128 - taken as i128
+        )
+    })
 }
 
 /// Deliberate duplicates (the urgent path's resend of a background claim, dropped because
@@ -291,5 +313,25 @@ fn connections(e: &Evidence, problems: &mut Vec<String>) {
                 c.missing_host_pages * per
             ));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_queued_request_neither_followed_nor_dropped_is_reported_lost() {
+        let mut st = pagehint::SchedulerStats::default();
+        st.requests_queued = 10;
+        st.queued_followed = 7;
+        st.queued_stale = 3;
+        assert_eq!(lost_requests(&st), None);
+        st.queued_stale = 2;
+        let p = lost_requests(&st).expect("one request lost");
+        assert!(
+            p.contains("10 requests queued") && p.ends_with("1 lost"),
+            "{p}"
+        );
     }
 }

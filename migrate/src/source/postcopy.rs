@@ -60,13 +60,34 @@ impl Session<'_> {
                 .take();
             match failure {
                 None if self.stopped() => return Err(WireError::Stopped),
-                None => return Ok(sched.stats()),
+                None => return Self::last_sweep(&sched),
                 Some(e) if e.connection_lost() && self.hello.recover_ms > 0 => {
                     self.resume(&mut sched, e)?;
                 }
                 Some(e) => return Err(e),
             }
         }
+    }
+
+    /// After the destination's `DONE`: one more background sweep takes the requests still
+    /// queued (vanilla: asked for pages already on their way), so that the counters'
+    /// `queued_followed + queued_stale` is every queued request, and finds nothing left to
+    /// claim: every page was sent (I3). Returns the counters.
+    fn last_sweep(sched: &PageScheduler) -> Result<SchedulerStats, WireError> {
+        let mut scanner = sched.background();
+        if let Some(claim) = scanner.next_claim() {
+            return Err(WireError::Malformed(
+                Channel::ReturnPath,
+                format!(
+                    "DONE while block {} still had {} dirty pages at the source",
+                    claim.block(),
+                    claim.dirty_pages()
+                ),
+            ));
+        }
+        // The scanner publishes its counts when dropped.
+        drop(scanner);
+        Ok(sched.stats())
     }
 
     /// Runs the background sender and the return-path thread on the current connections

@@ -86,7 +86,7 @@ pub struct Hello {
 }
 
 /// The protocol version both directions carry (the last byte of each magic).
-pub const VERSION: u8 = b'5';
+pub const VERSION: u8 = b'6';
 const MAGIC: &[u8; 8] = b"PHMIGRT5";
 const REPLY_MAGIC: &[u8; 8] = b"PHMIGRS5";
 
@@ -351,7 +351,7 @@ mod tests {
         b[7] = b'3';
         let e = Hello::decode(&b).unwrap_err().to_string();
         assert!(
-            e.contains("protocol version 3, this source version 5"),
+            e.contains("protocol version 3, this source version 6"),
             "{e}"
         );
         b[..8].copy_from_slice(b"GET / HT");
@@ -382,7 +382,7 @@ mod tests {
         assert!(e.contains("SSH-2.0-"), "{e}");
         let e = read_after(b"PHMIGRS3").unwrap_err().to_string();
         assert!(
-            e.contains("protocol version 3, this destination version 5"),
+            e.contains("protocol version 3, this destination version 6"),
             "{e}"
         );
         let e = read_after(b"").unwrap_err().to_string();

@@ -41,7 +41,7 @@ pub struct Summary {
 /// Most recoveries a summary carries.
 const MAX_RECOVERIES: u64 = 1 << 16;
 
-fn stats_fields(s: &SchedulerStats) -> [u64; 16] {
+fn stats_fields(s: &SchedulerStats) -> [u64; 17] {
     [
         s.requests,
         s.bad_requests,
@@ -59,6 +59,7 @@ fn stats_fields(s: &SchedulerStats) -> [u64; 16] {
         s.hints_refused_pending,
         s.hints_taken,
         s.rounds,
+        s.queued_stale,
     ]
 }
 
@@ -111,7 +112,7 @@ impl Summary {
             at += n;
             Ok(s)
         };
-        let mut u = [0u64; 22];
+        let mut u = [0u64; 23];
         for v in u.iter_mut() {
             *v = u64::from_le_bytes(take(8)?.try_into().expect("8 bytes"));
         }
@@ -132,7 +133,8 @@ impl Summary {
         stats.hints_refused_pending = u[13];
         stats.hints_taken = u[14];
         stats.rounds = u[15];
-        let (nrej, nsum) = (u[20], u[21]);
+        stats.queued_stale = u[16];
+        let (nrej, nsum) = (u[21], u[22]);
         if nrej > 64 || nsum > (b.len() / 8) as u64 {
             return Err(bad());
         }
@@ -177,10 +179,10 @@ impl Summary {
         }
         Ok(Self {
             stats,
-            bg_host_pages: u[16],
-            urgent_host_pages: u[17],
-            zero_host_pages: u[18],
-            postcopy_bytes: u[19],
+            bg_host_pages: u[17],
+            urgent_host_pages: u[18],
+            zero_host_pages: u[19],
+            postcopy_bytes: u[20],
             rejected,
             checksums,
             generations,
@@ -295,7 +297,23 @@ mod tests {
     #[test]
     fn summary_round_trips_and_rejects_truncation() {
         let mut stats = SchedulerStats::default();
+        // Every counter distinct, so a field decoded into another's place shows.
         stats.requests = 3;
+        stats.bad_requests = 5;
+        stats.requests_queued = 7;
+        stats.queued_followed = 11;
+        stats.queued_stale = 13;
+        stats.urgent_host_pages = 17;
+        stats.urgent_pages = 19;
+        stats.urgent_already_claimed = 23;
+        stats.background_claims = 29;
+        stats.background_host_pages = 31;
+        stats.background_pages = 37;
+        stats.background_claims_lost = 41;
+        stats.hints_offered = 43;
+        stats.hints_accepted = 47;
+        stats.hints_refused_pending = 53;
+        stats.hints_taken = 59;
         stats.rounds = 1;
         let s = Summary {
             stats,
