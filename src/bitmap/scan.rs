@@ -29,6 +29,29 @@ impl DirtyBitmap {
         Ok(self.next_host_candidate(b, from))
     }
 
+    /// Whether the host page holding `page` of `block` may hold a dirty page: one relaxed
+    /// load (a snapshot; a claim decides). False for a location outside the bitmap.
+    #[inline]
+    pub(crate) fn host_page_may_be_dirty(&self, block: u32, page: u64) -> bool {
+        let Ok(b) = self.block(block) else {
+            return false;
+        };
+        if page >= b.pages {
+            return false;
+        }
+        let hp = page >> b.host_shift;
+        let (word, mask) = if b.wide() {
+            let summary = &self.summary.get()[b.summary_base + (hp >> WORD_SHIFT) as usize];
+            (summary, 1u64 << (hp % WORD_BITS))
+        } else {
+            let first = hp << b.host_shift;
+            let mask = low_mask(1 << b.host_shift) << (first % WORD_BITS);
+            (self.word(b, first), mask)
+        };
+        // Relaxed: a search hint, like `find_set`'s loads; the claim that follows decides.
+        word.load(Ordering::Relaxed) & mask != 0
+    }
+
     #[inline]
     fn next_host_candidate(&self, b: &BlockWords, from: u64) -> Option<u64> {
         if from >= b.pages {

@@ -181,3 +181,40 @@ fn find_next_crosses_groups() {
     assert_eq!(bm.find_next_dirty(0, 1).unwrap(), Some(64 * 37 + 5));
     assert_eq!(bm.find_next_dirty(0, 64 * 37 + 6).unwrap(), None);
 }
+
+#[test]
+fn host_page_may_be_dirty_answers_for_the_whole_host_page_only() {
+    let l = layout();
+    let bm = DirtyBitmap::new(&l).unwrap();
+    // A dirty page in the middle of a 4-page host page (block 1) and of a 512-page one
+    // (block 2, wide: the summary bit).
+    bm.mark_dirty(PageLocation::new(1, 9)).unwrap();
+    bm.mark_dirty(PageLocation::new(2, 700)).unwrap();
+    for (block, page, dirty) in [
+        (0, 0, false),
+        (1, 8, true),
+        (1, 11, true),
+        (1, 7, false),
+        (1, 12, false),
+        (2, 512, true),
+        (2, 1023, true),
+        (2, 511, false),
+        (2, 1024, false),
+        // Outside the bitmap: never dirty.
+        (1, 256, false),
+        (3, 0, false),
+    ] {
+        assert_eq!(
+            bm.host_page_may_be_dirty(block, page),
+            dirty,
+            "block {block} page {page}"
+        );
+    }
+    // Once the host page is claimed, it is clean.
+    let _sent = bm
+        .claim_host_page(PageLocation::new(2, 700))
+        .unwrap()
+        .into_claim()
+        .unwrap();
+    assert!(!bm.host_page_may_be_dirty(2, 512));
+}
