@@ -398,7 +398,7 @@ impl RamLayout {
                 host_shift,
                 first_global: total,
             });
-            total += pages;
+            total = end;
         }
         if out.is_empty() {
             return Err(LayoutError::NoBlocks);

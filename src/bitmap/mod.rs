@@ -30,7 +30,6 @@
 //!   summary bit set after the claimer cleared it.
 //! * Marking is a release and claiming an acquire: guest memory written before a page is
 //!   marked is visible to the thread whose claim collects that mark.
-
 //!
 //! # Files
 //! `bitmap/mod.rs` holds the type, marking and claims; `merge.rs` the KVM dirty-log merges
@@ -61,9 +60,9 @@ const WORD_BITS: u64 = 64;
 /// log2 of the target pages in one word.
 const WORD_SHIFT: u32 = 6;
 
-/// A mask of the low `bits` bits (`bits` ≤ 64).
+/// A mask of the low `bits` bits (all 64 for `bits` ≥ 64).
 #[inline]
-fn low_mask(bits: u64) -> u64 {
+pub(crate) fn low_mask(bits: u64) -> u64 {
     if bits >= WORD_BITS {
         !0
     } else {

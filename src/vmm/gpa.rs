@@ -21,6 +21,7 @@
 
 use std::fmt;
 
+use crate::bitmap::low_mask;
 use crate::layout::{LocationError, PageLocation, RamLayout};
 use crate::request::UrgentRequest;
 
@@ -264,15 +265,7 @@ impl GpaMap {
     /// The GPA of the first byte of page `loc`.
     pub fn gpa(&self, loc: PageLocation) -> Result<u64, GpaError> {
         let p = self.placed(loc.block)?;
-        let pages = p.len >> self.target_shift;
-        if loc.page >= pages {
-            return Err(LocationError::PageOutOfRange {
-                block: loc.block,
-                page: loc.page,
-                pages,
-            }
-            .into());
-        }
+        LocationError::check_page(loc, p.len >> self.target_shift)?;
         Ok(p.base + (loc.page << self.target_shift))
     }
 
@@ -385,12 +378,7 @@ impl DirtyRanges<'_> {
             let bit = end % 64;
             let ones = u64::from((self.bits >> bit).trailing_ones());
             // Clear the run's bits in this word.
-            let run_mask = if ones + bit >= 64 {
-                !0u64 << bit
-            } else {
-                ((1u64 << ones) - 1) << bit
-            };
-            self.bits &= !run_mask;
+            self.bits &= !(low_mask(ones) << bit);
             end += ones;
             if bit + ones < 64 {
                 return end;

@@ -53,7 +53,7 @@ use std::sync::atomic::Ordering;
 
 use vm_memory::bitmap::{Bitmap, BitmapSlice, NewBitmap, WithBitmapSlice};
 
-use crate::bitmap::{DirtyBitmap, LayoutMismatch};
+use crate::bitmap::{low_mask, DirtyBitmap, LayoutMismatch};
 use crate::layout::{BlockSpec, LocationError, RamLayout};
 use crate::stats::bump;
 use crate::sync::StatCounter;
@@ -232,8 +232,7 @@ impl RegionBitmap {
             }
             None => {
                 for (i, w) in words.iter_mut().enumerate() {
-                    let left = self.pages - i as u64 * 64;
-                    *w = if left >= 64 { !0 } else { (1 << left) - 1 };
+                    *w = low_mask(self.pages - i as u64 * 64);
                 }
             }
         }
@@ -249,11 +248,11 @@ impl RegionBitmap {
             Some(bitmap) if bitmap.is_driven() => {
                 Err(RegionBitmapError::Driven { block: self.block })
             }
-            Some(_) => Ok(self
-                .get_and_reset()
-                .iter()
-                .map(|w| u64::from(w.count_ones()))
-                .sum()),
+            Some(bitmap) => {
+                let mut words = vec![0u64; self.pages.div_ceil(64) as usize];
+                // Cannot fail: the whole block of a bitmap checked to have it.
+                Ok(bitmap.get_and_clear(self.block, 0, &mut words).unwrap_or(0))
+            }
             None => Ok(0),
         }
     }
