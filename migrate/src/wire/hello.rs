@@ -1,6 +1,6 @@
 //! The destination's hello (what it asks the source to migrate) and the source's reply.
 //!
-//! Hello: `"PHMIGRT5"`, then 26 little-endian `u64` fields in [`Hello::encode`]'s order, then
+//! Hello: `"PHMIGRT"` and the version byte, then 26 little-endian `u64` fields in [`Hello::encode`]'s order, then
 //! the 36-byte boot id. Every field is decoded into its typed value and checked here (enum
 //! codes, host page size, claim batch, the guest layout), so the rest of the source sees
 //! only values that make sense; a bad field is a [`WireError::Malformed`] saying which.
@@ -10,7 +10,7 @@
 //! block after block (each block in whole words), as [`pagehint::PageScheduler::recover_block`]
 //! takes it.
 //!
-//! Reply: `"PHMIGRS5" | token u64 | boot id [36] | message length u32 | message` (empty when
+//! Reply: `"PHMIGRS"` and the version byte `| token u64 | boot id [36] | message length u32 | message` (empty when
 //! accepted, at most 4096 bytes).
 //!
 //! The last byte of both magics is the protocol version: a peer of another version, or
@@ -87,8 +87,33 @@ pub struct Hello {
 
 /// The protocol version both directions carry (the last byte of each magic).
 pub const VERSION: u8 = b'6';
-const MAGIC: &[u8; 8] = b"PHMIGRT5";
-const REPLY_MAGIC: &[u8; 8] = b"PHMIGRS5";
+const MAGIC: &[u8; 8] = &magic(*b"PHMIGRT");
+const REPLY_MAGIC: &[u8; 8] = &magic(*b"PHMIGRS");
+
+/// A magic: seven letters, then [`VERSION`] (so that bumping the version changes both).
+const fn magic(name: [u8; 7]) -> [u8; 8] {
+    let mut m = [VERSION; 8];
+    let mut i = 0;
+    while i < 7 {
+        m[i] = name[i];
+        i += 1;
+    }
+    m
+}
+
+/// Why `found` is not the magic `want`: another version of this protocol, or another
+/// service altogether (`peer` names what we expected, `how` what it sent).
+fn mismatch(found: &[u8; 8], want: &[u8; 8], peer: &str, us: &str, how: &str) -> String {
+    if found[..7] == want[..7] {
+        format!(
+            "the {peer} speaks protocol version {}, this {us} version {}",
+            found[7].escape_ascii(),
+            VERSION.escape_ascii()
+        )
+    } else {
+        format!("not a pagehint-migrate {peer} ({how} \"{}\")", shown(found))
+    }
+}
 
 /// `found`, an 8-byte magic, as printable text.
 fn shown(found: &[u8]) -> String {
@@ -149,19 +174,15 @@ impl Hello {
     /// Decodes and checks a hello.
     pub fn decode(b: &[u8; LEN]) -> Result<Self, WireError> {
         let bad = |what: String| WireError::Malformed(Channel::Handshake, what);
-        if &b[..8] != MAGIC {
-            return Err(bad(if b[..7] == MAGIC[..7] {
-                format!(
-                    "the destination speaks protocol version {}, this source version {}",
-                    b[7].escape_ascii(),
-                    VERSION.escape_ascii()
-                )
-            } else {
-                format!(
-                    "not a pagehint-migrate destination (its hello starts \"{}\")",
-                    shown(&b[..8])
-                )
-            }));
+        let found: &[u8; 8] = b[..8].try_into().expect("8 bytes");
+        if found != MAGIC {
+            return Err(bad(mismatch(
+                found,
+                MAGIC,
+                "destination",
+                "source",
+                "its hello starts",
+            )));
         }
         let v = |i: usize| u64::from_le_bytes(b[8 + i * 8..16 + i * 8].try_into().expect("8"));
         let role = match (v(0), v(1)) {
@@ -271,18 +292,7 @@ impl HelloReply {
             e => e,
         })?;
         if &magic != REPLY_MAGIC {
-            let what = if magic[..7] == REPLY_MAGIC[..7] {
-                format!(
-                    "the source speaks protocol version {}, this destination version {}",
-                    magic[7].escape_ascii(),
-                    VERSION.escape_ascii()
-                )
-            } else {
-                format!(
-                    "not a pagehint-migrate source (it answered \"{}\")",
-                    shown(&magic)
-                )
-            };
+            let what = mismatch(&magic, REPLY_MAGIC, "source", "destination", "it answered");
             return Err(WireError::Malformed(Channel::Handshake, what));
         }
         let mut head = [0u8; 48];
