@@ -80,6 +80,24 @@ fn dial(addr: SocketAddr, idle: Duration) -> Result<TcpStream, WireError> {
     Ok(s)
 }
 
+/// Opens one connection to `addr` (giving up after `dial_limit`), sends `h` and `extra`
+/// after it, and reads the source's reply; a refusal is [`ConnectError::Refused`].
+fn greet(
+    addr: SocketAddr,
+    dial_limit: Duration,
+    h: &Hello,
+    extra: &[u8],
+    g: &Guard<'_>,
+) -> Result<(TcpStream, HelloReply), ConnectError> {
+    let s = dial(addr, dial_limit)?;
+    write_parts(&s, &[&h.encode(), extra], g, Channel::Handshake)?;
+    let reply = HelloReply::read(&s, g)?;
+    if !reply.error.is_empty() {
+        return Err(ConnectError::Refused(reply.error));
+    }
+    Ok((s, reply))
+}
+
 /// Destination: connects both channels with `hello` and measures the clock offset.
 pub fn connect(addr: SocketAddr, hello: &Hello, idle: Duration) -> Result<Connected, ConnectError> {
     let stop = AtomicBool::new(false);
@@ -88,21 +106,11 @@ pub fn connect(addr: SocketAddr, hello: &Hello, idle: Duration) -> Result<Connec
         idle,
         keepalive: None,
     };
-    let main = dial(addr, idle)?;
     let mut h = hello.clone();
     h.role = Role::Main;
-    write_parts(&main, &[&h.encode()], &g, Channel::Handshake)?;
-    let reply = HelloReply::read(&main, &g)?;
-    if !reply.error.is_empty() {
-        return Err(ConnectError::Refused(reply.error));
-    }
-    let urgent = dial(addr, idle)?;
+    let (main, reply) = greet(addr, idle, &h, &[], &g)?;
     h.role = Role::Urgent { token: reply.token };
-    write_parts(&urgent, &[&h.encode()], &g, Channel::Handshake)?;
-    let ureply = HelloReply::read(&urgent, &g)?;
-    if !ureply.error.is_empty() {
-        return Err(ConnectError::Refused(ureply.error));
-    }
+    let (urgent, _) = greet(addr, idle, &h, &[], &g)?;
     // Always probed (so the path is exercised); used only across machines.
     let measured_offset_ns = clock_offset(&main, &g)?;
     Ok(Connected {
@@ -133,7 +141,6 @@ pub fn resume(
         idle,
         keepalive: None,
     };
-    let main = dial(addr, connect)?;
     let mut h = hello.clone();
     h.role = Role::Resume { token };
     let mut bits = Vec::with_capacity(8 + received.len() * 8);
@@ -141,18 +148,9 @@ pub fn resume(
     for w in received {
         bits.extend_from_slice(&w.to_le_bytes());
     }
-    write_parts(&main, &[&h.encode(), &bits], &g, Channel::Handshake)?;
-    let reply = HelloReply::read(&main, &g)?;
-    if !reply.error.is_empty() {
-        return Err(ConnectError::Refused(reply.error));
-    }
-    let urgent = dial(addr, connect)?;
+    let (main, _) = greet(addr, connect, &h, &bits, &g)?;
     h.role = Role::Urgent { token };
-    write_parts(&urgent, &[&h.encode()], &g, Channel::Handshake)?;
-    let ureply = HelloReply::read(&urgent, &g)?;
-    if !ureply.error.is_empty() {
-        return Err(ConnectError::Refused(ureply.error));
-    }
+    let (urgent, _) = greet(addr, connect, &h, &[], &g)?;
     Ok((main, urgent))
 }
 

@@ -241,10 +241,9 @@ pub fn mode_label(mode: MigrationMode, resend: bool) -> String {
 impl RunResult {
     /// This run's mode as the table shows it ([`mode_label`]).
     pub fn label(&self) -> String {
-        if self.mode != "vanilla" && !self.resend {
-            format!("{} (no resend)", self.mode)
-        } else {
-            self.mode.clone()
+        match self.mode.parse::<MigrationMode>() {
+            Ok(m) => mode_label(m, self.resend),
+            Err(_) => self.mode.clone(),
         }
     }
 }
@@ -355,13 +354,13 @@ impl RunResult {
                     faults::Blocktime {
                         per_vcpu_ns: vec![log.stall_ns],
                         all_ns: log.stall_ns,
-                        vcpu_faults: log.latencies_ns.len() as u64,
+                        vcpu_faults: log.spans.len() as u64,
                     }
                 } else {
                     b
                 };
                 (
-                    log.latencies_ns.clone(),
+                    log.latencies_ns(),
                     log.stall_ns,
                     b,
                     report.longest_pause_ns,
@@ -382,6 +381,7 @@ impl RunResult {
             .saturating_sub(t.resume);
         let pending_bytes = i.mem.pending() * layout.host_page().bytes();
         let st = &i.summary.stats;
+        let (duplicate_pages, duplicate_bytes) = i.mem.duplicates();
         let sw = i.switch;
         let (ops_after, writes, errors, first_error, verified) = guest;
         let complete = if t.complete > 0 {
@@ -441,8 +441,8 @@ impl RunResult {
             placed_twice: i.mem.placed_twice().0,
             resent_host_pages: i.summary.resent_host_pages,
             resent_bytes: i.summary.resent_bytes,
-            duplicate_pages: i.mem.duplicates().0,
-            duplicate_bytes: i.mem.duplicates().1,
+            duplicate_pages,
+            duplicate_bytes,
             duplicate_share_pct: if i.summary.postcopy_bytes > 0 {
                 100.0 * i.summary.resent_bytes as f64 / i.summary.postcopy_bytes as f64
             } else {

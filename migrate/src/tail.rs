@@ -138,9 +138,9 @@ pub fn breakdown(
         if req == 0 || placed == 0 {
             continue;
         }
-        let (sent, via) = mem.delivery(hp);
+        let (sent, chan, recv_ns) = mem.delivery(hp);
         let r = by_page[hp as usize].map(|i| requests[i]);
-        let urgent = via.chan == Via::URGENT;
+        let urgent = chan == Via::URGENT;
         let (written, arrival) = match r {
             Some(r) if urgent => (r.urgent_written_ns, r.urgent_arrival_ns),
             Some(r) => (r.bg_written_ns, r.bg_arrival_ns),
@@ -152,13 +152,13 @@ pub fn breakdown(
             r.map_or(0, |r| local(r.served_ns)),
             local(written),
             local(arrival),
-            via.recv_ns,
+            recv_ns,
             placed,
         ];
         let mut t = Timed {
             total: placed.saturating_sub(req),
             path: r.and_then(|r| ReqPath::from_code(r.path)),
-            chan: via.chan,
+            chan,
             bg_unsent: r
                 .filter(|r| r.bg_claim_ns > 0 && r.bg_written_ns >= r.bg_claim_ns)
                 .map(|r| r.bg_written_ns - r.bg_claim_ns),

@@ -213,7 +213,8 @@ fn lost_requests(st: &pagehint::SchedulerStats) -> Option<String> {
 /// the source resent, and each identical to the source's page at the switch-over. A real
 /// double placement is not one of them: it reaches `UFFDIO_COPY` and is counted above.
 fn duplicates(e: &Evidence, problems: &mut Vec<String>) {
-    let (pages, _, sums) = e.mem.duplicates();
+    let (pages, _) = e.mem.duplicates();
+    let sums = e.mem.duplicate_sums();
     if pages > e.summary.resent_host_pages {
         problems.push(format!(
             "{pages} duplicate host pages dropped, the source resent only {}",

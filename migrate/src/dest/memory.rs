@@ -71,8 +71,6 @@ pub struct Via {
     pub recv_ns: u64,
     /// A deliberate duplicate: the urgent path's resend of a background claim.
     pub resend: bool,
-    /// When it arrives on the emulated link (destination clock).
-    pub due_ns: u64,
 }
 
 impl Via {
@@ -142,10 +140,9 @@ pub struct DestMemory {
     dup_sums: Mutex<Vec<(u64, u64)>>,
     /// Per host page: when its request was written to the return path (0: never).
     req_sent_ns: Box<[AtomicU64]>,
-    /// Per host page: how the placed copy came ([`Via`]: channel, read, due).
+    /// Per host page: how the placed copy came ([`Via`]: channel, read).
     placed_chan: Box<[AtomicU8]>,
     placed_recv_ns: Box<[AtomicU64]>,
-    placed_due_ns: Box<[AtomicU64]>,
     /// The connection now receiving (0 first; each resume after a break adds one).
     conn: AtomicU16,
     /// Host pages missing at the switch-over.
@@ -227,7 +224,6 @@ impl DestMemory {
             req_sent_ns: stamps(host_pages),
             placed_chan: (0..host_pages).map(|_| AtomicU8::new(0)).collect(),
             placed_recv_ns: stamps(host_pages),
-            placed_due_ns: stamps(host_pages),
             conn: AtomicU16::new(0),
             pending: AtomicU64::new(0),
             placed: AtomicU64::new(0),
@@ -319,22 +315,15 @@ impl DestMemory {
         }
     }
 
-    /// When the request for host page `hp` was written (0: never), and how its placed copy
-    /// came.
-    pub fn delivery(&self, hp: u64) -> (u64, Via) {
+    /// When the request for host page `hp` was written (0: never), and the channel
+    /// ([`Via::chan`]) and receive time ([`Via::recv_ns`]) of its placed copy.
+    pub fn delivery(&self, hp: u64) -> (u64, u8, u64) {
         let i = hp as usize;
         // Relaxed (all): read after the run.
         (
             self.req_sent_ns[i].load(Ordering::Relaxed),
-            Via {
-                chan: self.placed_chan[i].load(Ordering::Relaxed),
-                recv_ns: self.placed_recv_ns[i].load(Ordering::Relaxed),
-                due_ns: self.placed_due_ns[i].load(Ordering::Relaxed),
-                // The urgent copy of a page that was resent is the resend (the scheduler's
-                // copy of a background claim comes on the background channel).
-                resend: self.placed_chan[i].load(Ordering::Relaxed) == Via::URGENT
-                    && self.copies.copies(hp).1,
-            },
+            self.placed_chan[i].load(Ordering::Relaxed),
+            self.placed_recv_ns[i].load(Ordering::Relaxed),
         )
     }
 
@@ -624,11 +613,10 @@ impl DestMemory {
             }
         }
         let now = now_ns();
-        // Relaxed (all four): read after the run.
+        // Relaxed (all three): read after the run.
         self.placed_ns[hp as usize].store(now, Ordering::Relaxed);
         self.placed_chan[hp as usize].store(via.chan, Ordering::Relaxed);
         self.placed_recv_ns[hp as usize].store(via.recv_ns, Ordering::Relaxed);
-        self.placed_due_ns[hp as usize].store(via.due_ns, Ordering::Relaxed);
         // Relaxed (both): `conn` is set before this connection's receivers are spawned
         // (the spawn orders it); the stamp is read after the run.
         let conn = self.conn.load(Ordering::Relaxed).saturating_add(1);
@@ -671,23 +659,21 @@ impl DestMemory {
         }
     }
 
-    /// Which copies of host page `hp` came: `(sent, resent)`.
-    pub fn copies(&self, hp: u64) -> (bool, bool) {
-        self.copies.copies(hp)
-    }
-
-    /// Deliberate duplicates dropped: host pages, bytes, and `(global target page, checksum)`
-    /// of each of their target pages.
-    pub fn duplicates(&self) -> (u64, u64, Vec<(u64, u64)>) {
+    /// Deliberate duplicates dropped: host pages and bytes.
+    pub fn duplicates(&self) -> (u64, u64) {
         // Relaxed (both): read after the receivers are joined.
         (
             self.dup_pages.load(Ordering::Relaxed),
             self.dup_bytes.load(Ordering::Relaxed),
-            self.dup_sums
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .clone(),
         )
+    }
+
+    /// `(global target page, checksum)` of each dropped duplicate's target pages.
+    pub fn duplicate_sums(&self) -> Vec<(u64, u64)> {
+        self.dup_sums
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Sets the present bit; true if it was clear.

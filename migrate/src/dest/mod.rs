@@ -639,28 +639,24 @@ impl Dest<'_> {
                 last = (placed, now_ns());
             } else if placed < pending && now_ns() - last.1 > cfg.idle_timeout.as_nanos() as u64 {
                 // Nothing placed for the idle limit: a lost connection if nothing arrives
-                // on either channel either (a partition, a stopped source), else a stall.
-                let silent =
-                    self.both_silent(WireError::Timeout(Channel::Urgent, cfg.idle_timeout));
-                let lost = matches!(silent, WireError::Timeout(Channel::Both, _))
-                    && self.channel_quiet(&self.bg_progress, cfg.idle_timeout);
+                // on the background channel either (a partition, a stopped source; urgent
+                // frames would have been placed), else a stall.
+                let silent = WireError::Timeout(Channel::Both, cfg.idle_timeout);
+                let lost = self.channel_quiet(&self.bg_progress, cfg.idle_timeout);
                 if lost && self.recoverable() {
                     // A partition: recovered like any other break.
                     let n = self.conn.lock().unwrap_or_else(|p| p.into_inner()).number;
                     self.conn_failed(silent.into(), n);
                     continue;
                 }
-                self.fail(match silent {
-                    WireError::Timeout(Channel::Both, _)
-                        if self.channel_quiet(&self.bg_progress, cfg.idle_timeout) =>
-                    {
-                        RunError::Wire(silent)
-                    }
-                    _ => RunError::Stalled {
+                self.fail(if lost {
+                    RunError::Wire(silent)
+                } else {
+                    RunError::Stalled {
                         received: placed,
                         total: pending,
                         idle: cfg.idle_timeout,
-                    },
+                    }
                 });
                 break;
             }

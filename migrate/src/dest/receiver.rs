@@ -30,8 +30,8 @@ impl Dest<'_> {
         let mut queue: VecDeque<(FrameHeader, Vec<u8>, u64, u64)> = VecDeque::new();
         let r = self.receive(stream, chan, &mut queue);
         if r.is_err() && queue.iter().any(|f| f.0.kind == FrameKind::Switch) {
-            while let Some((h, buf, due, recv)) = queue.pop_front() {
-                self.apply(&h, &buf, chan, due, recv)?;
+            while let Some((h, buf, _, recv)) = queue.pop_front() {
+                self.apply(&h, &buf, chan, recv)?;
                 if h.kind == FrameKind::Switch {
                     break;
                 }
@@ -56,8 +56,8 @@ impl Dest<'_> {
         loop {
             let now = now_ns();
             while queue.front().is_some_and(|f| f.2 <= now + EARLY_NS) {
-                let (h, buf, due, recv) = queue.pop_front().expect("front exists");
-                if self.apply(&h, &buf, chan, due, recv)? {
+                let (h, buf, _, recv) = queue.pop_front().expect("front exists");
+                if self.apply(&h, &buf, chan, recv)? {
                     return Ok(());
                 }
                 pool.push(buf);
@@ -130,14 +130,13 @@ impl Dest<'_> {
         }
     }
 
-    /// Applies one due frame (due at `due`, read at `recv`); true when the channel is done
-    /// (the summary arrived).
+    /// Applies one due frame (read at `recv`); true when the channel is done (the summary
+    /// arrived).
     fn apply(
         &self,
         h: &FrameHeader,
         buf: &[u8],
         chan: Channel,
-        due: u64,
         recv: u64,
     ) -> Result<bool, RunError> {
         let data = (h.kind == FrameKind::Pages).then_some(buf);
@@ -158,7 +157,6 @@ impl Dest<'_> {
                             Via::BACKGROUND
                         },
                         recv_ns: recv,
-                        due_ns: due,
                         resend: h.resend,
                     };
                     self.mem.place(h.block, h.offset, h.len, data, via)?;

@@ -290,9 +290,6 @@ impl Dest<'_> {
                 }
             }
         };
-        for s in [&main, &urgent] {
-            crate::wire::configure(s).map_err(|e| WireError::Io(Channel::Handshake, e))?;
-        }
         {
             let mut c = self.conn.lock().unwrap_or_else(|p| p.into_inner());
             c.main = Arc::new(main);
@@ -309,9 +306,7 @@ impl Dest<'_> {
         *receivers = self.spawn_receivers(s);
         let again = self.mem.requested_missing();
         for &hp in &again {
-            if let Err(e) = self.request(hp) {
-                return Err(e.into());
-            }
+            self.request(hp)?;
         }
         self.cuts
             .lock()

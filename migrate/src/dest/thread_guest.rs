@@ -29,14 +29,22 @@ const OBSERVED_KEPT: usize = 1 << 20;
 /// Faults the thread felt: one latency per access that found its page missing.
 #[derive(Clone, Debug, Default)]
 pub struct FaultLog {
-    /// Latency of each fault, ns.
-    pub latencies_ns: Vec<u64>,
     /// Sum of the latencies, ns.
     pub stall_ns: u64,
     /// Accesses that found the page missing in the bitmap but present in memory.
     pub raced: u64,
     /// Each fault that waited: `(host page, access began, access returned)`, ns.
     pub spans: Vec<(u64, u64, u64)>,
+}
+
+impl FaultLog {
+    /// Latency of each fault, ns (from its span).
+    pub fn latencies_ns(&self) -> Vec<u64> {
+        self.spans
+            .iter()
+            .map(|&(_, began, returned)| returned - began)
+            .collect()
+    }
 }
 
 /// What a workload did.
@@ -116,7 +124,6 @@ impl ThreadGuest<'_> {
         let t1 = now_ns();
         let dt = t1 - t0;
         self.log.spans.push((hp, t0, t1));
-        self.log.latencies_ns.push(dt);
         self.log.stall_ns += dt;
         !self.aborted()
     }
@@ -193,7 +200,7 @@ pub fn run(
     }
     r.elapsed_ns = now_ns() - t0;
     if w != Workload::Stream {
-        r.longest_pause_ns = g.log.latencies_ns.iter().copied().max().unwrap_or(0);
+        r.longest_pause_ns = g.log.latencies_ns().into_iter().max().unwrap_or(0);
     }
     r
 }

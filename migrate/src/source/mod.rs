@@ -407,14 +407,7 @@ impl Session<'_> {
                 e => e.to_string(),
             };
             let msg = &msg.as_bytes()[..msg.len().min(4096)];
-            let h = FrameHeader {
-                kind: FrameKind::Abort,
-                block: 0,
-                offset: 0,
-                len: msg.len() as u64,
-                arrival_ns: now_ns(),
-                resend: false,
-            };
+            let h = FrameHeader::abort(msg.len());
             let quiet = AtomicBool::new(false);
             let g = Guard {
                 stop: &quiet,

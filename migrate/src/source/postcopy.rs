@@ -145,8 +145,7 @@ impl Session<'_> {
             words.iter().sum(),
         ) {
             Ok(r) => r,
-            Err(WireError::Stopped) => return Err(WireError::Stopped),
-            Err(WireError::Malformed(c, m)) => return Err(WireError::Malformed(c, m)),
+            Err(e @ (WireError::Stopped | WireError::Malformed(..))) => return Err(e),
             // The destination never came back: the session ends with the cut.
             Err(_) => return Err(cut),
         };

@@ -63,6 +63,18 @@ impl FrameHeader {
     /// Encoded size.
     pub const LEN: usize = 32;
 
+    /// The header of an `ABORT` frame whose reason is `len` bytes, stamped now.
+    pub fn abort(len: usize) -> Self {
+        Self {
+            kind: FrameKind::Abort,
+            block: 0,
+            offset: 0,
+            len: len as u64,
+            arrival_ns: crate::clock::now_ns(),
+            resend: false,
+        }
+    }
+
     /// Encodes the header.
     pub fn encode(&self) -> [u8; Self::LEN] {
         let mut b = [0u8; Self::LEN];
