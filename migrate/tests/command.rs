@@ -9,6 +9,11 @@ use std::time::{Duration, Instant};
 
 use common::within;
 
+/// A small, quiet, unpinned preempt run of the thread guest.
+const SMALL: &[&str] = &[
+    "--guest", "thread", "--mem", "16M", "--pin", "off", "--quiet", "--modes", "preempt",
+];
+
 fn exe() -> Command {
     Command::new(env!("CARGO_BIN_EXE_pagehint-migrate"))
 }
@@ -22,21 +27,9 @@ fn a_listener_with_once_serves_one_migration_and_exits() {
     );
     let dest = within(Duration::from_secs(60), move || {
         exe()
-            .args([
-                "--connect",
-                &addr,
-                "--guest",
-                "thread",
-                "--mem",
-                "16M",
-                "--pin",
-                "off",
-                "--quiet",
-                "--modes",
-                "preempt",
-                "--workloads",
-                "seq",
-            ])
+            .args(["--connect", &addr])
+            .args(SMALL)
+            .args(["--workloads", "seq"])
             .output()
             .unwrap()
     });
@@ -63,19 +56,11 @@ fn failed_runs_are_recorded_with_how_far_they_got_and_the_rest_still_run() {
         let json = json.clone();
         move || {
             exe()
+                .args(SMALL)
                 .args([
-                    "--guest",
-                    "thread",
-                    "--mem",
-                    "16M",
-                    "--pin",
-                    "off",
-                    "--quiet",
-                    "--modes",
-                    "preempt",
                     "--workloads",
                     "seq,random",
-                    // Test hook: the source drops both connections after 1000 host pages.
+                    // Test hook: the source drops both connections after 100 host pages.
                     "--test-drop-after",
                     "100",
                     "--json",

@@ -117,11 +117,7 @@ fn pure_postcopy_in_every_mode_and_workload() {
         );
         assert!(r.request_p50_us > 0.0);
     }
-    let get = |w: &str, m: &str| {
-        rows.iter()
-            .find(|r| r.workload == w && r.mode == m)
-            .unwrap()
-    };
+    let get = |w: &str, m: &str| common::run_of(&rows, w, m);
     assert_eq!(
         get("random", "vanilla").pages_urgent,
         0,

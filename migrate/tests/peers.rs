@@ -216,14 +216,7 @@ fn the_destination_reports_the_reason_a_source_gave() {
         };
         handshake::answer_pings_until_start(&acc.main, &g).unwrap();
         let why = b"the source guest failed: a test said so";
-        let h = FrameHeader {
-            kind: FrameKind::Abort,
-            block: 0,
-            offset: 0,
-            len: why.len() as u64,
-            arrival_ns: now_ns(),
-            resend: false,
-        };
+        let h = FrameHeader::abort(why.len());
         write_parts(&acc.main, &[&h.encode(), why], &g, Channel::Background).unwrap();
         std::thread::sleep(Duration::from_secs(2));
     });
@@ -247,30 +240,10 @@ fn the_destination_reports_the_reason_a_source_gave() {
 
 #[test]
 fn a_source_that_falls_silent_mid_postcopy_is_reported_on_both_channels() {
-    use std::process::{Command, Stdio};
-    use std::sync::atomic::{AtomicU64, Ordering};
-    use std::sync::Arc;
+    use std::sync::atomic::Ordering;
     // A source process, stopped (SIGSTOP) once postcopy is under way: both connections stay
     // open and both fall silent, as in a network partition.
-    let (mut child, addr) = common::start_listener(
-        Command::new(env!("CARGO_BIN_EXE_pagehint-migrate"))
-            .args(["--listen", "127.0.0.1:0", "--pin", "off", "--once"])
-            .stderr(Stdio::null()),
-    );
-    let addr = addr.parse().unwrap();
-    let pid = child.id() as i32;
-    let placed = Arc::new(AtomicU64::new(0));
-    let stopper = {
-        let placed = Arc::clone(&placed);
-        std::thread::spawn(move || {
-            // Relaxed: a polled progress figure.
-            while placed.load(Ordering::Relaxed) == 0 {
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            // SAFETY: signals our own child process.
-            unsafe { libc::kill(pid, libc::SIGSTOP) };
-        })
-    };
+    let (mut child, addr, placed, stopper) = common::source_stopped_mid_postcopy(None);
     let r = within(Duration::from_secs(30), move || {
         // A slow link, so that postcopy is still running when the source stops.
         let mut c = cfg();

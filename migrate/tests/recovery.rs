@@ -9,13 +9,12 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{check_verified, command_line, config, is_root, migrate, within};
+use common::{check_verified, command_line, config, is_root, migrate, start_listener, within};
 use pagehint_migrate::guest::kvm::ready_or_skip;
 use pagehint_migrate::guest::layout::HostPageSize;
 use pagehint_migrate::options::GuestKind;
@@ -83,11 +82,7 @@ fn every_mode_survives_repeated_cuts_and_places_each_page_once() {
     }
     // The hint state of a broken connection is dropped, and the mode stays: vanilla never
     // uses the urgent channel, preempt-hint still offers hints after the breaks.
-    let get = |w: &str, m: &str| {
-        runs.iter()
-            .find(|r| r.workload == w && r.mode == m)
-            .unwrap()
-    };
+    let get = |w: &str, m: &str| common::run_of(&runs, w, m);
     assert_eq!(get("random", "vanilla").pages_urgent, 0);
     assert_eq!(get("random", "preempt").hints_offered, 0);
     assert!(get("random", "preempt-hint").hints_offered > 0);
@@ -135,28 +130,8 @@ fn a_source_stopped_longer_than_the_idle_limit_is_resumed_when_it_continues() {
     // The source process is stopped (SIGSTOP) mid-postcopy for 2.5 s: the destination's
     // 1 s idle limit finds both channels silent, keeps its guest and reconnects until the
     // source continues (SIGCONT) and takes the session back.
-    let (mut child, addr) = common::start_listener(
-        Command::new(env!("CARGO_BIN_EXE_pagehint-migrate"))
-            .args(["--listen", "127.0.0.1:0", "--pin", "off", "--once"])
-            .stderr(Stdio::null()),
-    );
-    let addr = addr.parse().unwrap();
-    let pid = child.id() as i32;
-    let placed = Arc::new(AtomicU64::new(0));
-    let stopper = {
-        let placed = Arc::clone(&placed);
-        std::thread::spawn(move || {
-            // Relaxed: a polled progress figure.
-            while placed.load(Ordering::Relaxed) == 0 {
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            // SAFETY: signals our own child process.
-            unsafe { libc::kill(pid, libc::SIGSTOP) };
-            std::thread::sleep(Duration::from_millis(2500));
-            // SAFETY: as above.
-            unsafe { libc::kill(pid, libc::SIGCONT) };
-        })
-    };
+    let (mut child, addr, placed, stopper) =
+        common::source_stopped_mid_postcopy(Some(Duration::from_millis(2500)));
     let r = within(Duration::from_secs(40), move || {
         let mut c = config(GuestKind::Thread, 16 << 20, HostPageSize::Small, 1);
         c.idle_timeout = Duration::from_secs(1);
@@ -239,26 +214,20 @@ fn a_partition_between_two_namespaces_is_recovered_when_the_link_comes_back() {
     let exe = std::path::Path::new(env!("CARGO_BIN_EXE_pagehint-migrate"));
     let port = 4400 + (std::process::id() % 1000) as u16;
     let src_addr = format!("{}:{port}", link.ip(End::Source));
-    let mut source = link.command(End::Source, exe);
-    let mut source = source
-        .args([
-            "--listen",
-            &src_addr,
-            "--pin",
-            "off",
-            "--once",
-            "--timeout",
-            "1s",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(source.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    assert!(line.contains("listening"), "{line}");
+    let (mut source, listening) = start_listener(
+        link.command(End::Source, exe)
+            .args([
+                "--listen",
+                &src_addr,
+                "--pin",
+                "off",
+                "--once",
+                "--timeout",
+                "1s",
+            ])
+            .stderr(Stdio::piped()),
+    );
+    assert_eq!(listening, src_addr);
     let dir = std::env::temp_dir().join(format!("recovery-netns-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let json = dir.join("r.json");

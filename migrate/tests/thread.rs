@@ -47,11 +47,7 @@ fn every_mode_and_workload_migrates_and_verifies_on_userfaultfd() {
             assert!(r.fault_path.starts_with("userfaultfd"), "{}", r.fault_path);
         }
     }
-    let get = |w: &str, m: &str| {
-        runs.iter()
-            .find(|r| r.workload == w && r.mode == m)
-            .unwrap()
-    };
+    let get = |w: &str, m: &str| common::run_of(&runs, w, m);
     // Vanilla never uses the urgent channel; preempt-hint is the only mode with hints.
     assert_eq!(get("random", "vanilla").pages_urgent, 0);
     assert_eq!(get("random", "preempt").hints_offered, 0);

@@ -3,10 +3,13 @@
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
 use std::time::Duration;
 
 use pagehint_migrate::guest::layout::HostPageSize;
@@ -40,6 +43,47 @@ pub fn start_listener(cmd: &mut Command) -> (Child, String) {
         .unwrap();
     let addr = line.trim().rsplit(' ').next().unwrap().to_string();
     (child, addr)
+}
+
+/// A `--listen --once` source process that is stopped (`SIGSTOP`) as soon as the
+/// destination has placed a page (store the placed count into the returned counter from the
+/// run's progress callback): both connections stay open and fall silent, as in a partition.
+/// With `resume_after`, the source is continued (`SIGCONT`) that long after. Join the
+/// returned thread before ending the child.
+pub fn source_stopped_mid_postcopy(
+    resume_after: Option<Duration>,
+) -> (Child, SocketAddr, Arc<AtomicU64>, JoinHandle<()>) {
+    let (child, addr) = start_listener(
+        Command::new(env!("CARGO_BIN_EXE_pagehint-migrate"))
+            .args(["--listen", "127.0.0.1:0", "--pin", "off", "--once"])
+            .stderr(Stdio::null()),
+    );
+    let pid = child.id() as i32;
+    let placed = Arc::new(AtomicU64::new(0));
+    let stopper = {
+        let placed = Arc::clone(&placed);
+        std::thread::spawn(move || {
+            // Relaxed: a polled progress figure.
+            while placed.load(Ordering::Relaxed) == 0 {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            // SAFETY: signals our own child process.
+            unsafe { libc::kill(pid, libc::SIGSTOP) };
+            if let Some(after) = resume_after {
+                std::thread::sleep(after);
+                // SAFETY: as above.
+                unsafe { libc::kill(pid, libc::SIGCONT) };
+            }
+        })
+    };
+    (child, addr.parse().unwrap(), placed, stopper)
+}
+
+/// The run of workload `w` in mode `m` among `runs` (panics if it did not run).
+pub fn run_of<'a>(runs: &'a [RunResult], w: &str, m: &str) -> &'a RunResult {
+    runs.iter()
+        .find(|r| r.workload == w && r.mode == m)
+        .unwrap_or_else(|| panic!("no {w} / {m} run"))
 }
 
 /// Runs `f` on a thread and fails the test if it takes longer than `limit` (a hang).
