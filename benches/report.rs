@@ -62,20 +62,29 @@ impl Protocol {
         samples: 3,
         sample: Duration::from_millis(10),
     };
-    const LONG: Self = Self {
-        repetitions: 5,
-        samples: 9,
-        sample: Duration::from_millis(25),
-    };
     const SMOKE: Self = Self {
         repetitions: 1,
         samples: 1,
         sample: Duration::ZERO,
     };
+
+    /// Longer repetitions (`--long`): 9 samples of ~25 ms; the repetition count is kept.
+    fn long(self) -> Self {
+        Self {
+            samples: 9,
+            sample: Duration::from_millis(25),
+            ..self
+        }
+    }
 }
 
 /// One repetition's figures: ours and the baseline, in the row's unit.
 type Rep = (f64, f64);
+
+/// The ratio baseline / ours of each repetition.
+fn ratios(reps: &[Rep]) -> Vec<f64> {
+    reps.iter().map(|&(o, b)| b / o).collect()
+}
 
 /// One line of the report.
 struct Row {
@@ -92,7 +101,7 @@ struct Row {
 
 impl Row {
     fn ratios(&self) -> Vec<f64> {
-        self.reps.iter().map(|&(o, b)| b / o).collect()
+        ratios(&self.reps)
     }
     /// The median ratio (baseline / ours) over the repetitions.
     fn ratio(&self) -> f64 {
@@ -178,10 +187,7 @@ fn opts() -> Opts {
             },
             "--long" => {
                 if !o.smoke {
-                    o.protocol = Protocol {
-                        repetitions: o.protocol.repetitions,
-                        ..Protocol::LONG
-                    }
+                    o.protocol = o.protocol.long()
                 }
             }
             "--update-benchmarks-md" => o.update_md = true,
@@ -522,7 +528,7 @@ impl Report {
                 match KvmLogSync::new(sz.merge_guest, &m.log) {
                     Ok(mut k) => {
                         let r = pair(proto, 1.0, &mut |n| m.ours(n), &mut |n| k.sync(n));
-                        let share = 1.0 / (1.0 + median(r.iter().map(|&(o, b)| b / o).collect()));
+                        let share = 1.0 / (1.0 + median(ratios(&r)));
                         let note = format!(
                             "{note}; a real KVM slot of {} GiB with the same log; the merge is {:.0}% of a whole sync (ioctls + merge)",
                             sz.merge_guest >> 30,

@@ -10,7 +10,7 @@ use pagehint::{DirtyBitmap, DirtyLogError, PageLocation, RamLayout};
 use proptest::prelude::*;
 
 mod common;
-use common::mixed_layout;
+use common::{mixed_layout, Rng};
 
 /// 4 KiB, 16 KiB and 2 MiB host pages.
 fn layout() -> RamLayout {
@@ -32,12 +32,11 @@ proptest! {
         let pages = l.blocks()[block as usize].pages();
         let first = ((pages - 1) as f64 * first_frac) as u64;
         let count = 1 + ((pages - first - 1) as f64 * len_frac) as u64;
-        let mut x = seed | 1;
+        let mut rng = Rng(seed | 1);
         let mut log = vec![0u64; count.div_ceil(64) as usize];
         let mut expect = Vec::new();
         for i in 0..count {
-            x ^= x << 13; x ^= x >> 7; x ^= x << 17;
-            if x % 8 < u64::from(density) {
+            if rng.next() % 8 < u64::from(density) {
                 log[(i / 64) as usize] |= 1 << (i % 64);
                 expect.push(first + i);
             }

@@ -186,20 +186,18 @@ fn i2_get_and_clear_against_claims_keeps_host_pages_whole() {
 
 #[test]
 fn i7_marks_racing_get_and_clear_are_never_lost() {
-    // I7: a marker marks every page once (writing a version first); a consumer keeps
-    // draining; a final drain must hand over every page exactly once.
+    // I7: a marker marks every page once; a consumer keeps draining; a final drain must
+    // hand over every page exactly once.
     let l = layout();
     let bm = DirtyBitmap::new(&l).unwrap();
     let got = Collected::new(&l);
     let done = AtomicBool::new(false);
     std::thread::scope(|s| {
         s.spawn(|| {
-            let mut x = 0x9e37_79b9_7f4a_7c15u64;
             let total = l.total_pages();
             // a permutation of the pages: multiply by an odd constant modulo a power of two
             let n = total.next_power_of_two();
             for i in 0..n {
-                x = x.wrapping_add(1);
                 let g = (i.wrapping_mul(0x5851_f42d_4c95_7f2d | 1)) % n;
                 if g < total {
                     let loc = l.location_of(g).unwrap();

@@ -2,7 +2,6 @@
 //! again (I1), wide host pages are found again (I3), and malformed received bitmaps or a
 //! scheduler still shared with senders are refused (I8).
 
-use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 
 use pagehint::{
@@ -11,7 +10,7 @@ use pagehint::{
 };
 
 mod common;
-use common::mixed_layout;
+use common::{mixed_layout, Collected};
 
 /// 4 KiB, 16 KiB and 2 MiB host pages.
 fn layout() -> RamLayout {
@@ -36,30 +35,20 @@ fn i1_recovery_resends_exactly_what_the_destination_lacks() {
     let l = layout();
     let mut sched = PageScheduler::new(l.clone(), SchedulerConfig::preempt_hint()).unwrap();
     sched.bitmap().mark_all();
-    let dest: Vec<AtomicU8> = (0..l.total_pages()).map(|_| AtomicU8::new(0)).collect();
-    let receive = |c: &pagehint::Claim| {
-        for hp in c.host_pages() {
-            for p in hp.page_range() {
-                let g = l.global_index(PageLocation::new(hp.block, p)).unwrap();
-                assert_eq!(
-                    dest[g as usize].swap(1, Ordering::Relaxed),
-                    0,
-                    "I1: received twice"
-                );
-            }
-        }
-    };
+    // what the destination received, by whom (1: before the break, 2: the urgent page,
+    // 3 and 4: the resumed senders); a page received twice panics (I1)
+    let dest = Collected::new(&l);
     {
         let mut scanner = sched.background_from(PageLocation::new(1, 0));
         for _ in 0..20 {
-            receive(&scanner.next_claim().unwrap());
+            dest.claim(&scanner.next_claim().unwrap(), 1);
         }
         // in flight when the connection broke: claimed, never received
         let _lost = scanner.next_claim().unwrap();
         // block 1 (16 claims) and block 2 (4 claims) are sent; block 0's first chunk is lost
         match sched.serve(UrgentRequest::new(0, 2 << 20, 4096)).unwrap() {
             Served::Send(c) => {
-                receive(&c);
+                dest.claim(&c, 2);
                 sched.urgent_sent(&c); // leaves a hint, which recovery must drop
             }
             other => panic!("page 512 of block 0 is still dirty: {other:?}"),
@@ -68,10 +57,7 @@ fn i1_recovery_resends_exactly_what_the_destination_lacks() {
     assert!(sched.hint().peek().is_some());
     let mut left = 0;
     for b in 0..3u32 {
-        let rx = received(&l, b, |p| {
-            let g = l.global_index(PageLocation::new(b, p)).unwrap();
-            dest[g as usize].load(Ordering::Relaxed) != 0
-        });
+        let rx = received(&l, b, |p| dest.has(b, p));
         left += sched.recover_block(b, &rx).unwrap();
     }
     assert_eq!(
@@ -79,22 +65,16 @@ fn i1_recovery_resends_exactly_what_the_destination_lacks() {
         None,
         "the broken connection's hint is dropped"
     );
-    let before = dest
-        .iter()
-        .filter(|d| d.load(Ordering::Relaxed) != 0)
-        .count() as u64;
+    let before = dest.count();
     assert_eq!(left, l.total_pages() - before);
     // resume with two senders
     std::thread::scope(|s| {
-        for scanner in sched.background_scanners(2) {
-            let receive = &receive;
-            s.spawn(move || scanner.for_each(|c| receive(&c)));
+        for (i, scanner) in sched.background_scanners(2).into_iter().enumerate() {
+            let dest = &dest;
+            s.spawn(move || scanner.for_each(|c| dest.claim(&c, 3 + i as u8)));
         }
     });
-    assert!(
-        dest.iter().all(|d| d.load(Ordering::Relaxed) == 1),
-        "I1: a page never arrived"
-    );
+    assert!(dest.all_once(), "I1: a page never arrived");
 }
 
 #[test]

@@ -10,7 +10,7 @@ use pagehint::{
 };
 
 mod common;
-use common::{mixed_layout, Collected};
+use common::{mixed_layout, Collected, Rng};
 
 /// 4 KiB, 16 KiB and 2 MiB host pages.
 fn layout() -> RamLayout {
@@ -42,15 +42,12 @@ fn i1_i3_several_background_senders_send_each_page_once_and_done_means_clean() {
         let dirty_at_done = Mutex::new(Vec::new());
         std::thread::scope(|s| {
             s.spawn(|| {
-                let mut x = seed;
+                let mut rng = Rng(seed);
                 for _ in 0..5_000 {
                     if finished.load(Ordering::Relaxed) == scanners {
                         break;
                     }
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    let loc = l.location_of(x % l.total_pages()).unwrap();
+                    let loc = l.location_of(rng.next() % l.total_pages()).unwrap();
                     if let Served::Send(c) = sched
                         .serve(UrgentRequest::new(loc.block, loc.page * 4096, 4096))
                         .unwrap()

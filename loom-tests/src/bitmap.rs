@@ -464,8 +464,9 @@ pub fn i7_mark_races_drain<B: ModelBitmap>(layout: &RamLayout, mark: &Mark) {
     };
     let mut out = [0u64; 2];
     bm.get_and_clear(0, 0, &mut out);
-    let mut collected = pages_of(&out).len() as u64;
-    for p in pages_of(&out) {
+    let drained = pages_of(&out);
+    let mut collected = drained.len() as u64;
+    for p in drained {
         guest.send(HostPage {
             block: 0,
             first_page: p,

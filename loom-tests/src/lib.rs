@@ -16,7 +16,8 @@
 //!   controls, so that `cargo test --workspace` (with `--all-features` too: both features and
 //!   no cfg is the std build; the cfgs, not the features, choose the checker) keeps them
 //!   running.
-//! * Shared helpers live here: [`record`] (what was sent, exactly once; guest page contents),
+//! * Shared helpers live here: [`record`] (what was sent, exactly once; no dirty host page left
+//!   when a sender reports done; guest page contents),
 //!   [`sync`] (the checker's threads and primitives), layouts and [`bitmap::pages_of`].
 //!
 //! # Catalogue

@@ -2,7 +2,7 @@
 //! `tests/loom_multi.rs` (loom) and `tests/shuttle_multi.rs` (shuttle): the trait, the real
 //! implementation, the rewrite and its pooled-count mutant, and the checker.
 
-use crate::record::SentPages;
+use crate::record::{assert_no_dirty_host_page, SentPages};
 use crate::sync::{thread, Arc, AtomicU64, Ordering};
 use pagehint::{
     ClaimBatch, HostPage, PageLocation, PageScheduler, RamLayout, SchedulerConfig, Served,
@@ -107,18 +107,6 @@ impl<const POOLED: bool> MultiSenders for Rewrite<POOLED> {
     }
 }
 
-/// Panics with "I3" if a host page may still be claimed.
-fn assert_no_dirty_host_page(s: &PageScheduler, scanner: usize) {
-    for block in 0..s.layout().blocks().len() as u32 {
-        if let Some(page) = s.bitmap().find_next_dirty_host_page(block, 0).unwrap() {
-            panic!(
-                "I3: scanner {scanner} reported done while the host page at {} is dirty",
-                PageLocation::new(block, page)
-            );
-        }
-    }
-}
-
 /// `n` background senders (scanner 0 on the model's main thread) and a return-path thread
 /// requesting `requests`; every page starts dirty. Checks I1, I2, I3 (each scanner) and I4.
 pub fn senders_and_urgent<M: MultiSenders>(
@@ -145,7 +133,7 @@ pub fn senders_and_urgent<M: MultiSenders>(
     };
     let scan = move |m: &M, sent: &SentPages, id: usize| {
         m.round(id, n, &mut |hp| sent.record(hp, 1 + id as u32));
-        assert_no_dirty_host_page(m.scheduler(), id);
+        assert_no_dirty_host_page(m.scheduler(), &format!("scanner {id}"));
     };
     let others: Vec<_> = (1..n)
         .map(|id| {

@@ -14,7 +14,7 @@ use pagehint::{
     HostPage, PageLocation, PageScheduler, RamLayout, SchedulerConfig, Served, UrgentRequest,
 };
 
-use crate::record::SentPages;
+use crate::record::{assert_no_dirty_host_page, SentPages};
 use crate::sync::{thread, Arc};
 
 /// The scheduler under test: the real [`PageScheduler`], or one with a mutant scanner.
@@ -159,19 +159,6 @@ pub struct ProtocolCase {
 /// Sender ids in [`SentPages`].
 const URGENT: u32 = 0;
 
-/// Panics with "I3" if a host page of `s` may still be claimed.
-fn assert_no_dirty_host_page(s: &PageScheduler, scanner: u32) {
-    for block in 0..s.layout().blocks().len() as u32 {
-        let left = s.bitmap().find_next_dirty_host_page(block, 0).unwrap();
-        if let Some(page) = left {
-            panic!(
-                "I3: scanner {scanner} reported done while the host page at {} is dirty",
-                PageLocation::new(block, page)
-            );
-        }
-    }
-}
-
 /// The protocol model: see the [module docs](self).
 pub fn protocol_model<P: ModelProtocol>(case: &ProtocolCase) {
     assert!(case.scanners >= 1);
@@ -197,7 +184,7 @@ pub fn protocol_model<P: ModelProtocol>(case: &ProtocolCase) {
     });
     let scan = |p: &P, sent: &SentPages, id: u32| {
         p.background_round(&mut |hp| sent.record(hp, id));
-        assert_no_dirty_host_page(p.scheduler(), id);
+        assert_no_dirty_host_page(p.scheduler(), &format!("scanner {id}"));
     };
     let others: Vec<_> = (2..=case.scanners)
         .map(|id| {

@@ -13,7 +13,7 @@
 
 use std::sync::atomic::{AtomicU64 as StdAtomicU64, Ordering as StdOrdering};
 
-use pagehint::{HostPage, PageLocation, RamLayout};
+use pagehint::{HostPage, PageLocation, PageScheduler, RamLayout};
 
 use crate::sync::{ContentWord, Ordering};
 
@@ -66,6 +66,19 @@ impl SentPages {
             let n = p.load(StdOrdering::Relaxed) & 0xffff_ffff;
             let loc = self.layout.location_of(g as u64).expect("in range");
             assert_eq!(n, 1, "I1: {loc} was sent {n} times, not once");
+        }
+    }
+}
+
+/// Panics with "I3" if a host page of `s` may still be claimed after `who` (say "scanner 1"
+/// or "round 2") reported done.
+pub(crate) fn assert_no_dirty_host_page(s: &PageScheduler, who: &str) {
+    for block in 0..s.layout().blocks().len() as u32 {
+        if let Some(page) = s.bitmap().find_next_dirty_host_page(block, 0).unwrap() {
+            panic!(
+                "I3: {who} reported done while the host page at {} is dirty",
+                PageLocation::new(block, page)
+            );
         }
     }
 }

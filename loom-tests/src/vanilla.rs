@@ -26,7 +26,7 @@ use pagehint::{
     HostPage, PageLocation, PageScheduler, RamLayout, SchedulerConfig, Served, UrgentRequest,
 };
 
-use crate::record::SentPages;
+use crate::record::{assert_no_dirty_host_page, SentPages};
 use crate::sync::{thread, Arc, Mutex};
 
 /// A vanilla-mode scheduler: the real [`PageScheduler`], or a rewrite.
@@ -188,18 +188,6 @@ pub struct VanillaCase {
     pub requests: Vec<PageLocation>,
 }
 
-/// Panics with "I3" if a host page of `s` may still be claimed.
-fn assert_no_dirty_host_page(s: &PageScheduler, round: u32) {
-    for block in 0..s.layout().blocks().len() as u32 {
-        if let Some(page) = s.bitmap().find_next_dirty_host_page(block, 0).unwrap() {
-            panic!(
-                "I3: round {round} reported done while the host page at {} is dirty",
-                PageLocation::new(block, page)
-            );
-        }
-    }
-}
-
 /// The vanilla model: see the [module docs](self).
 pub fn vanilla_model<V: ModelVanilla>(case: &VanillaCase) {
     let v = Arc::new(V::new(case.layout.clone()));
@@ -214,11 +202,11 @@ pub fn vanilla_model<V: ModelVanilla>(case: &VanillaCase) {
         })
     };
     v.background_round(&mut |hp| sent.record(hp, 1));
-    assert_no_dirty_host_page(v.scheduler(), 1);
+    assert_no_dirty_host_page(v.scheduler(), "round 1");
     return_path.join().unwrap();
     // The requests queued after the first round ended are taken by the next one.
     v.background_round(&mut |hp| sent.record(hp, 2));
-    assert_no_dirty_host_page(v.scheduler(), 2);
+    assert_no_dirty_host_page(v.scheduler(), "round 2");
     sent.assert_each_sent_once();
     assert_eq!(
         v.requests_taken(),

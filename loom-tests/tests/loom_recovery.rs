@@ -27,7 +27,7 @@ fn i1_recovery_handoff_places_each_page_once_across_connections() {
 }
 
 #[test]
-#[should_panic(expected = "I1: ")]
+#[should_panic(expected = "sent twice (by sender 1 and then by sender 2)")]
 fn mutant_bitmap_read_before_the_receiver_is_joined_is_caught() {
     let case = case();
     loom::model(move || handoff_model::<true>(&case));

@@ -56,7 +56,7 @@ fn mutant_stale_copy_overwriting_the_guest_is_caught() {
 }
 
 #[test]
-#[should_panic(expected = "overtake-lost: ")]
+#[should_panic(expected = "overtake-lost: requested host page")]
 fn mutant_request_waiting_forever_is_caught() {
     shuttle::check_pct(
         || overtake_model::<ExpectResend>(&case()),

@@ -28,7 +28,7 @@ fn i1_recovery_handoff_pct() {
 }
 
 #[test]
-#[should_panic(expected = "I1: ")]
+#[should_panic(expected = "sent twice (by sender 1 and then by sender 2)")]
 fn mutant_bitmap_read_before_the_receiver_is_joined_is_caught() {
     shuttle::check_pct(|| handoff_model::<true>(&case()), ITERATIONS, PCT_DEPTH);
 }

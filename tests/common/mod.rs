@@ -78,6 +78,25 @@ impl Collected {
         }
     }
 
+    /// Whether target page `page` of `block` was collected.
+    pub fn has(&self, block: u32, page: u64) -> bool {
+        let g = self
+            .layout
+            .global_index(PageLocation::new(block, page))
+            .unwrap();
+        // Relaxed: read after the collectors are joined.
+        self.pages[g as usize].load(Ordering::Relaxed) != 0
+    }
+
+    /// How many target pages were collected.
+    pub fn count(&self) -> u64 {
+        // Relaxed: read after the collectors are joined.
+        self.pages
+            .iter()
+            .filter(|p| p.load(Ordering::Relaxed) != 0)
+            .count() as u64
+    }
+
     /// Whether every page was collected.
     pub fn all_once(&self) -> bool {
         // Relaxed: read after the collectors are joined.
