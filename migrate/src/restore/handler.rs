@@ -592,7 +592,8 @@ struct Pending {
     page: u64,
     hp: u64,
     claim: Option<pagehint::Claim>,
-    /// The page's bytes once fetched (empty until then), kept across retries.
+    /// The page's bytes, kept once a copy of them had to be retried (empty until then): a
+    /// page is fetched once.
     data: Vec<u8>,
 }
 
@@ -604,7 +605,11 @@ fn event_loop(
 ) -> Result<(), HandlerError> {
     let mut events = Vec::new();
     let mut retry: Vec<Pending> = Vec::new();
+    let mut still: Vec<Pending> = Vec::new();
     let zeros = vec![0u8; 2 << 20];
+    // One host page fetched for a fault, reused: only a copy that must wait is kept apart.
+    let max_page = sh.regions.maps.iter().map(|m| m.page_size).max();
+    let mut buf = vec![0u8; max_page.unwrap_or(0) as usize];
     // The socket is only watched for its end (or stray bytes).
     stream.set_nonblocking(true).map_err(HandlerError::Io)?;
     loop {
@@ -644,7 +649,6 @@ fn event_loop(
                 Err(e) => return Err(HandlerError::Io(e)),
             }
         }
-        events.clear();
         if uffd_ready || !retry.is_empty() {
             sh.gate.read_events(|ev| {
                 sh.uffd.read_events(&mut events).map_err(HandlerError::Io)?;
@@ -659,7 +663,7 @@ fn event_loop(
             })?;
         }
         let now = now_ns();
-        for e in std::mem::take(&mut events) {
+        for e in events.drain(..) {
             match e {
                 UffdEvent::Remove { .. } => {}
                 UffdEvent::Other(k) => return Err(HandlerError::UnexpectedEvent(k)),
@@ -704,7 +708,6 @@ fn event_loop(
             }
         }
         // Place what the faults need (new ones, and those that had to wait).
-        let mut still = Vec::new();
         for mut p in retry.drain(..) {
             let ps = sh.regions.maps[p.r].page_size as usize;
             let removed = sh.gate.is_removed(p.hp as usize);
@@ -719,11 +722,15 @@ fn event_loop(
                     }
                 };
                 sh.placed(r)
-            } else {
-                if p.data.is_empty() {
-                    p.data.resize(ps, 0);
-                    sh.fetch(p.r, p.page, &mut p.data)?;
+            } else if p.data.is_empty() {
+                let buf = &mut buf[..ps];
+                sh.fetch(p.r, p.page, buf)?;
+                let r = sh.copy_page(p.r, p.page, buf);
+                if matches!(r, Err(HandlerError::Place(PlaceError::Retry))) {
+                    p.data.extend_from_slice(buf);
                 }
+                r
+            } else {
                 sh.copy_page(p.r, p.page, &p.data)
             };
             match r {
@@ -753,7 +760,7 @@ fn event_loop(
                 Err(e) => return Err(e),
             }
         }
-        retry = still;
+        std::mem::swap(&mut retry, &mut still);
     }
 }
 
