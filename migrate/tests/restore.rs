@@ -9,7 +9,7 @@ mod common;
 use std::io::Write;
 use std::net::{Ipv4Addr, TcpListener};
 use std::os::fd::AsFd;
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::{mpsc, Mutex};
@@ -19,13 +19,14 @@ use common::within;
 use pagehint_migrate::clock::now_ns;
 use pagehint_migrate::guest::kvm::ready_or_skip;
 use pagehint_migrate::guest::layout::HostPageSize;
+use pagehint_migrate::restore::compare::restore_once;
 use pagehint_migrate::restore::handler::{
     handle_connection, Control, HandlerError, HandlerOptions, HandlerReport, Policy,
 };
 use pagehint_migrate::restore::protocol::{send_raw, GuestRegionUffdMapping, ProtocolError};
 use pagehint_migrate::restore::remote::{serve_memory, RemoteSource};
 use pagehint_migrate::restore::source::{FileSource, PageSource};
-use pagehint_migrate::restore::vmm::{restore, take_snapshot, RestoreOptions};
+use pagehint_migrate::restore::vmm::take_snapshot;
 use pagehint_migrate::uffd::Userfault;
 use pagehint_migrate::Workload;
 
@@ -396,48 +397,6 @@ fn a_remote_source_over_tcp_serves_the_handler() {
     });
 }
 
-fn restore_with(
-    snap: &pagehint_migrate::restore::vmm::Snapshot,
-    policy: Policy,
-    hugetlb: bool,
-) -> (
-    pagehint_migrate::restore::vmm::RestoreOutcome,
-    HandlerReport,
-) {
-    let dir = tmp(&format!("sock-{policy}-{hugetlb}"));
-    let socket = dir.join("uffd.sock");
-    let listener = UnixListener::bind(&socket).unwrap();
-    let src = FileSource::open(&snap.mem_path()).unwrap();
-    let opts = HandlerOptions {
-        policy,
-        prefetchers: 2,
-        ..Default::default()
-    };
-    let control = Control::default();
-    std::thread::scope(|s| {
-        let h = s.spawn(|| {
-            let (c, _) = listener.accept().unwrap();
-            handle_connection(&c, &src, &opts, &control)
-        });
-        let out = restore(
-            snap,
-            &RestoreOptions {
-                socket: socket.clone(),
-                hugetlb,
-                run_for: Duration::from_millis(200),
-                linger: if policy == Policy::OnDemand {
-                    Duration::ZERO
-                } else {
-                    Duration::from_secs(10)
-                },
-            },
-            &|| control.all_loaded(),
-        )
-        .unwrap();
-        (out, h.join().unwrap().unwrap())
-    })
-}
-
 #[test]
 fn a_kvm_guest_restores_through_the_handler_with_clean_page_checks() {
     if !ready_or_skip("a_kvm_guest_restores_through_the_handler_with_clean_page_checks") {
@@ -455,8 +414,17 @@ fn a_kvm_guest_restores_through_the_handler_with_clean_page_checks() {
             Duration::from_millis(100),
         )
         .unwrap();
+        let sockets = tmp("sock");
         for policy in Policy::ALL {
-            let (out, rep) = restore_with(&snap, policy, false);
+            let (out, rep) = restore_once(
+                &snap,
+                &sockets,
+                policy,
+                2,
+                Duration::from_millis(200),
+                Duration::from_secs(10),
+            )
+            .unwrap();
             assert_eq!(out.errors, 0, "{policy}: {:?}", out.first_error);
             assert_eq!(
                 out.verified,
