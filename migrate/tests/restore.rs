@@ -318,8 +318,9 @@ fn a_fault_on_a_page_the_prefetcher_owns_waits_until_its_copy_lands() {
                 .expect("the prefetcher reads page 0 first");
             // SAFETY: inside the mapping; the fault is served by the handler.
             let vcpu = s.spawn(|| unsafe { std::ptr::read_volatile((base as *const u8).add(5)) });
-            // Time for the fault to be read while the prefetcher holds page 0.
-            std::thread::sleep(Duration::from_millis(200));
+            // Time for the fault to be read while the prefetcher holds page 0 (a wide margin:
+            // the handler reads it within microseconds on an idle machine).
+            std::thread::sleep(Duration::from_secs(1));
             let released = now_ns();
             release.send(()).unwrap();
             assert_eq!(vcpu.join().unwrap(), file_byte(0));
