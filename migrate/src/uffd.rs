@@ -354,17 +354,20 @@ impl Userfault {
 
     /// Reads the pending events and appends the page faults to `out`.
     pub fn read_faults(&self, out: &mut Vec<Fault>) -> io::Result<()> {
-        let mut events = Vec::new();
-        self.read_events(&mut events)?;
-        out.extend(events.into_iter().filter_map(|e| match e {
-            UffdEvent::Fault(f) => Some(f),
-            _ => None,
-        }));
-        Ok(())
+        self.read_each(|e| {
+            if let UffdEvent::Fault(f) = e {
+                out.push(f);
+            }
+        })
     }
 
     /// Reads the pending events, in order, and appends them to `out`.
     pub fn read_events(&self, out: &mut Vec<UffdEvent>) -> io::Result<()> {
+        self.read_each(|e| out.push(e))
+    }
+
+    /// Reads the pending events and hands each to `f`, in order.
+    fn read_each(&self, mut f: impl FnMut(UffdEvent)) -> io::Result<()> {
         const N: usize = 64;
         let mut buf = [0u8; N * std::mem::size_of::<uffd_msg>()];
         loop {
@@ -376,25 +379,25 @@ impl Userfault {
                         // pattern valid); read unaligned from the byte buffer.
                         let m: uffd_msg = unsafe { std::ptr::read_unaligned(raw.as_ptr().cast()) };
                         let kind = u32::from(m.event);
-                        if kind == UFFD_EVENT_PAGEFAULT {
+                        f(if kind == UFFD_EVENT_PAGEFAULT {
                             // SAFETY: the `pagefault` member is the one a PAGEFAULT event fills.
                             let pf = unsafe { m.arg.pagefault };
-                            out.push(UffdEvent::Fault(Fault {
+                            UffdEvent::Fault(Fault {
                                 addr: pf.address,
                                 write: pf.flags & u64::from(UFFD_PAGEFAULT_FLAG_WRITE) != 0,
                                 // SAFETY: `ptid` is the union's only member.
                                 tid: unsafe { pf.feat.ptid },
-                            }));
+                            })
                         } else if kind == UFFD_EVENT_REMOVE {
                             // SAFETY: the `remove` member is the one a REMOVE event fills.
                             let r = unsafe { m.arg.remove };
-                            out.push(UffdEvent::Remove {
+                            UffdEvent::Remove {
                                 start: r.start,
                                 end: r.end,
-                            });
+                            }
                         } else {
-                            out.push(UffdEvent::Other(m.event));
-                        }
+                            UffdEvent::Other(m.event)
+                        });
                     }
                     if count < N {
                         return Ok(());

@@ -1,27 +1,32 @@
 //! `pagehint-uffd`: Firecracker's handshake refused cleanly when it is wrong, removed ranges
-//! served as zeros (from the memory file, and from a remote source over TCP), and a real KVM guest restored from a snapshot through the handler with
-//! every policy, its own page checks clean and every page placed exactly once.
+//! served as zeros (from the memory file, and from a remote source over TCP), a fault on a
+//! page the prefetcher owns timed until that copy lands, and a real KVM guest restored from a
+//! snapshot through the handler with every policy, its own page checks clean and every page
+//! placed exactly once.
 
 mod common;
 
 use std::io::Write;
 use std::net::{Ipv4Addr, TcpListener};
 use std::os::fd::AsFd;
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
+use std::sync::{mpsc, Mutex};
 use std::time::Duration;
 
 use common::within;
+use pagehint_migrate::clock::now_ns;
 use pagehint_migrate::guest::kvm::ready_or_skip;
 use pagehint_migrate::guest::layout::HostPageSize;
+use pagehint_migrate::restore::compare::restore_once;
 use pagehint_migrate::restore::handler::{
     handle_connection, Control, HandlerError, HandlerOptions, HandlerReport, Policy,
 };
 use pagehint_migrate::restore::protocol::{send_raw, GuestRegionUffdMapping, ProtocolError};
 use pagehint_migrate::restore::remote::{serve_memory, RemoteSource};
 use pagehint_migrate::restore::source::{FileSource, PageSource};
-use pagehint_migrate::restore::vmm::{restore, take_snapshot, RestoreOptions};
+use pagehint_migrate::restore::vmm::take_snapshot;
 use pagehint_migrate::uffd::Userfault;
 use pagehint_migrate::Workload;
 
@@ -149,34 +154,57 @@ fn file_byte(p: usize) -> u8 {
     p as u8 | 1
 }
 
+/// A user-space "VMM" in this process: `PAGES` pages mapped anonymously and registered, the
+/// handshake sent on `v`; the handler's end is `h`. Unmap `base` once the handler is done.
+struct Vmm {
+    base: *mut libc::c_void,
+    h: UnixStream,
+    v: UnixStream,
+    _uffd: Userfault,
+}
+
+impl Vmm {
+    const LEN: usize = PAGES * 4096;
+
+    fn new() -> Self {
+        // SAFETY: a fresh private anonymous mapping.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                Self::LEN,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(base, libc::MAP_FAILED);
+        let uffd = Userfault::open_with_remove_events().unwrap();
+        // SAFETY: our mapping, unmapped after the handler is done.
+        unsafe { uffd.register(base as u64, Self::LEN as u64) }.unwrap();
+        let (h, v) = UnixStream::pair().unwrap();
+        let maps = [GuestRegionUffdMapping::new(
+            base as u64,
+            Self::LEN as u64,
+            0,
+            4096,
+        )];
+        send_raw(&v, &serde_json::to_vec(&maps).unwrap(), Some(uffd.as_fd())).unwrap();
+        Self {
+            base,
+            h,
+            v,
+            _uffd: uffd,
+        }
+    }
+}
+
 /// A user-space "VMM" in this process: a registered anonymous region served by the handler
 /// from `src`; pages read back with the file's contents; a range removed with
 /// `MADV_DONTNEED` (what the balloon does) faults again on zeros, never on stale file data.
 fn remove_scenario(src: &dyn PageSource, policy: Policy) -> HandlerReport {
-    let len = PAGES * 4096;
-    // SAFETY: a fresh private anonymous mapping.
-    let base = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-            -1,
-            0,
-        )
-    };
-    assert_ne!(base, libc::MAP_FAILED);
-    let uffd = Userfault::open_with_remove_events().unwrap();
-    // SAFETY: our mapping, unmapped after the handler is done.
-    unsafe { uffd.register(base as u64, len as u64) }.unwrap();
-    let (h, v) = UnixStream::pair().unwrap();
-    let maps = [GuestRegionUffdMapping::new(
-        base as u64,
-        len as u64,
-        0,
-        4096,
-    )];
-    send_raw(&v, &serde_json::to_vec(&maps).unwrap(), Some(uffd.as_fd())).unwrap();
+    let len = Vmm::LEN;
+    let Vmm { base, h, v, _uffd } = Vmm::new();
     let opts = HandlerOptions {
         policy,
         prefetchers: 2,
@@ -239,6 +267,91 @@ fn contents() -> Vec<u8> {
     (0..PAGES * 4096).map(|i| file_byte(i / 4096)).collect()
 }
 
+/// The memory file, but the read of page 0 says when it starts and then waits for `release`
+/// (or for its sender to be dropped).
+struct HeldSource {
+    file: FileSource,
+    reading: mpsc::SyncSender<()>,
+    release: Mutex<mpsc::Receiver<()>>,
+}
+
+impl PageSource for HeldSource {
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        if offset == 0 {
+            let _ = self.reading.try_send(());
+            let _ = self.release.lock().unwrap().recv();
+        }
+        self.file.read_at(offset, buf)
+    }
+    fn size(&self) -> Option<u64> {
+        self.file.size()
+    }
+}
+
+/// A fault on a page the prefetcher owns (its copy still to come) is not served by the event
+/// thread, but the vCPU waits all the same: its wait runs until the prefetcher's copy lands.
+#[test]
+fn a_fault_on_a_page_the_prefetcher_owns_waits_until_its_copy_lands() {
+    if !uffd_or_skip("a_fault_on_a_page_the_prefetcher_owns_waits_until_its_copy_lands") {
+        return;
+    }
+    let (reading, started) = mpsc::sync_channel(1);
+    let (release, release_rx) = mpsc::channel();
+    let src = HeldSource {
+        file: mem_file("held", &contents()),
+        reading,
+        release: Mutex::new(release_rx),
+    };
+    let (report, released) = within(Duration::from_secs(30), move || {
+        let Vmm { base, h, v, _uffd } = Vmm::new();
+        let base = base as usize;
+        // Linear: one prefetcher, from page 0 up.
+        let opts = HandlerOptions {
+            policy: Policy::Linear,
+            ..Default::default()
+        };
+        let control = Control::default();
+        let r = std::thread::scope(|s| {
+            let t = s.spawn(|| handle_connection(&h, &src, &opts, &control));
+            started
+                .recv_timeout(Duration::from_secs(10))
+                .expect("the prefetcher reads page 0 first");
+            // SAFETY: inside the mapping; the fault is served by the handler.
+            let vcpu = s.spawn(|| unsafe { std::ptr::read_volatile((base as *const u8).add(5)) });
+            // Time for the fault to be read while the prefetcher holds page 0 (a wide margin:
+            // the handler reads it within microseconds on an idle machine).
+            std::thread::sleep(Duration::from_secs(1));
+            let released = now_ns();
+            release.send(()).unwrap();
+            assert_eq!(vcpu.join().unwrap(), file_byte(0));
+            while !control.all_loaded() {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            drop(v);
+            (t.join().unwrap().unwrap(), released)
+        });
+        // SAFETY: the handler is done with it.
+        unsafe { libc::munmap(base as *mut libc::c_void, Vmm::LEN) };
+        r
+    });
+    assert_eq!(report.eexist, 0, "{report:?}");
+    assert_eq!(report.fault_placed, 0, "{report:?}");
+    assert!(report.fault_already_claimed >= 1, "{report:?}");
+    let on_0: Vec<_> = report.fault_records.iter().filter(|f| f.hp == 0).collect();
+    assert!(!on_0.is_empty(), "{report:?}");
+    assert!(
+        on_0[0].read_ns < released,
+        "the fault was read while the prefetcher held page 0: {on_0:?}"
+    );
+    for f in on_0 {
+        assert!(f.placed_ns >= released, "{f:?} (released at {released})");
+        assert!(
+            f.blocked_ns() >= released.saturating_sub(f.read_ns),
+            "{f:?} (released at {released})"
+        );
+    }
+}
+
 #[test]
 fn removed_ranges_come_back_as_zeros_and_pages_are_placed_once() {
     if !uffd_or_skip("removed_ranges_come_back_as_zeros_and_pages_are_placed_once") {
@@ -285,48 +398,6 @@ fn a_remote_source_over_tcp_serves_the_handler() {
     });
 }
 
-fn restore_with(
-    snap: &pagehint_migrate::restore::vmm::Snapshot,
-    policy: Policy,
-    hugetlb: bool,
-) -> (
-    pagehint_migrate::restore::vmm::RestoreOutcome,
-    HandlerReport,
-) {
-    let dir = tmp(&format!("sock-{policy}-{hugetlb}"));
-    let socket = dir.join("uffd.sock");
-    let listener = UnixListener::bind(&socket).unwrap();
-    let src = FileSource::open(&snap.mem_path()).unwrap();
-    let opts = HandlerOptions {
-        policy,
-        prefetchers: 2,
-        ..Default::default()
-    };
-    let control = Control::default();
-    std::thread::scope(|s| {
-        let h = s.spawn(|| {
-            let (c, _) = listener.accept().unwrap();
-            handle_connection(&c, &src, &opts, &control)
-        });
-        let out = restore(
-            snap,
-            &RestoreOptions {
-                socket: socket.clone(),
-                hugetlb,
-                run_for: Duration::from_millis(200),
-                linger: if policy == Policy::OnDemand {
-                    Duration::ZERO
-                } else {
-                    Duration::from_secs(10)
-                },
-            },
-            &|| control.all_loaded(),
-        )
-        .unwrap();
-        (out, h.join().unwrap().unwrap())
-    })
-}
-
 #[test]
 fn a_kvm_guest_restores_through_the_handler_with_clean_page_checks() {
     if !ready_or_skip("a_kvm_guest_restores_through_the_handler_with_clean_page_checks") {
@@ -344,8 +415,17 @@ fn a_kvm_guest_restores_through_the_handler_with_clean_page_checks() {
             Duration::from_millis(100),
         )
         .unwrap();
+        let sockets = tmp("sock");
         for policy in Policy::ALL {
-            let (out, rep) = restore_with(&snap, policy, false);
+            let (out, rep) = restore_once(
+                &snap,
+                &sockets,
+                policy,
+                2,
+                Duration::from_millis(200),
+                Duration::from_secs(10),
+            )
+            .unwrap();
             assert_eq!(out.errors, 0, "{policy}: {:?}", out.first_error);
             assert_eq!(
                 out.verified,

@@ -88,16 +88,25 @@ pub struct Blocktime {
 
 /// Computes [`Blocktime`] from the fault events and the placement times in `mem`.
 pub fn blocktime(events: &[FaultEvent], mem: &DestMemory, tids: &[u32]) -> Blocktime {
+    blocktime_of(
+        events.iter().map(|e| (e.tid, e.at_ns, mem.times(e.hp).1)),
+        tids,
+    )
+}
+
+/// Computes [`Blocktime`] from each fault's wait: (faulting thread, read, its page placed),
+/// in ns. A wait that ends no later than it starts adds nothing; a vCPU's overlapping waits
+/// (the same page faulted again before it was placed) count once.
+pub fn blocktime_of(waits: impl IntoIterator<Item = (u32, u64, u64)>, tids: &[u32]) -> Blocktime {
     let mut per: Vec<Vec<(u64, u64)>> = vec![Vec::new(); tids.len()];
     let mut vcpu_faults = 0;
-    for e in events {
-        let Some(v) = tids.iter().position(|&t| t == e.tid && t != 0) else {
+    for (tid, read, placed) in waits {
+        let Some(v) = tids.iter().position(|&t| t == tid && t != 0) else {
             continue;
         };
         vcpu_faults += 1;
-        let (_, placed) = mem.times(e.hp);
-        if placed > e.at_ns {
-            per[v].push((e.at_ns, placed));
+        if placed > read {
+            per[v].push((read, placed));
         }
     }
     let merged: Vec<Vec<(u64, u64)>> = per.into_iter().map(merge).collect();
@@ -182,7 +191,7 @@ fn intersect(x: &[(u64, u64)], y: &[(u64, u64)]) -> Vec<(u64, u64)> {
 
 #[cfg(test)]
 mod tests {
-    use super::{intersect, merge, raced, FaultEvent};
+    use super::{blocktime_of, intersect, merge, raced, FaultEvent};
 
     #[test]
     fn a_fault_read_after_its_page_was_placed_counts_as_raced() {
@@ -203,6 +212,24 @@ mod tests {
         ];
         assert_eq!(raced(&events, placed, &[7]), 2);
         assert_eq!(raced(&events, placed, &[7, 9]), 3);
+    }
+
+    #[test]
+    fn a_vcpus_overlapping_waits_count_once() {
+        // vCPU 0 (thread 7) waits 100..300, then 200..400 (the same page faulted again), and
+        // not at all on a page placed before its fault was read; vCPU 1 (thread 9) waits
+        // 250..350; thread 5 is no vCPU.
+        let waits = [
+            (7, 100, 300),
+            (7, 200, 400),
+            (7, 500, 450),
+            (9, 250, 350),
+            (5, 0, 1000),
+        ];
+        let b = blocktime_of(waits, &[7, 9]);
+        assert_eq!(b.per_vcpu_ns, vec![300, 100]);
+        assert_eq!(b.all_ns, 100);
+        assert_eq!(b.vcpu_faults, 4);
     }
 
     #[test]

@@ -359,11 +359,11 @@ pub fn row(
     out: &RestoreOutcome,
     rep: &HandlerReport,
 ) -> Row {
-    let by_tid = rep.blocktime_by_tid();
-    let blocktime_ms: Vec<f64> = out
-        .tids
-        .iter()
-        .map(|t| ms(by_tid.iter().find(|e| e.0 == *t).map_or(0, |e| e.2)))
+    let blocktime_ms: Vec<f64> = rep
+        .blocktime(&out.tids)
+        .per_vcpu_ns
+        .into_iter()
+        .map(ms)
         .collect();
     Row {
         workload: w.to_string(),

@@ -41,6 +41,7 @@ use rustix::event::{poll, PollFd, PollFlags};
 use super::protocol::{recv_handshake, GuestRegionUffdMapping, ProtocolError};
 use super::source::PageSource;
 use crate::clock::{now_ns, thread_cpu_ns, thread_run_delay_ns};
+use crate::dest::faults::{blocktime_of, Blocktime};
 use crate::uffd::{PlaceError, UffdEvent, Userfault};
 
 /// How pages are loaded.
@@ -197,9 +198,14 @@ impl Control {
 pub struct FaultRecord {
     /// The faulting thread (0 unless the VMM asked for `UFFD_FEATURE_THREAD_ID`).
     pub tid: u32,
+    /// Its host page (global index over the regions).
+    pub hp: u64,
     /// When the handler read it (`CLOCK_MONOTONIC` ns).
     pub read_ns: u64,
-    /// When its host page was placed (ns; 0 if never).
+    /// When its host page was placed (ns): by the event thread for this fault, or else by
+    /// whoever owned the page (a prefetcher, or the event thread for an earlier fault), but
+    /// never before `read_ns` (a fault read after its page landed did not wait). `read_ns` if
+    /// the page was never placed.
     pub placed_ns: u64,
 }
 
@@ -267,20 +273,24 @@ pub struct HandlerReport {
 }
 
 impl HandlerReport {
-    /// Total time blocked per faulting thread id: (tid, faults, ns).
-    pub fn blocktime_by_tid(&self) -> Vec<(u32, u64, u64)> {
-        let mut v: Vec<(u32, u64, u64)> = Vec::new();
-        for r in &self.fault_records {
-            match v.iter_mut().find(|e| e.0 == r.tid) {
-                Some(e) => {
-                    e.1 += 1;
-                    e.2 += r.blocked_ns();
-                }
-                None => v.push((r.tid, 1, r.blocked_ns())),
-            }
-        }
-        v.sort_unstable();
-        v
+    /// Time each vCPU (by thread id, `tids[i]` = vCPU `i`) was blocked: the union of its
+    /// faults' waits, read → placed, merged as the destination merges them.
+    pub fn blocktime(&self, tids: &[u32]) -> Blocktime {
+        blocktime_of(
+            self.fault_records
+                .iter()
+                .map(|r| (r.tid, r.read_ns, r.placed_ns)),
+            tids,
+        )
+    }
+}
+
+/// Gives each fault not placed for itself (its page was owned by a prefetcher or by an
+/// earlier fault) the time its page was placed, `placed(hp)` (0 if never), and no earlier
+/// than when the fault was read.
+fn settle(records: &mut [FaultRecord], placed: impl Fn(u64) -> u64) {
+    for f in records.iter_mut().filter(|f| f.placed_ns == 0) {
+        f.placed_ns = placed(f.hp).max(f.read_ns);
     }
 }
 
@@ -568,11 +578,10 @@ pub fn serve(
         last = last.max(p);
     }
     report.all_loaded_ns = all.then_some(last);
-    for f in &mut report.fault_records {
-        if f.placed_ns == 0 {
-            f.placed_ns = f.read_ns;
-        }
-    }
+    settle(&mut report.fault_records, |hp| {
+        // Relaxed: every thread has been joined.
+        shared.placed_ns[hp as usize].load(Ordering::Relaxed)
+    });
     result.map(|()| report)
 }
 
@@ -583,7 +592,8 @@ struct Pending {
     page: u64,
     hp: u64,
     claim: Option<pagehint::Claim>,
-    /// The page's bytes once fetched (empty until then), kept across retries.
+    /// The page's bytes, kept once a copy of them had to be retried (empty until then): a
+    /// page is fetched once.
     data: Vec<u8>,
 }
 
@@ -595,7 +605,11 @@ fn event_loop(
 ) -> Result<(), HandlerError> {
     let mut events = Vec::new();
     let mut retry: Vec<Pending> = Vec::new();
+    let mut still: Vec<Pending> = Vec::new();
     let zeros = vec![0u8; 2 << 20];
+    // One host page fetched for a fault, reused: only a copy that must wait is kept apart.
+    let max_page = sh.regions.maps.iter().map(|m| m.page_size).max();
+    let mut buf = vec![0u8; max_page.unwrap_or(0) as usize];
     // The socket is only watched for its end (or stray bytes).
     stream.set_nonblocking(true).map_err(HandlerError::Io)?;
     loop {
@@ -635,7 +649,6 @@ fn event_loop(
                 Err(e) => return Err(HandlerError::Io(e)),
             }
         }
-        events.clear();
         if uffd_ready || !retry.is_empty() {
             sh.gate.read_events(|ev| {
                 sh.uffd.read_events(&mut events).map_err(HandlerError::Io)?;
@@ -650,7 +663,7 @@ fn event_loop(
             })?;
         }
         let now = now_ns();
-        for e in std::mem::take(&mut events) {
+        for e in events.drain(..) {
             match e {
                 UffdEvent::Remove { .. } => {}
                 UffdEvent::Other(k) => return Err(HandlerError::UnexpectedEvent(k)),
@@ -665,6 +678,7 @@ fn event_loop(
                     let hp = sh.regions.hp(r, page);
                     report.fault_records.push(FaultRecord {
                         tid: f.tid,
+                        hp,
                         read_ns: now,
                         placed_ns: 0,
                     });
@@ -694,7 +708,6 @@ fn event_loop(
             }
         }
         // Place what the faults need (new ones, and those that had to wait).
-        let mut still = Vec::new();
         for mut p in retry.drain(..) {
             let ps = sh.regions.maps[p.r].page_size as usize;
             let removed = sh.gate.is_removed(p.hp as usize);
@@ -709,11 +722,15 @@ fn event_loop(
                     }
                 };
                 sh.placed(r)
-            } else {
-                if p.data.is_empty() {
-                    p.data.resize(ps, 0);
-                    sh.fetch(p.r, p.page, &mut p.data)?;
+            } else if p.data.is_empty() {
+                let buf = &mut buf[..ps];
+                sh.fetch(p.r, p.page, buf)?;
+                let r = sh.copy_page(p.r, p.page, buf);
+                if matches!(r, Err(HandlerError::Place(PlaceError::Retry))) {
+                    p.data.extend_from_slice(buf);
                 }
+                r
+            } else {
                 sh.copy_page(p.r, p.page, &p.data)
             };
             match r {
@@ -743,7 +760,7 @@ fn event_loop(
                 Err(e) => return Err(e),
             }
         }
-        retry = still;
+        std::mem::swap(&mut retry, &mut still);
     }
 }
 
@@ -781,5 +798,31 @@ fn mark_removed(
             }
             at += ps;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{settle, FaultRecord};
+
+    #[test]
+    fn a_fault_on_a_page_placed_by_another_thread_waits_until_that_copy() {
+        let rec = |hp, read_ns, placed_ns| FaultRecord {
+            tid: 7,
+            hp,
+            read_ns,
+            placed_ns,
+        };
+        // Page 1 placed (by a prefetcher) at 500, page 2 at 100, page 3 never.
+        let placed = |hp: u64| [0, 500, 100, 0][hp as usize];
+        let mut r = [
+            rec(1, 200, 0),   // read while a prefetcher owned it: waits until 500
+            rec(2, 200, 0),   // read after the copy: did not wait
+            rec(3, 200, 0),   // never placed (removed): no wait measured
+            rec(1, 100, 150), // placed for itself (zeros, say): kept
+        ];
+        settle(&mut r, placed);
+        assert_eq!(r.map(|f| f.placed_ns), [500, 200, 200, 150]);
+        assert_eq!(r[0].blocked_ns(), 300);
     }
 }

@@ -395,6 +395,8 @@ fn serve_one(
     if c.write_all(&reply).is_err() {
         return (0, 0, true);
     }
+    // An answer with data: the status in byte 0, then the bytes, sent in one write (under
+    // TCP_NODELAY, two writes would send the status byte in a segment of its own).
     let mut data = Vec::new();
     loop {
         let mut req = [0u8; 12];
@@ -412,9 +414,10 @@ fn serve_one(
                 .checked_add(u64::from(len))
                 .is_some_and(|e| e <= size);
         let answer = if in_range {
-            data.resize(len as usize, 0);
+            data.resize(1 + len as usize, 0);
+            data[0] = STATUS_OK;
             source
-                .read_at(offset, &mut data)
+                .read_at(offset, &mut data[1..])
                 .map_err(|e| format!("reading {len} bytes at {offset:#x}: {e}"))
         } else {
             Err(format!(
@@ -424,7 +427,7 @@ fn serve_one(
         let sent = match answer {
             Ok(()) => {
                 answered += 1;
-                c.write_all(&[STATUS_OK]).and_then(|()| c.write_all(&data))
+                c.write_all(&data)
             }
             Err(m) => {
                 refused += 1;

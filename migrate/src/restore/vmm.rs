@@ -18,7 +18,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use memmap2::MmapMut;
+use memmap2::{MmapMut, MmapOptions};
 use serde::{Deserialize, Serialize};
 
 use super::protocol::{send_handshake, GuestRegionUffdMapping};
@@ -206,57 +206,26 @@ pub fn take_snapshot(
     Snapshot::load(dir)
 }
 
-/// Guest memory for a restore: one mapping per region, anonymous or hugetlb.
-struct GuestRam {
-    ptrs: [(*mut libc::c_void, usize); 2],
-}
-
-// SAFETY: the mappings are plain memory; the raw pointers are only addresses.
-unsafe impl Send for GuestRam {}
-// SAFETY: as above.
-unsafe impl Sync for GuestRam {}
+/// Guest memory for a restore: one mapping per region, anonymous or hugetlb
+/// (`MAP_NORESERVE`).
+struct GuestRam([MmapMut; 2]);
 
 impl GuestRam {
     fn map(sizes: [u64; 2], huge: bool) -> io::Result<Self> {
-        let mut ptrs = [(std::ptr::null_mut(), 0usize); 2];
-        for (i, &len) in sizes.iter().enumerate() {
-            let len = len.max(if huge { 2 << 20 } else { 4096 }) as usize;
-            let mut flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
+        let map = |len: u64| {
+            let mut o = MmapOptions::new();
+            o.len(len.max(if huge { 2 << 20 } else { 4096 }) as usize)
+                .no_reserve_swap();
             if huge {
-                flags |= libc::MAP_HUGETLB | (21 << libc::MAP_HUGE_SHIFT);
+                o.huge(Some(21));
             }
-            // SAFETY: a fresh anonymous mapping; no address is fixed.
-            let p = unsafe {
-                libc::mmap(
-                    std::ptr::null_mut(),
-                    len,
-                    libc::PROT_READ | libc::PROT_WRITE,
-                    flags,
-                    -1,
-                    0,
-                )
-            };
-            if p == libc::MAP_FAILED {
-                return Err(io::Error::last_os_error());
-            }
-            ptrs[i] = (p, len);
-        }
-        Ok(Self { ptrs })
+            o.map_anon()
+        };
+        Ok(Self([map(sizes[0])?, map(sizes[1])?]))
     }
 
     fn addr(&self, i: usize) -> u64 {
-        self.ptrs[i].0 as u64
-    }
-}
-
-impl Drop for GuestRam {
-    fn drop(&mut self) {
-        for (p, len) in self.ptrs {
-            if !p.is_null() {
-                // SAFETY: mapped by `map` with this length; nothing uses it any more.
-                unsafe { libc::munmap(p, len) };
-            }
-        }
+        self.0[i].as_ptr() as u64
     }
 }
 
