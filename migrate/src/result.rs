@@ -533,3 +533,114 @@ impl RunResult {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The JSON keys of a run, as every consumer of `--json` reads them (the run's own keys;
+    /// `tail`'s are `tail::TailBreakdown`'s): a regrouping of [`RunResult`] must keep them.
+    const KEYS: &[&str] = &[
+        "already_claimed",
+        "bad_requests",
+        "bandwidth_bps",
+        "blocks",
+        "blocktime_ms",
+        "claim_batch",
+        "clock_offset_us",
+        "cut_reasons",
+        "cuts",
+        "delay_us",
+        "dirty_per_round",
+        "dirty_tracking",
+        "downtime_ms",
+        "duplicate_bytes",
+        "duplicate_pages",
+        "duplicate_share_pct",
+        "duration_ms",
+        "error",
+        "fault_max_us",
+        "fault_p50_us",
+        "fault_p99_us",
+        "fault_path",
+        "faults",
+        "guest",
+        "guest_check_errors",
+        "guest_first_error",
+        "guest_ops_postcopy",
+        "guest_ops_precopy",
+        "guest_verified_pages",
+        "guest_writes",
+        "hints_accepted",
+        "hints_offered",
+        "hints_taken",
+        "host_page",
+        "longest_pause_ms",
+        "lowat_bytes",
+        "mem_bytes",
+        "mode",
+        "nic_queue_bytes",
+        "pace_bps",
+        "pages_background",
+        "pages_urgent",
+        "pending_host_pages",
+        "pin",
+        "placed_per_connection",
+        "placed_twice",
+        "postcopy_bytes",
+        "precopy_bytes",
+        "precopy_ms",
+        "precopy_pages",
+        "precopy_rounds",
+        "precopy_rounds_done",
+        "problems",
+        "progress_after_per_s",
+        "progress_before_per_s",
+        "queue_bytes",
+        "queued_followed",
+        "queued_stale",
+        "raced_faults",
+        "reached",
+        "recovery_ms",
+        "recovery_total_ms",
+        "rejected",
+        "request_max_us",
+        "request_p50_us",
+        "request_p99_us",
+        "requests",
+        "requests_sent",
+        "resend",
+        "resent_bytes",
+        "resent_host_pages",
+        "resent_pages",
+        "same_clock",
+        "seed",
+        "stall_ms",
+        "stream_rate",
+        "tail",
+        "throughput_mib_s",
+        "total_ms",
+        "uffd_faults",
+        "vcpu_blocktime_ms",
+        "vcpus",
+        "verified",
+        "workload",
+        "zero_host_pages",
+    ];
+
+    #[test]
+    fn the_json_keys_stay_the_same() {
+        let v = serde_json::to_value(RunResult::default()).unwrap();
+        let mut k: Vec<&str> = v.as_object().unwrap().keys().map(|k| k.as_str()).collect();
+        k.sort_unstable();
+        assert_eq!(k, KEYS);
+        let tail = &v["tail"];
+        for group in ["median", "slowest_1pct"] {
+            assert!(tail[group]["stages_us"]["to_wire"].is_number(), "{tail}");
+            assert!(tail[group]["paths"]["resent"].is_number(), "{tail}");
+        }
+        // A result reads back from its own JSON (`compare-qemu` and the tests read them).
+        let back: RunResult = serde_json::from_value(v.clone()).unwrap();
+        assert_eq!(serde_json::to_value(back).unwrap(), v);
+    }
+}
