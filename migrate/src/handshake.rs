@@ -26,7 +26,7 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use crate::clock::{boot_id, now_ns};
+use crate::sys::clock::{boot_id, now_ns};
 use crate::wire::{
     configure, read_full, write_parts, Channel, FrameHeader, FrameKind, Guard, Hello, HelloReply,
     Role, RpHeader, RpKind, WireError,

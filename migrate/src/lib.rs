@@ -23,28 +23,19 @@
 //! * **thread** ([`dest::thread_guest`]): a host thread reads the same image at the destination
 //!   (the fallback where `/dev/kvm` is missing).
 
-pub mod cli;
-pub mod clock;
-pub mod compare;
+pub mod blocktime;
 pub mod dest;
-pub mod export;
 pub mod guest;
 pub mod handshake;
-pub mod hugepages;
+pub mod harness;
 pub mod link;
 mod names;
 pub mod options;
-pub mod pin;
 pub mod qemu;
 pub mod restore;
-pub mod result;
-pub mod run;
 pub mod source;
-pub mod tail;
-pub mod uffd;
+pub mod sys;
 pub mod values;
-pub mod verify;
-pub mod warm;
 pub mod wire;
 
 use std::net::SocketAddr;
@@ -54,12 +45,12 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 pub use dest::RunError;
+pub use harness::result::RunResult;
+pub use harness::run::run_destination;
 pub use link::LinkParams;
 pub use options::{FaultPath, GuestKind, MigrationMode, RunConfig, Workload};
-pub use pin::PinPlan;
-pub use result::RunResult;
-pub use run::run_destination;
 pub use source::SourceServer;
+pub use sys::pin::PinPlan;
 
 /// A source server on a loopback port, served by a background thread until dropped.
 #[derive(Debug)]

@@ -25,7 +25,7 @@
 
 use std::sync::Mutex;
 
-use crate::clock::now_ns;
+use crate::sys::clock::now_ns;
 
 /// Link parameters.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -128,14 +128,14 @@ impl LinkParams {
             format!(
                 "{} KiB unsent at most in preempt modes ({} to drain)",
                 self.lowat_bytes >> 10,
-                crate::clock::human_ns(self.tx_ns(self.lowat_bytes.min(self.queue_bytes)))
+                crate::sys::clock::human_ns(self.tx_ns(self.lowat_bytes.min(self.queue_bytes)))
             )
         };
         format!(
             "{bw}, {} µs one way, {} KiB send queue ({} to drain), {}, {} KiB interface queue",
             self.delay_ns / 1000,
             self.queue_bytes >> 10,
-            crate::clock::human_ns(self.tx_ns(self.queue_bytes)),
+            crate::sys::clock::human_ns(self.tx_ns(self.queue_bytes)),
             lowat,
             self.nic_queue_bytes >> 10,
         )

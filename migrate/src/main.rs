@@ -4,10 +4,10 @@
 
 use std::process::ExitCode;
 
-use pagehint_migrate::cli::{Cli, Command, Endpoint, Options};
-use pagehint_migrate::hugepages::HugePages;
+use pagehint_migrate::harness::cli::{Cli, Command, Endpoint, Options};
+use pagehint_migrate::harness::{compare, export};
 use pagehint_migrate::qemu;
-use pagehint_migrate::{compare, export};
+use pagehint_migrate::sys::hugepages::HugePages;
 
 const LEGEND: &str = "\
 faults: vCPU accesses that found their page missing and waited; req p50/p99: request latency (fault read -> page placed)

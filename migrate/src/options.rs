@@ -12,7 +12,7 @@ use crate::guest::layout::{GuestLayout, GuestLayoutError, HostPageSize};
 pub use crate::guest::Workload;
 use crate::link::LinkParams;
 use crate::names::named_enum;
-use crate::pin::PinPlan;
+use crate::sys::pin::PinPlan;
 
 named_enum!(
     /// How the source serves page requests.

@@ -14,10 +14,10 @@ use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use common::{check_verified, config, within};
-use pagehint_migrate::clock::{boot_id, now_ns};
 use pagehint_migrate::guest::layout::HostPageSize;
 use pagehint_migrate::handshake::{self, ConnectError};
 use pagehint_migrate::options::{GuestKind, GuestSpec};
+use pagehint_migrate::sys::clock::{boot_id, now_ns};
 use pagehint_migrate::wire::{
     read_full, write_parts, Channel, FrameHeader, FrameKind, Guard, Hello, Role, RpHeader, RpKind,
 };
@@ -112,7 +112,7 @@ fn a_client_that_connects_and_says_nothing_does_not_hold_up_a_real_destination()
 #[test]
 fn the_source_refuses_a_guest_that_does_not_fit_in_its_memory_and_says_why() {
     let big = pagehint_migrate::guest::layout::MAX_MEM;
-    if pagehint_migrate::warm::mem_available().is_some_and(|a| a >= 2 * big) {
+    if pagehint_migrate::sys::warm::mem_available().is_some_and(|a| a >= 2 * big) {
         eprintln!("SKIPPED: this machine has room for two 64 GiB copies");
         return;
     }

@@ -16,7 +16,6 @@ use std::sync::{mpsc, Mutex};
 use std::time::Duration;
 
 use common::within;
-use pagehint_migrate::clock::now_ns;
 use pagehint_migrate::guest::kvm::ready_or_skip;
 use pagehint_migrate::guest::layout::HostPageSize;
 use pagehint_migrate::restore::compare::restore_once;
@@ -27,7 +26,8 @@ use pagehint_migrate::restore::protocol::{send_raw, GuestRegionUffdMapping, Prot
 use pagehint_migrate::restore::remote::{serve_memory, RemoteSource};
 use pagehint_migrate::restore::source::{FileSource, PageSource};
 use pagehint_migrate::restore::vmm::take_snapshot;
-use pagehint_migrate::uffd::Userfault;
+use pagehint_migrate::sys::clock::now_ns;
+use pagehint_migrate::sys::uffd::Userfault;
 use pagehint_migrate::Workload;
 
 fn tmp(name: &str) -> PathBuf {

@@ -223,7 +223,7 @@ fn a_silent_source_times_out_instead_of_hanging() {
             HelloReply {
                 error: String::new(),
                 token: 5,
-                boot_id: pagehint_migrate::clock::boot_id(),
+                boot_id: pagehint_migrate::sys::clock::boot_id(),
             }
             .write(&s, &g)
             .unwrap();

@@ -37,10 +37,10 @@ use std::thread::Thread;
 use memmap2::{MmapMut, MmapOptions};
 use pagehint::{Arrival, CopyKind, CopyLedger};
 
-use crate::clock::now_ns;
 use crate::guest::layout::{GuestLayout, HostPageSize, TARGET_PAGE};
 use crate::options::FaultPath;
-use crate::uffd::{PlaceError, Userfault};
+use crate::sys::clock::now_ns;
+use crate::sys::uffd::{PlaceError, Userfault};
 use crate::wire::SwitchOver;
 
 const NOBODY: u64 = u64::MAX;

@@ -10,7 +10,7 @@
 //! * this thread sends `START`, waits for the switch-over, starts the guest, watches progress
 //!   and stalls, and when every page is in, sends `DONE` (the transfer is over: the source
 //!   answers with its summary and closes), lets the guest finish (the KVM guest verifies its
-//!   share of RAM) and hands everything to [`crate::verify`].
+//!   share of RAM) and hands everything to [`crate::harness::verify`].
 //!
 //! **Postcopy recovery** ([`recovery`]): when the connections break after the switch-over
 //! (closed, reset, both silent for the idle limit) and recovery is on, the guest stays as it
@@ -38,13 +38,13 @@ use std::time::Duration;
 
 use pagehint::UrgentRequest;
 
-use crate::clock::{boot_id, now_ns, tight_timer_slack};
 use crate::guest::kvm::vcpu::VcpuEnd;
 use crate::guest::kvm::vm::Tracking;
 use crate::guest::kvm::{GuestCounters, Machine};
 use crate::handshake::{self, ConnectError};
 use crate::options::{DestFault, FaultPath, GuestKind, MigrationMode, RunConfig, Workload};
-use crate::pin::Role;
+use crate::sys::clock::{boot_id, now_ns, tight_timer_slack};
+use crate::sys::pin::Role;
 use crate::wire::{
     write_parts, Channel, Guard, Hello, Role as HelloRole, RpHeader, RpKind, Summary, SwitchOver,
     WireError,
@@ -331,7 +331,7 @@ pub struct Times {
     pub complete: u64,
 }
 
-/// What a finished run left, for [`crate::verify`] and [`crate::result`]: the destination's
+/// What a finished run left, for [`crate::harness::verify`] and [`crate::harness::result`]: the destination's
 /// memory and records, and what the source sent.
 #[derive(Debug)]
 pub struct Evidence {

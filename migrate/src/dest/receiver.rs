@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use super::memory::Via;
 use super::{Dest, RunError};
-use crate::clock::now_ns;
+use crate::sys::clock::now_ns;
 use crate::wire::{
     read_full, wait_readable, Channel, FrameHeader, FrameKind, Summary, SwitchOver, WireError,
     POLL_SLICE,

@@ -18,10 +18,10 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::memory::DestMemory;
-use crate::clock::{now_ns, sleep_until_unless};
 use crate::guest::image::{kv_geometry, kv_home, kv_key, kv_slot, kv_value, page_checksum};
 use crate::guest::layout::{GuestLayout, TARGET_PAGE};
 use crate::guest::{Workload, STREAM_FRAME_PAGES};
+use crate::sys::clock::{now_ns, sleep_until_unless};
 
 /// At most this many page checksums are kept for checking.
 const OBSERVED_KEPT: usize = 1 << 20;

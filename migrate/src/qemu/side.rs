@@ -15,8 +15,8 @@
 use serde::Serialize;
 
 use super::peer::QemuOutcome;
-use crate::export::TargetCheck;
-use crate::result::{percentile_ns, RunResult};
+use crate::harness::export::TargetCheck;
+use crate::harness::result::{percentile_ns, RunResult};
 
 /// One migration, QEMU's or pagehint's.
 #[derive(Clone, Debug, Serialize)]

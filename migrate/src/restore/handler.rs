@@ -40,9 +40,9 @@ use rustix::event::{poll, PollFd, PollFlags};
 
 use super::protocol::{recv_handshake, GuestRegionUffdMapping, ProtocolError};
 use super::source::PageSource;
-use crate::clock::{now_ns, thread_cpu_ns, thread_run_delay_ns};
-use crate::dest::faults::{blocktime_of, Blocktime};
-use crate::uffd::{PlaceError, UffdEvent, Userfault};
+use crate::blocktime::{blocktime_of, Blocktime};
+use crate::sys::clock::{now_ns, thread_cpu_ns, thread_run_delay_ns};
+use crate::sys::uffd::{PlaceError, UffdEvent, Userfault};
 
 /// How pages are loaded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
@@ -632,7 +632,7 @@ fn event_loop(
             } else {
                 100_000
             };
-            match poll(&mut fds, Some(&crate::clock::timespec(wait))) {
+            match poll(&mut fds, Some(&crate::sys::clock::timespec(wait))) {
                 Ok(_) | Err(rustix::io::Errno::INTR) => {}
                 Err(e) => return Err(HandlerError::Io(e.into())),
             }

@@ -22,7 +22,6 @@ use memmap2::{MmapMut, MmapOptions};
 use serde::{Deserialize, Serialize};
 
 use super::protocol::{send_handshake, GuestRegionUffdMapping};
-use crate::clock::now_ns;
 use crate::guest::image::{Params, Template};
 use crate::guest::kvm::vcpu::VcpuEnd;
 use crate::guest::kvm::vm::{Tracking, VcpuState};
@@ -30,8 +29,9 @@ use crate::guest::kvm::{boot, GuestCounters, Machine};
 use crate::guest::layout::{GuestLayout, HostPageSize, PARAMS_GPA, TARGET_PAGE};
 use crate::guest::STREAM_FRAME_PAGES;
 use crate::options::Workload;
-use crate::pin::PinPlan;
-use crate::uffd::Userfault;
+use crate::sys::clock::now_ns;
+use crate::sys::pin::PinPlan;
+use crate::sys::uffd::Userfault;
 
 /// The stream workload's rate in the snapshot's guest (bytes/s).
 pub const STREAM_RATE: u64 = 256 << 20;

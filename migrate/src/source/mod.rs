@@ -41,7 +41,6 @@ use std::time::Duration;
 
 use pagehint::DirtyBitmap;
 
-use crate::clock::{now_ns, tight_timer_slack};
 use crate::guest::image::{Params, Template};
 use crate::guest::kvm::dirty::{DirtyRing, DirtyTracker};
 use crate::guest::kvm::vcpu::VcpuEnd;
@@ -52,7 +51,8 @@ use crate::guest::STREAM_FRAME_PAGES;
 use crate::handshake::{self, Accepted};
 use crate::link::Link;
 use crate::options::{DirtyTracking, GuestKind, MigrationMode, SourceFault};
-use crate::pin::{PinPlan, Role};
+use crate::sys::clock::{now_ns, tight_timer_slack};
+use crate::sys::pin::{PinPlan, Role};
 use crate::wire::{
     write_parts, Channel, FrameHeader, FrameKind, Guard, Hello, Summary, SwitchOver, WireError,
 };
@@ -160,14 +160,14 @@ impl SourceServer {
         };
         let copies = u64::from(!cached)
             + u64::from(layout.host_page() == crate::guest::layout::HostPageSize::Small);
-        crate::warm::check_fits(
+        crate::sys::warm::check_fits(
             &format!(
                 "a {} MiB guest ({copies} cop{} of its RAM at the source)",
                 layout.mem() >> 20,
                 if copies == 1 { "y" } else { "ies" }
             ),
             copies * layout.mem(),
-            crate::warm::mem_available().map(|a| a + freed),
+            crate::sys::warm::mem_available().map(|a| a + freed),
         )
     }
 

@@ -31,11 +31,11 @@ use pagehint::{Claim, PageScheduler, SchedulerStats, Served};
 use super::send::{PageRun, Phase, SendError};
 use super::trace::{ReqPath, ReqTrace};
 use super::Session;
-use crate::clock::{now_ns, sleep_until, tight_timer_slack};
 use crate::guest::layout::TARGET_PAGE;
 use crate::handshake;
 use crate::options::SourceFault;
-use crate::pin::Role;
+use crate::sys::clock::{now_ns, sleep_until, tight_timer_slack};
+use crate::sys::pin::Role;
 use crate::wire::{
     read_full, Channel, FrameHeader, Guard, RpHeader, RpKind, WireError, POLL_SLICE,
 };
@@ -384,7 +384,7 @@ fn wait_either(
 ) -> Result<Option<bool>, std::io::Error> {
     use rustix::event::{poll, PollFd, PollFlags};
     let mut fds = [PollFd::new(a, PollFlags::IN), PollFd::new(b, PollFlags::IN)];
-    let ts = crate::clock::timespec(timeout.as_nanos() as u64);
+    let ts = crate::sys::clock::timespec(timeout.as_nanos() as u64);
     match poll(&mut fds, Some(&ts)) {
         Ok(0) | Err(rustix::io::Errno::INTR) => Ok(None),
         Ok(_) => Ok(Some(!fds[0].revents().is_empty())),

@@ -10,9 +10,9 @@ use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use super::memory::SourceMemory;
-use crate::clock::sleep_until;
 use crate::guest::layout::TARGET_PAGE;
 use crate::link::Link;
+use crate::sys::clock::sleep_until;
 use crate::wire::{write_parts, Channel, FrameHeader, FrameKind, Guard, WireError};
 
 /// Which phase a page is sent in (for the accounting).

@@ -70,7 +70,7 @@ impl FrameHeader {
             block: 0,
             offset: 0,
             len: len as u64,
-            arrival_ns: crate::clock::now_ns(),
+            arrival_ns: crate::sys::clock::now_ns(),
             resend: false,
         }
     }

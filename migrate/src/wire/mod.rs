@@ -36,8 +36,8 @@ use std::time::Duration;
 
 use rustix::event::{poll, PollFd, PollFlags};
 
-use crate::clock::now_ns;
 use crate::link::LinkParams;
+use crate::sys::clock::now_ns;
 
 /// The socket timeout each blocking call waits before re-checking the stop flag.
 pub const POLL_SLICE: Duration = Duration::from_millis(100);
@@ -223,7 +223,7 @@ impl Guard<'_> {
 /// Waits until `stream` is readable (data or EOF) or `timeout_ns` passes.
 pub fn wait_readable(stream: &TcpStream, timeout_ns: u64) -> Result<bool, io::Error> {
     let mut fds = [PollFd::new(stream, PollFlags::IN)];
-    match poll(&mut fds, Some(&crate::clock::timespec(timeout_ns))) {
+    match poll(&mut fds, Some(&crate::sys::clock::timespec(timeout_ns))) {
         Ok(n) => Ok(n > 0),
         Err(rustix::io::Errno::INTR) => Ok(false),
         Err(e) => Err(e.into()),

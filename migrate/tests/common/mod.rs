@@ -13,8 +13,8 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use pagehint_migrate::guest::layout::HostPageSize;
-use pagehint_migrate::hugepages::HugePages;
 use pagehint_migrate::options::{GuestKind, GuestSpec};
+use pagehint_migrate::sys::hugepages::HugePages;
 use pagehint_migrate::{
     run_destination, LocalSource, MigrationMode, PinPlan, RunConfig, RunError, RunResult, Workload,
 };

@@ -21,7 +21,7 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 
 use super::program::{mailbox as mb, Event, EVENT_PORT};
 use super::vm::{Mailboxes, VcpuState};
-use crate::clock::now_ns;
+use crate::sys::clock::now_ns;
 
 thread_local! {
     static KVM_RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };

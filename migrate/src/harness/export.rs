@@ -4,7 +4,7 @@
 
 use std::fmt::Write as _;
 
-use crate::result::RunResult;
+use crate::harness::result::RunResult;
 
 pub(crate) fn fmt_us(us: f64) -> String {
     if us <= 0.0 {

@@ -16,7 +16,7 @@ use crate::options::{
     DestFault, DirtyTracking, FaultPath, GuestKind, GuestSpec, MigrationMode, Precopy, RunConfig,
     SourceFault, Workload,
 };
-use crate::pin::PinPlan;
+use crate::sys::pin::PinPlan;
 use crate::values::parse_list;
 pub use crate::values::{parse_bits, parse_duration};
 
@@ -514,14 +514,14 @@ impl Options {
         // A listening source checks each hello's guest against its memory instead.
         if !matches!(endpoint, Endpoint::Listen(_)) {
             let copies = normal_copies(&endpoint, host_page);
-            crate::warm::check_fits(
+            crate::sys::warm::check_fits(
                 &format!(
                     "--mem {} ({copies} cop{} of guest RAM)",
                     cli.mem,
                     if copies == 1 { "y" } else { "ies" }
                 ),
                 mem * copies,
-                crate::warm::mem_available(),
+                crate::sys::warm::mem_available(),
             )?;
         }
         let modes = parse_list("modes", &cli.modes)?;

@@ -215,14 +215,14 @@ pub struct RunResult {
     pub clock_offset_us: f64,
     /// Source and destination share `CLOCK_MONOTONIC` (same boot), so no offset is applied.
     pub same_clock: bool,
-    /// Everything in [`crate::verify`] holds.
+    /// Everything in [`crate::harness::verify`] holds.
     pub verified: bool,
     /// What failed verification.
     pub problems: Vec<String>,
     /// Where the requests' time went: the stages of the median requests and of the slowest
-    /// 1% (see [`crate::tail`]).
+    /// 1% (see [`crate::harness::tail`]).
     #[serde(default)]
-    pub tail: crate::tail::TailBreakdown,
+    pub tail: crate::harness::tail::TailBreakdown,
     /// Sorted fault waits (ns), for the plot.
     #[serde(skip)]
     pub latencies_ns: Vec<u64>,
@@ -351,7 +351,7 @@ impl RunResult {
             GuestOutcome::Thread { report, log, tid } => {
                 let b = faults::blocktime(i.events, i.mem, &[*tid]);
                 let b = if i.mem.software() {
-                    faults::Blocktime {
+                    crate::blocktime::Blocktime {
                         per_vcpu_ns: vec![log.stall_ns],
                         all_ns: log.stall_ns,
                         vcpu_faults: log.spans.len() as u64,
@@ -469,7 +469,7 @@ impl RunResult {
             same_clock: e.same_clock,
             verified: i.problems.is_empty(),
             problems: i.problems,
-            tail: crate::tail::breakdown(
+            tail: crate::harness::tail::breakdown(
                 i.mem,
                 &i.summary.requests,
                 |t| (t as i64).wrapping_sub(i.offset_ns) as u64,

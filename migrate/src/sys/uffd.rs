@@ -345,7 +345,7 @@ impl Userfault {
     /// Waits up to `timeout_ns` for fault events; true if some may be ready.
     pub fn wait(&self, timeout_ns: u64) -> io::Result<bool> {
         let mut fds = [PollFd::new(&self.fd, PollFlags::IN)];
-        match poll(&mut fds, Some(&crate::clock::timespec(timeout_ns))) {
+        match poll(&mut fds, Some(&crate::sys::clock::timespec(timeout_ns))) {
             Ok(n) => Ok(n > 0),
             Err(Errno::INTR) => Ok(false),
             Err(e) => Err(e.into()),

@@ -8,10 +8,10 @@ use std::time::Instant;
 
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::cli::{Endpoint, Options};
 use crate::guest::layout::TARGET_PAGE;
+use crate::harness::cli::{Endpoint, Options};
+use crate::harness::result::RunResult;
 use crate::options::{GuestKind, MigrationMode, Workload};
-use crate::result::RunResult;
 use crate::{run_destination, LocalSource, SourceServer};
 
 /// The runs of one invocation.
@@ -127,7 +127,7 @@ pub fn run(o: &Options) -> Result<Outcome, String> {
     };
     print!("{}", header(o, &shown));
     let (normal, huge) = o.memory_needed();
-    let secs = crate::warm::warm_up(normal, huge)?;
+    let secs = crate::sys::warm::warm_up(normal, huge)?;
     println!(
         "  warm-up      touched {} MiB once before measuring ({secs:.1} s): first touches are slow on nested VMs\n",
         (normal + (huge << 21)) >> 20
@@ -148,7 +148,7 @@ pub fn run(o: &Options) -> Result<Outcome, String> {
     for (i, &(w, m, resend)) in runs.iter().enumerate() {
         let mut cfg = o.cfg.clone();
         cfg.resend = resend;
-        let label = crate::result::mode_label(m, resend);
+        let label = crate::harness::result::mode_label(m, resend);
         let pb = if o.quiet {
             ProgressBar::hidden()
         } else {
