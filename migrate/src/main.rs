@@ -4,7 +4,8 @@
 
 use std::process::ExitCode;
 
-use pagehint_migrate::harness::cli::{Cli, Command, Endpoint, Options};
+use clap::{Args, CommandFactory, FromArgMatches};
+use pagehint_migrate::harness::cli::{Cli, Endpoint, Options};
 use pagehint_migrate::harness::{compare, export};
 use pagehint_migrate::qemu;
 use pagehint_migrate::sys::hugepages::HugePages;
@@ -21,11 +22,36 @@ MiB/s: postcopy throughput, RAM still to send at the switch-over / postcopy time
 cuts/recovery (with breaks): connection breaks survived in postcopy / time from the breaks to postcopy resumed
 verified: each missing page placed exactly once (across all connections), memory equals the source's at the switch-over, the guest's own checks passed, no queued request lost (vanilla)";
 
+/// What this invocation runs: the harness, or another program named by its subcommand.
+enum Invocation {
+    /// The harness's matrix of migrations.
+    Migrate(Cli),
+    /// `compare-qemu`.
+    CompareQemu(qemu::cli::CompareQemuCli),
+}
+
+/// Parses this process's arguments: the harness's command line, with the other programs'
+/// subcommands added (exits with clap's message on a parse error).
+fn invocation() -> Invocation {
+    let command = Cli::command().subcommand(
+        qemu::cli::CompareQemuCli::augment_args(clap::Command::new("compare-qemu"))
+            .about(qemu::cli::ABOUT),
+    );
+    let mut m = command.get_matches();
+    let parsed = match m.remove_subcommand() {
+        Some((_, sub)) => {
+            qemu::cli::CompareQemuCli::from_arg_matches(&sub).map(Invocation::CompareQemu)
+        }
+        None => Cli::from_matches(&m).map(Invocation::Migrate),
+    };
+    parsed.unwrap_or_else(|e| e.exit())
+}
+
 fn main() -> ExitCode {
-    let mut cli = Cli::parse_args();
-    if let Some(Command::CompareQemu(c)) = cli.take_command() {
-        return compare_qemu(c);
-    }
+    let cli = match invocation() {
+        Invocation::Migrate(cli) => cli,
+        Invocation::CompareQemu(c) => return compare_qemu(c),
+    };
     let opts = match Options::from_cli(cli) {
         Ok(o) => o,
         Err(e) => {

@@ -82,8 +82,6 @@ const LISTEN_FLAGS: &[&str] = &["listen", "pin", "timeout", "quiet", "sessions",
     after_help = AFTER_HELP
 )]
 pub struct Cli {
-    #[command(subcommand)]
-    command: Option<Command>,
     /// What runs as the guest.
     #[arg(long, value_enum, default_value = "auto")]
     guest: GuestArg,
@@ -224,31 +222,22 @@ pub struct Cli {
     given: Vec<String>,
 }
 
-/// What else `pagehint-migrate` does.
-#[derive(clap::Subcommand, Debug)]
-pub enum Command {
-    /// Migrate the same guest with QEMU 10.0 and with pagehint over the same shaped link
-    /// (two network namespaces, a veth pair, tc tbf), side by side. Needs root, KVM and
-    /// qemu-system-x86_64 (scripts/install-qemu.sh).
-    CompareQemu(crate::qemu::cli::CompareQemuCli),
-}
-
 impl Cli {
-    /// Parses this process's arguments (exiting with clap's message on a parse error),
-    /// remembering which flags were given.
-    pub fn parse_args() -> Self {
-        Self::try_parse_args_from(std::env::args_os()).unwrap_or_else(|e| e.exit())
-    }
-
     /// Parses `args` (the first is the program name), remembering which flags were given.
     pub fn try_parse_args_from<I, T>(args: I) -> Result<Self, clap::Error>
     where
         I: IntoIterator<Item = T>,
         T: Into<std::ffi::OsString> + Clone,
     {
+        use clap::CommandFactory;
+        Self::from_matches(&Self::command().try_get_matches_from(args)?)
+    }
+
+    /// The options in `m`, the matches of [`Cli::command`] (or of a command built on it, with
+    /// subcommands of other programs added), remembering which flags were given.
+    pub fn from_matches(m: &clap::ArgMatches) -> Result<Self, clap::Error> {
         use clap::{CommandFactory, FromArgMatches};
-        let m = Self::command().try_get_matches_from(args)?;
-        let mut cli = Self::from_arg_matches(&m)?;
+        let mut cli = Self::from_arg_matches(m)?;
         let args: Vec<String> = Self::command()
             .get_arguments()
             .map(|a| a.get_id().to_string())
@@ -258,11 +247,6 @@ impl Cli {
             .filter(|id| m.value_source(id) == Some(clap::parser::ValueSource::CommandLine))
             .collect();
         Ok(cli)
-    }
-
-    /// The subcommand, if one was given (taken out; the rest is the harness's options).
-    pub fn take_command(&mut self) -> Option<Command> {
-        self.command.take()
     }
 }
 
