@@ -25,7 +25,7 @@ verified: each missing page placed exactly once (across all connections), memory
 /// What this invocation runs: the harness, or another program named by its subcommand.
 enum Invocation {
     /// The harness's matrix of migrations.
-    Migrate(Cli),
+    Migrate(Box<Cli>),
     /// `compare-qemu`.
     CompareQemu(qemu::cli::CompareQemuCli),
 }
@@ -42,7 +42,7 @@ fn invocation() -> Invocation {
         Some((_, sub)) => {
             qemu::cli::CompareQemuCli::from_arg_matches(&sub).map(Invocation::CompareQemu)
         }
-        None => Cli::from_matches(&m).map(Invocation::Migrate),
+        None => Cli::from_matches(&m).map(|c| Invocation::Migrate(Box::new(c))),
     };
     parsed.unwrap_or_else(|e| e.exit())
 }
@@ -52,7 +52,7 @@ fn main() -> ExitCode {
         Invocation::Migrate(cli) => cli,
         Invocation::CompareQemu(c) => return compare_qemu(c),
     };
-    let opts = match Options::from_cli(cli) {
+    let opts = match Options::from_cli(*cli) {
         Ok(o) => o,
         Err(e) => {
             eprintln!("error: {e}");
