@@ -27,7 +27,7 @@ enum Invocation {
     /// The harness's matrix of migrations.
     Migrate(Box<Cli>),
     /// `compare-qemu`.
-    CompareQemu(qemu::cli::CompareQemuCli),
+    CompareQemu(Box<qemu::cli::CompareQemuCli>),
 }
 
 /// Parses this process's arguments: the harness's command line, with the other programs'
@@ -39,9 +39,8 @@ fn invocation() -> Invocation {
     );
     let mut m = command.get_matches();
     let parsed = match m.remove_subcommand() {
-        Some((_, sub)) => {
-            qemu::cli::CompareQemuCli::from_arg_matches(&sub).map(Invocation::CompareQemu)
-        }
+        Some((_, sub)) => qemu::cli::CompareQemuCli::from_arg_matches(&sub)
+            .map(|c| Invocation::CompareQemu(Box::new(c))),
         None => Cli::from_matches(&m).map(|c| Invocation::Migrate(Box::new(c))),
     };
     parsed.unwrap_or_else(|e| e.exit())
@@ -50,7 +49,7 @@ fn invocation() -> Invocation {
 fn main() -> ExitCode {
     let cli = match invocation() {
         Invocation::Migrate(cli) => cli,
-        Invocation::CompareQemu(c) => return compare_qemu(c),
+        Invocation::CompareQemu(c) => return compare_qemu(*c),
     };
     let opts = match Options::from_cli(*cli) {
         Ok(o) => o,
