@@ -10,7 +10,8 @@ use pagehint::{ClaimBatch, SchedulerConfig};
 
 use crate::guest::layout::{GuestLayout, GuestLayoutError, HostPageSize};
 pub use crate::guest::Workload;
-use crate::link::LinkParams;
+use crate::link::{LinkParams, LowWater};
+pub use crate::link::{RequestRoute, Transport};
 use crate::names::named_enum;
 use crate::sys::pin::PinPlan;
 
@@ -37,9 +38,31 @@ impl MigrationMode {
         .with_batch(batch)
     }
 
-    /// Whether urgent pages travel on their own channel.
-    pub fn preempt(self) -> bool {
-        self != Self::Vanilla
+    /// How this mode's pages and requests travel, with `--resend` as asked (it only
+    /// applies where an urgent channel exists). Every place that opens, configures or reads
+    /// a channel asks this, never the mode itself: a new mode is one more arm here.
+    pub fn transport(self, resend: bool) -> Transport {
+        let urgent = Transport {
+            urgent_channel: true,
+            requests: if resend {
+                RequestRoute::Urgent
+            } else {
+                RequestRoute::Main
+            },
+            resend,
+            low_water: true,
+        };
+        match self {
+            // QEMU's postcopy: one channel, requests queued for the background scan, the
+            // whole send queue (the baseline).
+            Self::Vanilla => Transport {
+                urgent_channel: false,
+                requests: RequestRoute::Main,
+                resend: false,
+                low_water: false,
+            },
+            Self::Preempt | Self::PreemptHint => urgent,
+        }
     }
 }
 
@@ -192,7 +215,7 @@ impl RunConfig {
             GuestKind::Thread => DirtyTracking::None,
         };
         let link = LinkParams {
-            lowat_bytes: LinkParams::auto_lowat(guest.layout.host_page().bytes()),
+            lowat_bytes: LowWater::Auto.bytes(guest.layout.host_page()),
             ..LinkParams::DEFAULT
         };
         Self {
@@ -222,6 +245,11 @@ impl RunConfig {
     pub fn layout(&self) -> &GuestLayout {
         &self.guest.layout
     }
+
+    /// How `mode`'s pages and requests travel in these runs (with [`resend`](Self::resend)).
+    pub fn transport(&self, mode: MigrationMode) -> Transport {
+        mode.transport(self.resend)
+    }
 }
 
 #[cfg(test)]
@@ -241,5 +269,20 @@ mod tests {
         let e = "fast".parse::<MigrationMode>().unwrap_err();
         assert!(e.contains("vanilla, preempt, preempt-hint"), "{e}");
         assert_eq!("ring".parse::<DirtyTracking>(), Ok(DirtyTracking::Ring));
+    }
+
+    #[test]
+    fn each_mode_says_how_its_pages_and_requests_travel() {
+        let v = MigrationMode::Vanilla.transport(true);
+        assert!(!v.urgent_channel && !v.resend && !v.low_water);
+        assert_eq!(v.requests, RequestRoute::Main);
+        for m in [MigrationMode::Preempt, MigrationMode::PreemptHint] {
+            let t = m.transport(true);
+            assert!(t.urgent_channel && t.resend && t.low_water);
+            assert_eq!(t.requests, RequestRoute::Urgent);
+            let old = m.transport(false);
+            assert!(old.urgent_channel && !old.resend);
+            assert_eq!(old.requests, RequestRoute::Main);
+        }
     }
 }

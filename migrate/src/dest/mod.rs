@@ -42,6 +42,7 @@ use crate::guest::kvm::vcpu::VcpuEnd;
 use crate::guest::kvm::vm::Tracking;
 use crate::guest::kvm::{GuestCounters, Machine};
 use crate::handshake::{self, ConnectError};
+use crate::link::{RequestRoute, Transport};
 use crate::options::{DestFault, FaultPath, GuestKind, MigrationMode, RunConfig, Workload};
 use crate::sys::clock::{boot_id, now_ns, tight_timer_slack};
 use crate::sys::pin::Role;
@@ -146,11 +147,8 @@ pub(crate) struct Dest<'a> {
     bg_progress: AtomicU64,
     /// When the urgent channel last brought a frame.
     urgent_progress: AtomicU64,
-    /// Preempt modes: the urgent channel carries pages.
-    preempt: bool,
-    /// Page requests go on the urgent connection (preempt modes with `resend`), away from
-    /// the main connection's socket, which the background stream keeps busy.
-    requests_on_urgent: bool,
+    /// Which channels carry pages and requests.
+    transport: Transport,
     failure: Mutex<Option<RunError>>,
     requests_sent: AtomicU64,
     summary: Mutex<Option<Summary>>,
@@ -225,7 +223,7 @@ impl Dest<'_> {
             sent_ns: now_ns(),
         };
         let c = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-        let stream = if kind == RpKind::Request && self.requests_on_urgent {
+        let stream = if kind == RpKind::Request && self.transport.requests == RequestRoute::Urgent {
             &c.urgent
         } else {
             &c.main
@@ -455,8 +453,7 @@ pub fn run(
         offset_ns,
         bg_progress: AtomicU64::new(now_ns()),
         urgent_progress: AtomicU64::new(now_ns()),
-        preempt: mode.preempt(),
-        requests_on_urgent: mode.preempt() && cfg.resend,
+        transport: cfg.transport(mode),
         failure: Mutex::new(None),
         requests_sent: AtomicU64::new(0),
         summary: Mutex::new(None),

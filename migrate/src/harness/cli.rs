@@ -11,7 +11,7 @@ use pagehint::layout::parse_size;
 use pagehint::ClaimBatch;
 
 use crate::guest::layout::{GuestLayoutError, HostPageSize};
-use crate::link::LinkParams;
+use crate::link::{LinkParams, LowWater};
 use crate::options::{
     DestFault, DirtyTracking, FaultPath, GuestKind, GuestSpec, MigrationMode, Precopy, RunConfig,
     SourceFault, Workload,
@@ -413,11 +413,11 @@ impl Options {
                 .as_nanos() as u64,
             queue_bytes: size("queue", &cli.queue)?,
             nic_queue_bytes: size("nic-queue", &cli.nic_queue)?,
-            lowat_bytes: match cli.lowat.as_str() {
-                "auto" => LinkParams::auto_lowat(host_page.bytes()),
-                "off" | "0" => 0,
-                s => size("lowat", s)?.max(host_page.bytes()),
-            },
+            lowat_bytes: cli
+                .lowat
+                .parse::<LowWater>()
+                .map_err(|e| format!("--lowat {e}"))?
+                .bytes(host_page),
             pace_bps: parse_bits(&cli.pace).map_err(|e| format!("--pace: {e}"))?,
         };
         if cfg.link.pace_bps > 0 && cfg.link.emulated() {

@@ -132,13 +132,18 @@ pub fn run(o: &Options) -> Result<Outcome, String> {
         "  warm-up      touched {} MiB once before measuring ({secs:.1} s): first touches are slow on nested VMs\n",
         (normal + (huge << 21)) >> 20
     );
-    // Vanilla has no urgent channel: it runs once, whatever `--resend` says.
+    // A mode whose transport `--resend` does not change (vanilla: no urgent channel) runs
+    // once, whatever `--resend` says.
     let runs: Vec<(Workload, MigrationMode, bool)> = o
         .workloads
         .iter()
         .flat_map(|&w| {
             o.modes.iter().flat_map(move |&m| {
-                let variants: &[bool] = if m.preempt() { &o.resend } else { &[false] };
+                let variants: &[bool] = if m.transport(true) != m.transport(false) {
+                    &o.resend
+                } else {
+                    &[false]
+                };
                 variants.iter().map(move |&r| (w, m, r))
             })
         })

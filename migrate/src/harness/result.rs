@@ -231,7 +231,8 @@ pub struct RunResult {
 /// A run's mode as the table shows it: preempt modes with the old behaviour (no resend of
 /// already-claimed pages) are marked.
 pub fn mode_label(mode: MigrationMode, resend: bool) -> String {
-    if mode.preempt() && !resend {
+    let t = mode.transport(resend);
+    if t.urgent_channel && !t.resend {
         format!("{mode} (no resend)")
     } else {
         mode.name().to_string()
@@ -487,6 +488,7 @@ impl RunResult {
     /// measured, not verified.
     pub fn configured(cfg: &RunConfig, mode: MigrationMode, workload: Workload) -> Self {
         let layout = cfg.layout();
+        let transport = cfg.transport(mode);
         RunResult {
             mode: mode.name().into(),
             workload: workload.name().into(),
@@ -502,16 +504,16 @@ impl RunResult {
             queue_bytes: cfg.link.queue_bytes,
             nic_queue_bytes: cfg.link.nic_queue_bytes,
             lowat_bytes: if cfg.link.emulated() {
-                cfg.link.for_mode(mode.preempt()).queue_bytes
+                cfg.link.for_transport(&transport).queue_bytes
             } else {
-                cfg.link.socket_lowat(mode.preempt())
+                cfg.link.socket_lowat(&transport)
             },
             pace_bps: cfg.link.pace_bps,
             claim_batch: cfg.claim_batch.get(),
             stream_rate: cfg.guest.stream_rate,
             seed: cfg.guest.seed,
             pin: cfg.pin.describe(),
-            resend: cfg.resend && mode.preempt(),
+            resend: transport.resend,
             ..Self::default()
         }
     }

@@ -263,7 +263,7 @@ impl SourceServer {
             rings,
             mem,
         } = prepared;
-        crate::wire::configure_background(&main, &hello.link, hello.mode.preempt())
+        crate::link::configure_background(&main, &hello.link, &hello.transport())
             .map_err(|e| WireError::Io(Channel::Background, e))?;
         let mut session = Session {
             listener: &self.listener,
@@ -274,7 +274,7 @@ impl SourceServer {
             machine: machine.as_ref(),
             out: Outbound {
                 mem: &mem,
-                link: Link::new(hello.link.for_mode(hello.mode.preempt())),
+                link: Link::new(hello.link.for_transport(&hello.transport())),
                 main,
                 urgent,
                 sent: Sent::default(),

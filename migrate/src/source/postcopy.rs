@@ -149,7 +149,7 @@ impl Session<'_> {
             // The destination never came back: the session ends with the cut.
             Err(_) => return Err(cut),
         };
-        crate::wire::configure_background(&main, &self.hello.link, self.hello.mode.preempt())
+        crate::link::configure_background(&main, &self.hello.link, &self.hello.transport())
             .map_err(|e| WireError::Io(Channel::Background, e))?;
         let mut left = 0;
         let mut at = 0;
@@ -223,7 +223,7 @@ impl Session<'_> {
         // Requests come on the main connection, or (preempt modes with `resend`) on the
         // urgent one; everything else on the main one. Both are watched; once the
         // destination has closed the urgent one, only the main one.
-        let mut urgent_open = self.hello.mode.preempt();
+        let mut urgent_open = self.hello.transport().urgent_channel;
         let mut last = now_ns();
         loop {
             let from = if urgent_open {
@@ -278,7 +278,7 @@ impl Session<'_> {
                         Ok(Served::AlreadyClaimed(hp)) => {
                             t.host_page = self.global_host_page(hp.block, hp.first_page);
                             t.path = ReqPath::Background as u64;
-                            if self.hello.resend && self.resend_fits(hp.pages) {
+                            if self.hello.transport().resend && self.resend_fits(hp.pages) {
                                 // The background copy may still sit in the send queue, the
                                 // socket buffers or the receiver's backlog: send the page
                                 // again here. The source is stopped, so both copies are

@@ -13,10 +13,8 @@
 //! `REQUEST` (checked by the scheduler, which rejects malformed ones with a typed error),
 //! nothing for `DONE`, `PING` and `START`.
 
-use super::{Channel, WireError};
+use super::{Channel, WireError, PAGE_MAGIC, RP_MAGIC};
 
-const PAGE_MAGIC: u16 = 0x4750;
-const RP_MAGIC: u16 = 0x5052;
 /// Page frame flag: a deliberate duplicate (see the module docs).
 pub const RESEND: u8 = 1;
 /// Largest page frame payload accepted (a claim of 64 host pages of 2 MiB is 128 MiB).

@@ -13,16 +13,17 @@
 //! Reply: `"PHMIGRS"` and the version byte `| token u64 | boot id [36] | message length u32 | message` (empty when
 //! accepted, at most 4096 bytes).
 //!
-//! The last byte of both magics is the protocol version: a peer of another version, or
-//! another service altogether, is named as such instead of being misread.
+//! The last byte of both magics is the protocol version ([`super::VERSION`], beside every
+//! magic): a peer of another version, or another service altogether, is named as such
+//! instead of being misread.
 
 use std::net::TcpStream;
 
 use pagehint::ClaimBatch;
 
-use super::{read_full, write_parts, Channel, Guard, WireError};
+use super::{read_full, write_parts, Channel, Guard, WireError, HELLO_MAGIC, REPLY_MAGIC, VERSION};
 use crate::guest::layout::HostPageSize;
-use crate::link::LinkParams;
+use crate::link::{LinkParams, Transport};
 use crate::options::{
     DirtyTracking, GuestKind, GuestSpec, MigrationMode, Precopy, SourceFault, Workload,
 };
@@ -85,22 +86,6 @@ pub struct Hello {
     pub boot_id: [u8; 36],
 }
 
-/// The protocol version both directions carry (the last byte of each magic).
-pub const VERSION: u8 = b'6';
-const MAGIC: &[u8; 8] = &magic(*b"PHMIGRT");
-const REPLY_MAGIC: &[u8; 8] = &magic(*b"PHMIGRS");
-
-/// A magic: seven letters, then [`VERSION`] (so that bumping the version changes both).
-const fn magic(name: [u8; 7]) -> [u8; 8] {
-    let mut m = [VERSION; 8];
-    let mut i = 0;
-    while i < 7 {
-        m[i] = name[i];
-        i += 1;
-    }
-    m
-}
-
 /// Why `found` is not the magic `want`: another version of this protocol, or another
 /// service altogether (`peer` names what we expected, `how` what it sent).
 fn mismatch(found: &[u8; 8], want: &[u8; 8], peer: &str, us: &str, how: &str) -> String {
@@ -123,6 +108,11 @@ const FIELDS: usize = 26;
 const LEN: usize = 8 + FIELDS * 8 + 36;
 
 impl Hello {
+    /// How the asked-for mode's pages and requests travel.
+    pub fn transport(&self) -> Transport {
+        self.mode.transport(self.resend)
+    }
+
     /// Encoded size.
     pub const LEN: usize = LEN;
 
@@ -163,7 +153,7 @@ impl Hello {
             u64::from(self.resend),
         ];
         let mut b = [0u8; LEN];
-        b[..8].copy_from_slice(MAGIC);
+        b[..8].copy_from_slice(&HELLO_MAGIC);
         for (i, v) in vals.iter().enumerate() {
             b[8 + i * 8..16 + i * 8].copy_from_slice(&v.to_le_bytes());
         }
@@ -175,10 +165,10 @@ impl Hello {
     pub fn decode(b: &[u8; LEN]) -> Result<Self, WireError> {
         let bad = |what: String| WireError::Malformed(Channel::Handshake, what);
         let found: &[u8; 8] = b[..8].try_into().expect("8 bytes");
-        if found != MAGIC {
+        if *found != HELLO_MAGIC {
             return Err(bad(mismatch(
                 found,
-                MAGIC,
+                &HELLO_MAGIC,
                 "destination",
                 "source",
                 "its hello starts",
@@ -273,7 +263,7 @@ impl HelloReply {
         let msg = self.error.as_bytes();
         let msg = &msg[..msg.len().min(MAX_REPLY_MESSAGE as usize)];
         let mut head = Vec::with_capacity(56);
-        head.extend_from_slice(REPLY_MAGIC);
+        head.extend_from_slice(&REPLY_MAGIC);
         head.extend_from_slice(&self.token.to_le_bytes());
         head.extend_from_slice(&self.boot_id);
         head.extend_from_slice(&(msg.len() as u32).to_le_bytes());
@@ -291,8 +281,8 @@ impl HelloReply {
             ),
             e => e,
         })?;
-        if &magic != REPLY_MAGIC {
-            let what = mismatch(&magic, REPLY_MAGIC, "source", "destination", "it answered");
+        if magic != REPLY_MAGIC {
+            let what = mismatch(&magic, &REPLY_MAGIC, "source", "destination", "it answered");
             return Err(WireError::Malformed(Channel::Handshake, what));
         }
         let mut head = [0u8; 48];
