@@ -172,7 +172,7 @@ fn the_guest_catches_a_corrupted_page() {
     }
     let r = within(Duration::from_secs(60), || {
         let mut c = kvm(1);
-        c.source_fault = SourceFault::CorruptPage;
+        c.hooks.source.fault = SourceFault::CorruptPage;
         migrate(c, MigrationMode::PreemptHint, Workload::Kv)
     })
     .unwrap();
@@ -204,8 +204,8 @@ fn the_guest_catches_a_page_placed_twice() {
     ] {
         let r = within(Duration::from_secs(60), move || {
             let mut c = kvm(1);
-            c.source_fault = SourceFault::DuplicatePage;
-            c.dest_fault = dest;
+            c.hooks.source.fault = SourceFault::DuplicatePage;
+            c.hooks.dest_fault = dest;
             migrate(c, MigrationMode::Preempt, Workload::Seq)
         })
         .unwrap();

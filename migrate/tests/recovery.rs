@@ -49,8 +49,8 @@ fn check_resumed(r: &RunResult, cuts: u64) {
 
 fn cut_config(kind: GuestKind, mem: u64, after: u64, cuts: u64) -> RunConfig {
     let mut c = config(kind, mem, HostPageSize::Small, 1);
-    c.cut_after = after;
-    c.cuts = cuts;
+    c.hooks.source.cut_after = after;
+    c.hooks.source.cuts = cuts;
     c.recover_timeout = Duration::from_secs(10);
     c
 }

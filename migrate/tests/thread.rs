@@ -122,7 +122,7 @@ fn malformed_requests_are_rejected_counted_and_the_migration_goes_on() {
     for mode in [MigrationMode::Vanilla, MigrationMode::PreemptHint] {
         let r = within(Duration::from_secs(60), move || {
             let mut c = cfg();
-            c.inject_bad = 14;
+            c.hooks.inject_bad = 14;
             migrate(c, mode, Workload::Random)
         })
         .unwrap();
@@ -139,7 +139,7 @@ fn a_dropped_connection_ends_the_run_with_a_clear_error() {
     let start = Instant::now();
     let r = within(Duration::from_secs(30), || {
         let mut c = cfg();
-        c.drop_after = 1000;
+        c.hooks.source.drop_after = 1000;
         migrate(c, MigrationMode::Preempt, Workload::Seq)
     });
     let e = r.expect_err("the source dropped the connections");
@@ -355,7 +355,7 @@ fn verification_catches_a_corrupted_page_and_a_page_sent_twice() {
             let r = within(Duration::from_secs(60), move || {
                 let mut c = cfg();
                 c.fault_path = path;
-                c.source_fault = fault;
+                c.hooks.source.fault = fault;
                 migrate(c, MigrationMode::PreemptHint, Workload::Seq)
             })
             .unwrap();

@@ -44,11 +44,10 @@ use crate::guest::kvm::{GuestCounters, Machine};
 use crate::handshake::{self, ConnectError};
 use crate::link::{RequestRoute, Transport};
 use crate::options::{DestFault, FaultPath, GuestKind, MigrationMode, RunConfig, Workload};
-use crate::sys::clock::{boot_id, now_ns, tight_timer_slack};
+use crate::sys::clock::{now_ns, tight_timer_slack};
 use crate::sys::pin::Role;
 use crate::wire::{
-    write_parts, Channel, Guard, Hello, Role as HelloRole, RpHeader, RpKind, Summary, SwitchOver,
-    WireError,
+    write_parts, Channel, Guard, Hello, RpHeader, RpKind, Summary, SwitchOver, WireError,
 };
 use memory::{DestMemory, MemoryError};
 use recovery::{Broken, Conn, Cut};
@@ -373,7 +372,7 @@ pub fn run(
     let mem = DestMemory::new(
         &layout,
         path,
-        cfg.dest_fault == DestFault::OverwriteDuplicate,
+        cfg.hooks.dest_fault == DestFault::OverwriteDuplicate,
     )
     .map_err(|e| RunError::Setup(format!("mapping guest RAM: {e}")))?;
     if kvm {
@@ -406,27 +405,7 @@ pub fn run(
     } else {
         None
     };
-    let hello = Hello {
-        role: HelloRole::Main,
-        mode,
-        workload,
-        guest: cfg.guest.clone(),
-        precopy: cfg.precopy,
-        link: cfg.link,
-        claim_batch: cfg.claim_batch,
-        scan_start: 0,
-        drop_after: cfg.drop_after,
-        source_fault: cfg.source_fault,
-        cut_after: cfg.cut_after,
-        cuts: cfg.cuts,
-        // Whole ms, at least 1 when recovery is on.
-        recover_ms: match cfg.recover_timeout.as_millis() {
-            0 if !cfg.recover_timeout.is_zero() => 1,
-            ms => ms.try_into().unwrap_or(u64::MAX),
-        },
-        resend: cfg.resend,
-        boot_id: boot_id(),
-    };
+    let hello = Hello::new(cfg, mode, workload);
     let conn = handshake::connect(addr, &hello, cfg.idle_timeout).map_err(|e| match e {
         ConnectError::Wire(w) => RunError::Wire(w),
         ConnectError::Refused(r) => RunError::Refused(r),
@@ -609,7 +588,7 @@ impl Dest<'_> {
                 (r, g.log, tid)
             })
         });
-        if let Err(e) = self.inject_bad(cfg.inject_bad) {
+        if let Err(e) = self.inject_bad(cfg.hooks.inject_bad) {
             self.fail(e.into());
         }
         // Postcopy: watch progress until every page is in, then let the guest finish.

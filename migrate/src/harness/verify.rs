@@ -180,10 +180,10 @@ pub fn verify(cfg: &RunConfig, workload: Workload, e: &Evidence) -> Vec<String> 
         }
     }
     // 4. Bad input.
-    if e.summary.stats.bad_requests != cfg.inject_bad {
+    if e.summary.stats.bad_requests != cfg.hooks.inject_bad {
         problems.push(format!(
             "the source rejected {} requests, {} malformed ones were sent",
-            e.summary.stats.bad_requests, cfg.inject_bad
+            e.summary.stats.bad_requests, cfg.hooks.inject_bad
         ));
     }
     // 5. No queued request lost.

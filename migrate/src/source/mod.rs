@@ -54,7 +54,7 @@ use crate::options::{DirtyTracking, GuestKind, MigrationMode, SourceFault};
 use crate::sys::clock::{now_ns, tight_timer_slack};
 use crate::sys::pin::{PinPlan, Role};
 use crate::wire::{
-    write_parts, Channel, FrameHeader, FrameKind, Guard, Hello, Summary, SwitchOver, WireError,
+    write_parts, Channel, FrameHeader, Guard, Hello, Summary, SwitchOver, WireError,
 };
 use memory::SourceMemory;
 use send::{Hooks, Outbound, SendError, Sent};
@@ -279,12 +279,10 @@ impl SourceServer {
                 urgent,
                 sent: Sent::default(),
                 hooks: Hooks {
-                    corrupt_pending: AtomicBool::new(
-                        hello.source_fault == SourceFault::CorruptPage,
-                    ),
-                    drop_after: hello.drop_after,
-                    cut_after: hello.cut_after,
-                    cuts_left: hello.cuts,
+                    corrupt_pending: AtomicBool::new(hello.hooks.fault == SourceFault::CorruptPage),
+                    drop_after: hello.hooks.drop_after,
+                    cut_after: hello.hooks.cut_after,
+                    cuts_left: hello.hooks.cuts,
                     cut_base: 0,
                     cut_fired: AtomicBool::new(false),
                 },
@@ -475,16 +473,11 @@ impl Session<'_> {
         };
         self.out.sent.end_precopy();
         let body = switch.encode();
-        if let Err(e) = self.out.frame(
-            FrameKind::Switch,
-            0,
-            0,
-            body.len() as u64,
-            &body,
-            Channel::Background,
-            false,
-            &self.guard(false),
-        ) {
+        let h = FrameHeader::switch(body.len());
+        if let Err(e) = self
+            .out
+            .frame(h, &body, Channel::Background, &self.guard(false))
+        {
             self.fail(e);
             return Err(self.take_failure());
         }
@@ -521,16 +514,9 @@ impl Session<'_> {
             requests: self.trace.finish(),
         };
         let body = summary.encode();
-        self.out.frame(
-            FrameKind::Summary,
-            0,
-            0,
-            body.len() as u64,
-            &body,
-            Channel::Background,
-            false,
-            &self.guard(false),
-        )?;
+        let h = FrameHeader::summary(body.len());
+        self.out
+            .frame(h, &body, Channel::Background, &self.guard(false))?;
         let _ = self.out.main.shutdown(Shutdown::Write);
         let _ = self.out.urgent.shutdown(Shutdown::Both);
         Ok(summary)

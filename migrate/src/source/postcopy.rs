@@ -187,7 +187,7 @@ impl Session<'_> {
         // window's first host page again, as a buggy scheduler would. The seq guest rewrites
         // that page on every pass, so the copy is stale by then, and its next pass sees it.
         let per = layout.host_page().pages();
-        let mut duplicate = (self.hello.source_fault == SourceFault::DuplicatePage)
+        let mut duplicate = (self.hello.hooks.fault == SourceFault::DuplicatePage)
             .then(|| sched.bitmap().dirty_pages() * 3 / 4 / per);
         let mut sent = 0u64;
         while let Some(claim) = scanner.next_claim() {

@@ -34,6 +34,7 @@
 //! the others idle) writes the first page of each frame; `kv` updates (re-signs) an eighth of
 //! the pages it finds keys in, if it owns them. One writer per page, so the seqlock is enough.
 
+use crate::names::code_enum;
 use iced_x86::code_asm::*;
 use iced_x86::IcedError;
 
@@ -51,32 +52,19 @@ pub const EVENT_PORT: u16 = 0x0ee0;
 /// rather than spun for.
 const RESLEEP_TSC: i32 = 1 << 24;
 
-/// What the program tells the host through [`EVENT_PORT`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(u8)]
-pub enum Event {
-    /// The vCPU booted and starts its workload.
-    Started = 1,
-    /// Sleep `SLEEP_TSC` TSC ticks (the stream is ahead of schedule).
-    Sleep = 2,
-    /// Stopped and verified its share; nothing more to do.
-    Done = 3,
-    /// Nothing to do until stopped (an idle vCPU): sleep a while.
-    Idle = 4,
-}
-
-impl Event {
-    /// From the byte written.
-    pub fn from_byte(b: u8) -> Option<Self> {
-        Some(match b {
-            1 => Self::Started,
-            2 => Self::Sleep,
-            3 => Self::Done,
-            4 => Self::Idle,
-            _ => return None,
-        })
+code_enum!(
+    /// What the program tells the host through [`EVENT_PORT`].
+    pub enum Event: u8 {
+        /// The vCPU booted and starts its workload.
+        Started = 1,
+        /// Sleep `SLEEP_TSC` TSC ticks (the stream is ahead of schedule).
+        Sleep = 2,
+        /// Stopped and verified its share; nothing more to do.
+        Done = 3,
+        /// Nothing to do until stopped (an idle vCPU): sleep a while.
+        Idle = 4,
     }
-}
+);
 
 /// The status page of one vCPU: byte offsets of its little-endian `u64` words.
 pub mod mailbox {

@@ -175,7 +175,7 @@ fn run_loop(vcpu: &mut VcpuFd, ctl: &VcpuControl, env: &VcpuEnv<'_>) -> VcpuEnd 
         let exit = vcpu.run();
         match exit {
             Ok(VcpuExit::IoOut(EVENT_PORT, data)) => {
-                match data.first().copied().and_then(Event::from_byte) {
+                match data.first().copied().and_then(Event::from_code) {
                     Some(Event::Started) => {
                         // Relaxed: a polled flag.
                         ctl.started.store(true, Ordering::Relaxed);
