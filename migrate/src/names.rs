@@ -35,8 +35,16 @@ macro_rules! code_enum {
     };
 }
 
+/// `$first` and the `$rest`, joined with `$sep`, as one literal.
+macro_rules! joined {
+    ($sep:literal; $first:literal $(, $rest:literal)*) => {
+        concat!($first $(, $sep, $rest)*)
+    };
+}
+
 /// Defines a [`code_enum!`] (`u64` codes) whose every value also has a command-line name:
-/// `name`, `Display` and `FromStr` (an unknown name is an error that lists the known ones).
+/// `name`, `NAMES` and `LIST` (for help texts and defaults), `Display` and `FromStr` (an
+/// unknown name is an error that lists the known ones).
 macro_rules! named_enum {
     ($(#[$m:meta])* $name:ident, $what:literal { $($(#[$vm:meta])* $v:ident = $code:literal, $s:literal;)+ }) => {
         $crate::names::code_enum!(
@@ -47,6 +55,11 @@ macro_rules! named_enum {
         );
 
         impl $name {
+            /// Every name, in table order, for help texts: `a, b, c`.
+            pub const NAMES: &'static str = $crate::names::joined!(", "; $($s),+);
+            /// Every name as a comma-separated list (a default that selects every value).
+            pub const LIST: &'static str = $crate::names::joined!(","; $($s),+);
+
             /// The command-line name.
             pub fn name(self) -> &'static str {
                 match self { $(Self::$v => $s,)+ }
@@ -71,4 +84,4 @@ macro_rules! named_enum {
     };
 }
 
-pub(crate) use {code_enum, named_enum};
+pub(crate) use {code_enum, joined, named_enum};

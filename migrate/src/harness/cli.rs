@@ -102,14 +102,14 @@ pub struct Cli {
     #[arg(long)]
     dirty_ring: bool,
     /// Modes to compare, comma separated.
+    #[arg(long, value_delimiter = ',', default_value = MigrationMode::LIST)]
+    modes: Vec<String>,
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "vanilla,preempt,preempt-hint"
+        default_value = Workload::LIST,
+        help = format!("Guest workloads, comma separated: {}", Workload::NAMES)
     )]
-    modes: Vec<String>,
-    /// Guest workloads, comma separated: seq, random, stream, kv.
-    #[arg(long, value_delimiter = ',', default_value = "seq,random,stream,kv")]
     workloads: Vec<String>,
     /// Write the results as a JSON list to FILE.
     #[arg(long, value_name = "FILE")]

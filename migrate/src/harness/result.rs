@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use crate::dest::faults::{self, FaultEvent};
 use crate::dest::memory::DestMemory;
 use crate::dest::{Evidence, GuestOutcome, Times};
+use crate::guest::Pause;
 use crate::options::{MigrationMode, RunConfig, Workload};
 use crate::wire::{Summary, SwitchOver};
 
@@ -370,10 +371,9 @@ impl RunResult {
             }
         };
         lat.sort_unstable();
-        let longest_pause_ns = if i.workload == Workload::Stream {
-            longest_pause_ns
-        } else {
-            lat.last().copied().unwrap_or(0)
+        let longest_pause_ns = match i.workload.pause() {
+            Pause::Playback => longest_pause_ns,
+            Pause::LongestFault => lat.last().copied().unwrap_or(0),
         };
         let duration = i
             .mem
