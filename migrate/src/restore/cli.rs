@@ -206,8 +206,7 @@ pub enum Action {
 }
 
 fn policy(s: &str) -> Result<Policy, String> {
-    Policy::parse(s)
-        .ok_or_else(|| format!("--policy {s}: one of on-demand, linear, pagehint-nohint, pagehint"))
+    Policy::parse(s).ok_or_else(|| format!("--policy {s}: one of {}", Policy::names()))
 }
 
 impl Cli {

@@ -52,7 +52,7 @@ pub struct Row {
     /// Workload.
     pub workload: String,
     /// Policy.
-    pub policy: String,
+    pub policy: Policy,
     /// Repetition (0-based).
     pub repetition: usize,
     /// Faults the handler read.
@@ -123,7 +123,7 @@ pub struct Summary {
     /// Workload.
     pub workload: String,
     /// Policy.
-    pub policy: String,
+    pub policy: Policy,
     /// Repetitions.
     pub runs: usize,
     /// Faults.
@@ -155,7 +155,7 @@ fn summarize(rows: &[&Row]) -> Option<Summary> {
     let sp = |f: &dyn Fn(&Row) -> f64| Spread::of(rows.iter().map(|r| f(r))).expect("rows");
     Some(Summary {
         workload: first.workload.clone(),
-        policy: first.policy.clone(),
+        policy: first.policy,
         runs: rows.len(),
         faults: sp(&|r| r.faults as f64),
         blocktime_total_ms: sp(&|r| r.blocktime_total_ms),
@@ -232,7 +232,7 @@ fn ratio(a: &[f64], b: &[f64]) -> Option<Ratio> {
 fn ratios(w: Workload, mine: &[Row]) -> Ratios {
     let of = |p: Policy, f: &dyn Fn(&Row) -> Option<f64>| -> Option<Vec<f64>> {
         let mut v: Vec<(usize, f64)> = Vec::new();
-        for r in mine.iter().filter(|r| r.policy == p.name()) {
+        for r in mine.iter().filter(|r| r.policy == p) {
             v.push((r.repetition, f(r)?));
         }
         v.sort_by_key(|e| e.0);
@@ -322,10 +322,10 @@ pub fn restore_once(
             let (c, _) = listener.accept().map_err(|e| format!("accept: {e}"))?;
             handle_connection(&c, &src, &opts, &control).map_err(|e| e.to_string())
         });
-        let linger = if policy == Policy::OnDemand {
-            Duration::ZERO
-        } else {
+        let linger = if policy.lingers() {
             linger
+        } else {
+            Duration::ZERO
         };
         let out = restore(
             snap,
@@ -367,7 +367,7 @@ pub fn row(
         .collect();
     Row {
         workload: w.to_string(),
-        policy: policy.to_string(),
+        policy,
         repetition,
         faults: rep.faults,
         blocktime_total_ms: blocktime_ms.iter().sum(),
@@ -410,7 +410,7 @@ pub fn compare(o: &CompareOptions, progress: &dyn Fn(&Row)) -> Result<Comparison
             }
         }
         for &p in &o.policies {
-            let of_p: Vec<&Row> = mine.iter().filter(|r| r.policy == p.name()).collect();
+            let of_p: Vec<&Row> = mine.iter().filter(|r| r.policy == p).collect();
             summaries.extend(summarize(&of_p));
         }
         ratios_v.push(ratios(w, &mine));

@@ -8,10 +8,10 @@ const COLOURS: [&str; 4] = ["#d62728", "#ff7f0e", "#1f77b4", "#2ca02c"];
 /// A grouped bar chart (log-free, scaled to the largest bar).
 pub fn svg(c: &Comparison) -> String {
     let workloads: Vec<&str> = c.ratios.iter().map(|r| r.workload.as_str()).collect();
-    let mut policies: Vec<&str> = Vec::new();
+    let mut policies = Vec::new();
     for r in &c.summaries {
-        if !policies.contains(&r.policy.as_str()) {
-            policies.push(&r.policy);
+        if !policies.contains(&r.policy) {
+            policies.push(r.policy);
         }
     }
     let max = c

@@ -32,78 +32,17 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use pagehint::{
-    BlockSpec, PageLocation, PageScheduler, RamLayout, SchedulerConfig, Served, UrgentRequest,
-};
+use pagehint::{BlockSpec, PageLocation, PageScheduler, RamLayout, Served, UrgentRequest};
 use pagehint_uffd_gate::{EventRead, RemoveGate};
 use rustix::event::{poll, PollFd, PollFlags};
 
+pub use super::policy::Policy;
+use super::policy::Scan;
 use super::protocol::{recv_handshake, GuestRegionUffdMapping, ProtocolError};
 use super::source::PageSource;
 use crate::blocktime::{blocktime_of, Blocktime};
 use crate::sys::clock::{now_ns, thread_cpu_ns, thread_run_delay_ns};
 use crate::sys::uffd::{PlaceError, UffdEvent, Userfault};
-
-/// How pages are loaded.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Policy {
-    /// One page per fault and nothing else (Firecracker's sample handler).
-    OnDemand,
-    /// Faults served, and one prefetcher from page 0 upwards, ignoring faults (Cloud
-    /// Hypervisor's postcopy).
-    Linear,
-    /// Faults served, and the prefetchers without the hint (evenly spaced linear scans).
-    PagehintNoHint,
-    /// Faults served, and the prefetchers follow each fault (the hint).
-    Pagehint,
-}
-
-impl Policy {
-    /// Every policy, in the comparison's order.
-    pub const ALL: [Self; 4] = [
-        Self::OnDemand,
-        Self::Linear,
-        Self::PagehintNoHint,
-        Self::Pagehint,
-    ];
-
-    /// The name used on the command line and in tables.
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::OnDemand => "on-demand",
-            Self::Linear => "linear",
-            Self::PagehintNoHint => "pagehint-nohint",
-            Self::Pagehint => "pagehint",
-        }
-    }
-
-    /// Parses [`name`](Self::name).
-    pub fn parse(s: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|p| p.name() == s)
-    }
-
-    fn prefetchers(self, asked: usize) -> usize {
-        match self {
-            Self::OnDemand => 0,
-            Self::Linear => 1,
-            Self::PagehintNoHint | Self::Pagehint => asked.max(1),
-        }
-    }
-
-    fn config(self) -> SchedulerConfig {
-        match self {
-            Self::Pagehint => SchedulerConfig::preempt_hint(),
-            _ => SchedulerConfig::preempt(),
-        }
-    }
-}
-
-impl fmt::Display for Policy {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
 
 /// Handler settings.
 #[derive(Clone, Copy, Debug)]
@@ -508,7 +447,7 @@ pub fn serve(
     control: &Control,
 ) -> Result<HandlerReport, HandlerError> {
     let regions = Regions::new(maps)?;
-    let sched = PageScheduler::new(regions.layout.clone(), opts.policy.config())
+    let sched = PageScheduler::new(regions.layout.clone(), opts.policy.scheduler())
         .map_err(HandlerError::Io)?;
     sched.bitmap().mark_all(); // nothing is loaded yet
     let n = regions.host_pages as usize;
@@ -539,9 +478,10 @@ pub fn serve(
         ..Default::default()
     };
     let result = std::thread::scope(|s| {
-        let scanners = match opts.policy {
-            Policy::Linear => vec![shared.sched.background_from(PageLocation::new(0, 0))],
-            _ => shared.sched.background_scanners(prefetchers),
+        let scanners = match opts.policy.scan() {
+            Scan::None => Vec::new(),
+            Scan::FromStart => vec![shared.sched.background_from(PageLocation::new(0, 0))],
+            Scan::Spaced => shared.sched.background_scanners(prefetchers),
         };
         let shared = &shared;
         for (i, sc) in scanners.into_iter().enumerate().take(prefetchers) {

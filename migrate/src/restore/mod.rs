@@ -6,6 +6,7 @@
 //!   Firecracker's format (the version is stated there);
 //! * [`source`]: where pages come from (the snapshot memory file);
 //! * [`remote`]: pages over TCP from a memory server (pull-mode postcopy), and that server;
+//! * [`policy`]: how pages are loaded, every policy's facts in one place;
 //! * [`handler`]: the page server (faults, prefetchers, removed ranges) and its report;
 //! * [`vmm`]: snapshots of the KVM guest, and the restore VMM;
 //! * [`compare`] / [`export`]: the policy comparison, its table, JSON and SVG;
@@ -18,6 +19,7 @@ pub mod cli;
 pub mod compare;
 pub mod export;
 pub mod handler;
+pub mod policy;
 pub mod protocol;
 pub mod remote;
 pub mod source;
