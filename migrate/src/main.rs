@@ -87,8 +87,8 @@ fn main() -> ExitCode {
     let rows = &outcome.rows;
     let targets = export::targets(rows);
     if !rows.is_empty() {
-        if let Some(done) = rows.iter().find(|r| r.error.is_none()) {
-            println!("\nfault path: {}\n", done.fault_path);
+        if let Some(done) = rows.iter().find(|r| r.outcome.error.is_none()) {
+            println!("\nfault path: {}\n", done.waits.fault_path);
         } else {
             println!();
         }
@@ -118,7 +118,7 @@ fn main() -> ExitCode {
         }
         return ExitCode::from(2);
     }
-    if rows.iter().any(|r| !r.verified) {
+    if rows.iter().any(|r| !r.outcome.verified) {
         eprintln!("error: some runs failed verification");
         return ExitCode::from(1);
     }

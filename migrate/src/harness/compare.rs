@@ -181,29 +181,29 @@ pub fn run(o: &Options) -> Result<Outcome, String> {
                     "[{}/{}] {:<7} {:<24} precopy {:>6.1} ms, downtime {:>5.1} ms, postcopy {:>7.1} ms, {:>6} faults, request p50 {:>8.1} µs, blocktime {:>8.1} ms, {}",
                     i + 1,
                     runs.len(),
-                    r.workload,
+                    r.setup.workload,
                     label,
-                    r.precopy_ms,
-                    r.downtime_ms,
-                    r.duration_ms,
-                    r.faults,
-                    r.request_p50_us,
-                    r.blocktime_ms,
-                    if r.verified {
+                    r.transfer.precopy_ms,
+                    r.transfer.downtime_ms,
+                    r.transfer.duration_ms,
+                    r.waits.faults,
+                    r.waits.request_p50_us,
+                    r.waits.blocktime_ms,
+                    if r.outcome.verified {
                         "verified".to_string()
                     } else {
-                        format!("NOT VERIFIED: {}", r.problems.join("; "))
+                        format!("NOT VERIFIED: {}", r.outcome.problems.join("; "))
                     }
                 );
                 if r.tail.requests > 0 {
                     println!("        median   {}", r.tail.median.describe());
                     println!("        slow 1%  {}", r.tail.slowest_1pct.describe());
                 }
-                if r.bad_requests > 0 {
+                if r.source.bad_requests > 0 {
                     println!(
                         "        the source rejected {} malformed page requests and went on (first: {})",
-                        r.bad_requests,
-                        r.rejected.first().cloned().unwrap_or_default()
+                        r.source.bad_requests,
+                        r.source.rejected.first().cloned().unwrap_or_default()
                     );
                 }
                 out.rows.push(r);

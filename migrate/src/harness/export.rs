@@ -30,7 +30,7 @@ fn fmt_rate(r: Option<f64>) -> String {
 pub fn table(rows: &[RunResult]) -> String {
     let mut out = String::new();
     // Postcopy recovery's column, when a run survived a break.
-    let recovery = rows.iter().any(|r| r.cuts > 0);
+    let recovery = rows.iter().any(|r| r.recovery.cuts > 0);
     let mut head = vec![
         "workload",
         "mode",
@@ -53,33 +53,33 @@ pub fn table(rows: &[RunResult]) -> String {
     }
     let mut cells: Vec<Vec<String>> = vec![head.iter().map(|s| s.to_string()).collect()];
     for r in rows {
-        if r.error.is_some() {
-            let mut row = vec![r.workload.clone(), r.label()];
+        if r.outcome.error.is_some() {
+            let mut row = vec![r.setup.workload.clone(), r.label()];
             row.resize(head.len() - 1, "-".into());
             row.push("FAILED".into());
             cells.push(row);
             continue;
         }
         let mut row = vec![
-            r.workload.clone(),
+            r.setup.workload.clone(),
             r.label(),
-            r.faults.to_string(),
-            fmt_us(r.request_p50_us),
-            fmt_us(r.request_p99_us),
-            fmt_ms(r.blocktime_ms),
-            fmt_ms(r.longest_pause_ms),
-            fmt_ms(r.downtime_ms),
-            fmt_ms(r.duration_ms),
-            format!("{:.0}", r.throughput_mib_s),
-            format!("{:.0}", r.precopy_bytes as f64 / (1 << 20) as f64),
-            format!("{}/{}", r.pages_urgent, r.pages_background),
-            format!("{}/{}", r.hints_offered, r.hints_taken),
+            r.waits.faults.to_string(),
+            fmt_us(r.waits.request_p50_us),
+            fmt_us(r.waits.request_p99_us),
+            fmt_ms(r.waits.blocktime_ms),
+            fmt_ms(r.waits.longest_pause_ms),
+            fmt_ms(r.transfer.downtime_ms),
+            fmt_ms(r.transfer.duration_ms),
+            format!("{:.0}", r.transfer.throughput_mib_s),
+            format!("{:.0}", r.transfer.precopy_bytes as f64 / (1 << 20) as f64),
+            format!("{}/{}", r.source.pages_urgent, r.source.pages_background),
+            format!("{}/{}", r.source.hints_offered, r.source.hints_taken),
             format!(
                 "{}→{}",
-                fmt_rate(r.progress_before_per_s),
-                fmt_rate(r.progress_after_per_s)
+                fmt_rate(r.guest_run.progress_before_per_s),
+                fmt_rate(r.guest_run.progress_after_per_s)
             ),
-            if r.verified {
+            if r.outcome.verified {
                 "yes".into()
             } else {
                 "NO".into()
@@ -88,7 +88,11 @@ pub fn table(rows: &[RunResult]) -> String {
         if recovery {
             row.insert(
                 row.len() - 1,
-                format!("{}/{}", r.cuts, fmt_ms(r.recovery_total_ms)),
+                format!(
+                    "{}/{}",
+                    r.recovery.cuts,
+                    fmt_ms(r.recovery.recovery_total_ms)
+                ),
             );
         }
         cells.push(row);
@@ -103,7 +107,7 @@ pub fn table(rows: &[RunResult]) -> String {
         })
         .collect();
     for (i, row) in cells.iter().enumerate() {
-        if i == 1 || (i > 1 && rows[i - 1].workload != rows[i - 2].workload) {
+        if i == 1 || (i > 1 && rows[i - 1].setup.workload != rows[i - 2].setup.workload) {
             let total: usize = widths.iter().sum::<usize>() + 2 * (widths.len() - 1);
             let _ = writeln!(out, "{}", "-".repeat(total));
         }
@@ -145,19 +149,20 @@ pub struct TargetCheck {
 fn find<'a>(rows: &'a [RunResult], w: &str, m: &str) -> Option<&'a RunResult> {
     let mut it = rows
         .iter()
-        .filter(|r| r.workload == w && r.mode == m && r.error.is_none());
+        .filter(|r| r.setup.workload == w && r.setup.mode == m && r.outcome.error.is_none());
     let first = it.next()?;
-    Some(if first.resend {
+    Some(if first.setup.resend {
         first
     } else {
-        it.find(|r| r.resend).unwrap_or(first)
+        it.find(|r| r.setup.resend).unwrap_or(first)
     })
 }
 
 /// The run of `w` in preempt mode `m` with the old behaviour (no resend), if it ran.
 fn find_old<'a>(rows: &'a [RunResult], w: &str, m: &str) -> Option<&'a RunResult> {
-    rows.iter()
-        .find(|r| r.workload == w && r.mode == m && !r.resend && r.error.is_none())
+    rows.iter().find(|r| {
+        r.setup.workload == w && r.setup.mode == m && !r.setup.resend && r.outcome.error.is_none()
+    })
 }
 
 /// Checks the targets that the runs present allow. With 2 MiB host pages the hint must
@@ -188,48 +193,52 @@ pub fn targets(rows: &[RunResult]) -> Vec<TargetCheck> {
     };
     push(
         "random request p50: vanilla / preempt",
-        ratio("random", "vanilla", "preempt", |r| r.request_p50_us),
+        ratio("random", "vanilla", "preempt", |r| r.waits.request_p50_us),
         ">= 5x",
         |x| x >= 5.0,
     );
     push(
         "seq blocktime: preempt / preempt-hint",
-        ratio("seq", "preempt", "preempt-hint", |r| r.blocktime_ms),
+        ratio("seq", "preempt", "preempt-hint", |r| r.waits.blocktime_ms),
         ">= 5x",
         |x| x >= 5.0,
     );
     push(
         "stream longest pause: preempt / preempt-hint",
-        ratio("stream", "preempt", "preempt-hint", |r| r.longest_pause_ms),
+        ratio("stream", "preempt", "preempt-hint", |r| {
+            r.waits.longest_pause_ms
+        }),
         ">= 5x",
         |x| x >= 5.0,
     );
     push(
         "random request p50: preempt-hint / preempt",
-        ratio("random", "preempt-hint", "preempt", |r| r.request_p50_us),
+        ratio("random", "preempt-hint", "preempt", |r| {
+            r.waits.request_p50_us
+        }),
         "<= 1.1x",
         |x| x <= 1.1,
     );
-    let hint = find(rows, "random", "preempt-hint").filter(|r| r.resend);
+    let hint = find(rows, "random", "preempt-hint").filter(|r| r.setup.resend);
     push(
         "random request p99 / p50 in preempt-hint",
-        hint.map(|r| r.request_p99_us / r.request_p50_us.max(1e-9)),
+        hint.map(|r| r.waits.request_p99_us / r.waits.request_p50_us.max(1e-9)),
         "<= 4x",
         |x| x <= 4.0,
     );
     let pair = hint.zip(find_old(rows, "random", "preempt-hint"));
     let tail = push(
         "random request p99 in preempt-hint: no resend / resend",
-        pair.map(|(new, old)| old.request_p99_us / new.request_p99_us.max(1e-9)),
+        pair.map(|(new, old)| old.waits.request_p99_us / new.waits.request_p99_us.max(1e-9)),
         ">= 5x",
         |x| x >= 5.0,
     );
-    if rows.iter().any(|r| r.resend) {
+    if rows.iter().any(|r| r.setup.resend) {
         let (resent, sent): (u64, u64) = rows
             .iter()
-            .filter(|r| r.error.is_none())
+            .filter(|r| r.outcome.error.is_none())
             .fold((0, 0), |(a, b), r| {
-                (a + r.resent_bytes, b + r.postcopy_bytes)
+                (a + r.source.resent_bytes, b + r.transfer.postcopy_bytes)
             });
         push(
             "resent bytes / postcopy bytes, all runs, %",
@@ -238,22 +247,24 @@ pub fn targets(rows: &[RunResult]) -> Vec<TargetCheck> {
             |x| x <= 1.0,
         );
     }
-    if rows.iter().any(|r| r.host_page > 4096) {
+    if rows.iter().any(|r| r.setup.host_page > 4096) {
         push(
             "2M: seq blocktime preempt-hint / preempt",
-            ratio("seq", "preempt-hint", "preempt", |r| r.blocktime_ms),
+            ratio("seq", "preempt-hint", "preempt", |r| r.waits.blocktime_ms),
             "<= 1x (no worse)",
             |x| x <= 1.0,
         );
         push(
             "2M: stream pause preempt-hint / preempt",
-            ratio("stream", "preempt-hint", "preempt", |r| r.longest_pause_ms),
+            ratio("stream", "preempt-hint", "preempt", |r| {
+                r.waits.longest_pause_ms
+            }),
             "<= 1x (no worse)",
             |x| x <= 1.0,
         );
     }
     if !rows.is_empty() {
-        let n = rows.iter().filter(|r| r.verified).count();
+        let n = rows.iter().filter(|r| r.outcome.verified).count();
         out.push(TargetCheck {
             what: format!("runs verified: {n} of {}", rows.len()),
             ratio: None,
@@ -265,7 +276,7 @@ pub fn targets(rows: &[RunResult]) -> Vec<TargetCheck> {
     // A p99 is never below its p50, so no change to the new path can take the tail ratio
     // past the old path's p99 over the new path's p50; say so where that bound is what misses.
     if let Some((new, old)) = pair {
-        let bound = old.request_p99_us / new.request_p50_us.max(1e-9);
+        let bound = old.waits.request_p99_us / new.waits.request_p50_us.max(1e-9);
         let c = &mut out[tail];
         if !c.pass && bound < 5.0 {
             c.note = Some(format!(
@@ -337,8 +348,8 @@ pub(crate) fn esc(s: &str) -> String {
 pub fn svg(rows: &[RunResult], subtitle: &str) -> String {
     let mut workloads: Vec<&str> = Vec::new();
     for r in rows {
-        if !workloads.contains(&r.workload.as_str()) {
-            workloads.push(&r.workload);
+        if !workloads.contains(&r.setup.workload.as_str()) {
+            workloads.push(&r.setup.workload);
         }
     }
     let (pw, ph) = (460.0, 380.0);
@@ -445,10 +456,10 @@ pub fn svg(rows: &[RunResult], subtitle: &str) -> String {
             x = l - 30.0,
             y = (t + pb) / 2.0
         );
-        let runs: Vec<&RunResult> = rows.iter().filter(|r| r.workload == *wl).collect();
+        let runs: Vec<&RunResult> = rows.iter().filter(|r| r.setup.workload == *wl).collect();
         let mut legend_y = pb + 46.0;
         for r in &runs {
-            let c = mode_color(&r.mode);
+            let c = mode_color(&r.setup.mode);
             let n = r.latencies_ns.len();
             if n > 0 {
                 let step = (n / 400).max(1);
@@ -472,12 +483,12 @@ pub fn svg(rows: &[RunResult], subtitle: &str) -> String {
                 legend_y - 4.0,
                 l + 22.0,
                 legend_y,
-                esc(&r.mode),
+                esc(&r.setup.mode),
                 n,
-                esc(&fmt_us(r.request_p50_us)),
-                esc(&fmt_ms(r.longest_pause_ms)),
-                esc(&fmt_ms(r.stall_ms)),
-                esc(&fmt_ms(r.duration_ms))
+                esc(&fmt_us(r.waits.request_p50_us)),
+                esc(&fmt_ms(r.waits.longest_pause_ms)),
+                esc(&fmt_ms(r.waits.stall_ms)),
+                esc(&fmt_ms(r.transfer.duration_ms))
             );
             legend_y += 14.0;
         }
@@ -485,7 +496,7 @@ pub fn svg(rows: &[RunResult], subtitle: &str) -> String {
         let (bl, br, bt, bb) = (pr + 40.0, ox + pw - 15.0, t, pb);
         let max = runs
             .iter()
-            .flat_map(|r| r.vcpu_blocktime_ms.iter().copied())
+            .flat_map(|r| r.waits.vcpu_blocktime_ms.iter().copied())
             .fold(0.0f64, f64::max)
             .max(1e-3);
         let _ = writeln!(
@@ -508,9 +519,9 @@ pub fn svg(rows: &[RunResult], subtitle: &str) -> String {
         let groups = runs.len().max(1) as f64;
         let gw = (br - bl) / groups;
         for (g, r) in runs.iter().enumerate() {
-            let nv = r.vcpu_blocktime_ms.len().max(1) as f64;
+            let nv = r.waits.vcpu_blocktime_ms.len().max(1) as f64;
             let bw = (gw * 0.8 / nv).max(1.0);
-            for (v, &b) in r.vcpu_blocktime_ms.iter().enumerate() {
+            for (v, &b) in r.waits.vcpu_blocktime_ms.iter().enumerate() {
                 let hgt = (b / max) * (bb - bt);
                 let x = bl + g as f64 * gw + gw * 0.1 + v as f64 * bw;
                 let _ = writeln!(
@@ -518,12 +529,12 @@ pub fn svg(rows: &[RunResult], subtitle: &str) -> String {
                     r##"<rect x="{x:.1}" y="{:.1}" width="{:.1}" height="{hgt:.1}" fill="{}"><title>{} vCPU {v}: {}</title></rect>"##,
                     bb - hgt,
                     bw * 0.9,
-                    mode_color(&r.mode),
-                    esc(&r.mode),
+                    mode_color(&r.setup.mode),
+                    esc(&r.setup.mode),
                     esc(&fmt_ms(b))
                 );
             }
-            let total: f64 = r.vcpu_blocktime_ms.iter().sum();
+            let total: f64 = r.waits.vcpu_blocktime_ms.iter().sum();
             let _ = writeln!(
                 s,
                 r##"<text x="{:.1}" y="{}" text-anchor="middle" font-size="9">{}</text>"##,
@@ -552,12 +563,11 @@ mod tests {
     }
 
     fn done(w: Workload, m: MigrationMode, p50: f64) -> RunResult {
-        RunResult {
-            request_p50_us: p50,
-            throughput_mib_s: 812.4,
-            verified: true,
-            ..RunResult::configured(&cfg(), m, w)
-        }
+        let mut r = RunResult::configured(&cfg(), m, w);
+        r.waits.request_p50_us = p50;
+        r.transfer.throughput_mib_s = 812.4;
+        r.outcome.verified = true;
+        r
     }
 
     #[test]
@@ -601,9 +611,9 @@ mod tests {
     fn the_plot_labels_both_y_axes_and_shows_stall_and_postcopy_time() {
         let mut r = done(Workload::Seq, MigrationMode::Preempt, 200.0);
         r.latencies_ns = vec![50_000, 200_000];
-        r.vcpu_blocktime_ms = vec![12.0];
-        r.stall_ms = 3.5;
-        r.duration_ms = 640.0;
+        r.waits.vcpu_blocktime_ms = vec![12.0];
+        r.waits.stall_ms = 3.5;
+        r.transfer.duration_ms = 640.0;
         let p = svg(&[r], "test, link 10G");
         assert!(
             p.contains(">fraction of faults waiting at most this</text>"),
@@ -615,10 +625,11 @@ mod tests {
 
     #[test]
     fn a_missed_tail_ratio_says_what_bounded_it_in_that_run() {
-        let run = |resend: bool, p50: f64, p99: f64| RunResult {
-            resend,
-            request_p99_us: p99,
-            ..done(Workload::Random, MigrationMode::PreemptHint, p50)
+        let run = |resend: bool, p50: f64, p99: f64| {
+            let mut r = done(Workload::Random, MigrationMode::PreemptHint, p50);
+            r.setup.resend = resend;
+            r.waits.request_p99_us = p99;
+            r
         };
         // The old path's p99 (900 µs) is 4.5x the new path's p50 (200 µs): 5x was out of
         // reach whatever the new path's p99.

@@ -11,17 +11,55 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::dest::faults::{self, FaultEvent};
+use crate::blocktime::Blocktime;
+use crate::dest::faults;
 use crate::dest::memory::DestMemory;
-use crate::dest::{Evidence, GuestOutcome, Times};
+use crate::dest::{Evidence, GuestOutcome};
 use crate::guest::Pause;
 use crate::options::{MigrationMode, RunConfig, Workload};
-use crate::wire::{Summary, SwitchOver};
+use crate::wire::Summary;
 
 /// What one migration run measured (a failed run: its configuration, the error and how far
-/// it got; nothing measured).
+/// it got; nothing measured), in parts; the JSON is one flat object per run (each part is
+/// flattened into it), with the keys `the_json_keys_stay_the_same` pins.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct RunResult {
+    /// How the run was set up (from the configuration; filled in for a failed run too).
+    #[serde(flatten)]
+    pub setup: Setup,
+    /// Whether the run completed and verified.
+    #[serde(flatten)]
+    pub outcome: Outcome,
+    /// What the guest waited for: its faults, its requests, blocktime and pauses.
+    #[serde(flatten)]
+    pub waits: Waits,
+    /// The migration's phases: times, bytes and pages, precopy's rounds, the clocks.
+    #[serde(flatten)]
+    pub transfer: Transfer,
+    /// What the guest did at the source and at the destination.
+    #[serde(flatten)]
+    pub guest_run: GuestRun,
+    /// How the source served: its scheduler's counters and what it sent.
+    #[serde(flatten)]
+    pub source: SourceCounters,
+    /// How the destination placed what arrived: duplicates, on purpose or not.
+    #[serde(flatten)]
+    pub placement: Placement,
+    /// Postcopy recovery: the breaks survived and what they cost.
+    #[serde(flatten)]
+    pub recovery: Recovery,
+    /// Where the requests' time went: the stages of the median requests and of the slowest
+    /// 1% (see [`crate::harness::tail`]).
+    #[serde(default)]
+    pub tail: crate::harness::tail::TailBreakdown,
+    /// Sorted fault waits (ns), for the plot.
+    #[serde(skip)]
+    pub latencies_ns: Vec<u64>,
+}
+
+/// How the run was set up (from the configuration; filled in for a failed run too).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Setup {
     /// `vanilla`, `preempt` or `preempt-hint`.
     pub mode: String,
     /// `seq`, `random`, `stream` or `kv`.
@@ -36,16 +74,10 @@ pub struct RunResult {
     pub mem_bytes: u64,
     /// Host page bytes.
     pub host_page: u64,
-    /// How faults were caught.
-    pub fault_path: String,
     /// Precopy rounds asked for.
     pub precopy_rounds: u32,
-    /// Precopy rounds done (fewer when the dirty set stopped shrinking).
-    pub precopy_rounds_done: u64,
     /// `log`, `ring` or `none`.
     pub dirty_tracking: String,
-    /// Dirty pages at the start of each precopy round.
-    pub dirty_per_round: Vec<u64>,
     /// Link: bits per second (0 unlimited).
     pub bandwidth_bps: u64,
     /// Link: one-way delay, µs.
@@ -69,13 +101,32 @@ pub struct RunResult {
     /// Thread placement (`--pin`).
     #[serde(default)]
     pub pin: String,
+    /// Preempt modes: an already-claimed page was sent again on the urgent channel
+    /// (`--resend`); false: the old behaviour (and vanilla).
+    #[serde(default)]
+    pub resend: bool,
+}
+
+/// Whether the run completed and verified.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Outcome {
     /// Why the run failed (null when it completed; its measurements are then all zero).
     #[serde(default)]
     pub error: Option<String>,
     /// How far a failed run got (null when it completed).
     #[serde(default)]
     pub reached: Option<String>,
+    /// Everything in [`crate::harness::verify`] holds.
+    pub verified: bool,
+    /// What failed verification.
+    pub problems: Vec<String>,
+}
 
+/// What the guest waited for: its faults, its requests, blocktime and pauses.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Waits {
+    /// How faults were caught.
+    pub fault_path: String,
     /// Guest faults that waited (vCPU faults read from userfaultfd; the thread guest's own).
     pub faults: u64,
     /// Median fault wait, µs.
@@ -100,7 +151,21 @@ pub struct RunResult {
     pub request_p99_us: f64,
     /// Longest request latency, µs.
     pub request_max_us: f64,
+    /// Fault events read from userfaultfd (every thread).
+    pub uffd_faults: u64,
+    /// Guest faults that raced with a placement: the page was placed by the time the fault
+    /// was read, so the wait is not measured (counted as 0 in `faults`, no blocktime).
+    #[serde(default)]
+    pub raced_faults: u64,
+}
 
+/// The migration's phases: times, bytes and pages, precopy's rounds, the clocks.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Transfer {
+    /// Precopy rounds done (fewer when the dirty set stopped shrinking).
+    pub precopy_rounds_done: u64,
+    /// Dirty pages at the start of each precopy round.
+    pub dirty_per_round: Vec<u64>,
     /// Source vCPUs stop → destination vCPUs run, ms.
     pub downtime_ms: f64,
     /// START → the last page placed, ms.
@@ -119,7 +184,15 @@ pub struct RunResult {
     pub precopy_pages: u64,
     /// Host pages missing at the switch-over (sent in postcopy).
     pub pending_host_pages: u64,
+    /// Source clock minus destination clock as measured by pings, µs.
+    pub clock_offset_us: f64,
+    /// Source and destination share `CLOCK_MONOTONIC` (same boot), so no offset is applied.
+    pub same_clock: bool,
+}
 
+/// What the guest did at the source and at the destination.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct GuestRun {
     /// Pages checked (or lookups) by the guest at the source, during precopy.
     pub guest_ops_precopy: u64,
     /// The same at the destination, until postcopy completed.
@@ -138,7 +211,11 @@ pub struct RunResult {
     pub guest_first_error: Option<String>,
     /// Data pages the guest verified after postcopy.
     pub guest_verified_pages: u64,
+}
 
+/// How the source served: its scheduler's counters and what it sent.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct SourceCounters {
     /// Target pages sent by the urgent path.
     pub pages_urgent: u64,
     /// Target pages sent by the background path in postcopy.
@@ -164,18 +241,19 @@ pub struct RunResult {
     pub rejected: Vec<String>,
     /// All-zero host pages sent without payload in postcopy.
     pub zero_host_pages: u64,
-    /// Host pages placed twice (must be 0).
-    pub placed_twice: u64,
-    /// Preempt modes: an already-claimed page was sent again on the urgent channel
-    /// (`--resend`); false: the old behaviour (and vanilla).
-    #[serde(default)]
-    pub resend: bool,
     /// Host pages the source sent again on the urgent channel (deliberate duplicates).
     #[serde(default)]
     pub resent_host_pages: u64,
     /// Link bytes of those (headers included; part of `postcopy_bytes`).
     #[serde(default)]
     pub resent_bytes: u64,
+}
+
+/// How the destination placed what arrived: duplicates, on purpose or not.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Placement {
+    /// Host pages placed twice (must be 0).
+    pub placed_twice: u64,
     /// Deliberate duplicates the destination dropped (the other copy came first): host pages.
     #[serde(default)]
     pub duplicate_pages: u64,
@@ -185,6 +263,11 @@ pub struct RunResult {
     /// Resent bytes as a share of all postcopy bytes, % (target: ≤ 1).
     #[serde(default)]
     pub duplicate_share_pct: f64,
+}
+
+/// Postcopy recovery: the breaks survived and what they cost.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Recovery {
     /// Postcopy recovery: breaks of the connections survived (each resumed on new ones).
     #[serde(default)]
     pub cuts: u64,
@@ -206,27 +289,6 @@ pub struct RunResult {
     /// Postcopy recovery: the breaks, in words.
     #[serde(default)]
     pub cut_reasons: Vec<String>,
-    /// Fault events read from userfaultfd (every thread).
-    pub uffd_faults: u64,
-    /// Guest faults that raced with a placement: the page was placed by the time the fault
-    /// was read, so the wait is not measured (counted as 0 in `faults`, no blocktime).
-    #[serde(default)]
-    pub raced_faults: u64,
-    /// Source clock minus destination clock as measured by pings, µs.
-    pub clock_offset_us: f64,
-    /// Source and destination share `CLOCK_MONOTONIC` (same boot), so no offset is applied.
-    pub same_clock: bool,
-    /// Everything in [`crate::harness::verify`] holds.
-    pub verified: bool,
-    /// What failed verification.
-    pub problems: Vec<String>,
-    /// Where the requests' time went: the stages of the median requests and of the slowest
-    /// 1% (see [`crate::harness::tail`]).
-    #[serde(default)]
-    pub tail: crate::harness::tail::TailBreakdown,
-    /// Sorted fault waits (ns), for the plot.
-    #[serde(skip)]
-    pub latencies_ns: Vec<u64>,
 }
 
 /// A run's mode as the table shows it: preempt modes with the old behaviour (no resend of
@@ -243,9 +305,9 @@ pub fn mode_label(mode: MigrationMode, resend: bool) -> String {
 impl RunResult {
     /// This run's mode as the table shows it ([`mode_label`]).
     pub fn label(&self) -> String {
-        match self.mode.parse::<MigrationMode>() {
-            Ok(m) => mode_label(m, self.resend),
-            Err(_) => self.mode.clone(),
+        match self.setup.mode.parse::<MigrationMode>() {
+            Ok(m) => mode_label(m, self.setup.resend),
+            Err(_) => self.setup.mode.clone(),
         }
     }
 }
@@ -264,21 +326,6 @@ fn rate(ops: u64, ns: u64) -> Option<f64> {
     (ns >= 10_000_000).then(|| ops as f64 / (ns as f64 / 1e9))
 }
 
-/// The parts of the evidence the assembly reads.
-struct Inputs<'a> {
-    mode: MigrationMode,
-    workload: Workload,
-    mem: &'a DestMemory,
-    summary: &'a Summary,
-    switch: &'a SwitchOver,
-    outcome: &'a GuestOutcome,
-    events: &'a [FaultEvent],
-    times: Times,
-    offset_ns: i64,
-    requests_sent: u64,
-    problems: Vec<String>,
-}
-
 fn ms(ns: u64) -> f64 {
     ns as f64 / 1e6
 }
@@ -287,127 +334,140 @@ fn us(ns: u64) -> f64 {
     ns as f64 / 1e3
 }
 
-impl RunResult {
-    /// The measurements of a run of `workload` in `mode` with `cfg`, from what it left, with
-    /// the `problems` verification found.
-    pub fn assemble(
-        cfg: &RunConfig,
-        mode: MigrationMode,
-        workload: Workload,
-        e: &Evidence,
-        problems: Vec<String>,
-    ) -> Self {
-        let i = Inputs {
-            mode,
-            workload,
-            mem: &e.mem,
-            summary: &e.summary,
-            switch: &e.switch,
-            outcome: &e.outcome,
-            events: &e.events,
-            times: e.times,
-            offset_ns: e.offset_ns,
-            requests_sent: e.requests_sent,
-            problems,
-        };
-        let layout = cfg.layout();
-        let t = i.times;
-        let requests = faults::request_latencies(i.mem);
-        let stop_local = (i.switch.stop_ns as i64).wrapping_sub(i.offset_ns) as u64;
-        let guest_tids: Vec<u32> = match i.outcome {
-            GuestOutcome::Kvm { tids, .. } => tids.clone(),
-            GuestOutcome::Thread { tid, .. } => vec![*tid],
-        };
-        let (mut lat, stall_ns, blocktime, longest_pause_ns, guest) = match i.outcome {
+/// What the guest side left: its sorted fault waits, stall and blocktime, its longest pause
+/// (the stream's own measure, before [`Pause`] decides), and its counters.
+struct GuestSide {
+    /// Sorted fault waits, ns.
+    lat: Vec<u64>,
+    stall_ns: u64,
+    blocktime: Blocktime,
+    pause_ns: u64,
+    /// The threads whose faults count (the vCPUs, or the thread guest).
+    tids: Vec<u32>,
+    /// Operations until postcopy completed, pages written, failed checks, the first
+    /// failure, pages verified (destination only).
+    ops: u64,
+    writes: u64,
+    errors: u64,
+    first_error: Option<String>,
+    verified: u64,
+}
+
+impl GuestSide {
+    fn of(e: &Evidence) -> Self {
+        let mem = &e.mem;
+        let mut g = match &e.outcome {
             GuestOutcome::Kvm {
                 counters,
                 ops_at_complete,
                 tids,
                 tsc_khz,
-                ..
             } => {
-                let b = faults::blocktime(i.events, i.mem, tids);
-                let lat: Vec<u64> = i
-                    .events
-                    .iter()
-                    .filter(|e| tids.contains(&e.tid))
-                    .map(|e| i.mem.times(e.hp).1.saturating_sub(e.at_ns))
-                    .collect();
+                let b = faults::blocktime(&e.events, mem, tids);
                 let pause_tsc = counters
                     .iter()
                     .map(|c| c.longest_pause_tsc)
                     .max()
                     .unwrap_or(0);
-                let pause =
-                    (u128::from(pause_tsc) * 1_000_000 / u128::from((*tsc_khz).max(1))) as u64;
-                let stall = b.per_vcpu_ns.iter().sum();
-                let g = (
-                    *ops_at_complete,
-                    counters.iter().map(|c| c.writes).sum::<u64>(),
-                    counters.iter().map(|c| c.errors).sum::<u64>(),
-                    counters.iter().find_map(|c| c.first_error_text()),
-                    counters.iter().map(|c| c.verified).sum::<u64>(),
-                );
-                (lat, stall, b, pause, g)
+                Self {
+                    lat: e
+                        .events
+                        .iter()
+                        .filter(|ev| tids.contains(&ev.tid))
+                        .map(|ev| mem.times(ev.hp).1.saturating_sub(ev.at_ns))
+                        .collect(),
+                    stall_ns: b.per_vcpu_ns.iter().sum(),
+                    blocktime: b,
+                    pause_ns: (u128::from(pause_tsc) * 1_000_000 / u128::from((*tsc_khz).max(1)))
+                        as u64,
+                    tids: tids.clone(),
+                    ops: *ops_at_complete,
+                    writes: counters.iter().map(|c| c.writes).sum(),
+                    errors: counters.iter().map(|c| c.errors).sum(),
+                    first_error: counters.iter().find_map(|c| c.first_error_text()),
+                    verified: counters.iter().map(|c| c.verified).sum(),
+                }
             }
-            GuestOutcome::Thread { report, log, tid } => {
-                let b = faults::blocktime(i.events, i.mem, &[*tid]);
-                let b = if i.mem.software() {
-                    crate::blocktime::Blocktime {
+            GuestOutcome::Thread { report, log, tid } => Self {
+                lat: log.latencies_ns(),
+                stall_ns: log.stall_ns,
+                // The software path sees every wait itself; userfaultfd's record is the
+                // fault thread's.
+                blocktime: if mem.software() {
+                    Blocktime {
                         per_vcpu_ns: vec![log.stall_ns],
                         all_ns: log.stall_ns,
                         vcpu_faults: log.spans.len() as u64,
                     }
                 } else {
-                    b
-                };
-                (
-                    log.latencies_ns(),
-                    log.stall_ns,
-                    b,
-                    report.longest_pause_ns,
-                    (report.ops, 0, report.wrong, None, 0),
-                )
-            }
+                    faults::blocktime(&e.events, mem, &[*tid])
+                },
+                pause_ns: report.longest_pause_ns,
+                tids: vec![*tid],
+                ops: report.ops,
+                writes: 0,
+                errors: report.wrong,
+                first_error: None,
+                verified: 0,
+            },
         };
-        lat.sort_unstable();
-        let longest_pause_ns = match i.workload.pause() {
-            Pause::Playback => longest_pause_ns,
+        g.lat.sort_unstable();
+        g
+    }
+}
+
+/// The destination's clock at source time `t`.
+fn local(e: &Evidence, t: u64) -> u64 {
+    (t as i64).wrapping_sub(e.offset_ns) as u64
+}
+
+/// When postcopy completed (the last page placed if the guest ended first).
+fn complete_ns(e: &Evidence) -> u64 {
+    match e.times.complete {
+        0 => e.mem.last_placed_ns(),
+        t => t,
+    }
+}
+
+impl Waits {
+    fn of(e: &Evidence, g: &GuestSide, workload: Workload) -> Self {
+        let requests = faults::request_latencies(&e.mem);
+        let lat = &g.lat;
+        let longest_pause_ns = match workload.pause() {
+            Pause::Playback => g.pause_ns,
             Pause::LongestFault => lat.last().copied().unwrap_or(0),
         };
-        let duration = i
-            .mem
-            .last_placed_ns()
-            .max(t.resume)
-            .saturating_sub(t.resume);
-        let pending_bytes = i.mem.pending() * layout.host_page().bytes();
-        let st = &i.summary.stats;
-        let (duplicate_pages, duplicate_bytes) = i.mem.duplicates();
-        let sw = i.switch;
-        let (ops_after, writes, errors, first_error, verified) = guest;
-        let complete = if t.complete > 0 {
-            t.complete
-        } else {
-            i.mem.last_placed_ns()
-        };
-        RunResult {
-            fault_path: i.mem.fault_path(),
-            precopy_rounds_done: sw.rounds,
-            dirty_per_round: sw.dirty_per_round.clone(),
+        Self {
+            fault_path: e.mem.fault_path(),
             faults: lat.len() as u64,
-            fault_p50_us: us(percentile_ns(&lat, 50.0)),
-            fault_p99_us: us(percentile_ns(&lat, 99.0)),
+            fault_p50_us: us(percentile_ns(lat, 50.0)),
+            fault_p99_us: us(percentile_ns(lat, 99.0)),
             fault_max_us: us(lat.last().copied().unwrap_or(0)),
-            stall_ms: ms(stall_ns),
-            blocktime_ms: ms(blocktime.all_ns),
-            vcpu_blocktime_ms: blocktime.per_vcpu_ns.iter().map(|&n| ms(n)).collect(),
+            stall_ms: ms(g.stall_ns),
+            blocktime_ms: ms(g.blocktime.all_ns),
+            vcpu_blocktime_ms: g.blocktime.per_vcpu_ns.iter().map(|&n| ms(n)).collect(),
             longest_pause_ms: ms(longest_pause_ns),
-            requests_sent: i.requests_sent,
+            requests_sent: e.requests_sent,
             request_p50_us: us(percentile_ns(&requests, 50.0)),
             request_p99_us: us(percentile_ns(&requests, 99.0)),
             request_max_us: us(requests.last().copied().unwrap_or(0)),
+            uffd_faults: e.events.len() as u64,
+            raced_faults: faults::raced(&e.events, |hp| e.mem.times(hp).1, &g.tids),
+        }
+    }
+}
+
+impl Transfer {
+    fn of(e: &Evidence, cfg: &RunConfig) -> Self {
+        let (t, sw, mem) = (e.times, &e.switch, &e.mem);
+        let stop_local = local(e, sw.stop_ns);
+        let duration = mem.last_placed_ns().max(t.resume).saturating_sub(t.resume);
+        let pending_bytes = mem.pending() * cfg.layout().host_page().bytes();
+        Self {
+            precopy_rounds_done: sw.rounds,
+            dirty_per_round: sw.dirty_per_round.clone(),
             downtime_ms: ms(t.resume.saturating_sub(stop_local)),
-            total_ms: ms(complete.saturating_sub(t.start)),
+            total_ms: ms(complete_ns(e).saturating_sub(t.start)),
             precopy_ms: ms(stop_local.saturating_sub(t.start)),
             duration_ms: ms(duration),
             throughput_mib_s: if duration > 0 {
@@ -416,17 +476,35 @@ impl RunResult {
                 0.0
             },
             precopy_bytes: sw.precopy_bytes,
-            postcopy_bytes: i.summary.postcopy_bytes,
+            postcopy_bytes: e.summary.postcopy_bytes,
             precopy_pages: sw.precopy_pages,
-            pending_host_pages: i.mem.pending(),
+            pending_host_pages: mem.pending(),
+            clock_offset_us: e.measured_offset_ns as f64 / 1e3,
+            same_clock: e.same_clock,
+        }
+    }
+}
+
+impl GuestRun {
+    fn of(e: &Evidence, g: &GuestSide) -> Self {
+        let sw = &e.switch;
+        Self {
             guest_ops_precopy: sw.guest[0],
-            guest_ops_postcopy: ops_after,
+            guest_ops_postcopy: g.ops,
             progress_before_per_s: rate(sw.guest[0], sw.source_run_ns),
-            progress_after_per_s: rate(ops_after, complete.saturating_sub(t.resume)),
-            guest_writes: sw.guest[1] + writes,
-            guest_check_errors: sw.guest[2] + errors,
-            guest_first_error: first_error,
-            guest_verified_pages: verified,
+            progress_after_per_s: rate(g.ops, complete_ns(e).saturating_sub(e.times.resume)),
+            guest_writes: sw.guest[1] + g.writes,
+            guest_check_errors: sw.guest[2] + g.errors,
+            guest_first_error: g.first_error.clone(),
+            guest_verified_pages: g.verified,
+        }
+    }
+}
+
+impl SourceCounters {
+    fn of(summary: &Summary) -> Self {
+        let st = &summary.stats;
+        Self {
             pages_urgent: st.urgent_pages,
             pages_background: st.background_pages,
             already_claimed: st.urgent_already_claimed,
@@ -437,59 +515,127 @@ impl RunResult {
             queued_followed: st.queued_followed,
             queued_stale: st.queued_stale,
             bad_requests: st.bad_requests,
-            rejected: i.summary.rejected.clone(),
-            zero_host_pages: i.summary.zero_host_pages,
-            placed_twice: i.mem.placed_twice().0,
-            resent_host_pages: i.summary.resent_host_pages,
-            resent_bytes: i.summary.resent_bytes,
+            rejected: summary.rejected.clone(),
+            zero_host_pages: summary.zero_host_pages,
+            resent_host_pages: summary.resent_host_pages,
+            resent_bytes: summary.resent_bytes,
+        }
+    }
+}
+
+impl Placement {
+    fn of(mem: &DestMemory, summary: &Summary) -> Self {
+        let (duplicate_pages, duplicate_bytes) = mem.duplicates();
+        Self {
+            placed_twice: mem.placed_twice().0,
             duplicate_pages,
             duplicate_bytes,
-            duplicate_share_pct: if i.summary.postcopy_bytes > 0 {
-                100.0 * i.summary.resent_bytes as f64 / i.summary.postcopy_bytes as f64
+            duplicate_share_pct: if summary.postcopy_bytes > 0 {
+                100.0 * summary.resent_bytes as f64 / summary.postcopy_bytes as f64
             } else {
                 0.0
             },
+        }
+    }
+}
+
+impl Recovery {
+    fn of(e: &Evidence) -> Self {
+        let (mem, st) = (&e.mem, &e.summary.stats);
+        let mut placed_per_connection = vec![0u64; e.cuts.len() + 1];
+        for hp in 0..mem.host_pages() {
+            let conn = usize::from(mem.placed_by(hp)).wrapping_sub(1);
+            if let Some(n) = placed_per_connection.get_mut(conn) {
+                *n += 1;
+            }
+        }
+        Self {
             cuts: e.cuts.len() as u64,
             recovery_ms: e.cuts.iter().map(|c| ms(c.recovery_ns())).collect(),
             recovery_total_ms: ms(e.cuts.iter().map(|c| c.recovery_ns()).sum()),
-            placed_per_connection: {
-                let mut v = vec![0u64; e.cuts.len() + 1];
-                for hp in 0..i.mem.host_pages() {
-                    if let Some(n) = v.get_mut(usize::from(i.mem.placed_by(hp)).wrapping_sub(1)) {
-                        *n += 1;
-                    }
-                }
-                v
-            },
+            placed_per_connection,
             resent_pages: (st.urgent_pages + st.background_pages)
-                .saturating_sub(i.mem.pending() * i.mem.host_page_size() / 4096),
+                .saturating_sub(mem.pending() * mem.host_page_size() / 4096),
             cut_reasons: e.cuts.iter().map(|c| c.reason.clone()).collect(),
-            uffd_faults: i.events.len() as u64,
-            raced_faults: faults::raced(i.events, |hp| i.mem.times(hp).1, &guest_tids),
-            clock_offset_us: e.measured_offset_ns as f64 / 1e3,
-            same_clock: e.same_clock,
-            verified: i.problems.is_empty(),
-            problems: i.problems,
+        }
+    }
+}
+
+impl RunResult {
+    /// The measurements of a run of `workload` in `mode` with `cfg`, from what it left, with
+    /// the `problems` verification found: each part from its own evidence.
+    pub fn assemble(
+        cfg: &RunConfig,
+        mode: MigrationMode,
+        workload: Workload,
+        e: &Evidence,
+        problems: Vec<String>,
+    ) -> Self {
+        let g = GuestSide::of(e);
+        let spans = match &e.outcome {
+            GuestOutcome::Thread { log, .. } if !e.mem.software() => Some(&log.spans[..]),
+            _ => None,
+        };
+        Self {
+            setup: Setup::of(cfg, mode, workload),
+            outcome: Outcome {
+                error: None,
+                reached: None,
+                verified: problems.is_empty(),
+                problems,
+            },
+            waits: Waits::of(e, &g, workload),
+            transfer: Transfer::of(e, cfg),
+            guest_run: GuestRun::of(e, &g),
+            source: SourceCounters::of(&e.summary),
+            placement: Placement::of(&e.mem, &e.summary),
+            recovery: Recovery::of(e),
             tail: crate::harness::tail::breakdown(
-                i.mem,
-                &i.summary.requests,
-                |t| (t as i64).wrapping_sub(i.offset_ns) as u64,
-                match i.outcome {
-                    GuestOutcome::Thread { log, .. } if !i.mem.software() => Some(&log.spans[..]),
-                    _ => None,
-                },
+                &e.mem,
+                &e.summary.requests,
+                |t| local(e, t),
+                spans,
             ),
-            latencies_ns: lat,
-            ..Self::configured(cfg, i.mode, i.workload)
+            latencies_ns: g.lat,
         }
     }
 
     /// A run of `workload` in `mode` with `cfg` as configured: the settings filled in, nothing
     /// measured, not verified.
     pub fn configured(cfg: &RunConfig, mode: MigrationMode, workload: Workload) -> Self {
+        Self {
+            setup: Setup::of(cfg, mode, workload),
+            ..Self::default()
+        }
+    }
+
+    /// A run that failed with `error` after getting as far as `reached`: its configuration,
+    /// the error, and nothing measured.
+    pub fn failed(
+        cfg: &RunConfig,
+        mode: MigrationMode,
+        workload: Workload,
+        error: String,
+        reached: String,
+    ) -> Self {
+        Self {
+            outcome: Outcome {
+                problems: vec![format!("the run failed: {error}")],
+                error: Some(error),
+                reached: Some(reached),
+                verified: false,
+            },
+            ..Self::configured(cfg, mode, workload)
+        }
+    }
+}
+
+impl Setup {
+    /// The settings of a run of `workload` in `mode` with `cfg`.
+    fn of(cfg: &RunConfig, mode: MigrationMode, workload: Workload) -> Self {
         let layout = cfg.layout();
         let transport = cfg.transport(mode);
-        RunResult {
+        Self {
             mode: mode.name().into(),
             workload: workload.name().into(),
             guest: cfg.guest.kind.name().into(),
@@ -514,24 +660,6 @@ impl RunResult {
             seed: cfg.guest.seed,
             pin: cfg.pin.describe(),
             resend: transport.resend,
-            ..Self::default()
-        }
-    }
-
-    /// A run that failed with `error` after getting as far as `reached`: its configuration,
-    /// the error, and nothing measured.
-    pub fn failed(
-        cfg: &RunConfig,
-        mode: MigrationMode,
-        workload: Workload,
-        error: String,
-        reached: String,
-    ) -> Self {
-        RunResult {
-            problems: vec![format!("the run failed: {error}")],
-            error: Some(error),
-            reached: Some(reached),
-            ..Self::configured(cfg, mode, workload)
         }
     }
 }

@@ -116,7 +116,7 @@ pub fn run(
             for m in &o.modes {
                 let k = key("pagehint", m.name());
                 let row = match &results {
-                    Ok(rs) => match rs.iter().find(|r| r.mode == m.name()) {
+                    Ok(rs) => match rs.iter().find(|r| r.setup.mode == m.name()) {
                         Some(r) => SideRow::pagehint(&name, spec.rate_bps, r),
                         None => SideRow::failed(k, "the destination reported no such run".into()),
                     },
