@@ -196,7 +196,7 @@ impl DestMemory {
             FaultPath::Software => (None, "software (forced by --no-uffd)".to_string()),
             FaultPath::Auto => match Userfault::open() {
                 Ok(u) => {
-                    let n = format!("userfaultfd ({})", u.how());
+                    let n = format!("userfaultfd ({})", u.origin().describe());
                     (Some(u), n)
                 }
                 Err(e) => (None, format!("software (no userfaultfd: {e})")),

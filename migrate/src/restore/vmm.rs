@@ -284,7 +284,7 @@ pub fn restore(
     let sizes = [ranges[0].1, ranges[1].1];
     let ram = GuestRam::map(sizes, opts.hugetlb).map_err(|e| format!("mapping guest RAM: {e}"))?;
     let uffd = Userfault::open_with_remove_events().map_err(|e| format!("userfaultfd: {e}"))?;
-    if uffd.user_mode_only() {
+    if !uffd.origin().sees_kernel_faults() {
         return Err("userfaultfd sees only user-mode faults here; KVM needs kernel faults".into());
     }
     let page = layout.host_page().bytes();

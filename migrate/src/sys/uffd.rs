@@ -120,11 +120,45 @@ pub enum UffdEvent {
     Other(u8),
 }
 
+/// Where a userfaultfd descriptor came from, which decides whose faults it sees.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Origin {
+    /// `userfaultfd(2)`: every fault, the kernel's (KVM's) included.
+    Syscall,
+    /// `/dev/userfaultfd`: every fault, the kernel's included.
+    Device,
+    /// `userfaultfd(2)` with `UFFD_USER_MODE_ONLY` (what an unprivileged user may open):
+    /// faults of user-mode code only, not KVM's, whose vCPUs fault in the kernel.
+    UserModeOnly,
+    /// Received from another process (a VMM), which opened it.
+    Received,
+}
+
+impl Origin {
+    /// In words (part of the fault path the results report).
+    pub fn describe(self) -> &'static str {
+        match self {
+            Self::Syscall => "userfaultfd(2)",
+            Self::Device => "/dev/userfaultfd",
+            Self::UserModeOnly => "userfaultfd(2), user-mode only",
+            Self::Received => "received from the VMM",
+        }
+    }
+
+    /// Whether faults taken in the kernel (a KVM vCPU's) reach this descriptor.
+    pub fn sees_kernel_faults(self) -> bool {
+        match self {
+            Self::Syscall | Self::Device | Self::Received => true,
+            Self::UserModeOnly => false,
+        }
+    }
+}
+
 /// A userfaultfd descriptor.
 #[derive(Debug)]
 pub struct Userfault {
     fd: OwnedFd,
-    how: &'static str,
+    origin: Origin,
     features: u64,
 }
 
@@ -149,7 +183,7 @@ impl Userfault {
     pub fn from_received(fd: OwnedFd) -> Self {
         Self {
             fd,
-            how: "received from the VMM",
+            origin: Origin::Received,
             features: 0,
         }
     }
@@ -158,24 +192,24 @@ impl Userfault {
         let flags = UserfaultfdFlags::CLOEXEC | UserfaultfdFlags::NONBLOCK;
         // SAFETY: the descriptor gives access to faults of this process only.
         let first = match unsafe { userfaultfd(flags) } {
-            Ok(fd) => return Self::handshake(fd, "userfaultfd(2)", extra),
+            Ok(fd) => return Self::handshake(fd, Origin::Syscall, extra),
             Err(e) => e,
         };
         if let Ok(dev) = std::fs::File::open("/dev/userfaultfd") {
             // SAFETY: USERFAULTFD_IOC_NEW takes the flags as its integer argument.
             if let Ok(fd) = unsafe { ioctl::ioctl(&dev, NewUffd(flags.bits())) } {
-                return Self::handshake(fd, "/dev/userfaultfd", extra);
+                return Self::handshake(fd, Origin::Device, extra);
             }
         }
         let user_only = flags | UserfaultfdFlags::from_bits_retain(UFFD_USER_MODE_ONLY);
         // SAFETY: as above; user-mode-only faults suffice for the thread guest.
         if let Ok(fd) = unsafe { userfaultfd(user_only) } {
-            return Self::handshake(fd, "userfaultfd(2), user-mode only", extra);
+            return Self::handshake(fd, Origin::UserModeOnly, extra);
         }
         Err(first.into())
     }
 
-    fn handshake(fd: OwnedFd, how: &'static str, extra: u64) -> io::Result<Self> {
+    fn handshake(fd: OwnedFd, origin: Origin, extra: u64) -> io::Result<Self> {
         let wanted = extra
             | u64::from(
                 UFFD_FEATURE_THREAD_ID
@@ -195,7 +229,7 @@ impl Userfault {
             if unsafe { ioctl::ioctl(&fd, Updater::<API, _>::new(&mut api)) }.is_ok() {
                 return Ok(Self {
                     fd,
-                    how,
+                    origin,
                     features: api.features,
                 });
             }
@@ -203,19 +237,14 @@ impl Userfault {
         Err(io::Error::other("UFFDIO_API refused every feature set"))
     }
 
-    /// How the descriptor was obtained.
-    pub fn how(&self) -> &'static str {
-        self.how
+    /// Where the descriptor came from.
+    pub fn origin(&self) -> Origin {
+        self.origin
     }
 
     /// Whether faults carry the faulting thread's id.
     pub fn has_thread_id(&self) -> bool {
         self.features & u64::from(UFFD_FEATURE_THREAD_ID) != 0
-    }
-
-    /// Whether this descriptor only sees faults of user-mode code (not KVM's).
-    pub fn user_mode_only(&self) -> bool {
-        self.how.ends_with("user-mode only")
     }
 
     /// Registers `[start, start + len)` in missing mode.

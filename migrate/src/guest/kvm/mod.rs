@@ -38,7 +38,7 @@ pub fn unavailable() -> Option<String> {
     }
     match crate::sys::uffd::Userfault::open() {
         Err(e) => Some(format!("userfaultfd does not open: {e}")),
-        Ok(u) if u.user_mode_only() => Some(
+        Ok(u) if !u.origin().sees_kernel_faults() => Some(
             "userfaultfd sees only user-mode faults here (KVM's vCPUs fault in the kernel)".into(),
         ),
         Ok(_) => None,
