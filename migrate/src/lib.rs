@@ -34,6 +34,7 @@ pub mod options;
 pub mod qemu;
 pub mod restore;
 pub mod source;
+pub mod svg;
 pub mod sys;
 pub mod values;
 pub mod wire;

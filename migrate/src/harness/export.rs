@@ -5,6 +5,7 @@
 use std::fmt::Write as _;
 
 use crate::harness::result::RunResult;
+use crate::svg::{text_width, Anchor, Box2, Canvas, Style};
 
 pub(crate) fn fmt_us(us: f64) -> String {
     if us <= 0.0 {
@@ -337,219 +338,254 @@ fn mode_color(mode: &str) -> &'static str {
     }
 }
 
-pub(crate) fn esc(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-}
+pub(crate) use crate::svg::esc;
+
+/// Panel width of the picture (two panels a row).
+const PANEL_W: f64 = 460.0;
+/// Height of a fault-wait plot.
+const PLOT_H: f64 = 235.0;
+/// Font size of panel titles.
+const TITLE: f64 = 13.0;
+/// Font size of text.
+const TEXT: f64 = 11.0;
+/// Font size of small labels.
+const SMALL: f64 = 9.0;
 
 /// An SVG with one panel per workload: the fault-wait distribution of each mode (CDF, log
-/// time axis) and, beside it, each mode's per-vCPU blocktime as bars.
+/// time axis) and, beside it, each mode's per-vCPU blocktime as bars; each panel's legend
+/// below it, wrapped to the panel's width.
 pub fn svg(rows: &[RunResult], subtitle: &str) -> String {
+    picture(rows, subtitle).finish()
+}
+
+/// The picture [`svg`] writes, for tests to measure.
+pub fn picture(rows: &[RunResult], subtitle: &str) -> Canvas {
+    let mut c = Canvas::new();
+    let mut y = header(&mut c, subtitle);
     let mut workloads: Vec<&str> = Vec::new();
     for r in rows {
         if !workloads.contains(&r.setup.workload.as_str()) {
             workloads.push(&r.setup.workload);
         }
     }
-    let (pw, ph) = (460.0, 380.0);
-    let cols = 2usize;
-    let nrows = workloads.len().div_ceil(cols).max(1);
-    let (w, h) = (pw * cols as f64 + 20.0, ph * nrows as f64 + 82.0);
-    let all: Vec<u64> = rows
-        .iter()
-        .flat_map(|r| r.latencies_ns.iter().copied())
-        .collect();
-    let lo = all
-        .iter()
-        .copied()
-        .filter(|&v| v > 0)
-        .min()
-        .unwrap_or(1_000)
-        .max(100) as f64;
-    let hi = all.iter().copied().max().unwrap_or(1_000_000).max(10_000) as f64;
-    let (d0, d1) = (
-        (lo / 1e3).log10().floor(),
-        (hi / 1e3)
-            .log10()
-            .ceil()
-            .max((lo / 1e3).log10().floor() + 1.0),
-    );
-    let mut s = String::new();
-    let _ = writeln!(
-        s,
-        r##"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" font-family="sans-serif" font-size="11">"##
-    );
-    let _ = writeln!(s, r##"<rect width="100%" height="100%" fill="white"/>"##);
-    let _ = writeln!(
-        s,
-        r##"<text x="10" y="20" font-size="15" font-weight="bold">pagehint-migrate: fault waits (fraction at or below) and per-vCPU blocktime</text>"##
-    );
-    // The subtitle on two lines, split before the link's description.
+    let scale = TimeScale::of(rows);
+    for row in workloads.chunks(2) {
+        let mut bottom = y;
+        for (i, wl) in row.iter().enumerate() {
+            let runs: Vec<&RunResult> = rows.iter().filter(|r| r.setup.workload == *wl).collect();
+            let ox = 10.0 + PANEL_W * i as f64;
+            bottom = bottom.max(panel(&mut c, ox, y, wl, &runs, &scale));
+        }
+        y = bottom + 16.0;
+    }
+    c
+}
+
+/// The title and the subtitle (split before the link's description); returns where the
+/// panels start.
+fn header(c: &mut Canvas, subtitle: &str) -> f64 {
+    let width = 2.0 * PANEL_W;
+    let title = "pagehint-migrate: fault waits (fraction at or below) and per-vCPU blocktime";
+    let mut y = c.text_wrapped(10.0, 20.0, width, Style::new(15.0).bold(), title);
     let (first, link) = subtitle
         .split_once(", link ")
         .map_or((subtitle, ""), |(a, b)| (a, b));
-    let _ = writeln!(
-        s,
-        r##"<text x="10" y="36" fill="#555">{}</text>"##,
-        esc(first)
-    );
+    let grey = Style::new(TEXT).color("#555");
+    y = c.text_wrapped(10.0, y, width, grey, first);
     if !link.is_empty() {
-        let _ = writeln!(
-            s,
-            r##"<text x="10" y="50" fill="#555" font-size="10">link: {}</text>"##,
-            esc(link)
-        );
+        let link = format!("link: {link}");
+        y = c.text_wrapped(10.0, y, width, Style::new(10.0).color("#555"), &link);
     }
-    for (i, wl) in workloads.iter().enumerate() {
-        let ox = 10.0 + pw * (i % cols) as f64;
-        let oy = 62.0 + ph * (i / cols) as f64;
-        // CDF on the left 62%, blocktime bars on the right.
-        let (l, t, pr, pb) = (ox + 45.0, oy + 25.0, ox + pw * 0.62, oy + ph - 120.0);
-        let x_of = |ns: f64| l + ((ns / 1e3).max(1e-3).log10() - d0) / (d1 - d0) * (pr - l);
-        let y_of = |f: f64| pb - f * (pb - t);
-        let _ = writeln!(
-            s,
-            r##"<text x="{l}" y="{}" font-size="13" font-weight="bold">{}</text>"##,
-            oy + 15.0,
-            esc(wl)
-        );
-        let _ = writeln!(
-            s,
-            r##"<rect x="{l}" y="{t}" width="{}" height="{}" fill="none" stroke="#999"/>"##,
-            pr - l,
-            pb - t
-        );
-        let mut d = d0;
-        while d <= d1 + 1e-9 {
-            let x = l + (d - d0) / (d1 - d0) * (pr - l);
+    y + 8.0
+}
+
+/// The fault waits' log time axis, shared by every panel: whole decades of µs.
+struct TimeScale {
+    d0: f64,
+    d1: f64,
+}
+
+impl TimeScale {
+    fn of(rows: &[RunResult]) -> Self {
+        let all = rows.iter().flat_map(|r| r.latencies_ns.iter().copied());
+        let lo = all
+            .clone()
+            .filter(|&v| v > 0)
+            .min()
+            .unwrap_or(1_000)
+            .max(100) as f64;
+        let hi = all.max().unwrap_or(1_000_000).max(10_000) as f64;
+        let d0 = (lo / 1e3).log10().floor();
+        Self {
+            d0,
+            d1: (hi / 1e3).log10().ceil().max(d0 + 1.0),
+        }
+    }
+
+    /// The x of `ns` in a plot from `l` to `r`.
+    fn x(&self, ns: f64, l: f64, r: f64) -> f64 {
+        l + ((ns / 1e3).max(1e-3).log10() - self.d0) / (self.d1 - self.d0) * (r - l)
+    }
+}
+
+/// One workload's panel from (`ox`, `oy`): its name, the fault-wait plot, the blocktime
+/// bars and the legend. Returns the panel's bottom.
+fn panel(
+    c: &mut Canvas,
+    ox: f64,
+    oy: f64,
+    wl: &str,
+    runs: &[&RunResult],
+    scale: &TimeScale,
+) -> f64 {
+    let l = ox + 48.0;
+    c.text(l, oy + 15.0, Style::new(TITLE).bold(), wl);
+    // The plot on the left 62%, the blocktime bars on the right.
+    let plot = Box2 {
+        x0: l,
+        y0: oy + 25.0,
+        x1: ox + PANEL_W * 0.62,
+        y1: oy + 25.0 + PLOT_H,
+    };
+    fault_waits(c, plot, runs, scale);
+    let bars = Box2 {
+        x0: plot.x1 + 40.0,
+        x1: ox + PANEL_W - 15.0,
+        ..plot
+    };
+    blocktime_bars(c, bars, runs);
+    let entries: Vec<(&'static str, String)> = runs
+        .iter()
+        .map(|r| {
+            let label = format!(
+                "{} — {} faults, request p50 {}, pause {}, stall {}, postcopy {}",
+                r.label(),
+                r.latencies_ns.len(),
+                fmt_us(r.waits.request_p50_us),
+                fmt_ms(r.waits.longest_pause_ms),
+                fmt_ms(r.waits.stall_ms),
+                fmt_ms(r.transfer.duration_ms)
+            );
+            (mode_color(&r.setup.mode), label)
+        })
+        .collect();
+    let width = ox + PANEL_W - 10.0 - (l + 8.0);
+    c.legend(l + 8.0, plot.y1 + 52.0, width, TEXT, &entries)
+}
+
+/// The fault-wait distributions (CDF, log time axis) in `f`, with both axes labelled.
+fn fault_waits(c: &mut Canvas, f: Box2, runs: &[&RunResult], scale: &TimeScale) {
+    let y_of = |frac: f64| f.y1 - frac * (f.y1 - f.y0);
+    let ticks: Vec<(f64, String)> = [0.0, 0.25, 0.5, 0.75, 1.0]
+        .iter()
+        .map(|&v| (v, format!("{v}")))
+        .collect();
+    c.y_axis(f, &ticks, &y_of, TEXT);
+    // One label a decade, or every other one where they would crowd.
+    let decades = (scale.d1 - scale.d0).round() as usize;
+    let room = (f.x1 - f.x0) / decades.max(1) as f64;
+    let every = if room < text_width("100 ms", TEXT) + 6.0 {
+        2
+    } else {
+        1
+    };
+    for k in 0..=decades {
+        let d = scale.d0 + k as f64;
+        let x = f.x0 + k as f64 / decades.max(1) as f64 * (f.x1 - f.x0);
+        c.line((x, f.y0), (x, f.y1), "#eee");
+        if k % every == 0 {
             let label = match 10f64.powf(d) {
                 v if v < 1000.0 => format!("{v:.0} µs"),
                 v if v < 1e6 => format!("{:.0} ms", v / 1e3),
                 v => format!("{:.0} s", v / 1e6),
             };
-            let _ = writeln!(
-                s,
-                r##"<line x1="{x}" y1="{t}" x2="{x}" y2="{pb}" stroke="#eee"/><text x="{x}" y="{}" text-anchor="middle">{label}</text>"##,
-                pb + 14.0
-            );
-            d += 1.0;
-        }
-        for f in [0.0, 0.25, 0.5, 0.75, 1.0] {
-            let y = y_of(f);
-            let _ = writeln!(
-                s,
-                r##"<line x1="{l}" y1="{y}" x2="{pr}" y2="{y}" stroke="#eee"/><text x="{}" y="{}" text-anchor="end">{f}</text>"##,
-                l - 4.0,
-                y + 4.0
-            );
-        }
-        let _ = writeln!(
-            s,
-            r##"<text x="{}" y="{}" text-anchor="middle" fill="#555">fault wait</text>"##,
-            (l + pr) / 2.0,
-            pb + 28.0
-        );
-        let _ = writeln!(
-            s,
-            r##"<text x="{x}" y="{y}" text-anchor="middle" fill="#555" transform="rotate(-90 {x} {y})">fraction of faults waiting at most this</text>"##,
-            x = l - 30.0,
-            y = (t + pb) / 2.0
-        );
-        let runs: Vec<&RunResult> = rows.iter().filter(|r| r.setup.workload == *wl).collect();
-        let mut legend_y = pb + 46.0;
-        for r in &runs {
-            let c = mode_color(&r.setup.mode);
-            let n = r.latencies_ns.len();
-            if n > 0 {
-                let step = (n / 400).max(1);
-                let mut pts = String::new();
-                let mut prev_y = y_of(0.0);
-                for k in (0..n).step_by(step).chain(std::iter::once(n - 1)) {
-                    let x = x_of(r.latencies_ns[k].max(1) as f64);
-                    let y = y_of((k + 1) as f64 / n as f64);
-                    let _ = write!(pts, "{x:.1},{prev_y:.1} {x:.1},{y:.1} ");
-                    prev_y = y;
-                }
-                let _ = writeln!(
-                    s,
-                    r##"<polyline fill="none" stroke="{c}" stroke-width="1.8" points="{pts}"/>"##
-                );
-            }
-            let _ = writeln!(
-                s,
-                r##"<rect x="{}" y="{}" width="10" height="3" fill="{c}"/><text x="{}" y="{}">{} — {} faults, request p50 {}, pause {}, stall {}, postcopy {}</text>"##,
-                l + 8.0,
-                legend_y - 4.0,
-                l + 22.0,
-                legend_y,
-                esc(&r.setup.mode),
-                n,
-                esc(&fmt_us(r.waits.request_p50_us)),
-                esc(&fmt_ms(r.waits.longest_pause_ms)),
-                esc(&fmt_ms(r.waits.stall_ms)),
-                esc(&fmt_ms(r.transfer.duration_ms))
-            );
-            legend_y += 14.0;
-        }
-        // Per-vCPU blocktime bars: one group per mode, one bar per vCPU.
-        let (bl, br, bt, bb) = (pr + 40.0, ox + pw - 15.0, t, pb);
-        let max = runs
-            .iter()
-            .flat_map(|r| r.waits.vcpu_blocktime_ms.iter().copied())
-            .fold(0.0f64, f64::max)
-            .max(1e-3);
-        let _ = writeln!(
-            s,
-            r##"<rect x="{bl}" y="{bt}" width="{}" height="{}" fill="none" stroke="#999"/><text x="{}" y="{}" text-anchor="middle" fill="#555">vCPU blocktime, ms</text><text x="{br}" y="{}" text-anchor="end" font-size="9" fill="#555">full scale {}</text>"##,
-            br - bl,
-            bb - bt,
-            (bl + br) / 2.0,
-            bb + 28.0,
-            bt - 4.0,
-            esc(&fmt_ms(max))
-        );
-        let _ = writeln!(
-            s,
-            r##"<text x="{}" y="{bb}" text-anchor="end" font-size="9" fill="#555">0</text><text x="{x}" y="{y}" text-anchor="middle" fill="#555" transform="rotate(-90 {x} {y})">blocked time per vCPU</text>"##,
-            bl - 3.0,
-            x = bl - 8.0,
-            y = (bt + bb) / 2.0
-        );
-        let groups = runs.len().max(1) as f64;
-        let gw = (br - bl) / groups;
-        for (g, r) in runs.iter().enumerate() {
-            let nv = r.waits.vcpu_blocktime_ms.len().max(1) as f64;
-            let bw = (gw * 0.8 / nv).max(1.0);
-            for (v, &b) in r.waits.vcpu_blocktime_ms.iter().enumerate() {
-                let hgt = (b / max) * (bb - bt);
-                let x = bl + g as f64 * gw + gw * 0.1 + v as f64 * bw;
-                let _ = writeln!(
-                    s,
-                    r##"<rect x="{x:.1}" y="{:.1}" width="{:.1}" height="{hgt:.1}" fill="{}"><title>{} vCPU {v}: {}</title></rect>"##,
-                    bb - hgt,
-                    bw * 0.9,
-                    mode_color(&r.setup.mode),
-                    esc(&r.setup.mode),
-                    esc(&fmt_ms(b))
-                );
-            }
-            let total: f64 = r.waits.vcpu_blocktime_ms.iter().sum();
-            let _ = writeln!(
-                s,
-                r##"<text x="{:.1}" y="{}" text-anchor="middle" font-size="9">{}</text>"##,
-                bl + g as f64 * gw + gw / 2.0,
-                bb + 12.0,
-                if total >= 100.0 {
-                    format!("{total:.0}")
-                } else {
-                    format!("{total:.1}")
-                }
+            c.text(
+                x,
+                f.y1 + 14.0,
+                Style::new(TEXT).anchor(Anchor::Middle),
+                &label,
             );
         }
     }
-    let _ = writeln!(s, "</svg>");
-    s
+    let grey = Style::new(TEXT).color("#555").anchor(Anchor::Middle);
+    c.text((f.x0 + f.x1) / 2.0, f.y1 + 34.0, grey, "fault wait");
+    let label = "fraction of faults waiting at most this";
+    c.text(f.x0 - 36.0, (f.y0 + f.y1) / 2.0, grey.vertical(), label);
+    for r in runs {
+        let n = r.latencies_ns.len();
+        if n == 0 {
+            continue;
+        }
+        let step = (n / 400).max(1);
+        let mut pts = Vec::new();
+        let mut prev_y = y_of(0.0);
+        for k in (0..n).step_by(step).chain(std::iter::once(n - 1)) {
+            let x = scale.x(r.latencies_ns[k].max(1) as f64, f.x0, f.x1);
+            let y = y_of((k + 1) as f64 / n as f64);
+            pts.push((x, prev_y));
+            pts.push((x, y));
+            prev_y = y;
+        }
+        c.polyline(&pts, mode_color(&r.setup.mode), 1.8);
+    }
+}
+
+/// Per-vCPU blocktime in `f`: one group of bars per run, one bar per vCPU, each group's
+/// total below it.
+fn blocktime_bars(c: &mut Canvas, f: Box2, runs: &[&RunResult]) {
+    let max = runs
+        .iter()
+        .flat_map(|r| r.waits.vcpu_blocktime_ms.iter().copied())
+        .fold(0.0f64, f64::max)
+        .max(1e-3);
+    c.rect(f, "none", "#999", None);
+    let grey = Style::new(TEXT).color("#555");
+    let small = Style::new(SMALL).color("#555");
+    let mid = (f.x0 + f.x1) / 2.0;
+    c.text(
+        mid,
+        f.y1 + 34.0,
+        grey.anchor(Anchor::Middle),
+        "vCPU blocktime, ms",
+    );
+    let scale = format!("full scale {}", fmt_ms(max));
+    c.text(f.x1, f.y0 - 4.0, small.anchor(Anchor::End), &scale);
+    c.text(f.x0 - 3.0, f.y1, small.anchor(Anchor::End), "0");
+    let label = "blocked time per vCPU";
+    c.text(
+        f.x0 - 8.0,
+        (f.y0 + f.y1) / 2.0,
+        grey.anchor(Anchor::Middle).vertical(),
+        label,
+    );
+    let gw = (f.x1 - f.x0) / runs.len().max(1) as f64;
+    for (g, r) in runs.iter().enumerate() {
+        let v = &r.waits.vcpu_blocktime_ms;
+        let bw = (gw * 0.8 / v.len().max(1) as f64).max(1.0);
+        for (i, &b) in v.iter().enumerate() {
+            let h = (b / max) * (f.y1 - f.y0);
+            let x = f.x0 + g as f64 * gw + gw * 0.1 + i as f64 * bw;
+            let bar = Box2 {
+                x0: x,
+                y0: f.y1 - h,
+                x1: x + bw * 0.9,
+                y1: f.y1,
+            };
+            let title = format!("{} vCPU {i}: {}", r.label(), fmt_ms(b));
+            c.rect(bar, mode_color(&r.setup.mode), "none", Some(&title));
+        }
+        let total: f64 = v.iter().sum();
+        let total = if total >= 100.0 {
+            format!("{total:.0}")
+        } else {
+            format!("{total:.1}")
+        };
+        // Where the totals would crowd, every other one goes a line lower.
+        let lower = text_width(&total, SMALL) + 4.0 > gw && g % 2 == 1;
+        let y = f.y1 + if lower { 23.0 } else { 12.0 };
+        let x = f.x0 + g as f64 * gw + gw / 2.0;
+        c.text(x, y, Style::new(SMALL).anchor(Anchor::Middle), &total);
+    }
 }
 
 #[cfg(test)]
@@ -621,6 +657,48 @@ mod tests {
         );
         assert!(p.contains(">blocked time per vCPU</text>"), "{p}");
         assert!(p.contains("stall 3.5 ms, postcopy 640.0 ms"), "{p}");
+    }
+
+    /// Every mode, both ways of `--resend`, every workload, two vCPUs, waits from 1 µs to
+    /// 3 s and wide figures: the picture at its most crowded.
+    fn crowded() -> Vec<RunResult> {
+        let mut rows = Vec::new();
+        for &w in Workload::ALL {
+            for &m in MigrationMode::ALL {
+                for resend in [false, true] {
+                    if !resend && m == MigrationMode::Vanilla {
+                        continue;
+                    }
+                    let mut r = done(w, m, 123_456.0);
+                    r.setup.resend = resend;
+                    r.latencies_ns = (0..5000u64).map(|i| 1_000 + i * i * 120).collect();
+                    r.waits.vcpu_blocktime_ms = vec![12_345.6, 0.1];
+                    r.waits.longest_pause_ms = 2_345.6;
+                    r.waits.stall_ms = 98_765.4;
+                    r.transfer.duration_ms = 12_345.6;
+                    rows.push(r);
+                }
+            }
+        }
+        rows
+    }
+
+    #[test]
+    fn the_picture_fits_its_text() {
+        let subtitle = format!(
+            "kvm guest, 2 vCPU(s), 1024 MiB in 2M host pages, precopy 3 round(s), link {}",
+            crate::link::LinkParams::DEFAULT.describe()
+        );
+        let c = picture(&crowded(), &subtitle);
+        if let Some(p) = std::env::var_os("PAGEHINT_SVG_OUT") {
+            std::fs::write(p, c.finish()).unwrap();
+        }
+        assert!(c.problems().is_empty(), "{:#?}", c.problems());
+        let (w, h) = c.size();
+        assert!(w <= 2.0 * PANEL_W + 30.0 && h > 4.0 * PLOT_H, "{w}×{h}");
+        // A single short run fits too.
+        let c = picture(&crowded()[..1], "thread guest");
+        assert!(c.problems().is_empty(), "{:#?}", c.problems());
     }
 
     #[test]

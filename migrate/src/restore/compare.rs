@@ -392,8 +392,6 @@ pub fn row(
 pub fn compare(o: &CompareOptions, progress: &dyn Fn(&Row)) -> Result<Comparison, String> {
     let repeat = o.repeat.max(1);
     let mut rows = Vec::new();
-    let mut summaries = Vec::new();
-    let mut ratios_v = Vec::new();
     for &w in &o.workloads {
         let dir = o.dir.join(format!("snapshot-{w}"));
         let snap = take_snapshot(&dir, o.mem, o.host_page, o.vcpus, w, 7, o.warm)?;
@@ -409,24 +407,66 @@ pub fn compare(o: &CompareOptions, progress: &dyn Fn(&Row)) -> Result<Comparison
                 mine.push(r);
             }
         }
-        for &p in &o.policies {
+        rows.extend(mine);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    Ok(comparison_of(
+        rows,
+        o.mem,
+        o.vcpus,
+        o.host_page.bytes(),
+        o.prefetchers,
+        repeat,
+    ))
+}
+
+/// The comparison of `rows` (restores of `mem` bytes, `vcpus` vCPUs, `host_page` pages,
+/// `prefetchers`, `repeat` times each): per workload and policy, in the order they ran,
+/// the summaries, and per workload the ratios and targets.
+pub fn comparison_of(
+    rows: Vec<Row>,
+    mem: u64,
+    vcpus: u32,
+    host_page: u64,
+    prefetchers: usize,
+    repeat: usize,
+) -> Comparison {
+    let mut workloads: Vec<Workload> = Vec::new();
+    let mut policies: Vec<Policy> = Vec::new();
+    for r in &rows {
+        if let Ok(w) = r.workload.parse::<Workload>() {
+            if !workloads.contains(&w) {
+                workloads.push(w);
+            }
+        }
+        if !policies.contains(&r.policy) {
+            policies.push(r.policy);
+        }
+    }
+    let mut summaries = Vec::new();
+    let mut ratios_v = Vec::new();
+    for w in workloads {
+        let mine: Vec<Row> = rows
+            .iter()
+            .filter(|r| r.workload == w.name())
+            .cloned()
+            .collect();
+        for &p in &policies {
             let of_p: Vec<&Row> = mine.iter().filter(|r| r.policy == p).collect();
             summaries.extend(summarize(&of_p));
         }
         ratios_v.push(ratios(w, &mine));
-        rows.extend(mine);
-        let _ = std::fs::remove_dir_all(&dir);
     }
-    Ok(Comparison {
-        mem: o.mem,
-        vcpus: o.vcpus,
-        host_page: o.host_page.bytes(),
-        prefetchers: o.prefetchers,
+    Comparison {
+        mem,
+        vcpus,
+        host_page,
+        prefetchers,
         repeat,
         rows,
         summaries,
         ratios: ratios_v,
-    })
+    }
 }
 
 /// The comparison as a text table: medians with [min–max] over the repetitions.

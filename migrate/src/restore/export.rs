@@ -1,93 +1,147 @@
 //! The comparison as an SVG: total vCPU blocktime per workload, one bar per policy (the
 //! median over the repetitions, with a whisker from the smallest to the largest).
 
-use super::compare::Comparison;
+use super::compare::{Comparison, Summary};
+use super::policy::Policy;
+use crate::svg::{Anchor, Box2, Canvas, Style};
 
 const COLOURS: [&str; 4] = ["#d62728", "#ff7f0e", "#1f77b4", "#2ca02c"];
+/// Width of one workload's group of bars.
+const GROUP_W: f64 = 160.0;
+/// Height of the plot.
+const PLOT_H: f64 = 260.0;
 
-/// A grouped bar chart (log-free, scaled to the largest bar).
+/// A grouped bar chart (scaled to the largest whisker).
 pub fn svg(c: &Comparison) -> String {
+    picture(c).finish()
+}
+
+/// The picture [`svg`] writes, for tests to measure.
+pub fn picture(c: &Comparison) -> Canvas {
     let workloads: Vec<&str> = c.ratios.iter().map(|r| r.workload.as_str()).collect();
-    let mut policies = Vec::new();
+    let mut policies: Vec<Policy> = Vec::new();
     for r in &c.summaries {
         if !policies.contains(&r.policy) {
             policies.push(r.policy);
         }
     }
+    let mut canvas = Canvas::new();
+    let (left, plot_w) = (60.0, GROUP_W * workloads.len().max(1) as f64 + 20.0);
+    let title = format!(
+        "vCPU blocktime after snapshot restore (ms, sum over vCPUs, median of {} with min-max; {} MiB, {} vCPUs, {} KiB pages)",
+        c.repeat,
+        c.mem >> 20,
+        c.vcpus,
+        c.host_page >> 10
+    );
+    // The title over the plot and its legend, wrapped to their width.
+    let legend_w = 170.0;
+    let top = canvas.text_wrapped(left, 20.0, plot_w + legend_w, Style::new(12.0), &title) + 10.0;
+    let plot = Box2 {
+        x0: left,
+        y0: top,
+        x1: left + plot_w,
+        y1: top + PLOT_H,
+    };
     let max = c
         .summaries
         .iter()
         .map(|r| r.blocktime_total_ms.max)
         .fold(0.0f64, f64::max)
         .max(1e-9);
-    let (w, h, left, top, bottom) = (
-        160.0 * workloads.len() as f64 + 200.0,
-        360.0,
-        60.0,
-        40.0,
-        60.0,
-    );
-    let plot = h - top - bottom;
+    canvas.line((plot.x0, plot.y1), (plot.x1, plot.y1), "black");
+    let small = Style::new(10.0).anchor(Anchor::End).color("#555");
+    canvas.text(plot.x0 - 4.0, plot.y1, small, "0");
+    canvas.text(plot.x0 - 4.0, plot.y0 + 8.0, small, &format!("{max:.1}"));
     let bar = 120.0 / policies.len().max(1) as f64;
-    let mut s = format!(
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n\
-         <text x=\"{left}\" y=\"20\">vCPU blocktime after snapshot restore (ms, sum over vCPUs, median of {} with min-max; {} MiB, {} vCPUs, {} KiB pages)</text>\n",
-        c.repeat,
-        c.mem >> 20,
-        c.vcpus,
-        c.host_page >> 10
-    );
-    s += &format!(
-        "<line x1=\"{left}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"black\"/>\n",
-        top + plot,
-        w - 180.0,
-        top + plot
-    );
     for (i, wl) in workloads.iter().enumerate() {
-        let x0 = left + 10.0 + i as f64 * 160.0;
+        let x0 = plot.x0 + 10.0 + i as f64 * GROUP_W;
         for (j, p) in policies.iter().enumerate() {
-            let Some(r) = c
+            let found = c
                 .summaries
                 .iter()
-                .find(|r| r.workload == *wl && r.policy == *p)
-            else {
-                continue;
-            };
-            let b = r.blocktime_total_ms;
-            let bh = plot * b.median / max;
-            let x = x0 + j as f64 * bar;
-            let (y_lo, y_hi) = (
-                top + plot - plot * b.min / max,
-                top + plot - plot * b.max / max,
-            );
-            s += &format!(
-                "<line x1=\"{xm:.1}\" y1=\"{y_lo:.1}\" x2=\"{xm:.1}\" y2=\"{y_hi:.1}\" stroke=\"black\"/>\n",
-                xm = x + (bar - 2.0) / 2.0
-            );
-            s += &format!(
-                "<rect x=\"{x:.1}\" y=\"{:.1}\" width=\"{:.1}\" height=\"{bh:.1}\" fill=\"{}\"><title>{wl} {p}: {:.2} ms</title></rect>\n",
-                top + plot - bh,
-                bar - 2.0,
-                COLOURS[j % COLOURS.len()],
-                b.median
-            );
+                .find(|r| r.workload == *wl && r.policy == *p);
+            if let Some(r) = found {
+                let x = x0 + j as f64 * bar;
+                whisker_bar(&mut canvas, plot, x, bar - 2.0, max, r, COLOURS[j % 4]);
+            }
         }
-        s += &format!(
-            "<text x=\"{:.1}\" y=\"{:.1}\">{wl}</text>\n",
-            x0 + 40.0,
-            top + plot + 20.0
-        );
+        let mid = Style::new(12.0).anchor(Anchor::Middle);
+        canvas.text(x0 + 60.0, plot.y1 + 20.0, mid, wl);
     }
-    for (j, p) in policies.iter().enumerate() {
-        let y = top + 20.0 * j as f64;
-        s += &format!(
-            "<rect x=\"{:.1}\" y=\"{y:.1}\" width=\"12\" height=\"12\" fill=\"{}\"/><text x=\"{:.1}\" y=\"{:.1}\">{p}</text>\n",
-            w - 170.0,
-            COLOURS[j % COLOURS.len()],
-            w - 152.0,
-            y + 11.0
-        );
+    let entries: Vec<(&'static str, String)> = policies
+        .iter()
+        .enumerate()
+        .map(|(j, p)| (COLOURS[j % COLOURS.len()], p.name().to_string()))
+        .collect();
+    canvas.legend(
+        plot.x1 + 10.0,
+        plot.y0 + 11.0,
+        legend_w - 10.0,
+        12.0,
+        &entries,
+    );
+    canvas
+}
+
+/// One policy's bar at `x`, `w` wide: its median, and a whisker from its smallest to its
+/// largest restore.
+fn whisker_bar(c: &mut Canvas, plot: Box2, x: f64, w: f64, max: f64, r: &Summary, fill: &str) {
+    let h = plot.y1 - plot.y0;
+    let y = |v: f64| plot.y1 - h * v / max;
+    let b = r.blocktime_total_ms;
+    let xm = x + w / 2.0;
+    c.line((xm, y(b.min)), (xm, y(b.max)), "black");
+    let title = format!("{} {}: {:.2} ms", r.workload, r.policy, b.median);
+    let bar = Box2 {
+        x0: x,
+        y0: y(b.median),
+        x1: x + w,
+        y1: plot.y1,
+    };
+    c.rect(bar, fill, "none", Some(&title));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::compare::{comparison_of, Row};
+    use super::*;
+    use crate::options::Workload;
+
+    #[test]
+    fn the_picture_fits_its_text_with_one_workload_or_all() {
+        let row = |w: Workload, policy: Policy, repetition: usize| Row {
+            workload: w.to_string(),
+            policy,
+            repetition,
+            faults: 1234,
+            blocktime_ms: vec![1234.5, 0.5],
+            blocktime_total_ms: 1235.0 * (repetition + 1) as f64,
+            ops: 99,
+            completion_ms: 500.0,
+            all_loaded_ms: Some(450.0),
+            guest_errors: 0,
+            eexist: 0,
+            fault_placed: 1000,
+            prefetched: 5000,
+            prefetch_cpu_ms: 12.0,
+            prefetch_wait_ms: 1.0,
+            prefetch_cpu_us_per_page: Some(2.4),
+        };
+        for workloads in [&[Workload::Kv][..], Workload::ALL] {
+            let mut rows = Vec::new();
+            for &w in workloads {
+                for p in Policy::ALL {
+                    rows.extend((0..3).map(|k| row(w, p, k)));
+                }
+            }
+            let c = comparison_of(rows, 256 << 20, 2, 4096, 1, 3);
+            let pic = picture(&c);
+            if let Some(p) = std::env::var_os("PAGEHINT_SVG_OUT") {
+                std::fs::write(p, pic.finish()).unwrap();
+            }
+            assert!(pic.problems().is_empty(), "{:#?}", pic.problems());
+            assert!(pic.finish().contains("pagehint-nohint"));
+        }
     }
-    s += "</svg>\n";
-    s
 }
