@@ -5,6 +5,7 @@
 use std::fmt::Write as _;
 
 use crate::harness::result::RunResult;
+use crate::options::{MigrationMode, Workload};
 use crate::svg::{text_width, Anchor, Box2, Canvas, Style};
 
 pub(crate) fn fmt_us(us: f64) -> String {
@@ -147,10 +148,10 @@ pub struct TargetCheck {
 }
 
 /// The run of `w` in `m`: with the resend where both behaviours ran (`--resend both`).
-fn find<'a>(rows: &'a [RunResult], w: &str, m: &str) -> Option<&'a RunResult> {
+fn find(rows: &[RunResult], w: Workload, m: MigrationMode) -> Option<&RunResult> {
     let mut it = rows
         .iter()
-        .filter(|r| r.setup.workload == w && r.setup.mode == m && r.outcome.error.is_none());
+        .filter(|r| is(r, w, m) && r.outcome.error.is_none());
     let first = it.next()?;
     Some(if first.setup.resend {
         first
@@ -160,18 +161,35 @@ fn find<'a>(rows: &'a [RunResult], w: &str, m: &str) -> Option<&'a RunResult> {
 }
 
 /// The run of `w` in preempt mode `m` with the old behaviour (no resend), if it ran.
-fn find_old<'a>(rows: &'a [RunResult], w: &str, m: &str) -> Option<&'a RunResult> {
-    rows.iter().find(|r| {
-        r.setup.workload == w && r.setup.mode == m && !r.setup.resend && r.outcome.error.is_none()
-    })
+fn find_old(rows: &[RunResult], w: Workload, m: MigrationMode) -> Option<&RunResult> {
+    rows.iter()
+        .find(|r| is(r, w, m) && !r.setup.resend && r.outcome.error.is_none())
 }
 
-/// Checks the targets that the runs present allow. With 2 MiB host pages the hint must
-/// also make nothing worse (seq blocktime and stream pause, preempt-hint ≤ preempt).
-pub fn targets(rows: &[RunResult]) -> Vec<TargetCheck> {
-    let ratio = |w: &str, a: &str, b: &str, f: fn(&RunResult) -> f64| {
-        let (x, y) = (find(rows, w, a)?, find(rows, w, b)?);
-        let (x, y) = (f(x), f(y));
+/// Whether `r` is a run of `w` in `m`.
+fn is(r: &RunResult, w: Workload, m: MigrationMode) -> bool {
+    r.setup.workload == w.name() && r.setup.mode == m.name()
+}
+
+/// A target on one measure of one workload, the ratio of its value in one mode to its
+/// value in another.
+struct ModeRatio {
+    workload: Workload,
+    num: MigrationMode,
+    den: MigrationMode,
+    /// The measure's name and how to read it.
+    measure: (&'static str, fn(&RunResult) -> f64),
+    /// The target in words, and whether a ratio meets it.
+    target: (&'static str, fn(f64) -> bool),
+}
+
+impl ModeRatio {
+    /// The ratio in `rows`, if both runs are there (a zero denominator: 1 when the
+    /// numerator is zero too, else infinite).
+    fn ratio(&self, rows: &[RunResult]) -> Option<f64> {
+        let f = self.measure.1;
+        let x = f(find(rows, self.workload, self.num)?);
+        let y = f(find(rows, self.workload, self.den)?);
         Some(if y > 0.0 {
             x / y
         } else if x > 0.0 {
@@ -179,90 +197,97 @@ pub fn targets(rows: &[RunResult]) -> Vec<TargetCheck> {
         } else {
             1.0
         })
-    };
-    let mut out = Vec::new();
-    // Returns the check's index in `out`.
-    let mut push = |what: &str, r: Option<f64>, target: &str, ok: fn(f64) -> bool| {
-        out.push(TargetCheck {
-            what: what.into(),
-            ratio: r,
-            pass: r.is_some_and(ok),
-            target: target.into(),
+    }
+
+    /// Checked on `rows`, named `what`.
+    fn check(&self, rows: &[RunResult], what: String) -> TargetCheck {
+        let ratio = self.ratio(rows);
+        TargetCheck {
+            what,
+            ratio,
+            pass: ratio.is_some_and(self.target.1),
+            target: self.target.0.into(),
             note: None,
-        });
-        out.len() - 1
-    };
-    push(
-        "random request p50: vanilla / preempt",
-        ratio("random", "vanilla", "preempt", |r| r.waits.request_p50_us),
-        ">= 5x",
-        |x| x >= 5.0,
-    );
-    push(
-        "seq blocktime: preempt / preempt-hint",
-        ratio("seq", "preempt", "preempt-hint", |r| r.waits.blocktime_ms),
-        ">= 5x",
-        |x| x >= 5.0,
-    );
-    push(
-        "stream longest pause: preempt / preempt-hint",
-        ratio("stream", "preempt", "preempt-hint", |r| {
-            r.waits.longest_pause_ms
-        }),
-        ">= 5x",
-        |x| x >= 5.0,
-    );
-    push(
-        "random request p50: preempt-hint / preempt",
-        ratio("random", "preempt-hint", "preempt", |r| {
-            r.waits.request_p50_us
-        }),
-        "<= 1.1x",
-        |x| x <= 1.1,
-    );
-    let hint = find(rows, "random", "preempt-hint").filter(|r| r.setup.resend);
-    push(
-        "random request p99 / p50 in preempt-hint",
-        hint.map(|r| r.waits.request_p99_us / r.waits.request_p50_us.max(1e-9)),
-        "<= 4x",
-        |x| x <= 4.0,
-    );
-    let pair = hint.zip(find_old(rows, "random", "preempt-hint"));
-    let tail = push(
-        "random request p99 in preempt-hint: no resend / resend",
-        pair.map(|(new, old)| old.waits.request_p99_us / new.waits.request_p99_us.max(1e-9)),
-        ">= 5x",
-        |x| x >= 5.0,
-    );
+        }
+    }
+}
+
+const REQUEST_P50: (&str, fn(&RunResult) -> f64) = ("request p50", |r| r.waits.request_p50_us);
+const BLOCKTIME: (&str, fn(&RunResult) -> f64) = ("blocktime", |r| r.waits.blocktime_ms);
+const PAUSE: (&str, fn(&RunResult) -> f64) = ("longest pause", |r| r.waits.longest_pause_ms);
+const FIVE_X: (&str, fn(f64) -> bool) = (">= 5x", |x| x >= 5.0);
+const NO_WORSE: (&str, fn(f64) -> bool) = ("<= 1x (no worse)", |x| x <= 1.0);
+
+/// The targets between modes: the urgent channel against vanilla, the hint against
+/// preempt, and the hint costing nothing where it does not help.
+const MODE_TARGETS: [ModeRatio; 4] = [
+    ModeRatio {
+        workload: Workload::Random,
+        num: MigrationMode::Vanilla,
+        den: MigrationMode::Preempt,
+        measure: REQUEST_P50,
+        target: FIVE_X,
+    },
+    ModeRatio {
+        workload: Workload::Seq,
+        num: MigrationMode::Preempt,
+        den: MigrationMode::PreemptHint,
+        measure: BLOCKTIME,
+        target: FIVE_X,
+    },
+    ModeRatio {
+        workload: Workload::Stream,
+        num: MigrationMode::Preempt,
+        den: MigrationMode::PreemptHint,
+        measure: PAUSE,
+        target: FIVE_X,
+    },
+    ModeRatio {
+        workload: Workload::Random,
+        num: MigrationMode::PreemptHint,
+        den: MigrationMode::Preempt,
+        measure: REQUEST_P50,
+        target: ("<= 1.1x", |x| x <= 1.1),
+    },
+];
+
+/// With 2 MiB host pages the hint must also make nothing worse.
+const HUGE_PAGE_TARGETS: [ModeRatio; 2] = [
+    ModeRatio {
+        workload: Workload::Seq,
+        num: MigrationMode::PreemptHint,
+        den: MigrationMode::Preempt,
+        measure: BLOCKTIME,
+        target: NO_WORSE,
+    },
+    ModeRatio {
+        workload: Workload::Stream,
+        num: MigrationMode::PreemptHint,
+        den: MigrationMode::Preempt,
+        measure: ("pause", |r| r.waits.longest_pause_ms),
+        target: NO_WORSE,
+    },
+];
+
+/// Checks the targets that the runs present allow: between modes, the tail of the urgent
+/// path, the resend's share of the bytes, 2 MiB pages, and every run verified.
+pub fn targets(rows: &[RunResult]) -> Vec<TargetCheck> {
+    let mut out: Vec<TargetCheck> = MODE_TARGETS
+        .iter()
+        .map(|t| {
+            let what = format!("{} {}: {} / {}", t.workload, t.measure.0, t.num, t.den);
+            t.check(rows, what)
+        })
+        .collect();
+    out.extend(tail_targets(rows));
     if rows.iter().any(|r| r.setup.resend) {
-        let (resent, sent): (u64, u64) = rows
-            .iter()
-            .filter(|r| r.outcome.error.is_none())
-            .fold((0, 0), |(a, b), r| {
-                (a + r.source.resent_bytes, b + r.transfer.postcopy_bytes)
-            });
-        push(
-            "resent bytes / postcopy bytes, all runs, %",
-            (sent > 0).then(|| 100.0 * resent as f64 / sent as f64),
-            "<= 1",
-            |x| x <= 1.0,
-        );
+        out.push(resend_share(rows));
     }
     if rows.iter().any(|r| r.setup.host_page > 4096) {
-        push(
-            "2M: seq blocktime preempt-hint / preempt",
-            ratio("seq", "preempt-hint", "preempt", |r| r.waits.blocktime_ms),
-            "<= 1x (no worse)",
-            |x| x <= 1.0,
-        );
-        push(
-            "2M: stream pause preempt-hint / preempt",
-            ratio("stream", "preempt-hint", "preempt", |r| {
-                r.waits.longest_pause_ms
-            }),
-            "<= 1x (no worse)",
-            |x| x <= 1.0,
-        );
+        out.extend(HUGE_PAGE_TARGETS.iter().map(|t| {
+            let what = format!("2M: {} {} {} / {}", t.workload, t.measure.0, t.num, t.den);
+            t.check(rows, what)
+        }));
     }
     if !rows.is_empty() {
         let n = rows.iter().filter(|r| r.outcome.verified).count();
@@ -274,19 +299,65 @@ pub fn targets(rows: &[RunResult]) -> Vec<TargetCheck> {
             note: None,
         });
     }
+    out
+}
+
+/// The urgent path's tail in preempt-hint under `random`: p99 over p50, and the resend
+/// against the old path (with a note where the old path's p99 over the new path's p50,
+/// which no new p99 can beat, is what missed).
+fn tail_targets(rows: &[RunResult]) -> [TargetCheck; 2] {
+    let (w, m) = (Workload::Random, MigrationMode::PreemptHint);
+    let hint = find(rows, w, m).filter(|r| r.setup.resend);
+    let check = |what: String, ratio: Option<f64>, target: &str, ok: fn(f64) -> bool| TargetCheck {
+        what,
+        ratio,
+        pass: ratio.is_some_and(ok),
+        target: target.into(),
+        note: None,
+    };
+    let spread = check(
+        format!("{w} request p99 / p50 in {m}"),
+        hint.map(|r| r.waits.request_p99_us / r.waits.request_p50_us.max(1e-9)),
+        "<= 4x",
+        |x| x <= 4.0,
+    );
+    let pair = hint.zip(find_old(rows, w, m));
+    let mut tail = check(
+        format!("{w} request p99 in {m}: no resend / resend"),
+        pair.map(|(new, old)| old.waits.request_p99_us / new.waits.request_p99_us.max(1e-9)),
+        FIVE_X.0,
+        FIVE_X.1,
+    );
     // A p99 is never below its p50, so no change to the new path can take the tail ratio
     // past the old path's p99 over the new path's p50; say so where that bound is what misses.
     if let Some((new, old)) = pair {
         let bound = old.waits.request_p99_us / new.waits.request_p50_us.max(1e-9);
-        let c = &mut out[tail];
-        if !c.pass && bound < 5.0 {
-            c.note = Some(format!(
+        if !tail.pass && bound < 5.0 {
+            tail.note = Some(format!(
                 "at most {bound:.2}x was possible in this run: the old path's p99 over the new \
                  path's p50 (a p99 is never below its p50)"
             ));
         }
     }
-    out
+    [spread, tail]
+}
+
+/// The bytes the resend sent again, as a share of every postcopy byte of every run.
+fn resend_share(rows: &[RunResult]) -> TargetCheck {
+    let (resent, sent): (u64, u64) = rows
+        .iter()
+        .filter(|r| r.outcome.error.is_none())
+        .fold((0, 0), |(a, b), r| {
+            (a + r.source.resent_bytes, b + r.transfer.postcopy_bytes)
+        });
+    let ratio = (sent > 0).then(|| 100.0 * resent as f64 / sent as f64);
+    TargetCheck {
+        what: "resent bytes / postcopy bytes, all runs, %".into(),
+        ratio,
+        pass: ratio.is_some_and(|x| x <= 1.0),
+        target: "<= 1".into(),
+        note: None,
+    }
 }
 
 /// A check's mark: `PASS`, `MISS`, or `n/a ` when a run it compares is missing.
