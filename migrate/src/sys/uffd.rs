@@ -159,7 +159,6 @@ impl Origin {
 pub struct Userfault {
     fd: OwnedFd,
     origin: Origin,
-    features: u64,
 }
 
 impl Userfault {
@@ -184,7 +183,6 @@ impl Userfault {
         Self {
             fd,
             origin: Origin::Received,
-            features: 0,
         }
     }
 
@@ -230,7 +228,6 @@ impl Userfault {
                 return Ok(Self {
                     fd,
                     origin,
-                    features: api.features,
                 });
             }
         }
@@ -240,11 +237,6 @@ impl Userfault {
     /// Where the descriptor came from.
     pub fn origin(&self) -> Origin {
         self.origin
-    }
-
-    /// Whether faults carry the faulting thread's id.
-    pub fn has_thread_id(&self) -> bool {
-        self.features & u64::from(UFFD_FEATURE_THREAD_ID) != 0
     }
 
     /// Registers `[start, start + len)` in missing mode.
