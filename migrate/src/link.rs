@@ -12,7 +12,7 @@
 //!   milliseconds. With a **low-water mark** (`lowat`, what `TCP_NOTSENT_LOWAT` does to a real
 //!   socket) the sender blocks as soon as `lowat` bytes are unsent, so the pages it has
 //!   claimed wait in the scanner's bitmap — where the urgent path can still take them — and
-//!   not in the socket, where it cannot (see [`LinkParams::for_mode`]).
+//!   not in the socket, where it cannot (see [`LinkParams::for_transport`]).
 //! * **urgent channel** (preempt modes): its own socket, so its page does not wait behind
 //!   the background queue, only behind what is already in the interface queue (at most
 //!   `nic_queue` bytes of background data) before it is serialised; the background tail is

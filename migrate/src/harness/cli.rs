@@ -233,7 +233,7 @@ impl Cli {
         Self::from_matches(&Self::command().try_get_matches_from(args)?)
     }
 
-    /// The options in `m`, the matches of [`Cli::command`] (or of a command built on it, with
+    /// The options in `m`, the matches of `Cli::command()` (or of a command built on it, with
     /// subcommands of other programs added), remembering which flags were given.
     pub fn from_matches(m: &clap::ArgMatches) -> Result<Self, clap::Error> {
         use clap::{CommandFactory, FromArgMatches};
