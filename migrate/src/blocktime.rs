@@ -1,6 +1,6 @@
 //! Blocktime, as QEMU 10.1 reports it (`postcopy-blocktime`), from each fault's wait: the
 //! destination's postcopy (`dest::faults`) and `pagehint-uffd`'s snapshot restore
-//! (`restore::handler`) both measure with it.
+//! (`pagehint_uffd::handler`) both measure with it.
 //!
 //! * **vCPU blocktime**: a vCPU is blocked from the moment its fault is read until that page
 //!   is placed; the union of those intervals, per vCPU (the faulting thread id tells which);

@@ -12,8 +12,9 @@
 //!   ([`guest::disk`]) and migrated by QEMU, and this harness's source and destination as
 //!   two processes, over one real shaped link; `qemu::cli` → `qemu::compare` →
 //!   `qemu::export`. It reads the harness's results: it is the one wing above another.
-//! * **`pagehint-uffd`** ([`restore`]): a Firecracker-compatible userfaultfd handler that
-//!   restores snapshots with the scheduler, and its policy comparison.
+//! * **`pagehint-uffd`** (its own crate, `migrate/uffd`, over this one's base): a
+//!   Firecracker-compatible userfaultfd handler that restores snapshots with the scheduler,
+//!   and its policy comparison.
 //!
 //! # The base, bottom up
 //! [`sys`] (userfaultfd, clock, pinning, memory, hugetlb; imports nothing of the crate) →
@@ -24,7 +25,8 @@
 //! [`wire::io`]) → [`handshake`] → [`source`] and [`dest`] (the two sides of a migration,
 //! [`dest::run`] leaving its evidence); [`blocktime`] and [`svg`] are shared by the
 //! programs. Imports only point down (lower modules never name higher ones, and no wing
-//! names another but `qemu` → `harness`): `tests/structure.rs` checks it.
+//! names another but `qemu` → `harness`; `pagehint-uffd` names neither): `tests/structure.rs`
+//! checks it.
 //!
 //! # The guest kinds
 //! * **KVM** ([`guest::kvm`]): vCPUs run generated x86-64 workload programs that read,
@@ -51,10 +53,10 @@
 //!   setting in [`options`], and a [`wire::VERSION`] bump (the golden-bytes test fails
 //!   until the layout and the version agree). Frames: [`wire::frame`]; a session's sequence
 //!   is drawn in [`wire`].
-//! * **A restore policy**: [`restore::policy`] (name, scheduler, scans, prefetchers, linger);
-//!   the handler and the comparison ask it and name no policy.
+//! * **A restore policy**: `pagehint_uffd::policy` (name, scheduler, scans, prefetchers,
+//!   linger); the handler and the comparison ask it and name no policy.
 //! * **A target**: `harness::export::targets` (keyed by [`guest::Workload`] and
-//!   [`options::MigrationMode`]); `restore::compare`'s ratios for `pagehint-uffd`.
+//!   [`options::MigrationMode`]); `pagehint_uffd::compare`'s ratios for `pagehint-uffd`.
 //! * **A result field**: the part of [`harness::result::RunResult`] it belongs to (each
 //!   part is flattened into the same JSON object) and the key list its test pins.
 //! * **A system call**: a wrapper in [`sys`], with a typed error.
@@ -68,7 +70,6 @@ pub mod link;
 mod names;
 pub mod options;
 pub mod qemu;
-pub mod restore;
 pub mod source;
 pub mod svg;
 pub mod sys;

@@ -3,17 +3,22 @@
 //!
 //! Every `crate::module` path outside comments counts as an import of `module` (doc links
 //! are comments and do not). The wings are `harness` (`pagehint-migrate`), `qemu`
-//! (`compare-qemu`, which reads the harness's results) and `restore` (`pagehint-uffd`); the
-//! base is every other module, and `sys` (the system wrappers) imports nothing of the crate.
+//! (`compare-qemu`, which reads the harness's results) and the `pagehint-uffd` crate
+//! (`migrate/uffd`, whose `pagehint_migrate::module` paths are imports of the base); the base
+//! is every other module, and `sys` (the system wrappers) imports nothing of the crate.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
-/// Top-level module → the top-level modules its files name.
-fn imports() -> BTreeMap<String, BTreeSet<String>> {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
-    let mut out: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-    let mut stack = vec![src.clone()];
+/// The modules each `.rs` file under `src` names with `prefix` (`crate::`), by top-level
+/// module (`wing`: every file counts as that one module instead).
+fn imports_in(
+    src: &Path,
+    prefix: &str,
+    wing: Option<&str>,
+    out: &mut BTreeMap<String, BTreeSet<String>>,
+) {
+    let mut stack = vec![src.to_path_buf()];
     while let Some(dir) = stack.pop() {
         for entry in std::fs::read_dir(&dir).unwrap() {
             let path = entry.unwrap().path();
@@ -21,17 +26,20 @@ fn imports() -> BTreeMap<String, BTreeSet<String>> {
                 stack.push(path);
                 continue;
             }
-            let rel = path.strip_prefix(&src).unwrap();
+            let rel = path.strip_prefix(src).unwrap();
             let first = rel.iter().next().unwrap().to_string_lossy();
-            let module = first.trim_end_matches(".rs").to_string();
-            if ["main", "lib", "bin"].contains(&module.as_str()) {
+            let module = match wing {
+                Some(w) => w.to_string(),
+                None => first.trim_end_matches(".rs").to_string(),
+            };
+            if wing.is_none() && ["main", "lib", "bin"].contains(&module.as_str()) {
                 continue;
             }
             let text = std::fs::read_to_string(&path).unwrap();
             let named = out.entry(module.clone()).or_default();
             for line in text.lines().map(str::trim).filter(|l| !l.starts_with("//")) {
-                for (i, _) in line.match_indices("crate::") {
-                    let rest = &line[i + "crate::".len()..];
+                for (i, _) in line.match_indices(prefix) {
+                    let rest = &line[i + prefix.len()..];
                     let end = rest
                         .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
                         .unwrap_or(rest.len());
@@ -43,6 +51,20 @@ fn imports() -> BTreeMap<String, BTreeSet<String>> {
             }
         }
     }
+}
+
+/// Top-level module (and the `pagehint-uffd` crate, as `restore`) → the top-level modules
+/// of this crate it names.
+fn imports() -> BTreeMap<String, BTreeSet<String>> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut out = BTreeMap::new();
+    imports_in(&dir.join("src"), "crate::", None, &mut out);
+    imports_in(
+        &dir.join("uffd/src"),
+        "pagehint_migrate::",
+        Some("restore"),
+        &mut out,
+    );
     out
 }
 

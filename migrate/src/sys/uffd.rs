@@ -225,10 +225,7 @@ impl Userfault {
             };
             // SAFETY: UFFDIO_API takes a `struct uffdio_api`.
             if unsafe { ioctl::ioctl(&fd, Updater::<API, _>::new(&mut api)) }.is_ok() {
-                return Ok(Self {
-                    fd,
-                    origin,
-                });
+                return Ok(Self { fd, origin });
             }
         }
         Err(io::Error::other("UFFDIO_API refused every feature set"))

@@ -7,10 +7,13 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
+
+#[path = "within.rs"]
+mod within_;
+pub use within_::within;
 
 use pagehint_migrate::guest::layout::HostPageSize;
 use pagehint_migrate::options::{GuestKind, GuestSpec};
@@ -84,16 +87,6 @@ pub fn run_of<'a>(runs: &'a [RunResult], w: &str, m: &str) -> &'a RunResult {
     runs.iter()
         .find(|r| r.setup.workload == w && r.setup.mode == m)
         .unwrap_or_else(|| panic!("no {w} / {m} run"))
-}
-
-/// Runs `f` on a thread and fails the test if it takes longer than `limit` (a hang).
-pub fn within<T: Send + 'static>(limit: Duration, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(f());
-    });
-    rx.recv_timeout(limit)
-        .unwrap_or_else(|_| panic!("did not finish within {limit:?}: a hang"))
 }
 
 /// One migration against a fresh in-process source.

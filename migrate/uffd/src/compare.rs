@@ -16,8 +16,8 @@ use serde::Serialize;
 use super::handler::{handle_connection, Control, HandlerOptions, HandlerReport, Policy};
 use super::source::FileSource;
 use super::vmm::{restore, take_snapshot, RestoreOptions, RestoreOutcome, Snapshot};
-use crate::guest::layout::HostPageSize;
-use crate::options::Workload;
+use pagehint_migrate::guest::layout::HostPageSize;
+use pagehint_migrate::options::Workload;
 
 /// What to compare.
 #[derive(Clone, Debug)]

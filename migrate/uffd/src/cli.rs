@@ -8,9 +8,9 @@ use pagehint::layout::parse_size;
 
 use super::compare::CompareOptions;
 use super::handler::{HandlerOptions, Policy};
-use crate::guest::layout::HostPageSize;
-use crate::options::Workload;
-use crate::values::parse_duration;
+use pagehint_migrate::guest::layout::HostPageSize;
+use pagehint_migrate::options::Workload;
+use pagehint_migrate::values::parse_duration;
 
 /// A userfaultfd page-fault handler for Firecracker snapshot restore, loading memory with
 /// pagehint's scheduler; and the tools to measure it.

@@ -22,16 +22,16 @@ use memmap2::{MmapMut, MmapOptions};
 use serde::{Deserialize, Serialize};
 
 use super::protocol::{send_handshake, GuestRegionUffdMapping};
-use crate::guest::image::{Params, Template};
-use crate::guest::kvm::vcpu::VcpuEnd;
-use crate::guest::kvm::vm::{Tracking, VcpuState};
-use crate::guest::kvm::{boot, GuestCounters, Machine};
-use crate::guest::layout::{GuestLayout, HostPageSize, PARAMS_GPA, TARGET_PAGE};
-use crate::guest::STREAM_FRAME_PAGES;
-use crate::options::Workload;
-use crate::sys::clock::now_ns;
-use crate::sys::pin::PinPlan;
-use crate::sys::uffd::Userfault;
+use pagehint_migrate::guest::image::{Params, Template};
+use pagehint_migrate::guest::kvm::vcpu::VcpuEnd;
+use pagehint_migrate::guest::kvm::vm::{Tracking, VcpuState};
+use pagehint_migrate::guest::kvm::{boot, GuestCounters, Machine};
+use pagehint_migrate::guest::layout::{GuestLayout, HostPageSize, PARAMS_GPA, TARGET_PAGE};
+use pagehint_migrate::guest::STREAM_FRAME_PAGES;
+use pagehint_migrate::options::Workload;
+use pagehint_migrate::sys::clock::now_ns;
+use pagehint_migrate::sys::pin::PinPlan;
+use pagehint_migrate::sys::uffd::Userfault;
 
 /// The stream workload's rate in the snapshot's guest (bytes/s).
 pub const STREAM_RATE: u64 = 256 << 20;

@@ -3,7 +3,7 @@
 
 use super::compare::{Comparison, Summary};
 use super::policy::Policy;
-use crate::svg::{Anchor, Box2, Canvas, Style};
+use pagehint_migrate::svg::{Anchor, Box2, Canvas, Style};
 
 const COLOURS: [&str; 4] = ["#d62728", "#ff7f0e", "#1f77b4", "#2ca02c"];
 /// Width of one workload's group of bars.
@@ -106,7 +106,7 @@ fn whisker_bar(c: &mut Canvas, plot: Box2, x: f64, w: f64, max: f64, r: &Summary
 mod tests {
     use super::super::compare::{comparison_of, Row};
     use super::*;
-    use crate::options::Workload;
+    use pagehint_migrate::options::Workload;
 
     #[test]
     fn the_picture_fits_its_text_with_one_workload_or_all() {

@@ -40,9 +40,9 @@ pub use super::policy::Policy;
 use super::policy::Scan;
 use super::protocol::{recv_handshake, GuestRegionUffdMapping, ProtocolError};
 use super::source::PageSource;
-use crate::blocktime::{blocktime_of, Blocktime};
-use crate::sys::clock::{now_ns, thread_cpu_ns, thread_run_delay_ns};
-use crate::sys::uffd::{Fault, PlaceError, UffdEvent, Userfault};
+use pagehint_migrate::blocktime::{blocktime_of, Blocktime};
+use pagehint_migrate::sys::clock::{now_ns, thread_cpu_ns, thread_run_delay_ns};
+use pagehint_migrate::sys::uffd::{Fault, PlaceError, UffdEvent, Userfault};
 
 /// Handler settings.
 #[derive(Clone, Copy, Debug)]
@@ -596,7 +596,10 @@ fn wait(
         PollFd::new(stream, PollFlags::IN),
     ];
     let wait = if retrying { 100_000 } else { 50_000_000 };
-    match poll(&mut fds, Some(&crate::sys::clock::timespec(wait))) {
+    match poll(
+        &mut fds,
+        Some(&pagehint_migrate::sys::clock::timespec(wait)),
+    ) {
         Ok(_) | Err(rustix::io::Errno::INTR) => {}
         Err(e) => return Err(HandlerError::Io(e.into())),
     }
