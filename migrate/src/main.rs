@@ -5,7 +5,7 @@
 use std::process::ExitCode;
 
 use clap::{Args, CommandFactory, FromArgMatches};
-use pagehint_migrate::harness::cli::{Cli, Endpoint, Options};
+use pagehint_migrate::harness::cli::{Cli, Endpoint, Invocation};
 use pagehint_migrate::harness::{compare, export};
 use pagehint_migrate::qemu;
 use pagehint_migrate::sys::hugepages::HugePages;
@@ -23,7 +23,7 @@ cuts/recovery (with breaks): connection breaks survived in postcopy / time from 
 verified: each missing page placed exactly once (across all connections), memory equals the source's at the switch-over, the guest's own checks passed, no queued request lost (vanilla)";
 
 /// What this invocation runs: the harness, or another program named by its subcommand.
-enum Invocation {
+enum Program {
     /// The harness's matrix of migrations.
     Migrate(Box<Cli>),
     /// `compare-qemu`.
@@ -32,7 +32,7 @@ enum Invocation {
 
 /// Parses this process's arguments: the harness's command line, with the other programs'
 /// subcommands added (exits with clap's message on a parse error).
-fn invocation() -> Invocation {
+fn program() -> Program {
     let command = Cli::command().subcommand(
         qemu::cli::CompareQemuCli::augment_args(clap::Command::new("compare-qemu"))
             .about(qemu::cli::ABOUT),
@@ -40,18 +40,18 @@ fn invocation() -> Invocation {
     let mut m = command.get_matches();
     let parsed = match m.remove_subcommand() {
         Some((_, sub)) => qemu::cli::CompareQemuCli::from_arg_matches(&sub)
-            .map(|c| Invocation::CompareQemu(Box::new(c))),
-        None => Cli::from_matches(&m).map(|c| Invocation::Migrate(Box::new(c))),
+            .map(|c| Program::CompareQemu(Box::new(c))),
+        None => Cli::from_matches(&m).map(|c| Program::Migrate(Box::new(c))),
     };
     parsed.unwrap_or_else(|e| e.exit())
 }
 
 fn main() -> ExitCode {
-    let cli = match invocation() {
-        Invocation::Migrate(cli) => cli,
-        Invocation::CompareQemu(c) => return compare_qemu(*c),
+    let cli = match program() {
+        Program::Migrate(cli) => cli,
+        Program::CompareQemu(c) => return compare_qemu(*c),
     };
-    let opts = match Options::from_cli(*cli) {
+    let opts = match Invocation::from_cli(*cli) {
         Ok(o) => o,
         Err(e) => {
             eprintln!("error: {e}");

@@ -1,4 +1,4 @@
-//! The command line, parsed once into typed [`Options`]: every size, duration, rate and
+//! The command line, parsed once into typed [`Invocation`]: every size, duration, rate and
 //! enum is checked here, and the guest kind is decided here (KVM wherever `/dev/kvm` and
 //! kernel-mode userfaultfd work, else the thread guest, saying why).
 
@@ -261,9 +261,10 @@ pub enum Endpoint {
     Connect(SocketAddr),
 }
 
-/// The whole invocation, typed.
+/// The whole invocation, typed: every run's settings ([`RunConfig`]) and what to run, where, and
+/// what to write.
 #[derive(Clone, Debug)]
-pub struct Options {
+pub struct Invocation {
     /// Settings of every run.
     pub cfg: RunConfig,
     /// Modes, in order.
@@ -532,7 +533,7 @@ fn fits(endpoint: &Endpoint, mem: &str, layout: &GuestLayout) -> Result<(), Stri
     )
 }
 
-impl Options {
+impl Invocation {
     /// Parses `cli` into options, deciding the guest kind: each phase checks its own flags.
     pub fn from_cli(cli: Cli) -> Result<Self, String> {
         if cli.listen.is_some() {
@@ -623,7 +624,7 @@ impl Options {
 mod tests {
     use super::*;
 
-    fn options(args: &[&str]) -> Result<Options, String> {
+    fn options(args: &[&str]) -> Result<Invocation, String> {
         let mem: &[&str] = if args.contains(&"--mem") {
             &[]
         } else {
@@ -636,7 +637,7 @@ mod tests {
                 .chain(args),
         )
         .map_err(|e| e.to_string())?;
-        Options::from_cli(cli)
+        Invocation::from_cli(cli)
     }
 
     fn error(args: &[&str]) -> String {
@@ -648,7 +649,7 @@ mod tests {
 
     #[test]
     fn a_listener_refuses_the_flags_it_would_ignore_and_takes_its_own() {
-        let e = Options::from_cli(
+        let e = Invocation::from_cli(
             Cli::try_parse_args_from([
                 "pagehint-migrate",
                 "--listen",
@@ -662,7 +663,7 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.contains("--mem, --bandwidth would be ignored"), "{e}");
-        let o = Options::from_cli(
+        let o = Invocation::from_cli(
             Cli::try_parse_args_from([
                 "pagehint-migrate",
                 "--listen",
@@ -772,7 +773,7 @@ mod tests {
                 .recover_timeout,
             Duration::ZERO
         );
-        let o = Options::from_cli(
+        let o = Invocation::from_cli(
             Cli::try_parse_args_from([
                 "pagehint-migrate",
                 "--connect",
@@ -784,7 +785,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(o.cfg.reconnect, Some("127.0.0.1:5555".parse().unwrap()));
-        let e = Options::from_cli(
+        let e = Invocation::from_cli(
             Cli::try_parse_args_from([
                 "pagehint-migrate",
                 "--listen",

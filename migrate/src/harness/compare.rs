@@ -9,7 +9,7 @@ use std::time::Instant;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::guest::layout::TARGET_PAGE;
-use crate::harness::cli::{Endpoint, Options};
+use crate::harness::cli::{Endpoint, Invocation};
 use crate::harness::result::RunResult;
 use crate::options::{GuestKind, MigrationMode, Workload};
 use crate::{run_destination, LocalSource, SourceServer};
@@ -26,7 +26,7 @@ pub struct Outcome {
 }
 
 /// The header lines: what is migrated, how, over what.
-pub fn header(o: &Options, source: &str) -> String {
+pub fn header(o: &Invocation, source: &str) -> String {
     let c = &o.cfg;
     let l = c.layout();
     let mib = |p: u64| (p * TARGET_PAGE) >> 20;
@@ -69,7 +69,7 @@ pub fn header(o: &Options, source: &str) -> String {
 
 /// Serves sessions as the source only (`--listen`), until killed or `--sessions` have been
 /// served.
-pub fn serve(addr: &str, o: &Options) -> Result<(), String> {
+pub fn serve(addr: &str, o: &Invocation) -> Result<(), String> {
     let server = SourceServer::bind(addr, o.cfg.pin, o.cfg.idle_timeout)
         .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
     match server.local_addr() {
@@ -111,7 +111,7 @@ pub fn serve(addr: &str, o: &Options) -> Result<(), String> {
 
 /// Runs every workload × mode; prints one line per run. A failed run is recorded (with how
 /// far it got) and the rest go on.
-pub fn run(o: &Options) -> Result<Outcome, String> {
+pub fn run(o: &Invocation) -> Result<Outcome, String> {
     let local;
     let (addr, shown): (SocketAddr, String) = match &o.endpoint {
         Endpoint::Connect(a) => (*a, format!("{a} (remote)")),
