@@ -400,12 +400,13 @@ pub fn json(rows: &[RunResult]) -> String {
     serde_json::to_string_pretty(rows).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
 }
 
+/// A mode's colour in the picture (every mode has one: the `match` is exhaustive).
 fn mode_color(mode: &str) -> &'static str {
-    match mode {
-        "vanilla" => "#d62728",
-        "preempt" => "#1f77b4",
-        "preempt-hint" => "#2ca02c",
-        _ => "#7f7f7f",
+    match mode.parse::<MigrationMode>() {
+        Ok(MigrationMode::Vanilla) => "#d62728",
+        Ok(MigrationMode::Preempt) => "#1f77b4",
+        Ok(MigrationMode::PreemptHint) => "#2ca02c",
+        Err(_) => "#7f7f7f",
     }
 }
 

@@ -2,8 +2,8 @@
 //! scheduler it runs, its background scans and how many prefetchers run them, and whether
 //! a restore waits for everything to load).
 //!
-//! **Adding a policy**: a line in [`Policy::ALL`] and an arm in each `match` here (the
-//! compiler names every one left out); the handler ([`super::handler`]) and the comparison
+//! **Adding a policy**: a line in the `policies!` list (its name; `ALL` follows) and an arm
+//! in each `match` here (the compiler names every one left out); the handler ([`super::handler`]) and the comparison
 //! ([`super::compare`]) ask these and name no policy themselves.
 
 use pagehint::SchedulerConfig;
@@ -20,40 +20,43 @@ pub enum Scan {
     Spaced,
 }
 
-/// How pages are loaded.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Policy {
+/// Declares the policies once: the enum, [`Policy::ALL`] and [`Policy::name`] from one list
+/// (its name is also its JSON).
+macro_rules! policies {
+    ($($(#[$m:meta])* $v:ident = $name:literal,)+) => {
+        /// How pages are loaded.
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        pub enum Policy {
+            $($(#[$m])* $v,)+
+        }
+
+        impl Policy {
+            /// Every policy, in the comparison's order.
+            pub const ALL: [Self; [$(stringify!($v)),+].len()] = [$(Self::$v),+];
+
+            /// The name used on the command line and in tables.
+            pub fn name(self) -> &'static str {
+                match self {
+                    $(Self::$v => $name,)+
+                }
+            }
+        }
+    };
+}
+
+policies! {
     /// One page per fault and nothing else (Firecracker's sample handler).
-    OnDemand,
+    OnDemand = "on-demand",
     /// Faults served, and one prefetcher from page 0 upwards, ignoring faults (Cloud
     /// Hypervisor's postcopy).
-    Linear,
+    Linear = "linear",
     /// Faults served, and the prefetchers without the hint (evenly spaced linear scans).
-    PagehintNoHint,
+    PagehintNoHint = "pagehint-nohint",
     /// Faults served, and the prefetchers follow each fault (the hint).
-    Pagehint,
+    Pagehint = "pagehint",
 }
 
 impl Policy {
-    /// Every policy, in the comparison's order.
-    pub const ALL: [Self; 4] = [
-        Self::OnDemand,
-        Self::Linear,
-        Self::PagehintNoHint,
-        Self::Pagehint,
-    ];
-
-    /// The name used on the command line and in tables.
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::OnDemand => "on-demand",
-            Self::Linear => "linear",
-            Self::PagehintNoHint => "pagehint-nohint",
-            Self::Pagehint => "pagehint",
-        }
-    }
-
     /// Parses [`name`](Self::name).
     pub fn parse(s: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|p| p.name() == s)
@@ -98,6 +101,12 @@ impl Policy {
     }
 }
 
+impl serde::Serialize for Policy {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.name())
+    }
+}
+
 impl std::fmt::Display for Policy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.pad(self.name())
@@ -112,6 +121,11 @@ mod tests {
     fn each_policy_says_how_it_loads() {
         for p in Policy::ALL {
             assert_eq!(Policy::parse(p.name()), Some(p));
+            assert_eq!(
+                serde_json::to_value(p).unwrap(),
+                p.name(),
+                "its JSON is its name"
+            );
         }
         assert_eq!(Policy::OnDemand.prefetchers(4), 0);
         assert!(!Policy::OnDemand.lingers());
