@@ -10,7 +10,7 @@
 //! * this thread sends `START`, waits for the switch-over, starts the guest, watches progress
 //!   and stalls, and when every page is in, sends `DONE` (the transfer is over: the source
 //!   answers with its summary and closes), lets the guest finish (the KVM guest verifies its
-//!   share of RAM) and hands everything to [`crate::harness::verify`].
+//!   share of RAM) and returns its [`Evidence`] (the harness verifies and measures it).
 //!
 //! **Postcopy recovery** ([`recovery`]): when the connections break after the switch-over
 //! (closed, reset, both silent for the idle limit) and recovery is on, the guest stays as it
@@ -328,8 +328,8 @@ pub struct Times {
     pub complete: u64,
 }
 
-/// What a finished run left, for [`crate::harness::verify`] and [`crate::harness::result`]: the destination's
-/// memory and records, and what the source sent.
+/// What a finished run left, for verification and measurement (the harness's `verify` and
+/// `result`): the destination's memory and records, and what the source sent.
 #[derive(Debug)]
 pub struct Evidence {
     /// Guest RAM as the run left it, with its placement and request records.

@@ -1,5 +1,5 @@
 //! One migration, whole: the destination's run ([`crate::dest`]), then its verification
-//! ([`crate::harness::verify`]) and its measurements ([`crate::harness::result`]), apart from each other.
+//! ([`super::verify`]) and its measurements ([`super::result`]), apart from each other.
 
 use std::net::SocketAddr;
 

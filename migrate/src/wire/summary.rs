@@ -1,6 +1,6 @@
 //! What the source reports at the end of a migration: its scheduler's counters, what it
 //! sent on each channel, the first rejected requests, how it handled each request ([`ReqTrace`],
-//! for the per-stage timing of `crate::harness::tail`), and the checksum of every target page
+//! for the per-stage timing of the harness's `tail`), and the checksum of every target page
 //! as it was at the switch-over (the destination is verified against them).
 
 use crate::names::code_enum;
