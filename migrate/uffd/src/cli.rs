@@ -43,8 +43,8 @@ pub enum Command {
         /// 5s, 800ms (`--remote-timeout-s N`: N seconds).
         #[arg(long, alias = "remote-timeout-s", default_value = "5s")]
         remote_timeout: String,
-        /// on-demand, linear, pagehint-nohint or pagehint.
-        #[arg(long, default_value = "pagehint")]
+        /// The loading policy (its help lists every policy).
+        #[arg(long, default_value = "pagehint", help = format!("One of {}", Policy::names()))]
         policy: String,
         /// Prefetcher threads (pagehint policies).
         #[arg(long, default_value_t = 1)]
@@ -82,8 +82,8 @@ pub enum Command {
         /// vCPUs.
         #[arg(long, default_value_t = 2)]
         vcpus: u32,
-        /// seq, random, stream or kv.
-        #[arg(long, default_value = "kv")]
+        /// The workload (its help lists every workload).
+        #[arg(long, default_value = "kv", help = format!("One of {}", Workload::NAMES))]
         workload: String,
         /// 4K or 2M (2M: the restore maps hugetlb pages).
         #[arg(long, default_value = "4K")]
