@@ -12,6 +12,9 @@ use crate::guest::layout::{GuestLayout, HostPageSize};
 use crate::options::{MigrationMode, Workload};
 use crate::values::{parse_bits, parse_duration, parse_list};
 
+/// `compare-qemu` in `pagehint-migrate --help`.
+pub const ABOUT: &str = "Migrate the same guest with QEMU 10.0 and with pagehint over the same shaped link (two network namespaces, a veth pair, tc tbf), side by side. Needs root, KVM and qemu-system-x86_64 (scripts/install-qemu.sh)";
+
 /// Migrate the same guest with QEMU 10.0 and with pagehint over the same shaped link
 /// (two network namespaces, a veth pair, `tc tbf`), and print them side by side.
 /// Needs root, KVM and `qemu-system-x86_64` (scripts/install-qemu.sh).

@@ -15,7 +15,7 @@ use crate::guest::disk::{self, DiskSpec};
 use crate::guest::kvm::{frame_tsc, vm::host_tsc_khz};
 use crate::guest::layout::{GuestLayout, HostPageSize};
 use crate::guest::STREAM_FRAME_PAGES;
-use crate::pin::PinPlan;
+use crate::sys::pin::PinPlan;
 
 /// Port of QEMU's migration on the destination.
 const QEMU_PORT: u16 = 4451;
@@ -53,8 +53,8 @@ pub fn run(
         disks.push(path);
     }
     // First touches of memory this VM never used are several times slower (see
-    // crate::warm::warm_up): pay them once, before anything is measured.
-    crate::warm::warm_up(3 * o.mem, 0).map_err(QemuError::Setup)?;
+    // crate::sys::warm::warm_up): pay them once, before anything is measured.
+    crate::sys::warm::warm_up(3 * o.mem, 0).map_err(QemuError::Setup)?;
     let mut rows = Vec::new();
     let mut links = Vec::new();
     for &spec in &o.links {
@@ -116,7 +116,7 @@ pub fn run(
             for m in &o.modes {
                 let k = key("pagehint", m.name());
                 let row = match &results {
-                    Ok(rs) => match rs.iter().find(|r| r.mode == m.name()) {
+                    Ok(rs) => match rs.iter().find(|r| r.setup.mode == m.name()) {
                         Some(r) => SideRow::pagehint(&name, spec.rate_bps, r),
                         None => SideRow::failed(k, "the destination reported no such run".into()),
                     },

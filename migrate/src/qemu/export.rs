@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 use serde::Serialize;
 
 use super::side::SideRow;
-use crate::export::{esc, fmt_ms, fmt_us, TargetCheck};
+use crate::harness::export::{esc, fmt_ms, fmt_us, TargetCheck};
 
 /// A link as measured.
 #[derive(Clone, Debug, Serialize)]

@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 
 use super::netns::{End, ShapedLink};
 use super::QemuError;
+use crate::harness::result::RunResult;
 use crate::options::{MigrationMode, Workload};
-use crate::result::RunResult;
 
 /// How the pagehint runs are made.
 #[derive(Clone, Debug)]

@@ -15,8 +15,8 @@
 use serde::Serialize;
 
 use super::peer::QemuOutcome;
-use crate::export::TargetCheck;
-use crate::result::{percentile_ns, RunResult};
+use crate::harness::export::TargetCheck;
+use crate::harness::result::{percentile_ns, RunResult};
 
 /// One migration, QEMU's or pagehint's.
 #[derive(Clone, Debug, Serialize)]
@@ -145,25 +145,25 @@ impl SideRow {
             link,
             rate_bps,
             peer: "pagehint",
-            mode: &r.mode,
-            workload: &r.workload,
+            mode: &r.setup.mode,
+            workload: &r.setup.workload,
         };
         Self {
             completed: true,
-            guest_alive: r.verified && r.guest_check_errors == 0,
-            guest_errors: r.guest_check_errors,
-            requests: r.requests_sent,
-            latency_samples: r.requests_sent,
-            request_p50_us: r.request_p50_us,
-            request_p99_us: r.request_p99_us,
-            blocktime_ms: r.blocktime_ms,
-            total_ms: r.total_ms,
-            downtime_ms: r.downtime_ms,
-            precopy_bytes: r.precopy_bytes,
-            postcopy_bytes: r.postcopy_bytes,
-            ops_before_per_s: r.progress_before_per_s,
-            ops_postcopy_per_s: r.progress_after_per_s,
-            error: (!r.verified).then(|| r.problems.join("; ")),
+            guest_alive: r.outcome.verified && r.guest_run.guest_check_errors == 0,
+            guest_errors: r.guest_run.guest_check_errors,
+            requests: r.waits.requests_sent,
+            latency_samples: r.waits.requests_sent,
+            request_p50_us: r.waits.request_p50_us,
+            request_p99_us: r.waits.request_p99_us,
+            blocktime_ms: r.waits.blocktime_ms,
+            total_ms: r.transfer.total_ms,
+            downtime_ms: r.transfer.downtime_ms,
+            precopy_bytes: r.transfer.precopy_bytes,
+            postcopy_bytes: r.transfer.postcopy_bytes,
+            ops_before_per_s: r.guest_run.progress_before_per_s,
+            ops_postcopy_per_s: r.guest_run.progress_after_per_s,
+            error: (!r.outcome.verified).then(|| r.outcome.problems.join("; ")),
             ..Self::empty(key)
         }
     }
