@@ -64,11 +64,16 @@ use std::fmt;
 use crossbeam_utils::CachePadded;
 
 use crate::bitmap::{Claim, DirtyBitmap, DirtyLogError, Found, LayoutMismatch};
+use crate::cursors::Cursors;
 use crate::hint::{Offer, PageHint};
 use crate::layout::{HostPage, LocationError, PageLocation, RamLayout};
 use crate::request::{RequestError, UrgentRequest};
 use crate::stats::{bump, BackgroundCounters, LocalCounts, SchedulerStats, UrgentCounters};
+use crate::streams::{HintSlots, StreamPolicy, StreamPolicyError};
 use crate::sync::{Arc, Queue};
+
+// Several fault streams: `serve_from`, `urgent_sent_from`, the scanner's cursors.
+mod per_stream;
 
 /// How page requests reach the sender.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -89,6 +94,11 @@ pub enum HintPolicy {
     /// After each urgent send, offer the next location if no hint is pending (QEMU's
     /// page-hint patch).
     SetIfEmpty,
+    /// One hint slot per fault stream (a vCPU, or any id the caller chooses below the count),
+    /// each set-if-empty; the background scan follows every stream with its own cursor for a
+    /// bounded run, in turn, beside its linear scan ([`crate::cursors`]). Requests name their
+    /// stream: [`PageScheduler::serve_from`], [`PageScheduler::urgent_sent_from`].
+    PerStream(StreamPolicy),
 }
 
 /// How many target pages one background claim takes (a power of two, 1 to 64), rounded up to
@@ -187,12 +197,34 @@ impl SchedulerConfig {
             batch: ClaimBatch::DEFAULT,
         }
     }
+    /// Postcopy-preempt following `streams` fault streams, one hint slot each, with the
+    /// default [`StreamPolicy`] (see [`HintPolicy::PerStream`]).
+    ///
+    /// ```
+    /// use pagehint::SchedulerConfig;
+    /// assert_eq!(SchedulerConfig::preempt_hints(4)?.streams(), 4);
+    /// assert!(SchedulerConfig::preempt_hints(0).is_err());
+    /// # Ok::<(), pagehint::streams::StreamPolicyError>(())
+    /// ```
+    pub fn preempt_hints(streams: u32) -> Result<Self, StreamPolicyError> {
+        Ok(Self {
+            hint: HintPolicy::PerStream(StreamPolicy::new(streams)?),
+            ..Self::preempt()
+        })
+    }
     /// The same configuration with another claim batch.
     pub const fn with_batch(self, batch: ClaimBatch) -> Self {
         Self { batch, ..self }
     }
+    /// Fault streams, hence hint slots: 1 unless the hint policy is per stream.
+    pub fn streams(&self) -> u32 {
+        match self.hint {
+            HintPolicy::PerStream(p) => p.streams(),
+            HintPolicy::Off | HintPolicy::SetIfEmpty => 1,
+        }
+    }
     fn hints(&self) -> bool {
-        self.mode == Mode::Preempt && self.hint == HintPolicy::SetIfEmpty
+        self.mode == Mode::Preempt && self.hint != HintPolicy::Off
     }
 }
 
@@ -257,7 +289,8 @@ pub enum Served {
 pub struct PageScheduler {
     layout: RamLayout,
     bitmap: Arc<DirtyBitmap>,
-    hint: CachePadded<PageHint>,
+    /// One slot per stream; dereferences to stream 0's, the one-stream API's hint.
+    hint: HintSlots,
     queue: Queue<PageLocation>,
     config: SchedulerConfig,
     urgent: CachePadded<UrgentCounters>,
@@ -312,7 +345,7 @@ impl PageScheduler {
         Self {
             layout,
             bitmap,
-            hint: CachePadded::new(PageHint::new()),
+            hint: HintSlots::sized(config.streams()),
             queue: Queue::new(),
             config,
             urgent: CachePadded::new(UrgentCounters::default()),
@@ -402,6 +435,7 @@ impl PageScheduler {
             page: start.page,
             swept: 0,
             local: LocalCounts::default(),
+            cursors: self.new_cursors(),
         }
     }
 
@@ -468,12 +502,19 @@ impl PageScheduler {
     /// Tells the scheduler that an urgent claim has been sent; with hints on, offers the
     /// location right after it (set-if-empty) and says what became of the offer.
     pub fn urgent_sent(&self, claim: &Claim) -> Option<Offer> {
+        self.offer_after(&self.hint, claim)
+    }
+
+    /// With hints on, offers the location after `claim` into `slot` (set-if-empty) and counts
+    /// what became of the offer.
+    #[inline]
+    fn offer_after(&self, slot: &PageHint, claim: &Claim) -> Option<Offer> {
         if !self.config.hints() {
             return None;
         }
         let next = self.after(claim.end());
         // Cannot fail: layout locations always fit the hint's packing.
-        let offer = self.hint.offer(next).ok()?;
+        let offer = slot.offer(next).ok()?;
         match offer {
             Offer::Accepted => bump(&self.urgent.hints_accepted, 1),
             Offer::Pending => bump(&self.urgent.hints_refused_pending, 1),
@@ -512,6 +553,7 @@ impl PageScheduler {
         while self.queue.pop().is_some() {}
         self.urgent.reset();
         self.background.reset();
+        self.hint.reset_counters();
     }
 
     /// Postcopy recovery for one block: rebuilds its send state from the destination's bitmap
@@ -671,6 +713,8 @@ pub struct BackgroundScanner<'a> {
     /// Pages verified clean, contiguously, ending at (block, page), since the last jump.
     swept: u64,
     local: LocalCounts,
+    /// Per-stream mode: one cursor per stream, beside the linear scan ([`crate::cursors`]).
+    cursors: Option<Box<Cursors>>,
 }
 
 impl BackgroundScanner<'_> {
@@ -694,6 +738,7 @@ impl BackgroundScanner<'_> {
     fn follow(&mut self) {
         let sched = self.sched;
         match sched.config.mode {
+            Mode::Preempt if self.cursors.is_some() => self.follow_streams(),
             Mode::Preempt => {
                 if let Some(to) = sched.hint.take() {
                     self.local.hints_taken += 1;
@@ -728,6 +773,20 @@ impl BackgroundScanner<'_> {
 
     fn publish(&mut self) {
         self.local.publish(&self.sched.background);
+        if let Some(c) = self.cursors.as_deref_mut() {
+            c.publish(&self.sched.hint);
+        }
+    }
+
+    /// Counts a claim about to be returned.
+    #[inline]
+    fn count(&mut self, c: &Claim) {
+        self.local.claims += 1;
+        self.local.host_pages += u64::from(c.host_page_count());
+        self.local.pages += c.pages_to_send();
+        if self.local.claims >= PUBLISH_EVERY {
+            self.publish();
+        }
     }
 
     /// The next claim to send on the background channel, or `None` when a full contiguous
@@ -747,6 +806,9 @@ impl BackgroundScanner<'_> {
         let batch = sched.config.batch.shift;
         loop {
             self.follow();
+            if let Some(c) = self.cursor_turn() {
+                return Some(c);
+            }
             let step = sched.bitmap.scan_step(self.block, self.page, batch);
             self.swept += step.end - self.page;
             self.page = step.end;
@@ -755,12 +817,7 @@ impl BackgroundScanner<'_> {
             }
             match step.found {
                 Found::Won(c) => {
-                    self.local.claims += 1;
-                    self.local.host_pages += u64::from(c.host_page_count());
-                    self.local.pages += c.pages_to_send();
-                    if self.local.claims >= PUBLISH_EVERY {
-                        self.publish();
-                    }
+                    self.count(&c);
                     return Some(c);
                 }
                 Found::Lost => self.local.lost += 1,
