@@ -78,6 +78,9 @@ struct Cursor {
 /// What one cursor step did.
 struct Step {
     claim: Option<Claim>,
+    /// The step spent the run's budget with the forward edge still inside the block: where
+    /// the linear scan takes over.
+    spent_at: Option<PageLocation>,
     /// The step spent the run's budget.
     spent: bool,
 }
@@ -131,6 +134,7 @@ impl Cursor {
             }
             return Step {
                 claim: None,
+                spent_at: None,
                 spent: false,
             };
         };
@@ -144,12 +148,14 @@ impl Cursor {
         self.next_back = !below;
         self.budget = self.budget.saturating_sub(st.end - st.first);
         let spent = self.budget == 0;
+        let spent_at = (spent && self.fwd_live).then(|| PageLocation::new(self.block, self.fwd));
         if spent {
             self.fwd_live = false;
             self.back_live = false;
         }
         Step {
             claim: Some(claim),
+            spent_at,
             spent,
         }
     }
@@ -168,6 +174,8 @@ pub(crate) struct Cursors {
     /// Cursor claims since the linear scan's last step.
     since_linear: u32,
     source: ClaimSource,
+    /// Where the last forward run was spent: the linear scan continues there.
+    handoff: Option<PageLocation>,
 }
 
 impl Cursors {
@@ -182,6 +190,7 @@ impl Cursors {
             last: n - 1,
             since_linear: 0,
             source: ClaimSource::Linear,
+            handoff: None,
         }
     }
 
@@ -242,6 +251,9 @@ impl Cursors {
                     local.cursor_claims += 1;
                     local.cursor_pages += claim.pages_to_send();
                     local.runs_spent += u64::from(step.spent);
+                    if step.spent_at.is_some() {
+                        self.handoff = step.spent_at;
+                    }
                     self.last = s;
                     self.since_linear += 1;
                     self.source = ClaimSource::Stream(s as u32);
@@ -252,6 +264,12 @@ impl Cursors {
         self.since_linear = 0;
         self.source = ClaimSource::Linear;
         None
+    }
+
+    /// Where the linear scan should continue: the forward edge of the last run spent since
+    /// the previous call, if any (the scanner jumps there, restarting its clean count: I3).
+    pub(crate) fn take_handoff(&mut self) -> Option<PageLocation> {
+        self.handoff.take()
     }
 
     /// Where the last claim came from.

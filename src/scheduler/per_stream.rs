@@ -112,18 +112,23 @@ impl BackgroundScanner<'_> {
         self.cursors.as_deref().map_or(0, Cursors::live)
     }
 
-    /// Per-stream mode's follow: takes every pending hint into its stream's cursor. The
-    /// linear scan does not move (I3: see [`crate::cursors`]).
+    /// Per-stream mode's follow: takes every pending hint into its stream's cursor, and moves
+    /// the linear scan to where a forward run was spent (a jump: its clean count restarts,
+    /// I3; see [`crate::cursors`]).
     #[inline]
     pub(super) fn follow_streams(&mut self) {
         let sched = self.sched;
-        if let Some(c) = self.cursors.as_deref_mut() {
-            self.local.hints_taken += c.poll(
-                &sched.hint,
-                &sched.layout,
-                &sched.bitmap,
-                sched.config.batch.shift,
-            );
+        let Some(c) = self.cursors.as_deref_mut() else {
+            return;
+        };
+        self.local.hints_taken += c.poll(
+            &sched.hint,
+            &sched.layout,
+            &sched.bitmap,
+            sched.config.batch.shift,
+        );
+        if let Some(to) = c.take_handoff() {
+            self.jump(to);
         }
     }
 
