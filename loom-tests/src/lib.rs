@@ -71,5 +71,6 @@ pub mod protocol;
 pub mod record;
 pub mod recovery;
 pub mod remove;
+pub mod streams;
 pub mod sync;
 pub mod vanilla;
