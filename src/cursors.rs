@@ -43,7 +43,7 @@
 //! [`HintPolicy::PerStream`]: crate::HintPolicy::PerStream
 //! [`ClaimBatch`]: crate::ClaimBatch
 
-use crate::bitmap::{Claim, DirtyBitmap, Found};
+use crate::bitmap::{Claim, DirtyBitmap};
 use crate::layout::{PageLocation, RamLayout};
 use crate::streams::{HintSlots, LocalStreamCounts, StreamPolicy};
 
@@ -125,7 +125,7 @@ impl Cursor {
         let below = self.back_live && (self.next_back || !self.fwd_live);
         let at = if below { self.back - 1 } else { self.fwd };
         let st = bitmap.claim_chunk_at(self.block, at, batch_shift);
-        let Found::Won(claim) = st.found else {
+        let Some(claim) = st.claim else {
             // Clean, or taken by another claimer: this side of the stream is on its way.
             if below {
                 self.back_live = false;
@@ -239,8 +239,10 @@ impl Cursors {
             return None;
         }
         let n = self.cursors.len();
-        for i in 1..=n {
-            let s = (self.last + i) % n;
+        let mut s = self.last;
+        for _ in 0..n {
+            // The next stream in round robin (no division on this path).
+            s = if s + 1 == n { 0 } else { s + 1 };
             while self.cursors[s].live() {
                 let step = self.cursors[s].step(bitmap, batch_shift);
                 if !self.cursors[s].live() {

@@ -111,9 +111,10 @@ impl DirtyBitmap {
     }
 
     /// One step of a stream's cursor: claims the chunk of [`scan_step`]'s size that contains
-    /// `page` of `block`, without searching further. The chunk is clamped to the block's end.
-    /// A chunk in which no page may be dirty costs one relaxed load and no read-modify-write.
-    /// `block` and `page` must be valid.
+    /// `page` of `block`, without searching further (one read-modify-write; a chunk with
+    /// nothing left to claim is the cursor's signal to retire, met once per run, so a
+    /// pre-check load would cost every other step more than it saves). The chunk is clamped
+    /// to the block's end. `block` and `page` must be valid.
     ///
     /// [`scan_step`]: DirtyBitmap::scan_step
     #[inline]
@@ -122,33 +123,12 @@ impl DirtyBitmap {
         let shift = b.chunk_shift(batch_shift);
         let first = page & !low_mask(u64::from(shift));
         let end = (first + (1 << shift)).min(b.pages);
-        let may_be_dirty = if b.wide() {
-            self.host_page_may_be_dirty(block, page)
-        } else {
-            self.chunk_may_be_dirty(b, first, shift)
-        };
-        let found = if !may_be_dirty {
-            Found::Clean
-        } else {
-            match self.claim_chunk(b, block, page, shift) {
-                Some(claim) => Found::Won(claim),
-                None => Found::Lost,
-            }
-        };
         ChunkStep {
             first,
             end,
             block_end: end == b.pages,
-            found,
+            claim: self.claim_chunk(b, block, page, shift),
         }
-    }
-
-    /// Whether a narrow chunk (inside one word) may hold a dirty page: one relaxed load.
-    #[inline]
-    fn chunk_may_be_dirty(&self, b: &BlockWords, first: u64, shift: u32) -> bool {
-        let mask = low_mask(1 << shift) << (first % WORD_BITS);
-        // Relaxed: a search hint, like `find_set`'s loads; a claim decides.
-        self.word(b, first).load(Ordering::Relaxed) & mask != 0
     }
 }
 
@@ -172,8 +152,9 @@ pub(crate) struct ChunkStep {
     pub(crate) end: u64,
     /// `end` is the block's end.
     pub(crate) block_end: bool,
-    /// What the step found in the chunk: `Clean` if no page of it may be dirty.
-    pub(crate) found: Found,
+    /// The caller's claim; `None` if nothing in the chunk was dirty (clean, or claimed by
+    /// someone else).
+    pub(crate) claim: Option<Claim>,
 }
 
 /// What one [`DirtyBitmap::scan_step`] did.
