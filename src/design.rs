@@ -18,6 +18,15 @@
 //! * **hint**: the single-slot cell through which the urgent path tells the background path
 //!   where the guest works, so the scan continues right after the last faulted page
 //!   ([`PageHint`](crate::PageHint); QEMU's page-hint patch, commit 20d82622812d).
+//! * **stream**: a source of faults with its own locality, a vCPU (known from the faulting
+//!   thread) or any id the caller chooses below the configured count; with
+//!   [`HintPolicy::PerStream`](crate::HintPolicy::PerStream) each stream has its own hint slot
+//!   ([`HintSlots`](crate::HintSlots)), and requests name their stream
+//!   ([`PageScheduler::serve_from`](crate::PageScheduler::serve_from)).
+//! * **cursor**: a background scanner's follower of one stream: after a hint from that stream
+//!   it claims a bounded *run* from the faulted page (forward, or bubbling both ways for a
+//!   stream running backward), in turn with the other streams' cursors, beside the linear scan
+//!   ([`cursors`](crate::cursors)).
 //! * **round**: one pass of a background scan over the whole layout.
 //! * **vanilla / preempt / preempt-hint**: QEMU's three postcopy behaviours
 //!   ([`SchedulerConfig`](crate::SchedulerConfig)): one channel and a request queue; a
@@ -38,10 +47,15 @@
 //!   anywhere). QEMU's scan, started from a hint, can wrap early: see `proofs/README.md`.
 //! * **I4 the hint slot** — at most one hint is pending; an offer never overwrites a pending
 //!   hint (set-if-empty); each accepted hint is taken at most once; a taken value is exactly
-//!   one that was offered (never torn); taking from an empty slot yields nothing.
+//!   one that was offered (never torn); taking from an empty slot yields nothing. With one
+//!   slot per stream, all of this holds per slot, and one stream's pending hint never refuses
+//!   or overwrites another stream's.
 //! * **I5 progress** — a request for a page not yet sent is served by the urgent path or by
 //!   the background path that already claimed it (in vanilla mode: every queued request is
-//!   taken off the queue, followed or found already sent); every round ends.
+//!   taken off the queue, followed or found already sent); every round ends. With several
+//!   streams: no stream starves the others (cursors take turns, one claim each) or the linear
+//!   scan (at most `share` cursor claims between two of its steps), and a cursor's run after
+//!   each fault is bounded.
 //! * **I6 hints are advisory** — any hint value changes only the order of sending, never which
 //!   pages are sent (I1–I3 hold for every hint sequence).
 //!
@@ -64,7 +78,9 @@
 //! # Data flow
 //! [`layout`](crate::layout) (blocks, page sizes, locations) → [`bitmap`](crate::bitmap)
 //! (dirty bits, claims, search) and [`hint`](crate::hint) (the slot), siblings that do not
-//! know each other → [`scheduler`](crate::scheduler) (background scan, urgent path, counters)
+//! know each other → [`streams`](crate::streams) (one slot per stream) → [`cursors`](crate::cursors)
+//! (the scan policy following several streams) → [`scheduler`](crate::scheduler) (background
+//! scan, urgent path, counters)
 //! → [`vmm`](crate::vmm) (vm-memory, KVM, guest physical addresses) → users: the migration
 //! harness, the benchmarks, a VMM. Lower modules never name higher ones.
 //!
@@ -76,14 +92,14 @@
 //!
 //! | id | unit / integration / proptest | loom | shuttle | Spin |
 //! |----|-------------------------------|------|---------|------|
-//! | I1 | `tests/protocol.rs` `i1_i2_i3_*`, `tests/stress.rs` `i1_i2_i3_*`, `tests/precopy.rs` `i1_*`, `tests/senders.rs`, `tests/recovery.rs` `i1_*`, `tests/proptest_bitmap.rs` | `loom_bitmap::i1_*`, `loom_protocol::i1_*`, `loom_multi::i1_*`, `loom_vanilla::i1_*`, `loom_recovery::i1_*`, `loom_overtake` (deliberate duplicates: placed once, no stale overwrite, no lost request) | `shuttle_protocol`, `shuttle_multi`, `shuttle_vanilla`, `shuttle_recovery`, `shuttle_overtake` | `postcopy.pml` I1 |
+//! | I1 | `tests/protocol.rs` `i1_i2_i3_*`, `tests/stress.rs` `i1_i2_i3_*`, `tests/precopy.rs` `i1_*`, `tests/senders.rs`, `tests/recovery.rs` `i1_*`, `tests/proptest_bitmap.rs` | `loom_bitmap::i1_*`, `loom_protocol::i1_*`, `loom_multi::i1_*`, `loom_vanilla::i1_*`, `loom_recovery::i1_*`, `loom_overtake` (deliberate duplicates: placed once, no stale overwrite, no lost request), `loom_streams::i1_*` (two streams, exhaustive) | `shuttle_protocol`, `shuttle_multi`, `shuttle_vanilla`, `shuttle_recovery`, `shuttle_overtake`, `shuttle_streams` (six streams) | `postcopy.pml` I1, `streams.pml` I1 |
 //! | I2 | `tests/protocol.rs` `i2_*`, `tests/precopy.rs` `i2_*`, `tests/proptest_bitmap.rs` | `loom_bitmap::i1_i2_*` (narrow, wide, drain) | `shuttle_protocol` (2 MiB pages) | `postcopy.pml` I2 |
-//! | I3 | `tests/protocol.rs` `i3_*`, `tests/recovery.rs` `i3_*`, `tests/senders.rs` | `loom_protocol::i1_i2_i3_*`, `loom_multi`, `loom_vanilla` | `shuttle_protocol`, `shuttle_multi` | `postcopy.pml` I3 (and `qemu_seed.pml`: QEMU's weak spot) |
-//! | I4 | `tests/proptest_hint.rs`, `src/hint.rs` unit tests | `loom_hint::i4_*` | — | `hint.pml`, `postcopy.pml` I4 |
-//! | I5 | `tests/protocol.rs` `i1_i2_i3_i5_vanilla_*`, `i3_i5_*`; every vanilla run of `pagehint-migrate` (its verification: queued = followed + stale) | `loom_vanilla::i1_i3_i5_*` (requests never lost) | `shuttle_vanilla` | `postcopy.pml` L5req, L5term (liveness, weak fairness) |
-//! | I6 | `tests/protocol.rs` `i4_i6_*` | `loom_protocol::i6_*` | `shuttle_protocol` (stray hints) | `postcopy_stray_hints` |
+//! | I3 | `tests/protocol.rs` `i3_*`, `tests/recovery.rs` `i3_*`, `tests/senders.rs` | `loom_protocol::i1_i2_i3_*`, `loom_multi`, `loom_vanilla`, `loom_streams` (mutant: a hand-off jump keeping the clean count) | `shuttle_protocol`, `shuttle_multi`, `shuttle_streams` | `postcopy.pml` I3 (and `qemu_seed.pml`: QEMU's weak spot), `streams.pml` I3 (mutant: cursor claims counted as scanned) |
+//! | I4 | `tests/proptest_hint.rs`, `src/hint.rs` and `src/streams.rs` unit tests | `loom_hint::i4_*`, `loom_streams::i4_per_slot_*` (mutants: streams sharing one slot) | `shuttle_streams` (per-stream ledger) | `hint.pml`, `postcopy.pml` I4, `streams.pml` I4S (per slot) |
+//! | I5 | `tests/protocol.rs` `i1_i2_i3_i5_vanilla_*`, `i3_i5_*`; every vanilla run of `pagehint-migrate` (its verification: queued = followed + stale); `src/cursors.rs` unit tests, `tests/streams_demo.rs` (several streams) | `loom_vanilla::i1_i3_i5_*` (requests never lost), `loom_streams` (mutants: a cursor never yielding to the linear scan, a run never bounded, a cursor keeping the turn) | `shuttle_vanilla`, `shuttle_streams` | `postcopy.pml` L5req, L5term (liveness, weak fairness), `streams.pml` L5term |
+//! | I6 | `tests/protocol.rs` `i4_i6_*`, `src/cursors.rs` `i6_*` | `loom_protocol::i6_*` | `shuttle_protocol` (stray hints), `shuttle_streams` (stray hints into the slots) | `postcopy_stray_hints` |
 //! | I7 | `tests/stress.rs` `i7_*`, `tests/precopy.rs` `i7_*`, `tests/kvm_slots.rs` `i7_*`, `tests/kvm.rs` (a real KVM guest) | `loom_bitmap::i7_*` (marks, logs, rings, drain) | `shuttle_precopy::i7_*` | `precopy.pml` I7 |
-//! | I8 | `tests/protocol.rs` `i8_*`, `tests/precopy.rs` `i8_*`, `tests/kvm_slots.rs` `i8_*`, `tests/recovery.rs` `i8_*`, `tests/proptest_layout.rs`, `src/layout.rs` and `src/request.rs` unit tests, `fuzz/` | — | — | — |
+//! | I8 | `tests/protocol.rs` `i8_*`, `tests/precopy.rs` `i8_*`, `tests/kvm_slots.rs` `i8_*`, `tests/recovery.rs` `i8_*`, `tests/proptest_layout.rs`, `src/layout.rs`, `src/request.rs` and `src/streams.rs` unit tests (unknown streams, bad policies), the `serve_from` doctest, `fuzz/` | — | — | — |
 //!
 //! `proofs/README.md` maps each Spin model action to the Rust function it stands for, and
 //! each Spin mutant to its loom or shuttle counterpart.

@@ -41,6 +41,15 @@
 //! or urgent path cleared it. "Done" means every page is *claimed*; the migration has sent
 //! everything once every scanner reported done and every sender finished sending its claims.
 //!
+//! # Several fault streams
+//! With [`HintPolicy::PerStream`] there is one hint slot per stream (a vCPU) instead of one
+//! for the VM: requests name their stream ([`PageScheduler::serve_from`],
+//! [`PageScheduler::urgent_sent_from`]; [`serve`](PageScheduler::serve) and
+//! [`urgent_sent`](PageScheduler::urgent_sent) are stream 0's), and each scanner follows every
+//! stream with its own cursor, in turn, beside its linear scan; a spent forward run hands its
+//! edge to the linear scan as a jump (its count restarts). The protocol and how I3 and I5 keep
+//! holding are in [`crate::cursors`].
+//!
 //! # Postcopy recovery
 //! After a broken connection, QEMU rebuilds the source's dirty bitmap from the destination's
 //! bitmap of received pages ("dirty = not received") and resumes. [`PageScheduler::recover_block`]
