@@ -10,7 +10,7 @@
 //!   once, each with dirty pages past its run. Checked as stated in
 //!   `pagehint_models::streams`.
 //!
-//! The protocol on the real scheduler is explored exhaustively (no preemption bound: about two
+//! The protocol on the real scheduler is explored exhaustively (no preemption bound: one to two
 //! minutes here). The control rewrite and the mutants run with a preemption bound of 3
 //! (`LOOM_MAX_PREEMPTIONS` overrides both): every interleaving with up to three forced
 //! switches, with every weak-memory outcome of each; each mutant is caught within it.
@@ -71,7 +71,7 @@ fn case() -> StreamsCase {
 }
 
 /// The real scheduler: exhaustive (no preemption bound unless `LOOM_MAX_PREEMPTIONS` sets
-/// one): about two minutes on two shared cores.
+/// one): one to two minutes on two shared cores.
 fn exhaustive<M: ModelStreams>() {
     let case = case();
     loom::model::Builder::new().check(move || streams_model::<M>(&case));
