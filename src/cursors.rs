@@ -45,17 +45,7 @@
 
 use crate::bitmap::{Claim, DirtyBitmap};
 use crate::layout::{PageLocation, RamLayout};
-use crate::streams::{HintSlots, LocalStreamCounts, StreamPolicy};
-
-/// Where a background claim came from
-/// ([`BackgroundScanner::last_source`](crate::BackgroundScanner::last_source)).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ClaimSource {
-    /// The linear scan (in one-slot mode, also the scan continuing after a hint).
-    Linear,
-    /// The cursor following this stream.
-    Stream(u32),
-}
+use crate::streams::{ClaimSource, HintSlots, LocalStreamCounts, StreamPolicy};
 
 /// One stream's cursor.
 #[derive(Clone, Copy, Debug, Default)]

@@ -92,14 +92,27 @@
 //!
 //! | id | unit / integration / proptest | loom | shuttle | Spin |
 //! |----|-------------------------------|------|---------|------|
-//! | I1 | `tests/protocol.rs` `i1_i2_i3_*`, `tests/stress.rs` `i1_i2_i3_*`, `tests/precopy.rs` `i1_*`, `tests/senders.rs`, `tests/recovery.rs` `i1_*`, `tests/proptest_bitmap.rs` | `loom_bitmap::i1_*`, `loom_protocol::i1_*`, `loom_multi::i1_*`, `loom_vanilla::i1_*`, `loom_recovery::i1_*`, `loom_overtake` (deliberate duplicates: placed once, no stale overwrite, no lost request), `loom_streams::i1_*` (two streams, exhaustive) | `shuttle_protocol`, `shuttle_multi`, `shuttle_vanilla`, `shuttle_recovery`, `shuttle_overtake`, `shuttle_streams` (six streams) | `postcopy.pml` I1, `streams.pml` I1 |
+//! | I1 | `tests/protocol.rs` `i1_i2_i3_*`, `tests/stress.rs` `i1_i2_i3_*`, `tests/precopy.rs` `i1_*`, `tests/senders.rs`, `tests/recovery.rs` `i1_*`, `tests/proptest_bitmap.rs` | `loom_bitmap::i1_*`, `loom_protocol::i1_*`, `loom_multi::i1_*`, `loom_vanilla::i1_*`, `loom_recovery::i1_*`, `loom_overtake` (deliberate duplicates: placed once, no stale overwrite, no lost request) | `shuttle_protocol`, `shuttle_multi`, `shuttle_vanilla`, `shuttle_recovery`, `shuttle_overtake` | `postcopy.pml` I1 |
 //! | I2 | `tests/protocol.rs` `i2_*`, `tests/precopy.rs` `i2_*`, `tests/proptest_bitmap.rs` | `loom_bitmap::i1_i2_*` (narrow, wide, drain) | `shuttle_protocol` (2 MiB pages) | `postcopy.pml` I2 |
-//! | I3 | `tests/protocol.rs` `i3_*`, `tests/recovery.rs` `i3_*`, `tests/senders.rs` | `loom_protocol::i1_i2_i3_*`, `loom_multi`, `loom_vanilla`, `loom_streams` (mutant: a hand-off jump keeping the clean count) | `shuttle_protocol`, `shuttle_multi`, `shuttle_streams` | `postcopy.pml` I3 (and `qemu_seed.pml`: QEMU's weak spot), `streams.pml` I3 (mutant: cursor claims counted as scanned) |
-//! | I4 | `tests/proptest_hint.rs`, `src/hint.rs` and `src/streams.rs` unit tests | `loom_hint::i4_*`, `loom_streams::i4_per_slot_*` (mutants: streams sharing one slot) | `shuttle_streams` (per-stream ledger) | `hint.pml`, `postcopy.pml` I4, `streams.pml` I4S (per slot) |
-//! | I5 | `tests/protocol.rs` `i1_i2_i3_i5_vanilla_*`, `i3_i5_*`; every vanilla run of `pagehint-migrate` (its verification: queued = followed + stale); `src/cursors.rs` unit tests, `tests/streams_demo.rs` (several streams) | `loom_vanilla::i1_i3_i5_*` (requests never lost), `loom_streams` (mutants: a cursor never yielding to the linear scan, a run never bounded, a cursor keeping the turn) | `shuttle_vanilla`, `shuttle_streams` | `postcopy.pml` L5req, L5term (liveness, weak fairness), `streams.pml` L5term |
-//! | I6 | `tests/protocol.rs` `i4_i6_*`, `src/cursors.rs` `i6_*` | `loom_protocol::i6_*` | `shuttle_protocol` (stray hints), `shuttle_streams` (stray hints into the slots) | `postcopy_stray_hints` |
+//! | I3 | `tests/protocol.rs` `i3_*`, `tests/recovery.rs` `i3_*`, `tests/senders.rs` | `loom_protocol::i1_i2_i3_*`, `loom_multi`, `loom_vanilla` | `shuttle_protocol`, `shuttle_multi` | `postcopy.pml` I3 (and `qemu_seed.pml`: QEMU's weak spot) |
+//! | I4 | `tests/proptest_hint.rs`, `src/hint.rs` unit tests | `loom_hint::i4_*` | — | `hint.pml`, `postcopy.pml` I4 |
+//! | I5 | `tests/protocol.rs` `i1_i2_i3_i5_vanilla_*`, `i3_i5_*`; every vanilla run of `pagehint-migrate` (its verification: queued = followed + stale) | `loom_vanilla::i1_i3_i5_*` (requests never lost) | `shuttle_vanilla` | `postcopy.pml` L5req, L5term (liveness, weak fairness) |
+//! | I6 | `tests/protocol.rs` `i4_i6_*` | `loom_protocol::i6_*` | `shuttle_protocol` (stray hints) | `postcopy_stray_hints` |
 //! | I7 | `tests/stress.rs` `i7_*`, `tests/precopy.rs` `i7_*`, `tests/kvm_slots.rs` `i7_*`, `tests/kvm.rs` (a real KVM guest) | `loom_bitmap::i7_*` (marks, logs, rings, drain) | `shuttle_precopy::i7_*` | `precopy.pml` I7 |
-//! | I8 | `tests/protocol.rs` `i8_*`, `tests/precopy.rs` `i8_*`, `tests/kvm_slots.rs` `i8_*`, `tests/recovery.rs` `i8_*`, `tests/proptest_layout.rs`, `src/layout.rs`, `src/request.rs` and `src/streams.rs` unit tests (unknown streams, bad policies), the `serve_from` doctest, `fuzz/` | — | — | — |
+//! | I8 | `tests/protocol.rs` `i8_*`, `tests/precopy.rs` `i8_*`, `tests/kvm_slots.rs` `i8_*`, `tests/recovery.rs` `i8_*`, `tests/proptest_layout.rs`, `src/layout.rs` and `src/request.rs` unit tests, `fuzz/` | — | — | — |
 //!
 //! `proofs/README.md` maps each Spin model action to the Rust function it stands for, and
 //! each Spin mutant to its loom or shuttle counterpart.
+//!
+//! ## Several fault streams
+//! With [`HintPolicy::PerStream`](crate::HintPolicy::PerStream) (one hint slot per stream,
+//! cursors beside the linear scan) the same guarantees are checked by:
+//!
+//! | id | unit / integration | loom | shuttle | Spin |
+//! |----|--------------------|------|---------|------|
+//! | I1, I2 | `tests/streams.rs` `i1_i2_i3_*` (real threads), `tests/streams_demo.rs` | `loom_streams::i1_*` (two streams and the scanner, exhaustive) | `shuttle_streams` (six streams, narrow and wide host pages) | `streams.pml` I1, I2 |
+//! | I3 | `tests/streams.rs` | `loom_streams` (mutant: a hand-off jump keeping the clean count) | `shuttle_streams` (same mutant) | `streams.pml` I3 (mutant: a cursor's claims counted as scanned) |
+//! | I4, per slot | `src/streams.rs` unit tests, the `HintSlots` doctest | `loom_streams::i4_per_slot_*` (mutants: streams sharing one slot, set-if-empty or overwriting) | `shuttle_streams` (per-stream ledger of accepted and taken hints) | `streams.pml` I4S (mutant: a shared slot) |
+//! | I5 | `src/cursors.rs` unit tests, `tests/streams_demo.rs` | `loom_streams` (mutants: a cursor never yielding to the linear scan, a run never bounded, a cursor keeping the turn) | `shuttle_streams` (same mutants) | `streams.pml` L5term |
+//! | I6 | `src/cursors.rs` `i6_*` | — | `shuttle_streams` (stray hints into the slots, also outside the layout) | — |
+//! | I8 | `tests/streams.rs` `i8_*`, `src/streams.rs` unit tests, the `serve_from` doctest | — | — | — |

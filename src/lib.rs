@@ -62,7 +62,6 @@ pub mod streams;
 pub mod vmm;
 
 pub use bitmap::{Claim, DirtyBitmap, DirtyLogError, HostPageClaim, LayoutMismatch, PageClaim};
-pub use cursors::ClaimSource;
 pub use hint::PageHint;
 pub use layout::{
     BlockSpec, HostPage, LayoutError, LocationError, PageLocation, RamBlock, RamLayout,
@@ -74,7 +73,7 @@ pub use scheduler::{
     SchedulerConfig, Served,
 };
 pub use stats::SchedulerStats;
-pub use streams::{HintSlots, StreamPolicy, StreamStats};
+pub use streams::{ClaimSource, HintSlots, StreamPolicy, StreamStats};
 
 /// The README's Rust snippets, compiled and run as doctests so that they cannot rot (one
 /// of them builds vm-memory regions, hence the feature).

@@ -68,6 +68,9 @@
 //! not yet sent waits for that chunk to be sent (up to `batch × page size` of link time:
 //! 64 KiB, about 52 µs at 10 Gbit/s, for the default of 16 pages).
 
+// Several fault streams: `serve_from`, `urgent_sent_from`, the scanner's cursors.
+mod per_stream;
+
 use std::fmt;
 
 use crossbeam_utils::CachePadded;
@@ -80,9 +83,6 @@ use crate::request::{RequestError, UrgentRequest};
 use crate::stats::{bump, BackgroundCounters, LocalCounts, SchedulerStats, UrgentCounters};
 use crate::streams::{HintSlots, StreamPolicy, StreamPolicyError};
 use crate::sync::{Arc, Queue};
-
-// Several fault streams: `serve_from`, `urgent_sent_from`, the scanner's cursors.
-mod per_stream;
 
 /// How page requests reach the sender.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -440,11 +440,11 @@ impl PageScheduler {
             .map_or(PageLocation::new(0, 0), |_| start);
         BackgroundScanner {
             sched: self,
+            cursors: self.new_cursors(),
             block: start.block,
             page: start.page,
             swept: 0,
             local: LocalCounts::default(),
-            cursors: self.new_cursors(),
         }
     }
 
@@ -717,13 +717,13 @@ const PUBLISH_EVERY: u64 = 64;
 /// [module docs](self)).
 pub struct BackgroundScanner<'a> {
     sched: &'a PageScheduler,
+    /// Per-stream mode: one cursor per stream, beside the linear scan ([`crate::cursors`]).
+    cursors: Option<Box<Cursors>>,
     block: u32,
     page: u64,
     /// Pages verified clean, contiguously, ending at (block, page), since the last jump.
     swept: u64,
     local: LocalCounts,
-    /// Per-stream mode: one cursor per stream, beside the linear scan ([`crate::cursors`]).
-    cursors: Option<Box<Cursors>>,
 }
 
 impl BackgroundScanner<'_> {

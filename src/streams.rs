@@ -157,6 +157,16 @@ impl StreamPolicy {
     }
 }
 
+/// Where a background claim came from
+/// ([`BackgroundScanner::last_source`](crate::BackgroundScanner::last_source)).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClaimSource {
+    /// The linear scan (in one-slot mode, also the scan continuing after a hint).
+    Linear,
+    /// The cursor following this stream.
+    Stream(u32),
+}
+
 /// A stream id at or above the configured count.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct StreamError {

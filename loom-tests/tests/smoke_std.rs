@@ -34,6 +34,34 @@ fn hint_models_pass_on_the_real_slot() {
 }
 
 #[test]
+fn streams_models_pass_on_the_real_types_and_the_control() {
+    i4_slots_model::<pagehint::HintSlots>();
+    let case = StreamsCase {
+        layout: RamLayout::new(
+            4096,
+            [
+                BlockSpec::new("cold", 8 * 4096, 2 * 4096),
+                BlockSpec::new("hot", 64 * 4096, 2 * 4096),
+            ],
+        )
+        .unwrap(),
+        policy: pagehint::StreamPolicy::new(4)
+            .unwrap()
+            .with_run(6)
+            .unwrap()
+            .with_share(2)
+            .unwrap(),
+        requests: (0..12)
+            .map(|i| (i % 4, PageLocation::new(1, 5 * u64::from(i) + 3)))
+            .collect(),
+        return_paths: 2,
+        stray_hints: vec![(1, PageLocation::new(0, 3)), (2, PageLocation::new(7, 0))],
+    };
+    streams_model::<PageScheduler>(&case);
+    streams_model::<StreamsControl>(&case);
+}
+
+#[test]
 fn bitmap_models_pass_on_the_real_bitmap_and_the_control() {
     fn all<B: model::ModelBitmap>() {
         model::i1_two_claimers_one_page::<B>(5);
@@ -158,32 +186,4 @@ fn overtake_models_pass_on_the_real_ledger_and_the_control() {
     };
     overtake_model::<pagehint::CopyLedger>(&case);
     overtake_model::<OvertakeControl>(&case);
-}
-
-#[test]
-fn streams_models_pass_on_the_real_types_and_the_control() {
-    i4_slots_model::<pagehint::HintSlots>();
-    let case = StreamsCase {
-        layout: RamLayout::new(
-            4096,
-            [
-                BlockSpec::new("cold", 8 * 4096, 2 * 4096),
-                BlockSpec::new("hot", 64 * 4096, 2 * 4096),
-            ],
-        )
-        .unwrap(),
-        policy: pagehint::StreamPolicy::new(4)
-            .unwrap()
-            .with_run(6)
-            .unwrap()
-            .with_share(2)
-            .unwrap(),
-        requests: (0..12)
-            .map(|i| (i % 4, PageLocation::new(1, 5 * u64::from(i) + 3)))
-            .collect(),
-        return_paths: 2,
-        stray_hints: vec![(1, PageLocation::new(0, 3)), (2, PageLocation::new(7, 0))],
-    };
-    streams_model::<PageScheduler>(&case);
-    streams_model::<StreamsControl>(&case);
 }

@@ -12,9 +12,8 @@ use super::{
     BackgroundScanner, Claim, Cursors, HintPolicy, HintSlots, Mode, Offer, PageScheduler,
     RequestError, SchedulerConfig, Served, UrgentRequest,
 };
-use crate::cursors::ClaimSource;
 use crate::stats::bump;
-use crate::streams::{StreamError, StreamStats};
+use crate::streams::{ClaimSource, StreamError, StreamStats};
 
 impl From<StreamError> for RequestError {
     fn from(e: StreamError) -> Self {
