@@ -775,27 +775,29 @@ impl BackgroundScanner<'_> {
         }
     }
 
+    /// One step of the linear scan: claims the next chunk that may be dirty, moving the
+    /// position and adding what it passed to the count of pages verified clean.
+    #[inline]
+    fn linear_step(&mut self, batch: u32) -> Found {
+        let step = self.sched.bitmap.scan_step(self.block, self.page, batch);
+        self.swept += step.end - self.page;
+        self.page = step.end;
+        if step.block_end {
+            self.advance_block();
+        }
+        step.found
+    }
+
     fn advance_block(&mut self) {
         self.block = ((self.block as usize + 1) % self.sched.layout.blocks().len()) as u32;
         self.page = 0;
     }
 
     fn publish(&mut self) {
-        self.local.publish(&self.sched.background);
         if let Some(c) = self.cursors.as_deref_mut() {
             c.publish(&self.sched.hint);
         }
-    }
-
-    /// Counts a claim about to be returned.
-    #[inline]
-    fn count(&mut self, c: &Claim) {
-        self.local.claims += 1;
-        self.local.host_pages += u64::from(c.host_page_count());
-        self.local.pages += c.pages_to_send();
-        if self.local.claims >= PUBLISH_EVERY {
-            self.publish();
-        }
+        self.local.publish(&self.sched.background);
     }
 
     /// The next claim to send on the background channel, or `None` when a full contiguous
@@ -815,18 +817,19 @@ impl BackgroundScanner<'_> {
         let batch = sched.config.batch.shift;
         loop {
             self.follow();
-            if let Some(c) = self.cursor_turn() {
-                return Some(c);
-            }
-            let step = sched.bitmap.scan_step(self.block, self.page, batch);
-            self.swept += step.end - self.page;
-            self.page = step.end;
-            if step.block_end {
-                self.advance_block();
-            }
-            match step.found {
+            // A cursor's claim (per-stream mode: the linear scan stays), or a linear step.
+            let found = match self.cursor_turn() {
+                Some(c) => Found::Won(c),
+                None => self.linear_step(batch),
+            };
+            match found {
                 Found::Won(c) => {
-                    self.count(&c);
+                    self.local.claims += 1;
+                    self.local.host_pages += u64::from(c.host_page_count());
+                    self.local.pages += c.pages_to_send();
+                    if self.local.claims >= PUBLISH_EVERY {
+                        self.publish();
+                    }
                     return Some(c);
                 }
                 Found::Lost => self.local.lost += 1,

@@ -131,16 +131,13 @@ impl BackgroundScanner<'_> {
         }
     }
 
-    /// The cursors' turn (see [`crate::cursors`]): a cursor's claim, counted, or `None` when
-    /// the linear scan takes this step.
+    /// The cursors' turn (see [`crate::cursors`]): a cursor's claim, or `None` when the
+    /// linear scan takes this step (always, outside per-stream mode).
     #[inline]
     pub(super) fn cursor_turn(&mut self) -> Option<Claim> {
         let sched = self.sched;
-        let claim = self
-            .cursors
+        self.cursors
             .as_deref_mut()?
-            .turn(&sched.bitmap, sched.config.batch.shift)?;
-        self.count(&claim);
-        Some(claim)
+            .turn(&sched.bitmap, sched.config.batch.shift)
     }
 }
