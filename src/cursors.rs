@@ -19,21 +19,28 @@
 //!   *retires* when its run is spent, when the chunk at its edge has nothing to claim (clean, or
 //!   just taken by someone else: that part of the stream is already on its way), or at its
 //!   block's edge; the linear scan goes on meanwhile.
+//! * **Hand-off**: when a run is spent with its forward edge still inside the block, the stream
+//!   had more to read there: the linear scan *jumps* to that edge (as a one-slot scanner jumps
+//!   to a hint), so that a lone stream is followed as far as one slot would follow it.
 //!
 //! # Invariants
 //! * **I1/I2**: cursors claim only through the bitmap, with the linear scan's own chunk claim
 //!   (whole host pages, each bit to one claimer).
-//! * **I3, whatever the cursors do**: a cursor never moves the linear scan and never adds to
-//!   its count of pages verified clean. "Done" is still decided by the linear scan alone, when
-//!   its contiguous sweep covers the layout, and in postcopy a page it verified stays clean
-//!   whatever a cursor claims later (claims only clear bits). So no sequence of cursor starts,
-//!   switches and retirements can make a false "done". A scanner that resumed its linear sweep
-//!   from a retired cursor's edge without restarting its count would skip the pages between:
-//!   the models' `JumpKeepsCount` mutant, caught by their I3 check.
+//! * **I3, whatever the cursors do**: a cursor never adds to the linear scan's count of pages
+//!   verified clean, and moves the linear scan only by a hand-off, which is a jump: the count
+//!   restarts, exactly as after a one-slot hint. "Done" is still decided by the linear scan
+//!   alone, when its contiguous sweep since its last jump covers the layout, and in postcopy a
+//!   page it verified stays clean whatever a cursor claims later (claims only clear bits). So
+//!   no sequence of cursor starts, switches, retirements and hand-offs can make a false "done".
+//!   A hand-off that kept the count would skip the pages between the old position and the
+//!   edge: the models' `JumpKeepsCount` mutant, caught by their I3 check (and a cursor whose
+//!   claims counted as verified, Spin's `MUT_CURSOR_COUNTS`).
 //! * **I5, progress**: between two linear steps there are at most `share` cursor claims, and
-//!   each linear step advances the sweep, so the round ends after at most `share + 1` times
-//!   the steps of a plain linear round. A cursor claims at most `run` target pages (plus less
-//!   than one chunk) per hint taken, so cursors stop when faults stop. In round robin a live
+//!   each linear step advances the sweep; every hand-off follows a spent run, at most one per
+//!   hint taken, so in postcopy there are finitely many jumps and the round ends (after the
+//!   last one, within `share + 1` times the steps of a plain linear round). A cursor claims at
+//!   most `run` target pages (plus less than one chunk) per hint taken, so cursors stop when
+//!   faults stop. In round robin a live
 //!   cursor waits at most for every other live cursor's claim and one linear step: no stream
 //!   starves another. Each of the three bounds has a mutant in the models (`NeverYields`,
 //!   `NeverRetired`, `KeepsTurn`).
