@@ -375,7 +375,8 @@ impl PageScheduler {
     pub fn bitmap(&self) -> &DirtyBitmap {
         &self.bitmap
     }
-    /// The hint cell.
+    /// The hint cell: stream 0's slot (the only one unless the hint policy is per stream; all
+    /// of them: [`hint_slots`](Self::hint_slots)).
     pub fn hint(&self) -> &PageHint {
         &self.hint
     }
