@@ -43,6 +43,7 @@ pub struct UrgentRequest {
 
 /// A request frame that could not be decoded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum DecodeError {
     /// The frame is not [`UrgentRequest::WIRE_LEN`] bytes long.
     WrongLength {
@@ -73,6 +74,7 @@ impl std::error::Error for DecodeError {}
 
 /// Why a page request was refused (and counted as bad).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum RequestError {
     /// The frame is malformed.
     Decode(DecodeError),

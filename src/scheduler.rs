@@ -517,7 +517,8 @@ impl PageScheduler {
     /// Postcopy recovery for one block: rebuilds its send state from the destination's bitmap
     /// of received pages (bit `p % 64` of word `p / 64` set: page `p` was received), so that
     /// exactly the pages not received are dirty, as QEMU does after a broken connection. Also
-    /// drops the pending hint and queued requests, which belong to the broken connection.
+    /// drops the pending hint and queued requests, which belong to the broken connection (the
+    /// requests are counted in [`SchedulerStats::queued_dropped`]).
     /// Returns the number of pages left to send in the block.
     ///
     /// `&mut self` proves that no scanner and no urgent call of this scheduler runs, and no
@@ -556,7 +557,13 @@ impl PageScheduler {
             .reset_from_received(block, received)
             .map_err(RecoveryError::Received)?;
         self.hint.clear();
-        while self.queue.pop().is_some() {}
+        // The broken connection's requests are dropped, and counted, so that every queued
+        // request stays accounted for across recoveries (I5's bookkeeping).
+        let mut dropped = 0;
+        while self.queue.pop().is_some() {
+            dropped += 1;
+        }
+        bump(&self.background.queued_dropped, dropped);
         Ok(dirty)
     }
 
@@ -601,6 +608,7 @@ impl Drop for PageScheduler {
 
 /// Why [`PageScheduler::with_bitmap`] refused a bitmap.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum AttachError {
     /// The bitmap was built for another layout.
     Layout(LayoutMismatch),
@@ -621,6 +629,7 @@ impl std::error::Error for AttachError {}
 
 /// Why postcopy recovery refused to rebuild a block.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum RecoveryError {
     /// The received bitmap is malformed for the block (or the block does not exist).
     Received(DirtyLogError),

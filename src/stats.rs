@@ -22,8 +22,13 @@ pub struct SchedulerStats {
     pub queued_followed: u64,
     /// Queued requests the background path took off the queue and dropped because their host
     /// page was no longer dirty (already sent). Once the queue is drained,
-    /// `queued_followed + queued_stale == requests_queued`: no request is lost.
+    /// `queued_followed + queued_stale + queued_dropped == requests_queued`: no request is
+    /// lost.
     pub queued_stale: u64,
+    /// Queued requests dropped by [`PageScheduler::recover_block`](crate::PageScheduler::recover_block):
+    /// they belonged to the broken connection (its destination asks again after the
+    /// recovery if it still needs the page).
+    pub queued_dropped: u64,
     /// Host pages claimed by the urgent path.
     pub urgent_host_pages: u64,
     /// Target pages the urgent path sends (whole host pages).
@@ -86,6 +91,7 @@ counters!(UrgentCounters {
 counters!(BackgroundCounters {
     queued_followed,
     queued_stale,
+    queued_dropped,
     background_claims,
     background_host_pages,
     background_pages,

@@ -36,6 +36,7 @@ pub struct GpaRange {
 
 /// Why a GPA map, or one conversion, was refused.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum GpaError {
     /// A base was given for a different number of blocks than the layout has.
     BaseCount {

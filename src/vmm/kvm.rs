@@ -96,6 +96,7 @@ impl From<kvm_bindings::kvm_dirty_gfn> for DirtyRingEntry {
 
 /// Why a slot mapping, a dirty log or a ring entry was refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum SlotError {
     /// No mapping for this slot.
     UnknownSlot {
