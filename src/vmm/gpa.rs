@@ -75,6 +75,16 @@ pub enum GpaError {
     },
     /// A location or range outside the layout.
     Location(LocationError),
+    /// Dirty words have bits set past the block's last page.
+    BitsPastEnd {
+        /// The block.
+        block: u32,
+    },
+    /// A page request of zero bytes.
+    ZeroLength {
+        /// The address it named.
+        gpa: u64,
+    },
     /// Building the layout from guest memory failed.
     Layout(crate::layout::LayoutError),
 }
@@ -102,6 +112,10 @@ impl fmt::Display for GpaError {
                 "GPA range {gpa:#x} + {len:#x} is not inside one RAM block"
             ),
             Self::Location(e) => write!(f, "{e}"),
+            Self::BitsPastEnd { block } => {
+                write!(f, "dirty words of block {block} mark pages past the block's end")
+            }
+            Self::ZeroLength { gpa } => write!(f, "page request of zero bytes at GPA {gpa:#x}"),
             Self::Layout(e) => write!(f, "guest memory does not make a layout: {e}"),
         }
     }
@@ -279,17 +293,38 @@ impl GpaMap {
     /// let map = GpaMap::new(&layout, &[0, 1 << 32])?;
     /// assert_eq!(map.request((1 << 32) + 0x5000, 4096)?, UrgentRequest::new(1, 0x5000, 4096));
     /// assert!(map.request(0xff000, 8192).is_err()); // runs off the end of block 0
+    /// assert!(map.request(0x5000, 0).is_err()); // empty: refused here, not later by `serve`
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     pub fn request(&self, gpa: u64, len: u64) -> Result<UrgentRequest, GpaError> {
-        let p = self.holding(gpa, len.max(1))?;
+        if len == 0 {
+            return Err(GpaError::ZeroLength { gpa });
+        }
+        let p = self.holding(gpa, len)?;
         Ok(UrgentRequest::new(p.block, gpa - p.base, len))
     }
 
     /// The dirty pages of `words` (dirty words of block `block` from word `from_word`, as
     /// [`DirtyBitmap::get_and_clear`](crate::DirtyBitmap::get_and_clear) fills them) as GPA
     /// ranges, runs of consecutive dirty pages coalesced (also across words), in address
-    /// order. Refuses words that reach past the block.
+    /// order.
+    ///
+    /// Refused, as [`DirtyBitmap::merge_dirty_log`](crate::DirtyBitmap::merge_dirty_log)
+    /// refuses a log: words that reach past the block's last word
+    /// ([`GpaError::Location`]), and bits past the block's last page in its last word
+    /// ([`GpaError::BitsPastEnd`]); so every range lies inside the block, also for a block that
+    /// ends at the very top of the address space. An empty `words` at any `from_word` up to
+    /// the block's word count yields nothing.
+    ///
+    /// ```
+    /// # use pagehint::{vmm::{GpaError, GpaMap}, RamLayout};
+    /// let layout: RamLayout = "a:4K,b:4K".parse()?; // one page each
+    /// let map = GpaMap::new(&layout, &[0, 0x1000])?;
+    /// assert_eq!(map.dirty_ranges(0, 0, &[0b1])?.count(), 1);
+    /// // bit 1 of block a's only word is past its end: not block b's page
+    /// assert_eq!(map.dirty_ranges(0, 0, &[0b10]).unwrap_err(), GpaError::BitsPastEnd { block: 0 });
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn dirty_ranges<'a>(
         &self,
         block: u32,
@@ -298,27 +333,34 @@ impl GpaMap {
     ) -> Result<DirtyRanges<'a>, GpaError> {
         let p = *self.placed(block)?;
         let pages = p.len >> self.target_shift;
-        let first_page = (from_word as u64).checked_mul(64);
-        let end_page = first_page.and_then(|f| f.checked_add(words.len() as u64 * 64));
-        match (first_page, end_page) {
-            // The last word may run past the block's end when its page count is not a
-            // multiple of 64; its bits past the end are never set by the bitmap.
-            (Some(first), Some(end)) if first < pages.max(1) && end <= pages.div_ceil(64) * 64 => {
-                Ok(DirtyRanges {
-                    words,
-                    word: 0,
-                    bits: words.first().copied().unwrap_or(0),
-                    base: p.base + (first << self.target_shift),
-                    shift: self.target_shift,
-                })
-            }
-            _ => Err(LocationError::RangeOutOfBounds {
-                block,
-                first: first_page.unwrap_or(u64::MAX),
-                count: words.len() as u64 * 64,
-            }
-            .into()),
+        // At most 2^40 pages per block (the layout's bound), so the word count fits.
+        let block_words = pages.div_ceil(64);
+        let out_of_bounds = || LocationError::RangeOutOfBounds {
+            block,
+            first: (from_word as u64).saturating_mul(64),
+            count: (words.len() as u64).saturating_mul(64),
+        };
+        let end_word = (from_word as u64)
+            .checked_add(words.len() as u64)
+            .filter(|&end| end <= block_words)
+            .ok_or_else(out_of_bounds)?;
+        let tail = pages % 64;
+        if end_word == block_words && tail != 0 && words.last().is_some_and(|w| w >> tail != 0) {
+            return Err(GpaError::BitsPastEnd { block });
         }
+        // `from_word < block_words` whenever `words` is non-empty, so the first page is in the
+        // block and its GPA is at most the block's last byte: no overflow.
+        let first_gpa = match words.is_empty() {
+            true => p.base,
+            false => p.base + ((from_word as u64 * 64) << self.target_shift),
+        };
+        Ok(DirtyRanges {
+            words,
+            word: 0,
+            bits: words.first().copied().unwrap_or(0),
+            base: first_gpa,
+            shift: self.target_shift,
+        })
     }
 
     fn placed(&self, block: u32) -> Result<&Placed, GpaError> {
@@ -470,7 +512,10 @@ mod tests {
         assert!(map.location((1 << 32) + (1 << 20)).is_err());
         assert!(map.gpa(PageLocation::new(0, 256)).is_err());
         assert!(map.gpa(PageLocation::new(2, 0)).is_err());
-        assert!(map.request(1 << 32, 0).is_ok());
+        assert_eq!(
+            map.request(1 << 32, 0),
+            Err(GpaError::ZeroLength { gpa: 1 << 32 })
+        );
         assert!(map.request((1 << 32) + (1 << 20) - 4096, 4097).is_err());
     }
 
