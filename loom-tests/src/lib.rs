@@ -30,6 +30,7 @@
 //! | [`bitmap::i1_i2_drain_and_claim_one_owner`] | drain (I1, I2) | `DirtyBitmap` | [`flawed::NoSummaryElection`] | `loom_bitmap` | — |
 //! | [`bitmap::i7_mark_races_drain`] | drain (I7) | `DirtyBitmap` | [`flawed::SummaryClearedLast`], [`flawed::RelaxedOrderings`] | `loom_bitmap` | — |
 //! | [`protocol::protocol_model`] | postcopy (I1–I3, I5, I6) | `PageScheduler` | [`protocol::TrustingScanner`], [`protocol::CheckThenSendScanner`] | `loom_protocol` | `shuttle_protocol` |
+//! | [`range::range_model`] | range requests racing the scanner (I1, I2, I3, I5) | `PageScheduler` (`serve_range`) | [`range::FirstPageOnly`] (the old `serve`: first host page only) | `loom_range` | `shuttle_range` |
 //! | [`vanilla::vanilla_model`] | vanilla mode (I1–I3, I5) | `PageScheduler` | [`vanilla::OverwritingSlotRewrite`], [`vanilla::SendRequestedUnclaimedRewrite`] | `loom_vanilla` | `shuttle_vanilla` |
 //! | [`multi::senders_and_urgent`] | several senders (I1–I4) | `PageScheduler` | [`multi::Rewrite`]`<true>` (pooled sweep counts) | `loom_multi` | `shuttle_multi` |
 //! | [`recovery::handoff_model`] | recovery handoff at a cut (I1) | `PageScheduler` (`recover_shared`), the harness's handoff as [`recovery::JoinThenSnapshot`] | [`recovery::SnapshotThenJoin`] | `loom_recovery` | `shuttle_recovery` |
@@ -68,6 +69,7 @@ pub mod multi;
 pub mod overtake;
 pub mod precopy;
 pub mod protocol;
+pub mod range;
 pub mod record;
 pub mod recovery;
 pub mod remove;

@@ -88,6 +88,11 @@ impl Claim {
             })
         })
     }
+    /// The claimed host pages as a mask: bit `i` is the host page starting at target page
+    /// `first_page + (i << host_shift)`.
+    pub(crate) fn host_mask(&self) -> u64 {
+        self.host_mask
+    }
     /// The target page right after the last claimed host page (where a hint points).
     pub fn end(&self) -> PageLocation {
         let last = u64::from(63 - self.host_mask.leading_zeros());

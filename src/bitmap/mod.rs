@@ -386,6 +386,37 @@ impl DirtyBitmap {
         })
     }
 
+    /// One step of a range claim (the urgent path serving a request for several host pages):
+    /// claims the dirty host pages among those from `from` (the first page of a host page)
+    /// to `end` (the end of a host page, or of the block) that share `from`'s bitmap word
+    /// (narrow host pages: one masked acquire `fetch_and`) or `from`'s host page (wide: its
+    /// summary election, as [`claim_host_page`](Self::claim_host_page)). Returns the claim,
+    /// if any host page was dirty, and where the step ended; every host page of
+    /// `from..step end` not in the claim was clean or already claimed by someone else.
+    /// `block` must exist and `from < end <= pages` be host-page aligned.
+    pub(crate) fn claim_span(&self, block: u32, from: u64, end: u64) -> (Option<Claim>, u64) {
+        let b = self.blocks[block as usize];
+        if b.wide() {
+            let step_end = from + (1 << b.host_shift);
+            return (self.claim_wide(&b, block, from), step_end);
+        }
+        let off = from % WORD_BITS;
+        let step_end = end.min(from - off + WORD_BITS);
+        let mask = low_mask(step_end - from) << off;
+        // Acquire: sees the page contents published by the marks it collects; the RMW's
+        // atomicity gives each bit to one claimer only (I1), and the mask holds whole host
+        // pages (I2).
+        let got = (self.word(&b, from).fetch_and(!mask, Ordering::Acquire) & mask) >> off;
+        let claim = (got != 0).then(|| Claim {
+            block,
+            first_page: from,
+            host_shift: b.host_shift,
+            host_mask: host_mask(got, b.host_shift),
+            dirty_pages: u64::from(got.count_ones()),
+        });
+        (claim, step_end)
+    }
+
     /// Number of dirty target pages (exact when no thread is marking or claiming).
     pub fn dirty_pages(&self) -> u64 {
         // Relaxed: a count, exact only when quiescent, as documented.
