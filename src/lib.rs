@@ -59,7 +59,9 @@ pub mod scheduler;
 pub mod stats;
 pub mod vmm;
 
-pub use bitmap::{Claim, DirtyBitmap, DirtyLogError, HostPageClaim, LayoutMismatch, PageClaim};
+pub use bitmap::{
+    Claim, DirtyBitmap, DirtyLogError, DirtyRate, HostPageClaim, LayoutMismatch, PageClaim,
+};
 pub use hint::PageHint;
 pub use layout::{
     BlockSpec, HostPage, LayoutError, LocationError, PageLocation, RamBlock, RamLayout,

@@ -405,6 +405,7 @@ impl PageScheduler {
             page: start.page,
             swept: 0,
             local: LocalCounts::default(),
+            uncounted: 0,
         }
     }
 
@@ -792,6 +793,9 @@ pub struct BackgroundScanner<'a> {
     /// Pages verified clean, contiguously, ending at (block, page), since the last jump.
     swept: u64,
     local: LocalCounts,
+    /// Dirty pages claimed but not yet counted in the bitmap's dirty count (counted in
+    /// batches, with the statistics: the claim loop pays no shared RMW for the count).
+    uncounted: u64,
 }
 
 impl BackgroundScanner<'_> {
@@ -849,6 +853,9 @@ impl BackgroundScanner<'_> {
 
     fn publish(&mut self) {
         self.local.publish(&self.sched.background);
+        self.sched
+            .bitmap
+            .count_cleared(std::mem::take(&mut self.uncounted));
     }
 
     /// The next claim to send on the background channel, or `None` when a full contiguous
@@ -876,6 +883,7 @@ impl BackgroundScanner<'_> {
             }
             match step.found {
                 Found::Won(c) => {
+                    self.uncounted += c.dirty_pages();
                     self.local.claims += 1;
                     self.local.host_pages += u64::from(c.host_page_count());
                     self.local.pages += c.pages_to_send();

@@ -187,3 +187,12 @@ fn range_mutant_is_caught_even_on_std_threads() {
         requests: vec![(0, 10, 8)],
     });
 }
+
+#[test]
+fn count_model_passes_on_the_real_bitmap_and_the_control() {
+    use pagehint_models::count::{count_model, ControlCount};
+    for drainer in [false, true] {
+        count_model::<DirtyBitmap>(drainer);
+        count_model::<ControlCount>(drainer);
+    }
+}

@@ -21,6 +21,10 @@
 pub mod gpa;
 pub mod kvm;
 
+#[cfg(feature = "kvm")]
+#[cfg_attr(docsrs, doc(cfg(feature = "kvm")))]
+pub mod kvm_log;
+
 #[cfg(feature = "vm-memory")]
 #[cfg_attr(docsrs, doc(cfg(feature = "vm-memory")))]
 pub mod guest_memory;
