@@ -64,7 +64,10 @@ fn i1_i5_a_three_page_request_is_served_whole_or_refused_whole() {
     assert_eq!(sched.bitmap().dirty_pages(), before - 3);
     let st = sched.stats();
     assert_eq!((st.urgent_host_pages, st.urgent_pages), (3, 3));
-    assert_eq!((st.requests, st.range_requests, st.range_host_pages), (1, 1, 3));
+    assert_eq!(
+        (st.requests, st.range_requests, st.range_host_pages),
+        (1, 1, 3)
+    );
     // One byte into the next page is a second host page too; the bytes of one host page are
     // one, however many target pages they cover.
     assert!(sched.serve(UrgentRequest::new(0, 0xfff, 2)).is_err());
@@ -104,7 +107,11 @@ fn i1_i2_i5_range_outcomes_cover_each_host_page_once() {
         let first_hp = first / hpp;
         let last_hp = (first + count - 1) / hpp;
         let reported: BTreeSet<u64> = got.iter().map(|&(p, _)| p / hpp).collect();
-        assert_eq!(reported.len(), got.len(), "a host page reported twice: {got:?}");
+        assert_eq!(
+            reported.len(),
+            got.len(),
+            "a host page reported twice: {got:?}"
+        );
         assert_eq!(
             reported,
             (first_hp..=last_hp).collect(),
@@ -233,8 +240,9 @@ fn i1_i2_i5_range_requests_race_the_scanners() {
                     let hpp = l.blocks()[block as usize].host_page_pages();
                     let mut firsts: Vec<u64> = seen.iter().map(|hp| hp.first_page).collect();
                     firsts.sort_unstable();
-                    let want: Vec<u64> =
-                        (first / hpp..=(first + count - 1) / hpp).map(|h| h * hpp).collect();
+                    let want: Vec<u64> = (first / hpp..=(first + count - 1) / hpp)
+                        .map(|h| h * hpp)
+                        .collect();
                     assert_eq!(firsts, want, "each host page of the range once");
                 }
             });

@@ -168,11 +168,16 @@ fn i5_vanilla_requests_dropped_by_recovery_are_counted() {
     }
     // The connection breaks: nothing was received but what the first claim sent.
     assert_eq!(first.block(), 0, "the scan starts at block 0");
-    let rx = received(&l, 0, |p| first.host_pages().any(|hp| hp.page_range().contains(&p)));
+    let rx = received(&l, 0, |p| {
+        first.host_pages().any(|hp| hp.page_range().contains(&p))
+    });
     sched.recover_block(0, &rx).unwrap();
     let st = sched.stats();
     assert_eq!(st.requests_queued, 3);
-    assert_eq!(st.queued_dropped, 3, "the three queued requests were dropped");
+    assert_eq!(
+        st.queued_dropped, 3,
+        "the three queued requests were dropped"
+    );
     assert_eq!(st.queued_followed + st.queued_stale + st.queued_dropped, 3);
 
     // After the recovery the destination asks again; the queue drains as before.

@@ -88,6 +88,16 @@ impl Claim {
             })
         })
     }
+    /// The first target page of the claim's aligned run (host page 0 of [`host_mask`]).
+    ///
+    /// [`host_mask`]: Self::host_mask
+    pub(crate) fn first_page(&self) -> u64 {
+        self.first_page
+    }
+    /// Target pages per host page.
+    pub(crate) fn host_page_pages(&self) -> u64 {
+        1 << self.host_shift
+    }
     /// The claimed host pages as a mask: bit `i` is the host page starting at target page
     /// `first_page + (i << host_shift)`.
     pub(crate) fn host_mask(&self) -> u64 {

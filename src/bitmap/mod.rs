@@ -251,6 +251,13 @@ impl DirtyBitmap {
         }
     }
 
+    /// Target pages and log2 of target pages per host page of `block`.
+    pub(crate) fn block_shape(&self, block: u32) -> Option<(u64, u32)> {
+        self.blocks
+            .get(block as usize)
+            .map(|b| (b.pages, b.host_shift))
+    }
+
     /// Words of `block`'s bitmap: the length of its dirty log, and the bound of
     /// [`get_and_clear`](Self::get_and_clear).
     pub fn block_words(&self, block: u32) -> Result<usize, LocationError> {

@@ -44,6 +44,51 @@ pub struct SlotMapping {
     pub pages: u64,
 }
 
+impl SlotMapping {
+    /// Words of the slot's dirty log (one bit per page).
+    pub fn log_words(&self) -> usize {
+        usize::try_from(self.pages.div_ceil(64)).unwrap_or(usize::MAX)
+    }
+    /// The slot's size in bytes for 4 KiB pages, as kvm-ioctls' `VmFd::get_dirty_log` takes
+    /// it (KVM logs 4 KiB pages; the layout's target page must be 4 KiB to merge its logs).
+    pub fn log_bytes(&self) -> usize {
+        usize::try_from(self.pages.saturating_mul(4096)).unwrap_or(usize::MAX)
+    }
+}
+
+/// Why [`KvmSlots::sync_dirty_log`] stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SyncError<E> {
+    /// Fetching a slot's log failed.
+    Get {
+        /// The slot.
+        slot: u32,
+        /// The fetch's error.
+        error: E,
+    },
+    /// A log did not fit its slot.
+    Slot(SlotError),
+}
+
+impl<E: fmt::Display> fmt::Display for SyncError<E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Get { slot, error } => write!(f, "dirty log of KVM slot {slot}: {error}"),
+            Self::Slot(e) => e.fmt(f),
+        }
+    }
+}
+
+impl<E: std::error::Error + 'static> std::error::Error for SyncError<E> {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Self::Get { error, .. } => Some(error),
+            Self::Slot(e) => Some(e),
+        }
+    }
+}
+
 /// One harvested dirty-ring entry: page `offset` of slot `slot` (`kvm_dirty_gfn` without its
 /// flags).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -263,6 +308,35 @@ impl KvmSlots {
         Self::default()
     }
 
+    /// One slot per region of `map`, numbered as the regions (slot *i* maps all of block *i*):
+    /// the usual VMM setup, where each guest memory region is registered as KVM memory slot
+    /// *i* at its GPA ([`GpaMap::block_range`](crate::vmm::GpaMap::block_range)).
+    ///
+    /// ```
+    /// use pagehint::vmm::{GpaMap, KvmSlots, RegionSpec};
+    /// let (_, map) = GpaMap::from_regions(4096, [RegionSpec::new(0, 1 << 20), RegionSpec::new(1 << 32, 2 << 20)])?;
+    /// let slots = KvmSlots::from_gpa_map(&map);
+    /// assert_eq!(slots.get(1)?.pages, 512);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn from_gpa_map(map: &crate::vmm::GpaMap) -> Self {
+        let page = map.target_page_size();
+        Self {
+            slots: (0..map.blocks() as u32)
+                .filter_map(|block| {
+                    let r = map.block_range(block).ok()?;
+                    Some(SlotMapping {
+                        slot: block,
+                        block,
+                        first_page: 0,
+                        pages: r.len / page,
+                    })
+                })
+                .collect(),
+            ..Self::default()
+        }
+    }
+
     /// Maps a slot to pages of a block of `layout` (the layout the bitmap was built for).
     /// Several slots may map the same pages (memory aliases); a slot id is mapped once.
     pub fn insert(&mut self, layout: &RamLayout, mapping: SlotMapping) -> Result<(), SlotError> {
@@ -321,6 +395,39 @@ impl KvmSlots {
             }
         }
         result
+    }
+
+    /// One dirty-log sync: `get(mapping)` fetches each slot's log (kvm-ioctls:
+    /// `|m| vm.get_dirty_log(m.slot, m.log_bytes())`), which is merged into `bitmap` as
+    /// [`merge_dirty_log`](Self::merge_dirty_log) does. Returns the pages the logs mark.
+    /// Stops at the first error: a failed fetch, or a log that does not fit its slot.
+    ///
+    /// ```
+    /// use pagehint::vmm::{GpaMap, KvmSlots, RegionSpec};
+    /// let (layout, map) = GpaMap::from_regions(4096, [RegionSpec::new(0, 1 << 20)])?;
+    /// let bitmap = pagehint::DirtyBitmap::new(&layout)?;
+    /// let slots = KvmSlots::from_gpa_map(&map);
+    /// // stands in for KVM_GET_DIRTY_LOG: pages 0 and 2 of slot 0
+    /// let n = slots.sync_dirty_log(&bitmap, |m| Ok::<_, std::io::Error>(vec![0b101; m.log_words()]))?;
+    /// assert_eq!(n, 8);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn sync_dirty_log<E>(
+        &self,
+        bitmap: &DirtyBitmap,
+        mut get: impl FnMut(&SlotMapping) -> Result<Vec<u64>, E>,
+    ) -> Result<u64, SyncError<E>> {
+        let mut pages = 0;
+        for m in &self.slots {
+            let log = get(m).map_err(|error| SyncError::Get {
+                slot: m.slot,
+                error,
+            })?;
+            pages += self
+                .merge_dirty_log(bitmap, m.slot, &log)
+                .map_err(SyncError::Slot)?;
+        }
+        Ok(pages)
     }
 
     /// Marks a harvested dirty-ring batch in `bitmap`. Runs of consecutive pages of one slot
@@ -438,7 +545,10 @@ impl KvmSlots {
             mask.resize(pages.div_ceil(64) as usize, 0u64);
             let mut n = 0;
             // The set bits of the words that fall in the slot.
-            let (w0, w1) = (((start - lo) / 64) as usize, ((end - lo).div_ceil(64)) as usize);
+            let (w0, w1) = (
+                ((start - lo) / 64) as usize,
+                ((end - lo).div_ceil(64)) as usize,
+            );
             for (wi, &w) in words.iter().enumerate().take(w1).skip(w0) {
                 let mut bits = w;
                 while bits != 0 {

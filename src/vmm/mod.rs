@@ -20,6 +20,7 @@
 
 pub mod gpa;
 pub mod kvm;
+pub mod ranges;
 
 #[cfg(feature = "kvm")]
 #[cfg_attr(docsrs, doc(cfg(feature = "kvm")))]
@@ -29,8 +30,9 @@ pub mod kvm_log;
 #[cfg_attr(docsrs, doc(cfg(feature = "vm-memory")))]
 pub mod guest_memory;
 
-pub use gpa::{DirtyRanges, GpaError, GpaMap, GpaRange};
-pub use kvm::{DirtyRingEntry, KvmSlots, RingImport, SlotError, SlotMapping, SlotStats};
+pub use gpa::{DirtyRanges, GpaError, GpaMap, GpaRange, RegionSpec};
+pub use kvm::{DirtyRingEntry, KvmSlots, RingImport, SlotError, SlotMapping, SlotStats, SyncError};
+pub use ranges::{ClaimRanges, Drain, UrgentRanges};
 
 #[cfg(feature = "vm-memory")]
 #[cfg_attr(docsrs, doc(cfg(feature = "vm-memory")))]
