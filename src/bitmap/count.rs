@@ -61,8 +61,15 @@ impl DirtyBitmap {
     /// Number of dirty target pages, in O(1) (two loads): exact when no thread is marking or
     /// claiming and every background scanner has finished a round or been dropped; while they
     /// run, off by at most what the running operations are changing, and always within
-    /// `0 ..= pages` (see the [module docs](self) for why). [`dirty_pages`](Self::dirty_pages)
-    /// counts the bits themselves instead, in O(words).
+    /// `0 ..= pages`. [`dirty_pages`](Self::dirty_pages) counts the bits themselves instead,
+    /// in O(words).
+    ///
+    /// How: every operation that sets page bits adds, after setting them, the number its own
+    /// atomic turned from clean to dirty to one counter; every operation that clears them adds
+    /// what its own atomic took to another (one relaxed add per call, none when nothing
+    /// changed; the background scanner adds its claims in batches). Each bit is set by one
+    /// operation and taken by at most one (RMWs on one word are totally ordered), so the
+    /// difference is exact once they have all returned; a reading in between is clamped.
     ///
     /// ```
     /// # let layout = pagehint::RamLayout::single("m", 1 << 20, 4096)?;

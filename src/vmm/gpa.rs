@@ -295,8 +295,7 @@ impl GpaMap {
     /// region, in the order given, named `ram@<gpa>`, in `target_page_size` target pages, each
     /// with its region's host page size. Build the shared [`DirtyBitmap`](crate::DirtyBitmap)
     /// for the layout, then the regions with their bitmaps
-    /// ([`RegionBitmap::for_layout`](crate::vmm::RegionBitmap::for_layout), feature
-    /// `vm-memory`): region *i* tracks into block *i*, and KVM slot *i* maps it
+    /// (`RegionBitmap::for_layout`, feature `vm-memory`): region *i* tracks into block *i*, and KVM slot *i* maps it
     /// ([`KvmSlots::from_gpa_map`](crate::vmm::KvmSlots::from_gpa_map)).
     ///
     /// ```

@@ -6,7 +6,7 @@
 //!   (at least 64 words): each chunk is taken with
 //!   [`DirtyBitmap::get_and_clear`](crate::DirtyBitmap::get_and_clear) (each dirty page to this
 //!   drain alone: I1; host pages whole: I2), handed to the chunk hook if there is one (KVM's
-//!   manual clearing: [`KvmSlots::clear_dirty_log`](crate::vmm::KvmSlots::clear_dirty_log),
+//!   manual clearing: `KvmSlots::clear_dirty_log`, feature `kvm`,
 //!   which must come before the pages are read), then yielded as coalesced ranges. A page
 //!   marked after its chunk was taken stays dirty for the next pass (I7).
 //! * **claim**: a claim's host pages, consecutive ones coalesced.
@@ -67,7 +67,7 @@ impl<'a> Drain<'a> {
     /// Calls `hook(block, from_word, words)` with each chunk of dirty words the drain takes,
     /// before yielding its ranges: for KVM's manual dirty-log clearing,
     /// `|b, w, words| { let _ = slots.clear_dirty_log(&vm, b, w, words); }` (a failed clear
-    /// loses nothing: see [`KvmSlots::clear_dirty_log`](crate::vmm::KvmSlots::clear_dirty_log)).
+    /// loses nothing: see `KvmSlots::clear_dirty_log`, feature `kvm`).
     pub fn on_chunk(mut self, hook: impl FnMut(u32, usize, &[u64]) + 'a) -> Self {
         self.hook = Some(Box::new(hook));
         self
