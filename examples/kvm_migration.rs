@@ -145,9 +145,10 @@ fn main() -> Result<(), Error> {
                 "precopy round {round}: {dirty} dirty pages, {per_sec:.0} pages/s newly dirtied"
             );
         }
-        std::thread::sleep(Duration::from_millis(20)); // the guest runs on until the switch
+        // The guest runs on until the switch, then the vCPU stops.
+        std::thread::sleep(Duration::from_millis(20));
         // Relaxed: a stop request; the scope's join orders everything after it.
-        stop.store(true, Ordering::Relaxed); // the switch: the vCPU stops
+        stop.store(true, Ordering::Relaxed);
         guest.join().expect("vCPU thread")
     })?;
     slots.sync_dirty_log(&bitmap, |m| vm.get_dirty_log(m.slot, m.log_bytes()))?; // the last sync

@@ -77,7 +77,7 @@ fn model_ranges(base: u128, from_word: u64, words: &[u64]) -> Vec<(u128, u128)> 
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(if cfg!(miri) { 8 } else { 512 }))]
+    #![proptest_config(ProptestConfig::with_cases(512))]
 
     #[test]
     fn i8_dirty_ranges_match_a_u128_model(

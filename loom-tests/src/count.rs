@@ -176,7 +176,10 @@ pub fn count_model<B: CountingBitmap>(drainer: bool) {
             taken.fetch_add(n, StdOrdering::Relaxed);
             let c = b.dirty_count();
             assert!(c <= 64, "count: {c} dirty pages of 64");
-            assert!(b.pages_dirtied() >= before, "count: pages_dirtied went down");
+            assert!(
+                b.pages_dirtied() >= before,
+                "count: pages_dirtied went down"
+            );
         })
     });
     worker(b.clone(), taken.clone())();

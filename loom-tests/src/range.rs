@@ -144,7 +144,9 @@ pub fn range_model<M: ModelRange>(case: &RangeCase) {
     let round = |m: &M, who: &str| {
         let mut scanner = m.scheduler().background();
         while let Some(claim) = scanner.next_claim() {
-            claim.host_pages().for_each(|hp| sent.record(hp, BACKGROUND));
+            claim
+                .host_pages()
+                .for_each(|hp| sent.record(hp, BACKGROUND));
         }
         assert_no_dirty_host_page(m.scheduler(), who);
     };

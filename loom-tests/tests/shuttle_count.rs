@@ -22,11 +22,19 @@ fn count_is_exact_when_quiet_pct() {
 #[test]
 #[should_panic(expected = "count: ")]
 fn mutant_claim_counted_from_a_load_is_caught() {
-    shuttle::check_pct(|| count_model::<LoadThenCountClaim>(true), ITERATIONS, PCT_DEPTH);
+    shuttle::check_pct(
+        || count_model::<LoadThenCountClaim>(true),
+        ITERATIONS,
+        PCT_DEPTH,
+    );
 }
 
 #[test]
 #[should_panic(expected = "count: ")]
 fn mutant_mark_counted_from_a_load_is_caught() {
-    shuttle::check_pct(|| count_model::<LoadThenCountMark>(true), ITERATIONS, PCT_DEPTH);
+    shuttle::check_pct(
+        || count_model::<LoadThenCountMark>(true),
+        ITERATIONS,
+        PCT_DEPTH,
+    );
 }

@@ -30,7 +30,11 @@ fn model<M: ModelRange>(config: SchedulerConfig) {
             let pages = layout.blocks()[block as usize].pages();
             let first = rng.next_u64() % pages;
             let count = 2 + rng.next_u64() % 150;
-            (block, first.min(pages - 2), count.min(pages - first.min(pages - 2)))
+            (
+                block,
+                first.min(pages - 2),
+                count.min(pages - first.min(pages - 2)),
+            )
         })
         .collect();
     let case = RangeCase {
