@@ -31,7 +31,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -125,12 +125,13 @@ fn main() -> Result<(), Error> {
     // Precopy: the vCPU runs on its own thread while the VMM syncs and drains.
     bitmap.mark_all(); // the first round sends everything
     let stop = AtomicBool::new(false);
+    let passes = AtomicU64::new(0);
     let mut rate = DirtyRate::new(Duration::from_millis(100)); // optional
     std::thread::scope(|s| -> Result<(), Error> {
-        let guest = s.spawn(|| run_vcpu(&mut vcpu, &stop));
+        let guest = s.spawn(|| run_vcpu(&mut vcpu, &stop, &passes));
         for round in 1..=3 {
-            std::thread::sleep(Duration::from_millis(20));
-            // The device model: a DMA write through vm-memory (RegionBitmap marks it).
+            wait_for_passes(&passes, 2)?; // the guest writes while precopy runs
+                                          // The device model: a DMA write through vm-memory (RegionBitmap marks it).
             mem.write_slice(&[round as u8; 512], GuestAddress(0x8_0000 + 40 * PAGE))?;
             slots.sync_dirty_log(&bitmap, |m| vm.get_dirty_log(m.slot, m.log_bytes()))?; // glue
             let (dirty, per_sec) = (bitmap.dirty_count(), rate.sample(&bitmap)); // optional
@@ -145,8 +146,8 @@ fn main() -> Result<(), Error> {
                 "precopy round {round}: {dirty} dirty pages, {per_sec:.0} pages/s newly dirtied"
             );
         }
-        // The guest runs on until the switch, then the vCPU stops.
-        std::thread::sleep(Duration::from_millis(20));
+        // The guest runs on until the switch (two passes: both regions written), then stops.
+        wait_for_passes(&passes, 2)?;
         // Relaxed: a stop request; the scope's join orders everything after it.
         stop.store(true, Ordering::Relaxed);
         guest.join().expect("vCPU thread")
@@ -222,17 +223,33 @@ fn real_mode(vcpu: &mut VcpuFd) -> Result<(), Error> {
 }
 
 /// Runs the guest pass after pass until `stop`.
-fn run_vcpu(vcpu: &mut VcpuFd, stop: &AtomicBool) -> Result<(), Error> {
-    let mut passes = 0u64;
+fn run_vcpu(vcpu: &mut VcpuFd, stop: &AtomicBool, passes: &AtomicU64) -> Result<(), Error> {
     // Relaxed: a stop request; the scope's join orders everything after it.
     while !stop.load(Ordering::Relaxed) {
         match vcpu.run()? {
-            VcpuExit::Hlt => passes += 1,
+            // Relaxed: a progress count; the guest's writes reach the VMM through KVM's log.
+            VcpuExit::Hlt => passes.fetch_add(1, Ordering::Relaxed),
             other => return Err(format!("unexpected exit from the guest: {other:?}").into()),
-        }
+        };
         std::thread::sleep(Duration::from_micros(200));
     }
-    println!("the vCPU ran {passes} passes");
+    // Relaxed: read by the thread that counted.
+    println!("the vCPU ran {} passes", passes.load(Ordering::Relaxed));
+    Ok(())
+}
+
+/// Waits until the vCPU has run `n` more passes (however loaded the machine is).
+fn wait_for_passes(passes: &AtomicU64, n: u64) -> Result<(), Error> {
+    // Relaxed: a progress count, polled.
+    let target = passes.load(Ordering::Relaxed) + n;
+    let start = std::time::Instant::now();
+    // Relaxed: as above.
+    while passes.load(Ordering::Relaxed) < target {
+        if start.elapsed() > Duration::from_secs(60) {
+            return Err("the vCPU made no progress for a minute".into());
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
     Ok(())
 }
 
