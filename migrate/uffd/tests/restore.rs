@@ -11,7 +11,7 @@ use std::io::Write;
 use std::net::{Ipv4Addr, TcpListener};
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::{mpsc, Mutex};
 use std::time::Duration;
@@ -21,11 +21,11 @@ use pagehint_migrate::guest::layout::HostPageSize;
 use pagehint_migrate::sys::clock::now_ns;
 use pagehint_migrate::sys::uffd::Userfault;
 use pagehint_migrate::Workload;
-use pagehint_uffd::compare::restore_once;
+use pagehint_uffd::compare::{restore_once, Trial};
 use pagehint_uffd::handler::{
     handle_connection, Control, HandlerError, HandlerOptions, HandlerReport, Policy,
 };
-use pagehint_uffd::protocol::{send_raw, GuestRegionUffdMapping, ProtocolError};
+use pagehint_uffd::protocol::{send_raw, GuestRegionUffdMapping, HandshakeFormat, ProtocolError};
 use pagehint_uffd::remote::{serve_memory, RemoteSource};
 use pagehint_uffd::source::{FileSource, PageSource};
 use pagehint_uffd::vmm::take_snapshot;
@@ -203,12 +203,16 @@ impl Vmm {
 /// A user-space "VMM" in this process: a registered anonymous region served by the handler
 /// from `src`; pages read back with the file's contents; a range removed with
 /// `MADV_DONTNEED` (what the balloon does) faults again on zeros, never on stale file data.
-fn remove_scenario(src: &dyn PageSource, policy: Policy) -> HandlerReport {
+///
+/// Policies `recorded` and `recorded+pagehint` follow the record at `record`, which policy
+/// `record` writes (it comes first in [`Policy::ALL`]).
+fn remove_scenario(src: &dyn PageSource, policy: Policy, record: &Path) -> HandlerReport {
     let len = Vmm::LEN;
     let Vmm { base, h, v, _uffd } = Vmm::new();
     let opts = HandlerOptions {
         policy,
         prefetchers: 2,
+        record: Some(record.to_path_buf()),
         ..Default::default()
     };
     let control = Control::default();
@@ -359,8 +363,18 @@ fn removed_ranges_come_back_as_zeros_and_pages_are_placed_once() {
         return;
     }
     let src = mem_file("remove", &contents());
+    let record = tmp("remove-record").join("record");
+    let ordered = Policy::ALL.iter().position(|&p| p == Policy::Record)
+        < Policy::ALL.iter().position(|p| p.follows_record());
+    assert!(ordered, "the record is written before it is followed");
     for policy in Policy::ALL {
-        remove_scenario(&src, policy);
+        let r = remove_scenario(&src, policy, &record);
+        if policy.follows_record() {
+            // The record holds the pages read in order (every seventh), and the balloon's
+            // faults on zeros: a removed page is never filled from the file even when
+            // recorded.
+            assert!(r.record_pages > 0, "{policy}: {r:?}");
+        }
     }
 }
 
@@ -379,9 +393,10 @@ fn a_remote_source_over_tcp_serves_the_handler() {
         std::thread::scope(|s| {
             let server = s.spawn(|| serve_memory(&listener, &file, &stop, Duration::from_secs(5)));
             let mut fetched = 0;
+            let record = tmp("remote-record").join("record");
             for policy in Policy::ALL {
                 let src = RemoteSource::connect(addr, 3, Duration::from_secs(5)).unwrap();
-                let r = remove_scenario(&src, policy);
+                let r = remove_scenario(&src, policy, &record);
                 fetched += r.fault_placed + r.prefetched;
             }
             // Relaxed: a polled flag.
@@ -417,15 +432,24 @@ fn a_kvm_guest_restores_through_the_handler_with_clean_page_checks() {
         )
         .unwrap();
         let sockets = tmp("sock");
-        for policy in Policy::ALL {
-            let (out, rep) = restore_once(
-                &snap,
-                &sockets,
-                policy,
-                2,
-                Duration::from_millis(200),
-                Duration::from_secs(10),
-            )
+        let record = sockets.join("record");
+        // The record first: the two policies that follow it read it.
+        let mut policies = vec![Policy::Record];
+        policies.extend(Policy::ALL.into_iter().filter(|p| *p != Policy::Record));
+        for policy in policies {
+            let (out, rep) = restore_once(&Trial {
+                snap: &snap,
+                dir: &sockets,
+                handler: HandlerOptions {
+                    policy,
+                    prefetchers: 2,
+                    record: Some(record.clone()),
+                    ..Default::default()
+                },
+                run_for: Duration::from_millis(200),
+                linger: Duration::from_secs(10),
+                handshake: HandshakeFormat::PageSizeBoth,
+            })
             .unwrap();
             assert_eq!(out.errors, 0, "{policy}: {:?}", out.first_error);
             assert_eq!(
@@ -435,10 +459,17 @@ fn a_kvm_guest_restores_through_the_handler_with_clean_page_checks() {
             );
             assert!(out.ops > 0, "{policy}");
             assert_eq!(rep.eexist, 0, "{policy}: {rep:?}");
-            if policy == Policy::OnDemand {
+            if policy.prefetchers(2) == 0 {
                 assert!(rep.faults > 0, "{policy}");
             }
-            if policy != Policy::OnDemand {
+            assert!(
+                rep.fault_placed + rep.prefetched <= rep.host_pages,
+                "{policy}: no page placed twice: {rep:?}"
+            );
+            if policy.follows_record() {
+                assert!(rep.record_pages > 0 && rep.record_placed > 0, "{policy}: {rep:?}");
+            }
+            if policy.lingers() {
                 assert_eq!(
                     rep.fault_placed + rep.prefetched,
                     rep.host_pages,
