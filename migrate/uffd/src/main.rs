@@ -16,7 +16,7 @@ use pagehint_uffd::compare::{compare, table};
 use pagehint_uffd::export::svg;
 use pagehint_uffd::handler::{handle_connection, Control};
 use pagehint_uffd::protocol::peer_pid;
-use pagehint_uffd::remote::{serve_memory, RemoteSource};
+use pagehint_uffd::remote::{serve_memory, RemoteError, RemoteSource};
 use pagehint_uffd::source::{FileSource, PageSource};
 use pagehint_uffd::vmm::{restore, take_snapshot, RestoreOptions, Snapshot};
 
@@ -44,10 +44,23 @@ fn serve(o: ServeOptions) -> Result<(), String> {
         }
         // One connection per prefetcher and one for the fault thread, so that a fault's
         // fetch never waits behind a prefetch.
-        SourceSpec::Remote { addr, timeout } => Box::new(
-            RemoteSource::connect(addr.as_str(), o.handler.prefetchers + 1, *timeout)
-                .map_err(|e| e.to_string())?,
-        ),
+        // A memory server still starting refuses the connection: try again for as long as
+        // a fetch may wait.
+        SourceSpec::Remote { addr, timeout } => {
+            let deadline = std::time::Instant::now() + *timeout;
+            let src = loop {
+                match RemoteSource::connect(addr.as_str(), o.handler.prefetchers + 1, *timeout) {
+                    Err(RemoteError::Connect { error, .. })
+                        if error.kind() == std::io::ErrorKind::ConnectionRefused
+                            && std::time::Instant::now() < deadline =>
+                    {
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    r => break r.map_err(|e| e.to_string())?,
+                }
+            };
+            Box::new(src)
+        }
     };
     let _ = std::fs::remove_file(&o.socket);
     let listener =
