@@ -87,6 +87,15 @@ pub struct Row {
     pub window_ms: f64,
     /// Operations the guest completed in the window.
     pub work: u64,
+    /// Work scaled to a machine that never kept a vCPU from a CPU: `work × V·T / (V·T −
+    /// vcpu_queue_ms)` for V vCPUs and a window of T (an estimate; the time blocked on faults
+    /// stays in, so the policy's effect does too; the prefetchers' own competition for the
+    /// CPU is taken out with the rest).
+    pub work_adjusted: f64,
+    /// CPU time the vCPU threads got in the window (ms, all together).
+    pub vcpu_run_ms: f64,
+    /// Time in the window the vCPU threads were runnable but had no CPU (ms, together).
+    pub vcpu_queue_ms: f64,
     /// Resume → the guest's first completed operation (ms).
     pub first_op_ms: Option<f64>,
     /// Faults read in the window.
@@ -173,6 +182,10 @@ pub struct Summary {
     pub runs: usize,
     /// Work in the window.
     pub work: Spread,
+    /// Work, queue-adjusted.
+    pub work_adjusted: Spread,
+    /// vCPU run-queue wait in the window (ms, all vCPUs).
+    pub vcpu_queue_ms: Spread,
     /// Resume → first operation (ms), over the runs that completed one.
     pub first_op_ms: Option<Spread>,
     /// Faults in the window.
@@ -207,6 +220,8 @@ fn summarize(rows: &[&Row]) -> Option<Summary> {
         policy: first.policy,
         runs: rows.len(),
         work: sp(&|r| r.work as f64),
+        work_adjusted: sp(&|r| r.work_adjusted),
+        vcpu_queue_ms: sp(&|r| r.vcpu_queue_ms),
         first_op_ms: Spread::of(rows.iter().filter_map(|r| r.first_op_ms)),
         faults_window: sp(&|r| r.faults_window as f64),
         faults_after: sp(&|r| r.faults_after as f64),
@@ -249,6 +264,10 @@ pub struct Ratios {
     pub work_recorded_over_on_demand: Option<Ratio>,
     /// Faults in the window, recorded+pagehint / on-demand.
     pub faults_recorded_pagehint_over_on_demand: Option<Ratio>,
+    /// Queue-adjusted work, recorded+pagehint / on-demand.
+    pub adjusted_recorded_pagehint_over_on_demand: Option<Ratio>,
+    /// Queue-adjusted work, recorded+pagehint / the better of linear and pagehint.
+    pub adjusted_recorded_pagehint_over_best_online: Option<Ratio>,
     /// The targets for this case and whether the medians meet them.
     pub targets: Vec<Target>,
 }
@@ -300,14 +319,17 @@ fn ratios(case: &str, mine: &[Row]) -> Ratios {
         (!v.is_empty()).then(|| v.into_iter().map(|e| e.1).collect())
     };
     let work = |p| of(p, &|r| r.work as f64);
+    let adjusted = |p| of(p, &|r| r.work_adjusted);
     let faults = |p| of(p, &|r| r.faults_window as f64);
     let both = |a: Option<Vec<f64>>, b: Option<Vec<f64>>| ratio(&a?, &b?);
-    let best_online = match (work(Policy::Linear), work(Policy::Pagehint)) {
+    let better = |l: Option<Vec<f64>>, p: Option<Vec<f64>>| match (l, p) {
         (Some(l), Some(p)) if l.len() == p.len() => {
-            Some(l.iter().zip(&p).map(|(a, b)| a.max(*b)).collect())
+            Some(l.iter().zip(&p).map(|(a, b)| a.max(*b)).collect::<Vec<f64>>())
         }
         _ => None,
     };
+    let best_online = better(work(Policy::Linear), work(Policy::Pagehint));
+    let best_adjusted = better(adjusted(Policy::Linear), adjusted(Policy::Pagehint));
     let rp_od = both(work(Policy::RecordedPagehint), work(Policy::OnDemand));
     let rp_best = both(work(Policy::RecordedPagehint), best_online);
     let faults_r = both(faults(Policy::RecordedPagehint), faults(Policy::OnDemand));
@@ -345,6 +367,14 @@ fn ratios(case: &str, mine: &[Row]) -> Ratios {
         work_pagehint_over_on_demand: both(work(Policy::Pagehint), work(Policy::OnDemand)),
         work_recorded_over_on_demand: both(work(Policy::Recorded), work(Policy::OnDemand)),
         faults_recorded_pagehint_over_on_demand: faults_r,
+        adjusted_recorded_pagehint_over_on_demand: both(
+            adjusted(Policy::RecordedPagehint),
+            adjusted(Policy::OnDemand),
+        ),
+        adjusted_recorded_pagehint_over_best_online: both(
+            adjusted(Policy::RecordedPagehint),
+            best_adjusted,
+        ),
         targets,
     }
 }
@@ -496,6 +526,12 @@ pub fn row(
         repetition,
         window_ms: ms(out.window_ns),
         work: out.window_ops,
+        work_adjusted: {
+            let vt = out.tids.len() as f64 * ms(out.window_ns);
+            out.window_ops as f64 * vt / (vt - out.vcpu_queue_ms).max(vt / 100.0)
+        },
+        vcpu_run_ms: out.vcpu_run_ms,
+        vcpu_queue_ms: out.vcpu_queue_ms,
         first_op_ms: out.first_op_ns.map(|t| ms(t.saturating_sub(t0))),
         faults_window: f.iter().filter(|r| r.read_ns < wend).count() as u64,
         faults_after: f.iter().filter(|r| r.read_ns >= wend).count() as u64,
@@ -656,13 +692,16 @@ pub fn table(c: &Comparison) -> String {
         "{} restore(s) per row (the record run: 1); median [min-max]; window = the first {:.0} ms after resume\n\
          work = guest operations completed in the window; bt = blocktime in the window summed over vCPUs, \
          read -> placed (queued-after bound -> placed); all = every vCPU blocked at once; \
-         after = blocktime after the window (the guest's final check)\n\
-         {:<18} {:<17} {:>26} {:>22} {:>24} {:>32} {:>10} {:>10} {:>18} {:>7} {:>5}\n",
+         after = blocktime after the window (the guest's final check); vCPU queue = time the vCPU \
+         threads were runnable without a CPU (a busy machine)\n\
+         {:<18} {:<17} {:>26} {:>10} {:>10} {:>22} {:>24} {:>32} {:>10} {:>10} {:>18} {:>7} {:>5}\n",
         c.repeat,
         c.window_ms,
         "case",
         "policy",
         "work",
+        "adjusted",
+        "vCPU queue",
         "first op ms",
         "faults in window",
         "bt ms (bound)",
@@ -679,10 +718,12 @@ pub fn table(c: &Comparison) -> String {
             (None, _) => "never".into(),
         };
         s += &format!(
-            "{:<18} {:<17} {:>26} {:>22} {:>24} {:>32} {:>10.1} {:>10.1} {:>18} {:>7} {:>5}\n",
+            "{:<18} {:<17} {:>26} {:>10.0} {:>10.0} {:>22} {:>24} {:>32} {:>10.1} {:>10.1} {:>18} {:>7} {:>5}\n",
             r.case,
             r.policy,
             sp(&r.work, 0),
+            r.work_adjusted.median,
+            r.vcpu_queue_ms.median,
             opt(&r.first_op_ms, 1),
             sp(&r.faults_window, 0),
             format!(
@@ -715,6 +756,15 @@ pub fn table(c: &Comparison) -> String {
             f(&r.work_pagehint_over_on_demand),
             f(&r.work_recorded_over_on_demand),
             f(&r.faults_recorded_pagehint_over_on_demand),
+        );
+    }
+    s += "\nthe same on queue-adjusted work (work x V*T / (V*T - vCPU queue); not a target):\n";
+    for r in &c.ratios {
+        s += &format!(
+            "{:<18} adjusted rec+ph/on-demand {:>22}  rec+ph/best(linear,ph) {:>20}\n",
+            r.case,
+            f(&r.adjusted_recorded_pagehint_over_on_demand),
+            f(&r.adjusted_recorded_pagehint_over_best_online),
         );
     }
     s += "\ntargets (on medians):\n";
@@ -756,6 +806,8 @@ mod tests {
             window_ns: 1_000,
             window_ops: 42,
             first_op_ns: Some(1_250),
+            vcpu_run_ms: 0.0,
+            vcpu_queue_ms: 0.0,
             ops: 50,
             verified: 10,
             errors: 0,
@@ -791,6 +843,14 @@ mod tests {
         let r = row("kv", Workload::Kv, Policy::OnDemand, 0, &outcome(), &rep);
         assert_eq!((r.faults_window, r.faults_after), (3, 1));
         assert_eq!(r.work, 42);
+        assert_eq!(r.work_adjusted, 42.0);
+        // Half of the vCPUs' time spent waiting for a CPU: twice the work on an idle machine.
+        let busy = RestoreOutcome {
+            vcpu_queue_ms: 0.001,
+            ..outcome()
+        };
+        let b = row("kv", Workload::Kv, Policy::OnDemand, 0, &busy, &rep);
+        assert!((b.work_adjusted - 84.0).abs() < 1e-9, "{}", b.work_adjusted);
         assert_eq!(r.first_op_ms, Some(250.0 / 1e6));
         let ms = |ns: f64| ns / 1e6;
         assert_eq!(r.blocktime_window_ms, ms(200.0 + 200.0 + 100.0));
@@ -833,6 +893,7 @@ mod tests {
                     &HandlerReport::default(),
                 );
                 r.work = work[k];
+                r.work_adjusted = work[k] as f64;
                 r.faults_window = faults[k];
                 r
             })

@@ -1258,7 +1258,27 @@ fn mark_removed(
 
 #[cfg(test)]
 mod tests {
-    use super::{settle, FaultRecord};
+    use super::{queued_after, settle, Clocks, FaultRecord};
+
+    /// A fault read after a sleep in `poll(2)` was queued no earlier than the wake-up minus
+    /// the time the thread was awake since it went to sleep; after no sleep (or without
+    /// schedstat), no earlier than the previous read.
+    #[test]
+    fn the_queueing_moment_is_bounded_by_a_sleep_or_the_previous_read() {
+        let c = |t, cpu, run_delay| Clocks { t, cpu, run_delay };
+        // 10 ms in poll, 30 µs of it running and 200 µs waiting for a CPU: slept.
+        let before = c(1_000_000, 5_000, Some(100));
+        let after = c(11_000_000, 35_000, Some(200_100));
+        assert_eq!(queued_after(900_000, before, after), (11_000_000 - 230_000, true));
+        // The previous read was later than that: it still bounds.
+        assert_eq!(queued_after(10_900_000, before, after), (10_900_000, true));
+        // All of it awake (running or runnable): no sleep, the previous read bounds.
+        let busy = c(11_000_000, 5_000 + 4_000_000, Some(100 + 5_990_000));
+        assert_eq!(queued_after(900_000, before, busy), (900_000, false));
+        // No schedstat: nothing is known of the sleep.
+        let blind = c(11_000_000, 35_000, None);
+        assert_eq!(queued_after(900_000, before, blind), (900_000, false));
+    }
 
     #[test]
     fn a_fault_on_a_page_placed_by_another_thread_waits_until_that_copy() {

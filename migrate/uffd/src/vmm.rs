@@ -278,6 +278,12 @@ pub struct RestoreOutcome {
     pub window_ops: u64,
     /// When the guest completed its first operation (ns, this host's clock; any vCPU).
     pub first_op_ns: Option<u64>,
+    /// CPU time the vCPU threads got in the window (ms, all together; from each thread's
+    /// `/proc/self/task/TID/schedstat`, 0 where the kernel keeps none).
+    pub vcpu_run_ms: f64,
+    /// Time in the window the vCPU threads were runnable but had no CPU (ms, all together):
+    /// what a busy machine takes from the guest, whatever the policy.
+    pub vcpu_queue_ms: f64,
     /// Workload operations done before the guest saw the stop request, all vCPUs.
     pub ops: u64,
     /// Pages verified by the guest's final check.
@@ -312,6 +318,18 @@ fn ticks(ns: u64, tsc_khz: u32) -> u64 {
 /// Nanoseconds in `ticks` on a TSC of `tsc_khz`.
 fn ticks_ns(ticks: u64, tsc_khz: u32) -> u64 {
     (u128::from(ticks) * 1_000_000 / u128::from(tsc_khz.max(1))) as u64
+}
+
+/// The CPU time and the run-queue wait of threads `tids` of this process, summed (ns; 0
+/// for a thread whose schedstat cannot be read).
+fn sched_clocks(tids: &[u32]) -> (u64, u64) {
+    tids.iter()
+        .filter_map(|t| {
+            let s = fs::read_to_string(format!("/proc/self/task/{t}/schedstat")).ok()?;
+            let mut f = s.split_whitespace().map(|w| w.parse::<u64>().ok());
+            Some((f.next()??, f.next()??))
+        })
+        .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
 }
 
 /// Restores `snap` through the handler listening on `opts.socket`.
@@ -376,6 +394,8 @@ pub fn restore(
         window_ns,
         window_ops: 0,
         first_op_ns: None,
+        vcpu_run_ms: 0.0,
+        vcpu_queue_ms: 0.0,
         ops: 0,
         verified: 0,
         errors: 0,
@@ -386,9 +406,19 @@ pub fn restore(
     let ends: Vec<VcpuEnd> = std::thread::scope(|s| {
         let hs = m.run(s, PinPlan::OFF, None);
         let deadline = out.resumed_ns + opts.run_for.as_nanos() as u64;
+        // The vCPU threads' scheduler clocks over the window (each thread gives its id
+        // as it starts).
+        while now_ns() < deadline && m.controls().iter().any(|c| c.tid() == 0) {
+            std::thread::yield_now();
+        }
+        let tids: Vec<u32> = m.controls().iter().map(|c| c.tid()).collect();
+        let start = sched_clocks(&tids);
         while now_ns() < deadline && !hs.iter().any(|h| h.is_finished()) {
             std::thread::sleep(Duration::from_millis(1));
         }
+        let end = sched_clocks(&tids);
+        out.vcpu_run_ms = (end.0.saturating_sub(start.0)) as f64 / 1e6;
+        out.vcpu_queue_ms = (end.1.saturating_sub(start.1)) as f64 / 1e6;
         out.ops = m.counters().iter().map(|c| c.ops).sum();
         out.stop_ns = now_ns();
         m.finish_all();
