@@ -8,13 +8,13 @@
 //!   `UFFDIO_COPY`, then [`PageScheduler::urgent_sent`] leaves the hint "continue after the
 //!   fault" (policy `pagehint`). A lost claim means a prefetcher owns the page: its copy wakes
 //!   the vCPU.
-//! * **Background path** (the prefetchers): each runs a [`BackgroundScanner`](pagehint::scheduler::BackgroundScanner)
+//! * **Background path** (the prefetchers): each runs a [`BackgroundScanner`]
 //!   and places every host page it claims. Every page goes to exactly one claim (the bitmap's
 //!   I1/I2), so each page is placed once; an `EEXIST` would mean otherwise and is counted.
 //!
 //! # Recorded working sets
 //! Policy `record` serves faults on demand and, when the session ends, writes each host
-//! page's first fault (within `record_for` of the start) to a [`record`](super::record)
+//! page's first fault (within `record_for` of the start) to a [`record`]
 //! file, as memory-file offsets. Policies `recorded` and `recorded+pagehint` read one at the
 //! start (checked against the regions) and give it to one prefetcher, which claims and
 //! places the recorded pages in order through the same bitmap (so a page the fault path or
