@@ -952,6 +952,7 @@ fn event_loop(
         if control.stop.load(Ordering::Relaxed) {
             return Ok(EndReason::Stopped);
         }
+        // Relaxed: a polled flag (nothing is read through it).
         if sh.gone.load(Ordering::Relaxed) {
             return Ok(EndReason::AddressSpaceGone);
         }
