@@ -266,12 +266,18 @@ fn a_partition_between_two_namespaces_is_recovered_when_the_link_comes_back() {
         dest.wait_with_output().unwrap()
     });
     let _ = source.kill();
-    let _ = source.wait();
+    let source_log = within(Duration::from_secs(10), move || {
+        source
+            .wait_with_output()
+            .map(|o| o.stderr)
+            .unwrap_or_default()
+    });
     assert!(
         out.status.success(),
-        "{}\n{}",
+        "{}\n{}\nthe source's log:\n{}",
         String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&source_log)
     );
     let rows: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();

@@ -76,6 +76,9 @@ pub struct Cut {
     pub rerequested: u64,
     /// Connection attempts it took.
     pub attempts: u32,
+    /// A new source session took the paused session over (it answered with a new token):
+    /// the source's counters start here.
+    pub new_source: bool,
 }
 
 impl Cut {
@@ -245,7 +248,7 @@ impl Dest<'_> {
         let mut backoff = FIRST_BACKOFF;
         let mut attempts = 0u32;
         let mut last_error = String::from("no attempt");
-        let (main, urgent) = loop {
+        let (main, urgent, new_token) = loop {
             if self.stopped() {
                 return Err(RunError::Wire(WireError::Stopped));
             }
@@ -295,6 +298,7 @@ impl Dest<'_> {
             c.main = Arc::new(main);
             c.urgent = Arc::new(urgent);
             c.number = c.number.saturating_add(1);
+            c.token = new_token;
             self.mem.set_connection(c.number);
             *self.broken.lock().unwrap_or_else(|p| p.into_inner()) = None;
             // Relaxed (all three): no receiver runs; the spawns below order these stores
@@ -318,6 +322,7 @@ impl Dest<'_> {
                 missing_host_pages: missing,
                 rerequested: again.len() as u64,
                 attempts,
+                new_source: new_token != token,
             });
         Ok(())
     }

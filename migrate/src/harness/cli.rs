@@ -16,6 +16,7 @@ use crate::options::{
     DestFault, DirtyTracking, FaultPath, GuestKind, GuestSpec, MigrationMode, Precopy, RunConfig,
     SourceFault, SourceHooks, TestHooks, Workload,
 };
+use crate::source::ServeOptions;
 use crate::sys::pin::PinPlan;
 use crate::values::parse_list;
 pub use crate::values::{parse_bits, parse_duration};
@@ -68,7 +69,17 @@ Exit status: 0 every run completed and verified (targets are reported, not enfor
 could not be written; 2 bad input, or a run failed (it is still recorded, and the rest run).";
 
 /// Flags a listening source uses; every other one is decided by each destination's hello.
-const LISTEN_FLAGS: &[&str] = &["listen", "pin", "timeout", "quiet", "sessions", "once"];
+const LISTEN_FLAGS: &[&str] = &[
+    "listen",
+    "pin",
+    "timeout",
+    "quiet",
+    "sessions",
+    "once",
+    "max_recover",
+    "max_sessions",
+    "ram_dir",
+];
 
 /// Migrate a guest (a KVM virtual machine, or a host thread) with precopy and postcopy using
 /// the pagehint scheduler, and compare vanilla, preempt and preempt-hint on real guest
@@ -177,6 +188,19 @@ pub struct Cli {
     /// With --listen: serve one migration, then exit (--sessions 1).
     #[arg(long, requires = "listen", conflicts_with = "sessions")]
     once: bool,
+    /// With --listen: hold a session whose connections broke in postcopy paused at most this
+    /// long for its destination to come back, whatever the destination asks for (30s).
+    #[arg(long, value_name = "DURATION", allow_hyphen_values = true)]
+    max_recover: Option<String>,
+    /// With --listen: serve at most N sessions at once; one more destination is refused,
+    /// saying so (4).
+    #[arg(long, value_name = "N")]
+    max_sessions: Option<usize>,
+    /// With --listen: keep each session's guest RAM in a file in DIR (a tmpfs such as
+    /// /dev/shm), so that a session whose destination did not come back in time, or whose
+    /// source was killed, can be taken over by a later source started on DIR.
+    #[arg(long, value_name = "DIR")]
+    ram_dir: Option<PathBuf>,
     /// Exit with status 1 when a target misses (targets are otherwise only reported).
     #[arg(long)]
     check: bool,
@@ -287,6 +311,8 @@ pub struct Invocation {
     pub check: bool,
     /// `--resend`: the settings each preempt mode runs with, in order.
     pub resend: Vec<bool>,
+    /// `--listen`: the source's own limits.
+    pub serve: ServeOptions,
 }
 
 /// The shortest `--timeout`.
@@ -344,7 +370,7 @@ fn refuse_ignored(given: &[String]) -> Result<(), String> {
         return Ok(());
     }
     Err(format!(
-        "--listen serves what each destination's hello asks for: {} would be ignored here; give {} to the --connect side (a listening source takes only --pin, --timeout, --quiet, --sessions, --once)",
+        "--listen serves what each destination's hello asks for: {} would be ignored here; give {} to the --connect side (a listening source takes only --pin, --timeout, --quiet, --sessions, --once, --max-recover, --max-sessions, --ram-dir)",
         ignored.join(", "),
         if ignored.len() == 1 { "it" } else { "them" }
     ))
@@ -505,6 +531,49 @@ fn hooks(cli: &Cli, recover_timeout: Duration) -> Result<TestHooks, String> {
     })
 }
 
+/// A listening source's own limits (`--max-recover`, `--max-sessions`, `--ram-dir`); the
+/// flags of a listener only.
+fn serve_options(cli: &Cli, cfg: &RunConfig) -> Result<ServeOptions, String> {
+    let mut o = ServeOptions::new(cfg.pin, cfg.idle_timeout);
+    if cli.listen.is_none() {
+        for (flag, given) in [
+            ("--max-recover", cli.max_recover.is_some()),
+            ("--max-sessions", cli.max_sessions.is_some()),
+            ("--ram-dir", cli.ram_dir.is_some()),
+            ("--sessions", cli.sessions.is_some()),
+            ("--once", cli.once),
+        ] {
+            if given {
+                return Err(format!(
+                    "{flag} is a listening source's (--listen); this process is {}",
+                    if cli.connect.is_some() {
+                        "the destination (--connect)"
+                    } else {
+                        "both sides, in one process"
+                    }
+                ));
+            }
+        }
+        return Ok(o);
+    }
+    if let Some(m) = &cli.max_recover {
+        o.max_recover = parse_duration(m).map_err(|e| format!("--max-recover {m}: {e}"))?;
+    }
+    if let Some(n) = cli.max_sessions {
+        if n == 0 {
+            return Err("--max-sessions 0: at least 1".into());
+        }
+        o.max_sessions = n;
+    }
+    if let Some(d) = &cli.ram_dir {
+        if !d.is_dir() {
+            return Err(format!("--ram-dir {}: not a directory", d.display()));
+        }
+        o.ram_dir = Some(d.clone());
+    }
+    Ok(o)
+}
+
 /// Both sides, the source only, or the destination only.
 fn endpoint(cli: &Cli) -> Result<Endpoint, String> {
     Ok(match (&cli.listen, &cli.connect) {
@@ -574,7 +643,9 @@ impl Invocation {
             Resend::Both => vec![false, true],
         };
         cfg.resend = resend[0];
+        let serve = serve_options(&cli, &cfg)?;
         Ok(Self {
+            serve,
             resend,
             cfg,
             modes,

@@ -68,9 +68,10 @@ pub fn header(o: &Invocation, source: &str) -> String {
 }
 
 /// Serves sessions as the source only (`--listen`), until killed or `--sessions` have been
-/// served.
+/// served: one line on stderr per event (a session started, paused, resumed, ended;
+/// connections refused, a few lines however many).
 pub fn serve(addr: &str, o: &Invocation) -> Result<(), String> {
-    let server = SourceServer::bind(addr, o.cfg.pin, o.cfg.idle_timeout)
+    let server = SourceServer::bind_with(addr, o.serve.clone())
         .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
     match server.local_addr() {
         Ok(a) => println!("pagehint-migrate source listening on {a}"),
@@ -78,34 +79,7 @@ pub fn serve(addr: &str, o: &Invocation) -> Result<(), String> {
     }
     let _ = std::io::stdout().flush();
     let stop = AtomicBool::new(false);
-    let mut n = 0;
-    server.serve(&stop, o.sessions, |r| {
-        n += 1;
-        match r {
-            Ok(rep) => {
-                let s = &rep.summary.stats;
-                eprintln!(
-                    "session {n}: {} of {} MiB done: {} pages urgent, {} background, {} hints taken, {} bad requests rejected{}{}",
-                    rep.mode,
-                    rep.mem >> 20,
-                    s.urgent_pages,
-                    s.background_pages,
-                    s.hints_taken,
-                    s.bad_requests,
-                    rep.summary
-                        .rejected
-                        .first()
-                        .map(|m| format!(" (first: {m})"))
-                        .unwrap_or_default(),
-                    match rep.recoveries() {
-                        0 => String::new(),
-                        k => format!("; resumed after {k} broken connection(s)"),
-                    }
-                );
-            }
-            Err(e) => eprintln!("session {n} failed: {e}"),
-        }
-    });
+    server.serve(&stop, o.sessions, &|e| eprintln!("{e}"));
     Ok(())
 }
 

@@ -381,16 +381,26 @@ pub struct HelloReply {
 }
 
 impl HelloReply {
+    /// The reply's bytes (a message longer than 4096 bytes is cut at a character
+    /// boundary).
+    pub fn encode(&self) -> Vec<u8> {
+        let mut end = self.error.len().min(MAX_REPLY_MESSAGE as usize);
+        while !self.error.is_char_boundary(end) {
+            end -= 1;
+        }
+        let msg = &self.error.as_bytes()[..end];
+        let mut out = Vec::with_capacity(56 + msg.len());
+        out.extend_from_slice(&REPLY_MAGIC);
+        out.extend_from_slice(&self.token.to_le_bytes());
+        out.extend_from_slice(&self.boot_id);
+        out.extend_from_slice(&(msg.len() as u32).to_le_bytes());
+        out.extend_from_slice(msg);
+        out
+    }
+
     /// Writes the reply.
     pub fn write(&self, s: &TcpStream, guard: &Guard<'_>) -> Result<(), WireError> {
-        let msg = self.error.as_bytes();
-        let msg = &msg[..msg.len().min(MAX_REPLY_MESSAGE as usize)];
-        let mut head = Vec::with_capacity(56);
-        head.extend_from_slice(&REPLY_MAGIC);
-        head.extend_from_slice(&self.token.to_le_bytes());
-        head.extend_from_slice(&self.boot_id);
-        head.extend_from_slice(&(msg.len() as u32).to_le_bytes());
-        write_parts(s, &[&head, msg], guard, Channel::Handshake)
+        write_parts(s, &[&self.encode()], guard, Channel::Handshake)
     }
 
     /// Reads a reply; a peer that is not a pagehint-migrate source (or speaks another
