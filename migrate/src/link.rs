@@ -100,7 +100,7 @@ impl std::str::FromStr for LowWater {
         match s {
             "auto" => Ok(Self::Auto),
             "off" | "0" => Ok(Self::Off),
-            s => pagehint::layout::parse_size(s)
+            s => crate::values::parse_bytes(s)
                 .map(Self::Bytes)
                 .map_err(|e| format!("{s}: {e}")),
         }

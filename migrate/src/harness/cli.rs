@@ -7,7 +7,6 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
-use pagehint::layout::parse_size;
 use pagehint::ClaimBatch;
 
 use crate::guest::layout::{GuestLayout, GuestLayoutError, HostPageSize};
@@ -18,8 +17,8 @@ use crate::options::{
 };
 use crate::source::ServeOptions;
 use crate::sys::pin::PinPlan;
-use crate::values::parse_list;
 pub use crate::values::{parse_bits, parse_duration};
+use crate::values::{parse_bytes, parse_list};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum Pin {
@@ -112,13 +111,14 @@ pub struct Cli {
     /// Track the KVM guest's writes with KVM's dirty rings instead of the dirty log.
     #[arg(long)]
     dirty_ring: bool,
-    /// Modes to compare, comma separated.
-    #[arg(long, value_delimiter = ',', default_value = MigrationMode::LIST)]
+    /// Modes to compare, comma separated (once: a second --modes is refused).
+    #[arg(long, value_delimiter = ',', default_value = MigrationMode::LIST, action = clap::ArgAction::Set)]
     modes: Vec<String>,
     #[arg(
         long,
         value_delimiter = ',',
         default_value = Workload::LIST,
+        action = clap::ArgAction::Set,
         help = format!("Guest workloads, comma separated: {}", Workload::NAMES)
     )]
     workloads: Vec<String>,
@@ -343,7 +343,7 @@ fn writable(flag: &str, p: &std::path::Path) -> Result<(), String> {
 }
 
 fn size(what: &str, s: &str) -> Result<u64, String> {
-    parse_size(s).map_err(|e| format!("--{what} {s}: {e}"))
+    parse_bytes(s).map_err(|e| format!("--{what} {s}: {e}"))
 }
 
 /// Copies of guest RAM in normal memory: the image template and the source's RAM (source),
@@ -407,6 +407,12 @@ fn guest(cli: &Cli) -> Result<(GuestSpec, String), String> {
             ),
         },
     };
+    if kind == GuestKind::Thread && cli.vcpus != 1 {
+        return Err(format!(
+            "--vcpus {}: the thread guest is one thread (--vcpus needs the KVM guest)",
+            cli.vcpus
+        ));
+    }
     let mut guest = GuestSpec::new(kind, mem, host_page, cli.vcpus).map_err(|e| match e {
         GuestLayoutError::Vcpus(_) => format!("--vcpus {}: {e}", cli.vcpus),
         e => format!("--mem {} with --host-page {}: {e}", cli.mem, cli.host_page),
@@ -421,9 +427,6 @@ fn guest(cli: &Cli) -> Result<(GuestSpec, String), String> {
         }
         r => r,
     };
-    if kind == GuestKind::Thread && cli.vcpus != 1 {
-        return Err("--vcpus needs the KVM guest (the thread guest is one thread)".into());
-    }
     Ok((guest, note))
 }
 
@@ -461,6 +464,21 @@ fn link(cli: &Cli, host_page: HostPageSize) -> Result<LinkParams, String> {
         return Err("--pace paces a real link: it needs --bandwidth 0 (emulation off)".into());
     }
     Ok(link)
+}
+
+/// Every mode's link drains within `--timeout` (the arithmetic in the error otherwise).
+fn drains(cli: &Cli, cfg: &RunConfig, modes: &[MigrationMode]) -> Result<(), String> {
+    let frame = crate::link::frame_max(cfg.layout().host_page().bytes());
+    for &m in modes {
+        let link = cfg.link.for_transport(&cfg.transport(m));
+        link.check(cfg.idle_timeout, frame).map_err(|e| {
+            format!(
+                "--bandwidth {} --queue {} --delay {} --timeout {} ({m}): {e}",
+                cli.bandwidth, cli.queue, cli.delay, cli.timeout
+            )
+        })?;
+    }
+    Ok(())
 }
 
 /// How the thread guest's faults are caught (`--no-uffd`).
@@ -632,6 +650,9 @@ impl Invocation {
         let workloads = parse_list("workloads", &cli.workloads)?;
         unique("modes", &modes)?;
         unique("workloads", &workloads)?;
+        if !matches!(endpoint, Endpoint::Listen(_)) {
+            drains(&cli, &cfg, &modes)?;
+        }
         for (flag, path) in [("json", &cli.json), ("svg", &cli.svg)] {
             if let Some(p) = path {
                 writable(flag, p)?;

@@ -42,6 +42,19 @@ pub fn header(o: &Invocation, source: &str) -> String {
         ),
         GuestKind::Thread => format!("{}; postcopy", o.guest_note),
     };
+    // The thread guest plays its stream window once, at the stream rate, however long.
+    let playback = match c.guest.kind {
+        GuestKind::Thread if o.workloads.contains(&Workload::Stream) => {
+            let bytes = (l.stream.end - l.stream.start) * TARGET_PAGE;
+            let ns = (u128::from(bytes) * 1_000_000_000 / u128::from(c.guest.stream_rate.max(1)))
+                .min(u128::from(u64::MAX)) as u64;
+            format!(
+                " (the thread guest plays it once: about {} a run)",
+                crate::sys::clock::human_ns(ns)
+            )
+        }
+        _ => String::new(),
+    };
     let blocks: Vec<String> = l
         .ram()
         .blocks()
@@ -50,7 +63,7 @@ pub fn header(o: &Invocation, source: &str) -> String {
         .map(|(b, (gpa, len))| format!("{} {} MiB at {gpa:#x}", b.name(), len >> 20))
         .collect();
     format!(
-        "pagehint-migrate: {} MiB of guest RAM in {} host pages\n  guest        {guest}\n  RAM blocks   {}\n  source       {source}; background scan starts at page 0\n  link         {}\n  pinning      {}\n  workloads    seq: {} MiB at {} MiB | random: the {} MiB data area | stream: {} MiB at {} MiB, {} MiB/s | kv: a {} MiB hash table at {} MiB\n",
+        "pagehint-migrate: {} MiB of guest RAM in {} host pages\n  guest        {guest}\n  RAM blocks   {}\n  source       {source}; background scan starts at page 0\n  link         {}\n  pinning      {}\n  workloads    seq: {} MiB at {} MiB | random: the {} MiB data area | stream: {} MiB at {} MiB, {}{playback} | kv: a {} MiB hash table at {} MiB\n",
         l.mem() >> 20,
         l.host_page(),
         blocks.join(", "),
@@ -61,10 +74,19 @@ pub fn header(o: &Invocation, source: &str) -> String {
         mib(l.data.end - l.data.start),
         mib(l.stream.end - l.stream.start),
         mib(l.stream.start),
-        c.guest.stream_rate >> 20,
+        rate_text(c.guest.stream_rate),
         mib(l.kv.end - l.kv.start),
         mib(l.kv.start),
     )
+}
+
+/// A rate in bytes/s, in the largest unit that keeps it whole enough.
+fn rate_text(r: u64) -> String {
+    match r {
+        r if r >= 10 << 20 => format!("{} MiB/s", r >> 20),
+        r if r >= 10 << 10 => format!("{} KiB/s", r >> 10),
+        r => format!("{r} B/s"),
+    }
 }
 
 /// Serves sessions as the source only (`--listen`), until killed or `--sessions` have been

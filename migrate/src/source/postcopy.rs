@@ -35,7 +35,7 @@ use super::{ServerEvent, Session, SourceError};
 use crate::guest::layout::TARGET_PAGE;
 use crate::handshake::HANDSHAKE_DEADLINE;
 use crate::options::SourceFault;
-use crate::sys::clock::{now_ns, sleep_until, tight_timer_slack};
+use crate::sys::clock::{now_ns, sleep_until_unless, tight_timer_slack};
 use crate::sys::pin::Role;
 use crate::wire::{
     read_full, Channel, FrameHeader, Guard, RpHeader, RpKind, WireError, POLL_SLICE,
@@ -289,8 +289,13 @@ impl Session<'_> {
                 RpKind::Ping | RpKind::Start => {}
                 RpKind::Request => {
                     // The request has been on the emulated link since it was sent.
-                    let due = if self.same_clock { h.sent_ns } else { now_ns() } + delay;
-                    sleep_until(due);
+                    // (A request stamped in the future waits no longer than one delay.)
+                    let now = now_ns();
+                    let sent = if self.same_clock { h.sent_ns } else { now };
+                    let due = sent.saturating_add(delay).min(now.saturating_add(delay));
+                    if !sleep_until_unless(due, || self.stopped()) {
+                        return Err(WireError::Stopped.into());
+                    }
                     let served = sched.serve_frame(&body);
                     let served_ns = now_ns();
                     let mut t = ReqTrace {
