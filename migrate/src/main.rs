@@ -108,23 +108,25 @@ fn main() -> ExitCode {
         opts.cfg.precopy.rounds,
         opts.cfg.link.describe(),
     );
+    let exit = export::Exit::of(rows, &outcome.failures, &targets, opts.check);
+    let inv = export::Invocation {
+        command_line: std::env::args().collect(),
+        guest_note: &opts.guest_note,
+        setup: &subtitle,
+        seconds: outcome.seconds,
+        failures: &outcome.failures,
+        exit: exit.clone(),
+    };
     let status = write_outputs([
-        (&opts.json, export::json(rows)),
+        (&opts.json, export::json(&inv, rows, &targets)),
         (&opts.svg, export::svg(rows, &subtitle)),
     ]);
-    if !outcome.failures.is_empty() {
-        for f in &outcome.failures {
-            eprintln!("error: {f}");
-        }
-        return ExitCode::from(2);
+    for f in &outcome.failures {
+        eprintln!("error: {f}");
     }
-    if rows.iter().any(|r| !r.outcome.verified) {
-        eprintln!("error: some runs failed verification");
-        return ExitCode::from(1);
-    }
-    if opts.check && export::any_missed(&targets) {
-        eprintln!("error: a target missed (--check)");
-        return ExitCode::from(1);
+    if exit.status != 0 {
+        eprintln!("error: {}", exit.reason);
+        return ExitCode::from(exit.status);
     }
     status
 }
@@ -227,12 +229,13 @@ fn compare_qemu(c: qemu::cli::CompareQemuCli) -> ExitCode {
     status
 }
 
-/// Writes each requested output; failure if one could not be written.
+/// Writes each requested output whole (a temporary file renamed over it); failure if one
+/// could not be written.
 fn write_outputs<const N: usize>(outputs: [(&Option<std::path::PathBuf>, String); N]) -> ExitCode {
     let mut status = ExitCode::SUCCESS;
     for (path, text) in outputs {
         if let Some(p) = path {
-            match std::fs::write(p, text) {
+            match export::write_whole(p, &text) {
                 Ok(()) => println!("wrote {}", p.display()),
                 Err(e) => {
                     eprintln!("error: writing {}: {e}", p.display());

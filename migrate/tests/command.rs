@@ -72,11 +72,29 @@ fn failed_runs_are_recorded_with_how_far_they_got_and_the_rest_still_run() {
     });
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(2), "{stdout}");
-    let rows: serde_json::Value =
+    let whole: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
-    let rows = rows.as_array().unwrap();
+    assert_eq!(whole["exit_status"], 2, "{whole}");
+    assert_eq!(whole["exit_reason"], "2 of 2 runs failed");
+    assert_eq!(whole["failures"].as_array().unwrap().len(), 2);
+    assert!(whole["command_line"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|a| a == "--test-drop-after"));
+    let rows = whole["rows"].as_array().unwrap();
     assert_eq!(rows.len(), 2, "both runs recorded: {rows:?}");
     for r in rows {
+        // Nothing was measured: null, not zero.
+        for k in [
+            "faults",
+            "request_p50_us",
+            "blocktime_ms",
+            "downtime_ms",
+            "tail",
+        ] {
+            assert!(r[k].is_null(), "{k}: {r}");
+        }
         assert!(
             r["error"]
                 .as_str()
@@ -128,4 +146,35 @@ fn an_unwritable_output_is_refused_before_any_run() {
         "nothing ran"
     );
     assert!(t.elapsed() < Duration::from_secs(10));
+}
+
+#[test]
+fn a_run_killed_before_its_end_leaves_the_previous_json_whole() {
+    let dir = std::env::temp_dir().join(format!("pagehint-killed-json-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let json = dir.join("r.json");
+    std::fs::write(&json, "{\"previous\": true}").unwrap();
+    // A slow link: the run is still going when it is killed.
+    let mut run = exe()
+        .args(SMALL)
+        .args(["--workloads", "random", "--bandwidth", "100M", "--json"])
+        .arg(&json)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(800));
+    let _ = run.kill();
+    let _ = run.wait();
+    assert_eq!(
+        std::fs::read_to_string(&json).unwrap(),
+        "{\"previous\": true}",
+        "a killed run leaves the previous file as it was"
+    );
+    let left: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(left, ["r.json"], "and nothing half-written beside it");
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -279,9 +279,9 @@ fn a_partition_between_two_namespaces_is_recovered_when_the_link_comes_back() {
         String::from_utf8_lossy(&out.stderr),
         String::from_utf8_lossy(&source_log)
     );
-    let rows: serde_json::Value =
+    let whole: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
-    let r = &rows[0];
+    let r = &whole["rows"][0];
     let _ = std::fs::remove_dir_all(&dir);
     eprintln!(
         "partition: {} cut(s) survived, recovery {} ms, postcopy {:.0} ms, {} pages sent again, placed per connection {}",

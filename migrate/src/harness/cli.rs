@@ -328,18 +328,29 @@ fn unique<T: PartialEq + std::fmt::Display>(what: &str, v: &[T]) -> Result<(), S
     Ok(())
 }
 
-/// Checks, before any run, that an output file can be written (it is created if missing,
-/// and written at the end).
+/// Checks, before any run, that an output file can be written at the end (whole: a
+/// temporary file beside it, renamed over it), creating nothing: an existing file is opened
+/// for writing, a new one's folder takes a file.
 fn writable(flag: &str, p: &std::path::Path) -> Result<(), String> {
     if p.is_dir() {
         return Err(format!("--{flag} {}: is a directory", p.display()));
     }
-    std::fs::OpenOptions::new()
-        .append(true)
-        .create(true)
-        .open(p)
-        .map(drop)
-        .map_err(|e| format!("--{flag} {}: cannot write it: {e}", p.display()))
+    let cannot = |e: std::io::Error| format!("--{flag} {}: cannot write it: {e}", p.display());
+    if p.exists() {
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(p)
+            .map(drop)
+            .map_err(cannot)?;
+    }
+    let dir = match p.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => std::path::PathBuf::from("."),
+    };
+    let probe = dir.join(format!(".pagehint-migrate-probe-{}", std::process::id()));
+    std::fs::File::create(&probe).map_err(cannot)?;
+    let _ = std::fs::remove_file(&probe);
+    Ok(())
 }
 
 fn size(what: &str, s: &str) -> Result<u64, String> {
@@ -774,6 +785,33 @@ mod tests {
         // --sessions and --once belong to the listener.
         assert!(options(&["--sessions", "2"]).is_err());
         assert!(options(&["--once"]).is_err());
+        let o = Invocation::from_cli(
+            Cli::try_parse_args_from([
+                "pagehint-migrate",
+                "--listen",
+                "127.0.0.1:0",
+                "--max-recover",
+                "5s",
+                "--max-sessions",
+                "2",
+            ])
+            .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(o.serve.max_recover, Duration::from_secs(5));
+        assert_eq!(o.serve.max_sessions, 2);
+        let e = Invocation::from_cli(
+            Cli::try_parse_args_from([
+                "pagehint-migrate",
+                "--listen",
+                "127.0.0.1:0",
+                "--max-sessions",
+                "0",
+            ])
+            .unwrap(),
+        )
+        .unwrap_err();
+        assert!(e.contains("--max-sessions 0: at least 1"), "{e}");
     }
 
     #[test]
@@ -827,10 +865,34 @@ mod tests {
                 &["--test-cut-after", "100", "--recover-timeout", "0"][..],
                 "--test-cut-after needs postcopy recovery",
             ),
+            (
+                &["--vcpus", "2"][..],
+                "--vcpus 2: the thread guest is one thread",
+            ),
+            (&["--mem", "1X"][..], "--mem 1X: unknown size suffix in `1X`"),
+            (&["--queue", "lots"][..], "--queue lots: unknown size suffix in `lots`"),
+            (&["--lowat", "1X"][..], "--lowat 1X: unknown size suffix"),
+            (
+                &["--bandwidth", "1K", "--timeout", "2s", "--modes", "vanilla"][..],
+                "--bandwidth 1K --queue 8M --delay 50us --timeout 2s (vanilla): the link is too slow for the timeout: its 8192 KiB queue and a 1028 KiB frame take 21.0 h to drain at 1000 bits/s",
+            ),
+            (
+                &["--bandwidth", "100K", "--timeout", "2s", "--modes", "preempt"][..],
+                "longer than the 2s timeout",
+            ),
+            (&["--delay", "30s"][..], "longer than the 20s timeout"),
+            (&["--once"][..], "--once is a listening source's (--listen)"),
+            (&["--max-recover", "5s"][..], "--max-recover is a listening source's"),
+            (&["--ram-dir", "/tmp"][..], "--ram-dir is a listening source's"),
         ] {
             let e = error(args);
             assert!(e.contains(says), "{args:?}: {e}");
         }
+        let e = error(&["--workloads", "seq", "--workloads", "kv"]);
+        assert!(
+            e.contains("'--workloads <WORKLOADS>' cannot be used multiple times"),
+            "{e}"
+        );
         let o = options(&["--modes", "preempt", "--timeout", "200ms", "--check"]).unwrap();
         assert!(o.check);
         assert_eq!(o.modes, vec![MigrationMode::Preempt]);
