@@ -881,8 +881,15 @@ mod tests {
                 "longer than the 2s timeout",
             ),
             (&["--delay", "30s"][..], "longer than the 20s timeout"),
-            (&["--once"][..], "--once is a listening source's (--listen)"),
-            (&["--max-recover", "5s"][..], "--max-recover is a listening source's"),
+            (
+                &["--connect", "127.0.0.1:1", "--once"][..],
+                "--once is a listening source's (--listen); this process is the destination (--connect)",
+            ),
+            (
+                &["--connect", "127.0.0.1:1", "--sessions", "3"][..],
+                "--sessions is a listening source's",
+            ),
+            (&["--max-recover", "5s"][..], "--max-recover is a listening source's (--listen); this process is both sides"),
             (&["--ram-dir", "/tmp"][..], "--ram-dir is a listening source's"),
         ] {
             let e = error(args);
