@@ -130,6 +130,7 @@ pub fn connect(addr: SocketAddr, hello: &Hello, idle: Duration) -> Result<Connec
 /// idle limit has passed, and an attempt abandoned meanwhile would only be refused later).
 /// Returns the connections and the token the source answered with: the same one, or a new
 /// one when a new source session took the paused session over (its counters start there).
+/// Raising `stop` ends an attempt (its waits for answers) with [`WireError::Stopped`].
 pub fn resume(
     addr: SocketAddr,
     hello: &Hello,
@@ -137,10 +138,10 @@ pub fn resume(
     received: &[u64],
     connect: Duration,
     idle: Duration,
+    stop: &AtomicBool,
 ) -> Result<(TcpStream, TcpStream, u64), ConnectError> {
-    let stop = AtomicBool::new(false);
     let g = Guard {
-        stop: &stop,
+        stop,
         idle,
         keepalive: None,
     };

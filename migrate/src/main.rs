@@ -5,7 +5,7 @@
 use std::process::ExitCode;
 
 use clap::{Args, CommandFactory, FromArgMatches};
-use pagehint_migrate::harness::cli::{Cli, Endpoint, Invocation};
+use pagehint_migrate::harness::cli::{Cli, Endpoint, Invocation, RecoverCli, RECOVER_ABOUT};
 use pagehint_migrate::harness::{compare, export};
 use pagehint_migrate::qemu;
 use pagehint_migrate::sys::hugepages::HugePages;
@@ -28,17 +28,24 @@ enum Program {
     Migrate(Box<Cli>),
     /// `compare-qemu`.
     CompareQemu(Box<qemu::cli::CompareQemuCli>),
+    /// `recover`.
+    Recover(RecoverCli),
 }
 
 /// Parses this process's arguments: the harness's command line, with the other programs'
 /// subcommands added (exits with clap's message on a parse error).
 fn program() -> Program {
-    let command = Cli::command().subcommand(
-        qemu::cli::CompareQemuCli::augment_args(clap::Command::new("compare-qemu"))
-            .about(qemu::cli::ABOUT),
-    );
+    let command = Cli::command()
+        .subcommand(
+            qemu::cli::CompareQemuCli::augment_args(clap::Command::new("compare-qemu"))
+                .about(qemu::cli::ABOUT),
+        )
+        .subcommand(RecoverCli::augment_args(clap::Command::new("recover")).about(RECOVER_ABOUT));
     let mut m = command.get_matches();
     let parsed = match m.remove_subcommand() {
+        Some((name, sub)) if name == "recover" => {
+            RecoverCli::from_arg_matches(&sub).map(Program::Recover)
+        }
         Some((_, sub)) => qemu::cli::CompareQemuCli::from_arg_matches(&sub)
             .map(|c| Program::CompareQemu(Box::new(c))),
         None => Cli::from_matches(&m).map(|c| Program::Migrate(Box::new(c))),
@@ -50,6 +57,18 @@ fn main() -> ExitCode {
     let cli = match program() {
         Program::Migrate(cli) => cli,
         Program::CompareQemu(c) => return compare_qemu(*c),
+        Program::Recover(r) => {
+            return match r.run() {
+                Ok(answer) => {
+                    println!("{answer}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
     };
     let opts = match Invocation::from_cli(*cli) {
         Ok(o) => o,

@@ -393,6 +393,7 @@ fn a_paused_session_refuses_strangers_with_a_reason_and_takes_its_own_destinatio
             &words,
             Duration::from_secs(1),
             Duration::from_secs(5),
+            &AtomicBool::new(false),
         )
         .map_err(|e| format!("{e:?}"))
         .unwrap();

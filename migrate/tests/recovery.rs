@@ -376,3 +376,112 @@ fn a_destination_resumes_through_another_address_when_the_first_path_dies() {
     let r = r.unwrap_or_else(|e| panic!("not resumed through --reconnect: {e}"));
     check_resumed(&r, 1);
 }
+
+#[test]
+fn a_paused_postcopy_waits_for_its_operator_and_resumes_from_a_new_source_on_the_saved_ram() {
+    use pagehint_migrate::dest::control::{self, Control};
+    use pagehint_migrate::harness::run::run_destination_with;
+    let dir = std::env::temp_dir().join(format!("recovery-paused-{}", std::process::id()));
+    let ram = dir.join("ram");
+    std::fs::create_dir_all(&ram).unwrap();
+    let ctl = dir.join("ctl");
+    let exe = env!("CARGO_BIN_EXE_pagehint-migrate");
+    let listen = |once: bool| {
+        let mut cmd = Command::new(exe);
+        cmd.args(["--listen", "127.0.0.1:0", "--pin", "off", "--ram-dir"])
+            .arg(&ram)
+            .stderr(Stdio::piped());
+        if once {
+            cmd.arg("--once");
+        }
+        start_listener(&mut cmd)
+    };
+    // Source A keeps guest RAM in files; it is killed (SIGKILL) mid-postcopy.
+    let (mut a, a_addr) = listen(false);
+    let control = Control::open(&ctl).unwrap();
+    let mut c = config(GuestKind::Thread, 16 << 20, HostPageSize::Small, 1);
+    c.idle_timeout = Duration::from_secs(1);
+    c.recover_paused = true;
+    // Not a limit when paused: the destination waits longer than this below.
+    c.recover_timeout = Duration::from_secs(1);
+    c.link.bandwidth_bps = 30_000_000;
+    let placed = std::sync::atomic::AtomicU64::new(0);
+    let r = std::thread::scope(|s| {
+        let run = s.spawn(|| {
+            run_destination_with(
+                a_addr.parse().unwrap(),
+                &c,
+                MigrationMode::PreemptHint,
+                Workload::Random,
+                // Relaxed: a progress figure for this test's thread.
+                &|n, _| placed.store(n, Ordering::Relaxed),
+                Some(&control),
+            )
+        });
+        let t = std::time::Instant::now();
+        // Relaxed: a progress figure.
+        while placed.load(Ordering::Relaxed) < 300 && t.elapsed() < Duration::from_secs(60) {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let _ = a.kill();
+        let _ = a.wait();
+        // Paused, past its --recover-timeout: still waiting, and saying so.
+        std::thread::sleep(Duration::from_secs(3));
+        let status = control::send(&ctl, "status").unwrap();
+        assert!(status.starts_with("paused: "), "{status}");
+        assert!(
+            !run.is_finished(),
+            "the paused destination waits for its operator"
+        );
+        // Source B, started on the same RAM directory, holds the saved session; the
+        // operator points the destination at it.
+        let (mut b, b_addr) = listen(true);
+        let out = Command::new(exe)
+            .args(["recover", "--dest"])
+            .arg(&ctl)
+            .args(["--connect", &b_addr])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains(&format!("resuming from {b_addr}")),
+            "{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let t = std::time::Instant::now();
+        while !run.is_finished() {
+            assert!(
+                t.elapsed() < Duration::from_secs(60),
+                "not resumed in 60 s: a hang"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let r = run.join().unwrap();
+        let status = within(Duration::from_secs(20), move || b.wait().unwrap());
+        assert!(
+            status.success(),
+            "source B served its one session: {status}"
+        );
+        r
+    });
+    let r = r.unwrap_or_else(|e| panic!("the paused postcopy was not resumed: {e}"));
+    assert!(r.outcome.verified, "{:?}", r.outcome.problems);
+    assert_eq!(r.recovery.takeovers, 1, "{:?}", r.recovery.cut_reasons);
+    assert!(r.recovery.cuts >= 1);
+    assert_eq!(r.placement.placed_twice, 0);
+    assert_eq!(
+        r.recovery.placed_per_connection.iter().sum::<u64>(),
+        r.transfer.pending_host_pages,
+        "every missing page placed by exactly one connection, across both sources"
+    );
+    let left: Vec<_> = std::fs::read_dir(&ram).unwrap().collect();
+    assert!(
+        left.is_empty(),
+        "the finished session's files are gone: {left:?}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -209,8 +209,10 @@ pub struct Cli {
     quiet: bool,
     /// Postcopy recovery: when the connections break in postcopy, the destination keeps its
     /// guest blocked and reconnects (with backoff) for up to this long, and the source keeps
-    /// the session paused as long; then the migration resumes where it was (30s; 0: off, a
-    /// broken connection ends the run).
+    /// the session paused as long (within its --max-recover); then the migration resumes where
+    /// it was (30s; 0: off, a broken connection ends the run; `paused` or `forever`: no limit,
+    /// as QEMU's postcopy-paused: the guest waits with its pages until the source comes back
+    /// or an operator resumes it from another source, or gives it up, through --control).
     #[arg(
         long,
         value_name = "DURATION",
@@ -218,6 +220,12 @@ pub struct Cli {
         default_value = "30s"
     )]
     recover_timeout: String,
+    /// A control socket (a Unix socket at PATH) through which an operator resumes a paused
+    /// postcopy from another source, or gives it up: `pagehint-migrate recover --dest PATH
+    /// --connect ADDR | --abort | --status` (with --recover-timeout paused, a socket in the
+    /// temporary folder when not given).
+    #[arg(long, value_name = "PATH")]
+    control: Option<PathBuf>,
     /// Postcopy recovery: reconnect to ADDR instead of the --connect address (the same
     /// source, reached another way).
     #[arg(long, value_name = "ADDR", requires = "connect")]
@@ -274,6 +282,41 @@ impl Cli {
     }
 }
 
+/// `pagehint-migrate recover`: tells a destination's control socket what to do with its
+/// paused postcopy.
+#[derive(clap::Args, Debug)]
+#[command(group(clap::ArgGroup::new("what").required(true).args(["connect", "abort", "status"])))]
+pub struct RecoverCli {
+    /// The destination's control socket (its --control).
+    #[arg(long, value_name = "PATH")]
+    pub dest: PathBuf,
+    /// Resume the paused postcopy from the source at ADDR (a source that holds the session:
+    /// the one that paused it, or one started on its --ram-dir).
+    #[arg(long, value_name = "ADDR")]
+    pub connect: Option<String>,
+    /// Give the paused postcopy up (the run ends with the break).
+    #[arg(long)]
+    pub abort: bool,
+    /// Say what the destination is doing.
+    #[arg(long)]
+    pub status: bool,
+}
+
+/// What `pagehint-migrate recover` does.
+pub const RECOVER_ABOUT: &str = "Resume a paused postcopy from another source, or give it up, through a destination's control socket (QEMU's migrate-recover / migrate-cancel)";
+
+impl RecoverCli {
+    /// Sends the command; the destination's answer, or why not.
+    pub fn run(&self) -> Result<String, String> {
+        let line = match (&self.connect, self.abort) {
+            (Some(a), _) => format!("recover {a}"),
+            (None, true) => "abort".to_string(),
+            (None, false) => "status".to_string(),
+        };
+        crate::dest::control::send(&self.dest, &line)
+    }
+}
+
 /// Where this process stands in the migration.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Endpoint {
@@ -313,6 +356,8 @@ pub struct Invocation {
     pub resend: Vec<bool>,
     /// `--listen`: the source's own limits.
     pub serve: ServeOptions,
+    /// The destination's control socket (`--control`).
+    pub control: Option<PathBuf>,
 }
 
 /// The shortest `--timeout`.
@@ -515,10 +560,15 @@ fn idle_timeout(s: &str) -> Result<Duration, String> {
     }
 }
 
-/// Postcopy recovery: how long to keep trying, and where to reconnect.
-fn recovery(cli: &Cli) -> Result<(Duration, Option<SocketAddr>), String> {
-    let timeout = parse_duration(&cli.recover_timeout)
-        .map_err(|e| format!("--recover-timeout {}: {e}", cli.recover_timeout))?;
+/// Postcopy recovery: how long to keep trying (None: paused without a limit), and where to
+/// reconnect.
+fn recovery(cli: &Cli) -> Result<(Option<Duration>, Option<SocketAddr>), String> {
+    let timeout = match cli.recover_timeout.as_str() {
+        "paused" | "forever" => None,
+        t => {
+            Some(parse_duration(t).map_err(|e| format!("--recover-timeout {t}: {e} (or paused)"))?)
+        }
+    };
     let reconnect = match &cli.reconnect {
         None => None,
         Some(r) => Some(
@@ -650,8 +700,20 @@ impl Invocation {
             Pin::Off => PinPlan::OFF,
         };
         cfg.idle_timeout = idle_timeout(&cli.timeout)?;
-        (cfg.recover_timeout, cfg.reconnect) = recovery(&cli)?;
+        let (window, reconnect) = recovery(&cli)?;
+        cfg.reconnect = reconnect;
+        match window {
+            Some(w) => cfg.recover_timeout = w,
+            None => cfg.recover_paused = true,
+        }
         cfg.hooks = hooks(&cli, cfg.recover_timeout)?;
+        let control = match (&cli.control, cfg.recover_paused) {
+            (Some(p), _) => Some(p.clone()),
+            (None, true) => Some(
+                std::env::temp_dir().join(format!("pagehint-migrate-{}.ctl", std::process::id())),
+            ),
+            (None, false) => None,
+        };
         let endpoint = endpoint(&cli)?;
         // A listening source checks each hello's guest against its memory instead.
         if !matches!(endpoint, Endpoint::Listen(_)) {
@@ -678,6 +740,7 @@ impl Invocation {
         let serve = serve_options(&cli, &cfg)?;
         Ok(Self {
             serve,
+            control,
             resend,
             cfg,
             modes,

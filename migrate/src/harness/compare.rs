@@ -12,7 +12,7 @@ use crate::guest::layout::TARGET_PAGE;
 use crate::harness::cli::{Endpoint, Invocation};
 use crate::harness::result::RunResult;
 use crate::options::{GuestKind, MigrationMode, Workload};
-use crate::{run_destination, LocalSource, SourceServer};
+use crate::{LocalSource, SourceServer};
 
 /// The runs of one invocation.
 #[derive(Debug, Default)]
@@ -122,6 +122,18 @@ pub fn run(o: &Invocation) -> Result<Outcome, String> {
         Endpoint::Listen(_) => return Err("a listening source runs no comparison".into()),
     };
     print!("{}", header(o, &shown));
+    let control = match &o.control {
+        Some(p) => {
+            let c = crate::dest::control::Control::open(p)?;
+            println!(
+                "  control      {} (pagehint-migrate recover --dest {} --connect ADDR | --abort | --status)",
+                p.display(),
+                p.display()
+            );
+            Some(c)
+        }
+        None => None,
+    };
     let (normal, huge) = o.memory_needed();
     let secs = crate::sys::warm::warm_up(normal, huge)?;
     println!(
@@ -169,7 +181,14 @@ pub fn run(o: &Invocation) -> Result<Outcome, String> {
             pb.set_length(total.max(1));
             pb.set_position(n);
         };
-        let r = run_destination(addr, &cfg, m, w, &progress);
+        let r = crate::harness::run::run_destination_with(
+            addr,
+            &cfg,
+            m,
+            w,
+            &progress,
+            control.as_ref(),
+        );
         pb.finish_and_clear();
         match r {
             Ok(r) => {

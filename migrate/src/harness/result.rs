@@ -297,6 +297,10 @@ pub struct Recovery {
     /// Postcopy recovery: the breaks, in words.
     #[serde(default)]
     pub cut_reasons: Vec<String>,
+    /// Postcopy recovery: resumes from a new source session that took the paused session
+    /// over (`--ram-dir`); the source's counters are then that session's only.
+    #[serde(default)]
+    pub takeovers: u64,
 }
 
 /// A run's mode as the table shows it: preempt modes with the old behaviour (no resend of
@@ -565,6 +569,7 @@ impl Recovery {
             resent_pages: (st.urgent_pages + st.background_pages)
                 .saturating_sub(mem.pending() * mem.host_page_size() / 4096),
             cut_reasons: e.cuts.iter().map(|c| c.reason.clone()).collect(),
+            takeovers: e.cuts.iter().filter(|c| c.new_source).count() as u64,
         }
     }
 }
@@ -756,6 +761,7 @@ mod tests {
         "stall_ms",
         "stream_rate",
         "tail",
+        "takeovers",
         "throughput_mib_s",
         "total_ms",
         "uffd_faults",
