@@ -417,10 +417,7 @@ impl<'l> Door<'l> {
                     match self.route(p, sessions, &mut quiet, log) {
                         Routed::Handed => {}
                         Routed::Again(p) => still.push(p),
-                        Routed::Refused(conn) => lingering.push(Lingering {
-                            conn,
-                            until: now_ns() + LINGER.as_nanos() as u64,
-                        }),
+                        Routed::Refused(conn) => self.linger(&mut lingering, conn),
                     }
                     continue;
                 }
@@ -431,10 +428,7 @@ impl<'l> Door<'l> {
                     );
                     quiet.note(Kind::Silent, p.peer, &why, log);
                     answer(&p.conn, &refusal(why));
-                    lingering.push(Lingering {
-                        conn: p.conn,
-                        until: now_ns() + LINGER.as_nanos() as u64,
-                    });
+                    self.linger(&mut lingering, p.conn);
                     continue;
                 }
                 still.push(p);
@@ -454,12 +448,7 @@ impl<'l> Door<'l> {
                             );
                             quiet.note(Kind::Full, peer, &why, log);
                             answer(&conn, &refusal(why));
-                            if lingering.len() < self.limits.max_pending {
-                                lingering.push(Lingering {
-                                    conn,
-                                    until: now_ns() + LINGER.as_nanos() as u64,
-                                });
-                            }
+                            self.linger(&mut lingering, conn);
                             continue;
                         }
                         pending.push(Pending {
@@ -488,6 +477,17 @@ impl<'l> Door<'l> {
             quiet.flush(false, log);
         }
         quiet.flush(true, log);
+    }
+
+    /// A refused connection (its answer written, its write side shut) lingers for its answer
+    /// to be read, unless as many linger already: then it is closed at once.
+    fn linger(&self, lingering: &mut Vec<Lingering>, conn: TcpStream) {
+        if lingering.len() < self.limits.max_pending {
+            lingering.push(Lingering {
+                conn,
+                until: now_ns() + LINGER.as_nanos() as u64,
+            });
+        }
     }
 
     /// Reads what `p` has; `Ok(true)` if bytes came, `Err` if it closed or failed.

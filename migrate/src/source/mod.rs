@@ -280,6 +280,7 @@ impl SourceServer {
     /// Listens on `addr`, serving as `opts` says.
     pub fn bind_with(addr: impl ToSocketAddrs, opts: ServeOptions) -> std::io::Result<Self> {
         let listener = TcpListener::bind(addr)?;
+        crate::sys::fds::set_backlog(&listener, crate::sys::fds::BACKLOG)?;
         listener.set_nonblocking(true)?;
         Ok(Self {
             listener,
@@ -451,11 +452,23 @@ impl SourceServer {
                 }
             },
         };
+        // Each pending connection holds a descriptor, and so does each lingering refusal:
+        // what waits is bounded by what this process may hold, beside its sessions'.
+        let max_pending = match crate::sys::fds::raise_limit() {
+            Ok(n) => self
+                .opts
+                .max_pending
+                .min((n.saturating_sub(256) / 2) as usize),
+            Err(e) => {
+                log(ServerEvent::Note(format!("the descriptor limit: {e}")));
+                self.opts.max_pending.min(256)
+            }
+        };
         let door = door::Door::new(
             &self.listener,
             door::DoorLimits {
                 max_sessions: self.opts.max_sessions.max(1),
-                max_pending: self.opts.max_pending.max(1),
+                max_pending: max_pending.max(1),
                 deadline: HANDSHAKE_DEADLINE.min(self.opts.idle),
             },
             saved,
