@@ -178,3 +178,25 @@ fn a_run_killed_before_its_end_leaves_the_previous_json_whole() {
     assert_eq!(left, ["r.json"], "and nothing half-written beside it");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_link_too_slow_for_the_timeout_is_refused_up_front_not_run_until_killed() {
+    for args in [
+        &["--bandwidth", "1"][..],
+        &["--bandwidth", "1K", "--timeout", "2s"][..],
+        &["--bandwidth", "100K", "--timeout", "2s"][..],
+        &["--delay", "60s"][..],
+    ] {
+        let out = within(Duration::from_secs(20), {
+            let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+            move || exe().args(SMALL).args(&args).output().unwrap()
+        });
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("longer than the"), "{args:?}: {err}");
+        assert!(
+            String::from_utf8_lossy(&out.stdout).is_empty(),
+            "{args:?}: nothing ran"
+        );
+    }
+}

@@ -463,3 +463,82 @@ fn a_hello_never_followed_by_its_urgent_connection_releases_the_source_within_th
         drop(half);
     });
 }
+
+#[test]
+fn no_hello_value_holds_the_source_or_its_destination() {
+    within(Duration::from_secs(90), || {
+        let c = cfg();
+        let src = LocalSource::start(PinPlan::OFF, Duration::from_secs(5), false).unwrap();
+        // Vanilla: its background channel has the whole send queue (no low-water mark).
+        let base = Hello {
+            mode: MigrationMode::Vanilla,
+            ..hello(&c)
+        };
+        let with_link = |f: &dyn Fn(&mut pagehint_migrate::LinkParams)| {
+            let mut h = base.clone();
+            f(&mut h.link);
+            h
+        };
+        // Values the command line refuses, crafted into a hello: the source refuses them
+        // at once, saying why, against its own --timeout.
+        for (h, says) in [
+            (
+                with_link(&|l| l.delay_ns = u64::MAX),
+                "too slow for the timeout",
+            ),
+            (
+                with_link(&|l| l.bandwidth_bps = 1),
+                "too slow for the timeout",
+            ),
+            (
+                with_link(&|l| l.queue_bytes = u64::MAX),
+                "too slow for the timeout",
+            ),
+            (
+                with_link(&|l| l.nic_queue_bytes = u64::MAX),
+                "too slow for the timeout",
+            ),
+            (
+                with_link(&|l| l.pace_bps = u64::MAX),
+                "at most 10000000000000",
+            ),
+            (
+                with_link(&|l| l.bandwidth_bps = u64::MAX),
+                "at most 10000000000000",
+            ),
+        ] {
+            let t = Instant::now();
+            match handshake::connect(src.addr(), &h, c.idle_timeout) {
+                Err(ConnectError::Refused(why)) => {
+                    assert!(why.contains(says), "{why}");
+                    assert!(why.contains("the source's --timeout"), "{why}");
+                }
+                other => panic!(
+                    "{:?}: expected a refusal, got {:?}",
+                    h.link,
+                    other.map(|_| ())
+                ),
+            }
+            assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+        }
+        // Values taken within the source's limits: a recovery window of 2^64-1 ms (held
+        // for --max-recover at most) and 2^32-1 precopy rounds (they stop when the dirty set
+        // stops shrinking): the run completes.
+        let mut long = cfg();
+        long.recover_paused = true;
+        long.precopy.rounds = u32::MAX;
+        assert_eq!(
+            pagehint_migrate::wire::Hello::new(&long, MigrationMode::Preempt, Workload::Seq)
+                .recover_ms,
+            u64::MAX
+        );
+        let r = run_destination(
+            src.addr(),
+            &long,
+            MigrationMode::Preempt,
+            Workload::Seq,
+            &|_, _| {},
+        );
+        check_verified(&r.unwrap_or_else(|e| panic!("{e}")));
+    });
+}

@@ -379,9 +379,30 @@ fn a_destination_resumes_through_another_address_when_the_first_path_dies() {
 
 #[test]
 fn a_paused_postcopy_waits_for_its_operator_and_resumes_from_a_new_source_on_the_saved_ram() {
+    paused_then_taken_over(GuestKind::Thread, 16 << 20, 30_000_000, Workload::Random);
+}
+
+#[test]
+fn a_paused_kvm_guest_is_resumed_from_a_new_source_on_the_saved_ram() {
+    if !ready_or_skip("a_paused_kvm_guest_is_resumed_from_a_new_source_on_the_saved_ram") {
+        return;
+    }
+    let r = paused_then_taken_over(GuestKind::Kvm, 32 << 20, 60_000_000, Workload::Kv);
+    assert_eq!(r.setup.guest, "kvm");
+    assert!(
+        r.guest_run.guest_verified_pages > 0,
+        "the guest verified its RAM"
+    );
+}
+
+/// A destination paused without a limit (`recover_paused`) whose source, keeping RAM in a
+/// `--ram-dir`, is killed mid-postcopy; it waits past its `--recover-timeout`, a new source
+/// is started on the directory, and the operator (`pagehint-migrate recover`) points the
+/// destination at it: the migration completes and verifies across both sources.
+fn paused_then_taken_over(kind: GuestKind, mem: u64, bps: u64, w: Workload) -> RunResult {
     use pagehint_migrate::dest::control::{self, Control};
     use pagehint_migrate::harness::run::run_destination_with;
-    let dir = std::env::temp_dir().join(format!("recovery-paused-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("recovery-paused-{kind}-{}", std::process::id()));
     let ram = dir.join("ram");
     std::fs::create_dir_all(&ram).unwrap();
     let ctl = dir.join("ctl");
@@ -399,12 +420,12 @@ fn a_paused_postcopy_waits_for_its_operator_and_resumes_from_a_new_source_on_the
     // Source A keeps guest RAM in files; it is killed (SIGKILL) mid-postcopy.
     let (mut a, a_addr) = listen(false);
     let control = Control::open(&ctl).unwrap();
-    let mut c = config(GuestKind::Thread, 16 << 20, HostPageSize::Small, 1);
-    c.idle_timeout = Duration::from_secs(1);
+    let mut c = config(kind, mem, HostPageSize::Small, 1);
+    c.idle_timeout = Duration::from_secs(2);
     c.recover_paused = true;
     // Not a limit when paused: the destination waits longer than this below.
     c.recover_timeout = Duration::from_secs(1);
-    c.link.bandwidth_bps = 30_000_000;
+    c.link.bandwidth_bps = bps;
     let placed = std::sync::atomic::AtomicU64::new(0);
     let r = std::thread::scope(|s| {
         let run = s.spawn(|| {
@@ -412,7 +433,7 @@ fn a_paused_postcopy_waits_for_its_operator_and_resumes_from_a_new_source_on_the
                 a_addr.parse().unwrap(),
                 &c,
                 MigrationMode::PreemptHint,
-                Workload::Random,
+                w,
                 // Relaxed: a progress figure for this test's thread.
                 &|n, _| placed.store(n, Ordering::Relaxed),
                 Some(&control),
@@ -484,4 +505,5 @@ fn a_paused_postcopy_waits_for_its_operator_and_resumes_from_a_new_source_on_the
         "the finished session's files are gone: {left:?}"
     );
     let _ = std::fs::remove_dir_all(&dir);
+    r
 }

@@ -262,6 +262,11 @@ impl<'s> Dest<'s> {
             self.fail(e.into());
             return false;
         }
+        // The source now sums every page for its summary: the idle limit counts from here,
+        // not from the last page (a big guest's sums take a while).
+        // Relaxed: a coarse timestamp.
+        self.bg_progress
+            .store(now_ns(), std::sync::atomic::Ordering::Relaxed);
         true
     }
 

@@ -65,6 +65,12 @@ impl Dest<'_> {
             if self.conn_stopped() {
                 return Err(WireError::Stopped.into());
             }
+            // Every page is in and `DONE` sent: the urgent channel has nothing more to bring
+            // (only the summary, on the main one, is still awaited).
+            // Relaxed: a polled flag.
+            if chan == Channel::Urgent && held.is_empty() && self.finished.load(Ordering::Relaxed) {
+                return Ok(());
+            }
             // Every wait is a slice at most: the stop flag and the idle rule are looked at
             // whatever the frames held say.
             let slice = POLL_SLICE.as_nanos() as u64;
