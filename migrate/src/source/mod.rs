@@ -1130,11 +1130,7 @@ impl Session<'_> {
     /// Postcopy (from the received bitmap of a takeover, if any) to the summary, sent.
     fn finish(&mut self, received: Option<Vec<u64>>) -> Result<Summary, SourceError> {
         let stats = self.postcopy(received)?;
-        let checksums = self.mem.checksums().map_err(SourceError::Memory)?;
-        let generations = match self.hello.guest.kind {
-            GuestKind::Kvm => self.mem.generations().map_err(SourceError::Memory)?,
-            GuestKind::Thread => Vec::new(),
-        };
+        let (checksums, generations) = self.sums()?;
         // Relaxed loads: the counting threads have been joined.
         let s = &self.out.sent;
         let summary = Summary {
@@ -1162,6 +1158,47 @@ impl Session<'_> {
         let _ = self.out.main.shutdown(Shutdown::Write);
         let _ = self.out.urgent.shutdown(Shutdown::Both);
         Ok(summary)
+    }
+
+    /// After `DONE`: the checksum of every page and (KVM guest) the generation table, while
+    /// a `PONG` goes out on the main connection every slice, so that the destination's idle
+    /// limit does not run out while a big guest is summed.
+    fn sums(&self) -> Result<(Vec<u64>, Vec<u32>), SourceError> {
+        let summed = AtomicBool::new(false);
+        let sums = std::thread::scope(|s| {
+            let h = s.spawn(|| {
+                let r = self.mem.checksums().and_then(|c| {
+                    let g = match self.hello.guest.kind {
+                        GuestKind::Kvm => self.mem.generations()?,
+                        GuestKind::Thread => Vec::new(),
+                    };
+                    Ok((c, g))
+                });
+                // Relaxed: a polled flag; the join below waits for the result.
+                summed.store(true, Ordering::Relaxed);
+                r
+            });
+            let mut next = now_ns() + crate::wire::POLL_SLICE.as_nanos() as u64;
+            // Relaxed: see above.
+            while !summed.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(2));
+                if now_ns() >= next {
+                    next += crate::wire::POLL_SLICE.as_nanos() as u64;
+                    // Every sender has ended: no frame is half written on the connection.
+                    // A failed keep-alive shows again when the summary is written.
+                    let pong = FrameHeader::pong().encode();
+                    let _ = write_parts(
+                        &self.out.main,
+                        &[&pong],
+                        &self.guard(false),
+                        Channel::Background,
+                    );
+                }
+            }
+            h.join()
+                .unwrap_or_else(|_| Err("the page sums panicked".into()))
+        });
+        sums.map_err(SourceError::Memory)
     }
 
     fn take_failure(&self) -> SourceError {

@@ -27,6 +27,7 @@
 //! urgent ── REQUEST{page} ────────────────────────▶  (vanilla, or --resend off: on main)
 //! urgent ◀──────────── PAGES (urgent, maybe RESEND)  the urgent path (preempt modes)
 //!   main ── DONE ─────────────────────────────────▶  every page is in
+//!   main ◀──────────── PONG (×n, while it sums) ───  a keep-alive every 100 ms
 //!   main ◀──────────── SUMMARY{counters, sums} ────  then the source closes
 //!                      (ABORT{why}: the source failed, on either channel, at any time)
 //!   ... connections break in postcopy (recovery on):
