@@ -15,7 +15,7 @@
 //! 4. **Resume** (postcopy recovery, any number of times): after its connections broke in
 //!    postcopy, the destination connects a new main connection with [`Role::Resume`] and
 //!    the session token, followed by its received bitmap; the source, which has been waiting
-//!    for it with the session paused ([`accept_resume`]), answers, then takes a new urgent
+//!    for it with the session paused (`crate::source::door`), answers, then takes a new urgent
 //!    connection with the same token, as in step 2. No clock probes: the clocks are the ones
 //!    measured at the start.
 //!

@@ -59,6 +59,9 @@
 //!   [`options::MigrationMode`]); `pagehint_uffd::compare`'s ratios for `pagehint-uffd`.
 //! * **A result field**: the part of [`harness::result::RunResult`] it belongs to (each
 //!   part is flattened into the same JSON object) and the key list its test pins.
+//! * **A listening source's limit** (what it lets wait, how long it holds a paused
+//!   session): [`source::ServeOptions`] and its flag in `harness::cli` (`serve_options`,
+//!   and the listener's flags list); the door ([`source::door`]) and the sessions read it.
 //! * **A system call**: a wrapper in [`sys`], with a typed error.
 
 pub mod blocktime;

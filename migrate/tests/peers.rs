@@ -1,10 +1,12 @@
 //! What real migrations meet beyond a clean run (thread guest, small RAM, a few seconds
 //! each): a guest that keeps playing long after the last page is placed, a client that
 //! connects and says nothing, a hello asking for more memory than the source has, a peer
-//! that is not a pagehint-migrate source, a source that fails and says why, and strangers
-//! at a paused session's door (garbage, a new destination, a wrong token, a bad received
-//! bitmap), refused with the reason while the session waits for its own. Every test
-//! bounds its own run time, so a hang is a failure.
+//! that is not a pagehint-migrate source, a source that fails and says why, strangers at a
+//! paused session's door (garbage, a new destination, a wrong token, a bad received bitmap),
+//! refused with the reason while the session waits for its own, a hello never followed by
+//! its urgent connection (the source released after the handshake deadline), and hello
+//! values that would hold a source (refused at once, or capped). Every test bounds its own
+//! run time, so a hang is a failure.
 
 mod common;
 

@@ -1,6 +1,13 @@
 //! The migration source: guest RAM and (KVM guest) the running VM, precopy, the switch-over,
 //! and the `pagehint` scheduler behind two TCP channels in postcopy.
 //!
+//! The listening source ([`SourceServer`]) serves every connection's handshake at once at
+//! its [`door`] (each its own deadline, a bounded number pending, refusals with the reason)
+//! and runs each session on its own thread, up to `--max-sessions` at once; a session's
+//! urgent and resume connections reach it through its [`door::Doorway`]. With a RAM
+//! directory ([`saved`]) a session's RAM lives in a file and a paused session can be taken
+//! over by a later source.
+//!
 //! A session (one migration), after the handshake ([`crate::handshake`]) and `START`:
 //! 1. **precopy** ([`precopy`]): the vCPUs run the workload, the device model writes through
 //!    vm-memory, and the precopy sender sends rounds of dirty pages on the main channel,
@@ -17,9 +24,9 @@
 //! **Postcopy recovery**: if the connections break in postcopy (closed, reset, silent for
 //! the idle limit, or cut by the test hook) and the destination asked for recovery, the
 //! session is paused instead of ended: the senders stop, the scheduler stays, and the
-//! source waits (up to the hello's recovery window) for the destination to come back with a
-//! resume hello, its received bitmap and a new urgent connection
-//! ([`handshake::accept_resume`]). The scheduler then rebuilds every block from that bitmap
+//! source waits (up to the hello's recovery window, within `--max-recover`) for the
+//! destination to come back with a resume hello, its received bitmap and a new urgent
+//! connection ([`door::Doorway::paused`]). The scheduler then rebuilds every block from that bitmap
 //! ([`PageScheduler::recover_block`](pagehint::PageScheduler::recover_block): dirty = not
 //! received; the broken connection's hint and queued requests are dropped), and postcopy
 //! goes on in the same mode on the new connections, as many times as it takes.
