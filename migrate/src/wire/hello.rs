@@ -16,7 +16,10 @@
 //! takes it.
 //!
 //! Reply: `"PHMIGRS"` and the version byte `| token u64 | boot id [36] | message length u32 | message` (empty when
-//! accepted, at most 4096 bytes).
+//! accepted, at most 4096 bytes). The token is the session's; the answer to a resume carries
+//! the token of the session that resumed: the same one, or a new one when a new source
+//! session took a saved session over (`crate::source::saved`), whose urgent connection and
+//! later resumes then use it.
 //!
 //! The last byte of both magics is the protocol version ([`super::VERSION`], beside every
 //! magic): a peer of another version, or another service altogether, is named as such
@@ -374,7 +377,7 @@ const MAX_REPLY_MESSAGE: u32 = 4096;
 pub struct HelloReply {
     /// Empty when accepted, else why not.
     pub error: String,
-    /// Session token for the urgent connection.
+    /// Session token for the urgent connection (after a takeover, the new session's).
     pub token: u64,
     /// Source's boot id.
     pub boot_id: [u8; 36],

@@ -32,7 +32,9 @@
 //!                      (ABORT{why}: the source failed, on either channel, at any time)
 //!   ... connections break in postcopy (recovery on):
 //!   main ── Hello{Resume, token} + received bitmap ▶  the paused session resumes
-//! urgent ── Hello{Urgent, token} ─────────────────▶  postcopy goes on
+//!   main ◀──────────── HelloReply{token'} ──────────  token' = token, or a new source
+//!                                                      session's that took it over
+//! urgent ── Hello{Urgent, token'} ────────────────▶  postcopy goes on
 //! ```
 //!
 //! * [`frame`]: page frames and return-path frames;
