@@ -18,13 +18,42 @@ fn exe() -> Command {
     Command::new(env!("CARGO_BIN_EXE_pagehint-migrate"))
 }
 
+/// A client of `addr` that sends `bytes` and reads the answer (if any).
+fn knock(addr: &str, bytes: &[u8]) -> Vec<u8> {
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect(addr).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    c.write_all(bytes).unwrap();
+    let mut answer = vec![0u8; 60];
+    let n = c.read(&mut answer).unwrap_or(0);
+    answer.truncate(n);
+    answer
+}
+
 #[test]
 fn a_listener_with_once_serves_one_migration_and_exits() {
-    let (mut source, addr) = common::start_listener(
+    let (source, addr) = common::start_listener(
         exe()
             .args(["--listen", "127.0.0.1:0", "--pin", "off", "--once"])
             .stderr(Stdio::piped()),
     );
+    // Strangers first: garbage, and a destination that says hello and goes away. Neither
+    // is a session (--once still serves the real one), and the log says each once.
+    let mut garbage = b"GET / HTTP/1.0\r\n\r\n".to_vec();
+    garbage.resize(pagehint_migrate::wire::Hello::LEN, b' ');
+    assert!(knock(&addr, &garbage).starts_with(b"PHMIGRS"));
+    let cfg = common::config(
+        pagehint_migrate::options::GuestKind::Thread,
+        16 << 20,
+        pagehint_migrate::guest::layout::HostPageSize::Small,
+        1,
+    );
+    let hello = pagehint_migrate::wire::Hello::new(
+        &cfg,
+        pagehint_migrate::MigrationMode::Preempt,
+        pagehint_migrate::Workload::Seq,
+    );
+    assert!(knock(&addr, &hello.encode()).starts_with(b"PHMIGRS"));
     let dest = within(Duration::from_secs(60), move || {
         exe()
             .args(["--connect", &addr])
@@ -40,11 +69,43 @@ fn a_listener_with_once_serves_one_migration_and_exits() {
         String::from_utf8_lossy(&dest.stderr)
     );
     assert!(stdout.contains("verified"), "{stdout}");
-    let status = within(Duration::from_secs(20), move || source.wait().unwrap());
+    let out = within(Duration::from_secs(20), move || {
+        source.wait_with_output().unwrap()
+    });
+    let log = String::from_utf8_lossy(&out.stderr);
     assert!(
-        status.success(),
-        "the listener exits 0 after its one session"
+        out.status.success(),
+        "the listener exits 0 after its one session: {log}"
     );
+    let lines: Vec<&str> = log.lines().collect();
+    assert!(
+        lines.iter().any(|l| l.starts_with("refused a connection from 127.0.0.1:")
+            && l.ends_with("protocol error on the handshake: not a pagehint-migrate destination (its hello starts \"GET / HT\")")),
+        "{log}"
+    );
+    assert!(
+        lines.iter().any(|l| l.ends_with("the destination did not open its urgent connection within 2s of the answer to its hello; the session is released")),
+        "the right wait: {log}"
+    );
+    assert!(
+        lines
+            .iter()
+            .all(|l| l.matches("protocol error").count() <= 1),
+        "no doubled prefix: {log}"
+    );
+    // The two strangers were not sessions: the one migration is session 1.
+    let started: Vec<&&str> = lines.iter().filter(|l| l.contains(": started: ")).collect();
+    assert_eq!(started.len(), 1, "{log}");
+    assert!(
+        started[0].starts_with("session 1: started: seq / preempt"),
+        "{log}"
+    );
+    assert_eq!(
+        lines.iter().filter(|l| l.contains(" done: ")).count(),
+        1,
+        "{log}"
+    );
+    assert!(!log.contains("session 2"), "{log}");
 }
 
 #[test]

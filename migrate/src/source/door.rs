@@ -33,7 +33,7 @@ use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasher, Hasher};
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -126,8 +126,6 @@ struct Registry {
     ended: VecDeque<(u64, String)>,
     /// False once the server has started its last session.
     accepting: bool,
-    /// Sessions numbered so far.
-    numbered: u64,
 }
 
 /// The door: the listener, the registry, and the channel of new sessions.
@@ -267,7 +265,6 @@ impl<'l> Door<'l> {
                 saved: saved.into_iter().map(|s| (s.token, s)).collect(),
                 ended: VecDeque::new(),
                 accepting: true,
-                numbered: 0,
             }),
         }
     }
@@ -306,11 +303,10 @@ impl<'l> Door<'l> {
                 stage: Stage::Running,
             },
         );
-        r.numbered += 1;
         Doorway {
             door: self,
             token,
-            number: r.numbered,
+            number: AtomicU64::new(0),
             inbox: Mutex::new(rx),
             stash: Mutex::new(Vec::new()),
             ended: Mutex::new(None),
@@ -688,8 +684,9 @@ enum Routed {
 pub struct Doorway<'d> {
     door: &'d Door<'d>,
     token: u64,
-    /// The session's number (1, 2, ... in order of arrival), for the log.
-    pub number: u64,
+    /// The session's number, for the log: 1, 2, ... in the order their handshakes were
+    /// done (0 until then: a connection that never became a session has none).
+    number: AtomicU64,
     inbox: Mutex<Receiver<ForSession>>,
     /// Resumes that arrived before the session paused (the newest is taken).
     stash: Mutex<Vec<(TcpStream, Vec<u64>)>>,
@@ -714,6 +711,18 @@ impl Doorway<'_> {
     /// The session token.
     pub fn token(&self) -> u64 {
         self.token
+    }
+
+    /// The session's number (0 until its handshake is done).
+    pub fn number(&self) -> u64 {
+        // Relaxed: set once by the session's own thread before it logs anything.
+        self.number.load(Ordering::Relaxed)
+    }
+
+    /// Numbers the session, once its handshake is done.
+    pub fn set_number(&self, n: u64) {
+        // Relaxed: see `number`.
+        self.number.store(n, Ordering::Relaxed);
     }
 
     fn set_stage(&self, stage: Stage) {

@@ -538,19 +538,19 @@ impl SourceServer {
                 conn,
                 hello,
                 doorway,
-            } => (
-                doorway.number,
-                self.new_session(&ctx, conn, hello, &doorway),
-            ),
+            } => {
+                let r = self.new_session(&ctx, conn, hello, &doorway);
+                (doorway.number(), r)
+            }
             door::NewSession::Takeover {
                 conn,
                 received,
                 saved,
                 doorway,
-            } => (
-                doorway.number,
-                self.takeover(&ctx, conn, received, saved, &doorway),
-            ),
+            } => {
+                let r = self.takeover(&ctx, conn, received, saved, &doorway);
+                (doorway.number(), r)
+            }
         };
         if let Some(r) = result {
             log(ServerEvent::Ended {
@@ -601,7 +601,7 @@ impl SourceServer {
                 return None;
             }
         };
-        if !ctx.admitted.admit() {
+        let Some(number) = ctx.admitted.admit() else {
             self.drop_ram(token);
             doorway.refuse(
                 &urgent,
@@ -609,13 +609,14 @@ impl SourceServer {
                     .into(),
             );
             return None;
-        }
+        };
+        doorway.set_number(number);
         if let Err(e) = doorway.accept(&urgent) {
             self.drop_ram(token);
             return Some(Err(e));
         }
         ctx.log(ServerEvent::Started {
-            number: doorway.number,
+            number: doorway.number(),
             what: describe(&hello, conn.peer_addr().ok()),
         });
         Some(self.run_session(ctx, doorway, hello, conn, urgent, prepared, None))
@@ -668,7 +669,8 @@ impl SourceServer {
             .accept(&conn)
             .and_then(|()| doorway.urgent(ctx.stop, HANDSHAKE_DEADLINE.min(self.opts.idle)))
             .and_then(|u| {
-                if ctx.admitted.admit() {
+                if let Some(n) = ctx.admitted.admit() {
+                    doorway.set_number(n);
                     doorway.accept(&u).map(|()| u)
                 } else {
                     doorway.refuse(&u, "the source takes no more sessions".into());
@@ -686,7 +688,7 @@ impl SourceServer {
             }
         };
         ctx.log(ServerEvent::Started {
-            number: doorway.number,
+            number: doorway.number(),
             what: format!(
                 "took over session {:016x} ({}) saved by an earlier source",
                 old.token,
@@ -846,14 +848,15 @@ struct Admitted {
 }
 
 impl Admitted {
-    /// Counts one more session, unless the limit is reached.
-    fn admit(&self) -> bool {
+    /// Counts one more session, unless the limit is reached: its number (1, 2, ...).
+    fn admit(&self) -> Option<u64> {
         // Relaxed: a counter; only its own value is read and written.
         self.n
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
                 self.limit.is_none_or(|l| n < l).then_some(n + 1)
             })
-            .is_ok()
+            .ok()
+            .map(|n| n + 1)
     }
 
     /// Whether the limit is reached.

@@ -136,7 +136,7 @@ impl Session<'_> {
     fn resume(&mut self, sched: &mut PageScheduler, cut: SourceError) -> Result<(), SourceError> {
         let _ = self.out.main.shutdown(Shutdown::Both);
         let _ = self.out.urgent.shutdown(Shutdown::Both);
-        let number = self.doorway.number;
+        let number = self.doorway.number();
         (self.log)(ServerEvent::Paused {
             number,
             why: cut.to_string(),
