@@ -544,3 +544,44 @@ fn no_hello_value_holds_the_source_or_its_destination() {
         check_verified(&r.unwrap_or_else(|e| panic!("{e}")));
     });
 }
+
+#[test]
+fn connections_past_the_pending_limit_are_refused_at_once_with_the_reason() {
+    within(Duration::from_secs(30), || {
+        let c = cfg();
+        let mut opts = pagehint_migrate::source::ServeOptions::new(PinPlan::OFF, c.idle_timeout);
+        opts.max_pending = 8;
+        let src = LocalSource::with_options(opts, false).unwrap();
+        let silent: Vec<TcpStream> = (0..8)
+            .map(|_| TcpStream::connect(src.addr()).unwrap())
+            .collect();
+        std::thread::sleep(Duration::from_millis(200));
+        let stop = AtomicBool::new(false);
+        let g = Guard {
+            stop: &stop,
+            idle: Duration::from_secs(5),
+            keepalive: None,
+        };
+        let t = Instant::now();
+        let one_more = TcpStream::connect(src.addr()).unwrap();
+        pagehint_migrate::wire::configure(&one_more).unwrap();
+        let e = pagehint_migrate::wire::HelloReply::read(&one_more, &g)
+            .unwrap()
+            .error;
+        assert_eq!(
+            e,
+            "too many connections waiting to say hello (8); try again"
+        );
+        assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+        // Once the silent ones have had their deadline, a destination gets in.
+        drop(silent);
+        let r = run_destination(
+            src.addr(),
+            &c,
+            MigrationMode::Preempt,
+            Workload::Seq,
+            &|_, _| {},
+        );
+        check_verified(&r.unwrap_or_else(|e| panic!("{e}")));
+    });
+}

@@ -267,7 +267,10 @@ fn one_source_serves_sessions_back_to_back_through_hostile_traffic_and_random_cu
     std::fs::create_dir_all(&dir).unwrap();
     let log = dir.join("source.log");
     let n = sessions.to_string();
-    let (mut src, addr) = source(&["--sessions", &n, "--timeout", "10s"], &log);
+    let (mut src, addr) = source(
+        &["--sessions", &n, "--timeout", "10s", "--max-recover", "5s"],
+        &log,
+    );
     let pid = src.id();
     let c = small();
     let hostile = Hostile::start(
@@ -332,6 +335,14 @@ fn one_source_serves_sessions_back_to_back_through_hostile_traffic_and_random_cu
         worst < Duration::from_secs(5),
         "a session waited {worst:?} to start\n{log_text}"
     );
+    if cuts > 0 {
+        // The destinations ask for 10 s; this source holds a paused session 5 s at most,
+        // and says so.
+        assert!(
+            log_text.contains("holding it up to 5s for its destination to resume it (it asked for 10s; --max-recover caps it)"),
+            "{log_text}"
+        );
+    }
     assert!(
         growth <= 10.0,
         "the source's memory grew {growth:.1}%: {rss:?}"
