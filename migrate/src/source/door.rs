@@ -157,6 +157,7 @@ struct Lingering {
 /// The kinds of refusal, logged apart.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 enum Kind {
+    Accept,
     Full,
     Silent,
     Bad,
@@ -172,7 +173,7 @@ struct Quiet {
 }
 
 impl Quiet {
-    fn note(&mut self, kind: Kind, peer: SocketAddr, why: &str, log: &dyn Fn(ServerEvent)) {
+    fn note(&mut self, kind: Kind, peer: Option<SocketAddr>, why: &str, log: &dyn Fn(ServerEvent)) {
         let now = now_ns();
         match self.last.get(&kind) {
             Some(&t) if now - t < LOG_EVERY.as_nanos() as u64 => {
@@ -183,7 +184,7 @@ impl Quiet {
             _ => {
                 self.last.insert(kind, now);
                 log(ServerEvent::Refused {
-                    peer: Some(peer),
+                    peer,
                     why: why.to_string(),
                     more: 0,
                 });
@@ -422,7 +423,7 @@ impl<'l> Door<'l> {
                         "no hello within {:?} of the connection (or of its last byte): closed",
                         self.limits.deadline
                     );
-                    quiet.note(Kind::Silent, p.peer, &why, log);
+                    quiet.note(Kind::Silent, Some(p.peer), &why, log);
                     answer(&p.conn, &refusal(why));
                     self.linger(&mut lingering, p.conn);
                     continue;
@@ -442,7 +443,7 @@ impl<'l> Door<'l> {
                                 "too many connections waiting to say hello ({}); try again",
                                 self.limits.max_pending
                             );
-                            quiet.note(Kind::Full, peer, &why, log);
+                            quiet.note(Kind::Full, Some(peer), &why, log);
                             answer(&conn, &refusal(why));
                             self.linger(&mut lingering, conn);
                             continue;
@@ -460,12 +461,7 @@ impl<'l> Door<'l> {
                     // Out of descriptors, or a connection reset before it was taken: try
                     // again at the next wake (the pending ones free theirs by their deadline).
                     Err(e) => {
-                        quiet.note(
-                            Kind::Full,
-                            "0.0.0.0:0".parse().expect("an address"),
-                            &format!("accepting a connection failed: {e}"),
-                            log,
-                        );
+                        quiet.note(Kind::Accept, None, &e.to_string(), log);
                         break;
                     }
                 }
@@ -661,7 +657,7 @@ impl<'l> Door<'l> {
         quiet: &mut Quiet,
         log: &dyn Fn(ServerEvent),
     ) -> Routed {
-        quiet.note(kind, p.peer, &why, log);
+        quiet.note(kind, Some(p.peer), &why, log);
         let _ = p.conn.set_nonblocking(true);
         answer(&p.conn, &refusal(why));
         Routed::Refused(p.conn)
@@ -861,5 +857,66 @@ impl Drop for Doorway<'_> {
             }
             r.ended.push_back((self.token, how));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::RefCell;
+
+    #[test]
+    fn refusals_are_logged_once_a_second_per_kind_with_a_count_of_the_rest() {
+        let lines = RefCell::new(Vec::new());
+        let log = |e: ServerEvent| lines.borrow_mut().push(e.to_string());
+        let mut q = Quiet::default();
+        let peer: SocketAddr = "10.0.0.1:5000".parse().unwrap();
+        for _ in 0..5 {
+            q.note(Kind::Silent, Some(peer), "no hello within 2s", &log);
+        }
+        q.note(
+            Kind::Bad,
+            Some(peer),
+            "not a pagehint-migrate destination",
+            &log,
+        );
+        q.note(Kind::Accept, None, "Too many open files", &log);
+        q.flush(false, &log);
+        assert_eq!(
+            lines.borrow().len(),
+            3,
+            "the rest waits for its second: {lines:?}"
+        );
+        q.flush(true, &log);
+        assert_eq!(
+            *lines.borrow(),
+            [
+                "refused a connection from 10.0.0.1:5000: no hello within 2s",
+                "refused a connection from 10.0.0.1:5000: not a pagehint-migrate destination",
+                "could not take a connection: Too many open files",
+                "refused 4 more connections meanwhile (the last: no hello within 2s)",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_paused_session_says_how_long_it_is_held_and_what_caps_it() {
+        let paused = |asked: Duration| {
+            ServerEvent::Paused {
+                number: 3,
+                why: "connection lost".into(),
+                hold: Duration::from_secs(30),
+                asked,
+            }
+            .to_string()
+        };
+        assert_eq!(
+            paused(Duration::from_secs(10)),
+            "session 3: paused (connection lost); holding it up to 30s for its destination to resume it"
+        );
+        assert!(paused(Duration::from_secs(300))
+            .ends_with("(it asked for 300s; --max-recover caps it)"));
+        assert!(paused(Duration::from_millis(u64::MAX))
+            .ends_with("(it asked for no limit; --max-recover caps it)"));
     }
 }

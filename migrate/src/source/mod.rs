@@ -203,6 +203,11 @@ impl std::fmt::Display for ServerEvent {
             Self::Refused {
                 peer: None,
                 why,
+                more: 0,
+            } => write!(f, "could not take a connection: {why}"),
+            Self::Refused {
+                peer: None,
+                why,
                 more,
             } => write!(
                 f,
@@ -220,7 +225,9 @@ impl std::fmt::Display for ServerEvent {
                     f,
                     "session {number}: paused ({why}); holding it up to {hold:?} for its destination to resume it"
                 )?;
-                if asked > hold {
+                if asked > hold && asked.as_secs() > 1 << 40 {
+                    write!(f, " (it asked for no limit; --max-recover caps it)")?;
+                } else if asked > hold {
                     write!(f, " (it asked for {asked:?}; --max-recover caps it)")?;
                 }
                 Ok(())
