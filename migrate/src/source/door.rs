@@ -462,6 +462,8 @@ impl<'l> Door<'l> {
                     // again at the next wake (the pending ones free theirs by their deadline).
                     Err(e) => {
                         quiet.note(Kind::Accept, None, &e.to_string(), log);
+                        // The listener stays readable: do not spin on it.
+                        std::thread::sleep(Duration::from_millis(10));
                         break;
                     }
                 }
