@@ -490,6 +490,14 @@ fn paused_then_taken_over(kind: GuestKind, mem: u64, bps: u64, w: Workload) -> R
         r
     });
     let r = r.unwrap_or_else(|e| panic!("the paused postcopy was not resumed: {e}"));
+    eprintln!(
+        "paused {kind}: {} cut(s), break to resumed {:?} ms (3 s of it waiting for the operator), {} host pages placed per connection {:?}, takeovers {}",
+        r.recovery.cuts,
+        r.recovery.recovery_ms,
+        r.transfer.pending_host_pages,
+        r.recovery.placed_per_connection,
+        r.recovery.takeovers
+    );
     assert!(r.outcome.verified, "{:?}", r.outcome.problems);
     assert_eq!(r.recovery.takeovers, 1, "{:?}", r.recovery.cut_reasons);
     assert!(r.recovery.cuts >= 1);
