@@ -221,6 +221,11 @@ impl DirtyBitmap {
     /// ```
     pub fn mark_range(&self, block: u32, first: u64, count: u64) -> Result<(), LocationError> {
         let b = self.ranged(block, first, count)?;
+        if count == 1 {
+            // One page (a small device write): `mark_dirty`'s one-bit RMW (`lock bts` on x86,
+            // where a masked `fetch_or` whose result is used is a `cmpxchg` loop).
+            return self.mark_dirty(PageLocation::new(block, first));
+        }
         let words = &self.words.get()[b.word_base..b.word_base + b.words];
         let mut newly = 0;
         for_each_word_span(first, first + count, |w, mask| {
