@@ -10,14 +10,17 @@
 # can be dependencies of one crate), builds a scratch crate depending on them, runs `cost.rs`
 # N times (default 5), and prints per case the median time of each side and the median and
 # range over the runs of after/before and after/nocount. Timings on a shared machine are
-# noisy: the ratios within a run are what to read.
+# noisy: the ratios within a run are what to read. CASES=WORD runs only the cases whose name
+# contains WORD (criterion's filter, e.g. CASES=2t_ for the two-thread ones). The scratch
+# crate's build directory is kept between invocations.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/../.." && pwd)
 before=${1:-01638da}
 runs=${2:-5}
 nocount=${3:-8f0147e}
 dir=/tmp/pagehint-count-cost
-rm -rf "$dir" && mkdir -p "$dir/before" "$dir/nocount" "$dir/bench/benches" "$dir/bench/src"
+rm -rf "$dir/before" "$dir/nocount" "$dir/bench/target/criterion" "$dir/bench/ratios.txt"
+mkdir -p "$dir/before" "$dir/nocount" "$dir/bench/benches" "$dir/bench/src"
 git -C "$repo" archive "$before" | tar -x -C "$dir/before"
 git -C "$repo" archive "$nocount" | tar -x -C "$dir/nocount"
 sed -i '0,/^version = "0.1.0"/s//version = "0.0.1"/' "$dir/before/Cargo.toml"
@@ -48,7 +51,7 @@ cargo bench --bench cost --no-run
 bin=$(ls -t target/release/deps/cost-* | grep -v '\.d$' | head -1)
 : >ratios.txt
 for i in $(seq "$runs"); do
-    "$bin" --bench >/dev/null 2>&1
+    "$bin" --bench ${CASES:+"$CASES"} >/dev/null 2>&1
     for g in target/criterion/*/; do
         name=$(basename "$g")
         est() { echo "$g/$1/new/estimates.json"; }
