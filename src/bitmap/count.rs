@@ -22,7 +22,9 @@
 //! with a plain relaxed load and store — no RMW, no `lock` prefix on x86. At thread exit the slot
 //! goes back to the registry (release), and the next thread to take it (acquire) continues from
 //! the last value written. Threads that find no owned slot free share the [`SHARED`] last slots
-//! (round robin), where they add with a relaxed `fetch_add`.
+//! (round robin), where they add with a relaxed `fetch_add`. (Under a model checker, two owned
+//! slots and one shared, and a slot is kept until the execution ends: the hand-over at exit has
+//! its own model.)
 //!
 //! The dirty count is `Σ dirtied − Σ cleared` over the slots (every `cleared` loaded first,
 //! then every `dirtied`, so that an operation landing between the two sums only raises the
