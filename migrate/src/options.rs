@@ -22,20 +22,27 @@ named_enum!(
         Vanilla = 0, "vanilla";
         /// A separate urgent channel, no hint (QEMU's postcopy-preempt before the seed).
         Preempt = 1, "preempt";
-        /// Urgent channel plus the spatial-locality hint (the seed, QEMU 10.1).
+        /// Urgent channel plus the spatial-locality hint (the seed, QEMU 10.1): one slot.
         PreemptHint = 2, "preempt-hint";
+        /// Urgent channel plus one hint slot per vCPU: requests name the faulting vCPU, and
+        /// the background scan follows each vCPU's faults with its own cursor.
+        PreemptHints = 3, "preempt-hints";
     }
 );
 
 impl MigrationMode {
-    /// The scheduler configuration with `batch`.
-    pub fn scheduler(self, batch: ClaimBatch) -> SchedulerConfig {
-        match self {
+    /// The scheduler configuration with `batch` for a guest of `vcpus` vCPUs (1 to
+    /// [`MAX_VCPUS`](crate::guest::layout::MAX_VCPUS), which `pagehint`'s
+    /// [`MAX_STREAMS`](pagehint::streams::MAX_STREAMS) covers).
+    pub fn scheduler(self, batch: ClaimBatch, vcpus: u32) -> Result<SchedulerConfig, String> {
+        Ok(match self {
             Self::Vanilla => SchedulerConfig::vanilla(),
             Self::Preempt => SchedulerConfig::preempt(),
             Self::PreemptHint => SchedulerConfig::preempt_hint(),
+            Self::PreemptHints => SchedulerConfig::preempt_hints(vcpus)
+                .map_err(|e| format!("{self} with {vcpus} vCPUs: {e}"))?,
         }
-        .with_batch(batch)
+        .with_batch(batch))
     }
 
     /// How this mode's pages and requests travel, with `--resend` as asked (it only
@@ -51,6 +58,7 @@ impl MigrationMode {
             },
             resend,
             low_water: true,
+            streams: false,
         };
         match self {
             // QEMU's postcopy: one channel, requests queued for the background scan, the
@@ -60,8 +68,13 @@ impl MigrationMode {
                 requests: RequestRoute::Main,
                 resend: false,
                 low_water: false,
+                streams: false,
             },
             Self::Preempt | Self::PreemptHint => urgent,
+            Self::PreemptHints => Transport {
+                streams: true,
+                ..urgent
+            },
         }
     }
 }
@@ -306,7 +319,11 @@ mod tests {
         }
         assert!(MigrationMode::from_code(9).is_none());
         let e = "fast".parse::<MigrationMode>().unwrap_err();
-        assert!(e.contains("vanilla, preempt, preempt-hint"), "{e}");
+        assert!(e.contains("vanilla, preempt, preempt-hint, preempt-hints"), "{e}");
+        let b = ClaimBatch::DEFAULT;
+        assert_eq!(MigrationMode::PreemptHint.scheduler(b, 4).unwrap().streams(), 1);
+        assert_eq!(MigrationMode::PreemptHints.scheduler(b, 4).unwrap().streams(), 4);
+        assert!(MigrationMode::PreemptHints.scheduler(b, 0).is_err());
         assert_eq!("ring".parse::<DirtyTracking>(), Ok(DirtyTracking::Ring));
     }
 
@@ -315,9 +332,16 @@ mod tests {
         let v = MigrationMode::Vanilla.transport(true);
         assert!(!v.urgent_channel && !v.resend && !v.low_water);
         assert_eq!(v.requests, RequestRoute::Main);
-        for m in [MigrationMode::Preempt, MigrationMode::PreemptHint] {
+        assert!(!v.streams);
+        for m in [
+            MigrationMode::Preempt,
+            MigrationMode::PreemptHint,
+            MigrationMode::PreemptHints,
+        ] {
             let t = m.transport(true);
             assert!(t.urgent_channel && t.resend && t.low_water);
+            // Only the per-vCPU mode names the faulting vCPU in its requests.
+            assert_eq!(t.streams, m == MigrationMode::PreemptHints);
             assert_eq!(t.requests, RequestRoute::Urgent);
             let old = m.transport(false);
             assert!(old.urgent_channel && !old.resend);

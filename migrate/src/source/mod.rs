@@ -196,7 +196,11 @@ impl SourceServer {
                     .map_err(|e| format!("source VM: {e}"))?;
                 m.boot(h.guest.seed)
                     .map_err(|e| format!("source VM: {e}"))?;
-                m.set_stream_rate(h.guest.stream_rate, STREAM_FRAME_PAGES);
+                m.set_stream_rate(
+                    h.workload
+                        .stream_rate_each(h.guest.stream_rate, layout.vcpus()),
+                    STREAM_FRAME_PAGES,
+                );
                 (Some(m), rings)
             }
         };

@@ -24,7 +24,7 @@
 //!   main ◀──────────── SWITCH{vCPUs, to discard} ──  the guest stops there; postcopy begins
 //!        (discard, register userfaultfd, the guest resumes here)
 //!   main ◀──────────── PAGES / ZERO (background) ──  the scheduler's background scan
-//! urgent ── REQUEST{page} ────────────────────────▶  (vanilla, or --resend off: on main)
+//! urgent ── REQUEST{stream, page} ────────────────▶  (vanilla, or --resend off: on main)
 //! urgent ◀──────────── PAGES (urgent, maybe RESEND)  the urgent path (preempt modes)
 //!   main ── DONE ─────────────────────────────────▶  every page is in
 //!   main ◀──────────── SUMMARY{counters, sums} ────  then the source closes
@@ -52,7 +52,7 @@ pub mod io;
 pub mod summary;
 pub mod switch;
 
-pub use frame::{FrameHeader, FrameKind, RpHeader, RpKind};
+pub use frame::{FrameHeader, FrameKind, RequestBody, RpHeader, RpKind};
 pub use hello::{Hello, HelloReply, Role};
 pub use io::{
     configure, read_full, wait_readable, write_parts, Channel, Guard, WireError, POLL_SLICE,
@@ -62,7 +62,7 @@ pub use switch::SwitchOver;
 
 /// The protocol version both directions carry (the last byte of the hello's and the
 /// reply's magic).
-pub const VERSION: u8 = b'6';
+pub const VERSION: u8 = b'7';
 /// The hello's magic: `"PHMIGRT"` and [`VERSION`].
 pub const HELLO_MAGIC: [u8; 8] = versioned(*b"PHMIGRT");
 /// The hello reply's magic: `"PHMIGRS"` and [`VERSION`].
