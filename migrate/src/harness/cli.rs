@@ -177,6 +177,11 @@ pub struct Cli {
     /// With --listen: serve one migration, then exit (--sessions 1).
     #[arg(long, requires = "listen", conflicts_with = "sessions")]
     once: bool,
+    /// Run the whole matrix N times (the modes of each workload in the opposite order every
+    /// other time) and report the medians, each target's ratio of medians with its range
+    /// over the repeats; the JSON keeps every run.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    repeat: u32,
     /// Exit with status 1 when a target misses (targets are otherwise only reported).
     #[arg(long)]
     check: bool,
@@ -287,6 +292,8 @@ pub struct Invocation {
     pub check: bool,
     /// `--resend`: the settings each preempt mode runs with, in order.
     pub resend: Vec<bool>,
+    /// `--repeat`: how many times the matrix runs (at least 1).
+    pub repeat: u32,
 }
 
 /// The shortest `--timeout`.
@@ -574,8 +581,12 @@ impl Invocation {
             Resend::Both => vec![false, true],
         };
         cfg.resend = resend[0];
+        if cli.repeat == 0 {
+            return Err("--repeat 0: at least 1 (the matrix runs once by default)".into());
+        }
         Ok(Self {
             resend,
+            repeat: cli.repeat,
             cfg,
             modes,
             workloads,

@@ -527,15 +527,24 @@ pub fn any_missed(checks: &[TargetCheck]) -> bool {
 
 /// The target checks as text lines: `[MARK] what = ratio; target: goal`.
 pub fn targets_text(checks: &[TargetCheck]) -> String {
+    targets_text_with(checks, &[])
+}
+
+/// [`targets_text`] with each ratio's range over repeats (`ranges[i]` for `checks[i]`,
+/// where known: see [`crate::harness::medians::ranges`]).
+pub fn targets_text_with(checks: &[TargetCheck], ranges: &[Option<(f64, f64)>]) -> String {
     let mut out = String::new();
-    for c in checks {
-        let val = match c.ratio {
+    for (i, c) in checks.iter().enumerate() {
+        let mut val = match c.ratio {
             Some(r) if r.is_finite() && c.what.ends_with('%') => format!(" = {r:.3}"),
             Some(r) if r.is_finite() => format!(" = {r:.2}x"),
             Some(_) => " = inf".into(),
             None if c.target == "all" || c.what.contains("not comparable") => String::new(),
             None => " (not run)".into(),
         };
+        if let Some(&Some((lo, hi))) = ranges.get(i) {
+            let _ = write!(val, " (repeats {lo:.2}–{hi:.2})");
+        }
         let _ = writeln!(out, "  [{}] {}{val}; target: {}", mark(c), c.what, c.target);
         if let Some(note) = &c.note {
             let _ = writeln!(out, "         {note}");

@@ -105,6 +105,9 @@ pub struct Setup {
     /// (`--resend`); false: the old behaviour (and vanilla).
     #[serde(default)]
     pub resend: bool,
+    /// Which repeat of the matrix this run belongs to (`--repeat`), from 0.
+    #[serde(default)]
+    pub repeat: u32,
 }
 
 /// Whether the run completed and verified.
@@ -687,6 +690,7 @@ impl Setup {
             seed: cfg.guest.seed,
             pin: cfg.pin.describe(),
             resend: transport.resend,
+            repeat: 0,
         }
     }
 }
@@ -761,6 +765,7 @@ mod tests {
         "recovery_ms",
         "recovery_total_ms",
         "rejected",
+        "repeat",
         "request_max_us",
         "request_p50_us",
         "request_p99_us",
