@@ -254,6 +254,13 @@ pub struct SourceCounters {
     /// Link bytes of those (headers included; part of `postcopy_bytes`).
     #[serde(default)]
     pub resent_bytes: u64,
+    /// Hints the background scan took from each fault stream's slot (one slot, stream 0,
+    /// unless the mode keeps one per vCPU).
+    #[serde(default)]
+    pub stream_hints_taken: Vec<u64>,
+    /// Target pages each stream's cursor claimed after its faults (a slot per vCPU).
+    #[serde(default)]
+    pub stream_cursor_pages: Vec<u64>,
 }
 
 /// How the destination placed what arrived: duplicates, on purpose or not.
@@ -549,6 +556,8 @@ impl SourceCounters {
             zero_host_pages: summary.zero_host_pages,
             resent_host_pages: summary.resent_host_pages,
             resent_bytes: summary.resent_bytes,
+            stream_hints_taken: summary.streams.iter().map(|s| s.hints_taken).collect(),
+            stream_cursor_pages: summary.streams.iter().map(|s| s.cursor_pages).collect(),
         }
     }
 }
@@ -778,6 +787,8 @@ mod tests {
         "same_clock",
         "seed",
         "stall_ms",
+        "stream_cursor_pages",
+        "stream_hints_taken",
         "stream_rate",
         "tail",
         "throughput_mib_s",

@@ -530,7 +530,7 @@ impl Session<'_> {
             self.fail(e);
             return Err(self.take_failure());
         }
-        let stats = self.postcopy()?;
+        let (stats, streams) = self.postcopy()?;
         let checksums = self.mem.checksums().map_err(SourceError::Memory)?;
         let generations = match self.machine {
             Some(_) => self.mem.generations().map_err(SourceError::Memory)?,
@@ -555,6 +555,7 @@ impl Session<'_> {
             generations,
             recoveries: self.recoveries.clone(),
             requests: self.trace.finish(),
+            streams,
         };
         let body = summary.encode();
         let h = FrameHeader::summary(body.len());

@@ -38,14 +38,16 @@ use crate::handshake;
 use crate::options::SourceFault;
 use crate::sys::clock::{now_ns, sleep_until, tight_timer_slack};
 use crate::sys::pin::Role;
+use crate::wire::summary::StreamCounts;
 use crate::wire::{
     read_full, Channel, FrameHeader, Guard, RequestBody, RpHeader, RpKind, WireError, POLL_SLICE,
 };
 
 impl Session<'_> {
     /// Runs postcopy to the destination's `DONE`, resuming it on new connections after each
-    /// break (see the module [`super`]); returns the scheduler's counters.
-    pub(super) fn postcopy(&mut self) -> Result<SchedulerStats, SourceError> {
+    /// break (see the module [`super`]); returns the scheduler's counters, and each fault
+    /// stream's.
+    pub(super) fn postcopy(&mut self) -> Result<(SchedulerStats, Vec<StreamCounts>), SourceError> {
         let layout = self.mem.layout();
         let mut sched = PageScheduler::with_bitmap(
             layout.ram().clone(),
@@ -78,7 +80,7 @@ impl Session<'_> {
     /// queued (vanilla: asked for pages already on their way), so that the counters'
     /// `queued_followed + queued_stale` is every queued request, and finds nothing left to
     /// claim: every page was sent (I3). Returns the counters.
-    fn last_sweep(sched: &PageScheduler) -> Result<SchedulerStats, WireError> {
+    fn last_sweep(sched: &PageScheduler) -> Result<(SchedulerStats, Vec<StreamCounts>), WireError> {
         let mut scanner = sched.background();
         if let Some(claim) = scanner.next_claim() {
             return Err(WireError::Malformed(
@@ -92,7 +94,11 @@ impl Session<'_> {
         }
         // The scanner publishes its counts when dropped.
         drop(scanner);
-        Ok(sched.stats())
+        let streams = (0..sched.streams())
+            .filter_map(|s| sched.stream_stats(s).ok())
+            .map(StreamCounts::from)
+            .collect();
+        Ok((sched.stats(), streams))
     }
 
     /// Runs the background sender and the return-path thread on the current connections
