@@ -31,6 +31,10 @@ named_enum!(
 );
 
 impl MigrationMode {
+    /// The default list: the seed's comparison (`preempt-hints`, a slot per vCPU, is asked
+    /// for by name: with one vCPU it is one slot).
+    pub const DEFAULT_LIST: &'static str = "vanilla,preempt,preempt-hint";
+
     /// The scheduler configuration with `batch` for a guest of `vcpus` vCPUs (1 to
     /// [`MAX_VCPUS`](crate::guest::layout::MAX_VCPUS), which `pagehint`'s
     /// [`MAX_STREAMS`](pagehint::streams::MAX_STREAMS) covers).

@@ -101,13 +101,17 @@ pub struct Cli {
     /// Track the KVM guest's writes with KVM's dirty rings instead of the dirty log.
     #[arg(long)]
     dirty_ring: bool,
-    /// Modes to compare, comma separated.
-    #[arg(long, value_delimiter = ',', default_value = MigrationMode::LIST)]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = MigrationMode::DEFAULT_LIST,
+        help = format!("Modes to compare, comma separated: {}", MigrationMode::NAMES)
+    )]
     modes: Vec<String>,
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = Workload::LIST,
+        default_value = Workload::DEFAULT_LIST,
         help = format!("Guest workloads, comma separated: {}", Workload::NAMES)
     )]
     workloads: Vec<String>,

@@ -125,7 +125,7 @@ pub enum Command {
         #[arg(long, default_value = "4K")]
         host_page: String,
         /// Comma-separated workloads.
-        #[arg(long, default_value = Workload::LIST)]
+        #[arg(long, default_value = Workload::DEFAULT_LIST)]
         workloads: String,
         /// Prefetcher threads (pagehint policies).
         #[arg(long, default_value_t = 1)]
