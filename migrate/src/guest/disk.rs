@@ -70,7 +70,13 @@ pub const MAILBOX: u64 = 0x70000;
 /// Most vCPUs a booted guest has: their stacks ([`STACKS_GPA`]) and status pages end below
 /// 512 KiB, in conventional memory no firmware keeps.
 pub const DISK_MAX_VCPUS: u32 = 16;
-/// The local APIC's interrupt command register (low, high), xAPIC mode.
+// The start-up IPI's vector is a page below 1 MiB, in the load region; the stacks, then the
+// status pages, end below 512 KiB.
+const _: () = assert!(AP_START < 1 << 20 && AP_START & 0xfff == 0 && AP_START >= LOAD_BASE);
+const _: () = assert!(STACKS_GPA + DISK_MAX_VCPUS as u64 * 4096 <= MAILBOX);
+const _: () = assert!(MAILBOX + DISK_MAX_VCPUS as u64 * 4096 <= 0x80000);
+
+/// The local APIC's interrupt command register (low), xAPIC mode.
 const APIC_ICR_LOW: u64 = 0xfee0_0300;
 /// The local APIC's spurious-interrupt vector register (bit 8: the APIC is on).
 const APIC_SVR: u64 = 0xfee0_00f0;
@@ -498,10 +504,6 @@ mod tests {
         for v in 0..4 {
             assert_eq!(word(2 + v as usize), boot_regs(v, 1).rbx);
         }
-        // The start-up IPI's vector is a page below 1 MiB, in the load region.
-        assert!(AP_START < 1 << 20 && AP_START % 4096 == 0 && AP_START >= LOAD_BASE);
-        assert!(MAILBOX + u64::from(DISK_MAX_VCPUS) * 4096 <= 0x80000);
-        assert!(STACKS_GPA + u64::from(DISK_MAX_VCPUS) * 4096 <= MAILBOX);
         let many = GuestLayout::new(256 << 20, HostPageSize::Small, DISK_MAX_VCPUS + 1).unwrap();
         let e = image(&DiskSpec {
             layout: many,
