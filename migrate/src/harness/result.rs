@@ -254,8 +254,8 @@ pub struct SourceCounters {
     /// Link bytes of those (headers included; part of `postcopy_bytes`).
     #[serde(default)]
     pub resent_bytes: u64,
-    /// Hints the background scan took from each fault stream's slot (one slot, stream 0,
-    /// unless the mode keeps one per vCPU).
+    /// Hints the background scan took from each vCPU's slot (modes with a hint slot per
+    /// vCPU; empty otherwise).
     #[serde(default)]
     pub stream_hints_taken: Vec<u64>,
     /// Target pages each stream's cursor claimed after its faults (a slot per vCPU).

@@ -28,7 +28,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use pagehint::{Claim, PageScheduler, RequestError, SchedulerStats, Served, UrgentRequest};
+use pagehint::{
+    Claim, HintPolicy, PageScheduler, RequestError, SchedulerStats, Served, UrgentRequest,
+};
 
 use super::send::{PageRun, Phase, SendError};
 use super::trace::{ReqPath, ReqTrace};
@@ -94,10 +96,15 @@ impl Session<'_> {
         }
         // The scanner publishes its counts when dropped.
         drop(scanner);
-        let streams = (0..sched.streams())
-            .filter_map(|s| sched.stream_stats(s).ok())
-            .map(StreamCounts::from)
-            .collect();
+        // Per-stream counters exist where the scheduler follows streams (one slot's scan
+        // counts only in the totals).
+        let streams = match sched.config().hint {
+            HintPolicy::PerStream(_) => (0..sched.streams())
+                .filter_map(|s| sched.stream_stats(s).ok())
+                .map(StreamCounts::from)
+                .collect(),
+            HintPolicy::Off | HintPolicy::SetIfEmpty => Vec::new(),
+        };
         Ok((sched.stats(), streams))
     }
 

@@ -38,8 +38,8 @@ pub struct Summary {
     pub resent_bytes: u64,
     /// Postcopy: how the source handled each valid request, and when (source clock).
     pub requests: Vec<ReqTrace>,
-    /// Each fault stream's counters (one per hint slot: one stream unless the mode keeps a
-    /// slot per vCPU).
+    /// Each fault stream's counters, where the mode keeps a hint slot per vCPU (empty
+    /// otherwise: one slot's scan counts only in `stats`).
     pub streams: Vec<StreamCounts>,
 }
 
