@@ -6,7 +6,8 @@
 
 use std::time::Duration;
 
-use pagehint::{ClaimBatch, SchedulerConfig};
+use pagehint::streams::{StreamPolicy, StreamPolicyError};
+use pagehint::{ClaimBatch, HintPolicy, SchedulerConfig};
 
 use crate::guest::layout::{GuestLayout, GuestLayoutError, HostPageSize};
 pub use crate::guest::Workload;
@@ -37,14 +38,26 @@ impl MigrationMode {
 
     /// The scheduler configuration with `batch` for a guest of `vcpus` vCPUs (1 to
     /// [`MAX_VCPUS`](crate::guest::layout::MAX_VCPUS), which `pagehint`'s
-    /// [`MAX_STREAMS`](pagehint::streams::MAX_STREAMS) covers).
-    pub fn scheduler(self, batch: ClaimBatch, vcpus: u32) -> Result<SchedulerConfig, String> {
+    /// [`MAX_STREAMS`](pagehint::streams::MAX_STREAMS) covers), whose cursors (a slot per
+    /// vCPU) run as `cursors` says.
+    pub fn scheduler(
+        self,
+        batch: ClaimBatch,
+        vcpus: u32,
+        cursors: CursorPolicy,
+    ) -> Result<SchedulerConfig, String> {
         Ok(match self {
             Self::Vanilla => SchedulerConfig::vanilla(),
             Self::Preempt => SchedulerConfig::preempt(),
             Self::PreemptHint => SchedulerConfig::preempt_hint(),
-            Self::PreemptHints => SchedulerConfig::preempt_hints(vcpus)
-                .map_err(|e| format!("{self} with {vcpus} vCPUs: {e}"))?,
+            Self::PreemptHints => SchedulerConfig {
+                hint: HintPolicy::PerStream(
+                    cursors
+                        .policy(vcpus)
+                        .map_err(|e| format!("{self} with {vcpus} vCPUs: {e}"))?,
+                ),
+                ..SchedulerConfig::preempt()
+            },
         }
         .with_batch(batch))
     }
@@ -80,6 +93,32 @@ impl MigrationMode {
                 ..urgent
             },
         }
+    }
+}
+
+/// How `preempt-hints`' cursors run: the library's [`StreamPolicy`] but for its stream count,
+/// which is the guest's vCPU count (`--stream-run`, `--stream-share`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CursorPolicy {
+    /// Target pages a cursor may claim after each fault ([`StreamPolicy::run`]).
+    pub run: u64,
+    /// Cursor claims between two linear scan steps ([`StreamPolicy::share`]).
+    pub share: u32,
+}
+
+impl CursorPolicy {
+    /// The library's defaults.
+    pub const DEFAULT: Self = Self {
+        run: StreamPolicy::DEFAULT_RUN,
+        share: StreamPolicy::DEFAULT_SHARE,
+    };
+
+    /// The policy for `streams` streams (a typed error for a run or a share of 0, or a count
+    /// out of range).
+    pub fn policy(self, streams: u32) -> Result<StreamPolicy, StreamPolicyError> {
+        StreamPolicy::new(streams)?
+            .with_run(self.run)?
+            .with_share(self.share)
     }
 }
 
@@ -238,6 +277,8 @@ pub struct RunConfig {
     pub link: LinkParams,
     /// Background claim batch.
     pub claim_batch: ClaimBatch,
+    /// How `preempt-hints`' cursors run.
+    pub cursors: CursorPolicy,
     /// Fault path (thread guest; the KVM guest always uses userfaultfd).
     pub fault_path: FaultPath,
     /// Thread placement.
@@ -278,6 +319,7 @@ impl RunConfig {
             },
             link,
             claim_batch: ClaimBatch::DEFAULT,
+            cursors: CursorPolicy::DEFAULT,
             fault_path: FaultPath::Auto,
             pin: PinPlan::auto(),
             idle_timeout: Duration::from_secs(20),
@@ -324,10 +366,18 @@ mod tests {
         assert!(MigrationMode::from_code(9).is_none());
         let e = "fast".parse::<MigrationMode>().unwrap_err();
         assert!(e.contains("vanilla, preempt, preempt-hint, preempt-hints"), "{e}");
-        let b = ClaimBatch::DEFAULT;
-        assert_eq!(MigrationMode::PreemptHint.scheduler(b, 4).unwrap().streams(), 1);
-        assert_eq!(MigrationMode::PreemptHints.scheduler(b, 4).unwrap().streams(), 4);
-        assert!(MigrationMode::PreemptHints.scheduler(b, 0).is_err());
+        let (b, c) = (ClaimBatch::DEFAULT, CursorPolicy::DEFAULT);
+        assert_eq!(MigrationMode::PreemptHint.scheduler(b, 4, c).unwrap().streams(), 1);
+        let hints = MigrationMode::PreemptHints.scheduler(b, 4, c).unwrap();
+        assert_eq!(hints, SchedulerConfig::preempt_hints(4).unwrap());
+        assert!(MigrationMode::PreemptHints.scheduler(b, 0, c).is_err());
+        let short = CursorPolicy { run: 64, share: 4 };
+        match MigrationMode::PreemptHints.scheduler(b, 2, short).unwrap().hint {
+            HintPolicy::PerStream(p) => assert_eq!((p.streams(), p.run(), p.share()), (2, 64, 4)),
+            h => panic!("{h:?}"),
+        }
+        let none = CursorPolicy { run: 0, ..short };
+        assert!(MigrationMode::PreemptHints.scheduler(b, 2, none).is_err());
         assert_eq!("ring".parse::<DirtyTracking>(), Ok(DirtyTracking::Ring));
     }
 

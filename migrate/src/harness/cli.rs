@@ -13,8 +13,8 @@ use pagehint::ClaimBatch;
 use crate::guest::layout::{GuestLayout, GuestLayoutError, HostPageSize};
 use crate::link::{LinkParams, LowWater};
 use crate::options::{
-    DestFault, DirtyTracking, FaultPath, GuestKind, GuestSpec, MigrationMode, Precopy, RunConfig,
-    SourceFault, SourceHooks, TestHooks, Workload,
+    CursorPolicy, DestFault, DirtyTracking, FaultPath, GuestKind, GuestSpec, MigrationMode,
+    Precopy, RunConfig, SourceFault, SourceHooks, TestHooks, Workload,
 };
 use crate::sys::pin::PinPlan;
 use crate::values::parse_list;
@@ -145,6 +145,14 @@ pub struct Cli {
     /// Target pages per background claim (1 to 64, a power of two).
     #[arg(long, default_value_t = 16)]
     claim_batch: u64,
+    /// preempt-hints: target pages each vCPU's cursor may claim after its fault (the
+    /// library's default run).
+    #[arg(long, value_name = "PAGES", default_value_t = pagehint::streams::StreamPolicy::DEFAULT_RUN)]
+    stream_run: u64,
+    /// preempt-hints: cursor claims between two steps of the linear scan (the library's
+    /// default share).
+    #[arg(long, value_name = "N", default_value_t = pagehint::streams::StreamPolicy::DEFAULT_SHARE)]
+    stream_share: u32,
     /// Playback rate of the stream workload, bytes/s.
     #[arg(long, allow_hyphen_values = true, default_value = "256M")]
     stream_rate: String,
@@ -557,6 +565,13 @@ impl Invocation {
         cfg.link = link(&cli, host_page)?;
         cfg.claim_batch =
             ClaimBatch::pages(cli.claim_batch).map_err(|e| format!("--claim-batch: {e}"))?;
+        cfg.cursors = CursorPolicy {
+            run: cli.stream_run,
+            share: cli.stream_share,
+        };
+        cfg.cursors
+            .policy(cfg.layout().vcpus())
+            .map_err(|e| format!("--stream-run / --stream-share: {e}"))?;
         cfg.fault_path = fault_path(&cli, cfg.guest.kind)?;
         cfg.pin = match cli.pin {
             Pin::Auto => PinPlan::auto(),

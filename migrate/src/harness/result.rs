@@ -94,6 +94,12 @@ pub struct Setup {
     pub pace_bps: u64,
     /// Background claim batch, target pages.
     pub claim_batch: u64,
+    /// preempt-hints: target pages a vCPU's cursor may claim after its fault.
+    #[serde(default)]
+    pub stream_run: u64,
+    /// preempt-hints: cursor claims between two linear scan steps.
+    #[serde(default)]
+    pub stream_share: u32,
     /// Stream playback rate, bytes/s.
     pub stream_rate: u64,
     /// Image and workload seed.
@@ -695,6 +701,8 @@ impl Setup {
             },
             pace_bps: cfg.link.pace_bps,
             claim_batch: cfg.claim_batch.get(),
+            stream_run: cfg.cursors.run,
+            stream_share: cfg.cursors.share,
             stream_rate: cfg.guest.stream_rate,
             seed: cfg.guest.seed,
             pin: cfg.pin.describe(),
@@ -790,6 +798,8 @@ mod tests {
         "stream_cursor_pages",
         "stream_hints_taken",
         "stream_rate",
+        "stream_run",
+        "stream_share",
         "tail",
         "throughput_mib_s",
         "total_ms",

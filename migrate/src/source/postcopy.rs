@@ -56,7 +56,7 @@ impl Session<'_> {
             Arc::clone(self.mem.bitmap()),
             self.hello
                 .mode
-                .scheduler(self.hello.claim_batch, layout.vcpus())
+                .scheduler(self.hello.claim_batch, layout.vcpus(), self.hello.cursors)
                 .map_err(SourceError::Scheduler)?,
         )
         .map_err(|e| SourceError::Scheduler(e.to_string()))?;
