@@ -65,11 +65,13 @@ fn precopy_with_the_dirty_log_and_the_dirty_ring_in_every_mode_and_workload() {
         let mut c = kvm(2);
         c.precopy.rounds = 3;
         c.precopy.tracking = tracking;
-        // Every mode and every workload: workload i with mode i % 3.
+        // Every mode and every workload: workload i with mode i (wrapping), shifted by one
+        // between the two trackings.
+        let modes = MigrationMode::ALL.len();
         let runs: Vec<_> = Workload::ALL
             .iter()
             .enumerate()
-            .map(|(i, &w)| (w, MigrationMode::ALL[(i + tracking.code() as usize) % 3]))
+            .map(|(i, &w)| (w, MigrationMode::ALL[(i + tracking.code() as usize) % modes]))
             .collect();
         for r in run_all(c, runs) {
             check_kvm(&r, 2);
@@ -232,6 +234,50 @@ fn pure_postcopy_in_every_mode_and_workload() {
         "the scan follows the hint"
     );
     assert!(get("stream", "preempt").waits.longest_pause_ms > 0.0);
+}
+
+/// Four vCPUs, each with its own locality, and a hint slot each (`preempt-hints`): every run
+/// verified, each vCPU's blocktime and pause reported, the requests named their vCPUs (hints
+/// were taken from several vCPUs' slots, and each playing vCPU's cursor claimed pages), and
+/// one slot (`preempt-hint`) keeps one stream.
+#[test]
+fn four_vcpus_each_followed_by_its_own_hint_slot() {
+    if !ready_or_skip("four_vcpus_each_followed_by_its_own_hint_slot") {
+        return;
+    }
+    let rows = run_all(
+        kvm(4),
+        vec![
+            (Workload::Seq, MigrationMode::PreemptHints),
+            (Workload::Stream, MigrationMode::PreemptHints),
+            (Workload::Mixed, MigrationMode::PreemptHints),
+            (Workload::Seq, MigrationMode::PreemptHint),
+        ],
+    );
+    for r in &rows {
+        check_kvm(r, 4);
+        let (w, m) = (&r.setup.workload, &r.setup.mode);
+        assert_eq!(r.waits.vcpu_pause_ms.len(), 4, "{w} / {m}");
+        let summed: f64 = r.waits.vcpu_blocktime_ms.iter().sum();
+        assert!((summed - r.waits.stall_ms).abs() < 1e-6, "{w} / {m}");
+        assert!(r.waits.blocktime_ms <= summed, "all blocked at once is within each one's");
+        let slots = &r.source.stream_hints_taken;
+        if m == "preempt-hints" {
+            assert_eq!(slots.len(), 4, "{w}: {slots:?}");
+            let followed = slots.iter().filter(|&&n| n > 0).count();
+            assert!(followed >= 2, "{w}: hints taken from one vCPU's slot only: {slots:?}");
+            assert_eq!(
+                slots.iter().sum::<u64>(),
+                r.source.hints_taken,
+                "{w}: every hint taken is some vCPU's"
+            );
+        } else {
+            assert!(slots.is_empty(), "{w} / {m}: one slot, no per-vCPU counters");
+        }
+    }
+    // The streams' cursors claimed pages after their faults (two of the four at least).
+    let stream = common::run_of(&rows, "stream", "preempt-hints");
+    assert!(stream.source.stream_cursor_pages.iter().filter(|&&p| p > 0).count() >= 2);
 }
 
 #[test]

@@ -12,8 +12,8 @@ use pagehint::ClaimBatch;
 use crate::guest::layout::{GuestLayout, GuestLayoutError, HostPageSize};
 use crate::link::{LinkParams, LowWater};
 use crate::options::{
-    DestFault, DirtyTracking, FaultPath, GuestKind, GuestSpec, MigrationMode, Precopy, RunConfig,
-    SourceFault, SourceHooks, TestHooks, Workload,
+    CursorPolicy, DestFault, DirtyTracking, FaultPath, GuestKind, GuestSpec, MigrationMode,
+    Precopy, RunConfig, SourceFault, SourceHooks, TestHooks, Workload,
 };
 use crate::source::ServeOptions;
 use crate::sys::pin::PinPlan;
@@ -124,13 +124,21 @@ pub struct Cli {
     /// How the dirty log is re-protected (KVM guest, without --dirty-ring).
     #[arg(long, value_enum, default_value = "auto")]
     dirty_log: DirtyLog,
-    /// Modes to compare, comma separated (once: a second --modes is refused).
-    #[arg(long, value_delimiter = ',', default_value = MigrationMode::LIST, action = clap::ArgAction::Set)]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = MigrationMode::DEFAULT_LIST,
+        action = clap::ArgAction::Set,
+        help = format!(
+            "Modes to compare, comma separated (once: a second --modes is refused): {}",
+            MigrationMode::NAMES
+        )
+    )]
     modes: Vec<String>,
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = Workload::LIST,
+        default_value = Workload::DEFAULT_LIST,
         action = clap::ArgAction::Set,
         help = format!("Guest workloads, comma separated: {}", Workload::NAMES)
     )]
@@ -165,6 +173,14 @@ pub struct Cli {
     /// Target pages per background claim (1 to 64, a power of two).
     #[arg(long, default_value_t = 16)]
     claim_batch: u64,
+    /// preempt-hints: target pages each vCPU's cursor may claim after its fault (the
+    /// library's default run).
+    #[arg(long, value_name = "PAGES", default_value_t = pagehint::streams::StreamPolicy::DEFAULT_RUN)]
+    stream_run: u64,
+    /// preempt-hints: cursor claims between two steps of the linear scan (the library's
+    /// default share).
+    #[arg(long, value_name = "N", default_value_t = pagehint::streams::StreamPolicy::DEFAULT_SHARE)]
+    stream_share: u32,
     /// Playback rate of the stream workload, bytes/s.
     #[arg(long, allow_hyphen_values = true, default_value = "256M")]
     stream_rate: String,
@@ -201,6 +217,11 @@ pub struct Cli {
     /// With --listen: serve one migration, then exit (--sessions 1).
     #[arg(long, requires = "listen", conflicts_with = "sessions")]
     once: bool,
+    /// Run the whole matrix N times (the modes of each workload in the opposite order every
+    /// other time) and report the medians, each target's ratio of medians with its range
+    /// over the repeats; the JSON keeps every run.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    repeat: u32,
     /// With --listen: hold a session whose connections broke in postcopy paused at most this
     /// long for its destination to come back, whatever the destination asks for (30s).
     #[arg(long, value_name = "DURATION", allow_hyphen_values = true)]
@@ -367,6 +388,8 @@ pub struct Invocation {
     pub check: bool,
     /// `--resend`: the settings each preempt mode runs with, in order.
     pub resend: Vec<bool>,
+    /// `--repeat`: how many times the matrix runs (at least 1).
+    pub repeat: u32,
     /// `--listen`: the source's own limits.
     pub serve: ServeOptions,
     /// The destination's control socket (`--control`).
@@ -714,6 +737,13 @@ impl Invocation {
         cfg.link = link(&cli, host_page)?;
         cfg.claim_batch =
             ClaimBatch::pages(cli.claim_batch).map_err(|e| format!("--claim-batch: {e}"))?;
+        cfg.cursors = CursorPolicy {
+            run: cli.stream_run,
+            share: cli.stream_share,
+        };
+        cfg.cursors
+            .policy(cfg.layout().vcpus())
+            .map_err(|e| format!("--stream-run / --stream-share: {e}"))?;
         cfg.fault_path = fault_path(&cli, cfg.guest.kind)?;
         cfg.pin = match cli.pin {
             Pin::Auto => PinPlan::auto(),
@@ -757,11 +787,15 @@ impl Invocation {
             Resend::Both => vec![false, true],
         };
         cfg.resend = resend[0];
+        if cli.repeat == 0 {
+            return Err("--repeat 0: at least 1 (the matrix runs once by default)".into());
+        }
         let serve = serve_options(&cli, &cfg)?;
         Ok(Self {
             serve,
             control,
             resend,
+            repeat: cli.repeat,
             cfg,
             modes,
             workloads,

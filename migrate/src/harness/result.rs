@@ -95,6 +95,12 @@ pub struct Setup {
     pub pace_bps: u64,
     /// Background claim batch, target pages.
     pub claim_batch: u64,
+    /// preempt-hints: target pages a vCPU's cursor may claim after its fault.
+    #[serde(default)]
+    pub stream_run: u64,
+    /// preempt-hints: cursor claims between two linear scan steps.
+    #[serde(default)]
+    pub stream_share: u32,
     /// Stream playback rate, bytes/s.
     pub stream_rate: u64,
     /// Image and workload seed.
@@ -106,6 +112,9 @@ pub struct Setup {
     /// (`--resend`); false: the old behaviour (and vanilla).
     #[serde(default)]
     pub resend: bool,
+    /// Which repeat of the matrix this run belongs to (`--repeat`), from 0.
+    #[serde(default)]
+    pub repeat: u32,
 }
 
 /// Whether the run completed and verified.
@@ -142,10 +151,14 @@ pub struct Waits {
     pub stall_ms: f64,
     /// Time every vCPU was blocked at once (QEMU's `postcopy-blocktime`), ms.
     pub blocktime_ms: f64,
-    /// Each vCPU's blocked time, ms.
+    /// Each vCPU's blocked time, ms (their sum is `stall_ms`).
     pub vcpu_blocktime_ms: Vec<f64>,
     /// stream: the longest time the player was behind schedule; others: the longest fault, ms.
     pub longest_pause_ms: f64,
+    /// Each vCPU's longest pause, ms: a vCPU that plays a stream its longest time behind
+    /// schedule, any other its longest fault.
+    #[serde(default)]
+    pub vcpu_pause_ms: Vec<f64>,
     /// Page requests sent.
     pub requests_sent: u64,
     /// Median request latency (fault read → page placed), µs.
@@ -278,6 +291,13 @@ pub struct SourceCounters {
     /// Link bytes of those (headers included; part of `postcopy_bytes`).
     #[serde(default)]
     pub resent_bytes: u64,
+    /// Hints the background scan took from each vCPU's slot (modes with a hint slot per
+    /// vCPU; empty otherwise).
+    #[serde(default)]
+    pub stream_hints_taken: Vec<u64>,
+    /// Target pages each stream's cursor claimed after its faults (a slot per vCPU).
+    #[serde(default)]
+    pub stream_cursor_pages: Vec<u64>,
 }
 
 /// How the destination placed what arrived: duplicates, on purpose or not.
@@ -379,6 +399,9 @@ struct GuestSide {
     stall_ns: u64,
     blocktime: Blocktime,
     pause_ns: u64,
+    /// Each vCPU's: its stream's longest pause (0 if it plays none), its longest fault.
+    vcpu_playback_ns: Vec<u64>,
+    vcpu_fault_ns: Vec<u64>,
     /// The threads whose faults count (the vCPUs, or the thread guest).
     tids: Vec<u32>,
     /// Operations until postcopy completed, pages written, failed checks, the first
@@ -406,7 +429,18 @@ impl GuestSide {
                     .map(|c| c.longest_pause_tsc)
                     .max()
                     .unwrap_or(0);
+                let tsc_ns =
+                    |t: u64| (u128::from(t) * 1_000_000 / u128::from((*tsc_khz).max(1))) as u64;
+                let mut vcpu_fault_ns = vec![0; tids.len()];
+                for ev in &e.events {
+                    if let Some(v) = tids.iter().position(|&t| t == ev.tid && t != 0) {
+                        let wait = mem.times(ev.hp).1.saturating_sub(ev.at_ns);
+                        vcpu_fault_ns[v] = vcpu_fault_ns[v].max(wait);
+                    }
+                }
                 Self {
+                    vcpu_playback_ns: counters.iter().map(|c| tsc_ns(c.longest_pause_tsc)).collect(),
+                    vcpu_fault_ns,
                     lat: e
                         .events
                         .iter()
@@ -415,8 +449,7 @@ impl GuestSide {
                         .collect(),
                     stall_ns: b.per_vcpu_ns.iter().sum(),
                     blocktime: b,
-                    pause_ns: (u128::from(pause_tsc) * 1_000_000 / u128::from((*tsc_khz).max(1)))
-                        as u64,
+                    pause_ns: tsc_ns(pause_tsc),
                     tids: tids.clone(),
                     ops: *ops_at_complete,
                     writes: counters.iter().map(|c| c.writes).sum(),
@@ -440,6 +473,8 @@ impl GuestSide {
                     faults::blocktime(&e.events, mem, &[*tid])
                 },
                 pause_ns: report.longest_pause_ns,
+                vcpu_playback_ns: vec![report.longest_pause_ns],
+                vcpu_fault_ns: vec![log.latencies_ns().into_iter().max().unwrap_or(0)],
                 tids: vec![*tid],
                 ops: report.ops,
                 writes: 0,
@@ -484,6 +519,14 @@ impl Waits {
             blocktime_ms: ms(g.blocktime.all_ns),
             vcpu_blocktime_ms: g.blocktime.per_vcpu_ns.iter().map(|&n| ms(n)).collect(),
             longest_pause_ms: ms(longest_pause_ns),
+            vcpu_pause_ms: (0..g.vcpu_fault_ns.len())
+                .map(|v| {
+                    ms(match workload.role(v as u32).pause() {
+                        Pause::Playback => g.vcpu_playback_ns[v],
+                        Pause::LongestFault => g.vcpu_fault_ns[v],
+                    })
+                })
+                .collect(),
             requests_sent: e.requests_sent,
             request_p50_us: us(percentile_ns(&requests, 50.0)),
             request_p99_us: us(percentile_ns(&requests, 99.0)),
@@ -568,6 +611,8 @@ impl SourceCounters {
             zero_host_pages: summary.zero_host_pages,
             resent_host_pages: summary.resent_host_pages,
             resent_bytes: summary.resent_bytes,
+            stream_hints_taken: summary.streams.iter().map(|s| s.hints_taken).collect(),
+            stream_cursor_pages: summary.streams.iter().map(|s| s.cursor_pages).collect(),
         }
     }
 }
@@ -706,10 +751,13 @@ impl Setup {
             },
             pace_bps: cfg.link.pace_bps,
             claim_batch: cfg.claim_batch.get(),
+            stream_run: cfg.cursors.run,
+            stream_share: cfg.cursors.share,
             stream_rate: cfg.guest.stream_rate,
             seed: cfg.guest.seed,
             pin: cfg.pin.describe(),
             resend: transport.resend,
+            repeat: 0,
         }
     }
 }
@@ -791,6 +839,7 @@ mod tests {
         "recovery_ms",
         "recovery_total_ms",
         "rejected",
+        "repeat",
         "request_max_us",
         "request_p50_us",
         "request_p99_us",
@@ -803,13 +852,18 @@ mod tests {
         "same_clock",
         "seed",
         "stall_ms",
+        "stream_cursor_pages",
+        "stream_hints_taken",
         "stream_rate",
+        "stream_run",
+        "stream_share",
         "tail",
         "takeovers",
         "throughput_mib_s",
         "total_ms",
         "uffd_faults",
         "vcpu_blocktime_ms",
+        "vcpu_pause_ms",
         "vcpus",
         "verified",
         "workload",

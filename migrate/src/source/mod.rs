@@ -420,7 +420,11 @@ impl SourceServer {
                     .map_err(|e| format!("source VM: {e}"))?;
                 m.boot(h.guest.seed)
                     .map_err(|e| format!("source VM: {e}"))?;
-                m.set_stream_rate(h.guest.stream_rate, STREAM_FRAME_PAGES);
+                m.set_stream_rate(
+                    h.workload
+                        .stream_rate_each(h.guest.stream_rate, layout.vcpus()),
+                    STREAM_FRAME_PAGES,
+                );
                 (Some(m), rings)
             }
         };
@@ -1148,7 +1152,7 @@ impl Session<'_> {
 
     /// Postcopy (from the received bitmap of a takeover, if any) to the summary, sent.
     fn finish(&mut self, received: Option<Vec<u64>>) -> Result<Summary, SourceError> {
-        let stats = self.postcopy(received)?;
+        let (stats, streams) = self.postcopy(received)?;
         let (checksums, generations) = self.sums()?;
         // Relaxed loads: the counting threads have been joined.
         let s = &self.out.sent;
@@ -1169,6 +1173,7 @@ impl Session<'_> {
             generations,
             recoveries: self.recoveries.clone(),
             requests: self.trace.finish(),
+            streams,
         };
         let body = summary.encode();
         let h = FrameHeader::summary(body.len());

@@ -252,7 +252,8 @@ impl Machine {
         Ok(())
     }
 
-    /// Tells the program how fast to stream (`rate` bytes/s in frames of `frame_pages`).
+    /// Tells the program how fast each of its streams plays (`rate` bytes/s in frames of
+    /// `frame_pages`; see [`Workload::stream_rate_each`](crate::guest::Workload::stream_rate_each)).
     pub fn set_stream_rate(&self, rate: u64, frame_pages: u64) {
         let ticks = frame_tsc(rate, frame_pages, self.tsc_khz);
         for i in 0..self.controls.len() as u32 {
