@@ -2,7 +2,8 @@
 # scripts/test-all.sh: every test of the project, in one command (the README's test command).
 #
 #   0. installs what this machine lacks (`scripts/install-deps.sh`: spin, gcc, iproute2,
-#      QEMU 10.0 from bookworm-backports, nightly miri and rust-src);
+#      QEMU 10.0 from bookworm-backports, QEMU 11.1 into .deps/qemu-11.1, nightly miri and
+#      rust-src);
 #   1. clippy over every target with all features, warnings denied (its `incompatible_msrv`
 #      lint checks the workspace's rust-version), rustdoc with warnings denied (with and
 #      without features), and a build of the library with the MSRV toolchain its own
