@@ -457,6 +457,12 @@ pub fn migrate(
         .unwrap_or_default();
 
     // 7. Done.
+    for (side, info) in [("source", &source_info), ("destination", &dest_info)] {
+        let _ = std::fs::write(
+            setup.workdir.join(format!("{side}-query-migrate.json")),
+            serde_json::to_string_pretty(info).unwrap_or_default(),
+        );
+    }
     src.finish(Some(&mut s));
     dst.finish(Some(&mut d));
     let log = std::fs::read_to_string(&trace_file)
