@@ -53,8 +53,9 @@ Which side a flag applies to:
   without --listen/--connect  both sides, in this process over loopback: every flag
   --connect ADDR              the destination: every flag (its hello tells the source the
                               guest, the link, the modes' settings and the test hooks)
-  --listen ADDR               the source only: --pin, --timeout, --quiet, --sessions, --once;
-                              every other flag is refused (each destination's hello decides)
+  --listen ADDR               the source only: --pin, --timeout, --quiet, --sessions, --once,
+                              --qemu-rate-limit; every other flag is refused (each
+                              destination's hello decides)
 
 Postcopy recovery: when the connections break after the switch-over (closed, reset, or
 both silent for --timeout), the destination keeps its guest blocked, reconnects with
@@ -68,7 +69,15 @@ Exit status: 0 every run completed and verified (targets are reported, not enfor
 could not be written; 2 bad input, or a run failed (it is still recorded, and the rest run).";
 
 /// Flags a listening source uses; every other one is decided by each destination's hello.
-const LISTEN_FLAGS: &[&str] = &["listen", "pin", "timeout", "quiet", "sessions", "once"];
+const LISTEN_FLAGS: &[&str] = &[
+    "listen",
+    "pin",
+    "timeout",
+    "quiet",
+    "sessions",
+    "once",
+    "qemu-rate-limit",
+];
 
 /// Migrate a guest (a KVM virtual machine, or a host thread) with precopy and postcopy using
 /// the pagehint scheduler, and compare vanilla, preempt and preempt-hint on real guest
@@ -179,6 +188,11 @@ pub struct Cli {
     /// With --listen: serve one migration, then exit (--sessions 1).
     #[arg(long, requires = "listen", conflicts_with = "sessions")]
     once: bool,
+    /// With --listen: QEMU's transport instead of pagehint's: the background sender keeps
+    /// under QEMU's 100 ms-window rate limiter at this many bits/s (see
+    /// source/rate_limit.rs); give the destinations --pace 0 --lowat off (compare-qemu does).
+    #[arg(long, value_name = "BITS", requires = "listen")]
+    qemu_rate_limit: Option<String>,
     /// Exit with status 1 when a target misses (targets are otherwise only reported).
     #[arg(long)]
     check: bool,
@@ -298,6 +312,8 @@ pub struct Options {
     pub guest_note: String,
     /// `--listen`: migrations to serve before exiting (None: until killed).
     pub sessions: Option<u64>,
+    /// `--listen --qemu-rate-limit`: QEMU's rate limiter at this many bits/s (0: none).
+    pub qemu_rate_limit_bps: u64,
     /// A missed target fails the invocation (status 1).
     pub check: bool,
     /// `--resend`: the settings each preempt mode runs with, in order.
@@ -360,7 +376,7 @@ impl Options {
                 .collect();
             if !ignored.is_empty() {
                 return Err(format!(
-                    "--listen serves what each destination's hello asks for: {} would be ignored here; give {} to the --connect side (a listening source takes only --pin, --timeout, --quiet, --sessions, --once)",
+                    "--listen serves what each destination's hello asks for: {} would be ignored here; give {} to the --connect side (a listening source takes only --pin, --timeout, --quiet, --sessions, --once, --qemu-rate-limit)",
                     ignored.join(", "),
                     if ignored.len() == 1 { "it" } else { "them" }
                 ));
@@ -559,6 +575,13 @@ impl Options {
                 (false, n) => n,
             },
             check: cli.check,
+            qemu_rate_limit_bps: match &cli.qemu_rate_limit {
+                None => 0,
+                Some(b) => match parse_bits(b).map_err(|e| format!("--qemu-rate-limit: {e}"))? {
+                    0 => return Err("--qemu-rate-limit: a rate above 0 bits/s".into()),
+                    v => v,
+                },
+            },
         })
     }
 

@@ -71,7 +71,8 @@ pub fn header(o: &Options, source: &str) -> String {
 /// served.
 pub fn serve(addr: &str, o: &Options) -> Result<(), String> {
     let server = SourceServer::bind(addr, o.cfg.pin, o.cfg.idle_timeout)
-        .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+        .map_err(|e| format!("cannot listen on {addr}: {e}"))?
+        .with_qemu_rate_limit(o.qemu_rate_limit_bps);
     match server.local_addr() {
         Ok(a) => println!("pagehint-migrate source listening on {a}"),
         Err(e) => println!("pagehint-migrate source listening ({e})"),

@@ -35,6 +35,22 @@ pub enum Role {
     Housekeeping,
 }
 
+impl Role {
+    /// The name a migration thread of this role takes (as QEMU's `mig/...` threads have
+    /// theirs), so that its CPU time can be read per thread from outside (`compare-qemu`);
+    /// `None` for the guest and housekeeping.
+    pub fn thread_name(self) -> Option<&'static std::ffi::CStr> {
+        Some(match self {
+            Self::FaultThread => c"ph/dst/fault",
+            Self::UrgentReceiver => c"ph/dst/urgent",
+            Self::BackgroundReceiver => c"ph/dst/bulk",
+            Self::ReturnPath => c"ph/src/return",
+            Self::BackgroundSender => c"ph/src/bulk",
+            Self::Guest | Self::ExtraVcpu | Self::Housekeeping => return None,
+        })
+    }
+}
+
 /// Which CPU each role runs on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct PinPlan {
@@ -75,8 +91,12 @@ impl PinPlan {
         }
     }
 
-    /// Pins the calling thread for `role` (best effort: failure leaves it unpinned).
+    /// Pins the calling thread for `role` (best effort: failure leaves it unpinned), and names
+    /// a migration thread after its role ([`Role::thread_name`]), pinned or not.
     pub fn apply(&self, role: Role) {
+        if let Some(name) = role.thread_name() {
+            let _ = rustix::thread::set_name(name);
+        }
         let _ = self.apply_to(None, role);
     }
 

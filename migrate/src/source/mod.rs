@@ -31,6 +31,7 @@
 pub mod memory;
 pub mod postcopy;
 pub mod precopy;
+pub mod rate_limit;
 pub mod send;
 pub mod trace;
 
@@ -98,6 +99,8 @@ pub struct SourceServer {
     pin: PinPlan,
     idle: Duration,
     cache: Mutex<Option<Arc<Template>>>,
+    /// QEMU's rate limiter for the background sender, bits/s (0: pagehint's own transport).
+    qemu_rate_limit_bps: u64,
 }
 
 impl SourceServer {
@@ -110,7 +113,17 @@ impl SourceServer {
             pin,
             idle,
             cache: Mutex::new(None),
+            qemu_rate_limit_bps: 0,
         })
+    }
+
+    /// Sends the background stream under QEMU's rate limiter at `bps` bits/s instead
+    /// (0: not; see [`rate_limit`]).
+    pub fn with_qemu_rate_limit(self, bps: u64) -> Self {
+        Self {
+            qemu_rate_limit_bps: bps,
+            ..self
+        }
     }
 
     /// The bound address.
@@ -296,6 +309,7 @@ impl SourceServer {
             outer_stop: stop,
             stop: AtomicBool::new(false),
             bg_progress: AtomicU64::new(now_ns()),
+            qemu_rate_limit_bps: self.qemu_rate_limit_bps,
             rejected: Mutex::new(Vec::new()),
             failure: Mutex::new(None),
             trace: trace::Trace::new(
@@ -331,6 +345,8 @@ pub(crate) struct Session<'a> {
     stop: AtomicBool,
     /// When the background sender last wrote (keeps the return path's idle timer quiet).
     bg_progress: AtomicU64,
+    /// QEMU's rate limiter at this many bits/s (0: none), see [`rate_limit`].
+    qemu_rate_limit_bps: u64,
     rejected: Mutex<Vec<String>>,
     failure: Mutex<Option<WireError>>,
     /// Postcopy timings of every request and background page.
