@@ -76,7 +76,7 @@ const LISTEN_FLAGS: &[&str] = &[
     "quiet",
     "sessions",
     "once",
-    "qemu-rate-limit",
+    "qemu_rate_limit",
 ];
 
 /// Migrate a guest (a KVM virtual machine, or a host thread) with precopy and postcopy using

@@ -36,9 +36,9 @@ pub enum Role {
 }
 
 impl Role {
-    /// The name a migration thread of this role takes (as QEMU's `mig/...` threads have
-    /// theirs), so that its CPU time can be read per thread from outside (`compare-qemu`);
-    /// `None` for the guest and housekeeping.
+    /// The name a thread dedicated to this role takes ([`PinPlan::apply_named`]; as QEMU's
+    /// `mig/...` threads have theirs), so that its CPU time can be read per thread from
+    /// outside (`compare-qemu`); `None` for the guest and housekeeping.
     pub fn thread_name(self) -> Option<&'static std::ffi::CStr> {
         Some(match self {
             Self::FaultThread => c"ph/dst/fault",
@@ -91,13 +91,18 @@ impl PinPlan {
         }
     }
 
-    /// Pins the calling thread for `role` (best effort: failure leaves it unpinned), and names
-    /// a migration thread after its role ([`Role::thread_name`]), pinned or not.
+    /// Pins the calling thread for `role` (best effort: failure leaves it unpinned).
     pub fn apply(&self, role: Role) {
+        let _ = self.apply_to(None, role);
+    }
+
+    /// [`PinPlan::apply`] for a thread that does nothing but `role`'s migration work, which
+    /// also takes its role's name ([`Role::thread_name`]), pinned or not.
+    pub fn apply_named(&self, role: Role) {
         if let Some(name) = role.thread_name() {
             let _ = rustix::thread::set_name(name);
         }
-        let _ = self.apply_to(None, role);
+        self.apply(role);
     }
 
     /// Pins thread `tid` (another process's too, with the right to) for `role`; `None` is the

@@ -111,7 +111,8 @@ fn log(line: &str) {
 fn configure(fd: c_int, call: &str) {
     // SAFETY: errno is thread-local; reading it has no other effect.
     let saved = unsafe { *libc::__errno_location() };
-    let pace = env_u64(b"PAGEHINT_PACE_BPS\0").map(|bps| u32::try_from(bps / 8).unwrap_or(u32::MAX));
+    let pace =
+        env_u64(b"PAGEHINT_PACE_BPS\0").map(|bps| u32::try_from(bps / 8).unwrap_or(u32::MAX));
     let lowat = env_u64(b"PAGEHINT_NOTSENT_LOWAT\0").map(|b| u32::try_from(b).unwrap_or(u32::MAX));
     if (pace.is_some() || lowat.is_some()) && is_tcp(fd) {
         let mut line = format!("{} {fd} {call}", std::process::id());

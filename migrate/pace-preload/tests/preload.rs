@@ -55,15 +55,18 @@ fn library() -> PathBuf {
         .iter()
         .map(|d| d.join("libpagehint_pace_preload.so"))
         .find(|p| p.exists())
-        .unwrap_or_else(|| panic!("libpagehint_pace_preload.so not found next to {}", exe.display()))
+        .unwrap_or_else(|| {
+            panic!(
+                "libpagehint_pace_preload.so not found next to {}",
+                exe.display()
+            )
+        })
 }
 
 /// Runs the child (with the library if `preload`) and checks both TCP ends and the log.
 fn run_child(preload: bool) -> Result<(), String> {
-    let log = std::env::temp_dir().join(format!(
-        "pace-preload-{}-{preload}.log",
-        std::process::id()
-    ));
+    let log =
+        std::env::temp_dir().join(format!("pace-preload-{}-{preload}.log", std::process::id()));
     let _ = std::fs::remove_file(&log);
     let mut c = Command::new(std::env::current_exe().unwrap());
     c.env("PAGEHINT_PRELOAD_CHILD", "1")
@@ -97,7 +100,10 @@ fn run_child(preload: bool) -> Result<(), String> {
             .filter(|l| l.split_whitespace().nth(2) == Some(call) && l.ends_with(&want))
             .count()
     };
-    if lines.len() != 2 || configured("connect") != 1 || configured("accept4") + configured("accept") != 1 {
+    if lines.len() != 2
+        || configured("connect") != 1
+        || configured("accept4") + configured("accept") != 1
+    {
         return Err(format!(
             "expected one connect and one accept logged (the UNIX socket left alone), got:\n{logged}"
         ));
@@ -113,5 +119,7 @@ fn main() {
     run_child(true).unwrap_or_else(|e| panic!("with the library preloaded: {e}"));
     let e = run_child(false).expect_err("the mutant (no library) must fail the check");
     assert!(e.contains("expected \"connect pace="), "{e}");
-    println!("preload: TCP sockets paced and bounded through the library; without it the check fails");
+    println!(
+        "preload: TCP sockets paced and bounded through the library; without it the check fails"
+    );
 }

@@ -467,7 +467,7 @@ pub fn run(
     let (events, outcome) = std::thread::scope(|s| {
         let mut receivers = d.spawn_receivers(s);
         let fault_thread = s.spawn(|| {
-            cfg.pin.apply(Role::FaultThread);
+            cfg.pin.apply_named(Role::FaultThread);
             tight_timer_slack();
             let req = |hp: u64| d.request(hp).map_err(|e| e.to_string());
             faults::fault_loop(d.mem, &d.stop, &req).unwrap_or_else(|e| {

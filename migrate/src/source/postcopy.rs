@@ -104,14 +104,14 @@ impl Session<'_> {
         let limit = limit.as_ref();
         std::thread::scope(|s| {
             let bg = s.spawn(|| {
-                self.pin.apply(Role::BackgroundSender);
+                self.pin.apply_named(Role::BackgroundSender);
                 tight_timer_slack();
                 if let Err(e) = self.background(sched, limit) {
                     self.send_failed(e);
                 }
             });
             let rp = s.spawn(|| {
-                self.pin.apply(Role::ReturnPath);
+                self.pin.apply_named(Role::ReturnPath);
                 tight_timer_slack();
                 if let Err(e) = self.return_path(sched, limit) {
                     self.send_failed(e);

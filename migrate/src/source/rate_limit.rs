@@ -124,7 +124,10 @@ mod tests {
         let slept = l.wait(100_001);
         let e = t.elapsed();
         assert!(slept || e >= WINDOW, "past the quota it sleeps");
-        assert!(e >= WINDOW - Duration::from_millis(1), "to the window's end: {e:?}");
+        assert!(
+            e >= WINDOW - Duration::from_millis(1),
+            "to the window's end: {e:?}"
+        );
         // A new window, based at 100_001 bytes.
         assert!(!l.wait(150_000));
     }
@@ -147,7 +150,10 @@ mod tests {
         let l = QemuRateLimit::new(8_000_000, 0);
         l.urgent();
         l.urgent();
-        assert!(!l.wait(2_000_000), "a posted wake passes a claim over the quota");
+        assert!(
+            !l.wait(2_000_000),
+            "a posted wake passes a claim over the quota"
+        );
         assert!(!l.wait(2_000_000), "one per wake");
         let slept = l.wait(2_000_000);
         assert!(slept || t.elapsed() >= WINDOW, "then the quota holds again");
