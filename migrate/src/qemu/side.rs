@@ -422,6 +422,8 @@ pub struct Series {
     pub ok: usize,
     /// Requests.
     pub requests: Option<Spread>,
+    /// MiB sent (before and after the switch-over).
+    pub mib_sent: Option<Spread>,
     /// Per [`Figure::ALL`].
     pub figures: Vec<Option<Spread>>,
 }
@@ -444,6 +446,11 @@ pub fn series(rows: &[SideRow]) -> Vec<Series> {
                 runs: of.len(),
                 ok: of.iter().filter(|r| r.completed && r.guest_alive).count(),
                 requests: Spread::of(done.iter().map(|r| r.requests as f64).collect()),
+                mib_sent: Spread::of(
+                    done.iter()
+                        .map(|r| (r.precopy_bytes + r.postcopy_bytes) as f64 / (1u64 << 20) as f64)
+                        .collect(),
+                ),
                 figures: Figure::ALL
                     .iter()
                     .map(|f| Spread::of(done.iter().filter_map(|r| f.of(r)).collect()))
