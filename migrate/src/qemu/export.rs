@@ -101,7 +101,7 @@ pub fn medians(series: &[Series]) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "{:<5} {:<7} {:<32} {:<9} {:>7} {:>9} {:>9} {:>10} {:>9} {:>9}  runs",
+        "{:<5} {:<7} {:<32} {:<9} {:>7} {:>9} {:>9} {:>10} {:>9} {:>9} {:>6}  runs",
         "link",
         "work",
         "peer / mode",
@@ -111,7 +111,8 @@ pub fn medians(series: &[Series]) -> String {
         "p99",
         "blocktime",
         "total",
-        "CPU/GiB"
+        "CPU/GiB",
+        "MiB"
     );
     let mut last = (String::new(), String::new());
     for x in series {
@@ -124,7 +125,7 @@ pub fn medians(series: &[Series]) -> String {
         let f = |i: usize| cell(Figure::ALL[i], &x.figures[i]);
         let _ = writeln!(
             s,
-            "{:<5} {:<7} {:<32} {:<9} {:>7} {:>9} {:>9} {:>10} {:>9} {:>9}  {}/{}{}",
+            "{:<5} {:<7} {:<32} {:<9} {:>7} {:>9} {:>9} {:>10} {:>9} {:>9} {:>6}  {}/{}{}",
             c.link,
             c.workload,
             format!("{} {}", c.peer, c.mode),
@@ -136,6 +137,8 @@ pub fn medians(series: &[Series]) -> String {
             f(2),
             f(3),
             f(4),
+            x.mib_sent
+                .map_or("-".into(), |m| format!("{:.0}", m.median)),
             x.ok,
             x.runs,
             if x.ok < x.runs { " FAILED" } else { "" }
