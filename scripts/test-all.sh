@@ -12,7 +12,8 @@
 #      among them the migration harness's end-to-end tests of a KVM guest (they need root
 #      for userfaultfd, KVM and hugetlb pages; wherever /dev/kvm opens they must run:
 #      PAGEHINT_REQUIRE_KVM turns a skipped KVM test into a failure) and the short QEMU
-#      side-by-side (PAGEHINT_REQUIRE_QEMU, set where QEMU is installed too);
+#      side-by-side against QEMU 11.1 (PAGEHINT_REQUIRE_QEMU, set where install-deps brought
+#      QEMU 11.1 into .deps/qemu-11.1);
 #   3. doc tests;
 #   4. loom models and their mutants      (`cargo loom`,    release, target/loom);
 #   5. shuttle models and their mutants   (`cargo shuttle`, release, target/shuttle);
@@ -34,9 +35,9 @@ if [[ -z "${PAGEHINT_REQUIRE_KVM:-}" ]] && { exec 3<>/dev/kvm; } 2>/dev/null; th
     echo "/dev/kvm opens: the KVM tests must run (PAGEHINT_REQUIRE_KVM=1)"
 fi
 if [[ -n "${PAGEHINT_REQUIRE_KVM:-}" && -z "${PAGEHINT_REQUIRE_QEMU:-}" && $(id -u) == 0 ]] &&
-    qemu-system-x86_64 --version >/dev/null 2>&1; then
+    .deps/qemu-11.1/bin/qemu-system-x86_64 --version >/dev/null 2>&1; then
     export PAGEHINT_REQUIRE_QEMU=1
-    echo "QEMU and root too: the QEMU side-by-side test must run (PAGEHINT_REQUIRE_QEMU=1)"
+    echo "QEMU 11.1 and root too: the QEMU side-by-side test must run (PAGEHINT_REQUIRE_QEMU=1)"
 fi
 step() {
     echo
