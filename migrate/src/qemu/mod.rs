@@ -46,7 +46,7 @@ use std::process::ExitCode;
 
 const LEGEND: &str = "\
 p50/p99: request latency, fault read -> page placed (QEMU >= 10.1: its own query-migrate histogram, untraced; QEMU 10.0: its request trace, one write per request)
-blocktime: time every vCPU was blocked at once (QEMU: postcopy-blocktime); total: switch-over -> last page placed (QEMU: source postcopy-active event -> destination completed event)
+blocktime: time every vCPU was blocked at once (QEMU: postcopy-blocktime); total: switch-over -> last page placed (QEMU: source STOP event -> destination completed event)
 CPU/GiB: run time of the migration threads (QEMU: mig/*; pagehint: ph/*) per GiB sent; not the vCPUs, not the main threads (in the JSON: cpu_other)
 transport: qemu = a 100 ms-window rate limiter at line rate (QEMU's; pagehint with --qemu-rate-limit); pagehint = kernel pacing + unsent-bytes bound (pagehint's; QEMU with the pace-preload library)";
 

@@ -21,10 +21,12 @@
 //! 7. `quit` both (killed if they do not); read the trace and the preload's log.
 //!
 //! # Figures
-//! * **span** (the total time compared with pagehint's): the source's `MIGRATION`
-//!   `postcopy-active` event (the switch-over) → the destination's `completed` event (its
-//!   listen thread has loaded the last page); QMP stamps events with the host's clock, the
-//!   same for both processes.
+//! * **span** (the total time compared with pagehint's): the source's `STOP` event (its
+//!   vCPUs stopped: the switch-over) → the destination's `MIGRATION` `completed` event (its
+//!   listen thread has loaded the last page). Not the source's `postcopy-active`: QEMU 11.1
+//!   passes through a new `postcopy-device` state first and enters `postcopy-active` only
+//!   when the destination has answered, at times hundreds of milliseconds later (seen here). QMP stamps events with the
+//!   host's clock, the same for both processes.
 //! * **blocktime**: the destination's `postcopy-blocktime`; **latency**: [`super::latency`].
 //! * **CPU**: the migration threads' run time ([`is_migration_thread`]), not the vCPU's.
 
@@ -108,7 +110,7 @@ pub struct QemuRun<'a> {
 pub struct QemuOutcome {
     /// Source `query-migrate` `total-time`, ms (migrate → completed at the source).
     pub total_ms: f64,
-    /// Source `postcopy-active` event → destination `completed` event, ms.
+    /// Source `STOP` event → destination `completed` event, ms.
     pub span_ms: Option<f64>,
     /// Source `downtime`, ms.
     pub downtime_ms: f64,
@@ -337,11 +339,12 @@ fn preloaded(log: &str, pid: u32) -> u64 {
         .count() as u64
 }
 
-/// The time stamp, µs since the epoch, of the `MIGRATION` event with `status`.
-fn event_us(events: &[Value], status: &str) -> Option<u64> {
+/// The time stamp, µs since the epoch, of the first `event` (with `status`, for
+/// `MIGRATION`).
+fn event_us(events: &[Value], event: &str, status: Option<&str>) -> Option<u64> {
     events
         .iter()
-        .filter(|e| e["event"] == "MIGRATION" && e["data"]["status"] == status)
+        .filter(|e| e["event"] == event && status.is_none_or(|s| e["data"]["status"] == s))
         .filter_map(|e| {
             let t = &e["timestamp"];
             Some(t["seconds"].as_u64()? * 1_000_000 + t["microseconds"].as_u64()?)
@@ -553,8 +556,8 @@ pub fn migrate(
         .unwrap_or_else(|p| p.into_inner())
         .clone();
     let span_ms = match (
-        event_us(&s.events, "postcopy-active"),
-        event_us(&d.events, "completed"),
+        event_us(&s.events, "STOP", None),
+        event_us(&d.events, "MIGRATION", Some("completed")),
     ) {
         (Some(a), Some(b)) if b >= a => Some((b - a) as f64 / 1e3),
         _ => None,
@@ -638,5 +641,36 @@ mod tests {
             "10.0.2"
         );
         assert_eq!(short_version("something else"), "?");
+    }
+
+    #[test]
+    fn the_span_runs_from_the_source_stop_to_the_destination_completion() {
+        // QEMU 11.1.3's events of one run (time stamps shortened).
+        let ev = |event: &str, status: Option<&str>, s: u64, us: u64| {
+            let mut e = json!({"event": event, "timestamp": {"seconds": s, "microseconds": us}});
+            if let Some(st) = status {
+                e["data"] = json!({ "status": st });
+            }
+            e
+        };
+        let source = [
+            ev("MIGRATION", Some("setup"), 448, 669_631),
+            ev("MIGRATION", Some("active"), 448, 672_368),
+            ev("STOP", None, 448, 676_339),
+            ev("MIGRATION", Some("postcopy-device"), 448, 677_260),
+            ev("MIGRATION", Some("postcopy-active"), 448, 728_987),
+            ev("MIGRATION", Some("completed"), 453, 419_077),
+        ];
+        let dest = [
+            ev("MIGRATION", Some("postcopy-active"), 448, 685_955),
+            ev("RESUME", None, 448, 686_708),
+            ev("MIGRATION", Some("completed"), 453, 415_782),
+        ];
+        assert_eq!(event_us(&source, "STOP", None), Some(448_676_339));
+        assert_eq!(
+            event_us(&dest, "MIGRATION", Some("completed")),
+            Some(453_415_782)
+        );
+        assert_eq!(event_us(&dest, "STOP", None), None);
     }
 }

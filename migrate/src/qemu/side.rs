@@ -7,7 +7,7 @@
 //! |---|---|---|
 //! | request latency p50/p99 | ≥ 10.1: the destination's `query-migrate` histogram (untraced run); < 10.1: its request trace, one write per request ([`super::trace`]) | destination: fault read → page placed |
 //! | blocktime | destination `postcopy-blocktime` (every vCPU blocked at once) | the same definition, measured at the destination |
-//! | total time (one span for both) | source `postcopy-active` event → destination `completed` event | source stopped → last page placed |
+//! | total time (one span for both) | source `STOP` event (vCPUs stopped) → destination `MIGRATION` `completed` event | source stopped → last page placed |
 //! | requests | source `ram.postcopy-requests` | requests sent by the destination |
 //! | CPU per GiB | run time of the `mig/...` threads (migration, return path; fault, preempt, listen), per GiB sent | run time of the `ph/...` threads (background sender, return path; fault, urgent and background receivers), per GiB sent |
 //! | guest alive | running, no failed checks, operations growing at the destination | the harness's verification (memory equals the source's, every page placed once, the guest's checks) |
