@@ -37,6 +37,7 @@ use common::bitmap_cases::{Claiming, Density, ManyMarkers, Marking, Merging, Nex
 use common::hint_cases::{uncontended, Cells, HintCell, TwoThreads};
 use common::kvm_log::KvmLogSync;
 use common::scheduler_cases::{ScanClaim, ScanClaimWithUrgent, Side, UrgentLatency};
+use common::streams_cases::{CursorScan, Slots, StreamServe, STREAM_COUNTS};
 use common::{percentile, size_name, GIB};
 use pagehint::ClaimBatch;
 
@@ -812,6 +813,119 @@ impl Report {
         }
     }
 
+    /// Several fault streams: the urgent path with K streams against one slot (percentiles
+    /// per repetition, as [`latency`](Self::latency)), and a background round with K cursors
+    /// (or K slots polled and no hint) against the linear round.
+    fn streams(&mut self) {
+        let proto = self.o.protocol;
+        let latency_cases: Vec<String> = STREAM_COUNTS
+            .iter()
+            .flat_map(|k| ["p50", "p99"].map(|q| format!("urgent_{q}_streams_{k}_vs_one_slot")))
+            .collect();
+        if latency_cases.iter().any(|c| self.wants(c)) {
+            let f = StreamServe::new(self.sz.sched_guest);
+            if !f.pinned() {
+                self.unpinned.push("urgent_streams".into());
+            }
+            let requests = self.sz.latency_requests;
+            f.run(Slots::One, requests / 20 + 1, None);
+            for (i, k) in STREAM_COUNTS.iter().enumerate() {
+                let side = Slots::PerStream(i);
+                f.run(side, requests / 20 + 1, None);
+                let reps = proto.repetitions as u64;
+                let chunk = (requests / reps).max(1);
+                let mut chunks = Vec::new();
+                for _ in 0..reps {
+                    let (mut so, mut sb) = (Vec::new(), Vec::new());
+                    f.run(side, chunk, Some(&mut so));
+                    f.run(Slots::One, chunk, Some(&mut sb));
+                    so.sort_unstable();
+                    sb.sort_unstable();
+                    chunks.push((so, sb));
+                }
+                let note = format!(
+                    "{k} stream{} in turn, serve_from + urgent_sent_from; baseline serve + urgent_sent; busy background sender; {} requests per side in {} chunks",
+                    if *k == 1 { "" } else { "s" },
+                    chunk * reps,
+                    reps
+                );
+                for (q, qn) in [(0.5, "p50"), (0.99, "p99")] {
+                    let case = format!("urgent_{qn}_streams_{k}_vs_one_slot");
+                    if !self.wants(&case) {
+                        continue;
+                    }
+                    let r = chunks
+                        .iter()
+                        .map(|(so, sb)| (percentile(so, q) as f64, percentile(sb, q) as f64))
+                        .collect();
+                    // The bound: K streams cost at most 1.5x the one-slot path.
+                    let target = (qn == "p50").then_some(0.67);
+                    let unit = if qn == "p50" {
+                        "ns, p50 of urgent requests"
+                    } else {
+                        "ns, p99 of urgent requests"
+                    };
+                    self.push(
+                        case,
+                        r,
+                        "one slot (preempt_hint)",
+                        unit,
+                        target,
+                        note.clone(),
+                    );
+                }
+            }
+        }
+        let polling = "scan_claim_8streams_polling_vs_linear";
+        let scan_cases: Vec<String> = STREAM_COUNTS
+            .iter()
+            .map(|k| format!("scan_claim_{k}streams_cursors_vs_linear"))
+            .collect();
+        if self.wants(polling) || scan_cases.iter().any(|c| self.wants(c)) {
+            let f = CursorScan::new(self.sz.sched_guest);
+            let pages = f.pages as f64;
+            for (i, case) in scan_cases.into_iter().enumerate() {
+                if self.wants(&case) {
+                    let r = pair(
+                        proto,
+                        pages,
+                        &mut |n| f.run(Slots::PerStream(i), true, n),
+                        &mut |n| f.run(Slots::One, false, n),
+                    );
+                    let note = format!(
+                        "{} hints at evenly spaced places, runs until claimed pages, share 16; ClaimBatch: 16",
+                        STREAM_COUNTS[i]
+                    );
+                    self.push(
+                        case,
+                        r,
+                        "linear round (preempt_hint, no hint)",
+                        "ns per page sent",
+                        None,
+                        note,
+                    );
+                }
+            }
+            if self.wants(polling) {
+                let last = STREAM_COUNTS.len() - 1;
+                let r = pair(
+                    proto,
+                    pages,
+                    &mut |n| f.run(Slots::PerStream(last), false, n),
+                    &mut |n| f.run(Slots::One, false, n),
+                );
+                self.push(
+                    polling.into(),
+                    r,
+                    "linear round (preempt_hint, no hint)",
+                    "ns per page sent",
+                    None,
+                    "8 slots polled before every step, no hint".into(),
+                );
+            }
+        }
+    }
+
     fn scaling(&mut self, threads: &[usize]) {
         for &t in threads {
             self.many_markers(t, "scale_".into());
@@ -851,6 +965,7 @@ fn main() {
             r.hint();
             r.bitmap();
             r.scheduler();
+            r.streams();
         }
     }
     let machine = machine();

@@ -149,6 +149,18 @@ run L5term postcopy.mutant_take_keeps_hint L5term violated "take never empties t
 run L5req postcopy.mutant_drop_claim_on_hint L5req violated "a claimed chunk dropped for a hint is never sent" \
     postcopy.pml -DMUT_DROP_CLAIM_ON_HINT
 
+# --- two fault streams, one hint slot each, cursors beside the linear scan -----------------
+run safety streams "I1 I2 I3 I4S" ok "" streams.pml
+run L5term streams L5term ok "" streams.pml
+run safety streams_3_requests "I1 I2 I3 I4S" ok "" streams.pml -DNREQ=3
+run safety streams_run2_share2 "I1 I2 I3 I4S" ok "" streams.pml -DRUN=2 -DSHARE=2
+run safety streams.mutant_shared_slot I4S violated \
+    "streams mapped to one slot: a stream's offer refused by another stream's pending hint" \
+    streams.pml -DMUT_SHARED_SLOT
+run safety streams.mutant_cursor_counts I3 violated \
+    "a cursor's claims counted as the scan's verified pages: done while a page is dirty" \
+    streams.pml -DMUT_CURSOR_COUNTS
+
 # --- precopy: dirty-log merger against claims -------------------------------------------
 run safety precopy I7 ok "" precopy.pml -DNMERGE=2
 run safety precopy.mutant_summary_first I7 violated "summary bit before page bits: a dirtying lost" \

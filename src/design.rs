@@ -18,6 +18,15 @@
 //! * **hint**: the single-slot cell through which the urgent path tells the background path
 //!   where the guest works, so the scan continues right after the last faulted page
 //!   ([`PageHint`](crate::PageHint); QEMU's page-hint patch, commit 20d82622812d).
+//! * **stream**: a source of faults with its own locality, a vCPU (known from the faulting
+//!   thread) or any id the caller chooses below the configured count; with
+//!   [`HintPolicy::PerStream`](crate::HintPolicy::PerStream) each stream has its own hint slot
+//!   ([`HintSlots`](crate::HintSlots)), and requests name their stream
+//!   ([`PageScheduler::serve_from`](crate::PageScheduler::serve_from)).
+//! * **cursor**: a background scanner's follower of one stream: after a hint from that stream
+//!   it claims a bounded *run* from the faulted page (forward, or bubbling both ways for a
+//!   stream running backward), in turn with the other streams' cursors, beside the linear scan
+//!   ([`cursors`](crate::cursors)).
 //! * **round**: one pass of a background scan over the whole layout.
 //! * **vanilla / preempt / preempt-hint**: QEMU's three postcopy behaviours
 //!   ([`SchedulerConfig`](crate::SchedulerConfig)): one channel and a request queue; a
@@ -38,10 +47,15 @@
 //!   anywhere). QEMU's scan, started from a hint, can wrap early: see `proofs/README.md`.
 //! * **I4 the hint slot** — at most one hint is pending; an offer never overwrites a pending
 //!   hint (set-if-empty); each accepted hint is taken at most once; a taken value is exactly
-//!   one that was offered (never torn); taking from an empty slot yields nothing.
+//!   one that was offered (never torn); taking from an empty slot yields nothing. With one
+//!   slot per stream, all of this holds per slot, and one stream's pending hint never refuses
+//!   or overwrites another stream's.
 //! * **I5 progress** — a request for a page not yet sent is served by the urgent path or by
 //!   the background path that already claimed it (in vanilla mode: every queued request is
-//!   taken off the queue, followed or found already sent); every round ends.
+//!   taken off the queue, followed or found already sent); every round ends. With several
+//!   streams: no stream starves the others (cursors take turns, one claim each) or the linear
+//!   scan (at most `share` cursor claims between two of its steps), and a cursor's run after
+//!   each fault is bounded.
 //! * **I6 hints are advisory** — any hint value changes only the order of sending, never which
 //!   pages are sent (I1–I3 hold for every hint sequence).
 //!
@@ -64,7 +78,9 @@
 //! # Data flow
 //! [`layout`](crate::layout) (blocks, page sizes, locations) → [`bitmap`](crate::bitmap)
 //! (dirty bits, claims, search) and [`hint`](crate::hint) (the slot), siblings that do not
-//! know each other → [`scheduler`](crate::scheduler) (background scan, urgent path, counters)
+//! know each other → [`streams`](crate::streams) (one slot per stream) → [`cursors`](crate::cursors)
+//! (the scan policy following several streams) → [`scheduler`](crate::scheduler) (background
+//! scan, urgent path, counters)
 //! → [`vmm`](crate::vmm) (vm-memory, KVM, guest physical addresses) → users: the migration
 //! harness, the benchmarks, a VMM. Lower modules never name higher ones.
 //!
@@ -87,3 +103,16 @@
 //!
 //! `proofs/README.md` maps each Spin model action to the Rust function it stands for, and
 //! each Spin mutant to its loom or shuttle counterpart.
+//!
+//! ## Several fault streams
+//! With [`HintPolicy::PerStream`](crate::HintPolicy::PerStream) (one hint slot per stream,
+//! cursors beside the linear scan) the same guarantees are checked by:
+//!
+//! | id | unit / integration | loom | shuttle | Spin |
+//! |----|--------------------|------|---------|------|
+//! | I1, I2 | `tests/streams.rs` `i1_i2_i3_*` (real threads), `tests/streams_demo.rs` | `loom_streams::i1_*` (two streams and the scanner, exhaustive) | `shuttle_streams` (six streams, narrow and wide host pages) | `streams.pml` I1, I2 |
+//! | I3 | `tests/streams.rs` | `loom_streams` (mutant: a hand-off jump keeping the clean count) | `shuttle_streams` (same mutant) | `streams.pml` I3 (mutant: a cursor's claims counted as scanned) |
+//! | I4, per slot | `src/streams.rs` unit tests, the `HintSlots` doctest | `loom_streams::i4_per_slot_*` (mutants: streams sharing one slot, set-if-empty or overwriting) | `shuttle_streams` (per-stream ledger of accepted and taken hints) | `streams.pml` I4S (mutant: a shared slot) |
+//! | I5 | `src/cursors.rs` unit tests, `tests/streams_demo.rs` | `loom_streams` (mutants: a cursor never yielding to the linear scan, a run never bounded, a cursor keeping the turn) | `shuttle_streams` (same mutants) | `streams.pml` L5term |
+//! | I6 | `src/cursors.rs` `i6_*` | — | `shuttle_streams` (stray hints into the slots, also outside the layout) | — |
+//! | I8 | `tests/streams.rs` `i8_*`, `src/streams.rs` unit tests, the `serve_from` doctest | — | — | — |

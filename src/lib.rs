@@ -50,6 +50,7 @@ mod storage;
 mod sync;
 
 pub mod bitmap;
+pub mod cursors;
 pub mod design;
 pub mod hint;
 pub mod layout;
@@ -57,6 +58,7 @@ pub mod overtake;
 pub mod request;
 pub mod scheduler;
 pub mod stats;
+pub mod streams;
 pub mod vmm;
 
 pub use bitmap::{Claim, DirtyBitmap, DirtyLogError, HostPageClaim, LayoutMismatch, PageClaim};
@@ -71,6 +73,7 @@ pub use scheduler::{
     SchedulerConfig, Served,
 };
 pub use stats::SchedulerStats;
+pub use streams::{ClaimSource, HintSlots, StreamPolicy, StreamStats};
 
 /// The README's Rust snippets, compiled and run as doctests so that they cannot rot (one
 /// of them builds vm-memory regions, hence the feature).

@@ -27,6 +27,7 @@
 use std::fmt;
 
 use crate::layout::LocationError;
+use crate::streams::StreamError;
 
 const MAGIC: u16 = 0x4850;
 
@@ -76,6 +77,9 @@ impl std::error::Error for DecodeError {}
 pub enum RequestError {
     /// The frame is malformed.
     Decode(DecodeError),
+    /// The request names a stream the scheduler does not have
+    /// ([`PageScheduler::serve_from`](crate::PageScheduler::serve_from)).
+    Stream(StreamError),
     /// The block or range is outside the layout.
     Location(LocationError),
 }
@@ -84,6 +88,7 @@ impl fmt::Display for RequestError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Decode(e) => write!(f, "malformed page request: {e}"),
+            Self::Stream(e) => write!(f, "page request from an unknown stream: {e}"),
             Self::Location(e) => write!(f, "page request out of range: {e}"),
         }
     }

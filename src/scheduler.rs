@@ -41,6 +41,15 @@
 //! or urgent path cleared it. "Done" means every page is *claimed*; the migration has sent
 //! everything once every scanner reported done and every sender finished sending its claims.
 //!
+//! # Several fault streams
+//! With [`HintPolicy::PerStream`] there is one hint slot per stream (a vCPU) instead of one
+//! for the VM: requests name their stream ([`PageScheduler::serve_from`],
+//! [`PageScheduler::urgent_sent_from`]; [`serve`](PageScheduler::serve) and
+//! [`urgent_sent`](PageScheduler::urgent_sent) are stream 0's), and each scanner follows every
+//! stream with its own cursor, in turn, beside its linear scan; a spent forward run hands its
+//! edge to the linear scan as a jump (its count restarts). The protocol and how I3 and I5 keep
+//! holding are in [`crate::cursors`].
+//!
 //! # Postcopy recovery
 //! After a broken connection, QEMU rebuilds the source's dirty bitmap from the destination's
 //! bitmap of received pages ("dirty = not received") and resumes. [`PageScheduler::recover_block`]
@@ -59,15 +68,20 @@
 //! not yet sent waits for that chunk to be sent (up to `batch × page size` of link time:
 //! 64 KiB, about 52 µs at 10 Gbit/s, for the default of 16 pages).
 
+// Several fault streams: `serve_from`, `urgent_sent_from`, the scanner's cursors.
+mod per_stream;
+
 use std::fmt;
 
 use crossbeam_utils::CachePadded;
 
 use crate::bitmap::{Claim, DirtyBitmap, DirtyLogError, Found, LayoutMismatch};
+use crate::cursors::Cursors;
 use crate::hint::{Offer, PageHint};
 use crate::layout::{HostPage, LocationError, PageLocation, RamLayout};
 use crate::request::{RequestError, UrgentRequest};
 use crate::stats::{bump, BackgroundCounters, LocalCounts, SchedulerStats, UrgentCounters};
+use crate::streams::{HintSlots, StreamPolicy, StreamPolicyError};
 use crate::sync::{Arc, Queue};
 
 /// How page requests reach the sender.
@@ -89,6 +103,11 @@ pub enum HintPolicy {
     /// After each urgent send, offer the next location if no hint is pending (QEMU's
     /// page-hint patch).
     SetIfEmpty,
+    /// One hint slot per fault stream (a vCPU, or any id the caller chooses below the count),
+    /// each set-if-empty; the background scan follows every stream with its own cursor for a
+    /// bounded run, in turn, beside its linear scan ([`crate::cursors`]). Requests name their
+    /// stream: [`PageScheduler::serve_from`], [`PageScheduler::urgent_sent_from`].
+    PerStream(StreamPolicy),
 }
 
 /// How many target pages one background claim takes (a power of two, 1 to 64), rounded up to
@@ -187,12 +206,34 @@ impl SchedulerConfig {
             batch: ClaimBatch::DEFAULT,
         }
     }
+    /// Postcopy-preempt following `streams` fault streams, one hint slot each, with the
+    /// default [`StreamPolicy`] (see [`HintPolicy::PerStream`]).
+    ///
+    /// ```
+    /// use pagehint::SchedulerConfig;
+    /// assert_eq!(SchedulerConfig::preempt_hints(4)?.streams(), 4);
+    /// assert!(SchedulerConfig::preempt_hints(0).is_err());
+    /// # Ok::<(), pagehint::streams::StreamPolicyError>(())
+    /// ```
+    pub fn preempt_hints(streams: u32) -> Result<Self, StreamPolicyError> {
+        Ok(Self {
+            hint: HintPolicy::PerStream(StreamPolicy::new(streams)?),
+            ..Self::preempt()
+        })
+    }
     /// The same configuration with another claim batch.
     pub const fn with_batch(self, batch: ClaimBatch) -> Self {
         Self { batch, ..self }
     }
+    /// Fault streams, hence hint slots: 1 unless the hint policy is per stream.
+    pub fn streams(&self) -> u32 {
+        match self.hint {
+            HintPolicy::PerStream(p) => p.streams(),
+            HintPolicy::Off | HintPolicy::SetIfEmpty => 1,
+        }
+    }
     fn hints(&self) -> bool {
-        self.mode == Mode::Preempt && self.hint == HintPolicy::SetIfEmpty
+        self.mode == Mode::Preempt && self.hint != HintPolicy::Off
     }
 }
 
@@ -257,7 +298,8 @@ pub enum Served {
 pub struct PageScheduler {
     layout: RamLayout,
     bitmap: Arc<DirtyBitmap>,
-    hint: CachePadded<PageHint>,
+    /// One slot per stream; dereferences to stream 0's, the one-stream API's hint.
+    hint: HintSlots,
     queue: Queue<PageLocation>,
     config: SchedulerConfig,
     urgent: CachePadded<UrgentCounters>,
@@ -312,7 +354,7 @@ impl PageScheduler {
         Self {
             layout,
             bitmap,
-            hint: CachePadded::new(PageHint::new()),
+            hint: HintSlots::sized(config.streams()),
             queue: Queue::new(),
             config,
             urgent: CachePadded::new(UrgentCounters::default()),
@@ -333,7 +375,8 @@ impl PageScheduler {
     pub fn bitmap(&self) -> &DirtyBitmap {
         &self.bitmap
     }
-    /// The hint cell.
+    /// The hint cell: stream 0's slot (the only one unless the hint policy is per stream; all
+    /// of them: [`hint_slots`](Self::hint_slots)).
     pub fn hint(&self) -> &PageHint {
         &self.hint
     }
@@ -398,6 +441,7 @@ impl PageScheduler {
             .map_or(PageLocation::new(0, 0), |_| start);
         BackgroundScanner {
             sched: self,
+            cursors: self.new_cursors(),
             block: start.block,
             page: start.page,
             swept: 0,
@@ -468,12 +512,19 @@ impl PageScheduler {
     /// Tells the scheduler that an urgent claim has been sent; with hints on, offers the
     /// location right after it (set-if-empty) and says what became of the offer.
     pub fn urgent_sent(&self, claim: &Claim) -> Option<Offer> {
+        self.offer_after(&self.hint, claim)
+    }
+
+    /// With hints on, offers the location after `claim` into `slot` (set-if-empty) and counts
+    /// what became of the offer.
+    #[inline]
+    fn offer_after(&self, slot: &PageHint, claim: &Claim) -> Option<Offer> {
         if !self.config.hints() {
             return None;
         }
         let next = self.after(claim.end());
         // Cannot fail: layout locations always fit the hint's packing.
-        let offer = self.hint.offer(next).ok()?;
+        let offer = slot.offer(next).ok()?;
         match offer {
             Offer::Accepted => bump(&self.urgent.hints_accepted, 1),
             Offer::Pending => bump(&self.urgent.hints_refused_pending, 1),
@@ -512,6 +563,7 @@ impl PageScheduler {
         while self.queue.pop().is_some() {}
         self.urgent.reset();
         self.background.reset();
+        self.hint.reset_counters();
     }
 
     /// Postcopy recovery for one block: rebuilds its send state from the destination's bitmap
@@ -666,6 +718,8 @@ const PUBLISH_EVERY: u64 = 64;
 /// [module docs](self)).
 pub struct BackgroundScanner<'a> {
     sched: &'a PageScheduler,
+    /// Per-stream mode: one cursor per stream, beside the linear scan ([`crate::cursors`]).
+    cursors: Option<Box<Cursors>>,
     block: u32,
     page: u64,
     /// Pages verified clean, contiguously, ending at (block, page), since the last jump.
@@ -694,6 +748,7 @@ impl BackgroundScanner<'_> {
     fn follow(&mut self) {
         let sched = self.sched;
         match sched.config.mode {
+            Mode::Preempt if self.cursors.is_some() => self.follow_streams(),
             Mode::Preempt => {
                 if let Some(to) = sched.hint.take() {
                     self.local.hints_taken += 1;
@@ -721,12 +776,28 @@ impl BackgroundScanner<'_> {
         }
     }
 
+    /// One step of the linear scan: claims the next chunk that may be dirty, moving the
+    /// position and adding what it passed to the count of pages verified clean.
+    #[inline]
+    fn linear_step(&mut self, batch: u32) -> Found {
+        let step = self.sched.bitmap.scan_step(self.block, self.page, batch);
+        self.swept += step.end - self.page;
+        self.page = step.end;
+        if step.block_end {
+            self.advance_block();
+        }
+        step.found
+    }
+
     fn advance_block(&mut self) {
         self.block = ((self.block as usize + 1) % self.sched.layout.blocks().len()) as u32;
         self.page = 0;
     }
 
     fn publish(&mut self) {
+        if let Some(c) = self.cursors.as_deref_mut() {
+            c.publish(&self.sched.hint);
+        }
         self.local.publish(&self.sched.background);
     }
 
@@ -747,13 +818,12 @@ impl BackgroundScanner<'_> {
         let batch = sched.config.batch.shift;
         loop {
             self.follow();
-            let step = sched.bitmap.scan_step(self.block, self.page, batch);
-            self.swept += step.end - self.page;
-            self.page = step.end;
-            if step.block_end {
-                self.advance_block();
-            }
-            match step.found {
+            // A cursor's claim (per-stream mode: the linear scan stays), or a linear step.
+            let found = match self.cursor_turn() {
+                Some(c) => Found::Won(c),
+                None => self.linear_step(batch),
+            };
+            match found {
                 Found::Won(c) => {
                     self.local.claims += 1;
                     self.local.host_pages += u64::from(c.host_page_count());

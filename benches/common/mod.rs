@@ -16,6 +16,7 @@ pub mod hint_cases;
 pub mod kvm_log;
 pub mod qemu;
 pub mod scheduler_cases;
+pub mod streams_cases;
 
 use std::time::{Duration, Instant};
 

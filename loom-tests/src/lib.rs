@@ -35,6 +35,8 @@
 //! | [`recovery::handoff_model`] | recovery handoff at a cut (I1) | `PageScheduler` (`recover_shared`), the harness's handoff as [`recovery::JoinThenSnapshot`] | [`recovery::SnapshotThenJoin`] | `loom_recovery` | `shuttle_recovery` |
 //! | [`remove::remove_model`] | `UFFD_EVENT_REMOVE` against prefetchers (R1–R3) | `RemoveGate` (`pagehint-uffd-gate`), `PageScheduler` | [`remove::MarkAfterUnlock`], [`remove::CopyWithoutReadSide`] | `loom_remove` | `shuttle_remove` |
 //! | [`overtake::duplicate_pair_model`], [`overtake::overtake_model`] | deliberate duplicates: an urgent resend overtaking the background copy (I1, no stale overwrite, no lost request) | `CopyLedger`, `PageScheduler`; the control [`overtake::ControlGate`] | [`overtake::PlaceEachKind`], [`overtake::DropStillCopies`], [`overtake::ExpectResend`] | `loom_overtake` | `shuttle_overtake` |
+//! | [`streams::i4_slots_model`] | one hint slot per stream (I4 per slot) | `HintSlots` | [`streams::SharedSlot`], [`streams::SharedOverwritingSlot`] | `loom_streams` | — |
+//! | [`streams::streams_model`] | several fault streams: cursors beside the linear scan (I1–I6) | `PageScheduler` (`HintPolicy::PerStream`), the control [`streams::ControlRewrite`] | [`streams::NeverYields`], [`streams::NeverRetired`], [`streams::KeepsTurn`], [`streams::JumpKeepsCount`] | `loom_streams` | `shuttle_streams` |
 //! | [`precopy::precopy_model`] | precopy (I7) | `DirtyBitmap`, `PageScheduler` | [`flawed::SummaryBeforePageBit`], [`flawed::LoadThenStoreClaim`] | — | `shuttle_precopy` |
 //!
 //! The bitmap models also run on [`flawed::FlawedBitmap<NoFlaw>`](flawed::NoFlaw), the
@@ -71,5 +73,6 @@ pub mod protocol;
 pub mod record;
 pub mod recovery;
 pub mod remove;
+pub mod streams;
 pub mod sync;
 pub mod vanilla;

@@ -18,6 +18,9 @@ use pagehint_models::overtake::{
 use pagehint_models::precopy::{precopy_model, PrecopyCase};
 use pagehint_models::protocol::{protocol_model, ProtocolCase};
 use pagehint_models::remove::{remove_model, ControlGate, RemoveCase};
+use pagehint_models::streams::{
+    i4_slots_model, streams_model, ControlRewrite as StreamsControl, StreamsCase,
+};
 use pagehint_models::vanilla::{vanilla_model, ControlRewrite, VanillaCase};
 
 fn loc(page: u64) -> PageLocation {
@@ -28,6 +31,34 @@ fn loc(page: u64) -> PageLocation {
 fn hint_models_pass_on_the_real_slot() {
     i4_offer_take_model::<PageHint>(TWO_OFFERERS);
     i4_offer_take_model::<PageHint>(TWO_TAKERS);
+}
+
+#[test]
+fn streams_models_pass_on_the_real_types_and_the_control() {
+    i4_slots_model::<pagehint::HintSlots>();
+    let case = StreamsCase {
+        layout: RamLayout::new(
+            4096,
+            [
+                BlockSpec::new("cold", 8 * 4096, 2 * 4096),
+                BlockSpec::new("hot", 64 * 4096, 2 * 4096),
+            ],
+        )
+        .unwrap(),
+        policy: pagehint::StreamPolicy::new(4)
+            .unwrap()
+            .with_run(6)
+            .unwrap()
+            .with_share(2)
+            .unwrap(),
+        requests: (0..12)
+            .map(|i| (i % 4, PageLocation::new(1, 5 * u64::from(i) + 3)))
+            .collect(),
+        return_paths: 2,
+        stray_hints: vec![(1, PageLocation::new(0, 3)), (2, PageLocation::new(7, 0))],
+    };
+    streams_model::<PageScheduler>(&case);
+    streams_model::<StreamsControl>(&case);
 }
 
 #[test]

@@ -26,7 +26,7 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use crate::clock::{boot_id, now_ns};
+use crate::sys::clock::{boot_id, now_ns};
 use crate::wire::{
     configure, read_full, write_parts, Channel, FrameHeader, FrameKind, Guard, Hello, HelloReply,
     Role, RpHeader, RpKind, WireError,
@@ -442,15 +442,12 @@ pub fn answer_pings_until_start(main: &TcpStream, g: &Guard<'_>) -> Result<(), W
         read_full(main, &mut body, g, Channel::ReturnPath)?;
         match h.kind {
             RpKind::Ping => {
-                let pong = FrameHeader {
-                    kind: FrameKind::Pong,
-                    block: 0,
-                    offset: 0,
-                    len: 0,
-                    arrival_ns: now_ns(),
-                    resend: false,
-                };
-                write_parts(main, &[&pong.encode()], g, Channel::Background)?;
+                write_parts(
+                    main,
+                    &[&FrameHeader::pong().encode()],
+                    g,
+                    Channel::Background,
+                )?;
             }
             RpKind::Start => return Ok(()),
             RpKind::Done | RpKind::Request => {

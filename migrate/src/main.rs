@@ -4,10 +4,11 @@
 
 use std::process::ExitCode;
 
-use pagehint_migrate::cli::{Cli, Command, Endpoint, Options};
-use pagehint_migrate::hugepages::HugePages;
+use clap::{Args, CommandFactory, FromArgMatches};
+use pagehint_migrate::harness::cli::{Cli, Endpoint, Invocation};
+use pagehint_migrate::harness::{compare, export};
 use pagehint_migrate::qemu;
-use pagehint_migrate::{compare, export};
+use pagehint_migrate::sys::hugepages::HugePages;
 
 const LEGEND: &str = "\
 faults: vCPU accesses that found their page missing and waited; req p50/p99: request latency (fault read -> page placed)
@@ -21,12 +22,36 @@ MiB/s: postcopy throughput, RAM still to send at the switch-over / postcopy time
 cuts/recovery (with breaks): connection breaks survived in postcopy / time from the breaks to postcopy resumed
 verified: each missing page placed exactly once (across all connections), memory equals the source's at the switch-over, the guest's own checks passed, no queued request lost (vanilla)";
 
+/// What this invocation runs: the harness, or another program named by its subcommand.
+enum Program {
+    /// The harness's matrix of migrations.
+    Migrate(Box<Cli>),
+    /// `compare-qemu`.
+    CompareQemu(Box<qemu::cli::CompareQemuCli>),
+}
+
+/// Parses this process's arguments: the harness's command line, with the other programs'
+/// subcommands added (exits with clap's message on a parse error).
+fn program() -> Program {
+    let command = Cli::command().subcommand(
+        qemu::cli::CompareQemuCli::augment_args(clap::Command::new("compare-qemu"))
+            .about(qemu::cli::ABOUT),
+    );
+    let mut m = command.get_matches();
+    let parsed = match m.remove_subcommand() {
+        Some((_, sub)) => qemu::cli::CompareQemuCli::from_arg_matches(&sub)
+            .map(|c| Program::CompareQemu(Box::new(c))),
+        None => Cli::from_matches(&m).map(|c| Program::Migrate(Box::new(c))),
+    };
+    parsed.unwrap_or_else(|e| e.exit())
+}
+
 fn main() -> ExitCode {
-    let mut cli = Cli::parse_args();
-    if let Some(Command::CompareQemu(c)) = cli.take_command() {
-        return qemu::command(c);
-    }
-    let opts = match Options::from_cli(cli) {
+    let cli = match program() {
+        Program::Migrate(cli) => cli,
+        Program::CompareQemu(c) => return qemu::command(*c),
+    };
+    let opts = match Invocation::from_cli(*cli) {
         Ok(o) => o,
         Err(e) => {
             eprintln!("error: {e}");
@@ -62,8 +87,8 @@ fn main() -> ExitCode {
     let rows = &outcome.rows;
     let targets = export::targets(rows);
     if !rows.is_empty() {
-        if let Some(done) = rows.iter().find(|r| r.error.is_none()) {
-            println!("\nfault path: {}\n", done.fault_path);
+        if let Some(done) = rows.iter().find(|r| r.outcome.error.is_none()) {
+            println!("\nfault path: {}\n", done.waits.fault_path);
         } else {
             println!();
         }
@@ -93,7 +118,7 @@ fn main() -> ExitCode {
         }
         return ExitCode::from(2);
     }
-    if rows.iter().any(|r| !r.verified) {
+    if rows.iter().any(|r| !r.outcome.verified) {
         eprintln!("error: some runs failed verification");
         return ExitCode::from(1);
     }

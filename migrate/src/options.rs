@@ -10,9 +10,10 @@ use pagehint::{ClaimBatch, SchedulerConfig};
 
 use crate::guest::layout::{GuestLayout, GuestLayoutError, HostPageSize};
 pub use crate::guest::Workload;
-use crate::link::LinkParams;
+use crate::link::{LinkParams, LowWater};
+pub use crate::link::{RequestRoute, Transport};
 use crate::names::named_enum;
-use crate::pin::PinPlan;
+use crate::sys::pin::PinPlan;
 
 named_enum!(
     /// How the source serves page requests.
@@ -37,9 +38,31 @@ impl MigrationMode {
         .with_batch(batch)
     }
 
-    /// Whether urgent pages travel on their own channel.
-    pub fn preempt(self) -> bool {
-        self != Self::Vanilla
+    /// How this mode's pages and requests travel, with `--resend` as asked (it only
+    /// applies where an urgent channel exists). Every place that opens, configures or reads
+    /// a channel asks this, never the mode itself: a new mode is one more arm here.
+    pub fn transport(self, resend: bool) -> Transport {
+        let urgent = Transport {
+            urgent_channel: true,
+            requests: if resend {
+                RequestRoute::Urgent
+            } else {
+                RequestRoute::Main
+            },
+            resend,
+            low_water: true,
+        };
+        match self {
+            // QEMU's postcopy: one channel, requests queued for the background scan, the
+            // whole send queue (the baseline).
+            Self::Vanilla => Transport {
+                urgent_channel: false,
+                requests: RequestRoute::Main,
+                resend: false,
+                low_water: false,
+            },
+            Self::Preempt | Self::PreemptHint => urgent,
+        }
     }
 }
 
@@ -88,6 +111,52 @@ named_enum!(
         OverwriteDuplicate = 1, "overwrite-duplicate";
     }
 );
+
+/// The test hooks the source runs, as the destination's hello asks for them: each makes a
+/// run fail, or recover, on purpose.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SourceHooks {
+    /// The source drops both connections after this many host pages, as a crashed source
+    /// would (0: never).
+    pub drop_after: u64,
+    /// The source cuts both connections after this many postcopy host pages sent on them
+    /// (0: never), [`cuts`](Self::cuts) times; recovery resumes the run.
+    pub cut_after: u64,
+    /// How many times the source cuts the connections.
+    pub cuts: u64,
+    /// A fault the source injects.
+    pub fault: SourceFault,
+}
+
+impl SourceHooks {
+    /// No hook.
+    pub const NONE: Self = Self {
+        drop_after: 0,
+        cut_after: 0,
+        cuts: 0,
+        fault: SourceFault::None,
+    };
+}
+
+/// Every test hook of a run: the source's (sent in the hello) and the destination's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TestHooks {
+    /// The source's.
+    pub source: SourceHooks,
+    /// Malformed page requests the destination sends at the start of postcopy.
+    pub inject_bad: u64,
+    /// A fault the destination injects.
+    pub dest_fault: DestFault,
+}
+
+impl TestHooks {
+    /// No hook.
+    pub const NONE: Self = Self {
+        source: SourceHooks::NONE,
+        inject_bad: 0,
+        dest_fault: DestFault::None,
+    };
+}
 
 /// How the destination catches the guest's accesses to missing pages (thread guest).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -158,25 +227,14 @@ pub struct RunConfig {
     pub pin: PinPlan,
     /// Longest silence of the peer before a run fails.
     pub idle_timeout: Duration,
-    /// Test hook: malformed page requests the destination sends at the start of postcopy.
-    pub inject_bad: u64,
-    /// Test hook: the source drops the connections after this many host pages (0: never).
-    pub drop_after: u64,
     /// Postcopy recovery: how long the destination keeps reconnecting after its connections
     /// broke in postcopy, and the source keeps the session paused (zero: recovery off, a
     /// broken connection ends the run).
     pub recover_timeout: Duration,
     /// Postcopy recovery: where to reconnect (None: the address first connected to).
     pub reconnect: Option<std::net::SocketAddr>,
-    /// Test hook: the source cuts both connections after this many postcopy host pages sent
-    /// on them (0: never), [`cuts`](Self::cuts) times; recovery resumes the run.
-    pub cut_after: u64,
-    /// Test hook: how many times the source cuts the connections.
-    pub cuts: u64,
-    /// Test hook: a fault the source injects.
-    pub source_fault: SourceFault,
-    /// Test hook: a fault the destination injects.
-    pub dest_fault: DestFault,
+    /// Faults injected on purpose.
+    pub hooks: TestHooks,
     /// Preempt modes: requests travel on the urgent connection, and a request for a host
     /// page the background path already claimed is answered by sending it again on the
     /// urgent channel (false: requests travel on the main connection and wait for the
@@ -192,7 +250,7 @@ impl RunConfig {
             GuestKind::Thread => DirtyTracking::None,
         };
         let link = LinkParams {
-            lowat_bytes: LinkParams::auto_lowat(guest.layout.host_page().bytes()),
+            lowat_bytes: LowWater::Auto.bytes(guest.layout.host_page()),
             ..LinkParams::DEFAULT
         };
         Self {
@@ -206,14 +264,9 @@ impl RunConfig {
             fault_path: FaultPath::Auto,
             pin: PinPlan::auto(),
             idle_timeout: Duration::from_secs(20),
-            inject_bad: 0,
-            drop_after: 0,
             recover_timeout: Duration::from_secs(30),
             reconnect: None,
-            cut_after: 0,
-            cuts: 0,
-            source_fault: SourceFault::None,
-            dest_fault: DestFault::None,
+            hooks: TestHooks::NONE,
             resend: true,
         }
     }
@@ -221,6 +274,20 @@ impl RunConfig {
     /// The guest layout.
     pub fn layout(&self) -> &GuestLayout {
         &self.guest.layout
+    }
+
+    /// The postcopy recovery window as the hello carries it: whole ms, at least 1 when
+    /// recovery is on (0: off).
+    pub fn recover_ms(&self) -> u64 {
+        match self.recover_timeout.as_millis() {
+            0 if !self.recover_timeout.is_zero() => 1,
+            ms => ms.try_into().unwrap_or(u64::MAX),
+        }
+    }
+
+    /// How `mode`'s pages and requests travel in these runs (with [`resend`](Self::resend)).
+    pub fn transport(&self, mode: MigrationMode) -> Transport {
+        mode.transport(self.resend)
     }
 }
 
@@ -241,5 +308,20 @@ mod tests {
         let e = "fast".parse::<MigrationMode>().unwrap_err();
         assert!(e.contains("vanilla, preempt, preempt-hint"), "{e}");
         assert_eq!("ring".parse::<DirtyTracking>(), Ok(DirtyTracking::Ring));
+    }
+
+    #[test]
+    fn each_mode_says_how_its_pages_and_requests_travel() {
+        let v = MigrationMode::Vanilla.transport(true);
+        assert!(!v.urgent_channel && !v.resend && !v.low_water);
+        assert_eq!(v.requests, RequestRoute::Main);
+        for m in [MigrationMode::Preempt, MigrationMode::PreemptHint] {
+            let t = m.transport(true);
+            assert!(t.urgent_channel && t.resend && t.low_water);
+            assert_eq!(t.requests, RequestRoute::Urgent);
+            let old = m.transport(false);
+            assert!(old.urgent_channel && !old.resend);
+            assert_eq!(old.requests, RequestRoute::Main);
+        }
     }
 }

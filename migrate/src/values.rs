@@ -72,11 +72,22 @@ mod tests {
         assert_eq!(parse_bits("2.5Gbit").unwrap(), 2_500_000_000);
         assert_eq!(parse_bits("800M").unwrap(), 800_000_000);
         assert!(parse_bits("10T").is_err());
-        let modes: Vec<crate::options::MigrationMode> =
+        #[derive(Debug, PartialEq)]
+        struct Mode(String);
+        impl std::str::FromStr for Mode {
+            type Err = String;
+            fn from_str(s: &str) -> Result<Self, String> {
+                match s {
+                    "vanilla" | "preempt-hint" => Ok(Self(s.into())),
+                    _ => Err(format!("unknown mode {s:?}")),
+                }
+            }
+        }
+        let modes: Vec<Mode> =
             parse_list("modes", &["vanilla".into(), "preempt-hint".into()]).unwrap();
         assert_eq!(modes.len(), 2);
-        assert!(parse_list::<crate::options::MigrationMode>("modes", &[]).is_err());
-        let e = parse_list::<crate::options::MigrationMode>("modes", &["fast".into()]).unwrap_err();
+        assert!(parse_list::<Mode>("modes", &[]).is_err());
+        let e = parse_list::<Mode>("modes", &["fast".into()]).unwrap_err();
         assert!(e.contains("--modes") && e.contains("fast"), "{e}");
     }
 }

@@ -35,15 +35,22 @@ fn run_all(cfg: RunConfig, runs: Vec<(Workload, MigrationMode)>) -> Vec<RunResul
 
 fn check_kvm(r: &RunResult, vcpus: u32) {
     check_verified(r);
-    assert_eq!(r.guest, "kvm");
-    assert_eq!((r.vcpus, r.blocks), (vcpus, 2));
-    assert_eq!(r.vcpu_blocktime_ms.len(), vcpus as usize);
-    assert!(r.fault_path.starts_with("userfaultfd"), "{}", r.fault_path);
-    assert!(r.guest_verified_pages > 0, "the guest verified its RAM");
+    assert_eq!(r.setup.guest, "kvm");
+    assert_eq!((r.setup.vcpus, r.setup.blocks), (vcpus, 2));
+    assert_eq!(r.waits.vcpu_blocktime_ms.len(), vcpus as usize);
     assert!(
-        r.downtime_ms > 0.0 && r.downtime_ms < 1000.0,
+        r.waits.fault_path.starts_with("userfaultfd"),
         "{}",
-        r.downtime_ms
+        r.waits.fault_path
+    );
+    assert!(
+        r.guest_run.guest_verified_pages > 0,
+        "the guest verified its RAM"
+    );
+    assert!(
+        r.transfer.downtime_ms > 0.0 && r.transfer.downtime_ms < 1000.0,
+        "{}",
+        r.transfer.downtime_ms
     );
 }
 
@@ -64,27 +71,41 @@ fn precopy_with_the_dirty_log_and_the_dirty_ring_in_every_mode_and_workload() {
             .collect();
         for r in run_all(c, runs) {
             check_kvm(&r, 2);
-            assert_eq!(r.dirty_tracking, tracking.name());
-            assert!(r.precopy_rounds_done >= 1, "{}", r.precopy_rounds_done);
+            assert_eq!(r.setup.dirty_tracking, tracking.name());
             assert!(
-                r.precopy_pages >= MEM / 4096,
-                "round 0 sends all of RAM: {}",
-                r.precopy_pages
+                r.transfer.precopy_rounds_done >= 1,
+                "{}",
+                r.transfer.precopy_rounds_done
             );
-            assert!(r.precopy_bytes > MEM / 2, "{}", r.precopy_bytes);
+            assert!(
+                r.transfer.precopy_pages >= MEM / 4096,
+                "round 0 sends all of RAM: {}",
+                r.transfer.precopy_pages
+            );
+            assert!(
+                r.transfer.precopy_bytes > MEM / 2,
+                "{}",
+                r.transfer.precopy_bytes
+            );
             assert_eq!(
-                r.dirty_per_round[0],
+                r.transfer.dirty_per_round[0],
                 MEM / 4096,
                 "round 0 starts with every page dirty"
             );
-            assert!(r.guest_ops_precopy > 0, "the guest ran during precopy");
-            assert!(r.guest_writes > 0, "the guest wrote during precopy");
             assert!(
-                r.pending_host_pages < MEM / 4096 / 2,
+                r.guest_run.guest_ops_precopy > 0,
+                "the guest ran during precopy"
+            );
+            assert!(
+                r.guest_run.guest_writes > 0,
+                "the guest wrote during precopy"
+            );
+            assert!(
+                r.transfer.pending_host_pages < MEM / 4096 / 2,
                 "{} / {}: precopy left {} of {} pages for postcopy",
-                r.workload,
-                r.mode,
-                r.pending_host_pages,
+                r.setup.workload,
+                r.setup.mode,
+                r.transfer.pending_host_pages,
                 MEM / 4096
             );
         }
@@ -103,37 +124,37 @@ fn pure_postcopy_in_every_mode_and_workload() {
     let rows = run_all(kvm(1), runs);
     for r in &rows {
         check_kvm(r, 1);
-        assert_eq!(r.precopy_rounds_done, 0);
+        assert_eq!(r.transfer.precopy_rounds_done, 0);
         assert_eq!(
-            r.pending_host_pages,
+            r.transfer.pending_host_pages,
             MEM / 4096,
             "pure postcopy: every page pending"
         );
         assert!(
-            r.faults > 0 && r.requests_sent > 0,
+            r.waits.faults > 0 && r.waits.requests_sent > 0,
             "{} / {}",
-            r.workload,
-            r.mode
+            r.setup.workload,
+            r.setup.mode
         );
-        assert!(r.request_p50_us > 0.0);
+        assert!(r.waits.request_p50_us > 0.0);
     }
     let get = |w: &str, m: &str| common::run_of(&rows, w, m);
     assert_eq!(
-        get("random", "vanilla").pages_urgent,
+        get("random", "vanilla").source.pages_urgent,
         0,
         "vanilla has no urgent channel"
     );
     assert_eq!(
-        get("random", "preempt").hints_offered,
+        get("random", "preempt").source.hints_offered,
         0,
         "preempt offers no hints"
     );
-    assert!(get("seq", "preempt").pages_urgent > 0);
+    assert!(get("seq", "preempt").source.pages_urgent > 0);
     assert!(
-        get("seq", "preempt-hint").hints_taken > 0,
+        get("seq", "preempt-hint").source.hints_taken > 0,
         "the scan follows the hint"
     );
-    assert!(get("stream", "preempt").longest_pause_ms > 0.0);
+    assert!(get("stream", "preempt").waits.longest_pause_ms > 0.0);
 }
 
 #[test]
@@ -155,13 +176,17 @@ fn hugetlb_host_pages_migrate_whole() {
     );
     for r in &rows {
         check_kvm(r, 2);
-        assert_eq!(r.host_page, 2 << 20);
+        assert_eq!(r.setup.host_page, 2 << 20);
         assert_eq!(
-            r.pages_urgent % 512,
+            r.source.pages_urgent % 512,
             0,
             "urgent pages come in whole 2 MiB host pages"
         );
-        assert_eq!(r.lowat_bytes, 4 << 20, "two host pages unsent at most");
+        assert_eq!(
+            r.setup.lowat_bytes,
+            4 << 20,
+            "two host pages unsent at most"
+        );
     }
 }
 
@@ -172,21 +197,21 @@ fn the_guest_catches_a_corrupted_page() {
     }
     let r = within(Duration::from_secs(60), || {
         let mut c = kvm(1);
-        c.source_fault = SourceFault::CorruptPage;
+        c.hooks.source.fault = SourceFault::CorruptPage;
         migrate(c, MigrationMode::PreemptHint, Workload::Kv)
     })
     .unwrap();
-    assert!(!r.verified, "a corrupted page went unnoticed");
+    assert!(!r.outcome.verified, "a corrupted page went unnoticed");
     assert!(
-        r.guest_check_errors > 0,
+        r.guest_run.guest_check_errors > 0,
         "the guest's own check must see it: {:?}",
-        r.problems
+        r.outcome.problems
     );
-    let first = r.guest_first_error.clone().unwrap_or_default();
+    let first = r.guest_run.guest_first_error.clone().unwrap_or_default();
     assert!(first.contains("corrupt page"), "{first}");
     // (The host's comparison with the source flags it too, unless the guest rewrote the
     // page after its check failed: kv re-signs pages it looks keys up in.)
-    let problems = r.problems.join("; ");
+    let problems = r.outcome.problems.join("; ");
     assert!(problems.contains("the guest's checks failed"), "{problems}");
 }
 
@@ -204,26 +229,26 @@ fn the_guest_catches_a_page_placed_twice() {
     ] {
         let r = within(Duration::from_secs(60), move || {
             let mut c = kvm(1);
-            c.source_fault = SourceFault::DuplicatePage;
-            c.dest_fault = dest;
+            c.hooks.source.fault = SourceFault::DuplicatePage;
+            c.hooks.dest_fault = dest;
             migrate(c, MigrationMode::Preempt, Workload::Seq)
         })
         .unwrap();
-        assert!(!r.verified);
-        assert_eq!(r.placed_twice, 1, "{dest:?}");
-        let problems = r.problems.join("; ");
+        assert!(!r.outcome.verified);
+        assert_eq!(r.placement.placed_twice, 1, "{dest:?}");
+        let problems = r.outcome.problems.join("; ");
         assert!(
             problems.contains("placed twice") && problems.contains("EEXIST"),
             "{problems}"
         );
         if guest_sees_it {
-            let first = r.guest_first_error.clone().unwrap_or_default();
+            let first = r.guest_run.guest_first_error.clone().unwrap_or_default();
             assert!(
                 first.contains("stale page"),
                 "{dest:?}: {first} ({problems})"
             );
         } else {
-            assert_eq!(r.guest_check_errors, 0, "{problems}");
+            assert_eq!(r.guest_run.guest_check_errors, 0, "{problems}");
         }
     }
 }

@@ -14,10 +14,10 @@ use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use common::{check_verified, config, within};
-use pagehint_migrate::clock::{boot_id, now_ns};
 use pagehint_migrate::guest::layout::HostPageSize;
 use pagehint_migrate::handshake::{self, ConnectError};
 use pagehint_migrate::options::{GuestKind, GuestSpec};
+use pagehint_migrate::sys::clock::now_ns;
 use pagehint_migrate::wire::{
     read_full, write_parts, Channel, FrameHeader, FrameKind, Guard, Hello, Role, RpHeader, RpKind,
 };
@@ -33,21 +33,8 @@ fn cfg() -> RunConfig {
 
 fn hello(c: &RunConfig) -> Hello {
     Hello {
-        role: Role::Main,
-        mode: MigrationMode::Preempt,
-        workload: Workload::Seq,
-        guest: c.guest.clone(),
-        precopy: c.precopy,
-        link: c.link,
-        claim_batch: c.claim_batch,
-        scan_start: 0,
-        drop_after: 0,
-        source_fault: c.source_fault,
-        cut_after: 0,
-        cuts: 0,
         recover_ms: 0,
-        resend: c.resend,
-        boot_id: boot_id(),
+        ..Hello::new(c, MigrationMode::Preempt, Workload::Seq)
     }
 }
 
@@ -78,9 +65,9 @@ fn a_guest_that_plays_long_after_the_last_page_does_not_time_the_source_out() {
         "the guest played its whole window ({took:?})"
     );
     assert!(
-        r.duration_ms < 1000.0,
+        r.transfer.duration_ms < 1000.0,
         "postcopy ended long before the guest did: {} ms",
-        r.duration_ms
+        r.transfer.duration_ms
     );
 }
 
@@ -112,7 +99,7 @@ fn a_client_that_connects_and_says_nothing_does_not_hold_up_a_real_destination()
 #[test]
 fn the_source_refuses_a_guest_that_does_not_fit_in_its_memory_and_says_why() {
     let big = pagehint_migrate::guest::layout::MAX_MEM;
-    if pagehint_migrate::warm::mem_available().is_some_and(|a| a >= 2 * big) {
+    if pagehint_migrate::sys::warm::mem_available().is_some_and(|a| a >= 2 * big) {
         eprintln!("SKIPPED: this machine has room for two 64 GiB copies");
         return;
     }
@@ -304,10 +291,7 @@ fn a_paused_session_refuses_strangers_with_a_reason_and_takes_its_own_destinatio
             .error
     };
     let base = hello(&cfg());
-    let with = move |role| Hello {
-        role,
-        ..base.clone()
-    };
+    let with = move |role| base.with_role(role);
     let mut garbage = b"GET / HTTP/1.0\r\n\r\n".to_vec();
     garbage.resize(Hello::LEN, b' ');
     let e = ask(&garbage);

@@ -28,29 +28,29 @@ use pagehint_migrate::{
 fn check_resumed(r: &RunResult, cuts: u64) {
     check_verified(r);
     assert_eq!(
-        r.cuts, cuts,
+        r.recovery.cuts, cuts,
         "{} / {}: {:?}",
-        r.workload, r.mode, r.cut_reasons
+        r.setup.workload, r.setup.mode, r.recovery.cut_reasons
     );
-    assert_eq!(r.recovery_ms.len() as u64, cuts);
+    assert_eq!(r.recovery.recovery_ms.len() as u64, cuts);
     assert!(
-        r.recovery_ms.iter().all(|&ms| ms > 0.0),
+        r.recovery.recovery_ms.iter().all(|&ms| ms > 0.0),
         "{:?}",
-        r.recovery_ms
+        r.recovery.recovery_ms
     );
     assert!(
-        (r.recovery_total_ms - r.recovery_ms.iter().sum::<f64>()).abs() < 1e-6,
+        (r.recovery.recovery_total_ms - r.recovery.recovery_ms.iter().sum::<f64>()).abs() < 1e-6,
         "{r:?}"
     );
     // The hook cut each connection after it had sent pages; those still in flight were
     // lost with it and sent again (a connection may even have placed none of its own).
-    assert!(r.resent_pages > 0, "{r:?}");
+    assert!(r.recovery.resent_pages > 0, "{r:?}");
 }
 
 fn cut_config(kind: GuestKind, mem: u64, after: u64, cuts: u64) -> RunConfig {
     let mut c = config(kind, mem, HostPageSize::Small, 1);
-    c.cut_after = after;
-    c.cuts = cuts;
+    c.hooks.source.cut_after = after;
+    c.hooks.source.cuts = cuts;
     c.recover_timeout = Duration::from_secs(10);
     c
 }
@@ -73,19 +73,20 @@ fn every_mode_survives_repeated_cuts_and_places_each_page_once() {
     for r in &runs {
         check_resumed(r, 4);
         assert!(
-            r.cut_reasons
+            r.recovery
+                .cut_reasons
                 .iter()
                 .all(|c| c.starts_with("connection lost")),
             "{:?}",
-            r.cut_reasons
+            r.recovery.cut_reasons
         );
     }
     // The hint state of a broken connection is dropped, and the mode stays: vanilla never
     // uses the urgent channel, preempt-hint still offers hints after the breaks.
     let get = |w: &str, m: &str| common::run_of(&runs, w, m);
-    assert_eq!(get("random", "vanilla").pages_urgent, 0);
-    assert_eq!(get("random", "preempt").hints_offered, 0);
-    assert!(get("random", "preempt-hint").hints_offered > 0);
+    assert_eq!(get("random", "vanilla").source.pages_urgent, 0);
+    assert_eq!(get("random", "preempt").source.hints_offered, 0);
+    assert!(get("random", "preempt-hint").source.hints_offered > 0);
 }
 
 #[test]
@@ -107,8 +108,11 @@ fn a_kvm_guest_survives_repeated_cuts_in_every_mode() {
     });
     for r in &runs {
         check_resumed(r, 3);
-        assert_eq!(r.guest, "kvm");
-        assert!(r.guest_verified_pages > 0, "the guest verified its RAM");
+        assert_eq!(r.setup.guest, "kvm");
+        assert!(
+            r.guest_run.guest_verified_pages > 0,
+            "the guest verified its RAM"
+        );
     }
 }
 
@@ -151,11 +155,15 @@ fn a_source_stopped_longer_than_the_idle_limit_is_resumed_when_it_continues() {
     let r = r.unwrap_or_else(|e| panic!("the stopped source was not resumed: {e}"));
     check_resumed(&r, 1);
     assert!(
-        r.cut_reasons[0].contains("background and urgent channels"),
+        r.recovery.cut_reasons[0].contains("background and urgent channels"),
         "{:?}",
-        r.cut_reasons
+        r.recovery.cut_reasons
     );
-    assert!(r.recovery_ms[0] >= 1000.0, "{:?}", r.recovery_ms);
+    assert!(
+        r.recovery.recovery_ms[0] >= 1000.0,
+        "{:?}",
+        r.recovery.recovery_ms
+    );
     assert!(
         status.success(),
         "the source served its one session: {status}"

@@ -42,24 +42,28 @@ fn every_mode_and_workload_migrates_and_verifies_on_userfaultfd() {
     });
     for r in &runs {
         check_verified(r);
-        assert_eq!(r.guest, "thread");
+        assert_eq!(r.setup.guest, "thread");
         if is_root() {
-            assert!(r.fault_path.starts_with("userfaultfd"), "{}", r.fault_path);
+            assert!(
+                r.waits.fault_path.starts_with("userfaultfd"),
+                "{}",
+                r.waits.fault_path
+            );
         }
     }
     let get = |w: &str, m: &str| common::run_of(&runs, w, m);
     // Vanilla never uses the urgent channel; preempt-hint is the only mode with hints.
-    assert_eq!(get("random", "vanilla").pages_urgent, 0);
-    assert_eq!(get("random", "preempt").hints_offered, 0);
+    assert_eq!(get("random", "vanilla").source.pages_urgent, 0);
+    assert_eq!(get("random", "preempt").source.hints_offered, 0);
     let seq = get("seq", "preempt");
     assert!(
-        seq.faults > 0 && seq.pages_urgent > 0,
+        seq.waits.faults > 0 && seq.source.pages_urgent > 0,
         "seq must fault in preempt mode"
     );
     // Whether the scan takes a hint depends on timing (on a loaded machine the scan may
     // finish before the guest's first fault is served): a run that took none is repeated,
     // up to three more times, and one of them must show the scan following the hint.
-    let took_hint = get("seq", "preempt-hint").hints_taken > 0
+    let took_hint = get("seq", "preempt-hint").source.hints_taken > 0
         || (0..3).any(|_| {
             let c = cfg();
             let src = LocalSource::start(PinPlan::OFF, c.idle_timeout, true).unwrap();
@@ -70,16 +74,20 @@ fn every_mode_and_workload_migrates_and_verifies_on_userfaultfd() {
                 Workload::Seq,
                 &|_, _| {},
             )
-            .is_ok_and(|r| r.hints_taken > 0)
+            .is_ok_and(|r| r.source.hints_taken > 0)
         });
     assert!(took_hint, "the scan must follow the hint");
     for r in &runs {
         // One machine: the ping estimate of the clock offset is within the ping's round trip.
-        assert!(r.same_clock);
-        assert!(r.clock_offset_us.abs() < 5_000.0, "{}", r.clock_offset_us);
-        assert_eq!(r.blocks, 2);
+        assert!(r.transfer.same_clock);
+        assert!(
+            r.transfer.clock_offset_us.abs() < 5_000.0,
+            "{}",
+            r.transfer.clock_offset_us
+        );
+        assert_eq!(r.setup.blocks, 2);
         assert_eq!(
-            r.pending_host_pages,
+            r.transfer.pending_host_pages,
             MEM / 4096,
             "pure postcopy: every page pending"
         );
@@ -95,9 +103,9 @@ fn huge_host_pages_are_placed_whole_on_hugetlb() {
     })
     .unwrap();
     check_verified(&r);
-    assert_eq!(r.host_page, 2 << 20);
+    assert_eq!(r.setup.host_page, 2 << 20);
     assert_eq!(
-        r.pages_urgent % 512,
+        r.source.pages_urgent % 512,
         0,
         "urgent pages come in whole 2 MiB host pages"
     );
@@ -112,9 +120,13 @@ fn software_fault_path_migrates_and_says_so() {
     })
     .unwrap();
     check_verified(&r);
-    assert!(r.fault_path.starts_with("software"), "{}", r.fault_path);
-    assert_eq!(r.uffd_faults, 0);
-    assert!(r.faults > 0);
+    assert!(
+        r.waits.fault_path.starts_with("software"),
+        "{}",
+        r.waits.fault_path
+    );
+    assert_eq!(r.waits.uffd_faults, 0);
+    assert!(r.waits.faults > 0);
 }
 
 #[test]
@@ -122,13 +134,13 @@ fn malformed_requests_are_rejected_counted_and_the_migration_goes_on() {
     for mode in [MigrationMode::Vanilla, MigrationMode::PreemptHint] {
         let r = within(Duration::from_secs(60), move || {
             let mut c = cfg();
-            c.inject_bad = 14;
+            c.hooks.inject_bad = 14;
             migrate(c, mode, Workload::Random)
         })
         .unwrap();
         check_verified(&r);
-        assert_eq!(r.bad_requests, 14, "{mode}");
-        let all = r.rejected.join("\n");
+        assert_eq!(r.source.bad_requests, 14, "{mode}");
+        let all = r.source.rejected.join("\n");
         assert!(all.contains("malformed page request"), "{all}");
         assert!(all.contains("out of range"), "{all}");
     }
@@ -139,7 +151,7 @@ fn a_dropped_connection_ends_the_run_with_a_clear_error() {
     let start = Instant::now();
     let r = within(Duration::from_secs(30), || {
         let mut c = cfg();
-        c.drop_after = 1000;
+        c.hooks.source.drop_after = 1000;
         migrate(c, MigrationMode::Preempt, Workload::Seq)
     });
     let e = r.expect_err("the source dropped the connections");
@@ -223,7 +235,7 @@ fn a_silent_source_times_out_instead_of_hanging() {
             HelloReply {
                 error: String::new(),
                 token: 5,
-                boot_id: pagehint_migrate::clock::boot_id(),
+                boot_id: pagehint_migrate::sys::clock::boot_id(),
             }
             .write(&s, &g)
             .unwrap();
@@ -355,12 +367,12 @@ fn verification_catches_a_corrupted_page_and_a_page_sent_twice() {
             let r = within(Duration::from_secs(60), move || {
                 let mut c = cfg();
                 c.fault_path = path;
-                c.source_fault = fault;
+                c.hooks.source.fault = fault;
                 migrate(c, MigrationMode::PreemptHint, Workload::Seq)
             })
             .unwrap();
-            assert!(!r.verified, "{fault:?} on {path:?} went unnoticed");
-            let problems = r.problems.join("; ");
+            assert!(!r.outcome.verified, "{fault:?} on {path:?} went unnoticed");
+            let problems = r.outcome.problems.join("; ");
             assert!(
                 problems.contains(expect),
                 "{fault:?} on {path:?}: {problems}"
@@ -400,9 +412,12 @@ fn the_tail_breakdown_adds_up_and_resent_pages_are_counted_duplicates() {
     });
     for r in &runs {
         check_verified(r);
-        assert_eq!(r.placed_twice, 0);
+        assert_eq!(r.placement.placed_twice, 0);
         let t = &r.tail;
-        assert!(t.requests > 0 && t.requests <= r.requests_sent, "{t:?}");
+        assert!(
+            t.requests > 0 && t.requests <= r.waits.requests_sent,
+            "{t:?}"
+        );
         for g in [&t.median, &t.slowest_1pct] {
             let s = &g.stages_us;
             let sum = s.request_write
@@ -415,12 +430,21 @@ fn the_tail_breakdown_adds_up_and_resent_pages_are_counted_duplicates() {
             assert!((sum - g.latency_us).abs() < 0.01, "{g:?}");
             assert_eq!(g.paths.unknown, 0, "every request has a source record");
         }
-        assert!(r.duplicate_pages <= r.resent_host_pages, "{r:?}");
-        if r.resend {
+        assert!(
+            r.placement.duplicate_pages <= r.source.resent_host_pages,
+            "{r:?}"
+        );
+        if r.setup.resend {
             // Resends stay within 1% of the postcopy bytes.
-            assert!(r.resent_bytes * 100 <= r.postcopy_bytes, "{r:?}");
+            assert!(
+                r.source.resent_bytes * 100 <= r.transfer.postcopy_bytes,
+                "{r:?}"
+            );
         } else {
-            assert_eq!((r.resent_host_pages, r.duplicate_pages), (0, 0));
+            assert_eq!(
+                (r.source.resent_host_pages, r.placement.duplicate_pages),
+                (0, 0)
+            );
         }
     }
 }

@@ -86,11 +86,7 @@ impl DirtyBitmap {
                 found: Found::Clean,
             };
         };
-        let shift = if b.wide() {
-            b.host_shift
-        } else {
-            batch_shift.clamp(b.host_shift, WORD_SHIFT)
-        };
+        let shift = b.chunk_shift(batch_shift);
         let end = (((page >> shift) + 1) << shift).min(b.pages);
         let found = match self.claim_chunk(b, block, page, shift) {
             Some(claim) => Found::Won(claim),
@@ -102,6 +98,63 @@ impl DirtyBitmap {
             found,
         }
     }
+}
+
+impl DirtyBitmap {
+    /// log2 of the target pages in one scan-step chunk of `block` (see [`scan_step`]): the
+    /// host page for wide host pages, else the batch clamped to whole host pages in one word.
+    ///
+    /// [`scan_step`]: DirtyBitmap::scan_step
+    #[inline]
+    pub(crate) fn chunk_shift(&self, block: u32, batch_shift: u32) -> u32 {
+        self.blocks[block as usize].chunk_shift(batch_shift)
+    }
+
+    /// One step of a stream's cursor: claims the chunk of [`scan_step`]'s size that contains
+    /// `page` of `block`, without searching further (one read-modify-write; a chunk with
+    /// nothing left to claim is the cursor's signal to retire, met once per run, so a
+    /// pre-check load would cost every other step more than it saves). The chunk is clamped
+    /// to the block's end. `block` and `page` must be valid.
+    ///
+    /// [`scan_step`]: DirtyBitmap::scan_step
+    #[inline]
+    pub(crate) fn claim_chunk_at(&self, block: u32, page: u64, batch_shift: u32) -> ChunkStep {
+        let b = &self.blocks[block as usize];
+        let shift = b.chunk_shift(batch_shift);
+        let first = page & !low_mask(u64::from(shift));
+        let end = (first + (1 << shift)).min(b.pages);
+        ChunkStep {
+            first,
+            end,
+            block_end: end == b.pages,
+            claim: self.claim_chunk(b, block, page, shift),
+        }
+    }
+}
+
+impl BlockWords {
+    /// See [`DirtyBitmap::chunk_shift`].
+    #[inline]
+    fn chunk_shift(&self, batch_shift: u32) -> u32 {
+        if self.wide() {
+            self.host_shift
+        } else {
+            batch_shift.clamp(self.host_shift, WORD_SHIFT)
+        }
+    }
+}
+
+/// What one [`DirtyBitmap::claim_chunk_at`] did.
+pub(crate) struct ChunkStep {
+    /// The chunk's first page.
+    pub(crate) first: u64,
+    /// The page after the chunk (the block's end at most).
+    pub(crate) end: u64,
+    /// `end` is the block's end.
+    pub(crate) block_end: bool,
+    /// The caller's claim; `None` if nothing in the chunk was dirty (clean, or claimed by
+    /// someone else).
+    pub(crate) claim: Option<Claim>,
 }
 
 /// What one [`DirtyBitmap::scan_step`] did.

@@ -37,10 +37,10 @@ use std::thread::Thread;
 use memmap2::{MmapMut, MmapOptions};
 use pagehint::{Arrival, CopyKind, CopyLedger};
 
-use crate::clock::now_ns;
 use crate::guest::layout::{GuestLayout, HostPageSize, TARGET_PAGE};
 use crate::options::FaultPath;
-use crate::uffd::{PlaceError, Userfault};
+use crate::sys::clock::now_ns;
+use crate::sys::uffd::{PlaceError, Userfault};
 use crate::wire::SwitchOver;
 
 const NOBODY: u64 = u64::MAX;
@@ -196,7 +196,7 @@ impl DestMemory {
             FaultPath::Software => (None, "software (forced by --no-uffd)".to_string()),
             FaultPath::Auto => match Userfault::open() {
                 Ok(u) => {
-                    let n = format!("userfaultfd ({})", u.how());
+                    let n = format!("userfaultfd ({})", u.origin().describe());
                     (Some(u), n)
                 }
                 Err(e) => (None, format!("software (no userfaultfd: {e})")),

@@ -10,7 +10,7 @@
 //! * this thread sends `START`, waits for the switch-over, starts the guest, watches progress
 //!   and stalls, and when every page is in, sends `DONE` (the transfer is over: the source
 //!   answers with its summary and closes), lets the guest finish (the KVM guest verifies its
-//!   share of RAM) and hands everything to [`crate::verify`].
+//!   share of RAM) and returns its [`Evidence`] (the harness verifies and measures it).
 //!
 //! **Postcopy recovery** ([`recovery`]): when the connections break after the switch-over
 //! (closed, reset, both silent for the idle limit) and recovery is on, the guest stays as it
@@ -24,6 +24,7 @@
 //! unregisters the userfaultfd range (a vCPU blocked in a fault wakes up) and kicks the
 //! vCPUs: the run ends with a typed [`RunError`], never a hang.
 
+mod drive;
 pub mod faults;
 pub mod memory;
 mod receiver;
@@ -38,20 +39,19 @@ use std::time::Duration;
 
 use pagehint::UrgentRequest;
 
-use crate::clock::{boot_id, now_ns, tight_timer_slack};
-use crate::guest::kvm::vcpu::VcpuEnd;
 use crate::guest::kvm::vm::Tracking;
 use crate::guest::kvm::{GuestCounters, Machine};
 use crate::handshake::{self, ConnectError};
+use crate::link::{RequestRoute, Transport};
 use crate::options::{DestFault, FaultPath, GuestKind, MigrationMode, RunConfig, Workload};
-use crate::pin::Role;
+use crate::sys::clock::{now_ns, tight_timer_slack};
+use crate::sys::pin::Role;
 use crate::wire::{
-    write_parts, Channel, Guard, Hello, Role as HelloRole, RpHeader, RpKind, Summary, SwitchOver,
-    WireError,
+    write_parts, Channel, Guard, Hello, RpHeader, RpKind, Summary, SwitchOver, WireError,
 };
 use memory::{DestMemory, MemoryError};
 use recovery::{Broken, Conn, Cut};
-use thread_guest::{FaultLog, ThreadGuest, WorkloadReport};
+use thread_guest::{FaultLog, WorkloadReport};
 
 /// Why a run failed.
 #[derive(Debug)]
@@ -146,11 +146,8 @@ pub(crate) struct Dest<'a> {
     bg_progress: AtomicU64,
     /// When the urgent channel last brought a frame.
     urgent_progress: AtomicU64,
-    /// Preempt modes: the urgent channel carries pages.
-    preempt: bool,
-    /// Page requests go on the urgent connection (preempt modes with `resend`), away from
-    /// the main connection's socket, which the background stream keeps busy.
-    requests_on_urgent: bool,
+    /// Which channels carry pages and requests.
+    transport: Transport,
     failure: Mutex<Option<RunError>>,
     requests_sent: AtomicU64,
     summary: Mutex<Option<Summary>>,
@@ -225,7 +222,7 @@ impl Dest<'_> {
             sent_ns: now_ns(),
         };
         let c = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-        let stream = if kind == RpKind::Request && self.requests_on_urgent {
+        let stream = if kind == RpKind::Request && self.transport.requests == RequestRoute::Urgent {
             &c.urgent
         } else {
             &c.main
@@ -331,8 +328,8 @@ pub struct Times {
     pub complete: u64,
 }
 
-/// What a finished run left, for [`crate::verify`] and [`crate::result`]: the destination's
-/// memory and records, and what the source sent.
+/// What a finished run left, for verification and measurement (the harness's `verify` and
+/// `result`): the destination's memory and records, and what the source sent.
 #[derive(Debug)]
 pub struct Evidence {
     /// Guest RAM as the run left it, with its placement and request records.
@@ -369,15 +366,42 @@ pub fn run(
     workload: Workload,
     progress: &dyn Fn(u64, u64),
 ) -> Result<Evidence, RunError> {
-    let layout = cfg.layout().clone();
+    let mem = guest_memory(cfg)?;
+    let machine = vm(cfg, &mem)?;
+    let hello = Hello::new(cfg, mode, workload);
+    let conn = handshake::connect(addr, &hello, cfg.idle_timeout).map_err(|e| match e {
+        ConnectError::Wire(w) => RunError::Wire(w),
+        ConnectError::Refused(r) => RunError::Refused(r),
+    })?;
+    let (same_clock, measured_offset_ns, offset_ns) =
+        (conn.same_clock, conn.measured_offset_ns, conn.offset_ns());
+    let d = Dest::new(cfg, &mem, machine.as_ref(), conn, addr, hello);
+    let (events, times, outcome) = d.migrate(workload, progress);
+    let left = d.left(outcome)?;
+    drop(machine);
+    Ok(Evidence {
+        mem,
+        summary: left.summary,
+        switch: left.switch,
+        outcome: left.outcome,
+        events,
+        times,
+        offset_ns,
+        measured_offset_ns,
+        same_clock,
+        requests_sent: left.requests_sent,
+        cuts: left.cuts,
+    })
+}
+
+/// The destination's guest RAM, with the fault path the guest needs (the KVM guest's
+/// vCPUs fault in the kernel: only a userfaultfd that sees kernel faults will do).
+fn guest_memory(cfg: &RunConfig) -> Result<DestMemory, RunError> {
     let kvm = cfg.guest.kind == GuestKind::Kvm;
     let path = if kvm { FaultPath::Auto } else { cfg.fault_path };
-    let mem = DestMemory::new(
-        &layout,
-        path,
-        cfg.dest_fault == DestFault::OverwriteDuplicate,
-    )
-    .map_err(|e| RunError::Setup(format!("mapping guest RAM: {e}")))?;
+    let overwrite = cfg.hooks.dest_fault == DestFault::OverwriteDuplicate;
+    let mem = DestMemory::new(cfg.layout(), path, overwrite)
+        .map_err(|e| RunError::Setup(format!("mapping guest RAM: {e}")))?;
     if kvm {
         match mem.userfault() {
             None => {
@@ -386,7 +410,7 @@ pub fn run(
                     mem.fault_path()
                 )))
             }
-            Some(u) if u.user_mode_only() => {
+            Some(u) if !u.origin().sees_kernel_faults() => {
                 return Err(RunError::Setup(
                     "the KVM guest needs userfaultfd for kernel faults (run as root, or allow /dev/userfaultfd)".into(),
                 ))
@@ -394,345 +418,146 @@ pub fn run(
             Some(_) => {}
         }
     }
-    let machine = if kvm {
-        // SAFETY: `mem` outlives the machine (declared before it, dropped after).
-        let (m, _) = unsafe {
-            Machine::new(
-                &layout,
-                [mem.block_host(0), mem.block_host(1)],
-                Tracking::Off,
-            )
-        }
-        .map_err(|e| RunError::Setup(format!("destination VM: {e}")))?;
-        Some(m)
-    } else {
-        None
-    };
-    let hello = Hello {
-        role: HelloRole::Main,
-        mode,
-        workload,
-        guest: cfg.guest.clone(),
-        precopy: cfg.precopy,
-        link: cfg.link,
-        claim_batch: cfg.claim_batch,
-        scan_start: 0,
-        drop_after: cfg.drop_after,
-        source_fault: cfg.source_fault,
-        cut_after: cfg.cut_after,
-        cuts: cfg.cuts,
-        // Whole ms, at least 1 when recovery is on.
-        recover_ms: match cfg.recover_timeout.as_millis() {
-            0 if !cfg.recover_timeout.is_zero() => 1,
-            ms => ms.try_into().unwrap_or(u64::MAX),
-        },
-        resend: cfg.resend,
-        boot_id: boot_id(),
-    };
-    let conn = handshake::connect(addr, &hello, cfg.idle_timeout).map_err(|e| match e {
-        ConnectError::Wire(w) => RunError::Wire(w),
-        ConnectError::Refused(r) => RunError::Refused(r),
-    })?;
-    let (same_clock, measured_offset, offset_ns) =
-        (conn.same_clock, conn.measured_offset_ns, conn.offset_ns());
-    let d = Dest {
-        cfg,
-        mem: &mem,
-        machine: machine.as_ref(),
-        conn: Mutex::new(Conn {
-            main: Arc::new(conn.main),
-            urgent: Arc::new(conn.urgent),
-            number: 0,
-            token: conn.token,
-        }),
-        conn_stop: AtomicBool::new(false),
-        broken: Mutex::new(None),
-        resume_to: cfg.reconnect.unwrap_or(addr),
-        hello,
-        cuts: Mutex::new(Vec::new()),
-        stop: AtomicBool::new(false),
-        finished: AtomicBool::new(false),
-        offset_ns,
-        bg_progress: AtomicU64::new(now_ns()),
-        urgent_progress: AtomicU64::new(now_ns()),
-        preempt: mode.preempt(),
-        requests_on_urgent: mode.preempt() && cfg.resend,
-        failure: Mutex::new(None),
-        requests_sent: AtomicU64::new(0),
-        summary: Mutex::new(None),
-        switch: Mutex::new(None),
-        frames: AtomicU64::new(0),
-    };
-    let mut times = Times::default();
-    let (events, outcome) = std::thread::scope(|s| {
-        let mut receivers = d.spawn_receivers(s);
-        let fault_thread = s.spawn(|| {
-            cfg.pin.apply_named(Role::FaultThread);
-            tight_timer_slack();
-            let req = |hp: u64| d.request(hp).map_err(|e| e.to_string());
-            faults::fault_loop(d.mem, &d.stop, &req).unwrap_or_else(|e| {
-                d.fail(RunError::Setup(e));
-                Vec::new()
-            })
-        });
-        times.start = now_ns();
-        if let Err(e) = d.send_rp(RpKind::Start, &[]) {
-            d.fail(e.into());
-        }
-        let outcome = d.drive(s, workload, &mut times, progress, &mut receivers);
-        // The background receiver ends with the summary (or a failure).
-        if let Some(bg) = receivers.take_background() {
-            let _ = bg.join();
-        }
-        // Relaxed: a polled flag; ends the urgent receiver and the fault thread.
-        d.stop.store(true, Ordering::Relaxed);
-        if let Some(m) = d.machine {
-            m.kick_all();
-        }
-        (fault_thread.join().unwrap_or_default(), outcome)
-    });
-    if let Some(e) = d.failure.lock().unwrap_or_else(|p| p.into_inner()).take() {
-        return Err(e);
-    }
-    let outcome = outcome?;
-    let summary = d
-        .summary
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .take()
-        .ok_or(RunError::Wire(WireError::Closed(Channel::Background)))?;
-    let switch = d
-        .switch
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .take()
-        .ok_or(RunError::Wire(WireError::Closed(Channel::Background)))?;
-    // Relaxed: the counting threads have been joined.
-    let requests_sent = d.requests_sent.load(Ordering::Relaxed);
-    let cuts = std::mem::take(&mut *d.cuts.lock().unwrap_or_else(|p| p.into_inner()));
-    drop(d);
-    drop(machine);
-    Ok(Evidence {
-        mem,
-        summary,
-        switch,
-        outcome,
-        events,
-        times,
-        offset_ns,
-        measured_offset_ns: measured_offset,
-        same_clock,
-        requests_sent,
-        cuts,
-    })
+    Ok(mem)
 }
 
-impl Dest<'_> {
-    /// Waits for the switch-over, runs the guest through postcopy, sends `DONE` when the last
-    /// page is placed, and collects the guest when it has finished.
-    fn drive<'s>(
-        &'s self,
-        s: &'s std::thread::Scope<'s, '_>,
+/// The destination VM over `mem` (the KVM guest), loaded at the switch-over.
+fn vm(cfg: &RunConfig, mem: &DestMemory) -> Result<Option<Machine>, RunError> {
+    if cfg.guest.kind != GuestKind::Kvm {
+        return Ok(None);
+    }
+    // SAFETY: the caller keeps `mem` alive until the machine is dropped (`run` drops the
+    // machine first).
+    let (m, _) = unsafe {
+        Machine::new(
+            cfg.layout(),
+            [mem.block_host(0), mem.block_host(1)],
+            Tracking::Off,
+        )
+    }
+    .map_err(|e| RunError::Setup(format!("destination VM: {e}")))?;
+    Ok(Some(m))
+}
+
+/// What the run's shared state holds at its end, for the evidence.
+struct Left {
+    summary: Summary,
+    switch: SwitchOver,
+    outcome: GuestOutcome,
+    requests_sent: u64,
+    cuts: Vec<Cut>,
+}
+
+impl<'a> Dest<'a> {
+    /// The shared state of a run whose session `conn` set up with `hello`, from `addr`.
+    fn new(
+        cfg: &'a RunConfig,
+        mem: &'a DestMemory,
+        machine: Option<&'a Machine>,
+        conn: handshake::Connected,
+        addr: SocketAddr,
+        hello: Hello,
+    ) -> Self {
+        Self {
+            cfg,
+            mem,
+            machine,
+            offset_ns: conn.offset_ns(),
+            conn: Mutex::new(Conn {
+                main: Arc::new(conn.main),
+                urgent: Arc::new(conn.urgent),
+                number: 0,
+                token: conn.token,
+            }),
+            conn_stop: AtomicBool::new(false),
+            broken: Mutex::new(None),
+            resume_to: cfg.reconnect.unwrap_or(addr),
+            transport: hello.transport(),
+            hello,
+            cuts: Mutex::new(Vec::new()),
+            stop: AtomicBool::new(false),
+            finished: AtomicBool::new(false),
+            bg_progress: AtomicU64::new(now_ns()),
+            urgent_progress: AtomicU64::new(now_ns()),
+            failure: Mutex::new(None),
+            requests_sent: AtomicU64::new(0),
+            summary: Mutex::new(None),
+            switch: Mutex::new(None),
+            frames: AtomicU64::new(0),
+        }
+    }
+
+    /// The migration itself, every thread scoped to it: the receivers, the fault thread,
+    /// and this thread driving the guest ([`drive`](Self::drive)). Returns the fault
+    /// thread's events, the run's timestamps, and the guest's outcome.
+    fn migrate(
+        &self,
         workload: Workload,
-        times: &mut Times,
         progress: &dyn Fn(u64, u64),
-        receivers: &mut recovery::Receivers<'s>,
-    ) -> Result<GuestOutcome, RunError> {
+    ) -> (
+        Vec<faults::FaultEvent>,
+        Times,
+        Result<GuestOutcome, RunError>,
+    ) {
+        let mut times = Times::default();
         let cfg = self.cfg;
-        // Precopy: wait for the switch-over, as long as frames keep coming.
-        let mut last = (0, now_ns());
-        let switch = loop {
-            // The switch first: once applied, a failure is one of postcopy, and says so.
-            if let Some(sw) = self
-                .switch
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .as_ref()
-            {
-                break sw.clone();
-            }
-            if self.stopped() {
-                return Err(RunError::Wire(WireError::Stopped));
-            }
-            if let Some(e) = self.broken_before_switch(receivers) {
-                self.fail(e);
-                return Err(RunError::Wire(WireError::Stopped));
-            }
-            // Relaxed: a progress figure.
-            let n = self.frames.load(Ordering::Relaxed);
-            if n != last.0 {
-                last = (n, now_ns());
-            } else if now_ns() - last.1 > cfg.idle_timeout.as_nanos() as u64 {
-                let e = RunError::Wire(WireError::Timeout(Channel::Background, cfg.idle_timeout));
-                return Err(e);
-            }
-            std::thread::sleep(Duration::from_micros(100));
-        };
-        times.switch_applied = now_ns();
-        // Start the guest where the source stopped it.
-        let vcpus = match self.machine {
-            Some(m) => {
-                m.load(&switch.vcpus)
-                    .map_err(|e| RunError::Setup(format!("loading the vCPU state: {e}")))?;
-                m.set_stream_rate(cfg.guest.stream_rate, crate::guest::STREAM_FRAME_PAGES);
-                times.resume = now_ns();
-                Some(m.run(s, cfg.pin, None))
-            }
-            None => None,
-        };
-        let thread_guest = vcpus.is_none().then(|| {
-            times.resume = now_ns();
-            s.spawn(move || {
-                let complete = || self.mem.complete();
-                let request = |hp: u64| {
-                    if let Err(e) = self.request(hp) {
-                        self.fail(e.into());
-                    }
-                };
-                let (complete, request): (&(dyn Fn() -> bool + Sync), &(dyn Fn(u64) + Sync)) =
-                    (&complete, &request);
-                cfg.pin.apply(Role::Guest);
+        let (events, outcome) = std::thread::scope(|s| {
+            let mut receivers = self.spawn_receivers(s);
+            let fault_thread = s.spawn(|| {
+                cfg.pin.apply_named(Role::FaultThread);
                 tight_timer_slack();
-                // SAFETY: gettid has no preconditions.
-                let tid = unsafe { libc::gettid() } as u32;
-                let mut g = ThreadGuest {
-                    mem: self.mem,
-                    request,
-                    stop: &self.stop,
-                    complete,
-                    log: FaultLog::default(),
-                };
-                let r = thread_guest::run(
-                    workload,
-                    &mut g,
-                    cfg.layout(),
-                    cfg.guest.seed,
-                    cfg.guest.stream_rate,
-                );
-                (r, g.log, tid)
-            })
-        });
-        if let Err(e) = self.inject_bad(cfg.inject_bad) {
-            self.fail(e.into());
-        }
-        // Postcopy: watch progress until every page is in, then let the guest finish.
-        let pending = self.mem.pending();
-        let mut last = (0, now_ns());
-        let mut ops_at_complete = None;
-        loop {
-            std::thread::sleep(Duration::from_millis(5));
-            let placed = self.mem.placed();
-            progress(placed, pending);
-            if self.stopped() {
-                break;
+                let req = |hp: u64| self.request(hp).map_err(|e| e.to_string());
+                faults::fault_loop(self.mem, &self.stop, &req).unwrap_or_else(|e| {
+                    self.fail(RunError::Setup(e));
+                    Vec::new()
+                })
+            });
+            times.start = now_ns();
+            if let Err(e) = self.send_rp(RpKind::Start, &[]) {
+                self.fail(e.into());
             }
-            if self.broken_now() {
-                if let Err(e) = self.recover(s, receivers) {
-                    self.fail(e);
-                    break;
-                }
-                // The time spent reconnecting is not a stall.
-                last = (self.mem.placed(), now_ns());
-                continue;
+            let outcome = self.drive(s, workload, &mut times, progress, &mut receivers);
+            // The background receiver ends with the summary (or a failure).
+            if let Some(bg) = receivers.take_background() {
+                let _ = bg.join();
             }
-            if placed != last.0 {
-                last = (placed, now_ns());
-            } else if placed < pending && now_ns() - last.1 > cfg.idle_timeout.as_nanos() as u64 {
-                // Nothing placed for the idle limit: a lost connection if nothing arrives
-                // on the background channel either (a partition, a stopped source; urgent
-                // frames would have been placed), else a stall.
-                let silent = WireError::Timeout(Channel::Both, cfg.idle_timeout);
-                let lost = self.channel_quiet(&self.bg_progress, cfg.idle_timeout);
-                if lost && self.recoverable() {
-                    // A partition: recovered like any other break.
-                    let n = self.conn.lock().unwrap_or_else(|p| p.into_inner()).number;
-                    self.conn_failed(silent.into(), n);
-                    continue;
-                }
-                self.fail(if lost {
-                    RunError::Wire(silent)
-                } else {
-                    RunError::Stalled {
-                        received: placed,
-                        total: pending,
-                        idle: cfg.idle_timeout,
-                    }
-                });
-                break;
-            }
-            // A vCPU that ends before it is asked to has failed: go and collect it.
-            if ops_at_complete.is_none()
-                && vcpus
-                    .as_ref()
-                    .is_some_and(|vs| vs.iter().any(|h| h.is_finished()))
-            {
-                break;
-            }
-            if self.mem.complete() {
-                if times.complete == 0 {
-                    times.complete = self.mem.last_placed_ns().max(times.resume);
-                    if let Some(m) = self.machine {
-                        ops_at_complete = Some(m.counters().iter().map(|c| c.ops).sum::<u64>());
-                        m.finish_all();
-                    }
-                    // The transfer is complete: say so now, whatever the guest still does
-                    // (its final check, the rest of a slow stream), so that the source's
-                    // idle limit never depends on how long the guest runs afterwards.
-                    // Relaxed: see `fail`.
-                    self.finished.store(true, Ordering::Relaxed);
-                    if let Err(e) = self.send_rp(RpKind::Done, &[]) {
-                        self.fail(e.into());
-                        break;
-                    }
-                }
-                let guest_done = match (&vcpus, &thread_guest) {
-                    (Some(vs), _) => vs.iter().all(|h| h.is_finished()),
-                    (None, Some(t)) => t.is_finished(),
-                    (None, None) => true,
-                };
-                if guest_done {
-                    break;
-                }
-            }
-        }
-        // Where postcopy got to (a failed run reports it).
-        progress(self.mem.placed(), pending);
-        // Collect the guest.
-        if let (Some(vs), Some(m)) = (vcpus, self.machine) {
-            if ops_at_complete.is_none() || self.stopped() {
+            // Relaxed: a polled flag; ends the urgent receiver and the fault thread.
+            self.stop.store(true, Ordering::Relaxed);
+            if let Some(m) = self.machine {
                 m.kick_all();
             }
-            let mut failed = None;
-            for (i, h) in vs.into_iter().enumerate() {
-                match h.join() {
-                    Ok(VcpuEnd::Done) => {}
-                    Ok(VcpuEnd::Stopped(_)) if self.stopped() => {}
-                    Ok(VcpuEnd::Stopped(_)) => {
-                        failed = Some(format!("vCPU {i} stopped before it finished"))
-                    }
-                    Ok(VcpuEnd::Failed(e)) => failed = Some(e),
-                    Err(_) => failed = Some(format!("vCPU {i} thread panicked")),
-                }
-            }
-            if let Some(f) = failed {
-                if !self.stopped() {
-                    self.fail(RunError::Guest(f.clone()));
-                }
-                return Err(RunError::Guest(f));
-            }
-            return Ok(GuestOutcome::Kvm {
-                counters: m.counters(),
-                ops_at_complete: ops_at_complete.unwrap_or(0),
-                tids: m.controls().iter().map(|c| c.tid()).collect(),
-                tsc_khz: m.tsc_khz(),
-            });
-        }
-        let (report, log, tid) = thread_guest
-            .map(|t| {
-                t.join()
-                    .unwrap_or_else(|_| (WorkloadReport::default(), FaultLog::default(), 0))
-            })
-            .unwrap_or_default();
-        Ok(GuestOutcome::Thread { report, log, tid })
+            (fault_thread.join().unwrap_or_default(), outcome)
+        });
+        (events, times, outcome)
     }
+
+    /// What the run left, once every thread has been joined: the first failure if there
+    /// was one, else the summary, the switch-over and the counters.
+    fn left(self, outcome: Result<GuestOutcome, RunError>) -> Result<Left, RunError> {
+        if let Some(e) = self
+            .failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            return Err(e);
+        }
+        let outcome = outcome?;
+        let lost = || RunError::Wire(WireError::Closed(Channel::Background));
+        let summary = take(&self.summary).ok_or_else(lost)?;
+        let switch = take(&self.switch).ok_or_else(lost)?;
+        Ok(Left {
+            summary,
+            switch,
+            outcome,
+            // Relaxed: the counting threads have been joined.
+            requests_sent: self.requests_sent.load(Ordering::Relaxed),
+            cuts: std::mem::take(&mut *self.cuts.lock().unwrap_or_else(|p| p.into_inner())),
+        })
+    }
+}
+
+/// What `m` holds, taken out (a poisoned lock still gives it).
+fn take<T>(m: &Mutex<Option<T>>) -> Option<T> {
+    m.lock().unwrap_or_else(|p| p.into_inner()).take()
 }

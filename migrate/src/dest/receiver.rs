@@ -1,36 +1,37 @@
 //! The destination's receivers: one per channel, each holding frames until their arrival
-//! time on the emulated link and then applying them in order.
+//! time on the emulated link ([`Held`]) and then applying them in order.
 //!
 //! On the main channel, page frames before the `SWITCH` frame are precopy pages (copied in);
 //! the `SWITCH` frame is applied in place — discard, register userfaultfd — before any later
 //! frame, and handed to the main thread, which starts the guest; page frames after it (and
 //! all urgent-channel frames) are postcopy placements. `SUMMARY` ends the main channel.
 
-use std::collections::VecDeque;
 use std::net::TcpStream;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use super::memory::Via;
 use super::{Dest, RunError};
-use crate::clock::now_ns;
+use crate::link::Held;
+use crate::sys::clock::now_ns;
 use crate::wire::{
     read_full, wait_readable, Channel, FrameHeader, FrameKind, Summary, SwitchOver, WireError,
     POLL_SLICE,
 };
 
-/// Frames due this soon are applied at once rather than slept for.
-const EARLY_NS: u64 = 5_000;
+/// A frame read and held: its header, its payload, and when it was read (destination
+/// clock).
+type Frame = (FrameHeader, Vec<u8>, u64);
 
 impl Dest<'_> {
     /// Receives and applies the frames of `chan` on `stream` until the summary (background
     /// channel) or an error. If the connection breaks before the switch-over it brought has
     /// been applied, the frames up to it are applied at once (recovery needs it).
     pub(super) fn receiver(&self, stream: &TcpStream, chan: Channel) -> Result<(), RunError> {
-        let mut queue: VecDeque<(FrameHeader, Vec<u8>, u64, u64)> = VecDeque::new();
-        let r = self.receive(stream, chan, &mut queue);
-        if r.is_err() && queue.iter().any(|f| f.0.kind == FrameKind::Switch) {
-            while let Some((h, buf, _, recv)) = queue.pop_front() {
+        let mut held = Held::default();
+        let r = self.receive(stream, chan, &mut held);
+        if r.is_err() && held.any(|f: &Frame| f.0.kind == FrameKind::Switch) {
+            while let Some((h, buf, recv)) = held.pop() {
                 self.apply(&h, &buf, chan, recv)?;
                 if h.kind == FrameKind::Switch {
                     break;
@@ -44,7 +45,7 @@ impl Dest<'_> {
         &self,
         stream: &TcpStream,
         chan: Channel,
-        queue: &mut VecDeque<(FrameHeader, Vec<u8>, u64, u64)>,
+        held: &mut Held<Frame>,
     ) -> Result<(), RunError> {
         // Stopped with this connection (a break, or the run's end).
         let g = crate::wire::Guard {
@@ -55,8 +56,7 @@ impl Dest<'_> {
         let mut last = now_ns();
         loop {
             let now = now_ns();
-            while queue.front().is_some_and(|f| f.2 <= now + EARLY_NS) {
-                let (h, buf, _, recv) = queue.pop_front().expect("front exists");
+            while let Some((h, buf, recv)) = held.take_due(now) {
                 if self.apply(&h, &buf, chan, recv)? {
                     return Ok(());
                 }
@@ -65,12 +65,10 @@ impl Dest<'_> {
             if self.conn_stopped() {
                 return Err(WireError::Stopped.into());
             }
-            let timeout = queue
-                .front()
-                .map_or(POLL_SLICE.as_nanos() as u64, |f| f.2.saturating_sub(now));
+            let timeout = held.wait_ns(now, POLL_SLICE.as_nanos() as u64);
             let ready = wait_readable(stream, timeout).map_err(|e| WireError::Io(chan, e))?;
             if !ready {
-                if queue.is_empty() {
+                if held.is_empty() {
                     g.check(last, chan).map_err(|e| self.both_silent(e))?;
                 }
                 continue;
@@ -96,7 +94,7 @@ impl Dest<'_> {
                     } else {
                         self.to_local(h.arrival_ns)
                     };
-                    queue.push_back((h, buf, due, last));
+                    held.hold(due, (h, buf, last));
                 }
                 FrameKind::Abort => {
                     let msg = String::from_utf8_lossy(&buf).into_owned();
@@ -122,7 +120,7 @@ impl Dest<'_> {
             return e;
         };
         if chan == Channel::Urgent
-            || (self.preempt && self.channel_quiet(&self.urgent_progress, idle))
+            || (self.transport.urgent_channel && self.channel_quiet(&self.urgent_progress, idle))
         {
             WireError::Timeout(Channel::Both, idle)
         } else {

@@ -28,9 +28,9 @@ use std::thread::{Scope, ScopedJoinHandle};
 use std::time::Duration;
 
 use super::{Dest, RunError};
-use crate::clock::{now_ns, tight_timer_slack};
 use crate::handshake::{self, ConnectError};
-use crate::pin::Role;
+use crate::sys::clock::{now_ns, tight_timer_slack};
+use crate::sys::pin::Role;
 use crate::wire::{Channel, WireError};
 
 /// Longest wait between two reconnection attempts.

@@ -18,10 +18,10 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::memory::DestMemory;
-use crate::clock::{now_ns, sleep_until_unless};
 use crate::guest::image::{kv_geometry, kv_home, kv_key, kv_slot, kv_value, page_checksum};
 use crate::guest::layout::{GuestLayout, TARGET_PAGE};
-use crate::guest::{Workload, STREAM_FRAME_PAGES};
+use crate::guest::{Pause, Workload, STREAM_FRAME_PAGES};
+use crate::sys::clock::{now_ns, sleep_until_unless};
 
 /// At most this many page checksums are kept for checking.
 const OBSERVED_KEPT: usize = 1 << 20;
@@ -180,7 +180,7 @@ pub fn run(
     };
     match w {
         Workload::Seq => {
-            for page in layout.seq.clone() {
+            for page in w.window(layout) {
                 if !read_page(g, page, &mut r) {
                     break;
                 }
@@ -188,9 +188,10 @@ pub fn run(
         }
         Workload::Random => {
             let mut rng = Rng(seed ^ 0x7261_6e64_6f6d | 1);
-            let n = layout.data.end - layout.data.start;
+            let area = w.window(layout);
+            let n = area.end - area.start;
             while !(g.complete)() {
-                if !read_page(g, layout.data.start + rng.below(n), &mut r) {
+                if !read_page(g, area.start + rng.below(n), &mut r) {
                     break;
                 }
             }
@@ -199,7 +200,7 @@ pub fn run(
         Workload::Kv => kv(g, layout, seed, &mut r),
     }
     r.elapsed_ns = now_ns() - t0;
-    if w != Workload::Stream {
+    if w.pause() == Pause::LongestFault {
         r.longest_pause_ns = g.log.latencies_ns().into_iter().max().unwrap_or(0);
     }
     r

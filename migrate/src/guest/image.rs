@@ -27,6 +27,7 @@
 //! The `kv` window holds an open-addressing table of 16-byte slots (key, value), 254 per page
 //! after the 32-byte signature header. Key 0 marks an empty slot; half the slots hold keys.
 
+use crate::names::code_enum;
 use std::ops::Range;
 
 use super::layout::{GuestLayout, GENTAB_GPA, MAILBOX_GPA, TARGET_PAGE};
@@ -85,42 +86,28 @@ pub fn page_checksum(page: &[u8]) -> u64 {
     mix64(lanes[0] ^ mix64(lanes[1] ^ mix64(lanes[2] ^ mix64(lanes[3]))))
 }
 
-/// What is wrong with a page, as the guest (or the host, with the same rules) finds it.
-/// The codes are those the guest writes to its status page.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-#[repr(u64)]
-pub enum PageFault {
-    /// Zeros where a signed page belongs: the page was never placed with its contents.
-    Lost = 1,
-    /// Another page's number.
-    Misplaced = 2,
-    /// An older (or unknown) generation than the table's: a write was lost or undone.
-    Stale = 3,
-    /// The sum does not match the contents.
-    Corrupt = 4,
-    /// A zero page holds data.
-    NotZero = 5,
-    /// A key lookup found a wrong value.
-    WrongValue = 6,
-    /// A stored key was not found.
-    MissingKey = 7,
-}
+code_enum!(
+    /// What is wrong with a page, as the guest (or the host, with the same rules) finds it.
+    /// The codes are those the guest writes to its status page.
+    pub enum PageFault: u64 {
+        /// Zeros where a signed page belongs: the page was never placed with its contents.
+        Lost = 1,
+        /// Another page's number.
+        Misplaced = 2,
+        /// An older (or unknown) generation than the table's: a write was lost or undone.
+        Stale = 3,
+        /// The sum does not match the contents.
+        Corrupt = 4,
+        /// A zero page holds data.
+        NotZero = 5,
+        /// A key lookup found a wrong value.
+        WrongValue = 6,
+        /// A stored key was not found.
+        MissingKey = 7,
+    }
+);
 
 impl PageFault {
-    /// From the guest's code.
-    pub fn from_code(c: u64) -> Option<Self> {
-        Some(match c {
-            1 => Self::Lost,
-            2 => Self::Misplaced,
-            3 => Self::Stale,
-            4 => Self::Corrupt,
-            5 => Self::NotZero,
-            6 => Self::WrongValue,
-            7 => Self::MissingKey,
-            _ => return None,
-        })
-    }
-
     /// In words.
     pub fn describe(self) -> &'static str {
         match self {

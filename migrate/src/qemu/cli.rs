@@ -13,6 +13,9 @@ use crate::guest::layout::{GuestLayout, HostPageSize};
 use crate::options::{MigrationMode, Workload};
 use crate::values::{parse_bits, parse_duration, parse_list};
 
+/// `compare-qemu` in `pagehint-migrate --help`.
+pub const ABOUT: &str = "Migrate the same guest with QEMU 10.0 (before the page hint), QEMU 11.1 (the hint, as merged) and pagehint over the same shaped link (two network namespaces, a veth pair, tc tbf), each on both transports, repeated; every ratio split into scheduler and transport. Needs root, KVM, both QEMUs (scripts/install-deps.sh) and the pace-preload library (cargo build --release -p pagehint-pace-preload)";
+
 /// Migrate the same guest with QEMU 10.0 (before the page hint), QEMU 11.1 (the hint, as
 /// merged) and pagehint over the same shaped link (two network namespaces, a veth pair,
 /// `tc tbf`), each on its own transport and on the other's, repeated, and print them side by
@@ -240,11 +243,11 @@ impl CompareOptions {
                     .map(|_| l.to_string())
                     .map_err(|e| format!("--lowat: {e} (auto, off or a size)"))?,
             },
-            lowat_bytes: match c.lowat.as_str() {
-                "auto" => crate::link::LinkParams::auto_lowat(4096),
-                "off" => 0,
-                l => parse_size(l).map_err(|e| format!("--lowat: {e}"))?,
-            },
+            lowat_bytes: c
+                .lowat
+                .parse::<crate::link::LowWater>()
+                .map_err(|e| format!("--lowat: {e}"))?
+                .bytes(HostPageSize::Small),
             qemu10,
             qemu11,
             transports,

@@ -25,7 +25,7 @@ use crate::guest::kvm::{frame_tsc, vm::host_tsc_khz};
 use crate::guest::layout::{GuestLayout, HostPageSize};
 use crate::guest::STREAM_FRAME_PAGES;
 use crate::options::Workload;
-use crate::pin::PinPlan;
+use crate::sys::pin::PinPlan;
 
 /// Port of QEMU's migration on the destination.
 const QEMU_PORT: u16 = 4451;
@@ -148,8 +148,8 @@ pub fn run(
         disks.push(path);
     }
     // First touches of memory this VM never used are several times slower (see
-    // crate::warm::warm_up): pay them once, before anything is measured.
-    crate::warm::warm_up(3 * o.mem, 0).map_err(QemuError::Setup)?;
+    // crate::sys::warm::warm_up): pay them once, before anything is measured.
+    crate::sys::warm::warm_up(3 * o.mem, 0).map_err(QemuError::Setup)?;
     let mut rows = Vec::new();
     let mut probes = Vec::new();
     let mut links = Vec::new();

@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use super::compare::TraceProbe;
 use super::side::{self, Anchor, Figure, Series, SideRow, Split, Spread, Target};
-use crate::export::{esc, fmt_ms, fmt_us};
+use crate::harness::export::{esc, fmt_ms, fmt_us};
 
 /// A link as measured.
 #[derive(Clone, Debug, Serialize)]

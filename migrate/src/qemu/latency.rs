@@ -18,7 +18,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use super::trace::RequestLatency;
-use crate::result::percentile_ns;
+use crate::harness::result::percentile_ns;
 
 /// Where a row's request latency came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]

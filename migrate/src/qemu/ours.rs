@@ -26,9 +26,9 @@ use std::time::{Duration, Instant};
 use super::cpu::{CpuByThread, ThreadCpu};
 use super::netns::{End, ShapedLink};
 use super::QemuError;
+use crate::harness::result::RunResult;
 use crate::names::named_enum;
 use crate::options::{MigrationMode, Workload};
-use crate::result::RunResult;
 
 named_enum!(
     /// How a peer's background stream meets the link.

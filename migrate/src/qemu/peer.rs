@@ -48,7 +48,7 @@ use crate::guest::kvm::program::mailbox as mb;
 use crate::guest::kvm::GuestCounters;
 use crate::guest::layout::TARGET_PAGE;
 use crate::names::named_enum;
-use crate::pin::{PinPlan, Role};
+use crate::sys::pin::{PinPlan, Role};
 
 named_enum!(
     /// QEMU's two postcopy modes.
@@ -286,7 +286,7 @@ fn start(
 /// gives them: the vCPU and the fault path (fault thread, preempt-channel receiver, return
 /// path, which in postcopy-preempt sends the urgent pages itself) on the fault CPU, the bulk
 /// streams (migration thread, the destination's listen thread that loads the main stream)
-/// on the bulk CPU, as [`crate::pin`] places pagehint's.
+/// on the bulk CPU, as [`crate::sys::pin`] places pagehint's.
 pub fn qemu_role(thread: &str) -> Option<Role> {
     Some(match thread {
         "CPU 0/KVM" => Role::Guest,

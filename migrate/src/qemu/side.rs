@@ -224,33 +224,34 @@ impl SideRow {
     /// A pagehint run.
     pub fn pagehint(key: &RunKey<'_>, o: &OursOutcome) -> Self {
         let r = &o.result;
-        let bytes = r.precopy_bytes + r.postcopy_bytes;
+        let (t, w) = (&r.transfer, &r.waits);
+        let bytes = t.precopy_bytes + t.postcopy_bytes;
         let cpu_ms = o.cpu.total_ms();
         Self {
             completed: true,
-            guest_alive: r.verified && r.guest_check_errors == 0,
-            guest_errors: r.guest_check_errors,
-            requests: r.requests_sent,
+            guest_alive: r.outcome.verified && r.guest_run.guest_check_errors == 0,
+            guest_errors: r.guest_run.guest_check_errors,
+            requests: w.requests_sent,
             latency: Some(Latency {
                 source: LatencySource::Harness,
-                samples: r.requests_sent,
-                p50_us: r.request_p50_us,
-                p99_us: r.request_p99_us,
+                samples: w.requests_sent,
+                p50_us: w.request_p50_us,
+                p99_us: w.request_p99_us,
                 mean_us: None,
             }),
-            blocktime_ms: r.blocktime_ms,
-            span_ms: Some(r.total_ms - r.precopy_ms),
-            own_total_ms: r.total_ms,
-            downtime_ms: r.downtime_ms,
-            precopy_bytes: r.precopy_bytes,
-            postcopy_bytes: r.postcopy_bytes,
+            blocktime_ms: w.blocktime_ms,
+            span_ms: Some(t.total_ms - t.precopy_ms),
+            own_total_ms: t.total_ms,
+            downtime_ms: t.downtime_ms,
+            precopy_bytes: t.precopy_bytes,
+            postcopy_bytes: t.postcopy_bytes,
             cpu_ms,
             cpu_ms_per_gib: per_gib(cpu_ms, bytes),
             cpu_threads: o.cpu.clone(),
             cpu_other: o.cpu_other.clone(),
-            ops_before_per_s: r.progress_before_per_s,
-            ops_postcopy_per_s: r.progress_after_per_s,
-            error: (!r.verified).then(|| r.problems.join("; ")),
+            ops_before_per_s: r.guest_run.progress_before_per_s,
+            ops_postcopy_per_s: r.guest_run.progress_after_per_s,
+            error: (!r.outcome.verified).then(|| r.outcome.problems.join("; ")),
             ..Self::empty(key)
         }
     }
@@ -324,8 +325,8 @@ impl Figure {
     /// `v` for a table.
     pub fn fmt(self, v: f64) -> String {
         match self {
-            Self::P50 | Self::P99 => crate::export::fmt_us(v),
-            Self::Blocktime | Self::Total => crate::export::fmt_ms(v),
+            Self::P50 | Self::P99 => crate::harness::export::fmt_us(v),
+            Self::Blocktime | Self::Total => crate::harness::export::fmt_ms(v),
             Self::CpuPerGib => format!("{v:.0} ms"),
         }
     }

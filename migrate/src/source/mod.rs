@@ -42,7 +42,6 @@ use std::time::Duration;
 
 use pagehint::DirtyBitmap;
 
-use crate::clock::{now_ns, tight_timer_slack};
 use crate::guest::image::{Params, Template};
 use crate::guest::kvm::dirty::{DirtyRing, DirtyTracker};
 use crate::guest::kvm::vcpu::VcpuEnd;
@@ -53,9 +52,10 @@ use crate::guest::STREAM_FRAME_PAGES;
 use crate::handshake::{self, Accepted};
 use crate::link::Link;
 use crate::options::{DirtyTracking, GuestKind, MigrationMode, SourceFault};
-use crate::pin::{PinPlan, Role};
+use crate::sys::clock::{now_ns, tight_timer_slack};
+use crate::sys::pin::{PinPlan, Role};
 use crate::wire::{
-    write_parts, Channel, FrameHeader, FrameKind, Guard, Hello, Summary, SwitchOver, WireError,
+    write_parts, Channel, FrameHeader, Guard, Hello, Summary, SwitchOver, WireError,
 };
 use memory::SourceMemory;
 use send::{Hooks, Outbound, SendError, Sent};
@@ -173,14 +173,14 @@ impl SourceServer {
         };
         let copies = u64::from(!cached)
             + u64::from(layout.host_page() == crate::guest::layout::HostPageSize::Small);
-        crate::warm::check_fits(
+        crate::sys::warm::check_fits(
             &format!(
                 "a {} MiB guest ({copies} cop{} of its RAM at the source)",
                 layout.mem() >> 20,
                 if copies == 1 { "y" } else { "ies" }
             ),
             copies * layout.mem(),
-            crate::warm::mem_available().map(|a| a + freed),
+            crate::sys::warm::mem_available().map(|a| a + freed),
         )
     }
 
@@ -227,12 +227,12 @@ impl SourceServer {
         &self,
         stop: &AtomicBool,
         sessions: Option<u64>,
-        mut log: impl FnMut(Result<SessionReport, WireError>),
+        mut log: impl FnMut(Result<SessionReport, SourceError>),
     ) {
         let mut served = 0;
         while sessions.is_none_or(|n| served < n) {
             match self.session(stop) {
-                Err((_, WireError::Stopped)) => return,
+                Err((_, SourceError::Wire(WireError::Stopped))) => return,
                 Err((accepted, e)) => {
                     served += u64::from(accepted);
                     log(Err(e));
@@ -245,16 +245,11 @@ impl SourceServer {
         }
     }
 
-    /// Accepts and serves one session.
-    pub fn serve_session(&self, stop: &AtomicBool) -> Result<SessionReport, WireError> {
-        self.session(stop).map_err(|(_, e)| e)
-    }
-
     /// Accepts and serves one session; an error says whether the handshake had completed.
-    fn session(&self, stop: &AtomicBool) -> Result<SessionReport, (bool, WireError)> {
+    fn session(&self, stop: &AtomicBool) -> Result<SessionReport, (bool, SourceError)> {
         let (acc, prepared) =
             handshake::accept(&self.listener, stop, self.idle, |h| self.prepare(h))
-                .map_err(|e| (false, e))?;
+                .map_err(|e| (false, e.into()))?;
         self.run_session(stop, acc, prepared).map_err(|e| (true, e))
     }
 
@@ -263,7 +258,7 @@ impl SourceServer {
         stop: &AtomicBool,
         acc: Accepted,
         prepared: Prepared,
-    ) -> Result<SessionReport, WireError> {
+    ) -> Result<SessionReport, SourceError> {
         let Accepted {
             hello,
             main,
@@ -276,8 +271,8 @@ impl SourceServer {
             rings,
             mem,
         } = prepared;
-        crate::wire::configure_background(&main, &hello.link, hello.mode.preempt())
-            .map_err(|e| WireError::Io(Channel::Background, e))?;
+        crate::link::configure_background(&main, &hello.link, &hello.transport())
+            .map_err(|e| SourceError::Wire(WireError::Io(Channel::Background, e)))?;
         let mut session = Session {
             listener: &self.listener,
             token,
@@ -287,17 +282,15 @@ impl SourceServer {
             machine: machine.as_ref(),
             out: Outbound {
                 mem: &mem,
-                link: Link::new(hello.link.for_mode(hello.mode.preempt())),
+                link: Link::new(hello.link.for_transport(&hello.transport())),
                 main,
                 urgent,
                 sent: Sent::default(),
                 hooks: Hooks {
-                    corrupt_pending: AtomicBool::new(
-                        hello.source_fault == SourceFault::CorruptPage,
-                    ),
-                    drop_after: hello.drop_after,
-                    cut_after: hello.cut_after,
-                    cuts_left: hello.cuts,
+                    corrupt_pending: AtomicBool::new(hello.hooks.fault == SourceFault::CorruptPage),
+                    drop_after: hello.hooks.drop_after,
+                    cut_after: hello.hooks.cut_after,
+                    cuts_left: hello.hooks.cuts,
                     cut_base: 0,
                     cut_fired: AtomicBool::new(false),
                 },
@@ -326,6 +319,60 @@ impl SourceServer {
     }
 }
 
+/// Why a source session failed.
+#[derive(Debug)]
+pub enum SourceError {
+    /// A connection failed, the peer broke the protocol, the session was stopped, or (test
+    /// hooks) the source dropped or cut its connections on purpose.
+    Wire(WireError),
+    /// The guest failed at the source: its VM, a vCPU, dirty tracking.
+    Guest(String),
+    /// Guest memory could not be read or written at the source.
+    Memory(String),
+    /// The scheduler could not be built for the guest's RAM.
+    Scheduler(String),
+}
+
+impl SourceError {
+    /// Whether the connections themselves failed, so that postcopy recovery may resume the
+    /// session ([`WireError::connection_lost`]).
+    pub fn connection_lost(&self) -> bool {
+        matches!(self, Self::Wire(w) if w.connection_lost())
+    }
+}
+
+impl std::fmt::Display for SourceError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Wire(e) => write!(f, "{e}"),
+            Self::Guest(s) => write!(f, "the guest failed at the source: {s}"),
+            Self::Memory(s) => write!(f, "guest memory at the source: {s}"),
+            Self::Scheduler(s) => write!(f, "the scheduler: {s}"),
+        }
+    }
+}
+
+impl std::error::Error for SourceError {}
+
+impl From<WireError> for SourceError {
+    fn from(e: WireError) -> Self {
+        Self::Wire(e)
+    }
+}
+
+impl From<SendError> for SourceError {
+    fn from(e: SendError) -> Self {
+        match e {
+            SendError::Wire(w) => Self::Wire(w),
+            SendError::Memory(m) => Self::Memory(m),
+            // Test hook: drop both connections as a crashed source would.
+            SendError::Dropped(n) => Self::Wire(WireError::Dropped(n)),
+            // Test hook: cut both connections as a broken network would.
+            SendError::Cut(n) => Self::Wire(WireError::Cut(n)),
+        }
+    }
+}
+
 /// One migration at the source.
 pub(crate) struct Session<'a> {
     /// Where a destination resumes a paused session.
@@ -348,7 +395,7 @@ pub(crate) struct Session<'a> {
     /// QEMU's rate limiter at this many bits/s (0: none), see [`rate_limit`].
     qemu_rate_limit_bps: u64,
     rejected: Mutex<Vec<String>>,
-    failure: Mutex<Option<WireError>>,
+    failure: Mutex<Option<SourceError>>,
     /// Postcopy timings of every request and background page.
     trace: trace::Trace,
 }
@@ -371,11 +418,15 @@ impl Session<'_> {
     /// waits at most [`crate::wire::POLL_SLICE`]); the connections stay up so that the
     /// session's end can tell the destination why ([`Self::tell_peer`]), except for the
     /// test hook's drop, which cuts them at once as a crash would.
-    fn fail(&self, e: WireError) {
-        let dropped = matches!(e, WireError::Dropped(_) | WireError::Cut(_));
+    fn fail(&self, e: impl Into<SourceError>) {
+        let e = e.into();
+        let dropped = matches!(
+            e,
+            SourceError::Wire(WireError::Dropped(_) | WireError::Cut(_))
+        );
         {
             let mut f = self.failure.lock().unwrap_or_else(|p| p.into_inner());
-            if f.is_none() && !matches!(e, WireError::Stopped) {
+            if f.is_none() && !matches!(e, SourceError::Wire(WireError::Stopped)) {
                 *f = Some(e);
             }
         }
@@ -390,36 +441,27 @@ impl Session<'_> {
         }
     }
 
-    fn send_failed(&self, e: SendError) {
-        self.fail(match e {
-            SendError::Wire(w) => w,
-            SendError::Memory(m) => WireError::Malformed(Channel::Background, m),
-            // Test hook: drop both connections as a crashed source would.
-            SendError::Dropped(n) => WireError::Dropped(n),
-            // Test hook: cut both connections as a broken network would.
-            SendError::Cut(n) => WireError::Cut(n),
-        });
-    }
-
     /// At the end of a failed session (every sending thread joined): sends the reason in an
     /// `ABORT` frame on the main connection, where the last frame went out whole and the
     /// destination may still be listening, waits briefly for the destination to hang up (so
     /// that it reads the reason before it sees the urgent connection close), and closes both
     /// connections.
-    fn tell_peer(&self, e: &WireError) {
+    fn tell_peer(&self, e: &SourceError) {
         // Relaxed: written by the sending threads, which have been joined.
         let whole = !self.out.torn_main.load(Ordering::Relaxed);
         let worth = !matches!(
             e,
-            WireError::Dropped(_)
-                | WireError::Cut(_)
-                | WireError::PeerAbort(..)
-                | WireError::Closed(_)
-                | WireError::Io(..)
+            SourceError::Wire(
+                WireError::Dropped(_)
+                    | WireError::Cut(_)
+                    | WireError::PeerAbort(..)
+                    | WireError::Closed(_)
+                    | WireError::Io(..)
+            )
         );
         if whole && worth {
             let msg = match e {
-                WireError::Stopped => "the source is shutting down".to_string(),
+                SourceError::Wire(WireError::Stopped) => "the source is shutting down".to_string(),
                 e => e.to_string(),
             };
             let msg = &msg.as_bytes()[..msg.len().min(4096)];
@@ -460,11 +502,12 @@ impl Session<'_> {
     }
 
     /// Runs the session; a failure is told to the destination before the connections close.
-    fn run(&mut self, rings: Vec<DirtyRing>) -> Result<Summary, WireError> {
+    fn run(&mut self, rings: Vec<DirtyRing>) -> Result<Summary, SourceError> {
         // Before `START` only pongs go out; a failure there is a silent or closed connection,
         // or a frame out of place, and the pongs are whole unless a write failed.
         if let Err(e) = handshake::answer_pings_until_start(&self.out.main, &self.guard(false)) {
-            if matches!(e, WireError::Malformed(..)) {
+            let e = SourceError::Wire(e);
+            if matches!(e, SourceError::Wire(WireError::Malformed(..))) {
                 self.tell_peer(&e);
             }
             return Err(e);
@@ -476,7 +519,7 @@ impl Session<'_> {
         r
     }
 
-    fn transfer(&mut self, rings: Vec<DirtyRing>) -> Result<Summary, WireError> {
+    fn transfer(&mut self, rings: Vec<DirtyRing>) -> Result<Summary, SourceError> {
         // Relaxed: a coarse timestamp for idle checks.
         self.bg_progress.store(now_ns(), Ordering::Relaxed);
         // Migration starts: every page is still to send.
@@ -491,29 +534,18 @@ impl Session<'_> {
         };
         self.out.sent.end_precopy();
         let body = switch.encode();
-        if let Err(e) = self.out.frame(
-            FrameKind::Switch,
-            0,
-            0,
-            body.len() as u64,
-            &body,
-            Channel::Background,
-            false,
-            &self.guard(false),
-        ) {
+        let h = FrameHeader::switch(body.len());
+        if let Err(e) = self
+            .out
+            .frame(h, &body, Channel::Background, &self.guard(false))
+        {
             self.fail(e);
             return Err(self.take_failure());
         }
         let stats = self.postcopy()?;
-        let checksums = self
-            .mem
-            .checksums()
-            .map_err(|e| WireError::Malformed(Channel::Background, e))?;
+        let checksums = self.mem.checksums().map_err(SourceError::Memory)?;
         let generations = match self.machine {
-            Some(_) => self
-                .mem
-                .generations()
-                .map_err(|e| WireError::Malformed(Channel::Background, e))?,
+            Some(_) => self.mem.generations().map_err(SourceError::Memory)?,
             None => Vec::new(),
         };
         // Relaxed loads: the counting threads have been joined.
@@ -537,35 +569,28 @@ impl Session<'_> {
             requests: self.trace.finish(),
         };
         let body = summary.encode();
-        self.out.frame(
-            FrameKind::Summary,
-            0,
-            0,
-            body.len() as u64,
-            &body,
-            Channel::Background,
-            false,
-            &self.guard(false),
-        )?;
+        let h = FrameHeader::summary(body.len());
+        self.out
+            .frame(h, &body, Channel::Background, &self.guard(false))?;
         let _ = self.out.main.shutdown(Shutdown::Write);
         let _ = self.out.urgent.shutdown(Shutdown::Both);
         Ok(summary)
     }
 
-    fn take_failure(&self) -> WireError {
+    fn take_failure(&self) -> SourceError {
         self.failure
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .take()
-            .unwrap_or(WireError::Stopped)
+            .unwrap_or(SourceError::Wire(WireError::Stopped))
     }
 
     /// Runs the guest through precopy and stops it; returns the switch-over.
-    fn precopy(&self, rings: Vec<DirtyRing>) -> Result<SwitchOver, WireError> {
+    fn precopy(&self, rings: Vec<DirtyRing>) -> Result<SwitchOver, SourceError> {
         let tracker = match self.machine {
             Some(m) => Some(
                 DirtyTracker::new(m.vm(), self.layout(), self.bitmap(), rings)
-                    .map_err(|e| WireError::Malformed(Channel::Handshake, e))?,
+                    .map_err(SourceError::Guest)?,
             ),
             None => None,
         };
@@ -578,129 +603,117 @@ impl Session<'_> {
         let ring_full: &(dyn Fn(u32) -> Result<(), String> + Sync) = &ring_full;
         let rings_on = self.hello.precopy.tracking == DirtyTracking::Ring;
         let housekeeping_stop = AtomicBool::new(false);
-        let device_writes = AtomicU64::new(0);
         std::thread::scope(|s| {
-            let device = s.spawn(|| {
-                self.pin.apply(Role::Housekeeping);
-                let mut n = 0u64;
-                // Relaxed: a polled flag.
-                while !housekeeping_stop.load(Ordering::Relaxed) {
-                    n += 1;
-                    self.mem.device_write(n)?;
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-                device_writes.store(n, Ordering::Relaxed);
-                Ok(())
-            });
-            let harvester = rings_on.then(|| {
-                s.spawn(|| {
-                    self.pin.apply(Role::Housekeeping);
-                    // Relaxed: a polled flag.
-                    while !housekeeping_stop.load(Ordering::Relaxed) {
-                        if let Some(t) = &tracker {
-                            t.sync()?;
-                        }
-                        std::thread::sleep(Duration::from_millis(2));
-                    }
-                    Ok::<(), String>(())
-                })
-            });
+            let keeping =
+                Housekeeping::start(self, s, &housekeeping_stop, tracker.as_ref(), rings_on);
             let vcpus = self
                 .machine
                 .map(|m| m.run(s, self.pin, rings_on.then_some(ring_full)));
             let t_run = now_ns();
             self.pin.apply(Role::BackgroundSender);
             tight_timer_slack();
-            let result = (|| {
-                if let Some(m) = self.machine {
-                    // The guest boots (its first `out` says so) before anything is sent.
-                    while !m.all_started() {
-                        if now_ns() - t_run > self.idle.as_nanos() as u64 {
-                            return Err(WireError::Malformed(
-                                Channel::Handshake,
-                                "the source guest did not start".into(),
-                            ));
-                        }
-                        if self.stopped() {
-                            return Err(WireError::Stopped);
-                        }
-                        std::thread::sleep(Duration::from_micros(200));
-                    }
-                }
-                precopy::run(
-                    &self.out,
-                    self.bitmap(),
-                    tracker.as_ref(),
-                    self.hello.precopy.rounds,
-                    &self.guard(false),
-                )
-                .map_err(|e| match e {
-                    SendError::Wire(w) => w,
-                    SendError::Memory(m) => WireError::Malformed(Channel::Background, m),
-                    SendError::Dropped(n) => WireError::Dropped(n),
-                    SendError::Cut(n) => WireError::Cut(n),
-                })
-            })();
+            let result = self.precopy_rounds(t_run, tracker.as_ref());
             // Stop the guest wherever it is, then everything else that marks pages.
             let stop_ns = now_ns();
-            let mut states: Vec<VcpuState> = Vec::new();
-            let mut failed = None;
-            if let (Some(m), Some(handles)) = (self.machine, vcpus) {
-                m.kick_all();
-                for (i, h) in handles.into_iter().enumerate() {
-                    match h.join() {
-                        Ok(VcpuEnd::Stopped(st)) => states.push(*st),
-                        Ok(VcpuEnd::Done) => {
-                            failed = Some(format!("vCPU {i} finished at the source"))
-                        }
-                        Ok(VcpuEnd::Failed(e)) => failed = Some(e),
-                        Err(_) => failed = Some(format!("vCPU {i} thread panicked")),
-                    }
-                }
-            }
+            let (states, vcpu_failed) = self.stop_guest(vcpus);
             // Relaxed: a polled flag; the joins below wait for the threads.
             housekeeping_stop.store(true, Ordering::Relaxed);
-            let dev = device
-                .join()
-                .unwrap_or_else(|_| Err("device thread panicked".into()));
-            let harv = harvester.map_or(Ok(()), |h| {
-                h.join()
-                    .unwrap_or_else(|_| Err("harvester panicked".into()))
-            });
+            let (device, harvest) = keeping.join();
             let report = result?;
-            if let Some(f) = failed.or(dev.err()).or(harv.err()) {
-                return Err(WireError::Malformed(Channel::Background, f));
+            if let Some(f) = vcpu_failed {
+                return Err(SourceError::Guest(f));
             }
+            device.map_err(SourceError::Memory)?;
+            harvest.map_err(SourceError::Guest)?;
             if let Some(t) = &tracker {
-                t.sync()
-                    .map_err(|e| WireError::Malformed(Channel::Background, e))?;
+                t.sync().map_err(SourceError::Guest)?;
                 if t.rejected() > 0 {
-                    return Err(WireError::Malformed(
-                        Channel::Background,
-                        format!("{} dirty-ring entries were refused", t.rejected()),
-                    ));
+                    let refused = format!("{} dirty-ring entries were refused", t.rejected());
+                    return Err(SourceError::Guest(refused));
                 }
             }
-            let guest = self.machine.map(|m| m.counters()).unwrap_or_default();
-            Ok(SwitchOver {
-                stop_ns,
-                rounds: report.rounds,
-                precopy_pages: self.out.sent.precopy_pages.load(Ordering::Relaxed),
-                precopy_bytes: self.out.sent.precopy_bytes.load(Ordering::Relaxed),
-                source_run_ns: stop_ns - t_run,
-                vcpus: states,
-                pending: self.pending(),
-                host_pages: self
-                    .layout()
-                    .ram()
-                    .blocks()
-                    .iter()
-                    .map(|b| b.host_pages())
-                    .collect(),
-                guest: sum_counters(&guest),
-                dirty_per_round: report.dirty_per_round,
-            })
+            Ok(self.switch_over(stop_ns, t_run, states, report))
         })
+    }
+
+    /// Waits for the guest to boot (its first `out` says so), then runs the precopy rounds.
+    fn precopy_rounds(
+        &self,
+        t_run: u64,
+        tracker: Option<&DirtyTracker<'_>>,
+    ) -> Result<precopy::PrecopyReport, SourceError> {
+        if let Some(m) = self.machine {
+            while !m.all_started() {
+                if now_ns() - t_run > self.idle.as_nanos() as u64 {
+                    return Err(SourceError::Guest("it did not start".into()));
+                }
+                if self.stopped() {
+                    return Err(WireError::Stopped.into());
+                }
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        }
+        let rounds = self.hello.precopy.rounds;
+        Ok(precopy::run(
+            &self.out,
+            self.bitmap(),
+            tracker,
+            rounds,
+            &self.guard(false),
+        )?)
+    }
+
+    /// Kicks the vCPUs out of the guest and collects their state; the second value says
+    /// why one could not be stopped (it finished, failed or panicked).
+    fn stop_guest(
+        &self,
+        vcpus: Option<Vec<std::thread::ScopedJoinHandle<'_, VcpuEnd>>>,
+    ) -> (Vec<VcpuState>, Option<String>) {
+        let mut states: Vec<VcpuState> = Vec::new();
+        let mut failed = None;
+        if let (Some(m), Some(handles)) = (self.machine, vcpus) {
+            m.kick_all();
+            for (i, h) in handles.into_iter().enumerate() {
+                match h.join() {
+                    Ok(VcpuEnd::Stopped(st)) => states.push(*st),
+                    Ok(VcpuEnd::Done) => failed = Some(format!("vCPU {i} finished at the source")),
+                    Ok(VcpuEnd::Failed(e)) => failed = Some(e),
+                    Err(_) => failed = Some(format!("vCPU {i} thread panicked")),
+                }
+            }
+        }
+        (states, failed)
+    }
+
+    /// The switch-over of a guest stopped at `stop_ns` (it ran from `t_run`) in `states`,
+    /// after the precopy `report`.
+    fn switch_over(
+        &self,
+        stop_ns: u64,
+        t_run: u64,
+        states: Vec<VcpuState>,
+        report: precopy::PrecopyReport,
+    ) -> SwitchOver {
+        let guest = self.machine.map(|m| m.counters()).unwrap_or_default();
+        SwitchOver {
+            stop_ns,
+            rounds: report.rounds,
+            // Relaxed (both): the precopy sender is this thread.
+            precopy_pages: self.out.sent.precopy_pages.load(Ordering::Relaxed),
+            precopy_bytes: self.out.sent.precopy_bytes.load(Ordering::Relaxed),
+            source_run_ns: stop_ns - t_run,
+            vcpus: states,
+            pending: self.pending(),
+            host_pages: self
+                .layout()
+                .ram()
+                .blocks()
+                .iter()
+                .map(|b| b.host_pages())
+                .collect(),
+            guest: sum_counters(&guest),
+            dirty_per_round: report.dirty_per_round,
+        }
     }
 
     /// Per block, one bit per host page with a dirty target page (the vCPUs are stopped).
@@ -739,4 +752,61 @@ fn sum_counters(c: &[GuestCounters]) -> [u64; 10] {
         out[3..8].copy_from_slice(&[k as u64, page, w1, w2, gen]);
     }
     out
+}
+
+/// The threads that run beside the guest in precopy: the device model writing guest memory
+/// through vm-memory, and (with dirty rings) the harvester.
+struct Housekeeping<'s> {
+    device: std::thread::ScopedJoinHandle<'s, Result<(), String>>,
+    harvester: Option<std::thread::ScopedJoinHandle<'s, Result<(), String>>>,
+}
+
+impl<'s> Housekeeping<'s> {
+    /// Starts them; they run until `stop`.
+    fn start<'e: 's>(
+        session: &'s Session<'_>,
+        s: &'s std::thread::Scope<'s, 'e>,
+        stop: &'s AtomicBool,
+        tracker: Option<&'s DirtyTracker<'_>>,
+        rings_on: bool,
+    ) -> Self {
+        let device = s.spawn(move || {
+            session.pin.apply(Role::Housekeeping);
+            let mut n = 0u64;
+            // Relaxed: a polled flag.
+            while !stop.load(Ordering::Relaxed) {
+                n += 1;
+                session.mem.device_write(n)?;
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Ok(())
+        });
+        let harvester = rings_on.then(|| {
+            s.spawn(move || {
+                session.pin.apply(Role::Housekeeping);
+                // Relaxed: a polled flag.
+                while !stop.load(Ordering::Relaxed) {
+                    if let Some(t) = tracker {
+                        t.sync()?;
+                    }
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                Ok::<(), String>(())
+            })
+        });
+        Self { device, harvester }
+    }
+
+    /// Joins them: the device thread's result, and the harvester's.
+    fn join(self) -> (Result<(), String>, Result<(), String>) {
+        let device = self
+            .device
+            .join()
+            .unwrap_or_else(|_| Err("device thread panicked".into()));
+        let harvest = self.harvester.map_or(Ok(()), |h| {
+            h.join()
+                .unwrap_or_else(|_| Err("harvester panicked".into()))
+        });
+        (device, harvest)
+    }
 }

@@ -35,12 +35,12 @@ use pagehint::{Claim, PageScheduler, SchedulerStats, Served};
 use super::rate_limit::QemuRateLimit;
 use super::send::{PageRun, Phase, SendError};
 use super::trace::{ReqPath, ReqTrace};
-use super::Session;
-use crate::clock::{now_ns, sleep_until, tight_timer_slack};
+use super::{Session, SourceError};
 use crate::guest::layout::TARGET_PAGE;
 use crate::handshake;
 use crate::options::SourceFault;
-use crate::pin::Role;
+use crate::sys::clock::{now_ns, sleep_until, tight_timer_slack};
+use crate::sys::pin::Role;
 use crate::wire::{
     read_full, Channel, FrameHeader, Guard, RpHeader, RpKind, WireError, POLL_SLICE,
 };
@@ -48,14 +48,14 @@ use crate::wire::{
 impl Session<'_> {
     /// Runs postcopy to the destination's `DONE`, resuming it on new connections after each
     /// break (see the module [`super`]); returns the scheduler's counters.
-    pub(super) fn postcopy(&mut self) -> Result<SchedulerStats, WireError> {
+    pub(super) fn postcopy(&mut self) -> Result<SchedulerStats, SourceError> {
         let layout = self.mem.layout();
         let mut sched = PageScheduler::with_bitmap(
             layout.ram().clone(),
             Arc::clone(self.mem.bitmap()),
             self.hello.mode.scheduler(self.hello.claim_batch),
         )
-        .map_err(|e| WireError::Malformed(Channel::Handshake, e.to_string()))?;
+        .map_err(|e| SourceError::Scheduler(e.to_string()))?;
         loop {
             self.senders(&sched);
             let failure = self
@@ -64,8 +64,8 @@ impl Session<'_> {
                 .unwrap_or_else(|p| p.into_inner())
                 .take();
             match failure {
-                None if self.stopped() => return Err(WireError::Stopped),
-                None => return Self::last_sweep(&sched),
+                None if self.stopped() => return Err(WireError::Stopped.into()),
+                None => return Ok(Self::last_sweep(&sched)?),
                 Some(e) if e.connection_lost() && self.hello.recover_ms > 0 => {
                     self.resume(&mut sched, e)?;
                 }
@@ -107,14 +107,14 @@ impl Session<'_> {
                 self.pin.apply_named(Role::BackgroundSender);
                 tight_timer_slack();
                 if let Err(e) = self.background(sched, limit) {
-                    self.send_failed(e);
+                    self.fail(e);
                 }
             });
             let rp = s.spawn(|| {
                 self.pin.apply_named(Role::ReturnPath);
                 tight_timer_slack();
                 if let Err(e) = self.return_path(sched, limit) {
-                    self.send_failed(e);
+                    self.fail(e);
                 }
             });
             // Watch for an outer stop (the server shutting down).
@@ -134,7 +134,7 @@ impl Session<'_> {
     /// received bitmap (dropping the broken connection's hint and queued requests), and
     /// installs the new connections. Fails with `cut` if the destination does not come back
     /// within the recovery window.
-    fn resume(&mut self, sched: &mut PageScheduler, cut: WireError) -> Result<(), WireError> {
+    fn resume(&mut self, sched: &mut PageScheduler, cut: SourceError) -> Result<(), SourceError> {
         let _ = self.out.main.shutdown(Shutdown::Both);
         let _ = self.out.urgent.shutdown(Shutdown::Both);
         let layout = self.mem.layout();
@@ -154,19 +154,20 @@ impl Session<'_> {
             words.iter().sum(),
         ) {
             Ok(r) => r,
-            Err(e @ (WireError::Stopped | WireError::Malformed(..))) => return Err(e),
+            Err(e @ (WireError::Stopped | WireError::Malformed(..))) => return Err(e.into()),
             // The destination never came back: the session ends with the cut.
             Err(_) => return Err(cut),
         };
-        crate::wire::configure_background(&main, &self.hello.link, self.hello.mode.preempt())
-            .map_err(|e| WireError::Io(Channel::Background, e))?;
+        crate::link::configure_background(&main, &self.hello.link, &self.hello.transport())
+            .map_err(|e| SourceError::Wire(WireError::Io(Channel::Background, e)))?;
         let mut left = 0;
         let mut at = 0;
         for (b, n) in words.iter().enumerate() {
             left += sched
                 .recover_block(b as u32, &received[at..at + n])
                 .map_err(|e| {
-                    WireError::Malformed(Channel::Handshake, format!("the received bitmap: {e}"))
+                    let what = format!("the received bitmap: {e}");
+                    SourceError::Wire(WireError::Malformed(Channel::Handshake, what))
                 })?;
             at += n;
         }
@@ -207,7 +208,7 @@ impl Session<'_> {
         // window's first host page again, as a buggy scheduler would. The seq guest rewrites
         // that page on every pass, so the copy is stale by then, and its next pass sees it.
         let per = layout.host_page().pages();
-        let mut duplicate = (self.hello.source_fault == SourceFault::DuplicatePage)
+        let mut duplicate = (self.hello.hooks.fault == SourceFault::DuplicatePage)
             .then(|| sched.bitmap().dirty_pages() * 3 / 4 / per);
         let mut sent = 0u64;
         loop {
@@ -253,7 +254,7 @@ impl Session<'_> {
         // Requests come on the main connection, or (preempt modes with `resend`) on the
         // urgent one; everything else on the main one. Both are watched; once the
         // destination has closed the urgent one, only the main one.
-        let mut urgent_open = self.hello.mode.preempt();
+        let mut urgent_open = self.hello.transport().urgent_channel;
         let mut last = now_ns();
         loop {
             let from = if urgent_open {
@@ -308,7 +309,7 @@ impl Session<'_> {
                         Ok(Served::AlreadyClaimed(hp)) => {
                             t.host_page = self.global_host_page(hp.block, hp.first_page);
                             t.path = ReqPath::Background as u64;
-                            if self.hello.resend && self.resend_fits(hp.pages) {
+                            if self.hello.transport().resend && self.resend_fits(hp.pages) {
                                 // The background copy may still sit in the send queue, the
                                 // socket buffers or the receiver's backlog: send the page
                                 // again here. The source is stopped, so both copies are
@@ -417,7 +418,7 @@ fn wait_either(
 ) -> Result<Option<bool>, std::io::Error> {
     use rustix::event::{poll, PollFd, PollFlags};
     let mut fds = [PollFd::new(a, PollFlags::IN), PollFd::new(b, PollFlags::IN)];
-    let ts = crate::clock::timespec(timeout.as_nanos() as u64);
+    let ts = crate::sys::clock::timespec(timeout.as_nanos() as u64);
     match poll(&mut fds, Some(&ts)) {
         Ok(0) | Err(rustix::io::Errno::INTR) => Ok(None),
         Ok(_) => Ok(Some(!fds[0].revents().is_empty())),

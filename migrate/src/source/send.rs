@@ -10,9 +10,9 @@ use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use super::memory::SourceMemory;
-use crate::clock::sleep_until;
 use crate::guest::layout::TARGET_PAGE;
 use crate::link::Link;
+use crate::sys::clock::sleep_until;
 use crate::wire::{write_parts, Channel, FrameHeader, FrameKind, Guard, WireError};
 
 /// Which phase a page is sent in (for the accounting).
@@ -158,20 +158,13 @@ impl Outbound<'_> {
             }
             let offset = (first * TARGET_PAGE) + at as u64;
             let payload: &[u8] = if zero { &[] } else { &buf[at..end] };
-            arrival = self.frame(
-                if zero {
-                    FrameKind::Zero
-                } else {
-                    FrameKind::Pages
-                },
-                block,
-                offset,
-                (end - at) as u64,
-                payload,
-                chan,
-                resend,
-                guard,
-            )?;
+            let len = (end - at) as u64;
+            let h = if zero {
+                FrameHeader::zero(block, offset, len)
+            } else {
+                FrameHeader::pages(block, offset, len)
+            };
+            arrival = self.frame(if resend { h.resent() } else { h }, payload, chan, guard)?;
             let units = ((end - at) / unit_bytes) as u64;
             match phase {
                 // Relaxed: counters read after the senders are joined.
@@ -205,19 +198,13 @@ impl Outbound<'_> {
         Ok(arrival)
     }
 
-    /// Sends one frame (header and payload) on `chan` through the link. `len` is the payload
-    /// length, or the bytes of zero pages for `ZERO`. Returns its arrival time on the
-    /// emulated link (source clock).
-    #[allow(clippy::too_many_arguments)]
+    /// Sends one frame, `h` (stamped here with its arrival time) and its payload, on `chan`
+    /// through the link. Returns its arrival time on the emulated link (source clock).
     pub fn frame(
         &self,
-        kind: FrameKind,
-        block: u32,
-        offset: u64,
-        len: u64,
+        h: FrameHeader,
         payload: &[u8],
         chan: Channel,
-        resend: bool,
         guard: &Guard<'_>,
     ) -> Result<u64, WireError> {
         let wire = (FrameHeader::LEN + payload.len()) as u64;
@@ -228,14 +215,7 @@ impl Outbound<'_> {
         if slot.block_until_ns > 0 {
             sleep_until(slot.block_until_ns);
         }
-        let h = FrameHeader {
-            kind,
-            block,
-            offset,
-            len,
-            arrival_ns: slot.arrival_ns,
-            resend,
-        };
+        let h = h.stamped(slot.arrival_ns);
         if let Err(e) = write_parts(stream, &[&h.encode(), payload], guard, chan) {
             // Part of the frame may be out: nothing more can follow it on this channel.
             if chan != Channel::Urgent {
@@ -244,7 +224,7 @@ impl Outbound<'_> {
             }
             return Err(e);
         }
-        let counter = match kind {
+        let counter = match h.kind {
             FrameKind::Pages | FrameKind::Zero if self.sent.precopy_done() => {
                 &self.sent.postcopy_bytes
             }
@@ -253,7 +233,7 @@ impl Outbound<'_> {
         };
         // Relaxed (both): counters read after the senders are joined.
         counter.fetch_add(wire, Ordering::Relaxed);
-        if resend {
+        if h.resend {
             self.sent.resent_bytes.fetch_add(wire, Ordering::Relaxed);
         }
         Ok(slot.arrival_ns)

@@ -1,5 +1,5 @@
 //! The source's per-request timing record (postcopy), sent to the destination in the
-//! summary so that it can time every stage of every fault ([`crate::tail`]).
+//! summary so that it can time every stage of every fault (the harness's `tail`).
 //!
 //! * the **return-path thread** records, per valid request: when it read the request, when
 //!   the scheduler answered it (after the emulated link's delay), how (urgent send, already

@@ -13,10 +13,9 @@
 //! `REQUEST` (checked by the scheduler, which rejects malformed ones with a typed error),
 //! nothing for `DONE`, `PING` and `START`.
 
-use super::{Channel, WireError};
+use super::{Channel, WireError, PAGE_MAGIC, RP_MAGIC};
+use crate::names::code_enum;
 
-const PAGE_MAGIC: u16 = 0x4750;
-const RP_MAGIC: u16 = 0x5052;
 /// Page frame flag: a deliberate duplicate (see the module docs).
 pub const RESEND: u8 = 1;
 /// Largest page frame payload accepted (a claim of 64 host pages of 2 MiB is 128 MiB).
@@ -24,23 +23,23 @@ pub const MAX_PAYLOAD: u64 = 256 << 20;
 /// Largest return-path body accepted.
 pub const MAX_RP_BODY: u32 = 256;
 
-/// Kinds of page frames.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(u8)]
-pub enum FrameKind {
-    /// Host pages with their contents.
-    Pages = 1,
-    /// A run of all-zero host pages (no payload).
-    Zero = 2,
-    /// End of migration: the source's counters and checksums.
-    Summary = 3,
-    /// The source failed; the payload is its message.
-    Abort = 4,
-    /// Clock probe answer; `arrival_ns` is the source's clock.
-    Pong = 5,
-    /// The switch to postcopy: vCPU state and the pages to discard ([`super::SwitchOver`]).
-    Switch = 6,
-}
+code_enum!(
+    /// Kinds of page frames.
+    pub enum FrameKind: u8 {
+        /// Host pages with their contents.
+        Pages = 1,
+        /// A run of all-zero host pages (no payload).
+        Zero = 2,
+        /// End of migration: the source's counters and checksums.
+        Summary = 3,
+        /// The source failed; the payload is its message.
+        Abort = 4,
+        /// Clock probe answer; `arrival_ns` is the source's clock.
+        Pong = 5,
+        /// The switch to postcopy: vCPU state and the pages to discard ([`super::SwitchOver`]).
+        Switch = 6,
+    }
+);
 
 /// A page frame header.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -63,23 +62,67 @@ impl FrameHeader {
     /// Encoded size.
     pub const LEN: usize = 32;
 
-    /// The header of an `ABORT` frame whose reason is `len` bytes, stamped now.
-    pub fn abort(len: usize) -> Self {
+    /// A header of `kind` for `len` bytes at `offset` in block `block`, not yet stamped
+    /// with its arrival time (the sender does that when the link gives it a slot).
+    fn at(kind: FrameKind, block: u32, offset: u64, len: u64) -> Self {
         Self {
-            kind: FrameKind::Abort,
-            block: 0,
-            offset: 0,
-            len: len as u64,
-            arrival_ns: crate::clock::now_ns(),
+            kind,
+            block,
+            offset,
+            len,
+            arrival_ns: 0,
             resend: false,
         }
+    }
+
+    /// `PAGES`: `len` bytes of host pages at `offset` in block `block`.
+    pub fn pages(block: u32, offset: u64, len: u64) -> Self {
+        Self::at(FrameKind::Pages, block, offset, len)
+    }
+
+    /// `ZERO`: `len` bytes of all-zero host pages at `offset` in block `block`.
+    pub fn zero(block: u32, offset: u64, len: u64) -> Self {
+        Self::at(FrameKind::Zero, block, offset, len)
+    }
+
+    /// `SWITCH` with a body of `len` bytes.
+    pub fn switch(len: usize) -> Self {
+        Self::at(FrameKind::Switch, 0, 0, len as u64)
+    }
+
+    /// `SUMMARY` with a body of `len` bytes.
+    pub fn summary(len: usize) -> Self {
+        Self::at(FrameKind::Summary, 0, 0, len as u64)
+    }
+
+    /// `ABORT` whose reason is `len` bytes, stamped now.
+    pub fn abort(len: usize) -> Self {
+        Self::at(FrameKind::Abort, 0, 0, len as u64).stamped(crate::sys::clock::now_ns())
+    }
+
+    /// `PONG`, carrying the source's clock now.
+    pub fn pong() -> Self {
+        Self::at(FrameKind::Pong, 0, 0, 0).stamped(crate::sys::clock::now_ns())
+    }
+
+    /// The same pages, marked as a deliberate duplicate ([`RESEND`]).
+    pub fn resent(self) -> Self {
+        Self {
+            resend: true,
+            ..self
+        }
+    }
+
+    /// The same header, arriving at `arrival_ns` (source clock).
+    pub fn stamped(self, arrival_ns: u64) -> Self {
+        Self { arrival_ns, ..self }
     }
 
     /// Encodes the header.
     pub fn encode(&self) -> [u8; Self::LEN] {
         let mut b = [0u8; Self::LEN];
         b[0..2].copy_from_slice(&PAGE_MAGIC.to_le_bytes());
-        b[2] = self.kind as u8;
+        b[2] = self.kind.code();
         b[3] = if self.resend { RESEND } else { 0 };
         b[4..8].copy_from_slice(&self.block.to_le_bytes());
         b[8..16].copy_from_slice(&self.offset.to_le_bytes());
@@ -95,15 +138,8 @@ impl FrameHeader {
         if magic != PAGE_MAGIC || b[3] & !RESEND != 0 {
             return Err(bad(format!("bad page frame magic {magic:#06x}")));
         }
-        let kind = match b[2] {
-            1 => FrameKind::Pages,
-            2 => FrameKind::Zero,
-            3 => FrameKind::Summary,
-            4 => FrameKind::Abort,
-            5 => FrameKind::Pong,
-            6 => FrameKind::Switch,
-            k => return Err(bad(format!("unknown page frame kind {k}"))),
-        };
+        let kind = FrameKind::from_code(b[2])
+            .ok_or_else(|| bad(format!("unknown page frame kind {}", b[2])))?;
         let u64_at = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().expect("8 bytes"));
         let h = Self {
             kind,
@@ -131,19 +167,19 @@ impl FrameHeader {
     }
 }
 
-/// Kinds of return-path frames.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(u8)]
-pub enum RpKind {
-    /// A page request (body: an `UrgentRequest` frame, possibly malformed).
-    Request = 1,
-    /// The destination has every page and the guest has finished.
-    Done = 2,
-    /// Clock probe (before `Start`).
-    Ping = 3,
-    /// The destination is ready: postcopy starts now.
-    Start = 4,
-}
+code_enum!(
+    /// Kinds of return-path frames.
+    pub enum RpKind: u8 {
+        /// A page request (body: an `UrgentRequest` frame, possibly malformed).
+        Request = 1,
+        /// The destination has every page and the guest has finished.
+        Done = 2,
+        /// Clock probe (before `Start`).
+        Ping = 3,
+        /// The destination is ready: postcopy starts now.
+        Start = 4,
+    }
+);
 
 /// A return-path frame header.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -164,7 +200,7 @@ impl RpHeader {
     pub fn encode(&self) -> [u8; Self::LEN] {
         let mut b = [0u8; Self::LEN];
         b[0..2].copy_from_slice(&RP_MAGIC.to_le_bytes());
-        b[2] = self.kind as u8;
+        b[2] = self.kind.code();
         b[4..8].copy_from_slice(&self.len.to_le_bytes());
         b[8..16].copy_from_slice(&self.sent_ns.to_le_bytes());
         b
@@ -177,13 +213,8 @@ impl RpHeader {
         if magic != RP_MAGIC || b[3] != 0 {
             return Err(bad(format!("bad return-path frame magic {magic:#06x}")));
         }
-        let kind = match b[2] {
-            1 => RpKind::Request,
-            2 => RpKind::Done,
-            3 => RpKind::Ping,
-            4 => RpKind::Start,
-            k => return Err(bad(format!("unknown return-path frame kind {k}"))),
-        };
+        let kind = RpKind::from_code(b[2])
+            .ok_or_else(|| bad(format!("unknown return-path frame kind {}", b[2])))?;
         let len = u32::from_le_bytes(b[4..8].try_into().expect("4 bytes"));
         if len > MAX_RP_BODY {
             return Err(bad(format!("return-path body of {len} bytes")));

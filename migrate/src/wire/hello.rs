@@ -1,9 +1,14 @@
 //! The destination's hello (what it asks the source to migrate) and the source's reply.
 //!
-//! Hello: `"PHMIGRT"` and the version byte, then 26 little-endian `u64` fields in [`Hello::encode`]'s order, then
-//! the 36-byte boot id. Every field is decoded into its typed value and checked here (enum
+//! Hello: [`HELLO_MAGIC`] (`"PHMIGRT"` and the version byte), then one little-endian `u64`
+//! per [`Word`], in the order `Word` declares them (the layout, declared once), then the
+//! 36-byte boot id. Every word is decoded into its typed value and checked here (enum
 //! codes, host page size, claim batch, the guest layout), so the rest of the source sees
-//! only values that make sense; a bad field is a [`WireError::Malformed`] saying which.
+//! only values that make sense; a bad word is a [`WireError::Malformed`] saying which.
+//!
+//! **Adding a field**: a new `Word` at the end (never in between: the words' positions are
+//! the protocol), its value in [`Hello::word`] (an exhaustive `match`: a word without one
+//! does not compile), its check in [`Hello::decode`], and a [`VERSION`] bump.
 //!
 //! A [`Role::Resume`] hello (postcopy recovery) is followed by the destination's received
 //! bitmap: a `u64` word count, then that many little-endian words, one bit per target page,
@@ -13,19 +18,22 @@
 //! Reply: `"PHMIGRS"` and the version byte `| token u64 | boot id [36] | message length u32 | message` (empty when
 //! accepted, at most 4096 bytes).
 //!
-//! The last byte of both magics is the protocol version: a peer of another version, or
-//! another service altogether, is named as such instead of being misread.
+//! The last byte of both magics is the protocol version ([`super::VERSION`], beside every
+//! magic): a peer of another version, or another service altogether, is named as such
+//! instead of being misread.
 
 use std::net::TcpStream;
 
 use pagehint::ClaimBatch;
 
-use super::{read_full, write_parts, Channel, Guard, WireError};
+use super::{read_full, write_parts, Channel, Guard, WireError, HELLO_MAGIC, REPLY_MAGIC, VERSION};
 use crate::guest::layout::HostPageSize;
-use crate::link::LinkParams;
+use crate::link::{LinkParams, Transport};
 use crate::options::{
-    DirtyTracking, GuestKind, GuestSpec, MigrationMode, Precopy, SourceFault, Workload,
+    DirtyTracking, GuestKind, GuestSpec, MigrationMode, Precopy, RunConfig, SourceFault,
+    SourceHooks, Workload,
 };
+use crate::sys::clock::boot_id;
 
 /// Which connection a hello opens.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -64,15 +72,8 @@ pub struct Hello {
     pub claim_batch: ClaimBatch,
     /// Target page (global) where the background scan starts.
     pub scan_start: u64,
-    /// Test hook: the source drops both connections after this many host pages (0: never).
-    pub drop_after: u64,
-    /// Test hook: a fault the source injects.
-    pub source_fault: SourceFault,
-    /// Test hook: the source cuts both connections after this many postcopy host pages sent
-    /// on one pair of connections (0: never), [`cuts`](Self::cuts) times.
-    pub cut_after: u64,
-    /// Test hook: how many times the source cuts the connections.
-    pub cuts: u64,
+    /// The test hooks the source runs.
+    pub hooks: SourceHooks,
     /// How long the source keeps a session whose connections broke in postcopy, waiting for
     /// the destination to resume it, in ms (0: recovery off, a cut ends the session).
     pub recover_ms: u64,
@@ -85,20 +86,266 @@ pub struct Hello {
     pub boot_id: [u8; 36],
 }
 
-/// The protocol version both directions carry (the last byte of each magic).
-pub const VERSION: u8 = b'6';
-const MAGIC: &[u8; 8] = &magic(*b"PHMIGRT");
-const REPLY_MAGIC: &[u8; 8] = &magic(*b"PHMIGRS");
+/// Declares the hello's words in wire order, with `Word::ALL`.
+macro_rules! words {
+    ($($(#[$m:meta])* $w:ident,)+) => {
+        /// The hello's `u64` words, in wire order: the layout of the hello.
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        pub enum Word {
+            $($(#[$m])* $w,)+
+        }
 
-/// A magic: seven letters, then [`VERSION`] (so that bumping the version changes both).
-const fn magic(name: [u8; 7]) -> [u8; 8] {
-    let mut m = [VERSION; 8];
-    let mut i = 0;
-    while i < 7 {
-        m[i] = name[i];
-        i += 1;
+        impl Word {
+            /// Every word, in wire order.
+            pub const ALL: &'static [Self] = &[$(Self::$w),+];
+        }
+    };
+}
+
+words! {
+    /// The connection's [`Role`]: 1 main, 2 urgent, 3 resume.
+    Role,
+    /// The session token (urgent and resume connections; 0 for main).
+    Token,
+    /// [`MigrationMode`] code.
+    Mode,
+    /// [`Workload`] code.
+    Workload,
+    /// [`GuestKind`] code.
+    GuestKind,
+    /// Guest RAM, bytes.
+    Mem,
+    /// Host page, bytes.
+    HostPage,
+    /// vCPUs.
+    Vcpus,
+    /// Image and workload seed.
+    Seed,
+    /// Stream playback rate, bytes/s.
+    StreamRate,
+    /// Precopy rounds.
+    PrecopyRounds,
+    /// [`DirtyTracking`] code.
+    DirtyTracking,
+    /// Link bandwidth, bits/s.
+    LinkBandwidth,
+    /// Link one-way delay, ns.
+    LinkDelay,
+    /// Link send queue, bytes.
+    LinkQueue,
+    /// Link interface queue, bytes.
+    LinkNicQueue,
+    /// Background claim batch, target pages.
+    ClaimBatch,
+    /// Where the background scan starts (global target page).
+    ScanStart,
+    /// Test hook: drop after this many host pages.
+    DropAfter,
+    /// Test hook: [`SourceFault`] code.
+    SourceFault,
+    /// Link low-water mark, bytes.
+    LinkLowat,
+    /// Link pacing, bits/s.
+    LinkPace,
+    /// Test hook: cut after this many postcopy host pages.
+    CutAfter,
+    /// Test hook: cuts.
+    Cuts,
+    /// Postcopy recovery window, ms.
+    RecoverMs,
+    /// 0 or 1: the resend of already-claimed pages.
+    Resend,
+}
+
+impl Word {
+    /// Byte offset of this word in an encoded hello.
+    const fn at(self) -> usize {
+        8 + self as usize * 8
     }
-    m
+}
+
+const FIELDS: usize = Word::ALL.len();
+const LEN: usize = 8 + FIELDS * 8 + 36;
+
+impl Hello {
+    /// Encoded size.
+    pub const LEN: usize = LEN;
+
+    /// The hello of a new session that migrates a guest set up as `cfg` in `mode` while it
+    /// runs `workload`: the main connection's, the background scan from page 0, this
+    /// machine's boot id.
+    pub fn new(cfg: &RunConfig, mode: MigrationMode, workload: Workload) -> Self {
+        Self {
+            role: Role::Main,
+            mode,
+            workload,
+            guest: cfg.guest.clone(),
+            precopy: cfg.precopy,
+            link: cfg.link,
+            claim_batch: cfg.claim_batch,
+            scan_start: 0,
+            hooks: cfg.hooks.source,
+            recover_ms: cfg.recover_ms(),
+            resend: cfg.resend,
+            boot_id: boot_id(),
+        }
+    }
+
+    /// The same hello for another connection of the session.
+    pub fn with_role(&self, role: Role) -> Self {
+        Self {
+            role,
+            ..self.clone()
+        }
+    }
+
+    /// How the asked-for mode's pages and requests travel.
+    pub fn transport(&self) -> Transport {
+        self.mode.transport(self.resend)
+    }
+
+    /// The value of word `w`.
+    pub fn word(&self, w: Word) -> u64 {
+        let (g, l, link, hooks) = (&self.guest, &self.guest.layout, &self.link, &self.hooks);
+        match w {
+            Word::Role => match self.role {
+                Role::Main => 1,
+                Role::Urgent { .. } => 2,
+                Role::Resume { .. } => 3,
+            },
+            Word::Token => match self.role {
+                Role::Main => 0,
+                Role::Urgent { token } | Role::Resume { token } => token,
+            },
+            Word::Mode => self.mode.code(),
+            Word::Workload => self.workload.code(),
+            Word::GuestKind => g.kind.code(),
+            Word::Mem => l.mem(),
+            Word::HostPage => l.host_page().bytes(),
+            Word::Vcpus => u64::from(l.vcpus()),
+            Word::Seed => g.seed,
+            Word::StreamRate => g.stream_rate,
+            Word::PrecopyRounds => u64::from(self.precopy.rounds),
+            Word::DirtyTracking => self.precopy.tracking.code(),
+            Word::LinkBandwidth => link.bandwidth_bps,
+            Word::LinkDelay => link.delay_ns,
+            Word::LinkQueue => link.queue_bytes,
+            Word::LinkNicQueue => link.nic_queue_bytes,
+            Word::ClaimBatch => self.claim_batch.get(),
+            Word::ScanStart => self.scan_start,
+            Word::DropAfter => hooks.drop_after,
+            Word::SourceFault => hooks.fault.code(),
+            Word::LinkLowat => link.lowat_bytes,
+            Word::LinkPace => link.pace_bps,
+            Word::CutAfter => hooks.cut_after,
+            Word::Cuts => hooks.cuts,
+            Word::RecoverMs => self.recover_ms,
+            Word::Resend => u64::from(self.resend),
+        }
+    }
+
+    /// Encodes the hello.
+    pub fn encode(&self) -> [u8; LEN] {
+        let mut b = [0u8; LEN];
+        b[..8].copy_from_slice(&HELLO_MAGIC);
+        for &w in Word::ALL {
+            b[w.at()..w.at() + 8].copy_from_slice(&self.word(w).to_le_bytes());
+        }
+        b[LEN - 36..].copy_from_slice(&self.boot_id);
+        b
+    }
+
+    /// Decodes and checks a hello.
+    pub fn decode(b: &[u8; LEN]) -> Result<Self, WireError> {
+        let bad = |what: String| WireError::Malformed(Channel::Handshake, what);
+        let found: &[u8; 8] = b[..8].try_into().expect("8 bytes");
+        if *found != HELLO_MAGIC {
+            return Err(bad(mismatch(
+                found,
+                &HELLO_MAGIC,
+                "destination",
+                "source",
+                "its hello starts",
+            )));
+        }
+        let v = |w: Word| u64::from_le_bytes(b[w.at()..w.at() + 8].try_into().expect("8"));
+        let role = match (v(Word::Role), v(Word::Token)) {
+            (1, _) => Role::Main,
+            (2, token) => Role::Urgent { token },
+            (3, token) => Role::Resume { token },
+            (r, _) => return Err(bad(format!("unknown connection role {r}"))),
+        };
+        let guest = decode_guest(&v).map_err(bad)?;
+        let unknown = |w: Word, what: &str| bad(format!("unknown {what} {}", v(w)));
+        let mode =
+            MigrationMode::from_code(v(Word::Mode)).ok_or_else(|| unknown(Word::Mode, "mode"))?;
+        let workload = Workload::from_code(v(Word::Workload))
+            .ok_or_else(|| unknown(Word::Workload, "workload"))?;
+        let rounds = u32::try_from(v(Word::PrecopyRounds))
+            .map_err(|_| bad(format!("{} precopy rounds", v(Word::PrecopyRounds))))?;
+        let tracking = DirtyTracking::from_code(v(Word::DirtyTracking))
+            .ok_or_else(|| unknown(Word::DirtyTracking, "dirty tracking"))?;
+        let claim_batch = ClaimBatch::pages(v(Word::ClaimBatch)).map_err(|e| bad(e.to_string()))?;
+        let scan_start = v(Word::ScanStart);
+        if scan_start >= guest.layout.pages() {
+            return Err(bad(format!(
+                "scan start page {scan_start} is outside guest RAM"
+            )));
+        }
+        let fault = SourceFault::from_code(v(Word::SourceFault))
+            .ok_or_else(|| unknown(Word::SourceFault, "source fault"))?;
+        let resend = match v(Word::Resend) {
+            0 => false,
+            1 => true,
+            r => return Err(bad(format!("resend flag {r} (0 or 1)"))),
+        };
+        let mut boot_id = [0u8; 36];
+        boot_id.copy_from_slice(&b[LEN - 36..]);
+        Ok(Self {
+            role,
+            mode,
+            workload,
+            guest,
+            precopy: Precopy { rounds, tracking },
+            link: LinkParams {
+                bandwidth_bps: v(Word::LinkBandwidth),
+                delay_ns: v(Word::LinkDelay),
+                queue_bytes: v(Word::LinkQueue),
+                nic_queue_bytes: v(Word::LinkNicQueue),
+                lowat_bytes: v(Word::LinkLowat),
+                pace_bps: v(Word::LinkPace),
+            },
+            claim_batch,
+            scan_start,
+            hooks: SourceHooks {
+                drop_after: v(Word::DropAfter),
+                cut_after: v(Word::CutAfter),
+                cuts: v(Word::Cuts),
+                fault,
+            },
+            recover_ms: v(Word::RecoverMs),
+            resend,
+            boot_id,
+        })
+    }
+}
+
+/// The guest words, checked: kind, RAM and host page (a layout that makes sense), vCPUs,
+/// seed, stream rate.
+fn decode_guest(v: &dyn Fn(Word) -> u64) -> Result<GuestSpec, String> {
+    let kind = GuestKind::from_code(v(Word::GuestKind))
+        .ok_or_else(|| format!("unknown guest kind {}", v(Word::GuestKind)))?;
+    let host_page = HostPageSize::from_bytes(v(Word::HostPage))
+        .ok_or_else(|| format!("host page of {} bytes (4 KiB or 2 MiB)", v(Word::HostPage)))?;
+    let vcpus = u32::try_from(v(Word::Vcpus)).map_err(|_| format!("{} vCPUs", v(Word::Vcpus)))?;
+    let mut guest =
+        GuestSpec::new(kind, v(Word::Mem), host_page, vcpus).map_err(|e| format!("guest: {e}"))?;
+    guest.seed = v(Word::Seed);
+    guest.stream_rate = match v(Word::StreamRate) {
+        0 => return Err("stream rate of 0 bytes/s".into()),
+        r => r,
+    };
+    Ok(guest)
 }
 
 /// Why `found` is not the magic `want`: another version of this protocol, or another
@@ -119,140 +366,6 @@ fn mismatch(found: &[u8; 8], want: &[u8; 8], peer: &str, us: &str, how: &str) ->
 fn shown(found: &[u8]) -> String {
     found.escape_ascii().to_string()
 }
-const FIELDS: usize = 26;
-const LEN: usize = 8 + FIELDS * 8 + 36;
-
-impl Hello {
-    /// Encoded size.
-    pub const LEN: usize = LEN;
-
-    /// Encodes the hello.
-    pub fn encode(&self) -> [u8; LEN] {
-        let (role, token) = match self.role {
-            Role::Main => (1, 0),
-            Role::Urgent { token } => (2, token),
-            Role::Resume { token } => (3, token),
-        };
-        let l = &self.guest.layout;
-        let vals: [u64; FIELDS] = [
-            role,
-            token,
-            self.mode.code(),
-            self.workload.code(),
-            self.guest.kind.code(),
-            l.mem(),
-            l.host_page().bytes(),
-            u64::from(l.vcpus()),
-            self.guest.seed,
-            self.guest.stream_rate,
-            u64::from(self.precopy.rounds),
-            self.precopy.tracking.code(),
-            self.link.bandwidth_bps,
-            self.link.delay_ns,
-            self.link.queue_bytes,
-            self.link.nic_queue_bytes,
-            self.claim_batch.get(),
-            self.scan_start,
-            self.drop_after,
-            self.source_fault.code(),
-            self.link.lowat_bytes,
-            self.link.pace_bps,
-            self.cut_after,
-            self.cuts,
-            self.recover_ms,
-            u64::from(self.resend),
-        ];
-        let mut b = [0u8; LEN];
-        b[..8].copy_from_slice(MAGIC);
-        for (i, v) in vals.iter().enumerate() {
-            b[8 + i * 8..16 + i * 8].copy_from_slice(&v.to_le_bytes());
-        }
-        b[LEN - 36..].copy_from_slice(&self.boot_id);
-        b
-    }
-
-    /// Decodes and checks a hello.
-    pub fn decode(b: &[u8; LEN]) -> Result<Self, WireError> {
-        let bad = |what: String| WireError::Malformed(Channel::Handshake, what);
-        let found: &[u8; 8] = b[..8].try_into().expect("8 bytes");
-        if found != MAGIC {
-            return Err(bad(mismatch(
-                found,
-                MAGIC,
-                "destination",
-                "source",
-                "its hello starts",
-            )));
-        }
-        let v = |i: usize| u64::from_le_bytes(b[8 + i * 8..16 + i * 8].try_into().expect("8"));
-        let role = match (v(0), v(1)) {
-            (1, _) => Role::Main,
-            (2, token) => Role::Urgent { token },
-            (3, token) => Role::Resume { token },
-            (r, _) => return Err(bad(format!("unknown connection role {r}"))),
-        };
-        let mode =
-            MigrationMode::from_code(v(2)).ok_or_else(|| bad(format!("unknown mode {}", v(2))))?;
-        let workload =
-            Workload::from_code(v(3)).ok_or_else(|| bad(format!("unknown workload {}", v(3))))?;
-        let kind = GuestKind::from_code(v(4))
-            .ok_or_else(|| bad(format!("unknown guest kind {}", v(4))))?;
-        let host_page = HostPageSize::from_bytes(v(6))
-            .ok_or_else(|| bad(format!("host page of {} bytes (4 KiB or 2 MiB)", v(6))))?;
-        let vcpus = u32::try_from(v(7)).map_err(|_| bad(format!("{} vCPUs", v(7))))?;
-        let mut guest =
-            GuestSpec::new(kind, v(5), host_page, vcpus).map_err(|e| bad(format!("guest: {e}")))?;
-        guest.seed = v(8);
-        guest.stream_rate = match v(9) {
-            0 => return Err(bad("stream rate of 0 bytes/s".into())),
-            r => r,
-        };
-        let rounds = u32::try_from(v(10)).map_err(|_| bad(format!("{} precopy rounds", v(10))))?;
-        let tracking = DirtyTracking::from_code(v(11))
-            .ok_or_else(|| bad(format!("unknown dirty tracking {}", v(11))))?;
-        let claim_batch = ClaimBatch::pages(v(16)).map_err(|e| bad(e.to_string()))?;
-        if v(17) >= guest.layout.pages() {
-            return Err(bad(format!(
-                "scan start page {} is outside guest RAM",
-                v(17)
-            )));
-        }
-        let source_fault = SourceFault::from_code(v(19))
-            .ok_or_else(|| bad(format!("unknown source fault {}", v(19))))?;
-        let resend = match v(25) {
-            0 => false,
-            1 => true,
-            r => return Err(bad(format!("resend flag {r} (0 or 1)"))),
-        };
-        let mut boot_id = [0u8; 36];
-        boot_id.copy_from_slice(&b[LEN - 36..]);
-        Ok(Self {
-            role,
-            mode,
-            workload,
-            guest,
-            precopy: Precopy { rounds, tracking },
-            link: LinkParams {
-                bandwidth_bps: v(12),
-                delay_ns: v(13),
-                queue_bytes: v(14),
-                nic_queue_bytes: v(15),
-                lowat_bytes: v(20),
-                pace_bps: v(21),
-            },
-            claim_batch,
-            scan_start: v(17),
-            drop_after: v(18),
-            source_fault,
-            cut_after: v(22),
-            cuts: v(23),
-            recover_ms: v(24),
-            resend,
-            boot_id,
-        })
-    }
-}
-
 /// Longest refusal message a reply carries.
 const MAX_REPLY_MESSAGE: u32 = 4096;
 
@@ -273,7 +386,7 @@ impl HelloReply {
         let msg = self.error.as_bytes();
         let msg = &msg[..msg.len().min(MAX_REPLY_MESSAGE as usize)];
         let mut head = Vec::with_capacity(56);
-        head.extend_from_slice(REPLY_MAGIC);
+        head.extend_from_slice(&REPLY_MAGIC);
         head.extend_from_slice(&self.token.to_le_bytes());
         head.extend_from_slice(&self.boot_id);
         head.extend_from_slice(&(msg.len() as u32).to_le_bytes());
@@ -291,8 +404,8 @@ impl HelloReply {
             ),
             e => e,
         })?;
-        if &magic != REPLY_MAGIC {
-            let what = mismatch(&magic, REPLY_MAGIC, "source", "destination", "it answered");
+        if magic != REPLY_MAGIC {
+            let what = mismatch(&magic, &REPLY_MAGIC, "source", "destination", "it answered");
             return Err(WireError::Malformed(Channel::Handshake, what));
         }
         let mut head = [0u8; 48];
@@ -334,10 +447,12 @@ mod tests {
             link: LinkParams::DEFAULT,
             claim_batch: ClaimBatch::pages(32).unwrap(),
             scan_start: 7,
-            drop_after: 0,
-            source_fault: SourceFault::DuplicatePage,
-            cut_after: 100,
-            cuts: 3,
+            hooks: SourceHooks {
+                drop_after: 0,
+                fault: SourceFault::DuplicatePage,
+                cut_after: 100,
+                cuts: 3,
+            },
             recover_ms: 5000,
             resend: true,
             boot_id: [b'x'; 36],
@@ -408,6 +523,29 @@ mod tests {
         reply.write(&s, &g).unwrap();
         super::super::configure(&c).unwrap();
         assert_eq!(HelloReply::read(&c, &g).unwrap(), reply);
+    }
+
+    /// The encoding of [`hello`], as protocol version 6 has it: a change to the layout
+    /// changes these bytes (and must bump the version).
+    const GOLDEN: &[&str] = &[
+        "50484d4947525436020000000000000009000000000000000200000000000000040000000000000001000000",
+        "0000000000000004000000000010000000000000020000000000000001000000000000000000001000000000",
+        "0300000000000000020000000000000000e40b540200000050c3000000000000000080000000000000000100",
+        "0000000020000000000000000700000000000000000000000000000002000000000000000000000000000000",
+        "0000000000000000640000000000000003000000000000008813000000000000010000000000000078787878",
+        "7878787878787878787878787878787878787878787878787878787878787878",
+    ];
+
+    #[test]
+    fn the_hello_encodes_as_the_protocol_says() {
+        let hex: String = hello()
+            .encode()
+            .iter()
+            .map(|x| format!("{x:02x}"))
+            .collect();
+        assert_eq!(hex, GOLDEN.concat());
+        assert_eq!(Hello::LEN, 8 + 26 * 8 + 36);
+        assert_eq!(VERSION, b'6', "a new version needs new golden bytes");
     }
 
     #[test]

@@ -1,8 +1,9 @@
 //! What the source reports at the end of a migration: its scheduler's counters, what it
 //! sent on each channel, the first rejected requests, how it handled each request ([`ReqTrace`],
-//! for the per-stage timing of `crate::tail`), and the checksum of every target page
+//! for the per-stage timing of the harness's `tail`), and the checksum of every target page
 //! as it was at the switch-over (the destination is verified against them).
 
+use crate::names::code_enum;
 use pagehint::SchedulerStats;
 
 use super::{Channel, WireError};
@@ -194,33 +195,22 @@ impl Summary {
     }
 }
 
-/// How the source answered a request.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(u8)]
-pub enum ReqPath {
-    /// Claimed by the urgent path and sent on the urgent channel.
-    Urgent = 0,
-    /// Already claimed by the background path: the page comes on the background channel.
-    Background = 1,
-    /// Vanilla: queued for the background path.
-    Queued = 2,
-    /// Already claimed by the background path but not yet (or only just) written: sent again
-    /// on the urgent channel; the destination places whichever copy arrives first.
-    Resent = 3,
-}
+code_enum!(
+    /// How the source answered a request.
+    pub enum ReqPath: u64 {
+        /// Claimed by the urgent path and sent on the urgent channel.
+        Urgent = 0,
+        /// Already claimed by the background path: the page comes on the background channel.
+        Background = 1,
+        /// Vanilla: queued for the background path.
+        Queued = 2,
+        /// Already claimed by the background path but not yet (or only just) written: sent again
+        /// on the urgent channel; the destination places whichever copy arrives first.
+        Resent = 3,
+    }
+);
 
 impl ReqPath {
-    /// From its wire code.
-    pub fn from_code(c: u64) -> Option<Self> {
-        Some(match c {
-            0 => Self::Urgent,
-            1 => Self::Background,
-            2 => Self::Queued,
-            3 => Self::Resent,
-            _ => return None,
-        })
-    }
-
     /// Its name in reports.
     pub fn name(self) -> &'static str {
         match self {

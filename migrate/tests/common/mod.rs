@@ -7,14 +7,17 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+#[path = "within.rs"]
+mod within_;
+pub use within_::within;
+
 use pagehint_migrate::guest::layout::HostPageSize;
-use pagehint_migrate::hugepages::HugePages;
 use pagehint_migrate::options::{GuestKind, GuestSpec};
+use pagehint_migrate::sys::hugepages::HugePages;
 use pagehint_migrate::{
     run_destination, LocalSource, MigrationMode, PinPlan, RunConfig, RunError, RunResult, Workload,
 };
@@ -82,18 +85,8 @@ pub fn source_stopped_mid_postcopy(
 /// The run of workload `w` in mode `m` among `runs` (panics if it did not run).
 pub fn run_of<'a>(runs: &'a [RunResult], w: &str, m: &str) -> &'a RunResult {
     runs.iter()
-        .find(|r| r.workload == w && r.mode == m)
+        .find(|r| r.setup.workload == w && r.setup.mode == m)
         .unwrap_or_else(|| panic!("no {w} / {m} run"))
-}
-
-/// Runs `f` on a thread and fails the test if it takes longer than `limit` (a hang).
-pub fn within<T: Send + 'static>(limit: Duration, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(f());
-    });
-    rx.recv_timeout(limit)
-        .unwrap_or_else(|_| panic!("did not finish within {limit:?}: a hang"))
 }
 
 /// One migration against a fresh in-process source.
@@ -104,26 +97,39 @@ pub fn migrate(cfg: RunConfig, mode: MigrationMode, w: Workload) -> Result<RunRe
 
 /// Checks what every verified run must show.
 pub fn check_verified(r: &RunResult) {
-    assert!(r.verified, "{} / {}: {:?}", r.workload, r.mode, r.problems);
-    assert_eq!(r.placed_twice, 0);
-    assert_eq!(
-        r.pages_urgent + r.pages_background,
-        r.pending_host_pages * r.host_page / 4096 + r.resent_pages,
-        "{} / {}: every missing page sent exactly once in postcopy (I1), but for those lost with a broken connection",
-        r.workload,
-        r.mode
+    assert!(
+        r.outcome.verified,
+        "{} / {}: {:?}",
+        r.setup.workload, r.setup.mode, r.outcome.problems
     );
-    if r.cuts == 0 {
-        assert_eq!(r.resent_pages, 0, "nothing is sent twice without a break");
-    }
-    assert_eq!(r.placed_per_connection.len() as u64, r.cuts + 1);
+    assert_eq!(r.placement.placed_twice, 0);
     assert_eq!(
-        r.placed_per_connection.iter().sum::<u64>(),
-        r.pending_host_pages,
+        r.source.pages_urgent + r.source.pages_background,
+        r.transfer.pending_host_pages * r.setup.host_page / 4096 + r.recovery.resent_pages,
+        "{} / {}: every missing page sent exactly once in postcopy (I1), but for those lost with a broken connection",
+        r.setup.workload,
+        r.setup.mode
+    );
+    if r.recovery.cuts == 0 {
+        assert_eq!(
+            r.recovery.resent_pages, 0,
+            "nothing is sent twice without a break"
+        );
+    }
+    assert_eq!(
+        r.recovery.placed_per_connection.len() as u64,
+        r.recovery.cuts + 1
+    );
+    assert_eq!(
+        r.recovery.placed_per_connection.iter().sum::<u64>(),
+        r.transfer.pending_host_pages,
         "every missing page placed by exactly one connection"
     );
-    assert_eq!(r.guest_check_errors, 0);
-    assert!(r.raced_faults <= r.faults, "raced faults are faults");
+    assert_eq!(r.guest_run.guest_check_errors, 0);
+    assert!(
+        r.waits.raced_faults <= r.waits.faults,
+        "raced faults are faults"
+    );
 }
 
 /// Huge pages for a test: one test at a time reserves them (the pool is global).

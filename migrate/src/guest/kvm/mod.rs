@@ -24,7 +24,7 @@ use kvm_ioctls::VcpuFd;
 
 use crate::guest::image::PageFault;
 use crate::guest::layout::GuestLayout;
-use crate::pin::{PinPlan, Role};
+use crate::sys::pin::{PinPlan, Role};
 use dirty::DirtyRing;
 use program::mailbox as mb;
 use vcpu::{VcpuControl, VcpuEnd, VcpuEnv};
@@ -36,9 +36,9 @@ pub fn unavailable() -> Option<String> {
     if let Err(e) = vm::probe() {
         return Some(e);
     }
-    match crate::uffd::Userfault::open() {
+    match crate::sys::uffd::Userfault::open() {
         Err(e) => Some(format!("userfaultfd does not open: {e}")),
-        Ok(u) if u.user_mode_only() => Some(
+        Ok(u) if !u.origin().sees_kernel_faults() => Some(
             "userfaultfd sees only user-mode faults here (KVM's vCPUs fault in the kernel)".into(),
         ),
         Ok(_) => None,
@@ -233,7 +233,7 @@ impl Machine {
                     .name(format!("vcpu{i}"))
                     .spawn_scoped(scope, move || {
                         pin.apply(if i == 0 { Role::Guest } else { Role::ExtraVcpu });
-                        crate::clock::tight_timer_slack();
+                        crate::sys::clock::tight_timer_slack();
                         let env = VcpuEnv {
                             index: i as u32,
                             mailboxes,

@@ -25,7 +25,8 @@
 //!   counted and the first one recorded in the status page.
 //! * `write_page(rdi = page)`: only the page's owner calls it: entry odd, re-sign with the
 //!   next generation, entry even.
-//! * workloads ([`Workload`](crate::guest::Workload)), each looping until the host sets `STOP` in the status page,
+//! * workloads ([`Workload`]; the dispatch is `Gen::emit_workload`'s exhaustive `match`),
+//!   each looping until the host sets `STOP` in the status page,
 //!   then `fsck`: the vCPU checks its share of the whole data area, sets `STATE = DONE`, and
 //!   reports [`Event::Done`].
 //!
@@ -34,6 +35,7 @@
 //! the others idle) writes the first page of each frame; `kv` updates (re-signs) an eighth of
 //! the pages it finds keys in, if it owns them. One writer per page, so the seqlock is enough.
 
+use crate::names::code_enum;
 use iced_x86::code_asm::*;
 use iced_x86::IcedError;
 
@@ -41,6 +43,7 @@ use crate::guest::image::{
     PageFault, Params, FIRST_GEN, PAGE_TAG, SLOTS_PER_PAGE, SLOT_BASE, SUM_MUL, SUM_ROT, SUM_SEED,
 };
 use crate::guest::layout::{CODE_GPA, CODE_MAX};
+use crate::guest::Workload;
 
 pub use crate::guest::layout::CODE_GPA as ENTRY;
 
@@ -51,32 +54,19 @@ pub const EVENT_PORT: u16 = 0x0ee0;
 /// rather than spun for.
 const RESLEEP_TSC: i32 = 1 << 24;
 
-/// What the program tells the host through [`EVENT_PORT`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(u8)]
-pub enum Event {
-    /// The vCPU booted and starts its workload.
-    Started = 1,
-    /// Sleep `SLEEP_TSC` TSC ticks (the stream is ahead of schedule).
-    Sleep = 2,
-    /// Stopped and verified its share; nothing more to do.
-    Done = 3,
-    /// Nothing to do until stopped (an idle vCPU): sleep a while.
-    Idle = 4,
-}
-
-impl Event {
-    /// From the byte written.
-    pub fn from_byte(b: u8) -> Option<Self> {
-        Some(match b {
-            1 => Self::Started,
-            2 => Self::Sleep,
-            3 => Self::Done,
-            4 => Self::Idle,
-            _ => return None,
-        })
+code_enum!(
+    /// What the program tells the host through [`EVENT_PORT`].
+    pub enum Event: u8 {
+        /// The vCPU booted and starts its workload.
+        Started = 1,
+        /// Sleep `SLEEP_TSC` TSC ticks (the stream is ahead of schedule).
+        Sleep = 2,
+        /// Stopped and verified its share; nothing more to do.
+        Done = 3,
+        /// Nothing to do until stopped (an idle vCPU): sleep a while.
+        Idle = 4,
     }
-}
+);
 
 /// The status page of one vCPU: byte offsets of its little-endian `u64` words.
 pub mod mailbox {
@@ -939,7 +929,21 @@ impl Gen {
     }
 }
 
-/// Assembles the guest program for [`CODE_GPA`].
+impl Gen {
+    /// Emits workload `w`'s loop at `at`: one arm per workload, so that a workload without
+    /// an emitter does not compile (see [`crate::guest::workload`]).
+    fn emit_workload(&mut self, w: Workload, at: CodeLabel) -> R {
+        match w {
+            Workload::Seq => self.emit_seq(at),
+            Workload::Random => self.emit_random(at),
+            Workload::Stream => self.emit_stream(at),
+            Workload::Kv => self.emit_kv(at),
+        }
+    }
+}
+
+/// Assembles the guest program for [`CODE_GPA`]: the entry, a dispatch on the parameter
+/// page's workload code to each workload's loop, and the routines they share.
 pub fn assemble() -> Result<Vec<u8>, IcedError> {
     let mut a = CodeAssembler::new(64)?;
     let labels = [(); 7].map(|_| a.create_label());
@@ -954,10 +958,10 @@ pub fn assemble() -> Result<Vec<u8>, IcedError> {
         share,
         fsck,
     };
-    let seq = g.a.create_label();
-    let random = g.a.create_label();
-    let stream = g.a.create_label();
-    let kv = g.a.create_label();
+    let workloads: Vec<(Workload, CodeLabel)> = Workload::ALL
+        .iter()
+        .map(|&w| (w, g.a.create_label()))
+        .collect();
     // Entry.
     {
         let a = &mut g.a;
@@ -982,19 +986,17 @@ pub fn assemble() -> Result<Vec<u8>, IcedError> {
     {
         let a = &mut g.a;
         a.mov(rax, qword_ptr(r15 + Params::WORKLOAD))?;
-        a.cmp(rax, 1)?;
-        a.je(seq)?;
-        a.cmp(rax, 2)?;
-        a.je(random)?;
-        a.cmp(rax, 3)?;
-        a.je(stream)?;
-        a.jmp(kv)?;
+        for &(w, at) in &workloads {
+            a.cmp(rax, w.code() as i32)?;
+            a.je(at)?;
+        }
+        // A code no workload has (the host never writes one): stop, verify, report done.
+        a.jmp(g.fsck)?;
     }
     g.emit_init(init, run)?;
-    g.emit_seq(seq)?;
-    g.emit_random(random)?;
-    g.emit_stream(stream)?;
-    g.emit_kv(kv)?;
+    for (w, at) in workloads {
+        g.emit_workload(w, at)?;
+    }
     g.emit_fsck()?;
     g.emit_check_page()?;
     g.emit_write_page()?;

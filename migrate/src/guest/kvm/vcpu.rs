@@ -21,7 +21,7 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 
 use super::program::{mailbox as mb, Event, EVENT_PORT};
 use super::vm::{Mailboxes, VcpuState};
-use crate::clock::now_ns;
+use crate::sys::clock::now_ns;
 
 thread_local! {
     static KVM_RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
@@ -175,7 +175,7 @@ fn run_loop(vcpu: &mut VcpuFd, ctl: &VcpuControl, env: &VcpuEnv<'_>) -> VcpuEnd 
         let exit = vcpu.run();
         match exit {
             Ok(VcpuExit::IoOut(EVENT_PORT, data)) => {
-                match data.first().copied().and_then(Event::from_byte) {
+                match data.first().copied().and_then(Event::from_code) {
                     Some(Event::Started) => {
                         // Relaxed: a polled flag.
                         ctl.started.store(true, Ordering::Relaxed);

@@ -20,19 +20,42 @@
 //!    background path was followed or dropped as already sent. A cut drops the broken
 //!    connection's queue on purpose (the pages are asked again), so runs with cuts skip it.
 
-use crate::dest::{Evidence, GuestOutcome};
-use crate::guest::image::{check_page, generation, page_checksum, PageFault, WORDS};
 use std::ops::Range;
 
-use crate::guest::layout::{GENTAB_GPA, STACKS_GPA, TARGET_PAGE};
+use crate::dest::thread_guest::WorkloadReport;
+use crate::dest::{Evidence, GuestOutcome};
+use crate::guest::image::{check_page, generation, page_checksum, PageFault, WORDS};
+use crate::guest::kvm::GuestCounters;
+use crate::guest::layout::{GuestLayout, GENTAB_GPA, STACKS_GPA, TARGET_PAGE};
 use crate::options::{RunConfig, Workload};
 
-/// The problems found in a run of `workload` with `cfg` (empty: verified).
+/// The problems found in a run of `workload` with `cfg` (empty: verified): each of the
+/// checks above, in order.
 pub fn verify(cfg: &RunConfig, workload: Workload, e: &Evidence) -> Vec<String> {
     let mut problems = Vec::new();
-    let layout = cfg.layout();
+    exactly_once(e, &mut problems);
+    same_memory(cfg.layout(), e, &mut problems);
+    match &e.outcome {
+        GuestOutcome::Kvm { counters, .. } => kvm_checks(cfg.layout(), e, counters, &mut problems),
+        GuestOutcome::Thread { report, .. } => thread_checks(workload, e, report, &mut problems),
+    }
+    // 4. Bad input.
+    if e.summary.stats.bad_requests != cfg.hooks.inject_bad {
+        problems.push(format!(
+            "the source rejected {} requests, {} malformed ones were sent",
+            e.summary.stats.bad_requests, cfg.hooks.inject_bad
+        ));
+    }
+    // 5. No queued request lost.
+    if e.summary.recoveries.is_empty() {
+        problems.extend(lost_requests(&e.summary.stats));
+    }
+    problems
+}
+
+/// Check 1: exactly once, across all connections.
+fn exactly_once(e: &Evidence, problems: &mut Vec<String>) {
     let mem = &e.mem;
-    // 1. Exactly once.
     let (twice, first) = mem.placed_twice();
     if twice > 0 {
         problems.push(format!(
@@ -48,26 +71,17 @@ pub fn verify(cfg: &RunConfig, workload: Workload, e: &Evidence) -> Vec<String> 
             e.switch.pending_host_pages()
         ));
     }
-    connections(e, &mut problems);
-    duplicates(e, &mut problems);
-    // 2. Same memory. The KVM guest writes at the destination: its data pages through
-    // `write_page` (their generation moves on), its stacks, and the generation table; every
-    // other page must be the source's. A data page whose generation moved must pass the
-    // signature check at its new generation, and the table may only move generations on.
-    let ram = mem.all_bytes();
+    connections(e, problems);
+    duplicates(e, problems);
+}
+
+/// Check 2, same memory. The KVM guest writes at the destination: its data pages through
+/// `write_page` (their generation moves on), its stacks, and the generation table; every
+/// other page must be the source's. A data page whose generation moved must pass the
+/// signature check at its new generation, and the table may only move generations on.
+fn same_memory(layout: &GuestLayout, e: &Evidence, problems: &mut Vec<String>) {
     let kvm = matches!(e.outcome, GuestOutcome::Kvm { .. });
     let src_gen = &e.summary.generations;
-    let guest_written: Range<u64> = if kvm {
-        let stacks = STACKS_GPA / TARGET_PAGE;
-        stacks..stacks + u64::from(layout.vcpus())
-    } else {
-        0..0
-    };
-    let table: Range<u64> = if kvm {
-        GENTAB_GPA / TARGET_PAGE..(GENTAB_GPA + layout.pages() * 4).div_ceil(TARGET_PAGE)
-    } else {
-        0..0
-    };
     if kvm && src_gen.len() as u64 != layout.pages() {
         problems.push(format!(
             "the source sent {} generations for {} pages",
@@ -81,9 +95,34 @@ pub fn verify(cfg: &RunConfig, workload: Workload, e: &Evidence) -> Vec<String> 
             layout.pages()
         ));
     } else {
-        let (mut differ, mut first_differ) = (0u64, None);
-        let (mut bad_sig, mut first_bad) = (0u64, None);
-        let (mut backwards, mut first_back) = (0u64, None);
+        problems.extend(Compared::run(layout, e, kvm).problems());
+    }
+}
+
+/// What comparing every page with the source found: a count and the first of each kind.
+#[derive(Default)]
+struct Compared {
+    differ: (u64, Option<u64>),
+    bad_sig: (u64, Option<(u64, PageFault)>),
+    backwards: (u64, Option<(u64, u32, u32)>),
+}
+
+impl Compared {
+    /// Compares every page of `e`'s memory the guest did not write here with the source's.
+    fn run(layout: &GuestLayout, e: &Evidence, kvm: bool) -> Self {
+        let ram = e.mem.all_bytes();
+        let src_gen = &e.summary.generations;
+        // What the KVM guest writes besides its data pages: its stacks and the table.
+        let (guest_written, table): (Range<u64>, Range<u64>) = if kvm {
+            let stacks = STACKS_GPA / TARGET_PAGE;
+            (
+                stacks..stacks + u64::from(layout.vcpus()),
+                GENTAB_GPA / TARGET_PAGE..(GENTAB_GPA + layout.pages() * 4).div_ceil(TARGET_PAGE),
+            )
+        } else {
+            (0..0, 0..0)
+        };
+        let mut c = Self::default();
         let mut words = vec![0u64; WORDS];
         for (p, page) in ram.chunks_exact(TARGET_PAGE as usize).enumerate() {
             let p = p as u64;
@@ -93,15 +132,15 @@ pub fn verify(cfg: &RunConfig, workload: Workload, e: &Evidence) -> Vec<String> 
             let moved = kvm && layout.data.contains(&p) && {
                 let (now, then) = (generation(ram, p), src_gen[p as usize]);
                 if now < then || now % 2 != 0 {
-                    backwards += 1;
-                    first_back.get_or_insert((p, then, now));
+                    c.backwards.0 += 1;
+                    c.backwards.1.get_or_insert((p, then, now));
                 }
                 now != then
             };
             if !moved {
                 if page_checksum(page) != e.summary.checksums[p as usize] {
-                    differ += 1;
-                    first_differ.get_or_insert(p);
+                    c.differ.0 += 1;
+                    c.differ.1.get_or_insert(p);
                 }
             } else {
                 for (w, b) in words.iter_mut().zip(page.chunks_exact(8)) {
@@ -109,88 +148,94 @@ pub fn verify(cfg: &RunConfig, workload: Workload, e: &Evidence) -> Vec<String> 
                 }
                 if let Err(f) = check_page(&words, layout.gpa(p) / TARGET_PAGE, generation(ram, p))
                 {
-                    bad_sig += 1;
-                    first_bad.get_or_insert((p, f));
+                    c.bad_sig.0 += 1;
+                    c.bad_sig.1.get_or_insert((p, f));
                 }
             }
         }
-        if let Some(p) = first_differ {
-            problems.push(format!(
-                "{differ} pages differ from the source at the switch-over (first: page {p})"
+        c
+    }
+
+    fn problems(self) -> Vec<String> {
+        let mut out = Vec::new();
+        if let (n, Some(p)) = self.differ {
+            out.push(format!(
+                "{n} pages differ from the source at the switch-over (first: page {p})"
             ));
         }
-        if let Some((p, f)) = first_bad {
-            problems.push(format!(
-                "{bad_sig} pages the guest wrote fail the signature check (first: page {p}, {})",
+        if let (n, Some((p, f))) = self.bad_sig {
+            out.push(format!(
+                "{n} pages the guest wrote fail the signature check (first: page {p}, {})",
                 f.describe()
             ));
         }
-        if let Some((p, then, now)) = first_back {
-            problems.push(format!(
-                "{backwards} generations went backwards or stayed odd (first: page {p}, {then} at the switch-over, {now} now)"
+        if let (n, Some((p, then, now))) = self.backwards {
+            out.push(format!(
+                "{n} generations went backwards or stayed odd (first: page {p}, {then} at the switch-over, {now} now)"
             ));
         }
+        out
     }
-    // 3. The guest's own checks.
-    match &e.outcome {
-        GuestOutcome::Kvm { counters, .. } => {
-            let src_errors = e.switch.guest[2];
-            if src_errors > 0 {
-                let kind = PageFault::from_code(e.switch.guest[3]).map_or("?", |k| k.describe());
-                problems.push(format!(
-                    "the guest found {src_errors} bad pages at the source (first: {kind} at page {})",
-                    e.switch.guest[4]
-                ));
-            }
-            let errors: u64 = counters.iter().map(|c| c.errors).sum();
-            if errors > 0 {
-                let first = counters
-                    .iter()
-                    .find_map(|c| c.first_error_text())
-                    .unwrap_or_default();
-                problems.push(format!(
-                    "the guest's checks failed {errors} times (first: {first})"
-                ));
-            }
-            let verified: u64 = counters.iter().map(|c| c.verified).sum();
-            if verified != layout.data.end - layout.data.start {
-                problems.push(format!(
-                    "the guest verified {verified} of {} data pages",
-                    layout.data.end - layout.data.start
-                ));
-            }
-        }
-        GuestOutcome::Thread { report, .. } => {
-            let seen_bad = report
-                .observed
-                .iter()
-                .filter(|&&(p, sum)| e.summary.checksums.get(p as usize) != Some(&sum))
-                .count();
-            if seen_bad > 0 {
-                problems.push(format!(
-                    "the guest read {seen_bad} pages with wrong contents"
-                ));
-            }
-            if report.wrong > 0 {
-                problems.push(format!("{} key lookups gave wrong answers", report.wrong));
-            }
-            if !report.completed {
-                problems.push(format!("the {} workload did not complete", workload));
-            }
-        }
-    }
-    // 4. Bad input.
-    if e.summary.stats.bad_requests != cfg.inject_bad {
+}
+
+/// Check 3: the KVM guest's own checks, at the source and here, and its whole share verified.
+fn kvm_checks(
+    layout: &GuestLayout,
+    e: &Evidence,
+    counters: &[GuestCounters],
+    problems: &mut Vec<String>,
+) {
+    let src_errors = e.switch.guest[2];
+    if src_errors > 0 {
+        let kind = PageFault::from_code(e.switch.guest[3]).map_or("?", |k| k.describe());
         problems.push(format!(
-            "the source rejected {} requests, {} malformed ones were sent",
-            e.summary.stats.bad_requests, cfg.inject_bad
+            "the guest found {src_errors} bad pages at the source (first: {kind} at page {})",
+            e.switch.guest[4]
         ));
     }
-    // 5. No queued request lost.
-    if e.summary.recoveries.is_empty() {
-        problems.extend(lost_requests(&e.summary.stats));
+    let errors: u64 = counters.iter().map(|c| c.errors).sum();
+    if errors > 0 {
+        let first = counters
+            .iter()
+            .find_map(|c| c.first_error_text())
+            .unwrap_or_default();
+        problems.push(format!(
+            "the guest's checks failed {errors} times (first: {first})"
+        ));
     }
-    problems
+    let verified: u64 = counters.iter().map(|c| c.verified).sum();
+    if verified != layout.data.end - layout.data.start {
+        problems.push(format!(
+            "the guest verified {verified} of {} data pages",
+            layout.data.end - layout.data.start
+        ));
+    }
+}
+
+/// Check 3, the thread guest's: what it read was the source's, every lookup right, the workload
+/// complete.
+fn thread_checks(
+    workload: Workload,
+    e: &Evidence,
+    report: &WorkloadReport,
+    problems: &mut Vec<String>,
+) {
+    let seen_bad = report
+        .observed
+        .iter()
+        .filter(|&&(p, sum)| e.summary.checksums.get(p as usize) != Some(&sum))
+        .count();
+    if seen_bad > 0 {
+        problems.push(format!(
+            "the guest read {seen_bad} pages with wrong contents"
+        ));
+    }
+    if report.wrong > 0 {
+        problems.push(format!("{} key lookups gave wrong answers", report.wrong));
+    }
+    if !report.completed {
+        problems.push(format!("the {} workload did not complete", workload));
+    }
 }
 
 /// Vanilla (I5): the queued requests neither followed nor dropped as already sent, once the

@@ -8,10 +8,10 @@ use std::time::Instant;
 
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::cli::{Endpoint, Options};
 use crate::guest::layout::TARGET_PAGE;
+use crate::harness::cli::{Endpoint, Invocation};
+use crate::harness::result::RunResult;
 use crate::options::{GuestKind, MigrationMode, Workload};
-use crate::result::RunResult;
 use crate::{run_destination, LocalSource, SourceServer};
 
 /// The runs of one invocation.
@@ -26,7 +26,7 @@ pub struct Outcome {
 }
 
 /// The header lines: what is migrated, how, over what.
-pub fn header(o: &Options, source: &str) -> String {
+pub fn header(o: &Invocation, source: &str) -> String {
     let c = &o.cfg;
     let l = c.layout();
     let mib = |p: u64| (p * TARGET_PAGE) >> 20;
@@ -69,7 +69,7 @@ pub fn header(o: &Options, source: &str) -> String {
 
 /// Serves sessions as the source only (`--listen`), until killed or `--sessions` have been
 /// served.
-pub fn serve(addr: &str, o: &Options) -> Result<(), String> {
+pub fn serve(addr: &str, o: &Invocation) -> Result<(), String> {
     let server = SourceServer::bind(addr, o.cfg.pin, o.cfg.idle_timeout)
         .map_err(|e| format!("cannot listen on {addr}: {e}"))?
         .with_qemu_rate_limit(o.qemu_rate_limit_bps);
@@ -112,7 +112,7 @@ pub fn serve(addr: &str, o: &Options) -> Result<(), String> {
 
 /// Runs every workload × mode; prints one line per run. A failed run is recorded (with how
 /// far it got) and the rest go on.
-pub fn run(o: &Options) -> Result<Outcome, String> {
+pub fn run(o: &Invocation) -> Result<Outcome, String> {
     let local;
     let (addr, shown): (SocketAddr, String) = match &o.endpoint {
         Endpoint::Connect(a) => (*a, format!("{a} (remote)")),
@@ -128,18 +128,23 @@ pub fn run(o: &Options) -> Result<Outcome, String> {
     };
     print!("{}", header(o, &shown));
     let (normal, huge) = o.memory_needed();
-    let secs = crate::warm::warm_up(normal, huge)?;
+    let secs = crate::sys::warm::warm_up(normal, huge)?;
     println!(
         "  warm-up      touched {} MiB once before measuring ({secs:.1} s): first touches are slow on nested VMs\n",
         (normal + (huge << 21)) >> 20
     );
-    // Vanilla has no urgent channel: it runs once, whatever `--resend` says.
+    // A mode whose transport `--resend` does not change (vanilla: no urgent channel) runs
+    // once, whatever `--resend` says.
     let runs: Vec<(Workload, MigrationMode, bool)> = o
         .workloads
         .iter()
         .flat_map(|&w| {
             o.modes.iter().flat_map(move |&m| {
-                let variants: &[bool] = if m.preempt() { &o.resend } else { &[false] };
+                let variants: &[bool] = if m.transport(true) != m.transport(false) {
+                    &o.resend
+                } else {
+                    &[false]
+                };
                 variants.iter().map(move |&r| (w, m, r))
             })
         })
@@ -149,7 +154,7 @@ pub fn run(o: &Options) -> Result<Outcome, String> {
     for (i, &(w, m, resend)) in runs.iter().enumerate() {
         let mut cfg = o.cfg.clone();
         cfg.resend = resend;
-        let label = crate::result::mode_label(m, resend);
+        let label = crate::harness::result::mode_label(m, resend);
         let pb = if o.quiet {
             ProgressBar::hidden()
         } else {
@@ -177,29 +182,29 @@ pub fn run(o: &Options) -> Result<Outcome, String> {
                     "[{}/{}] {:<7} {:<24} precopy {:>6.1} ms, downtime {:>5.1} ms, postcopy {:>7.1} ms, {:>6} faults, request p50 {:>8.1} µs, blocktime {:>8.1} ms, {}",
                     i + 1,
                     runs.len(),
-                    r.workload,
+                    r.setup.workload,
                     label,
-                    r.precopy_ms,
-                    r.downtime_ms,
-                    r.duration_ms,
-                    r.faults,
-                    r.request_p50_us,
-                    r.blocktime_ms,
-                    if r.verified {
+                    r.transfer.precopy_ms,
+                    r.transfer.downtime_ms,
+                    r.transfer.duration_ms,
+                    r.waits.faults,
+                    r.waits.request_p50_us,
+                    r.waits.blocktime_ms,
+                    if r.outcome.verified {
                         "verified".to_string()
                     } else {
-                        format!("NOT VERIFIED: {}", r.problems.join("; "))
+                        format!("NOT VERIFIED: {}", r.outcome.problems.join("; "))
                     }
                 );
                 if r.tail.requests > 0 {
                     println!("        median   {}", r.tail.median.describe());
                     println!("        slow 1%  {}", r.tail.slowest_1pct.describe());
                 }
-                if r.bad_requests > 0 {
+                if r.source.bad_requests > 0 {
                     println!(
                         "        the source rejected {} malformed page requests and went on (first: {})",
-                        r.bad_requests,
-                        r.rejected.first().cloned().unwrap_or_default()
+                        r.source.bad_requests,
+                        r.source.rejected.first().cloned().unwrap_or_default()
                     );
                 }
                 out.rows.push(r);

@@ -1,12 +1,12 @@
 //! One migration, whole: the destination's run ([`crate::dest`]), then its verification
-//! ([`crate::verify`]) and its measurements ([`crate::result`]), apart from each other.
+//! ([`super::verify`]) and its measurements ([`super::result`]), apart from each other.
 
 use std::net::SocketAddr;
 
 use crate::dest::{self, RunError};
+use crate::harness::result::RunResult;
+use crate::harness::verify;
 use crate::options::{MigrationMode, RunConfig, Workload};
-use crate::result::RunResult;
-use crate::verify;
 
 /// Migrates guest RAM from the source at `addr` in `mode` while the guest runs `workload`,
 /// verifies the result and measures it. `progress(placed, pending)` is called a few times

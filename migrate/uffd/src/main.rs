@@ -9,14 +9,14 @@ use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use clap::Parser;
-use pagehint_migrate::hugepages::HugePages;
-use pagehint_migrate::restore::cli::{Action, Cli, ServeOptions, SourceSpec};
-use pagehint_migrate::restore::compare::{compare, table};
-use pagehint_migrate::restore::export::svg;
-use pagehint_migrate::restore::handler::{handle_connection, Control};
-use pagehint_migrate::restore::remote::{serve_memory, RemoteSource};
-use pagehint_migrate::restore::source::{FileSource, PageSource};
-use pagehint_migrate::restore::vmm::{restore, take_snapshot, RestoreOptions, Snapshot};
+use pagehint_migrate::sys::hugepages::HugePages;
+use pagehint_uffd::cli::{Action, Cli, ServeOptions, SourceSpec};
+use pagehint_uffd::compare::{compare, table};
+use pagehint_uffd::export::svg;
+use pagehint_uffd::handler::{handle_connection, Control};
+use pagehint_uffd::remote::{serve_memory, RemoteSource};
+use pagehint_uffd::source::{FileSource, PageSource};
+use pagehint_uffd::vmm::{restore, take_snapshot, RestoreOptions, Snapshot};
 
 fn main() -> ExitCode {
     let action = match Cli::parse().action() {

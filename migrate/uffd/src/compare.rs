@@ -16,8 +16,8 @@ use serde::Serialize;
 use super::handler::{handle_connection, Control, HandlerOptions, HandlerReport, Policy};
 use super::source::FileSource;
 use super::vmm::{restore, take_snapshot, RestoreOptions, RestoreOutcome, Snapshot};
-use crate::guest::layout::HostPageSize;
-use crate::options::Workload;
+use pagehint_migrate::guest::layout::HostPageSize;
+use pagehint_migrate::options::Workload;
 
 /// What to compare.
 #[derive(Clone, Debug)]
@@ -52,7 +52,7 @@ pub struct Row {
     /// Workload.
     pub workload: String,
     /// Policy.
-    pub policy: String,
+    pub policy: Policy,
     /// Repetition (0-based).
     pub repetition: usize,
     /// Faults the handler read.
@@ -123,7 +123,7 @@ pub struct Summary {
     /// Workload.
     pub workload: String,
     /// Policy.
-    pub policy: String,
+    pub policy: Policy,
     /// Repetitions.
     pub runs: usize,
     /// Faults.
@@ -155,7 +155,7 @@ fn summarize(rows: &[&Row]) -> Option<Summary> {
     let sp = |f: &dyn Fn(&Row) -> f64| Spread::of(rows.iter().map(|r| f(r))).expect("rows");
     Some(Summary {
         workload: first.workload.clone(),
-        policy: first.policy.clone(),
+        policy: first.policy,
         runs: rows.len(),
         faults: sp(&|r| r.faults as f64),
         blocktime_total_ms: sp(&|r| r.blocktime_total_ms),
@@ -232,7 +232,7 @@ fn ratio(a: &[f64], b: &[f64]) -> Option<Ratio> {
 fn ratios(w: Workload, mine: &[Row]) -> Ratios {
     let of = |p: Policy, f: &dyn Fn(&Row) -> Option<f64>| -> Option<Vec<f64>> {
         let mut v: Vec<(usize, f64)> = Vec::new();
-        for r in mine.iter().filter(|r| r.policy == p.name()) {
+        for r in mine.iter().filter(|r| r.policy == p) {
             v.push((r.repetition, f(r)?));
         }
         v.sort_by_key(|e| e.0);
@@ -322,10 +322,10 @@ pub fn restore_once(
             let (c, _) = listener.accept().map_err(|e| format!("accept: {e}"))?;
             handle_connection(&c, &src, &opts, &control).map_err(|e| e.to_string())
         });
-        let linger = if policy == Policy::OnDemand {
-            Duration::ZERO
-        } else {
+        let linger = if policy.lingers() {
             linger
+        } else {
+            Duration::ZERO
         };
         let out = restore(
             snap,
@@ -367,7 +367,7 @@ pub fn row(
         .collect();
     Row {
         workload: w.to_string(),
-        policy: policy.to_string(),
+        policy,
         repetition,
         faults: rep.faults,
         blocktime_total_ms: blocktime_ms.iter().sum(),
@@ -392,8 +392,6 @@ pub fn row(
 pub fn compare(o: &CompareOptions, progress: &dyn Fn(&Row)) -> Result<Comparison, String> {
     let repeat = o.repeat.max(1);
     let mut rows = Vec::new();
-    let mut summaries = Vec::new();
-    let mut ratios_v = Vec::new();
     for &w in &o.workloads {
         let dir = o.dir.join(format!("snapshot-{w}"));
         let snap = take_snapshot(&dir, o.mem, o.host_page, o.vcpus, w, 7, o.warm)?;
@@ -409,24 +407,66 @@ pub fn compare(o: &CompareOptions, progress: &dyn Fn(&Row)) -> Result<Comparison
                 mine.push(r);
             }
         }
-        for &p in &o.policies {
-            let of_p: Vec<&Row> = mine.iter().filter(|r| r.policy == p.name()).collect();
-            summaries.extend(summarize(&of_p));
-        }
-        ratios_v.push(ratios(w, &mine));
         rows.extend(mine);
         let _ = std::fs::remove_dir_all(&dir);
     }
-    Ok(Comparison {
-        mem: o.mem,
-        vcpus: o.vcpus,
-        host_page: o.host_page.bytes(),
-        prefetchers: o.prefetchers,
+    Ok(comparison_of(
+        rows,
+        o.mem,
+        o.vcpus,
+        o.host_page.bytes(),
+        o.prefetchers,
+        repeat,
+    ))
+}
+
+/// The comparison of `rows` (restores of `mem` bytes, `vcpus` vCPUs, `host_page` pages,
+/// `prefetchers`, `repeat` times each): per workload and policy, in the order they ran,
+/// the summaries, and per workload the ratios and targets.
+pub fn comparison_of(
+    rows: Vec<Row>,
+    mem: u64,
+    vcpus: u32,
+    host_page: u64,
+    prefetchers: usize,
+    repeat: usize,
+) -> Comparison {
+    let mut workloads: Vec<Workload> = Vec::new();
+    let mut policies: Vec<Policy> = Vec::new();
+    for r in &rows {
+        if let Ok(w) = r.workload.parse::<Workload>() {
+            if !workloads.contains(&w) {
+                workloads.push(w);
+            }
+        }
+        if !policies.contains(&r.policy) {
+            policies.push(r.policy);
+        }
+    }
+    let mut summaries = Vec::new();
+    let mut ratios_v = Vec::new();
+    for w in workloads {
+        let mine: Vec<Row> = rows
+            .iter()
+            .filter(|r| r.workload == w.name())
+            .cloned()
+            .collect();
+        for &p in &policies {
+            let of_p: Vec<&Row> = mine.iter().filter(|r| r.policy == p).collect();
+            summaries.extend(summarize(&of_p));
+        }
+        ratios_v.push(ratios(w, &mine));
+    }
+    Comparison {
+        mem,
+        vcpus,
+        host_page,
+        prefetchers,
         repeat,
         rows,
         summaries,
         ratios: ratios_v,
-    })
+    }
 }
 
 /// The comparison as a text table: medians with [min–max] over the repetitions.

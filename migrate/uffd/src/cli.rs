@@ -8,8 +8,9 @@ use pagehint::layout::parse_size;
 
 use super::compare::CompareOptions;
 use super::handler::{HandlerOptions, Policy};
-use crate::guest::layout::HostPageSize;
-use crate::options::Workload;
+use pagehint_migrate::guest::layout::HostPageSize;
+use pagehint_migrate::options::Workload;
+use pagehint_migrate::values::parse_duration;
 
 /// A userfaultfd page-fault handler for Firecracker snapshot restore, loading memory with
 /// pagehint's scheduler; and the tools to measure it.
@@ -38,18 +39,20 @@ pub enum Command {
         /// postcopy) instead of a file.
         #[arg(long)]
         remote: Option<String>,
-        /// Seconds a memory server may stay silent before a fetch fails (with --remote).
-        #[arg(long, default_value_t = 5)]
-        remote_timeout_s: u64,
-        /// on-demand, linear, pagehint-nohint or pagehint.
-        #[arg(long, default_value = "pagehint")]
+        /// How long a memory server may stay silent before a fetch fails (with --remote):
+        /// 5s, 800ms (`--remote-timeout-s N`: N seconds).
+        #[arg(long, alias = "remote-timeout-s", default_value = "5s")]
+        remote_timeout: String,
+        /// The loading policy (its help lists every policy).
+        #[arg(long, default_value = "pagehint", help = format!("One of {}", Policy::names()))]
         policy: String,
         /// Prefetcher threads (pagehint policies).
         #[arg(long, default_value_t = 1)]
         prefetchers: usize,
-        /// Seconds to wait for the handshake once the VMM connects.
-        #[arg(long, default_value_t = 5)]
-        handshake_timeout_s: u64,
+        /// How long to wait for the handshake once the VMM connects (`--handshake-timeout-s
+        /// N`: N seconds).
+        #[arg(long, alias = "handshake-timeout-s", default_value = "5s")]
+        handshake_timeout: String,
         /// Write the session's report here as JSON.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -63,9 +66,10 @@ pub enum Command {
         /// The memory file.
         #[arg(long)]
         mem_file: PathBuf,
-        /// Seconds a connection may stay silent before it is dropped.
-        #[arg(long, default_value_t = 600)]
-        idle_s: u64,
+        /// How long a connection may stay silent before it is dropped (`--idle-s N`: N
+        /// seconds).
+        #[arg(long, alias = "idle-s", default_value = "600s")]
+        idle: String,
     },
     /// Boot the KVM guest, run a workload, and write a snapshot (mem + vmstate) to DIR.
     Snapshot {
@@ -78,15 +82,18 @@ pub enum Command {
         /// vCPUs.
         #[arg(long, default_value_t = 2)]
         vcpus: u32,
-        /// seq, random, stream or kv.
-        #[arg(long, default_value = "kv")]
+        /// The workload (its help lists every workload).
+        #[arg(long, default_value = "kv", help = format!("One of {}", Workload::NAMES))]
         workload: String,
         /// 4K or 2M (2M: the restore maps hugetlb pages).
         #[arg(long, default_value = "4K")]
         host_page: String,
-        /// Milliseconds the workload runs before the snapshot.
-        #[arg(long, default_value_t = 200)]
-        warm_ms: u64,
+        /// How long the workload runs before the snapshot (200ms, 1s).
+        #[arg(long, default_value = "200ms")]
+        warm: String,
+        /// The same in milliseconds (the older spelling).
+        #[arg(long, hide = true, conflicts_with = "warm")]
+        warm_ms: Option<u64>,
     },
     /// Play Firecracker's part: restore the snapshot in DIR through the handler at SOCKET.
     Restore {
@@ -96,9 +103,12 @@ pub enum Command {
         /// The handler's socket.
         #[arg(long)]
         socket: PathBuf,
-        /// Milliseconds of workload before the guest verifies and stops.
-        #[arg(long, default_value_t = 500)]
-        run_ms: u64,
+        /// How long the workload runs before the guest verifies and stops (500ms, 2s).
+        #[arg(long, default_value = "500ms")]
+        run_for: String,
+        /// The same in milliseconds (the older spelling).
+        #[arg(long, hide = true, conflicts_with = "run_for")]
+        run_ms: Option<u64>,
     },
     /// Compare the policies on every workload (one snapshot each): table, JSON, SVG.
     Compare {
@@ -115,14 +125,17 @@ pub enum Command {
         #[arg(long, default_value = "4K")]
         host_page: String,
         /// Comma-separated workloads.
-        #[arg(long, default_value = "seq,random,stream,kv")]
+        #[arg(long, default_value = Workload::LIST)]
         workloads: String,
         /// Prefetcher threads (pagehint policies).
         #[arg(long, default_value_t = 1)]
         prefetchers: usize,
-        /// Milliseconds of workload after resume.
-        #[arg(long, default_value_t = 500)]
-        run_ms: u64,
+        /// How long the workload runs after resume (500ms, 2s).
+        #[arg(long, default_value = "500ms")]
+        run_for: String,
+        /// The same in milliseconds (the older spelling).
+        #[arg(long, hide = true, conflicts_with = "run_for")]
+        run_ms: Option<u64>,
         /// Restores per workload and policy; medians and min-max are reported, and the
         /// targets judged on the medians.
         #[arg(long, default_value_t = 3)]
@@ -205,9 +218,17 @@ pub enum Action {
     Compare(CompareOptions, Option<PathBuf>, Option<PathBuf>),
 }
 
+/// `--flag`'s duration: `ms` milliseconds if the older spelling gave them, else `s` parsed
+/// as every command parses durations.
+fn duration(flag: &str, s: &str, ms: Option<u64>) -> Result<Duration, String> {
+    match ms {
+        Some(ms) => Ok(Duration::from_millis(ms)),
+        None => parse_duration(s).map_err(|e| format!("--{flag}: {e}")),
+    }
+}
+
 fn policy(s: &str) -> Result<Policy, String> {
-    Policy::parse(s)
-        .ok_or_else(|| format!("--policy {s}: one of on-demand, linear, pagehint-nohint, pagehint"))
+    Policy::parse(s).ok_or_else(|| format!("--policy {s}: one of {}", Policy::names()))
 }
 
 impl Cli {
@@ -223,10 +244,10 @@ impl Cli {
                 socket,
                 mem_file,
                 remote,
-                remote_timeout_s,
+                remote_timeout,
                 policy: p,
                 prefetchers,
-                handshake_timeout_s,
+                handshake_timeout,
                 json,
             } => Action::Serve(ServeOptions {
                 socket,
@@ -234,25 +255,26 @@ impl Cli {
                     (Some(f), None) => SourceSpec::File(f),
                     (None, Some(addr)) => SourceSpec::Remote {
                         addr,
-                        timeout: Duration::from_secs(remote_timeout_s.max(1)),
+                        timeout: duration("remote-timeout", &remote_timeout, None)?
+                            .max(Duration::from_secs(1)),
                     },
                     _ => return Err("give one of --mem-file and --remote".into()),
                 },
                 handler: HandlerOptions {
                     policy: policy(&p)?,
                     prefetchers,
-                    handshake_timeout: Duration::from_secs(handshake_timeout_s),
+                    handshake_timeout: duration("handshake-timeout", &handshake_timeout, None)?,
                 },
                 json,
             }),
             Command::MemServer {
                 listen,
                 mem_file,
-                idle_s,
+                idle,
             } => Action::MemServer {
                 listen,
                 mem_file,
-                idle: Duration::from_secs(idle_s.max(1)),
+                idle: duration("idle", &idle, None)?.max(Duration::from_secs(1)),
             },
             Command::Snapshot {
                 dir,
@@ -260,6 +282,7 @@ impl Cli {
                 vcpus,
                 workload,
                 host_page,
+                warm,
                 warm_ms,
             } => Action::Snapshot {
                 dir,
@@ -267,16 +290,17 @@ impl Cli {
                 vcpus,
                 workload: workload.parse().map_err(|e| format!("--workload: {e}"))?,
                 host_page: hp(&host_page)?,
-                warm: Duration::from_millis(warm_ms),
+                warm: duration("warm", &warm, warm_ms)?,
             },
             Command::Restore {
                 dir,
                 socket,
+                run_for,
                 run_ms,
             } => Action::Restore {
                 dir,
                 socket,
-                run_for: Duration::from_millis(run_ms),
+                run_for: duration("run-for", &run_for, run_ms)?,
             },
             Command::Compare {
                 dir,
@@ -285,6 +309,7 @@ impl Cli {
                 host_page,
                 workloads,
                 prefetchers,
+                run_for,
                 run_ms,
                 repeat,
                 json,
@@ -301,7 +326,7 @@ impl Cli {
                         .collect::<Result<_, String>>()?,
                     policies: Policy::ALL.to_vec(),
                     prefetchers: prefetchers.max(1),
-                    run_for: Duration::from_millis(run_ms),
+                    run_for: duration("run-for", &run_for, run_ms)?,
                     warm: Duration::from_millis(200),
                     linger: Duration::from_secs(30),
                     repeat: match repeat {
@@ -313,5 +338,51 @@ impl Cli {
                 svg,
             ),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn action(args: &[&str]) -> Result<Action, String> {
+        let all = ["pagehint-uffd"].iter().chain(args);
+        Cli::try_parse_from(all)
+            .map_err(|e| e.to_string())?
+            .action()
+    }
+
+    #[test]
+    fn durations_parse_as_everywhere_and_the_older_spellings_still_work() {
+        let restore = |args: &[&str]| match action(
+            &[&["restore", "--dir", "d", "--socket", "s"], args].concat(),
+        ) {
+            Ok(Action::Restore { run_for, .. }) => Ok(run_for),
+            Ok(a) => panic!("{a:?}"),
+            Err(e) => Err(e),
+        };
+        assert_eq!(restore(&[]), Ok(Duration::from_millis(500)));
+        assert_eq!(restore(&["--run-for", "2s"]), Ok(Duration::from_secs(2)));
+        assert_eq!(restore(&["--run-ms", "20"]), Ok(Duration::from_millis(20)));
+        assert!(restore(&["--run-for", "2x"])
+            .unwrap_err()
+            .contains("--run-for"));
+        assert!(restore(&["--run-for", "1s", "--run-ms", "5"]).is_err());
+        let serve = |args: &[&str]| match action(
+            &[&["serve", "--socket", "s", "--remote", "h:1"], args].concat(),
+        ) {
+            Ok(Action::Serve(o)) => (o.source, o.handler.handshake_timeout),
+            r => panic!("{r:?}"),
+        };
+        let (source, handshake) =
+            serve(&["--remote-timeout-s", "7", "--handshake-timeout", "800ms"]);
+        assert_eq!(handshake, Duration::from_millis(800));
+        assert!(
+            matches!(source, SourceSpec::Remote { timeout, .. } if timeout == Duration::from_secs(7))
+        );
+        let (source, _) = serve(&["--remote-timeout", "1500ms"]);
+        assert!(
+            matches!(source, SourceSpec::Remote { timeout, .. } if timeout == Duration::from_millis(1500))
+        );
     }
 }

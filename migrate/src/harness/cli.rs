@@ -1,4 +1,4 @@
-//! The command line, parsed once into typed [`Options`]: every size, duration, rate and
+//! The command line, parsed once into typed [`Invocation`]: every size, duration, rate and
 //! enum is checked here, and the guest kind is decided here (KVM wherever `/dev/kvm` and
 //! kernel-mode userfaultfd work, else the thread guest, saying why).
 
@@ -10,13 +10,13 @@ use clap::{Parser, ValueEnum};
 use pagehint::layout::parse_size;
 use pagehint::ClaimBatch;
 
-use crate::guest::layout::{GuestLayoutError, HostPageSize};
-use crate::link::LinkParams;
+use crate::guest::layout::{GuestLayout, GuestLayoutError, HostPageSize};
+use crate::link::{LinkParams, LowWater};
 use crate::options::{
     DestFault, DirtyTracking, FaultPath, GuestKind, GuestSpec, MigrationMode, Precopy, RunConfig,
-    SourceFault, Workload,
+    SourceFault, SourceHooks, TestHooks, Workload,
 };
-use crate::pin::PinPlan;
+use crate::sys::pin::PinPlan;
 use crate::values::parse_list;
 pub use crate::values::{parse_bits, parse_duration};
 
@@ -91,8 +91,6 @@ const LISTEN_FLAGS: &[&str] = &[
     after_help = AFTER_HELP
 )]
 pub struct Cli {
-    #[command(subcommand)]
-    command: Option<Command>,
     /// What runs as the guest.
     #[arg(long, value_enum, default_value = "auto")]
     guest: GuestArg,
@@ -113,14 +111,14 @@ pub struct Cli {
     #[arg(long)]
     dirty_ring: bool,
     /// Modes to compare, comma separated.
+    #[arg(long, value_delimiter = ',', default_value = MigrationMode::LIST)]
+    modes: Vec<String>,
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "vanilla,preempt,preempt-hint"
+        default_value = Workload::LIST,
+        help = format!("Guest workloads, comma separated: {}", Workload::NAMES)
     )]
-    modes: Vec<String>,
-    /// Guest workloads, comma separated: seq, random, stream, kv.
-    #[arg(long, value_delimiter = ',', default_value = "seq,random,stream,kv")]
     workloads: Vec<String>,
     /// Write the results as a JSON list to FILE.
     #[arg(long, value_name = "FILE")]
@@ -238,31 +236,22 @@ pub struct Cli {
     given: Vec<String>,
 }
 
-/// What else `pagehint-migrate` does.
-#[derive(clap::Subcommand, Debug)]
-pub enum Command {
-    /// Migrate the same guest with QEMU 10.0 and with pagehint over the same shaped link
-    /// (two network namespaces, a veth pair, tc tbf), side by side. Needs root, KVM and
-    /// qemu-system-x86_64 (scripts/install-qemu.sh).
-    CompareQemu(crate::qemu::cli::CompareQemuCli),
-}
-
 impl Cli {
-    /// Parses this process's arguments (exiting with clap's message on a parse error),
-    /// remembering which flags were given.
-    pub fn parse_args() -> Self {
-        Self::try_parse_args_from(std::env::args_os()).unwrap_or_else(|e| e.exit())
-    }
-
     /// Parses `args` (the first is the program name), remembering which flags were given.
     pub fn try_parse_args_from<I, T>(args: I) -> Result<Self, clap::Error>
     where
         I: IntoIterator<Item = T>,
         T: Into<std::ffi::OsString> + Clone,
     {
+        use clap::CommandFactory;
+        Self::from_matches(&Self::command().try_get_matches_from(args)?)
+    }
+
+    /// The options in `m`, the matches of `Cli::command()` (or of a command built on it, with
+    /// subcommands of other programs added), remembering which flags were given.
+    pub fn from_matches(m: &clap::ArgMatches) -> Result<Self, clap::Error> {
         use clap::{CommandFactory, FromArgMatches};
-        let m = Self::command().try_get_matches_from(args)?;
-        let mut cli = Self::from_arg_matches(&m)?;
+        let mut cli = Self::from_arg_matches(m)?;
         let args: Vec<String> = Self::command()
             .get_arguments()
             .map(|a| a.get_id().to_string())
@@ -272,11 +261,6 @@ impl Cli {
             .filter(|id| m.value_source(id) == Some(clap::parser::ValueSource::CommandLine))
             .collect();
         Ok(cli)
-    }
-
-    /// The subcommand, if one was given (taken out; the rest is the harness's options).
-    pub fn take_command(&mut self) -> Option<Command> {
-        self.command.take()
     }
 }
 
@@ -291,9 +275,10 @@ pub enum Endpoint {
     Connect(SocketAddr),
 }
 
-/// The whole invocation, typed.
+/// The whole invocation, typed: every run's settings ([`RunConfig`]) and what to run, where, and
+/// what to write.
 #[derive(Clone, Debug)]
-pub struct Options {
+pub struct Invocation {
     /// Settings of every run.
     pub cfg: RunConfig,
     /// Modes, in order.
@@ -364,181 +349,231 @@ fn normal_copies(endpoint: &Endpoint, host_page: HostPageSize) -> u64 {
     }
 }
 
-impl Options {
-    /// Parses `cli` into options, deciding the guest kind.
+/// A listening source takes only its own flags: the others (`given`) would be ignored.
+fn refuse_ignored(given: &[String]) -> Result<(), String> {
+    let ignored: Vec<String> = given
+        .iter()
+        .filter(|id| !LISTEN_FLAGS.contains(&id.as_str()))
+        .map(|id| format!("--{}", id.replace('_', "-")))
+        .collect();
+    if ignored.is_empty() {
+        return Ok(());
+    }
+    Err(format!(
+        "--listen serves what each destination's hello asks for: {} would be ignored here; give {} to the --connect side (a listening source takes only --pin, --timeout, --quiet, --sessions, --once, --qemu-rate-limit)",
+        ignored.join(", "),
+        if ignored.len() == 1 { "it" } else { "them" }
+    ))
+}
+
+/// The guest: its kind (KVM where it works, saying why not), RAM, host page, vCPUs, seed
+/// and stream rate; and a note saying which guest runs and why.
+fn guest(cli: &Cli) -> Result<(GuestSpec, String), String> {
+    let host_page: HostPageSize = cli
+        .host_page
+        .parse()
+        .map_err(|e| format!("--host-page: {e}"))?;
+    let mem = size("mem", &cli.mem)?;
+    let (kind, note) = match cli.guest {
+        GuestArg::Thread => (
+            GuestKind::Thread,
+            "thread guest (--guest thread)".to_string(),
+        ),
+        GuestArg::Kvm => match crate::guest::kvm::unavailable() {
+            None => (
+                GuestKind::Kvm,
+                "KVM virtual machine (--guest kvm)".to_string(),
+            ),
+            Some(why) => return Err(format!("--guest kvm: {why}")),
+        },
+        GuestArg::Auto => match crate::guest::kvm::unavailable() {
+            None => (
+                GuestKind::Kvm,
+                "KVM virtual machine (/dev/kvm opens)".to_string(),
+            ),
+            Some(why) => (
+                GuestKind::Thread,
+                format!("THREAD GUEST, the fallback: {why}"),
+            ),
+        },
+    };
+    let mut guest = GuestSpec::new(kind, mem, host_page, cli.vcpus).map_err(|e| match e {
+        GuestLayoutError::Vcpus(_) => format!("--vcpus {}: {e}", cli.vcpus),
+        e => format!("--mem {} with --host-page {}: {e}", cli.mem, cli.host_page),
+    })?;
+    guest.seed = cli.seed;
+    guest.stream_rate = match size("stream-rate", &cli.stream_rate)? {
+        0 => {
+            return Err(format!(
+                "--stream-rate {}: a stream needs a rate above 0 bytes/s",
+                cli.stream_rate
+            ))
+        }
+        r => r,
+    };
+    if kind == GuestKind::Thread && cli.vcpus != 1 {
+        return Err("--vcpus needs the KVM guest (the thread guest is one thread)".into());
+    }
+    Ok((guest, note))
+}
+
+/// Precopy rounds and how the guest's writes are tracked.
+fn precopy(cli: &Cli, kind: GuestKind) -> Result<Precopy, String> {
+    let tracking = match (kind, cli.dirty_ring) {
+        (GuestKind::Thread, true) => return Err("--dirty-ring needs the KVM guest".into()),
+        (GuestKind::Thread, false) => DirtyTracking::None,
+        (GuestKind::Kvm, true) => DirtyTracking::Ring,
+        (GuestKind::Kvm, false) => DirtyTracking::Log,
+    };
+    Ok(Precopy {
+        rounds: cli.precopy_rounds,
+        tracking,
+    })
+}
+
+/// The link: emulated (bandwidth, delay, queues) or real (pacing), and the low-water mark.
+fn link(cli: &Cli, host_page: HostPageSize) -> Result<LinkParams, String> {
+    let link = LinkParams {
+        bandwidth_bps: parse_bits(&cli.bandwidth).map_err(|e| format!("--bandwidth: {e}"))?,
+        delay_ns: parse_duration(&cli.delay)
+            .map_err(|e| format!("--delay: {e}"))?
+            .as_nanos() as u64,
+        queue_bytes: size("queue", &cli.queue)?,
+        nic_queue_bytes: size("nic-queue", &cli.nic_queue)?,
+        lowat_bytes: cli
+            .lowat
+            .parse::<LowWater>()
+            .map_err(|e| format!("--lowat {e}"))?
+            .bytes(host_page),
+        pace_bps: parse_bits(&cli.pace).map_err(|e| format!("--pace: {e}"))?,
+    };
+    if link.pace_bps > 0 && link.emulated() {
+        return Err("--pace paces a real link: it needs --bandwidth 0 (emulation off)".into());
+    }
+    Ok(link)
+}
+
+/// How the thread guest's faults are caught (`--no-uffd`).
+fn fault_path(cli: &Cli, kind: GuestKind) -> Result<FaultPath, String> {
+    if !cli.no_uffd {
+        return Ok(FaultPath::Auto);
+    }
+    if kind == GuestKind::Kvm {
+        return Err(
+            "--no-uffd needs the thread guest (KVM's vCPUs fault through userfaultfd)".into(),
+        );
+    }
+    Ok(FaultPath::Software)
+}
+
+/// `--timeout`, at least [`MIN_TIMEOUT`].
+fn idle_timeout(s: &str) -> Result<Duration, String> {
+    match parse_duration(s).map_err(|e| format!("--timeout {s}: {e}"))? {
+        t if t < MIN_TIMEOUT => Err(format!(
+            "--timeout {s}: at least {MIN_TIMEOUT:?} (a peer silent this long is given up on)"
+        )),
+        t => Ok(t),
+    }
+}
+
+/// Postcopy recovery: how long to keep trying, and where to reconnect.
+fn recovery(cli: &Cli) -> Result<(Duration, Option<SocketAddr>), String> {
+    let timeout = parse_duration(&cli.recover_timeout)
+        .map_err(|e| format!("--recover-timeout {}: {e}", cli.recover_timeout))?;
+    let reconnect = match &cli.reconnect {
+        None => None,
+        Some(r) => Some(
+            r.to_socket_addrs()
+                .map_err(|e| format!("--reconnect {r:?}: {e}"))?
+                .next()
+                .ok_or_else(|| format!("--reconnect {r:?}: no address"))?,
+        ),
+    };
+    Ok((timeout, reconnect))
+}
+
+/// The test hooks; cuts need recovery (`recover_timeout` above 0).
+fn hooks(cli: &Cli, recover_timeout: Duration) -> Result<TestHooks, String> {
+    if cli.test_cut_after > 0 && recover_timeout.is_zero() {
+        return Err(
+            "--test-cut-after needs postcopy recovery (a --recover-timeout above 0)".into(),
+        );
+    }
+    if cli.test_cut_after == 0 && cli.test_cuts != 1 {
+        return Err("--test-cuts needs --test-cut-after N (the pages after which to cut)".into());
+    }
+    if cli.test_cut_after > 0 && cli.test_cuts == 0 {
+        return Err("--test-cuts: at least 1 (or leave --test-cut-after out)".into());
+    }
+    Ok(TestHooks {
+        source: SourceHooks {
+            drop_after: cli.test_drop_after,
+            cut_after: cli.test_cut_after,
+            cuts: if cli.test_cut_after > 0 {
+                cli.test_cuts
+            } else {
+                0
+            },
+            fault: cli.test_source_fault.parse::<SourceFault>()?,
+        },
+        inject_bad: cli.inject_bad,
+        dest_fault: cli.test_dest_fault.parse::<DestFault>()?,
+    })
+}
+
+/// Both sides, the source only, or the destination only.
+fn endpoint(cli: &Cli) -> Result<Endpoint, String> {
+    Ok(match (&cli.listen, &cli.connect) {
+        (Some(l), _) => Endpoint::Listen(l.clone()),
+        (None, Some(c)) => Endpoint::Connect(
+            c.to_socket_addrs()
+                .map_err(|e| format!("--connect {c:?}: {e}"))?
+                .next()
+                .ok_or_else(|| format!("--connect {c:?} resolves to nothing"))?,
+        ),
+        (None, None) => Endpoint::Local,
+    })
+}
+
+/// An error unless this process's copies of guest RAM (`--mem`, typed as `mem`) fit in the
+/// memory available.
+fn fits(endpoint: &Endpoint, mem: &str, layout: &GuestLayout) -> Result<(), String> {
+    let copies = normal_copies(endpoint, layout.host_page());
+    crate::sys::warm::check_fits(
+        &format!(
+            "--mem {mem} ({copies} cop{} of guest RAM)",
+            if copies == 1 { "y" } else { "ies" }
+        ),
+        layout.mem() * copies,
+        crate::sys::warm::mem_available(),
+    )
+}
+
+impl Invocation {
+    /// Parses `cli` into options, deciding the guest kind: each phase checks its own flags.
     pub fn from_cli(cli: Cli) -> Result<Self, String> {
         if cli.listen.is_some() {
-            let ignored: Vec<String> = cli
-                .given
-                .iter()
-                .filter(|id| !LISTEN_FLAGS.contains(&id.as_str()))
-                .map(|id| format!("--{}", id.replace('_', "-")))
-                .collect();
-            if !ignored.is_empty() {
-                return Err(format!(
-                    "--listen serves what each destination's hello asks for: {} would be ignored here; give {} to the --connect side (a listening source takes only --pin, --timeout, --quiet, --sessions, --once, --qemu-rate-limit)",
-                    ignored.join(", "),
-                    if ignored.len() == 1 { "it" } else { "them" }
-                ));
-            }
+            refuse_ignored(&cli.given)?;
         }
-        let host_page: HostPageSize = cli
-            .host_page
-            .parse()
-            .map_err(|e| format!("--host-page: {e}"))?;
-        let mem = size("mem", &cli.mem)?;
-        let (kind, guest_note) = match cli.guest {
-            GuestArg::Thread => (
-                GuestKind::Thread,
-                "thread guest (--guest thread)".to_string(),
-            ),
-            GuestArg::Kvm => match crate::guest::kvm::unavailable() {
-                None => (
-                    GuestKind::Kvm,
-                    "KVM virtual machine (--guest kvm)".to_string(),
-                ),
-                Some(why) => return Err(format!("--guest kvm: {why}")),
-            },
-            GuestArg::Auto => match crate::guest::kvm::unavailable() {
-                None => (
-                    GuestKind::Kvm,
-                    "KVM virtual machine (/dev/kvm opens)".to_string(),
-                ),
-                Some(why) => (
-                    GuestKind::Thread,
-                    format!("THREAD GUEST, the fallback: {why}"),
-                ),
-            },
-        };
-        let mut guest = GuestSpec::new(kind, mem, host_page, cli.vcpus).map_err(|e| match e {
-            GuestLayoutError::Vcpus(_) => format!("--vcpus {}: {e}", cli.vcpus),
-            e => format!("--mem {} with --host-page {}: {e}", cli.mem, cli.host_page),
-        })?;
-        guest.seed = cli.seed;
-        guest.stream_rate = match size("stream-rate", &cli.stream_rate)? {
-            0 => {
-                return Err(format!(
-                    "--stream-rate {}: a stream needs a rate above 0 bytes/s",
-                    cli.stream_rate
-                ))
-            }
-            r => r,
-        };
-        let tracking = match (kind, cli.dirty_ring) {
-            (GuestKind::Thread, true) => return Err("--dirty-ring needs the KVM guest".into()),
-            (GuestKind::Thread, false) => DirtyTracking::None,
-            (GuestKind::Kvm, true) => DirtyTracking::Ring,
-            (GuestKind::Kvm, false) => DirtyTracking::Log,
-        };
-        if kind == GuestKind::Thread && cli.vcpus != 1 {
-            return Err("--vcpus needs the KVM guest (the thread guest is one thread)".into());
-        }
+        let (guest, guest_note) = guest(&cli)?;
+        let host_page = guest.layout.host_page();
         let mut cfg = RunConfig::new(guest);
-        cfg.precopy = Precopy {
-            rounds: cli.precopy_rounds,
-            tracking,
-        };
-        cfg.link = LinkParams {
-            bandwidth_bps: parse_bits(&cli.bandwidth).map_err(|e| format!("--bandwidth: {e}"))?,
-            delay_ns: parse_duration(&cli.delay)
-                .map_err(|e| format!("--delay: {e}"))?
-                .as_nanos() as u64,
-            queue_bytes: size("queue", &cli.queue)?,
-            nic_queue_bytes: size("nic-queue", &cli.nic_queue)?,
-            lowat_bytes: match cli.lowat.as_str() {
-                "auto" => LinkParams::auto_lowat(host_page.bytes()),
-                "off" | "0" => 0,
-                s => size("lowat", s)?.max(host_page.bytes()),
-            },
-            pace_bps: parse_bits(&cli.pace).map_err(|e| format!("--pace: {e}"))?,
-        };
-        if cfg.link.pace_bps > 0 && cfg.link.emulated() {
-            return Err("--pace paces a real link: it needs --bandwidth 0 (emulation off)".into());
-        }
+        cfg.precopy = precopy(&cli, cfg.guest.kind)?;
+        cfg.link = link(&cli, host_page)?;
         cfg.claim_batch =
             ClaimBatch::pages(cli.claim_batch).map_err(|e| format!("--claim-batch: {e}"))?;
-        cfg.fault_path = if cli.no_uffd {
-            if kind == GuestKind::Kvm {
-                return Err(
-                    "--no-uffd needs the thread guest (KVM's vCPUs fault through userfaultfd)"
-                        .into(),
-                );
-            }
-            FaultPath::Software
-        } else {
-            FaultPath::Auto
-        };
+        cfg.fault_path = fault_path(&cli, cfg.guest.kind)?;
         cfg.pin = match cli.pin {
             Pin::Auto => PinPlan::auto(),
             Pin::Off => PinPlan::OFF,
         };
-        cfg.idle_timeout = match parse_duration(&cli.timeout)
-            .map_err(|e| format!("--timeout {}: {e}", cli.timeout))?
-        {
-            t if t < MIN_TIMEOUT => {
-                return Err(format!(
-                "--timeout {}: at least {MIN_TIMEOUT:?} (a peer silent this long is given up on)",
-                cli.timeout
-            ))
-            }
-            t => t,
-        };
-        cfg.inject_bad = cli.inject_bad;
-        cfg.drop_after = cli.test_drop_after;
-        cfg.recover_timeout = parse_duration(&cli.recover_timeout)
-            .map_err(|e| format!("--recover-timeout {}: {e}", cli.recover_timeout))?;
-        if cli.test_cut_after > 0 && cfg.recover_timeout.is_zero() {
-            return Err(
-                "--test-cut-after needs postcopy recovery (a --recover-timeout above 0)".into(),
-            );
-        }
-        if cli.test_cut_after == 0 && cli.test_cuts != 1 {
-            return Err(
-                "--test-cuts needs --test-cut-after N (the pages after which to cut)".into(),
-            );
-        }
-        if cli.test_cut_after > 0 && cli.test_cuts == 0 {
-            return Err("--test-cuts: at least 1 (or leave --test-cut-after out)".into());
-        }
-        cfg.cut_after = cli.test_cut_after;
-        cfg.cuts = if cli.test_cut_after > 0 {
-            cli.test_cuts
-        } else {
-            0
-        };
-        cfg.reconnect = match &cli.reconnect {
-            None => None,
-            Some(r) => Some(
-                r.to_socket_addrs()
-                    .map_err(|e| format!("--reconnect {r:?}: {e}"))?
-                    .next()
-                    .ok_or_else(|| format!("--reconnect {r:?}: no address"))?,
-            ),
-        };
-        cfg.source_fault = cli.test_source_fault.parse::<SourceFault>()?;
-        cfg.dest_fault = cli.test_dest_fault.parse::<DestFault>()?;
-        let endpoint = match (&cli.listen, &cli.connect) {
-            (Some(l), _) => Endpoint::Listen(l.clone()),
-            (None, Some(c)) => Endpoint::Connect(
-                c.to_socket_addrs()
-                    .map_err(|e| format!("--connect {c:?}: {e}"))?
-                    .next()
-                    .ok_or_else(|| format!("--connect {c:?} resolves to nothing"))?,
-            ),
-            (None, None) => Endpoint::Local,
-        };
+        cfg.idle_timeout = idle_timeout(&cli.timeout)?;
+        (cfg.recover_timeout, cfg.reconnect) = recovery(&cli)?;
+        cfg.hooks = hooks(&cli, cfg.recover_timeout)?;
+        let endpoint = endpoint(&cli)?;
         // A listening source checks each hello's guest against its memory instead.
         if !matches!(endpoint, Endpoint::Listen(_)) {
-            let copies = normal_copies(&endpoint, host_page);
-            crate::warm::check_fits(
-                &format!(
-                    "--mem {} ({copies} cop{} of guest RAM)",
-                    cli.mem,
-                    if copies == 1 { "y" } else { "ies" }
-                ),
-                mem * copies,
-                crate::warm::mem_available(),
-            )?;
+            fits(&endpoint, &cli.mem, cfg.layout())?;
         }
         let modes = parse_list("modes", &cli.modes)?;
         let workloads = parse_list("workloads", &cli.workloads)?;
@@ -612,7 +647,7 @@ impl Options {
 mod tests {
     use super::*;
 
-    fn options(args: &[&str]) -> Result<Options, String> {
+    fn options(args: &[&str]) -> Result<Invocation, String> {
         let mem: &[&str] = if args.contains(&"--mem") {
             &[]
         } else {
@@ -625,7 +660,7 @@ mod tests {
                 .chain(args),
         )
         .map_err(|e| e.to_string())?;
-        Options::from_cli(cli)
+        Invocation::from_cli(cli)
     }
 
     fn error(args: &[&str]) -> String {
@@ -637,7 +672,7 @@ mod tests {
 
     #[test]
     fn a_listener_refuses_the_flags_it_would_ignore_and_takes_its_own() {
-        let e = Options::from_cli(
+        let e = Invocation::from_cli(
             Cli::try_parse_args_from([
                 "pagehint-migrate",
                 "--listen",
@@ -651,7 +686,7 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.contains("--mem, --bandwidth would be ignored"), "{e}");
-        let o = Options::from_cli(
+        let o = Invocation::from_cli(
             Cli::try_parse_args_from([
                 "pagehint-migrate",
                 "--listen",
@@ -736,7 +771,10 @@ mod tests {
     fn recovery_flags_reach_the_run_and_a_listener_refuses_them() {
         let o = options(&[]).unwrap();
         assert_eq!(o.cfg.recover_timeout, Duration::from_secs(30));
-        assert_eq!((o.cfg.cut_after, o.cfg.cuts), (0, 0));
+        assert_eq!(
+            (o.cfg.hooks.source.cut_after, o.cfg.hooks.source.cuts),
+            (0, 0)
+        );
         let o = options(&[
             "--recover-timeout",
             "5s",
@@ -747,7 +785,10 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(o.cfg.recover_timeout, Duration::from_secs(5));
-        assert_eq!((o.cfg.cut_after, o.cfg.cuts), (100, 3));
+        assert_eq!(
+            (o.cfg.hooks.source.cut_after, o.cfg.hooks.source.cuts),
+            (100, 3)
+        );
         assert_eq!(
             options(&["--recover-timeout", "0"])
                 .unwrap()
@@ -755,7 +796,7 @@ mod tests {
                 .recover_timeout,
             Duration::ZERO
         );
-        let o = Options::from_cli(
+        let o = Invocation::from_cli(
             Cli::try_parse_args_from([
                 "pagehint-migrate",
                 "--connect",
@@ -767,7 +808,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(o.cfg.reconnect, Some("127.0.0.1:5555".parse().unwrap()));
-        let e = Options::from_cli(
+        let e = Invocation::from_cli(
             Cli::try_parse_args_from([
                 "pagehint-migrate",
                 "--listen",

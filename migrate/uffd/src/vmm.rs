@@ -22,16 +22,16 @@ use memmap2::{MmapMut, MmapOptions};
 use serde::{Deserialize, Serialize};
 
 use super::protocol::{send_handshake, GuestRegionUffdMapping};
-use crate::clock::now_ns;
-use crate::guest::image::{Params, Template};
-use crate::guest::kvm::vcpu::VcpuEnd;
-use crate::guest::kvm::vm::{Tracking, VcpuState};
-use crate::guest::kvm::{boot, GuestCounters, Machine};
-use crate::guest::layout::{GuestLayout, HostPageSize, PARAMS_GPA, TARGET_PAGE};
-use crate::guest::STREAM_FRAME_PAGES;
-use crate::options::Workload;
-use crate::pin::PinPlan;
-use crate::uffd::Userfault;
+use pagehint_migrate::guest::image::{Params, Template};
+use pagehint_migrate::guest::kvm::vcpu::VcpuEnd;
+use pagehint_migrate::guest::kvm::vm::{Tracking, VcpuState};
+use pagehint_migrate::guest::kvm::{boot, GuestCounters, Machine};
+use pagehint_migrate::guest::layout::{GuestLayout, HostPageSize, PARAMS_GPA, TARGET_PAGE};
+use pagehint_migrate::guest::STREAM_FRAME_PAGES;
+use pagehint_migrate::options::Workload;
+use pagehint_migrate::sys::clock::now_ns;
+use pagehint_migrate::sys::pin::PinPlan;
+use pagehint_migrate::sys::uffd::Userfault;
 
 /// The stream workload's rate in the snapshot's guest (bytes/s).
 pub const STREAM_RATE: u64 = 256 << 20;
@@ -284,7 +284,7 @@ pub fn restore(
     let sizes = [ranges[0].1, ranges[1].1];
     let ram = GuestRam::map(sizes, opts.hugetlb).map_err(|e| format!("mapping guest RAM: {e}"))?;
     let uffd = Userfault::open_with_remove_events().map_err(|e| format!("userfaultfd: {e}"))?;
-    if uffd.user_mode_only() {
+    if !uffd.origin().sees_kernel_faults() {
         return Err("userfaultfd sees only user-mode faults here; KVM needs kernel faults".into());
     }
     let page = layout.host_page().bytes();

@@ -4,7 +4,8 @@
 //! snapshot through the handler with every policy, its own page checks clean and every page
 //! placed exactly once.
 
-mod common;
+#[path = "../../tests/common/within.rs"]
+mod within;
 
 use std::io::Write;
 use std::net::{Ipv4Addr, TcpListener};
@@ -15,20 +16,20 @@ use std::sync::atomic::AtomicBool;
 use std::sync::{mpsc, Mutex};
 use std::time::Duration;
 
-use common::within;
-use pagehint_migrate::clock::now_ns;
 use pagehint_migrate::guest::kvm::ready_or_skip;
 use pagehint_migrate::guest::layout::HostPageSize;
-use pagehint_migrate::restore::compare::restore_once;
-use pagehint_migrate::restore::handler::{
+use pagehint_migrate::sys::clock::now_ns;
+use pagehint_migrate::sys::uffd::Userfault;
+use pagehint_migrate::Workload;
+use pagehint_uffd::compare::restore_once;
+use pagehint_uffd::handler::{
     handle_connection, Control, HandlerError, HandlerOptions, HandlerReport, Policy,
 };
-use pagehint_migrate::restore::protocol::{send_raw, GuestRegionUffdMapping, ProtocolError};
-use pagehint_migrate::restore::remote::{serve_memory, RemoteSource};
-use pagehint_migrate::restore::source::{FileSource, PageSource};
-use pagehint_migrate::restore::vmm::take_snapshot;
-use pagehint_migrate::uffd::Userfault;
-use pagehint_migrate::Workload;
+use pagehint_uffd::protocol::{send_raw, GuestRegionUffdMapping, ProtocolError};
+use pagehint_uffd::remote::{serve_memory, RemoteSource};
+use pagehint_uffd::source::{FileSource, PageSource};
+use pagehint_uffd::vmm::take_snapshot;
+use within::within;
 
 fn tmp(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("pagehint-restore-{}-{name}", std::process::id()));

@@ -120,12 +120,45 @@ pub enum UffdEvent {
     Other(u8),
 }
 
+/// Where a userfaultfd descriptor came from, which decides whose faults it sees.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Origin {
+    /// `userfaultfd(2)`: every fault, the kernel's (KVM's) included.
+    Syscall,
+    /// `/dev/userfaultfd`: every fault, the kernel's included.
+    Device,
+    /// `userfaultfd(2)` with `UFFD_USER_MODE_ONLY` (what an unprivileged user may open):
+    /// faults of user-mode code only, not KVM's, whose vCPUs fault in the kernel.
+    UserModeOnly,
+    /// Received from another process (a VMM), which opened it.
+    Received,
+}
+
+impl Origin {
+    /// In words (part of the fault path the results report).
+    pub fn describe(self) -> &'static str {
+        match self {
+            Self::Syscall => "userfaultfd(2)",
+            Self::Device => "/dev/userfaultfd",
+            Self::UserModeOnly => "userfaultfd(2), user-mode only",
+            Self::Received => "received from the VMM",
+        }
+    }
+
+    /// Whether faults taken in the kernel (a KVM vCPU's) reach this descriptor.
+    pub fn sees_kernel_faults(self) -> bool {
+        match self {
+            Self::Syscall | Self::Device | Self::Received => true,
+            Self::UserModeOnly => false,
+        }
+    }
+}
+
 /// A userfaultfd descriptor.
 #[derive(Debug)]
 pub struct Userfault {
     fd: OwnedFd,
-    how: &'static str,
-    features: u64,
+    origin: Origin,
 }
 
 impl Userfault {
@@ -149,8 +182,7 @@ impl Userfault {
     pub fn from_received(fd: OwnedFd) -> Self {
         Self {
             fd,
-            how: "received from the VMM",
-            features: 0,
+            origin: Origin::Received,
         }
     }
 
@@ -158,24 +190,24 @@ impl Userfault {
         let flags = UserfaultfdFlags::CLOEXEC | UserfaultfdFlags::NONBLOCK;
         // SAFETY: the descriptor gives access to faults of this process only.
         let first = match unsafe { userfaultfd(flags) } {
-            Ok(fd) => return Self::handshake(fd, "userfaultfd(2)", extra),
+            Ok(fd) => return Self::handshake(fd, Origin::Syscall, extra),
             Err(e) => e,
         };
         if let Ok(dev) = std::fs::File::open("/dev/userfaultfd") {
             // SAFETY: USERFAULTFD_IOC_NEW takes the flags as its integer argument.
             if let Ok(fd) = unsafe { ioctl::ioctl(&dev, NewUffd(flags.bits())) } {
-                return Self::handshake(fd, "/dev/userfaultfd", extra);
+                return Self::handshake(fd, Origin::Device, extra);
             }
         }
         let user_only = flags | UserfaultfdFlags::from_bits_retain(UFFD_USER_MODE_ONLY);
         // SAFETY: as above; user-mode-only faults suffice for the thread guest.
         if let Ok(fd) = unsafe { userfaultfd(user_only) } {
-            return Self::handshake(fd, "userfaultfd(2), user-mode only", extra);
+            return Self::handshake(fd, Origin::UserModeOnly, extra);
         }
         Err(first.into())
     }
 
-    fn handshake(fd: OwnedFd, how: &'static str, extra: u64) -> io::Result<Self> {
+    fn handshake(fd: OwnedFd, origin: Origin, extra: u64) -> io::Result<Self> {
         let wanted = extra
             | u64::from(
                 UFFD_FEATURE_THREAD_ID
@@ -193,29 +225,15 @@ impl Userfault {
             };
             // SAFETY: UFFDIO_API takes a `struct uffdio_api`.
             if unsafe { ioctl::ioctl(&fd, Updater::<API, _>::new(&mut api)) }.is_ok() {
-                return Ok(Self {
-                    fd,
-                    how,
-                    features: api.features,
-                });
+                return Ok(Self { fd, origin });
             }
         }
         Err(io::Error::other("UFFDIO_API refused every feature set"))
     }
 
-    /// How the descriptor was obtained.
-    pub fn how(&self) -> &'static str {
-        self.how
-    }
-
-    /// Whether faults carry the faulting thread's id.
-    pub fn has_thread_id(&self) -> bool {
-        self.features & u64::from(UFFD_FEATURE_THREAD_ID) != 0
-    }
-
-    /// Whether this descriptor only sees faults of user-mode code (not KVM's).
-    pub fn user_mode_only(&self) -> bool {
-        self.how.ends_with("user-mode only")
+    /// Where the descriptor came from.
+    pub fn origin(&self) -> Origin {
+        self.origin
     }
 
     /// Registers `[start, start + len)` in missing mode.
@@ -345,7 +363,7 @@ impl Userfault {
     /// Waits up to `timeout_ns` for fault events; true if some may be ready.
     pub fn wait(&self, timeout_ns: u64) -> io::Result<bool> {
         let mut fds = [PollFd::new(&self.fd, PollFlags::IN)];
-        match poll(&mut fds, Some(&crate::clock::timespec(timeout_ns))) {
+        match poll(&mut fds, Some(&crate::sys::clock::timespec(timeout_ns))) {
             Ok(n) => Ok(n > 0),
             Err(Errno::INTR) => Ok(false),
             Err(e) => Err(e.into()),

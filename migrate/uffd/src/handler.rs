@@ -32,78 +32,17 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use pagehint::{
-    BlockSpec, PageLocation, PageScheduler, RamLayout, SchedulerConfig, Served, UrgentRequest,
-};
+use pagehint::{BlockSpec, PageLocation, PageScheduler, RamLayout, Served, UrgentRequest};
 use pagehint_uffd_gate::{EventRead, RemoveGate};
 use rustix::event::{poll, PollFd, PollFlags};
 
+pub use super::policy::Policy;
+use super::policy::Scan;
 use super::protocol::{recv_handshake, GuestRegionUffdMapping, ProtocolError};
 use super::source::PageSource;
-use crate::clock::{now_ns, thread_cpu_ns, thread_run_delay_ns};
-use crate::dest::faults::{blocktime_of, Blocktime};
-use crate::uffd::{PlaceError, UffdEvent, Userfault};
-
-/// How pages are loaded.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Policy {
-    /// One page per fault and nothing else (Firecracker's sample handler).
-    OnDemand,
-    /// Faults served, and one prefetcher from page 0 upwards, ignoring faults (Cloud
-    /// Hypervisor's postcopy).
-    Linear,
-    /// Faults served, and the prefetchers without the hint (evenly spaced linear scans).
-    PagehintNoHint,
-    /// Faults served, and the prefetchers follow each fault (the hint).
-    Pagehint,
-}
-
-impl Policy {
-    /// Every policy, in the comparison's order.
-    pub const ALL: [Self; 4] = [
-        Self::OnDemand,
-        Self::Linear,
-        Self::PagehintNoHint,
-        Self::Pagehint,
-    ];
-
-    /// The name used on the command line and in tables.
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::OnDemand => "on-demand",
-            Self::Linear => "linear",
-            Self::PagehintNoHint => "pagehint-nohint",
-            Self::Pagehint => "pagehint",
-        }
-    }
-
-    /// Parses [`name`](Self::name).
-    pub fn parse(s: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|p| p.name() == s)
-    }
-
-    fn prefetchers(self, asked: usize) -> usize {
-        match self {
-            Self::OnDemand => 0,
-            Self::Linear => 1,
-            Self::PagehintNoHint | Self::Pagehint => asked.max(1),
-        }
-    }
-
-    fn config(self) -> SchedulerConfig {
-        match self {
-            Self::Pagehint => SchedulerConfig::preempt_hint(),
-            _ => SchedulerConfig::preempt(),
-        }
-    }
-}
-
-impl fmt::Display for Policy {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
+use pagehint_migrate::blocktime::{blocktime_of, Blocktime};
+use pagehint_migrate::sys::clock::{now_ns, thread_cpu_ns, thread_run_delay_ns};
+use pagehint_migrate::sys::uffd::{Fault, PlaceError, UffdEvent, Userfault};
 
 /// Handler settings.
 #[derive(Clone, Copy, Debug)]
@@ -508,7 +447,7 @@ pub fn serve(
     control: &Control,
 ) -> Result<HandlerReport, HandlerError> {
     let regions = Regions::new(maps)?;
-    let sched = PageScheduler::new(regions.layout.clone(), opts.policy.config())
+    let sched = PageScheduler::new(regions.layout.clone(), opts.policy.scheduler())
         .map_err(HandlerError::Io)?;
     sched.bitmap().mark_all(); // nothing is loaded yet
     let n = regions.host_pages as usize;
@@ -539,9 +478,10 @@ pub fn serve(
         ..Default::default()
     };
     let result = std::thread::scope(|s| {
-        let scanners = match opts.policy {
-            Policy::Linear => vec![shared.sched.background_from(PageLocation::new(0, 0))],
-            _ => shared.sched.background_scanners(prefetchers),
+        let scanners = match opts.policy.scan() {
+            Scan::None => Vec::new(),
+            Scan::FromStart => vec![shared.sched.background_from(PageLocation::new(0, 0))],
+            Scan::Spaced => shared.sched.background_scanners(prefetchers),
         };
         let shared = &shared;
         for (i, sc) in scanners.into_iter().enumerate().take(prefetchers) {
@@ -597,6 +537,9 @@ struct Pending {
     data: Vec<u8>,
 }
 
+/// The event thread: polls the userfaultfd and the VMM's socket until the VMM goes (or
+/// `control.stop`), reading events, marking removed ranges, and placing what each fault
+/// needs; a copy the kernel asks to retry waits for the next round.
 fn event_loop(
     sh: &Shared<'_>,
     stream: &UnixStream,
@@ -606,10 +549,7 @@ fn event_loop(
     let mut events = Vec::new();
     let mut retry: Vec<Pending> = Vec::new();
     let mut still: Vec<Pending> = Vec::new();
-    let zeros = vec![0u8; 2 << 20];
-    // One host page fetched for a fault, reused: only a copy that must wait is kept apart.
-    let max_page = sh.regions.maps.iter().map(|m| m.page_size).max();
-    let mut buf = vec![0u8; max_page.unwrap_or(0) as usize];
+    let mut placer = Placer::new(sh);
     // The socket is only watched for its end (or stray bytes).
     stream.set_nonblocking(true).map_err(HandlerError::Io)?;
     loop {
@@ -622,145 +562,207 @@ fn event_loop(
             // Release: see `Control::all_loaded`.
             control.all_loaded.store(true, Ordering::Release);
         }
-        let (uffd_ready, sock_ready) = {
-            let mut fds = [
-                PollFd::new(sh.uffd, PollFlags::IN),
-                PollFd::new(stream, PollFlags::IN),
-            ];
-            let wait = if retry.is_empty() {
-                50_000_000
-            } else {
-                100_000
-            };
-            match poll(&mut fds, Some(&crate::clock::timespec(wait))) {
-                Ok(_) | Err(rustix::io::Errno::INTR) => {}
-                Err(e) => return Err(HandlerError::Io(e.into())),
-            }
-            (!fds[0].revents().is_empty(), !fds[1].revents().is_empty())
-        };
-        if sock_ready {
-            let mut b = [0u8; 4096];
-            match io::Read::read(&mut &*stream, &mut b) {
-                Ok(0) => return Ok(()), // the VMM is gone
-                Ok(n) => report.unexpected_bytes += n as u64,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return Ok(()),
-                Err(e) => return Err(HandlerError::Io(e)),
-            }
+        let (uffd_ready, sock_ready) = wait(sh, stream, !retry.is_empty())?;
+        if sock_ready && vmm_gone(stream, report)? {
+            return Ok(());
         }
         if uffd_ready || !retry.is_empty() {
-            sh.gate.read_events(|ev| {
-                sh.uffd.read_events(&mut events).map_err(HandlerError::Io)?;
-                // Mark removed ranges before any prefetcher can copy again (module docs).
-                for e in &events {
-                    if let UffdEvent::Remove { start, end } = *e {
-                        report.remove_events += 1;
-                        mark_removed(sh, ev, start, end, report);
-                    }
-                }
-                Ok::<(), HandlerError>(())
-            })?;
+            read_events(sh, &mut events, report)?;
         }
         let now = now_ns();
         for e in events.drain(..) {
             match e {
                 UffdEvent::Remove { .. } => {}
                 UffdEvent::Other(k) => return Err(HandlerError::UnexpectedEvent(k)),
-                UffdEvent::Fault(f) => {
-                    report.faults += 1;
-                    let (r, off) = sh
-                        .regions
-                        .find(f.addr)
-                        .ok_or(HandlerError::FaultOutside(f.addr))?;
-                    let ps = sh.regions.maps[r].page_size;
-                    let page = (off & !(ps - 1)) >> 12;
-                    let hp = sh.regions.hp(r, page);
-                    report.fault_records.push(FaultRecord {
-                        tid: f.tid,
-                        hp,
-                        read_ns: now,
-                        placed_ns: 0,
-                    });
-                    let record = report.fault_records.len() - 1;
-                    let claim = if sh.gate.is_removed(hp as usize) {
-                        None
-                    } else {
-                        let req = UrgentRequest::new(r as u32, off & !4095, 4096);
-                        match sh.sched.serve(req) {
-                            Ok(Served::Send(c)) => Some(c),
-                            Ok(_) => {
-                                report.fault_already_claimed += 1;
-                                continue;
-                            }
-                            Err(e) => return Err(HandlerError::Layout(e.to_string())),
-                        }
-                    };
-                    retry.push(Pending {
-                        record,
-                        r,
-                        page,
-                        hp,
-                        claim,
-                        data: Vec::new(),
-                    });
-                }
+                UffdEvent::Fault(f) => retry.extend(accept_fault(sh, f, now, report)?),
             }
         }
         // Place what the faults need (new ones, and those that had to wait).
-        for mut p in retry.drain(..) {
-            let ps = sh.regions.maps[p.r].page_size as usize;
-            let removed = sh.gate.is_removed(p.hp as usize);
-            let r = if removed {
-                let dst = sh.regions.maps[p.r].base_host_virt_addr + (p.page << 12);
-                // SAFETY: one host page inside a registered region.
-                let r = unsafe {
-                    if ps > 4096 {
-                        sh.uffd.try_copy(dst, &zeros[..ps])
-                    } else {
-                        sh.uffd.try_zero(dst, 4096)
-                    }
-                };
-                sh.placed(r)
-            } else if p.data.is_empty() {
-                let buf = &mut buf[..ps];
-                sh.fetch(p.r, p.page, buf)?;
-                let r = sh.copy_page(p.r, p.page, buf);
-                if matches!(r, Err(HandlerError::Place(PlaceError::Retry))) {
-                    p.data.extend_from_slice(buf);
-                }
-                r
-            } else {
-                sh.copy_page(p.r, p.page, &p.data)
-            };
-            match r {
-                Ok(()) => {
-                    let t = now_ns();
-                    if removed {
-                        report.zero_filled += 1;
-                        if p.claim.is_some() {
-                            // Claimed for this fault, removed before it was loaded.
-                            report.removed_unloaded += 1;
-                            // Relaxed: a count (see `stamp`).
-                            sh.loaded.fetch_add(1, Ordering::Relaxed);
-                        }
-                    } else {
-                        sh.stamp(p.hp);
-                        report.fault_placed += 1;
-                    }
-                    report.fault_records[p.record].placed_ns = t;
-                    if let Some(c) = &p.claim {
-                        let _ = sh.sched.urgent_sent(c);
-                    }
-                }
-                Err(HandlerError::Place(PlaceError::Retry)) => {
-                    report.retries += 1;
-                    still.push(p);
-                }
-                Err(e) => return Err(e),
-            }
+        for p in retry.drain(..) {
+            still.extend(placer.place(p, report)?);
         }
         std::mem::swap(&mut retry, &mut still);
+    }
+}
+
+/// Waits (briefly when copies are to be retried) for the userfaultfd or the socket.
+fn wait(
+    sh: &Shared<'_>,
+    stream: &UnixStream,
+    retrying: bool,
+) -> Result<(bool, bool), HandlerError> {
+    let mut fds = [
+        PollFd::new(sh.uffd, PollFlags::IN),
+        PollFd::new(stream, PollFlags::IN),
+    ];
+    let wait = if retrying { 100_000 } else { 50_000_000 };
+    match poll(
+        &mut fds,
+        Some(&pagehint_migrate::sys::clock::timespec(wait)),
+    ) {
+        Ok(_) | Err(rustix::io::Errno::INTR) => {}
+        Err(e) => return Err(HandlerError::Io(e.into())),
+    }
+    Ok((!fds[0].revents().is_empty(), !fds[1].revents().is_empty()))
+}
+
+/// Whether the VMM has gone (its socket closed or reset); stray bytes are counted.
+fn vmm_gone(stream: &UnixStream, report: &mut HandlerReport) -> Result<bool, HandlerError> {
+    let mut b = [0u8; 4096];
+    match io::Read::read(&mut &*stream, &mut b) {
+        Ok(0) => Ok(true),
+        Ok(n) => {
+            report.unexpected_bytes += n as u64;
+            Ok(false)
+        }
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(false),
+        Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(false),
+        Err(e) if e.kind() == io::ErrorKind::ConnectionReset => Ok(true),
+        Err(e) => Err(HandlerError::Io(e)),
+    }
+}
+
+/// Reads the queued events under the gate's write side, marking removed ranges before any
+/// prefetcher can copy again (module docs).
+fn read_events(
+    sh: &Shared<'_>,
+    events: &mut Vec<UffdEvent>,
+    report: &mut HandlerReport,
+) -> Result<(), HandlerError> {
+    sh.gate.read_events(|ev| {
+        sh.uffd.read_events(events).map_err(HandlerError::Io)?;
+        for e in events.iter() {
+            if let UffdEvent::Remove { start, end } = *e {
+                report.remove_events += 1;
+                mark_removed(sh, ev, start, end, report);
+            }
+        }
+        Ok::<(), HandlerError>(())
+    })
+}
+
+/// Records fault `f` (read at `now`) and claims its host page: what to place for it, or
+/// nothing when a prefetcher owns the page (its copy wakes the vCPU).
+fn accept_fault(
+    sh: &Shared<'_>,
+    f: Fault,
+    now: u64,
+    report: &mut HandlerReport,
+) -> Result<Option<Pending>, HandlerError> {
+    report.faults += 1;
+    let (r, off) = sh
+        .regions
+        .find(f.addr)
+        .ok_or(HandlerError::FaultOutside(f.addr))?;
+    let ps = sh.regions.maps[r].page_size;
+    let page = (off & !(ps - 1)) >> 12;
+    let hp = sh.regions.hp(r, page);
+    report.fault_records.push(FaultRecord {
+        tid: f.tid,
+        hp,
+        read_ns: now,
+        placed_ns: 0,
+    });
+    let record = report.fault_records.len() - 1;
+    let claim = if sh.gate.is_removed(hp as usize) {
+        None
+    } else {
+        let req = UrgentRequest::new(r as u32, off & !4095, 4096);
+        match sh.sched.serve(req) {
+            Ok(Served::Send(c)) => Some(c),
+            Ok(_) => {
+                report.fault_already_claimed += 1;
+                return Ok(None);
+            }
+            Err(e) => return Err(HandlerError::Layout(e.to_string())),
+        }
+    };
+    Ok(Some(Pending {
+        record,
+        r,
+        page,
+        hp,
+        claim,
+        data: Vec::new(),
+    }))
+}
+
+/// Places pages for faults: a removed page as zeros, any other from the source.
+struct Placer<'a, 's> {
+    sh: &'a Shared<'s>,
+    zeros: Vec<u8>,
+    /// One host page fetched for a fault, reused: only a copy that must wait is kept apart.
+    buf: Vec<u8>,
+}
+
+impl<'a, 's> Placer<'a, 's> {
+    fn new(sh: &'a Shared<'s>) -> Self {
+        let max_page = sh.regions.maps.iter().map(|m| m.page_size).max();
+        Self {
+            sh,
+            zeros: vec![0u8; 2 << 20],
+            buf: vec![0u8; max_page.unwrap_or(0) as usize],
+        }
+    }
+
+    /// Places `p`'s page; returns it if the copy must be retried after the next read.
+    fn place(
+        &mut self,
+        mut p: Pending,
+        report: &mut HandlerReport,
+    ) -> Result<Option<Pending>, HandlerError> {
+        let sh = self.sh;
+        let ps = sh.regions.maps[p.r].page_size as usize;
+        let removed = sh.gate.is_removed(p.hp as usize);
+        let r = if removed {
+            let dst = sh.regions.maps[p.r].base_host_virt_addr + (p.page << 12);
+            // SAFETY: one host page inside a registered region.
+            let r = unsafe {
+                if ps > 4096 {
+                    sh.uffd.try_copy(dst, &self.zeros[..ps])
+                } else {
+                    sh.uffd.try_zero(dst, 4096)
+                }
+            };
+            sh.placed(r)
+        } else if p.data.is_empty() {
+            let buf = &mut self.buf[..ps];
+            sh.fetch(p.r, p.page, buf)?;
+            let r = sh.copy_page(p.r, p.page, buf);
+            if matches!(r, Err(HandlerError::Place(PlaceError::Retry))) {
+                p.data.extend_from_slice(buf);
+            }
+            r
+        } else {
+            sh.copy_page(p.r, p.page, &p.data)
+        };
+        match r {
+            Ok(()) => {
+                let t = now_ns();
+                if removed {
+                    report.zero_filled += 1;
+                    if p.claim.is_some() {
+                        // Claimed for this fault, removed before it was loaded.
+                        report.removed_unloaded += 1;
+                        // Relaxed: a count (see `stamp`).
+                        sh.loaded.fetch_add(1, Ordering::Relaxed);
+                    }
+                } else {
+                    sh.stamp(p.hp);
+                    report.fault_placed += 1;
+                }
+                report.fault_records[p.record].placed_ns = t;
+                if let Some(c) = &p.claim {
+                    let _ = sh.sched.urgent_sent(c);
+                }
+                Ok(None)
+            }
+            Err(HandlerError::Place(PlaceError::Retry)) => {
+                report.retries += 1;
+                Ok(Some(p))
+            }
+            Err(e) => Err(e),
+        }
     }
 }
 

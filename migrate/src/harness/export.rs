@@ -1,0 +1,834 @@
+//! Results out: the comparison table, the target checks, the JSON list and the SVG plot
+//! (fault-wait distributions and per-vCPU blocktime; hand-written SVG: no system libraries,
+//! no fonts).
+
+use std::fmt::Write as _;
+
+use crate::harness::result::RunResult;
+use crate::options::{MigrationMode, Workload};
+use crate::svg::{text_width, Anchor, Box2, Canvas, Style};
+
+pub(crate) fn fmt_us(us: f64) -> String {
+    if us <= 0.0 {
+        "-".into()
+    } else if us < 1000.0 {
+        format!("{us:.0} µs")
+    } else if us < 1e6 {
+        format!("{:.1} ms", us / 1e3)
+    } else {
+        format!("{:.2} s", us / 1e6)
+    }
+}
+
+pub(crate) fn fmt_ms(ms: f64) -> String {
+    fmt_us(ms * 1e3)
+}
+
+fn fmt_rate(r: Option<f64>) -> String {
+    r.map_or("-".into(), |r| format!("{r:.0}"))
+}
+
+/// The comparison table, one row per run.
+pub fn table(rows: &[RunResult]) -> String {
+    let mut out = String::new();
+    // Postcopy recovery's column, when a run survived a break.
+    let recovery = rows.iter().any(|r| r.recovery.cuts > 0);
+    let mut head = vec![
+        "workload",
+        "mode",
+        "faults",
+        "req p50",
+        "req p99",
+        "blocktime",
+        "longest pause",
+        "downtime",
+        "postcopy",
+        "MiB/s",
+        "precopy MiB",
+        "urgent/bg pages",
+        "hints off/taken",
+        "guest ops/s before→after",
+        "verified",
+    ];
+    if recovery {
+        head.insert(head.len() - 1, "cuts/recovery");
+    }
+    let mut cells: Vec<Vec<String>> = vec![head.iter().map(|s| s.to_string()).collect()];
+    for r in rows {
+        if r.outcome.error.is_some() {
+            let mut row = vec![r.setup.workload.clone(), r.label()];
+            row.resize(head.len() - 1, "-".into());
+            row.push("FAILED".into());
+            cells.push(row);
+            continue;
+        }
+        let mut row = vec![
+            r.setup.workload.clone(),
+            r.label(),
+            r.waits.faults.to_string(),
+            fmt_us(r.waits.request_p50_us),
+            fmt_us(r.waits.request_p99_us),
+            fmt_ms(r.waits.blocktime_ms),
+            fmt_ms(r.waits.longest_pause_ms),
+            fmt_ms(r.transfer.downtime_ms),
+            fmt_ms(r.transfer.duration_ms),
+            format!("{:.0}", r.transfer.throughput_mib_s),
+            format!("{:.0}", r.transfer.precopy_bytes as f64 / (1 << 20) as f64),
+            format!("{}/{}", r.source.pages_urgent, r.source.pages_background),
+            format!("{}/{}", r.source.hints_offered, r.source.hints_taken),
+            format!(
+                "{}→{}",
+                fmt_rate(r.guest_run.progress_before_per_s),
+                fmt_rate(r.guest_run.progress_after_per_s)
+            ),
+            if r.outcome.verified {
+                "yes".into()
+            } else {
+                "NO".into()
+            },
+        ];
+        if recovery {
+            row.insert(
+                row.len() - 1,
+                format!(
+                    "{}/{}",
+                    r.recovery.cuts,
+                    fmt_ms(r.recovery.recovery_total_ms)
+                ),
+            );
+        }
+        cells.push(row);
+    }
+    let widths: Vec<usize> = (0..head.len())
+        .map(|c| {
+            cells
+                .iter()
+                .map(|row| row[c].chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    for (i, row) in cells.iter().enumerate() {
+        if i == 1 || (i > 1 && rows[i - 1].setup.workload != rows[i - 2].setup.workload) {
+            let total: usize = widths.iter().sum::<usize>() + 2 * (widths.len() - 1);
+            let _ = writeln!(out, "{}", "-".repeat(total));
+        }
+        let line: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .enumerate()
+            .map(|(c, (s, w))| {
+                let pad = w - s.chars().count();
+                if c < 2 {
+                    format!("{s}{}", " ".repeat(pad))
+                } else {
+                    format!("{}{s}", " ".repeat(pad))
+                }
+            })
+            .collect();
+        let _ = writeln!(out, "{}", line.join("  ").trim_end());
+    }
+    out
+}
+
+/// One target of the issue, checked on this run's results.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct TargetCheck {
+    /// What is compared.
+    pub what: String,
+    /// The measured ratio (None if a run is missing).
+    pub ratio: Option<f64>,
+    /// Whether it meets the target.
+    pub pass: bool,
+    /// The target, in words.
+    pub target: String,
+    /// What bounds the ratio in this run, when something outside the compared path does.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
+/// The run of `w` in `m`: with the resend where both behaviours ran (`--resend both`).
+fn find(rows: &[RunResult], w: Workload, m: MigrationMode) -> Option<&RunResult> {
+    let mut it = rows
+        .iter()
+        .filter(|r| is(r, w, m) && r.outcome.error.is_none());
+    let first = it.next()?;
+    Some(if first.setup.resend {
+        first
+    } else {
+        it.find(|r| r.setup.resend).unwrap_or(first)
+    })
+}
+
+/// The run of `w` in preempt mode `m` with the old behaviour (no resend), if it ran.
+fn find_old(rows: &[RunResult], w: Workload, m: MigrationMode) -> Option<&RunResult> {
+    rows.iter()
+        .find(|r| is(r, w, m) && !r.setup.resend && r.outcome.error.is_none())
+}
+
+/// Whether `r` is a run of `w` in `m`.
+fn is(r: &RunResult, w: Workload, m: MigrationMode) -> bool {
+    r.setup.workload == w.name() && r.setup.mode == m.name()
+}
+
+/// A target on one measure of one workload, the ratio of its value in one mode to its
+/// value in another.
+struct ModeRatio {
+    workload: Workload,
+    num: MigrationMode,
+    den: MigrationMode,
+    /// The measure's name and how to read it.
+    measure: (&'static str, fn(&RunResult) -> f64),
+    /// The target in words, and whether a ratio meets it.
+    target: (&'static str, fn(f64) -> bool),
+}
+
+impl ModeRatio {
+    /// The ratio in `rows`, if both runs are there (a zero denominator: 1 when the
+    /// numerator is zero too, else infinite).
+    fn ratio(&self, rows: &[RunResult]) -> Option<f64> {
+        let f = self.measure.1;
+        let x = f(find(rows, self.workload, self.num)?);
+        let y = f(find(rows, self.workload, self.den)?);
+        Some(if y > 0.0 {
+            x / y
+        } else if x > 0.0 {
+            f64::INFINITY
+        } else {
+            1.0
+        })
+    }
+
+    /// Checked on `rows`, named `what`.
+    fn check(&self, rows: &[RunResult], what: String) -> TargetCheck {
+        let ratio = self.ratio(rows);
+        TargetCheck {
+            what,
+            ratio,
+            pass: ratio.is_some_and(self.target.1),
+            target: self.target.0.into(),
+            note: None,
+        }
+    }
+}
+
+const REQUEST_P50: (&str, fn(&RunResult) -> f64) = ("request p50", |r| r.waits.request_p50_us);
+const BLOCKTIME: (&str, fn(&RunResult) -> f64) = ("blocktime", |r| r.waits.blocktime_ms);
+const PAUSE: (&str, fn(&RunResult) -> f64) = ("longest pause", |r| r.waits.longest_pause_ms);
+const FIVE_X: (&str, fn(f64) -> bool) = (">= 5x", |x| x >= 5.0);
+const NO_WORSE: (&str, fn(f64) -> bool) = ("<= 1x (no worse)", |x| x <= 1.0);
+
+/// The targets between modes: the urgent channel against vanilla, the hint against
+/// preempt, and the hint costing nothing where it does not help.
+const MODE_TARGETS: [ModeRatio; 4] = [
+    ModeRatio {
+        workload: Workload::Random,
+        num: MigrationMode::Vanilla,
+        den: MigrationMode::Preempt,
+        measure: REQUEST_P50,
+        target: FIVE_X,
+    },
+    ModeRatio {
+        workload: Workload::Seq,
+        num: MigrationMode::Preempt,
+        den: MigrationMode::PreemptHint,
+        measure: BLOCKTIME,
+        target: FIVE_X,
+    },
+    ModeRatio {
+        workload: Workload::Stream,
+        num: MigrationMode::Preempt,
+        den: MigrationMode::PreemptHint,
+        measure: PAUSE,
+        target: FIVE_X,
+    },
+    ModeRatio {
+        workload: Workload::Random,
+        num: MigrationMode::PreemptHint,
+        den: MigrationMode::Preempt,
+        measure: REQUEST_P50,
+        target: ("<= 1.1x", |x| x <= 1.1),
+    },
+];
+
+/// With 2 MiB host pages the hint must also make nothing worse.
+const HUGE_PAGE_TARGETS: [ModeRatio; 2] = [
+    ModeRatio {
+        workload: Workload::Seq,
+        num: MigrationMode::PreemptHint,
+        den: MigrationMode::Preempt,
+        measure: BLOCKTIME,
+        target: NO_WORSE,
+    },
+    ModeRatio {
+        workload: Workload::Stream,
+        num: MigrationMode::PreemptHint,
+        den: MigrationMode::Preempt,
+        measure: ("pause", |r| r.waits.longest_pause_ms),
+        target: NO_WORSE,
+    },
+];
+
+/// Checks the targets that the runs present allow: between modes, the tail of the urgent
+/// path, the resend's share of the bytes, 2 MiB pages, and every run verified.
+pub fn targets(rows: &[RunResult]) -> Vec<TargetCheck> {
+    let mut out: Vec<TargetCheck> = MODE_TARGETS
+        .iter()
+        .map(|t| {
+            let what = format!("{} {}: {} / {}", t.workload, t.measure.0, t.num, t.den);
+            t.check(rows, what)
+        })
+        .collect();
+    out.extend(tail_targets(rows));
+    if rows.iter().any(|r| r.setup.resend) {
+        out.push(resend_share(rows));
+    }
+    if rows.iter().any(|r| r.setup.host_page > 4096) {
+        out.extend(HUGE_PAGE_TARGETS.iter().map(|t| {
+            let what = format!("2M: {} {} {} / {}", t.workload, t.measure.0, t.num, t.den);
+            t.check(rows, what)
+        }));
+    }
+    if !rows.is_empty() {
+        let n = rows.iter().filter(|r| r.outcome.verified).count();
+        out.push(TargetCheck {
+            what: format!("runs verified: {n} of {}", rows.len()),
+            ratio: None,
+            pass: n == rows.len(),
+            target: "all".into(),
+            note: None,
+        });
+    }
+    out
+}
+
+/// The urgent path's tail in preempt-hint under `random`: p99 over p50, and the resend
+/// against the old path (with a note where the old path's p99 over the new path's p50,
+/// which no new p99 can beat, is what missed).
+fn tail_targets(rows: &[RunResult]) -> [TargetCheck; 2] {
+    let (w, m) = (Workload::Random, MigrationMode::PreemptHint);
+    let hint = find(rows, w, m).filter(|r| r.setup.resend);
+    let check = |what: String, ratio: Option<f64>, target: &str, ok: fn(f64) -> bool| TargetCheck {
+        what,
+        ratio,
+        pass: ratio.is_some_and(ok),
+        target: target.into(),
+        note: None,
+    };
+    let spread = check(
+        format!("{w} request p99 / p50 in {m}"),
+        hint.map(|r| r.waits.request_p99_us / r.waits.request_p50_us.max(1e-9)),
+        "<= 4x",
+        |x| x <= 4.0,
+    );
+    let pair = hint.zip(find_old(rows, w, m));
+    let mut tail = check(
+        format!("{w} request p99 in {m}: no resend / resend"),
+        pair.map(|(new, old)| old.waits.request_p99_us / new.waits.request_p99_us.max(1e-9)),
+        FIVE_X.0,
+        FIVE_X.1,
+    );
+    // A p99 is never below its p50, so no change to the new path can take the tail ratio
+    // past the old path's p99 over the new path's p50; say so where that bound is what misses.
+    if let Some((new, old)) = pair {
+        let bound = old.waits.request_p99_us / new.waits.request_p50_us.max(1e-9);
+        if !tail.pass && bound < 5.0 {
+            tail.note = Some(format!(
+                "at most {bound:.2}x was possible in this run: the old path's p99 over the new \
+                 path's p50 (a p99 is never below its p50)"
+            ));
+        }
+    }
+    [spread, tail]
+}
+
+/// The bytes the resend sent again, as a share of every postcopy byte of every run.
+fn resend_share(rows: &[RunResult]) -> TargetCheck {
+    let (resent, sent): (u64, u64) = rows
+        .iter()
+        .filter(|r| r.outcome.error.is_none())
+        .fold((0, 0), |(a, b), r| {
+            (a + r.source.resent_bytes, b + r.transfer.postcopy_bytes)
+        });
+    let ratio = (sent > 0).then(|| 100.0 * resent as f64 / sent as f64);
+    TargetCheck {
+        what: "resent bytes / postcopy bytes, all runs, %".into(),
+        ratio,
+        pass: ratio.is_some_and(|x| x <= 1.0),
+        target: "<= 1".into(),
+        note: None,
+    }
+}
+
+/// A check's mark: `PASS`, `MISS`, or `n/a ` when a run it compares is missing.
+fn mark(c: &TargetCheck) -> &'static str {
+    if c.pass {
+        "PASS"
+    } else if c.ratio.is_none() && c.target != "all" {
+        "n/a "
+    } else {
+        "MISS"
+    }
+}
+
+/// Whether any check missed its target (one that could not be checked, `n/a`, does not).
+pub fn any_missed(checks: &[TargetCheck]) -> bool {
+    checks.iter().any(|c| mark(c) == "MISS")
+}
+
+/// The target checks as text lines: `[MARK] what = ratio; target: goal`.
+pub fn targets_text(checks: &[TargetCheck]) -> String {
+    let mut out = String::new();
+    for c in checks {
+        let val = match c.ratio {
+            Some(r) if r.is_finite() && c.what.ends_with('%') => format!(" = {r:.3}"),
+            Some(r) if r.is_finite() => format!(" = {r:.2}x"),
+            Some(_) => " = inf".into(),
+            None if c.target == "all" || c.what.contains("not comparable") => String::new(),
+            None => " (not run)".into(),
+        };
+        let _ = writeln!(out, "  [{}] {}{val}; target: {}", mark(c), c.what, c.target);
+        if let Some(note) = &c.note {
+            let _ = writeln!(out, "         {note}");
+        }
+    }
+    out
+}
+
+/// The results as a JSON list of objects.
+pub fn json(rows: &[RunResult]) -> String {
+    serde_json::to_string_pretty(rows).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
+}
+
+/// A mode's colour in the picture (every mode has one: the `match` is exhaustive).
+fn mode_color(mode: &str) -> &'static str {
+    match mode.parse::<MigrationMode>() {
+        Ok(MigrationMode::Vanilla) => "#d62728",
+        Ok(MigrationMode::Preempt) => "#1f77b4",
+        Ok(MigrationMode::PreemptHint) => "#2ca02c",
+        Err(_) => "#7f7f7f",
+    }
+}
+
+pub(crate) use crate::svg::esc;
+
+/// Panel width of the picture (two panels a row).
+const PANEL_W: f64 = 460.0;
+/// Height of a fault-wait plot.
+const PLOT_H: f64 = 235.0;
+/// Font size of panel titles.
+const TITLE: f64 = 13.0;
+/// Font size of text.
+const TEXT: f64 = 11.0;
+/// Font size of small labels.
+const SMALL: f64 = 9.0;
+
+/// An SVG with one panel per workload: the fault-wait distribution of each mode (CDF, log
+/// time axis) and, beside it, each mode's per-vCPU blocktime as bars; each panel's legend
+/// below it, wrapped to the panel's width.
+pub fn svg(rows: &[RunResult], subtitle: &str) -> String {
+    picture(rows, subtitle).finish()
+}
+
+/// The picture [`svg`] writes, for tests to measure.
+pub fn picture(rows: &[RunResult], subtitle: &str) -> Canvas {
+    let mut c = Canvas::new();
+    let mut y = header(&mut c, subtitle);
+    let mut workloads: Vec<&str> = Vec::new();
+    for r in rows {
+        if !workloads.contains(&r.setup.workload.as_str()) {
+            workloads.push(&r.setup.workload);
+        }
+    }
+    let scale = TimeScale::of(rows);
+    for row in workloads.chunks(2) {
+        let mut bottom = y;
+        for (i, wl) in row.iter().enumerate() {
+            let runs: Vec<&RunResult> = rows.iter().filter(|r| r.setup.workload == *wl).collect();
+            let ox = 10.0 + PANEL_W * i as f64;
+            bottom = bottom.max(panel(&mut c, ox, y, wl, &runs, &scale));
+        }
+        y = bottom + 16.0;
+    }
+    c
+}
+
+/// The title and the subtitle (split before the link's description); returns where the
+/// panels start.
+fn header(c: &mut Canvas, subtitle: &str) -> f64 {
+    let width = 2.0 * PANEL_W;
+    let title = "pagehint-migrate: fault waits (fraction at or below) and per-vCPU blocktime";
+    let mut y = c.text_wrapped(10.0, 20.0, width, Style::new(15.0).bold(), title);
+    let (first, link) = subtitle
+        .split_once(", link ")
+        .map_or((subtitle, ""), |(a, b)| (a, b));
+    let grey = Style::new(TEXT).color("#555");
+    y = c.text_wrapped(10.0, y, width, grey, first);
+    if !link.is_empty() {
+        let link = format!("link: {link}");
+        y = c.text_wrapped(10.0, y, width, Style::new(10.0).color("#555"), &link);
+    }
+    y + 8.0
+}
+
+/// The fault waits' log time axis, shared by every panel: whole decades of µs.
+struct TimeScale {
+    d0: f64,
+    d1: f64,
+}
+
+impl TimeScale {
+    fn of(rows: &[RunResult]) -> Self {
+        let all = rows.iter().flat_map(|r| r.latencies_ns.iter().copied());
+        let lo = all
+            .clone()
+            .filter(|&v| v > 0)
+            .min()
+            .unwrap_or(1_000)
+            .max(100) as f64;
+        let hi = all.max().unwrap_or(1_000_000).max(10_000) as f64;
+        let d0 = (lo / 1e3).log10().floor();
+        Self {
+            d0,
+            d1: (hi / 1e3).log10().ceil().max(d0 + 1.0),
+        }
+    }
+
+    /// The x of `ns` in a plot from `l` to `r`.
+    fn x(&self, ns: f64, l: f64, r: f64) -> f64 {
+        l + ((ns / 1e3).max(1e-3).log10() - self.d0) / (self.d1 - self.d0) * (r - l)
+    }
+}
+
+/// One workload's panel from (`ox`, `oy`): its name, the fault-wait plot, the blocktime
+/// bars and the legend. Returns the panel's bottom.
+fn panel(
+    c: &mut Canvas,
+    ox: f64,
+    oy: f64,
+    wl: &str,
+    runs: &[&RunResult],
+    scale: &TimeScale,
+) -> f64 {
+    let l = ox + 48.0;
+    c.text(l, oy + 15.0, Style::new(TITLE).bold(), wl);
+    // The plot on the left 62%, the blocktime bars on the right.
+    let plot = Box2 {
+        x0: l,
+        y0: oy + 25.0,
+        x1: ox + PANEL_W * 0.62,
+        y1: oy + 25.0 + PLOT_H,
+    };
+    fault_waits(c, plot, runs, scale);
+    let bars = Box2 {
+        x0: plot.x1 + 40.0,
+        x1: ox + PANEL_W - 15.0,
+        ..plot
+    };
+    blocktime_bars(c, bars, runs);
+    let entries: Vec<(&'static str, String)> = runs
+        .iter()
+        .map(|r| {
+            let label = format!(
+                "{} — {} faults, request p50 {}, pause {}, stall {}, postcopy {}",
+                r.label(),
+                r.latencies_ns.len(),
+                fmt_us(r.waits.request_p50_us),
+                fmt_ms(r.waits.longest_pause_ms),
+                fmt_ms(r.waits.stall_ms),
+                fmt_ms(r.transfer.duration_ms)
+            );
+            (mode_color(&r.setup.mode), label)
+        })
+        .collect();
+    let width = ox + PANEL_W - 10.0 - (l + 8.0);
+    c.legend(l + 8.0, plot.y1 + 52.0, width, TEXT, &entries)
+}
+
+/// The fault-wait distributions (CDF, log time axis) in `f`, with both axes labelled.
+fn fault_waits(c: &mut Canvas, f: Box2, runs: &[&RunResult], scale: &TimeScale) {
+    let y_of = |frac: f64| f.y1 - frac * (f.y1 - f.y0);
+    let ticks: Vec<(f64, String)> = [0.0, 0.25, 0.5, 0.75, 1.0]
+        .iter()
+        .map(|&v| (v, format!("{v}")))
+        .collect();
+    c.y_axis(f, &ticks, &y_of, TEXT);
+    // One label a decade, or every other one where they would crowd.
+    let decades = (scale.d1 - scale.d0).round() as usize;
+    let room = (f.x1 - f.x0) / decades.max(1) as f64;
+    let every = if room < text_width("100 ms", TEXT) + 6.0 {
+        2
+    } else {
+        1
+    };
+    for k in 0..=decades {
+        let d = scale.d0 + k as f64;
+        let x = f.x0 + k as f64 / decades.max(1) as f64 * (f.x1 - f.x0);
+        c.line((x, f.y0), (x, f.y1), "#eee");
+        if k % every == 0 {
+            let label = match 10f64.powf(d) {
+                v if v < 1000.0 => format!("{v:.0} µs"),
+                v if v < 1e6 => format!("{:.0} ms", v / 1e3),
+                v => format!("{:.0} s", v / 1e6),
+            };
+            c.text(
+                x,
+                f.y1 + 14.0,
+                Style::new(TEXT).anchor(Anchor::Middle),
+                &label,
+            );
+        }
+    }
+    let grey = Style::new(TEXT).color("#555").anchor(Anchor::Middle);
+    c.text((f.x0 + f.x1) / 2.0, f.y1 + 34.0, grey, "fault wait");
+    let label = "fraction of faults waiting at most this";
+    c.text(f.x0 - 36.0, (f.y0 + f.y1) / 2.0, grey.vertical(), label);
+    for r in runs {
+        let n = r.latencies_ns.len();
+        if n == 0 {
+            continue;
+        }
+        let step = (n / 400).max(1);
+        let mut pts = Vec::new();
+        let mut prev_y = y_of(0.0);
+        for k in (0..n).step_by(step).chain(std::iter::once(n - 1)) {
+            let x = scale.x(r.latencies_ns[k].max(1) as f64, f.x0, f.x1);
+            let y = y_of((k + 1) as f64 / n as f64);
+            pts.push((x, prev_y));
+            pts.push((x, y));
+            prev_y = y;
+        }
+        c.polyline(&pts, mode_color(&r.setup.mode), 1.8);
+    }
+}
+
+/// Per-vCPU blocktime in `f`: one group of bars per run, one bar per vCPU, each group's
+/// total below it.
+fn blocktime_bars(c: &mut Canvas, f: Box2, runs: &[&RunResult]) {
+    let max = runs
+        .iter()
+        .flat_map(|r| r.waits.vcpu_blocktime_ms.iter().copied())
+        .fold(0.0f64, f64::max)
+        .max(1e-3);
+    c.rect(f, "none", "#999", None);
+    let grey = Style::new(TEXT).color("#555");
+    let small = Style::new(SMALL).color("#555");
+    let mid = (f.x0 + f.x1) / 2.0;
+    c.text(
+        mid,
+        f.y1 + 34.0,
+        grey.anchor(Anchor::Middle),
+        "vCPU blocktime, ms",
+    );
+    let scale = format!("full scale {}", fmt_ms(max));
+    c.text(f.x1, f.y0 - 4.0, small.anchor(Anchor::End), &scale);
+    c.text(f.x0 - 3.0, f.y1, small.anchor(Anchor::End), "0");
+    let label = "blocked time per vCPU";
+    c.text(
+        f.x0 - 8.0,
+        (f.y0 + f.y1) / 2.0,
+        grey.anchor(Anchor::Middle).vertical(),
+        label,
+    );
+    let gw = (f.x1 - f.x0) / runs.len().max(1) as f64;
+    for (g, r) in runs.iter().enumerate() {
+        let v = &r.waits.vcpu_blocktime_ms;
+        let bw = (gw * 0.8 / v.len().max(1) as f64).max(1.0);
+        for (i, &b) in v.iter().enumerate() {
+            let h = (b / max) * (f.y1 - f.y0);
+            let x = f.x0 + g as f64 * gw + gw * 0.1 + i as f64 * bw;
+            let bar = Box2 {
+                x0: x,
+                y0: f.y1 - h,
+                x1: x + bw * 0.9,
+                y1: f.y1,
+            };
+            let title = format!("{} vCPU {i}: {}", r.label(), fmt_ms(b));
+            c.rect(bar, mode_color(&r.setup.mode), "none", Some(&title));
+        }
+        let total: f64 = v.iter().sum();
+        let total = if total >= 100.0 {
+            format!("{total:.0}")
+        } else {
+            format!("{total:.1}")
+        };
+        // Where the totals would crowd, every other one goes a line lower.
+        let lower = text_width(&total, SMALL) + 4.0 > gw && g % 2 == 1;
+        let y = f.y1 + if lower { 23.0 } else { 12.0 };
+        let x = f.x0 + g as f64 * gw + gw / 2.0;
+        c.text(x, y, Style::new(SMALL).anchor(Anchor::Middle), &total);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::guest::layout::HostPageSize;
+    use crate::options::{GuestKind, GuestSpec, MigrationMode, RunConfig, Workload};
+
+    fn cfg() -> RunConfig {
+        RunConfig::new(GuestSpec::new(GuestKind::Thread, 16 << 20, HostPageSize::Small, 1).unwrap())
+    }
+
+    fn done(w: Workload, m: MigrationMode, p50: f64) -> RunResult {
+        let mut r = RunResult::configured(&cfg(), m, w);
+        r.waits.request_p50_us = p50;
+        r.transfer.throughput_mib_s = 812.4;
+        r.outcome.verified = true;
+        r
+    }
+
+    #[test]
+    fn a_failed_run_is_a_row_with_its_configuration_and_the_targets_skip_it() {
+        let rows = vec![
+            done(Workload::Random, MigrationMode::Vanilla, 4000.0),
+            RunResult::failed(
+                &cfg(),
+                MigrationMode::Preempt,
+                Workload::Random,
+                "connection lost".into(),
+                "postcopy: 10 of 4096 host pages placed".into(),
+            ),
+        ];
+        let t = table(&rows);
+        assert!(t.contains("MiB/s") && t.contains("812"), "{t}");
+        let failed = t
+            .lines()
+            .find(|l| l.starts_with("random    preempt"))
+            .unwrap();
+        assert!(failed.ends_with("FAILED"), "{t}");
+        let checks = targets(&rows);
+        let p50 = &checks[0];
+        assert_eq!(
+            p50.ratio, None,
+            "a failed run has no measurements to compare"
+        );
+        assert!(!any_missed(&checks[..1]), "n/a is not a miss");
+        let verified = checks.last().unwrap();
+        assert_eq!(verified.what, "runs verified: 1 of 2");
+        assert!(any_missed(&checks));
+        let j: serde_json::Value = serde_json::from_str(&json(&rows)).unwrap();
+        assert_eq!(j[1]["error"], "connection lost");
+        assert_eq!(j[1]["reached"], "postcopy: 10 of 4096 host pages placed");
+        assert_eq!(j[1]["bandwidth_bps"], 10_000_000_000u64);
+        assert!(j[0]["pin"].as_str().is_some_and(|p| !p.is_empty()));
+        assert_eq!(j[0]["error"], serde_json::Value::Null);
+    }
+
+    #[test]
+    fn the_plot_labels_both_y_axes_and_shows_stall_and_postcopy_time() {
+        let mut r = done(Workload::Seq, MigrationMode::Preempt, 200.0);
+        r.latencies_ns = vec![50_000, 200_000];
+        r.waits.vcpu_blocktime_ms = vec![12.0];
+        r.waits.stall_ms = 3.5;
+        r.transfer.duration_ms = 640.0;
+        let p = svg(&[r], "test, link 10G");
+        assert!(
+            p.contains(">fraction of faults waiting at most this</text>"),
+            "{p}"
+        );
+        assert!(p.contains(">blocked time per vCPU</text>"), "{p}");
+        assert!(p.contains("stall 3.5 ms, postcopy 640.0 ms"), "{p}");
+    }
+
+    /// Every mode, both ways of `--resend`, every workload, two vCPUs, waits from 1 µs to
+    /// 3 s and wide figures: the picture at its most crowded.
+    fn crowded() -> Vec<RunResult> {
+        let mut rows = Vec::new();
+        for &w in Workload::ALL {
+            for &m in MigrationMode::ALL {
+                for resend in [false, true] {
+                    if !resend && m == MigrationMode::Vanilla {
+                        continue;
+                    }
+                    let mut r = done(w, m, 123_456.0);
+                    r.setup.resend = resend;
+                    r.latencies_ns = (0..5000u64).map(|i| 1_000 + i * i * 120).collect();
+                    r.waits.vcpu_blocktime_ms = vec![12_345.6, 0.1];
+                    r.waits.longest_pause_ms = 2_345.6;
+                    r.waits.stall_ms = 98_765.4;
+                    r.transfer.duration_ms = 12_345.6;
+                    rows.push(r);
+                }
+            }
+        }
+        rows
+    }
+
+    #[test]
+    fn the_picture_fits_its_text() {
+        let subtitle = format!(
+            "kvm guest, 2 vCPU(s), 1024 MiB in 2M host pages, precopy 3 round(s), link {}",
+            crate::link::LinkParams::DEFAULT.describe()
+        );
+        let c = picture(&crowded(), &subtitle);
+        if let Some(p) = std::env::var_os("PAGEHINT_SVG_OUT") {
+            std::fs::write(p, c.finish()).unwrap();
+        }
+        assert!(c.problems().is_empty(), "{:#?}", c.problems());
+        let (w, h) = c.size();
+        assert!(w <= 2.0 * PANEL_W + 30.0 && h > 4.0 * PLOT_H, "{w}×{h}");
+        // A single short run fits too.
+        let c = picture(&crowded()[..1], "thread guest");
+        assert!(c.problems().is_empty(), "{:#?}", c.problems());
+    }
+
+    #[test]
+    fn a_missed_tail_ratio_says_what_bounded_it_in_that_run() {
+        let run = |resend: bool, p50: f64, p99: f64| {
+            let mut r = done(Workload::Random, MigrationMode::PreemptHint, p50);
+            r.setup.resend = resend;
+            r.waits.request_p99_us = p99;
+            r
+        };
+        // The old path's p99 (900 µs) is 4.5x the new path's p50 (200 µs): 5x was out of
+        // reach whatever the new path's p99.
+        let checks = targets(&[run(true, 200.0, 250.0), run(false, 220.0, 900.0)]);
+        let text = targets_text(&checks);
+        assert!(
+            text.contains("[MISS] random request p99 in preempt-hint: no resend / resend = 3.60x; target: >= 5x\n         at most 4.50x was possible in this run"),
+            "{text}"
+        );
+        // Out of reach of the new path's p99 only: no note.
+        let checks = targets(&[run(true, 200.0, 250.0), run(false, 220.0, 1100.0)]);
+        let tail = checks
+            .iter()
+            .find(|c| c.what.ends_with("no resend / resend"))
+            .unwrap();
+        assert!(!tail.pass && tail.note.is_none(), "{tail:?}");
+        // Met: no note.
+        let checks = targets(&[run(true, 200.0, 210.0), run(false, 220.0, 3000.0)]);
+        let tail = checks
+            .iter()
+            .find(|c| c.what.ends_with("no resend / resend"))
+            .unwrap();
+        assert!(tail.pass && tail.note.is_none(), "{tail:?}");
+    }
+
+    #[test]
+    fn target_lines_say_the_ratio_and_the_target_apart() {
+        let rows = vec![
+            done(Workload::Random, MigrationMode::Vanilla, 400.0),
+            done(Workload::Random, MigrationMode::Preempt, 200.0),
+        ];
+        let checks = targets(&rows);
+        let text = targets_text(&checks);
+        assert!(
+            text.contains(
+                "  [MISS] random request p50: vanilla / preempt = 2.00x; target: >= 5x\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "  [n/a ] seq blocktime: preempt / preempt-hint (not run); target: >= 5x\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("  [PASS] runs verified: 2 of 2; target: all\n"),
+            "{text}"
+        );
+        assert!(any_missed(&checks));
+    }
+}

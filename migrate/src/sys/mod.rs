@@ -1,0 +1,16 @@
+//! The operating system, wrapped: every system call the harness makes outside its sockets
+//! and KVM is behind one of these modules, each with typed errors.
+//!
+//! * [`uffd`]: userfaultfd in missing mode (register, read faults, place pages);
+//! * [`clock`]: one monotonic nanosecond clock, precise sleeps, the boot id;
+//! * [`pin`]: which CPU each harness thread runs on;
+//! * [`warm`]: available memory, and the warm-up before measuring;
+//! * [`hugepages`]: 2 MiB hugetlb pages reserved for a run and given back.
+//!
+//! Nothing here knows about migration: these modules import nothing else of the crate.
+
+pub mod clock;
+pub mod hugepages;
+pub mod pin;
+pub mod uffd;
+pub mod warm;
