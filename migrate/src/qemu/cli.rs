@@ -97,6 +97,10 @@ pub struct CompareQemuCli {
     /// Write the comparison as JSON to FILE.
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
+    /// Run nothing: read the runs of a JSON document this command wrote and derive the
+    /// medians, splits and targets again (and print, and write --json/--svg).
+    #[arg(long, value_name = "FILE")]
+    from_json: Option<PathBuf>,
     /// Write an SVG plot to FILE.
     #[arg(long, value_name = "FILE")]
     svg: Option<PathBuf>,
@@ -145,6 +149,8 @@ pub struct CompareOptions {
     pub workdir: (PathBuf, bool),
     /// JSON output.
     pub json: Option<PathBuf>,
+    /// Derive from this JSON document's runs instead of running.
+    pub from_json: Option<PathBuf>,
     /// SVG output.
     pub svg: Option<PathBuf>,
 }
@@ -270,6 +276,7 @@ impl CompareOptions {
             pin,
             workdir,
             json: c.json,
+            from_json: c.from_json,
             svg: c.svg,
         })
     }

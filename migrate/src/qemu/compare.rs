@@ -10,7 +10,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::cli::CompareOptions;
 use super::export::{Comparison, LinkInfo, QemuInfo};
@@ -33,7 +33,7 @@ const QEMU_PORT: u16 = 4451;
 const PAGEHINT_PORT: u16 = 4452;
 
 /// What tracing cost a QEMU in one repeat: the same migration traced and untraced.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct TraceProbe {
     /// Link.
     pub link: String,
@@ -405,4 +405,45 @@ fn trace_probe(
         ));
     }
     Some(p)
+}
+
+/// What a comparison's JSON holds of its runs (the derived tables are derived again).
+#[derive(Deserialize)]
+struct Recorded {
+    qemus: Vec<QemuInfo>,
+    anchor: Option<Anchor>,
+    setup: String,
+    links: Vec<LinkInfo>,
+    rows: Vec<SideRow>,
+    probes: Vec<TraceProbe>,
+    seconds: f64,
+}
+
+/// The comparison of the runs recorded in a JSON document this command wrote
+/// (`--from-json`): medians, splits and targets derived again, nothing run.
+pub fn rederive(json: &str) -> Result<Comparison, QemuError> {
+    let r: Recorded = serde_json::from_str(json)
+        .map_err(|e| QemuError::Protocol(format!("not a compare-qemu JSON document: {e}")))?;
+    let targets = r
+        .anchor
+        .as_ref()
+        .map(|a| side::targets(&r.rows, a))
+        .unwrap_or_default();
+    let splits = r
+        .anchor
+        .as_ref()
+        .map(|a| side::splits(&r.rows, a))
+        .unwrap_or_default();
+    Ok(Comparison {
+        qemus: r.qemus,
+        anchor: r.anchor,
+        setup: r.setup,
+        links: r.links,
+        series: side::series(&r.rows),
+        rows: r.rows,
+        probes: r.probes,
+        splits,
+        targets,
+        seconds: r.seconds,
+    })
 }

@@ -16,13 +16,13 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// How often the sampler reads.
 pub const POLL: Duration = Duration::from_millis(2);
 
 /// CPU time per thread name, ms (several threads of one name are summed).
-#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct CpuByThread(pub BTreeMap<String, f64>);
 
 impl CpuByThread {

@@ -5,14 +5,14 @@
 
 use std::fmt::Write as _;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::compare::TraceProbe;
 use super::side::{self, Anchor, Figure, Series, SideRow, Split, Spread, Target};
 use crate::harness::export::{esc, fmt_ms, fmt_us};
 
 /// A link as measured.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct LinkInfo {
     /// `10G`, `1G`.
     pub name: String,
@@ -25,7 +25,7 @@ pub struct LinkInfo {
 }
 
 /// A QEMU of the comparison.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct QemuInfo {
     /// `QEMU 11.1.3`.
     pub label: String,

@@ -14,14 +14,14 @@
 //!
 //! Either way, a run that made requests and yields no latency sample is an error, never 0 µs.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::trace::RequestLatency;
 use crate::harness::result::percentile_ns;
 
 /// Where a row's request latency came from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum LatencySource {
     /// QEMU's `query-migrate` (`postcopy-latency`, `postcopy-latency-dist`).
@@ -45,7 +45,7 @@ impl LatencySource {
 }
 
 /// A run's request latency.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Latency {
     /// Where it came from.
     pub source: LatencySource,

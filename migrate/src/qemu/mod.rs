@@ -87,7 +87,12 @@ pub fn command(c: cli::CompareQemuCli) -> ExitCode {
         list(&o.transports, |t| t.name().into()),
         o.repeat,
     );
-    let result = compare::run(&o, &exe, |r| println!("{}", export::run_line(r)));
+    let result = match &o.from_json {
+        Some(f) => std::fs::read_to_string(f)
+            .map_err(|e| QemuError::Io(format!("reading {}", f.display()), e))
+            .and_then(|t| compare::rederive(&t)),
+        None => compare::run(&o, &exe, |r| println!("{}", export::run_line(r))),
+    };
     let c = match result {
         Ok(c) => c,
         Err(e) => {

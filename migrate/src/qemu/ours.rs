@@ -48,6 +48,13 @@ impl serde::Serialize for Transport {
     }
 }
 
+impl<'de> serde::Deserialize<'de> for Transport {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 /// How the pagehint runs are made.
 #[derive(Clone, Debug)]
 pub struct OursSetup {

@@ -32,7 +32,7 @@
 
 use std::fmt::Write as _;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::cpu::CpuByThread;
 use super::latency::{Latency, LatencySource};
@@ -40,7 +40,7 @@ use super::ours::{OursOutcome, Transport};
 use super::peer::QemuOutcome;
 
 /// One migration, QEMU's or pagehint's.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct SideRow {
     /// Which repetition (from 0).
     pub repeat: u32,
@@ -313,9 +313,11 @@ impl Figure {
         if !r.completed {
             return None;
         }
+        // A run without a latency sample (no request) has no percentile, not 0 µs.
+        let lat = r.latency.as_ref().filter(|l| l.samples > 0);
         match self {
-            Self::P50 => r.latency.as_ref().map(|l| l.p50_us),
-            Self::P99 => r.latency.as_ref().map(|l| l.p99_us),
+            Self::P50 => lat.map(|l| l.p50_us),
+            Self::P99 => lat.map(|l| l.p99_us),
             Self::Blocktime => Some(r.blocktime_ms),
             Self::Total => r.span_ms,
             Self::CpuPerGib => (r.cpu_ms > 0.0).then_some(r.cpu_ms_per_gib),
@@ -556,7 +558,7 @@ pub fn ratio(rows: &[SideRow], link: &str, w: &str, f: Figure, a: Side<'_>, b: S
 }
 
 /// The peers and modes the attribution compares.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Anchor {
     /// QEMU with the hint (e.g. `QEMU 11.1.3`).
     pub qemu: String,
