@@ -91,7 +91,7 @@ impl Seen {
     }
 }
 
-/// A thread-CPU sampler over some processes, until [`ThreadCpu::finish`].
+/// A thread-CPU sampler over some processes, until [`ThreadCpu::stop`] (or drop).
 pub struct ThreadCpu {
     stop: Arc<AtomicBool>,
     seen: Arc<Mutex<Seen>>,

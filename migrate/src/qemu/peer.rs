@@ -204,7 +204,7 @@ pub fn version(binary: &Path) -> Result<String, QemuError> {
         .output()
         .map_err(|e| {
             QemuError::Setup(format!(
-                "{} does not run ({e}); scripts/install-qemu.sh installs QEMU 10.0 from bookworm-backports",
+                "{} does not run ({e}); scripts/install-deps.sh installs QEMU 10.0 (system) and QEMU 11.1 (.deps/qemu-11.1)",
                 binary.display()
             ))
         })?;
