@@ -580,8 +580,11 @@ pub fn migrate(
     let requests = num(&source_info, &["ram", "postcopy-requests"]) as u64;
     let qmp_latency = latency::from_qmp(&dest_info, requests).map_err(QemuError::Protocol)?;
     let trace_latency = if run.trace {
-        let log = std::fs::read_to_string(&trace_file)
-            .map_err(|e| QemuError::Io(format!("reading {}", trace_file.display()), e))?;
+        // No file is no event: an error below only if requests were made.
+        let log = match std::fs::read_to_string(&trace_file) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            r => r.map_err(|e| QemuError::Io(format!("reading {}", trace_file.display()), e))?,
+        };
         let t = trace::parse(&log, TARGET_PAGE).map_err(QemuError::Protocol)?;
         Some(latency::from_trace(&t, requests).map_err(QemuError::Protocol)?)
     } else {
