@@ -14,7 +14,8 @@
 #      PAGEHINT_REQUIRE_KVM turns a skipped KVM test into a failure) and the short QEMU
 #      side-by-side against QEMU 11.1 (PAGEHINT_REQUIRE_QEMU, set where install-deps brought
 #      QEMU 11.1 into .deps/qemu-11.1);
-#   3. doc tests;
+#   3. examples/kvm_migration.rs on real KVM, with KVM's own and manual dirty-log clearing
+#      (release), then doc tests;
 #   4. loom models and their mutants      (`cargo loom`,    release, target/loom);
 #   5. shuttle models and their mutants   (`cargo shuttle`, release, target/shuttle);
 #   6. Spin models and their mutants      (`proofs/check.sh`; needs `spin` and gcc);
@@ -52,6 +53,9 @@ msrv=$(sed -n '/^\[package\]/,/^\[/s/^rust-version = "\(.*\)"/\1/p' Cargo.toml)
 cargo "+$msrv" check -p pagehint --features vm-memory --lib --target-dir target/msrv
 step "unit, property, integration, example and bench smoke tests"
 cargo test --workspace --all-targets --all-features
+step "the KVM example, both dirty-log modes (a real guest migrated; skips, saying why, without /dev/kvm unless KVM is required)"
+cargo run --release --example kvm_migration --features vm-memory,kvm
+cargo run --release --example kvm_migration --features vm-memory,kvm -- --dirty-log manual
 step "doc tests"
 cargo test --workspace --doc --all-features
 step "loom models (cargo loom)"

@@ -92,14 +92,20 @@
 //!
 //! | id | unit / integration / proptest | loom | shuttle | Spin |
 //! |----|-------------------------------|------|---------|------|
-//! | I1 | `tests/protocol.rs` `i1_i2_i3_*`, `tests/stress.rs` `i1_i2_i3_*`, `tests/precopy.rs` `i1_*`, `tests/senders.rs`, `tests/recovery.rs` `i1_*`, `tests/proptest_bitmap.rs` | `loom_bitmap::i1_*`, `loom_protocol::i1_*`, `loom_multi::i1_*`, `loom_vanilla::i1_*`, `loom_recovery::i1_*`, `loom_overtake` (deliberate duplicates: placed once, no stale overwrite, no lost request) | `shuttle_protocol`, `shuttle_multi`, `shuttle_vanilla`, `shuttle_recovery`, `shuttle_overtake` | `postcopy.pml` I1 |
-//! | I2 | `tests/protocol.rs` `i2_*`, `tests/precopy.rs` `i2_*`, `tests/proptest_bitmap.rs` | `loom_bitmap::i1_i2_*` (narrow, wide, drain) | `shuttle_protocol` (2 MiB pages) | `postcopy.pml` I2 |
+//! | I1 | `tests/protocol.rs` `i1_i2_i3_*`, `tests/stress.rs` `i1_i2_i3_*`, `tests/precopy.rs` `i1_*`, `tests/senders.rs`, `tests/recovery.rs` `i1_*`, `tests/proptest_bitmap.rs`, `tests/ranges.rs` `i1_*` (range requests, also racing scanners), `examples/kvm_migration.rs` (a real KVM guest: every page dirty at the switch sent once) | `loom_bitmap::i1_*`, `loom_protocol::i1_*`, `loom_multi::i1_*`, `loom_vanilla::i1_*`, `loom_recovery::i1_*`, `loom_range::i1_*` (a range request racing the scanner; mutant: first host page only), `loom_overtake` (deliberate duplicates: placed once, no stale overwrite, no lost request) | `shuttle_protocol`, `shuttle_multi`, `shuttle_vanilla`, `shuttle_recovery`, `shuttle_range`, `shuttle_overtake` | `postcopy.pml` I1 |
+//! | I2 | `tests/protocol.rs` `i2_*`, `tests/precopy.rs` `i2_*`, `tests/proptest_bitmap.rs`, `tests/ranges.rs` `i1_i2_*` | `loom_bitmap::i1_i2_*` (narrow, wide, drain), `loom_range::i1_i2_*` (narrow and wide host pages) | `shuttle_protocol` (2 MiB pages), `shuttle_range` | `postcopy.pml` I2 |
 //! | I3 | `tests/protocol.rs` `i3_*`, `tests/recovery.rs` `i3_*`, `tests/senders.rs` | `loom_protocol::i1_i2_i3_*`, `loom_multi`, `loom_vanilla` | `shuttle_protocol`, `shuttle_multi` | `postcopy.pml` I3 (and `qemu_seed.pml`: QEMU's weak spot) |
 //! | I4 | `tests/proptest_hint.rs`, `src/hint.rs` unit tests | `loom_hint::i4_*` | — | `hint.pml`, `postcopy.pml` I4 |
-//! | I5 | `tests/protocol.rs` `i1_i2_i3_i5_vanilla_*`, `i3_i5_*`; every vanilla run of `pagehint-migrate` (its verification: queued = followed + stale) | `loom_vanilla::i1_i3_i5_*` (requests never lost) | `shuttle_vanilla` | `postcopy.pml` L5req, L5term (liveness, weak fairness) |
+//! | I5 | `tests/protocol.rs` `i1_i2_i3_i5_vanilla_*`, `i3_i5_*`; `tests/ranges.rs` `*i5_*` (every host page of a range reported once; vanilla queues each); `tests/recovery.rs` `i5_*` (queued requests dropped by a recovery counted: followed + stale + dropped = queued); every vanilla run of `pagehint-migrate` (its verification: queued = followed + stale) | `loom_vanilla::i1_i3_i5_*` (requests never lost), `loom_range::*i5_*` (mutant: a range served for its first host page only) | `shuttle_vanilla`, `shuttle_range` | `postcopy.pml` L5req, L5term (liveness, weak fairness) |
 //! | I6 | `tests/protocol.rs` `i4_i6_*` | `loom_protocol::i6_*` | `shuttle_protocol` (stray hints) | `postcopy_stray_hints` |
-//! | I7 | `tests/stress.rs` `i7_*`, `tests/precopy.rs` `i7_*`, `tests/kvm_slots.rs` `i7_*`, `tests/kvm.rs` (a real KVM guest) | `loom_bitmap::i7_*` (marks, logs, rings, drain) | `shuttle_precopy::i7_*` | `precopy.pml` I7 |
-//! | I8 | `tests/protocol.rs` `i8_*`, `tests/precopy.rs` `i8_*`, `tests/kvm_slots.rs` `i8_*`, `tests/recovery.rs` `i8_*`, `tests/proptest_layout.rs`, `src/layout.rs` and `src/request.rs` unit tests, `fuzz/` | — | — | — |
+//! | I7 | `tests/stress.rs` `i7_*`, `tests/precopy.rs` `i7_*`, `tests/kvm_slots.rs` `i7_*`, `tests/kvm.rs` (a real KVM guest; with manual dirty-log clearing, a write after the clear is logged again), `examples/kvm_migration.rs` (precopy on real KVM, both dirty-log modes; destination equal byte for byte) | `loom_bitmap::i7_*` (marks, logs, rings, drain) | `shuttle_precopy::i7_*` | `precopy.pml` I7 |
+//! | I8 | `tests/protocol.rs` `i8_*`, `tests/precopy.rs` `i8_*`, `tests/kvm_slots.rs` `i8_*`, `tests/recovery.rs` `i8_*`, `tests/ranges.rs` `i8_*` (zero lengths refused where built), `tests/proptest_gpa.rs` (GPA conversions and dirty ranges against a `u128` model, blocks at the top of the address space), `tests/proptest_layout.rs`, `src/layout.rs` and `src/request.rs` unit tests, `fuzz/` | — | — | — |
+//!
+//! //! Beyond I1–I8, the O(1) dirty count ([`DirtyBitmap::dirty_count`](crate::DirtyBitmap::dirty_count):
+//! exact when quiet, within `0..=pages` while threads run, `pages_dirtied` monotonic) is
+//! checked by `tests/proptest_bitmap.rs` (against the set model after every operation),
+//! `tests/dirty_count.rs` (std threads) and `loom_count` / `shuttle_count` (mutants: a count
+//! taken from a load instead of the atomic's own result, on the claim side and the mark side).
 //!
 //! `proofs/README.md` maps each Spin model action to the Rust function it stands for, and
 //! each Spin mutant to its loom or shuttle counterpart.

@@ -146,6 +146,7 @@ impl RamBlock {
 
 /// Why a layout was refused.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum LayoutError {
     /// A layout needs at least one block.
     NoBlocks,
@@ -229,6 +230,7 @@ impl std::error::Error for LayoutError {}
 
 /// Why a location, offset or range was refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum LocationError {
     /// No block with this index.
     NoSuchBlock {

@@ -21,6 +21,15 @@
 //! module that selects `core`, loom (`--cfg pagehint_loom`) or shuttle atomics, so the same
 //! code is model-checked.
 //!
+//! # Features and minimum Rust
+//! * default: the core (layout, bitmap, hint, scheduler, GPA map, KVM slot and ring import);
+//!   Rust **1.80**.
+//! * `vm-memory`: vm-memory's `Bitmap` backend (`vmm::RegionBitmap`) and the
+//!   `GuestAddress` API of [`vmm::GpaMap`]; Rust 1.80.
+//! * `kvm`: kvm-bindings conversions and manual dirty-log clearing (`vmm::kvm_log`:
+//!   `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`, `KVM_CLEAR_DIRTY_LOG` on any `AsRawFd`, no
+//!   kvm-ioctls); Rust **1.85** (kvm-bindings 0.14: cargo 1.80 fails reading its manifest).
+//!
 //! # Example
 //! ```
 //! use pagehint::{PageScheduler, RamLayout, SchedulerConfig, Served, UrgentRequest};
@@ -61,7 +70,9 @@ pub mod stats;
 pub mod streams;
 pub mod vmm;
 
-pub use bitmap::{Claim, DirtyBitmap, DirtyLogError, HostPageClaim, LayoutMismatch, PageClaim};
+pub use bitmap::{
+    Claim, DirtyBitmap, DirtyLogError, DirtyRate, HostPageClaim, LayoutMismatch, PageClaim,
+};
 pub use hint::PageHint;
 pub use layout::{
     BlockSpec, HostPage, LayoutError, LocationError, PageLocation, RamBlock, RamLayout,

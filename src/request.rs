@@ -44,6 +44,7 @@ pub struct UrgentRequest {
 
 /// A request frame that could not be decoded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum DecodeError {
     /// The frame is not [`UrgentRequest::WIRE_LEN`] bytes long.
     WrongLength {
@@ -54,6 +55,8 @@ pub enum DecodeError {
     BadMagic(u16),
     /// Flags this version does not know were set.
     UnknownFlags(u16),
+    /// The frame asks for zero bytes.
+    ZeroLength,
 }
 
 impl fmt::Display for DecodeError {
@@ -66,6 +69,7 @@ impl fmt::Display for DecodeError {
             ),
             Self::BadMagic(m) => write!(f, "page request frame has bad magic {m:#06x}"),
             Self::UnknownFlags(fl) => write!(f, "page request frame has unknown flags {fl:#06x}"),
+            Self::ZeroLength => f.write_str("page request frame asks for zero bytes"),
         }
     }
 }
@@ -74,6 +78,7 @@ impl std::error::Error for DecodeError {}
 
 /// Why a page request was refused (and counted as bad).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum RequestError {
     /// The frame is malformed.
     Decode(DecodeError),
@@ -82,6 +87,25 @@ pub enum RequestError {
     Stream(StreamError),
     /// The block or range is outside the layout.
     Location(LocationError),
+    /// The request asks for zero bytes.
+    ZeroLength {
+        /// The block named.
+        block: u32,
+        /// The byte offset named.
+        offset: u64,
+    },
+    /// The request covers more than one host page, and was made through
+    /// [`PageScheduler::serve`](crate::PageScheduler::serve), which serves one host page;
+    /// [`PageScheduler::serve_range`](crate::PageScheduler::serve_range) serves every host page
+    /// of a range. Nothing was claimed or queued.
+    SpansHostPages {
+        /// The block.
+        block: u32,
+        /// The first target page of the range.
+        first_page: u64,
+        /// Host pages the range covers (at least 2).
+        host_pages: u64,
+    },
 }
 
 impl fmt::Display for RequestError {
@@ -90,6 +114,17 @@ impl fmt::Display for RequestError {
             Self::Decode(e) => write!(f, "malformed page request: {e}"),
             Self::Stream(e) => write!(f, "page request from an unknown stream: {e}"),
             Self::Location(e) => write!(f, "page request out of range: {e}"),
+            Self::ZeroLength { block, offset } => {
+                write!(f, "page request for zero bytes at offset {offset:#x} of block {block}")
+            }
+            Self::SpansHostPages {
+                block,
+                first_page,
+                host_pages,
+            } => write!(
+                f,
+                "page request from page {first_page} of block {block} covers {host_pages} host pages; serve_range serves ranges"
+            ),
         }
     }
 }
@@ -112,9 +147,32 @@ impl UrgentRequest {
     /// Length of an encoded request.
     pub const WIRE_LEN: usize = 24;
 
-    /// A request for `len` bytes at `offset` of block `block`.
+    /// A request for `len` bytes at `offset` of block `block`, for a length known to be
+    /// non-zero (a page size). A length that comes from outside goes through
+    /// [`try_new`](Self::try_new) (or [`decode`](Self::decode)), which refuse zero;
+    /// [`PageScheduler::serve`](crate::PageScheduler::serve) refuses a zero-length request
+    /// built here too, counted as bad.
     pub const fn new(block: u32, offset: u64, len: u64) -> Self {
         Self { block, offset, len }
+    }
+
+    /// A request for `len` bytes at `offset` of block `block`, refused if `len` is zero.
+    /// Whether the block and range exist is the scheduler's check against its layout.
+    ///
+    /// ```
+    /// use pagehint::{RequestError, UrgentRequest};
+    /// assert_eq!(UrgentRequest::try_new(1, 0x3000, 4096)?, UrgentRequest::new(1, 0x3000, 4096));
+    /// assert_eq!(
+    ///     UrgentRequest::try_new(1, 0x3000, 0),
+    ///     Err(RequestError::ZeroLength { block: 1, offset: 0x3000 })
+    /// );
+    /// # Ok::<(), RequestError>(())
+    /// ```
+    pub const fn try_new(block: u32, offset: u64, len: u64) -> Result<Self, RequestError> {
+        if len == 0 {
+            return Err(RequestError::ZeroLength { block, offset });
+        }
+        Ok(Self { block, offset, len })
     }
 
     /// Encodes the request as one wire frame.
@@ -136,7 +194,8 @@ impl UrgentRequest {
         out
     }
 
-    /// Decodes one wire frame.
+    /// Decodes one wire frame; a frame asking for zero bytes is refused
+    /// ([`DecodeError::ZeroLength`]).
     pub fn decode(frame: &[u8]) -> Result<Self, DecodeError> {
         let frame: &[u8; Self::WIRE_LEN] = frame
             .try_into()
@@ -156,10 +215,14 @@ impl UrgentRequest {
             return Err(DecodeError::UnknownFlags(flags));
         }
         let block = u32::from_le_bytes([frame[4], frame[5], frame[6], frame[7]]);
+        let len = u64_at(16);
+        if len == 0 {
+            return Err(DecodeError::ZeroLength);
+        }
         Ok(Self {
             block,
             offset: u64_at(8),
-            len: u64_at(16),
+            len,
         })
     }
 }
@@ -192,5 +255,7 @@ mod tests {
             UrgentRequest::decode(&[0; 25]),
             Err(DecodeError::WrongLength { got: 25 })
         );
+        let empty = UrgentRequest::new(3, 4096, 0).encode();
+        assert_eq!(UrgentRequest::decode(&empty), Err(DecodeError::ZeroLength));
     }
 }

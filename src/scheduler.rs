@@ -84,6 +84,9 @@ use crate::stats::{bump, BackgroundCounters, LocalCounts, SchedulerStats, Urgent
 use crate::streams::{HintSlots, StreamPolicy, StreamPolicyError};
 use crate::sync::{Arc, Queue};
 
+mod range;
+pub use range::ServeRange;
+
 /// How page requests reach the sender.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
@@ -446,22 +449,37 @@ impl PageScheduler {
             page: start.page,
             swept: 0,
             local: LocalCounts::default(),
+            uncounted: 0,
         }
     }
 
-    /// Serves a page request from the destination (urgent path). Invalid requests are
-    /// counted and refused without touching any state.
+    /// Serves a page request from the destination (urgent path): the request's bytes must lie
+    /// in one host page (a fault: any length up to the host page size). Invalid requests are
+    /// counted and refused without touching any state; so is a request covering several host
+    /// pages ([`RequestError::SpansHostPages`]: never a silent partial serve), which
+    /// [`serve_range`](Self::serve_range) serves whole.
+    ///
+    /// ```
+    /// use pagehint::{PageScheduler, RamLayout, RequestError, SchedulerConfig, Served, UrgentRequest};
+    /// let sched = PageScheduler::new(RamLayout::single("m", 1 << 20, 4096)?, SchedulerConfig::preempt())?;
+    /// sched.bitmap().mark_all();
+    /// assert!(matches!(sched.serve(UrgentRequest::new(0, 0x5000, 4096))?, Served::Send(_)));
+    /// assert!(matches!(
+    ///     sched.serve(UrgentRequest::new(0, 0x6000, 3 * 4096)),
+    ///     Err(RequestError::SpansHostPages { host_pages: 3, .. })
+    /// ));
+    /// assert_eq!(sched.bitmap().dirty_pages(), 255); // the refused range claimed nothing
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     #[must_use = "Served::Send owns pages that have left the dirty bitmap: send them and call urgent_sent, or they are lost"]
     pub fn serve(&self, req: UrgentRequest) -> Result<Served, RequestError> {
-        let loc = match self.check_request(req) {
-            Ok(loc) => loc,
+        let (loc, hp) = match self.check_request(req).and_then(|r| r.one_host_page()) {
+            Ok(checked) => checked,
             Err(e) => {
                 bump(&self.urgent.bad_requests, 1);
                 return Err(e);
             }
         };
-        // Cannot fail: `loc` was just checked against the layout.
-        let hp = self.layout.host_page_of(loc)?;
         match self.config.mode {
             Mode::Vanilla => {
                 self.queue.push(loc);
@@ -482,6 +500,50 @@ impl PageScheduler {
         }
     }
 
+    /// Serves a page request for any range of one block (urgent path): every host page that
+    /// holds a byte of it, as a sequence of [`Served`] outcomes. In preempt mode each
+    /// [`Served::Send`] is a claim of the range's dirty host pages in one bitmap word (or one
+    /// wide host page), and each host page of the range that was not dirty any more comes as
+    /// [`Served::AlreadyClaimed`]; in vanilla mode each host page is queued
+    /// ([`Served::Queued`]). Each host page of the range is reported exactly once, and each
+    /// is claimed by exactly one path (I1, I2). An invalid request is counted and refused
+    /// before anything is claimed.
+    ///
+    /// The outcomes are produced as the iterator is advanced (no allocation; a host page is
+    /// claimed when its step comes). A step not taken claims nothing: dropping the iterator
+    /// early leaves the rest of the range dirty, for the background path — nothing is lost,
+    /// but it was not served urgently.
+    ///
+    /// ```
+    /// use pagehint::{PageScheduler, RamLayout, SchedulerConfig, Served, UrgentRequest};
+    /// let sched = PageScheduler::new(RamLayout::single("m", 1 << 20, 4096)?, SchedulerConfig::preempt_hint())?;
+    /// sched.bitmap().mark_range(0, 0, 100)?;
+    /// // the return path: a request for 3 pages from page 98 (pages 98 and 99 are dirty)
+    /// let mut sent = 0;
+    /// for served in sched.serve_range(UrgentRequest::new(0, 98 * 4096, 3 * 4096))? {
+    ///     match served {
+    ///         Served::Send(claim) => {
+    ///             sent += claim.pages_to_send(); // send claim.host_pages() on the urgent channel
+    ///             sched.urgent_sent(&claim);
+    ///         }
+    ///         Served::AlreadyClaimed(hp) => assert_eq!(hp.first_page, 100), // clean
+    ///         Served::Queued(_) => unreachable!("preempt mode"),
+    ///     }
+    /// }
+    /// assert_eq!(sent, 2);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    #[must_use = "the range is served as the iterator is advanced: iterate it, send each Served::Send claim and call urgent_sent"]
+    pub fn serve_range(&self, req: UrgentRequest) -> Result<ServeRange<'_>, RequestError> {
+        match self.check_request(req) {
+            Ok(checked) => Ok(ServeRange::new(self, checked)),
+            Err(e) => {
+                bump(&self.urgent.bad_requests, 1);
+                Err(e)
+            }
+        }
+    }
+
     /// Decodes a request frame (pagehint's own, see [`request`](crate::request)) and serves
     /// it; malformed frames are counted as bad requests.
     #[must_use = "Served::Send owns pages that have left the dirty bitmap: send them and call urgent_sent, or they are lost"]
@@ -495,11 +557,24 @@ impl PageScheduler {
         }
     }
 
-    fn check_request(&self, req: UrgentRequest) -> Result<PageLocation, RequestError> {
+    /// Checks a request against the layout: a non-empty byte range inside one block.
+    fn check_request(&self, req: UrgentRequest) -> Result<CheckedRequest, RequestError> {
+        if req.len == 0 {
+            return Err(RequestError::ZeroLength {
+                block: req.block,
+                offset: req.offset,
+            });
+        }
         let loc = self.layout.location_at(req.block, req.offset)?;
-        let block_len = self.layout.block(req.block)?.pages() << self.layout.target_page_shift();
+        let block = self.layout.block(req.block)?;
+        let block_len = block.pages() << self.layout.target_page_shift();
         match req.offset.checked_add(req.len) {
-            Some(end) if req.len > 0 && end <= block_len => Ok(loc),
+            Some(end) if end <= block_len => Ok(CheckedRequest {
+                first: loc,
+                // `end - 1` is a byte of the block: its page is in the block.
+                last_page: (end - 1) >> self.layout.target_page_shift(),
+                host_shift: block.host_page_shift(),
+            }),
             _ => Err(LocationError::RangeOutOfBounds {
                 block: req.block,
                 first: loc.page,
@@ -549,9 +624,13 @@ impl PageScheduler {
         self.urgent.read_into(&mut s);
         self.background.read_into(&mut s);
         // Derived rather than counted (one fewer locked instruction each on the urgent path):
-        // every valid request is queued, claims one host page, or finds it already claimed,
-        // and every offer is accepted or refused.
-        s.requests = s.requests_queued + s.urgent_host_pages + s.urgent_already_claimed;
+        // every valid request of `serve` is queued, claims one host page, or finds it already
+        // claimed; a range request counts once, however many host pages it covered; and every
+        // offer is accepted or refused. Saturating: a snapshot taken while a range is served
+        // may see its host pages before their outcomes.
+        s.requests = (s.requests_queued + s.urgent_host_pages + s.urgent_already_claimed)
+            .saturating_sub(s.range_host_pages)
+            + s.range_requests;
         s.hints_offered = s.hints_accepted + s.hints_refused_pending;
         s
     }
@@ -569,7 +648,8 @@ impl PageScheduler {
     /// Postcopy recovery for one block: rebuilds its send state from the destination's bitmap
     /// of received pages (bit `p % 64` of word `p / 64` set: page `p` was received), so that
     /// exactly the pages not received are dirty, as QEMU does after a broken connection. Also
-    /// drops the pending hint and queued requests, which belong to the broken connection.
+    /// drops the pending hint and queued requests, which belong to the broken connection (the
+    /// requests are counted in [`SchedulerStats::queued_dropped`]).
     /// Returns the number of pages left to send in the block.
     ///
     /// `&mut self` proves that no scanner and no urgent call of this scheduler runs, and no
@@ -608,7 +688,13 @@ impl PageScheduler {
             .reset_from_received(block, received)
             .map_err(RecoveryError::Received)?;
         self.hint.clear();
-        while self.queue.pop().is_some() {}
+        // The broken connection's requests are dropped, and counted, so that every queued
+        // request stays accounted for across recoveries (I5's bookkeeping).
+        let mut dropped = 0;
+        while self.queue.pop().is_some() {
+            dropped += 1;
+        }
+        bump(&self.background.queued_dropped, dropped);
         Ok(dirty)
     }
 
@@ -645,6 +731,40 @@ impl PageScheduler {
     }
 }
 
+/// A request checked against the layout: its first target page and its last.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct CheckedRequest {
+    first: PageLocation,
+    last_page: u64,
+    host_shift: u32,
+}
+
+impl CheckedRequest {
+    /// The request's one host page, or [`RequestError::SpansHostPages`].
+    #[inline]
+    fn one_host_page(self) -> Result<(PageLocation, HostPage), RequestError> {
+        let (first_hp, last_hp) = (
+            self.first.page >> self.host_shift,
+            self.last_page >> self.host_shift,
+        );
+        if first_hp != last_hp {
+            return Err(RequestError::SpansHostPages {
+                block: self.first.block,
+                first_page: self.first.page,
+                host_pages: last_hp - first_hp + 1,
+            });
+        }
+        Ok((
+            self.first,
+            HostPage {
+                block: self.first.block,
+                first_page: first_hp << self.host_shift,
+                pages: 1 << self.host_shift,
+            },
+        ))
+    }
+}
+
 impl Drop for PageScheduler {
     fn drop(&mut self) {
         self.bitmap.detach();
@@ -653,6 +773,7 @@ impl Drop for PageScheduler {
 
 /// Why [`PageScheduler::with_bitmap`] refused a bitmap.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum AttachError {
     /// The bitmap was built for another layout.
     Layout(LayoutMismatch),
@@ -673,6 +794,7 @@ impl std::error::Error for AttachError {}
 
 /// Why postcopy recovery refused to rebuild a block.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum RecoveryError {
     /// The received bitmap is malformed for the block (or the block does not exist).
     Received(DirtyLogError),
@@ -725,6 +847,9 @@ pub struct BackgroundScanner<'a> {
     /// Pages verified clean, contiguously, ending at (block, page), since the last jump.
     swept: u64,
     local: LocalCounts,
+    /// Dirty pages claimed but not yet counted in the bitmap's dirty count (counted in
+    /// batches, with the statistics: the claim loop pays no shared RMW for the count).
+    uncounted: u64,
 }
 
 impl BackgroundScanner<'_> {
@@ -799,6 +924,9 @@ impl BackgroundScanner<'_> {
             c.publish(&self.sched.hint);
         }
         self.local.publish(&self.sched.background);
+        self.sched
+            .bitmap
+            .count_cleared(std::mem::take(&mut self.uncounted));
     }
 
     /// The next claim to send on the background channel, or `None` when a full contiguous
@@ -825,6 +953,7 @@ impl BackgroundScanner<'_> {
             };
             match found {
                 Found::Won(c) => {
+                    self.uncounted += c.dirty_pages();
                     self.local.claims += 1;
                     self.local.host_pages += u64::from(c.host_page_count());
                     self.local.pages += c.pages_to_send();

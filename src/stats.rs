@@ -12,24 +12,37 @@ use std::sync::atomic::Ordering;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct SchedulerStats {
-    /// Page requests accepted (valid) by the urgent side, in any mode.
+    /// Page requests accepted (valid) by the urgent side, in any mode; a range request
+    /// ([`PageScheduler::serve_range`](crate::PageScheduler::serve_range)) counts once.
     pub requests: u64,
-    /// Requests refused as malformed or out of range.
+    /// Requests refused as malformed, out of range, empty, or (through
+    /// [`PageScheduler::serve`](crate::PageScheduler::serve)) covering several host pages.
     pub bad_requests: u64,
-    /// Requests queued for the background path (vanilla mode).
+    /// Host pages queued for the background path (vanilla mode): one per request of
+    /// `serve`, one per host page of a range request.
     pub requests_queued: u64,
     /// Queued requests the background path jumped to (their page was still dirty).
     pub queued_followed: u64,
     /// Queued requests the background path took off the queue and dropped because their host
     /// page was no longer dirty (already sent). Once the queue is drained,
-    /// `queued_followed + queued_stale == requests_queued`: no request is lost.
+    /// `queued_followed + queued_stale + queued_dropped == requests_queued`: no request is
+    /// lost.
     pub queued_stale: u64,
-    /// Host pages claimed by the urgent path.
+    /// Queued requests dropped by [`PageScheduler::recover_block`](crate::PageScheduler::recover_block):
+    /// they belonged to the broken connection (its destination asks again after the
+    /// recovery if it still needs the page).
+    pub queued_dropped: u64,
+    /// Host pages claimed by the urgent path (through `serve` and `serve_range`).
     pub urgent_host_pages: u64,
     /// Target pages the urgent path sends (whole host pages).
     pub urgent_pages: u64,
-    /// Urgent requests whose host page was already claimed (by the background path, or sent).
+    /// Requested host pages that were already claimed (by the background path, or sent).
     pub urgent_already_claimed: u64,
+    /// Valid requests served through [`PageScheduler::serve_range`](crate::PageScheduler::serve_range).
+    pub range_requests: u64,
+    /// Host pages those range requests reported so far (each counted in `urgent_host_pages`,
+    /// `urgent_already_claimed` or `requests_queued` as well).
+    pub range_host_pages: u64,
     /// Claims made by background scanners.
     pub background_claims: u64,
     /// Host pages claimed by background scanners.
@@ -79,6 +92,8 @@ counters!(UrgentCounters {
     urgent_host_pages,
     urgent_pages,
     urgent_already_claimed,
+    range_requests,
+    range_host_pages,
     hints_accepted,
     hints_refused_pending,
 });
@@ -86,6 +101,7 @@ counters!(UrgentCounters {
 counters!(BackgroundCounters {
     queued_followed,
     queued_stale,
+    queued_dropped,
     background_claims,
     background_host_pages,
     background_pages,

@@ -353,3 +353,103 @@ fn dirty_ring_harvest_into_kvm_slots_marks_exactly_the_pages_written() {
     assert_eq!(reset, WRITES.len() as i32, "KVM_RESET_DIRTY_RINGS");
     assert!(ring.harvest().is_empty(), "nothing published twice");
 }
+
+/// The guest of [`program`], looping: after its `hlt`, a further `KVM_RUN` writes the same
+/// pages again.
+#[cfg(feature = "kvm")]
+fn looping_program() -> Vec<u8> {
+    let mut code = program();
+    let len = code.len() as i64 + 2; // with the jmp
+    code.push(0xeb); // jmp short start
+    code.push(i8::try_from(-len).expect("a short jump") as u8);
+    code
+}
+
+/// Real KVM, manual dirty-log clearing (`KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`, feature `kvm`):
+/// `KVM_GET_DIRTY_LOG` no longer clears the log; `KvmSlots::clear_dirty_log` clears exactly
+/// the pages a drain took, in every slot that maps them, and re-protects them, so that the
+/// guest's next write to them is logged again (I7) while the pages not cleared stay reported.
+#[cfg(feature = "kvm")]
+#[test]
+fn manual_dirty_log_clear_in_chunks_as_the_drain_takes_them() {
+    use pagehint::vmm::kvm_log::{enable_manual_protect, manual_protect_support};
+    let test = "manual_dirty_log_clear_in_chunks_as_the_drain_takes_them";
+    let Some(kvm) = kvm_or_skip(test) else {
+        return;
+    };
+    let vm = kvm.create_vm().unwrap();
+    if manual_protect_support(&vm).unwrap() == 0 {
+        assert!(
+            std::env::var_os("PAGEHINT_REQUIRE_KVM").is_none() || !cfg!(target_arch = "x86_64"),
+            "{test}: this x86-64 KVM has no KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2"
+        );
+        eprintln!("{test}: skipped, this KVM has no manual dirty-log protection");
+        return;
+    }
+    let manual = enable_manual_protect(&vm, false).expect("enable manual protection");
+    assert!(!manual.initially_set);
+    let ram = GuestRam::new();
+    let code = looping_program();
+    // SAFETY: the code fits in page 1 of the mapping `GuestRam::new` made.
+    unsafe {
+        std::ptr::copy_nonoverlapping(
+            code.as_ptr(),
+            ram.base.as_ptr().add(CODE_GPA as usize),
+            code.len(),
+        )
+    };
+    map_slots(&vm, &ram);
+    let mut vcpu = vm.create_vcpu(0).unwrap();
+    let (_layout, bitmap, slots) = tracking();
+    let sync = |bitmap: &DirtyBitmap| {
+        slots
+            .sync_dirty_log(bitmap, |m| vm.get_dirty_log(m.slot, m.log_bytes()))
+            .expect("KVM_GET_DIRTY_LOG")
+    };
+    let n = WRITES.len() as u64;
+
+    run_guest(&mut vcpu);
+    // The log is read, not cleared: a second sync reports the same pages.
+    assert_eq!(sync(&bitmap), n);
+    assert_eq!(sync(&bitmap), n, "KVM_GET_DIRTY_LOG cleared the log");
+    assert_eq!(bitmap.dirty_count(), n);
+
+    // A drain takes the block's only word, and clears exactly those pages in KVM (both
+    // slots: slot 1 maps pages 16..32 of the block).
+    let mut words = [0u64];
+    assert_eq!(bitmap.get_and_clear(0, 0, &mut words).unwrap(), n);
+    assert_eq!(slots.clear_dirty_log(&vm, 0, 0, &words).unwrap(), n);
+    assert_eq!(sync(&bitmap), 0, "the cleared pages are no longer reported");
+    let st = slots.stats();
+    assert_eq!(
+        (st.logs_cleared, st.cleared_pages, st.clears_failed),
+        (2, n, 0)
+    );
+
+    // The guest writes the same pages again: re-protected by the clear, they are logged.
+    vcpu.run().expect("KVM_RUN");
+    assert_eq!(sync(&bitmap), n);
+    assert_eq!(marked(&bitmap), written());
+    // Clear only slot 0's pages: slot 1's stay in KVM's log.
+    let slot0 = WRITES.iter().filter(|w| w.0 == 0).count() as u64;
+    let words = [written()
+        .iter()
+        .filter(|&&p| p < SLOT_PAGES)
+        .fold(0u64, |w, p| w | 1 << p)];
+    assert_eq!(slots.clear_dirty_log(&vm, 0, 0, &words).unwrap(), slot0);
+    assert_eq!(sync(&bitmap), n - slot0);
+    // Words past the block are refused before any ioctl.
+    assert!(slots.clear_dirty_log(&vm, 0, usize::MAX, &[1, 1]).is_err());
+
+    // Initially set: a slot created after enabling starts with every page in KVM's log.
+    let vm2 = kvm.create_vm().unwrap();
+    if enable_manual_protect(&vm2, true).unwrap().initially_set {
+        let ram2 = GuestRam::new();
+        map_slots(&vm2, &ram2);
+        let fresh = DirtyBitmap::new(&_layout).unwrap();
+        let all = slots
+            .sync_dirty_log(&fresh, |m| vm2.get_dirty_log(m.slot, m.log_bytes()))
+            .unwrap();
+        assert_eq!(all, 2 * SLOT_PAGES);
+    }
+}

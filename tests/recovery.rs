@@ -149,3 +149,50 @@ fn i3_recovery_rebuilds_wide_host_page_summaries() {
         None
     );
 }
+
+/// I5's bookkeeping across a recovery (vanilla mode): the broken connection's queued requests
+/// are dropped by `recover_block`, and counted, so every queued request is still accounted
+/// for: followed, found already sent, or dropped. (Before `queued_dropped`, the dropped ones
+/// vanished from the counts and the equality failed after a recovery.)
+#[test]
+fn i5_vanilla_requests_dropped_by_recovery_are_counted() {
+    let l = layout();
+    let mut sched = PageScheduler::new(l.clone(), SchedulerConfig::vanilla()).unwrap();
+    sched.bitmap().mark_all();
+    let mut scanner = sched.background();
+    let first = scanner.next_claim().expect("dirty pages");
+    drop(scanner);
+    for page in [3u64, 100, 200] {
+        let req = UrgentRequest::new(0, page * 4096, 4096);
+        assert!(matches!(sched.serve(req), Ok(Served::Queued(_))));
+    }
+    // The connection breaks: nothing was received but what the first claim sent.
+    assert_eq!(first.block(), 0, "the scan starts at block 0");
+    let rx = received(&l, 0, |p| {
+        first.host_pages().any(|hp| hp.page_range().contains(&p))
+    });
+    sched.recover_block(0, &rx).unwrap();
+    let st = sched.stats();
+    assert_eq!(st.requests_queued, 3);
+    assert_eq!(
+        st.queued_dropped, 3,
+        "the three queued requests were dropped"
+    );
+    assert_eq!(st.queued_followed + st.queued_stale + st.queued_dropped, 3);
+
+    // After the recovery the destination asks again; the queue drains as before.
+    let req = UrgentRequest::new(0, 300 * 4096, 4096);
+    assert!(matches!(sched.serve(req), Ok(Served::Queued(_))));
+    let mut sent = 0;
+    for c in sched.background() {
+        sent += c.pages_to_send();
+    }
+    assert!(sent > 0);
+    let st = sched.stats();
+    assert_eq!(st.requests_queued, 4);
+    assert_eq!(
+        st.queued_followed + st.queued_stale + st.queued_dropped,
+        st.requests_queued,
+        "every queued request accounted for across the recovery: {st:?}"
+    );
+}

@@ -29,7 +29,9 @@
 //! | [`bitmap::i7_mark_races_claim`] | bitmap (I7) | `DirtyBitmap` | [`flawed::LoadThenStoreClaim`], [`flawed::SummaryBeforePageBit`], [`flawed::RelaxedOrderings`] | `loom_bitmap` | — |
 //! | [`bitmap::i1_i2_drain_and_claim_one_owner`] | drain (I1, I2) | `DirtyBitmap` | [`flawed::NoSummaryElection`] | `loom_bitmap` | — |
 //! | [`bitmap::i7_mark_races_drain`] | drain (I7) | `DirtyBitmap` | [`flawed::SummaryClearedLast`], [`flawed::RelaxedOrderings`] | `loom_bitmap` | — |
+//! | [`count::count_model`] | the O(1) dirty count (exact when quiet, within `0..=pages` while running) | `DirtyBitmap`; the control [`count::ControlCount`] | [`count::LoadThenCountClaim`], [`count::LoadThenCountMark`] | `loom_count` | `shuttle_count` |
 //! | [`protocol::protocol_model`] | postcopy (I1–I3, I5, I6) | `PageScheduler` | [`protocol::TrustingScanner`], [`protocol::CheckThenSendScanner`] | `loom_protocol` | `shuttle_protocol` |
+//! | [`range::range_model`] | range requests racing the scanner (I1, I2, I3, I5) | `PageScheduler` (`serve_range`) | [`range::FirstPageOnly`] (the old `serve`: first host page only) | `loom_range` | `shuttle_range` |
 //! | [`vanilla::vanilla_model`] | vanilla mode (I1–I3, I5) | `PageScheduler` | [`vanilla::OverwritingSlotRewrite`], [`vanilla::SendRequestedUnclaimedRewrite`] | `loom_vanilla` | `shuttle_vanilla` |
 //! | [`multi::senders_and_urgent`] | several senders (I1–I4) | `PageScheduler` | [`multi::Rewrite`]`<true>` (pooled sweep counts) | `loom_multi` | `shuttle_multi` |
 //! | [`recovery::handoff_model`] | recovery handoff at a cut (I1) | `PageScheduler` (`recover_shared`), the harness's handoff as [`recovery::JoinThenSnapshot`] | [`recovery::SnapshotThenJoin`] | `loom_recovery` | `shuttle_recovery` |
@@ -64,12 +66,14 @@ compile_error!(
 );
 
 pub mod bitmap;
+pub mod count;
 pub mod flawed;
 pub mod hint;
 pub mod multi;
 pub mod overtake;
 pub mod precopy;
 pub mod protocol;
+pub mod range;
 pub mod record;
 pub mod recovery;
 pub mod remove;

@@ -187,3 +187,43 @@ fn overtake_models_pass_on_the_real_ledger_and_the_control() {
     overtake_model::<pagehint::CopyLedger>(&case);
     overtake_model::<OvertakeControl>(&case);
 }
+
+#[test]
+fn range_model_passes_on_the_real_scheduler() {
+    use pagehint_models::range::{range_model, RangeCase};
+    let layout = RamLayout::new(
+        4096,
+        [
+            BlockSpec::new("low", 256 * 4096, 2 * 4096),
+            BlockSpec::new("huge", 512 * 4096, 128 * 4096),
+        ],
+    )
+    .unwrap();
+    for config in [SchedulerConfig::preempt_hint(), SchedulerConfig::vanilla()] {
+        range_model::<PageScheduler>(&RangeCase {
+            layout: layout.clone(),
+            config: config.with_batch(ClaimBatch::HOST_PAGE),
+            requests: vec![(0, 60, 10), (1, 100, 300), (0, 0, 256)],
+        });
+    }
+}
+
+#[test]
+#[should_panic(expected = "I5: host page at")]
+fn range_mutant_is_caught_even_on_std_threads() {
+    use pagehint_models::range::{range_model, FirstPageOnly, RangeCase};
+    range_model::<FirstPageOnly>(&RangeCase {
+        layout: RamLayout::new(4096, [BlockSpec::new("low", 64 * 4096, 2 * 4096)]).unwrap(),
+        config: SchedulerConfig::preempt_hint(),
+        requests: vec![(0, 10, 8)],
+    });
+}
+
+#[test]
+fn count_model_passes_on_the_real_bitmap_and_the_control() {
+    use pagehint_models::count::{count_model, ControlCount};
+    for drainer in [false, true] {
+        count_model::<DirtyBitmap>(drainer);
+        count_model::<ControlCount>(drainer);
+    }
+}

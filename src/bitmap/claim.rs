@@ -88,6 +88,21 @@ impl Claim {
             })
         })
     }
+    /// The first target page of the claim's aligned run (host page 0 of [`host_mask`]).
+    ///
+    /// [`host_mask`]: Self::host_mask
+    pub(crate) fn first_page(&self) -> u64 {
+        self.first_page
+    }
+    /// Target pages per host page.
+    pub(crate) fn host_page_pages(&self) -> u64 {
+        1 << self.host_shift
+    }
+    /// The claimed host pages as a mask: bit `i` is the host page starting at target page
+    /// `first_page + (i << host_shift)`.
+    pub(crate) fn host_mask(&self) -> u64 {
+        self.host_mask
+    }
     /// The target page right after the last claimed host page (where a hint points).
     pub fn end(&self) -> PageLocation {
         let last = u64::from(63 - self.host_mask.leading_zeros());

@@ -6,6 +6,7 @@ use crate::layout::LocationError;
 
 /// Why a dirty log could not be merged.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum DirtyLogError {
     /// The block does not exist.
     Location(LocationError),
@@ -59,6 +60,7 @@ impl From<LocationError> for DirtyLogError {
 
 /// A bitmap that was not built for the layout it is used with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum LayoutMismatch {
     /// The bitmap and the layout have different numbers of blocks.
     BlockCount {

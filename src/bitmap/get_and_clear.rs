@@ -83,6 +83,7 @@ impl DirtyBitmap {
                 *o = take(w);
                 collected += u64::from(o.count_ones());
             }
+            self.count_cleared(collected);
             return Ok(collected);
         }
         let per = b.words_per_host();
@@ -118,6 +119,7 @@ impl DirtyBitmap {
             }
             w = seg_end;
         }
+        self.count_cleared(collected);
         Ok(collected)
     }
 }

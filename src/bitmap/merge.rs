@@ -76,6 +76,8 @@ impl DirtyBitmap {
         let base = (first_page >> WORD_SHIFT) as usize;
         let off = (first_page % WORD_BITS) as u32;
         let mut marked = 0;
+        // Bits this merge turned from clean to dirty (for the dirty count).
+        let mut newly = 0;
         // Wide blocks: summary bits to set, gathered per summary word, set only after the page
         // words they cover have been merged.
         let mut pending: Option<(usize, u64)> = None;
@@ -109,20 +111,23 @@ impl DirtyBitmap {
             if word != 0 {
                 // Release: page contents written before the log was taken are visible to the
                 // claimer that collects these bits.
-                words[base + i].fetch_or(word, Ordering::Release);
+                let prev = words[base + i].fetch_or(word, Ordering::Release);
+                newly += u64::from((word & !prev).count_ones());
                 gather_summary(&b, summary, base + i, &mut pending);
             }
         }
         if carry != 0 {
             // In range: the tail check above keeps every bit inside `first_page + pages`.
             // Release: as above.
-            words[base + log.len()].fetch_or(carry, Ordering::Release);
+            let prev = words[base + log.len()].fetch_or(carry, Ordering::Release);
+            newly += u64::from((carry & !prev).count_ones());
             gather_summary(&b, summary, base + log.len(), &mut pending);
         }
         if let Some((w, mask)) = pending {
             // Release: orders the merged page bits before the summary bit.
             summary[w].fetch_or(mask, Ordering::Release);
         }
+        self.count_dirtied(newly);
         Ok(marked)
     }
 
@@ -162,14 +167,18 @@ impl DirtyBitmap {
             // it); a later marker sets its summary bit after this clear.
             s.swap(0, Ordering::Acquire);
         }
-        let mut dirty = 0;
+        let (mut dirty, mut dropped, mut added) = (0, 0, 0);
         let mut pending: Option<(usize, u64)> = None;
         for (i, &r) in received.iter().enumerate() {
             let bits = if i + 1 == b.words { !r & tail_mask } else { !r };
             dirty += u64::from(bits.count_ones());
             // Release: like a mark; the claimer that collects these bits sees what this
-            // thread did before the rebuild.
-            words[i].store(bits, Ordering::Release);
+            // thread did before the rebuild. A swap rather than a store, so that the bits it
+            // replaces are known to the dirty count (a concurrent mark's bit is either
+            // replaced here, and counted as cleared, or set after, and counted by the mark).
+            let old = words[i].swap(bits, Ordering::Release);
+            dropped += u64::from((old & !bits).count_ones());
+            added += u64::from((bits & !old).count_ones());
             if bits != 0 {
                 gather_summary(&b, summary, i, &mut pending);
             }
@@ -178,6 +187,8 @@ impl DirtyBitmap {
             // Release: orders the rebuilt page bits before the summary bit.
             summary[w].fetch_or(mask, Ordering::Release);
         }
+        self.count_cleared(dropped);
+        self.count_dirtied(added);
         Ok(dirty)
     }
 }

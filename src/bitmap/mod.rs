@@ -40,11 +40,14 @@
 use std::fmt;
 use std::io;
 
+use crossbeam_utils::CachePadded;
+
 use crate::layout::{LocationError, PageLocation, RamLayout};
 use crate::storage::Words;
 use crate::sync::{AtomicBool, AtomicU64, Ordering};
 
 mod claim;
+mod count;
 mod error;
 mod get_and_clear;
 mod merge;
@@ -53,6 +56,7 @@ mod scan;
 mod tests;
 
 pub use claim::{Claim, HostPageClaim, PageClaim};
+pub use count::DirtyRate;
 pub use error::{DirtyLogError, LayoutMismatch};
 pub(crate) use scan::Found;
 
@@ -115,6 +119,12 @@ pub struct DirtyBitmap {
     summary: Words,
     /// Set while a [`PageScheduler`](crate::PageScheduler) drives this bitmap (one at a time).
     driven: AtomicBool,
+    /// Pages newly set, ever (monotonic; see `count.rs`).
+    dirtied: CachePadded<AtomicU64>,
+    /// Pages cleared, ever (monotonic; see `count.rs`).
+    cleared: CachePadded<AtomicU64>,
+    /// Pages of all blocks: the bound of `dirty_count`.
+    total_pages: u64,
 }
 
 impl DirtyBitmap {
@@ -147,6 +157,9 @@ impl DirtyBitmap {
             words: Words::zeroed(words)?,
             summary: Words::zeroed(summary)?,
             driven: AtomicBool::new(false),
+            dirtied: CachePadded::new(AtomicU64::new(0)),
+            cleared: CachePadded::new(AtomicU64::new(0)),
+            total_pages: layout.total_pages(),
         })
     }
 
@@ -189,9 +202,10 @@ impl DirtyBitmap {
     /// Marks target page `loc` dirty.
     pub fn mark_dirty(&self, loc: PageLocation) -> Result<(), LocationError> {
         let b = self.located(loc)?;
+        let bit = 1 << (loc.page % WORD_BITS);
         // Release: page contents written before the mark are visible to the claimer.
-        self.word(b, loc.page)
-            .fetch_or(1 << (loc.page % WORD_BITS), Ordering::Release);
+        let prev = self.word(b, loc.page).fetch_or(bit, Ordering::Release);
+        self.count_dirtied(u64::from(prev & bit == 0));
         if b.wide() {
             let hp = loc.page >> b.host_shift;
             self.mark_summary(b, hp, hp);
@@ -212,10 +226,13 @@ impl DirtyBitmap {
     pub fn mark_range(&self, block: u32, first: u64, count: u64) -> Result<(), LocationError> {
         let b = self.ranged(block, first, count)?;
         let words = &self.words.get()[b.word_base..b.word_base + b.words];
+        let mut newly = 0;
         for_each_word_span(first, first + count, |w, mask| {
             // Release: page contents written before the mark are visible to the claimer.
-            words[w].fetch_or(mask, Ordering::Release);
+            let prev = words[w].fetch_or(mask, Ordering::Release);
+            newly += u64::from((mask & !prev).count_ones());
         });
+        self.count_dirtied(newly);
         if b.wide() {
             self.mark_summary(
                 b,
@@ -232,6 +249,13 @@ impl DirtyBitmap {
             // Cannot fail: the whole block is a valid range.
             let _ = self.mark_range(i as u32, 0, b.pages);
         }
+    }
+
+    /// Target pages and log2 of target pages per host page of `block`.
+    pub(crate) fn block_shape(&self, block: u32) -> Option<(u64, u32)> {
+        self.blocks
+            .get(block as usize)
+            .map(|b| (b.pages, b.host_shift))
     }
 
     /// Words of `block`'s bitmap: the length of its dirty log, and the bound of
@@ -312,6 +336,7 @@ impl DirtyBitmap {
         // Acquire: sees the page contents published by the mark it collects; the RMW's
         // atomicity gives the bit to one claimer only.
         let was = self.word(b, loc.page).fetch_and(!bit, Ordering::Acquire) & bit != 0;
+        self.count_cleared(u64::from(was));
         Ok(if was {
             PageClaim::Claimed
         } else {
@@ -324,13 +349,14 @@ impl DirtyBitmap {
     #[must_use = "a won claim owns pages that have left the dirty bitmap: send them, or they are lost"]
     pub fn claim_host_page(&self, loc: PageLocation) -> Result<HostPageClaim, LocationError> {
         let b = *self.located(loc)?;
-        Ok(self
-            .claim_chunk(&b, loc.block, loc.page, b.host_shift)
-            .into())
+        let claim = self.claim_chunk(&b, loc.block, loc.page, b.host_shift);
+        self.count_cleared(claim.map_or(0, |c| c.dirty_pages));
+        Ok(claim.into())
     }
 
     /// Claims the aligned chunk of `1 << chunk_shift` target pages (at least one host page)
-    /// that contains `page`. `loc` must be valid.
+    /// that contains `page`. `loc` must be valid. The caller counts the pages cleared
+    /// (`count_cleared`): at once, or in batches (the background scanner).
     fn claim_chunk(
         &self,
         b: &BlockWords,
@@ -386,7 +412,42 @@ impl DirtyBitmap {
         })
     }
 
-    /// Number of dirty target pages (exact when no thread is marking or claiming).
+    /// One step of a range claim (the urgent path serving a request for several host pages):
+    /// claims the dirty host pages among those from `from` (the first page of a host page)
+    /// to `end` (the end of a host page, or of the block) that share `from`'s bitmap word
+    /// (narrow host pages: one masked acquire `fetch_and`) or `from`'s host page (wide: its
+    /// summary election, as [`claim_host_page`](Self::claim_host_page)). Returns the claim,
+    /// if any host page was dirty, and where the step ended; every host page of
+    /// `from..step end` not in the claim was clean or already claimed by someone else.
+    /// `block` must exist and `from < end <= pages` be host-page aligned.
+    pub(crate) fn claim_span(&self, block: u32, from: u64, end: u64) -> (Option<Claim>, u64) {
+        let b = self.blocks[block as usize];
+        if b.wide() {
+            let step_end = from + (1 << b.host_shift);
+            let claim = self.claim_wide(&b, block, from);
+            self.count_cleared(claim.map_or(0, |c| c.dirty_pages));
+            return (claim, step_end);
+        }
+        let off = from % WORD_BITS;
+        let step_end = end.min(from - off + WORD_BITS);
+        let mask = low_mask(step_end - from) << off;
+        // Acquire: sees the page contents published by the marks it collects; the RMW's
+        // atomicity gives each bit to one claimer only (I1), and the mask holds whole host
+        // pages (I2).
+        let got = (self.word(&b, from).fetch_and(!mask, Ordering::Acquire) & mask) >> off;
+        let claim = (got != 0).then(|| Claim {
+            block,
+            first_page: from,
+            host_shift: b.host_shift,
+            host_mask: host_mask(got, b.host_shift),
+            dirty_pages: u64::from(got.count_ones()),
+        });
+        self.count_cleared(u64::from(got.count_ones()));
+        (claim, step_end)
+    }
+
+    /// Number of dirty target pages, counted from the bits (O(words); exact when no thread
+    /// is marking or claiming). [`dirty_count`](Self::dirty_count) is the O(1) count.
     pub fn dirty_pages(&self) -> u64 {
         // Relaxed: a count, exact only when quiescent, as documented.
         self.words

@@ -34,8 +34,63 @@ pub struct GpaRange {
     pub len: u64,
 }
 
+impl GpaRange {
+    /// The range's first address as vm-memory's `GuestAddress` (feature `vm-memory`).
+    #[cfg(feature = "vm-memory")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "vm-memory")))]
+    pub fn guest_address(&self) -> vm_memory::GuestAddress {
+        vm_memory::GuestAddress(self.gpa)
+    }
+}
+
+/// A guest memory region as a VMM describes it before mapping it: where it lies, how long it
+/// is, and the page size backing it (a hugetlbfs page size, placed and sent whole), from
+/// which [`GpaMap::from_regions`] builds the layout (one RAM block per region) and the map.
+///
+/// With feature `vm-memory`, `(GuestAddress, usize)` — what `GuestMemoryMmap::from_ranges`
+/// takes — converts into one with base pages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct RegionSpec {
+    /// Guest physical address of the region's first byte.
+    pub gpa: u64,
+    /// Length in bytes.
+    pub len: u64,
+    /// The page size backing the region (e.g. 2 MiB for hugetlbfs), if larger than the target
+    /// page: each such page is claimed, sent and placed whole. `None`: target pages.
+    pub host_page_size: Option<u64>,
+}
+
+impl RegionSpec {
+    /// `len` bytes at `gpa`, backed by target-size pages.
+    pub const fn new(gpa: u64, len: u64) -> Self {
+        Self {
+            gpa,
+            len,
+            host_page_size: None,
+        }
+    }
+
+    /// The same region backed by hugetlbfs pages of `page_size` bytes.
+    pub const fn hugetlbfs(self, page_size: u64) -> Self {
+        Self {
+            host_page_size: Some(page_size),
+            ..self
+        }
+    }
+}
+
+/// `(GuestAddress, len)`, as `GuestMemoryMmap::from_ranges` takes it (feature `vm-memory`).
+#[cfg(feature = "vm-memory")]
+#[cfg_attr(docsrs, doc(cfg(feature = "vm-memory")))]
+impl From<(vm_memory::GuestAddress, usize)> for RegionSpec {
+    fn from((addr, len): (vm_memory::GuestAddress, usize)) -> Self {
+        Self::new(addr.0, len as u64)
+    }
+}
+
 /// Why a GPA map, or one conversion, was refused.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum GpaError {
     /// A base was given for a different number of blocks than the layout has.
     BaseCount {
@@ -74,8 +129,26 @@ pub enum GpaError {
     },
     /// A location or range outside the layout.
     Location(LocationError),
+    /// Dirty words have bits set past the block's last page.
+    BitsPastEnd {
+        /// The block.
+        block: u32,
+    },
+    /// A page request of zero bytes.
+    ZeroLength {
+        /// The address it named.
+        gpa: u64,
+    },
     /// Building the layout from guest memory failed.
     Layout(crate::layout::LayoutError),
+    /// A dirty bitmap was not built for this map's layout.
+    Bitmap,
+    /// A guest memory region is backed by hugetlbfs but was given target-size host pages: its
+    /// huge pages must be sent and placed whole, so give their size.
+    Hugetlbfs {
+        /// The block (region index).
+        block: u32,
+    },
 }
 
 impl fmt::Display for GpaError {
@@ -101,7 +174,16 @@ impl fmt::Display for GpaError {
                 "GPA range {gpa:#x} + {len:#x} is not inside one RAM block"
             ),
             Self::Location(e) => write!(f, "{e}"),
+            Self::BitsPastEnd { block } => {
+                write!(f, "dirty words of block {block} mark pages past the block's end")
+            }
+            Self::ZeroLength { gpa } => write!(f, "page request of zero bytes at GPA {gpa:#x}"),
             Self::Layout(e) => write!(f, "guest memory does not make a layout: {e}"),
+            Self::Bitmap => f.write_str("the dirty bitmap was not built for this GPA map's layout"),
+            Self::Hugetlbfs { block } => write!(
+                f,
+                "region {block} is backed by hugetlbfs: give its huge page size as the host page size"
+            ),
         }
     }
 }
@@ -121,6 +203,8 @@ struct Placed {
     /// Bytes (`pages << target shift`).
     len: u64,
     block: u32,
+    /// log2 of target pages per host page.
+    host_shift: u32,
 }
 
 /// Where each block of a [`RamLayout`] lies in guest physical address space.
@@ -182,7 +266,12 @@ impl GpaMap {
             if base.checked_add(len - 1).is_none() {
                 return Err(GpaError::Overflow { block });
             }
-            blocks.push(Placed { base, len, block });
+            blocks.push(Placed {
+                base,
+                len,
+                block,
+                host_shift: b.host_page_shift(),
+            });
         }
         let mut by_base: Vec<u32> = (0..blocks.len() as u32).collect();
         by_base.sort_by_key(|&b| blocks[b as usize].base);
@@ -202,12 +291,52 @@ impl GpaMap {
         })
     }
 
+    /// The layout and the map of guest memory described before it exists: one RAM block per
+    /// region, in the order given, named `ram@<gpa>`, in `target_page_size` target pages, each
+    /// with its region's host page size. Build the shared [`DirtyBitmap`](crate::DirtyBitmap)
+    /// for the layout, then the regions with their bitmaps
+    /// (`RegionBitmap::for_layout`, feature `vm-memory`): region *i* tracks into block *i*, and KVM slot *i* maps it
+    /// ([`KvmSlots::from_gpa_map`](crate::vmm::KvmSlots::from_gpa_map)).
+    ///
+    /// ```
+    /// use pagehint::vmm::{GpaMap, RegionSpec};
+    /// // 1 GiB below a hole, 2 GiB of 2 MiB hugetlbfs pages above 4 GiB
+    /// let (layout, map) = GpaMap::from_regions(4096, [
+    ///     RegionSpec::new(0, 1 << 30),
+    ///     RegionSpec::new(4 << 30, 2 << 30).hugetlbfs(2 << 20),
+    /// ])?;
+    /// assert_eq!(layout.blocks()[1].host_page_pages(), 512);
+    /// assert_eq!(map.location((4 << 30) + 4096)?, pagehint::PageLocation::new(1, 1));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn from_regions<R: Into<RegionSpec>>(
+        target_page_size: u64,
+        regions: impl IntoIterator<Item = R>,
+    ) -> Result<(RamLayout, Self), GpaError> {
+        let regions: Vec<RegionSpec> = regions.into_iter().map(Into::into).collect();
+        let layout = RamLayout::new(
+            target_page_size,
+            regions.iter().map(|r| {
+                crate::layout::BlockSpec::new(
+                    format!("ram@{:#x}", r.gpa),
+                    r.len,
+                    r.host_page_size.unwrap_or(target_page_size),
+                )
+            }),
+        )
+        .map_err(GpaError::Layout)?;
+        let bases: Vec<u64> = regions.iter().map(|r| r.gpa).collect();
+        let map = Self::new(&layout, &bases)?;
+        Ok((layout, map))
+    }
+
     /// The layout and map of vm-memory guest memory (feature `vm-memory`; any
     /// `GuestMemoryBackend`, the region collection `GuestMemoryMmap` is, which vm-memory
     /// called `GuestMemory` before 0.18): one block per
     /// region in region order, named `ram@<base>`, `target_page_size` target pages and
-    /// `host_page_size` host pages (what backs the regions: 4 KiB, or 2 MiB for hugetlbfs).
-    /// Region *i* then tracks into block *i*
+    /// `host_page_size` host pages (what backs the regions: 4 KiB, or 2 MiB for hugetlbfs; a
+    /// region that says it is on hugetlbfs with target-size host pages is refused,
+    /// [`GpaError::Hugetlbfs`]). Region *i* then tracks into block *i*
     /// ([`RegionBitmap::for_layout`](crate::vmm::RegionBitmap::for_layout)).
     ///
     /// ```
@@ -230,6 +359,11 @@ impl GpaMap {
         host_page_size: u64,
     ) -> Result<(RamLayout, Self), GpaError> {
         use vm_memory::GuestMemoryRegion;
+        if host_page_size <= target_page_size {
+            if let Some(i) = mem.iter().position(|r| r.is_hugetlbfs() == Some(true)) {
+                return Err(GpaError::Hugetlbfs { block: i as u32 });
+            }
+        }
         let regions: Vec<(u64, u64)> = mem.iter().map(|r| (r.start_addr().0, r.len())).collect();
         let layout = RamLayout::new(
             target_page_size,
@@ -278,17 +412,98 @@ impl GpaMap {
     /// let map = GpaMap::new(&layout, &[0, 1 << 32])?;
     /// assert_eq!(map.request((1 << 32) + 0x5000, 4096)?, UrgentRequest::new(1, 0x5000, 4096));
     /// assert!(map.request(0xff000, 8192).is_err()); // runs off the end of block 0
+    /// assert!(map.request(0x5000, 0).is_err()); // empty: refused here, not later by `serve`
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     pub fn request(&self, gpa: u64, len: u64) -> Result<UrgentRequest, GpaError> {
-        let p = self.holding(gpa, len.max(1))?;
+        if len == 0 {
+            return Err(GpaError::ZeroLength { gpa });
+        }
+        let p = self.holding(gpa, len)?;
         Ok(UrgentRequest::new(p.block, gpa - p.base, len))
+    }
+
+    /// [`location`](Self::location) for a `GuestAddress` (feature `vm-memory`).
+    #[cfg(feature = "vm-memory")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "vm-memory")))]
+    pub fn location_at(&self, addr: vm_memory::GuestAddress) -> Result<PageLocation, GpaError> {
+        self.location(addr.0)
+    }
+
+    /// [`gpa`](Self::gpa) as a `GuestAddress` (feature `vm-memory`).
+    #[cfg(feature = "vm-memory")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "vm-memory")))]
+    pub fn guest_address(&self, loc: PageLocation) -> Result<vm_memory::GuestAddress, GpaError> {
+        self.gpa(loc).map(vm_memory::GuestAddress)
+    }
+
+    /// [`request`](Self::request) for a `GuestAddress` (feature `vm-memory`): the page request
+    /// for `len` bytes at `addr`.
+    ///
+    /// ```
+    /// # use pagehint::{vmm::GpaMap, UrgentRequest};
+    /// use vm_memory::GuestAddress;
+    /// let (_, map) = GpaMap::from_regions(4096, [(GuestAddress(0), 1 << 20), (GuestAddress(1 << 32), 1 << 20)])?;
+    /// assert_eq!(map.request_at(GuestAddress((1 << 32) + 0x5000), 4096)?, UrgentRequest::new(1, 0x5000, 4096));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    #[cfg(feature = "vm-memory")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "vm-memory")))]
+    pub fn request_at(
+        &self,
+        addr: vm_memory::GuestAddress,
+        len: u64,
+    ) -> Result<UrgentRequest, GpaError> {
+        self.request(addr.0, len)
+    }
+
+    /// Number of blocks (regions).
+    pub fn blocks(&self) -> usize {
+        self.blocks.len()
+    }
+
+    /// Bitmap words per host page of `block` (at least 1); 1 for a block it does not have.
+    pub(crate) fn host_page_words(&self, block: u32) -> usize {
+        self.blocks
+            .get(block as usize)
+            .map_or(1, |p| 1usize << p.host_shift.saturating_sub(6))
+    }
+
+    /// Whether `bitmap` was built for this map's layout (the same blocks, pages and host page
+    /// sizes; names are not kept).
+    pub(crate) fn fits(&self, bitmap: &crate::DirtyBitmap) -> bool {
+        bitmap.blocks() == self.blocks.len()
+            && self.blocks.iter().all(|p| {
+                bitmap.block_shape(p.block) == Some((p.len >> self.target_shift, p.host_shift))
+            })
+    }
+
+    /// Target page size in bytes.
+    pub fn target_page_size(&self) -> u64 {
+        1 << self.target_shift
     }
 
     /// The dirty pages of `words` (dirty words of block `block` from word `from_word`, as
     /// [`DirtyBitmap::get_and_clear`](crate::DirtyBitmap::get_and_clear) fills them) as GPA
     /// ranges, runs of consecutive dirty pages coalesced (also across words), in address
-    /// order. Refuses words that reach past the block.
+    /// order.
+    ///
+    /// Refused, as [`DirtyBitmap::merge_dirty_log`](crate::DirtyBitmap::merge_dirty_log)
+    /// refuses a log: words that reach past the block's last word
+    /// ([`GpaError::Location`]), and bits past the block's last page in its last word
+    /// ([`GpaError::BitsPastEnd`]); so every range lies inside the block, also for a block that
+    /// ends at the very top of the address space. An empty `words` at any `from_word` up to
+    /// the block's word count yields nothing.
+    ///
+    /// ```
+    /// # use pagehint::{vmm::{GpaError, GpaMap}, RamLayout};
+    /// let layout: RamLayout = "a:4K,b:4K".parse()?; // one page each
+    /// let map = GpaMap::new(&layout, &[0, 0x1000])?;
+    /// assert_eq!(map.dirty_ranges(0, 0, &[0b1])?.count(), 1);
+    /// // bit 1 of block a's only word is past its end: not block b's page
+    /// assert_eq!(map.dirty_ranges(0, 0, &[0b10]).unwrap_err(), GpaError::BitsPastEnd { block: 0 });
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn dirty_ranges<'a>(
         &self,
         block: u32,
@@ -297,27 +512,34 @@ impl GpaMap {
     ) -> Result<DirtyRanges<'a>, GpaError> {
         let p = *self.placed(block)?;
         let pages = p.len >> self.target_shift;
-        let first_page = (from_word as u64).checked_mul(64);
-        let end_page = first_page.and_then(|f| f.checked_add(words.len() as u64 * 64));
-        match (first_page, end_page) {
-            // The last word may run past the block's end when its page count is not a
-            // multiple of 64; its bits past the end are never set by the bitmap.
-            (Some(first), Some(end)) if first < pages.max(1) && end <= pages.div_ceil(64) * 64 => {
-                Ok(DirtyRanges {
-                    words,
-                    word: 0,
-                    bits: words.first().copied().unwrap_or(0),
-                    base: p.base + (first << self.target_shift),
-                    shift: self.target_shift,
-                })
-            }
-            _ => Err(LocationError::RangeOutOfBounds {
-                block,
-                first: first_page.unwrap_or(u64::MAX),
-                count: words.len() as u64 * 64,
-            }
-            .into()),
+        // At most 2^40 pages per block (the layout's bound), so the word count fits.
+        let block_words = pages.div_ceil(64);
+        let out_of_bounds = || LocationError::RangeOutOfBounds {
+            block,
+            first: (from_word as u64).saturating_mul(64),
+            count: (words.len() as u64).saturating_mul(64),
+        };
+        let end_word = (from_word as u64)
+            .checked_add(words.len() as u64)
+            .filter(|&end| end <= block_words)
+            .ok_or_else(out_of_bounds)?;
+        let tail = pages % 64;
+        if end_word == block_words && tail != 0 && words.last().is_some_and(|w| w >> tail != 0) {
+            return Err(GpaError::BitsPastEnd { block });
         }
+        // `from_word < block_words` whenever `words` is non-empty, so the first page is in the
+        // block and its GPA is at most the block's last byte: no overflow.
+        let first_gpa = match words.is_empty() {
+            true => p.base,
+            false => p.base + ((from_word as u64 * 64) << self.target_shift),
+        };
+        Ok(DirtyRanges {
+            words,
+            word: 0,
+            bits: words.first().copied().unwrap_or(0),
+            base: first_gpa,
+            shift: self.target_shift,
+        })
     }
 
     fn placed(&self, block: u32) -> Result<&Placed, GpaError> {
@@ -469,7 +691,10 @@ mod tests {
         assert!(map.location((1 << 32) + (1 << 20)).is_err());
         assert!(map.gpa(PageLocation::new(0, 256)).is_err());
         assert!(map.gpa(PageLocation::new(2, 0)).is_err());
-        assert!(map.request(1 << 32, 0).is_ok());
+        assert_eq!(
+            map.request(1 << 32, 0),
+            Err(GpaError::ZeroLength { gpa: 1 << 32 })
+        );
         assert!(map.request((1 << 32) + (1 << 20) - 4096, 4097).is_err());
     }
 

@@ -60,6 +60,7 @@ use crate::sync::StatCounter;
 
 /// Why a [`RegionBitmap`] could not be made for a block.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum RegionBitmapError {
     /// The bitmap was not built for the layout.
     Layout(LayoutMismatch),

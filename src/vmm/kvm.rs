@@ -44,6 +44,51 @@ pub struct SlotMapping {
     pub pages: u64,
 }
 
+impl SlotMapping {
+    /// Words of the slot's dirty log (one bit per page).
+    pub fn log_words(&self) -> usize {
+        usize::try_from(self.pages.div_ceil(64)).unwrap_or(usize::MAX)
+    }
+    /// The slot's size in bytes for 4 KiB pages, as kvm-ioctls' `VmFd::get_dirty_log` takes
+    /// it (KVM logs 4 KiB pages; the layout's target page must be 4 KiB to merge its logs).
+    pub fn log_bytes(&self) -> usize {
+        usize::try_from(self.pages.saturating_mul(4096)).unwrap_or(usize::MAX)
+    }
+}
+
+/// Why [`KvmSlots::sync_dirty_log`] stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SyncError<E> {
+    /// Fetching a slot's log failed.
+    Get {
+        /// The slot.
+        slot: u32,
+        /// The fetch's error.
+        error: E,
+    },
+    /// A log did not fit its slot.
+    Slot(SlotError),
+}
+
+impl<E: fmt::Display> fmt::Display for SyncError<E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Get { slot, error } => write!(f, "dirty log of KVM slot {slot}: {error}"),
+            Self::Slot(e) => e.fmt(f),
+        }
+    }
+}
+
+impl<E: std::error::Error + 'static> std::error::Error for SyncError<E> {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Self::Get { error, .. } => Some(error),
+            Self::Slot(e) => Some(e),
+        }
+    }
+}
+
 /// One harvested dirty-ring entry: page `offset` of slot `slot` (`kvm_dirty_gfn` without its
 /// flags).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -96,6 +141,7 @@ impl From<kvm_bindings::kvm_dirty_gfn> for DirtyRingEntry {
 
 /// Why a slot mapping, a dirty log or a ring entry was refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum SlotError {
     /// No mapping for this slot.
     UnknownSlot {
@@ -125,6 +171,23 @@ pub enum SlotError {
         /// What was wrong with it.
         error: DirtyLogError,
     },
+    /// Words to clear in KVM's log lie outside their block (feature `kvm`).
+    ClearRange {
+        /// The block.
+        block: u32,
+        /// The first word.
+        from_word: usize,
+        /// Words given.
+        words: usize,
+    },
+    /// KVM refused a `KVM_CLEAR_DIRTY_LOG` of the slot (feature `kvm`): the OS error number.
+    /// Nothing is lost: KVM keeps the pages' bits, and the next sync reports them again.
+    Clear {
+        /// The slot.
+        slot: u32,
+        /// The OS error (`errno`).
+        errno: i32,
+    },
 }
 
 impl fmt::Display for SlotError {
@@ -142,6 +205,20 @@ impl fmt::Display for SlotError {
                 "dirty-ring entry for page {offset} of KVM slot {slot}, which has {pages} pages"
             ),
             Self::Log { slot, error } => write!(f, "dirty log of KVM slot {slot} refused: {error}"),
+            Self::ClearRange {
+                block,
+                from_word,
+                words,
+            } => write!(
+                f,
+                "words {from_word}..{} to clear are outside block {block}",
+                from_word.saturating_add(*words)
+            ),
+            Self::Clear { slot, errno } => write!(
+                f,
+                "KVM_CLEAR_DIRTY_LOG of KVM slot {slot} failed: {}",
+                std::io::Error::from_raw_os_error(*errno)
+            ),
         }
     }
 }
@@ -174,6 +251,12 @@ pub struct SlotStats {
     pub ring_entries: u64,
     /// Dirty-ring entries refused.
     pub ring_rejected: u64,
+    /// `KVM_CLEAR_DIRTY_LOG` calls made (feature `kvm`).
+    pub logs_cleared: u64,
+    /// Pages those calls cleared and re-protected.
+    pub cleared_pages: u64,
+    /// `KVM_CLEAR_DIRTY_LOG` calls KVM refused.
+    pub clears_failed: u64,
 }
 
 /// KVM memory slots mapped to RAM blocks, and the import of their dirty logs and rings.
@@ -214,12 +297,44 @@ pub struct KvmSlots {
     logs_rejected: StatCounter,
     ring_entries: StatCounter,
     ring_rejected: StatCounter,
+    logs_cleared: StatCounter,
+    cleared_pages: StatCounter,
+    clears_failed: StatCounter,
 }
 
 impl KvmSlots {
     /// No slots.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// One slot per region of `map`, numbered as the regions (slot *i* maps all of block *i*):
+    /// the usual VMM setup, where each guest memory region is registered as KVM memory slot
+    /// *i* at its GPA ([`GpaMap::block_range`](crate::vmm::GpaMap::block_range)).
+    ///
+    /// ```
+    /// use pagehint::vmm::{GpaMap, KvmSlots, RegionSpec};
+    /// let (_, map) = GpaMap::from_regions(4096, [RegionSpec::new(0, 1 << 20), RegionSpec::new(1 << 32, 2 << 20)])?;
+    /// let slots = KvmSlots::from_gpa_map(&map);
+    /// assert_eq!(slots.get(1)?.pages, 512);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn from_gpa_map(map: &crate::vmm::GpaMap) -> Self {
+        let page = map.target_page_size();
+        Self {
+            slots: (0..map.blocks() as u32)
+                .filter_map(|block| {
+                    let r = map.block_range(block).ok()?;
+                    Some(SlotMapping {
+                        slot: block,
+                        block,
+                        first_page: 0,
+                        pages: r.len / page,
+                    })
+                })
+                .collect(),
+            ..Self::default()
+        }
     }
 
     /// Maps a slot to pages of a block of `layout` (the layout the bitmap was built for).
@@ -280,6 +395,39 @@ impl KvmSlots {
             }
         }
         result
+    }
+
+    /// One dirty-log sync: `get(mapping)` fetches each slot's log (kvm-ioctls:
+    /// `|m| vm.get_dirty_log(m.slot, m.log_bytes())`), which is merged into `bitmap` as
+    /// [`merge_dirty_log`](Self::merge_dirty_log) does. Returns the pages the logs mark.
+    /// Stops at the first error: a failed fetch, or a log that does not fit its slot.
+    ///
+    /// ```
+    /// use pagehint::vmm::{GpaMap, KvmSlots, RegionSpec};
+    /// let (layout, map) = GpaMap::from_regions(4096, [RegionSpec::new(0, 1 << 20)])?;
+    /// let bitmap = pagehint::DirtyBitmap::new(&layout)?;
+    /// let slots = KvmSlots::from_gpa_map(&map);
+    /// // stands in for KVM_GET_DIRTY_LOG: pages 0 and 2 of slot 0
+    /// let n = slots.sync_dirty_log(&bitmap, |m| Ok::<_, std::io::Error>(vec![0b101; m.log_words()]))?;
+    /// assert_eq!(n, 8);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn sync_dirty_log<E>(
+        &self,
+        bitmap: &DirtyBitmap,
+        mut get: impl FnMut(&SlotMapping) -> Result<Vec<u64>, E>,
+    ) -> Result<u64, SyncError<E>> {
+        let mut pages = 0;
+        for m in &self.slots {
+            let log = get(m).map_err(|error| SyncError::Get {
+                slot: m.slot,
+                error,
+            })?;
+            pages += self
+                .merge_dirty_log(bitmap, m.slot, &log)
+                .map_err(SyncError::Slot)?;
+        }
+        Ok(pages)
     }
 
     /// Marks a harvested dirty-ring batch in `bitmap`. Runs of consecutive pages of one slot
@@ -347,6 +495,99 @@ impl KvmSlots {
         report
     }
 
+    /// Manual dirty-log clearing (feature `kvm`, after
+    /// [`enable_manual_protect`](crate::vmm::kvm_log::enable_manual_protect)): clears in KVM's
+    /// log, and write-protects again, exactly the pages set in `words` — dirty words of block
+    /// `block` from word `from_word`, as a drain just took them from the bitmap
+    /// ([`DirtyBitmap::get_and_clear`], [`Drain::on_chunk`](crate::vmm::Drain::on_chunk)) —
+    /// in every slot that maps them, with one `KVM_CLEAR_DIRTY_LOG` per slot touched (KVM's
+    /// alignment rules are met: the range is widened to whole words of the slot, with no extra
+    /// bit set). Call it *before* reading the pages to send them: a guest write after the
+    /// clear is logged again (I7). Returns the pages cleared.
+    ///
+    /// A refused clear is counted and returned as [`SlotError::Clear`] after the other slots
+    /// were cleared; it loses nothing (the pages stay dirty in KVM's log and are sent again
+    /// after the next sync).
+    #[cfg(feature = "kvm")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "kvm")))]
+    pub fn clear_dirty_log(
+        &self,
+        vm: &impl std::os::fd::AsRawFd,
+        block: u32,
+        from_word: usize,
+        words: &[u64],
+    ) -> Result<u64, SlotError> {
+        let range = SlotError::ClearRange {
+            block,
+            from_word,
+            words: words.len(),
+        };
+        // The block pages the words cover.
+        let lo = (from_word as u64).checked_mul(64).ok_or(range)?;
+        let hi = (words.len() as u64)
+            .checked_mul(64)
+            .and_then(|n| lo.checked_add(n))
+            .ok_or(range)?;
+        let mut cleared = 0;
+        let mut first_error = None;
+        let mut mask = Vec::new();
+        for m in self.slots.iter().filter(|m| m.block == block) {
+            // The slot's pages inside the words, slot-relative, widened to whole slot words
+            // (KVM wants `first_page` a multiple of 64, and whole words unless at the end).
+            let (start, end) = (lo.max(m.first_page), hi.min(m.first_page + m.pages));
+            if start >= end {
+                continue;
+            }
+            let first = (start - m.first_page) & !63;
+            let last = (end - m.first_page).div_ceil(64) * 64;
+            let pages = last.min(m.pages) - first;
+            mask.clear();
+            mask.resize(pages.div_ceil(64) as usize, 0u64);
+            let mut n = 0;
+            // The set bits of the words that fall in the slot.
+            let (w0, w1) = (
+                ((start - lo) / 64) as usize,
+                ((end - lo).div_ceil(64)) as usize,
+            );
+            for (wi, &w) in words.iter().enumerate().take(w1).skip(w0) {
+                let mut bits = w;
+                while bits != 0 {
+                    let page = lo + wi as u64 * 64 + u64::from(bits.trailing_zeros());
+                    bits &= bits - 1;
+                    if (start..end).contains(&page) {
+                        let i = page - m.first_page - first;
+                        mask[(i / 64) as usize] |= 1 << (i % 64);
+                        n += 1;
+                    }
+                }
+            }
+            if n == 0 {
+                continue;
+            }
+            // At most 63 pages more than the words given: past u32 only for a clear of over
+            // 2^26 words at once, which `clear_dirty_log` then refuses (EINVAL), like KVM.
+            let pages = u32::try_from(pages).unwrap_or(u32::MAX);
+            match crate::vmm::kvm_log::clear_dirty_log(vm, m.slot, first, pages, &mask) {
+                Ok(()) => {
+                    cleared += n;
+                    bump(&self.logs_cleared, 1);
+                    bump(&self.cleared_pages, n);
+                }
+                Err(e) => {
+                    bump(&self.clears_failed, 1);
+                    first_error.get_or_insert(SlotError::Clear {
+                        slot: m.slot,
+                        errno: e.raw_os_error().unwrap_or(0),
+                    });
+                }
+            }
+        }
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(cleared),
+        }
+    }
+
     /// A snapshot of the counters.
     pub fn stats(&self) -> SlotStats {
         // Relaxed: statistics, exact only when quiescent.
@@ -357,6 +598,9 @@ impl KvmSlots {
             logs_rejected: get(&self.logs_rejected),
             ring_entries: get(&self.ring_entries),
             ring_rejected: get(&self.ring_rejected),
+            logs_cleared: get(&self.logs_cleared),
+            cleared_pages: get(&self.cleared_pages),
+            clears_failed: get(&self.clears_failed),
         }
     }
 }

@@ -59,8 +59,14 @@ impl<'s> Dest<'s> {
         progress: &dyn Fn(u64, u64),
         receivers: &mut Receivers<'s>,
     ) -> Result<GuestOutcome, RunError> {
+        if let Some(c) = self.control {
+            c.doing(format!("precopy ({workload})"));
+        }
         let switch = self.await_switch(receivers)?;
         times.switch_applied = now_ns();
+        if let Some(c) = self.control {
+            c.doing(format!("postcopy ({workload})"));
+        }
         let guest = self.resume_guest(s, &switch, workload, times)?;
         if let Err(e) = self.inject_bad(self.cfg.hooks.inject_bad) {
             self.fail(e.into());
@@ -170,6 +176,9 @@ impl<'s> Dest<'s> {
             std::thread::sleep(Duration::from_millis(5));
             let placed = self.mem.placed();
             progress(placed, pending);
+            if let Some(c) = self.control {
+                c.progress(placed, pending);
+            }
             if self.stopped() {
                 break;
             }
@@ -253,6 +262,11 @@ impl<'s> Dest<'s> {
             self.fail(e.into());
             return false;
         }
+        // The source now sums every page for its summary: the idle limit counts from here,
+        // not from the last page (a big guest's sums take a while).
+        // Relaxed: a coarse timestamp.
+        self.bg_progress
+            .store(now_ns(), std::sync::atomic::Ordering::Relaxed);
         true
     }
 

@@ -139,7 +139,8 @@ pub fn command(c: cli::CompareQemuCli) -> ExitCode {
     let mut status = ExitCode::SUCCESS;
     for (p, text) in [(&o.json, export::json(&c)), (&o.svg, export::svg(&c))] {
         if let Some(p) = p {
-            match std::fs::write(p, text) {
+            // Whole: a temporary file renamed over it, as the harness writes its own.
+            match crate::harness::export::write_whole(p, &text) {
                 Ok(()) => println!("wrote {}", p.display()),
                 Err(e) => {
                     eprintln!("error: writing {}: {e}", p.display());

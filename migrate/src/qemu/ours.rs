@@ -230,7 +230,7 @@ pub fn migrate(
                 .join(" | ")
         ))
     })?;
-    let mut rows: Vec<RunResult> = serde_json::from_str(&text).map_err(|e| {
+    let mut rows: Vec<RunResult> = crate::harness::export::rows_from_json(&text).map_err(|e| {
         QemuError::Protocol(format!("{}: not the harness's JSON: {e}", json.display()))
     })?;
     if rows.len() != 1 {

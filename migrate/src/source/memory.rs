@@ -30,53 +30,15 @@ pub struct SourceMemory {
 }
 
 impl SourceMemory {
-    /// Maps RAM (hugetlb pages for 2 MiB host pages), copies `template` in and writes the
+    /// Maps RAM (hugetlb pages for 2 MiB host pages; a shared mapping of `file` when there
+    /// is one, the two blocks one after the other), copies `template` in and writes the
     /// parameter page, all through vm-memory.
-    pub fn new(template: &Template, params: &Params) -> Result<Self, String> {
-        let layout = template.layout().clone();
-        let bitmap =
-            Arc::new(DirtyBitmap::new(layout.ram()).map_err(|e| format!("dirty bitmap: {e}"))?);
-        let tracking =
-            RegionBitmap::for_layout(&bitmap, layout.ram()).map_err(|e| e.to_string())?;
-        let huge = layout.host_page() == HostPageSize::Huge2M;
-        let regions = tracking
-            .into_iter()
-            .zip(layout.block_ranges())
-            .map(|(t, (gpa, len))| {
-                // hugetlb: no MAP_NORESERVE, so a short pool fails here, not with SIGBUS later.
-                let flags = if huge {
-                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_HUGETLB
-                } else {
-                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE
-                };
-                let region = MmapRegionBuilder::new_with_bitmap(len as usize, t)
-                    .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-                    .with_mmap_flags(flags)
-                    .build()
-                    .map_err(|e| {
-                        format!(
-                            "mapping {} MiB of source RAM{}: {e}",
-                            len >> 20,
-                            if huge { " in hugetlb pages" } else { "" }
-                        )
-                    })?;
-                GuestRegionMmap::new(region, GuestAddress(gpa))
-                    .ok_or_else(|| "guest region overflows".to_string())
-            })
-            .collect::<Result<Vec<_>, String>>()?;
-        let mem = GuestMemoryMmap::from_regions(regions).map_err(|e| e.to_string())?;
-        let mut hosts = [0u64; 2];
-        for (h, (gpa, _)) in hosts.iter_mut().zip(layout.block_ranges()) {
-            *h = mem
-                .get_host_address(GuestAddress(gpa))
-                .map_err(|e| e.to_string())? as u64;
-        }
-        let me = Self {
-            layout,
-            mem,
-            bitmap,
-            hosts,
-        };
+    pub fn new(
+        template: &Template,
+        params: &Params,
+        file: Option<&std::fs::File>,
+    ) -> Result<Self, String> {
+        let me = Self::map(template.layout().clone(), file)?;
         let low = (me.layout.low_pages() * TARGET_PAGE) as usize;
         for (i, (gpa, len)) in me.layout.block_ranges().into_iter().enumerate() {
             let from = if i == 0 { 0 } else { low };
@@ -96,6 +58,68 @@ impl SourceMemory {
             .write_slice(&words, GuestAddress(PARAMS_GPA))
             .map_err(|e| format!("writing the parameter page: {e}"))?;
         Ok(me)
+    }
+
+    /// The RAM a session saved in `file` (the guest stopped at its switch-over): mapped as
+    /// it is, every page clean.
+    pub fn open(layout: GuestLayout, file: &std::fs::File) -> Result<Self, String> {
+        Self::map(layout, Some(file))
+    }
+
+    fn map(layout: GuestLayout, file: Option<&std::fs::File>) -> Result<Self, String> {
+        let bitmap =
+            Arc::new(DirtyBitmap::new(layout.ram()).map_err(|e| format!("dirty bitmap: {e}"))?);
+        let tracking =
+            RegionBitmap::for_layout(&bitmap, layout.ram()).map_err(|e| e.to_string())?;
+        let huge = layout.host_page() == HostPageSize::Huge2M;
+        if huge && file.is_some() {
+            return Err("RAM in a file (--ram-dir) needs 4 KiB host pages".into());
+        }
+        let mut at = 0u64;
+        let regions = tracking
+            .into_iter()
+            .zip(layout.block_ranges())
+            .map(|(t, (gpa, len))| {
+                // hugetlb: no MAP_NORESERVE, so a short pool fails here, not with SIGBUS later.
+                let flags = if huge {
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_HUGETLB
+                } else if file.is_some() {
+                    libc::MAP_SHARED
+                } else {
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE
+                };
+                let mut b = MmapRegionBuilder::new_with_bitmap(len as usize, t)
+                    .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+                    .with_mmap_flags(flags);
+                if let Some(f) = file {
+                    let f = f.try_clone().map_err(|e| format!("the RAM file: {e}"))?;
+                    b = b.with_file_offset(vm_memory::FileOffset::new(f, at));
+                }
+                at += len;
+                let region = b.build().map_err(|e| {
+                    format!(
+                        "mapping {} MiB of source RAM{}: {e}",
+                        len >> 20,
+                        if huge { " in hugetlb pages" } else { "" }
+                    )
+                })?;
+                GuestRegionMmap::new(region, GuestAddress(gpa))
+                    .ok_or_else(|| "guest region overflows".to_string())
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        let mem = GuestMemoryMmap::from_regions(regions).map_err(|e| e.to_string())?;
+        let mut hosts = [0u64; 2];
+        for (h, (gpa, _)) in hosts.iter_mut().zip(layout.block_ranges()) {
+            *h = mem
+                .get_host_address(GuestAddress(gpa))
+                .map_err(|e| e.to_string())? as u64;
+        }
+        Ok(Self {
+            layout,
+            mem,
+            bitmap,
+            hosts,
+        })
     }
 
     /// The layout.

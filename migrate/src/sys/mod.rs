@@ -5,11 +5,13 @@
 //! * [`clock`]: one monotonic nanosecond clock, precise sleeps, the boot id;
 //! * [`pin`]: which CPU each harness thread runs on;
 //! * [`warm`]: available memory, and the warm-up before measuring;
-//! * [`hugepages`]: 2 MiB hugetlb pages reserved for a run and given back.
+//! * [`hugepages`]: 2 MiB hugetlb pages reserved for a run and given back;
+//! * [`fds`]: the file-descriptor limit a listening source raises.
 //!
 //! Nothing here knows about migration: these modules import nothing else of the crate.
 
 pub mod clock;
+pub mod fds;
 pub mod hugepages;
 pub mod pin;
 pub mod uffd;

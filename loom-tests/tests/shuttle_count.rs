@@ -1,0 +1,40 @@
+//! shuttle: the O(1) dirty count model with the drain and reader thread, random and PCT
+//! schedules, 10,000 each; the mutants of `loom_count.rs` are caught here too. See
+//! `pagehint_models::count`.
+#![cfg(pagehint_shuttle)]
+
+use pagehint::DirtyBitmap;
+use pagehint_models::count::{count_model, LoadThenCountClaim, LoadThenCountMark};
+
+const ITERATIONS: usize = 10_000;
+const PCT_DEPTH: usize = 3;
+
+#[test]
+fn count_is_exact_when_quiet_random() {
+    shuttle::check_random(|| count_model::<DirtyBitmap>(true), ITERATIONS);
+}
+
+#[test]
+fn count_is_exact_when_quiet_pct() {
+    shuttle::check_pct(|| count_model::<DirtyBitmap>(true), ITERATIONS, PCT_DEPTH);
+}
+
+#[test]
+#[should_panic(expected = "count: ")]
+fn mutant_claim_counted_from_a_load_is_caught() {
+    shuttle::check_pct(
+        || count_model::<LoadThenCountClaim>(true),
+        ITERATIONS,
+        PCT_DEPTH,
+    );
+}
+
+#[test]
+#[should_panic(expected = "count: ")]
+fn mutant_mark_counted_from_a_load_is_caught() {
+    shuttle::check_pct(
+        || count_model::<LoadThenCountMark>(true),
+        ITERATIONS,
+        PCT_DEPTH,
+    );
+}
