@@ -889,6 +889,31 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.contains("--max-sessions 0: at least 1"), "{e}");
+        // QEMU's transport is a listener's option too, beside its limits.
+        let listen = |rate: &str| {
+            Invocation::from_cli(
+                Cli::try_parse_args_from([
+                    "pagehint-migrate",
+                    "--listen",
+                    "127.0.0.1:0",
+                    "--max-sessions",
+                    "2",
+                    "--qemu-rate-limit",
+                    rate,
+                ])
+                .unwrap(),
+            )
+        };
+        let o = listen("900M").unwrap();
+        assert_eq!(o.serve.qemu_rate_limit_bps, 900_000_000);
+        assert_eq!(o.serve.max_sessions, 2);
+        let e = listen("0").unwrap_err();
+        assert!(
+            e.contains("--qemu-rate-limit: a rate above 0 bits/s"),
+            "{e}"
+        );
+        assert_eq!(options(&[]).unwrap().serve.qemu_rate_limit_bps, 0);
+        assert!(options(&["--qemu-rate-limit", "900M"]).is_err());
     }
 
     #[test]
