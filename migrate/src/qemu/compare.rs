@@ -289,12 +289,16 @@ pub fn run(
         qemus: qemus.iter().map(|q| q.info.clone()).collect(),
         anchor,
         setup: format!(
-            "KVM guest, 1 vCPU, {} MiB, 4 KiB pages, pure postcopy; {} repeat{} (peer order alternating); both capped at {:.0}% of the link rate; transports: QEMU's (max-bandwidth and max-postcopy-bandwidth: a 100 ms-window rate limiter at line rate; pagehint: the same limiter, --qemu-rate-limit) and pagehint's (kernel pacing at the cap, at most {} unsent in preempt modes; QEMU: the pace-preload library on its sockets); threads {}",
+            "KVM guest, 1 vCPU, {} MiB, 4 KiB pages, pure postcopy; {} repeat{} (peer order alternating); both capped at {:.0}% of the link rate; transports: QEMU's (max-bandwidth and max-postcopy-bandwidth: a 100 ms-window rate limiter at line rate; pagehint: the same limiter, --qemu-rate-limit) and pagehint's (kernel pacing at the cap, {} in preempt modes; QEMU: the pace-preload library on its sockets); threads {}",
             o.mem >> 20,
             o.repeat,
             if o.repeat == 1 { "" } else { "s" },
             o.cap * 100.0,
-            o.lowat,
+            match o.lowat_bytes {
+                0 => "no bound on unsent bytes".to_string(),
+                b if b % (1 << 20) == 0 => format!("at most {} MiB unsent", b >> 20),
+                b => format!("at most {} KiB unsent", b.div_ceil(1 << 10)),
+            },
             if o.pin {
                 "pinned alike (guest + fault path on one CPU, bulk streams on the other)"
             } else {

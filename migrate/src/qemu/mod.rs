@@ -69,7 +69,10 @@ pub fn command(c: cli::CompareQemuCli) -> ExitCode {
         }
     };
     fn list<T>(v: &[T], name: impl Fn(&T) -> String) -> String {
-        v.iter().map(name).collect::<Vec<_>>().join(",")
+        match v.iter().map(name).collect::<Vec<_>>().join(",") {
+            l if l.is_empty() => "none".into(),
+            l => l,
+        }
     }
     let path = |p: &Option<std::path::PathBuf>| {
         p.as_ref()
