@@ -85,6 +85,10 @@ named_enum!(
         Log = 1, "log";
         /// KVM's per-vCPU dirty rings, harvested continuously.
         Ring = 2, "ring";
+        /// `KVM_GET_DIRTY_LOG` with manual re-protection (`KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`,
+        /// initially set): the get only reads the log, and each chunk the precopy drain takes
+        /// is cleared with `KVM_CLEAR_DIRTY_LOG` just before its pages are read (QEMU's way).
+        LogManual = 3, "log-manual";
     }
 );
 
@@ -318,6 +322,7 @@ mod tests {
         let e = "fast".parse::<MigrationMode>().unwrap_err();
         assert!(e.contains("vanilla, preempt, preempt-hint"), "{e}");
         assert_eq!("ring".parse::<DirtyTracking>(), Ok(DirtyTracking::Ring));
+        assert_eq!(DirtyTracking::from_code(3), Some(DirtyTracking::LogManual));
     }
 
     #[test]

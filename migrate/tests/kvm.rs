@@ -1,5 +1,7 @@
 //! End-to-end migrations of a KVM virtual machine: two RAM blocks, two vCPUs, precopy with
-//! KVM's dirty log and with its dirty rings, in every mode and workload; pure postcopy; 2 MiB
+//! KVM's dirty log and with its dirty rings, in every mode and workload, and with the dirty
+//! log's manual re-protection (`KVM_CLEAR_DIRTY_LOG` as the drain takes each chunk); pure
+//! postcopy; 2 MiB
 //! hugetlb pages; and the guest's own checks catching a corrupted page and a stale copy
 //! placed over a page it wrote. Each test says it was skipped, and why, where KVM or
 //! kernel-mode userfaultfd is missing; `.ci/run` sets `PAGEHINT_REQUIRE_KVM` wherever
@@ -130,6 +132,60 @@ fn precopy_with_the_dirty_log_and_the_dirty_ring_in_every_mode_and_workload() {
                 );
             }
         }
+    }
+}
+
+/// `--dirty-log manual`: KVM's log is read without clearing it, and each chunk the precopy
+/// drain takes is cleared (`KVM_CLEAR_DIRTY_LOG`, re-protecting its pages) before its pages
+/// are read. The guest verifies every page at the destination, so a page written between a
+/// clear and its read, or after it, and not sent again would fail the run; round 1 must find
+/// the pages written after their clear (re-protected, logged again), but not every page (the
+/// log was cleared: without the clears every sync would report all of RAM).
+#[test]
+fn precopy_with_manual_dirty_log_clearing() {
+    if !ready_or_skip("precopy_with_manual_dirty_log_clearing") {
+        return;
+    }
+    let mut c = kvm(2);
+    c.precopy.rounds = 3;
+    c.precopy.tracking = DirtyTracking::LogManual;
+    let runs = vec![
+        (Workload::Seq, MigrationMode::PreemptHint),
+        (Workload::Random, MigrationMode::Vanilla),
+        (Workload::Kv, MigrationMode::Preempt),
+    ];
+    for r in run_all(c, runs) {
+        check_kvm(&r, 2);
+        let t = &r.transfer;
+        assert_eq!(r.setup.dirty_tracking, "log-manual");
+        assert!(t.precopy_rounds_done >= 1, "{}", t.precopy_rounds_done);
+        assert_eq!(t.dirty_per_round[0], MEM / 4096, "round 0: every page");
+        assert!(
+            t.kvm_log_cleared_pages >= MEM / 4096 && t.kvm_log_clears > 0,
+            "round 0 clears all of RAM in KVM's log, chunk by chunk: {} pages in {} clears",
+            t.kvm_log_cleared_pages,
+            t.kvm_log_clears
+        );
+        if t.dirty_per_round.len() > 1 {
+            assert!(
+                t.dirty_per_round[1] > 0 && t.dirty_per_round[1] < MEM / 4096,
+                "{} / {}: round 1 found {} dirty pages of {}",
+                r.setup.workload,
+                r.setup.mode,
+                t.dirty_per_round[1],
+                MEM / 4096
+            );
+        }
+        assert_eq!(t.precopy_round_ms.len() as u64, t.precopy_rounds_done);
+        assert_eq!(t.precopy_sync_ms.len(), t.dirty_per_round.len());
+        assert!(
+            t.pending_host_pages < MEM / 4096 / 2,
+            "{} / {}: precopy left {} of {} pages for postcopy",
+            r.setup.workload,
+            r.setup.mode,
+            t.pending_host_pages,
+            MEM / 4096
+        );
     }
 }
 

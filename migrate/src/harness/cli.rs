@@ -39,6 +39,16 @@ enum Resend {
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+enum DirtyLog {
+    /// `KVM_GET_DIRTY_LOG` hands over and clears the log, write-protecting every page it
+    /// reports at each sync.
+    Auto,
+    /// Manual re-protection: the get only reads the log; each chunk the precopy drain takes
+    /// is cleared (`KVM_CLEAR_DIRTY_LOG`) just before its pages are read.
+    Manual,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
 enum GuestArg {
     /// KVM where `/dev/kvm` opens (and userfaultfd sees kernel faults), else thread.
     Auto,
@@ -113,6 +123,9 @@ pub struct Cli {
     /// Track the KVM guest's writes with KVM's dirty rings instead of the dirty log.
     #[arg(long)]
     dirty_ring: bool,
+    /// How the dirty log is re-protected (KVM guest, without --dirty-ring).
+    #[arg(long, value_enum, default_value = "auto")]
+    dirty_log: DirtyLog,
     /// Modes to compare, comma separated (once: a second --modes is refused).
     #[arg(long, value_delimiter = ',', default_value = MigrationMode::LIST, action = clap::ArgAction::Set)]
     modes: Vec<String>,
@@ -495,11 +508,18 @@ fn guest(cli: &Cli) -> Result<(GuestSpec, String), String> {
 
 /// Precopy rounds and how the guest's writes are tracked.
 fn precopy(cli: &Cli, kind: GuestKind) -> Result<Precopy, String> {
-    let tracking = match (kind, cli.dirty_ring) {
-        (GuestKind::Thread, true) => return Err("--dirty-ring needs the KVM guest".into()),
-        (GuestKind::Thread, false) => DirtyTracking::None,
-        (GuestKind::Kvm, true) => DirtyTracking::Ring,
-        (GuestKind::Kvm, false) => DirtyTracking::Log,
+    let tracking = match (kind, cli.dirty_ring, cli.dirty_log) {
+        (GuestKind::Thread, true, _) => return Err("--dirty-ring needs the KVM guest".into()),
+        (GuestKind::Thread, false, DirtyLog::Manual) => {
+            return Err("--dirty-log manual needs the KVM guest".into())
+        }
+        (GuestKind::Thread, false, DirtyLog::Auto) => DirtyTracking::None,
+        (GuestKind::Kvm, true, DirtyLog::Manual) => {
+            return Err("--dirty-log manual applies to the dirty log, not --dirty-ring".into())
+        }
+        (GuestKind::Kvm, true, DirtyLog::Auto) => DirtyTracking::Ring,
+        (GuestKind::Kvm, false, DirtyLog::Auto) => DirtyTracking::Log,
+        (GuestKind::Kvm, false, DirtyLog::Manual) => DirtyTracking::LogManual,
     };
     Ok(Precopy {
         rounds: cli.precopy_rounds,

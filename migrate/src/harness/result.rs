@@ -170,6 +170,31 @@ pub struct Transfer {
     pub precopy_rounds_done: u64,
     /// Dirty pages at the start of each precopy round.
     pub dirty_per_round: Vec<u64>,
+    /// Each precopy round's time at the source (its sync, then its drain: taking, clearing in
+    /// KVM's log with `log-manual`, reading and sending), ms.
+    #[serde(default)]
+    pub precopy_round_ms: Vec<f64>,
+    /// Each sync's time (reading KVM's logs or rings into the bitmap; one per entry of
+    /// `dirty_per_round`), ms.
+    #[serde(default)]
+    pub precopy_sync_ms: Vec<f64>,
+    /// Page faults KVM handled for the source's vCPUs during the precopy rounds (its
+    /// `pf_taken`; writes to pages write-protected for dirty logging among them); null where
+    /// KVM has no stats files (and for the thread guest).
+    #[serde(default)]
+    pub precopy_kvm_faults: Option<u64>,
+    /// Of those, fixed on KVM's fast path (`pf_fast`: most write-protection faults).
+    #[serde(default)]
+    pub precopy_kvm_fast_faults: Option<u64>,
+    /// Remote TLB flushes KVM made for the source VM during the precopy rounds.
+    #[serde(default)]
+    pub precopy_kvm_tlb_flushes: Option<u64>,
+    /// `KVM_CLEAR_DIRTY_LOG` calls in precopy (`log-manual`), and the pages they cleared.
+    #[serde(default)]
+    pub kvm_log_clears: u64,
+    /// Pages those calls cleared (re-protected).
+    #[serde(default)]
+    pub kvm_log_cleared_pages: u64,
     /// Source vCPUs stop → destination vCPUs run, ms.
     pub downtime_ms: f64,
     /// START → the last page placed, ms.
@@ -478,6 +503,18 @@ impl Transfer {
         Self {
             precopy_rounds_done: sw.rounds,
             dirty_per_round: sw.dirty_per_round.clone(),
+            precopy_round_ms: (0..sw.rounds as usize)
+                .map(|i| {
+                    ms(sw.sync_ns.get(i).copied().unwrap_or(0)
+                        + sw.drain_ns.get(i).copied().unwrap_or(0))
+                })
+                .collect(),
+            precopy_sync_ms: sw.sync_ns.iter().map(|&n| ms(n)).collect(),
+            precopy_kvm_faults: sw.kvm.counted.then_some(sw.kvm.faults),
+            precopy_kvm_fast_faults: sw.kvm.counted.then_some(sw.kvm.fast),
+            precopy_kvm_tlb_flushes: sw.kvm.counted.then_some(sw.kvm.tlb_flushes),
+            kvm_log_clears: sw.kvm.log_clears,
+            kvm_log_cleared_pages: sw.kvm.cleared_pages,
             downtime_ms: ms(t.resume.saturating_sub(stop_local)),
             total_ms: ms(complete_ns(e).saturating_sub(t.start)),
             precopy_ms: ms(stop_local.saturating_sub(t.start)),
@@ -718,6 +755,8 @@ mod tests {
         "hints_offered",
         "hints_taken",
         "host_page",
+        "kvm_log_cleared_pages",
+        "kvm_log_clears",
         "longest_pause_ms",
         "lowat_bytes",
         "mem_bytes",
@@ -732,10 +771,15 @@ mod tests {
         "placed_twice",
         "postcopy_bytes",
         "precopy_bytes",
+        "precopy_kvm_fast_faults",
+        "precopy_kvm_faults",
+        "precopy_kvm_tlb_flushes",
         "precopy_ms",
         "precopy_pages",
+        "precopy_round_ms",
         "precopy_rounds",
         "precopy_rounds_done",
+        "precopy_sync_ms",
         "problems",
         "progress_after_per_s",
         "progress_before_per_s",

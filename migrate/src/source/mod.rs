@@ -64,7 +64,8 @@ use crate::options::{DirtyTracking, GuestKind, MigrationMode, SourceFault};
 use crate::sys::clock::{now_ns, tight_timer_slack};
 use crate::sys::pin::{PinPlan, Role};
 use crate::wire::{
-    write_parts, Channel, FrameHeader, Guard, Hello, Summary, SwitchOver, WireError,
+    switch::PrecopyKvm, write_parts, Channel, FrameHeader, Guard, Hello, Summary, SwitchOver,
+    WireError,
 };
 use memory::SourceMemory;
 use send::{Hooks, Outbound, SendError, Sent};
@@ -416,6 +417,7 @@ impl SourceServer {
                 let tracking = match h.precopy.tracking {
                     DirtyTracking::None => return Err("a KVM guest needs dirty tracking".into()),
                     DirtyTracking::Log => Tracking::Log,
+                    DirtyTracking::LogManual => Tracking::LogManual,
                     DirtyTracking::Ring => Tracking::Ring(RING_BYTES),
                 };
                 // SAFETY: `mem` outlives the machine (`Prepared`'s field order drops the
@@ -1269,7 +1271,7 @@ impl Session<'_> {
             // Relaxed: a polled flag; the joins below wait for the threads.
             housekeeping_stop.store(true, Ordering::Relaxed);
             let (device, harvest) = keeping.join();
-            let report = result?;
+            let (report, kvm) = result?;
             if let Some(f) = vcpu_failed {
                 return Err(SourceError::Guest(f));
             }
@@ -1282,16 +1284,17 @@ impl Session<'_> {
                     return Err(SourceError::Guest(refused));
                 }
             }
-            Ok(self.switch_over(stop_ns, t_run, states, report))
+            Ok(self.switch_over(stop_ns, t_run, states, report, kvm))
         })
     }
 
-    /// Waits for the guest to boot (its first `out` says so), then runs the precopy rounds.
+    /// Waits for the guest to boot (its first `out` says so), then runs the precopy rounds;
+    /// returns what they did, and what KVM did meanwhile.
     fn precopy_rounds(
         &self,
         t_run: u64,
         tracker: Option<&DirtyTracker<'_>>,
-    ) -> Result<precopy::PrecopyReport, SourceError> {
+    ) -> Result<(precopy::PrecopyReport, PrecopyKvm), SourceError> {
         if let Some(m) = self.machine {
             while !m.all_started() {
                 if now_ns() - t_run > self.idle.as_nanos() as u64 {
@@ -1304,13 +1307,33 @@ impl Session<'_> {
             }
         }
         let rounds = self.hello.precopy.rounds;
-        Ok(precopy::run(
+        let kvm_counters = || -> Result<_, SourceError> {
+            self.machine.map_or(Ok(None), |m| {
+                m.kvm_counters()
+                    .map_err(|e| SourceError::Guest(e.to_string()))
+            })
+        };
+        let before = kvm_counters()?;
+        let report = precopy::run(
             &self.out,
             self.bitmap(),
             tracker,
             rounds,
             &self.guard(false),
-        )?)
+        )?;
+        let during = kvm_counters()?.zip(before).map(|(a, b)| a.since(b));
+        let (log_clears, cleared_pages) = tracker.map_or((0, 0), |t| t.clears());
+        let d = during.unwrap_or_default();
+        let kvm = PrecopyKvm {
+            counted: during.is_some(),
+            faults: d.faults,
+            fixed: d.fixed,
+            fast: d.fast,
+            tlb_flushes: d.tlb_flushes,
+            log_clears,
+            cleared_pages,
+        };
+        Ok((report, kvm))
     }
 
     /// Kicks the vCPUs out of the guest and collects their state; the second value says
@@ -1343,6 +1366,7 @@ impl Session<'_> {
         t_run: u64,
         states: Vec<VcpuState>,
         report: precopy::PrecopyReport,
+        kvm: PrecopyKvm,
     ) -> SwitchOver {
         let guest = self.machine.map(|m| m.counters()).unwrap_or_default();
         SwitchOver {
@@ -1363,6 +1387,9 @@ impl Session<'_> {
                 .collect(),
             guest: sum_counters(&guest),
             dirty_per_round: report.dirty_per_round,
+            sync_ns: report.sync_ns,
+            drain_ns: report.drain_ns,
+            kvm,
         }
     }
 
