@@ -2,7 +2,8 @@
 # scripts/test-all.sh: every test of the project, in one command (the README's test command).
 #
 #   0. installs what this machine lacks (`scripts/install-deps.sh`: spin, gcc, iproute2,
-#      QEMU 10.0 from bookworm-backports, nightly miri and rust-src);
+#      QEMU 10.0 from bookworm-backports, QEMU 11.1 into .deps/qemu-11.1, nightly miri and
+#      rust-src);
 #   1. clippy over every target with all features, warnings denied (its `incompatible_msrv`
 #      lint checks the workspace's rust-version), rustdoc with warnings denied (with and
 #      without features), and a build of the library with the MSRV toolchain its own
@@ -11,7 +12,8 @@
 #      among them the migration harness's end-to-end tests of a KVM guest (they need root
 #      for userfaultfd, KVM and hugetlb pages; wherever /dev/kvm opens they must run:
 #      PAGEHINT_REQUIRE_KVM turns a skipped KVM test into a failure) and the short QEMU
-#      side-by-side (PAGEHINT_REQUIRE_QEMU, set where QEMU is installed too);
+#      side-by-side against QEMU 11.1 (PAGEHINT_REQUIRE_QEMU, set where install-deps brought
+#      QEMU 11.1 into .deps/qemu-11.1);
 #   3. examples/kvm_migration.rs on real KVM, with KVM's own and manual dirty-log clearing
 #      (release), then doc tests;
 #   4. loom models and their mutants      (`cargo loom`,    release, target/loom);
@@ -34,9 +36,9 @@ if [[ -z "${PAGEHINT_REQUIRE_KVM:-}" ]] && { exec 3<>/dev/kvm; } 2>/dev/null; th
     echo "/dev/kvm opens: the KVM tests must run (PAGEHINT_REQUIRE_KVM=1)"
 fi
 if [[ -n "${PAGEHINT_REQUIRE_KVM:-}" && -z "${PAGEHINT_REQUIRE_QEMU:-}" && $(id -u) == 0 ]] &&
-    qemu-system-x86_64 --version >/dev/null 2>&1; then
+    .deps/qemu-11.1/bin/qemu-system-x86_64 --version >/dev/null 2>&1; then
     export PAGEHINT_REQUIRE_QEMU=1
-    echo "QEMU and root too: the QEMU side-by-side test must run (PAGEHINT_REQUIRE_QEMU=1)"
+    echo "QEMU 11.1 and root too: the QEMU side-by-side test must run (PAGEHINT_REQUIRE_QEMU=1)"
 fi
 step() {
     echo

@@ -56,7 +56,7 @@ fn program() -> Program {
 fn main() -> ExitCode {
     let cli = match program() {
         Program::Migrate(cli) => cli,
-        Program::CompareQemu(c) => return compare_qemu(*c),
+        Program::CompareQemu(c) => return qemu::command(*c),
         Program::Recover(r) => {
             return match r.run() {
                 Ok(answer) => {
@@ -173,104 +173,6 @@ fn main() -> ExitCode {
     if exit.status != 0 {
         eprintln!("error: {}", exit.reason);
         return ExitCode::from(exit.status);
-    }
-    status
-}
-
-const QEMU_LEGEND: &str = "\
-req p50/p99: request latency, fault read -> page placed (QEMU: its destination trace events, which cost it a formatted write per page)
-blocktime: time every vCPU was blocked at once (QEMU: postcopy-blocktime); total: migrate -> completed (QEMU) / start -> last page placed (pagehint)
-ops/s: guest operations (pages checked, or lookups) per second during postcopy; pre/post: MiB before / after the switch";
-
-/// `pagehint-migrate compare-qemu`: cli → qemu::compare → qemu::export.
-fn compare_qemu(c: qemu::cli::CompareQemuCli) -> ExitCode {
-    let o = match qemu::cli::CompareOptions::from_cli(c) {
-        Ok(o) => o,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    let exe = match std::env::current_exe() {
-        Ok(p) => p,
-        Err(e) => {
-            eprintln!("error: cannot find this executable: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    fn list<T>(v: &[T], name: impl Fn(&T) -> String) -> String {
-        v.iter().map(name).collect::<Vec<_>>().join(",")
-    }
-    println!(
-        "compare-qemu: {} MiB guest, workloads {}, links {}, QEMU {}, pagehint {}",
-        o.mem >> 20,
-        list(&o.workloads, |w| w.name().into()),
-        list(&o.links, |l| l.name()),
-        list(&o.qemu_modes, |m| m.name().into()),
-        list(&o.modes, |m| m.name().into()),
-    );
-    let result = qemu::compare::run(&o, &exe, |r| {
-        if r.completed {
-            println!(
-                "  {:<4} {:<7} {:<12} {:<13} {:>6} requests, p50 {:>9.1} µs, p99 {:>9.1} µs, blocktime {:>8.1} ms, total {:>8.1} ms, guest {}",
-                r.link,
-                r.workload,
-                r.peer,
-                r.mode,
-                r.requests,
-                r.request_p50_us,
-                r.request_p99_us,
-                r.blocktime_ms,
-                r.total_ms,
-                if r.guest_alive { "alive" } else { "NOT ALIVE" }
-            );
-        } else {
-            println!(
-                "  {:<4} {:<7} {:<12} {:<13} FAILED: {}",
-                r.link,
-                r.workload,
-                r.peer,
-                r.mode,
-                r.error.as_deref().unwrap_or("?")
-            );
-        }
-    });
-    let c = match result {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("error: {e}");
-            eprintln!("(logs in {})", o.workdir.0.display());
-            return ExitCode::from(2);
-        }
-    };
-    println!("\n{}\n{}", c.qemu_version, c.setup);
-    for l in &c.links {
-        println!(
-            "link {}: {} (probe: {:.2} Gbit/s)",
-            l.name,
-            l.shaping,
-            l.measured_bps / 1e9
-        );
-    }
-    println!();
-    print!("{}", qemu::export::table(&c.rows));
-    println!("\n{QEMU_LEGEND}\n");
-    println!("targets (ratios from this run):");
-    print!("{}", export::targets_text(&c.targets));
-    println!("\ntotal time {:.0} s", c.seconds);
-    let status = write_outputs([
-        (&o.json, qemu::export::json(&c)),
-        (&o.svg, qemu::export::svg(&c)),
-    ]);
-    if c.rows.iter().any(|r| !r.completed || !r.guest_alive) {
-        eprintln!(
-            "error: some runs failed (logs in {})",
-            o.workdir.0.display()
-        );
-        return ExitCode::from(1);
-    }
-    if !o.workdir.1 {
-        let _ = std::fs::remove_dir_all(&o.workdir.0);
     }
     status
 }

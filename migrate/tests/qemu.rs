@@ -1,30 +1,55 @@
 //! QEMU side by side, the short version CI runs: `pagehint-migrate compare-qemu` migrates a
-//! 64 MiB guest running the random workload with QEMU (vanilla, preempt) and with pagehint
-//! (vanilla, preempt, preempt-hint) over a 1 Gbit/s `tbf`-shaped veth between two network
-//! namespaces. It checks that every migration completed and that the guest survived it (no
-//! timing thresholds: those are the full comparison's, printed, not asserted).
+//! 64 MiB guest running the random workload with QEMU 11.1 (postcopy-preempt with its page
+//! hint) and with pagehint (preempt-hint), each on QEMU's transport and on pagehint's, over a
+//! 1 Gbit/s `tbf`-shaped veth between two network namespaces, once, plus the run that
+//! measures what tracing costs QEMU. It checks that every migration completed with the
+//! guest alive and that **no figure is empty**: every row that made requests has a request
+//! latency (QEMU's from its own `query-migrate` histogram, untraced), blocktime, total time
+//! and CPU per GiB above 0 and finite, QEMU on pagehint's transport really had its sockets
+//! configured by the preload library, the ratios of the attribution table are measured, and
+//! the traced run's two latency sources both have samples. No timing thresholds: those are
+//! the full comparison's, printed, not asserted.
 //!
-//! It needs KVM, root and QEMU. Where one is missing it says so and skips, unless
-//! `PAGEHINT_REQUIRE_QEMU` is set (`scripts/test-all.sh` sets it where it installed QEMU and
-//! `/dev/kvm` opens), which turns the skip into a failure.
+//! It needs KVM, root, QEMU 11.1 in the private prefix `scripts/install-deps.sh` fills, and
+//! the pace-preload library (built here if missing). Where one is missing it says so and
+//! skips, unless `PAGEHINT_REQUIRE_QEMU` is set (`scripts/test-all.sh` sets it where QEMU is
+//! installed and `/dev/kvm` opens), which turns the skip into a failure.
 
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use pagehint_migrate::guest::kvm::ready_or_skip;
+use pagehint_migrate::qemu::cli::default_qemu11;
+use serde_json::Value;
 
 fn ready(test: &str) -> bool {
     if !ready_or_skip(test) {
         return false;
     }
+    let qemu11 = default_qemu11();
     // SAFETY: geteuid has no preconditions and cannot fail.
     let why = if unsafe { libc::geteuid() } != 0 {
         Some("the shaped link needs root (network namespaces, tc)".to_string())
     } else {
-        match Command::new("qemu-system-x86_64").arg("--version").output() {
-            Ok(o) if o.status.success() => None,
-            Ok(o) => Some(format!("qemu-system-x86_64 --version failed: {}", o.status)),
+        match Command::new(&qemu11).arg("--version").output() {
+            Ok(o)
+                if o.status.success()
+                    && String::from_utf8_lossy(&o.stdout).contains("version 11.1") =>
+            {
+                None
+            }
+            Ok(o) => Some(format!(
+                "{} --version: {} {}",
+                qemu11.display(),
+                o.status,
+                String::from_utf8_lossy(&o.stdout)
+                    .lines()
+                    .next()
+                    .unwrap_or("")
+            )),
             Err(e) => Some(format!(
-                "qemu-system-x86_64 does not run ({e}); scripts/install-deps.sh installs it"
+                "{} does not run ({e}); scripts/install-deps.sh installs QEMU 11.1 there",
+                qemu11.display()
             )),
         }
     };
@@ -40,25 +65,56 @@ fn ready(test: &str) -> bool {
     }
 }
 
+/// The pace-preload library beside the harness binary, built with the same profile if
+/// missing (`cargo test -p pagehint-migrate` alone does not build other workspace members).
+fn preload() -> PathBuf {
+    let exe = Path::new(env!("CARGO_BIN_EXE_pagehint-migrate"));
+    let dir = exe.parent().unwrap();
+    let find = || {
+        [dir.to_path_buf(), dir.join("deps")]
+            .iter()
+            .map(|d| d.join("libpagehint_pace_preload.so"))
+            .find(|p| p.exists())
+    };
+    if let Some(p) = find() {
+        return p;
+    }
+    let mut c = Command::new(env!("CARGO"));
+    c.args(["build", "-p", "pagehint-pace-preload"]);
+    if dir.ends_with("release") {
+        c.arg("--release");
+    }
+    let st = c.status().expect("cargo runs");
+    assert!(st.success(), "building pagehint-pace-preload: {st}");
+    find().unwrap_or_else(|| panic!("no libpagehint_pace_preload.so in {}", dir.display()))
+}
+
+/// A figure that must be measured: above 0 and finite.
+fn measured(v: &Value, what: &str) -> f64 {
+    let x = v
+        .as_f64()
+        .unwrap_or_else(|| panic!("{what}: not a number: {v}"));
+    assert!(x.is_finite() && x > 0.0, "{what}: empty figure {x}");
+    x
+}
+
 #[test]
-fn qemu_and_pagehint_both_migrate_the_guest_over_the_same_shaped_link() {
-    let test = "qemu_and_pagehint_both_migrate_the_guest_over_the_same_shaped_link";
+fn qemu_11_and_pagehint_migrate_the_guest_on_both_transports_with_no_empty_figure() {
+    let test = "qemu_11_and_pagehint_migrate_the_guest_on_both_transports_with_no_empty_figure";
     if !ready(test) {
         return;
     }
+    let preload = preload();
     let dir = std::env::temp_dir().join(format!("pagehint-qemu-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let json = dir.join("side.json");
     let out = Command::new(env!("CARGO_BIN_EXE_pagehint-migrate"))
-        .args([
-            "compare-qemu",
-            "--mem",
-            "64M",
-            "--workloads",
-            "random",
-            "--links",
-            "1G",
-        ])
+        .args(["compare-qemu", "--mem", "64M", "--workloads", "random"])
+        .args(["--links", "1G", "--repeat", "1", "--qemu10", "none"])
+        .args(["--qemu-modes", "preempt", "--modes", "preempt-hint"])
+        .args(["--transports", "qemu,pagehint"])
+        .arg("--preload")
+        .arg(&preload)
         .arg("--workdir")
         .arg(dir.join("work"))
         .arg("--json")
@@ -74,38 +130,43 @@ fn qemu_and_pagehint_both_migrate_the_guest_over_the_same_shaped_link() {
         "compare-qemu failed ({}):\n{stdout}\n{stderr}",
         out.status
     );
-    let c: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
-    assert!(c["qemu_version"].as_str().unwrap().contains("QEMU"));
+    let c: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let qemus = c["qemus"].as_array().unwrap();
+    assert_eq!(qemus.len(), 1);
+    assert!(qemus[0]["version"]
+        .as_str()
+        .unwrap()
+        .contains("version 11.1"));
     let link = &c["links"][0];
     assert_eq!(link["name"], "1G");
-    let measured = link["measured_bps"].as_f64().unwrap();
+    let measured_bps = link["measured_bps"].as_f64().unwrap();
     assert!(
-        measured > 0.5e9 && measured < 1.1e9,
-        "the tbf shapes the link: {measured} bit/s"
+        measured_bps > 0.5e9 && measured_bps < 1.1e9,
+        "the tbf shapes the link: {measured_bps} bit/s"
     );
     let rows = c["rows"].as_array().unwrap();
-    let who: Vec<(bool, &str)> = rows
+    let who: Vec<(&str, &str, &str)> = rows
         .iter()
         .map(|r| {
             (
-                r["peer"].as_str().unwrap().starts_with("QEMU"),
+                r["peer"].as_str().unwrap(),
                 r["mode"].as_str().unwrap(),
+                r["transport"].as_str().unwrap(),
             )
         })
         .collect();
+    let q = qemus[0]["label"].as_str().unwrap();
     assert_eq!(
         who,
         [
-            (true, "vanilla"),
-            (true, "preempt"),
-            (false, "vanilla"),
-            (false, "preempt"),
-            (false, "preempt-hint")
+            (q, "preempt", "qemu"),
+            (q, "preempt", "pagehint"),
+            ("pagehint", "preempt-hint", "qemu"),
+            ("pagehint", "preempt-hint", "pagehint"),
         ]
     );
     for r in rows {
-        let name = format!("{} {}", r["peer"], r["mode"]);
+        let name = format!("{} {} [{}]", r["peer"], r["mode"], r["transport"]);
         assert_eq!(r["completed"], true, "{name}: {}", r["error"]);
         assert_eq!(
             r["guest_alive"], true,
@@ -113,20 +174,92 @@ fn qemu_and_pagehint_both_migrate_the_guest_over_the_same_shaped_link() {
             r["error"]
         );
         assert_eq!(r["guest_errors"], 0, "{name}");
+        let requests = r["requests"].as_u64().unwrap();
+        assert!(requests > 0, "{name}: the random guest faults");
+        let lat = &r["latency"];
         assert!(
-            r["requests"].as_u64().unwrap() > 0,
-            "{name}: the random guest faults"
+            lat.is_object(),
+            "{name}: {requests} requests and no latency"
         );
+        assert!(
+            lat["samples"].as_u64().unwrap() > 0,
+            "{name}: no latency samples"
+        );
+        let p50 = measured(&lat["p50_us"], &format!("{name} p50"));
+        let p99 = measured(&lat["p99_us"], &format!("{name} p99"));
+        assert!(p99 >= p50, "{name}: p99 {p99} < p50 {p50}");
+        measured(&r["blocktime_ms"], &format!("{name} blocktime"));
+        measured(&r["span_ms"], &format!("{name} total"));
+        measured(&r["cpu_ms_per_gib"], &format!("{name} CPU per GiB"));
         assert!(
             r["postcopy_bytes"].as_u64().unwrap() >= 32 << 20,
             "{name}: RAM went over in postcopy"
         );
-        assert!(
-            r["request_p50_us"].as_f64().unwrap() > 0.0,
-            "{name}: latencies measured"
-        );
+        if r["peer"] == q {
+            assert_eq!(lat["source"], "qmp-histogram", "{name}: QEMU 11.1 untraced");
+            assert_eq!(r["traced"], false, "{name}");
+            let threads = r["cpu_threads"].as_object().unwrap();
+            assert!(
+                threads.contains_key("src:mig/src/main"),
+                "{name}: {threads:?}"
+            );
+            assert!(
+                threads.contains_key("dst:mig/dst/listen"),
+                "{name}: {threads:?}"
+            );
+        } else {
+            let threads = r["cpu_threads"].as_object().unwrap();
+            assert!(
+                threads.contains_key("src:ph/src/bulk"),
+                "{name}: {threads:?}"
+            );
+            assert!(
+                threads.contains_key("dst:ph/dst/bulk"),
+                "{name}: {threads:?}"
+            );
+        }
+        if r["peer"] == q && r["transport"] == "pagehint" {
+            let s = &r["preloaded_sockets"];
+            assert!(
+                s[0].as_u64().unwrap() >= 1 && s[1].as_u64().unwrap() >= 1,
+                "{name}: the preload library configured no socket: {s}"
+            );
+        }
     }
-    assert!(stdout.contains("targets (ratios from this run)"));
+    // Every ratio of the attribution table of request latency is measured and finite.
+    let splits = c["splits"].as_array().unwrap();
+    for s in splits
+        .iter()
+        .filter(|s| s["figure"] == "p50" || s["figure"] == "p99")
+    {
+        for k in [
+            "shipped",
+            "sched_qemu_transport",
+            "sched_pagehint_transport",
+            "transport_pagehint",
+            "transport_qemu",
+        ] {
+            let m = &s[k]["Measured"];
+            assert!(m.is_object(), "{} {k}: {}", s["figure"], s[k]);
+            measured(&m["median"], &format!("{} {k}", s["figure"]));
+        }
+    }
+    assert!(
+        splits.iter().any(|s| s["figure"] == "p99"),
+        "the attribution table has the p99 row"
+    );
+    // What tracing costs QEMU, and its own latency against its trace's, from one run.
+    let probes = c["probes"].as_array().unwrap();
+    assert_eq!(probes.len(), 1, "{probes:?}");
+    let p = &probes[0];
+    assert!(p["error"].is_null(), "{}", p["error"]);
+    for k in ["qmp_latency", "trace_latency"] {
+        assert!(p[k]["samples"].as_u64().unwrap() > 0, "probe {k}: {}", p[k]);
+        measured(&p[k]["p50_us"], &format!("probe {k} p50"));
+    }
+    assert!(stdout.contains("targets (medians over the repeats"));
+    assert!(stdout.contains("what tracing costs QEMU"));
+    assert!(!c["targets"].as_array().unwrap().is_empty());
     let svg = std::fs::read_to_string(dir.join("side.svg")).unwrap();
     assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
     let _ = std::fs::remove_dir_all(&dir);

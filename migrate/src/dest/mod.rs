@@ -547,7 +547,7 @@ impl<'a> Dest<'a> {
         let (events, outcome) = std::thread::scope(|s| {
             let mut receivers = self.spawn_receivers(s);
             let fault_thread = s.spawn(|| {
-                cfg.pin.apply(Role::FaultThread);
+                cfg.pin.apply_named(Role::FaultThread);
                 tight_timer_slack();
                 let req = |hp: u64, tid: u32| {
                     self.request(hp, self.stream_of(tid))

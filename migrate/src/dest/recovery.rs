@@ -132,14 +132,14 @@ impl Dest<'_> {
         };
         let pin = self.cfg.pin;
         let bg = s.spawn(move || {
-            pin.apply(Role::BackgroundReceiver);
+            pin.apply_named(Role::BackgroundReceiver);
             tight_timer_slack();
             if let Err(e) = self.receiver(&main, Channel::Background) {
                 self.conn_failed(e, n);
             }
         });
         let urgent = s.spawn(move || {
-            pin.apply(Role::UrgentReceiver);
+            pin.apply_named(Role::UrgentReceiver);
             tight_timer_slack();
             if let Err(e) = self.receiver(&urgent, Channel::Urgent) {
                 self.conn_failed(e, n);

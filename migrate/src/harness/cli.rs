@@ -63,7 +63,8 @@ Which side a flag applies to:
   without --listen/--connect  both sides, in this process over loopback: every flag
   --connect ADDR              the destination: every flag (its hello tells the source the
                               guest, the link, the modes' settings and the test hooks)
-  --listen ADDR               the source only: --pin, --timeout, --quiet, --sessions, --once;
+  --listen ADDR               the source only: --pin, --timeout, --quiet, --sessions, --once,
+                              --max-recover, --max-sessions, --ram-dir, --qemu-rate-limit;
                               every other flag is refused (each destination's hello decides)
 
 Postcopy recovery: when the connections break after the switch-over (closed, reset, or
@@ -85,6 +86,7 @@ const LISTEN_FLAGS: &[&str] = &[
     "quiet",
     "sessions",
     "once",
+    "qemu_rate_limit",
     "max_recover",
     "max_sessions",
     "ram_dir",
@@ -222,6 +224,11 @@ pub struct Cli {
     /// over the repeats; the JSON keeps every run.
     #[arg(long, value_name = "N", default_value_t = 1)]
     repeat: u32,
+    /// With --listen: QEMU's transport instead of pagehint's: the background sender keeps
+    /// under QEMU's 100 ms-window rate limiter at this many bits/s (see
+    /// source/rate_limit.rs); give the destinations --pace 0 --lowat off (compare-qemu does).
+    #[arg(long, value_name = "BITS", requires = "listen")]
+    qemu_rate_limit: Option<String>,
     /// With --listen: hold a session whose connections broke in postcopy paused at most this
     /// long for its destination to come back, whatever the destination asks for (30s).
     #[arg(long, value_name = "DURATION", allow_hyphen_values = true)]
@@ -462,7 +469,7 @@ fn refuse_ignored(given: &[String]) -> Result<(), String> {
         return Ok(());
     }
     Err(format!(
-        "--listen serves what each destination's hello asks for: {} would be ignored here; give {} to the --connect side (a listening source takes only --pin, --timeout, --quiet, --sessions, --once, --max-recover, --max-sessions, --ram-dir)",
+        "--listen serves what each destination's hello asks for: {} would be ignored here; give {} to the --connect side (a listening source takes only --pin, --timeout, --quiet, --sessions, --once, --max-recover, --max-sessions, --ram-dir, --qemu-rate-limit)",
         ignored.join(", "),
         if ignored.len() == 1 { "it" } else { "them" }
     ))
@@ -653,8 +660,8 @@ fn hooks(cli: &Cli, recover_timeout: Duration) -> Result<TestHooks, String> {
     })
 }
 
-/// A listening source's own limits (`--max-recover`, `--max-sessions`, `--ram-dir`); the
-/// flags of a listener only.
+/// A listening source's own limits (`--max-recover`, `--max-sessions`, `--ram-dir`) and
+/// transport (`--qemu-rate-limit`); the flags of a listener only.
 fn serve_options(cli: &Cli, cfg: &RunConfig) -> Result<ServeOptions, String> {
     let mut o = ServeOptions::new(cfg.pin, cfg.idle_timeout);
     if cli.listen.is_none() {
@@ -692,6 +699,13 @@ fn serve_options(cli: &Cli, cfg: &RunConfig) -> Result<ServeOptions, String> {
             return Err(format!("--ram-dir {}: not a directory", d.display()));
         }
         o.ram_dir = Some(d.clone());
+    }
+    if let Some(b) = &cli.qemu_rate_limit {
+        o.qemu_rate_limit_bps =
+            match parse_bits(b).map_err(|e| format!("--qemu-rate-limit: {e}"))? {
+                0 => return Err("--qemu-rate-limit: a rate above 0 bits/s".into()),
+                v => v,
+            };
     }
     Ok(o)
 }
@@ -929,6 +943,31 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.contains("--max-sessions 0: at least 1"), "{e}");
+        // QEMU's transport is a listener's option too, beside its limits.
+        let listen = |rate: &str| {
+            Invocation::from_cli(
+                Cli::try_parse_args_from([
+                    "pagehint-migrate",
+                    "--listen",
+                    "127.0.0.1:0",
+                    "--max-sessions",
+                    "2",
+                    "--qemu-rate-limit",
+                    rate,
+                ])
+                .unwrap(),
+            )
+        };
+        let o = listen("900M").unwrap();
+        assert_eq!(o.serve.qemu_rate_limit_bps, 900_000_000);
+        assert_eq!(o.serve.max_sessions, 2);
+        let e = listen("0").unwrap_err();
+        assert!(
+            e.contains("--qemu-rate-limit: a rate above 0 bits/s"),
+            "{e}"
+        );
+        assert_eq!(options(&[]).unwrap().serve.qemu_rate_limit_bps, 0);
+        assert!(options(&["--qemu-rate-limit", "900M"]).is_err());
     }
 
     #[test]

@@ -1,23 +1,27 @@
 //! `pagehint-migrate compare-qemu`'s command line, parsed once into [`CompareOptions`].
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::Args;
 use pagehint::layout::parse_size;
 
 use super::netns::LinkSpec;
+use super::ours::Transport;
 use super::peer::QemuMode;
 use crate::guest::layout::{GuestLayout, HostPageSize};
 use crate::options::{MigrationMode, Workload};
 use crate::values::{parse_bits, parse_duration, parse_list};
 
 /// `compare-qemu` in `pagehint-migrate --help`.
-pub const ABOUT: &str = "Migrate the same guest with QEMU 10.0 and with pagehint over the same shaped link (two network namespaces, a veth pair, tc tbf), side by side. Needs root, KVM and qemu-system-x86_64 (scripts/install-qemu.sh)";
+pub const ABOUT: &str = "Migrate the same guest with QEMU 10.0 (before the page hint), QEMU 11.1 (the hint, as merged) and pagehint over the same shaped link (two network namespaces, a veth pair, tc tbf), each on both transports, repeated; every ratio split into scheduler and transport. Needs root, KVM, both QEMUs (scripts/install-deps.sh) and the pace-preload library (cargo build --release -p pagehint-pace-preload)";
 
-/// Migrate the same guest with QEMU 10.0 and with pagehint over the same shaped link
-/// (two network namespaces, a veth pair, `tc tbf`), and print them side by side.
-/// Needs root, KVM and `qemu-system-x86_64` (scripts/install-qemu.sh).
+/// Migrate the same guest with QEMU 10.0 (before the page hint), QEMU 11.1 (the hint, as
+/// merged) and pagehint over the same shaped link (two network namespaces, a veth pair,
+/// `tc tbf`), each on its own transport and on the other's, repeated, and print them side by
+/// side with every ratio split into scheduler and transport. Needs root, KVM, both QEMUs
+/// (scripts/install-deps.sh) and the pace-preload library
+/// (`cargo build --release -p pagehint-pace-preload`).
 #[derive(Args, Debug)]
 pub struct CompareQemuCli {
     /// Guest RAM (one vCPU, 4 KiB pages, one RAM block below 4 GiB for QEMU's `pc` machine).
@@ -50,9 +54,28 @@ pub struct CompareQemuCli {
     /// (TCP_NOTSENT_LOWAT): auto (1 MiB), off (the whole send buffer), or a size.
     #[arg(long, default_value = "auto")]
     lowat: String,
-    /// The QEMU binary.
+    /// QEMU before the hint (10.0), or `none`.
     #[arg(long, default_value = "qemu-system-x86_64")]
-    qemu: PathBuf,
+    qemu10: String,
+    /// QEMU with the hint (11.1; the anchor of the targets), or `none` (default: the private
+    /// prefix scripts/install-deps.sh fills).
+    #[arg(long)]
+    qemu11: Option<String>,
+    /// Transports of QEMU 11.1 and pagehint, comma separated: qemu (QEMU's 100 ms-window
+    /// rate limiter), pagehint (kernel pacing and an unsent-bytes bound; for QEMU through
+    /// the pace-preload library). QEMU 10.0 runs on its own only.
+    #[arg(long, value_delimiter = ',', default_value = "qemu,pagehint")]
+    transports: Vec<String>,
+    /// Repetitions (peer order alternates); medians and min-max over them.
+    #[arg(long, default_value_t = 3)]
+    repeat: u32,
+    /// The pace-preload library (default: libpagehint_pace_preload.so beside this program).
+    #[arg(long, value_name = "FILE")]
+    preload: Option<PathBuf>,
+    /// Measure once per link and repeat what tracing costs each QEMU (one extra run each:
+    /// QEMU 11.1 traced, QEMU 10.0 untraced; preempt, random): on or off.
+    #[arg(long, default_value = "on")]
+    trace_cost: String,
     /// How long the guest runs at the source before migrating (QEMU; pagehint's source starts
     /// migrating once its guest runs).
     #[arg(long, default_value = "1s")]
@@ -74,6 +97,10 @@ pub struct CompareQemuCli {
     /// Write the comparison as JSON to FILE.
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
+    /// Run nothing: read the runs of a JSON document this command wrote and derive the
+    /// medians, splits and targets again (and print, and write --json/--svg).
+    #[arg(long, value_name = "FILE")]
+    from_json: Option<PathBuf>,
     /// Write an SVG plot to FILE.
     #[arg(long, value_name = "FILE")]
     svg: Option<PathBuf>,
@@ -96,8 +123,20 @@ pub struct CompareOptions {
     pub cap: f64,
     /// pagehint's `--lowat`, checked.
     pub lowat: String,
-    /// QEMU binary.
-    pub qemu: PathBuf,
+    /// ... in bytes (0: off), for QEMU on pagehint's transport in preempt mode.
+    pub lowat_bytes: u64,
+    /// QEMU before the hint.
+    pub qemu10: Option<PathBuf>,
+    /// QEMU with the hint.
+    pub qemu11: Option<PathBuf>,
+    /// Transports of QEMU 11.1 and pagehint.
+    pub transports: Vec<Transport>,
+    /// Repetitions.
+    pub repeat: u32,
+    /// The pace-preload library.
+    pub preload: PathBuf,
+    /// Measure what tracing costs QEMU.
+    pub trace_cost: bool,
     /// Guest run time at the source before a QEMU migration.
     pub settle: Duration,
     /// Stream rate, bytes/s.
@@ -110,6 +149,8 @@ pub struct CompareOptions {
     pub workdir: (PathBuf, bool),
     /// JSON output.
     pub json: Option<PathBuf>,
+    /// Derive from this JSON document's runs instead of running.
+    pub from_json: Option<PathBuf>,
     /// SVG output.
     pub svg: Option<PathBuf>,
 }
@@ -157,9 +198,32 @@ impl CompareOptions {
         }
         let qemu_modes: Vec<QemuMode> = modes("qemu-modes", &c.qemu_modes)?;
         let modes: Vec<MigrationMode> = modes("modes", &c.modes)?;
-        if links.is_empty() || (qemu_modes.is_empty() && modes.is_empty()) {
+        let binary = |v: &str| (v != "none").then(|| PathBuf::from(v));
+        let qemu10 = binary(&c.qemu10);
+        let qemu11 = match &c.qemu11 {
+            Some(v) => binary(v),
+            None => Some(default_qemu11()),
+        };
+        let no_qemu = qemu_modes.is_empty() || (qemu10.is_none() && qemu11.is_none());
+        if links.is_empty() || (no_qemu && modes.is_empty()) {
             return Err("nothing to compare".into());
         }
+        let transports: Vec<Transport> = parse_list("transports", &c.transports)?;
+        if transports.is_empty() {
+            return Err("--transports: at least one".into());
+        }
+        if c.repeat == 0 {
+            return Err("--repeat: at least 1".into());
+        }
+        let trace_cost = match c.trace_cost.as_str() {
+            "on" => true,
+            "off" => false,
+            t => return Err(format!("--trace-cost: {t:?} (on, off)")),
+        };
+        let preload = match c.preload {
+            Some(p) => p,
+            None => default_preload()?,
+        };
         let pin = match c.pin.as_str() {
             "auto" => true,
             "off" => false,
@@ -185,7 +249,17 @@ impl CompareOptions {
                     .map(|_| l.to_string())
                     .map_err(|e| format!("--lowat: {e} (auto, off or a size)"))?,
             },
-            qemu: c.qemu,
+            lowat_bytes: c
+                .lowat
+                .parse::<crate::link::LowWater>()
+                .map_err(|e| format!("--lowat: {e}"))?
+                .bytes(HostPageSize::Small),
+            qemu10,
+            qemu11,
+            transports,
+            repeat: c.repeat,
+            preload,
+            trace_cost,
             settle: parse_duration(&c.settle).map_err(|e| format!("--settle: {e}"))?,
             stream_rate: match parse_size(&c.stream_rate)
                 .map_err(|e| format!("--stream-rate {}: {e}", c.stream_rate))?
@@ -202,7 +276,27 @@ impl CompareOptions {
             pin,
             workdir,
             json: c.json,
+            from_json: c.from_json,
             svg: c.svg,
         })
     }
+}
+
+/// QEMU 11.1's wrapper in the private prefix `scripts/install-deps.sh` fills.
+pub fn default_qemu11() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(".deps/qemu-11.1/bin/qemu-system-x86_64")
+}
+
+/// `libpagehint_pace_preload.so` beside this program (cargo builds workspace libraries into
+/// the same folder).
+fn default_preload() -> Result<PathBuf, String> {
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find this program: {e}"))?;
+    let dir = exe.parent().unwrap_or(Path::new("."));
+    Ok([dir.to_path_buf(), dir.join("deps")]
+        .iter()
+        .map(|d| d.join("libpagehint_pace_preload.so"))
+        .find(|p| p.exists())
+        .unwrap_or_else(|| dir.join("libpagehint_pace_preload.so")))
 }

@@ -1,36 +1,131 @@
-//! The side-by-side run: for each link class, a shaped link; on it, for each workload, QEMU's
-//! migrations, then pagehint's, alternating so that both see the machine in the same state.
+//! The side-by-side run: for each link class, a shaped link; on it, `--repeat` times, for each
+//! workload, QEMU's migrations and pagehint's, each on each transport, QEMU first in even
+//! repeats and pagehint first in odd ones (transports alternate the same way), so that
+//! neither peer always meets the machine in the same state. Once per link and repeat, what
+//! tracing costs each QEMU: QEMU ≥ 10.1 (untraced in its rows) once more traced, QEMU < 10.1
+//! (traced in its rows, for latency) once more untraced — the same migration, preempt and
+//! random where they run — which also cross-checks QEMU 11.1's own latency figures against
+//! its trace in one run.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use serde::{Deserialize, Serialize};
+
 use super::cli::CompareOptions;
-use super::export::{Comparison, LinkInfo};
+use super::export::{Comparison, LinkInfo, QemuInfo};
+use super::latency::Latency;
 use super::netns::ShapedLink;
-use super::ours::{self, OursSetup};
-use super::peer::{self, QemuSetup};
-use super::side::{self, RunKey, SideRow};
+use super::ours::{self, OursSetup, Transport};
+use super::peer::{self, Preload, QemuMode, QemuOutcome, QemuRun, QemuSetup};
+use super::side::{self, Anchor, RunKey, SideRow};
 use super::QemuError;
 use crate::guest::disk::{self, DiskSpec};
 use crate::guest::kvm::{frame_tsc, vm::host_tsc_khz};
 use crate::guest::layout::{GuestLayout, HostPageSize};
 use crate::guest::STREAM_FRAME_PAGES;
+use crate::options::Workload;
 use crate::sys::pin::PinPlan;
 
 /// Port of QEMU's migration on the destination.
 const QEMU_PORT: u16 = 4451;
-/// Port of pagehint's source.
+/// Port of pagehint's source on QEMU's transport (the next one: on pagehint's).
 const PAGEHINT_PORT: u16 = 4452;
 
-/// Runs the comparison; `exe` is this `pagehint-migrate`, `line` receives one line per run.
+/// What tracing cost a QEMU in one repeat: the same migration traced and untraced.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TraceProbe {
+    /// Link.
+    pub link: String,
+    /// Repetition.
+    pub repeat: u32,
+    /// Peer.
+    pub peer: String,
+    /// Mode.
+    pub mode: String,
+    /// Workload.
+    pub workload: String,
+    /// Switch-over → last page placed, untraced / traced, ms.
+    pub span_ms: (Option<f64>, Option<f64>),
+    /// Blocktime, untraced / traced, ms.
+    pub blocktime_ms: (f64, f64),
+    /// Requests, untraced / traced.
+    pub requests: (u64, u64),
+    /// The traced run's own latency figures (QEMU ≥ 10.1), and its trace's.
+    pub qmp_latency: Option<Latency>,
+    /// ... the trace's.
+    pub trace_latency: Option<Latency>,
+    /// Why the probe run failed, if it did.
+    pub error: Option<String>,
+}
+
+/// A QEMU peer of the comparison.
+#[derive(Clone, Debug)]
+struct QemuPeer {
+    label: String,
+    binary: PathBuf,
+    /// QEMU ≥ 10.1: the hint, and latency in `query-migrate`.
+    hint: bool,
+    info: QemuInfo,
+}
+
+fn qemu_peer(binary: &Path) -> Result<QemuPeer, QemuError> {
+    let line = peer::version(binary)?;
+    let v = peer::short_version(&line);
+    let mut it = v.split('.').map(|x| x.parse::<u32>().unwrap_or(0));
+    let (major, minor) = (it.next().unwrap_or(0), it.next().unwrap_or(0));
+    let hint = (major, minor) >= (10, 1);
+    Ok(QemuPeer {
+        label: format!("QEMU {v}"),
+        binary: binary.to_path_buf(),
+        hint,
+        info: QemuInfo {
+            label: format!("QEMU {v}"),
+            version: line,
+            binary: binary.display().to_string(),
+            role: if hint {
+                "the hint, as merged (the anchor)".into()
+            } else {
+                "before the hint".into()
+            },
+            latency_from: if hint {
+                "query-migrate (postcopy-latency, postcopy-latency-dist), untraced".into()
+            } else {
+                "request trace (postcopy_ram_fault_thread_request -> postcopy_page_req_del)".into()
+            },
+        },
+    })
+}
+
+/// Runs the comparison; `exe` is this `pagehint-migrate`, `line` receives each run.
 pub fn run(
     o: &CompareOptions,
     exe: &Path,
     mut line: impl FnMut(&SideRow),
 ) -> Result<Comparison, QemuError> {
     let started = Instant::now();
-    let qemu_version = peer::version(&o.qemu)?;
-    let qemu_peer = format!("QEMU {}", peer::short_version(&qemu_version));
+    let mut qemus = Vec::new();
+    if !o.qemu_modes.is_empty() {
+        for b in [&o.qemu10, &o.qemu11].into_iter().flatten() {
+            qemus.push(qemu_peer(b)?);
+        }
+    }
+    let paced_qemu = qemus.iter().any(|q| q.hint) && o.transports.contains(&Transport::Pagehint);
+    if paced_qemu && !o.preload.exists() {
+        return Err(QemuError::Setup(format!(
+            "{} does not exist: QEMU on pagehint's transport needs the pace-preload library (cargo build --release -p pagehint-pace-preload), or --transports qemu",
+            o.preload.display()
+        )));
+    }
+    let anchor = qemus
+        .iter()
+        .rev()
+        .find(|q| q.hint)
+        .or(qemus.last())
+        .map(|q| Anchor {
+            qemu: q.label.clone(),
+            before: qemus.iter().find(|b| !b.hint).map(|b| b.label.clone()),
+        });
     crate::guest::kvm::vm::probe().map_err(|e| QemuError::Setup(format!("KVM: {e}")))?;
     let tsc_khz = host_tsc_khz().map_err(|e| QemuError::Setup(format!("KVM: {e}")))?;
     let workdir = &o.workdir.0;
@@ -56,6 +151,7 @@ pub fn run(
     // crate::sys::warm::warm_up): pay them once, before anything is measured.
     crate::sys::warm::warm_up(3 * o.mem, 0).map_err(QemuError::Setup)?;
     let mut rows = Vec::new();
+    let mut probes = Vec::new();
     let mut links = Vec::new();
     for &spec in &o.links {
         let link = ShapedLink::create(spec)?;
@@ -67,10 +163,11 @@ pub fn run(
             measured_bps: measured,
             shaping: link.describe(),
         });
-        let qsetup = QemuSetup {
-            binary: o.qemu.clone(),
+        let cap_bps = (spec.rate_bps as f64 * o.cap) as u64;
+        let qsetup = |binary: &Path| QemuSetup {
+            binary: binary.to_path_buf(),
             mem: o.mem,
-            cap_bps: (spec.rate_bps as f64 * o.cap) as u64,
+            cap_bps,
             settle: o.settle,
             workdir: workdir.clone(),
             port: QEMU_PORT,
@@ -79,7 +176,7 @@ pub fn run(
         let osetup = OursSetup {
             exe: exe.to_path_buf(),
             mem: o.mem,
-            pace_bps: (spec.rate_bps as f64 * o.cap) as u64,
+            pace_bps: cap_bps,
             seed: o.seed,
             stream_rate: o.stream_rate,
             lowat: o.lowat.clone(),
@@ -87,54 +184,121 @@ pub fn run(
             workdir: workdir.clone(),
             port: PAGEHINT_PORT,
         };
-        let source = if o.modes.is_empty() {
-            None
-        } else {
-            Some(ours::Source::start(&link, &osetup)?)
-        };
-        for (&w, disk) in o.workloads.iter().zip(&disks) {
-            let key = |peer, mode| RunKey {
-                link: &name,
-                rate_bps: spec.rate_bps,
-                peer,
-                mode,
-                workload: w.name(),
-            };
-            for &m in &o.qemu_modes {
-                let k = key(&qemu_peer, m.name());
-                let row = match peer::migrate(&link, &qsetup, m, disk) {
-                    Ok(q) => SideRow::qemu(k, &q),
-                    Err(e) => SideRow::failed(k, e.to_string()),
-                };
-                line(&row);
-                rows.push(row);
+        let mut sources = Vec::new();
+        if !o.modes.is_empty() {
+            for &t in &o.transports {
+                sources.push(ours::Source::start(&link, &osetup, t)?);
             }
-            if source.is_none() {
-                continue;
+        }
+        for rep in 0..o.repeat {
+            let flip = rep % 2 == 1;
+            let mut transports = o.transports.clone();
+            if flip {
+                transports.reverse();
             }
-            let results = ours::migrate(&link, &osetup, &o.modes, w);
-            for m in &o.modes {
-                let k = key("pagehint", m.name());
-                let row = match &results {
-                    Ok(rs) => match rs.iter().find(|r| r.setup.mode == m.name()) {
-                        Some(r) => SideRow::pagehint(&name, spec.rate_bps, r),
-                        None => SideRow::failed(k, "the destination reported no such run".into()),
-                    },
-                    Err(e) => SideRow::failed(k, e.to_string()),
+            for (&w, disk) in o.workloads.iter().zip(&disks) {
+                let mut record = |row: SideRow| {
+                    line(&row);
+                    rows.push(row);
                 };
-                line(&row);
-                rows.push(row);
+                let qemu_runs = |record: &mut dyn FnMut(SideRow)| {
+                    for q in &qemus {
+                        let setup = qsetup(&q.binary);
+                        let ts: Vec<Transport> = if q.hint {
+                            transports.clone()
+                        } else {
+                            vec![Transport::Qemu]
+                        };
+                        for &m in &o.qemu_modes {
+                            for &t in &ts {
+                                let pre = preload(o, cap_bps, m, t);
+                                let run = QemuRun {
+                                    mode: m,
+                                    disk,
+                                    trace: !q.hint,
+                                    preload: pre.as_ref(),
+                                };
+                                let k = RunKey {
+                                    repeat: rep,
+                                    link: &name,
+                                    rate_bps: spec.rate_bps,
+                                    peer: &q.label,
+                                    mode: m.name(),
+                                    transport: t,
+                                    workload: w.name(),
+                                    traced: !q.hint,
+                                };
+                                record(match peer::migrate(&link, &setup, &run) {
+                                    Ok(out) => SideRow::qemu(&k, &out),
+                                    Err(e) => SideRow::failed(&k, e.to_string()),
+                                });
+                            }
+                        }
+                    }
+                };
+                let ours_runs = |record: &mut dyn FnMut(SideRow)| {
+                    for &m in &o.modes {
+                        for &t in &transports {
+                            let Some(src) = sources.iter().find(|s| s.transport() == t) else {
+                                continue;
+                            };
+                            let k = RunKey {
+                                repeat: rep,
+                                link: &name,
+                                rate_bps: spec.rate_bps,
+                                peer: "pagehint",
+                                mode: m.name(),
+                                transport: t,
+                                workload: w.name(),
+                                traced: false,
+                            };
+                            record(match ours::migrate(&link, &osetup, src, m, w) {
+                                Ok(out) => SideRow::pagehint(&k, &out),
+                                Err(e) => SideRow::failed(&k, e.to_string()),
+                            });
+                        }
+                    }
+                };
+                if flip {
+                    ours_runs(&mut record);
+                    qemu_runs(&mut record);
+                } else {
+                    qemu_runs(&mut record);
+                    ours_runs(&mut record);
+                }
+            }
+            if o.trace_cost {
+                for q in &qemus {
+                    let setup = qsetup(&q.binary);
+                    if let Some(p) = trace_probe(o, &link, &name, rep, q, &setup, &disks, &rows) {
+                        probes.push(p);
+                    }
+                }
             }
         }
     }
-    let targets = side::targets(&rows);
+    let targets = anchor
+        .as_ref()
+        .map(|a| side::targets(&rows, a))
+        .unwrap_or_default();
+    let splits = anchor
+        .as_ref()
+        .map(|a| side::splits(&rows, a))
+        .unwrap_or_default();
     Ok(Comparison {
-        qemu_version,
+        qemus: qemus.iter().map(|q| q.info.clone()).collect(),
+        anchor,
         setup: format!(
-            "KVM guest, 1 vCPU, {} MiB, 4 KiB pages, pure postcopy; both capped at {:.0}% of the link rate (QEMU: max-bandwidth and max-postcopy-bandwidth, pagehint: its background channel paced, TCP_NOTSENT_LOWAT {} in preempt modes); threads {}",
+            "KVM guest, 1 vCPU, {} MiB, 4 KiB pages, pure postcopy; {} repeat{} (peer order alternating); both capped at {:.0}% of the link rate; transports: QEMU's (max-bandwidth and max-postcopy-bandwidth: a 100 ms-window rate limiter at line rate; pagehint: the same limiter, --qemu-rate-limit) and pagehint's (kernel pacing at the cap, {} in preempt modes; QEMU: the pace-preload library on its sockets); threads {}",
             o.mem >> 20,
+            o.repeat,
+            if o.repeat == 1 { "" } else { "s" },
             o.cap * 100.0,
-            o.lowat,
+            match o.lowat_bytes {
+                0 => "no bound on unsent bytes".to_string(),
+                b if b % (1 << 20) == 0 => format!("at most {} MiB unsent", b >> 20),
+                b => format!("at most {} KiB unsent", b.div_ceil(1 << 10)),
+            },
             if o.pin {
                 "pinned alike (guest + fault path on one CPU, bulk streams on the other)"
             } else {
@@ -142,8 +306,148 @@ pub fn run(
             },
         ),
         links,
+        series: side::series(&rows),
         rows,
+        probes,
+        splits,
         targets,
         seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// The preload of QEMU on transport `t` (None: QEMU's own): pacing at the cap, and in
+/// preempt mode the unsent-bytes bound pagehint's preempt modes use.
+fn preload(o: &CompareOptions, cap_bps: u64, m: QemuMode, t: Transport) -> Option<Preload> {
+    (t == Transport::Pagehint).then(|| Preload {
+        library: o.preload.clone(),
+        pace_bps: cap_bps,
+        lowat: if m == QemuMode::Preempt {
+            o.lowat_bytes
+        } else {
+            0
+        },
+    })
+}
+
+/// One run of `q` with its tracing flipped, paired with its regular run of this repeat
+/// (QEMU's transport; preempt and random where they ran, else the first mode and workload).
+#[allow(clippy::too_many_arguments)]
+fn trace_probe(
+    o: &CompareOptions,
+    link: &ShapedLink,
+    name: &str,
+    rep: u32,
+    q: &QemuPeer,
+    setup: &QemuSetup,
+    disks: &[PathBuf],
+    rows: &[SideRow],
+) -> Option<TraceProbe> {
+    let mode = if o.qemu_modes.contains(&QemuMode::Preempt) {
+        QemuMode::Preempt
+    } else {
+        *o.qemu_modes.first()?
+    };
+    let wi = o
+        .workloads
+        .iter()
+        .position(|&w| w == Workload::Random)
+        .unwrap_or(0);
+    let w = *o.workloads.get(wi)?;
+    let regular = rows.iter().find(|r| {
+        r.repeat == rep
+            && r.link == name
+            && r.peer == q.label
+            && r.mode == mode.name()
+            && r.transport == Transport::Qemu
+            && r.workload == w.name()
+    })?;
+    let run = QemuRun {
+        mode,
+        disk: &disks[wi],
+        trace: q.hint,
+        preload: None,
+    };
+    let out: Result<QemuOutcome, QemuError> = peer::migrate(link, setup, &run);
+    let mut p = TraceProbe {
+        link: name.into(),
+        repeat: rep,
+        peer: q.label.clone(),
+        mode: mode.name().into(),
+        workload: w.name().into(),
+        span_ms: (None, None),
+        blocktime_ms: (0.0, 0.0),
+        requests: (0, 0),
+        qmp_latency: None,
+        trace_latency: None,
+        error: None,
+    };
+    let out = match out {
+        Ok(x) => x,
+        Err(e) => {
+            p.error = Some(e.to_string());
+            return Some(p);
+        }
+    };
+    if q.hint {
+        // The regular row is untraced; this run traced.
+        p.span_ms = (regular.span_ms, out.span_ms);
+        p.blocktime_ms = (regular.blocktime_ms, out.blocktime_ms);
+        p.requests = (regular.requests, out.requests);
+        p.qmp_latency = out.qmp_latency.clone();
+        p.trace_latency = out.trace_latency.clone();
+    } else {
+        // The regular row is traced; this run not.
+        p.span_ms = (out.span_ms, regular.span_ms);
+        p.blocktime_ms = (out.blocktime_ms, regular.blocktime_ms);
+        p.requests = (out.requests, regular.requests);
+        p.trace_latency = regular.latency.clone();
+    }
+    if !regular.completed {
+        p.error = Some(format!(
+            "the regular run failed: {}",
+            regular.error.as_deref().unwrap_or("?")
+        ));
+    }
+    Some(p)
+}
+
+/// What a comparison's JSON holds of its runs (the derived tables are derived again).
+#[derive(Deserialize)]
+struct Recorded {
+    qemus: Vec<QemuInfo>,
+    anchor: Option<Anchor>,
+    setup: String,
+    links: Vec<LinkInfo>,
+    rows: Vec<SideRow>,
+    probes: Vec<TraceProbe>,
+    seconds: f64,
+}
+
+/// The comparison of the runs recorded in a JSON document this command wrote
+/// (`--from-json`): medians, splits and targets derived again, nothing run.
+pub fn rederive(json: &str) -> Result<Comparison, QemuError> {
+    let r: Recorded = serde_json::from_str(json)
+        .map_err(|e| QemuError::Protocol(format!("not a compare-qemu JSON document: {e}")))?;
+    let targets = r
+        .anchor
+        .as_ref()
+        .map(|a| side::targets(&r.rows, a))
+        .unwrap_or_default();
+    let splits = r
+        .anchor
+        .as_ref()
+        .map(|a| side::splits(&r.rows, a))
+        .unwrap_or_default();
+    Ok(Comparison {
+        qemus: r.qemus,
+        anchor: r.anchor,
+        setup: r.setup,
+        links: r.links,
+        series: side::series(&r.rows),
+        rows: r.rows,
+        probes: r.probes,
+        splits,
+        targets,
+        seconds: r.seconds,
     })
 }

@@ -1,5 +1,6 @@
-//! QEMU itself, side by side: the harness's guest migrated by QEMU 10.0 and by pagehint over
-//! the same real, shaped link (`pagehint-migrate compare-qemu`).
+//! QEMU itself, side by side: the harness's guest migrated by QEMU 10.0 (before the page
+//! hint), by QEMU 11.1 (the hint, as merged) and by pagehint over the same real, shaped link
+//! (`pagehint-migrate compare-qemu`), each on its own transport and on the other's.
 //!
 //! # What is the same for both
 //! * **The guest**: the harness's guest program ([`crate::guest::kvm::program`]), for QEMU
@@ -8,20 +9,31 @@
 //! * **The link**: two network namespaces joined by a veth pair shaped by `tc tbf`
 //!   ([`netns`]); both sources run in one namespace and both destinations in the other, and
 //!   pagehint's emulated link is off, so the kernel queue does the queueing for both.
-//! * **The cap**: QEMU gets `max-bandwidth` and `max-postcopy-bandwidth` at the link rate;
-//!   pagehint paces its background channel at the same rate.
+//! * **The cap**: one rate for both (a fraction of the link rate). QEMU gets `max-bandwidth`
+//!   and `max-postcopy-bandwidth`; pagehint paces its background channel at it.
+//! * **The transport**, both ways ([`ours::Transport`]): QEMU's (its 100 ms-window rate
+//!   limiter; for pagehint the same limiter, [`crate::source::rate_limit`]) and pagehint's
+//!   (kernel pacing and a bound on unsent bytes; for QEMU the pace-preload library, which
+//!   sets them on QEMU's own sockets), so that every ratio splits into what the
+//!   scheduler/implementation did and what the transport did ([`side`]).
 //! * **The migration**: pure postcopy (QEMU: `migrate` then at once `migrate-start-postcopy`;
 //!   pagehint: `--precopy-rounds 0`).
-//! * **The figures** ([`side`]): request latency, blocktime, total time, requests and bytes,
-//!   each taken where the peer measures it, with the same definition.
+//! * **The figures** ([`side`]): request latency ([`latency`]: QEMU's own figures where it has
+//!   them, untraced; else one trace write per request, [`trace`]), blocktime, the same span of
+//!   total time, CPU per GiB of the migration threads ([`cpu`]), requests and bytes, each
+//!   taken where the peer measures it, with the same definition; `--repeat` times, with
+//!   medians and min–max.
 //!
 //! # Flow
-//! [`cli`] → [`compare`] (per link: [`netns`]; per workload: [`peer`] for QEMU with [`qmp`] and
-//! [`trace`], [`ours`] for pagehint) → [`side`] rows and targets → [`export`].
+//! [`cli`] → [`compare`] (per link: [`netns`]; per repeat and workload: [`peer`] for QEMU with
+//! [`qmp`], [`latency`], [`trace`], [`ours`] for pagehint; [`cpu`] for both) → [`side`] rows,
+//! medians, splits and targets → [`export`].
 
 pub mod cli;
 pub mod compare;
+pub mod cpu;
 pub mod export;
+pub mod latency;
 pub mod netns;
 pub mod ours;
 pub mod peer;
@@ -30,6 +42,128 @@ pub mod side;
 pub mod trace;
 
 use std::fmt;
+use std::process::ExitCode;
+
+const LEGEND: &str = "\
+p50/p99: request latency, fault read -> page placed (QEMU >= 10.1: its own query-migrate histogram, untraced; QEMU 10.0: its request trace, one write per request)
+blocktime: time every vCPU was blocked at once (QEMU: postcopy-blocktime); total: switch-over -> last page placed (QEMU: source STOP event -> destination completed event)
+CPU/GiB: run time of the migration threads (QEMU: mig/*; pagehint: ph/*) per GiB sent; not the vCPUs, not the main threads (in the JSON: cpu_other)
+transport: qemu = a 100 ms-window rate limiter at line rate (QEMU's; pagehint with --qemu-rate-limit); pagehint = kernel pacing + unsent-bytes bound (pagehint's; QEMU with the pace-preload library)";
+
+/// `pagehint-migrate compare-qemu`: cli → compare → export; the process's exit status
+/// (0: every run completed with the guest alive; 1: one did not or an output was not
+/// written; 2: the comparison could not run).
+pub fn command(c: cli::CompareQemuCli) -> ExitCode {
+    let o = match cli::CompareOptions::from_cli(c) {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let exe = match std::env::current_exe() {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("error: cannot find this executable: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    fn list<T>(v: &[T], name: impl Fn(&T) -> String) -> String {
+        match v.iter().map(name).collect::<Vec<_>>().join(",") {
+            l if l.is_empty() => "none".into(),
+            l => l,
+        }
+    }
+    let path = |p: &Option<std::path::PathBuf>| {
+        p.as_ref()
+            .map_or("none".into(), |p| p.display().to_string())
+    };
+    println!(
+        "compare-qemu: {} MiB guest, workloads {}, links {}, QEMU modes {} (10.0: {}, 11.1: {}), pagehint modes {}, transports {}, {} repeat(s)",
+        o.mem >> 20,
+        list(&o.workloads, |w| w.name().into()),
+        list(&o.links, |l| l.name()),
+        list(&o.qemu_modes, |m| m.name().into()),
+        path(&o.qemu10),
+        path(&o.qemu11),
+        list(&o.modes, |m| m.name().into()),
+        list(&o.transports, |t| t.name().into()),
+        o.repeat,
+    );
+    let result = match &o.from_json {
+        Some(f) => std::fs::read_to_string(f)
+            .map_err(|e| QemuError::Io(format!("reading {}", f.display()), e))
+            .and_then(|t| compare::rederive(&t)),
+        None => compare::run(&o, &exe, |r| println!("{}", export::run_line(r))),
+    };
+    let c = match result {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            eprintln!("(logs in {})", o.workdir.0.display());
+            return ExitCode::from(2);
+        }
+    };
+    println!();
+    for q in &c.qemus {
+        println!(
+            "{}: {} ({}); latency from {}",
+            q.label, q.version, q.role, q.latency_from
+        );
+    }
+    println!("{}", c.setup);
+    for l in &c.links {
+        println!(
+            "link {}: {} (probe: {:.2} Gbit/s)",
+            l.name,
+            l.shaping,
+            l.measured_bps / 1e9
+        );
+    }
+    println!("\nmedians over the repeats:");
+    print!("{}", export::medians(&c.series));
+    println!("\n{LEGEND}\n");
+    if let Some(a) = &c.anchor {
+        print!("{}", export::attribution(&c.splits, a));
+    }
+    if !c.probes.is_empty() {
+        println!("what tracing costs QEMU (the same migration untraced and traced):");
+        print!("{}", export::tracing(&c.probes));
+        println!();
+    }
+    println!("targets (medians over the repeats; >= {} requests on each side for latency and blocktime):", side::MIN_REQUESTS);
+    print!("{}", side::targets_text(&c.targets));
+    let (all_alive, alive) = export::alive_line(&c.rows);
+    println!(
+        "  [{}] {alive}; target: all",
+        if all_alive { "PASS" } else { "MISS" }
+    );
+    println!("\ntotal time {:.0} s", c.seconds);
+    let mut status = ExitCode::SUCCESS;
+    for (p, text) in [(&o.json, export::json(&c)), (&o.svg, export::svg(&c))] {
+        if let Some(p) = p {
+            // Whole: a temporary file renamed over it, as the harness writes its own.
+            match crate::harness::export::write_whole(p, &text) {
+                Ok(()) => println!("wrote {}", p.display()),
+                Err(e) => {
+                    eprintln!("error: writing {}: {e}", p.display());
+                    status = ExitCode::from(1);
+                }
+            }
+        }
+    }
+    if !all_alive {
+        eprintln!(
+            "error: some runs failed (logs in {})",
+            o.workdir.0.display()
+        );
+        return ExitCode::from(1);
+    }
+    if !o.workdir.1 {
+        let _ = std::fs::remove_dir_all(&o.workdir.0);
+    }
+    status
+}
 
 /// Why a side-by-side step failed.
 #[derive(Debug)]

@@ -2,12 +2,20 @@
 //! each namespace of a [`ShapedLink`], with the emulated link switched off (`--bandwidth 0
 //! --delay 0`) so that the kernel's `tbf` queue does the queueing, as it does for QEMU.
 //!
-//! The source (`pagehint-migrate --listen`) serves every session of a link; each workload is
-//! one destination process (`--connect ... --json`) that runs the modes in turn, and its JSON
-//! rows are read back. The background channel is paced at the same cap QEMU is given
-//! (`--pace`, `SO_MAX_PACING_RATE`), and in preempt modes its unsent bytes are bounded by
-//! `TCP_NOTSENT_LOWAT` (`--lowat auto`): the two socket options pagehint's design uses on a
-//! real link.
+//! A source (`pagehint-migrate --listen`) serves every session of a link and transport;
+//! each run is one destination process (`--connect ... --json`, one mode, one workload), so
+//! that the CPU time of its migration threads — and of the source's, which live for one
+//! session — can be read per run from outside ([`super::cpu`]; the harness names them
+//! `ph/src/bulk`, `ph/src/return`, `ph/dst/fault`, `ph/dst/urgent`, `ph/dst/bulk`).
+//!
+//! Two transports ([`Transport`]):
+//! * **pagehint's** (as it ships): the background channel paced at the cap QEMU is given
+//!   (`--pace`, `SO_MAX_PACING_RATE`) and, in preempt modes, its unsent bytes bounded by
+//!   `TCP_NOTSENT_LOWAT` (`--lowat auto`): the two socket options pagehint's design uses on a
+//!   real link;
+//! * **QEMU's**: neither (`--pace 0 --lowat off`), and a source started with
+//!   `--qemu-rate-limit` at the cap: QEMU's 100 ms-window limiter
+//!   ([`crate::source::rate_limit`]).
 
 use std::fs::File;
 use std::io::{BufRead, BufReader};
@@ -15,10 +23,37 @@ use std::path::PathBuf;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
+use super::cpu::{CpuByThread, ThreadCpu};
 use super::netns::{End, ShapedLink};
 use super::QemuError;
 use crate::harness::result::RunResult;
+use crate::names::named_enum;
 use crate::options::{MigrationMode, Workload};
+
+named_enum!(
+    /// How a peer's background stream meets the link.
+    Transport, "transport" {
+        /// QEMU's: a rate limiter that sends each 100 ms window's quota at line rate, then
+        /// sleeps; no kernel pacing, no bound on unsent bytes.
+        Qemu = 0, "qemu";
+        /// pagehint's: kernel pacing (`SO_MAX_PACING_RATE`) at the cap, and at most 1 MiB
+        /// unsent (`TCP_NOTSENT_LOWAT`) in preempt modes.
+        Pagehint = 1, "pagehint";
+    }
+);
+
+impl serde::Serialize for Transport {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.name())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Transport {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
 
 /// How the pagehint runs are made.
 #[derive(Clone, Debug)]
@@ -46,6 +81,8 @@ pub struct OursSetup {
 /// A running `pagehint-migrate --listen` in the source namespace; killed on drop.
 pub struct Source {
     child: Child,
+    transport: Transport,
+    port: u16,
 }
 
 impl Drop for Source {
@@ -56,19 +93,33 @@ impl Drop for Source {
 }
 
 impl Source {
-    /// Starts the source and waits until it listens.
-    pub fn start(link: &ShapedLink, setup: &OursSetup) -> Result<Self, QemuError> {
-        let log = setup.workdir.join("pagehint-source.log");
+    /// Its transport.
+    pub fn transport(&self) -> Transport {
+        self.transport
+    }
+
+    /// Starts the source of `transport` (on `setup.port`, QEMU's transport on the next one)
+    /// and waits until it listens.
+    pub fn start(
+        link: &ShapedLink,
+        setup: &OursSetup,
+        transport: Transport,
+    ) -> Result<Self, QemuError> {
+        let log = setup
+            .workdir
+            .join(format!("pagehint-source-{transport}.log"));
         let err = File::create(&log)
             .map_err(|e| QemuError::Io(format!("creating {}", log.display()), e))?;
+        let port = setup.port + transport as u16;
         let mut c = link.command(End::Source, &setup.exe);
         c.arg("--listen")
-            .arg(format!("{}:{}", link.ip(End::Source), setup.port))
+            .arg(format!("{}:{port}", link.ip(End::Source)))
             .args(["--timeout", "60s"])
-            .args(["--pin", if setup.pin { "auto" } else { "off" }])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(err);
+            .args(["--pin", if setup.pin { "auto" } else { "off" }]);
+        if transport == Transport::Qemu {
+            c.args(["--qemu-rate-limit", &setup.pace_bps.to_string()]);
+        }
+        c.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(err);
         let mut child = c
             .spawn()
             .map_err(|e| QemuError::Io("starting the pagehint source".into(), e))?;
@@ -81,7 +132,11 @@ impl Source {
                 }
             }
         });
-        let mut source = Self { child };
+        let mut source = Self {
+            child,
+            transport,
+            port,
+        };
         match rx.recv_timeout(Duration::from_secs(20)) {
             Ok(()) => Ok(source),
             Err(_) => {
@@ -95,36 +150,47 @@ impl Source {
     }
 }
 
-/// Runs `workload` in each of `modes` against the source of `link`; the rows of the runs
-/// that finished (a failed run is an error naming the destination's log).
+/// One pagehint run and the CPU time of its migration threads (both processes).
+#[derive(Clone, Debug)]
+pub struct OursOutcome {
+    /// The destination's result row.
+    pub result: RunResult,
+    /// CPU of the `ph/...` threads, ms, by `src:`/`dst:` name.
+    pub cpu: CpuByThread,
+    /// CPU of every other thread of both processes during the run, for the record.
+    pub cpu_other: CpuByThread,
+}
+
+/// Runs `workload` in `mode` against `source` (whose transport the run takes): one
+/// destination process; a failed run is an error naming the destination's log.
 pub fn migrate(
     link: &ShapedLink,
     setup: &OursSetup,
-    modes: &[MigrationMode],
+    source: &Source,
+    mode: MigrationMode,
     workload: Workload,
-) -> Result<Vec<RunResult>, QemuError> {
-    let json = setup.workdir.join(format!("pagehint-{workload}.json"));
+) -> Result<OursOutcome, QemuError> {
+    let name = format!("pagehint-{workload}-{mode}-{}", source.transport);
+    let json = setup.workdir.join(format!("{name}.json"));
     let _ = std::fs::remove_file(&json);
-    let log = setup.workdir.join(format!("pagehint-{workload}.log"));
+    let log = setup.workdir.join(format!("{name}.log"));
     let out =
         File::create(&log).map_err(|e| QemuError::Io(format!("creating {}", log.display()), e))?;
     let err = out
         .try_clone()
         .map_err(|e| QemuError::Io("log".into(), e))?;
-    let modes: Vec<&str> = modes.iter().map(|m| m.name()).collect();
+    let (pace, lowat) = match source.transport {
+        Transport::Pagehint => (setup.pace_bps.to_string(), setup.lowat.clone()),
+        Transport::Qemu => ("0".to_string(), "off".to_string()),
+    };
     let mut c = link.command(End::Destination, &setup.exe);
     c.arg("--connect")
-        .arg(format!("{}:{}", link.ip(End::Source), setup.port))
+        .arg(format!("{}:{}", link.ip(End::Source), source.port))
         .args(["--guest", "kvm", "--vcpus", "1", "--host-page", "4K"])
         .args(["--mem", &format!("{}M", setup.mem >> 20)])
         .args(["--precopy-rounds", "0", "--bandwidth", "0", "--delay", "0"])
-        .args([
-            "--pace",
-            &setup.pace_bps.to_string(),
-            "--lowat",
-            &setup.lowat,
-        ])
-        .args(["--modes", &modes.join(","), "--workloads", workload.name()])
+        .args(["--pace", &pace, "--lowat", &lowat])
+        .args(["--modes", mode.name(), "--workloads", workload.name()])
         .args(["--seed", &setup.seed.to_string()])
         .args(["--stream-rate", &setup.stream_rate.to_string()])
         .args(["--pin", if setup.pin { "auto" } else { "off" }])
@@ -134,9 +200,22 @@ pub fn migrate(
         .stdout(out)
         .stderr(err);
     let t = Instant::now();
-    let status = c
-        .status()
+    let mut child = c
+        .spawn()
         .map_err(|e| QemuError::Io("running the pagehint destination".into(), e))?;
+    let pids = [source.child.id(), child.id()];
+    let mut cpu = ThreadCpu::start(pids.to_vec(), || {});
+    let status = child
+        .wait()
+        .map_err(|e| QemuError::Io("running the pagehint destination".into(), e))?;
+    cpu.stop();
+    let key = |mig: bool| {
+        move |pid: u32, _: u32, name: &str| {
+            let side = if pid == pids[1] { "dst" } else { "src" };
+            (name.starts_with("ph/") == mig).then(|| format!("{side}:{name}"))
+        }
+    };
+    let (cpu_mig, cpu_other) = (cpu.now(key(true)), cpu.now(key(false)));
     let text = std::fs::read_to_string(&json).map_err(|_| {
         QemuError::Exited(format!(
             "the pagehint destination ({status}, {:.0} s) wrote no results; see {}: {}",
@@ -151,7 +230,19 @@ pub fn migrate(
                 .join(" | ")
         ))
     })?;
-    crate::harness::export::rows_from_json(&text).map_err(|e| {
+    let mut rows: Vec<RunResult> = crate::harness::export::rows_from_json(&text).map_err(|e| {
         QemuError::Protocol(format!("{}: not the harness's JSON: {e}", json.display()))
+    })?;
+    if rows.len() != 1 {
+        return Err(QemuError::Protocol(format!(
+            "{}: {} rows for one run",
+            json.display(),
+            rows.len()
+        )));
+    }
+    Ok(OursOutcome {
+        result: rows.remove(0),
+        cpu: cpu_mig,
+        cpu_other,
     })
 }

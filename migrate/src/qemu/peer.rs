@@ -3,32 +3,45 @@
 //!
 //! # Protocol of one run
 //! 1. Start the source QEMU (KVM, one vCPU, the guest's boot disk) and the destination QEMU
-//!    (`-incoming defer`, tracing the request and placement events, see [`super::trace`]).
+//!    (`-incoming defer`; with [`QemuRun::trace`], the request-only trace events of
+//!    [`super::trace`]); with [`QemuRun::preload`], both under the pace-preload library
+//!    (pagehint's transport on QEMU's sockets). A sampler reads the CPU time of every thread
+//!    of both processes from here on ([`super::cpu`]) and pins QEMU's threads by name.
 //! 2. Wait until the guest has built its image and runs its workload (its status page, read
 //!    with `pmemsave`, counts operations), then let it run for the settle time.
-//! 3. Enable `postcopy-ram` (and `postcopy-preempt`) on both sides and `postcopy-blocktime` on
-//!    the destination; cap the source with `max-bandwidth` **and** `max-postcopy-bandwidth`
-//!    (the first alone does not cap postcopy).
+//! 3. Enable `postcopy-ram` (and `postcopy-preempt`) and `events` on both sides and
+//!    `postcopy-blocktime` on the destination; cap the source with `max-bandwidth` **and**
+//!    `max-postcopy-bandwidth` (the first alone does not cap postcopy).
 //! 4. `migrate-incoming` on the destination, `migrate` then at once `migrate-start-postcopy`
 //!    on the source (pure postcopy: like the harness with `--precopy-rounds 0`).
 //! 5. Poll `query-migrate` on the source until `completed` (or `failed`), then on the
-//!    destination until `completed`; read both.
+//!    destination until `completed`; read both, and the `MIGRATION` events' time stamps.
 //! 6. Check that the guest still runs on the destination: its status page says running, no
 //!    failed checks, and its operation count grows over half a second.
-//! 7. `quit` both (killed if they do not), read the trace.
+//! 7. `quit` both (killed if they do not); read the trace and the preload's log.
+//!
+//! # Figures
+//! * **span** (the total time compared with pagehint's): the source's `STOP` event (its
+//!   vCPUs stopped: the switch-over) → the destination's `MIGRATION` `completed` event (its
+//!   listen thread has loaded the last page). Not the source's `postcopy-active`: QEMU 11.1
+//!   passes through a new `postcopy-device` state first and enters `postcopy-active` only
+//!   when the destination has answered, at times hundreds of milliseconds later (seen here). QMP stamps events with the
+//!   host's clock, the same for both processes.
+//! * **blocktime**: the destination's `postcopy-blocktime`; **latency**: [`super::latency`].
+//! * **CPU**: the migration threads' run time ([`is_migration_thread`]), not the vCPU's.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+use super::cpu::{CpuByThread, ThreadCpu};
+use super::latency::{self, Latency};
 use super::netns::{End, ShapedLink};
 use super::qmp::Qmp;
-use super::trace::{self, RequestLatency};
+use super::trace;
 use super::QemuError;
 use crate::guest::disk::MAILBOX;
 use crate::guest::kvm::program::mailbox as mb;
@@ -39,18 +52,23 @@ use crate::sys::pin::{PinPlan, Role};
 
 named_enum!(
     /// QEMU's two postcopy modes.
-    QemuMode, "QEMU mode (QEMU 10.0 has no hint)" {
+    QemuMode, "QEMU mode" {
         /// `postcopy-ram`: urgent pages share the migration stream.
         Vanilla = 0, "vanilla";
-        /// `postcopy-ram` + `postcopy-preempt`: urgent pages on their own channel.
+        /// `postcopy-ram` + `postcopy-preempt`: urgent pages on their own channel (with the
+        /// page hint from QEMU 10.1 on).
         Preempt = 1, "preempt";
     }
 );
 
-/// How QEMU runs.
+/// How long the destination's guest has to show its operation count growing after the
+/// migration before it counts as not alive.
+const ALIVE_WITHIN: Duration = Duration::from_secs(5);
+
+/// How QEMU runs, for every run on a link.
 #[derive(Clone, Debug)]
 pub struct QemuSetup {
-    /// `qemu-system-x86_64`.
+    /// `qemu-system-x86_64` (or the wrapper of a private prefix).
     pub binary: PathBuf,
     /// Guest RAM, bytes.
     pub mem: u64,
@@ -62,15 +80,42 @@ pub struct QemuSetup {
     pub workdir: PathBuf,
     /// TCP port of the migration on the destination.
     pub port: u16,
-    /// Where QEMU's threads run: the harness's plan, by thread name (see [`pin_threads`]).
+    /// Where QEMU's threads run: the harness's plan, by thread name (see [`qemu_role`]).
     pub pin: PinPlan,
+}
+
+/// pagehint's transport for QEMU: the pace-preload library and what it sets.
+#[derive(Clone, Debug)]
+pub struct Preload {
+    /// `libpagehint_pace_preload.so`.
+    pub library: PathBuf,
+    /// `SO_MAX_PACING_RATE`, bits/s.
+    pub pace_bps: u64,
+    /// `TCP_NOTSENT_LOWAT`, bytes (0: not set).
+    pub lowat: u64,
+}
+
+/// What varies between QEMU runs on a link.
+#[derive(Clone, Debug)]
+pub struct QemuRun<'a> {
+    /// The mode.
+    pub mode: QemuMode,
+    /// The guest's boot disk.
+    pub disk: &'a Path,
+    /// Trace the destination's requests (one write per request; for latency where QMP has
+    /// none, or to measure what tracing costs).
+    pub trace: bool,
+    /// pagehint's transport on QEMU's sockets (None: QEMU's own).
+    pub preload: Option<&'a Preload>,
 }
 
 /// What one QEMU migration measured.
 #[derive(Clone, Debug, Default)]
 pub struct QemuOutcome {
-    /// Source `query-migrate` `total-time`, ms (migrate → completed).
+    /// Source `query-migrate` `total-time`, ms (migrate → completed at the source).
     pub total_ms: f64,
+    /// Source `STOP` event → destination `completed` event, ms.
+    pub span_ms: Option<f64>,
     /// Source `downtime`, ms.
     pub downtime_ms: f64,
     /// Source `ram.precopy-bytes`.
@@ -83,12 +128,19 @@ pub struct QemuOutcome {
     pub blocktime_ms: f64,
     /// Destination `postcopy-vcpu-blocktime`, ms.
     pub vcpu_blocktime_ms: Vec<f64>,
-    /// From the destination's trace.
-    pub latency: RequestLatency,
+    /// QEMU's own latency figures (QEMU ≥ 10.1).
+    pub qmp_latency: Option<Latency>,
+    /// From the destination's request trace, when traced.
+    pub trace_latency: Option<Latency>,
+    /// CPU time of the migration threads of both processes, ms, by `src:`/`dst:` name.
+    pub cpu: CpuByThread,
+    /// CPU time of every other thread (the vCPUs among them), for the record.
+    pub cpu_other: CpuByThread,
+    /// Sockets the preload library configured (source, destination), from its log.
+    pub preloaded_sockets: (u64, u64),
     /// Guest operations per second at the source before migrating.
     pub ops_before_per_s: f64,
-    /// Guest operations per second from `migrate` to completion (postcopy: the source's
-    /// status page froze at the switch; the destination's is read at completion).
+    /// Guest operations per second from `migrate` to completion.
     pub ops_postcopy_per_s: f64,
     /// Guest operations per second at the destination after completion.
     pub ops_after_per_s: f64,
@@ -102,16 +154,6 @@ pub struct QemuOutcome {
     pub source_info: Value,
     /// The destination's full `query-migrate` reply.
     pub dest_info: Value,
-}
-
-/// Raises its flag when dropped (stops the pinner on every way out).
-struct StopOnDrop(Arc<AtomicBool>);
-
-impl Drop for StopOnDrop {
-    fn drop(&mut self) {
-        // Relaxed: see `pin_threads`.
-        self.0.store(true, Ordering::Relaxed);
-    }
 }
 
 /// A QEMU process, killed on drop if still running.
@@ -166,7 +208,7 @@ pub fn version(binary: &Path) -> Result<String, QemuError> {
         .output()
         .map_err(|e| {
             QemuError::Setup(format!(
-                "{} does not run ({e}); scripts/install-qemu.sh installs QEMU 10.0 from bookworm-backports",
+                "{} does not run ({e}); scripts/install-deps.sh installs QEMU 10.0 (system) and QEMU 11.1 (.deps/qemu-11.1)",
                 binary.display()
             ))
         })?;
@@ -194,6 +236,7 @@ fn start(
     end: End,
     disk: &Path,
     extra: &[String],
+    preload: Option<(&Preload, &Path)>,
 ) -> Result<(Proc, PathBuf), QemuError> {
     let side = match end {
         End::Source => "source",
@@ -208,6 +251,14 @@ fn start(
         .try_clone()
         .map_err(|e| QemuError::Io("log".into(), e))?;
     let mut c = link.command(end, &setup.binary);
+    if let Some((p, plog)) = preload {
+        c.env("LD_PRELOAD", &p.library)
+            .env("PAGEHINT_PACE_BPS", p.pace_bps.to_string())
+            .env("PAGEHINT_PRELOAD_LOG", plog);
+        if p.lowat > 0 {
+            c.env("PAGEHINT_NOTSENT_LOWAT", p.lowat.to_string());
+        }
+    }
     c.args(["-name", &format!("pagehint-{side},debug-threads=on")])
         .args(["-machine", "pc", "-accel", "kvm", "-cpu", "host"])
         .args(["-m", &format!("{}M", setup.mem >> 20), "-smp", "1"])
@@ -252,36 +303,57 @@ pub fn qemu_role(thread: &str) -> Option<Role> {
     })
 }
 
-/// Pins the threads of processes `pids` by [`qemu_role`] until `stop`, looking for new ones
-/// every 2 ms (the migration threads start with `migrate`). The threads pinned, by name.
-pub fn pin_threads(plan: PinPlan, pids: &[u32], stop: &AtomicBool) -> Vec<String> {
-    let mut done: Vec<(u32, String)> = Vec::new();
-    // Relaxed: a stop flag polled every 2 ms; nothing is published through it.
-    while !stop.load(Ordering::Relaxed) {
-        for &pid in pids {
-            let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+/// Whether a QEMU thread is one of the migration threads compared: the `mig/...` threads
+/// (source: the migration thread, which sends the main stream, and the return path, which
+/// reads requests and, in preempt mode, sends urgent pages; destination: the fault thread,
+/// the preempt channel's receiver, and the listen thread, which loads the main stream in
+/// postcopy). Not the vCPUs, not the I/O and RCU helpers, and not the main threads: the
+/// destination's loads the device state and registers and discards guest RAM before the
+/// listen thread takes over, the source's runs QMP — as pagehint's main threads do their
+/// equivalents (and the harness's verification), which are not counted either. Their CPU
+/// time is kept apart (`cpu_other`, `src:main` and `dst:main`).
+pub fn is_migration_thread(name: &str) -> bool {
+    name.starts_with("mig/")
+}
+
+/// Pins, by [`qemu_role`], the threads of `pids` not pinned yet; adds their names to `done`.
+fn pin_new(plan: PinPlan, pids: &[u32], done: &mut Vec<(u32, String)>) {
+    for &pid in pids {
+        for tid in super::cpu::tids(pid) {
+            if done.iter().any(|(d, _)| *d == tid) {
                 continue;
-            };
-            for t in tasks.flatten() {
-                let Some(tid) = t.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
-                    continue;
-                };
-                if done.iter().any(|(d, _)| *d == tid) {
-                    continue;
-                }
-                let name = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
-                let name = name.trim();
-                if let Some(role) = qemu_role(name) {
-                    let id = rustix::thread::Pid::from_raw(tid as i32);
-                    if plan.apply_to(id, role) {
-                        done.push((tid, name.to_string()));
-                    }
+            }
+            let name =
+                std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm")).unwrap_or_default();
+            let name = name.trim();
+            if let Some(role) = qemu_role(name) {
+                let id = rustix::thread::Pid::from_raw(tid as i32);
+                if plan.apply_to(id, role) {
+                    done.push((tid, name.to_string()));
                 }
             }
         }
-        std::thread::sleep(Duration::from_millis(2));
     }
-    done.into_iter().map(|(_, n)| n).collect()
+}
+
+/// Lines of the preload library's log written by process `pid` (sockets it configured).
+fn preloaded(log: &str, pid: u32) -> u64 {
+    log.lines()
+        .filter(|l| l.split_whitespace().next() == Some(&pid.to_string()))
+        .count() as u64
+}
+
+/// The time stamp, µs since the epoch, of the first `event` (with `status`, for
+/// `MIGRATION`).
+fn event_us(events: &[Value], event: &str, status: Option<&str>) -> Option<u64> {
+    events
+        .iter()
+        .filter(|e| e["event"] == event && status.is_none_or(|s| e["data"]["status"] == s))
+        .filter_map(|e| {
+            let t = &e["timestamp"];
+            Some(t["seconds"].as_u64()? * 1_000_000 + t["microseconds"].as_u64()?)
+        })
+        .next()
 }
 
 fn status_page(q: &mut Qmp, workdir: &Path, side: &str) -> Result<GuestCounters, QemuError> {
@@ -312,36 +384,48 @@ fn num(v: &Value, path: &[&str]) -> f64 {
     x.as_f64().unwrap_or(0.0)
 }
 
-/// Migrates the guest booted from `disk` from one QEMU to another across `link`.
+/// Migrates the guest booted from `run.disk` from one QEMU to another across `link`.
 pub fn migrate(
     link: &ShapedLink,
     setup: &QemuSetup,
-    mode: QemuMode,
-    disk: &Path,
+    run: &QemuRun<'_>,
 ) -> Result<QemuOutcome, QemuError> {
     let trace_file = setup.workdir.join("destination.trace");
     let _ = std::fs::remove_file(&trace_file);
-    let mut trace_args: Vec<String> = Vec::new();
-    for e in trace::EVENTS {
-        trace_args.push("-trace".into());
-        trace_args.push(format!("enable={e}"));
+    let preload_log = setup.workdir.join("preload.log");
+    let _ = std::fs::remove_file(&preload_log);
+    let mut dest_args: Vec<String> = Vec::new();
+    if run.trace {
+        for e in trace::EVENTS {
+            dest_args.push("-trace".into());
+            dest_args.push(format!("enable={e}"));
+        }
+        dest_args.extend([
+            "-D".to_string(),
+            trace_file.to_string_lossy().into_owned(),
+            "-msg".into(),
+            "timestamp=on".into(),
+        ]);
     }
-    trace_args.extend([
-        "-D".to_string(),
-        trace_file.to_string_lossy().into_owned(),
-        "-msg".into(),
-        "timestamp=on".into(),
-        "-incoming".into(),
-        "defer".into(),
-    ]);
-    let (mut src, src_sock) = start(link, setup, End::Source, disk, &[])?;
-    let (mut dst, dst_sock) = start(link, setup, End::Destination, disk, &trace_args)?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let _stop = StopOnDrop(Arc::clone(&stop));
-    let pinner = (setup.pin != PinPlan::OFF).then(|| {
-        let (stop, plan) = (Arc::clone(&stop), setup.pin);
-        let pids = [src.child.id(), dst.child.id()];
-        std::thread::spawn(move || pin_threads(plan, &pids, &stop))
+    dest_args.extend(["-incoming".into(), "defer".into()]);
+    let preload = run.preload.map(|p| (p, preload_log.as_path()));
+    let (mut src, src_sock) = start(link, setup, End::Source, run.disk, &[], preload)?;
+    let (mut dst, dst_sock) = start(link, setup, End::Destination, run.disk, &dest_args, preload)?;
+    // `ip netns exec` execs QEMU (and the wrapper of a private prefix execs it too): the
+    // child's pid is QEMU's.
+    let pids = [src.child.id(), dst.child.id()];
+    let plan = setup.pin;
+    let mut pinned = Vec::new();
+    let pinned_names = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let names2 = std::sync::Arc::clone(&pinned_names);
+    let cpu = ThreadCpu::start(pids.to_vec(), move || {
+        if plan != PinPlan::OFF {
+            pin_new(plan, &pids, &mut pinned);
+            *names2.lock().unwrap_or_else(|p| p.into_inner()) = pinned
+                .iter()
+                .map(|(_, n)| n.clone())
+                .collect::<Vec<String>>();
+        }
     });
     let wait = Duration::from_secs(10);
     let mut s = Qmp::connect(&src_sock, "source", wait)?;
@@ -370,8 +454,11 @@ pub fn migrate(
     let ops_before_per_s = (before.ops - first.ops) as f64 / t0.elapsed().as_secs_f64();
 
     // 3. Capabilities and the bandwidth cap.
-    let mut caps = vec![json!({"capability": "postcopy-ram", "state": true})];
-    if mode == QemuMode::Preempt {
+    let mut caps = vec![
+        json!({"capability": "postcopy-ram", "state": true}),
+        json!({"capability": "events", "state": true}),
+    ];
+    if run.mode == QemuMode::Preempt {
         caps.push(json!({"capability": "postcopy-preempt", "state": true}));
     }
     s.execute("migrate-set-capabilities", json!({ "capabilities": caps }))?;
@@ -389,6 +476,8 @@ pub fn migrate(
         "migrate-incoming",
         json!({"uri": format!("tcp:{}:{}", link.ip(End::Destination), setup.port)}),
     )?;
+    // The migration threads start now; the main threads and vCPUs count from here.
+    cpu.rebase(&pids);
     let t_migrate = Instant::now();
     s.execute(
         "migrate",
@@ -435,6 +524,22 @@ pub fn migrate(
         }
         std::thread::sleep(Duration::from_millis(20));
     };
+    // The migration threads have ended; what they ran is in.
+    let mut cpu = cpu;
+    cpu.stop();
+    let key = |mig: bool| {
+        move |pid: u32, tid: u32, name: &str| {
+            let dest = pid == pids[1];
+            let main = tid == pid;
+            (is_migration_thread(name) == mig).then(|| {
+                let side = if dest { "dst" } else { "src" };
+                format!("{side}:{}", if main { "main" } else { name })
+            })
+        }
+    };
+    let cpu_mig = cpu.now(key(true));
+    let cpu_other = cpu.now(key(false));
+    drop(cpu);
 
     // 6. The guest runs on at the destination.
     let a = status_page(&mut d, &setup.workdir, "destination")?;
@@ -442,38 +547,107 @@ pub fn migrate(
     let frozen = status_page(&mut s, &setup.workdir, "source")?;
     let ops_postcopy_per_s =
         a.ops.saturating_sub(frozen.ops) as f64 / (ta - t_migrate).as_secs_f64();
-    std::thread::sleep(Duration::from_millis(500));
-    let b = status_page(&mut d, &setup.workdir, "destination")?;
-    let running = d.execute("query-status", json!({}))?;
+    // Alive: running, its operation count growing, no failed check. Looked at every 500 ms
+    // for up to ALIVE_WITHIN, so that a vCPU a loaded host did not schedule in one look is
+    // not taken for a dead guest; a failed check or a stopped VM ends the wait at once.
+    let (b, running) = loop {
+        std::thread::sleep(Duration::from_millis(500));
+        let b = status_page(&mut d, &setup.workdir, "destination")?;
+        let running = d.execute("query-status", json!({}))?;
+        let settled = b.errors != 0 || running["running"] != true || b.ops > a.ops;
+        if settled || ta.elapsed() >= ALIVE_WITHIN {
+            break (b, running);
+        }
+    };
+    let _ = s.execute("query-status", json!({}))?;
     let ops_after_per_s = b.ops.saturating_sub(a.ops) as f64 / ta.elapsed().as_secs_f64();
     let guest_errors = before.errors.max(b.errors);
     let guest_alive =
         running["running"] == true && b.state == mb::RUNNING && b.ops > a.ops && b.errors == 0;
-
-    // Relaxed: the pinner only polls the flag; its result comes back through join.
-    stop.store(true, Ordering::Relaxed);
-    let pinned_threads = pinner
-        .map(|h| h.join().unwrap_or_default())
-        .unwrap_or_default();
+    if !guest_alive {
+        eprintln!(
+            "QEMU {} {}: the guest is not alive at the destination: VM {}, guest state {:#x}, operations {} then {} over {:?}, {} failed checks",
+            setup.binary.display(),
+            run.mode,
+            running["status"],
+            b.state,
+            a.ops,
+            b.ops,
+            ta.elapsed(),
+            b.errors
+        );
+    }
+    let pinned_threads = pinned_names
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    let span_ms = match (
+        event_us(&s.events, "STOP", None),
+        event_us(&d.events, "MIGRATION", Some("completed")),
+    ) {
+        (Some(a), Some(b)) if b >= a => Some((b - a) as f64 / 1e3),
+        _ => None,
+    };
 
     // 7. Done.
+    for (side, info) in [("source", &source_info), ("destination", &dest_info)] {
+        let _ = std::fs::write(
+            setup.workdir.join(format!("{side}-query-migrate.json")),
+            serde_json::to_string_pretty(info).unwrap_or_default(),
+        );
+    }
+    let _ = std::fs::write(
+        setup.workdir.join("events.json"),
+        serde_json::to_string_pretty(&json!({"source": s.events, "destination": d.events}))
+            .unwrap_or_default(),
+    );
     src.finish(Some(&mut s));
     dst.finish(Some(&mut d));
-    let log = std::fs::read_to_string(&trace_file)
-        .map_err(|e| QemuError::Io(format!("reading {}", trace_file.display()), e))?;
-    let latency = trace::parse(&log, TARGET_PAGE).map_err(QemuError::Protocol)?;
+    let requests = num(&source_info, &["ram", "postcopy-requests"]) as u64;
+    let qmp_latency = latency::from_qmp(&dest_info, requests).map_err(QemuError::Protocol)?;
+    let trace_latency = if run.trace {
+        // No file is no event: an error below only if requests were made.
+        let log = match std::fs::read_to_string(&trace_file) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            r => r.map_err(|e| QemuError::Io(format!("reading {}", trace_file.display()), e))?,
+        };
+        let t = trace::parse(&log, TARGET_PAGE).map_err(QemuError::Protocol)?;
+        Some(latency::from_trace(&t, requests).map_err(QemuError::Protocol)?)
+    } else {
+        None
+    };
+    let preloaded_sockets = if run.preload.is_some() {
+        let log = std::fs::read_to_string(&preload_log).unwrap_or_default();
+        let n = (preloaded(&log, pids[0]), preloaded(&log, pids[1]));
+        if n.0 == 0 || n.1 == 0 {
+            return Err(QemuError::Setup(format!(
+                "the pace-preload library configured {} source and {} destination sockets: QEMU did not run with pagehint's transport ({})",
+                n.0,
+                n.1,
+                preload_log.display()
+            )));
+        }
+        n
+    } else {
+        (0, 0)
+    };
     Ok(QemuOutcome {
         total_ms: num(&source_info, &["total-time"]),
+        span_ms,
         downtime_ms: num(&source_info, &["downtime"]),
         precopy_bytes: num(&source_info, &["ram", "precopy-bytes"]) as u64,
         postcopy_bytes: num(&source_info, &["ram", "postcopy-bytes"]) as u64,
-        requests: num(&source_info, &["ram", "postcopy-requests"]) as u64,
+        requests,
         blocktime_ms: num(&dest_info, &["postcopy-blocktime"]),
         vcpu_blocktime_ms: dest_info["postcopy-vcpu-blocktime"]
             .as_array()
             .map(|v| v.iter().map(|x| x.as_f64().unwrap_or(0.0)).collect())
             .unwrap_or_default(),
-        latency,
+        qmp_latency,
+        trace_latency,
+        cpu: cpu_mig,
+        cpu_other,
+        preloaded_sockets,
         ops_before_per_s,
         ops_postcopy_per_s,
         ops_after_per_s,
@@ -496,5 +670,36 @@ mod tests {
             "10.0.2"
         );
         assert_eq!(short_version("something else"), "?");
+    }
+
+    #[test]
+    fn the_span_runs_from_the_source_stop_to_the_destination_completion() {
+        // QEMU 11.1.3's events of one run (time stamps shortened).
+        let ev = |event: &str, status: Option<&str>, s: u64, us: u64| {
+            let mut e = json!({"event": event, "timestamp": {"seconds": s, "microseconds": us}});
+            if let Some(st) = status {
+                e["data"] = json!({ "status": st });
+            }
+            e
+        };
+        let source = [
+            ev("MIGRATION", Some("setup"), 448, 669_631),
+            ev("MIGRATION", Some("active"), 448, 672_368),
+            ev("STOP", None, 448, 676_339),
+            ev("MIGRATION", Some("postcopy-device"), 448, 677_260),
+            ev("MIGRATION", Some("postcopy-active"), 448, 728_987),
+            ev("MIGRATION", Some("completed"), 453, 419_077),
+        ];
+        let dest = [
+            ev("MIGRATION", Some("postcopy-active"), 448, 685_955),
+            ev("RESUME", None, 448, 686_708),
+            ev("MIGRATION", Some("completed"), 453, 415_782),
+        ];
+        assert_eq!(event_us(&source, "STOP", None), Some(448_676_339));
+        assert_eq!(
+            event_us(&dest, "MIGRATION", Some("completed")),
+            Some(453_415_782)
+        );
+        assert_eq!(event_us(&dest, "STOP", None), None);
     }
 }

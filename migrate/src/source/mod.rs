@@ -39,6 +39,7 @@ pub mod door;
 pub mod memory;
 pub mod postcopy;
 pub mod precopy;
+pub mod rate_limit;
 pub mod saved;
 pub mod send;
 pub mod trace;
@@ -128,6 +129,10 @@ pub struct ServeOptions {
     /// Keep each session's guest RAM in a file here, and save paused sessions for a later
     /// source to take over (`--ram-dir`, see [`saved`]).
     pub ram_dir: Option<std::path::PathBuf>,
+    /// Send the background stream under QEMU's 100 ms-window rate limiter at this many
+    /// bits/s instead of pagehint's transport (0: not; `--qemu-rate-limit`, see
+    /// [`rate_limit`]).
+    pub qemu_rate_limit_bps: u64,
 }
 
 impl ServeOptions {
@@ -140,6 +145,7 @@ impl ServeOptions {
             max_sessions: DEFAULT_MAX_SESSIONS,
             max_pending: door::MAX_PENDING,
             ram_dir: None,
+            qemu_rate_limit_bps: 0,
         }
     }
 }
@@ -794,6 +800,7 @@ impl SourceServer {
             outer_stop: ctx.stop,
             stop: AtomicBool::new(false),
             bg_progress: AtomicU64::new(now_ns()),
+            qemu_rate_limit_bps: self.opts.qemu_rate_limit_bps,
             rejected: Mutex::new(Vec::new()),
             failure: Mutex::new(None),
             trace: trace::Trace::new(
@@ -976,6 +983,8 @@ pub(crate) struct Session<'a> {
     stop: AtomicBool,
     /// When the background sender last wrote (keeps the return path's idle timer quiet).
     bg_progress: AtomicU64,
+    /// QEMU's rate limiter at this many bits/s (0: none), see [`rate_limit`].
+    qemu_rate_limit_bps: u64,
     rejected: Mutex<Vec<String>>,
     failure: Mutex<Option<SourceError>>,
     /// Postcopy timings of every request and background page.

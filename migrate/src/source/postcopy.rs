@@ -18,6 +18,10 @@
 //!   bytes stay within 1% of the postcopy bytes sent so far; past that, the request waits
 //!   for the background copy.
 //!
+//! With `--qemu-rate-limit` (QEMU's transport, for `compare-qemu`) the background sender waits
+//! on QEMU's 100 ms-window limiter ([`super::rate_limit`]) before each claim, and a request
+//! queued for it (vanilla) wakes it.
+//!
 //! Both end when the destination says `DONE` (it has every page), or when the connections
 //! break: then the session waits to be resumed (`Session::resume`), rebuilds the
 //! scheduler from the destination's received bitmap, and starts both again on the new
@@ -33,6 +37,7 @@ use pagehint::{
 };
 
 use super::door::DoorwayError;
+use super::rate_limit::QemuRateLimit;
 use super::send::{PageRun, Phase, SendError};
 use super::trace::{ReqPath, ReqTrace};
 use super::{ServerEvent, Session, SourceError};
@@ -118,18 +123,22 @@ impl Session<'_> {
     /// Runs the background sender and the return-path thread on the current connections
     /// until both end (`DONE`, or a failure recorded in `self.failure`).
     fn senders(&self, sched: &PageScheduler) {
+        // QEMU's transport instead of pagehint's (`--qemu-rate-limit`), from the bytes sent.
+        let limit = (self.qemu_rate_limit_bps > 0)
+            .then(|| QemuRateLimit::new(self.qemu_rate_limit_bps, self.page_bytes_sent()));
+        let limit = limit.as_ref();
         std::thread::scope(|s| {
             let bg = s.spawn(|| {
-                self.pin.apply(Role::BackgroundSender);
+                self.pin.apply_named(Role::BackgroundSender);
                 tight_timer_slack();
-                if let Err(e) = self.background(sched) {
+                if let Err(e) = self.background(sched, limit) {
                     self.fail(e);
                 }
             });
             let rp = s.spawn(|| {
-                self.pin.apply(Role::ReturnPath);
+                self.pin.apply_named(Role::ReturnPath);
                 tight_timer_slack();
-                if let Err(e) = self.return_path(sched) {
+                if let Err(e) = self.return_path(sched, limit) {
                     self.fail(e);
                 }
             });
@@ -231,7 +240,18 @@ impl Session<'_> {
         Ok(left)
     }
 
-    fn background(&self, sched: &PageScheduler) -> Result<(), SendError> {
+    /// Page bytes sent on both channels so far (what QEMU's rate limiter counts).
+    fn page_bytes_sent(&self) -> u64 {
+        // Relaxed (both): counters; a stale value only delays the limiter by a claim.
+        self.out.sent.precopy_bytes.load(Ordering::Relaxed)
+            + self.out.sent.postcopy_bytes.load(Ordering::Relaxed)
+    }
+
+    fn background(
+        &self,
+        sched: &PageScheduler,
+        limit: Option<&QemuRateLimit>,
+    ) -> Result<(), SendError> {
         let layout = self.layout();
         let mut scanner = sched.background_from(layout.location(self.hello.scan_start));
         let g = self.guard(false);
@@ -243,7 +263,13 @@ impl Session<'_> {
         let mut duplicate = (self.hello.hooks.fault == SourceFault::DuplicatePage)
             .then(|| sched.bitmap().dirty_pages() * 3 / 4 / per);
         let mut sent = 0u64;
-        while let Some(claim) = scanner.next_claim() {
+        loop {
+            if let Some(l) = limit {
+                l.wait(self.page_bytes_sent());
+            }
+            let Some(claim) = scanner.next_claim() else {
+                break;
+            };
             let claim_ns = now_ns();
             self.send_claim(&claim, Channel::Background, &g, &mut buf, Some(claim_ns))?;
             sent += u64::from(claim.host_page_count());
@@ -269,7 +295,11 @@ impl Session<'_> {
         Ok(())
     }
 
-    fn return_path(&self, sched: &PageScheduler) -> Result<(), SendError> {
+    fn return_path(
+        &self,
+        sched: &PageScheduler,
+        limit: Option<&QemuRateLimit>,
+    ) -> Result<(), SendError> {
         let g = self.guard(true);
         let delay = self.out.link.params().delay_ns;
         let mut buf = Vec::new();
@@ -361,6 +391,9 @@ impl Session<'_> {
                             self.trace.request(t);
                         }
                         Ok(Served::Queued(hp)) => {
+                            if let Some(l) = limit {
+                                l.urgent();
+                            }
                             t.host_page = self.global_host_page(hp.block, hp.first_page);
                             t.path = ReqPath::Queued as u64;
                             self.trace.request(t);

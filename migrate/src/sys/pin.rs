@@ -35,6 +35,22 @@ pub enum Role {
     Housekeeping,
 }
 
+impl Role {
+    /// The name a thread dedicated to this role takes ([`PinPlan::apply_named`]; as QEMU's
+    /// `mig/...` threads have theirs), so that its CPU time can be read per thread from
+    /// outside (`compare-qemu`); `None` for the guest and housekeeping.
+    pub fn thread_name(self) -> Option<&'static std::ffi::CStr> {
+        Some(match self {
+            Self::FaultThread => c"ph/dst/fault",
+            Self::UrgentReceiver => c"ph/dst/urgent",
+            Self::BackgroundReceiver => c"ph/dst/bulk",
+            Self::ReturnPath => c"ph/src/return",
+            Self::BackgroundSender => c"ph/src/bulk",
+            Self::Guest | Self::ExtraVcpu | Self::Housekeeping => return None,
+        })
+    }
+}
+
 /// Which CPU each role runs on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct PinPlan {
@@ -78,6 +94,15 @@ impl PinPlan {
     /// Pins the calling thread for `role` (best effort: failure leaves it unpinned).
     pub fn apply(&self, role: Role) {
         let _ = self.apply_to(None, role);
+    }
+
+    /// [`PinPlan::apply`] for a thread that does nothing but `role`'s migration work, which
+    /// also takes its role's name ([`Role::thread_name`]), pinned or not.
+    pub fn apply_named(&self, role: Role) {
+        if let Some(name) = role.thread_name() {
+            let _ = rustix::thread::set_name(name);
+        }
+        self.apply(role);
     }
 
     /// Pins thread `tid` (another process's too, with the right to) for `role`; `None` is the
