@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use super::recovery::Receivers;
 use super::thread_guest::{self, FaultLog, ThreadGuest, WorkloadReport};
-use super::{Dest, GuestOutcome, RunError, Times};
+use super::{Applied, Dest, GuestOutcome, RunError, Times};
 use crate::guest::kvm::vcpu::VcpuEnd;
 use crate::guest::kvm::Machine;
 use crate::guest::Workload;
@@ -60,7 +60,8 @@ impl<'s> Dest<'s> {
         receivers: &mut Receivers<'s>,
     ) -> Result<GuestOutcome, RunError> {
         let switch = self.await_switch(receivers)?;
-        times.switch_applied = now_ns();
+        (times.switch_due, times.switch_applied) = (switch.start_ns, switch.end_ns);
+        let switch = switch.switch;
         let guest = self.resume_guest(s, &switch, workload, times)?;
         if let Err(e) = self.inject_bad(self.cfg.hooks.inject_bad) {
             self.fail(e.into());
@@ -69,19 +70,25 @@ impl<'s> Dest<'s> {
         self.collect(guest, ops_at_complete)
     }
 
-    /// Precopy: waits for the switch-over to be applied, as long as frames keep coming.
-    fn await_switch(&self, receivers: &Receivers<'_>) -> Result<SwitchOver, RunError> {
+    /// Precopy: waits for the switch-over to be applied, as long as frames keep coming. The
+    /// receiver that applies it wakes this thread at once (the wait is part of the downtime).
+    fn await_switch(&self, receivers: &Receivers<'_>) -> Result<Applied, RunError> {
         let idle = self.cfg.idle_timeout;
         let mut last = (0, now_ns());
         loop {
             // The switch first: once applied, a failure is one of postcopy, and says so.
-            if let Some(sw) = self
-                .switch
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .as_ref()
             {
-                return Ok(sw.clone());
+                let sw = self.switch.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(sw) = sw.as_ref() {
+                    return Ok(sw.clone());
+                }
+                let (sw, _) = self
+                    .switch_ready
+                    .wait_timeout(sw, Duration::from_micros(500))
+                    .unwrap_or_else(|p| p.into_inner());
+                if let Some(sw) = sw.as_ref() {
+                    return Ok(sw.clone());
+                }
             }
             if self.stopped() {
                 return Err(RunError::Wire(WireError::Stopped));
@@ -100,7 +107,6 @@ impl<'s> Dest<'s> {
                     idle,
                 )));
             }
-            std::thread::sleep(Duration::from_micros(100));
         }
     }
 

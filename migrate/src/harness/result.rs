@@ -168,6 +168,9 @@ pub struct Transfer {
     pub dirty_per_round: Vec<u64>,
     /// Source vCPUs stop → destination vCPUs run, ms.
     pub downtime_ms: f64,
+    /// The downtime stage by stage, ms (they add up to it).
+    #[serde(default)]
+    pub downtime_stages_ms: DowntimeStages,
     /// START → the last page placed, ms.
     pub total_ms: f64,
     /// START → the source stopped the guest, ms.
@@ -188,6 +191,24 @@ pub struct Transfer {
     pub clock_offset_us: f64,
     /// Source and destination share `CLOCK_MONOTONIC` (same boot), so no offset is applied.
     pub same_clock: bool,
+}
+
+/// The downtime, stage by stage (ms; source stages on the source clock, the others on the
+/// destination's, joined through the clock offset): they add up to `downtime_ms`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct DowntimeStages {
+    /// Source: the vCPUs kicked out and their state saved, the device model and the dirty
+    /// harvest stopped, the last dirty pages synced.
+    pub stop: f64,
+    /// Source: the set of host pages still to send built, and the switch-over frame.
+    pub build: f64,
+    /// The frame written, across the link, read and held until its arrival time.
+    pub link: f64,
+    /// Destination: the frame decoded and applied: pending pages discarded, the rest
+    /// checked whole and marked present, the memory registered with userfaultfd.
+    pub apply: f64,
+    /// Destination: the vCPUs loaded with the source's state and started.
+    pub resume: f64,
 }
 
 /// What the guest did at the source and at the destination.
@@ -467,6 +488,13 @@ impl Transfer {
             precopy_rounds_done: sw.rounds,
             dirty_per_round: sw.dirty_per_round.clone(),
             downtime_ms: ms(t.resume.saturating_sub(stop_local)),
+            downtime_stages_ms: DowntimeStages {
+                stop: ms(sw.synced_ns.saturating_sub(sw.stop_ns)),
+                build: ms(sw.built_ns.saturating_sub(sw.synced_ns)),
+                link: ms(t.switch_due.saturating_sub(local(e, sw.built_ns))),
+                apply: ms(t.switch_applied.saturating_sub(t.switch_due)),
+                resume: ms(t.resume.saturating_sub(t.switch_applied)),
+            },
             total_ms: ms(complete_ns(e).saturating_sub(t.start)),
             precopy_ms: ms(stop_local.saturating_sub(t.start)),
             duration_ms: ms(duration),
@@ -684,6 +712,7 @@ mod tests {
         "dirty_per_round",
         "dirty_tracking",
         "downtime_ms",
+        "downtime_stages_ms",
         "duplicate_bytes",
         "duplicate_pages",
         "duplicate_share_pct",

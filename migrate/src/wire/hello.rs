@@ -476,7 +476,7 @@ mod tests {
         b[7] = b'3';
         let e = Hello::decode(&b).unwrap_err().to_string();
         assert!(
-            e.contains("protocol version 3, this source version 6"),
+            e.contains("protocol version 3, this source version 7"),
             "{e}"
         );
         b[..8].copy_from_slice(b"GET / HT");
@@ -507,7 +507,7 @@ mod tests {
         assert!(e.contains("SSH-2.0-"), "{e}");
         let e = read_after(b"PHMIGRS3").unwrap_err().to_string();
         assert!(
-            e.contains("protocol version 3, this destination version 6"),
+            e.contains("protocol version 3, this destination version 7"),
             "{e}"
         );
         let e = read_after(b"").unwrap_err().to_string();
@@ -525,10 +525,10 @@ mod tests {
         assert_eq!(HelloReply::read(&c, &g).unwrap(), reply);
     }
 
-    /// The encoding of [`hello`], as protocol version 6 has it: a change to the layout
+    /// The encoding of [`hello`], as protocol version 7 has it: a change to the layout
     /// changes these bytes (and must bump the version).
     const GOLDEN: &[&str] = &[
-        "50484d4947525436020000000000000009000000000000000200000000000000040000000000000001000000",
+        "50484d4947525437020000000000000009000000000000000200000000000000040000000000000001000000",
         "0000000000000004000000000010000000000000020000000000000001000000000000000000001000000000",
         "0300000000000000020000000000000000e40b540200000050c3000000000000000080000000000000000100",
         "0000000020000000000000000700000000000000000000000000000002000000000000000000000000000000",
@@ -545,7 +545,7 @@ mod tests {
             .collect();
         assert_eq!(hex, GOLDEN.concat());
         assert_eq!(Hello::LEN, 8 + 26 * 8 + 36);
-        assert_eq!(VERSION, b'6', "a new version needs new golden bytes");
+        assert_eq!(VERSION, b'7', "a new version needs new golden bytes");
     }
 
     #[test]

@@ -62,7 +62,7 @@ pub use switch::SwitchOver;
 
 /// The protocol version both directions carry (the last byte of the hello's and the
 /// reply's magic).
-pub const VERSION: u8 = b'6';
+pub const VERSION: u8 = b'7';
 /// The hello's magic: `"PHMIGRT"` and [`VERSION`].
 pub const HELLO_MAGIC: [u8; 8] = versioned(*b"PHMIGRT");
 /// The hello reply's magic: `"PHMIGRS"` and [`VERSION`].

@@ -1,9 +1,10 @@
 //! The switch-over frame: what the source sends when it has stopped the guest and postcopy
 //! begins (QEMU's device state plus its "discard" of pages dirtied since they were sent).
 //!
-//! Body, little endian: `stop_ns u64 | rounds u64 | precopy pages u64 | precopy bytes u64 |
-//! source run ns u64 | vcpus u64 | vcpus × VcpuState | blocks u64 | per block: host pages
-//! u64, words u64, words × u64 | guest counters (10 × u64) | rounds × dirty pages u64`.
+//! Body, little endian: `stop_ns u64 | synced_ns u64 | built_ns u64 | rounds u64 | precopy
+//! pages u64 | precopy bytes u64 | source run ns u64 | vcpus u64 | vcpus × VcpuState | blocks
+//! u64 | per block: host pages u64, words u64, words × u64 | guest counters (10 × u64) |
+//! rounds × dirty pages u64`.
 //!
 //! The per-block words are one bit per **host page** still to send (dirty since it was last
 //! sent, or never sent): exactly the host pages the destination must discard and receive in
@@ -17,6 +18,12 @@ use crate::guest::kvm::vm::VcpuState;
 pub struct SwitchOver {
     /// When the source stopped the vCPUs (source clock).
     pub stop_ns: u64,
+    /// When the vCPUs were out, their state saved and the last dirty pages synced (source
+    /// clock): the downtime's first stage ends.
+    pub synced_ns: u64,
+    /// When the pending set and this frame were built, just before it was written (source
+    /// clock): the downtime's second stage ends.
+    pub built_ns: u64,
     /// Precopy rounds done.
     pub rounds: u64,
     /// Target pages sent in precopy (each resend counts).
@@ -55,6 +62,8 @@ impl SwitchOver {
         let put = |out: &mut Vec<u8>, v: u64| out.extend_from_slice(&v.to_le_bytes());
         for v in [
             self.stop_ns,
+            self.synced_ns,
+            self.built_ns,
             self.rounds,
             self.precopy_pages,
             self.precopy_bytes,
@@ -90,12 +99,12 @@ impl SwitchOver {
             WireError::Malformed(Channel::Background, format!("switch-over frame: {what}"))
         };
         let mut r = Reader { b, at: 0 };
-        let stop_ns = r.u64().ok_or_else(|| bad("truncated"))?;
-        let mut head = [0u64; 5];
+        let mut head = [0u64; 8];
         for h in head.iter_mut() {
             *h = r.u64().ok_or_else(|| bad("truncated"))?;
         }
-        let [rounds, precopy_pages, precopy_bytes, source_run_ns, nvcpus] = head;
+        let [stop_ns, synced_ns, built_ns, rounds, precopy_pages, precopy_bytes, source_run_ns, nvcpus] =
+            head;
         if nvcpus > 64 {
             return Err(bad("more than 64 vCPUs"));
         }
@@ -144,6 +153,8 @@ impl SwitchOver {
         }
         Ok(Self {
             stop_ns,
+            synced_ns,
+            built_ns,
             rounds,
             precopy_pages,
             precopy_bytes,
@@ -182,6 +193,8 @@ mod tests {
     fn round_trips_and_rejects_bad_bodies() {
         let s = SwitchOver {
             stop_ns: 5,
+            synced_ns: 6,
+            built_ns: 8,
             rounds: 2,
             precopy_pages: 100,
             precopy_bytes: 409_600,
@@ -197,6 +210,7 @@ mod tests {
         assert_eq!(d.pending, s.pending);
         assert_eq!(d.pending_host_pages(), 2 + 65);
         assert_eq!(d.dirty_per_round, s.dirty_per_round);
+        assert_eq!((d.stop_ns, d.synced_ns, d.built_ns), (5, 6, 8));
         assert!(SwitchOver::decode(&b[..b.len() - 1]).is_err());
         let mut past = s.clone();
         past.pending[0] = vec![0b1000];
