@@ -13,6 +13,7 @@ use crate::guest::kvm::Machine;
 use crate::guest::Workload;
 use crate::sys::clock::{now_ns, tight_timer_slack};
 use crate::sys::pin::Role;
+use crate::sys::vmstat::Vmstat;
 use crate::wire::{Channel, RpKind, SwitchOver, WireError};
 
 /// The guest as it runs at the destination.
@@ -63,6 +64,7 @@ impl<'s> Dest<'s> {
         (times.switch_due, times.switch_applied) = (switch.start_ns, switch.end_ns);
         let switch = switch.switch;
         let guest = self.resume_guest(s, &switch, workload, times)?;
+        times.vmstat[0] = Vmstat::read().ok();
         if let Err(e) = self.inject_bad(self.cfg.hooks.inject_bad) {
             self.fail(e.into());
         }
@@ -248,6 +250,7 @@ impl<'s> Dest<'s> {
     /// long the guest runs afterwards. False if `DONE` could not be sent.
     fn completed(&self, times: &mut Times, ops_at_complete: &mut Option<u64>) -> bool {
         times.complete = self.mem.last_placed_ns().max(times.resume);
+        times.vmstat[1] = Vmstat::read().ok();
         if let Some(m) = self.machine {
             *ops_at_complete = Some(m.counters().iter().map(|c| c.ops).sum::<u64>());
             m.finish_all();

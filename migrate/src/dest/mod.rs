@@ -339,6 +339,9 @@ pub struct Times {
     pub resume: u64,
     /// Every missing page placed.
     pub complete: u64,
+    /// The kernel's memory counters when the guest resumed and when every page was in
+    /// (machine-wide; none where `/proc/vmstat` cannot be read).
+    pub vmstat: [Option<crate::sys::vmstat::Vmstat>; 2],
 }
 
 /// What a finished run left, for verification and measurement (the harness's `verify` and

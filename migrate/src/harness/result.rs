@@ -179,6 +179,14 @@ pub struct Transfer {
     pub duration_ms: f64,
     /// Postcopy: RAM still to send over its duration, MiB/s.
     pub throughput_mib_s: f64,
+    /// Postcopy throughput over each eighth of the pages it placed, in the order they were
+    /// placed (from the resume), MiB/s: whether placing slows down as memory fills.
+    #[serde(default)]
+    pub throughput_eighths_mib_s: Vec<f64>,
+    /// The kernel's memory counters over postcopy (resume → every page in; machine-wide, so
+    /// on a shared machine they count others' work too); null where unreadable.
+    #[serde(default)]
+    pub vmstat_postcopy: Option<crate::sys::vmstat::Vmstat>,
     /// Link bytes in precopy.
     pub precopy_bytes: u64,
     /// Link bytes in postcopy.
@@ -503,6 +511,11 @@ impl Transfer {
             } else {
                 0.0
             },
+            throughput_eighths_mib_s: eighths(mem, t.resume),
+            vmstat_postcopy: match t.vmstat {
+                [Some(a), Some(b)] => Some(b.since(&a)),
+                _ => None,
+            },
             precopy_bytes: sw.precopy_bytes,
             postcopy_bytes: e.summary.postcopy_bytes,
             precopy_pages: sw.precopy_pages,
@@ -511,6 +524,35 @@ impl Transfer {
             same_clock: e.same_clock,
         }
     }
+}
+
+/// Throughput over each eighth of the host pages placed in postcopy, in placement order,
+/// from `resume`, MiB/s (empty if none was placed).
+fn eighths(mem: &DestMemory, resume: u64) -> Vec<f64> {
+    let mut placed: Vec<u64> = (0..mem.host_pages())
+        .map(|hp| mem.times(hp).1)
+        .filter(|&t| t != 0)
+        .collect();
+    placed.sort_unstable();
+    eighths_of(&placed, mem.host_page_size(), resume)
+}
+
+/// [`eighths`] of host pages of `host_page` bytes placed at the sorted times `placed`.
+fn eighths_of(placed: &[u64], host_page: u64, resume: u64) -> Vec<f64> {
+    let n = placed.len();
+    let mut out = Vec::new();
+    let (mut from, mut since) = (0usize, resume);
+    for i in 1..=8 {
+        let to = n * i / 8;
+        if to == from {
+            continue;
+        }
+        let end = placed[to - 1].max(since);
+        let bytes = ((to - from) as u64 * host_page) as f64;
+        out.push(bytes / (1 << 20) as f64 / ((end - since).max(1) as f64 / 1e9));
+        (from, since) = (to, end);
+    }
+    out
 }
 
 impl GuestRun {
@@ -777,15 +819,34 @@ mod tests {
         "stall_ms",
         "stream_rate",
         "tail",
+        "throughput_eighths_mib_s",
         "throughput_mib_s",
         "total_ms",
         "uffd_faults",
         "vcpu_blocktime_ms",
         "vcpus",
         "verified",
+        "vmstat_postcopy",
         "workload",
         "zero_host_pages",
     ];
+
+    #[test]
+    fn eighths_time_each_eighth_of_the_placements_from_the_resume() {
+        // 16 pages of 1 MiB: two per eighth; the first eighth takes 2 s from the resume at
+        // 1 s, each later one 1 s, the last 4 s.
+        let mut t: Vec<u64> = (0..16).map(|i| (3 + i / 2) * 1_000_000_000).collect();
+        t[14] = 13_000_000_000;
+        t[15] = 13_000_000_000;
+        let e = eighths_of(&t, 1 << 20, 1_000_000_000);
+        assert_eq!(e, vec![1.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0, 0.5]);
+        assert!(eighths_of(&[], 4096, 0).is_empty());
+        // Fewer pages than eighths: one figure per page.
+        assert_eq!(
+            eighths_of(&[2_000_000_000], 1 << 20, 1_000_000_000),
+            vec![1.0]
+        );
+    }
 
     #[test]
     fn the_json_keys_stay_the_same() {

@@ -5,7 +5,8 @@
 //! * [`clock`]: one monotonic nanosecond clock, precise sleeps, the boot id;
 //! * [`pin`]: which CPU each harness thread runs on;
 //! * [`warm`]: available memory, and the warm-up before measuring;
-//! * [`hugepages`]: 2 MiB hugetlb pages reserved for a run and given back.
+//! * [`hugepages`]: 2 MiB hugetlb pages reserved for a run and given back;
+//! * [`vmstat`]: the kernel's page allocation, reclaim, compaction and THP counters.
 //!
 //! Nothing here knows about migration: these modules import nothing else of the crate.
 
@@ -13,4 +14,5 @@ pub mod clock;
 pub mod hugepages;
 pub mod pin;
 pub mod uffd;
+pub mod vmstat;
 pub mod warm;
