@@ -1018,6 +1018,7 @@ mod tests {
     fn switch_over(pending: Vec<Vec<u64>>, host_pages: Vec<u64>) -> SwitchOver {
         SwitchOver {
             stop_ns: 0,
+            stopped_ns: 0,
             synced_ns: 0,
             built_ns: 0,
             rounds: 0,

@@ -206,8 +206,10 @@ pub struct Transfer {
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct DowntimeStages {
     /// Source: the vCPUs kicked out and their state saved, the device model and the dirty
-    /// harvest stopped, the last dirty pages synced.
+    /// harvest stopped.
     pub stop: f64,
+    /// Source: the last dirty pages synced into the bitmap (KVM's dirty log or rings).
+    pub sync: f64,
     /// Source: the set of host pages still to send built, and the switch-over frame.
     pub build: f64,
     /// The frame written, across the link, read and held until its arrival time.
@@ -497,7 +499,8 @@ impl Transfer {
             dirty_per_round: sw.dirty_per_round.clone(),
             downtime_ms: ms(t.resume.saturating_sub(stop_local)),
             downtime_stages_ms: DowntimeStages {
-                stop: ms(sw.synced_ns.saturating_sub(sw.stop_ns)),
+                stop: ms(sw.stopped_ns.saturating_sub(sw.stop_ns)),
+                sync: ms(sw.synced_ns.saturating_sub(sw.stopped_ns)),
                 build: ms(sw.built_ns.saturating_sub(sw.synced_ns)),
                 link: ms(t.switch_due.saturating_sub(local(e, sw.built_ns))),
                 apply: ms(t.switch_applied.saturating_sub(t.switch_due)),

@@ -562,9 +562,10 @@ impl Session<'_> {
             // Stop the guest wherever it is, then everything else that marks pages.
             let stop_ns = now_ns();
             let (states, vcpu_failed) = self.stop_guest(vcpus);
-            // Relaxed: a polled flag; the joins below wait for the threads.
+            // Relaxed: a polled flag; the wake-up and the joins below wait for the threads.
             housekeeping_stop.store(true, Ordering::Relaxed);
             let (device, harvest) = keeping.join();
+            let stopped_ns = now_ns();
             let report = result?;
             if let Some(f) = vcpu_failed {
                 return Err(SourceError::Guest(f));
@@ -578,7 +579,7 @@ impl Session<'_> {
                     return Err(SourceError::Guest(refused));
                 }
             }
-            self.switch_over(stop_ns, t_run, states, report)
+            self.switch_over([stop_ns, stopped_ns], t_run, states, report)
         })
     }
 
@@ -631,11 +632,12 @@ impl Session<'_> {
         (states, failed)
     }
 
-    /// The switch-over of a guest stopped at `stop_ns` (it ran from `t_run`) in `states`,
-    /// after the precopy `report`.
+    /// The switch-over of a guest asked to stop at `stop_ns` and stopped (with everything
+    /// else that marks pages) at `stopped_ns` (it ran from `t_run`) in `states`, after the
+    /// precopy `report`.
     fn switch_over(
         &self,
-        stop_ns: u64,
+        [stop_ns, stopped_ns]: [u64; 2],
         t_run: u64,
         states: Vec<VcpuState>,
         report: precopy::PrecopyReport,
@@ -644,6 +646,7 @@ impl Session<'_> {
         let guest = self.machine.map(|m| m.counters()).unwrap_or_default();
         Ok(SwitchOver {
             stop_ns,
+            stopped_ns,
             synced_ns,
             // Stamped when the frame is encoded.
             built_ns: 0,
@@ -750,7 +753,8 @@ impl<'s> Housekeeping<'s> {
             while !stop.load(Ordering::Relaxed) {
                 n += 1;
                 session.mem.device_write(n)?;
-                std::thread::sleep(Duration::from_millis(1));
+                // Parked, not slept: `join` wakes it at once (the wait is downtime).
+                std::thread::park_timeout(Duration::from_millis(1));
             }
             Ok(())
         });
@@ -762,7 +766,7 @@ impl<'s> Housekeeping<'s> {
                     if let Some(t) = tracker {
                         t.sync()?;
                     }
-                    std::thread::sleep(Duration::from_millis(2));
+                    std::thread::park_timeout(Duration::from_millis(2));
                 }
                 Ok::<(), String>(())
             })
@@ -770,8 +774,13 @@ impl<'s> Housekeeping<'s> {
         Self { device, harvester }
     }
 
-    /// Joins them: the device thread's result, and the harvester's.
+    /// Wakes them (their stop flag is raised) and joins them: the device thread's result,
+    /// and the harvester's.
     fn join(self) -> (Result<(), String>, Result<(), String>) {
+        self.device.thread().unpark();
+        if let Some(h) = &self.harvester {
+            h.thread().unpark();
+        }
         let device = self
             .device
             .join()
