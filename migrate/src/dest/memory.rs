@@ -526,15 +526,10 @@ impl DestMemory {
         let blocks = self.layout.ram().blocks();
         if sw.pending.len() != blocks.len()
             || sw
-                .host_pages
-                .iter()
-                .zip(blocks)
-                .any(|(&hp, b)| hp != b.host_pages())
-            || sw
                 .pending
                 .iter()
-                .zip(&sw.host_pages)
-                .any(|(w, &hp)| w.len() as u64 != hp.div_ceil(64))
+                .zip(blocks)
+                .any(|(p, b)| p.host_pages() != b.host_pages())
         {
             return Err(MemoryError::Switch(
                 "the pending-page bitmaps do not fit this layout".into(),
@@ -543,8 +538,9 @@ impl DestMemory {
         let mut pending = 0;
         let mut discard: Vec<(u64, u64)> = Vec::new(); // runs of host pages
         let mut hp0 = 0u64; // the block's first global host page
-        for (words, &n) in sw.pending.iter().zip(&sw.host_pages) {
-            for (w, &missing) in words.iter().enumerate() {
+        for set in &sw.pending {
+            let n = set.host_pages();
+            for (w, missing) in set.words().enumerate() {
                 let first = hp0 + w as u64 * 64;
                 let valid = low_bits(n - w as u64 * 64);
                 let missing = missing & valid;
@@ -570,23 +566,22 @@ impl DestMemory {
             }
             hp0 += n;
         }
-        for (first, n) in discard {
-            let addr = self.base + (first << self.host_shift) as usize;
-            // SAFETY: whole host pages inside our private mapping; nothing runs on it yet.
-            let r = unsafe {
-                libc::madvise(
-                    addr as *mut libc::c_void,
+        let ranges: Vec<(usize, usize)> = discard
+            .iter()
+            .map(|&(first, n)| {
+                (
+                    self.base + (first << self.host_shift) as usize,
                     (n << self.host_shift) as usize,
-                    libc::MADV_DONTNEED,
                 )
-            };
-            if r != 0 {
-                return Err(MemoryError::Switch(format!(
-                    "discarding host pages {first}..{}: {}",
-                    first + n,
-                    io::Error::last_os_error()
-                )));
-            }
+            })
+            .collect();
+        // SAFETY: whole host pages inside our private mapping; nothing runs on it yet, and
+        // nothing holds a reference into it.
+        if let Err(e) = unsafe { crate::sys::discard::discard(&ranges) } {
+            return Err(MemoryError::Switch(format!(
+                "discarding {} runs of host pages: {e}",
+                ranges.len()
+            )));
         }
         // Relaxed: published to the other threads by the Release store of `postcopy`.
         self.pending.store(pending, Ordering::Relaxed);
@@ -866,6 +861,7 @@ impl DestMemory {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wire::PendingSet;
 
     /// A generator of reproducible patterns.
     fn rng(seed: u64) -> impl FnMut() -> u64 {
@@ -904,7 +900,6 @@ mod tests {
             let pending_of = |p: u64, r: &mut dyn FnMut() -> u64| !seen[p as usize] || r() % 4 == 0;
             let mut is_pending = vec![false; pages as usize];
             let mut sw_pending = Vec::new();
-            let mut host_pages = Vec::new();
             for (b, block) in layout.ram().blocks().iter().enumerate() {
                 let first = layout.block_first_page(b as u32);
                 let mut words = vec![0u64; block.host_pages().div_ceil(64) as usize];
@@ -914,10 +909,9 @@ mod tests {
                         is_pending[(first + i) as usize] = true;
                     }
                 }
-                sw_pending.push(words);
-                host_pages.push(block.host_pages());
+                sw_pending.push(PendingSet::from_words(block.host_pages(), &words).unwrap());
             }
-            let sw = switch_over(sw_pending, host_pages);
+            let sw = switch_over(sw_pending);
             let n = mem.switch(&sw).unwrap();
             assert_eq!(n, is_pending.iter().filter(|&&x| x).count() as u64);
             assert_eq!(n, sw.pending_host_pages());
@@ -941,7 +935,7 @@ mod tests {
         let layout = GuestLayout::new(16 << 20, HostPageSize::Small, 1).unwrap();
         let mem = DestMemory::new(&layout, FaultPath::Software, false).unwrap();
         // Everything pending but host page 1234 of block 0, which precopy never brought.
-        let mut pending: Vec<Vec<u64>> = layout
+        let mut words: Vec<Vec<u64>> = layout
             .ram()
             .blocks()
             .iter()
@@ -953,30 +947,22 @@ mod tests {
                 w
             })
             .collect();
-        pending[0][1234 / 64] &= !(1 << (1234 % 64));
-        let hp = layout
+        words[0][1234 / 64] &= !(1 << (1234 % 64));
+        let sets: Vec<PendingSet> = layout
             .ram()
             .blocks()
             .iter()
-            .map(|b| b.host_pages())
+            .zip(&words)
+            .map(|(b, w)| PendingSet::from_words(b.host_pages(), w).unwrap())
             .collect();
-        let e = mem
-            .switch(&switch_over(pending, hp))
-            .unwrap_err()
-            .to_string();
+        let e = mem.switch(&switch_over(sets)).unwrap_err().to_string();
         assert!(
             e.contains("host page 1234 is neither pending nor whole"),
             "{e}"
         );
-        // And a bitmap of the wrong length is refused, not read past its end.
-        let short = vec![vec![0u64; 1], vec![0u64; 1]];
-        let hp = layout
-            .ram()
-            .blocks()
-            .iter()
-            .map(|b| b.host_pages())
-            .collect();
-        let e = mem.switch(&switch_over(short, hp)).unwrap_err().to_string();
+        // And sets of another layout are refused, not read past their end.
+        let other = vec![PendingSet::from_words(64, &[!0]).unwrap(); 2];
+        let e = mem.switch(&switch_over(other)).unwrap_err().to_string();
         assert!(e.contains("do not fit this layout"), "{e}");
     }
 
@@ -1015,7 +1001,7 @@ mod tests {
         assert_eq!(bit_runs(0).count(), 0);
     }
 
-    fn switch_over(pending: Vec<Vec<u64>>, host_pages: Vec<u64>) -> SwitchOver {
+    fn switch_over(pending: Vec<PendingSet>) -> SwitchOver {
         SwitchOver {
             stop_ns: 0,
             stopped_ns: 0,
@@ -1027,7 +1013,6 @@ mod tests {
             source_run_ns: 0,
             vcpus: Vec::new(),
             pending,
-            host_pages,
             guest: [0; 10],
             dirty_per_round: Vec::new(),
         }

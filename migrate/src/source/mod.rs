@@ -54,7 +54,8 @@ use crate::options::{DirtyTracking, GuestKind, MigrationMode, SourceFault};
 use crate::sys::clock::{now_ns, tight_timer_slack};
 use crate::sys::pin::{PinPlan, Role};
 use crate::wire::{
-    write_parts, Channel, FrameHeader, Guard, Hello, Summary, SwitchOver, WireError,
+    write_parts, Channel, FrameHeader, Guard, Hello, PendingBuilder, PendingSet, Summary,
+    SwitchOver, WireError,
 };
 use memory::SourceMemory;
 use send::{Hooks, Outbound, SendError, Sent};
@@ -657,61 +658,78 @@ impl Session<'_> {
             source_run_ns: stop_ns - t_run,
             vcpus: states,
             pending: self.pending()?,
-            host_pages: self
-                .layout()
-                .ram()
-                .blocks()
-                .iter()
-                .map(|b| b.host_pages())
-                .collect(),
             guest: sum_counters(&guest),
             dirty_per_round: report.dirty_per_round,
         })
     }
 
-    /// Per block, one bit per host page with a dirty target page (the vCPUs are stopped, so
-    /// the bitmap is still): read a word at a time, not searched page by page, so that it
-    /// costs the downtime microseconds per GiB.
-    fn pending(&self) -> Result<Vec<Vec<u64>>, SourceError> {
+    /// Per block, the host pages with a dirty target page (the vCPUs are stopped, so the
+    /// bitmap is still): read a chunk of words at a time into the runs the frame carries,
+    /// never page by page, and with no copy of the bitmap.
+    fn pending(&self) -> Result<Vec<PendingSet>, SourceError> {
         let bitmap = self.bitmap();
         let mut out = Vec::new();
+        let mut buf = Vec::new();
         for (b, block) in self.layout().ram().blocks().iter().enumerate() {
-            let bad =
-                |e: pagehint::LocationError| SourceError::Memory(format!("the pending set: {e}"));
-            let mut dirty = vec![0u64; bitmap.block_words(b as u32).map_err(bad)?];
-            bitmap.dirty_words(b as u32, 0, &mut dirty).map_err(bad)?;
-            out.push(host_page_bits(
-                &dirty,
-                block.host_page_shift(),
-                block.host_pages(),
-            ));
+            let bad = |e: String| SourceError::Memory(format!("the pending set: {e}"));
+            let shift = block.host_page_shift();
+            // Target-page words per word of host-page bits.
+            let per = 1usize << shift;
+            buf.resize(per.max(PENDING_CHUNK), 0);
+            let chunk = buf.len() / per * per;
+            let nwords = bitmap
+                .block_words(b as u32)
+                .map_err(|e| bad(e.to_string()))?;
+            let mut set = PendingBuilder::new(block.host_pages());
+            let mut hp = 0;
+            let mut w = 0;
+            while w < nwords {
+                let n = chunk.min(nwords - w);
+                bitmap
+                    .dirty_words(b as u32, w, &mut buf[..n])
+                    .map_err(|e| bad(e.to_string()))?;
+                for words in buf[..n].chunks(per) {
+                    let pages = (block.host_pages() - hp).min(64);
+                    set.push(host_page_word(words, shift, pages));
+                    hp += pages;
+                }
+                w += n;
+            }
+            out.push(
+                set.finish()
+                    .ok_or_else(|| bad("does not fit the block".into()))?,
+            );
         }
         Ok(out)
     }
 }
 
-/// One bit per host page of `2^shift` target pages, set when any of its target pages' bits
-/// is set in `dirty` (one bit per target page), for `host_pages` host pages.
-fn host_page_bits(dirty: &[u64], shift: u32, host_pages: u64) -> Vec<u64> {
+/// Bitmap words read at a time for the pending set.
+const PENDING_CHUNK: usize = 512;
+
+/// The word of host-page bits of `pages` (≤ 64) host pages of `2^shift` target pages each,
+/// from their target pages' bits `dirty`: bit `i` set when any target page of host page `i`
+/// is dirty.
+fn host_page_word(dirty: &[u64], shift: u32, pages: u64) -> u64 {
     if shift == 0 {
-        return dirty.to_vec();
+        return dirty.first().copied().unwrap_or(0);
     }
-    let mut words = vec![0u64; host_pages.div_ceil(64) as usize];
     let n = 1u64 << shift;
-    for hp in 0..host_pages {
-        let first = hp << shift;
+    let mut out = 0;
+    for i in 0..pages {
+        let first = i << shift;
         let any = if n >= 64 {
-            dirty[(first / 64) as usize..((first + n) / 64) as usize]
-                .iter()
-                .any(|&w| w != 0)
+            dirty
+                .get((first / 64) as usize..((first + n) / 64) as usize)
+                .is_some_and(|ws| ws.iter().any(|&w| w != 0))
         } else {
-            (dirty[(first / 64) as usize] >> (first % 64)) & ((1 << n) - 1) != 0
+            dirty
+                .get((first / 64) as usize)
+                .is_some_and(|&w| (w >> (first % 64)) & ((1 << n) - 1) != 0)
         };
-        if any {
-            words[(hp / 64) as usize] |= 1 << (hp % 64);
-        }
+        out |= u64::from(any) << i;
     }
-    words
+    out
 }
 
 /// The source's guest counters summed over vCPUs, in the switch-over's order.
@@ -795,24 +813,22 @@ impl<'s> Housekeeping<'s> {
 
 #[cfg(test)]
 mod tests {
-    use super::host_page_bits;
+    use super::host_page_word;
 
     #[test]
-    fn host_page_bits_set_a_host_page_for_any_dirty_target_page_in_it() {
-        // 4 KiB host pages: the words themselves.
+    fn a_host_page_is_pending_when_any_of_its_target_pages_is_dirty() {
+        // 4 KiB host pages: the word itself.
+        assert_eq!(host_page_word(&[0b1010], 0, 64), 0b1010);
+        // 16 KiB host pages (4 target pages, 16 per word): pages 5 and 127 of the 4 words
+        // → host pages 1 and 31.
         assert_eq!(
-            host_page_bits(&[0b1010, 1 << 63], 0, 128),
-            vec![0b1010, 1 << 63]
-        );
-        // 16 KiB host pages (4 target pages): pages 5 and 127 → host pages 1 and 31.
-        assert_eq!(
-            host_page_bits(&[1 << 5, 1 << 63], 2, 32),
-            vec![(1 << 1) | (1 << 31)]
+            host_page_word(&[1 << 5, 1 << 63, 0, 0], 2, 64),
+            (1 << 1) | (1 << 31)
         );
         // 2 MiB host pages (8 words each): one bit in word 9 → host page 1 only.
         let mut dirty = vec![0u64; 24];
         dirty[9] = 1 << 40;
-        assert_eq!(host_page_bits(&dirty, 9, 3), vec![0b010]);
-        assert_eq!(host_page_bits(&[0; 24], 9, 3), vec![0]);
+        assert_eq!(host_page_word(&dirty, 9, 3), 0b010);
+        assert_eq!(host_page_word(&[0; 24], 9, 3), 0);
     }
 }

@@ -2,6 +2,7 @@
 //! and KVM is behind one of these modules, each with typed errors.
 //!
 //! * [`uffd`]: userfaultfd in missing mode (register, read faults, place pages);
+//! * [`discard`]: many ranges of memory dropped at once (`MADV_DONTNEED`);
 //! * [`clock`]: one monotonic nanosecond clock, precise sleeps, the boot id;
 //! * [`pin`]: which CPU each harness thread runs on;
 //! * [`warm`]: available memory, and the warm-up before measuring;
@@ -11,6 +12,7 @@
 //! Nothing here knows about migration: these modules import nothing else of the crate.
 
 pub mod clock;
+pub mod discard;
 pub mod hugepages;
 pub mod pin;
 pub mod uffd;

@@ -26,33 +26,182 @@ const ONES: u64 = 1 << 62;
 const LITERAL: u64 = 2 << 62;
 /// The word count of a run.
 const COUNT: u64 = (1 << 62) - 1;
+/// Most host pages a block may have (the largest guest in 4 KiB pages).
+const MAX_HOST_PAGES: u64 = MAX_MEM / TARGET_PAGE;
 
-/// `words` as runs (see the module docs): how many, and the runs with their literal words.
-fn runs(words: &[u64]) -> (u64, Vec<u64>) {
-    let (mut n, mut out) = (0, Vec::new());
-    let mut i = 0;
-    while i < words.len() {
-        let w = words[i];
-        let same = words[i..].iter().take_while(|&&x| x == w).count();
-        n += 1;
-        if (w == 0 || w == !0) && same > 1 {
-            out.push(if w == 0 { ZEROS } else { ONES } | same as u64);
-            i += same;
-            continue;
-        }
-        // Literal words up to the next run of two or more zero or all-ones words.
-        let start = i;
-        while i < words.len() {
-            let x = words[i];
-            if (x == 0 || x == !0) && words.get(i + 1) == Some(&x) {
-                break;
-            }
-            i += 1;
-        }
-        out.push(LITERAL | (i - start) as u64);
-        out.extend_from_slice(&words[start..i]);
+/// One block's pending set: one bit per host page (bit `i % 64` of word `i / 64` for host
+/// page `i`), held as the runs the wire carries, so that building it, sending it and
+/// applying it cost memory per run rather than per page. Bits past the block's last host
+/// page are never set.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PendingSet {
+    host_pages: u64,
+    /// How many runs `items` holds.
+    runs: u64,
+    /// The runs, each followed by its literal words.
+    items: Vec<u64>,
+}
+
+impl PendingSet {
+    /// The set of a block of `host_pages` host pages with these `words` (one bit per host
+    /// page); `None` unless there are exactly `host_pages.div_ceil(64)` words and no bit
+    /// past the last host page.
+    pub fn from_words(host_pages: u64, words: &[u64]) -> Option<Self> {
+        let mut b = PendingBuilder::new(host_pages);
+        words.iter().for_each(|&w| b.push(w));
+        b.finish()
     }
-    (n, out)
+
+    /// Host pages of the block.
+    pub fn host_pages(&self) -> u64 {
+        self.host_pages
+    }
+
+    /// The words, in order (`host_pages().div_ceil(64)` of them).
+    pub fn words(&self) -> impl Iterator<Item = u64> + '_ {
+        let mut at = 0;
+        let mut left = (0u64, 0u64); // (the run's kind, words left in it)
+        std::iter::from_fn(move || {
+            while left.1 == 0 {
+                let run = *self.items.get(at)?;
+                at += 1;
+                left = (run & !COUNT, run & COUNT);
+            }
+            left.1 -= 1;
+            Some(match left.0 {
+                ZEROS => 0,
+                ONES => !0,
+                _ => {
+                    at += 1;
+                    self.items[at - 1]
+                }
+            })
+        })
+    }
+
+    /// Host pages in the set.
+    pub fn pending(&self) -> u64 {
+        self.words().map(|w| u64::from(w.count_ones())).sum()
+    }
+
+    /// Whether host page `i` of the block is in the set (a walk over the runs: for checks,
+    /// not for loops).
+    pub fn contains(&self, i: u64) -> bool {
+        i < self.host_pages
+            && self
+                .words()
+                .nth((i / 64) as usize)
+                .is_some_and(|w| w & (1 << (i % 64)) != 0)
+    }
+
+    fn encode(&self, out: &mut Vec<u8>) {
+        for v in [self.host_pages, self.runs].iter().chain(&self.items) {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+    }
+
+    fn decode(r: &mut Reader<'_>) -> Result<Self, &'static str> {
+        let host_pages = r.u64().ok_or("truncated")?;
+        if host_pages > MAX_HOST_PAGES {
+            return Err("more host pages than the largest guest has");
+        }
+        let runs = r.u64().ok_or("truncated")?;
+        if runs > (r.b.len() / 8) as u64 {
+            return Err("block bitmap runs");
+        }
+        let (mut words, mut items) = (0u64, Vec::new());
+        let mut last = 0;
+        for _ in 0..runs {
+            let run = r.u64().ok_or("truncated")?;
+            let n = run & COUNT;
+            if n == 0 || words + n > host_pages.div_ceil(64) {
+                return Err("block bitmap length");
+            }
+            items.push(run);
+            match run & !COUNT {
+                ZEROS => last = 0,
+                ONES => last = !0,
+                LITERAL => {
+                    for _ in 0..n {
+                        last = r.u64().ok_or("truncated")?;
+                        items.push(last);
+                    }
+                }
+                _ => return Err("unknown bitmap run"),
+            }
+            words += n;
+        }
+        if words != host_pages.div_ceil(64) {
+            return Err("block bitmap length");
+        }
+        if host_pages % 64 != 0 && words > 0 && last >> (host_pages % 64) != 0 {
+            return Err("bits past the block's end");
+        }
+        Ok(Self {
+            host_pages,
+            runs,
+            items,
+        })
+    }
+}
+
+/// Builds a [`PendingSet`] a word at a time: zero and all-ones words join runs of their
+/// kind, any other word a run of literal words.
+#[derive(Debug)]
+pub struct PendingBuilder {
+    set: PendingSet,
+    /// Words pushed.
+    words: u64,
+    /// The open run: its index in `items`.
+    open: Option<usize>,
+    /// The last word pushed.
+    last: u64,
+}
+
+impl PendingBuilder {
+    /// A builder for a block of `host_pages` host pages.
+    pub fn new(host_pages: u64) -> Self {
+        Self {
+            set: PendingSet {
+                host_pages,
+                ..PendingSet::default()
+            },
+            words: 0,
+            open: None,
+            last: 0,
+        }
+    }
+
+    /// Appends the next word.
+    pub fn push(&mut self, w: u64) {
+        let kind = match w {
+            0 => ZEROS,
+            u64::MAX => ONES,
+            _ => LITERAL,
+        };
+        let items = &mut self.set.items;
+        match self.open {
+            Some(i) if items[i] & !COUNT == kind && items[i] & COUNT < COUNT => items[i] += 1,
+            _ => {
+                self.open = Some(items.len());
+                items.push(kind | 1);
+                self.set.runs += 1;
+            }
+        }
+        if kind == LITERAL {
+            items.push(w);
+        }
+        self.words += 1;
+        self.last = w;
+    }
+
+    /// The set; `None` unless exactly the block's words were pushed, with no bit past its
+    /// last host page.
+    pub fn finish(self) -> Option<PendingSet> {
+        let hp = self.set.host_pages;
+        let past = hp % 64 != 0 && self.words > 0 && self.last >> (hp % 64) != 0;
+        (self.words == hp.div_ceil(64) && hp <= MAX_HOST_PAGES && !past).then_some(self.set)
+    }
 }
 
 /// The switch from precopy to postcopy.
@@ -78,10 +227,8 @@ pub struct SwitchOver {
     pub source_run_ns: u64,
     /// Each vCPU's state (none for the thread guest).
     pub vcpus: Vec<VcpuState>,
-    /// Per block: one bit per host page still to send.
-    pub pending: Vec<Vec<u64>>,
-    /// Per block: host pages.
-    pub host_pages: Vec<u64>,
+    /// Per block: the host pages still to send.
+    pub pending: Vec<PendingSet>,
     /// The guest program's counters at the source, summed over vCPUs: ops, writes, errors,
     /// then the first error (kind, page, two words, generation; zeros if none), frames, and
     /// the longest stream pause in TSC ticks.
@@ -93,11 +240,7 @@ pub struct SwitchOver {
 impl SwitchOver {
     /// Host pages still to send, over all blocks.
     pub fn pending_host_pages(&self) -> u64 {
-        self.pending
-            .iter()
-            .flatten()
-            .map(|w| u64::from(w.count_ones()))
-            .sum()
+        self.pending.iter().map(PendingSet::pending).sum()
     }
 
     /// Encodes the body.
@@ -121,13 +264,8 @@ impl SwitchOver {
             out.extend_from_slice(&s.encode());
         }
         put(&mut out, self.pending.len() as u64);
-        for (words, &hp) in self.pending.iter().zip(&self.host_pages) {
-            let (n, runs) = runs(words);
-            put(&mut out, hp);
-            put(&mut out, n);
-            for r in runs {
-                put(&mut out, r);
-            }
+        for set in &self.pending {
+            set.encode(&mut out);
         }
         for &v in &self.guest {
             put(&mut out, v);
@@ -164,44 +302,8 @@ impl SwitchOver {
             return Err(bad("more than 16 blocks"));
         }
         let mut pending = Vec::new();
-        let mut host_pages = Vec::new();
         for _ in 0..nblocks {
-            let hp = r.u64().ok_or_else(|| bad("truncated"))?;
-            if hp > MAX_MEM / TARGET_PAGE {
-                return Err(bad("more host pages than the largest guest has"));
-            }
-            let nwords = hp.div_ceil(64) as usize;
-            let nruns = r.u64().ok_or_else(|| bad("truncated"))?;
-            if nruns > (b.len() / 8) as u64 {
-                return Err(bad("block bitmap runs"));
-            }
-            let mut words = Vec::with_capacity(nwords);
-            for _ in 0..nruns {
-                let run = r.u64().ok_or_else(|| bad("truncated"))?;
-                let n = (run & COUNT) as usize;
-                if n == 0 || words.len() + n > nwords {
-                    return Err(bad("block bitmap length"));
-                }
-                match run & !COUNT {
-                    ZEROS => words.resize(words.len() + n, 0),
-                    ONES => words.resize(words.len() + n, !0),
-                    LITERAL => {
-                        for _ in 0..n {
-                            words.push(r.u64().ok_or_else(|| bad("truncated"))?);
-                        }
-                    }
-                    _ => return Err(bad("unknown bitmap run")),
-                }
-            }
-            if words.len() != nwords {
-                return Err(bad("block bitmap length"));
-            }
-            // No bit past the block's last host page.
-            if hp % 64 != 0 && words.last().is_some_and(|&w| w >> (hp % 64) != 0) {
-                return Err(bad("bits past the block's end"));
-            }
-            pending.push(words);
-            host_pages.push(hp);
+            pending.push(PendingSet::decode(&mut r).map_err(bad)?);
         }
         let mut guest = [0u64; 10];
         for g in guest.iter_mut() {
@@ -229,7 +331,6 @@ impl SwitchOver {
             source_run_ns,
             vcpus,
             pending,
-            host_pages,
             guest,
             dirty_per_round,
         })
@@ -257,6 +358,10 @@ impl<'a> Reader<'a> {
 mod tests {
     use super::*;
 
+    fn set(host_pages: u64, words: &[u64]) -> PendingSet {
+        PendingSet::from_words(host_pages, words).expect("a valid set")
+    }
+
     #[test]
     fn round_trips_and_rejects_bad_bodies() {
         let s = SwitchOver {
@@ -269,8 +374,7 @@ mod tests {
             precopy_bytes: 409_600,
             source_run_ns: 7,
             vcpus: vec![],
-            pending: vec![vec![0b101], vec![u64::MAX, 1]],
-            host_pages: vec![3, 65],
+            pending: vec![set(3, &[0b101]), set(65, &[u64::MAX, 1])],
             guest: [1, 2, 0, 0, 0, 0, 0, 0, 3, 4],
             dirty_per_round: vec![10, 4],
         };
@@ -284,47 +388,56 @@ mod tests {
             (5, 6, 7, 8)
         );
         assert!(SwitchOver::decode(&b[..b.len() - 1]).is_err());
-        let mut past = s.clone();
-        past.pending[0] = vec![0b1000];
-        assert!(SwitchOver::decode(&past.encode()).is_err());
         // A whole (or empty) set is a few words on the wire, whatever its size.
         let mut big = s.clone();
-        big.host_pages = vec![1 << 21, (1 << 21) + 3];
-        big.pending = vec![vec![!0; 1 << 15], vec![0; (1 << 15) + 1]];
-        big.pending[1][1 << 15] = 0b101;
+        let mut tail = vec![0u64; (1 << 15) + 1];
+        tail[1 << 15] = 0b101;
+        big.pending = vec![set(1 << 21, &vec![!0; 1 << 15]), set((1 << 21) + 3, &tail)];
         let enc = big.encode();
         assert!(enc.len() < s.encode().len() + 64, "{} bytes", enc.len());
-        assert_eq!(SwitchOver::decode(&enc).unwrap().pending, big.pending);
+        let d = SwitchOver::decode(&enc).unwrap();
+        assert_eq!(d.pending, big.pending);
+        assert_eq!(d.pending_host_pages(), (1 << 21) + 2);
     }
 
     #[test]
-    fn bitmap_runs_round_trip_every_mix_and_bad_runs_are_refused() {
-        let w = |v: &[u64]| v.to_vec();
+    fn pending_sets_give_back_their_words_and_refuse_bad_shapes() {
         for words in [
-            w(&[]),
-            w(&[5]),
-            w(&[0, 0, 0]),
-            w(&[!0, !0, 7, 0, !0, 0, 0, 9, 9, !0]),
-            w(&[0, 5, 0, 0, !0, !0, !0, 1, 0]),
+            vec![],
+            vec![5],
+            vec![0, 0, 0],
+            vec![!0, !0, 7, 0, !0, 0, 0, 9, 9, !0],
+            vec![0, 5, 0, 0, !0, !0, !0, 1, 0],
         ] {
-            let runs = runs(&words);
-            let n = words.len() as u64;
-            let s = SwitchOver {
-                host_pages: vec![n * 64],
-                pending: vec![words.clone()],
-                ..sample()
-            };
-            assert_eq!(
-                SwitchOver::decode(&s.encode()).unwrap().pending[0],
-                words,
-                "{runs:x?}"
-            );
+            let n = words.len() as u64 * 64;
+            let p = set(n, &words);
+            assert_eq!(p.words().collect::<Vec<_>>(), words);
+            assert_eq!(p.host_pages(), n);
+            let ones: u64 = words.iter().map(|w| u64::from(w.count_ones())).sum();
+            assert_eq!(p.pending(), ones);
+            for i in [0, 1, 64, 130, 511, n.saturating_sub(1), n] {
+                let want = i < n && words[(i / 64) as usize] & (1 << (i % 64)) != 0;
+                assert_eq!(p.contains(i), want, "{words:x?} {i}");
+            }
         }
-        // Runs that overflow the block, a run of no words, an unknown kind, a huge block.
+        // Runs join: nine words of ones and zeros are three runs, not nine.
+        let p = set(9 * 64, &[!0, !0, !0, 0, 0, 0, !0, !0, !0]);
+        assert_eq!((p.runs, p.items.len()), (3, 3));
+        assert!(PendingSet::from_words(128, &[0]).is_none(), "too few words");
+        assert!(
+            PendingSet::from_words(3, &[0b1000]).is_none(),
+            "a bit past the end"
+        );
+        assert!(PendingSet::from_words(MAX_HOST_PAGES + 64, &[]).is_none());
+    }
+
+    #[test]
+    fn bad_runs_on_the_wire_are_refused() {
+        // A body whose one block is `host pages` and these runs.
         let body = |hp: u64, runs: &[u64]| {
-            let s = sample();
+            let mut s = sample();
+            s.pending = vec![];
             let mut b = s.encode();
-            // Replace the (empty) blocks part: `blocks u64` is followed by the counters.
             let at = b.len() - 8 * (10 + 1 + s.dirty_per_round.len());
             let mut mid = 1u64.to_le_bytes().to_vec();
             mid.extend(hp.to_le_bytes());
@@ -333,14 +446,15 @@ mod tests {
             b.splice(at - 8..at, mid);
             SwitchOver::decode(&b).map(|d| d.pending)
         };
-        assert_eq!(body(128, &[ONES | 2]).unwrap(), vec![vec![!0, !0]]);
+        let ok = body(128, &[ONES | 2]).unwrap();
+        assert_eq!(ok[0].words().collect::<Vec<_>>(), vec![!0, !0]);
         for (hp, runs, says) in [
             (128, vec![ONES | 3], "length"),
             (128, vec![ONES | 1], "length"),
             (128, vec![ZEROS, ONES | 2], "length"),
             (128, vec![(3 << 62) | 2], "unknown"),
+            (100, vec![ONES | 2], "past the block's end"),
             (u64::MAX, vec![ONES | COUNT], "largest guest"),
-            (64, vec![LITERAL | 1], "truncated"),
         ] {
             let e = body(hp, &runs).unwrap_err().to_string();
             assert!(e.contains(says), "{runs:x?}: {e}");
@@ -358,8 +472,7 @@ mod tests {
             precopy_bytes: 0,
             source_run_ns: 0,
             vcpus: vec![],
-            pending: vec![],
-            host_pages: vec![],
+            pending: vec![set(64, &[1])],
             guest: [0; 10],
             dirty_per_round: vec![3],
         }
