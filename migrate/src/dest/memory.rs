@@ -41,7 +41,7 @@ use crate::guest::layout::{GuestLayout, HostPageSize, TARGET_PAGE};
 use crate::options::FaultPath;
 use crate::sys::clock::now_ns;
 use crate::sys::uffd::{PlaceError, Userfault};
-use crate::wire::SwitchOver;
+use crate::wire::{Segment, SwitchOver};
 
 const NOBODY: u64 = u64::MAX;
 
@@ -202,6 +202,8 @@ pub struct DestMemory {
     requested: Bits,
     /// Target pages received in precopy.
     precopy_seen: Bits,
+    /// Target pages copied in precopy (each copy counts).
+    precopy_pages: AtomicU64,
     /// Per host page: when it was first requested (0: never).
     request_ns: Box<[AtomicU64]>,
     /// Per host page: when it was placed in postcopy (0: not in postcopy).
@@ -291,6 +293,7 @@ impl DestMemory {
             present: Bits::new(host_pages),
             requested: Bits::new(host_pages),
             precopy_seen: Bits::new(layout.pages()),
+            precopy_pages: AtomicU64::new(0),
             request_ns: stamps(host_pages),
             placed_ns: stamps(host_pages),
             placed_conn: (0..host_pages).map(|_| AtomicU16::new(0)).collect(),
@@ -493,6 +496,9 @@ impl DestMemory {
             return Err(MemoryError::BadRange("payload length".into()));
         }
         let first = at / TARGET_PAGE;
+        // Relaxed: read by the switch-over, applied by this same thread.
+        self.precopy_pages
+            .fetch_add(len / TARGET_PAGE, Ordering::Relaxed);
         for (i, p) in (first..first + len / TARGET_PAGE).enumerate() {
             let dst = (self.base as u64 + p * TARGET_PAGE) as *mut u8;
             // Relaxed: precopy is one thread (the main channel's receiver).
@@ -535,34 +541,36 @@ impl DestMemory {
                 "the pending-page bitmaps do not fit this layout".into(),
             ));
         }
+        // Relaxed: precopy is over; its one thread was the one applying this.
+        let nothing_seen = self.precopy_pages.load(Ordering::Relaxed) == 0;
         let mut pending = 0;
         let mut discard: Vec<(u64, u64)> = Vec::new(); // runs of host pages
         let mut hp0 = 0u64; // the block's first global host page
         for set in &sw.pending {
             let n = set.host_pages();
-            for (w, missing) in set.words().enumerate() {
-                let first = hp0 + w as u64 * 64;
-                let valid = low_bits(n - w as u64 * 64);
-                let missing = missing & valid;
-                // Host pages of which precopy brought any / every target page.
-                let (any, all) = self.precopy_coverage(first, valid);
-                let lost = !missing & valid & !all;
-                if lost != 0 {
-                    return Err(MemoryError::Switch(format!(
-                        "host page {} is neither pending nor whole from precopy: a page would be lost",
-                        first + u64::from(lost.trailing_zeros())
-                    )));
-                }
-                pending += u64::from(missing.count_ones());
-                for (f, len) in bit_runs(missing & any) {
-                    match discard.last_mut() {
-                        Some((start, run)) if *start + *run == first + f => *run += len,
-                        _ => discard.push((first + f, len)),
+            let mut w = 0u64; // the block's word
+            for seg in set.segments() {
+                match seg {
+                    // Nothing came in precopy: a run of pending words is all to receive and
+                    // nothing to discard (a run of ones never covers a block's partial last
+                    // word: bits past its end are refused), one step for the run.
+                    Segment::Fill(word, count) if nothing_seen && word != 0 => {
+                        pending += 64 * count;
+                        w += count;
+                    }
+                    Segment::Fill(word, count) => {
+                        for _ in 0..count {
+                            self.switch_word(hp0, n, w, word, &mut pending, &mut discard)?;
+                            w += 1;
+                        }
+                    }
+                    Segment::Literal(words) => {
+                        for &word in words {
+                            self.switch_word(hp0, n, w, word, &mut pending, &mut discard)?;
+                            w += 1;
+                        }
                     }
                 }
-                // Relaxed: published to the other threads by the Release store of `postcopy`.
-                self.present
-                    .or64(first, !missing & valid, Ordering::Relaxed);
             }
             hp0 += n;
         }
@@ -595,6 +603,44 @@ impl DestMemory {
         // Release: the pending count and present bits before any postcopy placement.
         self.postcopy.store(true, Ordering::Release);
         Ok(pending)
+    }
+
+    /// Applies word `w` of the pending set of the block of `n` host pages from global host
+    /// page `hp0`: `missing` has a bit per pending host page. Counts them in `pending`, adds
+    /// those that hold precopy data to `discard` (runs of host pages), marks the others
+    /// present, and refuses a host page neither pending nor whole from precopy.
+    fn switch_word(
+        &self,
+        hp0: u64,
+        n: u64,
+        w: u64,
+        missing: u64,
+        pending: &mut u64,
+        discard: &mut Vec<(u64, u64)>,
+    ) -> Result<(), MemoryError> {
+        let first = hp0 + w * 64;
+        let valid = low_bits(n - w * 64);
+        let missing = missing & valid;
+        // Host pages of which precopy brought any / every target page.
+        let (any, all) = self.precopy_coverage(first, valid);
+        let lost = !missing & valid & !all;
+        if lost != 0 {
+            return Err(MemoryError::Switch(format!(
+                "host page {} is neither pending nor whole from precopy: a page would be lost",
+                first + u64::from(lost.trailing_zeros())
+            )));
+        }
+        *pending += u64::from(missing.count_ones());
+        for (f, len) in bit_runs(missing & any) {
+            match discard.last_mut() {
+                Some((start, run)) if *start + *run == first + f => *run += len,
+                _ => discard.push((first + f, len)),
+            }
+        }
+        // Relaxed: published to the other threads by the Release store of `postcopy`.
+        self.present
+            .or64(first, !missing & valid, Ordering::Relaxed);
+        Ok(())
     }
 
     fn precopy_coverage(&self, first: u64, valid: u64) -> (u64, u64) {
@@ -928,6 +974,45 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// Pure postcopy: nothing came in precopy, every page is pending (a run per block), and
+    /// a set that leaves a page out is refused.
+    #[test]
+    fn the_switch_of_pure_postcopy_takes_a_step_per_run() {
+        let layout = GuestLayout::new((16 << 20) + 3 * 4096, HostPageSize::Small, 1).unwrap();
+        let whole = |skip: Option<u64>| -> Vec<PendingSet> {
+            let mut hp0 = 0;
+            layout
+                .ram()
+                .blocks()
+                .iter()
+                .map(|b| {
+                    let n = b.host_pages();
+                    let mut w = vec![!0u64; n.div_ceil(64) as usize];
+                    if n % 64 != 0 {
+                        *w.last_mut().unwrap() = low_bits(n % 64);
+                    }
+                    if let Some(p) = skip.filter(|p| (hp0..hp0 + n).contains(p)) {
+                        w[((p - hp0) / 64) as usize] &= !(1 << ((p - hp0) % 64));
+                    }
+                    hp0 += n;
+                    PendingSet::from_words(n, &w).unwrap()
+                })
+                .collect()
+        };
+        let mem = DestMemory::new(&layout, FaultPath::Software, false).unwrap();
+        assert_eq!(
+            mem.switch(&switch_over(whole(None))).unwrap(),
+            layout.pages()
+        );
+        assert!((0..layout.pages()).all(|p| !mem.is_present(p)));
+        let mem = DestMemory::new(&layout, FaultPath::Software, false).unwrap();
+        let e = mem
+            .switch(&switch_over(whole(Some(3000))))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("host page 3000 is neither"), "{e}");
     }
 
     #[test]

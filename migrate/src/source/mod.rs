@@ -574,7 +574,12 @@ impl Session<'_> {
             device.map_err(SourceError::Memory)?;
             harvest.map_err(SourceError::Guest)?;
             if let Some(t) = &tracker {
-                t.sync().map_err(SourceError::Guest)?;
+                // Everything quiet now, the count is exact: when every page is still to send
+                // (pure postcopy), nothing the log holds can add to it, and the sync, which
+                // costs a walk of KVM's log per GiB, is skipped.
+                if self.bitmap().dirty_count() < self.layout().pages() {
+                    t.sync().map_err(SourceError::Guest)?;
+                }
                 if t.rejected() > 0 {
                     let refused = format!("{} dirty-ring entries were refused", t.rejected());
                     return Err(SourceError::Guest(refused));
@@ -665,13 +670,29 @@ impl Session<'_> {
 
     /// Per block, the host pages with a dirty target page (the vCPUs are stopped, so the
     /// bitmap is still): read a chunk of words at a time into the runs the frame carries,
-    /// never page by page, and with no copy of the bitmap.
+    /// never page by page, and with no copy of the bitmap; one run per block where every
+    /// page or none is dirty (the exact count says so).
     fn pending(&self) -> Result<Vec<PendingSet>, SourceError> {
         let bitmap = self.bitmap();
+        let dirty = bitmap.dirty_count();
+        let uniform = (dirty == 0 || dirty == self.layout().pages()).then_some(dirty != 0);
         let mut out = Vec::new();
         let mut buf = Vec::new();
         for (b, block) in self.layout().ram().blocks().iter().enumerate() {
             let bad = |e: String| SourceError::Memory(format!("the pending set: {e}"));
+            if let Some(all) = uniform {
+                let hp = block.host_pages();
+                let mut set = PendingBuilder::new(hp);
+                set.push_fill(all, hp / 64);
+                if hp % 64 != 0 {
+                    set.push(if all { (1 << (hp % 64)) - 1 } else { 0 });
+                }
+                out.push(
+                    set.finish()
+                        .ok_or_else(|| bad("does not fit the block".into()))?,
+                );
+                continue;
+            }
             let shift = block.host_page_shift();
             // Target-page words per word of host-page bits.
             let per = 1usize << shift;

@@ -79,9 +79,34 @@ impl PendingSet {
         })
     }
 
+    /// The runs in order: `(word, count)` for `count` words that all equal `word` (zeros or
+    /// ones), or the literal words of a run — what a consumer that can treat a whole run at
+    /// once walks instead of [`words`](Self::words).
+    pub fn segments(&self) -> impl Iterator<Item = Segment<'_>> + '_ {
+        let mut at = 0;
+        std::iter::from_fn(move || {
+            let run = *self.items.get(at)?;
+            let n = run & COUNT;
+            at += 1;
+            Some(match run & !COUNT {
+                ZEROS => Segment::Fill(0, n),
+                ONES => Segment::Fill(!0, n),
+                _ => {
+                    at += n as usize;
+                    Segment::Literal(&self.items[at - n as usize..at])
+                }
+            })
+        })
+    }
+
     /// Host pages in the set.
     pub fn pending(&self) -> u64 {
-        self.words().map(|w| u64::from(w.count_ones())).sum()
+        self.segments()
+            .map(|s| match s {
+                Segment::Fill(w, n) => u64::from(w.count_ones()) * n,
+                Segment::Literal(ws) => ws.iter().map(|w| u64::from(w.count_ones())).sum(),
+            })
+            .sum()
     }
 
     /// Whether host page `i` of the block is in the set (a walk over the runs: for checks,
@@ -145,6 +170,15 @@ impl PendingSet {
     }
 }
 
+/// A run of a [`PendingSet`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Segment<'a> {
+    /// This many words (the second) of this word (the first: zeros or all ones).
+    Fill(u64, u64),
+    /// These words.
+    Literal(&'a [u64]),
+}
+
 /// Builds a [`PendingSet`] a word at a time: zero and all-ones words join runs of their
 /// kind, any other word a run of literal words.
 #[derive(Debug)]
@@ -193,6 +227,26 @@ impl PendingBuilder {
         }
         self.words += 1;
         self.last = w;
+    }
+
+    /// Appends `n` words of zeros (`ones` false) or all ones: one step, whatever `n`.
+    pub fn push_fill(&mut self, ones: bool, n: u64) {
+        if n == 0 {
+            return;
+        }
+        let w = if ones { !0 } else { 0 };
+        self.push(w);
+        // The push left a fill run open, and a fill run is the last item (no words follow it).
+        let i = self.set.items.len() - 1;
+        let room = COUNT - (self.set.items[i] & COUNT);
+        let more = (n - 1).min(room);
+        self.set.items[i] += more;
+        self.words += more;
+        if n - 1 > more {
+            // More words than one run counts (2^62): never for a real block, but exact.
+            self.open = None;
+            self.push_fill(ones, n - 1 - more);
+        }
     }
 
     /// The set; `None` unless exactly the block's words were pushed, with no bit past its
@@ -423,6 +477,31 @@ mod tests {
         // Runs join: nine words of ones and zeros are three runs, not nine.
         let p = set(9 * 64, &[!0, !0, !0, 0, 0, 0, !0, !0, !0]);
         assert_eq!((p.runs, p.items.len()), (3, 3));
+        assert_eq!(
+            p.segments().collect::<Vec<_>>(),
+            vec![
+                Segment::Fill(!0, 3),
+                Segment::Fill(0, 3),
+                Segment::Fill(!0, 3)
+            ]
+        );
+        let q = set(3 * 64 + 5, &[5, 6, 0, 0b10]);
+        assert_eq!(
+            q.segments().collect::<Vec<_>>(),
+            vec![
+                Segment::Literal(&[5, 6]),
+                Segment::Fill(0, 1),
+                Segment::Literal(&[0b10])
+            ]
+        );
+        // A fill of any length is one step, and joins what was pushed word by word.
+        let mut b = PendingBuilder::new(1 << 24);
+        b.push(!0);
+        b.push_fill(true, (1 << 18) - 2);
+        b.push_fill(false, 0);
+        b.push(!0);
+        let f = b.finish().unwrap();
+        assert_eq!((f.runs, f.items.len(), f.pending()), (1, 1, 1 << 24));
         assert!(PendingSet::from_words(128, &[0]).is_none(), "too few words");
         assert!(
             PendingSet::from_words(3, &[0b1000]).is_none(),
