@@ -70,6 +70,10 @@ for size in "${sizes[@]}"; do
   fi
   loads=() runs=() bw0=() curves=() rsss=()
   for i in $(seq 1 "$repeat"); do
+    if [ "$(available)" -lt "$need" ]; then
+      echo "run $i at $size skipped: $((need >> 20)) MiB needed, $(( $(available) >> 20 )) MiB available"
+      break
+    fi
     loads+=("$(cut -d' ' -f1 /proc/loadavg)")
     echo "== $size, run $i of $repeat (load ${loads[-1]})"
     "$curve" "$size" --json "$out/$size-$i-curve.json" | grep -v '^wrote'
@@ -80,6 +84,7 @@ for size in "${sizes[@]}"; do
     runs+=("$out/$size-$i.json") bw0+=("$out/$size-$i-bw0.json") curves+=("$out/$size-$i-curve.json")
     rsss+=("$(tail -1 "$out/$size-$i.rss")")
   done
+  [ ${#runs[@]} -gt 0 ] || continue
   rss=$(printf '%s\n' "${rsss[@]}" | jq -rs --argjson g "$(bytes "$size")" \
     'max as $m | "\($m / 1048576 * 100 | round / 100) GiB (\($m * 1024 / $g * 1000 | round / 1000)×)"')
   rows+=("| $size | $(stat 0 '.[0].throughput_mib_s' "${runs[@]}") | $(stat 0 '.[0].throughput_mib_s' "${bw0[@]}") | $(stat 0 '.[0].throughput_mib_s' "${curves[@]}") | $(stat 2 '.[0].downtime_ms' "${runs[@]}") | $(for k in stop sync build link apply resume; do stat 2 ".[0].downtime_stages_ms.$k" "${runs[@]}" | cut -d' ' -f1; done | paste -sd/ | sed 's|/| / |g') | $(stat 0 '.[0].request_p50_us' "${runs[@]}") / $(stat 0 '.[0].request_p99_us' "${runs[@]}") µs | $rss | $(IFS=,; echo "${loads[*]}") |")
