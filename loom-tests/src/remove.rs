@@ -3,7 +3,7 @@
 //! # What runs
 //! [`remove_model`] plays the kernel's part ([`Kernel`]: a userfaultfd in missing mode with
 //! `UFFD_FEATURE_EVENT_REMOVE`, on the checker's mutex and condition variable) and runs the
-//! handler's two roles on the real types, as `migrate/src/restore/handler.rs` does:
+//! handler's two roles on the real types, as `migrate/uffd/src/handler.rs` does:
 //! * the **event thread** waits for events, reads them through the gate
 //!   ([`ModelGate::read_and_mark`]: the write side), marks each removed host page and claims
 //!   it away from the prefetchers in the real [`PageScheduler`]'s bitmap, then serves each

@@ -15,15 +15,16 @@
 //! 4. **Resume** (postcopy recovery, any number of times): after its connections broke in
 //!    postcopy, the destination connects a new main connection with [`Role::Resume`] and
 //!    the session token, followed by its received bitmap; the source, which has been waiting
-//!    for it with the session paused ([`accept_resume`]), answers, then takes a new urgent
+//!    for it with the session paused (`crate::source::door`), answers, then takes a new urgent
 //!    connection with the same token, as in step 2. No clock probes: the clocks are the ones
 //!    measured at the start.
 //!
-//! A new connection has [`HELLO_DEADLINE`] to send its hello, so a client that connects
-//! and says nothing cannot hold the source for the whole idle limit.
+//! The source serves every connection's handshake at once (`crate::source::door`): each
+//! step has [`HANDSHAKE_DEADLINE`], so a client that connects and says nothing, or says hello
+//! and goes silent, holds only its own slot, for that long, never the source.
 
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use crate::sys::clock::{boot_id, now_ns};
@@ -127,6 +128,9 @@ pub fn connect(addr: SocketAddr, hello: &Hello, idle: Duration) -> Result<Connec
 /// Connection attempts give up after `connect`; each answer is awaited for `idle` (the rest
 /// of the recovery window: a source that has not noticed the break yet answers once its own
 /// idle limit has passed, and an attempt abandoned meanwhile would only be refused later).
+/// Returns the connections and the token the source answered with: the same one, or a new
+/// one when a new source session took the paused session over (its counters start there).
+/// Raising `stop` ends an attempt (its waits for answers) with [`WireError::Stopped`].
 pub fn resume(
     addr: SocketAddr,
     hello: &Hello,
@@ -134,10 +138,10 @@ pub fn resume(
     received: &[u64],
     connect: Duration,
     idle: Duration,
-) -> Result<(TcpStream, TcpStream), ConnectError> {
-    let stop = AtomicBool::new(false);
+    stop: &AtomicBool,
+) -> Result<(TcpStream, TcpStream, u64), ConnectError> {
     let g = Guard {
-        stop: &stop,
+        stop,
         idle,
         keepalive: None,
     };
@@ -148,10 +152,10 @@ pub fn resume(
     for w in received {
         bits.extend_from_slice(&w.to_le_bytes());
     }
-    let (main, _) = greet(addr, connect, &h, &bits, &g)?;
-    h.role = Role::Urgent { token };
+    let (main, reply) = greet(addr, connect, &h, &bits, &g)?;
+    h.role = Role::Urgent { token: reply.token };
     let (urgent, _) = greet(addr, connect, &h, &[], &g)?;
-    Ok((main, urgent))
+    Ok((main, urgent, reply.token))
 }
 
 /// Measures source clock minus destination clock with a few pings.
@@ -190,246 +194,33 @@ fn clock_offset(main: &TcpStream, g: &Guard<'_>) -> Result<i64, WireError> {
     Ok(best.1)
 }
 
-/// The source's side of a set-up session.
-#[derive(Debug)]
-pub struct Accepted {
-    /// What the destination asked for.
-    pub hello: Hello,
-    /// Main connection.
-    pub main: TcpStream,
-    /// Urgent connection.
-    pub urgent: TcpStream,
-    /// Both sides share `CLOCK_MONOTONIC`.
-    pub same_clock: bool,
-    /// The session token (a resume hello must carry it).
-    pub token: u64,
-}
-
-fn accept_one(
-    listener: &TcpListener,
-    stop: &AtomicBool,
-    limit: Option<Duration>,
-) -> Result<TcpStream, WireError> {
-    let start = now_ns();
-    loop {
-        match listener.accept() {
-            Ok((s, _)) => {
-                s.set_nonblocking(false)
-                    .and_then(|_| configure(&s))
-                    .map_err(|e| WireError::Io(Channel::Handshake, e))?;
-                return Ok(s);
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                // Relaxed: a polled flag.
-                if stop.load(Ordering::Relaxed) {
-                    return Err(WireError::Stopped);
-                }
-                if let Some(l) = limit {
-                    if now_ns() - start > l.as_nanos() as u64 {
-                        return Err(WireError::Timeout(Channel::Handshake, l));
-                    }
-                }
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            Err(e) => return Err(WireError::Io(Channel::Handshake, e)),
-        }
-    }
-}
-
-/// How long the source waits for a hello on a new connection (at most the idle limit): a
-/// destination sends its hello as soon as it connects, so a client that connects and says
-/// nothing holds the source up this long, not the whole idle limit.
-pub const HELLO_DEADLINE: Duration = Duration::from_secs(2);
-
-/// Source: accepts a session on `listener` (non-blocking), preparing it with `prepare`
-/// before answering (its error is the refusal's reason).
-pub fn accept<T>(
-    listener: &TcpListener,
-    stop: &AtomicBool,
-    idle: Duration,
-    prepare: impl FnOnce(&Hello) -> Result<T, String>,
-) -> Result<(Accepted, T), WireError> {
-    let main = accept_one(listener, stop, None)?;
-    let g = Guard {
-        stop,
-        idle,
-        keepalive: None,
-    };
-    let hello_guard = Guard {
-        idle: idle.min(HELLO_DEADLINE),
-        ..g
-    };
-    let mut hb = [0u8; Hello::LEN];
-    read_full(&main, &mut hb, &hello_guard, Channel::Handshake)?;
-    let token = now_ns() ^ 0x005e_ed0f_5e55_1011;
-    let checked = Hello::decode(&hb)
-        .map_err(|e| e.to_string())
-        .and_then(|h| match h.role {
-            Role::Main => Ok(h),
-            Role::Urgent { .. } => Err("expected a main-connection hello".to_string()),
-            Role::Resume { .. } => Err(
-                "no paused session to resume here (the source was restarted, or gave up waiting)"
-                    .to_string(),
-            ),
-        })
-        .and_then(|h| prepare(&h).map(|t| (h, t)));
-    HelloReply {
-        error: checked.as_ref().err().cloned().unwrap_or_default(),
-        token,
-        boot_id: boot_id(),
-    }
-    .write(&main, &g)?;
-    let (hello, prepared) = checked.map_err(|e| WireError::Malformed(Channel::Handshake, e))?;
-    let urgent = accept_urgent(listener, &g, token)?;
-    let same_clock = hello.boot_id == boot_id();
-    Ok((
-        Accepted {
-            hello,
-            main,
-            urgent,
-            same_clock,
-            token,
-        },
-        prepared,
-    ))
-}
-
-/// Source: the urgent connection of session `token`: the first one within the idle limit
-/// that says this session's token. Any other connection (a stray client, another
-/// destination's main connection) is answered with a refusal and closed; it does not end
-/// this session.
-fn accept_urgent(
-    listener: &TcpListener,
-    g: &Guard<'_>,
-    token: u64,
-) -> Result<TcpStream, WireError> {
-    let idle = g.idle;
-    let mut hb = [0u8; Hello::LEN];
-    let start = now_ns();
-    loop {
-        let left = idle.saturating_sub(Duration::from_nanos(now_ns() - start));
-        if left.is_zero() {
-            return Err(WireError::Timeout(Channel::Handshake, idle));
-        }
-        let c = accept_one(listener, g.stop, Some(left))?;
-        let cg = Guard {
-            idle: left.min(HELLO_DEADLINE),
-            ..*g
-        };
-        if read_full(&c, &mut hb, &cg, Channel::Handshake).is_err() {
-            continue;
-        }
-        let ok = matches!(Hello::decode(&hb).map(|h| h.role), Ok(Role::Urgent { token: t }) if t == token);
-        let reply = HelloReply {
-            error: if ok {
-                String::new()
-            } else {
-                "the source is busy with another session (or a bad urgent-connection token); try again".into()
-            },
-            token,
-            boot_id: boot_id(),
-        };
-        if ok {
-            reply.write(&c, g)?;
-            return Ok(c);
-        }
-        let _ = reply.write(&c, &cg);
-    }
-}
+/// How long the source gives each step of a handshake that the destination takes at once
+/// (at most the idle limit): a new connection's hello, a resume's bitmap, the urgent
+/// connection after the answer to the main one, the clock probes up to `START`. A client
+/// that connects and says nothing, or says hello and goes silent, holds only its own slot,
+/// and only this long.
+pub const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(2);
 
 /// Most received-bitmap words a resume carries (64 GiB of 4 KiB pages).
 const MAX_RECEIVED_WORDS: u64 = (64 << 30) / 4096 / 64;
 
-/// Source: waits up to `window` for the destination to resume the paused session `token`
-/// (postcopy recovery): a main connection with [`Role::Resume`] and the token, then its
-/// received bitmap (exactly `words` words), then the urgent connection. Any other
-/// connection meanwhile is refused, with the reason, and closed. Returns the new main and
-/// urgent connections and the received bitmap.
-pub fn accept_resume(
-    listener: &TcpListener,
-    stop: &AtomicBool,
-    idle: Duration,
-    window: Duration,
-    token: u64,
-    words: usize,
-) -> Result<(TcpStream, TcpStream, Vec<u64>), WireError> {
-    let g = Guard {
-        stop,
-        idle,
-        keepalive: None,
-    };
-    let mut hb = [0u8; Hello::LEN];
-    let start = now_ns();
-    let main = loop {
-        let left = window.saturating_sub(Duration::from_nanos(now_ns() - start));
-        if left.is_zero() {
-            return Err(WireError::Timeout(Channel::Handshake, window));
-        }
-        let c = accept_one(listener, stop, Some(left))?;
-        let cg = Guard {
-            idle: idle.min(HELLO_DEADLINE),
-            ..g
-        };
-        if read_full(&c, &mut hb, &cg, Channel::Handshake).is_err() {
-            continue;
-        }
-        let refusal = match Hello::decode(&hb) {
-            Ok(h) if h.role == (Role::Resume { token }) => {
-                match read_received(&c, &g, words) {
-                    Ok(received) => {
-                        let ok = HelloReply {
-                            error: String::new(),
-                            token,
-                            boot_id: boot_id(),
-                        }
-                        .write(&c, &g);
-                        // An attempt the destination gave up on: wait for the next one.
-                        if ok.is_ok() {
-                            break (c, received);
-                        }
-                        continue;
-                    }
-                    // A connection that broke part way: wait for the next attempt.
-                    Err(e) if e.connection_lost() => continue,
-                    Err(e) => e.to_string(),
-                }
-            }
-            Ok(h) if matches!(h.role, Role::Resume { .. }) => {
-                "no paused session with that token here (the source was restarted?)".into()
-            }
-            Ok(_) => {
-                "the source is busy: a session is paused, waiting for its destination to resume it; try again".into()
-            }
-            Err(e) => e.to_string(),
-        };
-        let _ = HelloReply {
-            error: refusal,
-            token: 0,
-            boot_id: boot_id(),
-        }
-        .write(&c, &cg);
-    };
-    let (main, received) = main;
-    let urgent = accept_urgent(listener, &g, token)?;
-    Ok((main, urgent, received))
-}
-
-/// Reads a resume's received bitmap: a word count (exactly `words`), then the words.
-fn read_received(c: &TcpStream, g: &Guard<'_>, words: usize) -> Result<Vec<u64>, WireError> {
-    let mut n = [0u8; 8];
-    read_full(c, &mut n, g, Channel::Handshake)?;
-    let n = u64::from_le_bytes(n);
+/// Source: checks a resume's received-bitmap word count `n` against the session's `words`.
+pub fn check_received_words(n: u64, words: usize) -> Result<(), WireError> {
     if n != words as u64 || n > MAX_RECEIVED_WORDS {
         return Err(WireError::Malformed(
             Channel::Handshake,
             format!("a received bitmap of {n} words for a guest of {words}"),
         ));
     }
-    let mut b = vec![0u8; words * 8];
-    read_full(c, &mut b, g, Channel::Handshake)?;
-    Ok(b.chunks_exact(8)
+    Ok(())
+}
+
+/// Source: a resume's received-bitmap words from their bytes (little-endian).
+pub fn received_words(bytes: &[u8]) -> Vec<u64> {
+    bytes
+        .chunks_exact(8)
         .map(|w| u64::from_le_bytes(w.try_into().expect("8 bytes")))
-        .collect())
+        .collect()
 }
 
 /// Source: answers clock probes until the destination sends `START`.

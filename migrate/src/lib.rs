@@ -59,6 +59,9 @@
 //!   [`options::MigrationMode`]); `pagehint_uffd::compare`'s ratios for `pagehint-uffd`.
 //! * **A result field**: the part of [`harness::result::RunResult`] it belongs to (each
 //!   part is flattened into the same JSON object) and the key list its test pins.
+//! * **A listening source's limit** (what it lets wait, how long it holds a paused
+//!   session): [`source::ServeOptions`] and its flag in `harness::cli` (`serve_options`,
+//!   and the listener's flags list); the door ([`source::door`]) and the sessions read it.
 //! * **A system call**: a wrapper in [`sys`], with a typed error.
 
 pub mod blocktime;
@@ -99,21 +102,30 @@ pub struct LocalSource {
 }
 
 impl LocalSource {
-    /// Starts a source on `127.0.0.1` (an ephemeral port). Session failures are printed to
-    /// stderr when `log` is set.
+    /// Starts a source on `127.0.0.1` (an ephemeral port). Session failures and refused
+    /// connections are printed to stderr when `log` is set.
     pub fn start(pin: PinPlan, idle: Duration, log: bool) -> std::io::Result<Self> {
-        let server = SourceServer::bind("127.0.0.1:0", pin, idle)?;
+        Self::with_options(source::ServeOptions::new(pin, idle), log)
+    }
+
+    /// [`start`](Self::start) with the listening source's limits `opts`.
+    pub fn with_options(opts: source::ServeOptions, log: bool) -> std::io::Result<Self> {
+        let server = SourceServer::bind_with("127.0.0.1:0", opts)?;
         let addr = server.local_addr()?;
         let stop = Arc::new(AtomicBool::new(false));
         let s2 = Arc::clone(&stop);
         let thread = std::thread::Builder::new()
             .name("source".into())
             .spawn(move || {
-                server.serve(&s2, None, |r| {
-                    if let Err(e) = r {
-                        if log {
-                            eprintln!("source: session ended: {e}");
-                        }
+                server.serve(&s2, None, &|e| {
+                    let worth = matches!(
+                        e,
+                        source::ServerEvent::Ended { result: Err(_), .. }
+                            | source::ServerEvent::Refused { .. }
+                            | source::ServerEvent::Note(_)
+                    );
+                    if log && worth {
+                        eprintln!("source: {e}");
                     }
                 })
             })?;

@@ -35,6 +35,7 @@ use std::collections::VecDeque;
 use std::io;
 use std::net::TcpStream;
 use std::sync::Mutex;
+use std::time::Duration;
 
 use crate::guest::layout::HostPageSize;
 use crate::sys::clock::now_ns;
@@ -99,11 +100,20 @@ impl std::str::FromStr for LowWater {
         match s {
             "auto" => Ok(Self::Auto),
             "off" | "0" => Ok(Self::Off),
-            s => pagehint::layout::parse_size(s)
+            s => crate::values::parse_bytes(s)
                 .map(Self::Bytes)
                 .map_err(|e| format!("{s}: {e}")),
         }
     }
+}
+
+/// The fastest link rate (bandwidth, pacing) the command line and the source take: 10 Tbit/s.
+pub const MAX_BANDWIDTH: u64 = 10_000_000_000_000;
+
+/// The largest frame either side writes, about: a precopy run of 256 target pages (1 MiB),
+/// or one 2 MiB host page in postcopy, and a page for the header.
+pub fn frame_max(host_page: u64) -> u64 {
+    host_page.max(1 << 20) + 4096
 }
 
 /// Link parameters.
@@ -151,13 +161,47 @@ impl LinkParams {
         }
     }
 
-    /// Nanoseconds to serialise `bytes` (0 when unlimited).
+    /// Nanoseconds to serialise `bytes` (0 when unlimited; saturating).
     pub fn tx_ns(&self, bytes: u64) -> u64 {
         if self.bandwidth_bps == 0 {
             0
         } else {
-            (u128::from(bytes) * 8 * 1_000_000_000 / u128::from(self.bandwidth_bps)) as u64
+            let ns = u128::from(bytes) * 8 * 1_000_000_000 / u128::from(self.bandwidth_bps);
+            u64::try_from(ns).unwrap_or(u64::MAX)
         }
+    }
+
+    /// Checks the link as both sides run it: its rates within what the command line takes
+    /// ([`MAX_BANDWIDTH`]), and, emulated, its deepest queue (the background send queue or
+    /// the interface queue) and one frame of `frame` bytes drained, then delivered after the
+    /// one-way delay, within `idle`: else a frame at the back of the queue would arrive after
+    /// its receiver had given up on the link (and the sender would block that long). The
+    /// error shows the arithmetic.
+    pub fn check(&self, idle: Duration, frame: u64) -> Result<(), String> {
+        for (what, v) in [("bandwidth", self.bandwidth_bps), ("pacing", self.pace_bps)] {
+            if v > MAX_BANDWIDTH {
+                return Err(format!(
+                    "a link {what} of {v} bits/s (at most {MAX_BANDWIDTH})"
+                ));
+            }
+        }
+        let queue = self.queue_bytes.max(self.nic_queue_bytes);
+        let drain = self.tx_ns(queue.saturating_add(frame));
+        let total = drain.saturating_add(self.delay_ns);
+        if total > idle.as_nanos() as u64 {
+            let human = crate::sys::clock::human_ns;
+            return Err(format!(
+                "the link is too slow for the timeout: its {} KiB queue and a {} KiB frame take {} to drain at {} bits/s, plus {} of one-way delay: {} in all, longer than the {:?} timeout (a frame at the back of the queue would arrive after the peer gave up); raise the bandwidth or the timeout, or shorten the queue or the delay",
+                queue >> 10,
+                frame >> 10,
+                human(drain),
+                self.bandwidth_bps,
+                human(self.delay_ns),
+                human(total),
+                idle
+            ));
+        }
+        Ok(())
     }
 
     /// Whether the link is emulated (a bandwidth is set); when it is not, the channels are

@@ -5,7 +5,7 @@
 use std::process::ExitCode;
 
 use clap::{Args, CommandFactory, FromArgMatches};
-use pagehint_migrate::harness::cli::{Cli, Endpoint, Invocation};
+use pagehint_migrate::harness::cli::{Cli, Endpoint, Invocation, RecoverCli, RECOVER_ABOUT};
 use pagehint_migrate::harness::{compare, export};
 use pagehint_migrate::qemu;
 use pagehint_migrate::sys::hugepages::HugePages;
@@ -28,17 +28,24 @@ enum Program {
     Migrate(Box<Cli>),
     /// `compare-qemu`.
     CompareQemu(Box<qemu::cli::CompareQemuCli>),
+    /// `recover`.
+    Recover(RecoverCli),
 }
 
 /// Parses this process's arguments: the harness's command line, with the other programs'
 /// subcommands added (exits with clap's message on a parse error).
 fn program() -> Program {
-    let command = Cli::command().subcommand(
-        qemu::cli::CompareQemuCli::augment_args(clap::Command::new("compare-qemu"))
-            .about(qemu::cli::ABOUT),
-    );
+    let command = Cli::command()
+        .subcommand(
+            qemu::cli::CompareQemuCli::augment_args(clap::Command::new("compare-qemu"))
+                .about(qemu::cli::ABOUT),
+        )
+        .subcommand(RecoverCli::augment_args(clap::Command::new("recover")).about(RECOVER_ABOUT));
     let mut m = command.get_matches();
     let parsed = match m.remove_subcommand() {
+        Some((name, sub)) if name == "recover" => {
+            RecoverCli::from_arg_matches(&sub).map(Program::Recover)
+        }
         Some((_, sub)) => qemu::cli::CompareQemuCli::from_arg_matches(&sub)
             .map(|c| Program::CompareQemu(Box::new(c))),
         None => Cli::from_matches(&m).map(|c| Program::Migrate(Box::new(c))),
@@ -50,6 +57,18 @@ fn main() -> ExitCode {
     let cli = match program() {
         Program::Migrate(cli) => cli,
         Program::CompareQemu(c) => return compare_qemu(*c),
+        Program::Recover(r) => {
+            return match r.run() {
+                Ok(answer) => {
+                    println!("{answer}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
     };
     let opts = match Invocation::from_cli(*cli) {
         Ok(o) => o,
@@ -108,23 +127,25 @@ fn main() -> ExitCode {
         opts.cfg.precopy.rounds,
         opts.cfg.link.describe(),
     );
+    let exit = export::Exit::of(rows, &outcome.failures, &targets, opts.check);
+    let inv = export::Invocation {
+        command_line: std::env::args().collect(),
+        guest_note: &opts.guest_note,
+        setup: &subtitle,
+        seconds: outcome.seconds,
+        failures: &outcome.failures,
+        exit: exit.clone(),
+    };
     let status = write_outputs([
-        (&opts.json, export::json(rows)),
+        (&opts.json, export::json(&inv, rows, &targets)),
         (&opts.svg, export::svg(rows, &subtitle)),
     ]);
-    if !outcome.failures.is_empty() {
-        for f in &outcome.failures {
-            eprintln!("error: {f}");
-        }
-        return ExitCode::from(2);
+    for f in &outcome.failures {
+        eprintln!("error: {f}");
     }
-    if rows.iter().any(|r| !r.outcome.verified) {
-        eprintln!("error: some runs failed verification");
-        return ExitCode::from(1);
-    }
-    if opts.check && export::any_missed(&targets) {
-        eprintln!("error: a target missed (--check)");
-        return ExitCode::from(1);
+    if exit.status != 0 {
+        eprintln!("error: {}", exit.reason);
+        return ExitCode::from(exit.status);
     }
     status
 }
@@ -227,12 +248,13 @@ fn compare_qemu(c: qemu::cli::CompareQemuCli) -> ExitCode {
     status
 }
 
-/// Writes each requested output; failure if one could not be written.
+/// Writes each requested output whole (a temporary file renamed over it); failure if one
+/// could not be written.
 fn write_outputs<const N: usize>(outputs: [(&Option<std::path::PathBuf>, String); N]) -> ExitCode {
     let mut status = ExitCode::SUCCESS;
     for (path, text) in outputs {
         if let Some(p) = path {
-            match std::fs::write(p, text) {
+            match export::write_whole(p, &text) {
                 Ok(()) => println!("wrote {}", p.display()),
                 Err(e) => {
                     eprintln!("error: writing {}: {e}", p.display());

@@ -231,6 +231,11 @@ pub struct RunConfig {
     /// broke in postcopy, and the source keeps the session paused (zero: recovery off, a
     /// broken connection ends the run).
     pub recover_timeout: Duration,
+    /// Postcopy recovery without a time limit, as QEMU's `postcopy-paused`: the destination
+    /// keeps its guest paused with its pages and keeps trying (the source, or where an
+    /// operator points it through the control socket) until it resumes or the operator
+    /// gives up; `recover_timeout` is then not a limit.
+    pub recover_paused: bool,
     /// Postcopy recovery: where to reconnect (None: the address first connected to).
     pub reconnect: Option<std::net::SocketAddr>,
     /// Faults injected on purpose.
@@ -265,6 +270,7 @@ impl RunConfig {
             pin: PinPlan::auto(),
             idle_timeout: Duration::from_secs(20),
             recover_timeout: Duration::from_secs(30),
+            recover_paused: false,
             reconnect: None,
             hooks: TestHooks::NONE,
             resend: true,
@@ -277,8 +283,12 @@ impl RunConfig {
     }
 
     /// The postcopy recovery window as the hello carries it: whole ms, at least 1 when
-    /// recovery is on (0: off).
+    /// recovery is on (0: off; `u64::MAX` when paused without a limit: the source holds the
+    /// session as long as its own `--max-recover` lets it).
     pub fn recover_ms(&self) -> u64 {
+        if self.recover_paused {
+            return u64::MAX;
+        }
         match self.recover_timeout.as_millis() {
             0 if !self.recover_timeout.is_zero() => 1,
             ms => ms.try_into().unwrap_or(u64::MAX),

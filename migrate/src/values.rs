@@ -45,6 +45,15 @@ pub fn parse_bits(s: &str) -> Result<u64, String> {
     Ok((v * scale) as u64)
 }
 
+/// Parses a size in bytes (`4K`, `8M`, `1G`, `4096`), saying what is wrong with a bad one in
+/// words of sizes (the library's parser speaks of RAM layouts).
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
+    pagehint::layout::parse_size(s).map_err(|e| match e {
+        pagehint::layout::LayoutError::Parse(m) => m,
+        e => e.to_string(),
+    })
+}
+
 /// Parses every entry of a comma-separated option; an empty list is an error.
 pub fn parse_list<T: std::str::FromStr<Err = String>>(
     what: &str,
@@ -72,6 +81,9 @@ mod tests {
         assert_eq!(parse_bits("2.5Gbit").unwrap(), 2_500_000_000);
         assert_eq!(parse_bits("800M").unwrap(), 800_000_000);
         assert!(parse_bits("10T").is_err());
+        assert_eq!(parse_bytes("8M").unwrap(), 8 << 20);
+        let e = parse_bytes("1X").unwrap_err();
+        assert_eq!(e, "unknown size suffix in `1X`");
         #[derive(Debug, PartialEq)]
         struct Mode(String);
         impl std::str::FromStr for Mode {

@@ -100,14 +100,35 @@ fn precopy_with_the_dirty_log_and_the_dirty_ring_in_every_mode_and_workload() {
                 r.guest_run.guest_writes > 0,
                 "the guest wrote during precopy"
             );
-            assert!(
-                r.transfer.pending_host_pages < MEM / 4096 / 2,
-                "{} / {}: precopy left {} of {} pages for postcopy",
-                r.setup.workload,
-                r.setup.mode,
-                r.transfer.pending_host_pages,
-                MEM / 4096
-            );
+            let rounds = &r.transfer.dirty_per_round;
+            if r.setup.workload == Workload::Random.name() {
+                // Random writes land anywhere in the data area, so how much of RAM is dirty
+                // again at the switch depends on how fast the guest runs against the rounds
+                // (CI saw 72%). What precopy owes here is its stopping rule: every round it
+                // ran started with fewer dirty pages than the one before, and it stopped at
+                // the first that did not shrink or at the round limit.
+                let ran = r.transfer.precopy_rounds_done as usize;
+                assert!(
+                    rounds.windows(2).take(ran.saturating_sub(1)).all(|w| w[1] < w[0]),
+                    "random / {}: a round ran though the dirty set grew: {rounds:?}",
+                    r.setup.mode
+                );
+                assert!(
+                    ran == 3 || rounds.len() == ran + 1,
+                    "random / {}: stopped after {ran} rounds without reason: {rounds:?}",
+                    r.setup.mode
+                );
+            } else {
+                // The other workloads write inside a window of at most an eighth of RAM.
+                assert!(
+                    r.transfer.pending_host_pages < MEM / 4096 / 2,
+                    "{} / {}: precopy left {} of {} pages for postcopy ({rounds:?})",
+                    r.setup.workload,
+                    r.setup.mode,
+                    r.transfer.pending_host_pages,
+                    MEM / 4096
+                );
+            }
         }
     }
 }

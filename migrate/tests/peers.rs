@@ -1,10 +1,12 @@
 //! What real migrations meet beyond a clean run (thread guest, small RAM, a few seconds
 //! each): a guest that keeps playing long after the last page is placed, a client that
 //! connects and says nothing, a hello asking for more memory than the source has, a peer
-//! that is not a pagehint-migrate source, a source that fails and says why, and strangers
-//! at a paused session's door (garbage, a new destination, a wrong token, a bad received
-//! bitmap), refused with the reason while the session waits for its own. Every test
-//! bounds its own run time, so a hang is a failure.
+//! that is not a pagehint-migrate source, a source that fails and says why, strangers at a
+//! paused session's door (garbage, a new destination, a wrong token, a bad received bitmap),
+//! refused with the reason while the session waits for its own, a hello never followed by
+//! its urgent connection (the source released after the handshake deadline), and hello
+//! values that would hold a source (refused at once, or capped). Every test bounds its own
+//! run time, so a hang is a failure.
 
 mod common;
 
@@ -91,7 +93,7 @@ fn a_client_that_connects_and_says_nothing_does_not_hold_up_a_real_destination()
     });
     check_verified(&r.unwrap_or_else(|e| panic!("a silent client blocked the source: {e}")));
     assert!(
-        took < handshake::HELLO_DEADLINE + Duration::from_secs(5),
+        took < handshake::HANDSHAKE_DEADLINE + Duration::from_secs(5),
         "took {took:?}"
     );
 }
@@ -195,17 +197,30 @@ fn the_destination_reports_the_reason_a_source_gave() {
     let addr = listener.local_addr().unwrap();
     std::thread::spawn(move || {
         let stop = AtomicBool::new(false);
-        let r = handshake::accept(&listener, &stop, Duration::from_secs(10), |_| Ok(()));
-        let (acc, ()) = r.unwrap();
         let g = Guard {
             stop: &stop,
             idle: Duration::from_secs(10),
             keepalive: None,
         };
-        handshake::answer_pings_until_start(&acc.main, &g).unwrap();
+        // A bare source: takes the hello and the urgent connection, answers both.
+        let take = || {
+            let (c, _) = listener.accept().unwrap();
+            pagehint_migrate::wire::configure(&c).unwrap();
+            let mut hb = [0u8; Hello::LEN];
+            read_full(&c, &mut hb, &g, Channel::Handshake).unwrap();
+            let ok = pagehint_migrate::wire::HelloReply {
+                error: String::new(),
+                token: 5,
+                boot_id: pagehint_migrate::sys::clock::boot_id(),
+            };
+            ok.write(&c, &g).unwrap();
+            c
+        };
+        let (main, _urgent) = (take(), take());
+        handshake::answer_pings_until_start(&main, &g).unwrap();
         let why = b"the source guest failed: a test said so";
         let h = FrameHeader::abort(why.len());
-        write_parts(&acc.main, &[&h.encode(), why], &g, Channel::Background).unwrap();
+        write_parts(&main, &[&h.encode(), why], &g, Channel::Background).unwrap();
         std::thread::sleep(Duration::from_secs(2));
     });
     let e = within(Duration::from_secs(30), move || {
@@ -261,68 +276,313 @@ fn a_source_that_falls_silent_mid_postcopy_is_reported_on_both_channels() {
     }
 }
 
-#[test]
-fn a_paused_session_refuses_strangers_with_a_reason_and_takes_its_own_destination_back() {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.set_nonblocking(true).unwrap();
-    let addr = listener.local_addr().unwrap();
-    let waiter = std::thread::spawn(move || {
-        let stop = AtomicBool::new(false);
-        handshake::accept_resume(
-            &listener,
-            &stop,
-            Duration::from_secs(5),
-            Duration::from_secs(20),
-            7,
-            4,
-        )
-    });
+/// The received bitmap of a destination that has every page of `c`'s guest.
+fn all_received(c: &RunConfig) -> Vec<u64> {
+    let mut out = Vec::new();
+    for b in c.layout().ram().blocks() {
+        let pages = b.pages();
+        for w in 0..pages.div_ceil(64) {
+            let bits = (pages - w * 64).min(64);
+            out.push(if bits == 64 {
+                u64::MAX
+            } else {
+                (1 << bits) - 1
+            });
+        }
+    }
+    out
+}
+
+/// A hand-made destination: sets a session up (pure postcopy, recovery asked for), sends
+/// `START`, reads up to the switch-over, then drops both connections, as a cut would: the
+/// source pauses the session. Returns the token.
+fn a_session_cut_after_the_switch_over(addr: std::net::SocketAddr, c: &RunConfig) -> u64 {
+    let h = Hello {
+        recover_ms: 20_000,
+        ..hello(c)
+    };
+    let conn = handshake::connect(addr, &h, c.idle_timeout).unwrap();
     let stop = AtomicBool::new(false);
     let g = Guard {
         stop: &stop,
-        idle: Duration::from_secs(5),
+        idle: Duration::from_secs(10),
         keepalive: None,
     };
-    let ask = |bytes: &[u8]| {
-        let c = TcpStream::connect(addr).unwrap();
-        pagehint_migrate::wire::configure(&c).unwrap();
-        write_parts(&c, &[bytes], &g, Channel::Handshake).unwrap();
-        pagehint_migrate::wire::HelloReply::read(&c, &g)
-            .unwrap()
-            .error
+    let start = RpHeader {
+        kind: RpKind::Start,
+        len: 0,
+        sent_ns: now_ns(),
     };
-    let base = hello(&cfg());
-    let with = move |role| base.with_role(role);
-    let mut garbage = b"GET / HTTP/1.0\r\n\r\n".to_vec();
-    garbage.resize(Hello::LEN, b' ');
-    let e = ask(&garbage);
-    assert!(e.contains("not a pagehint-migrate destination"), "{e}");
-    let e = ask(&with(Role::Main).encode());
-    assert!(e.contains("busy: a session is paused"), "{e}");
-    let e = ask(&with(Role::Resume { token: 8 }).encode());
-    assert!(e.contains("no paused session with that token"), "{e}");
-    let mut short = with(Role::Resume { token: 7 }).encode().to_vec();
-    short.extend_from_slice(&3u64.to_le_bytes());
-    short.extend_from_slice(&[0u8; 24]);
-    let e = ask(&short);
-    assert!(
-        e.contains("a received bitmap of 3 words for a guest of 4"),
-        "{e}"
-    );
-    let (main, urgent) = within(Duration::from_secs(10), move || {
-        handshake::resume(
+    write_parts(&conn.main, &[&start.encode()], &g, Channel::ReturnPath).unwrap();
+    loop {
+        let mut hb = [0u8; FrameHeader::LEN];
+        read_full(&conn.main, &mut hb, &g, Channel::Background).unwrap();
+        let f = FrameHeader::decode(&hb, Channel::Background).unwrap();
+        let mut body = vec![0u8; f.payload_len() as usize];
+        read_full(&conn.main, &mut body, &g, Channel::Background).unwrap();
+        if f.kind == FrameKind::Switch {
+            break;
+        }
+    }
+    let _ = conn.main.shutdown(std::net::Shutdown::Both);
+    let _ = conn.urgent.shutdown(std::net::Shutdown::Both);
+    conn.token
+}
+
+#[test]
+fn a_paused_session_refuses_strangers_with_a_reason_and_takes_its_own_destination_back() {
+    within(Duration::from_secs(60), || {
+        let c = cfg();
+        let mut opts = pagehint_migrate::source::ServeOptions::new(PinPlan::OFF, c.idle_timeout);
+        opts.max_sessions = 1;
+        let src = LocalSource::with_options(opts, false).unwrap();
+        let addr = src.addr();
+        let token = a_session_cut_after_the_switch_over(addr, &c);
+        let stop = AtomicBool::new(false);
+        let g = Guard {
+            stop: &stop,
+            idle: Duration::from_secs(5),
+            keepalive: None,
+        };
+        let ask = |bytes: &[u8]| {
+            let c = TcpStream::connect(addr).unwrap();
+            pagehint_migrate::wire::configure(&c).unwrap();
+            write_parts(&c, &[bytes], &g, Channel::Handshake).unwrap();
+            pagehint_migrate::wire::HelloReply::read(&c, &g)
+                .unwrap()
+                .error
+        };
+        let base = hello(&c);
+        let with = move |role| base.with_role(role);
+        let mut garbage = b"GET / HTTP/1.0\r\n\r\n".to_vec();
+        garbage.resize(Hello::LEN, b' ');
+        let e = ask(&garbage);
+        assert!(e.contains("not a pagehint-migrate destination"), "{e}");
+        // A new destination, once the source has noticed the cut: busy, saying why.
+        let t = Instant::now();
+        let e = loop {
+            let e = ask(&with(Role::Main).encode());
+            if e.contains("a session is paused") || t.elapsed() > Duration::from_secs(15) {
+                break e;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert!(e.contains("busy: a session is paused"), "{e}");
+        let e = ask(&with(Role::Resume { token: token ^ 1 }).encode());
+        assert!(e.contains("no paused session with that token"), "{e}");
+        let e = ask(&with(Role::Urgent { token }).encode());
+        assert!(
+            e.contains("no session here waits for an urgent connection"),
+            "{e}"
+        );
+        let words = all_received(&c);
+        let mut short = with(Role::Resume { token }).encode().to_vec();
+        short.extend_from_slice(&3u64.to_le_bytes());
+        short.extend_from_slice(&[0u8; 24]);
+        let e = ask(&short);
+        assert!(
+            e.contains(&format!(
+                "a received bitmap of 3 words for a guest of {}",
+                words.len()
+            )),
+            "{e}"
+        );
+        // Its own destination, with every page: the session resumes with nothing left to
+        // send, and ends with its summary at DONE.
+        let (main, _urgent, again) = handshake::resume(
             addr,
             &with(Role::Main),
-            7,
-            &[1, 2, 3, u64::MAX],
+            token,
+            &words,
             Duration::from_secs(1),
             Duration::from_secs(5),
+            &AtomicBool::new(false),
         )
         .map_err(|e| format!("{e:?}"))
-    })
-    .unwrap();
-    let (m, u, received) = waiter.join().unwrap().unwrap();
-    assert_eq!(received, vec![1, 2, 3, u64::MAX]);
-    assert_eq!(m.peer_addr().unwrap(), main.local_addr().unwrap());
-    assert_eq!(u.peer_addr().unwrap(), urgent.local_addr().unwrap());
+        .unwrap();
+        assert_eq!(again, token, "the same session resumed");
+        let done = RpHeader {
+            kind: RpKind::Done,
+            len: 0,
+            sent_ns: now_ns(),
+        };
+        write_parts(&main, &[&done.encode()], &g, Channel::ReturnPath).unwrap();
+        let summary = loop {
+            let mut hb = [0u8; FrameHeader::LEN];
+            read_full(&main, &mut hb, &g, Channel::Background).unwrap();
+            let f = FrameHeader::decode(&hb, Channel::Background).unwrap();
+            let mut body = vec![0u8; f.payload_len() as usize];
+            read_full(&main, &mut body, &g, Channel::Background).unwrap();
+            if f.kind == FrameKind::Summary {
+                break pagehint_migrate::wire::Summary::decode(&body).unwrap();
+            }
+        };
+        assert_eq!(summary.recoveries, vec![0], "nothing was left to send");
+    });
+}
+
+#[test]
+fn a_hello_never_followed_by_its_urgent_connection_releases_the_source_within_the_deadline() {
+    within(Duration::from_secs(60), || {
+        let c = cfg();
+        let mut opts =
+            pagehint_migrate::source::ServeOptions::new(PinPlan::OFF, Duration::from_secs(20));
+        opts.max_sessions = 1;
+        let src = LocalSource::with_options(opts, false).unwrap();
+        // A valid main hello, answered, then silence: no urgent connection ever.
+        let stop = AtomicBool::new(false);
+        let g = Guard {
+            stop: &stop,
+            idle: Duration::from_secs(10),
+            keepalive: None,
+        };
+        let half = TcpStream::connect(src.addr()).unwrap();
+        pagehint_migrate::wire::configure(&half).unwrap();
+        write_parts(&half, &[&hello(&c).encode()], &g, Channel::Handshake).unwrap();
+        let reply = pagehint_migrate::wire::HelloReply::read(&half, &g).unwrap();
+        assert!(reply.error.is_empty(), "{}", reply.error);
+        // Meanwhile a second destination is told at once that the source is busy.
+        let t = Instant::now();
+        let e = handshake::connect(src.addr(), &hello(&c), c.idle_timeout)
+            .expect_err("one session at a time");
+        assert!(
+            matches!(&e, ConnectError::Refused(why) if why.contains("busy with 1 session")),
+            "{e:?}"
+        );
+        assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+        // Within the handshake deadline (not the 20 s idle limit) the session is released,
+        // and a real destination migrates.
+        std::thread::sleep(handshake::HANDSHAKE_DEADLINE + Duration::from_millis(300));
+        let t = Instant::now();
+        let r = run_destination(
+            src.addr(),
+            &c,
+            MigrationMode::Preempt,
+            Workload::Seq,
+            &|_, _| {},
+        );
+        check_verified(&r.unwrap_or_else(|e| panic!("the source was not released: {e}")));
+        assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+        drop(half);
+    });
+}
+
+#[test]
+fn no_hello_value_holds_the_source_or_its_destination() {
+    within(Duration::from_secs(90), || {
+        let c = cfg();
+        let src = LocalSource::start(PinPlan::OFF, Duration::from_secs(5), false).unwrap();
+        // Vanilla: its background channel has the whole send queue (no low-water mark).
+        let base = Hello {
+            mode: MigrationMode::Vanilla,
+            ..hello(&c)
+        };
+        let with_link = |f: &dyn Fn(&mut pagehint_migrate::LinkParams)| {
+            let mut h = base.clone();
+            f(&mut h.link);
+            h
+        };
+        // Values the command line refuses, crafted into a hello: the source refuses them
+        // at once, saying why, against its own --timeout.
+        for (h, says) in [
+            (
+                with_link(&|l| l.delay_ns = u64::MAX),
+                "too slow for the timeout",
+            ),
+            (
+                with_link(&|l| l.bandwidth_bps = 1),
+                "too slow for the timeout",
+            ),
+            (
+                with_link(&|l| l.queue_bytes = u64::MAX),
+                "too slow for the timeout",
+            ),
+            (
+                with_link(&|l| l.nic_queue_bytes = u64::MAX),
+                "too slow for the timeout",
+            ),
+            (
+                with_link(&|l| l.pace_bps = u64::MAX),
+                "at most 10000000000000",
+            ),
+            (
+                with_link(&|l| l.bandwidth_bps = u64::MAX),
+                "at most 10000000000000",
+            ),
+        ] {
+            let t = Instant::now();
+            match handshake::connect(src.addr(), &h, c.idle_timeout) {
+                Err(ConnectError::Refused(why)) => {
+                    assert!(why.contains(says), "{why}");
+                    assert!(why.contains("the source's --timeout"), "{why}");
+                }
+                other => panic!(
+                    "{:?}: expected a refusal, got {:?}",
+                    h.link,
+                    other.map(|_| ())
+                ),
+            }
+            assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+        }
+        // Values taken within the source's limits: a recovery window of 2^64-1 ms (held
+        // for --max-recover at most) and 2^32-1 precopy rounds (they stop when the dirty set
+        // stops shrinking): the run completes.
+        let mut long = cfg();
+        long.recover_paused = true;
+        long.precopy.rounds = u32::MAX;
+        assert_eq!(
+            pagehint_migrate::wire::Hello::new(&long, MigrationMode::Preempt, Workload::Seq)
+                .recover_ms,
+            u64::MAX
+        );
+        let r = run_destination(
+            src.addr(),
+            &long,
+            MigrationMode::Preempt,
+            Workload::Seq,
+            &|_, _| {},
+        );
+        check_verified(&r.unwrap_or_else(|e| panic!("{e}")));
+    });
+}
+
+#[test]
+fn connections_past_the_pending_limit_are_refused_at_once_with_the_reason() {
+    within(Duration::from_secs(30), || {
+        let c = cfg();
+        let mut opts = pagehint_migrate::source::ServeOptions::new(PinPlan::OFF, c.idle_timeout);
+        opts.max_pending = 8;
+        let src = LocalSource::with_options(opts, false).unwrap();
+        let silent: Vec<TcpStream> = (0..8)
+            .map(|_| TcpStream::connect(src.addr()).unwrap())
+            .collect();
+        std::thread::sleep(Duration::from_millis(200));
+        let stop = AtomicBool::new(false);
+        let g = Guard {
+            stop: &stop,
+            idle: Duration::from_secs(5),
+            keepalive: None,
+        };
+        let t = Instant::now();
+        let one_more = TcpStream::connect(src.addr()).unwrap();
+        pagehint_migrate::wire::configure(&one_more).unwrap();
+        let e = pagehint_migrate::wire::HelloReply::read(&one_more, &g)
+            .unwrap()
+            .error;
+        assert_eq!(
+            e,
+            "too many connections waiting to say hello (8); try again"
+        );
+        assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+        // Once the silent ones have had their deadline, a destination gets in.
+        drop(silent);
+        let r = run_destination(
+            src.addr(),
+            &c,
+            MigrationMode::Preempt,
+            Workload::Seq,
+            &|_, _| {},
+        );
+        check_verified(&r.unwrap_or_else(|e| panic!("{e}")));
+    });
 }

@@ -266,16 +266,22 @@ fn a_partition_between_two_namespaces_is_recovered_when_the_link_comes_back() {
         dest.wait_with_output().unwrap()
     });
     let _ = source.kill();
-    let _ = source.wait();
+    let source_log = within(Duration::from_secs(10), move || {
+        source
+            .wait_with_output()
+            .map(|o| o.stderr)
+            .unwrap_or_default()
+    });
     assert!(
         out.status.success(),
-        "{}\n{}",
+        "{}\n{}\nthe source's log:\n{}",
         String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&source_log)
     );
-    let rows: serde_json::Value =
+    let whole: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
-    let r = &rows[0];
+    let r = &whole["rows"][0];
     let _ = std::fs::remove_dir_all(&dir);
     eprintln!(
         "partition: {} cut(s) survived, recovery {} ms, postcopy {:.0} ms, {} pages sent again, placed per connection {}",
@@ -369,4 +375,143 @@ fn a_destination_resumes_through_another_address_when_the_first_path_dies() {
     });
     let r = r.unwrap_or_else(|e| panic!("not resumed through --reconnect: {e}"));
     check_resumed(&r, 1);
+}
+
+#[test]
+fn a_paused_postcopy_waits_for_its_operator_and_resumes_from_a_new_source_on_the_saved_ram() {
+    paused_then_taken_over(GuestKind::Thread, 16 << 20, 30_000_000, Workload::Random);
+}
+
+#[test]
+fn a_paused_kvm_guest_is_resumed_from_a_new_source_on_the_saved_ram() {
+    if !ready_or_skip("a_paused_kvm_guest_is_resumed_from_a_new_source_on_the_saved_ram") {
+        return;
+    }
+    let r = paused_then_taken_over(GuestKind::Kvm, 32 << 20, 60_000_000, Workload::Kv);
+    assert_eq!(r.setup.guest, "kvm");
+    assert!(
+        r.guest_run.guest_verified_pages > 0,
+        "the guest verified its RAM"
+    );
+}
+
+/// A destination paused without a limit (`recover_paused`) whose source, keeping RAM in a
+/// `--ram-dir`, is killed mid-postcopy; it waits past its `--recover-timeout`, a new source
+/// is started on the directory, and the operator (`pagehint-migrate recover`) points the
+/// destination at it: the migration completes and verifies across both sources.
+fn paused_then_taken_over(kind: GuestKind, mem: u64, bps: u64, w: Workload) -> RunResult {
+    use pagehint_migrate::dest::control::{self, Control};
+    use pagehint_migrate::harness::run::run_destination_with;
+    let dir = std::env::temp_dir().join(format!("recovery-paused-{kind}-{}", std::process::id()));
+    let ram = dir.join("ram");
+    std::fs::create_dir_all(&ram).unwrap();
+    let ctl = dir.join("ctl");
+    let exe = env!("CARGO_BIN_EXE_pagehint-migrate");
+    let listen = |once: bool| {
+        let mut cmd = Command::new(exe);
+        cmd.args(["--listen", "127.0.0.1:0", "--pin", "off", "--ram-dir"])
+            .arg(&ram)
+            .stderr(Stdio::piped());
+        if once {
+            cmd.arg("--once");
+        }
+        start_listener(&mut cmd)
+    };
+    // Source A keeps guest RAM in files; it is killed (SIGKILL) mid-postcopy.
+    let (mut a, a_addr) = listen(false);
+    let control = Control::open(&ctl).unwrap();
+    let mut c = config(kind, mem, HostPageSize::Small, 1);
+    c.idle_timeout = Duration::from_secs(2);
+    c.recover_paused = true;
+    // Not a limit when paused: the destination waits longer than this below.
+    c.recover_timeout = Duration::from_secs(1);
+    c.link.bandwidth_bps = bps;
+    let placed = std::sync::atomic::AtomicU64::new(0);
+    let r = std::thread::scope(|s| {
+        let run = s.spawn(|| {
+            run_destination_with(
+                a_addr.parse().unwrap(),
+                &c,
+                MigrationMode::PreemptHint,
+                w,
+                // Relaxed: a progress figure for this test's thread.
+                &|n, _| placed.store(n, Ordering::Relaxed),
+                Some(&control),
+            )
+        });
+        let t = std::time::Instant::now();
+        // Relaxed: a progress figure.
+        while placed.load(Ordering::Relaxed) < 300 && t.elapsed() < Duration::from_secs(60) {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let _ = a.kill();
+        let _ = a.wait();
+        // Paused, past its --recover-timeout: still waiting, and saying so.
+        std::thread::sleep(Duration::from_secs(3));
+        let status = control::send(&ctl, "status").unwrap();
+        assert!(status.starts_with("paused: "), "{status}");
+        assert!(
+            !run.is_finished(),
+            "the paused destination waits for its operator"
+        );
+        // Source B, started on the same RAM directory, holds the saved session; the
+        // operator points the destination at it.
+        let (mut b, b_addr) = listen(true);
+        let out = Command::new(exe)
+            .args(["recover", "--dest"])
+            .arg(&ctl)
+            .args(["--connect", &b_addr])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains(&format!("resuming from {b_addr}")),
+            "{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let t = std::time::Instant::now();
+        while !run.is_finished() {
+            assert!(
+                t.elapsed() < Duration::from_secs(60),
+                "not resumed in 60 s: a hang"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let r = run.join().unwrap();
+        let status = within(Duration::from_secs(20), move || b.wait().unwrap());
+        assert!(
+            status.success(),
+            "source B served its one session: {status}"
+        );
+        r
+    });
+    let r = r.unwrap_or_else(|e| panic!("the paused postcopy was not resumed: {e}"));
+    eprintln!(
+        "paused {kind}: {} cut(s), break to resumed {:?} ms (3 s of it waiting for the operator), {} host pages placed per connection {:?}, takeovers {}",
+        r.recovery.cuts,
+        r.recovery.recovery_ms,
+        r.transfer.pending_host_pages,
+        r.recovery.placed_per_connection,
+        r.recovery.takeovers
+    );
+    assert!(r.outcome.verified, "{:?}", r.outcome.problems);
+    assert_eq!(r.recovery.takeovers, 1, "{:?}", r.recovery.cut_reasons);
+    assert!(r.recovery.cuts >= 1);
+    assert_eq!(r.placement.placed_twice, 0);
+    assert_eq!(
+        r.recovery.placed_per_connection.iter().sum::<u64>(),
+        r.transfer.pending_host_pages,
+        "every missing page placed by exactly one connection, across both sources"
+    );
+    let left: Vec<_> = std::fs::read_dir(&ram).unwrap().collect();
+    assert!(
+        left.is_empty(),
+        "the finished session's files are gone: {left:?}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    r
 }

@@ -16,7 +16,7 @@
 //! that follows it sees the mark. The event thread itself (the only writer of the marks) reads
 //! them without the gate ([`RemoveGate::is_removed`]) and places zeros on a removed page.
 //!
-//! This type is what `pagehint-migrate`'s `restore::handler` uses and what the loom and
+//! This type is what `pagehint-uffd`'s `handler` uses and what the loom and
 //! shuttle models in `loom-tests` (`remove.rs`) drive, on the checkers' own lock and atomics
 //! (the `sync` module); their mutants mark after releasing the write side, and copy without
 //! the read side.

@@ -60,9 +60,15 @@ impl<'s> Dest<'s> {
         progress: &dyn Fn(u64, u64),
         receivers: &mut Receivers<'s>,
     ) -> Result<GuestOutcome, RunError> {
+        if let Some(c) = self.control {
+            c.doing(format!("precopy ({workload})"));
+        }
         let switch = self.await_switch(receivers)?;
         (times.switch_due, times.switch_applied) = (switch.start_ns, switch.end_ns);
         let switch = switch.switch;
+        if let Some(c) = self.control {
+            c.doing(format!("postcopy ({workload})"));
+        }
         let guest = self.resume_guest(s, &switch, workload, times)?;
         times.vmstat[0] = Vmstat::read().ok();
         if let Err(e) = self.inject_bad(self.cfg.hooks.inject_bad) {
@@ -178,6 +184,9 @@ impl<'s> Dest<'s> {
             std::thread::sleep(Duration::from_millis(5));
             let placed = self.mem.placed();
             progress(placed, pending);
+            if let Some(c) = self.control {
+                c.progress(placed, pending);
+            }
             if self.stopped() {
                 break;
             }
@@ -262,6 +271,11 @@ impl<'s> Dest<'s> {
             self.fail(e.into());
             return false;
         }
+        // The source now sums every page for its summary: the idle limit counts from here,
+        // not from the last page (a big guest's sums take a while).
+        // Relaxed: a coarse timestamp.
+        self.bg_progress
+            .store(now_ns(), std::sync::atomic::Ordering::Relaxed);
         true
     }
 

@@ -24,6 +24,7 @@
 //! unregisters the userfaultfd range (a vCPU blocked in a fault wakes up) and kicks the
 //! vCPUs: the run ends with a typed [`RunError`], never a hang.
 
+pub mod control;
 mod drive;
 pub mod faults;
 pub mod memory;
@@ -133,8 +134,9 @@ pub(crate) struct Dest<'a> {
     conn_stop: AtomicBool,
     /// The current connections broke (recoverably): what broke them, and when.
     broken: Mutex<Option<Broken>>,
-    /// Where to reconnect, and the hello to resume with.
-    resume_to: SocketAddr,
+    /// Where to reconnect (the operator may point it elsewhere), and the hello to resume
+    /// with.
+    resume_to: Mutex<SocketAddr>,
     hello: Hello,
     /// Each break survived.
     cuts: Mutex<Vec<Cut>>,
@@ -156,6 +158,8 @@ pub(crate) struct Dest<'a> {
     switch_ready: Condvar,
     /// Frames received (precopy + postcopy), for the idle check before the switch.
     frames: AtomicU64,
+    /// The operator's control socket, if any.
+    control: Option<&'a control::Control>,
 }
 
 impl Dest<'_> {
@@ -382,6 +386,22 @@ pub fn run(
     workload: Workload,
     progress: &dyn Fn(u64, u64),
 ) -> Result<Evidence, RunError> {
+    run_with(addr, cfg, mode, workload, progress, None)
+}
+
+/// [`run`], with an operator's `control` socket (a paused postcopy takes its commands).
+pub fn run_with(
+    addr: SocketAddr,
+    cfg: &RunConfig,
+    mode: MigrationMode,
+    workload: Workload,
+    progress: &dyn Fn(u64, u64),
+    control: Option<&control::Control>,
+) -> Result<Evidence, RunError> {
+    if let Some(c) = control {
+        c.doing(format!("setting up {workload} / {mode}"));
+        c.progress(0, 0);
+    }
     let mem = guest_memory(cfg)?;
     let machine = vm(cfg, &mem)?;
     let hello = Hello::new(cfg, mode, workload);
@@ -391,7 +411,8 @@ pub fn run(
     })?;
     let (same_clock, measured_offset_ns, offset_ns) =
         (conn.same_clock, conn.measured_offset_ns, conn.offset_ns());
-    let d = Dest::new(cfg, &mem, machine.as_ref(), conn, addr, hello);
+    let mut d = Dest::new(cfg, &mem, machine.as_ref(), conn, addr, hello);
+    d.control = control;
     let (events, times, outcome) = d.migrate(workload, progress);
     let left = d.left(outcome)?;
     drop(machine);
@@ -487,7 +508,7 @@ impl<'a> Dest<'a> {
             }),
             conn_stop: AtomicBool::new(false),
             broken: Mutex::new(None),
-            resume_to: cfg.reconnect.unwrap_or(addr),
+            resume_to: Mutex::new(cfg.reconnect.unwrap_or(addr)),
             transport: hello.transport(),
             hello,
             cuts: Mutex::new(Vec::new()),
@@ -501,6 +522,7 @@ impl<'a> Dest<'a> {
             switch: Mutex::new(None),
             switch_ready: Condvar::new(),
             frames: AtomicU64::new(0),
+            control: None,
         }
     }
 

@@ -65,7 +65,16 @@ impl Dest<'_> {
             if self.conn_stopped() {
                 return Err(WireError::Stopped.into());
             }
-            let timeout = held.wait_ns(now, POLL_SLICE.as_nanos() as u64);
+            // Every page is in and `DONE` sent: the urgent channel has nothing more to bring
+            // (only the summary, on the main one, is still awaited).
+            // Relaxed: a polled flag.
+            if chan == Channel::Urgent && held.is_empty() && self.finished.load(Ordering::Relaxed) {
+                return Ok(());
+            }
+            // Every wait is a slice at most: the stop flag and the idle rule are looked at
+            // whatever the frames held say.
+            let slice = POLL_SLICE.as_nanos() as u64;
+            let timeout = held.wait_ns(now, slice).min(slice);
             let ready = wait_readable(stream, timeout).map_err(|e| WireError::Io(chan, e))?;
             if !ready {
                 if held.is_empty() {
@@ -94,6 +103,7 @@ impl Dest<'_> {
                     } else {
                         self.to_local(h.arrival_ns)
                     };
+                    self.check_due(due, last, chan)?;
                     held.hold(due, (h, buf, last));
                 }
                 FrameKind::Abort => {
@@ -103,6 +113,24 @@ impl Dest<'_> {
                 FrameKind::Pong => {}
             }
         }
+    }
+
+    /// A frame read at `read` and due at `due` on the emulated link: both sides refuse a
+    /// link that does not drain within the idle limit, so a frame due later than that is
+    /// either a source that ignores it or clocks that disagree; holding it would be a hang.
+    fn check_due(&self, due: u64, read: u64, chan: Channel) -> Result<(), WireError> {
+        let idle = self.cfg.idle_timeout;
+        let ahead = due.saturating_sub(read);
+        if ahead > idle.as_nanos() as u64 {
+            return Err(WireError::Malformed(
+                chan,
+                format!(
+                    "a frame due {} after it was read, beyond the {idle:?} timeout: the source's clock or link disagrees with this side's",
+                    crate::sys::clock::human_ns(ahead)
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// Whether the channel whose last frame `stamp` holds has been silent for most (half)

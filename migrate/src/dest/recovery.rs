@@ -21,15 +21,16 @@
 //! Errors from an old connection arriving late are told apart by the connection's number
 //! and ignored.
 
-use std::net::{Shutdown, TcpStream};
-use std::sync::atomic::Ordering;
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::{Scope, ScopedJoinHandle};
 use std::time::Duration;
 
+use super::control::Command;
 use super::{Dest, RunError};
 use crate::handshake::{self, ConnectError};
-use crate::sys::clock::{now_ns, tight_timer_slack};
+use crate::sys::clock::{now_ns, sleep_until_unless, tight_timer_slack};
 use crate::sys::pin::Role;
 use crate::wire::{Channel, WireError};
 
@@ -39,6 +40,10 @@ const MAX_BACKOFF: Duration = Duration::from_secs(1);
 const FIRST_BACKOFF: Duration = Duration::from_millis(20);
 /// Longest wait for one connection attempt.
 const CONNECT_LIMIT: Duration = Duration::from_secs(2);
+/// Paused without a limit: how long one resume attempt waits for its answer (a source that
+/// has not noticed the break yet answers once its own idle limit has passed; an operator's
+/// command interrupts the wait).
+const PAUSED_ANSWER: Duration = Duration::from_secs(30);
 
 /// The current connections.
 #[derive(Debug)]
@@ -76,6 +81,9 @@ pub struct Cut {
     pub rerequested: u64,
     /// Connection attempts it took.
     pub attempts: u32,
+    /// A new source session took the paused session over (it answered with a new token):
+    /// the source's counters start here.
+    pub new_source: bool,
 }
 
 impl Cut {
@@ -220,6 +228,21 @@ impl Dest<'_> {
             .shutdown();
     }
 
+    /// Paused without a limit: tells the operator (stderr) what happened and how to resume
+    /// the guest from another source, or give it up.
+    fn say_paused(&self, cut: &str, to: SocketAddr, missing: u64) {
+        let ctl = match self.control {
+            Some(c) => format!(
+                "; to resume from another source: pagehint-migrate recover --dest {p} --connect ADDR; to give up: pagehint-migrate recover --dest {p} --abort",
+                p = c.path().display()
+            ),
+            None => " (no --control socket: it can only come back there)".to_string(),
+        };
+        eprintln!(
+            "postcopy paused: {cut}; the guest waits with {missing} host pages still at the source; retrying {to}{ctl}"
+        );
+    }
+
     /// Replaces the broken connections and resumes postcopy (see the module).
     pub(super) fn recover<'s>(
         &'s self,
@@ -242,14 +265,49 @@ impl Dest<'_> {
         let token = self.conn.lock().unwrap_or_else(|p| p.into_inner()).token;
         let window = self.cfg.recover_timeout.as_nanos() as u64;
         let idle = self.cfg.idle_timeout;
+        let paused = self.cfg.recover_paused;
+        let mut to = *self.resume_to.lock().unwrap_or_else(|p| p.into_inner());
+        let never = AtomicBool::new(false);
+        // A command from the operator interrupts an attempt or a wait.
+        let interrupt = self.control.map_or(&never, |c| c.interrupt());
         let mut backoff = FIRST_BACKOFF;
         let mut attempts = 0u32;
-        let mut last_error = String::from("no attempt");
-        let (main, urgent) = loop {
+        let mut last_error = String::from("no attempt yet");
+        let tell = |to: SocketAddr, attempts: u32, last: &str| {
+            if let Some(c) = self.control {
+                c.paused(format!(
+                    "{cut}; retrying {to} ({attempts} attempts; the last: {last})"
+                ));
+            }
+        };
+        tell(to, 0, &last_error);
+        if paused {
+            self.say_paused(&cut, to, missing);
+        }
+        let (main, urgent, new_token) = loop {
             if self.stopped() {
                 return Err(RunError::Wire(WireError::Stopped));
             }
-            let left = window.saturating_sub(now_ns() - detected);
+            match self.control.and_then(|c| c.take()) {
+                Some(Command::Abort) => {
+                    return Err(RunError::Recovery {
+                        cut,
+                        why: format!(
+                            "given up by the operator ({attempts} attempts; the last: {last_error})"
+                        ),
+                    })
+                }
+                Some(Command::Recover(a)) => {
+                    to = a;
+                    backoff = FIRST_BACKOFF;
+                }
+                None => {}
+            }
+            let left = if paused {
+                u64::MAX
+            } else {
+                window.saturating_sub(now_ns() - detected)
+            };
             if left == 0 {
                 return Err(RunError::Recovery {
                     cut,
@@ -261,26 +319,34 @@ impl Dest<'_> {
             }
             attempts += 1;
             let connect = Duration::from_nanos(left).min(CONNECT_LIMIT);
-            let answer = Duration::from_nanos(left).max(idle);
+            let answer = if paused {
+                idle.max(PAUSED_ANSWER)
+            } else {
+                Duration::from_nanos(left).max(idle)
+            };
             match handshake::resume(
-                self.resume_to,
+                to,
                 &self.hello,
                 token,
                 &received,
                 connect,
                 answer,
+                interrupt,
             ) {
                 Ok(c) => break c,
+                // A command came meanwhile: act on it.
+                Err(ConnectError::Wire(WireError::Stopped)) => continue,
+                Err(ConnectError::Refused(r)) if paused => {
+                    last_error = format!("{to} refused: {r}");
+                }
                 Err(ConnectError::Refused(r)) => {
                     return Err(RunError::Recovery {
                         cut,
                         why: format!("the source refused to resume: {r}"),
                     })
                 }
-                Err(ConnectError::Wire(w)) if w.connection_lost() => {
-                    last_error = w.to_string();
-                    std::thread::sleep(backoff.min(Duration::from_nanos(left)));
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                Err(ConnectError::Wire(w)) if w.connection_lost() || paused => {
+                    last_error = format!("{to}: {w}");
                 }
                 Err(ConnectError::Wire(w)) => {
                     return Err(RunError::Recovery {
@@ -289,12 +355,27 @@ impl Dest<'_> {
                     })
                 }
             }
+            tell(to, attempts, &last_error);
+            let until = now_ns() + backoff.min(Duration::from_nanos(left)).as_nanos() as u64;
+            // Relaxed: a polled flag.
+            sleep_until_unless(until, || {
+                interrupt.load(Ordering::Relaxed) || self.stopped()
+            });
+            backoff = (backoff * 2).min(MAX_BACKOFF);
         };
+        *self.resume_to.lock().unwrap_or_else(|p| p.into_inner()) = to;
+        if let Some(c) = self.control {
+            c.doing(format!("postcopy (resumed from {to})"));
+        }
+        if paused {
+            eprintln!("postcopy resumed from {to} after {attempts} attempt(s)");
+        }
         {
             let mut c = self.conn.lock().unwrap_or_else(|p| p.into_inner());
             c.main = Arc::new(main);
             c.urgent = Arc::new(urgent);
             c.number = c.number.saturating_add(1);
+            c.token = new_token;
             self.mem.set_connection(c.number);
             *self.broken.lock().unwrap_or_else(|p| p.into_inner()) = None;
             // Relaxed (all three): no receiver runs; the spawns below order these stores
@@ -318,6 +399,7 @@ impl Dest<'_> {
                 missing_host_pages: missing,
                 rerequested: again.len() as u64,
                 attempts,
+                new_source: new_token != token,
             });
         Ok(())
     }

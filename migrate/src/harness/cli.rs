@@ -7,7 +7,6 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
-use pagehint::layout::parse_size;
 use pagehint::ClaimBatch;
 
 use crate::guest::layout::{GuestLayout, GuestLayoutError, HostPageSize};
@@ -16,9 +15,10 @@ use crate::options::{
     DestFault, DirtyTracking, FaultPath, GuestKind, GuestSpec, MigrationMode, Precopy, RunConfig,
     SourceFault, SourceHooks, TestHooks, Workload,
 };
+use crate::source::ServeOptions;
 use crate::sys::pin::PinPlan;
-use crate::values::parse_list;
 pub use crate::values::{parse_bits, parse_duration};
+use crate::values::{parse_bytes, parse_list};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum Pin {
@@ -68,7 +68,17 @@ Exit status: 0 every run completed and verified (targets are reported, not enfor
 could not be written; 2 bad input, or a run failed (it is still recorded, and the rest run).";
 
 /// Flags a listening source uses; every other one is decided by each destination's hello.
-const LISTEN_FLAGS: &[&str] = &["listen", "pin", "timeout", "quiet", "sessions", "once"];
+const LISTEN_FLAGS: &[&str] = &[
+    "listen",
+    "pin",
+    "timeout",
+    "quiet",
+    "sessions",
+    "once",
+    "max_recover",
+    "max_sessions",
+    "ram_dir",
+];
 
 /// Migrate a guest (a KVM virtual machine, or a host thread) with precopy and postcopy using
 /// the pagehint scheduler, and compare vanilla, preempt and preempt-hint on real guest
@@ -101,13 +111,14 @@ pub struct Cli {
     /// Track the KVM guest's writes with KVM's dirty rings instead of the dirty log.
     #[arg(long)]
     dirty_ring: bool,
-    /// Modes to compare, comma separated.
-    #[arg(long, value_delimiter = ',', default_value = MigrationMode::LIST)]
+    /// Modes to compare, comma separated (once: a second --modes is refused).
+    #[arg(long, value_delimiter = ',', default_value = MigrationMode::LIST, action = clap::ArgAction::Set)]
     modes: Vec<String>,
     #[arg(
         long,
         value_delimiter = ',',
         default_value = Workload::LIST,
+        action = clap::ArgAction::Set,
         help = format!("Guest workloads, comma separated: {}", Workload::NAMES)
     )]
     workloads: Vec<String>,
@@ -177,6 +188,19 @@ pub struct Cli {
     /// With --listen: serve one migration, then exit (--sessions 1).
     #[arg(long, requires = "listen", conflicts_with = "sessions")]
     once: bool,
+    /// With --listen: hold a session whose connections broke in postcopy paused at most this
+    /// long for its destination to come back, whatever the destination asks for (30s).
+    #[arg(long, value_name = "DURATION", allow_hyphen_values = true)]
+    max_recover: Option<String>,
+    /// With --listen: serve at most N sessions at once; one more destination is refused,
+    /// saying so (4).
+    #[arg(long, value_name = "N")]
+    max_sessions: Option<usize>,
+    /// With --listen: keep each session's guest RAM in a file in DIR (a tmpfs such as
+    /// /dev/shm), so that a session whose destination did not come back in time, or whose
+    /// source was killed, can be taken over by a later source started on DIR.
+    #[arg(long, value_name = "DIR")]
+    ram_dir: Option<PathBuf>,
     /// Exit with status 1 when a target misses (targets are otherwise only reported).
     #[arg(long)]
     check: bool,
@@ -185,8 +209,10 @@ pub struct Cli {
     quiet: bool,
     /// Postcopy recovery: when the connections break in postcopy, the destination keeps its
     /// guest blocked and reconnects (with backoff) for up to this long, and the source keeps
-    /// the session paused as long; then the migration resumes where it was (30s; 0: off, a
-    /// broken connection ends the run).
+    /// the session paused as long (within its --max-recover); then the migration resumes where
+    /// it was (30s; 0: off, a broken connection ends the run; `paused` or `forever`: no limit,
+    /// as QEMU's postcopy-paused: the guest waits with its pages until the source comes back
+    /// or an operator resumes it from another source, or gives it up, through --control).
     #[arg(
         long,
         value_name = "DURATION",
@@ -194,6 +220,12 @@ pub struct Cli {
         default_value = "30s"
     )]
     recover_timeout: String,
+    /// A control socket (a Unix socket at PATH) through which an operator resumes a paused
+    /// postcopy from another source, or gives it up: `pagehint-migrate recover --dest PATH
+    /// --connect ADDR | --abort | --status` (with --recover-timeout paused, a socket in the
+    /// temporary folder when not given).
+    #[arg(long, value_name = "PATH")]
+    control: Option<PathBuf>,
     /// Postcopy recovery: reconnect to ADDR instead of the --connect address (the same
     /// source, reached another way).
     #[arg(long, value_name = "ADDR", requires = "connect")]
@@ -250,6 +282,41 @@ impl Cli {
     }
 }
 
+/// `pagehint-migrate recover`: tells a destination's control socket what to do with its
+/// paused postcopy.
+#[derive(clap::Args, Debug)]
+#[command(group(clap::ArgGroup::new("what").required(true).args(["connect", "abort", "status"])))]
+pub struct RecoverCli {
+    /// The destination's control socket (its --control).
+    #[arg(long, value_name = "PATH")]
+    pub dest: PathBuf,
+    /// Resume the paused postcopy from the source at ADDR (a source that holds the session:
+    /// the one that paused it, or one started on its --ram-dir).
+    #[arg(long, value_name = "ADDR")]
+    pub connect: Option<String>,
+    /// Give the paused postcopy up (the run ends with the break).
+    #[arg(long)]
+    pub abort: bool,
+    /// Say what the destination is doing.
+    #[arg(long)]
+    pub status: bool,
+}
+
+/// What `pagehint-migrate recover` does.
+pub const RECOVER_ABOUT: &str = "Resume a paused postcopy from another source, or give it up, through a destination's control socket (QEMU's migrate-recover / migrate-cancel)";
+
+impl RecoverCli {
+    /// Sends the command; the destination's answer, or why not.
+    pub fn run(&self) -> Result<String, String> {
+        let line = match (&self.connect, self.abort) {
+            (Some(a), _) => format!("recover {a}"),
+            (None, true) => "abort".to_string(),
+            (None, false) => "status".to_string(),
+        };
+        crate::dest::control::send(&self.dest, &line)
+    }
+}
+
 /// Where this process stands in the migration.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Endpoint {
@@ -287,6 +354,10 @@ pub struct Invocation {
     pub check: bool,
     /// `--resend`: the settings each preempt mode runs with, in order.
     pub resend: Vec<bool>,
+    /// `--listen`: the source's own limits.
+    pub serve: ServeOptions,
+    /// The destination's control socket (`--control`).
+    pub control: Option<PathBuf>,
 }
 
 /// The shortest `--timeout`.
@@ -302,22 +373,33 @@ fn unique<T: PartialEq + std::fmt::Display>(what: &str, v: &[T]) -> Result<(), S
     Ok(())
 }
 
-/// Checks, before any run, that an output file can be written (it is created if missing,
-/// and written at the end).
+/// Checks, before any run, that an output file can be written at the end (whole: a
+/// temporary file beside it, renamed over it), creating nothing: an existing file is opened
+/// for writing, a new one's folder takes a file.
 fn writable(flag: &str, p: &std::path::Path) -> Result<(), String> {
     if p.is_dir() {
         return Err(format!("--{flag} {}: is a directory", p.display()));
     }
-    std::fs::OpenOptions::new()
-        .append(true)
-        .create(true)
-        .open(p)
-        .map(drop)
-        .map_err(|e| format!("--{flag} {}: cannot write it: {e}", p.display()))
+    let cannot = |e: std::io::Error| format!("--{flag} {}: cannot write it: {e}", p.display());
+    if p.exists() {
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(p)
+            .map(drop)
+            .map_err(cannot)?;
+    }
+    let dir = match p.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => std::path::PathBuf::from("."),
+    };
+    let probe = dir.join(format!(".pagehint-migrate-probe-{}", std::process::id()));
+    std::fs::File::create(&probe).map_err(cannot)?;
+    let _ = std::fs::remove_file(&probe);
+    Ok(())
 }
 
 fn size(what: &str, s: &str) -> Result<u64, String> {
-    parse_size(s).map_err(|e| format!("--{what} {s}: {e}"))
+    parse_bytes(s).map_err(|e| format!("--{what} {s}: {e}"))
 }
 
 /// Copies of guest RAM in normal memory: the source's RAM (the image is built straight into
@@ -343,7 +425,7 @@ fn refuse_ignored(given: &[String]) -> Result<(), String> {
         return Ok(());
     }
     Err(format!(
-        "--listen serves what each destination's hello asks for: {} would be ignored here; give {} to the --connect side (a listening source takes only --pin, --timeout, --quiet, --sessions, --once)",
+        "--listen serves what each destination's hello asks for: {} would be ignored here; give {} to the --connect side (a listening source takes only --pin, --timeout, --quiet, --sessions, --once, --max-recover, --max-sessions, --ram-dir)",
         ignored.join(", "),
         if ignored.len() == 1 { "it" } else { "them" }
     ))
@@ -380,6 +462,12 @@ fn guest(cli: &Cli) -> Result<(GuestSpec, String), String> {
             ),
         },
     };
+    if kind == GuestKind::Thread && cli.vcpus != 1 {
+        return Err(format!(
+            "--vcpus {}: the thread guest is one thread (--vcpus needs the KVM guest)",
+            cli.vcpus
+        ));
+    }
     let mut guest = GuestSpec::new(kind, mem, host_page, cli.vcpus).map_err(|e| match e {
         GuestLayoutError::Vcpus(_) => format!("--vcpus {}: {e}", cli.vcpus),
         e => format!("--mem {} with --host-page {}: {e}", cli.mem, cli.host_page),
@@ -394,9 +482,6 @@ fn guest(cli: &Cli) -> Result<(GuestSpec, String), String> {
         }
         r => r,
     };
-    if kind == GuestKind::Thread && cli.vcpus != 1 {
-        return Err("--vcpus needs the KVM guest (the thread guest is one thread)".into());
-    }
     Ok((guest, note))
 }
 
@@ -436,6 +521,21 @@ fn link(cli: &Cli, host_page: HostPageSize) -> Result<LinkParams, String> {
     Ok(link)
 }
 
+/// Every mode's link drains within `--timeout` (the arithmetic in the error otherwise).
+fn drains(cli: &Cli, cfg: &RunConfig, modes: &[MigrationMode]) -> Result<(), String> {
+    let frame = crate::link::frame_max(cfg.layout().host_page().bytes());
+    for &m in modes {
+        let link = cfg.link.for_transport(&cfg.transport(m));
+        link.check(cfg.idle_timeout, frame).map_err(|e| {
+            format!(
+                "--bandwidth {} --queue {} --delay {} --timeout {} ({m}): {e}",
+                cli.bandwidth, cli.queue, cli.delay, cli.timeout
+            )
+        })?;
+    }
+    Ok(())
+}
+
 /// How the thread guest's faults are caught (`--no-uffd`).
 fn fault_path(cli: &Cli, kind: GuestKind) -> Result<FaultPath, String> {
     if !cli.no_uffd {
@@ -459,10 +559,15 @@ fn idle_timeout(s: &str) -> Result<Duration, String> {
     }
 }
 
-/// Postcopy recovery: how long to keep trying, and where to reconnect.
-fn recovery(cli: &Cli) -> Result<(Duration, Option<SocketAddr>), String> {
-    let timeout = parse_duration(&cli.recover_timeout)
-        .map_err(|e| format!("--recover-timeout {}: {e}", cli.recover_timeout))?;
+/// Postcopy recovery: how long to keep trying (None: paused without a limit), and where to
+/// reconnect.
+fn recovery(cli: &Cli) -> Result<(Option<Duration>, Option<SocketAddr>), String> {
+    let timeout = match cli.recover_timeout.as_str() {
+        "paused" | "forever" => None,
+        t => {
+            Some(parse_duration(t).map_err(|e| format!("--recover-timeout {t}: {e} (or paused)"))?)
+        }
+    };
     let reconnect = match &cli.reconnect {
         None => None,
         Some(r) => Some(
@@ -502,6 +607,49 @@ fn hooks(cli: &Cli, recover_timeout: Duration) -> Result<TestHooks, String> {
         inject_bad: cli.inject_bad,
         dest_fault: cli.test_dest_fault.parse::<DestFault>()?,
     })
+}
+
+/// A listening source's own limits (`--max-recover`, `--max-sessions`, `--ram-dir`); the
+/// flags of a listener only.
+fn serve_options(cli: &Cli, cfg: &RunConfig) -> Result<ServeOptions, String> {
+    let mut o = ServeOptions::new(cfg.pin, cfg.idle_timeout);
+    if cli.listen.is_none() {
+        for (flag, given) in [
+            ("--max-recover", cli.max_recover.is_some()),
+            ("--max-sessions", cli.max_sessions.is_some()),
+            ("--ram-dir", cli.ram_dir.is_some()),
+            ("--sessions", cli.sessions.is_some()),
+            ("--once", cli.once),
+        ] {
+            if given {
+                return Err(format!(
+                    "{flag} is a listening source's (--listen); this process is {}",
+                    if cli.connect.is_some() {
+                        "the destination (--connect)"
+                    } else {
+                        "both sides, in one process"
+                    }
+                ));
+            }
+        }
+        return Ok(o);
+    }
+    if let Some(m) = &cli.max_recover {
+        o.max_recover = parse_duration(m).map_err(|e| format!("--max-recover {m}: {e}"))?;
+    }
+    if let Some(n) = cli.max_sessions {
+        if n == 0 {
+            return Err("--max-sessions 0: at least 1".into());
+        }
+        o.max_sessions = n;
+    }
+    if let Some(d) = &cli.ram_dir {
+        if !d.is_dir() {
+            return Err(format!("--ram-dir {}: not a directory", d.display()));
+        }
+        o.ram_dir = Some(d.clone());
+    }
+    Ok(o)
 }
 
 /// Both sides, the source only, or the destination only.
@@ -551,8 +699,20 @@ impl Invocation {
             Pin::Off => PinPlan::OFF,
         };
         cfg.idle_timeout = idle_timeout(&cli.timeout)?;
-        (cfg.recover_timeout, cfg.reconnect) = recovery(&cli)?;
+        let (window, reconnect) = recovery(&cli)?;
+        cfg.reconnect = reconnect;
+        match window {
+            Some(w) => cfg.recover_timeout = w,
+            None => cfg.recover_paused = true,
+        }
         cfg.hooks = hooks(&cli, cfg.recover_timeout)?;
+        let control = match (&cli.control, cfg.recover_paused) {
+            (Some(p), _) => Some(p.clone()),
+            (None, true) => Some(
+                std::env::temp_dir().join(format!("pagehint-migrate-{}.ctl", std::process::id())),
+            ),
+            (None, false) => None,
+        };
         let endpoint = endpoint(&cli)?;
         // A listening source checks each hello's guest against its memory instead.
         if !matches!(endpoint, Endpoint::Listen(_)) {
@@ -562,6 +722,9 @@ impl Invocation {
         let workloads = parse_list("workloads", &cli.workloads)?;
         unique("modes", &modes)?;
         unique("workloads", &workloads)?;
+        if !matches!(endpoint, Endpoint::Listen(_)) {
+            drains(&cli, &cfg, &modes)?;
+        }
         for (flag, path) in [("json", &cli.json), ("svg", &cli.svg)] {
             if let Some(p) = path {
                 writable(flag, p)?;
@@ -573,7 +736,10 @@ impl Invocation {
             Resend::Both => vec![false, true],
         };
         cfg.resend = resend[0];
+        let serve = serve_options(&cli, &cfg)?;
         Ok(Self {
+            serve,
+            control,
             resend,
             cfg,
             modes,
@@ -681,6 +847,33 @@ mod tests {
         // --sessions and --once belong to the listener.
         assert!(options(&["--sessions", "2"]).is_err());
         assert!(options(&["--once"]).is_err());
+        let o = Invocation::from_cli(
+            Cli::try_parse_args_from([
+                "pagehint-migrate",
+                "--listen",
+                "127.0.0.1:0",
+                "--max-recover",
+                "5s",
+                "--max-sessions",
+                "2",
+            ])
+            .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(o.serve.max_recover, Duration::from_secs(5));
+        assert_eq!(o.serve.max_sessions, 2);
+        let e = Invocation::from_cli(
+            Cli::try_parse_args_from([
+                "pagehint-migrate",
+                "--listen",
+                "127.0.0.1:0",
+                "--max-sessions",
+                "0",
+            ])
+            .unwrap(),
+        )
+        .unwrap_err();
+        assert!(e.contains("--max-sessions 0: at least 1"), "{e}");
     }
 
     #[test]
@@ -734,10 +927,41 @@ mod tests {
                 &["--test-cut-after", "100", "--recover-timeout", "0"][..],
                 "--test-cut-after needs postcopy recovery",
             ),
+            (
+                &["--vcpus", "2"][..],
+                "--vcpus 2: the thread guest is one thread",
+            ),
+            (&["--mem", "1X"][..], "--mem 1X: unknown size suffix in `1X`"),
+            (&["--queue", "lots"][..], "--queue lots: unknown size suffix in `lots`"),
+            (&["--lowat", "1X"][..], "--lowat 1X: unknown size suffix"),
+            (
+                &["--bandwidth", "1K", "--timeout", "2s", "--modes", "vanilla"][..],
+                "--bandwidth 1K --queue 8M --delay 50us --timeout 2s (vanilla): the link is too slow for the timeout: its 8192 KiB queue and a 1028 KiB frame take 21.0 h to drain at 1000 bits/s",
+            ),
+            (
+                &["--bandwidth", "100K", "--timeout", "2s", "--modes", "preempt"][..],
+                "longer than the 2s timeout",
+            ),
+            (&["--delay", "30s"][..], "longer than the 20s timeout"),
+            (
+                &["--connect", "127.0.0.1:1", "--once"][..],
+                "--once is a listening source's (--listen); this process is the destination (--connect)",
+            ),
+            (
+                &["--connect", "127.0.0.1:1", "--sessions", "3"][..],
+                "--sessions is a listening source's",
+            ),
+            (&["--max-recover", "5s"][..], "--max-recover is a listening source's (--listen); this process is both sides"),
+            (&["--ram-dir", "/tmp"][..], "--ram-dir is a listening source's"),
         ] {
             let e = error(args);
             assert!(e.contains(says), "{args:?}: {e}");
         }
+        let e = error(&["--workloads", "seq", "--workloads", "kv"]);
+        assert!(
+            e.contains("'--workloads <WORKLOADS>' cannot be used multiple times"),
+            "{e}"
+        );
         let o = options(&["--modes", "preempt", "--timeout", "200ms", "--check"]).unwrap();
         assert!(o.check);
         assert_eq!(o.modes, vec![MigrationMode::Preempt]);

@@ -12,7 +12,7 @@ use crate::guest::layout::TARGET_PAGE;
 use crate::harness::cli::{Endpoint, Invocation};
 use crate::harness::result::RunResult;
 use crate::options::{GuestKind, MigrationMode, Workload};
-use crate::{run_destination, LocalSource, SourceServer};
+use crate::{LocalSource, SourceServer};
 
 /// The runs of one invocation.
 #[derive(Debug, Default)]
@@ -42,6 +42,19 @@ pub fn header(o: &Invocation, source: &str) -> String {
         ),
         GuestKind::Thread => format!("{}; postcopy", o.guest_note),
     };
+    // The thread guest plays its stream window once, at the stream rate, however long.
+    let playback = match c.guest.kind {
+        GuestKind::Thread if o.workloads.contains(&Workload::Stream) => {
+            let bytes = (l.stream.end - l.stream.start) * TARGET_PAGE;
+            let ns = (u128::from(bytes) * 1_000_000_000 / u128::from(c.guest.stream_rate.max(1)))
+                .min(u128::from(u64::MAX)) as u64;
+            format!(
+                " (the thread guest plays it once: about {} a run)",
+                crate::sys::clock::human_ns(ns)
+            )
+        }
+        _ => String::new(),
+    };
     let blocks: Vec<String> = l
         .ram()
         .blocks()
@@ -50,7 +63,7 @@ pub fn header(o: &Invocation, source: &str) -> String {
         .map(|(b, (gpa, len))| format!("{} {} MiB at {gpa:#x}", b.name(), len >> 20))
         .collect();
     format!(
-        "pagehint-migrate: {} MiB of guest RAM in {} host pages\n  guest        {guest}\n  RAM blocks   {}\n  source       {source}; background scan starts at page 0\n  link         {}\n  pinning      {}\n  workloads    seq: {} MiB at {} MiB | random: the {} MiB data area | stream: {} MiB at {} MiB, {} MiB/s | kv: a {} MiB hash table at {} MiB\n",
+        "pagehint-migrate: {} MiB of guest RAM in {} host pages\n  guest        {guest}\n  RAM blocks   {}\n  source       {source}; background scan starts at page 0\n  link         {}\n  pinning      {}\n  workloads    seq: {} MiB at {} MiB | random: the {} MiB data area | stream: {} MiB at {} MiB, {}{playback} | kv: a {} MiB hash table at {} MiB\n",
         l.mem() >> 20,
         l.host_page(),
         blocks.join(", "),
@@ -61,16 +74,26 @@ pub fn header(o: &Invocation, source: &str) -> String {
         mib(l.data.end - l.data.start),
         mib(l.stream.end - l.stream.start),
         mib(l.stream.start),
-        c.guest.stream_rate >> 20,
+        rate_text(c.guest.stream_rate),
         mib(l.kv.end - l.kv.start),
         mib(l.kv.start),
     )
 }
 
+/// A rate in bytes/s, in the largest unit that keeps it whole enough.
+fn rate_text(r: u64) -> String {
+    match r {
+        r if r >= 10 << 20 => format!("{} MiB/s", r >> 20),
+        r if r >= 10 << 10 => format!("{} KiB/s", r >> 10),
+        r => format!("{r} B/s"),
+    }
+}
+
 /// Serves sessions as the source only (`--listen`), until killed or `--sessions` have been
-/// served.
+/// served: one line on stderr per event (a session started, paused, resumed, ended;
+/// connections refused, a few lines however many).
 pub fn serve(addr: &str, o: &Invocation) -> Result<(), String> {
-    let server = SourceServer::bind(addr, o.cfg.pin, o.cfg.idle_timeout)
+    let server = SourceServer::bind_with(addr, o.serve.clone())
         .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
     match server.local_addr() {
         Ok(a) => println!("pagehint-migrate source listening on {a}"),
@@ -78,34 +101,7 @@ pub fn serve(addr: &str, o: &Invocation) -> Result<(), String> {
     }
     let _ = std::io::stdout().flush();
     let stop = AtomicBool::new(false);
-    let mut n = 0;
-    server.serve(&stop, o.sessions, |r| {
-        n += 1;
-        match r {
-            Ok(rep) => {
-                let s = &rep.summary.stats;
-                eprintln!(
-                    "session {n}: {} of {} MiB done: {} pages urgent, {} background, {} hints taken, {} bad requests rejected{}{}",
-                    rep.mode,
-                    rep.mem >> 20,
-                    s.urgent_pages,
-                    s.background_pages,
-                    s.hints_taken,
-                    s.bad_requests,
-                    rep.summary
-                        .rejected
-                        .first()
-                        .map(|m| format!(" (first: {m})"))
-                        .unwrap_or_default(),
-                    match rep.recoveries() {
-                        0 => String::new(),
-                        k => format!("; resumed after {k} broken connection(s)"),
-                    }
-                );
-            }
-            Err(e) => eprintln!("session {n} failed: {e}"),
-        }
-    });
+    server.serve(&stop, o.sessions, &|e| eprintln!("{e}"));
     Ok(())
 }
 
@@ -126,6 +122,18 @@ pub fn run(o: &Invocation) -> Result<Outcome, String> {
         Endpoint::Listen(_) => return Err("a listening source runs no comparison".into()),
     };
     print!("{}", header(o, &shown));
+    let control = match &o.control {
+        Some(p) => {
+            let c = crate::dest::control::Control::open(p)?;
+            println!(
+                "  control      {} (pagehint-migrate recover --dest {} --connect ADDR | --abort | --status)",
+                p.display(),
+                p.display()
+            );
+            Some(c)
+        }
+        None => None,
+    };
     let (normal, huge) = o.memory_needed();
     let secs = crate::sys::warm::warm_up(normal, huge)?;
     println!(
@@ -173,7 +181,14 @@ pub fn run(o: &Invocation) -> Result<Outcome, String> {
             pb.set_length(total.max(1));
             pb.set_position(n);
         };
-        let r = run_destination(addr, &cfg, m, w, &progress);
+        let r = crate::harness::run::run_destination_with(
+            addr,
+            &cfg,
+            m,
+            w,
+            &progress,
+            control.as_ref(),
+        );
         pb.finish_and_clear();
         match r {
             Ok(r) => {

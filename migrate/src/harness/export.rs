@@ -395,9 +395,180 @@ pub fn targets_text(checks: &[TargetCheck]) -> String {
     out
 }
 
-/// The results as a JSON list of objects.
-pub fn json(rows: &[RunResult]) -> String {
-    serde_json::to_string_pretty(rows).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
+/// How an invocation ended: its exit status and why.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Exit {
+    /// The process's exit status (see `--help`).
+    pub status: u8,
+    /// Why, in words.
+    pub reason: String,
+}
+
+impl Exit {
+    /// The exit of an invocation whose runs are `rows`, of which `failures` failed, with
+    /// the `targets` checked (enforced with `check`).
+    pub fn of(
+        rows: &[RunResult],
+        failures: &[String],
+        targets: &[TargetCheck],
+        check: bool,
+    ) -> Self {
+        let (status, reason) = if !failures.is_empty() {
+            (
+                2,
+                format!("{} of {} runs failed", failures.len(), rows.len()),
+            )
+        } else if rows.iter().any(|r| !r.outcome.verified) {
+            (1, "some runs failed verification".to_string())
+        } else if check && any_missed(targets) {
+            (1, "a target missed (--check)".to_string())
+        } else {
+            (
+                0,
+                format!("every run ({}) completed and verified", rows.len()),
+            )
+        };
+        Self { status, reason }
+    }
+}
+
+/// What the JSON says about the invocation besides its runs.
+#[derive(Clone, Debug)]
+pub struct Invocation<'a> {
+    /// The command line, program name first.
+    pub command_line: Vec<String>,
+    /// Which guest ran, and why.
+    pub guest_note: &'a str,
+    /// The setup in one line (guest, vCPUs, RAM, precopy, link).
+    pub setup: &'a str,
+    /// Wall time of the runs, s.
+    pub seconds: f64,
+    /// Each failed run, in words.
+    pub failures: &'a [String],
+    /// How it ended.
+    pub exit: Exit,
+}
+
+/// The keys of the JSON's top-level object, in order (a test pins them).
+pub const JSON_KEYS: &[&str] = &[
+    "program",
+    "version",
+    "protocol_version",
+    "command_line",
+    "guest_note",
+    "setup",
+    "seconds",
+    "exit_status",
+    "exit_reason",
+    "failures",
+    "targets",
+    "rows",
+];
+
+/// The keys of a run that a failed run still has (its settings and how it failed); every
+/// other key of a failed run is null: nothing was measured.
+fn configured_keys() -> Vec<String> {
+    let v = serde_json::json!({
+        "setup": crate::harness::result::Setup::default(),
+        "outcome": crate::harness::result::Outcome::default(),
+    });
+    ["setup", "outcome"]
+        .iter()
+        .flat_map(|k| v[k].as_object().into_iter().flat_map(|o| o.keys().cloned()))
+        .collect()
+}
+
+/// A run as the JSON has it: a failed run's measurements are null, not zero.
+fn row_json(r: &RunResult, configured: &[String]) -> serde_json::Value {
+    let mut v = serde_json::to_value(r).unwrap_or(serde_json::Value::Null);
+    if r.outcome.error.is_some() {
+        if let Some(o) = v.as_object_mut() {
+            for (k, x) in o.iter_mut() {
+                if !configured.contains(k) {
+                    *x = serde_json::Value::Null;
+                }
+            }
+        }
+    }
+    v
+}
+
+/// The whole result of an invocation as one JSON object: the program, its version and the
+/// protocol's, the command line, the guest note and the setup, the time, the exit status
+/// and why, each failure, each target with its ratio and mark (`PASS`, `MISS`, `n/a`), and
+/// the runs (one object each, the keys [`RunResult`] pins; a failed run's measurements are
+/// null).
+pub fn json(inv: &Invocation<'_>, rows: &[RunResult], targets: &[TargetCheck]) -> String {
+    let configured = configured_keys();
+    let targets: Vec<serde_json::Value> = targets
+        .iter()
+        .map(|t| {
+            let mut v = serde_json::to_value(t).unwrap_or(serde_json::Value::Null);
+            if let Some(o) = v.as_object_mut() {
+                o.insert("mark".into(), mark(t).trim().into());
+            }
+            v
+        })
+        .collect();
+    let mut o = serde_json::Map::new();
+    let mut put = |k: &str, v: serde_json::Value| {
+        o.insert(k.to_string(), v);
+    };
+    put("program", "pagehint-migrate".into());
+    put("version", env!("CARGO_PKG_VERSION").into());
+    put(
+        "protocol_version",
+        char::from(crate::wire::VERSION).to_string().into(),
+    );
+    put("command_line", inv.command_line.clone().into());
+    put("guest_note", inv.guest_note.into());
+    put("setup", inv.setup.into());
+    put("seconds", inv.seconds.into());
+    put("exit_status", inv.exit.status.into());
+    put("exit_reason", inv.exit.reason.clone().into());
+    put("failures", inv.failures.to_vec().into());
+    put("targets", targets.into());
+    put(
+        "rows",
+        rows.iter().map(|r| row_json(r, &configured)).collect(),
+    );
+    debug_assert_eq!(o.keys().count(), JSON_KEYS.len());
+    serde_json::to_string_pretty(&serde_json::Value::Object(o))
+        .unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
+}
+
+/// The runs of a JSON that [`json`] wrote (a failed run's nulls read back as nothing
+/// measured).
+pub fn rows_from_json(text: &str) -> Result<Vec<RunResult>, String> {
+    let v: serde_json::Value = serde_json::from_str(text).map_err(|e| e.to_string())?;
+    let rows = v
+        .get("rows")
+        .and_then(|r| r.as_array())
+        .ok_or("no \"rows\" list: not the harness's JSON")?;
+    rows.iter()
+        .map(|r| {
+            let mut r = r.clone();
+            if let Some(o) = r.as_object_mut() {
+                o.retain(|_, x| !x.is_null());
+            }
+            serde_json::from_value(r).map_err(|e| e.to_string())
+        })
+        .collect()
+}
+
+/// Writes `text` to `path` whole or not at all: to a temporary file beside it, then renamed
+/// over it (a run killed meanwhile leaves the previous file, or none).
+pub fn write_whole(path: &std::path::Path, text: &str) -> std::io::Result<()> {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
+    let r = std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, path));
+    if r.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    r
 }
 
 /// A mode's colour in the picture (every mode has one: the `match` is exhaustive).
@@ -666,6 +837,88 @@ mod tests {
     use crate::guest::layout::HostPageSize;
     use crate::options::{GuestKind, GuestSpec, MigrationMode, RunConfig, Workload};
 
+    #[test]
+    fn the_json_is_the_whole_result_and_a_failed_run_measured_nothing() {
+        let cfg = RunConfig::new(
+            GuestSpec::new(GuestKind::Thread, 16 << 20, HostPageSize::Small, 1).unwrap(),
+        );
+        let mut ok = RunResult::configured(&cfg, MigrationMode::Preempt, Workload::Seq);
+        ok.outcome.verified = true;
+        ok.waits.faults = 7;
+        let failed = RunResult::failed(
+            &cfg,
+            MigrationMode::Vanilla,
+            Workload::Seq,
+            "connection lost".into(),
+            "postcopy: 3 of 9 host pages placed".into(),
+        );
+        let rows = vec![ok, failed];
+        let failures = vec!["seq / vanilla: connection lost".to_string()];
+        let targets = targets(&rows);
+        let exit = Exit::of(&rows, &failures, &targets, false);
+        assert_eq!(
+            (exit.status, exit.reason.as_str()),
+            (2, "1 of 2 runs failed")
+        );
+        let inv = Invocation {
+            command_line: vec!["pagehint-migrate".into(), "--json".into(), "r.json".into()],
+            guest_note: "thread guest (--guest thread)",
+            setup: "thread guest, 16 MiB",
+            seconds: 1.5,
+            failures: &failures,
+            exit,
+        };
+        let v: serde_json::Value = serde_json::from_str(&json(&inv, &rows, &targets)).unwrap();
+        let keys: Vec<&str> = v.as_object().unwrap().keys().map(|k| k.as_str()).collect();
+        let mut want = JSON_KEYS.to_vec();
+        want.sort_unstable();
+        let mut got = keys.clone();
+        got.sort_unstable();
+        assert_eq!(got, want);
+        assert_eq!(v["exit_status"], 2);
+        assert_eq!(v["version"], env!("CARGO_PKG_VERSION"));
+        assert_eq!(v["command_line"][1], "--json");
+        let marks: Vec<&str> = v["targets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["mark"].as_str().unwrap())
+            .collect();
+        assert!(
+            marks.contains(&"n/a") && marks.contains(&"MISS"),
+            "{marks:?}"
+        );
+        let (r0, r1) = (&v["rows"][0], &v["rows"][1]);
+        assert_eq!(r0["faults"], 7);
+        assert!(r1["faults"].is_null() && r1["tail"].is_null(), "{r1}");
+        assert_eq!(r1["mode"], "vanilla");
+        assert_eq!(r1["error"], "connection lost");
+        assert_eq!(r1["verified"], false);
+        // Both rows read back, the nulls as nothing measured.
+        let back = rows_from_json(&v.to_string()).unwrap();
+        assert_eq!(back.len(), 2);
+        assert_eq!(back[1].waits.faults, 0);
+        assert_eq!(back[1].outcome.error.as_deref(), Some("connection lost"));
+        assert!(
+            rows_from_json("[]").is_err(),
+            "a bare list is not this JSON"
+        );
+    }
+
+    #[test]
+    fn an_output_is_written_whole_or_not_at_all() {
+        let dir = std::env::temp_dir().join(format!("whole-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("r.json");
+        write_whole(&p, "first").unwrap();
+        write_whole(&p, "second").unwrap();
+        assert_eq!(std::fs::read_to_string(&p).unwrap(), "second");
+        let left: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
+        assert_eq!(left.len(), 1, "no temporary file left behind");
+        assert!(write_whole(&dir.join("no/such/dir/r.json"), "x").is_err());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     fn cfg() -> RunConfig {
         RunConfig::new(GuestSpec::new(GuestKind::Thread, 16 << 20, HostPageSize::Small, 1).unwrap())
     }
@@ -707,7 +960,16 @@ mod tests {
         let verified = checks.last().unwrap();
         assert_eq!(verified.what, "runs verified: 1 of 2");
         assert!(any_missed(&checks));
-        let j: serde_json::Value = serde_json::from_str(&json(&rows)).unwrap();
+        let inv = Invocation {
+            command_line: Vec::new(),
+            guest_note: "",
+            setup: "",
+            seconds: 0.0,
+            failures: &[],
+            exit: Exit::of(&rows, &[], &checks, false),
+        };
+        let j: serde_json::Value = serde_json::from_str(&json(&inv, &rows, &checks)).unwrap();
+        let j = &j["rows"];
         assert_eq!(j[1]["error"], "connection lost");
         assert_eq!(j[1]["reached"], "postcopy: 10 of 4096 host pages placed");
         assert_eq!(j[1]["bandwidth_bps"], 10_000_000_000u64);

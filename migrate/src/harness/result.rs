@@ -59,6 +59,7 @@ pub struct RunResult {
 
 /// How the run was set up (from the configuration; filled in for a failed run too).
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Setup {
     /// `vanilla`, `preempt` or `preempt-hint`.
     pub mode: String,
@@ -109,6 +110,7 @@ pub struct Setup {
 
 /// Whether the run completed and verified.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Outcome {
     /// Why the run failed (null when it completed; its measurements are then all zero).
     #[serde(default)]
@@ -124,6 +126,7 @@ pub struct Outcome {
 
 /// What the guest waited for: its faults, its requests, blocktime and pauses.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Waits {
     /// How faults were caught.
     pub fault_path: String,
@@ -161,6 +164,7 @@ pub struct Waits {
 
 /// The migration's phases: times, bytes and pages, precopy's rounds, the clocks.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Transfer {
     /// Precopy rounds done (fewer when the dirty set stopped shrinking).
     pub precopy_rounds_done: u64,
@@ -223,6 +227,7 @@ pub struct DowntimeStages {
 
 /// What the guest did at the source and at the destination.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct GuestRun {
     /// Pages checked (or lookups) by the guest at the source, during precopy.
     pub guest_ops_precopy: u64,
@@ -246,6 +251,7 @@ pub struct GuestRun {
 
 /// How the source served: its scheduler's counters and what it sent.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct SourceCounters {
     /// Target pages sent by the urgent path.
     pub pages_urgent: u64,
@@ -282,6 +288,7 @@ pub struct SourceCounters {
 
 /// How the destination placed what arrived: duplicates, on purpose or not.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Placement {
     /// Host pages placed twice (must be 0).
     pub placed_twice: u64,
@@ -298,6 +305,7 @@ pub struct Placement {
 
 /// Postcopy recovery: the breaks survived and what they cost.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Recovery {
     /// Postcopy recovery: breaks of the connections survived (each resumed on new ones).
     #[serde(default)]
@@ -320,6 +328,10 @@ pub struct Recovery {
     /// Postcopy recovery: the breaks, in words.
     #[serde(default)]
     pub cut_reasons: Vec<String>,
+    /// Postcopy recovery: resumes from a new source session that took the paused session
+    /// over (`--ram-dir`); the source's counters are then that session's only.
+    #[serde(default)]
+    pub takeovers: u64,
 }
 
 /// A run's mode as the table shows it: preempt modes with the old behaviour (no resend of
@@ -630,6 +642,7 @@ impl Recovery {
             resent_pages: (st.urgent_pages + st.background_pages)
                 .saturating_sub(mem.pending() * mem.host_page_size() / 4096),
             cut_reasons: e.cuts.iter().map(|c| c.reason.clone()).collect(),
+            takeovers: e.cuts.iter().filter(|c| c.new_source).count() as u64,
         }
     }
 }
@@ -822,6 +835,7 @@ mod tests {
         "stall_ms",
         "stream_rate",
         "tail",
+        "takeovers",
         "throughput_eighths_mib_s",
         "throughput_mib_s",
         "total_ms",

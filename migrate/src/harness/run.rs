@@ -18,7 +18,19 @@ pub fn run_destination(
     workload: Workload,
     progress: &dyn Fn(u64, u64),
 ) -> Result<RunResult, RunError> {
-    let evidence = dest::run(addr, cfg, mode, workload, progress)?;
+    run_destination_with(addr, cfg, mode, workload, progress, None)
+}
+
+/// [`run_destination`] with the operator's `control` socket ([`dest::control`]).
+pub fn run_destination_with(
+    addr: SocketAddr,
+    cfg: &RunConfig,
+    mode: MigrationMode,
+    workload: Workload,
+    progress: &dyn Fn(u64, u64),
+    control: Option<&dest::control::Control>,
+) -> Result<RunResult, RunError> {
+    let evidence = dest::run_with(addr, cfg, mode, workload, progress, control)?;
     let problems = verify::verify(cfg, workload, &evidence);
     Ok(RunResult::assemble(
         cfg, mode, workload, &evidence, problems,

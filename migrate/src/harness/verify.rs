@@ -39,8 +39,9 @@ pub fn verify(cfg: &RunConfig, workload: Workload, e: &Evidence) -> Vec<String> 
         GuestOutcome::Kvm { counters, .. } => kvm_checks(cfg.layout(), e, counters, &mut problems),
         GuestOutcome::Thread { report, .. } => thread_checks(workload, e, report, &mut problems),
     }
-    // 4. Bad input.
-    if e.summary.stats.bad_requests != cfg.hooks.inject_bad {
+    // 4. Bad input (counted by the source that served the start of postcopy: not after a
+    // takeover, whose source counts from there on).
+    if !taken_over(e) && e.summary.stats.bad_requests != cfg.hooks.inject_bad {
         problems.push(format!(
             "the source rejected {} requests, {} malformed ones were sent",
             e.summary.stats.bad_requests, cfg.hooks.inject_bad
@@ -51,6 +52,12 @@ pub fn verify(cfg: &RunConfig, workload: Workload, e: &Evidence) -> Vec<String> 
         problems.extend(lost_requests(&e.summary.stats));
     }
     problems
+}
+
+/// Whether a new source session took the paused session over after a break: the summary's
+/// counters are then that session's only, from its takeover on.
+fn taken_over(e: &Evidence) -> bool {
+    e.cuts.iter().any(|c| c.new_source)
 }
 
 /// Check 1: exactly once, across all connections.
@@ -260,7 +267,8 @@ fn lost_requests(st: &pagehint::SchedulerStats) -> Option<String> {
 fn duplicates(e: &Evidence, problems: &mut Vec<String>) {
     let (pages, _) = e.mem.duplicates();
     let sums = e.mem.duplicate_sums();
-    if pages > e.summary.resent_host_pages {
+    // (After a takeover the earlier source's resends are not in the summary's count.)
+    if pages > e.summary.resent_host_pages && !taken_over(e) {
         problems.push(format!(
             "{pages} duplicate host pages dropped, the source resent only {}",
             e.summary.resent_host_pages
@@ -342,16 +350,22 @@ fn connections(e: &Evidence, problems: &mut Vec<String>) {
             mem.placed()
         ));
     }
+    // The source that sent the summary resumed at every break since it took the session
+    // over (its takeover is its first rebuild), or at every break.
     let rec = &e.summary.recoveries;
-    if rec.len() != e.cuts.len() {
+    let since = e.cuts.iter().rposition(|c| c.new_source).unwrap_or(0);
+    let cuts = &e.cuts[since..];
+    if rec.len() != cuts.len() {
         problems.push(format!(
-            "the destination resumed {} times, the source {} times",
-            e.cuts.len(),
+            "the destination resumed {} times{}, the source {} times",
+            cuts.len(),
+            if since > 0 { " since the takeover" } else { "" },
             rec.len()
         ));
     }
     let per = mem.host_page_size() / crate::guest::layout::TARGET_PAGE;
-    for (i, (c, &left)) in e.cuts.iter().zip(rec).enumerate() {
+    for (i, (c, &left)) in cuts.iter().zip(rec).enumerate() {
+        let i = i + since;
         if c.missing_host_pages * per != left {
             problems.push(format!(
                 "after break {}: the destination lacked {} host pages ({} target pages), the source's rebuild left {left} to send",

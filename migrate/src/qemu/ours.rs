@@ -151,7 +151,7 @@ pub fn migrate(
                 .join(" | ")
         ))
     })?;
-    serde_json::from_str(&text).map_err(|e| {
+    crate::harness::export::rows_from_json(&text).map_err(|e| {
         QemuError::Protocol(format!("{}: not the harness's JSON: {e}", json.display()))
     })
 }

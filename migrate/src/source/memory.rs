@@ -1,5 +1,6 @@
-//! The source's guest RAM: one mapping (normal or hugetlb pages) holding both RAM blocks back
-//! to back, with the guest's image built straight into it, seen as a vm-memory
+//! The source's guest RAM: one mapping (normal or hugetlb pages, or a shared mapping of the
+//! session's RAM file with `--ram-dir`) holding both RAM blocks back to back, with the
+//! guest's image built straight into it, seen as a vm-memory
 //! `GuestMemoryMmap<RegionBitmap>` of two regions (the two RAM blocks) whose writes through
 //! vm-memory — the parameter page, the device model's writes — mark pagehint's shared
 //! [`DirtyBitmap`], exactly as a rust-vmm VMM's device emulation does. The vCPUs' writes reach
@@ -35,44 +36,76 @@ pub struct SourceMemory {
 }
 
 impl SourceMemory {
-    /// Maps RAM (hugetlb pages for 2 MiB host pages), builds the image of `(layout, seed)`
-    /// with the boot pieces `system` into it ([`build_image`]), and writes the parameter page
-    /// through vm-memory.
+    /// Maps RAM (hugetlb pages for 2 MiB host pages; a shared mapping of `file` when there
+    /// is one, the two blocks one after the other), builds the image of `(layout, seed)`
+    /// with the boot pieces `system` straight into it ([`build_image`]: `file` is new, every
+    /// byte zero), and writes the parameter page through vm-memory.
     pub fn new(
         layout: &GuestLayout,
         seed: u64,
         system: &[(u64, Vec<u8>)],
         params: &Params,
+        file: Option<&std::fs::File>,
     ) -> Result<Self, String> {
-        let layout = layout.clone();
+        let mut me = Self::map(layout.clone(), file)?;
+        build_image(&me.layout, seed, system, &mut me.ram)
+            .map_err(|e| format!("building the image: {e}"))?;
+        let words: Vec<u8> = params
+            .encode()
+            .iter()
+            .flat_map(|w| w.to_le_bytes())
+            .collect();
+        me.mem
+            .write_slice(&words, GuestAddress(PARAMS_GPA))
+            .map_err(|e| format!("writing the parameter page: {e}"))?;
+        Ok(me)
+    }
+
+    /// The RAM a session saved in `file` (the guest stopped at its switch-over): mapped as
+    /// it is, every page clean.
+    pub fn open(layout: GuestLayout, file: &std::fs::File) -> Result<Self, String> {
+        Self::map(layout, Some(file))
+    }
+
+    fn map(layout: GuestLayout, file: Option<&std::fs::File>) -> Result<Self, String> {
         let bitmap =
             Arc::new(DirtyBitmap::new(layout.ram()).map_err(|e| format!("dirty bitmap: {e}"))?);
         let tracking =
             RegionBitmap::for_layout(&bitmap, layout.ram()).map_err(|e| e.to_string())?;
         let huge = layout.host_page() == HostPageSize::Huge2M;
+        if huge && file.is_some() {
+            return Err("RAM in a file (--ram-dir) needs 4 KiB host pages".into());
+        }
         let len = usize::try_from(layout.mem()).map_err(|e| e.to_string())?;
         let mut opts = MmapOptions::new();
         opts.len(len);
-        if huge {
-            // hugetlb: no MAP_NORESERVE, so a short pool fails here, not with SIGBUS later.
-            opts.huge(Some(21));
-        } else {
-            opts.no_reserve_swap();
-        }
-        let mut ram = opts.map_anon().map_err(|e| {
+        let (mapped, flags) = match file {
+            // SAFETY: the file is this session's own (created by it, or saved by an earlier
+            // session of this source and taken over): nothing else truncates it while mapped.
+            Some(f) => (unsafe { opts.map_mut(f) }, libc::MAP_SHARED),
+            None if huge => {
+                // hugetlb: no MAP_NORESERVE, so a short pool fails here, not with SIGBUS later.
+                opts.huge(Some(21));
+                (
+                    opts.map_anon(),
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_HUGETLB,
+                )
+            }
+            None => {
+                opts.no_reserve_swap();
+                (
+                    opts.map_anon(),
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                )
+            }
+        };
+        let mut ram = mapped.map_err(|e| {
             format!(
                 "mapping {} MiB of source RAM{}: {e}",
                 len >> 20,
                 if huge { " in hugetlb pages" } else { "" }
             )
         })?;
-        build_image(&layout, seed, system, &mut ram)
-            .map_err(|e| format!("building the image: {e}"))?;
-        let flags = if huge {
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_HUGETLB
-        } else {
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE
-        };
         let base = ram.as_mut_ptr();
         let regions = tracking
             .into_iter()
@@ -101,22 +134,13 @@ impl SourceMemory {
                 .get_host_address(GuestAddress(gpa))
                 .map_err(|e| e.to_string())? as u64;
         }
-        let me = Self {
+        Ok(Self {
             layout,
             mem,
             ram,
             bitmap,
             hosts,
-        };
-        let words: Vec<u8> = params
-            .encode()
-            .iter()
-            .flat_map(|w| w.to_le_bytes())
-            .collect();
-        me.mem
-            .write_slice(&words, GuestAddress(PARAMS_GPA))
-            .map_err(|e| format!("writing the parameter page: {e}"))?;
-        Ok(me)
+        })
     }
 
     /// The layout.

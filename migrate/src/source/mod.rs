@@ -1,6 +1,13 @@
 //! The migration source: guest RAM and (KVM guest) the running VM, precopy, the switch-over,
 //! and the `pagehint` scheduler behind two TCP channels in postcopy.
 //!
+//! The listening source ([`SourceServer`]) serves every connection's handshake at once at
+//! its [`door`] (each its own deadline, a bounded number pending, refusals with the reason)
+//! and runs each session on its own thread, up to `--max-sessions` at once; a session's
+//! urgent and resume connections reach it through its [`door::Doorway`]. With a RAM
+//! directory ([`saved`]) a session's RAM lives in a file and a paused session can be taken
+//! over by a later source.
+//!
 //! A session (one migration), after the handshake ([`crate::handshake`]) and `START`:
 //! 1. **precopy** ([`precopy`]): the vCPUs run the workload, the device model writes through
 //!    vm-memory, and the precopy sender sends rounds of dirty pages on the main channel,
@@ -17,9 +24,9 @@
 //! **Postcopy recovery**: if the connections break in postcopy (closed, reset, silent for
 //! the idle limit, or cut by the test hook) and the destination asked for recovery, the
 //! session is paused instead of ended: the senders stop, the scheduler stays, and the
-//! source waits (up to the hello's recovery window) for the destination to come back with a
-//! resume hello, its received bitmap and a new urgent connection
-//! ([`handshake::accept_resume`]). The scheduler then rebuilds every block from that bitmap
+//! source waits (up to the hello's recovery window, within `--max-recover`) for the
+//! destination to come back with a resume hello, its received bitmap and a new urgent
+//! connection ([`door::Doorway::paused`]). The scheduler then rebuilds every block from that bitmap
 //! ([`PageScheduler::recover_block`](pagehint::PageScheduler::recover_block): dirty = not
 //! received; the broken connection's hint and queued requests are dropped), and postcopy
 //! goes on in the same mode on the new connections, as many times as it takes.
@@ -28,13 +35,15 @@
 //! to the destination in an `ABORT` frame before the connections close (except the test
 //! hook's drop, which cuts them as a crash would).
 
+pub mod door;
 pub mod memory;
 pub mod postcopy;
 pub mod precopy;
+pub mod saved;
 pub mod send;
 pub mod trace;
 
-use std::net::{Shutdown, TcpListener, ToSocketAddrs};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -48,7 +57,7 @@ use crate::guest::kvm::vm::{Tracking, VcpuState};
 use crate::guest::kvm::{boot, GuestCounters, Machine, RING_BYTES};
 use crate::guest::layout::GuestLayout;
 use crate::guest::STREAM_FRAME_PAGES;
-use crate::handshake::{self, Accepted};
+use crate::handshake::{self, HANDSHAKE_DEADLINE};
 use crate::link::Link;
 use crate::options::{DirtyTracking, GuestKind, MigrationMode, SourceFault};
 use crate::sys::clock::{now_ns, tight_timer_slack};
@@ -75,6 +84,8 @@ pub struct SessionReport {
     pub mem: u64,
     /// What the source sent.
     pub summary: Summary,
+    /// It took over a session an earlier source saved.
+    pub takeover: bool,
 }
 
 impl SessionReport {
@@ -92,23 +103,203 @@ struct Prepared {
     mem: SourceMemory,
 }
 
-/// The listening source; serves one destination session at a time.
+/// The longest a listening source holds a paused session by default (`--max-recover`),
+/// whatever its destination asks for.
+pub const DEFAULT_MAX_RECOVER: Duration = Duration::from_secs(30);
+
+/// Live sessions a listening source serves at once by default (`--max-sessions`).
+pub const DEFAULT_MAX_SESSIONS: usize = 4;
+
+/// How a listening source serves: its own limits (each destination's hello asks for the
+/// rest, within them).
+#[derive(Clone, Debug)]
+pub struct ServeOptions {
+    /// Thread placement.
+    pub pin: PinPlan,
+    /// Longest silence of a peer (`--timeout`).
+    pub idle: Duration,
+    /// Longest a session stays paused for its destination after a break, whatever the
+    /// hello asks for (`--max-recover`).
+    pub max_recover: Duration,
+    /// Live sessions at once (`--max-sessions`); one more is refused, saying so.
+    pub max_sessions: usize,
+    /// Connections waiting to say hello at once; one more is refused, saying so.
+    pub max_pending: usize,
+    /// Keep each session's guest RAM in a file here, and save paused sessions for a later
+    /// source to take over (`--ram-dir`, see [`saved`]).
+    pub ram_dir: Option<std::path::PathBuf>,
+}
+
+impl ServeOptions {
+    /// The defaults, with `pin` and `idle`.
+    pub fn new(pin: PinPlan, idle: Duration) -> Self {
+        Self {
+            pin,
+            idle,
+            max_recover: DEFAULT_MAX_RECOVER,
+            max_sessions: DEFAULT_MAX_SESSIONS,
+            max_pending: door::MAX_PENDING,
+            ram_dir: None,
+        }
+    }
+}
+
+/// What a listening source reports as it serves, one line each ([`std::fmt::Display`]).
+#[derive(Debug)]
+pub enum ServerEvent {
+    /// Connections refused before they were sessions: the first of a kind each second
+    /// (with its peer), then how many `more` were refused the same way meanwhile.
+    Refused {
+        /// Who (None: a count of several).
+        peer: Option<SocketAddr>,
+        /// Why.
+        why: String,
+        /// How many more, not logged one by one.
+        more: u64,
+    },
+    /// A session's handshake is done: the migration starts.
+    Started {
+        /// The session's number.
+        number: u64,
+        /// What it migrates, in words.
+        what: String,
+    },
+    /// A session's connections broke in postcopy: it is held paused.
+    Paused {
+        /// The session's number.
+        number: u64,
+        /// What broke them.
+        why: String,
+        /// How long the source holds it.
+        hold: Duration,
+        /// How long its destination asked for.
+        asked: Duration,
+    },
+    /// A paused session resumed on new connections.
+    Resumed {
+        /// The session's number.
+        number: u64,
+        /// How long it was paused.
+        after: Duration,
+        /// Target pages left to send.
+        left: u64,
+    },
+    /// A session ended.
+    Ended {
+        /// The session's number.
+        number: u64,
+        /// What it did, or why it failed.
+        result: Result<Box<SessionReport>, SourceError>,
+    },
+    /// Anything else worth a line.
+    Note(String),
+}
+
+impl std::fmt::Display for ServerEvent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Refused {
+                peer: Some(p), why, ..
+            } => write!(f, "refused a connection from {p}: {why}"),
+            Self::Refused {
+                peer: None,
+                why,
+                more: 0,
+            } => write!(f, "could not take a connection: {why}"),
+            Self::Refused {
+                peer: None,
+                why,
+                more,
+            } => write!(
+                f,
+                "refused {more} more connection{} meanwhile (the last: {why})",
+                if *more == 1 { "" } else { "s" }
+            ),
+            Self::Started { number, what } => write!(f, "session {number}: started: {what}"),
+            Self::Paused {
+                number,
+                why,
+                hold,
+                asked,
+            } => {
+                write!(
+                    f,
+                    "session {number}: paused ({why}); holding it up to {hold:?} for its destination to resume it"
+                )?;
+                if asked > hold && asked.as_secs() > 1 << 40 {
+                    write!(f, " (it asked for no limit; --max-recover caps it)")?;
+                } else if asked > hold {
+                    write!(f, " (it asked for {asked:?}; --max-recover caps it)")?;
+                }
+                Ok(())
+            }
+            Self::Resumed {
+                number,
+                after,
+                left,
+            } => write!(
+                f,
+                "session {number}: resumed after {:.1} ms paused, {left} target pages left to send",
+                after.as_secs_f64() * 1e3
+            ),
+            Self::Ended {
+                number,
+                result: Ok(rep),
+            } => {
+                let s = &rep.summary.stats;
+                write!(
+                    f,
+                    "session {number}: {}{} of {} MiB done: {} pages urgent, {} background, {} hints taken, {} bad requests rejected",
+                    rep.mode,
+                    if rep.takeover { " (taken over)" } else { "" },
+                    rep.mem >> 20,
+                    s.urgent_pages,
+                    s.background_pages,
+                    s.hints_taken,
+                    s.bad_requests,
+                )?;
+                if let Some(m) = rep.summary.rejected.first() {
+                    write!(f, " (first: {m})")?;
+                }
+                match rep.recoveries() {
+                    0 => Ok(()),
+                    k => write!(f, "; resumed after {k} broken connection(s)"),
+                }
+            }
+            Self::Ended {
+                number,
+                result: Err(e),
+            } => write!(f, "session {number} failed: {e}"),
+            Self::Note(n) => f.write_str(n),
+        }
+    }
+}
+
+/// The listening source: every connection's handshake at once ([`door`]), up to
+/// `max_sessions` sessions at once, each on its own thread.
 #[derive(Debug)]
 pub struct SourceServer {
     listener: TcpListener,
-    pin: PinPlan,
-    idle: Duration,
+    opts: ServeOptions,
+    /// Serialises preparations, so that each memory check sees the sessions before it.
+    preparing: Mutex<()>,
 }
 
 impl SourceServer {
-    /// Listens on `addr`.
+    /// Listens on `addr`, with the default limits.
     pub fn bind(addr: impl ToSocketAddrs, pin: PinPlan, idle: Duration) -> std::io::Result<Self> {
+        Self::bind_with(addr, ServeOptions::new(pin, idle))
+    }
+
+    /// Listens on `addr`, serving as `opts` says.
+    pub fn bind_with(addr: impl ToSocketAddrs, opts: ServeOptions) -> std::io::Result<Self> {
         let listener = TcpListener::bind(addr)?;
+        crate::sys::fds::set_backlog(&listener, crate::sys::fds::BACKLOG)?;
         listener.set_nonblocking(true)?;
         Ok(Self {
             listener,
-            pin,
-            idle,
+            opts,
+            preparing: Mutex::new(()),
         })
     }
 
@@ -134,12 +325,43 @@ impl SourceServer {
         )
     }
 
-    fn prepare(&self, h: &Hello) -> Result<Prepared, String> {
+    /// The checks of a hello that only this source can make: its link drains within this
+    /// source's idle limit.
+    fn check_hello(&self, h: &Hello) -> Result<(), String> {
+        h.link
+            .for_transport(&h.transport())
+            .check(
+                self.opts.idle,
+                crate::link::frame_max(h.guest.layout.host_page().bytes()),
+            )
+            .map_err(|e| format!("{e} (the source's --timeout)"))
+    }
+
+    /// The RAM file of session `token` (`--ram-dir`), created at the guest's size.
+    fn ram_file(&self, token: u64, h: &Hello) -> Result<Option<std::fs::File>, String> {
+        let Some(dir) = &self.opts.ram_dir else {
+            return Ok(None);
+        };
+        let (path, _) = saved::paths(dir, token);
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .and_then(|f| f.set_len(h.guest.layout.mem()).map(|_| f))
+            .map_err(|e| format!("the RAM file {}: {e}", path.display()))?;
+        Ok(Some(f))
+    }
+
+    fn prepare(&self, h: &Hello, token: u64) -> Result<Prepared, String> {
+        let _one = self.preparing.lock().unwrap_or_else(|e| e.into_inner());
+        self.check_hello(h)?;
         let layout = &h.guest.layout;
         Self::check_memory(layout)?;
         let pieces = boot::system_pieces(layout)?;
         let params = Params::new(layout, h.workload, h.guest.seed, STREAM_FRAME_PAGES);
-        let mem = SourceMemory::new(layout, h.guest.seed, &pieces, &params)?;
+        let file = self.ram_file(token, h)?;
+        let mem = SourceMemory::new(layout, h.guest.seed, &pieces, &params, file.as_ref())?;
         let (machine, rings) = match h.guest.kind {
             GuestKind::Thread => {
                 if h.precopy.tracking != DirtyTracking::None {
@@ -170,62 +392,339 @@ impl SourceServer {
         })
     }
 
-    /// Serves sessions until `stop` is raised or `sessions` migrations have been served (a
-    /// session counts once its handshake is done, whether it then succeeds or fails; a
-    /// connection that never completes one does not count), reporting each with `log`.
+    /// Serves sessions until `stop` is raised, or until `sessions` migrations have been
+    /// served (a session counts once its handshake is done, whether it then succeeds or
+    /// fails; a connection that never completes one does not count), reporting with `log`.
+    /// Every connection's handshake is served at once by the door; each session runs on its
+    /// own thread.
     pub fn serve(
         &self,
         stop: &AtomicBool,
         sessions: Option<u64>,
-        mut log: impl FnMut(Result<SessionReport, SourceError>),
+        log: &(dyn Fn(ServerEvent) + Sync),
     ) {
-        let mut served = 0;
-        while sessions.is_none_or(|n| served < n) {
-            match self.session(stop) {
-                Err((_, SourceError::Wire(WireError::Stopped))) => return,
-                Err((accepted, e)) => {
-                    served += u64::from(accepted);
-                    log(Err(e));
+        let saved = match &self.opts.ram_dir {
+            None => Vec::new(),
+            Some(dir) => match saved::Saved::scan(dir) {
+                Ok((found, bad)) => {
+                    for b in bad {
+                        log(ServerEvent::Note(format!(
+                            "--ram-dir: not a saved session: {b}"
+                        )));
+                    }
+                    for s in &found {
+                        log(ServerEvent::Note(format!(
+                            "found paused session {:016x} ({} MiB, {}) saved by an earlier source in {}: waiting for its destination to resume it",
+                            s.token,
+                            s.hello.guest.layout.mem() >> 20,
+                            s.hello.mode,
+                            dir.display()
+                        )));
+                    }
+                    found
                 }
-                Ok(r) => {
-                    served += 1;
-                    log(Ok(r));
+                Err(e) => {
+                    log(ServerEvent::Note(e));
+                    Vec::new()
+                }
+            },
+        };
+        // Each pending connection holds a descriptor, and so does each lingering refusal:
+        // what waits is bounded by what this process may hold, beside its sessions'.
+        let max_pending = match crate::sys::fds::raise_limit() {
+            Ok(n) => self
+                .opts
+                .max_pending
+                .min((n.saturating_sub(256) / 2) as usize),
+            Err(e) => {
+                log(ServerEvent::Note(format!("the descriptor limit: {e}")));
+                self.opts.max_pending.min(256)
+            }
+        };
+        let door = door::Door::new(
+            &self.listener,
+            door::DoorLimits {
+                max_sessions: self.opts.max_sessions.max(1),
+                max_pending: max_pending.max(1),
+                deadline: HANDSHAKE_DEADLINE.min(self.opts.idle),
+            },
+            saved,
+        );
+        let admitted = Admitted {
+            n: AtomicU64::new(0),
+            limit: sessions,
+        };
+        let done = AtomicBool::new(false);
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::scope(|s| {
+            let door = &door;
+            let (done, admitted) = (&done, &admitted);
+            s.spawn(move || door.run(stop, done, &tx, log));
+            let mut running: Vec<std::thread::ScopedJoinHandle<'_, ()>> = Vec::new();
+            loop {
+                running.retain(|h| !h.is_finished());
+                // Relaxed: a polled flag.
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                if admitted.full() {
+                    door.stop_accepting();
+                    if running.is_empty() && door.live() == 0 {
+                        break;
+                    }
+                }
+                match rx.recv_timeout(crate::wire::POLL_SLICE) {
+                    Ok(new) => {
+                        running.push(s.spawn(move || {
+                            self.session(door, new, stop, admitted, log);
+                        }));
+                    }
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
                 }
             }
+            // Relaxed: a polled flag; the scope joins the door and the sessions.
+            done.store(true, Ordering::Relaxed);
+        });
+    }
+
+    /// One session, from its main connection (or a takeover) to its end, logged.
+    fn session<'d>(
+        &self,
+        door: &'d door::Door<'d>,
+        new: door::NewSession<'d>,
+        stop: &AtomicBool,
+        admitted: &Admitted,
+        log: &(dyn Fn(ServerEvent) + Sync),
+    ) {
+        let ctx = Ctx {
+            door,
+            stop,
+            admitted,
+            log,
+        };
+        let (number, result) = match new {
+            door::NewSession::Main {
+                conn,
+                hello,
+                doorway,
+            } => {
+                let r = self.new_session(&ctx, conn, hello, &doorway);
+                (doorway.number(), r)
+            }
+            door::NewSession::Takeover {
+                conn,
+                received,
+                saved,
+                doorway,
+            } => {
+                let r = self.takeover(&ctx, conn, received, saved, &doorway);
+                (doorway.number(), r)
+            }
+        };
+        if let Some(r) = result {
+            log(ServerEvent::Ended {
+                number,
+                result: r.map(Box::new),
+            });
         }
     }
 
-    /// Accepts and serves one session; an error says whether the handshake had completed.
-    fn session(&self, stop: &AtomicBool) -> Result<SessionReport, (bool, SourceError)> {
-        let (acc, prepared) =
-            handshake::accept(&self.listener, stop, self.idle, |h| self.prepare(h))
-                .map_err(|e| (false, e.into()))?;
-        self.run_session(stop, acc, prepared).map_err(|e| (true, e))
+    /// A new session: prepared, answered, its urgent connection taken, then run. None when
+    /// it never became one (refused, or its destination went away during the handshake).
+    fn new_session(
+        &self,
+        ctx: &Ctx<'_, '_>,
+        conn: TcpStream,
+        hello: Hello,
+        doorway: &door::Doorway<'_>,
+    ) -> Option<Result<SessionReport, SourceError>> {
+        let token = doorway.token();
+        let prepared = match self.prepare(&hello, token) {
+            Ok(p) => p,
+            Err(why) => {
+                self.drop_ram(token);
+                ctx.log(ServerEvent::Refused {
+                    peer: conn.peer_addr().ok(),
+                    why: why.clone(),
+                    more: 0,
+                });
+                doorway.refuse(&conn, why);
+                return None;
+            }
+        };
+        doorway.expect_urgent();
+        let urgent = doorway
+            .accept(&conn)
+            .and_then(|()| doorway.urgent(ctx.stop, HANDSHAKE_DEADLINE.min(self.opts.idle)));
+        let urgent = match urgent {
+            Ok(u) => u,
+            Err(e) => {
+                self.drop_ram(token);
+                if !matches!(e, SourceError::Wire(WireError::Stopped)) {
+                    ctx.log(ServerEvent::Refused {
+                        peer: conn.peer_addr().ok(),
+                        why: e.to_string(),
+                        more: 0,
+                    });
+                }
+                return None;
+            }
+        };
+        let Some(number) = ctx.admitted.admit() else {
+            self.drop_ram(token);
+            doorway.refuse(
+                &urgent,
+                "the source takes no more sessions (it has started the last of its --sessions)"
+                    .into(),
+            );
+            return None;
+        };
+        doorway.set_number(number);
+        if let Err(e) = doorway.accept(&urgent) {
+            self.drop_ram(token);
+            return Some(Err(e));
+        }
+        ctx.log(ServerEvent::Started {
+            number: doorway.number(),
+            what: describe(&hello, conn.peer_addr().ok()),
+        });
+        Some(self.run_session(ctx, doorway, hello, conn, urgent, prepared, None))
     }
 
+    /// A session an earlier source saved, taken over: its RAM file mapped, the resume
+    /// answered with a new token (the files renamed to it), its urgent connection taken,
+    /// then postcopy from the received bitmap.
+    fn takeover(
+        &self,
+        ctx: &Ctx<'_, '_>,
+        conn: TcpStream,
+        received: Vec<u64>,
+        old: saved::Saved,
+        doorway: &door::Doorway<'_>,
+    ) -> Option<Result<SessionReport, SourceError>> {
+        let dir = self.opts.ram_dir.clone().unwrap_or_else(|| ".".into());
+        let token = doorway.token();
+        let (ram, _) = saved::paths(&dir, token);
+        let opened = std::fs::rename(&old.ram, &ram)
+            .and_then(|()| {
+                std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(&ram)
+            })
+            .map_err(|e| format!("the saved RAM {}: {e}", old.ram.display()))
+            .and_then(|f| {
+                let mem = SourceMemory::open(old.hello.guest.layout.clone(), &f)?;
+                let now = saved::Saved::write(&dir, token, &old.hello)?;
+                let _ = std::fs::remove_file(&old.state);
+                Ok((mem, now))
+            });
+        let (mem, now) = match opened {
+            Ok(m) => m,
+            Err(why) => {
+                ctx.log(ServerEvent::Note(format!(
+                    "saved session {:016x} could not be taken over: {why}",
+                    old.token
+                )));
+                doorway.refuse(
+                    &conn,
+                    format!("the saved session could not be taken over: {why}"),
+                );
+                return None;
+            }
+        };
+        doorway.expect_urgent();
+        let urgent = doorway
+            .accept(&conn)
+            .and_then(|()| doorway.urgent(ctx.stop, HANDSHAKE_DEADLINE.min(self.opts.idle)))
+            .and_then(|u| {
+                if let Some(n) = ctx.admitted.admit() {
+                    doorway.set_number(n);
+                    doorway.accept(&u).map(|()| u)
+                } else {
+                    doorway.refuse(&u, "the source takes no more sessions".into());
+                    Err(SourceError::Handshake(
+                        "the source takes no more sessions".into(),
+                    ))
+                }
+            });
+        let urgent = match urgent {
+            Ok(u) => u,
+            Err(_) => {
+                // Still saved: a later attempt may take it over.
+                ctx.door.keep_saved(now);
+                return None;
+            }
+        };
+        ctx.log(ServerEvent::Started {
+            number: doorway.number(),
+            what: format!(
+                "took over session {:016x} ({}) saved by an earlier source",
+                old.token,
+                describe(&old.hello, conn.peer_addr().ok())
+            ),
+        });
+        let prepared = Prepared {
+            machine: None,
+            rings: Vec::new(),
+            mem,
+        };
+        Some(self.run_session(
+            ctx,
+            doorway,
+            old.hello,
+            conn,
+            urgent,
+            prepared,
+            Some((received, now)),
+        ))
+    }
+
+    /// Removes session `token`'s RAM file, if there is one.
+    fn drop_ram(&self, token: u64) {
+        if let Some(dir) = &self.opts.ram_dir {
+            let _ = std::fs::remove_file(saved::paths(dir, token).0);
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
     fn run_session(
         &self,
-        stop: &AtomicBool,
-        acc: Accepted,
+        ctx: &Ctx<'_, '_>,
+        doorway: &door::Doorway<'_>,
+        hello: Hello,
+        main: TcpStream,
+        urgent: TcpStream,
         prepared: Prepared,
+        takeover: Option<(Vec<u64>, saved::Saved)>,
     ) -> Result<SessionReport, SourceError> {
-        let Accepted {
-            hello,
-            main,
-            urgent,
-            same_clock,
-            token,
-        } = acc;
         let Prepared {
             machine,
             rings,
             mem,
         } = prepared;
+        let same_clock = hello.boot_id == crate::sys::clock::boot_id();
         crate::link::configure_background(&main, &hello.link, &hello.transport())
             .map_err(|e| SourceError::Wire(WireError::Io(Channel::Background, e)))?;
+        let asked = Duration::from_millis(hello.recover_ms);
+        let (received, saved) = match takeover {
+            Some((r, s)) => (Some(r), Some(s)),
+            None => (None, None),
+        };
+        let hooks = if received.is_some() {
+            // The test hooks were the earlier session's to run.
+            crate::options::SourceHooks::NONE
+        } else {
+            hello.hooks
+        };
         let mut session = Session {
-            listener: &self.listener,
-            token,
+            doorway,
+            ram_dir: self.opts.ram_dir.as_deref(),
+            saved,
+            held_out: false,
+            hold: asked.min(self.opts.max_recover),
+            log: ctx.log,
             recoveries: Vec::new(),
             hello: &hello,
             mem: &mem,
@@ -237,19 +736,19 @@ impl SourceServer {
                 urgent,
                 sent: Sent::default(),
                 hooks: Hooks {
-                    corrupt_pending: AtomicBool::new(hello.hooks.fault == SourceFault::CorruptPage),
-                    drop_after: hello.hooks.drop_after,
-                    cut_after: hello.hooks.cut_after,
-                    cuts_left: hello.hooks.cuts,
+                    corrupt_pending: AtomicBool::new(hooks.fault == SourceFault::CorruptPage),
+                    drop_after: hooks.drop_after,
+                    cut_after: hooks.cut_after,
+                    cuts_left: hooks.cuts,
                     cut_base: 0,
                     cut_fired: AtomicBool::new(false),
                 },
                 torn_main: AtomicBool::new(false),
             },
             same_clock,
-            pin: self.pin,
-            idle: self.idle,
-            outer_stop: stop,
+            pin: self.opts.pin,
+            idle: self.opts.idle,
+            outer_stop: ctx.stop,
             stop: AtomicBool::new(false),
             bg_progress: AtomicU64::new(now_ns()),
             rejected: Mutex::new(Vec::new()),
@@ -258,14 +757,96 @@ impl SourceServer {
                 hello.guest.layout.mem() / hello.guest.layout.host_page().bytes(),
             ),
         };
-        let summary = session.run(rings)?;
+        let takeover = received.is_some();
+        let summary = match received {
+            None => session.run(rings),
+            Some(r) => session.run_takeover(r),
+        };
+        // The RAM files: kept where the destination may still come back (it did not within
+        // the hold, or this process is stopping), else removed.
+        let keep = session.held_out
+            || (summary.is_err() && session.saved.is_some() && ctx.stop.load(Ordering::Relaxed));
+        match (session.saved.take(), keep) {
+            (Some(s), true) => {
+                doorway.ended(format!(
+                    "was saved in {} for a later resume",
+                    s.state
+                        .parent()
+                        .unwrap_or(std::path::Path::new("."))
+                        .display()
+                ));
+                ctx.door.keep_saved(s);
+            }
+            (Some(s), false) => s.remove(),
+            (None, _) => self.drop_ram(doorway.token()),
+        }
+        if session.held_out && session.ram_dir.is_none() {
+            doorway.ended(format!(
+                "was given up: its destination did not resume it within {:?}",
+                session.hold
+            ));
+        }
+        let summary = summary?;
         drop(machine);
         Ok(SessionReport {
             mode: hello.mode,
             mem: hello.guest.layout.mem(),
             summary,
+            takeover,
         })
     }
+}
+
+/// What every session thread of one `serve` shares.
+struct Ctx<'a, 'd> {
+    door: &'d door::Door<'d>,
+    stop: &'a AtomicBool,
+    admitted: &'a Admitted,
+    log: &'a (dyn Fn(ServerEvent) + Sync),
+}
+
+impl Ctx<'_, '_> {
+    fn log(&self, e: ServerEvent) {
+        (self.log)(e)
+    }
+}
+
+/// Sessions whose handshake is done, against `--sessions`.
+struct Admitted {
+    n: AtomicU64,
+    limit: Option<u64>,
+}
+
+impl Admitted {
+    /// Counts one more session, unless the limit is reached: its number (1, 2, ...).
+    fn admit(&self) -> Option<u64> {
+        // Relaxed: a counter; only its own value is read and written.
+        self.n
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                self.limit.is_none_or(|l| n < l).then_some(n + 1)
+            })
+            .ok()
+            .map(|n| n + 1)
+    }
+
+    /// Whether the limit is reached.
+    fn full(&self) -> bool {
+        // Relaxed: a counter compared with the limit.
+        self.limit
+            .is_some_and(|l| self.n.load(Ordering::Relaxed) >= l)
+    }
+}
+
+/// A session's hello in words, for the log.
+fn describe(h: &Hello, peer: Option<SocketAddr>) -> String {
+    format!(
+        "{} / {} of a {} MiB {} guest{}",
+        h.workload,
+        h.mode,
+        h.guest.layout.mem() >> 20,
+        h.guest.kind,
+        peer.map(|p| format!(" for {p}")).unwrap_or_default()
+    )
 }
 
 /// Why a source session failed.
@@ -280,6 +861,8 @@ pub enum SourceError {
     Memory(String),
     /// The scheduler could not be built for the guest's RAM.
     Scheduler(String),
+    /// The destination did not complete the handshake in time (the session is released).
+    Handshake(String),
 }
 
 impl SourceError {
@@ -297,6 +880,7 @@ impl std::fmt::Display for SourceError {
             Self::Guest(s) => write!(f, "the guest failed at the source: {s}"),
             Self::Memory(s) => write!(f, "guest memory at the source: {s}"),
             Self::Scheduler(s) => write!(f, "the scheduler: {s}"),
+            Self::Handshake(s) => f.write_str(s),
         }
     }
 }
@@ -324,10 +908,18 @@ impl From<SendError> for SourceError {
 
 /// One migration at the source.
 pub(crate) struct Session<'a> {
-    /// Where a destination resumes a paused session.
-    listener: &'a TcpListener,
-    /// The session token.
-    token: u64,
+    /// The session's registration: where its destination resumes it.
+    doorway: &'a door::Doorway<'a>,
+    /// Where its RAM file lives (`--ram-dir`), to save the session at the switch-over.
+    ram_dir: Option<&'a std::path::Path>,
+    /// The session as saved there (from the switch-over on).
+    saved: Option<saved::Saved>,
+    /// How long it is held paused after a break (the hello's ask, within `--max-recover`).
+    hold: Duration,
+    /// Its destination did not come back within `hold`.
+    held_out: bool,
+    /// The server's log.
+    log: &'a (dyn Fn(ServerEvent) + Sync),
     /// Target pages left to send after each recovery.
     recoveries: Vec<u64>,
     hello: &'a Hello,
@@ -451,8 +1043,13 @@ impl Session<'_> {
     /// Runs the session; a failure is told to the destination before the connections close.
     fn run(&mut self, rings: Vec<DirtyRing>) -> Result<Summary, SourceError> {
         // Before `START` only pongs go out; a failure there is a silent or closed connection,
-        // or a frame out of place, and the pongs are whole unless a write failed.
-        if let Err(e) = handshake::answer_pings_until_start(&self.out.main, &self.guard(false)) {
+        // or a frame out of place, and the pongs are whole unless a write failed. A
+        // destination sends them at once: the handshake's deadline, not the idle limit.
+        let g = Guard {
+            idle: self.idle.min(HANDSHAKE_DEADLINE),
+            ..self.guard(false)
+        };
+        if let Err(e) = handshake::answer_pings_until_start(&self.out.main, &g) {
             let e = SourceError::Wire(e);
             if matches!(e, SourceError::Wire(WireError::Malformed(..))) {
                 self.tell_peer(&e);
@@ -460,6 +1057,17 @@ impl Session<'_> {
             return Err(e);
         }
         let r = self.transfer(rings);
+        if let Err(e) = &r {
+            self.tell_peer(e);
+        }
+        r
+    }
+
+    /// Runs a session taken over from a saved one: postcopy from the destination's received
+    /// bitmap; a failure is told to the destination before the connections close.
+    fn run_takeover(&mut self, received: Vec<u64>) -> Result<Summary, SourceError> {
+        self.out.sent.end_precopy();
+        let r = self.finish(Some(received));
         if let Err(e) = &r {
             self.tell_peer(e);
         }
@@ -479,6 +1087,13 @@ impl Session<'_> {
             }
         };
         self.out.sent.end_precopy();
+        // From here the guest's RAM at the source is final: with a RAM directory, the session
+        // is saved beside it before the destination can be in postcopy.
+        if let Some(dir) = self.ram_dir {
+            let saved = saved::Saved::write(dir, self.doorway.token(), self.hello)
+                .map_err(SourceError::Memory)?;
+            self.saved = Some(saved);
+        }
         switch.built_ns = now_ns();
         let body = switch.encode();
         let h = FrameHeader::switch(body.len());
@@ -489,12 +1104,13 @@ impl Session<'_> {
             self.fail(e);
             return Err(self.take_failure());
         }
-        let stats = self.postcopy()?;
-        let checksums = self.mem.checksums();
-        let generations = match self.machine {
-            Some(_) => self.mem.generations().map_err(SourceError::Memory)?,
-            None => Vec::new(),
-        };
+        self.finish(None)
+    }
+
+    /// Postcopy (from the received bitmap of a takeover, if any) to the summary, sent.
+    fn finish(&mut self, received: Option<Vec<u64>>) -> Result<Summary, SourceError> {
+        let stats = self.postcopy(received)?;
+        let (checksums, generations) = self.sums()?;
         // Relaxed loads: the counting threads have been joined.
         let s = &self.out.sent;
         let summary = Summary {
@@ -522,6 +1138,46 @@ impl Session<'_> {
         let _ = self.out.main.shutdown(Shutdown::Write);
         let _ = self.out.urgent.shutdown(Shutdown::Both);
         Ok(summary)
+    }
+
+    /// After `DONE`: the checksum of every page and (KVM guest) the generation table, while
+    /// a `PONG` goes out on the main connection every slice, so that the destination's idle
+    /// limit does not run out while a big guest is summed.
+    fn sums(&self) -> Result<(Vec<u64>, Vec<u32>), SourceError> {
+        let summed = AtomicBool::new(false);
+        let sums = std::thread::scope(|s| {
+            let h = s.spawn(|| {
+                let c = self.mem.checksums();
+                let r = match self.hello.guest.kind {
+                    GuestKind::Kvm => self.mem.generations(),
+                    GuestKind::Thread => Ok(Vec::new()),
+                }
+                .map(|g| (c, g));
+                // Relaxed: a polled flag; the join below waits for the result.
+                summed.store(true, Ordering::Relaxed);
+                r
+            });
+            let mut next = now_ns() + crate::wire::POLL_SLICE.as_nanos() as u64;
+            // Relaxed: see above.
+            while !summed.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(2));
+                if now_ns() >= next {
+                    next += crate::wire::POLL_SLICE.as_nanos() as u64;
+                    // Every sender has ended: no frame is half written on the connection.
+                    // A failed keep-alive shows again when the summary is written.
+                    let pong = FrameHeader::pong().encode();
+                    let _ = write_parts(
+                        &self.out.main,
+                        &[&pong],
+                        &self.guard(false),
+                        Channel::Background,
+                    );
+                }
+            }
+            h.join()
+                .unwrap_or_else(|_| Err("the page sums panicked".into()))
+        });
+        sums.map_err(SourceError::Memory)
     }
 
     fn take_failure(&self) -> SourceError {

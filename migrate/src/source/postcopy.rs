@@ -28,13 +28,14 @@ use std::time::Duration;
 
 use pagehint::{Claim, PageScheduler, SchedulerStats, Served};
 
+use super::door::DoorwayError;
 use super::send::{PageRun, Phase, SendError};
 use super::trace::{ReqPath, ReqTrace};
-use super::{Session, SourceError};
+use super::{ServerEvent, Session, SourceError};
 use crate::guest::layout::TARGET_PAGE;
-use crate::handshake;
+use crate::handshake::HANDSHAKE_DEADLINE;
 use crate::options::SourceFault;
-use crate::sys::clock::{now_ns, sleep_until, tight_timer_slack};
+use crate::sys::clock::{now_ns, sleep_until_unless, tight_timer_slack};
 use crate::sys::pin::Role;
 use crate::wire::{
     read_full, Channel, FrameHeader, Guard, RpHeader, RpKind, WireError, POLL_SLICE,
@@ -42,8 +43,12 @@ use crate::wire::{
 
 impl Session<'_> {
     /// Runs postcopy to the destination's `DONE`, resuming it on new connections after each
-    /// break (see the module [`super`]); returns the scheduler's counters.
-    pub(super) fn postcopy(&mut self) -> Result<SchedulerStats, SourceError> {
+    /// break (see the module [`super`]); returns the scheduler's counters. A takeover starts
+    /// from the destination's `received` bitmap.
+    pub(super) fn postcopy(
+        &mut self,
+        received: Option<Vec<u64>>,
+    ) -> Result<SchedulerStats, SourceError> {
         let layout = self.mem.layout();
         let mut sched = PageScheduler::with_bitmap(
             layout.ram().clone(),
@@ -51,6 +56,9 @@ impl Session<'_> {
             self.hello.mode.scheduler(self.hello.claim_batch),
         )
         .map_err(|e| SourceError::Scheduler(e.to_string()))?;
+        if let Some(r) = received {
+            self.rebuild(&mut sched, &r)?;
+        }
         loop {
             self.senders(&sched);
             let failure = self
@@ -121,48 +129,52 @@ impl Session<'_> {
     }
 
     /// Postcopy recovery after `cut` broke the connections (every sender has stopped):
-    /// waits for the destination to resume the session, rebuilds the scheduler from its
-    /// received bitmap (dropping the broken connection's hint and queued requests), and
-    /// installs the new connections. Fails with `cut` if the destination does not come back
-    /// within the recovery window.
+    /// holds the session paused (up to the hello's window, within `--max-recover`) for its
+    /// destination to resume it, rebuilds the scheduler from its received bitmap (dropping
+    /// the broken connection's hint and queued requests), and installs the new connections.
+    /// Fails with `cut` if the destination does not come back in time.
     fn resume(&mut self, sched: &mut PageScheduler, cut: SourceError) -> Result<(), SourceError> {
         let _ = self.out.main.shutdown(Shutdown::Both);
         let _ = self.out.urgent.shutdown(Shutdown::Both);
-        let layout = self.mem.layout();
-        let words: Vec<usize> = layout
-            .ram()
-            .blocks()
-            .iter()
-            .map(|b| b.pages().div_ceil(64) as usize)
-            .collect();
-        let window = Duration::from_millis(self.hello.recover_ms);
-        let (main, urgent, received) = match handshake::accept_resume(
-            self.listener,
-            self.outer_stop,
-            self.idle,
-            window,
-            self.token,
-            words.iter().sum(),
-        ) {
+        let number = self.doorway.number();
+        (self.log)(ServerEvent::Paused {
+            number,
+            why: cut.to_string(),
+            hold: self.hold,
+            asked: Duration::from_millis(self.hello.recover_ms),
+        });
+        let paused_at = now_ns();
+        let (main, received) = match self.doorway.paused(self.outer_stop, self.hold) {
             Ok(r) => r,
-            Err(e @ (WireError::Stopped | WireError::Malformed(..))) => return Err(e.into()),
+            Err(DoorwayError::Stopped) => return Err(WireError::Stopped.into()),
             // The destination never came back: the session ends with the cut.
-            Err(_) => return Err(cut),
+            Err(DoorwayError::Expired) => {
+                self.held_out = true;
+                return Err(cut);
+            }
+        };
+        let urgent = self
+            .doorway
+            .urgent(self.outer_stop, HANDSHAKE_DEADLINE.min(self.idle))
+            .and_then(|u| self.doorway.accept(&u).map(|()| u));
+        let urgent = match urgent {
+            Ok(u) => u,
+            // A resume that never brought its urgent connection is a break like the first:
+            // the destination tries again.
+            Err(SourceError::Handshake(_)) => {
+                let _ = main.shutdown(Shutdown::Both);
+                return self.resume(sched, cut);
+            }
+            Err(e) => return Err(e),
         };
         crate::link::configure_background(&main, &self.hello.link, &self.hello.transport())
             .map_err(|e| SourceError::Wire(WireError::Io(Channel::Background, e)))?;
-        let mut left = 0;
-        let mut at = 0;
-        for (b, n) in words.iter().enumerate() {
-            left += sched
-                .recover_block(b as u32, &received[at..at + n])
-                .map_err(|e| {
-                    let what = format!("the received bitmap: {e}");
-                    SourceError::Wire(WireError::Malformed(Channel::Handshake, what))
-                })?;
-            at += n;
-        }
-        self.recoveries.push(left);
+        let left = self.rebuild(sched, &received)?;
+        (self.log)(ServerEvent::Resumed {
+            number,
+            after: Duration::from_nanos(now_ns() - paused_at),
+            left,
+        });
         self.out.main = main;
         self.out.urgent = urgent;
         // Exclusive access (every sender has been joined): plain writes through `get_mut`.
@@ -177,6 +189,29 @@ impl Session<'_> {
         }
         hooks.cut_base = sent;
         Ok(())
+    }
+
+    /// Rebuilds every block of `sched` from the destination's `received` bitmap (dirty =
+    /// not received), records what is left to send, and returns it (target pages).
+    fn rebuild(&mut self, sched: &mut PageScheduler, received: &[u64]) -> Result<u64, SourceError> {
+        let mut left = 0;
+        let mut at = 0;
+        for (b, block) in self.mem.layout().ram().blocks().iter().enumerate() {
+            let n = block.pages().div_ceil(64) as usize;
+            let words = received.get(at..at + n).ok_or_else(|| {
+                SourceError::Wire(WireError::Malformed(
+                    Channel::Handshake,
+                    format!("a received bitmap of {} words", received.len()),
+                ))
+            })?;
+            left += sched.recover_block(b as u32, words).map_err(|e| {
+                let what = format!("the received bitmap: {e}");
+                SourceError::Wire(WireError::Malformed(Channel::Handshake, what))
+            })?;
+            at += n;
+        }
+        self.recoveries.push(left);
+        Ok(left)
     }
 
     fn background(&self, sched: &PageScheduler) -> Result<(), SendError> {
@@ -254,8 +289,13 @@ impl Session<'_> {
                 RpKind::Ping | RpKind::Start => {}
                 RpKind::Request => {
                     // The request has been on the emulated link since it was sent.
-                    let due = if self.same_clock { h.sent_ns } else { now_ns() } + delay;
-                    sleep_until(due);
+                    // (A request stamped in the future waits no longer than one delay.)
+                    let now = now_ns();
+                    let sent = if self.same_clock { h.sent_ns } else { now };
+                    let due = sent.saturating_add(delay).min(now.saturating_add(delay));
+                    if !sleep_until_unless(due, || self.stopped()) {
+                        return Err(WireError::Stopped.into());
+                    }
                     let served = sched.serve_frame(&body);
                     let served_ns = now_ns();
                     let mut t = ReqTrace {

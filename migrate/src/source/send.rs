@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use super::memory::SourceMemory;
 use crate::guest::layout::TARGET_PAGE;
 use crate::link::Link;
-use crate::sys::clock::sleep_until;
+use crate::sys::clock::sleep_until_unless;
 use crate::wire::{write_parts, Channel, FrameHeader, FrameKind, Guard, WireError};
 
 /// Which phase a page is sent in (for the accounting).
@@ -213,7 +213,12 @@ impl Outbound<'_> {
             _ => (self.link.background(wire), &self.main),
         };
         if slot.block_until_ns > 0 {
-            sleep_until(slot.block_until_ns);
+            // The queue drains within the idle limit (the hello's link is checked against
+            // it); the sleep still looks at the stop flag every few ms.
+            // Relaxed: a polled flag.
+            if !sleep_until_unless(slot.block_until_ns, || guard.stop.load(Ordering::Relaxed)) {
+                return Err(WireError::Stopped);
+            }
         }
         let h = h.stamped(slot.arrival_ns);
         if let Err(e) = write_parts(stream, &[&h.encode(), payload], guard, chan) {

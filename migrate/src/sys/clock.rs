@@ -93,8 +93,10 @@ pub fn human_ns(ns: u64) -> String {
         format!("{} µs", ns / 1000)
     } else if ns < 1_000_000_000 {
         format!("{:.1} ms", ns as f64 / 1e6)
-    } else {
+    } else if ns < 3_600_000_000_000 {
         format!("{:.2} s", d.as_secs_f64())
+    } else {
+        format!("{:.1} h", d.as_secs_f64() / 3600.0)
     }
 }
 

@@ -7,12 +7,14 @@
 //! * [`pin`]: which CPU each harness thread runs on;
 //! * [`warm`]: available memory, and the warm-up before measuring;
 //! * [`hugepages`]: 2 MiB hugetlb pages reserved for a run and given back;
-//! * [`vmstat`]: the kernel's page allocation, reclaim, compaction and THP counters.
+//! * [`vmstat`]: the kernel's page allocation, reclaim, compaction and THP counters;
+//! * [`fds`]: the file-descriptor limit a listening source raises.
 //!
 //! Nothing here knows about migration: these modules import nothing else of the crate.
 
 pub mod clock;
 pub mod discard;
+pub mod fds;
 pub mod hugepages;
 pub mod pin;
 pub mod uffd;

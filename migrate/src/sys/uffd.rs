@@ -74,6 +74,9 @@ pub enum PlaceError {
     /// [`Userfault::try_zero`]: the address space is changing (an event such as
     /// `UFFD_EVENT_REMOVE` is queued and not yet read). Read the events, then retry.
     Retry,
+    /// `ESRCH`: the address space the range was registered in is gone (the process that
+    /// registered it has exited, or is exiting): nothing will fault there again.
+    Gone,
     /// Any other failure of the ioctl.
     Os(Errno),
 }
@@ -85,12 +88,50 @@ impl fmt::Display for PlaceError {
                 write!(f, "page at {addr:#x} placed twice (UFFDIO_COPY: EEXIST)")
             }
             Self::Retry => write!(f, "placing a page must wait: an event is pending (EAGAIN)"),
+            Self::Gone => write!(
+                f,
+                "the registering process's address space is gone (UFFDIO_COPY: ESRCH)"
+            ),
             Self::Os(e) => write!(f, "placing a page failed: {e}"),
         }
     }
 }
 
 impl std::error::Error for PlaceError {}
+
+/// Why a received descriptor is refused ([`Userfault::from_received`]).
+#[derive(Debug)]
+pub enum ReceivedError {
+    /// Not a userfaultfd: what its `/proc/self/fd` link reads instead.
+    NotUserfaultfd {
+        /// The link, e.g. `/dev/null` or `pipe:[1234]`.
+        link: String,
+    },
+    /// A userfaultfd without `O_NONBLOCK`.
+    Blocking,
+    /// Its link or flags could not be read.
+    Io(io::Error),
+}
+
+impl fmt::Display for ReceivedError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::NotUserfaultfd { link } => write!(
+                f,
+                "the descriptor received is not a userfaultfd (it is {link}; a userfaultfd is \
+                 anon_inode:[userfaultfd])"
+            ),
+            Self::Blocking => write!(
+                f,
+                "the userfaultfd received is in blocking mode: open it with O_NONBLOCK \
+                 (UFFD_NONBLOCK), as Firecracker does"
+            ),
+            Self::Io(e) => write!(f, "inspecting the descriptor received: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for ReceivedError {}
 
 /// One page fault read from the descriptor.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -179,11 +220,28 @@ impl Userfault {
     /// A descriptor received from another process (a VMM), which has already done the
     /// `UFFDIO_API` handshake and registered its memory. Its features are unknown here:
     /// faults carry a thread id only if the VMM asked for one (0 otherwise).
-    pub fn from_received(fd: OwnedFd) -> Self {
-        Self {
+    ///
+    /// Checked first, so that a wrong descriptor is refused at once rather than polled
+    /// forever: it must be a userfaultfd (its `/proc/self/fd` link reads
+    /// `anon_inode:[userfaultfd]`; a second `UFFDIO_API` cannot tell, since the VMM's first
+    /// one already answered it) in non-blocking mode (`poll(2)` on a blocking userfaultfd
+    /// reports only `POLLERR`).
+    pub fn from_received(fd: OwnedFd) -> Result<Self, ReceivedError> {
+        use std::os::fd::AsRawFd;
+        let link = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+            .map_err(ReceivedError::Io)?;
+        let link = link.to_string_lossy().into_owned();
+        if link != "anon_inode:[userfaultfd]" {
+            return Err(ReceivedError::NotUserfaultfd { link });
+        }
+        let flags = rustix::fs::fcntl_getfl(&fd).map_err(|e| ReceivedError::Io(e.into()))?;
+        if !flags.contains(rustix::fs::OFlags::NONBLOCK) {
+            return Err(ReceivedError::Blocking);
+        }
+        Ok(Self {
             fd,
             origin: Origin::Received,
-        }
+        })
     }
 
     fn open_with(extra: u64) -> io::Result<Self> {
@@ -301,6 +359,7 @@ impl Userfault {
                 Err(Errno::AGAIN) if give_up && done == 0 => return Err(PlaceError::Retry),
                 Err(Errno::AGAIN) => {}
                 Err(Errno::EXIST) => return Err(PlaceError::AlreadyPlaced { addr: dst + done }),
+                Err(Errno::SRCH) => return Err(PlaceError::Gone),
                 Err(e) => return Err(PlaceError::Os(e)),
             }
         }
@@ -346,6 +405,7 @@ impl Userfault {
                 Err(Errno::AGAIN) if give_up && done == 0 => return Err(PlaceError::Retry),
                 Err(Errno::AGAIN) => {}
                 Err(Errno::EXIST) => return Err(PlaceError::AlreadyPlaced { addr: dst + done }),
+                Err(Errno::SRCH) => return Err(PlaceError::Gone),
                 Err(e) => return Err(PlaceError::Os(e)),
             }
         }

@@ -16,7 +16,10 @@
 //! takes it.
 //!
 //! Reply: `"PHMIGRS"` and the version byte `| token u64 | boot id [36] | message length u32 | message` (empty when
-//! accepted, at most 4096 bytes).
+//! accepted, at most 4096 bytes). The token is the session's; the answer to a resume carries
+//! the token of the session that resumed: the same one, or a new one when a new source
+//! session took a saved session over (`crate::source::saved`), whose urgent connection and
+//! later resumes then use it.
 //!
 //! The last byte of both magics is the protocol version ([`super::VERSION`], beside every
 //! magic): a peer of another version, or another service altogether, is named as such
@@ -374,23 +377,33 @@ const MAX_REPLY_MESSAGE: u32 = 4096;
 pub struct HelloReply {
     /// Empty when accepted, else why not.
     pub error: String,
-    /// Session token for the urgent connection.
+    /// Session token for the urgent connection (after a takeover, the new session's).
     pub token: u64,
     /// Source's boot id.
     pub boot_id: [u8; 36],
 }
 
 impl HelloReply {
+    /// The reply's bytes (a message longer than 4096 bytes is cut at a character
+    /// boundary).
+    pub fn encode(&self) -> Vec<u8> {
+        let mut end = self.error.len().min(MAX_REPLY_MESSAGE as usize);
+        while !self.error.is_char_boundary(end) {
+            end -= 1;
+        }
+        let msg = &self.error.as_bytes()[..end];
+        let mut out = Vec::with_capacity(56 + msg.len());
+        out.extend_from_slice(&REPLY_MAGIC);
+        out.extend_from_slice(&self.token.to_le_bytes());
+        out.extend_from_slice(&self.boot_id);
+        out.extend_from_slice(&(msg.len() as u32).to_le_bytes());
+        out.extend_from_slice(msg);
+        out
+    }
+
     /// Writes the reply.
     pub fn write(&self, s: &TcpStream, guard: &Guard<'_>) -> Result<(), WireError> {
-        let msg = self.error.as_bytes();
-        let msg = &msg[..msg.len().min(MAX_REPLY_MESSAGE as usize)];
-        let mut head = Vec::with_capacity(56);
-        head.extend_from_slice(&REPLY_MAGIC);
-        head.extend_from_slice(&self.token.to_le_bytes());
-        head.extend_from_slice(&self.boot_id);
-        head.extend_from_slice(&(msg.len() as u32).to_le_bytes());
-        write_parts(s, &[&head, msg], guard, Channel::Handshake)
+        write_parts(s, &[&self.encode()], guard, Channel::Handshake)
     }
 
     /// Reads a reply; a peer that is not a pagehint-migrate source (or speaks another

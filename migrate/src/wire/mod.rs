@@ -27,11 +27,14 @@
 //! urgent ── REQUEST{page} ────────────────────────▶  (vanilla, or --resend off: on main)
 //! urgent ◀──────────── PAGES (urgent, maybe RESEND)  the urgent path (preempt modes)
 //!   main ── DONE ─────────────────────────────────▶  every page is in
+//!   main ◀──────────── PONG (×n, while it sums) ───  a keep-alive every 100 ms
 //!   main ◀──────────── SUMMARY{counters, sums} ────  then the source closes
 //!                      (ABORT{why}: the source failed, on either channel, at any time)
 //!   ... connections break in postcopy (recovery on):
 //!   main ── Hello{Resume, token} + received bitmap ▶  the paused session resumes
-//! urgent ── Hello{Urgent, token} ─────────────────▶  postcopy goes on
+//!   main ◀──────────── HelloReply{token'} ──────────  token' = token, or a new source
+//!                                                      session's that took it over
+//! urgent ── Hello{Urgent, token'} ────────────────▶  postcopy goes on
 //! ```
 //!
 //! * [`frame`]: page frames and return-path frames;

@@ -253,7 +253,7 @@ impl PendingBuilder {
     /// last host page.
     pub fn finish(self) -> Option<PendingSet> {
         let hp = self.set.host_pages;
-        let past = hp % 64 != 0 && self.words > 0 && self.last >> (hp % 64) != 0;
+        let past = !hp.is_multiple_of(64) && self.words > 0 && self.last >> (hp % 64) != 0;
         (self.words == hp.div_ceil(64) && hp <= MAX_HOST_PAGES && !past).then_some(self.set)
     }
 }

@@ -147,7 +147,8 @@ pub fn huge_pages(pages: u64) -> Option<(MutexGuard<'static, ()>, HugePages)> {
 }
 
 /// Runs the command line with `args` plus `--json` and `--svg` into a scratch folder named
-/// after `test`; checks it succeeded; returns its stdout, the JSON rows and the SVG text.
+/// after `test`; checks it succeeded (and its JSON says so); returns its stdout, the JSON's
+/// rows and the SVG text.
 pub fn command_line(test: &str, args: &[&str]) -> (String, Vec<serde_json::Value>, String) {
     let dir: PathBuf = std::env::temp_dir().join(format!("{test}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -172,9 +173,10 @@ pub fn command_line(test: &str, args: &[&str]) -> (String, Vec<serde_json::Value
         "{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let rows: serde_json::Value =
+    let whole: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(whole["exit_status"], 0, "{whole}");
     let svg = std::fs::read_to_string(&svg).unwrap();
     let _ = std::fs::remove_dir_all(&dir);
-    (stdout, rows.as_array().unwrap().clone(), svg)
+    (stdout, whole["rows"].as_array().unwrap().clone(), svg)
 }

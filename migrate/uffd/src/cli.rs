@@ -8,6 +8,7 @@ use pagehint::layout::parse_size;
 
 use super::compare::CompareOptions;
 use super::handler::{HandlerOptions, Policy};
+use super::protocol::HandshakeFormat;
 use pagehint_migrate::guest::layout::HostPageSize;
 use pagehint_migrate::options::Workload;
 use pagehint_migrate::values::parse_duration;
@@ -26,8 +27,9 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Serve one VMM: listen on SOCKET (Firecracker's `mem_backend.backend_path`), receive
-    /// the userfaultfd and the regions, serve faults from MEM_FILE (or from a memory server
-    /// at REMOTE) until the VMM goes.
+    /// the userfaultfd and the regions (any Firecracker release from v1.7), serve faults from
+    /// MEM_FILE (or from a memory server at REMOTE) until the VMM goes. On a fatal error the
+    /// VMM is killed (its vCPUs would wait forever) and the exit status is non-zero.
     Serve {
         /// The Unix socket to listen on (created; removed afterwards).
         #[arg(long)]
@@ -56,6 +58,18 @@ pub enum Command {
         /// Write the session's report here as JSON.
         #[arg(long)]
         json: Option<PathBuf>,
+        /// The record file: written by --policy record (each host page's first fault, in
+        /// order), followed by --policy recorded and recorded+pagehint.
+        #[arg(long)]
+        record: Option<PathBuf>,
+        /// With --policy record: record the faults of the first DURATION only (500ms, 2s;
+        /// default: the whole session).
+        #[arg(long)]
+        record_for: Option<String>,
+        /// On a fatal error: `kill` the VMM (SIGKILL to the SO_PEERCRED pid, as Firecracker's
+        /// example handler does), or only `notify` (print the error; the VMM must notice).
+        #[arg(long, default_value = "kill")]
+        on_fatal: String,
     },
     /// Serve a memory file over TCP to `serve --remote` handlers (the source side of
     /// pull-mode postcopy), until interrupted.
@@ -103,14 +117,20 @@ pub enum Command {
         /// The handler's socket.
         #[arg(long)]
         socket: PathBuf,
-        /// How long the workload runs before the guest verifies and stops (500ms, 2s).
+        /// How long the workload runs before the guest verifies and stops (500ms, 2s): the
+        /// window the guest counts its work in.
         #[arg(long, default_value = "500ms")]
         run_for: String,
         /// The same in milliseconds (the older spelling).
         #[arg(long, hide = true, conflicts_with = "run_for")]
         run_ms: Option<u64>,
+        /// Send the handshake of this Firecracker release (1.7 to 1.11: page_size_kib only,
+        /// the socket closed at once; 1.12 and later: both fields, the socket kept).
+        #[arg(long, default_value = "1.16")]
+        firecracker: String,
     },
-    /// Compare the policies on every workload (one snapshot each): table, JSON, SVG.
+    /// Compare the policies on every workload (one snapshot each, one record run, then
+    /// every policy --repeat times): work in the window, faults, blocktime; table, JSON, SVG.
     Compare {
         /// Working directory for snapshots and sockets.
         #[arg(long, default_value = "/tmp/pagehint-uffd-compare")]
@@ -127,10 +147,18 @@ pub enum Command {
         /// Comma-separated workloads.
         #[arg(long, default_value = Workload::LIST)]
         workloads: String,
+        /// Comma-separated workloads also replayed on a snapshot of another seed with the
+        /// first one's record (the working set changes between record and replay); `none`.
+        #[arg(long, default_value = "random,kv")]
+        changed: String,
+        /// Comma-separated policies (default: on-demand, linear, pagehint, recorded,
+        /// recorded+pagehint).
+        #[arg(long)]
+        policies: Option<String>,
         /// Prefetcher threads (pagehint policies).
         #[arg(long, default_value_t = 1)]
         prefetchers: usize,
-        /// How long the workload runs after resume (500ms, 2s).
+        /// How long the workload runs after resume: the window (500ms, 2s).
         #[arg(long, default_value = "500ms")]
         run_for: String,
         /// The same in milliseconds (the older spelling).
@@ -160,6 +188,17 @@ pub struct ServeOptions {
     pub handler: HandlerOptions,
     /// JSON report path.
     pub json: Option<PathBuf>,
+    /// What to do with the VMM on a fatal error.
+    pub on_fatal: OnFatal,
+}
+
+/// What `serve` does with the VMM when it fails.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnFatal {
+    /// `SIGKILL` to its process (Firecracker's example handler's panic hook).
+    Kill,
+    /// Only print the error and exit non-zero.
+    Notify,
 }
 
 /// Where `serve` reads pages from.
@@ -213,6 +252,8 @@ pub enum Action {
         socket: PathBuf,
         /// Workload time.
         run_for: Duration,
+        /// The handshake to send.
+        handshake: HandshakeFormat,
     },
     /// Compare.
     Compare(CompareOptions, Option<PathBuf>, Option<PathBuf>),
@@ -225,6 +266,12 @@ fn duration(flag: &str, s: &str, ms: Option<u64>) -> Result<Duration, String> {
         Some(ms) => Ok(Duration::from_millis(ms)),
         None => parse_duration(s).map_err(|e| format!("--{flag}: {e}")),
     }
+}
+
+fn workload_list(flag: &str, s: &str) -> Result<Vec<Workload>, String> {
+    s.split(',')
+        .map(|w| w.trim().parse().map_err(|e| format!("--{flag}: {e}")))
+        .collect()
 }
 
 fn policy(s: &str) -> Result<Policy, String> {
@@ -249,6 +296,9 @@ impl Cli {
                 prefetchers,
                 handshake_timeout,
                 json,
+                record,
+                record_for,
+                on_fatal,
             } => Action::Serve(ServeOptions {
                 socket,
                 source: match (mem_file, remote) {
@@ -260,12 +310,32 @@ impl Cli {
                     },
                     _ => return Err("give one of --mem-file and --remote".into()),
                 },
-                handler: HandlerOptions {
-                    policy: policy(&p)?,
-                    prefetchers,
-                    handshake_timeout: duration("handshake-timeout", &handshake_timeout, None)?,
+                handler: {
+                    let policy = policy(&p)?;
+                    if (policy.writes_record() || policy.follows_record()) && record.is_none() {
+                        return Err(format!("--policy {policy} needs --record FILE"));
+                    }
+                    HandlerOptions {
+                        policy,
+                        prefetchers,
+                        handshake_timeout: duration(
+                            "handshake-timeout",
+                            &handshake_timeout,
+                            None,
+                        )?,
+                        record,
+                        record_for: match record_for {
+                            Some(d) => Some(duration("record-for", &d, None)?),
+                            None => None,
+                        },
+                    }
                 },
                 json,
+                on_fatal: match on_fatal.as_str() {
+                    "kill" => OnFatal::Kill,
+                    "notify" => OnFatal::Notify,
+                    o => return Err(format!("--on-fatal {o}: kill or notify")),
+                },
             }),
             Command::MemServer {
                 listen,
@@ -297,10 +367,13 @@ impl Cli {
                 socket,
                 run_for,
                 run_ms,
+                firecracker,
             } => Action::Restore {
                 dir,
                 socket,
                 run_for: duration("run-for", &run_for, run_ms)?,
+                handshake: HandshakeFormat::of_release(&firecracker)
+                    .map_err(|e| format!("--firecracker: {e}"))?,
             },
             Command::Compare {
                 dir,
@@ -308,6 +381,8 @@ impl Cli {
                 vcpus,
                 host_page,
                 workloads,
+                changed,
+                policies,
                 prefetchers,
                 run_for,
                 run_ms,
@@ -320,11 +395,19 @@ impl Cli {
                     mem: size(&mem, "mem")?,
                     vcpus,
                     host_page: hp(&host_page)?,
-                    workloads: workloads
-                        .split(',')
-                        .map(|w| w.trim().parse().map_err(|e| format!("--workloads: {e}")))
-                        .collect::<Result<_, String>>()?,
-                    policies: Policy::ALL.to_vec(),
+                    workloads: workload_list("workloads", &workloads)?,
+                    changed: if changed == "none" {
+                        Vec::new()
+                    } else {
+                        workload_list("changed", &changed)?
+                    },
+                    policies: match policies {
+                        None => Policy::COMPARED.to_vec(),
+                        Some(list) => list
+                            .split(',')
+                            .map(|p| policy(p.trim()))
+                            .collect::<Result<_, String>>()?,
+                    },
                     prefetchers: prefetchers.max(1),
                     run_for: duration("run-for", &run_for, run_ms)?,
                     warm: Duration::from_millis(200),

@@ -1,11 +1,23 @@
-//! The comparison as an SVG: total vCPU blocktime per workload, one bar per policy (the
-//! median over the repetitions, with a whisker from the smallest to the largest).
+//! The comparison as an SVG: the work the guest did in the window after restore per case,
+//! one bar per policy (the median over the repetitions, with a whisker from the smallest to
+//! the largest).
 
 use super::compare::{Comparison, Summary};
 use super::policy::Policy;
 use pagehint_migrate::svg::{Anchor, Box2, Canvas, Style};
 
-const COLOURS: [&str; 4] = ["#d62728", "#ff7f0e", "#1f77b4", "#2ca02c"];
+/// Each policy's colour (exhaustive: a new policy must be given one).
+fn colour(p: Policy) -> &'static str {
+    match p {
+        Policy::OnDemand => "#d62728",
+        Policy::Linear => "#ff7f0e",
+        Policy::PagehintNoHint => "#9467bd",
+        Policy::Pagehint => "#1f77b4",
+        Policy::Record => "#8c564b",
+        Policy::Recorded => "#7f7f7f",
+        Policy::RecordedPagehint => "#2ca02c",
+    }
+}
 /// Width of one workload's group of bars.
 const GROUP_W: f64 = 160.0;
 /// Height of the plot.
@@ -18,7 +30,7 @@ pub fn svg(c: &Comparison) -> String {
 
 /// The picture [`svg`] writes, for tests to measure.
 pub fn picture(c: &Comparison) -> Canvas {
-    let workloads: Vec<&str> = c.ratios.iter().map(|r| r.workload.as_str()).collect();
+    let workloads: Vec<&str> = c.ratios.iter().map(|r| r.case.as_str()).collect();
     let mut policies: Vec<Policy> = Vec::new();
     for r in &c.summaries {
         if !policies.contains(&r.policy) {
@@ -28,7 +40,8 @@ pub fn picture(c: &Comparison) -> Canvas {
     let mut canvas = Canvas::new();
     let (left, plot_w) = (60.0, GROUP_W * workloads.len().max(1) as f64 + 20.0);
     let title = format!(
-        "vCPU blocktime after snapshot restore (ms, sum over vCPUs, median of {} with min-max; {} MiB, {} vCPUs, {} KiB pages)",
+        "Work done in the first {:.0} ms after snapshot restore (guest operations, all vCPUs; median of {} with min-max; {} MiB, {} vCPUs, {} KiB pages)",
+        c.window_ms,
         c.repeat,
         c.mem >> 20,
         c.vcpus,
@@ -46,13 +59,13 @@ pub fn picture(c: &Comparison) -> Canvas {
     let max = c
         .summaries
         .iter()
-        .map(|r| r.blocktime_total_ms.max)
+        .map(|r| r.work.max)
         .fold(0.0f64, f64::max)
         .max(1e-9);
     canvas.line((plot.x0, plot.y1), (plot.x1, plot.y1), "black");
     let small = Style::new(10.0).anchor(Anchor::End).color("#555");
     canvas.text(plot.x0 - 4.0, plot.y1, small, "0");
-    canvas.text(plot.x0 - 4.0, plot.y0 + 8.0, small, &format!("{max:.1}"));
+    canvas.text(plot.x0 - 4.0, plot.y0 + 8.0, small, &format!("{max:.0}"));
     let bar = 120.0 / policies.len().max(1) as f64;
     for (i, wl) in workloads.iter().enumerate() {
         let x0 = plot.x0 + 10.0 + i as f64 * GROUP_W;
@@ -60,10 +73,10 @@ pub fn picture(c: &Comparison) -> Canvas {
             let found = c
                 .summaries
                 .iter()
-                .find(|r| r.workload == *wl && r.policy == *p);
+                .find(|r| r.case == *wl && r.policy == *p);
             if let Some(r) = found {
                 let x = x0 + j as f64 * bar;
-                whisker_bar(&mut canvas, plot, x, bar - 2.0, max, r, COLOURS[j % 4]);
+                whisker_bar(&mut canvas, plot, x, bar - 2.0, max, r, colour(*p));
             }
         }
         let mid = Style::new(12.0).anchor(Anchor::Middle);
@@ -71,8 +84,7 @@ pub fn picture(c: &Comparison) -> Canvas {
     }
     let entries: Vec<(&'static str, String)> = policies
         .iter()
-        .enumerate()
-        .map(|(j, p)| (COLOURS[j % COLOURS.len()], p.name().to_string()))
+        .map(|p| (colour(*p), p.name().to_string()))
         .collect();
     canvas.legend(
         plot.x1 + 10.0,
@@ -89,10 +101,10 @@ pub fn picture(c: &Comparison) -> Canvas {
 fn whisker_bar(c: &mut Canvas, plot: Box2, x: f64, w: f64, max: f64, r: &Summary, fill: &str) {
     let h = plot.y1 - plot.y0;
     let y = |v: f64| plot.y1 - h * v / max;
-    let b = r.blocktime_total_ms;
+    let b = r.work;
     let xm = x + w / 2.0;
     c.line((xm, y(b.min)), (xm, y(b.max)), "black");
-    let title = format!("{} {}: {:.2} ms", r.workload, r.policy, b.median);
+    let title = format!("{} {}: {:.0} operations", r.case, r.policy, b.median);
     let bar = Box2 {
         x0: x,
         y0: y(b.median),
@@ -111,22 +123,34 @@ mod tests {
     #[test]
     fn the_picture_fits_its_text_with_one_workload_or_all() {
         let row = |w: Workload, policy: Policy, repetition: usize| Row {
+            case: w.to_string(),
             workload: w.to_string(),
             policy,
             repetition,
-            faults: 1234,
-            blocktime_ms: vec![1234.5, 0.5],
-            blocktime_total_ms: 1235.0 * (repetition + 1) as f64,
-            ops: 99,
+            window_ms: 500.0,
+            work: 1000 * (repetition as u64 + 1),
+            work_adjusted: 1050.0,
+            vcpu_run_ms: 900.0,
+            vcpu_queue_ms: 50.0,
+            first_op_ms: Some(3.0),
+            faults_window: 1234,
+            faults_after: 50000,
+            blocktime_window_ms: 400.0,
+            blocktime_window_bound_ms: 410.0,
+            all_blocked_window_ms: 100.0,
+            blocktime_after_ms: 2000.0,
+            faults_bounded_by_sleep: 3,
             completion_ms: 500.0,
             all_loaded_ms: Some(450.0),
             guest_errors: 0,
             eexist: 0,
+            placed_once: true,
             fault_placed: 1000,
             prefetched: 5000,
+            record_pages: 0,
+            record_placed: 0,
             prefetch_cpu_ms: 12.0,
             prefetch_wait_ms: 1.0,
-            prefetch_cpu_us_per_page: Some(2.4),
         };
         for workloads in [&[Workload::Kv][..], Workload::ALL] {
             let mut rows = Vec::new();
@@ -141,7 +165,7 @@ mod tests {
                 std::fs::write(p, pic.finish()).unwrap();
             }
             assert!(pic.problems().is_empty(), "{:#?}", pic.problems());
-            assert!(pic.finish().contains("pagehint-nohint"));
+            assert!(pic.finish().contains("recorded+pagehint"));
         }
     }
 }

@@ -8,9 +8,41 @@
 //!   `UFFDIO_COPY`, then [`PageScheduler::urgent_sent`] leaves the hint "continue after the
 //!   fault" (policy `pagehint`). A lost claim means a prefetcher owns the page: its copy wakes
 //!   the vCPU.
-//! * **Background path** (the prefetchers): each runs a [`BackgroundScanner`](pagehint::scheduler::BackgroundScanner)
+//! * **Background path** (the prefetchers): each runs a [`BackgroundScanner`]
 //!   and places every host page it claims. Every page goes to exactly one claim (the bitmap's
 //!   I1/I2), so each page is placed once; an `EEXIST` would mean otherwise and is counted.
+//!
+//! # Recorded working sets
+//! Policy `record` serves faults on demand and, when the session ends, writes each host
+//! page's first fault (within `record_for` of the start) to a [`record`]
+//! file, as memory-file offsets. Policies `recorded` and `recorded+pagehint` read one at the
+//! start (checked against the regions) and give it to one prefetcher, which claims and
+//! places the recorded pages in order through the same bitmap (so a page the fault path or
+//! another prefetcher took first is skipped, and each page is still placed once); with
+//! `recorded+pagehint`, whenever a fault's hint is pending it first takes one hinted step
+//! (the pages after the fault: what the record did not predict), and after the record it
+//! scans on with the hint.
+//!
+//! # When a session ends
+//! Firecracker v1.12+ keeps the socket open while it runs, so its end means the VMM has
+//! gone; v1.7–v1.11 close it right after the handshake, and then it means nothing (the
+//! handler stops watching it and serves on). Whatever the release, a session also ends when
+//! the VMM's process exits (a pidfd of the `SO_PEERCRED` pid, where the VMM is another
+//! process), when a copy finds the address space gone (`ESRCH`), or on [`Control::stop`].
+//! It fails, at once, on a descriptor that is not a non-blocking userfaultfd, on the
+//! userfaultfd reporting an error, and on any failure of a prefetcher (a page that cannot be
+//! read or placed would leave a vCPU waiting forever); the caller then kills the VMM or tells
+//! it (see `pagehint-uffd serve --on-fatal`).
+//!
+//! # What a fault's wait is measured from
+//! The kernel gives a fault no timestamp, so its wait is bounded on both sides: from when it
+//! was **read** (a lower bound), and from the latest moment it can be shown to have been
+//! **queued after** (an upper bound): the start of the previous read, which left the queue
+//! empty, or, when the handler slept in `poll(2)` before reading it, the wake-up minus the
+//! time the event thread spent runnable or running since it went to sleep (from the thread's
+//! CPU clock and `/proc/thread-self/schedstat`): the fault cannot have arrived while the
+//! thread slept, or the thread would have woken. Waiting for the gate's write side (the
+//! handler's only lock on this path) falls inside both.
 //!
 //! # Removed ranges (`UFFD_EVENT_REMOVE`)
 //! The balloon's `madvise(MADV_DONTNEED)` queues a REMOVE event and waits until the handler
@@ -26,26 +58,32 @@
 //! mark after releasing the write side and copy without the read side.
 
 use std::fmt;
+use std::fs::File;
 use std::io;
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use pagehint::{BlockSpec, PageLocation, PageScheduler, RamLayout, Served, UrgentRequest};
+use pagehint::scheduler::BackgroundScanner;
+use pagehint::{BlockSpec, Claim, PageLocation, PageScheduler, RamLayout, Served, UrgentRequest};
 use pagehint_uffd_gate::{EventRead, RemoveGate};
 use rustix::event::{poll, PollFd, PollFlags};
 
 pub use super::policy::Policy;
 use super::policy::Scan;
-use super::protocol::{recv_handshake, GuestRegionUffdMapping, ProtocolError};
+use super::protocol::{recv_handshake, GuestRegionUffdMapping, HandshakeFormat, ProtocolError};
+use super::record::{self, RecordError};
 use super::source::PageSource;
 use pagehint_migrate::blocktime::{blocktime_of, Blocktime};
 use pagehint_migrate::sys::clock::{now_ns, thread_cpu_ns, thread_run_delay_ns};
-use pagehint_migrate::sys::uffd::{Fault, PlaceError, UffdEvent, Userfault};
+use pagehint_migrate::sys::uffd::{Fault, PlaceError, ReceivedError, UffdEvent, Userfault};
 
 /// Handler settings.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct HandlerOptions {
     /// The loading policy.
     pub policy: Policy,
@@ -53,6 +91,12 @@ pub struct HandlerOptions {
     pub prefetchers: usize,
     /// How long to wait for the VMM's handshake after it connects.
     pub handshake_timeout: Duration,
+    /// The record file: written by policy `record`, read by `recorded` and
+    /// `recorded+pagehint` (required by those three, ignored by the others).
+    pub record: Option<PathBuf>,
+    /// Policy `record`: record the faults read within this long of the session's start
+    /// (`None`: every fault of the session).
+    pub record_for: Option<Duration>,
 }
 
 impl Default for HandlerOptions {
@@ -61,6 +105,8 @@ impl Default for HandlerOptions {
             policy: Policy::Pagehint,
             prefetchers: 1,
             handshake_timeout: Duration::from_secs(5),
+            record: None,
+            record_for: None,
         }
     }
 }
@@ -86,6 +132,14 @@ pub enum HandlerError {
     /// An event other than a fault or a remove (fork, remap, unmap): not enabled by a
     /// Firecracker-style VMM, so not handled.
     UnexpectedEvent(u8),
+    /// The descriptor received is not a non-blocking userfaultfd.
+    Descriptor(ReceivedError),
+    /// `poll(2)` reports an error on the userfaultfd (its revents).
+    UffdPoll(String),
+    /// The record could not be written, read, or does not fit the regions.
+    Record(RecordError),
+    /// The policy needs a record file and none was given.
+    NoRecord(Policy),
     /// Polling or reading the descriptor or the socket failed.
     Io(io::Error),
 }
@@ -101,6 +155,10 @@ impl fmt::Display for HandlerError {
             }
             Self::Place(e) => write!(f, "{e}"),
             Self::UnexpectedEvent(e) => write!(f, "unexpected userfaultfd event {e:#x}"),
+            Self::Descriptor(e) => write!(f, "{e}"),
+            Self::UffdPoll(ev) => write!(f, "poll(2) reports {ev} on the userfaultfd"),
+            Self::Record(e) => write!(f, "{e}"),
+            Self::NoRecord(p) => write!(f, "policy {p} needs a record file (--record)"),
             Self::Io(e) => write!(f, "{e}"),
         }
     }
@@ -112,6 +170,26 @@ impl From<ProtocolError> for HandlerError {
     fn from(e: ProtocolError) -> Self {
         Self::Protocol(e)
     }
+}
+
+impl From<RecordError> for HandlerError {
+    fn from(e: RecordError) -> Self {
+        Self::Record(e)
+    }
+}
+
+/// Why a session ended without failing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum EndReason {
+    /// [`Control::stop`] was set.
+    Stopped,
+    /// The VMM closed the socket it keeps while it runs (Firecracker v1.12+).
+    SocketClosed,
+    /// The VMM's process exited.
+    VmmExited,
+    /// A copy found the registering address space gone (`ESRCH`).
+    AddressSpaceGone,
 }
 
 /// Between the handler and whoever runs it: a stop request, and word that every page is in.
@@ -139,6 +217,9 @@ pub struct FaultRecord {
     pub tid: u32,
     /// Its host page (global index over the regions).
     pub hp: u64,
+    /// The latest moment it is known to have been queued after (`CLOCK_MONOTONIC` ns; the
+    /// module docs say how); 0 where nothing is known (read in the first round).
+    pub queued_after_ns: u64,
     /// When the handler read it (`CLOCK_MONOTONIC` ns).
     pub read_ns: u64,
     /// When its host page was placed (ns): by the event thread for this fault, or else by
@@ -161,6 +242,22 @@ impl FaultRecord {
 pub struct HandlerReport {
     /// The policy.
     pub policy: Option<Policy>,
+    /// Which Firecracker releases' handshake the VMM sent.
+    pub handshake: Option<HandshakeFormat>,
+    /// The VMM's process id (`SO_PEERCRED`).
+    pub peer_pid: Option<i32>,
+    /// Whether the VMM's process was watched for its exit (a pidfd; not where the VMM is
+    /// this process, or the kernel has no `pidfd_open`).
+    pub watched_vmm_process: bool,
+    /// Why the session ended (when it did not fail).
+    pub ended_by: Option<EndReason>,
+    /// When the VMM closed the socket, where that did not end the session (v1.7–v1.11).
+    pub socket_closed_ns: Option<u64>,
+    /// Times the event thread waited in `poll(2)` (an idle session adds about 20 a second:
+    /// no busy wait).
+    pub polls: u64,
+    /// CPU time the event thread used (ns).
+    pub event_cpu_ns: u64,
     /// Prefetcher threads run.
     pub prefetchers: usize,
     /// Host pages in all regions.
@@ -204,8 +301,17 @@ pub struct HandlerReport {
     pub end_ns: u64,
     /// Bytes that arrived on the socket after the handshake (ignored).
     pub unexpected_bytes: u64,
-    /// A prefetcher's failure, if any (prefetching then stopped; faults were still served).
-    pub prefetch_error: Option<String>,
+    /// Pages in the record written (policy `record`) or followed (`recorded`,
+    /// `recorded+pagehint`).
+    pub record_pages: u64,
+    /// Host pages placed by the prefetcher following the record, from the record.
+    pub record_placed: u64,
+    /// Hinted claims the record's prefetcher took between recorded pages
+    /// (`recorded+pagehint`).
+    pub record_hint_steps: u64,
+    /// Faults whose queueing moment is bounded by a sleep in `poll(2)` (the rest by the
+    /// previous read, or, in the first round, not at all).
+    pub bounded_by_sleep: u64,
     /// Every fault.
     #[serde(skip)]
     pub fault_records: Vec<FaultRecord>,
@@ -221,6 +327,68 @@ impl HandlerReport {
                 .map(|r| (r.tid, r.read_ns, r.placed_ns)),
             tids,
         )
+    }
+}
+
+/// One sample of the event thread's clocks, to tell whether it slept in `poll(2)`.
+#[derive(Clone, Copy)]
+struct Clocks {
+    /// `CLOCK_MONOTONIC`.
+    t: u64,
+    /// The thread's CPU time.
+    cpu: u64,
+    /// Its time runnable but not running (`None`: no schedstat here).
+    run_delay: Option<u64>,
+}
+
+/// The event thread's own `/proc/thread-self/schedstat`, kept open (read again with
+/// `pread` at 0: one system call).
+struct SchedStat {
+    file: Option<File>,
+    buf: [u8; 96],
+}
+
+impl SchedStat {
+    /// Opened by the thread it describes.
+    fn open() -> Self {
+        Self {
+            file: File::open("/proc/thread-self/schedstat").ok(),
+            buf: [0; 96],
+        }
+    }
+
+    fn sample(&mut self) -> Clocks {
+        let run_delay = self.file.as_ref().and_then(|f| {
+            let n = f.read_at(&mut self.buf, 0).ok()?;
+            let text = std::str::from_utf8(&self.buf[..n]).ok()?;
+            text.split_whitespace().nth(1)?.parse().ok()
+        });
+        Clocks {
+            t: now_ns(),
+            cpu: thread_cpu_ns(),
+            run_delay,
+        }
+    }
+}
+
+/// Time unaccounted for by CPU and run-queue time that shows a sleep (the clocks are read
+/// one after the other, a few hundred ns apart).
+const SLEEP_SLACK_NS: u64 = 20_000;
+
+/// The latest moment a fault read after `after` (and after the wait that began at `before`)
+/// must have been queued after: where the thread slept, the wake-up minus the time it was
+/// runnable or running since (it did not sleep after the fault arrived); else nothing
+/// beyond `empty_since` (when the previous read left the queue empty).
+fn queued_after(empty_since: u64, before: Clocks, after: Clocks) -> (u64, bool) {
+    let (Some(r0), Some(r1)) = (before.run_delay, after.run_delay) else {
+        return (empty_since, false);
+    };
+    let awake = after.cpu.saturating_sub(before.cpu) + r1.saturating_sub(r0);
+    let elapsed = after.t.saturating_sub(before.t);
+    if elapsed > awake + SLEEP_SLACK_NS {
+        (empty_since.max(after.t - awake), true)
+    } else {
+        (empty_since, false)
     }
 }
 
@@ -276,7 +444,55 @@ impl Regions {
     fn hp(&self, r: usize, page: u64) -> u64 {
         self.first_hp[r] + (page << 12) / self.maps[r].page_size
     }
+
+    /// The memory-file offset of global host page `hp`.
+    fn file_offset(&self, hp: u64) -> u64 {
+        let r = self.first_hp.partition_point(|&f| f <= hp) - 1;
+        let m = &self.maps[r];
+        m.offset + (hp - self.first_hp[r]) * m.page_size
+    }
+
+    /// (region, first target page) of the host page at memory-file offset `off`, if one
+    /// starts there.
+    fn at_file_offset(&self, off: u64) -> Option<(usize, u64)> {
+        self.maps.iter().enumerate().find_map(|(r, m)| {
+            let rel = off.checked_sub(m.offset)?;
+            (rel < m.size && rel.is_multiple_of(m.page_size)).then_some((r, rel >> 12))
+        })
+    }
+
+    /// The record's offsets as (region, first target page), checked: each a host page of
+    /// these regions, none twice.
+    fn recorded_pages(&self, offsets: &[u64]) -> Result<Vec<(usize, u64)>, RecordError> {
+        let mut seen = vec![false; self.host_pages as usize];
+        offsets
+            .iter()
+            .enumerate()
+            .map(|(index, &offset)| {
+                let (r, page) = self
+                    .at_file_offset(offset)
+                    .ok_or(RecordError::Outside { index, offset })?;
+                let hp = self.hp(r, page) as usize;
+                if std::mem::replace(&mut seen[hp], true) {
+                    return Err(RecordError::Duplicate { index, offset });
+                }
+                Ok((r, page))
+            })
+            .collect()
+    }
 }
+
+/// What a prefetcher runs.
+enum Job<'a> {
+    /// A scan to its end.
+    Scan(BackgroundScanner<'a>),
+    /// The record, in order; with a scanner, hinted steps between its pages and the scan
+    /// after it.
+    Record(Vec<(usize, u64)>, Option<BackgroundScanner<'a>>),
+}
+
+/// A prefetcher stops: asked to, the VMM gone, or a failure recorded.
+struct Halt;
 
 /// State shared by the event thread and the prefetchers.
 struct Shared<'a> {
@@ -300,7 +516,15 @@ struct Shared<'a> {
     prefetch_wait_ns: AtomicU64,
     eexist: AtomicU64,
     retries: AtomicU64,
-    prefetch_error: Mutex<Option<String>>,
+    /// Host pages the record's prefetcher placed from the record, and its hinted steps.
+    record_placed: AtomicU64,
+    record_hint_steps: AtomicU64,
+    /// A prefetcher found the address space gone (`ESRCH`).
+    gone: AtomicBool,
+    /// A prefetcher's failure (the first one): it fails the session.
+    failure: Mutex<Option<HandlerError>>,
+    /// Set with `failure`, for the event thread to poll cheaply.
+    failed: AtomicBool,
 }
 
 impl Shared<'_> {
@@ -334,13 +558,27 @@ impl Shared<'_> {
         }
     }
 
-    /// Records a prefetcher's failure (the first one is reported; prefetching then stops).
+    /// Records a prefetcher's failure (the first one fails the session); the address space
+    /// gone is no failure but the session's end.
     fn fail(&self, e: HandlerError) {
-        let mut slot = self
-            .prefetch_error
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        slot.get_or_insert(e.to_string());
+        if matches!(e, HandlerError::Place(PlaceError::Gone)) {
+            // Relaxed: a polled flag; the event thread then ends the session.
+            self.gone.store(true, Ordering::Relaxed);
+            return;
+        }
+        let mut slot = self.failure.lock().unwrap_or_else(|p| p.into_inner());
+        slot.get_or_insert(e);
+        // Release: the event thread's Acquire load then finds the error in the slot (the
+        // mutex orders it anyway; the flag spares it the lock).
+        self.failed.store(true, Ordering::Release);
+    }
+
+    /// Whether prefetching should stop.
+    fn halted(&self) -> bool {
+        // Relaxed: polled flags; stopping late only loads more.
+        self.stop.load(Ordering::Relaxed)
+            || self.gone.load(Ordering::Relaxed)
+            || self.failed.load(Ordering::Relaxed)
     }
 
     fn stamp(&self, hp: u64) {
@@ -350,9 +588,13 @@ impl Shared<'_> {
         self.loaded.fetch_add(1, Ordering::Relaxed);
     }
 
-    fn prefetch(&self, scanner: pagehint::scheduler::BackgroundScanner<'_>) {
+    fn prefetch(&self, job: Job<'_>) {
         let (cpu, delay) = (thread_cpu_ns(), thread_run_delay_ns());
-        self.prefetch_pages(scanner);
+        let mut buf = Vec::new();
+        let _ = match job {
+            Job::Scan(scanner) => self.scan(scanner, &mut buf),
+            Job::Record(pages, scanner) => self.follow_record(&pages, scanner, &mut buf),
+        };
         // Relaxed: a sum read after the join.
         self.prefetch_cpu_ns
             .fetch_add(thread_cpu_ns() - cpu, Ordering::Relaxed);
@@ -363,83 +605,174 @@ impl Shared<'_> {
         }
     }
 
-    fn prefetch_pages(&self, scanner: pagehint::scheduler::BackgroundScanner<'_>) {
-        let mut buf = Vec::new();
+    fn scan(&self, scanner: BackgroundScanner<'_>, buf: &mut Vec<u8>) -> Result<(), Halt> {
         for claim in scanner {
-            for hp in claim.host_pages() {
-                let r = claim.block() as usize;
-                let g = self.regions.hp(r, hp.first_page);
-                buf.resize(self.regions.maps[r].page_size as usize, 0);
-                // A snapshot that spares fetching a page already removed (marks are never
-                // cleared, so the gate below then finds it removed too); the gate decides.
-                if !self.gate.is_removed(g as usize) {
-                    if let Err(e) = self.fetch(r, hp.first_page, &mut buf) {
-                        self.fail(e);
-                        return;
+            self.place_claim(&claim, buf)?;
+        }
+        Ok(())
+    }
+
+    /// Places the recorded pages in order (each one this prefetcher still wins), taking one
+    /// hinted step first whenever a hint is pending; then scans on (module docs).
+    fn follow_record(
+        &self,
+        pages: &[(usize, u64)],
+        mut scanner: Option<BackgroundScanner<'_>>,
+        buf: &mut Vec<u8>,
+    ) -> Result<(), Halt> {
+        for &(r, page) in pages {
+            if let Some(sc) = scanner.as_mut() {
+                if self.sched.hint().peek().is_some() {
+                    if let Some(c) = sc.next_claim() {
+                        // Relaxed: a counter read after the join.
+                        self.record_hint_steps.fetch_add(1, Ordering::Relaxed);
+                        self.place_claim(&c, buf)?;
                     }
                 }
-                loop {
-                    // Relaxed: a polled flag; stopping late only loads more.
-                    if self.stop.load(Ordering::Relaxed) {
-                        return;
+            }
+            let loc = PageLocation::new(r as u32, page);
+            // The pages were checked against the regions: the location is valid.
+            if let Some(c) = self
+                .sched
+                .bitmap()
+                .claim_host_page(loc)
+                .ok()
+                .and_then(|c| c.into_claim())
+            {
+                // Relaxed: a counter read after the join.
+                self.record_placed.fetch_add(1, Ordering::Relaxed);
+                self.place_claim(&c, buf)?;
+            } else if self.halted() {
+                return Err(Halt);
+            }
+        }
+        match scanner {
+            Some(sc) => self.scan(sc, buf),
+            None => Ok(()),
+        }
+    }
+
+    /// Places every host page of a prefetcher's claim (a removed one is skipped).
+    fn place_claim(&self, claim: &Claim, buf: &mut Vec<u8>) -> Result<(), Halt> {
+        for hp in claim.host_pages() {
+            let r = claim.block() as usize;
+            let g = self.regions.hp(r, hp.first_page);
+            buf.resize(self.regions.maps[r].page_size as usize, 0);
+            // A snapshot that spares fetching a page already removed (marks are never
+            // cleared, so the gate below then finds it removed too); the gate decides.
+            if !self.gate.is_removed(g as usize) {
+                if let Err(e) = self.fetch(r, hp.first_page, buf) {
+                    self.fail(e);
+                    return Err(Halt);
+                }
+            }
+            loop {
+                if self.halted() {
+                    return Err(Halt);
+                }
+                let copied = self
+                    .gate
+                    .copy_unless_removed(g as usize, || self.copy_page(r, hp.first_page, buf));
+                match copied {
+                    None => {
+                        // Removed: never loaded from the file again. A vCPU whose fault
+                        // was read while this prefetcher owned the page waits for a copy
+                        // that will not come: wake it, so that it faults again and the
+                        // event thread places zeros.
+                        let m = &self.regions.maps[r];
+                        let dst = m.base_host_virt_addr + (hp.first_page << 12);
+                        let _ = self.uffd.wake(dst, m.page_size);
+                        // Relaxed: a counter read after the join.
+                        self.removed_skipped.fetch_add(1, Ordering::Relaxed);
+                        // Relaxed: a count (see `stamp`).
+                        self.loaded.fetch_add(1, Ordering::Relaxed);
+                        break;
                     }
-                    let copied = self
-                        .gate
-                        .copy_unless_removed(g as usize, || self.copy_page(r, hp.first_page, &buf));
-                    match copied {
-                        None => {
-                            // Removed: never loaded from the file again. A vCPU whose fault
-                            // was read while this prefetcher owned the page waits for a copy
-                            // that will not come: wake it, so that it faults again and the
-                            // event thread places zeros.
-                            let m = &self.regions.maps[r];
-                            let dst = m.base_host_virt_addr + (hp.first_page << 12);
-                            let _ = self.uffd.wake(dst, m.page_size);
-                            // Relaxed: a counter read after the join.
-                            self.removed_skipped.fetch_add(1, Ordering::Relaxed);
-                            // Relaxed: a count (see `stamp`).
-                            self.loaded.fetch_add(1, Ordering::Relaxed);
-                            break;
-                        }
-                        Some(Ok(())) => {
-                            self.stamp(g);
-                            // Relaxed: a counter read after the join.
-                            self.prefetched.fetch_add(1, Ordering::Relaxed);
-                            break;
-                        }
-                        Some(Err(HandlerError::Place(PlaceError::Retry))) => {
-                            // Relaxed: a counter read after the join.
-                            self.retries.fetch_add(1, Ordering::Relaxed);
-                            std::thread::yield_now();
-                        }
-                        Some(Err(e)) => {
-                            self.fail(e);
-                            return;
-                        }
+                    Some(Ok(())) => {
+                        self.stamp(g);
+                        // Relaxed: a counter read after the join.
+                        self.prefetched.fetch_add(1, Ordering::Relaxed);
+                        break;
+                    }
+                    Some(Err(HandlerError::Place(PlaceError::Retry))) => {
+                        // Relaxed: a counter read after the join.
+                        self.retries.fetch_add(1, Ordering::Relaxed);
+                        std::thread::yield_now();
+                    }
+                    Some(Err(e)) => {
+                        self.fail(e);
+                        return Err(Halt);
                     }
                 }
             }
         }
+        Ok(())
     }
 }
 
-/// Accepts the handshake on `stream` (a connection from the VMM) and serves it until the VMM
-/// closes the socket or `stop` is set.
+/// The VMM's side of a session: its socket, and its process where it can be watched.
+pub struct Vmm<'a> {
+    /// The connection the handshake came on.
+    pub stream: &'a UnixStream,
+    /// Which releases' handshake it sent (what the socket's end means).
+    pub format: HandshakeFormat,
+    /// A pidfd of the VMM's process (readable once it exits), where it is another process.
+    pub process: Option<OwnedFd>,
+}
+
+/// Opens a pidfd of `pid` unless it is this process (whose exit ends everything anyway):
+/// `Ok(None)` where there is nothing to watch or the kernel has no `pidfd_open`;
+/// `Err(())` if the process has already exited.
+fn watch(pid: Option<i32>) -> Result<Option<OwnedFd>, ()> {
+    let Some(pid) = pid.filter(|&p| p as u32 != std::process::id()) else {
+        return Ok(None);
+    };
+    let Some(pid) = rustix::process::Pid::from_raw(pid) else {
+        return Ok(None);
+    };
+    match rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()) {
+        Ok(fd) => Ok(Some(fd)),
+        Err(rustix::io::Errno::SRCH) => Err(()),
+        Err(_) => Ok(None),
+    }
+}
+
+/// Accepts the handshake on `stream` (a connection from the VMM), checks the descriptor,
+/// and serves it until the session ends (module docs).
 pub fn handle_connection(
     stream: &UnixStream,
     source: &dyn PageSource,
     opts: &HandlerOptions,
     control: &Control,
 ) -> Result<HandlerReport, HandlerError> {
-    let (maps, fd) = recv_handshake(stream, opts.handshake_timeout, source.size())?;
-    let uffd = Userfault::from_received(fd);
-    serve(stream, maps, &uffd, source, opts, control)
+    let hs = recv_handshake(stream, opts.handshake_timeout, source.size())?;
+    let uffd = Userfault::from_received(hs.fd).map_err(HandlerError::Descriptor)?;
+    let (process, gone) = match watch(hs.peer_pid) {
+        Ok(p) => (p, false),
+        Err(()) => (None, true),
+    };
+    let vmm = Vmm {
+        stream,
+        format: hs.format,
+        process,
+    };
+    if gone {
+        // The VMM exited between sending the handshake and now: nothing to serve.
+        control.stop.store(true, Ordering::Relaxed); // Relaxed: read by this thread below
+    }
+    let mut r = serve(&vmm, hs.mappings, &uffd, source, opts, control);
+    if let Ok(rep) = r.as_mut() {
+        rep.peer_pid = hs.peer_pid;
+        if gone {
+            rep.ended_by = Some(EndReason::VmmExited);
+        }
+    }
+    r
 }
 
-/// Serves faults on `uffd` for `maps` from `source` until the VMM closes `stream` or
-/// `control.stop` is set.
+/// Serves faults on `uffd` for `maps` from `source` until the session ends (module docs).
 pub fn serve(
-    stream: &UnixStream,
+    vmm: &Vmm<'_>,
     maps: Vec<GuestRegionUffdMapping>,
     uffd: &Userfault,
     source: &dyn PageSource,
@@ -447,6 +780,20 @@ pub fn serve(
     control: &Control,
 ) -> Result<HandlerReport, HandlerError> {
     let regions = Regions::new(maps)?;
+    let record_path = || {
+        opts.record
+            .as_deref()
+            .ok_or(HandlerError::NoRecord(opts.policy))
+    };
+    let recorded = if opts.policy.follows_record() {
+        let offsets = record::read(record_path()?)?;
+        regions.recorded_pages(&offsets)?
+    } else {
+        if opts.policy.writes_record() {
+            record_path()?;
+        }
+        Vec::new()
+    };
     let sched = PageScheduler::new(regions.layout.clone(), opts.policy.scheduler())
         .map_err(HandlerError::Io)?;
     sched.bitmap().mark_all(); // nothing is loaded yet
@@ -465,32 +812,54 @@ pub fn serve(
         prefetch_wait_ns: AtomicU64::new(0),
         eexist: AtomicU64::new(0),
         retries: AtomicU64::new(0),
-        prefetch_error: Mutex::new(None),
+        record_placed: AtomicU64::new(0),
+        record_hint_steps: AtomicU64::new(0),
+        gone: AtomicBool::new(false),
+        failure: Mutex::new(None),
+        failed: AtomicBool::new(false),
         regions,
     };
     let prefetchers = opts.policy.prefetchers(opts.prefetchers);
     let mut report = HandlerReport {
         policy: Some(opts.policy),
+        handshake: Some(vmm.format),
+        watched_vmm_process: vmm.process.is_some(),
         prefetchers,
         host_pages: shared.regions.host_pages,
         bytes: shared.regions.maps.iter().map(|m| m.size).sum(),
         start_ns: now_ns(),
+        record_pages: recorded.len() as u64,
         ..Default::default()
     };
     let result = std::thread::scope(|s| {
-        let scanners = match opts.policy.scan() {
+        let mut jobs: Vec<Job<'_>> = match opts.policy.scan() {
             Scan::None => Vec::new(),
-            Scan::FromStart => vec![shared.sched.background_from(PageLocation::new(0, 0))],
-            Scan::Spaced => shared.sched.background_scanners(prefetchers),
+            Scan::FromStart => vec![Job::Scan(
+                shared.sched.background_from(PageLocation::new(0, 0)),
+            )],
+            Scan::Spaced => shared
+                .sched
+                .background_scanners(prefetchers)
+                .into_iter()
+                .map(Job::Scan)
+                .collect(),
+            Scan::Record => vec![Job::Record(recorded, None)],
+            Scan::RecordThenHint => {
+                let mut scans = shared.sched.background_scanners(prefetchers).into_iter();
+                let first = Job::Record(recorded, scans.next());
+                std::iter::once(first).chain(scans.map(Job::Scan)).collect()
+            }
         };
         let shared = &shared;
-        for (i, sc) in scanners.into_iter().enumerate().take(prefetchers) {
+        for (i, job) in jobs.drain(..).enumerate().take(prefetchers) {
             std::thread::Builder::new()
                 .name(format!("prefetch{i}"))
-                .spawn_scoped(s, move || shared.prefetch(sc))
+                .spawn_scoped(s, move || shared.prefetch(job))
                 .map_err(HandlerError::Io)?;
         }
-        let r = event_loop(shared, stream, control, &mut report);
+        let cpu = thread_cpu_ns();
+        let r = event_loop(shared, vmm, control, &mut report);
+        report.event_cpu_ns = thread_cpu_ns() - cpu;
         // Relaxed: a polled flag; the scope's join orders everything after it.
         shared.stop.store(true, Ordering::Relaxed);
         r
@@ -503,10 +872,8 @@ pub fn serve(
     report.prefetch_wait_ns = shared.prefetch_wait_ns.load(Ordering::Relaxed);
     report.eexist = shared.eexist.load(Ordering::Relaxed);
     report.retries += shared.retries.load(Ordering::Relaxed);
-    report.prefetch_error = shared
-        .prefetch_error
-        .into_inner()
-        .unwrap_or_else(|p| p.into_inner());
+    report.record_placed = shared.record_placed.load(Ordering::Relaxed);
+    report.record_hint_steps = shared.record_hint_steps.load(Ordering::Relaxed);
     let mut last = 0;
     let mut all = true;
     for (hp, p) in shared.placed_ns.iter().enumerate() {
@@ -522,7 +889,31 @@ pub fn serve(
         // Relaxed: every thread has been joined.
         shared.placed_ns[hp as usize].load(Ordering::Relaxed)
     });
-    result.map(|()| report)
+    // A prefetcher's failure fails the session, even where the event thread ended it.
+    let failure = shared
+        .failure
+        .into_inner()
+        .unwrap_or_else(|p| p.into_inner());
+    let end = match (result, failure) {
+        (Err(e), _) | (Ok(_), Some(e)) => return Err(e),
+        (Ok(end), None) => end,
+    };
+    report.ended_by = Some(end);
+    if opts.policy.writes_record() {
+        let until = opts
+            .record_for
+            .map_or(u64::MAX, |d| report.start_ns + d.as_nanos() as u64);
+        let mut seen = vec![false; shared.regions.host_pages as usize];
+        let offsets: Vec<u64> = report
+            .fault_records
+            .iter()
+            .filter(|f| f.read_ns <= until && !std::mem::replace(&mut seen[f.hp as usize], true))
+            .map(|f| shared.regions.file_offset(f.hp))
+            .collect();
+        report.record_pages = offsets.len() as u64;
+        record::write(record_path()?, &offsets)?;
+    }
+    Ok(report)
 }
 
 /// A fault (or its copy) that must wait for the next read of events.
@@ -537,64 +928,113 @@ struct Pending {
     data: Vec<u8>,
 }
 
-/// The event thread: polls the userfaultfd and the VMM's socket until the VMM goes (or
-/// `control.stop`), reading events, marking removed ranges, and placing what each fault
+/// The event thread: polls the userfaultfd, the VMM's socket and process until the session
+/// ends (module docs), reading events, marking removed ranges, and placing what each fault
 /// needs; a copy the kernel asks to retry waits for the next round.
 fn event_loop(
     sh: &Shared<'_>,
-    stream: &UnixStream,
+    vmm: &Vmm<'_>,
     control: &Control,
     report: &mut HandlerReport,
-) -> Result<(), HandlerError> {
+) -> Result<EndReason, HandlerError> {
     let mut events = Vec::new();
     let mut retry: Vec<Pending> = Vec::new();
     let mut still: Vec<Pending> = Vec::new();
     let mut placer = Placer::new(sh);
+    let mut clocks = SchedStat::open();
+    // Nothing is known of when the faults of the first round were queued.
+    let mut empty_since = 0;
+    let mut socket_open = true;
     // The socket is only watched for its end (or stray bytes).
-    stream.set_nonblocking(true).map_err(HandlerError::Io)?;
+    vmm.stream.set_nonblocking(true).map_err(HandlerError::Io)?;
     loop {
-        // Relaxed: a polled flag.
+        // Relaxed: polled flags.
         if control.stop.load(Ordering::Relaxed) {
-            return Ok(());
+            return Ok(EndReason::Stopped);
+        }
+        // Relaxed: a polled flag (nothing is read through it).
+        if sh.gone.load(Ordering::Relaxed) {
+            return Ok(EndReason::AddressSpaceGone);
+        }
+        // Acquire: pairs with `fail`'s Release (the error is in its slot).
+        if sh.failed.load(Ordering::Acquire) {
+            // The session's result takes the error from the slot.
+            return Ok(EndReason::Stopped);
         }
         // Relaxed: a count compared with the total; the flag below carries the news.
         if sh.loaded.load(Ordering::Relaxed) == sh.regions.host_pages {
             // Release: see `Control::all_loaded`.
             control.all_loaded.store(true, Ordering::Release);
         }
-        let (uffd_ready, sock_ready) = wait(sh, stream, !retry.is_empty())?;
-        if sock_ready && vmm_gone(stream, report)? {
-            return Ok(());
+        let before = clocks.sample();
+        let ready = wait(sh, vmm, socket_open, !retry.is_empty())?;
+        let after = clocks.sample();
+        report.polls += 1;
+        let (bound, slept) = queued_after(empty_since, before, after);
+        if ready.vmm_exited {
+            return Ok(EndReason::VmmExited);
         }
-        if uffd_ready || !retry.is_empty() {
+        if ready.socket && socket_closed(vmm.stream, report)? {
+            if vmm.format.keeps_socket() {
+                return Ok(EndReason::SocketClosed);
+            }
+            // v1.7–v1.11 close it after the handshake: stop watching it, serve on.
+            socket_open = false;
+            report.socket_closed_ns = Some(now_ns());
+        }
+        if ready.uffd || !retry.is_empty() {
+            let t = now_ns();
             read_events(sh, &mut events, report)?;
+            empty_since = t;
         }
         let now = now_ns();
         for e in events.drain(..) {
             match e {
                 UffdEvent::Remove { .. } => {}
                 UffdEvent::Other(k) => return Err(HandlerError::UnexpectedEvent(k)),
-                UffdEvent::Fault(f) => retry.extend(accept_fault(sh, f, now, report)?),
+                UffdEvent::Fault(f) => {
+                    report.bounded_by_sleep += u64::from(slept);
+                    retry.extend(accept_fault(sh, f, bound, now, report)?);
+                }
             }
         }
         // Place what the faults need (new ones, and those that had to wait).
         for p in retry.drain(..) {
-            still.extend(placer.place(p, report)?);
+            match placer.place(p, report) {
+                Ok(again) => still.extend(again),
+                Err(HandlerError::Place(PlaceError::Gone)) => {
+                    return Ok(EndReason::AddressSpaceGone)
+                }
+                Err(e) => return Err(e),
+            }
         }
         std::mem::swap(&mut retry, &mut still);
     }
 }
 
-/// Waits (briefly when copies are to be retried) for the userfaultfd or the socket.
+/// What `poll(2)` found ready.
+struct Ready {
+    uffd: bool,
+    socket: bool,
+    vmm_exited: bool,
+}
+
+/// Waits (briefly when copies are to be retried) for the userfaultfd, the socket (while
+/// open) or the VMM's exit. An error on the userfaultfd fails the session rather than wake
+/// the loop again and again.
 fn wait(
     sh: &Shared<'_>,
-    stream: &UnixStream,
+    vmm: &Vmm<'_>,
+    socket_open: bool,
     retrying: bool,
-) -> Result<(bool, bool), HandlerError> {
-    let mut fds = [
-        PollFd::new(sh.uffd, PollFlags::IN),
-        PollFd::new(stream, PollFlags::IN),
-    ];
+) -> Result<Ready, HandlerError> {
+    let mut fds = vec![PollFd::new(sh.uffd, PollFlags::IN)];
+    if socket_open {
+        fds.push(PollFd::new(vmm.stream, PollFlags::IN));
+    }
+    if let Some(p) = &vmm.process {
+        fds.push(PollFd::new(p, PollFlags::IN));
+    }
     let wait = if retrying { 100_000 } else { 50_000_000 };
     match poll(
         &mut fds,
@@ -603,11 +1043,22 @@ fn wait(
         Ok(_) | Err(rustix::io::Errno::INTR) => {}
         Err(e) => return Err(HandlerError::Io(e.into())),
     }
-    Ok((!fds[0].revents().is_empty(), !fds[1].revents().is_empty()))
+    let bad = PollFlags::ERR | PollFlags::HUP | PollFlags::NVAL;
+    let u = fds[0].revents();
+    if u.intersects(bad) {
+        return Err(HandlerError::UffdPoll(format!("{u:?}")));
+    }
+    let socket = socket_open && !fds[1].revents().is_empty();
+    let vmm_exited = vmm.process.is_some() && !fds[fds.len() - 1].revents().is_empty();
+    Ok(Ready {
+        uffd: !u.is_empty(),
+        socket,
+        vmm_exited,
+    })
 }
 
-/// Whether the VMM has gone (its socket closed or reset); stray bytes are counted.
-fn vmm_gone(stream: &UnixStream, report: &mut HandlerReport) -> Result<bool, HandlerError> {
+/// Whether the VMM closed the socket (or reset it); stray bytes are counted.
+fn socket_closed(stream: &UnixStream, report: &mut HandlerReport) -> Result<bool, HandlerError> {
     let mut b = [0u8; 4096];
     match io::Read::read(&mut &*stream, &mut b) {
         Ok(0) => Ok(true),
@@ -641,11 +1092,13 @@ fn read_events(
     })
 }
 
-/// Records fault `f` (read at `now`) and claims its host page: what to place for it, or
-/// nothing when a prefetcher owns the page (its copy wakes the vCPU).
+/// Records fault `f` (queued after `queued_after`, read at `now`) and claims its host page:
+/// what to place for it, or nothing when a prefetcher owns the page (its copy wakes the
+/// vCPU).
 fn accept_fault(
     sh: &Shared<'_>,
     f: Fault,
+    queued_after: u64,
     now: u64,
     report: &mut HandlerReport,
 ) -> Result<Option<Pending>, HandlerError> {
@@ -660,6 +1113,7 @@ fn accept_fault(
     report.fault_records.push(FaultRecord {
         tid: f.tid,
         hp,
+        queued_after_ns: queued_after,
         read_ns: now,
         placed_ns: 0,
     });
@@ -805,13 +1259,34 @@ fn mark_removed(
 
 #[cfg(test)]
 mod tests {
-    use super::{settle, FaultRecord};
+    use super::{queued_after, settle, Clocks, FaultRecord};
+
+    /// A fault read after a sleep in `poll(2)` was queued no earlier than the wake-up minus
+    /// the time the thread was awake since it went to sleep; after no sleep (or without
+    /// schedstat), no earlier than the previous read.
+    #[test]
+    fn the_queueing_moment_is_bounded_by_a_sleep_or_the_previous_read() {
+        let c = |t, cpu, run_delay| Clocks { t, cpu, run_delay };
+        // 10 ms in poll, 30 µs of it running and 200 µs waiting for a CPU: slept.
+        let before = c(1_000_000, 5_000, Some(100));
+        let after = c(11_000_000, 35_000, Some(200_100));
+        assert_eq!(queued_after(900_000, before, after), (11_000_000 - 230_000, true));
+        // The previous read was later than that: it still bounds.
+        assert_eq!(queued_after(10_900_000, before, after), (10_900_000, true));
+        // All of it awake (running or runnable): no sleep, the previous read bounds.
+        let busy = c(11_000_000, 5_000 + 4_000_000, Some(100 + 5_990_000));
+        assert_eq!(queued_after(900_000, before, busy), (900_000, false));
+        // No schedstat: nothing is known of the sleep.
+        let blind = c(11_000_000, 35_000, None);
+        assert_eq!(queued_after(900_000, before, blind), (900_000, false));
+    }
 
     #[test]
     fn a_fault_on_a_page_placed_by_another_thread_waits_until_that_copy() {
         let rec = |hp, read_ns, placed_ns| FaultRecord {
             tid: 7,
             hp,
+            queued_after_ns: 0,
             read_ns,
             placed_ns,
         };

@@ -10,12 +10,14 @@
 //! * [`source`]: where pages come from (the snapshot memory file);
 //! * [`remote`]: pages over TCP from a memory server (pull-mode postcopy), and that server;
 //! * [`policy`]: how pages are loaded, every policy's facts in one place;
+//! * [`record`]: a restore's recorded working set (the file `record` writes and `recorded`
+//!   follows);
 //! * [`handler`]: the page server (faults, prefetchers, removed ranges) and its report;
 //! * [`vmm`]: snapshots of the KVM guest, and the restore VMM;
 //! * [`compare`] / [`export`]: the policy comparison, its table, JSON and SVG;
 //! * [`cli`]: the `pagehint-uffd` command line.
 //!
-//! Data flows one way: `protocol` and `source` (or `remote`) feed `handler`; `vmm` uses the guest and
+//! Data flows one way: `protocol`, `record` and `source` (or `remote`) feed `handler`; `vmm` uses the guest and
 //! `protocol`; `compare` runs both; the binary (`main.rs`) is `cli` → `compare`/`handler` → `export`.
 
 pub mod cli;
@@ -24,6 +26,7 @@ pub mod export;
 pub mod handler;
 pub mod policy;
 pub mod protocol;
+pub mod record;
 pub mod remote;
 pub mod source;
 pub mod vmm;

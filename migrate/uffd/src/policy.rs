@@ -1,6 +1,7 @@
 //! How `pagehint-uffd` loads pages: every fact of each policy in one place (its name, the
-//! scheduler it runs, its background scans and how many prefetchers run them, and whether
-//! a restore waits for everything to load).
+//! scheduler it runs, its background scans and how many prefetchers run them, whether it
+//! writes or follows a record of a restore's faults, and whether a restore waits for
+//! everything to load).
 //!
 //! **Adding a policy**: a line in the `policies!` list (its name; `ALL` follows) and an arm
 //! in each `match` here (the compiler names every one left out); the handler ([`super::handler`]) and the comparison
@@ -18,6 +19,12 @@ pub enum Scan {
     /// The asked-for prefetchers, evenly spaced across memory (following the hint where the
     /// scheduler offers it).
     Spaced,
+    /// One prefetcher places the recorded pages, in the recorded order, and stops.
+    Record,
+    /// One prefetcher places the recorded pages in order, taking a step after each fault's
+    /// hint whenever one is pending (what the record did not predict), then scans on with
+    /// the hint; any further prefetchers scan as [`Scan::Spaced`] from the start.
+    RecordThenHint,
 }
 
 /// Declares the policies once: the enum, [`Policy::ALL`] and [`Policy::name`] from one list
@@ -54,6 +61,15 @@ policies! {
     PagehintNoHint = "pagehint-nohint",
     /// Faults served, and the prefetchers follow each fault (the hint).
     Pagehint = "pagehint",
+    /// Faults served on demand, as [`Policy::OnDemand`], and their order written down: each
+    /// host page's first fault, as its memory-file offset (`--record`), for the next restore.
+    Record = "record",
+    /// Faults served, and one prefetcher places the recorded pages first, in order, and
+    /// nothing else (REAP's and FaaSnap's working-set prefetch).
+    Recorded = "recorded",
+    /// The record first, in order, while the fault-following hint serves what it did not
+    /// predict; then the hinted scan loads the rest.
+    RecordedPagehint = "recorded+pagehint",
 }
 
 impl Policy {
@@ -67,21 +83,37 @@ impl Policy {
         Self::ALL.map(Self::name).join(", ")
     }
 
+    /// The policies `pagehint-uffd compare` restores with by default, in its order (the
+    /// record run that `recorded` and `recorded+pagehint` follow comes first, apart).
+    pub const COMPARED: [Self; 5] = [
+        Self::OnDemand,
+        Self::Linear,
+        Self::Pagehint,
+        Self::Recorded,
+        Self::RecordedPagehint,
+    ];
+
     /// The scheduler behind the fault path and the scans: with the hint (pagehint) or
     /// without.
     pub fn scheduler(self) -> SchedulerConfig {
         match self {
-            Self::Pagehint => SchedulerConfig::preempt_hint(),
-            Self::OnDemand | Self::Linear | Self::PagehintNoHint => SchedulerConfig::preempt(),
+            Self::Pagehint | Self::RecordedPagehint => SchedulerConfig::preempt_hint(),
+            Self::OnDemand
+            | Self::Linear
+            | Self::PagehintNoHint
+            | Self::Record
+            | Self::Recorded => SchedulerConfig::preempt(),
         }
     }
 
     /// Its background scans.
     pub fn scan(self) -> Scan {
         match self {
-            Self::OnDemand => Scan::None,
+            Self::OnDemand | Self::Record => Scan::None,
             Self::Linear => Scan::FromStart,
             Self::PagehintNoHint | Self::Pagehint => Scan::Spaced,
+            Self::Recorded => Scan::Record,
+            Self::RecordedPagehint => Scan::RecordThenHint,
         }
     }
 
@@ -89,15 +121,29 @@ impl Policy {
     pub fn prefetchers(self, asked: usize) -> usize {
         match self.scan() {
             Scan::None => 0,
-            Scan::FromStart => 1,
-            Scan::Spaced => asked.max(1),
+            Scan::FromStart | Scan::Record => 1,
+            Scan::Spaced | Scan::RecordThenHint => asked.max(1),
         }
     }
 
-    /// Whether a restore lingers after its run until every page is loaded: not where
-    /// nothing but faults loads pages (it would wait forever for pages never touched).
+    /// Whether it writes a record of the faults (to `--record`).
+    pub fn writes_record(self) -> bool {
+        self == Self::Record
+    }
+
+    /// Whether it follows a record (read from `--record`).
+    pub fn follows_record(self) -> bool {
+        matches!(self.scan(), Scan::Record | Scan::RecordThenHint)
+    }
+
+    /// Whether a restore lingers after its run until every page is loaded: only where a
+    /// scan loads every page (where nothing but faults and a record load pages, it would wait
+    /// forever for pages never touched).
     pub fn lingers(self) -> bool {
-        self.scan() != Scan::None
+        match self.scan() {
+            Scan::None | Scan::Record => false,
+            Scan::FromStart | Scan::Spaced | Scan::RecordThenHint => true,
+        }
     }
 }
 
@@ -133,9 +179,16 @@ mod tests {
         assert_eq!(Policy::Pagehint.prefetchers(4), 4);
         assert_eq!(Policy::PagehintNoHint.prefetchers(0), 1);
         assert!(Policy::Linear.lingers() && Policy::Pagehint.lingers());
+        assert_eq!(Policy::Record.prefetchers(4), 0);
+        assert!(Policy::Record.writes_record() && !Policy::Record.follows_record());
+        assert!(!Policy::Record.lingers() && !Policy::Recorded.lingers());
+        assert_eq!(Policy::Recorded.prefetchers(4), 1);
+        assert_eq!(Policy::RecordedPagehint.prefetchers(3), 3);
+        assert!(Policy::RecordedPagehint.follows_record() && Policy::RecordedPagehint.lingers());
+        assert!(Policy::COMPARED.iter().all(|p| !p.writes_record()));
         assert_eq!(
             Policy::names(),
-            "on-demand, linear, pagehint-nohint, pagehint"
+            "on-demand, linear, pagehint-nohint, pagehint, record, recorded, recorded+pagehint"
         );
     }
 }

@@ -8,10 +8,20 @@
 //! * [`restore`] maps guest memory anonymously (or from hugetlb), opens a userfaultfd with
 //!   `UFFD_FEATURE_EVENT_REMOVE` (as Firecracker requires; thread ids too, which Firecracker
 //!   does not ask for, so that blocktime can be told per vCPU), registers both regions,
-//!   connects to the handler's socket and sends the region JSON and the descriptor, then
-//!   loads the vCPU state and runs the vCPUs: every guest page faults through the handler.
-//!   After `run_for`, the guest is asked to verify its whole share of memory (its own page
-//!   checks) and stop; the socket is closed when the VMM is done, which ends the handler.
+//!   connects to the handler's socket and sends the region JSON and the descriptor in the
+//!   format of the Firecracker releases asked for (v1.7–v1.11 then close the socket at once;
+//!   v1.12+ keep it until they are done, which ends the handler), then loads the vCPU state
+//!   and runs the vCPUs: every guest page faults through the handler. After `run_for`, the
+//!   guest is asked to verify its whole share of memory (its own page checks) and stop.
+//!
+//! # What the guest measures
+//! Restore users measure work, not faults: the guest program stamps its own progress in its
+//! status page (`op_done` in `pagehint_migrate::guest::kvm::program`): the program's clock
+//! at its first completed operation (a page checked, a key looked up), and how many
+//! operations it completed before the window's end, `run_for` after the resume on its own
+//! clock. The program's clock is set to resume where the snapshot left it at the moment
+//! the vCPU state is loaded, [`RestoreOutcome::resumed_ns`] (microseconds before the vCPU
+//! threads start), so a stamp converts to this host's clock exactly.
 
 use std::fs;
 use std::io;
@@ -21,8 +31,9 @@ use std::time::Duration;
 use memmap2::{MmapMut, MmapOptions};
 use serde::{Deserialize, Serialize};
 
-use super::protocol::{send_handshake, GuestRegionUffdMapping};
+use super::protocol::{send_handshake, GuestRegionUffdMapping, HandshakeFormat};
 use pagehint_migrate::guest::image::{Params, Template};
+use pagehint_migrate::guest::kvm::program::mailbox as mb;
 use pagehint_migrate::guest::kvm::vcpu::VcpuEnd;
 use pagehint_migrate::guest::kvm::vm::{Tracking, VcpuState};
 use pagehint_migrate::guest::kvm::{boot, GuestCounters, Machine};
@@ -208,7 +219,8 @@ pub fn take_snapshot(
 
 /// Guest memory for a restore: one mapping per region, anonymous or hugetlb
 /// (`MAP_NORESERVE`).
-struct GuestRam([MmapMut; 2]);
+#[derive(Debug)]
+pub struct GuestRam([MmapMut; 2]);
 
 impl GuestRam {
     fn map(sizes: [u64; 2], huge: bool) -> io::Result<Self> {
@@ -242,18 +254,37 @@ pub struct RestoreOptions {
     /// while `loaded()` says the handler is still loading: a VMM keeps running after its
     /// workload, and "time until all memory is loaded" needs the handler to get there.
     pub linger: Duration,
+    /// Which Firecracker releases' handshake to send.
+    pub handshake: HandshakeFormat,
+    /// How long to wait for a handler to listen on the socket.
+    pub connect_wait: Duration,
 }
 
 /// What a restore measured.
 #[derive(Clone, Debug, Serialize)]
 pub struct RestoreOutcome {
-    /// When the vCPUs were started (ns).
+    /// The resume: when the vCPU state was loaded, the program clocks set to go on from the
+    /// snapshot's (ns; the vCPU threads start microseconds later).
     pub resumed_ns: u64,
-    /// When the guest was asked to verify and stop (ns).
+    /// When the guest was asked to verify and stop (ns): `run_for` after the resume, or a
+    /// little later.
     pub stop_ns: u64,
     /// When every vCPU had reported done (ns).
     pub done_ns: u64,
-    /// Workload operations done before the stop request, all vCPUs.
+    /// The window: `run_for` (ns).
+    pub window_ns: u64,
+    /// Workload operations completed in the window, all vCPUs, as the guest counted them on
+    /// its own clock (module docs).
+    pub window_ops: u64,
+    /// When the guest completed its first operation (ns, this host's clock; any vCPU).
+    pub first_op_ns: Option<u64>,
+    /// CPU time the vCPU threads got in the window (ms, all together; from each thread's
+    /// `/proc/self/task/TID/schedstat`, 0 where the kernel keeps none).
+    pub vcpu_run_ms: f64,
+    /// Time in the window the vCPU threads were runnable but had no CPU (ms, all together):
+    /// what a busy machine takes from the guest, whatever the policy.
+    pub vcpu_queue_ms: f64,
+    /// Workload operations done before the guest saw the stop request, all vCPUs.
     pub ops: u64,
     /// Pages verified by the guest's final check.
     pub verified: u64,
@@ -268,12 +299,45 @@ pub struct RestoreOutcome {
     pub counters: Vec<GuestCounters>,
 }
 
+/// A finished restore: what it measured, and guest memory, still mapped until this is
+/// dropped (a handler may still be placing pages; a VMM unmaps its memory only when it is
+/// done with its handler, or when it exits).
+#[derive(Debug)]
+pub struct Restored {
+    /// What it measured.
+    pub outcome: RestoreOutcome,
+    /// Guest memory.
+    pub ram: GuestRam,
+}
+
+/// Program-clock ticks in `ns` on a TSC of `tsc_khz`.
+fn ticks(ns: u64, tsc_khz: u32) -> u64 {
+    (u128::from(ns) * u128::from(tsc_khz) / 1_000_000) as u64
+}
+
+/// Nanoseconds in `ticks` on a TSC of `tsc_khz`.
+fn ticks_ns(ticks: u64, tsc_khz: u32) -> u64 {
+    (u128::from(ticks) * 1_000_000 / u128::from(tsc_khz.max(1))) as u64
+}
+
+/// The CPU time and the run-queue wait of threads `tids` of this process, summed (ns; 0
+/// for a thread whose schedstat cannot be read).
+fn sched_clocks(tids: &[u32]) -> (u64, u64) {
+    tids.iter()
+        .filter_map(|t| {
+            let s = fs::read_to_string(format!("/proc/self/task/{t}/schedstat")).ok()?;
+            let mut f = s.split_whitespace().map(|w| w.parse::<u64>().ok());
+            Some((f.next()??, f.next()??))
+        })
+        .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
+}
+
 /// Restores `snap` through the handler listening on `opts.socket`.
 pub fn restore(
     snap: &Snapshot,
     opts: &RestoreOptions,
     loaded: &dyn Fn() -> bool,
-) -> Result<RestoreOutcome, String> {
+) -> Result<Restored, String> {
     let layout = &snap.layout;
     if opts.hugetlb != (layout.host_page() == HostPageSize::Huge2M) {
         return Err(
@@ -299,17 +363,39 @@ pub fn restore(
         maps.push(GuestRegionUffdMapping::new(ram.addr(i), len, offset, page));
         offset += len;
     }
-    let sock = send_handshake(&opts.socket, &maps, &uffd)
-        .map_err(|e| format!("handshake on {}: {e}", opts.socket.display()))?;
-    // SAFETY: `ram` outlives the machine (declared before it).
+    let sock = send_handshake(
+        &opts.socket,
+        &maps,
+        &uffd,
+        opts.handshake,
+        opts.connect_wait,
+    )
+    .map_err(|e| format!("handshake on {}: {e}", opts.socket.display()))?;
+    // SAFETY: `ram` outlives the machine (declared before it, and returned after it).
     let (m, _) = unsafe { Machine::new(layout, [ram.addr(0), ram.addr(1)], Tracking::Off) }
         .map_err(kvm_err)?;
-    m.load(&snap.vcpus).map_err(kvm_err)?;
     m.set_stream_rate(STREAM_RATE, STREAM_FRAME_PAGES);
+    let window_ns = opts.run_for.as_nanos() as u64;
+    let khz = m.tsc_khz();
+    m.load(&snap.vcpus).map_err(kvm_err)?;
+    let resumed_ns = now_ns();
+    // Each program's clock now reads its saved value: the window ends `run_for` later.
+    for (i, s) in snap.vcpus.iter().enumerate() {
+        m.vm().mailboxes().write(
+            i as u32,
+            mb::WINDOW_END,
+            s.tsc.wrapping_add(ticks(window_ns, khz)).max(1),
+        );
+    }
     let mut out = RestoreOutcome {
-        resumed_ns: now_ns(),
+        resumed_ns,
         stop_ns: 0,
         done_ns: 0,
+        window_ns,
+        window_ops: 0,
+        first_op_ns: None,
+        vcpu_run_ms: 0.0,
+        vcpu_queue_ms: 0.0,
         ops: 0,
         verified: 0,
         errors: 0,
@@ -320,9 +406,19 @@ pub fn restore(
     let ends: Vec<VcpuEnd> = std::thread::scope(|s| {
         let hs = m.run(s, PinPlan::OFF, None);
         let deadline = out.resumed_ns + opts.run_for.as_nanos() as u64;
+        // The vCPU threads' scheduler clocks over the window (each thread gives its id
+        // as it starts).
+        while now_ns() < deadline && m.controls().iter().any(|c| c.tid() == 0) {
+            std::thread::yield_now();
+        }
+        let tids: Vec<u32> = m.controls().iter().map(|c| c.tid()).collect();
+        let start = sched_clocks(&tids);
         while now_ns() < deadline && !hs.iter().any(|h| h.is_finished()) {
             std::thread::sleep(Duration::from_millis(1));
         }
+        let end = sched_clocks(&tids);
+        out.vcpu_run_ms = (end.0.saturating_sub(start.0)) as f64 / 1e6;
+        out.vcpu_queue_ms = (end.1.saturating_sub(start.1)) as f64 / 1e6;
         out.ops = m.counters().iter().map(|c| c.ops).sum();
         out.stop_ns = now_ns();
         m.finish_all();
@@ -340,16 +436,26 @@ pub fn restore(
     while now_ns() < until && !loaded() {
         std::thread::sleep(Duration::from_millis(1));
     }
-    drop(sock); // the handler's signal that the VMM is done
+    drop(sock); // v1.12+: the handler's signal that the VMM is done
     for (i, e) in ends.iter().enumerate() {
         if !matches!(e, VcpuEnd::Done) {
             return Err(format!("vCPU {i}: {e:?}"));
         }
     }
     out.counters = m.counters();
+    for (c, s) in out.counters.iter().zip(&snap.vcpus) {
+        // Stamped: the first operation at or after the window's end counted those before
+        // it; else every operation came before the end (the stop came after it).
+        out.window_ops += if c.stamped { c.window_ops } else { c.ops };
+        if c.first_op_clock != 0 {
+            let t = resumed_ns + ticks_ns(c.first_op_clock.wrapping_sub(s.tsc), khz);
+            out.first_op_ns = Some(out.first_op_ns.map_or(t, |f: u64| f.min(t)));
+        }
+    }
     out.tids = m.controls().iter().map(|c| c.tid()).collect();
     out.verified = out.counters.iter().map(|c| c.verified).sum();
     out.errors = out.counters.iter().map(|c| c.errors).sum();
     out.first_error = out.counters.iter().find_map(|c| c.first_error_text());
-    Ok(out)
+    drop(m);
+    Ok(Restored { outcome: out, ram })
 }

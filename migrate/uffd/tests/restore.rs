@@ -11,7 +11,7 @@ use std::io::Write;
 use std::net::{Ipv4Addr, TcpListener};
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::{mpsc, Mutex};
 use std::time::Duration;
@@ -21,11 +21,11 @@ use pagehint_migrate::guest::layout::HostPageSize;
 use pagehint_migrate::sys::clock::now_ns;
 use pagehint_migrate::sys::uffd::Userfault;
 use pagehint_migrate::Workload;
-use pagehint_uffd::compare::restore_once;
+use pagehint_uffd::compare::{restore_once, Trial};
 use pagehint_uffd::handler::{
-    handle_connection, Control, HandlerError, HandlerOptions, HandlerReport, Policy,
+    handle_connection, Control, EndReason, HandlerError, HandlerOptions, HandlerReport, Policy,
 };
-use pagehint_uffd::protocol::{send_raw, GuestRegionUffdMapping, ProtocolError};
+use pagehint_uffd::protocol::{send_raw, GuestRegionUffdMapping, HandshakeFormat, ProtocolError};
 use pagehint_uffd::remote::{serve_memory, RemoteSource};
 use pagehint_uffd::source::{FileSource, PageSource};
 use pagehint_uffd::vmm::take_snapshot;
@@ -150,6 +150,169 @@ fn uffd_or_skip(test: &str) -> bool {
 
 const PAGES: usize = 256;
 
+/// Every Firecracker handshake that sends a page size is served: v1.7–v1.11 close the
+/// socket right after the message, and the handler serves on (it stops watching the socket:
+/// an idle wait costs a poll every 50 ms, never a busy loop); v1.12+ keep it, and its end
+/// ends the session.
+#[test]
+fn every_firecracker_handshake_is_served_whether_the_socket_closes_or_not() {
+    if !uffd_or_skip("every_firecracker_handshake_is_served_whether_the_socket_closes_or_not") {
+        return;
+    }
+    let src = mem_file("formats", &contents());
+    let runs = within(Duration::from_secs(60), move || {
+        let mut runs = Vec::new();
+        for format in [HandshakeFormat::PageSizeKib, HandshakeFormat::PageSizeBoth] {
+            for policy in [Policy::OnDemand, Policy::Pagehint] {
+                let Vmm { base, h, v, _uffd } = Vmm::with(format);
+                let base = base as usize;
+                // v1.7-v1.11: the socket is closed as soon as the message is sent.
+                let mut v = Some(v);
+                if !format.keeps_socket() {
+                    v = None;
+                }
+                let opts = HandlerOptions {
+                    policy,
+                    ..Default::default()
+                };
+                let control = Control::default();
+                let r = std::thread::scope(|s| {
+                    let t = s.spawn(|| handle_connection(&h, &src, &opts, &control));
+                    // Idle a while after the close.
+                    std::thread::sleep(Duration::from_millis(300));
+                    for p in 0..PAGES {
+                        // SAFETY: inside the mapping; faults are served by the handler.
+                        let b = unsafe { std::ptr::read_volatile((base as *const u8).add(p * 4096)) };
+                        assert_eq!(b, file_byte(p), "{format:?} {policy}: page {p}");
+                    }
+                    match v.take() {
+                        Some(v) => drop(v), // the VMM exits: the session ends
+                        None => control.stop.store(true, std::sync::atomic::Ordering::Relaxed),
+                    }
+                    t.join().unwrap().unwrap()
+                });
+                // SAFETY: the handler is done with it.
+                unsafe { libc::munmap(base as *mut libc::c_void, Vmm::LEN) };
+                runs.push((format, policy, r));
+            }
+        }
+        runs
+    });
+    for (format, policy, report) in runs {
+        {
+            let what = format!("{format:?} {policy}: {report:?}");
+            assert_eq!(report.handshake, Some(format), "{what}");
+            assert_eq!(report.eexist, 0, "{what}");
+            assert!(report.faults > 0 || policy != Policy::OnDemand, "{what}");
+            if format.keeps_socket() {
+                assert_eq!(report.ended_by, Some(EndReason::SocketClosed), "{what}");
+                assert_eq!(report.socket_closed_ns, None, "{what}");
+            } else {
+                assert_eq!(report.ended_by, Some(EndReason::Stopped), "{what}");
+                assert!(report.socket_closed_ns.is_some(), "{what}");
+            }
+            // At most one wake-up per fault, plus one per 50 ms of idling (the 300 ms idle
+            // and the page reads), with a wide margin: a busy loop would count thousands.
+            assert!(report.polls <= report.faults + 60, "{what}");
+        }
+    }
+}
+
+/// A source that fails on one page.
+struct FailingSource {
+    file: FileSource,
+    bad_offset: u64,
+}
+
+impl PageSource for FailingSource {
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        if offset == self.bad_offset {
+            return Err(std::io::Error::other("disk on fire"));
+        }
+        self.file.read_at(offset, buf)
+    }
+    fn size(&self) -> Option<u64> {
+        self.file.size()
+    }
+}
+
+/// A page the prefetcher cannot read fails the session, at once, with that error (it used
+/// to be a note in the report while the session went on: a vCPU touching that page would
+/// have waited forever).
+#[test]
+fn a_prefetcher_that_cannot_read_a_page_fails_the_session() {
+    if !uffd_or_skip("a_prefetcher_that_cannot_read_a_page_fails_the_session") {
+        return;
+    }
+    let src = FailingSource {
+        file: mem_file("failing", &contents()),
+        bad_offset: 200 * 4096,
+    };
+    let r = within(Duration::from_secs(30), move || {
+        let Vmm { base, h, v, _uffd } = Vmm::new();
+        let opts = HandlerOptions {
+            policy: Policy::Linear,
+            ..Default::default()
+        };
+        let r = handle_connection(&h, &src, &opts, &Control::default());
+        drop(v);
+        // SAFETY: the handler is done with it.
+        unsafe { libc::munmap(base, Vmm::LEN) };
+        r
+    });
+    match r {
+        Err(HandlerError::Source { offset, error }) => {
+            assert_eq!(offset, 200 * 4096);
+            assert!(error.to_string().contains("disk on fire"));
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+/// A record of another snapshot (an offset past these regions), or none, is a typed error
+/// before anything is served.
+#[test]
+fn a_record_that_does_not_fit_the_regions_is_refused() {
+    if !uffd_or_skip("a_record_that_does_not_fit_the_regions_is_refused") {
+        return;
+    }
+    let dir = tmp("bad-record");
+    let bad = dir.join("record");
+    pagehint_uffd::record::write(&bad, &[0, 4096, (PAGES as u64 + 3) * 4096]).unwrap();
+    let twice = dir.join("twice");
+    pagehint_uffd::record::write(&twice, &[4096, 0, 4096]).unwrap();
+    let src = mem_file("bad-record-mem", &contents());
+    let cases = [
+        (Some(bad), "entry 2"),
+        (Some(twice), "recorded twice"),
+        (Some(dir.join("missing")), "No such file"),
+        (None, "needs a record file"),
+    ];
+    let results = within(Duration::from_secs(30), move || {
+        cases.map(|(record, want)| {
+            let Vmm { base, h, v, _uffd } = Vmm::new();
+            let opts = HandlerOptions {
+                policy: Policy::RecordedPagehint,
+                record: record.clone(),
+                ..Default::default()
+            };
+            let r = handle_connection(&h, &src, &opts, &Control::default());
+            drop(v);
+            // SAFETY: nothing was served.
+            unsafe { libc::munmap(base, Vmm::LEN) };
+            (record, want, r)
+        })
+    });
+    for (record, want, r) in results {
+        match r {
+            Err(e @ (HandlerError::Record(_) | HandlerError::NoRecord(_))) => {
+                assert!(e.to_string().contains(want), "{e}")
+            }
+            other => panic!("{record:?}: {other:?}"),
+        }
+    }
+}
+
 /// Page `p`'s byte in the memory file.
 fn file_byte(p: usize) -> u8 {
     p as u8 | 1
@@ -167,7 +330,14 @@ struct Vmm {
 impl Vmm {
     const LEN: usize = PAGES * 4096;
 
+    /// The handshake as Firecracker v1.12+ send it.
     fn new() -> Self {
+        Self::with(HandshakeFormat::PageSizeBoth)
+    }
+
+    /// The handshake in `format`, byte for byte as those releases send it (the caller
+    /// closes `v` where they do).
+    fn with(format: HandshakeFormat) -> Self {
         // SAFETY: a fresh private anonymous mapping.
         let base = unsafe {
             libc::mmap(
@@ -190,7 +360,7 @@ impl Vmm {
             0,
             4096,
         )];
-        send_raw(&v, &serde_json::to_vec(&maps).unwrap(), Some(uffd.as_fd())).unwrap();
+        send_raw(&v, &format.encode(&maps), Some(uffd.as_fd())).unwrap();
         Self {
             base,
             h,
@@ -203,12 +373,16 @@ impl Vmm {
 /// A user-space "VMM" in this process: a registered anonymous region served by the handler
 /// from `src`; pages read back with the file's contents; a range removed with
 /// `MADV_DONTNEED` (what the balloon does) faults again on zeros, never on stale file data.
-fn remove_scenario(src: &dyn PageSource, policy: Policy) -> HandlerReport {
+///
+/// Policies `recorded` and `recorded+pagehint` follow the record at `record`, which policy
+/// `record` writes (it comes first in [`Policy::ALL`]).
+fn remove_scenario(src: &dyn PageSource, policy: Policy, record: &Path) -> HandlerReport {
     let len = Vmm::LEN;
     let Vmm { base, h, v, _uffd } = Vmm::new();
     let opts = HandlerOptions {
         policy,
         prefetchers: 2,
+        record: Some(record.to_path_buf()),
         ..Default::default()
     };
     let control = Control::default();
@@ -359,8 +533,18 @@ fn removed_ranges_come_back_as_zeros_and_pages_are_placed_once() {
         return;
     }
     let src = mem_file("remove", &contents());
+    let record = tmp("remove-record").join("record");
+    let ordered = Policy::ALL.iter().position(|&p| p == Policy::Record)
+        < Policy::ALL.iter().position(|p| p.follows_record());
+    assert!(ordered, "the record is written before it is followed");
     for policy in Policy::ALL {
-        remove_scenario(&src, policy);
+        let r = remove_scenario(&src, policy, &record);
+        if policy.follows_record() {
+            // The record holds the pages read in order (every seventh), and the balloon's
+            // faults on zeros: a removed page is never filled from the file even when
+            // recorded.
+            assert!(r.record_pages > 0, "{policy}: {r:?}");
+        }
     }
 }
 
@@ -379,9 +563,10 @@ fn a_remote_source_over_tcp_serves_the_handler() {
         std::thread::scope(|s| {
             let server = s.spawn(|| serve_memory(&listener, &file, &stop, Duration::from_secs(5)));
             let mut fetched = 0;
+            let record = tmp("remote-record").join("record");
             for policy in Policy::ALL {
                 let src = RemoteSource::connect(addr, 3, Duration::from_secs(5)).unwrap();
-                let r = remove_scenario(&src, policy);
+                let r = remove_scenario(&src, policy, &record);
                 fetched += r.fault_placed + r.prefetched;
             }
             // Relaxed: a polled flag.
@@ -417,15 +602,24 @@ fn a_kvm_guest_restores_through_the_handler_with_clean_page_checks() {
         )
         .unwrap();
         let sockets = tmp("sock");
-        for policy in Policy::ALL {
-            let (out, rep) = restore_once(
-                &snap,
-                &sockets,
-                policy,
-                2,
-                Duration::from_millis(200),
-                Duration::from_secs(10),
-            )
+        let record = sockets.join("record");
+        // The record first: the two policies that follow it read it.
+        let mut policies = vec![Policy::Record];
+        policies.extend(Policy::ALL.into_iter().filter(|p| *p != Policy::Record));
+        for policy in policies {
+            let (out, rep) = restore_once(&Trial {
+                snap: &snap,
+                dir: &sockets,
+                handler: HandlerOptions {
+                    policy,
+                    prefetchers: 2,
+                    record: Some(record.clone()),
+                    ..Default::default()
+                },
+                run_for: Duration::from_millis(200),
+                linger: Duration::from_secs(10),
+                handshake: HandshakeFormat::PageSizeBoth,
+            })
             .unwrap();
             assert_eq!(out.errors, 0, "{policy}: {:?}", out.first_error);
             assert_eq!(
@@ -435,10 +629,17 @@ fn a_kvm_guest_restores_through_the_handler_with_clean_page_checks() {
             );
             assert!(out.ops > 0, "{policy}");
             assert_eq!(rep.eexist, 0, "{policy}: {rep:?}");
-            if policy == Policy::OnDemand {
+            if policy.prefetchers(2) == 0 {
                 assert!(rep.faults > 0, "{policy}");
             }
-            if policy != Policy::OnDemand {
+            assert!(
+                rep.fault_placed + rep.prefetched <= rep.host_pages,
+                "{policy}: no page placed twice: {rep:?}"
+            );
+            if policy.follows_record() {
+                assert!(rep.record_pages > 0 && rep.record_placed > 0, "{policy}: {rep:?}");
+            }
+            if policy.lingers() {
                 assert_eq!(
                     rep.fault_placed + rep.prefetched,
                     rep.host_pages,

@@ -86,6 +86,13 @@ pub struct GuestCounters {
     pub verified: u64,
     /// 1 running, 2 verifying, 3 done.
     pub state: u64,
+    /// The program's clock at its first completed operation (0: none yet).
+    pub first_op_clock: u64,
+    /// Operations completed before the host's window end, once the guest passed it.
+    pub window_ops: u64,
+    /// Whether the guest stamped everything it had to (the first operation, and the window's
+    /// end if one was set).
+    pub stamped: bool,
 }
 
 /// The stream's frame interval in TSC ticks: `frame_pages` pages at `rate` bytes/s on a TSC of
@@ -298,6 +305,9 @@ impl GuestCounters {
             longest_pause_tsc: r(mb::LONGEST_PAUSE),
             verified: r(mb::VERIFIED),
             state: r(mb::STATE),
+            first_op_clock: r(mb::FIRST_OP_CLOCK),
+            window_ops: r(mb::WINDOW_OPS),
+            stamped: r(mb::STAMPED) != 0,
         }
     }
 }

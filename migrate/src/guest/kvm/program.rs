@@ -25,6 +25,11 @@
 //!   counted and the first one recorded in the status page.
 //! * `write_page(rdi = page)`: only the page's owner calls it: entry odd, re-sign with the
 //!   next generation, entry even.
+//! * `op_done`: counts one completed operation in `OPS` and, until `STAMPED`, stamps the
+//!   program's clock: the first operation's (`FIRST_OP_CLOCK`), and the count of operations
+//!   completed before the host's `WINDOW_END` (`WINDOW_OPS`), so that "time to the first
+//!   unit of work" and "work done in the first T ms" are measured by the guest itself
+//!   (clobbers nothing).
 //! * workloads ([`Workload`]; the dispatch is `Gen::emit_workload`'s exhaustive `match`),
 //!   each looping until the host sets `STOP` in the status page,
 //!   then `fsck`: the vCPU checks its share of the whole data area, sets `STATE = DONE`, and
@@ -105,6 +110,19 @@ pub mod mailbox {
     /// Host → guest: added to `rdtsc` to make the program's clock (a minimal pvclock). The
     /// destination sets it so that the clock resumes where it stopped at the source.
     pub const CLOCK_OFFSET: i32 = 128;
+    /// Guest: the program's clock when its first operation (an [`OPS`] count) completed
+    /// since the status page was last cleared (at boot, and at every restore or migration:
+    /// status pages are device memory, never saved); 0 until then.
+    pub const FIRST_OP_CLOCK: i32 = 136;
+    /// Host → guest: a window's end on the program's clock (0: no window). The program then
+    /// counts the operations completed before it in [`WINDOW_OPS`].
+    pub const WINDOW_END: i32 = 144;
+    /// Guest: operations completed before [`WINDOW_END`], written by the first operation
+    /// completed at or after it (until then, every operation so far completed before it).
+    pub const WINDOW_OPS: i32 = 152;
+    /// Guest: non-zero once nothing more is to be stamped (the first operation's clock taken
+    /// and the window, if any, passed): each operation then costs one compare.
+    pub const STAMPED: i32 = 160;
     /// Status page states.
     pub const RUNNING: u64 = 1;
     /// See [`STATE`].
@@ -126,6 +144,7 @@ struct Gen {
     mix64: CodeLabel,
     share: CodeLabel,
     fsck: CodeLabel,
+    op_done: CodeLabel,
 }
 
 impl Gen {
@@ -412,6 +431,48 @@ impl Gen {
         self.a.jmp(again)
     }
 
+    /// `op_done`: one operation completed (see the module docs); clobbers nothing. Until
+    /// `STAMPED`, it reads the clock: the first operation's time, then, with a window, the
+    /// first operation at or after `WINDOW_END` records how many came before it.
+    fn emit_op_done(&mut self) -> R {
+        let a = &mut self.a;
+        let mut stamp = a.create_label();
+        let mut have_first = a.create_label();
+        let mut finished = a.create_label();
+        let mut out = a.create_label();
+        a.set_label(&mut self.op_done)?;
+        a.inc(qword_ptr(r14 + mb::OPS))?;
+        a.cmp(qword_ptr(r14 + mb::STAMPED), 0)?;
+        a.je(stamp)?;
+        a.ret()?;
+        a.set_label(&mut stamp)?;
+        a.push(rax)?;
+        a.push(rdx)?;
+        a.rdtsc()?;
+        a.shl(rdx, 32)?;
+        a.or(rax, rdx)?;
+        a.add(rax, qword_ptr(r14 + mb::CLOCK_OFFSET))?;
+        a.cmp(qword_ptr(r14 + mb::FIRST_OP_CLOCK), 0)?;
+        a.jne(have_first)?;
+        a.mov(qword_ptr(r14 + mb::FIRST_OP_CLOCK), rax)?;
+        a.set_label(&mut have_first)?;
+        a.mov(rdx, qword_ptr(r14 + mb::WINDOW_END))?;
+        a.test(rdx, rdx)?;
+        a.jz(finished)?;
+        a.cmp(rax, rdx)?;
+        a.jb(out)?;
+        // The first operation at or after the window's end: the ones before it were inside.
+        a.mov(rax, qword_ptr(r14 + mb::OPS))?;
+        a.dec(rax)?;
+        a.mov(qword_ptr(r14 + mb::WINDOW_OPS), rax)?;
+        a.set_label(&mut finished)?;
+        a.mov(qword_ptr(r14 + mb::STAMPED), 1)?;
+        a.set_label(&mut out)?;
+        a.pop(rdx)?;
+        a.pop(rax)?;
+        a.ret()
+    }
+
     /// `rax = kv_key(seed, rax)` (clobbers rcx, rdx).
     fn kv_key(&mut self) -> R {
         let mix64 = self.mix64;
@@ -620,7 +681,8 @@ impl Gen {
     }
 
     fn emit_seq(&mut self, mut at: CodeLabel) -> R {
-        let (share, check, write) = (self.share, self.check_page, self.write_page);
+        let (share, check, write, op_done) =
+            (self.share, self.check_page, self.write_page, self.op_done);
         self.a.set_label(&mut at)?;
         let mut lp = self.a.create_label();
         let mut next = self.a.create_label();
@@ -638,7 +700,7 @@ impl Gen {
         let a = &mut self.a;
         a.mov(rdi, rbp)?;
         a.call(check)?;
-        a.inc(qword_ptr(r14 + mb::OPS))?;
+        a.call(op_done)?;
         a.test(bpl, 7)?;
         a.jnz(next)?;
         a.mov(rdi, rbp)?;
@@ -652,7 +714,7 @@ impl Gen {
     }
 
     fn emit_random(&mut self, mut at: CodeLabel) -> R {
-        let (check, write) = (self.check_page, self.write_page);
+        let (check, write, op_done) = (self.check_page, self.write_page, self.op_done);
         self.a.set_label(&mut at)?;
         let lp = at;
         self.stop_check()?;
@@ -667,7 +729,7 @@ impl Gen {
             a.mov(rbp, rdx)?;
             a.mov(rdi, rbp)?;
             a.call(check)?;
-            a.inc(qword_ptr(r14 + mb::OPS))?;
+            a.call(op_done)?;
             // A quarter of the reads write, if this vCPU owns the page (low bits of the
             // state: independent of the page, which came from the high bits).
             a.test(bl, 3)?;
@@ -680,7 +742,8 @@ impl Gen {
     }
 
     fn emit_stream(&mut self, mut at: CodeLabel) -> R {
-        let (check, write, fsck) = (self.check_page, self.write_page, self.fsck);
+        let (check, write, fsck, op_done) =
+            (self.check_page, self.write_page, self.fsck, self.op_done);
         self.a.set_label(&mut at)?;
         let mut idle = self.a.create_label();
         let mut frame = self.a.create_label();
@@ -754,7 +817,7 @@ impl Gen {
             a.set_label(&mut page)?;
             a.mov(rdi, rbx)?;
             a.call(check)?;
-            a.inc(qword_ptr(r14 + mb::OPS))?;
+            a.call(op_done)?;
             a.cmp(rbx, rbp)?;
             a.jne(no_write)?;
             a.mov(rdi, rbx)?;
@@ -822,8 +885,13 @@ impl Gen {
     }
 
     fn emit_kv(&mut self, mut at: CodeLabel) -> R {
-        let (check, write, mix64, report) =
-            (self.check_page, self.write_page, self.mix64, self.report);
+        let (check, write, mix64, report, op_done) = (
+            self.check_page,
+            self.write_page,
+            self.mix64,
+            self.report,
+            self.op_done,
+        );
         self.a.set_label(&mut at)?;
         let lp = at;
         let mut probe = self.a.create_label();
@@ -888,7 +956,7 @@ impl Gen {
             a.xor(r10d, r10d)?;
             a.call(report)?;
             a.set_label(&mut good)?;
-            a.inc(qword_ptr(r14 + mb::OPS))?;
+            a.call(op_done)?;
             // An eighth of the lookups update (re-sign) the page, if this vCPU owns it.
             a.test(bl, 7)?;
             a.jnz(lp)?;
@@ -923,7 +991,7 @@ impl Gen {
             a.mov(r11, rbp)?;
             a.xor(r10d, r10d)?;
             a.call(report)?;
-            a.inc(qword_ptr(r14 + mb::OPS))?;
+            a.call(op_done)?;
             a.jmp(lp)
         }
     }
@@ -946,8 +1014,8 @@ impl Gen {
 /// page's workload code to each workload's loop, and the routines they share.
 pub fn assemble() -> Result<Vec<u8>, IcedError> {
     let mut a = CodeAssembler::new(64)?;
-    let labels = [(); 7].map(|_| a.create_label());
-    let [check_page, write_page, sum, report, mix64, share, fsck] = labels;
+    let labels = [(); 8].map(|_| a.create_label());
+    let [check_page, write_page, sum, report, mix64, share, fsck, op_done] = labels;
     let mut g = Gen {
         a,
         check_page,
@@ -957,6 +1025,7 @@ pub fn assemble() -> Result<Vec<u8>, IcedError> {
         mix64,
         share,
         fsck,
+        op_done,
     };
     let workloads: Vec<(Workload, CodeLabel)> = Workload::ALL
         .iter()
@@ -1004,6 +1073,7 @@ pub fn assemble() -> Result<Vec<u8>, IcedError> {
     g.emit_report()?;
     g.emit_mix64()?;
     g.emit_share()?;
+    g.emit_op_done()?;
     let code = g.a.assemble(CODE_GPA)?;
     assert!((code.len() as u64) <= CODE_MAX, "guest program too large");
     Ok(code)
