@@ -109,7 +109,10 @@ fn precopy_with_the_dirty_log_and_the_dirty_ring_in_every_mode_and_workload() {
                 // the first that did not shrink or at the round limit.
                 let ran = r.transfer.precopy_rounds_done as usize;
                 assert!(
-                    rounds.windows(2).take(ran.saturating_sub(1)).all(|w| w[1] < w[0]),
+                    rounds
+                        .windows(2)
+                        .take(ran.saturating_sub(1))
+                        .all(|w| w[1] < w[0]),
                     "random / {}: a round ran though the dirty set grew: {rounds:?}",
                     r.setup.mode
                 );

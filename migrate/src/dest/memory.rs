@@ -943,7 +943,8 @@ mod tests {
                 }
             }
             // Pending: every page precopy did not bring, and some that it did.
-            let pending_of = |p: u64, r: &mut dyn FnMut() -> u64| !seen[p as usize] || r().is_multiple_of(4);
+            let pending_of =
+                |p: u64, r: &mut dyn FnMut() -> u64| !seen[p as usize] || r().is_multiple_of(4);
             let mut is_pending = vec![false; pages as usize];
             let mut sw_pending = Vec::new();
             for (b, block) in layout.ram().blocks().iter().enumerate() {
