@@ -79,7 +79,7 @@ for size in "${sizes[@]}"; do
     "$curve" "$size" --json "$out/$size-$i-curve.json" | grep -v '^wrote'
     migrate "$size" "$out/$size-$i.json"
     migrate "$size" "$out/$size-$i-bw0.json" --bandwidth 0
-    jq -e 'all(.[]; .verified)' "$out/$size-$i.json" "$out/$size-$i-bw0.json" >/dev/null ||
+    jq -e 'all(.rows[]; .verified)' "$out/$size-$i.json" "$out/$size-$i-bw0.json" >/dev/null ||
       { echo "a run at $size did not verify" >&2; exit 1; }
     runs+=("$out/$size-$i.json") bw0+=("$out/$size-$i-bw0.json") curves+=("$out/$size-$i-curve.json")
     rsss+=("$(tail -1 "$out/$size-$i.rss")")
@@ -87,7 +87,7 @@ for size in "${sizes[@]}"; do
   [ ${#runs[@]} -gt 0 ] || continue
   rss=$(printf '%s\n' "${rsss[@]}" | jq -rs --argjson g "$(bytes "$size")" \
     'max as $m | "\($m / 1048576 * 100 | round / 100) GiB (\($m * 1024 / $g * 1000 | round / 1000)×)"')
-  rows+=("| $size | $(stat 0 '.[0].throughput_mib_s' "${runs[@]}") | $(stat 0 '.[0].throughput_mib_s' "${bw0[@]}") | $(stat 0 '.[0].throughput_mib_s' "${curves[@]}") | $(stat 2 '.[0].downtime_ms' "${runs[@]}") | $(for k in stop sync build link apply resume; do stat 2 ".[0].downtime_stages_ms.$k" "${runs[@]}" | cut -d' ' -f1; done | paste -sd/ | sed 's|/| / |g') | $(stat 0 '.[0].request_p50_us' "${runs[@]}") / $(stat 0 '.[0].request_p99_us' "${runs[@]}") µs | $rss | $(IFS=,; echo "${loads[*]}") |")
+  rows+=("| $size | $(stat 0 '.rows[0].throughput_mib_s' "${runs[@]}") | $(stat 0 '.rows[0].throughput_mib_s' "${bw0[@]}") | $(stat 0 '.[0].throughput_mib_s' "${curves[@]}") | $(stat 2 '.rows[0].downtime_ms' "${runs[@]}") | $(for k in stop sync build link apply resume; do stat 2 ".rows[0].downtime_stages_ms.$k" "${runs[@]}" | cut -d' ' -f1; done | paste -sd/ | sed 's|/| / |g') | $(stat 0 '.rows[0].request_p50_us' "${runs[@]}") / $(stat 0 '.rows[0].request_p99_us' "${runs[@]}") µs | $rss | $(IFS=,; echo "${loads[*]}") |")
 done
 
 {
