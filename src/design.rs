@@ -101,11 +101,15 @@
 //! | I7 | `tests/stress.rs` `i7_*`, `tests/precopy.rs` `i7_*`, `tests/kvm_slots.rs` `i7_*`, `tests/kvm.rs` (a real KVM guest; with manual dirty-log clearing, a write after the clear is logged again), `examples/kvm_migration.rs` (precopy on real KVM, both dirty-log modes; destination equal byte for byte) | `loom_bitmap::i7_*` (marks, logs, rings, drain) | `shuttle_precopy::i7_*` | `precopy.pml` I7 |
 //! | I8 | `tests/protocol.rs` `i8_*`, `tests/precopy.rs` `i8_*`, `tests/kvm_slots.rs` `i8_*`, `tests/recovery.rs` `i8_*`, `tests/ranges.rs` `i8_*` (zero lengths refused where built), `tests/proptest_gpa.rs` (GPA conversions and dirty ranges against a `u128` model, blocks at the top of the address space), `tests/proptest_layout.rs`, `src/layout.rs` and `src/request.rs` unit tests, `fuzz/` | — | — | — |
 //!
-//! //! Beyond I1–I8, the O(1) dirty count ([`DirtyBitmap::dirty_count`](crate::DirtyBitmap::dirty_count):
-//! exact when quiet, within `0..=pages` while threads run, `pages_dirtied` monotonic) is
-//! checked by `tests/proptest_bitmap.rs` (against the set model after every operation),
-//! `tests/dirty_count.rs` (std threads) and `loom_count` / `shuttle_count` (mutants: a count
-//! taken from a load instead of the atomic's own result, on the claim side and the mark side).
+//! Beyond I1–I8, the O(1) dirty count ([`DirtyBitmap::dirty_count`](crate::DirtyBitmap::dirty_count):
+//! exact when quiet, within `0..=pages` while threads run, `pages_dirtied` monotonic; kept in
+//! per-thread slots) is checked by `tests/proptest_bitmap.rs` (against the set model after
+//! every operation), `tests/dirty_count.rs` (std threads, more threads than owned slots,
+//! threads coming and going), the bitmap's unit tests (a slot given back at thread exit and
+//! continued by the next owner) and `loom_count` / `shuttle_count` (owned and shared slots on
+//! the real bitmap; mutants: a count taken from a load instead of the atomic's own result, on
+//! the claim side and the mark side; two threads adding to one owned slot; a relaxed hand-over
+//! of a slot from an exiting thread to the next).
 //!
 //! `proofs/README.md` maps each Spin model action to the Rust function it stands for, and
 //! each Spin mutant to its loom or shuttle counterpart.

@@ -11,7 +11,8 @@
 //! shuttle's atomics panic outside a shuttle test, and a feature would be switched on by
 //! `cargo test --all-features`, breaking every ordinary test. No other module names loom or
 //! shuttle: everything concurrent in `pagehint` goes through the types re-exported here —
-//! the atomics, `Arc`, and the vanilla-mode request [`Queue`].
+//! the atomics, `Arc`, the vanilla-mode request [`Queue`], and the dirty count's per-thread
+//! slot ([`thread_slot`]) and slot registry ([`slot_registry`]).
 
 #[cfg(pagehint_loom)]
 pub(crate) use loom::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -67,6 +68,60 @@ impl<T> Queue<T> {
         // A poisoned lock only means a model thread panicked; the panic is the model's result.
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+/// Whether a model checker (loom or shuttle) runs the crate: the dirty count then uses fewer
+/// per-thread slots (so that the models' few threads cover both of its paths), and keeps a
+/// thread's slot until the execution ends (the checkers' per-execution statics are gone
+/// before the model's main thread exits).
+pub(crate) const MODEL_CHECKED: bool = cfg!(any(pagehint_loom, pagehint_shuttle));
+
+/// The dirty count's slot registry (`bitmap/count.rs`): bit `i` set while a thread owns slot
+/// `i`. One per process in ordinary builds; one per execution under a checker (its lazy
+/// static), so that every execution starts with every slot free.
+#[cfg(not(any(pagehint_loom, pagehint_shuttle)))]
+pub(crate) fn slot_registry() -> &'static AtomicU64 {
+    static REGISTRY: AtomicU64 = AtomicU64::new(0);
+    &REGISTRY
+}
+
+/// The dirty count's slot registry (see the ordinary build's), per loom execution.
+#[cfg(pagehint_loom)]
+pub(crate) fn slot_registry() -> &'static AtomicU64 {
+    loom::lazy_static! {
+        static ref REGISTRY: AtomicU64 = AtomicU64::new(0);
+    }
+    &REGISTRY
+}
+
+/// The dirty count's slot registry (see the ordinary build's), per shuttle execution.
+#[cfg(all(pagehint_shuttle, not(pagehint_loom)))]
+pub(crate) fn slot_registry() -> &'static AtomicU64 {
+    shuttle::lazy_static! {
+        static ref REGISTRY: AtomicU64 = AtomicU64::new(0);
+    }
+    &REGISTRY
+}
+
+// The calling thread's dirty-count slot (`bitmap/count.rs`), `u8::MAX` until it has one: a
+// `Cell` with no destructor, so it can be read from any other thread-local's destructor. Under
+// a checker, the checker's thread-local (one per model thread).
+#[cfg(not(any(pagehint_loom, pagehint_shuttle)))]
+std::thread_local!(static THREAD_SLOT: std::cell::Cell<u8> = const { std::cell::Cell::new(u8::MAX) });
+#[cfg(pagehint_loom)]
+loom::thread_local!(static THREAD_SLOT: std::cell::Cell<u8> = std::cell::Cell::new(u8::MAX));
+#[cfg(all(pagehint_shuttle, not(pagehint_loom)))]
+shuttle::thread_local!(static THREAD_SLOT: std::cell::Cell<u8> = std::cell::Cell::new(u8::MAX));
+
+/// The calling thread's dirty-count slot (`u8::MAX`: none yet).
+#[inline]
+pub(crate) fn thread_slot() -> u8 {
+    THREAD_SLOT.with(std::cell::Cell::get)
+}
+
+/// Sets the calling thread's dirty-count slot.
+pub(crate) fn set_thread_slot(slot: u8) {
+    THREAD_SLOT.with(|s| s.set(slot));
 }
 
 /// Whether the atomics are plain `core` ones running on real hardware: only then may the

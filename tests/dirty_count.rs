@@ -106,6 +106,45 @@ fn count_stays_in_bounds_while_running_and_is_exact_when_quiet() {
     }
 }
 
+/// More threads than the count has owned slots (16): the rest share four slots with RMWs,
+/// threads come and go (their slots are taken over by the next ones), and the count is still
+/// exact when quiet.
+#[test]
+fn count_is_exact_with_more_threads_than_slots_and_thread_churn() {
+    let layout = RamLayout::single("m", 64 << 20, 4096).unwrap(); // 16384 pages
+    let bitmap = DirtyBitmap::new(&layout).unwrap();
+    let (waves, threads) = if cfg!(miri) { (2, 20) } else { (6, 40) };
+    let taken = AtomicU64::new(0);
+    for wave in 0..waves {
+        std::thread::scope(|s| {
+            for t in 0..threads {
+                let (bitmap, taken) = (&bitmap, &taken);
+                s.spawn(move || {
+                    let mut rng = Rng(0x5eed + t + 1000 * wave);
+                    for _ in 0..if cfg!(miri) { 20 } else { 2000 } {
+                        let page = rng.next() % 16384;
+                        if t % 2 == 0 {
+                            bitmap.mark_dirty(PageLocation::new(0, page)).unwrap();
+                        } else if bitmap
+                            .claim_page(PageLocation::new(0, page))
+                            .unwrap()
+                            .is_claimed()
+                        {
+                            // Relaxed: bookkeeping, read after the joins.
+                            taken.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                });
+            }
+        });
+        let bits = bitmap.dirty_pages();
+        assert_eq!(bitmap.dirty_count(), bits, "wave {wave}: exact when quiet");
+        // Relaxed: read after the joins.
+        let taken = taken.load(Ordering::Relaxed);
+        assert_eq!(bitmap.pages_dirtied(), bits + taken, "wave {wave}");
+    }
+}
+
 /// Background scanners count their claims in batches: while a scanner lives mid-round the
 /// count may lag, and once the round ends (or the scanner is dropped) it is exact.
 #[test]

@@ -29,7 +29,8 @@
 //! | [`bitmap::i7_mark_races_claim`] | bitmap (I7) | `DirtyBitmap` | [`flawed::LoadThenStoreClaim`], [`flawed::SummaryBeforePageBit`], [`flawed::RelaxedOrderings`] | `loom_bitmap` | — |
 //! | [`bitmap::i1_i2_drain_and_claim_one_owner`] | drain (I1, I2) | `DirtyBitmap` | [`flawed::NoSummaryElection`] | `loom_bitmap` | — |
 //! | [`bitmap::i7_mark_races_drain`] | drain (I7) | `DirtyBitmap` | [`flawed::SummaryClearedLast`], [`flawed::RelaxedOrderings`] | `loom_bitmap` | — |
-//! | [`count::count_model`] | the O(1) dirty count (exact when quiet, within `0..=pages` while running) | `DirtyBitmap`; the control [`count::ControlCount`] | [`count::LoadThenCountClaim`], [`count::LoadThenCountMark`] | `loom_count` | `shuttle_count` |
+//! | [`count::count_model`], [`count::count_range_model`] | the O(1) dirty count in per-thread slots (exact when quiet, within `0..=pages` while running) | `DirtyBitmap`; the control [`count::ControlCount`] | [`count::LoadThenCountClaim`], [`count::LoadThenCountMark`], [`count::SharedOwnedSlot`] | `loom_count` | `shuttle_count` |
+//! | [`count::handover_model`] | a count slot handed from an exiting thread to the next | the control [`count::AcquireRelease`] (the registry's orderings) | [`count::RelaxedHandover`] | `loom_count` | `shuttle_count` (control only) |
 //! | [`protocol::protocol_model`] | postcopy (I1–I3, I5, I6) | `PageScheduler` | [`protocol::TrustingScanner`], [`protocol::CheckThenSendScanner`] | `loom_protocol` | `shuttle_protocol` |
 //! | [`range::range_model`] | range requests racing the scanner (I1, I2, I3, I5) | `PageScheduler` (`serve_range`) | [`range::FirstPageOnly`] (the old `serve`: first host page only) | `loom_range` | `shuttle_range` |
 //! | [`vanilla::vanilla_model`] | vanilla mode (I1–I3, I5) | `PageScheduler` | [`vanilla::OverwritingSlotRewrite`], [`vanilla::SendRequestedUnclaimedRewrite`] | `loom_vanilla` | `shuttle_vanilla` |

@@ -221,9 +221,12 @@ fn range_mutant_is_caught_even_on_std_threads() {
 
 #[test]
 fn count_model_passes_on_the_real_bitmap_and_the_control() {
-    use pagehint_models::count::{count_model, ControlCount};
+    use pagehint_models::count::{count_model, count_range_model, handover_model, ControlCount};
     for drainer in [false, true] {
         count_model::<DirtyBitmap>(drainer);
         count_model::<ControlCount>(drainer);
+        count_range_model::<DirtyBitmap>(drainer);
+        count_range_model::<ControlCount>(drainer);
     }
+    handover_model::<false>();
 }

@@ -68,6 +68,10 @@ pub struct Transport {
     /// (`TCP_NOTSENT_LOWAT` on a real link), so that claimed pages wait in the bitmap, where
     /// a request can still take them; false: the whole send queue.
     pub low_water: bool,
+    /// Each page request names its fault stream, the faulting vCPU (the destination knows
+    /// it from userfaultfd's thread id), and the source keeps a hint slot per stream; false:
+    /// every request is stream 0's (one slot).
+    pub streams: bool,
 }
 
 /// The low-water mark of the background channel, as asked for (`--lowat`).
@@ -470,12 +474,14 @@ mod tests {
         requests: RequestRoute::Urgent,
         resend: true,
         low_water: true,
+        streams: false,
     };
     const VANILLA: Transport = Transport {
         urgent_channel: false,
         requests: RequestRoute::Main,
         resend: false,
         low_water: false,
+        streams: false,
     };
 
     fn getsockopt_u32(s: &TcpStream, level: i32, name: i32) -> u32 {

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Args, CommandFactory, FromArgMatches};
 use pagehint_migrate::harness::cli::{Cli, Endpoint, Invocation, RecoverCli, RECOVER_ABOUT};
-use pagehint_migrate::harness::{compare, export};
+use pagehint_migrate::harness::{compare, export, medians};
 use pagehint_migrate::qemu;
 use pagehint_migrate::sys::hugepages::HugePages;
 
@@ -104,22 +104,49 @@ fn main() -> ExitCode {
         }
     };
     let rows = &outcome.rows;
-    let targets = export::targets(rows);
+    // With --repeat: the table and the targets of the medians, each ratio with its range.
+    let shown = if opts.repeat > 1 {
+        medians::medians(rows)
+    } else {
+        rows.clone()
+    };
+    let targets = if opts.repeat > 1 {
+        medians::median_targets(rows)
+    } else {
+        export::targets(rows)
+    };
     if !rows.is_empty() {
         if let Some(done) = rows.iter().find(|r| r.outcome.error.is_none()) {
             println!("\nfault path: {}\n", done.waits.fault_path);
         } else {
             println!();
         }
-        print!("{}", export::table(rows));
+        if opts.repeat > 1 {
+            println!("medians of {} repeats:", opts.repeat);
+        }
+        print!("{}", export::table(&shown));
         println!("\n{LEGEND}\n");
-        println!("targets (ratios from this run):");
-        print!("{}", export::targets_text(&targets));
+        if opts.repeat > 1 {
+            println!(
+                "targets (ratios of the medians of {} repeats; the range of each repeat's own ratio):",
+                opts.repeat
+            );
+            let ranges = medians::ranges(&targets, rows, opts.repeat);
+            print!("{}", export::targets_text_with(&targets, &ranges));
+        } else {
+            println!("targets (ratios from this run):");
+            print!("{}", export::targets_text(&targets));
+        }
         println!("\ntotal time {:.1} s", outcome.seconds);
     }
     let l = opts.cfg.layout();
     let subtitle = format!(
-        "{} guest, {} vCPU(s), {} MiB in {} host pages, precopy {} round(s), link {}",
+        "{}{} guest, {} vCPU(s), {} MiB in {} host pages, precopy {} round(s), link {}",
+        if opts.repeat > 1 {
+            format!("medians of {} repeats, ", opts.repeat)
+        } else {
+            String::new()
+        },
         opts.cfg.guest.kind,
         l.vcpus(),
         l.mem() >> 20,
@@ -138,7 +165,7 @@ fn main() -> ExitCode {
     };
     let status = write_outputs([
         (&opts.json, export::json(&inv, rows, &targets)),
-        (&opts.svg, export::svg(rows, &subtitle)),
+        (&opts.svg, export::svg(&shown, &subtitle)),
     ]);
     for f in &outcome.failures {
         eprintln!("error: {f}");

@@ -6,7 +6,8 @@
 
 use std::time::Duration;
 
-use pagehint::{ClaimBatch, SchedulerConfig};
+use pagehint::streams::{StreamPolicy, StreamPolicyError};
+use pagehint::{ClaimBatch, HintPolicy, SchedulerConfig};
 
 use crate::guest::layout::{GuestLayout, GuestLayoutError, HostPageSize};
 pub use crate::guest::Workload;
@@ -22,20 +23,43 @@ named_enum!(
         Vanilla = 0, "vanilla";
         /// A separate urgent channel, no hint (QEMU's postcopy-preempt before the seed).
         Preempt = 1, "preempt";
-        /// Urgent channel plus the spatial-locality hint (the seed, QEMU 10.1).
+        /// Urgent channel plus the spatial-locality hint (the seed, QEMU 10.1): one slot.
         PreemptHint = 2, "preempt-hint";
+        /// Urgent channel plus one hint slot per vCPU: requests name the faulting vCPU, and
+        /// the background scan follows each vCPU's faults with its own cursor.
+        PreemptHints = 3, "preempt-hints";
     }
 );
 
 impl MigrationMode {
-    /// The scheduler configuration with `batch`.
-    pub fn scheduler(self, batch: ClaimBatch) -> SchedulerConfig {
-        match self {
+    /// The default list: the seed's comparison (`preempt-hints`, a slot per vCPU, is asked
+    /// for by name: with one vCPU it is one slot).
+    pub const DEFAULT_LIST: &'static str = "vanilla,preempt,preempt-hint";
+
+    /// The scheduler configuration with `batch` for a guest of `vcpus` vCPUs (1 to
+    /// [`MAX_VCPUS`](crate::guest::layout::MAX_VCPUS), which `pagehint`'s
+    /// [`MAX_STREAMS`](pagehint::streams::MAX_STREAMS) covers), whose cursors (a slot per
+    /// vCPU) run as `cursors` says.
+    pub fn scheduler(
+        self,
+        batch: ClaimBatch,
+        vcpus: u32,
+        cursors: CursorPolicy,
+    ) -> Result<SchedulerConfig, String> {
+        Ok(match self {
             Self::Vanilla => SchedulerConfig::vanilla(),
             Self::Preempt => SchedulerConfig::preempt(),
             Self::PreemptHint => SchedulerConfig::preempt_hint(),
+            Self::PreemptHints => SchedulerConfig {
+                hint: HintPolicy::PerStream(
+                    cursors
+                        .policy(vcpus)
+                        .map_err(|e| format!("{self} with {vcpus} vCPUs: {e}"))?,
+                ),
+                ..SchedulerConfig::preempt()
+            },
         }
-        .with_batch(batch)
+        .with_batch(batch))
     }
 
     /// How this mode's pages and requests travel, with `--resend` as asked (it only
@@ -51,6 +75,7 @@ impl MigrationMode {
             },
             resend,
             low_water: true,
+            streams: false,
         };
         match self {
             // QEMU's postcopy: one channel, requests queued for the background scan, the
@@ -60,9 +85,40 @@ impl MigrationMode {
                 requests: RequestRoute::Main,
                 resend: false,
                 low_water: false,
+                streams: false,
             },
             Self::Preempt | Self::PreemptHint => urgent,
+            Self::PreemptHints => Transport {
+                streams: true,
+                ..urgent
+            },
         }
+    }
+}
+
+/// How `preempt-hints`' cursors run: the library's [`StreamPolicy`] but for its stream count,
+/// which is the guest's vCPU count (`--stream-run`, `--stream-share`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CursorPolicy {
+    /// Target pages a cursor may claim after each fault ([`StreamPolicy::run`]).
+    pub run: u64,
+    /// Cursor claims between two linear scan steps ([`StreamPolicy::share`]).
+    pub share: u32,
+}
+
+impl CursorPolicy {
+    /// The library's defaults.
+    pub const DEFAULT: Self = Self {
+        run: StreamPolicy::DEFAULT_RUN,
+        share: StreamPolicy::DEFAULT_SHARE,
+    };
+
+    /// The policy for `streams` streams (a typed error for a run or a share of 0, or a count
+    /// out of range).
+    pub fn policy(self, streams: u32) -> Result<StreamPolicy, StreamPolicyError> {
+        StreamPolicy::new(streams)?
+            .with_run(self.run)?
+            .with_share(self.share)
     }
 }
 
@@ -85,6 +141,10 @@ named_enum!(
         Log = 1, "log";
         /// KVM's per-vCPU dirty rings, harvested continuously.
         Ring = 2, "ring";
+        /// `KVM_GET_DIRTY_LOG` with manual re-protection (`KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`,
+        /// initially set): the get only reads the log, and each chunk the precopy drain takes
+        /// is cleared with `KVM_CLEAR_DIRTY_LOG` just before its pages are read (QEMU's way).
+        LogManual = 3, "log-manual";
     }
 );
 
@@ -221,6 +281,8 @@ pub struct RunConfig {
     pub link: LinkParams,
     /// Background claim batch.
     pub claim_batch: ClaimBatch,
+    /// How `preempt-hints`' cursors run.
+    pub cursors: CursorPolicy,
     /// Fault path (thread guest; the KVM guest always uses userfaultfd).
     pub fault_path: FaultPath,
     /// Thread placement.
@@ -266,6 +328,7 @@ impl RunConfig {
             },
             link,
             claim_batch: ClaimBatch::DEFAULT,
+            cursors: CursorPolicy::DEFAULT,
             fault_path: FaultPath::Auto,
             pin: PinPlan::auto(),
             idle_timeout: Duration::from_secs(20),
@@ -316,8 +379,34 @@ mod tests {
         }
         assert!(MigrationMode::from_code(9).is_none());
         let e = "fast".parse::<MigrationMode>().unwrap_err();
-        assert!(e.contains("vanilla, preempt, preempt-hint"), "{e}");
+        assert!(
+            e.contains("vanilla, preempt, preempt-hint, preempt-hints"),
+            "{e}"
+        );
+        let (b, c) = (ClaimBatch::DEFAULT, CursorPolicy::DEFAULT);
+        assert_eq!(
+            MigrationMode::PreemptHint
+                .scheduler(b, 4, c)
+                .unwrap()
+                .streams(),
+            1
+        );
+        let hints = MigrationMode::PreemptHints.scheduler(b, 4, c).unwrap();
+        assert_eq!(hints, SchedulerConfig::preempt_hints(4).unwrap());
+        assert!(MigrationMode::PreemptHints.scheduler(b, 0, c).is_err());
+        let short = CursorPolicy { run: 64, share: 4 };
+        match MigrationMode::PreemptHints
+            .scheduler(b, 2, short)
+            .unwrap()
+            .hint
+        {
+            HintPolicy::PerStream(p) => assert_eq!((p.streams(), p.run(), p.share()), (2, 64, 4)),
+            h => panic!("{h:?}"),
+        }
+        let none = CursorPolicy { run: 0, ..short };
+        assert!(MigrationMode::PreemptHints.scheduler(b, 2, none).is_err());
         assert_eq!("ring".parse::<DirtyTracking>(), Ok(DirtyTracking::Ring));
+        assert_eq!(DirtyTracking::from_code(3), Some(DirtyTracking::LogManual));
     }
 
     #[test]
@@ -325,9 +414,16 @@ mod tests {
         let v = MigrationMode::Vanilla.transport(true);
         assert!(!v.urgent_channel && !v.resend && !v.low_water);
         assert_eq!(v.requests, RequestRoute::Main);
-        for m in [MigrationMode::Preempt, MigrationMode::PreemptHint] {
+        assert!(!v.streams);
+        for m in [
+            MigrationMode::Preempt,
+            MigrationMode::PreemptHint,
+            MigrationMode::PreemptHints,
+        ] {
             let t = m.transport(true);
             assert!(t.urgent_channel && t.resend && t.low_water);
+            // Only the per-vCPU mode names the faulting vCPU in its requests.
+            assert_eq!(t.streams, m == MigrationMode::PreemptHints);
             assert_eq!(t.requests, RequestRoute::Urgent);
             let old = m.transport(false);
             assert!(old.urgent_channel && !old.resend);

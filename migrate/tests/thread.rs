@@ -131,7 +131,11 @@ fn software_fault_path_migrates_and_says_so() {
 
 #[test]
 fn malformed_requests_are_rejected_counted_and_the_migration_goes_on() {
-    for mode in [MigrationMode::Vanilla, MigrationMode::PreemptHint] {
+    for mode in [
+        MigrationMode::Vanilla,
+        MigrationMode::PreemptHint,
+        MigrationMode::PreemptHints,
+    ] {
         let r = within(Duration::from_secs(60), move || {
             let mut c = cfg();
             c.hooks.inject_bad = 14;
@@ -143,6 +147,7 @@ fn malformed_requests_are_rejected_counted_and_the_migration_goes_on() {
         let all = r.source.rejected.join("\n");
         assert!(all.contains("malformed page request"), "{all}");
         assert!(all.contains("out of range"), "{all}");
+        assert!(all.contains("unknown stream"), "{all}");
     }
 }
 

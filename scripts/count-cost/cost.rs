@@ -1,7 +1,9 @@
-//! The dirty count's cost on the claim, drain, mark and merge paths: pagehint at a base commit
+//! The dirty count's cost on the claim, drain, mark and merge paths, on one thread and on two
+//! threads at once: pagehint at a commit without the count ("nocount"), at a commit with it
 //! ("before") and the working tree ("after"), the same workloads in one criterion run
 //! (`scripts/count-cost/run.sh`; the claim cases are those of `benches/bitmap.rs`).
 use std::hint::black_box;
+use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
@@ -22,6 +24,10 @@ macro_rules! cases {
                 nhuge: u64,
                 sched: PageScheduler,
                 random: Vec<u64>,
+                /// The two-thread cases' bitmap: 4 GiB (a 128 KiB bitmap).
+                big: DirtyBitmap,
+                /// Per thread: 65536 random pages of `big`.
+                big_random: [Vec<u64>; 2],
             }
 
             impl Cases {
@@ -37,7 +43,20 @@ macro_rules! cases {
                             x % (GIB / PAGE)
                         })
                         .collect();
+                    let big = RamLayout::single("m", BIG, PAGE).unwrap();
+                    let big_random = [0x1234_5678_9abc_def1u64, 0x0fed_cba9_8765_4321].map(|mut x| {
+                        (0..TWO_OPS)
+                            .map(|_| {
+                                x ^= x << 13;
+                                x ^= x >> 7;
+                                x ^= x << 17;
+                                x % (BIG / PAGE)
+                            })
+                            .collect()
+                    });
                     Self {
+                        big: DirtyBitmap::new(&big).unwrap(),
+                        big_random,
                         pages: DirtyBitmap::new(&l).unwrap(),
                         npages: l.total_pages(),
                         huge: DirtyBitmap::new(&h).unwrap(),
@@ -134,8 +153,8 @@ macro_rules! cases {
                     }
                     total
                 }
-                /// A KVM-style dirty log of the 1 GiB block with one dirty page in 64 words
-                /// (`sparse`) or random words (dense), merged into a clean bitmap; per word.
+                /// A KVM-style dirty log of the 1 GiB block (sparse, dense or full), merged into
+                /// a clean bitmap; per word.
                 pub fn merge(&self, iters: u64, log: &[u64]) -> Duration {
                     let (mut total, mut done) = (Duration::ZERO, 0);
                     let mut words = vec![0u64; log.len()];
@@ -164,6 +183,50 @@ macro_rules! cases {
                     }
                     total.mul_f64(iters as f64 / done as f64)
                 }
+                /// Clears `big` (outside the timings).
+                fn clear_big(&self) {
+                    let mut words = vec![0u64; self.big.block_words(0).unwrap()];
+                    let _ = self.big.get_and_clear(0, 0, &mut words).unwrap();
+                }
+                /// Two threads each `mark_dirty` their 65536 random pages of a clean 4 GiB
+                /// bitmap; per page of one thread.
+                pub fn mark_clean_2t(&self, iters: u64) -> Duration {
+                    two_threads(iters, TWO_OPS, || self.clear_big(), |t| {
+                        for &p in &self.big_random[t] {
+                            self.big.mark_dirty(PageLocation::new(0, p)).unwrap();
+                        }
+                    })
+                }
+                /// Two threads each merge a dense dirty log of their own half of a clean
+                /// 4 GiB bitmap (two KVM slots); per word of one thread.
+                pub fn merge_dense_2t(&self, iters: u64, log: &[u64]) -> Duration {
+                    let half = BIG / PAGE / 2;
+                    two_threads(iters, log.len() as u64, || self.clear_big(), |t| {
+                        black_box(self.big.merge_dirty_log_at(0, t as u64 * half, half, log).unwrap());
+                    })
+                }
+                /// One thread marks its 65536 random pages while the other claims its own
+                /// (all dirty at the start); per operation of one thread.
+                pub fn mark_vs_claim_2t(&self, iters: u64) -> Duration {
+                    let setup = || {
+                        self.clear_big();
+                        for &p in &self.big_random[1] {
+                            self.big.mark_dirty(PageLocation::new(0, p)).unwrap();
+                        }
+                    };
+                    two_threads(iters, TWO_OPS, setup, |t| {
+                        let mut acc = 0u64;
+                        for &p in &self.big_random[t] {
+                            let loc = PageLocation::new(0, p);
+                            if t == 0 {
+                                self.big.mark_dirty(loc).unwrap();
+                            } else if self.big.claim_page(loc).unwrap().is_claimed() {
+                                acc += 1;
+                            }
+                        }
+                        black_box(acc);
+                    })
+                }
                 /// `mark_dirty` of 4096 random pages, already dirty (the common re-write).
                 pub fn mark_dirty_again(&self, iters: u64) -> Duration {
                     self.pages.mark_all();
@@ -183,70 +246,98 @@ macro_rules! cases {
     };
 }
 
+cases!(zero, nocount);
 cases!(old, before);
 cases!(new, after);
 
-fn log(dense: bool) -> Vec<u64> {
+/// Guest RAM of the two-thread cases.
+const BIG: u64 = 4 * GIB;
+/// Operations per thread per round of a two-thread case.
+const TWO_OPS: u64 = 65536;
+
+/// Runs `work(0)` here and `work(1)` on a second thread, at once, in rounds (`work` does
+/// `per_round` operations on each thread; `setup` runs before each round, not timed) until
+/// `iters` operations per thread are done; the time from both starting to both finishing,
+/// summed over the rounds, scaled to `iters`.
+fn two_threads(iters: u64, per_round: u64, setup: impl Fn(), work: impl Fn(usize) + Sync) -> Duration {
+    let rounds = iters.div_ceil(per_round);
+    let (start, end) = (Barrier::new(2), Barrier::new(2));
+    let mut total = Duration::ZERO;
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            for _ in 0..rounds {
+                start.wait();
+                work(1);
+                end.wait();
+            }
+        });
+        for _ in 0..rounds {
+            setup();
+            start.wait();
+            let t = Instant::now();
+            work(0);
+            end.wait();
+            total += t.elapsed();
+        }
+    });
+    total.mul_f64(iters as f64 / (rounds * per_round) as f64)
+}
+
+#[derive(Clone, Copy)]
+enum Log {
+    /// One dirty page in 64 words.
+    Sparse,
+    /// Random words.
+    Dense,
+    /// Every page dirty (a guest that wrote all of it).
+    Full,
+}
+
+/// A KVM-style dirty log of `bytes` of RAM.
+fn log(kind: Log, bytes: u64) -> Vec<u64> {
     let mut x = 0x2545_f491_4f6c_dd1du64;
-    (0..GIB / PAGE / 64)
+    (0..bytes / PAGE / 64)
         .map(|i| {
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
-            match dense {
-                true => x,
-                false if i % 64 == 0 => 1 << (x % 64),
-                false => 0,
+            match kind {
+                Log::Dense => x,
+                Log::Full => !0,
+                Log::Sparse if i % 64 == 0 => 1 << (x % 64),
+                Log::Sparse => 0,
             }
         })
         .collect()
 }
 
 fn cost(c: &mut Criterion) {
-    let (o, n) = (old::Cases::new(), new::Cases::new());
-    for (dense, name) in [(false, "merge_sparse"), (true, "merge_dense")] {
-        let l = log(dense);
-        let mut g = c.benchmark_group(name);
-        g.throughput(Throughput::Elements(1));
-        g.bench_function("before", |b| b.iter_custom(|i| o.merge(i, &l)));
-        g.bench_function("after", |b| b.iter_custom(|i| n.merge(i, &l)));
-        g.finish();
+    let (z, o, n) = (zero::Cases::new(), old::Cases::new(), new::Cases::new());
+    macro_rules! group {
+        ($name:expr, |$x:ident, $i:ident| $e:expr) => {{
+            let mut g = c.benchmark_group($name);
+            g.throughput(Throughput::Elements(1));
+            g.bench_function("nocount", |b| b.iter_custom(|$i| { let $x = &z; $e }));
+            g.bench_function("before", |b| b.iter_custom(|$i| { let $x = &o; $e }));
+            g.bench_function("after", |b| b.iter_custom(|$i| { let $x = &n; $e }));
+            g.finish();
+        }};
     }
-    let mut g = c.benchmark_group("drain_64words");
-    g.throughput(Throughput::Elements(1));
-    g.bench_function("before", |b| b.iter_custom(|i| o.drain(i)));
-    g.bench_function("after", |b| b.iter_custom(|i| n.drain(i)));
-    g.finish();
-    let mut g = c.benchmark_group("claim_page");
-    g.throughput(Throughput::Elements(1));
-    g.bench_function("before", |b| b.iter_custom(|i| o.claim_page(i)));
-    g.bench_function("after", |b| b.iter_custom(|i| n.claim_page(i)));
-    g.finish();
-    let mut g = c.benchmark_group("claim_host_page_2mib");
-    g.throughput(Throughput::Elements(1));
-    g.bench_function("before", |b| b.iter_custom(|i| o.claim_host_page(i)));
-    g.bench_function("after", |b| b.iter_custom(|i| n.claim_host_page(i)));
-    g.finish();
-    let mut g = c.benchmark_group("scan_claim_batch16");
-    g.throughput(Throughput::Elements(1));
-    g.bench_function("before", |b| b.iter_custom(|i| o.scan(i)));
-    g.bench_function("after", |b| b.iter_custom(|i| n.scan(i)));
-    g.finish();
-    let mut g = c.benchmark_group("mark_page_clean");
-    g.throughput(Throughput::Elements(1));
-    g.bench_function("before", |b| b.iter_custom(|i| o.mark_clean(i)));
-    g.bench_function("after", |b| b.iter_custom(|i| n.mark_clean(i)));
-    g.finish();
-    let mut g = c.benchmark_group("mark_range256_clean");
-    g.throughput(Throughput::Elements(1));
-    g.bench_function("before", |b| b.iter_custom(|i| o.mark_range_clean(i)));
-    g.bench_function("after", |b| b.iter_custom(|i| n.mark_range_clean(i)));
-    g.finish();
-    let mut g = c.benchmark_group("mark_page_dirty_again");
-    g.throughput(Throughput::Elements(1));
-    g.bench_function("before", |b| b.iter_custom(|i| o.mark_dirty_again(i)));
-    g.bench_function("after", |b| b.iter_custom(|i| n.mark_dirty_again(i)));
-    g.finish();
+    for (kind, name) in [(Log::Sparse, "merge_sparse"), (Log::Dense, "merge_dense"), (Log::Full, "merge_full")] {
+        let l = log(kind, GIB);
+        group!(name, |x, i| x.merge(i, &l));
+    }
+    group!("drain_64words", |x, i| x.drain(i));
+    group!("claim_page", |x, i| x.claim_page(i));
+    group!("claim_host_page_2mib", |x, i| x.claim_host_page(i));
+    group!("scan_claim_batch16", |x, i| x.scan(i));
+    group!("mark_page_clean", |x, i| x.mark_clean(i));
+    group!("mark_range256_clean", |x, i| x.mark_range_clean(i));
+    group!("mark_page_dirty_again", |x, i| x.mark_dirty_again(i));
+    group!("2t_mark_page_clean", |x, i| x.mark_clean_2t(i));
+    let half = log(Log::Dense, BIG / 2);
+    group!("2t_merge_dense_disjoint", |x, i| x.merge_dense_2t(i, &half));
+    group!("2t_mark_vs_claim_page", |x, i| x.mark_vs_claim_2t(i));
 }
 
 criterion_group! {

@@ -1,10 +1,12 @@
 //! Merging KVM dirty logs into the bitmap, and the recovery rebuild ("dirty = not received").
 //!
-//! A merge only sets bits: page words with a release `fetch_or` per non-zero word, then, on
-//! wide blocks, the summary bits of the host pages touched (release), so a claimer that sees
-//! a summary bit sees the page bits set before it (I7). The recovery rebuild runs with no
+//! A merge only sets bits: page words with a release `fetch_or` per non-zero word (a `swap` for
+//! an all-ones word: the same RMW), then, on wide blocks, the summary bits of the host pages
+//! touched (release), so a claimer that sees a summary bit sees the page bits set before it
+//! (I7). The pages it newly set are summed over the words and counted once per call. The recovery rebuild runs with no
 //! sender active (the scheduler checks), so it may store words outright.
 
+use super::count::or_newly;
 use super::{low_mask, BlockWords, DirtyBitmap, DirtyLogError, WORD_BITS, WORD_SHIFT};
 use crate::sync::{AtomicU64, Ordering};
 
@@ -37,7 +39,7 @@ impl DirtyBitmap {
     /// The range must lie inside the block, and the log must have exactly one bit per page,
     /// rounded up to whole words, with no bit past `pages`; a malformed log is refused whole,
     /// before anything is merged (I8). Concurrent claims lose nothing (I7): each merged word
-    /// is one `fetch_or`, and for wide host pages the summary bits are set after the page
+    /// is one release RMW, and for wide host pages the summary bits are set after the page
     /// bits they cover.
     ///
     /// ```
@@ -109,18 +111,16 @@ impl DirtyBitmap {
                 bits >> (WORD_BITS as u32 - off)
             };
             if word != 0 {
-                // Release: page contents written before the log was taken are visible to the
-                // claimer that collects these bits.
-                let prev = words[base + i].fetch_or(word, Ordering::Release);
-                newly += u64::from((word & !prev).count_ones());
+                // A release RMW: page contents written before the log was taken are visible to
+                // the claimer that collects these bits.
+                newly += or_newly(&words[base + i], word);
                 gather_summary(&b, summary, base + i, &mut pending);
             }
         }
         if carry != 0 {
             // In range: the tail check above keeps every bit inside `first_page + pages`.
-            // Release: as above.
-            let prev = words[base + log.len()].fetch_or(carry, Ordering::Release);
-            newly += u64::from((carry & !prev).count_ones());
+            // A release RMW, as above.
+            newly += or_newly(&words[base + log.len()], carry);
             gather_summary(&b, summary, base + log.len(), &mut pending);
         }
         if let Some((w, mask)) = pending {

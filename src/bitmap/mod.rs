@@ -9,9 +9,10 @@
 //! 1 GiB host pages) also have a *summary* bit per host page, in a second array.
 //!
 //! # Protocol
-//! * **mark** (page, range, log): set page bits with `fetch_or`; for wide host pages, then set
-//!   the host page's summary bit with a release `fetch_or`. A mark is complete (linearised)
-//!   when it returns.
+//! * **mark** (page, range, log): set page bits with a release `fetch_or` (a `swap` to all
+//!   ones for a whole word, the same RMW), learning from its result how many were newly set
+//!   (the dirty count, `count.rs`); for wide host pages, then set the host page's summary
+//!   bit with a release `fetch_or`. A mark is complete (linearised) when it returns.
 //! * **claim, narrow host pages** (≤ 64 target pages): one acquire `fetch_and` that clears an
 //!   aligned chunk of whole host pages inside one word. The bits it returns belong to the caller
 //!   alone: RMWs on one word are totally ordered, so no two claims return the same bit, and a
@@ -39,8 +40,6 @@
 
 use std::fmt;
 use std::io;
-
-use crossbeam_utils::CachePadded;
 
 use crate::layout::{LocationError, PageLocation, RamLayout};
 use crate::storage::Words;
@@ -119,10 +118,8 @@ pub struct DirtyBitmap {
     summary: Words,
     /// Set while a [`PageScheduler`](crate::PageScheduler) drives this bitmap (one at a time).
     driven: AtomicBool,
-    /// Pages newly set, ever (monotonic; see `count.rs`).
-    dirtied: CachePadded<AtomicU64>,
-    /// Pages cleared, ever (monotonic; see `count.rs`).
-    cleared: CachePadded<AtomicU64>,
+    /// Pages newly set and pages cleared, ever, per thread (see `count.rs`).
+    counts: count::DirtyCounts,
     /// Pages of all blocks: the bound of `dirty_count`.
     total_pages: u64,
 }
@@ -157,8 +154,7 @@ impl DirtyBitmap {
             words: Words::zeroed(words)?,
             summary: Words::zeroed(summary)?,
             driven: AtomicBool::new(false),
-            dirtied: CachePadded::new(AtomicU64::new(0)),
-            cleared: CachePadded::new(AtomicU64::new(0)),
+            counts: count::DirtyCounts::new(),
             total_pages: layout.total_pages(),
         })
     }
@@ -225,12 +221,16 @@ impl DirtyBitmap {
     /// ```
     pub fn mark_range(&self, block: u32, first: u64, count: u64) -> Result<(), LocationError> {
         let b = self.ranged(block, first, count)?;
+        if count == 1 {
+            // One page (a small device write): `mark_dirty`'s one-bit RMW (`lock bts` on x86,
+            // where a masked `fetch_or` whose result is used is a `cmpxchg` loop).
+            return self.mark_dirty(PageLocation::new(block, first));
+        }
         let words = &self.words.get()[b.word_base..b.word_base + b.words];
         let mut newly = 0;
         for_each_word_span(first, first + count, |w, mask| {
-            // Release: page contents written before the mark are visible to the claimer.
-            let prev = words[w].fetch_or(mask, Ordering::Release);
-            newly += u64::from((mask & !prev).count_ones());
+            // A release RMW: page contents written before the mark are visible to the claimer.
+            newly += count::or_newly(&words[w], mask);
         });
         self.count_dirtied(newly);
         if b.wide() {

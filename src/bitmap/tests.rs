@@ -257,3 +257,31 @@ fn host_page_may_be_dirty_answers_for_the_whole_host_page_only() {
         .unwrap();
     assert!(!bm.host_page_may_be_dirty(2, 512));
 }
+
+/// The dirty count's per-thread slots: a thread takes an owned slot on its first count and
+/// gives it back when it exits, so a stream of short-lived threads never runs out of owned
+/// slots (without the give-back, the 17th thread would be on a shared one), and the counts
+/// each left in a slot are continued, not lost, by the slot's next owner.
+#[test]
+fn count_slots_are_given_back_at_thread_exit_and_continued() {
+    let bm = DirtyBitmap::new(&RamLayout::single("m", 64 << 20, 4096).unwrap()).unwrap();
+    let threads = if cfg!(miri) { 20 } else { 200 };
+    for t in 0..threads {
+        let owned = std::thread::scope(|s| {
+            s.spawn(|| {
+                bm.mark_range(0, t * 64, 64).unwrap();
+                crate::sync::thread_slot()
+            })
+            .join()
+            .unwrap()
+        });
+        // Other tests' threads may hold some owned slots meanwhile, never all 16.
+        assert!(
+            usize::from(owned) < 16,
+            "thread {t} got shared slot {owned}"
+        );
+    }
+    assert_eq!(bm.dirty_count(), threads * 64);
+    assert_eq!(bm.pages_dirtied(), threads * 64);
+    assert_eq!(bm.dirty_pages(), threads * 64);
+}

@@ -131,7 +131,8 @@ impl<'s> Dest<'s> {
         if let Some(m) = self.machine {
             m.load(&switch.vcpus)
                 .map_err(|e| RunError::Setup(format!("loading the vCPU state: {e}")))?;
-            m.set_stream_rate(cfg.guest.stream_rate, crate::guest::STREAM_FRAME_PAGES);
+            let rate = workload.stream_rate_each(cfg.guest.stream_rate, cfg.layout().vcpus());
+            m.set_stream_rate(rate, crate::guest::STREAM_FRAME_PAGES);
             times.resume = now_ns();
             return Ok(Running::Kvm(m, m.run(s, cfg.pin, None)));
         }
@@ -139,7 +140,8 @@ impl<'s> Dest<'s> {
         Ok(Running::Thread(s.spawn(move || {
             let complete = || self.mem.complete();
             let request = |hp: u64| {
-                if let Err(e) = self.request(hp) {
+                // The thread guest is one thread: stream 0.
+                if let Err(e) = self.request(hp, 0) {
                     self.fail(e.into());
                 }
             };

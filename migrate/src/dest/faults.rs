@@ -28,12 +28,12 @@ pub struct FaultEvent {
     pub write: bool,
 }
 
-/// Reads faults until `stop`, requesting missing pages with `request`; returns every fault
-/// event. Fails only if the descriptor does.
+/// Reads faults until `stop`, requesting missing pages with `request(host page, faulting
+/// thread)`; returns every fault event. Fails only if the descriptor does.
 pub fn fault_loop(
     mem: &DestMemory,
     stop: &AtomicBool,
-    request: &dyn Fn(u64) -> Result<(), String>,
+    request: &dyn Fn(u64, u32) -> Result<(), String>,
 ) -> Result<Vec<FaultEvent>, String> {
     let Some(uffd) = mem.userfault() else {
         return Ok(Vec::new());
@@ -66,7 +66,7 @@ pub fn fault_loop(
                 write: f.write,
             });
             if !mem.is_present(hp) && mem.claim_request(hp, now) {
-                request(hp)?;
+                request(hp, f.tid)?;
             }
         }
     }

@@ -1101,6 +1101,9 @@ mod tests {
             pending,
             guest: [0; 10],
             dirty_per_round: Vec::new(),
+            sync_ns: Vec::new(),
+            drain_ns: Vec::new(),
+            kvm: crate::wire::switch::PrecopyKvm::default(),
         }
     }
 }

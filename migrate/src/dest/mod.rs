@@ -48,7 +48,8 @@ use crate::options::{DestFault, FaultPath, GuestKind, MigrationMode, RunConfig, 
 use crate::sys::clock::{now_ns, tight_timer_slack};
 use crate::sys::pin::Role;
 use crate::wire::{
-    write_parts, Channel, Guard, Hello, RpHeader, RpKind, Summary, SwitchOver, WireError,
+    write_parts, Channel, Guard, Hello, RequestBody, RpHeader, RpKind, Summary, SwitchOver,
+    WireError,
 };
 use memory::{DestMemory, MemoryError};
 use recovery::{Broken, Conn, Cut};
@@ -242,14 +243,28 @@ impl Dest<'_> {
         .map_err(|e| (e, c.number))
     }
 
-    /// Requests host page `hp`. A connection that breaks meanwhile is recovered (the page
-    /// is asked for again on the next one), not an error.
-    fn request(&self, hp: u64) -> Result<(), WireError> {
+    /// The fault stream of a fault by thread `tid`: the faulting vCPU's index where the
+    /// transport names streams (userfaultfd reports the thread; each vCPU thread records its
+    /// id before it runs the guest), else 0 — and 0 for a thread that is no vCPU.
+    fn stream_of(&self, tid: u32) -> u32 {
+        match self.machine {
+            Some(m) if self.transport.streams && tid != 0 => m
+                .controls()
+                .iter()
+                .position(|c| c.tid() == tid)
+                .map_or(0, |v| v as u32),
+            _ => 0,
+        }
+    }
+
+    /// Requests host page `hp` for fault stream `stream`. A connection that breaks
+    /// meanwhile is recovered (the page is asked for again on the next one), not an error.
+    fn request(&self, hp: u64, stream: u32) -> Result<(), WireError> {
         let (block, offset) = self.mem.host_page_location(hp);
         let req = UrgentRequest::new(block, offset, self.mem.host_page_size());
         // Relaxed: a counter read after the run.
         self.requests_sent.fetch_add(1, Ordering::Relaxed);
-        match self.send_rp_on(RpKind::Request, &req.encode()) {
+        match self.send_rp_on(RpKind::Request, &RequestBody::encode(stream, &req)) {
             Ok(()) => {
                 self.mem.request_sent(hp, now_ns());
                 Ok(())
@@ -269,26 +284,32 @@ impl Dest<'_> {
     /// Sends `n` malformed or out-of-range requests of every kind (test hook).
     fn inject_bad(&self, n: u64) -> Result<(), WireError> {
         let block1 = self.cfg.layout().block_ranges()[1].1;
+        let body = |req: UrgentRequest| RequestBody::encode(0, &req).to_vec();
         for i in 0..n {
-            let good = UrgentRequest::new(0, 0, 4096).encode();
-            let body: Vec<u8> = match i % 7 {
+            let good = body(UrgentRequest::new(0, 0, 4096));
+            let at = 4; // the request frame, after the stream
+            let body: Vec<u8> = match i % 9 {
                 0 => {
                     let mut b = good;
-                    b[0] ^= 0xff; // bad magic
-                    b.to_vec()
+                    b[at] ^= 0xff; // bad magic
+                    b
                 }
-                1 => good[..23].to_vec(), // short frame
+                1 => good[..RequestBody::LEN - 1].to_vec(), // short frame
                 2 => {
                     let mut b = good;
-                    b[2] = 1; // unknown flags
-                    b.to_vec()
+                    b[at + 2] = 1; // unknown flags
+                    b
                 }
-                3 => UrgentRequest::new(7, 0, 4096).encode().to_vec(), // no such block
-                4 => UrgentRequest::new(1, block1, 4096).encode().to_vec(), // past the end
-                5 => UrgentRequest::new(0, 4096, 0).encode().to_vec(), // empty
-                _ => UrgentRequest::new(0, u64::MAX - 100, 4096)
-                    .encode()
-                    .to_vec(), // overflow
+                3 => body(UrgentRequest::new(7, 0, 4096)), // no such block
+                4 => body(UrgentRequest::new(1, block1, 4096)), // past the end
+                5 => body(UrgentRequest::new(0, 4096, 0)), // empty
+                6 => body(UrgentRequest::new(0, u64::MAX - 100, 4096)), // overflow
+                7 => {
+                    let mut b = good;
+                    b[..4].copy_from_slice(&u32::MAX.to_le_bytes()); // no such stream
+                    b
+                }
+                _ => good[..3].to_vec(), // too short to name a stream
             };
             self.send_rp(RpKind::Request, &body)?;
         }
@@ -545,7 +566,10 @@ impl<'a> Dest<'a> {
             let fault_thread = s.spawn(|| {
                 cfg.pin.apply(Role::FaultThread);
                 tight_timer_slack();
-                let req = |hp: u64| self.request(hp).map_err(|e| e.to_string());
+                let req = |hp: u64, tid: u32| {
+                    self.request(hp, self.stream_of(tid))
+                        .map_err(|e| e.to_string())
+                };
                 faults::fault_loop(self.mem, &self.stop, &req).unwrap_or_else(|e| {
                     self.fail(RunError::Setup(e));
                     Vec::new()

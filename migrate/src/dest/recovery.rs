@@ -387,7 +387,9 @@ impl Dest<'_> {
         *receivers = self.spawn_receivers(s);
         let again = self.mem.requested_missing();
         for &hp in &again {
-            self.request(hp)?;
+            // Which stream first asked is not kept: a hint is only advisory, and the new
+            // scheduler's slots start empty.
+            self.request(hp, 0)?;
         }
         self.cuts
             .lock()

@@ -196,7 +196,8 @@ pub fn run(
                 }
             }
         }
-        Workload::Stream => stream(g, layout, stream_rate, &mut r),
+        // One thread is vCPU 0: in `mixed`, the stream.
+        Workload::Stream | Workload::Mixed => stream(g, layout, stream_rate, &mut r),
         Workload::Kv => kv(g, layout, seed, &mut r),
     }
     r.elapsed_ns = now_ns() - t0;

@@ -30,7 +30,7 @@
 use crate::names::code_enum;
 use std::ops::Range;
 
-use super::layout::{GuestLayout, GENTAB_GPA, MAILBOX_GPA, TARGET_PAGE};
+use super::layout::{GuestLayout, GENTAB_GPA, MAILBOX_GPA, MAX_VCPUS, TARGET_PAGE};
 use super::Workload;
 
 /// Words per target page.
@@ -236,6 +236,10 @@ pub struct Params {
     pub init: u64,
     /// `rbx` for a booted guest's boot code to hand the program (the ABI's random seed).
     pub boot_rbx: u64,
+    /// Each vCPU's own seq window ([`GuestLayout::seq_window`]), in vCPU order.
+    pub seq_windows: Vec<Range<u64>>,
+    /// Each vCPU's own stream window ([`GuestLayout::stream_window`]), in vCPU order.
+    pub stream_windows: Vec<Range<u64>>,
 }
 
 /// Magic word 0 of the parameter page.
@@ -276,6 +280,12 @@ impl Params {
     pub const INIT: i32 = 160;
     /// See [`Params::boot_rbx`].
     pub const BOOT_RBX: i32 = 168;
+    /// See [`Params::seq_windows`]: vCPU `i`'s window (start, end) at `SEQ_WINDOWS + 16 i`.
+    pub const SEQ_WINDOWS: i32 = 256;
+    /// See [`Params::stream_windows`]: vCPU `i`'s at `STREAM_WINDOWS + 16 i`.
+    pub const STREAM_WINDOWS: i32 = Self::SEQ_WINDOWS + 16 * MAX_VCPUS as i32;
+    /// Words of an encoded parameter page.
+    pub const WORDS: usize = (Self::STREAM_WINDOWS as usize + 16 * MAX_VCPUS as usize) / 8;
 
     /// The parameters of `layout` running `workload` with `seed`.
     pub fn new(layout: &GuestLayout, workload: Workload, seed: u64, frame_pages: u64) -> Self {
@@ -298,12 +308,17 @@ impl Params {
             frame_pages,
             init: 0,
             boot_rbx: 0,
+            seq_windows: (0..layout.vcpus()).map(|v| layout.seq_window(v)).collect(),
+            stream_windows: (0..layout.vcpus())
+                .map(|v| layout.stream_window(v))
+                .collect(),
         }
     }
 
-    /// The page's words.
-    pub fn encode(&self) -> [u64; 22] {
-        [
+    /// The page's words ([`WORDS`](Self::WORDS) of them; the rest of the page is zero).
+    pub fn encode(&self) -> Vec<u64> {
+        let mut w = vec![0u64; Self::WORDS];
+        let head = [
             PARAMS_MAGIC,
             self.workload,
             self.vcpus,
@@ -326,7 +341,19 @@ impl Params {
             self.frame_pages,
             self.init,
             self.boot_rbx,
-        ]
+        ];
+        w[..head.len()].copy_from_slice(&head);
+        for (table, windows) in [
+            (Self::SEQ_WINDOWS, &self.seq_windows),
+            (Self::STREAM_WINDOWS, &self.stream_windows),
+        ] {
+            for (i, r) in windows.iter().enumerate() {
+                let at = table as usize / 8 + 2 * i;
+                w[at] = r.start;
+                w[at + 1] = r.end;
+            }
+        }
+        w
     }
 }
 

@@ -23,6 +23,12 @@
 //! | `kv` | the hash table | an eighth of RAM from a quarter |
 //! | `seq` | read in order | a thirty-second of RAM from the middle |
 //! | `stream` | played at a fixed rate | a sixteenth of RAM from three quarters |
+//!
+//! With several vCPUs, `seq` and `stream` give each vCPU a window of its own
+//! ([`GuestLayout::seq_window`], [`GuestLayout::stream_window`]): the data area is split into
+//! one region per vCPU, and each region holds a window of the one-vCPU window's length (at
+//! most what the region holds) at the same relative place, so N sequential readers (or N
+//! streams) work in N places spread over RAM. vCPU 0's window with one vCPU is the table's.
 
 use std::fmt;
 use std::ops::Range;
@@ -138,6 +144,13 @@ pub enum GuestLayoutError {
     },
     /// vCPU count out of range.
     Vcpus(u32),
+    /// Too little RAM to give each vCPU windows of its own (a host page each at least).
+    NoRoomPerVcpu {
+        /// RAM bytes.
+        mem: u64,
+        /// vCPUs.
+        vcpus: u32,
+    },
 }
 
 impl fmt::Display for GuestLayoutError {
@@ -161,6 +174,11 @@ impl fmt::Display for GuestLayoutError {
                 MAX_MEM >> 30
             ),
             Self::Vcpus(n) => write!(f, "{n} vCPUs: 1 to {MAX_VCPUS}"),
+            Self::NoRoomPerVcpu { mem, vcpus } => write!(
+                f,
+                "{} of RAM is too small to give each of {vcpus} vCPUs windows of its own (a host page each); use more RAM or fewer vCPUs",
+                human_size(*mem)
+            ),
         }
     }
 }
@@ -243,6 +261,14 @@ impl GuestLayout {
                 min: min.next_power_of_two(),
             });
         }
+        let data = system_end..pages;
+        for v in 0..vcpus {
+            for one in [&seq, &stream] {
+                if spread(&data, one, per, v, vcpus).is_empty() {
+                    return Err(GuestLayoutError::NoRoomPerVcpu { mem, vcpus });
+                }
+            }
+        }
         let ram = RamLayout::new(
             TARGET_PAGE,
             [
@@ -258,7 +284,7 @@ impl GuestLayout {
             ram,
             low_pages,
             system: 0..system_end,
-            data: system_end..pages,
+            data,
             kv,
             seq,
             stream,
@@ -357,6 +383,30 @@ impl GuestLayout {
         HIGH_BASE + (self.mem - self.low_pages * TARGET_PAGE)
     }
 
+    /// vCPU `vcpu`'s own `seq` window (see the [module docs](self)): [`seq`](Self::seq)
+    /// with one vCPU.
+    pub fn seq_window(&self, vcpu: u32) -> Range<u64> {
+        spread(
+            &self.data,
+            &self.seq,
+            self.host_page.pages(),
+            vcpu,
+            self.vcpus,
+        )
+    }
+
+    /// vCPU `vcpu`'s own `stream` window (see the [module docs](self)):
+    /// [`stream`](Self::stream) with one vCPU.
+    pub fn stream_window(&self, vcpu: u32) -> Range<u64> {
+        spread(
+            &self.data,
+            &self.stream,
+            self.host_page.pages(),
+            vcpu,
+            self.vcpus,
+        )
+    }
+
     /// The part of `range` (global pages) that vCPU `i` of `n` works on: contiguous shares,
     /// the last one taking the remainder.
     pub fn share(range: &Range<u64>, i: u32, n: u32) -> Range<u64> {
@@ -366,6 +416,21 @@ impl GuestLayout {
         let end = if i + 1 == n { range.end } else { start + part };
         start..end
     }
+}
+
+/// vCPU `i` of `n`'s window for the one-vCPU window `one` of `data`: in the `i`-th share of
+/// `data`, at `one`'s relative place in `data`, `one`'s length or what the share holds from
+/// there, in whole host pages of `per` target pages (empty if not even one fits).
+fn spread(data: &Range<u64>, one: &Range<u64>, per: u64, i: u32, n: u32) -> Range<u64> {
+    if n == 1 {
+        return one.clone();
+    }
+    let region = GuestLayout::share(data, i, n);
+    let (d, r) = (data.end - data.start, region.end - region.start);
+    let rel = (u128::from(one.start - data.start) * u128::from(r) / u128::from(d)) as u64;
+    let start = (region.start + rel).div_ceil(per) * per;
+    let end = (start + (one.end - one.start)).min(region.end / per * per);
+    start..end.max(start)
 }
 
 #[cfg(test)]
@@ -422,6 +487,52 @@ mod tests {
         assert_eq!(human_size(4097), "4097 bytes");
         assert_eq!(human_size(2 << 30), "2 GiB");
         assert!(GuestLayout::new(128 << 30, HostPageSize::Small, 1).is_err());
+    }
+
+    #[test]
+    fn each_vcpu_has_its_own_window_spread_over_ram() {
+        for hp in [HostPageSize::Small, HostPageSize::Huge2M] {
+            let one = GuestLayout::new(1 << 30, hp, 1).unwrap();
+            assert_eq!(one.seq_window(0), one.seq);
+            assert_eq!(one.stream_window(0), one.stream);
+            for n in [2, 3, 4, 8, 64] {
+                let l = GuestLayout::new(1 << 30, hp, n).unwrap();
+                let per = hp.pages();
+                for w in [GuestLayout::seq_window, GuestLayout::stream_window] {
+                    let wins: Vec<Range<u64>> = (0..n).map(|v| w(&l, v)).collect();
+                    for (v, win) in wins.iter().enumerate() {
+                        let region = GuestLayout::share(&l.data, v as u32, n);
+                        assert!(!win.is_empty() && win.start % per == 0 && win.end % per == 0);
+                        assert!(
+                            win.start >= region.start && win.end <= region.end,
+                            "{n}: {v}"
+                        );
+                    }
+                    // Spread: each window a region further than the one before (give or
+                    // take a host page of rounding, and the last region's remainder).
+                    let gap = (l.data.end - l.data.start) / u64::from(n);
+                    for p in wins.windows(2) {
+                        let d = p[1].start - p[0].start;
+                        assert!(d.abs_diff(gap) <= per + u64::from(n), "{n}: {p:?}");
+                    }
+                }
+                if n <= 4 {
+                    // Whole one-vCPU lengths while the regions hold them.
+                    let s = l.stream_window(n - 1);
+                    assert_eq!(s.end - s.start, l.stream.end - l.stream.start, "{n}");
+                }
+            }
+        }
+        // Too small to give every vCPU a host page of each window: a typed error.
+        let e = GuestLayout::new(64 << 20, HostPageSize::Huge2M, 64).unwrap_err();
+        assert_eq!(
+            e,
+            GuestLayoutError::NoRoomPerVcpu {
+                mem: 64 << 20,
+                vcpus: 64
+            }
+        );
+        assert!(e.to_string().contains("each of 64 vCPUs"), "{e}");
     }
 
     #[test]

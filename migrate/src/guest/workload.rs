@@ -45,6 +45,8 @@ named_enum!(
         Stream = 3, "stream";
         /// Looks keys up in a hash table built before the migration; updates an eighth.
         Kv = 4, "kv";
+        /// vCPU 0 plays the stream; the others look keys up (kv): two localities at once.
+        Mixed = 5, "mixed";
     }
 );
 
@@ -58,6 +60,10 @@ pub enum Pause {
 }
 
 impl Workload {
+    /// The default list: the four workloads of the seed's comparison (`mixed`, which needs
+    /// several vCPUs to differ from `stream`, is asked for by name).
+    pub const DEFAULT_LIST: &'static str = "seq,random,stream,kv";
+
     /// What it does, in a few words.
     pub fn describe(self) -> &'static str {
         match self {
@@ -65,24 +71,49 @@ impl Workload {
             Self::Random => "reads random pages of the data area, writing a quarter",
             Self::Stream => "plays its window in 64 KiB frames at a fixed rate",
             Self::Kv => "looks keys up in a hash table, updating an eighth",
+            Self::Mixed => "vCPU 0 plays the stream, the other vCPUs look keys up",
         }
     }
 
-    /// The pages it works in: its window, or (random) the whole data area.
+    /// What vCPU `vcpu` of `vcpus` does in this workload, with several vCPUs: `seq` and
+    /// `stream` give each vCPU a window of its own ([`GuestLayout::seq_window`]), `random`
+    /// and `kv` share theirs, `mixed` is `stream` on vCPU 0 and `kv` on the others.
+    pub fn role(self, vcpu: u32) -> Workload {
+        match self {
+            Self::Mixed if vcpu == 0 => Self::Stream,
+            Self::Mixed => Self::Kv,
+            w => w,
+        }
+    }
+
+    /// How many of `vcpus` vCPUs play a stream.
+    pub fn streams(self, vcpus: u32) -> u32 {
+        (0..vcpus).filter(|&v| self.role(v) == Self::Stream).count() as u32
+    }
+
+    /// The rate each playing vCPU plays at when the guest streams `total` bytes/s in all:
+    /// the streams share it (a one-vCPU guest plays at `total`), so that the guest asks for
+    /// as much as with one stream, however many vCPUs play.
+    pub fn stream_rate_each(self, total: u64, vcpus: u32) -> u64 {
+        (total / u64::from(self.streams(vcpus).max(1))).max(1)
+    }
+
+    /// The pages it works in with one vCPU: its window, or (random) the whole data area
+    /// (`mixed`: the stream's; its other vCPUs work in the hash table).
     pub fn window(self, layout: &GuestLayout) -> Range<u64> {
         match self {
             Self::Seq => layout.seq.clone(),
             Self::Random => layout.data.clone(),
-            Self::Stream => layout.stream.clone(),
+            Self::Stream | Self::Mixed => layout.stream.clone(),
             Self::Kv => layout.kv.clone(),
         }
     }
 
-    /// What its longest pause is: the stream's playback pause (the guest reports it),
+    /// What its longest pause is: the streams' playback pause (the guest reports it),
     /// the longest fault for the others.
     pub fn pause(self) -> Pause {
         match self {
-            Self::Stream => Pause::Playback,
+            Self::Stream | Self::Mixed => Pause::Playback,
             Self::Seq | Self::Random | Self::Kv => Pause::LongestFault,
         }
     }
@@ -103,8 +134,21 @@ mod tests {
             assert!(!w.describe().is_empty());
             assert_eq!(Workload::from_code(w.code()), Some(w));
         }
-        assert_eq!(Workload::NAMES, "seq, random, stream, kv");
-        assert_eq!(Workload::LIST, "seq,random,stream,kv");
+        assert_eq!(Workload::NAMES, "seq, random, stream, kv, mixed");
+        assert_eq!(Workload::LIST, "seq,random,stream,kv,mixed");
+        assert!(Workload::DEFAULT_LIST
+            .split(',')
+            .all(|w| w.parse::<Workload>().is_ok()));
         assert_eq!(Workload::Stream.pause(), Pause::Playback);
+        // Who plays, and at what rate: the guest's total is shared by its streams.
+        assert_eq!(Workload::Stream.streams(4), 4);
+        assert_eq!(Workload::Mixed.streams(4), 1);
+        assert_eq!(Workload::Kv.streams(4), 0);
+        assert_eq!(Workload::Stream.stream_rate_each(256 << 20, 4), 64 << 20);
+        assert_eq!(Workload::Stream.stream_rate_each(256 << 20, 1), 256 << 20);
+        assert_eq!(Workload::Mixed.stream_rate_each(256 << 20, 4), 256 << 20);
+        assert_eq!(Workload::Mixed.role(0), Workload::Stream);
+        assert_eq!(Workload::Mixed.role(3), Workload::Kv);
+        assert_eq!(Workload::Seq.role(3), Workload::Seq);
     }
 }

@@ -12,8 +12,8 @@ use pagehint::ClaimBatch;
 use crate::guest::layout::{GuestLayout, GuestLayoutError, HostPageSize};
 use crate::link::{LinkParams, LowWater};
 use crate::options::{
-    DestFault, DirtyTracking, FaultPath, GuestKind, GuestSpec, MigrationMode, Precopy, RunConfig,
-    SourceFault, SourceHooks, TestHooks, Workload,
+    CursorPolicy, DestFault, DirtyTracking, FaultPath, GuestKind, GuestSpec, MigrationMode,
+    Precopy, RunConfig, SourceFault, SourceHooks, TestHooks, Workload,
 };
 use crate::source::ServeOptions;
 use crate::sys::pin::PinPlan;
@@ -36,6 +36,16 @@ enum Resend {
     Off,
     /// Run each preempt mode both ways, old then new.
     Both,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+enum DirtyLog {
+    /// `KVM_GET_DIRTY_LOG` hands over and clears the log, write-protecting every page it
+    /// reports at each sync.
+    Auto,
+    /// Manual re-protection: the get only reads the log; each chunk the precopy drain takes
+    /// is cleared (`KVM_CLEAR_DIRTY_LOG`) just before its pages are read.
+    Manual,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
@@ -111,13 +121,24 @@ pub struct Cli {
     /// Track the KVM guest's writes with KVM's dirty rings instead of the dirty log.
     #[arg(long)]
     dirty_ring: bool,
-    /// Modes to compare, comma separated (once: a second --modes is refused).
-    #[arg(long, value_delimiter = ',', default_value = MigrationMode::LIST, action = clap::ArgAction::Set)]
+    /// How the dirty log is re-protected (KVM guest, without --dirty-ring).
+    #[arg(long, value_enum, default_value = "auto")]
+    dirty_log: DirtyLog,
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = MigrationMode::DEFAULT_LIST,
+        action = clap::ArgAction::Set,
+        help = format!(
+            "Modes to compare, comma separated (once: a second --modes is refused): {}",
+            MigrationMode::NAMES
+        )
+    )]
     modes: Vec<String>,
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = Workload::LIST,
+        default_value = Workload::DEFAULT_LIST,
         action = clap::ArgAction::Set,
         help = format!("Guest workloads, comma separated: {}", Workload::NAMES)
     )]
@@ -152,6 +173,14 @@ pub struct Cli {
     /// Target pages per background claim (1 to 64, a power of two).
     #[arg(long, default_value_t = 16)]
     claim_batch: u64,
+    /// preempt-hints: target pages each vCPU's cursor may claim after its fault (the
+    /// library's default run).
+    #[arg(long, value_name = "PAGES", default_value_t = pagehint::streams::StreamPolicy::DEFAULT_RUN)]
+    stream_run: u64,
+    /// preempt-hints: cursor claims between two steps of the linear scan (the library's
+    /// default share).
+    #[arg(long, value_name = "N", default_value_t = pagehint::streams::StreamPolicy::DEFAULT_SHARE)]
+    stream_share: u32,
     /// Playback rate of the stream workload, bytes/s.
     #[arg(long, allow_hyphen_values = true, default_value = "256M")]
     stream_rate: String,
@@ -188,6 +217,11 @@ pub struct Cli {
     /// With --listen: serve one migration, then exit (--sessions 1).
     #[arg(long, requires = "listen", conflicts_with = "sessions")]
     once: bool,
+    /// Run the whole matrix N times (the modes of each workload in the opposite order every
+    /// other time) and report the medians, each target's ratio of medians with its range
+    /// over the repeats; the JSON keeps every run.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    repeat: u32,
     /// With --listen: hold a session whose connections broke in postcopy paused at most this
     /// long for its destination to come back, whatever the destination asks for (30s).
     #[arg(long, value_name = "DURATION", allow_hyphen_values = true)]
@@ -354,6 +388,8 @@ pub struct Invocation {
     pub check: bool,
     /// `--resend`: the settings each preempt mode runs with, in order.
     pub resend: Vec<bool>,
+    /// `--repeat`: how many times the matrix runs (at least 1).
+    pub repeat: u32,
     /// `--listen`: the source's own limits.
     pub serve: ServeOptions,
     /// The destination's control socket (`--control`).
@@ -487,11 +523,18 @@ fn guest(cli: &Cli) -> Result<(GuestSpec, String), String> {
 
 /// Precopy rounds and how the guest's writes are tracked.
 fn precopy(cli: &Cli, kind: GuestKind) -> Result<Precopy, String> {
-    let tracking = match (kind, cli.dirty_ring) {
-        (GuestKind::Thread, true) => return Err("--dirty-ring needs the KVM guest".into()),
-        (GuestKind::Thread, false) => DirtyTracking::None,
-        (GuestKind::Kvm, true) => DirtyTracking::Ring,
-        (GuestKind::Kvm, false) => DirtyTracking::Log,
+    let tracking = match (kind, cli.dirty_ring, cli.dirty_log) {
+        (GuestKind::Thread, true, _) => return Err("--dirty-ring needs the KVM guest".into()),
+        (GuestKind::Thread, false, DirtyLog::Manual) => {
+            return Err("--dirty-log manual needs the KVM guest".into())
+        }
+        (GuestKind::Thread, false, DirtyLog::Auto) => DirtyTracking::None,
+        (GuestKind::Kvm, true, DirtyLog::Manual) => {
+            return Err("--dirty-log manual applies to the dirty log, not --dirty-ring".into())
+        }
+        (GuestKind::Kvm, true, DirtyLog::Auto) => DirtyTracking::Ring,
+        (GuestKind::Kvm, false, DirtyLog::Auto) => DirtyTracking::Log,
+        (GuestKind::Kvm, false, DirtyLog::Manual) => DirtyTracking::LogManual,
     };
     Ok(Precopy {
         rounds: cli.precopy_rounds,
@@ -693,6 +736,13 @@ impl Invocation {
         cfg.link = link(&cli, host_page)?;
         cfg.claim_batch =
             ClaimBatch::pages(cli.claim_batch).map_err(|e| format!("--claim-batch: {e}"))?;
+        cfg.cursors = CursorPolicy {
+            run: cli.stream_run,
+            share: cli.stream_share,
+        };
+        cfg.cursors
+            .policy(cfg.layout().vcpus())
+            .map_err(|e| format!("--stream-run / --stream-share: {e}"))?;
         cfg.fault_path = fault_path(&cli, cfg.guest.kind)?;
         cfg.pin = match cli.pin {
             Pin::Auto => PinPlan::auto(),
@@ -736,11 +786,15 @@ impl Invocation {
             Resend::Both => vec![false, true],
         };
         cfg.resend = resend[0];
+        if cli.repeat == 0 {
+            return Err("--repeat 0: at least 1 (the matrix runs once by default)".into());
+        }
         let serve = serve_options(&cli, &cfg)?;
         Ok(Self {
             serve,
             control,
             resend,
+            repeat: cli.repeat,
             cfg,
             modes,
             workloads,

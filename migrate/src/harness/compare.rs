@@ -77,6 +77,34 @@ pub fn header(o: &Invocation, source: &str) -> String {
         rate_text(c.guest.stream_rate),
         mib(l.kv.end - l.kv.start),
         mib(l.kv.start),
+    ) + &per_vcpu_windows(o)
+}
+
+/// With several vCPUs: where each vCPU's own seq and stream windows lie, what `mixed` does,
+/// and each stream's rate.
+fn per_vcpu_windows(o: &Invocation) -> String {
+    let l = o.cfg.layout();
+    if l.vcpus() == 1 {
+        return String::new();
+    }
+    let mib = |p: u64| (p * TARGET_PAGE) >> 20;
+    let at = |w: fn(&crate::guest::layout::GuestLayout, u32) -> std::ops::Range<u64>| {
+        let starts: Vec<String> = (0..l.vcpus())
+            .map(|v| mib(w(l, v).start).to_string())
+            .collect();
+        format!(
+            "{} MiB each at {} MiB",
+            mib(w(l, 0).end - w(l, 0).start),
+            starts.join(", ")
+        )
+    };
+    let rate = |w: Workload| w.stream_rate_each(o.cfg.guest.stream_rate, l.vcpus()) >> 20;
+    format!(
+        "  per vCPU     seq: {} | stream: {}, {} MiB/s each | mixed: vCPU 0 plays the stream window ({} MiB/s), the others kv\n",
+        at(crate::guest::layout::GuestLayout::seq_window),
+        at(crate::guest::layout::GuestLayout::stream_window),
+        rate(Workload::Stream),
+        rate(Workload::Mixed),
     )
 }
 
@@ -142,7 +170,7 @@ pub fn run(o: &Invocation) -> Result<Outcome, String> {
     );
     // A mode whose transport `--resend` does not change (vanilla: no urgent channel) runs
     // once, whatever `--resend` says.
-    let runs: Vec<(Workload, MigrationMode, bool)> = o
+    let matrix: Vec<(Workload, MigrationMode, bool)> = o
         .workloads
         .iter()
         .flat_map(|&w| {
@@ -156,9 +184,10 @@ pub fn run(o: &Invocation) -> Result<Outcome, String> {
             })
         })
         .collect();
+    let runs = repeated(&matrix, o.repeat);
     let started = Instant::now();
     let mut out = Outcome::default();
-    for (i, &(w, m, resend)) in runs.iter().enumerate() {
+    for (i, &(repeat, (w, m, resend))) in runs.iter().enumerate() {
         let mut cfg = o.cfg.clone();
         cfg.resend = resend;
         let label = crate::harness::result::mode_label(m, resend);
@@ -221,7 +250,10 @@ pub fn run(o: &Invocation) -> Result<Outcome, String> {
                         r.source.rejected.first().cloned().unwrap_or_default()
                     );
                 }
-                out.rows.push(r);
+                out.rows.push(RunResult {
+                    setup: crate::harness::result::Setup { repeat, ..r.setup },
+                    ..r
+                });
             }
             Err(e) => {
                 let reached = match reached.get() {
@@ -236,11 +268,70 @@ pub fn run(o: &Invocation) -> Result<Outcome, String> {
                     runs.len()
                 );
                 out.failures.push(format!("{w} / {m}: {e}"));
-                out.rows
-                    .push(RunResult::failed(&cfg, m, w, e.to_string(), reached));
+                let mut r = RunResult::failed(&cfg, m, w, e.to_string(), reached);
+                r.setup.repeat = repeat;
+                out.rows.push(r);
             }
         }
     }
     out.seconds = started.elapsed().as_secs_f64();
     Ok(out)
+}
+
+/// The runs of `repeat` repeats of `matrix`, each with its repeat's index: every other
+/// repeat runs each workload's modes in the opposite order, so that no mode always runs
+/// first (after the machine rested) or last.
+fn repeated<T: Copy>(
+    matrix: &[(Workload, T, bool)],
+    repeat: u32,
+) -> Vec<(u32, (Workload, T, bool))> {
+    let mut out = Vec::new();
+    for r in 0..repeat {
+        let mut i = 0;
+        while i < matrix.len() {
+            let w = matrix[i].0;
+            let n = matrix[i..].iter().take_while(|x| x.0 == w).count();
+            let group = &matrix[i..i + n];
+            if r % 2 == 1 {
+                out.extend(group.iter().rev().map(|&x| (r, x)));
+            } else {
+                out.extend(group.iter().map(|&x| (r, x)));
+            }
+            i += n;
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repeats_alternate_the_order_of_each_workloads_modes() {
+        let (s, r) = (Workload::Seq, Workload::Random);
+        let m = [(s, 1, true), (s, 2, true), (r, 1, true), (r, 2, true)];
+        let order: Vec<(u32, Workload, i32)> = repeated(&m, 3)
+            .into_iter()
+            .map(|(k, (w, x, _))| (k, w, x))
+            .collect();
+        assert_eq!(
+            order,
+            [
+                (0, s, 1),
+                (0, s, 2),
+                (0, r, 1),
+                (0, r, 2),
+                (1, s, 2),
+                (1, s, 1),
+                (1, r, 2),
+                (1, r, 1),
+                (2, s, 1),
+                (2, s, 2),
+                (2, r, 1),
+                (2, r, 2),
+            ]
+        );
+        assert_eq!(repeated(&m, 1).len(), 4);
+    }
 }

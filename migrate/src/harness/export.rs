@@ -33,6 +33,8 @@ pub fn table(rows: &[RunResult]) -> String {
     let mut out = String::new();
     // Postcopy recovery's column, when a run survived a break.
     let recovery = rows.iter().any(|r| r.recovery.cuts > 0);
+    // Several vCPUs: their blocked time added up, beside the time all were blocked at once.
+    let vcpus = rows.iter().any(|r| r.setup.vcpus > 1);
     let mut head = vec![
         "workload",
         "mode",
@@ -52,6 +54,9 @@ pub fn table(rows: &[RunResult]) -> String {
     ];
     if recovery {
         head.insert(head.len() - 1, "cuts/recovery");
+    }
+    if vcpus {
+        head.insert(6, "vCPUs blocked");
     }
     let mut cells: Vec<Vec<String>> = vec![head.iter().map(|s| s.to_string()).collect()];
     for r in rows {
@@ -87,6 +92,9 @@ pub fn table(rows: &[RunResult]) -> String {
                 "NO".into()
             },
         ];
+        if vcpus {
+            row.insert(6, fmt_ms(r.waits.stall_ms));
+        }
         if recovery {
             row.insert(
                 row.len() - 1,
@@ -123,6 +131,65 @@ pub fn table(rows: &[RunResult]) -> String {
                     format!("{s}{}", " ".repeat(pad))
                 } else {
                     format!("{}{s}", " ".repeat(pad))
+                }
+            })
+            .collect();
+        let _ = writeln!(out, "{}", line.join("  ").trim_end());
+    }
+    if vcpus {
+        out.push_str(&per_vcpu_table(rows));
+    }
+    out
+}
+
+/// Each vCPU's blocked time and longest pause, one row per run (several vCPUs).
+fn per_vcpu_table(rows: &[RunResult]) -> String {
+    let n = rows
+        .iter()
+        .map(|r| r.waits.vcpu_blocktime_ms.len())
+        .max()
+        .unwrap_or(0);
+    let mut cells: Vec<Vec<String>> = vec![["workload", "mode"]
+        .iter()
+        .map(|s| s.to_string())
+        .chain((0..n).map(|v| format!("vCPU {v} blocked / pause")))
+        .collect()];
+    for r in rows.iter().filter(|r| r.outcome.error.is_none()) {
+        let w = &r.waits;
+        cells.push(
+            [r.setup.workload.clone(), r.label()]
+                .into_iter()
+                .chain((0..n).map(
+                    |v| match (w.vcpu_blocktime_ms.get(v), w.vcpu_pause_ms.get(v)) {
+                        (Some(&b), Some(&p)) => format!("{} / {}", fmt_ms(b), fmt_ms(p)),
+                        (Some(&b), None) => fmt_ms(b),
+                        _ => String::new(),
+                    },
+                ))
+                .collect(),
+        );
+    }
+    let widths: Vec<usize> = (0..n + 2)
+        .map(|c| {
+            cells
+                .iter()
+                .map(|row| row[c].chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = String::from("\nper vCPU (blocked time / longest pause: a stream's time behind schedule, else the longest fault)\n");
+    for row in &cells {
+        let line: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .enumerate()
+            .map(|(c, (s, w))| {
+                let pad = " ".repeat(w - s.chars().count());
+                if c < 2 {
+                    format!("{s}{pad}")
+                } else {
+                    format!("{pad}{s}")
                 }
             })
             .collect();
@@ -269,8 +336,101 @@ const HUGE_PAGE_TARGETS: [ModeRatio; 2] = [
     },
 ];
 
+/// The vCPUs' blocked time added up (each vCPU's blocktime, summed).
+const SUMMED: (&str, fn(&RunResult) -> f64) = ("vCPU blocktime summed", |r| r.waits.stall_ms);
+const THREE_X: (&str, fn(f64) -> bool) = (">= 3x", |x| x >= 3.0);
+const WITHIN_1_1: (&str, fn(f64) -> bool) = ("<= 1.1x", |x| x <= 1.1);
+
+/// The targets of one hint slot per vCPU against one slot, with several vCPUs (at least
+/// [`MANY_VCPUS`]): each vCPU's locality followed, and random faults no slower.
+const STREAMS_TARGETS: [ModeRatio; 3] = [
+    ModeRatio {
+        workload: Workload::Seq,
+        num: MigrationMode::PreemptHint,
+        den: MigrationMode::PreemptHints,
+        measure: SUMMED,
+        target: THREE_X,
+    },
+    ModeRatio {
+        workload: Workload::Stream,
+        num: MigrationMode::PreemptHint,
+        den: MigrationMode::PreemptHints,
+        measure: SUMMED,
+        target: THREE_X,
+    },
+    ModeRatio {
+        workload: Workload::Random,
+        num: MigrationMode::PreemptHints,
+        den: MigrationMode::PreemptHint,
+        measure: REQUEST_P50,
+        target: WITHIN_1_1,
+    },
+];
+
+/// The vCPU count from which [`STREAMS_TARGETS`] apply.
+const MANY_VCPUS: u32 = 4;
+
+/// The measure a workload is judged by: random faults by their request latency, streams by
+/// their longest pause, the others by the vCPUs' blocked time.
+fn headline(w: Workload) -> (&'static str, fn(&RunResult) -> f64) {
+    match w {
+        Workload::Random => REQUEST_P50,
+        Workload::Stream | Workload::Mixed => PAUSE,
+        Workload::Seq | Workload::Kv => SUMMED,
+    }
+}
+
+/// With one vCPU, one slot per vCPU is one slot: `preempt-hints` must do as well as
+/// `preempt-hint` on every workload, by the workload's own measure.
+fn one_vcpu_targets() -> Vec<ModeRatio> {
+    Workload::ALL
+        .iter()
+        .map(|&workload| ModeRatio {
+            workload,
+            num: MigrationMode::PreemptHints,
+            den: MigrationMode::PreemptHint,
+            measure: headline(workload),
+            target: WITHIN_1_1,
+        })
+        .collect()
+}
+
+/// The targets of `preempt-hints`, where it ran: with [`MANY_VCPUS`] vCPUs or more, or with
+/// one (`2M: ` prefixed with 2 MiB host pages).
+fn streams_targets(rows: &[RunResult]) -> Vec<TargetCheck> {
+    if !rows
+        .iter()
+        .any(|r| r.setup.mode == MigrationMode::PreemptHints.name())
+    {
+        return Vec::new();
+    }
+    let vcpus = rows.iter().map(|r| r.setup.vcpus).max().unwrap_or(1);
+    let huge = if rows.iter().any(|r| r.setup.host_page > 4096) {
+        "2M: "
+    } else {
+        ""
+    };
+    let check = |t: &ModeRatio| {
+        let what = format!(
+            "{huge}{vcpus} vCPU{}: {} {}: {} / {}",
+            if vcpus == 1 { "" } else { "s" },
+            t.workload,
+            t.measure.0,
+            t.num,
+            t.den
+        );
+        t.check(rows, what)
+    };
+    match vcpus {
+        1 => one_vcpu_targets().iter().map(check).collect(),
+        n if n >= MANY_VCPUS => STREAMS_TARGETS.iter().map(check).collect(),
+        _ => Vec::new(),
+    }
+}
+
 /// Checks the targets that the runs present allow: between modes, the tail of the urgent
-/// path, the resend's share of the bytes, 2 MiB pages, and every run verified.
+/// path, the resend's share of the bytes, 2 MiB pages, one hint slot per vCPU, and every run
+/// verified.
 pub fn targets(rows: &[RunResult]) -> Vec<TargetCheck> {
     let mut out: Vec<TargetCheck> = MODE_TARGETS
         .iter()
@@ -279,6 +439,7 @@ pub fn targets(rows: &[RunResult]) -> Vec<TargetCheck> {
             t.check(rows, what)
         })
         .collect();
+    out.extend(streams_targets(rows));
     out.extend(tail_targets(rows));
     if rows.iter().any(|r| r.setup.resend) {
         out.push(resend_share(rows));
@@ -378,15 +539,24 @@ pub fn any_missed(checks: &[TargetCheck]) -> bool {
 
 /// The target checks as text lines: `[MARK] what = ratio; target: goal`.
 pub fn targets_text(checks: &[TargetCheck]) -> String {
+    targets_text_with(checks, &[])
+}
+
+/// [`targets_text`] with each ratio's range over repeats (`ranges[i]` for `checks[i]`,
+/// where known: see [`crate::harness::medians::ranges`]).
+pub fn targets_text_with(checks: &[TargetCheck], ranges: &[Option<(f64, f64)>]) -> String {
     let mut out = String::new();
-    for c in checks {
-        let val = match c.ratio {
+    for (i, c) in checks.iter().enumerate() {
+        let mut val = match c.ratio {
             Some(r) if r.is_finite() && c.what.ends_with('%') => format!(" = {r:.3}"),
             Some(r) if r.is_finite() => format!(" = {r:.2}x"),
             Some(_) => " = inf".into(),
             None if c.target == "all" || c.what.contains("not comparable") => String::new(),
             None => " (not run)".into(),
         };
+        if let Some(&Some((lo, hi))) = ranges.get(i) {
+            let _ = write!(val, " (repeats {lo:.2}–{hi:.2})");
+        }
         let _ = writeln!(out, "  [{}] {}{val}; target: {}", mark(c), c.what, c.target);
         if let Some(note) = &c.note {
             let _ = writeln!(out, "         {note}");
@@ -577,6 +747,7 @@ fn mode_color(mode: &str) -> &'static str {
         Ok(MigrationMode::Vanilla) => "#d62728",
         Ok(MigrationMode::Preempt) => "#1f77b4",
         Ok(MigrationMode::PreemptHint) => "#2ca02c",
+        Ok(MigrationMode::PreemptHints) => "#9467bd",
         Err(_) => "#7f7f7f",
     }
 }
@@ -700,7 +871,7 @@ fn panel(
     let entries: Vec<(&'static str, String)> = runs
         .iter()
         .map(|r| {
-            let label = format!(
+            let mut label = format!(
                 "{} — {} faults, request p50 {}, pause {}, stall {}, postcopy {}",
                 r.label(),
                 r.latencies_ns.len(),
@@ -709,6 +880,17 @@ fn panel(
                 fmt_ms(r.waits.stall_ms),
                 fmt_ms(r.transfer.duration_ms)
             );
+            // Several vCPUs: all blocked at once, and each one's longest pause.
+            if r.waits.vcpu_pause_ms.len() > 1 {
+                let pauses: Vec<String> =
+                    r.waits.vcpu_pause_ms.iter().map(|&p| fmt_ms(p)).collect();
+                let _ = write!(
+                    label,
+                    ", all blocked {}, vCPU pauses {}",
+                    fmt_ms(r.waits.blocktime_ms),
+                    pauses.join(" / ")
+                );
+            }
             (mode_color(&r.setup.mode), label)
         })
         .collect();
@@ -814,7 +996,15 @@ fn blocktime_bars(c: &mut Canvas, f: Box2, runs: &[&RunResult]) {
                 x1: x + bw * 0.9,
                 y1: f.y1,
             };
-            let title = format!("{} vCPU {i}: {}", r.label(), fmt_ms(b));
+            let title = match r.waits.vcpu_pause_ms.get(i) {
+                Some(&p) => format!(
+                    "{} vCPU {i}: blocked {}, longest pause {}",
+                    r.label(),
+                    fmt_ms(b),
+                    fmt_ms(p)
+                ),
+                None => format!("{} vCPU {i}: {}", r.label(), fmt_ms(b)),
+            };
             c.rect(bar, mode_color(&r.setup.mode), "none", Some(&title));
         }
         let total: f64 = v.iter().sum();

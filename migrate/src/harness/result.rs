@@ -95,6 +95,12 @@ pub struct Setup {
     pub pace_bps: u64,
     /// Background claim batch, target pages.
     pub claim_batch: u64,
+    /// preempt-hints: target pages a vCPU's cursor may claim after its fault.
+    #[serde(default)]
+    pub stream_run: u64,
+    /// preempt-hints: cursor claims between two linear scan steps.
+    #[serde(default)]
+    pub stream_share: u32,
     /// Stream playback rate, bytes/s.
     pub stream_rate: u64,
     /// Image and workload seed.
@@ -106,6 +112,9 @@ pub struct Setup {
     /// (`--resend`); false: the old behaviour (and vanilla).
     #[serde(default)]
     pub resend: bool,
+    /// Which repeat of the matrix this run belongs to (`--repeat`), from 0.
+    #[serde(default)]
+    pub repeat: u32,
 }
 
 /// Whether the run completed and verified.
@@ -142,10 +151,14 @@ pub struct Waits {
     pub stall_ms: f64,
     /// Time every vCPU was blocked at once (QEMU's `postcopy-blocktime`), ms.
     pub blocktime_ms: f64,
-    /// Each vCPU's blocked time, ms.
+    /// Each vCPU's blocked time, ms (their sum is `stall_ms`).
     pub vcpu_blocktime_ms: Vec<f64>,
     /// stream: the longest time the player was behind schedule; others: the longest fault, ms.
     pub longest_pause_ms: f64,
+    /// Each vCPU's longest pause, ms: a vCPU that plays a stream its longest time behind
+    /// schedule, any other its longest fault.
+    #[serde(default)]
+    pub vcpu_pause_ms: Vec<f64>,
     /// Page requests sent.
     pub requests_sent: u64,
     /// Median request latency (fault read → page placed), µs.
@@ -170,6 +183,31 @@ pub struct Transfer {
     pub precopy_rounds_done: u64,
     /// Dirty pages at the start of each precopy round.
     pub dirty_per_round: Vec<u64>,
+    /// Each precopy round's time at the source (its sync, then its drain: taking, clearing in
+    /// KVM's log with `log-manual`, reading and sending), ms.
+    #[serde(default)]
+    pub precopy_round_ms: Vec<f64>,
+    /// Each sync's time (reading KVM's logs or rings into the bitmap; one per entry of
+    /// `dirty_per_round`), ms.
+    #[serde(default)]
+    pub precopy_sync_ms: Vec<f64>,
+    /// Page faults KVM handled for the source's vCPUs during the precopy rounds (its
+    /// `pf_taken`; writes to pages write-protected for dirty logging among them); null where
+    /// KVM has no stats files (and for the thread guest).
+    #[serde(default)]
+    pub precopy_kvm_faults: Option<u64>,
+    /// Of those, fixed on KVM's fast path (`pf_fast`: most write-protection faults).
+    #[serde(default)]
+    pub precopy_kvm_fast_faults: Option<u64>,
+    /// Remote TLB flushes KVM made for the source VM during the precopy rounds.
+    #[serde(default)]
+    pub precopy_kvm_tlb_flushes: Option<u64>,
+    /// `KVM_CLEAR_DIRTY_LOG` calls in precopy (`log-manual`), and the pages they cleared.
+    #[serde(default)]
+    pub kvm_log_clears: u64,
+    /// Pages those calls cleared (re-protected).
+    #[serde(default)]
+    pub kvm_log_cleared_pages: u64,
     /// Source vCPUs stop → destination vCPUs run, ms.
     pub downtime_ms: f64,
     /// The downtime stage by stage, ms (they add up to it).
@@ -284,6 +322,13 @@ pub struct SourceCounters {
     /// Link bytes of those (headers included; part of `postcopy_bytes`).
     #[serde(default)]
     pub resent_bytes: u64,
+    /// Hints the background scan took from each vCPU's slot (modes with a hint slot per
+    /// vCPU; empty otherwise).
+    #[serde(default)]
+    pub stream_hints_taken: Vec<u64>,
+    /// Target pages each stream's cursor claimed after its faults (a slot per vCPU).
+    #[serde(default)]
+    pub stream_cursor_pages: Vec<u64>,
 }
 
 /// How the destination placed what arrived: duplicates, on purpose or not.
@@ -385,6 +430,9 @@ struct GuestSide {
     stall_ns: u64,
     blocktime: Blocktime,
     pause_ns: u64,
+    /// Each vCPU's: its stream's longest pause (0 if it plays none), its longest fault.
+    vcpu_playback_ns: Vec<u64>,
+    vcpu_fault_ns: Vec<u64>,
     /// The threads whose faults count (the vCPUs, or the thread guest).
     tids: Vec<u32>,
     /// Operations until postcopy completed, pages written, failed checks, the first
@@ -412,7 +460,21 @@ impl GuestSide {
                     .map(|c| c.longest_pause_tsc)
                     .max()
                     .unwrap_or(0);
+                let tsc_ns =
+                    |t: u64| (u128::from(t) * 1_000_000 / u128::from((*tsc_khz).max(1))) as u64;
+                let mut vcpu_fault_ns = vec![0; tids.len()];
+                for ev in &e.events {
+                    if let Some(v) = tids.iter().position(|&t| t == ev.tid && t != 0) {
+                        let wait = mem.times(ev.hp).1.saturating_sub(ev.at_ns);
+                        vcpu_fault_ns[v] = vcpu_fault_ns[v].max(wait);
+                    }
+                }
                 Self {
+                    vcpu_playback_ns: counters
+                        .iter()
+                        .map(|c| tsc_ns(c.longest_pause_tsc))
+                        .collect(),
+                    vcpu_fault_ns,
                     lat: e
                         .events
                         .iter()
@@ -421,8 +483,7 @@ impl GuestSide {
                         .collect(),
                     stall_ns: b.per_vcpu_ns.iter().sum(),
                     blocktime: b,
-                    pause_ns: (u128::from(pause_tsc) * 1_000_000 / u128::from((*tsc_khz).max(1)))
-                        as u64,
+                    pause_ns: tsc_ns(pause_tsc),
                     tids: tids.clone(),
                     ops: *ops_at_complete,
                     writes: counters.iter().map(|c| c.writes).sum(),
@@ -446,6 +507,8 @@ impl GuestSide {
                     faults::blocktime(&e.events, mem, &[*tid])
                 },
                 pause_ns: report.longest_pause_ns,
+                vcpu_playback_ns: vec![report.longest_pause_ns],
+                vcpu_fault_ns: vec![log.latencies_ns().into_iter().max().unwrap_or(0)],
                 tids: vec![*tid],
                 ops: report.ops,
                 writes: 0,
@@ -490,6 +553,14 @@ impl Waits {
             blocktime_ms: ms(g.blocktime.all_ns),
             vcpu_blocktime_ms: g.blocktime.per_vcpu_ns.iter().map(|&n| ms(n)).collect(),
             longest_pause_ms: ms(longest_pause_ns),
+            vcpu_pause_ms: (0..g.vcpu_fault_ns.len())
+                .map(|v| {
+                    ms(match workload.role(v as u32).pause() {
+                        Pause::Playback => g.vcpu_playback_ns[v],
+                        Pause::LongestFault => g.vcpu_fault_ns[v],
+                    })
+                })
+                .collect(),
             requests_sent: e.requests_sent,
             request_p50_us: us(percentile_ns(&requests, 50.0)),
             request_p99_us: us(percentile_ns(&requests, 99.0)),
@@ -509,6 +580,18 @@ impl Transfer {
         Self {
             precopy_rounds_done: sw.rounds,
             dirty_per_round: sw.dirty_per_round.clone(),
+            precopy_round_ms: (0..sw.rounds as usize)
+                .map(|i| {
+                    ms(sw.sync_ns.get(i).copied().unwrap_or(0)
+                        + sw.drain_ns.get(i).copied().unwrap_or(0))
+                })
+                .collect(),
+            precopy_sync_ms: sw.sync_ns.iter().map(|&n| ms(n)).collect(),
+            precopy_kvm_faults: sw.kvm.counted.then_some(sw.kvm.faults),
+            precopy_kvm_fast_faults: sw.kvm.counted.then_some(sw.kvm.fast),
+            precopy_kvm_tlb_flushes: sw.kvm.counted.then_some(sw.kvm.tlb_flushes),
+            kvm_log_clears: sw.kvm.log_clears,
+            kvm_log_cleared_pages: sw.kvm.cleared_pages,
             downtime_ms: ms(t.resume.saturating_sub(stop_local)),
             downtime_stages_ms: DowntimeStages {
                 stop: ms(sw.stopped_ns.saturating_sub(sw.stop_ns)),
@@ -604,6 +687,8 @@ impl SourceCounters {
             zero_host_pages: summary.zero_host_pages,
             resent_host_pages: summary.resent_host_pages,
             resent_bytes: summary.resent_bytes,
+            stream_hints_taken: summary.streams.iter().map(|s| s.hints_taken).collect(),
+            stream_cursor_pages: summary.streams.iter().map(|s| s.cursor_pages).collect(),
         }
     }
 }
@@ -742,10 +827,13 @@ impl Setup {
             },
             pace_bps: cfg.link.pace_bps,
             claim_batch: cfg.claim_batch.get(),
+            stream_run: cfg.cursors.run,
+            stream_share: cfg.cursors.share,
             stream_rate: cfg.guest.stream_rate,
             seed: cfg.guest.seed,
             pin: cfg.pin.describe(),
             resend: transport.resend,
+            repeat: 0,
         }
     }
 }
@@ -792,6 +880,8 @@ mod tests {
         "hints_offered",
         "hints_taken",
         "host_page",
+        "kvm_log_cleared_pages",
+        "kvm_log_clears",
         "longest_pause_ms",
         "lowat_bytes",
         "mem_bytes",
@@ -806,10 +896,15 @@ mod tests {
         "placed_twice",
         "postcopy_bytes",
         "precopy_bytes",
+        "precopy_kvm_fast_faults",
+        "precopy_kvm_faults",
+        "precopy_kvm_tlb_flushes",
         "precopy_ms",
         "precopy_pages",
+        "precopy_round_ms",
         "precopy_rounds",
         "precopy_rounds_done",
+        "precopy_sync_ms",
         "problems",
         "progress_after_per_s",
         "progress_before_per_s",
@@ -821,6 +916,7 @@ mod tests {
         "recovery_ms",
         "recovery_total_ms",
         "rejected",
+        "repeat",
         "request_max_us",
         "request_p50_us",
         "request_p99_us",
@@ -833,7 +929,11 @@ mod tests {
         "same_clock",
         "seed",
         "stall_ms",
+        "stream_cursor_pages",
+        "stream_hints_taken",
         "stream_rate",
+        "stream_run",
+        "stream_share",
         "tail",
         "takeovers",
         "throughput_eighths_mib_s",
@@ -841,6 +941,7 @@ mod tests {
         "total_ms",
         "uffd_faults",
         "vcpu_blocktime_ms",
+        "vcpu_pause_ms",
         "vcpus",
         "verified",
         "vmstat_postcopy",

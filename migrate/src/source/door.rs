@@ -617,8 +617,11 @@ impl<'l> Door<'l> {
                     }
                 };
                 if let Some(inbox) = live {
-                    drop(r);
+                    // Sent under the registry lock: a session unregisters under it too, then
+                    // answers what its inbox holds (see `Doorway`'s drop), so no connection
+                    // can reach an inbox nobody will read.
                     let _ = inbox.send(ForSession::Resume(p.conn, received));
+                    drop(r);
                     return Routed::Handed;
                 }
                 {
@@ -851,13 +854,32 @@ impl Doorway<'_> {
 impl Drop for Doorway<'_> {
     fn drop(&mut self) {
         let how = lock(&self.ended).take();
-        let mut r = self.door.registry();
-        r.live.remove(&self.token);
-        if let Some(how) = how {
-            if r.ended.len() >= ENDED_KEPT {
-                r.ended.pop_front();
+        let why = match &how {
+            Some(how) => format!("no paused session with that token here: it {how}"),
+            None => "no paused session with that token here: it ended".to_string(),
+        };
+        {
+            let mut r = self.door.registry();
+            r.live.remove(&self.token);
+            if let Some(how) = how {
+                if r.ended.len() >= ENDED_KEPT {
+                    r.ended.pop_front();
+                }
+                r.ended.push_back((self.token, how));
             }
-            r.ended.push_back((self.token, how));
+        }
+        // Unregistered: the door sends under the registry lock, so nothing arrives after
+        // this. What arrived before (a resume racing the session's end) is answered, not
+        // closed silently.
+        let mut stash = lock(&self.stash);
+        while let Ok(a) = lock(&self.inbox).try_recv() {
+            match a {
+                ForSession::Resume(c, b) => stash.push((c, b)),
+                ForSession::Urgent(c) => answer(&c, &refusal(why.clone())),
+            }
+        }
+        for (c, _) in stash.drain(..) {
+            answer(&c, &refusal(why.clone()));
         }
     }
 }
@@ -899,6 +921,61 @@ mod tests {
                 "refused 4 more connections meanwhile (the last: no hello within 2s)",
             ]
         );
+    }
+
+    #[test]
+    fn a_resume_handed_to_a_session_that_ends_is_answered_with_why() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let door = Door::new(
+            &listener,
+            DoorLimits {
+                max_sessions: 1,
+                max_pending: 4,
+                deadline: Duration::from_secs(1),
+            },
+            Vec::new(),
+        );
+        let doorway = {
+            let mut r = door.registry();
+            door.register(&mut r, 0)
+        };
+        // Two resumes reach the session the way the door hands them over (one read into the
+        // stash, one still in the inbox) just before the session fails.
+        let mut clients = Vec::new();
+        for stashed in [true, false] {
+            let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+            let (conn, _) = listener.accept().unwrap();
+            let r = door.registry();
+            r.live[&doorway.token()]
+                .inbox
+                .send(ForSession::Resume(conn, Vec::new()))
+                .unwrap();
+            drop(r);
+            if stashed {
+                let got = lock(&doorway.inbox).try_recv().unwrap();
+                let ForSession::Resume(c, b) = got else {
+                    unreachable!()
+                };
+                lock(&doorway.stash).push((c, b));
+            }
+            clients.push(client);
+        }
+        doorway.ended("failed: connections dropped".into());
+        drop(doorway);
+        assert_eq!(door.live(), 0);
+        let quiet = AtomicBool::new(false);
+        let g = crate::wire::Guard {
+            stop: &quiet,
+            idle: Duration::from_secs(5),
+            keepalive: None,
+        };
+        for c in &clients {
+            let reply = HelloReply::read(c, &g).expect("an answer, not a silent close");
+            assert_eq!(
+                reply.error,
+                "no paused session with that token here: it failed: connections dropped"
+            );
+        }
     }
 
     #[test]

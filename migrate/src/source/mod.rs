@@ -63,8 +63,8 @@ use crate::options::{DirtyTracking, GuestKind, MigrationMode, SourceFault};
 use crate::sys::clock::{now_ns, tight_timer_slack};
 use crate::sys::pin::{PinPlan, Role};
 use crate::wire::{
-    write_parts, Channel, FrameHeader, Guard, Hello, PendingBuilder, PendingSet, Summary,
-    SwitchOver, WireError,
+    switch::PrecopyKvm, write_parts, Channel, FrameHeader, Guard, Hello, PendingBuilder,
+    PendingSet, Summary, SwitchOver, WireError,
 };
 use memory::SourceMemory;
 use send::{Hooks, Outbound, SendError, Sent};
@@ -373,6 +373,7 @@ impl SourceServer {
                 let tracking = match h.precopy.tracking {
                     DirtyTracking::None => return Err("a KVM guest needs dirty tracking".into()),
                     DirtyTracking::Log => Tracking::Log,
+                    DirtyTracking::LogManual => Tracking::LogManual,
                     DirtyTracking::Ring => Tracking::Ring(RING_BYTES),
                 };
                 // SAFETY: `mem` outlives the machine (`Prepared`'s field order drops the
@@ -381,7 +382,11 @@ impl SourceServer {
                     .map_err(|e| format!("source VM: {e}"))?;
                 m.boot(h.guest.seed)
                     .map_err(|e| format!("source VM: {e}"))?;
-                m.set_stream_rate(h.guest.stream_rate, STREAM_FRAME_PAGES);
+                m.set_stream_rate(
+                    h.workload
+                        .stream_rate_each(h.guest.stream_rate, layout.vcpus()),
+                    STREAM_FRAME_PAGES,
+                );
                 (Some(m), rings)
             }
         };
@@ -1109,7 +1114,7 @@ impl Session<'_> {
 
     /// Postcopy (from the received bitmap of a takeover, if any) to the summary, sent.
     fn finish(&mut self, received: Option<Vec<u64>>) -> Result<Summary, SourceError> {
-        let stats = self.postcopy(received)?;
+        let (stats, streams) = self.postcopy(received)?;
         let (checksums, generations) = self.sums()?;
         // Relaxed loads: the counting threads have been joined.
         let s = &self.out.sent;
@@ -1130,6 +1135,7 @@ impl Session<'_> {
             generations,
             recoveries: self.recoveries.clone(),
             requests: self.trace.finish(),
+            streams,
         };
         let body = summary.encode();
         let h = FrameHeader::summary(body.len());
@@ -1223,7 +1229,7 @@ impl Session<'_> {
             housekeeping_stop.store(true, Ordering::Relaxed);
             let (device, harvest) = keeping.join();
             let stopped_ns = now_ns();
-            let report = result?;
+            let (report, kvm) = result?;
             if let Some(f) = vcpu_failed {
                 return Err(SourceError::Guest(f));
             }
@@ -1241,16 +1247,17 @@ impl Session<'_> {
                     return Err(SourceError::Guest(refused));
                 }
             }
-            self.switch_over([stop_ns, stopped_ns], t_run, states, report)
+            self.switch_over([stop_ns, stopped_ns], t_run, states, report, kvm)
         })
     }
 
-    /// Waits for the guest to boot (its first `out` says so), then runs the precopy rounds.
+    /// Waits for the guest to boot (its first `out` says so), then runs the precopy rounds;
+    /// returns what they did, and what KVM did meanwhile.
     fn precopy_rounds(
         &self,
         t_run: u64,
         tracker: Option<&DirtyTracker<'_>>,
-    ) -> Result<precopy::PrecopyReport, SourceError> {
+    ) -> Result<(precopy::PrecopyReport, PrecopyKvm), SourceError> {
         if let Some(m) = self.machine {
             while !m.all_started() {
                 if now_ns() - t_run > self.idle.as_nanos() as u64 {
@@ -1263,13 +1270,33 @@ impl Session<'_> {
             }
         }
         let rounds = self.hello.precopy.rounds;
-        Ok(precopy::run(
+        let kvm_counters = || -> Result<_, SourceError> {
+            self.machine.map_or(Ok(None), |m| {
+                m.kvm_counters()
+                    .map_err(|e| SourceError::Guest(e.to_string()))
+            })
+        };
+        let before = kvm_counters()?;
+        let report = precopy::run(
             &self.out,
             self.bitmap(),
             tracker,
             rounds,
             &self.guard(false),
-        )?)
+        )?;
+        let during = kvm_counters()?.zip(before).map(|(a, b)| a.since(b));
+        let (log_clears, cleared_pages) = tracker.map_or((0, 0), |t| t.clears());
+        let d = during.unwrap_or_default();
+        let kvm = PrecopyKvm {
+            counted: during.is_some(),
+            faults: d.faults,
+            fixed: d.fixed,
+            fast: d.fast,
+            tlb_flushes: d.tlb_flushes,
+            log_clears,
+            cleared_pages,
+        };
+        Ok((report, kvm))
     }
 
     /// Kicks the vCPUs out of the guest and collects their state; the second value says
@@ -1303,6 +1330,7 @@ impl Session<'_> {
         t_run: u64,
         states: Vec<VcpuState>,
         report: precopy::PrecopyReport,
+        kvm: PrecopyKvm,
     ) -> Result<SwitchOver, SourceError> {
         let synced_ns = now_ns();
         let guest = self.machine.map(|m| m.counters()).unwrap_or_default();
@@ -1321,6 +1349,9 @@ impl Session<'_> {
             pending: self.pending()?,
             guest: sum_counters(&guest),
             dirty_per_round: report.dirty_per_round,
+            sync_ns: report.sync_ns,
+            drain_ns: report.drain_ns,
+            kvm,
         })
     }
 

@@ -4,17 +4,19 @@
 //!   from the scan start and writes each claim's host pages on the background channel; in
 //!   vanilla mode it is the only sender, and the scanner jumps to queued requests;
 //! * the **return-path thread** reads page requests, waits out the link's one-way delay, and
-//!   calls [`PageScheduler::serve_frame`] (which rejects malformed and out-of-range requests
-//!   with a typed error: they are counted, the first few reported, and the migration goes
-//!   on). In preempt modes it writes the claimed host page on the urgent channel, then calls
-//!   `urgent_sent`, which offers the hint (preempt-hint). A request for a host page the
-//!   background path has already claimed (`Served::AlreadyClaimed`) would wait for the
-//!   background copy, which may still sit claimed-but-unsent, in the send queue, in the
-//!   socket buffers or in the destination receiver's backlog: with `resend` (the default)
-//!   the page is sent again on the urgent channel, marked as a deliberate duplicate, and the
-//!   destination places whichever copy arrives first and drops the other (counted) — as
-//!   long as the resent bytes stay within 1% of the postcopy bytes sent so far; past that,
-//!   the request waits for the background copy.
+//!   calls [`PageScheduler::serve_from`] with the request's stream (which rejects malformed
+//!   and out-of-range requests and unknown streams with a typed error: they are counted,
+//!   the first few reported, and the migration goes on). In preempt modes it writes the
+//!   claimed host page on the urgent channel, then calls `urgent_sent_from` with the same
+//!   stream, which offers the hint into that stream's slot (preempt-hint: the one slot;
+//!   preempt-hints: the faulting vCPU's). A request for a host page the background path has
+//!   already claimed (`Served::AlreadyClaimed`) would wait for the background copy, which
+//!   may still sit claimed-but-unsent, in the send queue, in the socket buffers or in the
+//!   destination receiver's backlog: with `resend` (the default) the page is sent again on
+//!   the urgent channel, marked as a deliberate duplicate, and the destination places
+//!   whichever copy arrives first and drops the other (counted) — as long as the resent
+//!   bytes stay within 1% of the postcopy bytes sent so far; past that, the request waits
+//!   for the background copy.
 //!
 //! Both end when the destination says `DONE` (it has every page), or when the connections
 //! break: then the session waits to be resumed (`Session::resume`), rebuilds the
@@ -26,7 +28,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use pagehint::{Claim, PageScheduler, SchedulerStats, Served};
+use pagehint::{
+    Claim, HintPolicy, PageScheduler, RequestError, SchedulerStats, Served, UrgentRequest,
+};
 
 use super::door::DoorwayError;
 use super::send::{PageRun, Phase, SendError};
@@ -37,23 +41,27 @@ use crate::handshake::HANDSHAKE_DEADLINE;
 use crate::options::SourceFault;
 use crate::sys::clock::{now_ns, sleep_until_unless, tight_timer_slack};
 use crate::sys::pin::Role;
+use crate::wire::summary::StreamCounts;
 use crate::wire::{
-    read_full, Channel, FrameHeader, Guard, RpHeader, RpKind, WireError, POLL_SLICE,
+    read_full, Channel, FrameHeader, Guard, RequestBody, RpHeader, RpKind, WireError, POLL_SLICE,
 };
 
 impl Session<'_> {
     /// Runs postcopy to the destination's `DONE`, resuming it on new connections after each
-    /// break (see the module [`super`]); returns the scheduler's counters. A takeover starts
-    /// from the destination's `received` bitmap.
+    /// break (see the module [`super`]); returns the scheduler's counters, and each fault
+    /// stream's. A takeover starts from the destination's `received` bitmap.
     pub(super) fn postcopy(
         &mut self,
         received: Option<Vec<u64>>,
-    ) -> Result<SchedulerStats, SourceError> {
+    ) -> Result<(SchedulerStats, Vec<StreamCounts>), SourceError> {
         let layout = self.mem.layout();
         let mut sched = PageScheduler::with_bitmap(
             layout.ram().clone(),
             Arc::clone(self.mem.bitmap()),
-            self.hello.mode.scheduler(self.hello.claim_batch),
+            self.hello
+                .mode
+                .scheduler(self.hello.claim_batch, layout.vcpus(), self.hello.cursors)
+                .map_err(SourceError::Scheduler)?,
         )
         .map_err(|e| SourceError::Scheduler(e.to_string()))?;
         if let Some(r) = received {
@@ -81,7 +89,7 @@ impl Session<'_> {
     /// queued (vanilla: asked for pages already on their way), so that the counters'
     /// `queued_followed + queued_stale` is every queued request, and finds nothing left to
     /// claim: every page was sent (I3). Returns the counters.
-    fn last_sweep(sched: &PageScheduler) -> Result<SchedulerStats, WireError> {
+    fn last_sweep(sched: &PageScheduler) -> Result<(SchedulerStats, Vec<StreamCounts>), WireError> {
         let mut scanner = sched.background();
         if let Some(claim) = scanner.next_claim() {
             return Err(WireError::Malformed(
@@ -95,7 +103,16 @@ impl Session<'_> {
         }
         // The scanner publishes its counts when dropped.
         drop(scanner);
-        Ok(sched.stats())
+        // Per-stream counters exist where the scheduler follows streams (one slot's scan
+        // counts only in the totals).
+        let streams = match sched.config().hint {
+            HintPolicy::PerStream(_) => (0..sched.streams())
+                .filter_map(|s| sched.stream_stats(s).ok())
+                .map(StreamCounts::from)
+                .collect(),
+            HintPolicy::Off | HintPolicy::SetIfEmpty => Vec::new(),
+        };
+        Ok((sched.stats(), streams))
     }
 
     /// Runs the background sender and the return-path thread on the current connections
@@ -296,7 +313,7 @@ impl Session<'_> {
                     if !sleep_until_unless(due, || self.stopped()) {
                         return Err(WireError::Stopped.into());
                     }
-                    let served = sched.serve_frame(&body);
+                    let (stream, served) = serve(sched, &body);
                     let served_ns = now_ns();
                     let mut t = ReqTrace {
                         read_ns,
@@ -309,7 +326,8 @@ impl Session<'_> {
                                 self.send_claim(&claim, Channel::Urgent, &g, &mut buf, None)?;
                             t.urgent_written_ns = now_ns();
                             t.urgent_arrival_ns = arrival;
-                            let _ = sched.urgent_sent(&claim);
+                            // The stream was checked when it was served.
+                            let _ = sched.urgent_sent_from(stream, &claim);
                             if let Some(hp) = claim.host_pages().next() {
                                 t.host_page = self.global_host_page(hp.block, hp.first_page);
                                 t.path = ReqPath::Urgent as u64;
@@ -430,6 +448,22 @@ fn wait_either(
         Ok(0) | Err(rustix::io::Errno::INTR) => Ok(None),
         Ok(_) => Ok(Some(!fds[0].revents().is_empty())),
         Err(e) => Err(e.into()),
+    }
+}
+
+/// Serves a `REQUEST` body: its request from its stream, or, malformed (too short to name a
+/// stream, or a request frame that does not decode), refused and counted by the scheduler
+/// as every bad request is. Returns the stream (0 where the body names none).
+fn serve(sched: &PageScheduler, body: &[u8]) -> (u32, Result<Served, RequestError>) {
+    match RequestBody::split(body) {
+        Some(b) => (
+            b.stream,
+            match UrgentRequest::decode(b.frame) {
+                Ok(req) => sched.serve_from(b.stream, req),
+                Err(_) => sched.serve_frame(b.frame),
+            },
+        ),
+        None => (0, sched.serve_frame(body)),
     }
 }
 

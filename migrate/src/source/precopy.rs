@@ -2,7 +2,9 @@
 //!
 //! A round first moves what KVM recorded into the bitmap ([`DirtyTracker::sync`]), then
 //! drains the bitmap with [`DirtyBitmap::get_and_clear`] in chunks aligned to host pages
-//! (so a 2 MiB host page is collected whole) and sends each run of dirty target pages. The
+//! (so a 2 MiB host page is collected whole) and sends each run of dirty target pages; with
+//! manual dirty-log re-protection, each chunk is cleared in KVM's log
+//! ([`DirtyTracker::taken`]) after it is taken and before its pages are read. The
 //! vCPUs, the device model and (with dirty rings) the harvesting thread keep marking pages
 //! meanwhile: a page marked after its word was collected stays dirty for the next round or
 //! for postcopy (I7). Round 0 sends everything (the bitmap starts full, as QEMU's does).
@@ -12,6 +14,7 @@ use pagehint::DirtyBitmap;
 
 use super::send::{Outbound, PageRun, Phase, SendError};
 use crate::guest::kvm::dirty::DirtyTracker;
+use crate::sys::clock::now_ns;
 use crate::wire::{Channel, Guard};
 
 /// Words collected per `get_and_clear` (4096 target pages; a multiple of a 2 MiB host
@@ -27,12 +30,20 @@ pub struct PrecopyReport {
     pub rounds: u64,
     /// Dirty pages at the start of each round (after the sync).
     pub dirty_per_round: Vec<u64>,
+    /// Per entry of `dirty_per_round`: how long its sync took (reading KVM's logs or rings
+    /// into the bitmap), ns.
+    pub sync_ns: Vec<u64>,
+    /// Per entry of `dirty_per_round`: how long its drain took (taking, clearing in KVM's
+    /// log where manual, reading and sending), ns; 0 for the last sync when it ended precopy.
+    pub drain_ns: Vec<u64>,
 }
 
-/// Sends every page dirty in `bitmap` once; returns the target pages sent.
+/// Sends every page dirty in `bitmap` once, each chunk cleared in KVM's log first when
+/// `tracker` re-protects manually; returns the target pages sent.
 pub fn drain_round(
     out: &Outbound<'_>,
     bitmap: &DirtyBitmap,
+    tracker: Option<&DirtyTracker<'_>>,
     guard: &Guard<'_>,
 ) -> Result<u64, SendError> {
     let mut words = [0u64; CHUNK_WORDS];
@@ -48,6 +59,10 @@ pub fn drain_round(
             bitmap
                 .get_and_clear(block, w, &mut words[..n])
                 .map_err(|e| SendError::Memory(e.to_string()))?;
+            if let Some(t) = tracker {
+                // Before the pages are read: a write after the clear is logged again.
+                t.taken(block, w, &words[..n]).map_err(SendError::Memory)?;
+            }
             for (run_first, run_len) in runs(&words[..n], (w as u64) * 64) {
                 let mut first = run_first;
                 let end = run_first + run_len;
@@ -86,9 +101,12 @@ pub fn run(
 ) -> Result<PrecopyReport, SendError> {
     let mut report = PrecopyReport::default();
     for r in 0..max_rounds {
+        let t0 = now_ns();
         if let Some(t) = tracker {
             t.sync().map_err(SendError::Memory)?;
         }
+        report.sync_ns.push(now_ns() - t0);
+        report.drain_ns.push(0);
         let dirty = bitmap.dirty_pages();
         let shrinking = report
             .dirty_per_round
@@ -98,7 +116,9 @@ pub fn run(
         if r > 0 && (!shrinking || dirty == 0) {
             break;
         }
-        drain_round(out, bitmap, guard)?;
+        let t1 = now_ns();
+        drain_round(out, bitmap, tracker, guard)?;
+        *report.drain_ns.last_mut().expect("pushed above") = now_ns() - t1;
         report.rounds += 1;
     }
     Ok(report)

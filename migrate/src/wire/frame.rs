@@ -9,9 +9,13 @@
 //! and drops the other as a counted, identical duplicate).
 //!
 //! Return-path frame, 16-byte header: `magic u16 | kind u8 | 0 u8 | len u32 | sent_ns u64`,
-//! then `len` bytes (≤ 256): a page request in [`pagehint::UrgentRequest`]'s wire format for
-//! `REQUEST` (checked by the scheduler, which rejects malformed ones with a typed error),
-//! nothing for `DONE`, `PING` and `START`.
+//! then `len` bytes (≤ 256): for `REQUEST`, the fault stream (`u32`: the faulting vCPU
+//! where the mode's transport names streams, else 0; see [`RequestBody`]) and a page request
+//! in [`pagehint::UrgentRequest`]'s wire format (both checked by the scheduler, which
+//! rejects a malformed request or an unknown stream with a typed error); nothing for `DONE`,
+//! `PING` and `START`.
+
+use pagehint::UrgentRequest;
 
 use super::{Channel, WireError, PAGE_MAGIC, RP_MAGIC};
 use crate::names::code_enum;
@@ -227,9 +231,59 @@ impl RpHeader {
     }
 }
 
+/// A `REQUEST` body: `stream u32 | request [24]`, little endian. The stream is a hint slot of
+/// the source's scheduler (`PageScheduler::serve_from`), the faulting vCPU in modes that
+/// follow each vCPU; the request is [`UrgentRequest`]'s own frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RequestBody<'a> {
+    /// The fault stream.
+    pub stream: u32,
+    /// The request frame, as received (the scheduler decodes and checks it).
+    pub frame: &'a [u8],
+}
+
+impl<'a> RequestBody<'a> {
+    /// Encoded size.
+    pub const LEN: usize = 4 + UrgentRequest::WIRE_LEN;
+
+    /// The body of a request for `req` from `stream`.
+    pub fn encode(stream: u32, req: &UrgentRequest) -> [u8; 4 + UrgentRequest::WIRE_LEN] {
+        let mut b = [0u8; Self::LEN];
+        b[..4].copy_from_slice(&stream.to_le_bytes());
+        b[4..].copy_from_slice(&req.encode());
+        b
+    }
+
+    /// Splits a body into its stream and the request frame (of any length: the scheduler
+    /// refuses a malformed one); `None` if it is too short to name a stream.
+    pub fn split(body: &'a [u8]) -> Option<Self> {
+        let (stream, frame) = body.split_first_chunk::<4>()?;
+        Some(Self {
+            stream: u32::from_le_bytes(*stream),
+            frame,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_request_body_names_its_stream() {
+        let req = UrgentRequest::new(1, 0x20_0000, 4096);
+        let b = RequestBody::encode(3, &req);
+        let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
+        assert_eq!(
+            hex, "03000000504800000100000000002000000000000010000000000000",
+            "the layout is the protocol (a change must bump wire::VERSION)"
+        );
+        let split = RequestBody::split(&b).unwrap();
+        assert_eq!(split.stream, 3);
+        assert_eq!(UrgentRequest::decode(split.frame), Ok(req));
+        assert_eq!(RequestBody::split(&b[..3]), None);
+        assert_eq!(RequestBody::split(&b[..4]).unwrap().frame, &[] as &[u8]);
+    }
 
     #[test]
     fn frames_round_trip_and_garbage_is_a_typed_error() {

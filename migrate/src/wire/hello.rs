@@ -33,8 +33,8 @@ use super::{read_full, write_parts, Channel, Guard, WireError, HELLO_MAGIC, REPL
 use crate::guest::layout::HostPageSize;
 use crate::link::{LinkParams, Transport};
 use crate::options::{
-    DirtyTracking, GuestKind, GuestSpec, MigrationMode, Precopy, RunConfig, SourceFault,
-    SourceHooks, Workload,
+    CursorPolicy, DirtyTracking, GuestKind, GuestSpec, MigrationMode, Precopy, RunConfig,
+    SourceFault, SourceHooks, Workload,
 };
 use crate::sys::clock::boot_id;
 
@@ -73,6 +73,8 @@ pub struct Hello {
     pub link: LinkParams,
     /// Background claim batch.
     pub claim_batch: ClaimBatch,
+    /// How `preempt-hints`' cursors run.
+    pub cursors: CursorPolicy,
     /// Target page (global) where the background scan starts.
     pub scan_start: u64,
     /// The test hooks the source runs.
@@ -158,6 +160,10 @@ words! {
     RecoverMs,
     /// 0 or 1: the resend of already-claimed pages.
     Resend,
+    /// `preempt-hints`: target pages a cursor may claim after each fault.
+    StreamRun,
+    /// `preempt-hints`: cursor claims between two linear scan steps.
+    StreamShare,
 }
 
 impl Word {
@@ -186,6 +192,7 @@ impl Hello {
             precopy: cfg.precopy,
             link: cfg.link,
             claim_batch: cfg.claim_batch,
+            cursors: cfg.cursors,
             scan_start: 0,
             hooks: cfg.hooks.source,
             recover_ms: cfg.recover_ms(),
@@ -244,6 +251,8 @@ impl Hello {
             Word::Cuts => hooks.cuts,
             Word::RecoverMs => self.recover_ms,
             Word::Resend => u64::from(self.resend),
+            Word::StreamRun => self.cursors.run,
+            Word::StreamShare => u64::from(self.cursors.share),
         }
     }
 
@@ -302,6 +311,14 @@ impl Hello {
             1 => true,
             r => return Err(bad(format!("resend flag {r} (0 or 1)"))),
         };
+        let cursors = CursorPolicy {
+            run: v(Word::StreamRun),
+            share: u32::try_from(v(Word::StreamShare))
+                .map_err(|_| bad(format!("stream share {}", v(Word::StreamShare))))?,
+        };
+        cursors
+            .policy(1)
+            .map_err(|e| bad(format!("stream cursors: {e}")))?;
         let mut boot_id = [0u8; 36];
         boot_id.copy_from_slice(&b[LEN - 36..]);
         Ok(Self {
@@ -319,6 +336,7 @@ impl Hello {
                 pace_bps: v(Word::LinkPace),
             },
             claim_batch,
+            cursors,
             scan_start,
             hooks: SourceHooks {
                 drop_after: v(Word::DropAfter),
@@ -459,6 +477,7 @@ mod tests {
             },
             link: LinkParams::DEFAULT,
             claim_batch: ClaimBatch::pages(32).unwrap(),
+            cursors: CursorPolicy { run: 512, share: 8 },
             scan_start: 7,
             hooks: SourceHooks {
                 drop_after: 0,
@@ -545,8 +564,9 @@ mod tests {
         "0000000000000004000000000010000000000000020000000000000001000000000000000000001000000000",
         "0300000000000000020000000000000000e40b540200000050c3000000000000000080000000000000000100",
         "0000000020000000000000000700000000000000000000000000000002000000000000000000000000000000",
-        "0000000000000000640000000000000003000000000000008813000000000000010000000000000078787878",
-        "7878787878787878787878787878787878787878787878787878787878787878",
+        "0000000000000000640000000000000003000000000000008813000000000000010000000000000000020000",
+        "0000000008000000000000007878787878787878787878787878787878787878787878787878787878787878",
+        "78787878",
     ];
 
     #[test]
@@ -557,7 +577,7 @@ mod tests {
             .map(|x| format!("{x:02x}"))
             .collect();
         assert_eq!(hex, GOLDEN.concat());
-        assert_eq!(Hello::LEN, 8 + 26 * 8 + 36);
+        assert_eq!(Hello::LEN, 8 + 28 * 8 + 36);
         assert_eq!(VERSION, b'7', "a new version needs new golden bytes");
     }
 
@@ -575,6 +595,9 @@ mod tests {
             (5, 3 << 20, "guest"),
             (9, 0, "stream rate of 0"),
             (25, 2, "resend flag"),
+            (26, 0, "a cursor's run must be at least one page"),
+            (27, 0, "at least one claim per linear scan step"),
+            (27, 1 << 40, "stream share 1099511627776"),
         ] {
             let mut b = good;
             b[8 + field * 8..16 + field * 8].copy_from_slice(&value.to_le_bytes());

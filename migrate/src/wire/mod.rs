@@ -24,7 +24,7 @@
 //!   main ◀──────────── SWITCH{vCPUs, to discard} ──  the guest stops there; postcopy begins
 //!        (discard, register userfaultfd, the guest resumes here)
 //!   main ◀──────────── PAGES / ZERO (background) ──  the scheduler's background scan
-//! urgent ── REQUEST{page} ────────────────────────▶  (vanilla, or --resend off: on main)
+//! urgent ── REQUEST{stream, page} ────────────────▶  (vanilla, or --resend off: on main)
 //! urgent ◀──────────── PAGES (urgent, maybe RESEND)  the urgent path (preempt modes)
 //!   main ── DONE ─────────────────────────────────▶  every page is in
 //!   main ◀──────────── PONG (×n, while it sums) ───  a keep-alive every 100 ms
@@ -55,7 +55,7 @@ pub mod io;
 pub mod summary;
 pub mod switch;
 
-pub use frame::{FrameHeader, FrameKind, RpHeader, RpKind};
+pub use frame::{FrameHeader, FrameKind, RequestBody, RpHeader, RpKind};
 pub use hello::{Hello, HelloReply, Role};
 pub use io::{
     configure, read_full, wait_readable, write_parts, Channel, Guard, WireError, POLL_SLICE,

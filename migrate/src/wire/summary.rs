@@ -1,9 +1,10 @@
-//! What the source reports at the end of a migration: its scheduler's counters, what it
-//! sent on each channel, the first rejected requests, how it handled each request ([`ReqTrace`],
+//! What the source reports at the end of a migration: its scheduler's counters (and each fault
+//! stream's, with a hint slot per stream), what it sent on each channel, the first rejected requests, how it handled each request ([`ReqTrace`],
 //! for the per-stage timing of the harness's `tail`), and the checksum of every target page
 //! as it was at the switch-over (the destination is verified against them).
 
 use crate::names::code_enum;
+use pagehint::streams::{StreamStats, MAX_STREAMS};
 use pagehint::SchedulerStats;
 
 use super::{Channel, WireError};
@@ -37,6 +38,51 @@ pub struct Summary {
     pub resent_bytes: u64,
     /// Postcopy: how the source handled each valid request, and when (source clock).
     pub requests: Vec<ReqTrace>,
+    /// Each fault stream's counters, where the mode keeps a hint slot per vCPU (empty
+    /// otherwise: one slot's scan counts only in `stats`).
+    pub streams: Vec<StreamCounts>,
+}
+
+/// What the background path did for one fault stream ([`pagehint::PageScheduler::stream_stats`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StreamCounts {
+    /// Hints taken from the stream's slot.
+    pub hints_taken: u64,
+    /// Of those, hints below the stream's previous one (its cursor bubbled both ways).
+    pub backward_hints: u64,
+    /// Claims of the stream's cursors.
+    pub cursor_claims: u64,
+    /// Target pages they claimed.
+    pub cursor_pages: u64,
+    /// Runs whose budget was spent.
+    pub runs_spent: u64,
+}
+
+impl StreamCounts {
+    /// Fields on the wire.
+    const FIELDS: usize = 5;
+
+    fn fields(&self) -> [u64; Self::FIELDS] {
+        [
+            self.hints_taken,
+            self.backward_hints,
+            self.cursor_claims,
+            self.cursor_pages,
+            self.runs_spent,
+        ]
+    }
+}
+
+impl From<StreamStats> for StreamCounts {
+    fn from(s: StreamStats) -> Self {
+        Self {
+            hints_taken: s.hints_taken,
+            backward_hints: s.backward_hints,
+            cursor_claims: s.cursor_claims,
+            cursor_pages: s.cursor_pages,
+            runs_spent: s.runs_spent,
+        }
+    }
 }
 
 /// Most recoveries a summary carries.
@@ -98,6 +144,12 @@ impl Summary {
         out.extend_from_slice(&(self.requests.len() as u64).to_le_bytes());
         for r in &self.requests {
             for v in r.fields() {
+                out.extend_from_slice(&v.to_le_bytes());
+            }
+        }
+        out.extend_from_slice(&(self.streams.len() as u64).to_le_bytes());
+        for st in &self.streams {
+            for v in st.fields() {
                 out.extend_from_slice(&v.to_le_bytes());
             }
         }
@@ -178,6 +230,24 @@ impl Summary {
             }
             requests.push(ReqTrace::from_fields(f));
         }
+        let nstreams = u64::from_le_bytes(take(8)?.try_into().expect("8 bytes"));
+        if nstreams > u64::from(MAX_STREAMS) {
+            return Err(bad());
+        }
+        let mut streams = Vec::with_capacity(nstreams as usize);
+        for _ in 0..nstreams {
+            let mut f = [0u64; StreamCounts::FIELDS];
+            for v in f.iter_mut() {
+                *v = u64::from_le_bytes(take(8)?.try_into().expect("8 bytes"));
+            }
+            streams.push(StreamCounts {
+                hints_taken: f[0],
+                backward_hints: f[1],
+                cursor_claims: f[2],
+                cursor_pages: f[3],
+                runs_spent: f[4],
+            });
+        }
         Ok(Self {
             stats,
             bg_host_pages: u[17],
@@ -191,6 +261,7 @@ impl Summary {
             resent_host_pages,
             resent_bytes,
             requests,
+            streams,
         })
     }
 }
@@ -327,6 +398,16 @@ mod tests {
                 bg_arrival_ns: 90,
                 ..ReqTrace::default()
             }],
+            streams: vec![
+                StreamCounts {
+                    hints_taken: 61,
+                    backward_hints: 67,
+                    cursor_claims: 71,
+                    cursor_pages: 73,
+                    runs_spent: 79,
+                },
+                StreamCounts::default(),
+            ],
         };
         let b = s.encode();
         assert_eq!(Summary::decode(&b).unwrap(), s);

@@ -4,7 +4,8 @@
 //! Body, little endian: `stop_ns u64 | stopped_ns u64 | synced_ns u64 | built_ns u64 | rounds
 //! u64 | precopy pages u64 | precopy bytes u64 | source run ns u64 | vcpus u64 | vcpus ×
 //! VcpuState | blocks u64 | per block: host pages u64, runs u64, runs × run | guest counters
-//! (10 × u64) | rounds × dirty pages u64`.
+//! (10 × u64) | syncs u64 | syncs × (dirty pages u64, sync ns u64, drain ns u64) | KVM's
+//! precopy counters (7 × u64, [`PrecopyKvm`])`.
 //!
 //! Each block's pending set is one bit per **host page** still to send (dirty since it was
 //! last sent, or never sent): exactly the host pages the destination must discard and receive
@@ -289,6 +290,65 @@ pub struct SwitchOver {
     pub guest: [u64; 10],
     /// Dirty pages at the start of each precopy round.
     pub dirty_per_round: Vec<u64>,
+    /// Per entry of `dirty_per_round`: its sync's time, ns.
+    pub sync_ns: Vec<u64>,
+    /// Per entry of `dirty_per_round`: its drain's time, ns (0: not drained).
+    pub drain_ns: Vec<u64>,
+    /// KVM's side of precopy.
+    pub kvm: PrecopyKvm,
+}
+
+/// KVM's side of precopy at the source, over the rounds (from the first sync to the end of
+/// the last drain).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PrecopyKvm {
+    /// The vCPUs' counters below were read (KVM has stats files).
+    pub counted: bool,
+    /// Page faults KVM handled, all vCPUs (`pf_taken`).
+    pub faults: u64,
+    /// Of those, fixed on the slow path (`pf_fixed`).
+    pub fixed: u64,
+    /// Of those, fixed on the fast path (`pf_fast`).
+    pub fast: u64,
+    /// Remote TLB flushes (`remote_tlb_flush`).
+    pub tlb_flushes: u64,
+    /// `KVM_CLEAR_DIRTY_LOG` calls (manual re-protection).
+    pub log_clears: u64,
+    /// Pages they cleared.
+    pub cleared_pages: u64,
+}
+
+impl PrecopyKvm {
+    const WORDS: usize = 7;
+
+    fn words(&self) -> [u64; Self::WORDS] {
+        [
+            u64::from(self.counted),
+            self.faults,
+            self.fixed,
+            self.fast,
+            self.tlb_flushes,
+            self.log_clears,
+            self.cleared_pages,
+        ]
+    }
+
+    fn from_words(w: [u64; Self::WORDS]) -> Option<Self> {
+        let [counted, faults, fixed, fast, tlb_flushes, log_clears, cleared_pages] = w;
+        Some(Self {
+            counted: match counted {
+                0 => false,
+                1 => true,
+                _ => return None,
+            },
+            faults,
+            fixed,
+            fast,
+            tlb_flushes,
+            log_clears,
+            cleared_pages,
+        })
+    }
 }
 
 impl SwitchOver {
@@ -325,7 +385,12 @@ impl SwitchOver {
             put(&mut out, v);
         }
         put(&mut out, self.dirty_per_round.len() as u64);
-        for &v in &self.dirty_per_round {
+        for (i, &v) in self.dirty_per_round.iter().enumerate() {
+            put(&mut out, v);
+            put(&mut out, self.sync_ns.get(i).copied().unwrap_or(0));
+            put(&mut out, self.drain_ns.get(i).copied().unwrap_or(0));
+        }
+        for v in self.kvm.words() {
             put(&mut out, v);
         }
         out
@@ -367,10 +432,17 @@ impl SwitchOver {
         if nrounds > (b.len() / 8) as u64 {
             return Err(bad("too many rounds"));
         }
-        let dirty_per_round = (0..nrounds)
-            .map(|_| r.u64())
-            .collect::<Option<Vec<u64>>>()
-            .ok_or_else(|| bad("truncated"))?;
+        let (mut dirty_per_round, mut sync_ns, mut drain_ns) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..nrounds {
+            for v in [&mut dirty_per_round, &mut sync_ns, &mut drain_ns] {
+                v.push(r.u64().ok_or_else(|| bad("truncated"))?);
+            }
+        }
+        let mut kvm = [0u64; PrecopyKvm::WORDS];
+        for k in kvm.iter_mut() {
+            *k = r.u64().ok_or_else(|| bad("truncated"))?;
+        }
+        let kvm = PrecopyKvm::from_words(kvm).ok_or_else(|| bad("KVM counters flag"))?;
         if r.at != b.len() {
             return Err(bad("trailing bytes"));
         }
@@ -387,6 +459,9 @@ impl SwitchOver {
             pending,
             guest,
             dirty_per_round,
+            sync_ns,
+            drain_ns,
+            kvm,
         })
     }
 }
@@ -431,6 +506,17 @@ mod tests {
             pending: vec![set(3, &[0b101]), set(65, &[u64::MAX, 1])],
             guest: [1, 2, 0, 0, 0, 0, 0, 0, 3, 4],
             dirty_per_round: vec![10, 4],
+            sync_ns: vec![8, 9],
+            drain_ns: vec![11, 0],
+            kvm: PrecopyKvm {
+                counted: true,
+                faults: 12,
+                fixed: 5,
+                fast: 7,
+                tlb_flushes: 3,
+                log_clears: 2,
+                cleared_pages: 10,
+            },
         };
         let b = s.encode();
         let d = SwitchOver::decode(&b).unwrap();
@@ -441,6 +527,15 @@ mod tests {
             (d.stop_ns, d.stopped_ns, d.synced_ns, d.built_ns),
             (5, 6, 7, 8)
         );
+        assert_eq!(
+            (d.sync_ns, d.drain_ns),
+            (s.sync_ns.clone(), s.drain_ns.clone())
+        );
+        assert_eq!(d.kvm, s.kvm);
+        let mut flag = b.clone();
+        let at = flag.len() - 8 * PrecopyKvm::WORDS;
+        flag[at] = 2;
+        assert!(SwitchOver::decode(&flag).is_err());
         assert!(SwitchOver::decode(&b[..b.len() - 1]).is_err());
         // A whole (or empty) set is a few words on the wire, whatever its size.
         let mut big = s.clone();
@@ -517,7 +612,8 @@ mod tests {
             let mut s = sample();
             s.pending = vec![];
             let mut b = s.encode();
-            let at = b.len() - 8 * (10 + 1 + s.dirty_per_round.len());
+            // After the blocks: the guest counters, the syncs (three words each), KVM's.
+            let at = b.len() - 8 * (10 + 1 + 3 * s.dirty_per_round.len() + PrecopyKvm::WORDS);
             let mut mid = 1u64.to_le_bytes().to_vec();
             mid.extend(hp.to_le_bytes());
             mid.extend((runs.len() as u64).to_le_bytes());
@@ -554,6 +650,9 @@ mod tests {
             pending: vec![set(64, &[1])],
             guest: [0; 10],
             dirty_per_round: vec![3],
+            sync_ns: vec![5],
+            drain_ns: vec![6],
+            kvm: PrecopyKvm::default(),
         }
     }
 }

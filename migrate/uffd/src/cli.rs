@@ -145,7 +145,7 @@ pub enum Command {
         #[arg(long, default_value = "4K")]
         host_page: String,
         /// Comma-separated workloads.
-        #[arg(long, default_value = Workload::LIST)]
+        #[arg(long, default_value = Workload::DEFAULT_LIST)]
         workloads: String,
         /// Comma-separated workloads also replayed on a snapshot of another seed with the
         /// first one's record (the working set changes between record and replay); `none`.

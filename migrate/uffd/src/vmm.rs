@@ -175,7 +175,10 @@ pub fn take_snapshot(
     }
     .map_err(kvm_err)?;
     m.boot(seed).map_err(kvm_err)?;
-    m.set_stream_rate(STREAM_RATE, STREAM_FRAME_PAGES);
+    m.set_stream_rate(
+        workload.stream_rate_each(STREAM_RATE, vcpus),
+        STREAM_FRAME_PAGES,
+    );
     let ends: Vec<VcpuEnd> = std::thread::scope(|s| {
         let hs = m.run(s, PinPlan::OFF, None);
         std::thread::sleep(warm);
@@ -374,7 +377,10 @@ pub fn restore(
     // SAFETY: `ram` outlives the machine (declared before it, and returned after it).
     let (m, _) = unsafe { Machine::new(layout, [ram.addr(0), ram.addr(1)], Tracking::Off) }
         .map_err(kvm_err)?;
-    m.set_stream_rate(STREAM_RATE, STREAM_FRAME_PAGES);
+    m.set_stream_rate(
+        snap.workload.stream_rate_each(STREAM_RATE, layout.vcpus()),
+        STREAM_FRAME_PAGES,
+    );
     let window_ns = opts.run_for.as_nanos() as u64;
     let khz = m.tsc_khz();
     m.load(&snap.vcpus).map_err(kvm_err)?;

@@ -6,6 +6,18 @@
 //! clears the log, re-protecting the pages) and ORs it into the bitmap: once per precopy
 //! round, and once after the vCPUs stop.
 //!
+//! # Dirty log, manual re-protection
+//! With [`Tracking::LogManual`] the get only reads the log (KVM keeps it, and keeps the pages
+//! writable); the precopy drain hands each chunk of words it takes from the bitmap to
+//! [`DirtyTracker::taken`], which clears exactly those pages in KVM's log
+//! (`KVM_CLEAR_DIRTY_LOG`, through pagehint's [`KvmSlots::clear_dirty_log`]), re-protecting
+//! them, *before* the drain reads them: a write after the clear is logged again and sent
+//! again (I7); a write before it is in the page read. A page is thus re-protected when it is
+//! sent, not at every sync, and a page the guest keeps writing between two syncs faults once
+//! per send instead of once per sync. Pages still dirty in the bitmap when precopy ends stay
+//! set in KVM's log; the sync after the vCPUs stop merges them again (a no-op: they are
+//! dirty already).
+//!
 //! # Dirty ring
 //! Each vCPU has a ring of `kvm_dirty_gfn { flags, slot, offset }` entries mapped from its
 //! descriptor at `KVM_DIRTY_LOG_PAGE_OFFSET`. KVM publishes an entry by setting `DIRTY` in
@@ -164,7 +176,7 @@ impl<'a> DirtyTracker<'a> {
         self.syncs.fetch_add(1, Ordering::Relaxed);
         match self.vm.tracking() {
             Tracking::Off => Ok(0),
-            Tracking::Log => {
+            Tracking::Log | Tracking::LogManual => {
                 let mut marked = 0;
                 for m in self.slots.iter() {
                     let log = self.vm.dirty_log(m.slot).map_err(|e| e.to_string())?;
@@ -186,6 +198,26 @@ impl<'a> DirtyTracker<'a> {
                 Ok(marked)
             }
         }
+    }
+
+    /// The precopy drain took `words` (dirty words of block `block` from word `from_word`)
+    /// from the bitmap and is about to read their pages: with manual re-protection, clears
+    /// exactly those pages in KVM's log (re-protecting them); otherwise nothing to do.
+    /// Returns the pages cleared. A clear KVM refuses is an error (it would lose nothing —
+    /// the pages stay in KVM's log — but it means the comparison is not what it says).
+    pub fn taken(&self, block: u32, from_word: usize, words: &[u64]) -> Result<u64, String> {
+        if self.vm.tracking() != Tracking::LogManual || words.iter().all(|&w| w == 0) {
+            return Ok(0);
+        }
+        self.slots
+            .clear_dirty_log(self.vm.fd(), block, from_word, words)
+            .map_err(|e| format!("KVM_CLEAR_DIRTY_LOG of block {block}: {e}"))
+    }
+
+    /// `KVM_CLEAR_DIRTY_LOG` calls made and the pages they cleared.
+    pub fn clears(&self) -> (u64, u64) {
+        let s = self.slots.stats();
+        (s.logs_cleared, s.cleared_pages)
     }
 
     /// Harvests vCPU `i`'s ring (and resets the rings if `reset`); returns the pages marked.

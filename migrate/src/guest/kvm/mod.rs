@@ -5,7 +5,8 @@
 //! * [`boot`]: page tables, GDT and first registers;
 //! * [`vm`]: memory slots, status pages, vCPUs, the vCPU state that migrates;
 //! * [`vcpu`]: the `KVM_RUN` loop and the kick that stops a vCPU anywhere;
-//! * [`dirty`]: KVM's dirty log and dirty rings into pagehint's bitmap.
+//! * [`dirty`]: KVM's dirty log and dirty rings into pagehint's bitmap;
+//! * [`stats`]: KVM's own counters (page faults, TLB flushes).
 //!
 //! [`Machine`] puts them together for one side of a migration: the source boots the
 //! program, runs it through precopy and stops it; the destination loads the stopped vCPUs'
@@ -14,6 +15,7 @@
 pub mod boot;
 pub mod dirty;
 pub mod program;
+pub mod stats;
 pub mod vcpu;
 pub mod vm;
 
@@ -27,6 +29,7 @@ use crate::guest::layout::GuestLayout;
 use crate::sys::pin::{PinPlan, Role};
 use dirty::DirtyRing;
 use program::mailbox as mb;
+use stats::KvmStats;
 use vcpu::{VcpuControl, VcpuEnd, VcpuEnv};
 use vm::{KvmError, Tracking, VcpuState, Vm};
 
@@ -121,6 +124,34 @@ pub struct Machine {
     vcpus: Vec<Mutex<VcpuFd>>,
     controls: Vec<VcpuControl>,
     tsc_khz: u32,
+    /// KVM's counters of each vCPU and of the VM (`None` where KVM has no stats file).
+    stats: Option<(Vec<KvmStats>, KvmStats)>,
+}
+
+/// KVM's counters summed over a machine's vCPUs (see [`stats`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KvmCounters {
+    /// Page faults KVM handled (`pf_taken`).
+    pub faults: u64,
+    /// Of those, fixed on the slow path (`pf_fixed`).
+    pub fixed: u64,
+    /// Of those, fixed on the fast path without the MMU lock (`pf_fast`), as most writes to
+    /// pages write-protected for dirty logging are.
+    pub fast: u64,
+    /// Remote TLB flushes the VM asked for (`remote_tlb_flush`).
+    pub tlb_flushes: u64,
+}
+
+impl KvmCounters {
+    /// What happened between `earlier` and `self`.
+    pub fn since(self, earlier: Self) -> Self {
+        Self {
+            faults: self.faults.saturating_sub(earlier.faults),
+            fixed: self.fixed.saturating_sub(earlier.fixed),
+            fast: self.fast.saturating_sub(earlier.fast),
+            tlb_flushes: self.tlb_flushes.saturating_sub(earlier.tlb_flushes),
+        }
+    }
 }
 
 impl Machine {
@@ -149,6 +180,13 @@ impl Machine {
             vcpus.push(v);
         }
         let tsc_khz = vm.tsc_khz(&vcpus[0])?;
+        // Measurement only: a KVM without stats files (before Linux 5.14) still migrates.
+        let stats = vcpus
+            .iter()
+            .map(|v| KvmStats::open(v, &["pf_taken", "pf_fixed", "pf_fast"]))
+            .collect::<Result<Vec<_>, _>>()
+            .and_then(|v| Ok((v, KvmStats::open(vm.fd(), &["remote_tlb_flush"])?)))
+            .ok();
         let vcpus = vcpus.into_iter().map(Mutex::new).collect();
         let controls = (0..layout.vcpus())
             .map(|_| VcpuControl::default())
@@ -159,6 +197,7 @@ impl Machine {
                 vcpus,
                 controls,
                 tsc_khz,
+                stats,
             },
             rings,
         ))
@@ -213,7 +252,8 @@ impl Machine {
         Ok(())
     }
 
-    /// Tells the program how fast to stream (`rate` bytes/s in frames of `frame_pages`).
+    /// Tells the program how fast each of its streams plays (`rate` bytes/s in frames of
+    /// `frame_pages`; see [`Workload::stream_rate_each`](crate::guest::Workload::stream_rate_each)).
     pub fn set_stream_rate(&self, rate: u64, frame_pages: u64) {
         let ticks = frame_tsc(rate, frame_pages, self.tsc_khz);
         for i in 0..self.controls.len() as u32 {
@@ -273,6 +313,22 @@ impl Machine {
     /// Whether every program reported that it started.
     pub fn all_started(&self) -> bool {
         self.controls.iter().all(|c| c.started())
+    }
+
+    /// KVM's counters now, summed over the vCPUs (`None` where KVM has no stats files).
+    pub fn kvm_counters(&self) -> Result<Option<KvmCounters>, KvmError> {
+        let Some((vcpus, vm)) = &self.stats else {
+            return Ok(None);
+        };
+        let mut c = KvmCounters {
+            tlb_flushes: vm.read()?[0],
+            ..KvmCounters::default()
+        };
+        for v in vcpus {
+            let r = v.read()?;
+            (c.faults, c.fixed, c.fast) = (c.faults + r[0], c.fixed + r[1], c.fast + r[2]);
+        }
+        Ok(Some(c))
     }
 
     /// What each vCPU's program reported.

@@ -35,10 +35,15 @@
 //!   then `fsck`: the vCPU checks its share of the whole data area, sets `STATE = DONE`, and
 //!   reports [`Event::Done`].
 //!
-//! Owners: `seq` writes every eighth page of its own share of the window; `random` writes a
-//! quarter of the pages it reads that it owns (`page % vcpus == i`); `stream` (vCPU 0 plays,
-//! the others idle) writes the first page of each frame; `kv` updates (re-signs) an eighth of
-//! the pages it finds keys in, if it owns them. One writer per page, so the seqlock is enough.
+//! Windows: `seq` and `stream` work in the vCPU's own window (the parameter page's
+//! `SEQ_WINDOWS` / `STREAM_WINDOWS` tables: one vCPU's is the layout's window, several are
+//! spread over RAM, see [`crate::guest::layout`]); `mixed` plays the stream window on vCPU 0
+//! and runs `kv` on the others.
+//!
+//! Owners: `seq` writes every eighth page of its own window; `random` writes a quarter of the
+//! pages it reads that it owns (`page % vcpus == i`); `stream` writes the first page of each
+//! frame of its own window; `kv` updates (re-signs) an eighth of the pages it finds keys in, if
+//! it owns them. One writer per page, so the seqlock is enough.
 
 use crate::names::code_enum;
 use iced_x86::code_asm::*;
@@ -68,8 +73,6 @@ code_enum!(
         Sleep = 2,
         /// Stopped and verified its share; nothing more to do.
         Done = 3,
-        /// Nothing to do until stopped (an idle vCPU): sleep a while.
-        Idle = 4,
     }
 );
 
@@ -145,6 +148,10 @@ struct Gen {
     share: CodeLabel,
     fsck: CodeLabel,
     op_done: CodeLabel,
+    /// The stream's loop with its window in the locals (`stream` and `mixed` enter there).
+    play: CodeLabel,
+    /// Each workload's entry.
+    entries: Vec<(Workload, CodeLabel)>,
 }
 
 impl Gen {
@@ -681,16 +688,17 @@ impl Gen {
     }
 
     fn emit_seq(&mut self, mut at: CodeLabel) -> R {
-        let (share, check, write, op_done) =
-            (self.share, self.check_page, self.write_page, self.op_done);
+        let (check, write, op_done) = (self.check_page, self.write_page, self.op_done);
         self.a.set_label(&mut at)?;
         let mut lp = self.a.create_label();
         let mut next = self.a.create_label();
         {
             let a = &mut self.a;
-            a.mov(rax, qword_ptr(r15 + Params::SEQ))?;
-            a.mov(rcx, qword_ptr(r15 + Params::SEQ + 8))?;
-            a.call(share)?;
+            // This vCPU's own window (one vCPU: the seq window).
+            a.mov(rax, r13)?;
+            a.shl(rax, 4)?;
+            a.mov(rcx, qword_ptr(r15 + rax + Params::SEQ_WINDOWS + 8))?;
+            a.mov(rax, qword_ptr(r15 + rax + Params::SEQ_WINDOWS))?;
             a.mov(qword_ptr(rsp), rax)?;
             a.mov(qword_ptr(rsp + 8), rcx)?;
             a.mov(rbp, rax)?;
@@ -745,7 +753,6 @@ impl Gen {
         let (check, write, fsck, op_done) =
             (self.check_page, self.write_page, self.fsck, self.op_done);
         self.a.set_label(&mut at)?;
-        let mut idle = self.a.create_label();
         let mut frame = self.a.create_label();
         let mut read = self.a.create_label();
         let mut page = self.a.create_label();
@@ -757,12 +764,20 @@ impl Gen {
         let mut stop = self.a.create_label();
         let mut end_ok = self.a.create_label();
         // Locals: [rsp] due, [rsp+8] pause start (0: none), [rsp+16] pause end, [rsp+24] the
-        // frame's end page. Times are the program's clock: rdtsc + CLOCK_OFFSET.
+        // frame's end page, [rsp+32] and [rsp+40] the window played. Times are the program's
+        // clock: rdtsc + CLOCK_OFFSET.
         {
             let a = &mut self.a;
-            a.test(r13, r13)?;
-            a.jnz(idle)?;
-            a.mov(rbp, qword_ptr(r15 + Params::STREAM))?;
+            // This vCPU's own window (one vCPU: the stream window); `mixed` enters at `play`
+            // with the window set.
+            a.mov(rax, r13)?;
+            a.shl(rax, 4)?;
+            a.mov(rcx, qword_ptr(r15 + rax + Params::STREAM_WINDOWS))?;
+            a.mov(qword_ptr(rsp + 32), rcx)?;
+            a.mov(rcx, qword_ptr(r15 + rax + Params::STREAM_WINDOWS + 8))?;
+            a.mov(qword_ptr(rsp + 40), rcx)?;
+            a.set_label(&mut self.play)?;
+            a.mov(rbp, qword_ptr(rsp + 32))?;
             a.rdtsc()?;
             a.shl(rdx, 32)?;
             a.or(rax, rdx)?;
@@ -809,7 +824,7 @@ impl Gen {
             a.set_label(&mut read)?;
             a.mov(rax, qword_ptr(r15 + Params::FRAME_PAGES))?;
             a.add(rax, rbp)?;
-            a.mov(rcx, qword_ptr(r15 + Params::STREAM + 8))?;
+            a.mov(rcx, qword_ptr(rsp + 40))?;
             a.cmp(rax, rcx)?;
             a.cmova(rax, rcx)?;
             a.mov(qword_ptr(rsp + 24), rax)?;
@@ -860,9 +875,9 @@ impl Gen {
             a.mov(rax, qword_ptr(r14 + mb::FRAME_TSC))?;
             a.add(qword_ptr(rsp), rax)?;
             a.mov(rbp, qword_ptr(rsp + 24))?;
-            a.cmp(rbp, qword_ptr(r15 + Params::STREAM + 8))?;
+            a.cmp(rbp, qword_ptr(rsp + 40))?;
             a.jb(frame)?;
-            a.mov(rbp, qword_ptr(r15 + Params::STREAM))?;
+            a.mov(rbp, qword_ptr(rsp + 32))?;
             a.jmp(frame)?;
             // Stopped: a pause still in progress counts too.
             a.set_label(&mut stop)?;
@@ -875,13 +890,31 @@ impl Gen {
             a.jbe(end_ok)?;
             a.mov(qword_ptr(r14 + mb::LONGEST_PAUSE), rax)?;
             a.set_label(&mut end_ok)?;
-            a.jmp(fsck)?;
-            // Other vCPUs: idle until stopped.
-            a.set_label(&mut idle)?;
+            a.jmp(fsck)
         }
-        self.stop_check()?;
-        self.event(Event::Idle)?;
-        self.a.jmp(idle)
+    }
+
+    /// `mixed`: vCPU 0 plays the stream window (the one-vCPU one), the others run `kv`.
+    fn emit_mixed(&mut self, mut at: CodeLabel) -> R {
+        let (play, kv) = (self.play, self.entry(Workload::Kv));
+        let a = &mut self.a;
+        a.set_label(&mut at)?;
+        a.test(r13, r13)?;
+        a.jnz(kv)?;
+        a.mov(rcx, qword_ptr(r15 + Params::STREAM))?;
+        a.mov(qword_ptr(rsp + 32), rcx)?;
+        a.mov(rcx, qword_ptr(r15 + Params::STREAM + 8))?;
+        a.mov(qword_ptr(rsp + 40), rcx)?;
+        a.jmp(play)
+    }
+
+    /// The entry of workload `w`'s loop.
+    fn entry(&self, w: Workload) -> CodeLabel {
+        self.entries
+            .iter()
+            .find(|(x, _)| *x == w)
+            .map(|&(_, l)| l)
+            .expect("every workload has an entry")
     }
 
     fn emit_kv(&mut self, mut at: CodeLabel) -> R {
@@ -1006,6 +1039,7 @@ impl Gen {
             Workload::Random => self.emit_random(at),
             Workload::Stream => self.emit_stream(at),
             Workload::Kv => self.emit_kv(at),
+            Workload::Mixed => self.emit_mixed(at),
         }
     }
 }
@@ -1014,8 +1048,12 @@ impl Gen {
 /// page's workload code to each workload's loop, and the routines they share.
 pub fn assemble() -> Result<Vec<u8>, IcedError> {
     let mut a = CodeAssembler::new(64)?;
-    let labels = [(); 8].map(|_| a.create_label());
-    let [check_page, write_page, sum, report, mix64, share, fsck, op_done] = labels;
+    let labels = [(); 9].map(|_| a.create_label());
+    let [check_page, write_page, sum, report, mix64, share, fsck, op_done, play] = labels;
+    let workloads: Vec<(Workload, CodeLabel)> = Workload::ALL
+        .iter()
+        .map(|&w| (w, a.create_label()))
+        .collect();
     let mut g = Gen {
         a,
         check_page,
@@ -1026,11 +1064,9 @@ pub fn assemble() -> Result<Vec<u8>, IcedError> {
         share,
         fsck,
         op_done,
+        play,
+        entries: workloads.clone(),
     };
-    let workloads: Vec<(Workload, CodeLabel)> = Workload::ALL
-        .iter()
-        .map(|&w| (w, g.a.create_label()))
-        .collect();
     // Entry.
     {
         let a = &mut g.a;

@@ -186,7 +186,6 @@ fn run_loop(vcpu: &mut VcpuFd, ctl: &VcpuControl, env: &VcpuEnv<'_>) -> VcpuEnd 
                             (u128::from(ticks) * 1_000_000 / u128::from(env.tsc_khz.max(1))) as u64;
                         sleep_unless_stopped(ctl, env, ns.min(1_000_000_000));
                     }
-                    Some(Event::Idle) => sleep_unless_stopped(ctl, env, 10_000_000),
                     Some(Event::Done) => return VcpuEnd::Done,
                     None => {
                         return VcpuEnd::Failed(format!("vCPU {i}: unknown event {data:?}"));

@@ -86,8 +86,12 @@ pub fn host_tsc_khz() -> Result<u32, KvmError> {
 pub enum Tracking {
     /// Not at all.
     Off,
-    /// `KVM_GET_DIRTY_LOG`.
+    /// `KVM_GET_DIRTY_LOG`, which hands over and clears (re-protects) the log.
     Log,
+    /// `KVM_GET_DIRTY_LOG` with manual re-protection (`KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`,
+    /// initially set where offered): the get only reads the log, `KVM_CLEAR_DIRTY_LOG`
+    /// clears and re-protects the pages named.
+    LogManual,
     /// Dirty rings of this many bytes per vCPU.
     Ring(u32),
 }
@@ -188,6 +192,13 @@ impl Vm {
             c.args[0] = u64::from(bytes);
             kvm(|| "enabling the dirty ring".into(), fd.enable_cap(&c))?;
         }
+        if tracking == Tracking::LogManual {
+            // Before the slots: initially-set applies to slots created after it.
+            pagehint::vmm::kvm_log::enable_manual_protect(&fd, true).map_err(|e| KvmError {
+                what: "enabling manual dirty-log protection".into(),
+                errno: e.raw_os_error().unwrap_or(libc::ENOTSUP),
+            })?;
+        }
         let cpuid = kvm(
             || "KVM_GET_SUPPORTED_CPUID".into(),
             kvm_.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES),
@@ -263,7 +274,8 @@ impl Vm {
         Ok(v)
     }
 
-    /// `KVM_GET_DIRTY_LOG` of RAM block `block` (what the guest wrote since the last call).
+    /// `KVM_GET_DIRTY_LOG` of RAM block `block`: what the guest wrote since the last call
+    /// ([`Tracking::Log`]), or since each page was last cleared ([`Tracking::LogManual`]).
     pub fn dirty_log(&self, block: u32) -> Result<Vec<u64>, KvmError> {
         kvm(
             || format!("KVM_GET_DIRTY_LOG of slot {block}"),
