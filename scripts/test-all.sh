@@ -16,8 +16,10 @@
 #      QEMU 11.1 into .deps/qemu-11.1);
 #   3. examples/kvm_migration.rs on real KVM, with KVM's own and manual dirty-log clearing
 #      (release), then doc tests;
-#   4. loom models and their mutants      (`cargo loom`,    release, target/loom);
-#   5. shuttle models and their mutants   (`cargo shuttle`, release, target/shuttle);
+#   4. loom models and their mutants      (`cargo loom`,    release, target/loom; the dirty
+#      count's own: `cargo loom-count`, target/loom-count);
+#   5. shuttle models and their mutants   (`cargo shuttle`, release, target/shuttle; the dirty
+#      count's own: `cargo shuttle-count`, target/shuttle-count);
 #   6. Spin models and their mutants      (`proofs/check.sh`; needs `spin` and gcc);
 #   7. Miri over the crate's unit tests and one stress round (`scripts/sanitize.sh miri`).
 #
@@ -58,10 +60,12 @@ cargo run --release --example kvm_migration --features vm-memory,kvm
 cargo run --release --example kvm_migration --features vm-memory,kvm -- --dirty-log manual
 step "doc tests"
 cargo test --workspace --doc --all-features
-step "loom models (cargo loom)"
+step "loom models (cargo loom; the dirty count's own: cargo loom-count)"
 cargo loom
-step "shuttle models (cargo shuttle)"
+cargo loom-count
+step "shuttle models (cargo shuttle; the dirty count's own: cargo shuttle-count)"
 cargo shuttle
+cargo shuttle-count
 step "Spin models (proofs/check.sh)"
 proofs/check.sh
 step "Miri (scripts/sanitize.sh miri)"

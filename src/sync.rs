@@ -76,29 +76,43 @@ impl<T> Queue<T> {
 /// before the model's main thread exits).
 pub(crate) const MODEL_CHECKED: bool = cfg!(any(pagehint_loom, pagehint_shuttle));
 
+/// The dirty count's atomics (its per-thread slots and their registry, `bitmap/count.rs`).
+///
+/// The checkers see them only in the count's own models (`--cfg pagehint_model_counts`, which
+/// `cargo loom-count` and `cargo shuttle-count` add): the count decides nothing in the protocol
+/// (no guarantee I1–I8 reads it), and a load and a store per count, each a scheduling point,
+/// multiply the schedules every other model explores (shuttle's exhaustive protocol model:
+/// 67 s without them, not done after 25 minutes with them). Elsewhere under a checker they are
+/// plain `core` atomics, like [`StatCounter`]; in ordinary builds they are `core`'s anyway.
+#[cfg(not(all(any(pagehint_loom, pagehint_shuttle), not(pagehint_model_counts))))]
+pub(crate) use AtomicU64 as CountAtomic;
+/// The dirty count's atomics (see the other build's): out of the checker's view.
+#[cfg(all(any(pagehint_loom, pagehint_shuttle), not(pagehint_model_counts)))]
+pub(crate) use core::sync::atomic::AtomicU64 as CountAtomic;
+
 /// The dirty count's slot registry (`bitmap/count.rs`): bit `i` set while a thread owns slot
 /// `i`. One per process in ordinary builds; one per execution under a checker (its lazy
 /// static), so that every execution starts with every slot free.
 #[cfg(not(any(pagehint_loom, pagehint_shuttle)))]
-pub(crate) fn slot_registry() -> &'static AtomicU64 {
-    static REGISTRY: AtomicU64 = AtomicU64::new(0);
+pub(crate) fn slot_registry() -> &'static CountAtomic {
+    static REGISTRY: CountAtomic = CountAtomic::new(0);
     &REGISTRY
 }
 
 /// The dirty count's slot registry (see the ordinary build's), per loom execution.
 #[cfg(pagehint_loom)]
-pub(crate) fn slot_registry() -> &'static AtomicU64 {
+pub(crate) fn slot_registry() -> &'static CountAtomic {
     loom::lazy_static! {
-        static ref REGISTRY: AtomicU64 = AtomicU64::new(0);
+        static ref REGISTRY: CountAtomic = CountAtomic::new(0);
     }
     &REGISTRY
 }
 
 /// The dirty count's slot registry (see the ordinary build's), per shuttle execution.
 #[cfg(all(pagehint_shuttle, not(pagehint_loom)))]
-pub(crate) fn slot_registry() -> &'static AtomicU64 {
+pub(crate) fn slot_registry() -> &'static CountAtomic {
     shuttle::lazy_static! {
-        static ref REGISTRY: AtomicU64 = AtomicU64::new(0);
+        static ref REGISTRY: CountAtomic = CountAtomic::new(0);
     }
     &REGISTRY
 }

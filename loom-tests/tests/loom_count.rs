@@ -8,7 +8,10 @@
 //! claimers of one bit both count it), counting a mark from a load (two markers of one bit
 //! both count it), two threads adding to one owned slot with plain adds, and a relaxed
 //! hand-over of a slot.
-#![cfg(pagehint_loom)]
+//!
+//! Run with `cargo loom-count`: only with `--cfg pagehint_model_counts` does the checker see the
+//! count's atomics (`CountAtomic` in src/sync.rs); without it this file is empty.
+#![cfg(all(pagehint_loom, pagehint_model_counts))]
 
 use pagehint::DirtyBitmap;
 use pagehint_models::count::{

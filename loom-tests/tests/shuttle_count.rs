@@ -2,7 +2,10 @@
 //! schedules, 10,000 each; the mutants of `loom_count.rs` are caught here too (but the relaxed
 //! hand-over: shuttle's atomics are sequentially consistent, so orderings are loom's to
 //! check). See `pagehint_models::count`.
-#![cfg(pagehint_shuttle)]
+//!
+//! Run with `cargo shuttle-count`: only with `--cfg pagehint_model_counts` does the checker see the
+//! count's atomics (`CountAtomic` in src/sync.rs); without it this file is empty.
+#![cfg(all(pagehint_shuttle, pagehint_model_counts))]
 
 use pagehint::DirtyBitmap;
 use pagehint_models::count::{

@@ -58,7 +58,7 @@ use std::time::{Duration, Instant};
 use crossbeam_utils::CachePadded;
 
 use super::DirtyBitmap;
-use crate::sync::{self, AtomicU64, Ordering, StatCounter};
+use crate::sync::{self, AtomicU64, CountAtomic, Ordering, StatCounter};
 
 /// Owned slots: threads that count at once without sharing a line (more under a model
 /// checker would only add states; two are enough for its few threads to use both paths).
@@ -74,8 +74,8 @@ const NO_SLOT: u8 = u8::MAX;
 /// One slot's counts.
 #[derive(Debug, Default)]
 struct Counts {
-    dirtied: AtomicU64,
-    cleared: AtomicU64,
+    dirtied: CountAtomic,
+    cleared: CountAtomic,
 }
 
 /// A bitmap's dirty and cleared counts, in slots (module docs).
@@ -93,7 +93,7 @@ impl DirtyCounts {
 
     /// Adds `n` to the calling thread's slot of the count `which` picks.
     #[inline]
-    fn add(&self, n: u64, which: impl Fn(&Counts) -> &AtomicU64) {
+    fn add(&self, n: u64, which: impl Fn(&Counts) -> &CountAtomic) {
         let slot = thread_slot();
         let c = which(&self.slots[slot]);
         if slot < OWNED {
@@ -108,7 +108,7 @@ impl DirtyCounts {
 
     /// The sum of the count `which` picks over the slots.
     #[inline]
-    fn sum(&self, which: impl Fn(&Counts) -> &AtomicU64) -> u64 {
+    fn sum(&self, which: impl Fn(&Counts) -> &CountAtomic) -> u64 {
         self.slots
             .iter()
             // Relaxed: counts (module docs).
