@@ -7,6 +7,7 @@
 //! |---|---|---|
 //! | request latency p50/p99 | ≥ 10.1: the destination's `query-migrate` histogram (untraced run); < 10.1: its request trace, one write per request ([`super::trace`]) | destination: fault read → page placed |
 //! | blocktime | destination `postcopy-blocktime` (every vCPU blocked at once) | the same definition, measured at the destination |
+//! | vCPUs blocked | destination `postcopy-vcpu-blocktime`, one entry per vCPU, summed | each vCPU's blocked time (its faults' waits), summed |
 //! | total time (one span for both) | source `STOP` event (vCPUs stopped) → destination `MIGRATION` `completed` event | source stopped → last page placed |
 //! | requests | source `ram.postcopy-requests` | requests sent by the destination |
 //! | CPU per GiB | run time of the `mig/...` threads (migration, return path; fault, preempt, listen), per GiB sent | run time of the `ph/...` threads (background sender, return path; fault, urgent and background receivers), per GiB sent |
@@ -71,8 +72,12 @@ pub struct SideRow {
     /// For a traced QEMU ≥ 10.1 run, the trace's latency too (its own figures are in
     /// `latency`): the cross-check of the two.
     pub trace_latency: Option<Latency>,
-    /// Total vCPU blocktime, ms.
+    /// Total vCPU blocktime (every vCPU blocked at once), ms.
     pub blocktime_ms: f64,
+    /// Each vCPU's blocked time, ms (empty in a failed run, and in documents written before
+    /// `--vcpus`).
+    #[serde(default)]
+    pub vcpu_blocktime_ms: Vec<f64>,
     /// The span compared: switch-over → last page placed, ms (see the module docs).
     pub span_ms: Option<f64>,
     /// The peer's own total time, ms (QEMU: `total-time`, migrate → completed at the source;
@@ -153,6 +158,7 @@ impl SideRow {
             latency: None,
             trace_latency: None,
             blocktime_ms: 0.0,
+            vcpu_blocktime_ms: Vec::new(),
             span_ms: None,
             own_total_ms: 0.0,
             downtime_ms: 0.0,
@@ -202,6 +208,7 @@ impl SideRow {
             latency,
             trace_latency,
             blocktime_ms: q.blocktime_ms,
+            vcpu_blocktime_ms: q.vcpu_blocktime_ms.clone(),
             span_ms: q.span_ms,
             own_total_ms: q.total_ms,
             downtime_ms: q.downtime_ms,
@@ -240,6 +247,7 @@ impl SideRow {
                 mean_us: None,
             }),
             blocktime_ms: w.blocktime_ms,
+            vcpu_blocktime_ms: w.vcpu_blocktime_ms.clone(),
             span_ms: Some(t.total_ms - t.precopy_ms),
             own_total_ms: t.total_ms,
             downtime_ms: t.downtime_ms,
@@ -260,6 +268,11 @@ impl SideRow {
     pub fn is_qemu(&self) -> bool {
         self.peer.starts_with("QEMU")
     }
+
+    /// The vCPUs' blocked time added up, ms (None where no per-vCPU figure was recorded).
+    pub fn vcpus_blocked_ms(&self) -> Option<f64> {
+        (!self.vcpu_blocktime_ms.is_empty()).then(|| self.vcpu_blocktime_ms.iter().sum())
+    }
 }
 
 /// Fewer requests than this on either side make a latency or blocktime ratio meaningless
@@ -274,8 +287,10 @@ pub enum Figure {
     P50,
     /// Request latency, 99th percentile.
     P99,
-    /// vCPU blocktime.
+    /// vCPU blocktime: every vCPU blocked at once.
     Blocktime,
+    /// Each vCPU's blocked time, added up.
+    VcpusBlocked,
     /// Switch-over → last page placed.
     Total,
     /// Migration threads' CPU per GiB.
@@ -284,10 +299,11 @@ pub enum Figure {
 
 impl Figure {
     /// All of them, in table order.
-    pub const ALL: [Self; 5] = [
+    pub const ALL: [Self; 6] = [
         Self::P50,
         Self::P99,
         Self::Blocktime,
+        Self::VcpusBlocked,
         Self::Total,
         Self::CpuPerGib,
     ];
@@ -298,6 +314,7 @@ impl Figure {
             Self::P50 => "request p50",
             Self::P99 => "request p99",
             Self::Blocktime => "blocktime",
+            Self::VcpusBlocked => "vCPUs blocked",
             Self::Total => "total",
             Self::CpuPerGib => "CPU/GiB",
         }
@@ -305,7 +322,10 @@ impl Figure {
 
     /// Whether its ratio needs [`MIN_REQUESTS`] on both sides.
     pub fn needs_requests(self) -> bool {
-        matches!(self, Self::P50 | Self::P99 | Self::Blocktime)
+        matches!(
+            self,
+            Self::P50 | Self::P99 | Self::Blocktime | Self::VcpusBlocked
+        )
     }
 
     /// Its value in `r`, if measured (latency: µs; times: ms).
@@ -319,6 +339,7 @@ impl Figure {
             Self::P50 => lat.map(|l| l.p50_us),
             Self::P99 => lat.map(|l| l.p99_us),
             Self::Blocktime => Some(r.blocktime_ms),
+            Self::VcpusBlocked => r.vcpus_blocked_ms(),
             Self::Total => r.span_ms,
             Self::CpuPerGib => (r.cpu_ms > 0.0).then_some(r.cpu_ms_per_gib),
         }
@@ -328,7 +349,9 @@ impl Figure {
     pub fn fmt(self, v: f64) -> String {
         match self {
             Self::P50 | Self::P99 => crate::harness::export::fmt_us(v),
-            Self::Blocktime | Self::Total => crate::harness::export::fmt_ms(v),
+            Self::Blocktime | Self::VcpusBlocked | Self::Total => {
+                crate::harness::export::fmt_ms(v)
+            }
             Self::CpuPerGib => format!("{v:.0} ms"),
         }
     }
