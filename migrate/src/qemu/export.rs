@@ -159,22 +159,22 @@ pub fn medians(series: &[Series]) -> String {
 /// The attribution table, per link.
 pub fn attribution(splits: &[Split], anchor: &Anchor) -> String {
     let mut s = String::new();
-    let mut links: Vec<&str> = Vec::new();
+    let mut tables: Vec<(&str, &str)> = Vec::new();
     for x in splits {
-        if !links.contains(&x.link.as_str()) {
-            links.push(&x.link);
+        if !tables.contains(&(x.mode.as_str(), x.link.as_str())) {
+            tables.push((&x.mode, &x.link));
         }
     }
     let before = anchor.before.as_deref().unwrap_or("-");
-    for link in links {
+    for (mode, link) in tables {
         let _ = writeln!(
             s,
-            "link {link}: {} preempt / pagehint preempt-hint (above 1: pagehint lower); median (min-max) over the repeats",
+            "link {link}: {} preempt / pagehint {mode} (above 1: pagehint lower); median (min-max) over the repeats",
             anchor.qemu
         );
         let _ = writeln!(
             s,
-            "  {:<7} {:<12} {:>20} {:>20} {:>20} {:>20} {:>20} {:>20}",
+            "  {:<7} {:<13} {:>20} {:>20} {:>20} {:>20} {:>20} {:>20}",
             "work",
             "figure",
             "as shipped",
@@ -184,10 +184,10 @@ pub fn attribution(splits: &[Split], anchor: &Anchor) -> String {
             "transport:QEMU",
             format!("{before} shipped")
         );
-        for x in splits.iter().filter(|x| x.link == link) {
+        for x in splits.iter().filter(|x| x.link == link && x.mode == mode) {
             let _ = writeln!(
                 s,
-                "  {:<7} {:<12} {:>20} {:>20} {:>20} {:>20} {:>20} {:>20}",
+                "  {:<7} {:<13} {:>20} {:>20} {:>20} {:>20} {:>20} {:>20}",
                 x.workload,
                 x.figure.name(),
                 x.shipped.text(),

@@ -776,6 +776,29 @@ mod tests {
     }
 
     #[test]
+    fn every_vcpu_thread_is_placed_as_the_guest() {
+        for t in ["CPU 0/KVM", "CPU 1/KVM", "CPU 15/KVM"] {
+            assert_eq!(qemu_role(t), Some(Role::Guest), "{t}");
+        }
+        for t in ["CPU /KVM", "CPU x/KVM", "CPU 1/TCG", "mig/src/main"] {
+            assert_ne!(qemu_role(t), Some(Role::Guest), "{t}");
+        }
+    }
+
+    #[test]
+    fn blocktimes_need_one_entry_per_vcpu_and_are_never_made_up() {
+        let q = json!({"postcopy-blocktime": 549, "postcopy-vcpu-blocktime": [550, 548]});
+        assert_eq!(blocktimes(&q, 2).unwrap(), (549.0, vec![550.0, 548.0]));
+        // Another vCPU count, no list, no total: errors, not zeros.
+        assert!(blocktimes(&q, 1).is_err());
+        assert!(blocktimes(&q, 4).is_err());
+        assert!(blocktimes(&json!({"postcopy-blocktime": 549}), 1).is_err());
+        assert!(blocktimes(&json!({"postcopy-vcpu-blocktime": [5]}), 1).is_err());
+        let e = blocktimes(&json!({"postcopy-blocktime": 1, "postcopy-vcpu-blocktime": [1, "x"]}), 2);
+        assert!(e.is_err());
+    }
+
+    #[test]
     fn the_span_runs_from_the_source_stop_to_the_destination_completion() {
         // QEMU 11.1.3's events of one run (time stamps shortened).
         let ev = |event: &str, status: Option<&str>, s: u64, us: u64| {

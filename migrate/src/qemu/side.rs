@@ -592,6 +592,9 @@ pub struct Anchor {
 /// One line of the attribution table: a figure of a workload on a link, split.
 #[derive(Clone, Debug, Serialize)]
 pub struct Split {
+    /// pagehint's mode compared: `preempt-hint` (one slot, the seed's), or `preempt-hints`
+    /// (a slot per vCPU) where it ran.
+    pub mode: String,
     /// Link.
     pub link: String,
     /// Workload.
@@ -613,10 +616,23 @@ pub struct Split {
 }
 
 const HINT: &str = "preempt-hint";
+const HINTS: &str = "preempt-hints";
 const QPRE: &str = "preempt";
 
-/// The attribution table of preempt (QEMU with the hint) against preempt-hint (pagehint).
+/// The attribution table of preempt (QEMU with the hint) against preempt-hint (pagehint),
+/// and against preempt-hints where pagehint ran it.
 pub fn splits(rows: &[SideRow], anchor: &Anchor) -> Vec<Split> {
+    let mut out = Vec::new();
+    let hints_ran = rows.iter().any(|r| r.peer == "pagehint" && r.mode == HINTS);
+    let modes: &[&str] = if hints_ran { &[HINT, HINTS] } else { &[HINT] };
+    for &mode in modes {
+        out.extend(splits_of(rows, anchor, mode));
+    }
+    out
+}
+
+/// [`splits`] against pagehint's `mode`.
+fn splits_of(rows: &[SideRow], anchor: &Anchor, mode: &str) -> Vec<Split> {
     let mut out = Vec::new();
     for (link, w) in links_and_workloads(rows) {
         for f in Figure::ALL {
@@ -627,7 +643,7 @@ pub fn splits(rows: &[SideRow], anchor: &Anchor) -> Vec<Split> {
             };
             let p = |t| Side {
                 peer: "pagehint",
-                mode: HINT,
+                mode,
                 transport: t,
             };
             let r = |a, b| ratio(rows, &link, &w, f, a, b);
@@ -648,6 +664,7 @@ pub fn splits(rows: &[SideRow], anchor: &Anchor) -> Vec<Split> {
                     ),
                     None => Ratio::Missing,
                 },
+                mode: mode.into(),
                 link: link.clone(),
                 workload: w.clone(),
                 figure: f,
@@ -725,7 +742,7 @@ pub fn targets(rows: &[SideRow], anchor: &Anchor) -> Vec<Target> {
     let get = |link: &str, w: &str, f: Figure| {
         splits
             .iter()
-            .find(|s| s.link == link && s.workload == w && s.figure == f)
+            .find(|s| s.mode == HINT && s.link == link && s.workload == w && s.figure == f)
     };
     let mut links: Vec<String> = Vec::new();
     for r in rows {
@@ -788,6 +805,43 @@ pub fn targets(rows: &[SideRow], anchor: &Anchor) -> Vec<Target> {
                 r,
                 Goal::AtLeast(g),
             ));
+        }
+        // Several vCPUs (issue 21): a slot per vCPU against QEMU's one hint and pagehint's
+        // own one slot, on equal transport.
+        let vcpus = rows
+            .iter()
+            .filter(|r| &r.link == link)
+            .map(|r| r.vcpu_blocktime_ms.len())
+            .max()
+            .unwrap_or(0);
+        if vcpus > 1 {
+            for t in [Transport::Qemu, Transport::Pagehint] {
+                let side = |peer, mode| Side {
+                    peer,
+                    mode,
+                    transport: t,
+                };
+                let hints = side("pagehint", HINTS);
+                for (w, f, a, goal) in [
+                    ("seq", Figure::VcpusBlocked, side(q, QPRE), Goal::AtLeast(3.0)),
+                    ("stream", Figure::VcpusBlocked, side(q, QPRE), Goal::AtLeast(3.0)),
+                    ("seq", Figure::VcpusBlocked, side("pagehint", HINT), Goal::AtLeast(3.0)),
+                    ("stream", Figure::VcpusBlocked, side("pagehint", HINT), Goal::AtLeast(3.0)),
+                    ("random", Figure::P50, side("pagehint", HINT), Goal::AtLeast(1.0 / 1.1)),
+                ] {
+                    let r = ratio(rows, link, w, f, a, hints);
+                    out.push(check(
+                        format!(
+                            "{link} {w} {}, {vcpus} vCPUs: {} {} / pagehint {HINTS}, both on {t}'s transport",
+                            f.name(),
+                            a.peer,
+                            a.mode
+                        ),
+                        r,
+                        goal,
+                    ));
+                }
+            }
         }
         for t in [Transport::Qemu, Transport::Pagehint] {
             for (l2, w) in links_and_workloads(rows) {
@@ -1035,6 +1089,61 @@ mod tests {
             .unwrap();
         assert_eq!(c.verdict, Verdict::NotComparable);
         assert!(targets_text(&t).contains("n/c (7/900 req)"));
+    }
+
+    #[test]
+    fn vcpus_blocked_is_the_per_vcpu_sum_and_multi_vcpu_runs_get_their_targets() {
+        // Two vCPUs, seq, QEMU's transport: QEMU 300 + 300 ms, one slot 200 + 200 ms, a slot
+        // per vCPU 50 + 40 ms.
+        let mut rows = Vec::new();
+        for (peer, mode, per) in [
+            (Q, "preempt", [300.0, 300.0]),
+            ("pagehint", HINT, [200.0, 200.0]),
+            ("pagehint", HINTS, [50.0, 40.0]),
+        ] {
+            let mut r = row(0, peer, mode, Transport::Qemu, "seq", [100.0, 1e3, 10.0, 1.0]);
+            r.vcpu_blocktime_ms = per.to_vec();
+            rows.push(r);
+        }
+        assert_eq!(rows[2].vcpus_blocked_ms(), Some(90.0));
+        let s = splits(&rows, &anchor());
+        let of = |mode: &str| {
+            s.iter()
+                .find(|x| x.mode == mode && x.figure == Figure::VcpusBlocked)
+                .unwrap()
+                .sched_qemu_transport
+                .median()
+                .unwrap()
+        };
+        assert!((of(HINT) - 1.5).abs() < 1e-9);
+        assert!((of(HINTS) - 600.0 / 90.0).abs() < 1e-9);
+        let t = targets(&rows, &anchor());
+        let get = |w: &str| {
+            t.iter()
+                .find(|c| c.what.contains(w))
+                .unwrap_or_else(|| panic!("{w}: {t:?}"))
+        };
+        let vs_qemu = get("seq vCPUs blocked, 2 vCPUs: QEMU 11.1.3 preempt / pagehint preempt-hints, both on qemu's");
+        assert_eq!(vs_qemu.verdict, Verdict::Pass, "{vs_qemu:?}");
+        // 400 / 90 >= 3: pass; at 200 ms (400 / 200 = 2) it misses.
+        let vs_one = get("seq vCPUs blocked, 2 vCPUs: pagehint preempt-hint / pagehint preempt-hints, both on qemu's");
+        assert_eq!(vs_one.verdict, Verdict::Pass);
+        rows[2].vcpu_blocktime_ms = vec![100.0, 100.0];
+        let t = targets(&rows, &anchor());
+        let c = t
+            .iter()
+            .find(|c| c.what.contains("seq vCPUs blocked, 2 vCPUs: pagehint preempt-hint /"))
+            .unwrap();
+        assert_eq!(c.verdict, Verdict::Miss, "{c:?}");
+        // A failed row has no figure: not a 0.
+        let mut failed = rows[0].clone();
+        failed.vcpu_blocktime_ms.clear();
+        assert_eq!(Figure::VcpusBlocked.of(&failed), None);
+        // One vCPU: no multi-vCPU targets.
+        for r in &mut rows {
+            r.vcpu_blocktime_ms.truncate(1);
+        }
+        assert!(!targets(&rows, &anchor()).iter().any(|c| c.what.contains("vCPUs:")));
     }
 
     #[test]
