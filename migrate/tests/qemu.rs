@@ -343,7 +343,10 @@ fn check_two_vcpus(c: &Value, stdout: &str, what: &str) {
         // Every vCPU blocked at once is no longer than any one vCPU blocked (1 ms: QEMU's
         // figures are whole milliseconds, each rounded).
         let bt = r["blocktime_ms"].as_f64().unwrap();
-        assert!(bt <= sum + 1.0, "{name}: blocktime {bt} > vCPUs blocked {sum}");
+        assert!(
+            bt <= sum + 1.0,
+            "{name}: blocktime {bt} > vCPUs blocked {sum}"
+        );
         let lat = &r["latency"];
         measured(&lat["p50_us"], &format!("{name} p50"));
     }
@@ -355,7 +358,11 @@ fn check_two_vcpus(c: &Value, stdout: &str, what: &str) {
                 .find(|s| s["mode"] == mode && s["figure"] == figure)
                 .unwrap_or_else(|| panic!("{what}: no {figure} split against {mode}"));
             let m = &s["sched_qemu_transport"]["Measured"];
-            assert!(m.is_object(), "{what} {mode} {figure}: {}", s["sched_qemu_transport"]);
+            assert!(
+                m.is_object(),
+                "{what} {mode} {figure}: {}",
+                s["sched_qemu_transport"]
+            );
             measured(&m["median"], &format!("{what} {mode} {figure}"));
         }
     }
@@ -400,7 +407,10 @@ fn two_vcpus_migrate_on_qemu_11_and_pagehint_with_a_blocked_time_per_vcpu() {
     args.extend(TWO_VCPUS);
     let (c, stdout) = compare_qemu(&dir, &args);
     assert!(
-        c["setup"].as_str().unwrap().contains("2 vCPUs, 64 MiB, 4 KiB"),
+        c["setup"]
+            .as_str()
+            .unwrap()
+            .contains("2 vCPUs, 64 MiB, 4 KiB"),
         "{}",
         c["setup"]
     );

@@ -555,7 +555,8 @@ pub fn migrate(
     let t0 = Instant::now();
     std::thread::sleep(setup.settle);
     let before = pages(&mut s, "source")?;
-    let ops_before_per_s = before.ops().saturating_sub(first.ops()) as f64 / t0.elapsed().as_secs_f64();
+    let ops_before_per_s =
+        before.ops().saturating_sub(first.ops()) as f64 / t0.elapsed().as_secs_f64();
 
     // 3. Capabilities and the bandwidth cap.
     let mut caps = vec![
@@ -667,10 +668,8 @@ pub fn migrate(
     let _ = s.execute("query-status", json!({}))?;
     let ops_after_per_s = b.ops().saturating_sub(a.ops()) as f64 / ta.elapsed().as_secs_f64();
     let guest_errors = before.errors().max(b.errors());
-    let guest_alive = running["running"] == true
-        && b.all_running()
-        && b.all_grew_since(&a)
-        && b.errors() == 0;
+    let guest_alive =
+        running["running"] == true && b.all_running() && b.all_grew_since(&a) && b.errors() == 0;
     if !guest_alive {
         eprintln!(
             "QEMU {} {}: the guest is not alive at the destination: VM {}, over {:?}: before {}; after {}",
@@ -794,7 +793,10 @@ mod tests {
         assert!(blocktimes(&q, 4).is_err());
         assert!(blocktimes(&json!({"postcopy-blocktime": 549}), 1).is_err());
         assert!(blocktimes(&json!({"postcopy-vcpu-blocktime": [5]}), 1).is_err());
-        let e = blocktimes(&json!({"postcopy-blocktime": 1, "postcopy-vcpu-blocktime": [1, "x"]}), 2);
+        let e = blocktimes(
+            &json!({"postcopy-blocktime": 1, "postcopy-vcpu-blocktime": [1, "x"]}),
+            2,
+        );
         assert!(e.is_err());
     }
 

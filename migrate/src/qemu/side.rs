@@ -349,9 +349,7 @@ impl Figure {
     pub fn fmt(self, v: f64) -> String {
         match self {
             Self::P50 | Self::P99 => crate::harness::export::fmt_us(v),
-            Self::Blocktime | Self::VcpusBlocked | Self::Total => {
-                crate::harness::export::fmt_ms(v)
-            }
+            Self::Blocktime | Self::VcpusBlocked | Self::Total => crate::harness::export::fmt_ms(v),
             Self::CpuPerGib => format!("{v:.0} ms"),
         }
     }
@@ -823,11 +821,36 @@ pub fn targets(rows: &[SideRow], anchor: &Anchor) -> Vec<Target> {
                 };
                 let hints = side("pagehint", HINTS);
                 for (w, f, a, goal) in [
-                    ("seq", Figure::VcpusBlocked, side(q, QPRE), Goal::AtLeast(3.0)),
-                    ("stream", Figure::VcpusBlocked, side(q, QPRE), Goal::AtLeast(3.0)),
-                    ("seq", Figure::VcpusBlocked, side("pagehint", HINT), Goal::AtLeast(3.0)),
-                    ("stream", Figure::VcpusBlocked, side("pagehint", HINT), Goal::AtLeast(3.0)),
-                    ("random", Figure::P50, side("pagehint", HINT), Goal::AtLeast(1.0 / 1.1)),
+                    (
+                        "seq",
+                        Figure::VcpusBlocked,
+                        side(q, QPRE),
+                        Goal::AtLeast(3.0),
+                    ),
+                    (
+                        "stream",
+                        Figure::VcpusBlocked,
+                        side(q, QPRE),
+                        Goal::AtLeast(3.0),
+                    ),
+                    (
+                        "seq",
+                        Figure::VcpusBlocked,
+                        side("pagehint", HINT),
+                        Goal::AtLeast(3.0),
+                    ),
+                    (
+                        "stream",
+                        Figure::VcpusBlocked,
+                        side("pagehint", HINT),
+                        Goal::AtLeast(3.0),
+                    ),
+                    (
+                        "random",
+                        Figure::P50,
+                        side("pagehint", HINT),
+                        Goal::AtLeast(1.0 / 1.1),
+                    ),
                 ] {
                     let r = ratio(rows, link, w, f, a, hints);
                     out.push(check(
@@ -1101,7 +1124,14 @@ mod tests {
             ("pagehint", HINT, [200.0, 200.0]),
             ("pagehint", HINTS, [50.0, 40.0]),
         ] {
-            let mut r = row(0, peer, mode, Transport::Qemu, "seq", [100.0, 1e3, 10.0, 1.0]);
+            let mut r = row(
+                0,
+                peer,
+                mode,
+                Transport::Qemu,
+                "seq",
+                [100.0, 1e3, 10.0, 1.0],
+            );
             r.vcpu_blocktime_ms = per.to_vec();
             rows.push(r);
         }
@@ -1132,7 +1162,10 @@ mod tests {
         let t = targets(&rows, &anchor());
         let c = t
             .iter()
-            .find(|c| c.what.contains("seq vCPUs blocked, 2 vCPUs: pagehint preempt-hint /"))
+            .find(|c| {
+                c.what
+                    .contains("seq vCPUs blocked, 2 vCPUs: pagehint preempt-hint /")
+            })
             .unwrap();
         assert_eq!(c.verdict, Verdict::Miss, "{c:?}");
         // A failed row has no figure: not a 0.
@@ -1143,7 +1176,9 @@ mod tests {
         for r in &mut rows {
             r.vcpu_blocktime_ms.truncate(1);
         }
-        assert!(!targets(&rows, &anchor()).iter().any(|c| c.what.contains("vCPUs:")));
+        assert!(!targets(&rows, &anchor())
+            .iter()
+            .any(|c| c.what.contains("vCPUs:")));
     }
 
     #[test]
