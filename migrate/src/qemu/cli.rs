@@ -327,3 +327,44 @@ fn default_preload() -> Result<PathBuf, String> {
         .find(|p| p.exists())
         .unwrap_or_else(|| dir.join("libpagehint_pace_preload.so")))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Line {
+        #[command(flatten)]
+        c: CompareQemuCli,
+    }
+
+    fn options(args: &[&str]) -> Result<CompareOptions, String> {
+        let line =
+            Line::try_parse_from(std::iter::once("compare-qemu").chain(args.iter().copied()))
+                .map_err(|e| e.to_string())?;
+        CompareOptions::from_cli(line.c)
+    }
+
+    #[test]
+    fn vcpus_and_host_pages_are_checked_and_typed() {
+        let o = options(&["--mem", "64M"]).unwrap();
+        assert_eq!((o.vcpus, o.host_page), (1, HostPageSize::Small));
+        let o = options(&["--vcpus", "4", "--host-page", "2M", "--mem", "256M"]).unwrap();
+        assert_eq!((o.vcpus, o.host_page), (4, HostPageSize::Huge2M));
+        // pagehint's low-water mark in whole host pages, and QEMU's preload given the same.
+        assert_eq!(o.lowat_bytes % HostPageSize::Huge2M.bytes(), 0);
+        for (args, says) in [
+            (&["--vcpus", "0"][..], "--vcpus 0"),
+            (&["--vcpus", "17"][..], "--vcpus 17"),
+            (&["--host-page", "1G"][..], "--host-page"),
+            (
+                &["--vcpus", "2", "--host-page", "2M", "--mem", "32M"][..],
+                "too small",
+            ),
+        ] {
+            let e = options(args).expect_err(&format!("{args:?}"));
+            assert!(e.contains(says), "{args:?}: {e}");
+        }
+    }
+}
