@@ -785,6 +785,29 @@ mod tests {
     }
 
     #[test]
+    fn a_guest_is_alive_only_if_every_vcpu_runs_on() {
+        let page = |ops: u64, errors: u64| GuestCounters {
+            ops,
+            errors,
+            state: mb::RUNNING,
+            ..GuestCounters::default()
+        };
+        let before = StatusPages(vec![page(10, 0), page(20, 0)]);
+        assert!(StatusPages(vec![page(11, 0), page(21, 0)]).all_grew_since(&before));
+        // One vCPU stuck (its operations did not grow), though the sum grew: not alive.
+        let stuck = StatusPages(vec![page(50, 0), page(20, 0)]);
+        assert!(stuck.ops() > before.ops());
+        assert!(!stuck.all_grew_since(&before));
+        // Another count of vCPUs is not the same guest.
+        assert!(!StatusPages(vec![page(11, 0)]).all_grew_since(&before));
+        // A failed check or a stopped workload on any vCPU shows.
+        assert_eq!(StatusPages(vec![page(11, 0), page(21, 2)]).errors(), 2);
+        let mut done = page(21, 0);
+        done.state = mb::RUNNING + 1;
+        assert!(!StatusPages(vec![page(11, 0), done]).all_running());
+    }
+
+    #[test]
     fn blocktimes_need_one_entry_per_vcpu_and_are_never_made_up() {
         let q = json!({"postcopy-blocktime": 549, "postcopy-vcpu-blocktime": [550, 548]});
         assert_eq!(blocktimes(&q, 2).unwrap(), (549.0, vec![550.0, 548.0]));
