@@ -379,14 +379,27 @@ mod tests {
         }
         assert!(MigrationMode::from_code(9).is_none());
         let e = "fast".parse::<MigrationMode>().unwrap_err();
-        assert!(e.contains("vanilla, preempt, preempt-hint, preempt-hints"), "{e}");
+        assert!(
+            e.contains("vanilla, preempt, preempt-hint, preempt-hints"),
+            "{e}"
+        );
         let (b, c) = (ClaimBatch::DEFAULT, CursorPolicy::DEFAULT);
-        assert_eq!(MigrationMode::PreemptHint.scheduler(b, 4, c).unwrap().streams(), 1);
+        assert_eq!(
+            MigrationMode::PreemptHint
+                .scheduler(b, 4, c)
+                .unwrap()
+                .streams(),
+            1
+        );
         let hints = MigrationMode::PreemptHints.scheduler(b, 4, c).unwrap();
         assert_eq!(hints, SchedulerConfig::preempt_hints(4).unwrap());
         assert!(MigrationMode::PreemptHints.scheduler(b, 0, c).is_err());
         let short = CursorPolicy { run: 64, share: 4 };
-        match MigrationMode::PreemptHints.scheduler(b, 2, short).unwrap().hint {
+        match MigrationMode::PreemptHints
+            .scheduler(b, 2, short)
+            .unwrap()
+            .hint
+        {
             HintPolicy::PerStream(p) => assert_eq!((p.streams(), p.run(), p.share()), (2, 64, 4)),
             h => panic!("{h:?}"),
         }

@@ -64,11 +64,22 @@ fn boot(dir: &Path, vcpus: u32, smp: u32, w: Workload, pages: u32) -> Vec<GuestC
     let sock = dir.join(format!("qmp-{vcpus}-{smp}-{w}"));
     let _ = std::fs::remove_file(&sock);
     let _vm = Vm(Command::new(QEMU)
-        .args(["-machine", "pc", "-accel", "kvm", "-cpu", "host", "-m", "32M"])
+        .args([
+            "-machine", "pc", "-accel", "kvm", "-cpu", "host", "-m", "32M",
+        ])
         .args(["-smp", &smp.to_string()])
-        .args(["-nodefaults", "-no-user-config", "-nographic", "-display", "none"])
+        .args([
+            "-nodefaults",
+            "-no-user-config",
+            "-nographic",
+            "-display",
+            "none",
+        ])
         .arg("-drive")
-        .arg(format!("file={},format=raw,if=ide,snapshot=on", img.display()))
+        .arg(format!(
+            "file={},format=raw,if=ide,snapshot=on",
+            img.display()
+        ))
         .arg("-qmp")
         .arg(format!("unix:{},server=on,wait=off", sock.display()))
         .stdin(Stdio::null())
@@ -112,17 +123,24 @@ fn every_vcpu_of_the_boot_disk_runs_the_program_under_qemu() {
     // The three machines boot at once (the firmware is slow on a loaded machine); the third
     // has three processors for an image of two vCPUs.
     let [two, four, three] = std::thread::scope(|s| {
-        [(2, 2, Workload::Seq, 2), (4, 4, Workload::Mixed, 4), (2, 3, Workload::Seq, 3)]
-            .map(|(vcpus, smp, w, pages)| {
-                let dir = &dir;
-                s.spawn(move || boot(dir, vcpus, smp, w, pages))
-            })
-            .map(|h| h.join().unwrap())
+        [
+            (2, 2, Workload::Seq, 2),
+            (4, 4, Workload::Mixed, 4),
+            (2, 3, Workload::Seq, 3),
+        ]
+        .map(|(vcpus, smp, w, pages)| {
+            let dir = &dir;
+            s.spawn(move || boot(dir, vcpus, smp, w, pages))
+        })
+        .map(|h| h.join().unwrap())
     });
     for (vcpus, w, c) in [(2, Workload::Seq, two), (4, Workload::Mixed, four)] {
         for (i, c) in c.iter().enumerate() {
             assert_eq!(c.state, mb::RUNNING, "{w}, {vcpus} vCPUs: vCPU {i}: {c:?}");
-            assert!(c.ops > 100, "{w}, {vcpus} vCPUs: vCPU {i} ran no workload: {c:?}");
+            assert!(
+                c.ops > 100,
+                "{w}, {vcpus} vCPUs: vCPU {i} ran no workload: {c:?}"
+            );
             assert_eq!(c.errors, 0, "{w}, vCPU {i}: {:?}", c.first_error_text());
         }
         // Every vCPU that plays a stream plays frames; kv (and seq) vCPUs play none.

@@ -1,6 +1,6 @@
-//! Searching the bitmap, and the background scanner's step.
+//! Searching the bitmap, its snapshot by words, and the background scanner's step.
 //!
-//! Searches are relaxed snapshots (a stale answer costs one failed claim, never a lost
+//! Searches and snapshots are relaxed (a stale answer costs one failed claim, never a lost
 //! page); the scan step claims what it finds with the claims of the parent module.
 
 use super::{low_mask, BlockWords, Claim, DirtyBitmap, WORD_BITS, WORD_SHIFT};
@@ -27,6 +27,54 @@ impl DirtyBitmap {
     ) -> Result<Option<u64>, LocationError> {
         let b = self.block(block)?;
         Ok(self.next_host_candidate(b, from))
+    }
+
+    /// Copies the dirty words `from_word .. from_word + out.len()` of `block` into `out`
+    /// without clearing them (a relaxed snapshot, in the format of
+    /// [`get_and_clear`](Self::get_and_clear): bit `j` of `out[i]` is target page
+    /// `64 * (from_word + i) + j`), and returns the dirty pages among them. For a caller that
+    /// reads the whole dirty set word by word where nothing marks or claims (a stopped
+    /// guest's pending set at the switch-over) instead of page by page. The range must lie
+    /// inside the block's [`block_words`](Self::block_words); otherwise nothing is copied and
+    /// a typed error is returned.
+    ///
+    /// ```
+    /// # let layout = pagehint::RamLayout::single("m", 1 << 20, 4096)?; // 256 pages, 4 words
+    /// let bitmap = pagehint::DirtyBitmap::new(&layout)?;
+    /// bitmap.mark_range(0, 62, 4)?; // pages 62..66: words 0 and 1
+    /// let mut out = [0u64; 2];
+    /// assert_eq!(bitmap.dirty_words(0, 0, &mut out)?, 4);
+    /// assert_eq!(out, [0b11 << 62, 0b11]);
+    /// assert_eq!(bitmap.dirty_pages(), 4); // nothing cleared
+    /// assert!(bitmap.dirty_words(0, 3, &mut out).is_err()); // words 3..5 of 4
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn dirty_words(
+        &self,
+        block: u32,
+        from_word: usize,
+        out: &mut [u64],
+    ) -> Result<u64, LocationError> {
+        let b = self.block(block)?;
+        let words = match from_word.checked_add(out.len()) {
+            Some(end) if end <= b.words => {
+                &self.words.get()[b.word_base + from_word..b.word_base + end]
+            }
+            _ => {
+                return Err(LocationError::RangeOutOfBounds {
+                    block,
+                    first: (from_word as u64).saturating_mul(WORD_BITS),
+                    count: (out.len() as u64).saturating_mul(WORD_BITS),
+                })
+            }
+        };
+        let mut dirty = 0;
+        for (o, w) in out.iter_mut().zip(words) {
+            // Relaxed: a snapshot, like the searches above; exact when nothing marks or claims.
+            *o = w.load(Ordering::Relaxed);
+            dirty += u64::from(o.count_ones());
+        }
+        Ok(dirty)
     }
 
     /// Whether the host page holding `page` of `block` may hold a dirty page: one relaxed

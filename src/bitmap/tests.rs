@@ -174,6 +174,45 @@ fn out_of_range_is_an_error_not_a_panic() {
 }
 
 #[test]
+fn dirty_words_copy_every_block_as_is_dirty_sees_it_and_clear_nothing() {
+    let l = layout();
+    let bm = DirtyBitmap::new(&l).unwrap();
+    for (b, p) in [
+        (0, 0),
+        (0, 63),
+        (0, 64),
+        (0, 99),
+        (1, 5),
+        (1, 255),
+        (2, 513),
+        (2, 1023),
+    ] {
+        bm.mark_dirty(PageLocation::new(b, p)).unwrap();
+    }
+    for b in 0..3u32 {
+        let mut out = vec![0u64; bm.block_words(b).unwrap()];
+        let n = bm.dirty_words(b, 0, &mut out).unwrap();
+        assert_eq!(n, bm.block_dirty_pages(b).unwrap());
+        for p in 0..l.blocks()[b as usize].pages() {
+            let bit = out[(p / 64) as usize] >> (p % 64) & 1 == 1;
+            assert_eq!(
+                bit,
+                bm.is_dirty(PageLocation::new(b, p)).unwrap(),
+                "{b}/{p}"
+            );
+        }
+    }
+    assert_eq!(bm.dirty_pages(), 8);
+    let words = bm.block_words(1).unwrap();
+    let mut tail = [0u64; 1];
+    assert_eq!(bm.dirty_words(1, words - 1, &mut tail).unwrap(), 1);
+    assert_eq!(tail, [1 << 63]);
+    assert!(bm.dirty_words(1, words, &mut tail).is_err());
+    assert!(bm.dirty_words(3, 0, &mut tail).is_err());
+    assert!(bm.dirty_words(0, usize::MAX, &mut tail).is_err());
+}
+
+#[test]
 fn find_next_crosses_groups() {
     let l = RamLayout::single("m", 64 * 4096 * 40, 4096).unwrap();
     let bm = DirtyBitmap::new(&l).unwrap();

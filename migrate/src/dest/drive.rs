@@ -7,12 +7,13 @@ use std::time::Duration;
 
 use super::recovery::Receivers;
 use super::thread_guest::{self, FaultLog, ThreadGuest, WorkloadReport};
-use super::{Dest, GuestOutcome, RunError, Times};
+use super::{Applied, Dest, GuestOutcome, RunError, Times};
 use crate::guest::kvm::vcpu::VcpuEnd;
 use crate::guest::kvm::Machine;
 use crate::guest::Workload;
 use crate::sys::clock::{now_ns, tight_timer_slack};
 use crate::sys::pin::Role;
+use crate::sys::vmstat::Vmstat;
 use crate::wire::{Channel, RpKind, SwitchOver, WireError};
 
 /// The guest as it runs at the destination.
@@ -63,11 +64,13 @@ impl<'s> Dest<'s> {
             c.doing(format!("precopy ({workload})"));
         }
         let switch = self.await_switch(receivers)?;
-        times.switch_applied = now_ns();
+        (times.switch_due, times.switch_applied) = (switch.start_ns, switch.end_ns);
+        let switch = switch.switch;
         if let Some(c) = self.control {
             c.doing(format!("postcopy ({workload})"));
         }
         let guest = self.resume_guest(s, &switch, workload, times)?;
+        times.vmstat[0] = Vmstat::read().ok();
         if let Err(e) = self.inject_bad(self.cfg.hooks.inject_bad) {
             self.fail(e.into());
         }
@@ -75,19 +78,25 @@ impl<'s> Dest<'s> {
         self.collect(guest, ops_at_complete)
     }
 
-    /// Precopy: waits for the switch-over to be applied, as long as frames keep coming.
-    fn await_switch(&self, receivers: &Receivers<'_>) -> Result<SwitchOver, RunError> {
+    /// Precopy: waits for the switch-over to be applied, as long as frames keep coming. The
+    /// receiver that applies it wakes this thread at once (the wait is part of the downtime).
+    fn await_switch(&self, receivers: &Receivers<'_>) -> Result<Applied, RunError> {
         let idle = self.cfg.idle_timeout;
         let mut last = (0, now_ns());
         loop {
             // The switch first: once applied, a failure is one of postcopy, and says so.
-            if let Some(sw) = self
-                .switch
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .as_ref()
             {
-                return Ok(sw.clone());
+                let sw = self.switch.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(sw) = sw.as_ref() {
+                    return Ok(sw.clone());
+                }
+                let (sw, _) = self
+                    .switch_ready
+                    .wait_timeout(sw, Duration::from_micros(500))
+                    .unwrap_or_else(|p| p.into_inner());
+                if let Some(sw) = sw.as_ref() {
+                    return Ok(sw.clone());
+                }
             }
             if self.stopped() {
                 return Err(RunError::Wire(WireError::Stopped));
@@ -106,7 +115,6 @@ impl<'s> Dest<'s> {
                     idle,
                 )));
             }
-            std::thread::sleep(Duration::from_micros(100));
         }
     }
 
@@ -253,6 +261,7 @@ impl<'s> Dest<'s> {
     /// long the guest runs afterwards. False if `DONE` could not be sent.
     fn completed(&self, times: &mut Times, ops_at_complete: &mut Option<u64>) -> bool {
         times.complete = self.mem.last_placed_ns().max(times.resume);
+        times.vmstat[1] = Vmstat::read().ok();
         if let Some(m) = self.machine {
             *ops_at_complete = Some(m.counters().iter().map(|c| c.ops).sum::<u64>());
             m.finish_all();

@@ -41,7 +41,7 @@ use crate::guest::layout::{GuestLayout, HostPageSize, TARGET_PAGE};
 use crate::options::FaultPath;
 use crate::sys::clock::now_ns;
 use crate::sys::uffd::{PlaceError, Userfault};
-use crate::wire::SwitchOver;
+use crate::wire::{Segment, SwitchOver};
 
 const NOBODY: u64 = u64::MAX;
 
@@ -60,6 +60,83 @@ impl Bits {
     fn set(&self, i: u64, o: Ordering) -> bool {
         self.0[(i / 64) as usize].fetch_or(1 << (i % 64), o) & (1 << (i % 64)) == 0
     }
+    /// Bits `first .. first + 64` as one word, bit 0 being bit `first` (bits past the end
+    /// read 0).
+    fn load64(&self, first: u64, o: Ordering) -> u64 {
+        let (w, s) = ((first / 64) as usize, first % 64);
+        let lo = self.0.get(w).map_or(0, |x| x.load(o)) >> s;
+        if s == 0 {
+            return lo;
+        }
+        lo | self.0.get(w + 1).map_or(0, |x| x.load(o)) << (64 - s)
+    }
+    /// Sets the bits of `bits` at `first ..`, bit 0 being bit `first` (bits past the end are
+    /// not set).
+    fn or64(&self, first: u64, bits: u64, o: Ordering) {
+        let (w, s) = ((first / 64) as usize, first % 64);
+        if let Some(x) = self.0.get(w).filter(|_| bits << s != 0) {
+            x.fetch_or(bits << s, o);
+        }
+        if s != 0 && bits >> (64 - s) != 0 {
+            if let Some(x) = self.0.get(w + 1) {
+                x.fetch_or(bits >> (64 - s), o);
+            }
+        }
+    }
+}
+
+/// Of the 64 host pages of `per` target pages each from host page `first` (those in
+/// `valid`), given the target pages `seen`: a bit set in the first word when any of its
+/// target pages is seen, in the second when every one is. A word (or, for host pages wider
+/// than a word, a word per 64 target pages) at a time.
+fn coverage(seen: &Bits, per: u64, first: u64, valid: u64) -> (u64, u64) {
+    // Relaxed (all): precopy is over; its one thread is the caller.
+    if per == 1 {
+        let s = seen.load64(first, Ordering::Relaxed) & valid;
+        return (s, s);
+    }
+    let (mut any, mut all) = (0u64, 0u64);
+    for i in 0..64 - u64::from(valid.leading_zeros()) {
+        let (mut some, mut every) = (false, true);
+        let end = (first + i + 1) * per;
+        let mut p = (first + i) * per;
+        while p < end {
+            let n = per.min(64);
+            let bits = seen.load64(p, Ordering::Relaxed) & low_bits(n);
+            some |= bits != 0;
+            every &= bits == low_bits(n);
+            p += n;
+        }
+        any |= u64::from(some) << i;
+        all |= u64::from(every) << i;
+    }
+    (any & valid, all & valid)
+}
+
+/// A mask of the low `n` bits (all 64 for `n` ≥ 64).
+fn low_bits(n: u64) -> u64 {
+    if n >= 64 {
+        !0
+    } else {
+        (1 << n) - 1
+    }
+}
+
+/// The runs of set bits of `w` as `(first bit, bits)`, in order.
+fn bit_runs(mut w: u64) -> impl Iterator<Item = (u64, u64)> {
+    let mut base = 0u64;
+    std::iter::from_fn(move || {
+        if w == 0 {
+            return None;
+        }
+        let skip = w.trailing_zeros();
+        w >>= skip;
+        let len = w.trailing_ones();
+        let run = (base + u64::from(skip), u64::from(len));
+        w = w.checked_shr(len).unwrap_or(0);
+        base += u64::from(skip + len);
+        Some(run)
+    })
 }
 
 /// How a postcopy frame reached the destination (for the per-fault timing).
@@ -125,6 +202,8 @@ pub struct DestMemory {
     requested: Bits,
     /// Target pages received in precopy.
     precopy_seen: Bits,
+    /// Target pages copied in precopy (each copy counts).
+    precopy_pages: AtomicU64,
     /// Per host page: when it was first requested (0: never).
     request_ns: Box<[AtomicU64]>,
     /// Per host page: when it was placed in postcopy (0: not in postcopy).
@@ -214,6 +293,7 @@ impl DestMemory {
             present: Bits::new(host_pages),
             requested: Bits::new(host_pages),
             precopy_seen: Bits::new(layout.pages()),
+            precopy_pages: AtomicU64::new(0),
             request_ns: stamps(host_pages),
             placed_ns: stamps(host_pages),
             placed_conn: (0..host_pages).map(|_| AtomicU16::new(0)).collect(),
@@ -416,6 +496,9 @@ impl DestMemory {
             return Err(MemoryError::BadRange("payload length".into()));
         }
         let first = at / TARGET_PAGE;
+        // Relaxed: read by the switch-over, applied by this same thread.
+        self.precopy_pages
+            .fetch_add(len / TARGET_PAGE, Ordering::Relaxed);
         for (i, p) in (first..first + len / TARGET_PAGE).enumerate() {
             let dst = (self.base as u64 + p * TARGET_PAGE) as *mut u8;
             // Relaxed: precopy is one thread (the main channel's receiver).
@@ -441,70 +524,72 @@ impl DestMemory {
     /// Applies the switch-over: discards the pending host pages that hold precopy data,
     /// checks that every other host page arrived whole in precopy, and registers the
     /// memory with userfaultfd. Returns the pending host pages.
+    ///
+    /// Word by word: 64 host pages at a time are compared with what precopy brought, marked
+    /// present, and their discards gathered into runs (one `madvise` per run), so that the
+    /// downtime grows by microseconds per GiB, not by a step per page.
     pub fn switch(&self, sw: &SwitchOver) -> Result<u64, MemoryError> {
         let blocks = self.layout.ram().blocks();
         if sw.pending.len() != blocks.len()
             || sw
-                .host_pages
+                .pending
                 .iter()
                 .zip(blocks)
-                .any(|(&hp, b)| hp != b.host_pages())
+                .any(|(p, b)| p.host_pages() != b.host_pages())
         {
             return Err(MemoryError::Switch(
                 "the pending-page bitmaps do not fit this layout".into(),
             ));
         }
-        let per = self.host_page_size() / TARGET_PAGE;
+        // Relaxed: precopy is over; its one thread was the one applying this.
+        let nothing_seen = self.precopy_pages.load(Ordering::Relaxed) == 0;
         let mut pending = 0;
         let mut discard: Vec<(u64, u64)> = Vec::new(); // runs of host pages
-        let mut hp = 0u64;
-        for (b, words) in sw.pending.iter().enumerate() {
-            for i in 0..sw.host_pages[b] {
-                let missing = words[(i / 64) as usize] & (1 << (i % 64)) != 0;
-                let pages = hp * per..(hp + 1) * per;
-                // Relaxed: precopy is over; its one thread is this one.
-                let any_seen = pages
-                    .clone()
-                    .any(|p| self.precopy_seen.get(p, Ordering::Relaxed));
-                if missing {
-                    pending += 1;
-                    if any_seen {
-                        match discard.last_mut() {
-                            Some((f, n)) if *f + *n == hp => *n += 1,
-                            _ => discard.push((hp, 1)),
+        let mut hp0 = 0u64; // the block's first global host page
+        for set in &sw.pending {
+            let n = set.host_pages();
+            let mut w = 0u64; // the block's word
+            for seg in set.segments() {
+                match seg {
+                    // Nothing came in precopy: a run of pending words is all to receive and
+                    // nothing to discard (a run of ones never covers a block's partial last
+                    // word: bits past its end are refused), one step for the run.
+                    Segment::Fill(word, count) if nothing_seen && word != 0 => {
+                        pending += 64 * count;
+                        w += count;
+                    }
+                    Segment::Fill(word, count) => {
+                        for _ in 0..count {
+                            self.switch_word(hp0, n, w, word, &mut pending, &mut discard)?;
+                            w += 1;
                         }
                     }
-                } else {
-                    if !pages
-                        .clone()
-                        .all(|p| self.precopy_seen.get(p, Ordering::Relaxed))
-                    {
-                        return Err(MemoryError::Switch(format!(
-                            "host page {hp} is neither pending nor whole from precopy: a page would be lost"
-                        )));
+                    Segment::Literal(words) => {
+                        for &word in words {
+                            self.switch_word(hp0, n, w, word, &mut pending, &mut discard)?;
+                            w += 1;
+                        }
                     }
-                    self.mark_present(hp);
                 }
-                hp += 1;
             }
+            hp0 += n;
         }
-        for (first, n) in discard {
-            let addr = self.base + (first << self.host_shift) as usize;
-            // SAFETY: whole host pages inside our private mapping; nothing runs on it yet.
-            let r = unsafe {
-                libc::madvise(
-                    addr as *mut libc::c_void,
+        let ranges: Vec<(usize, usize)> = discard
+            .iter()
+            .map(|&(first, n)| {
+                (
+                    self.base + (first << self.host_shift) as usize,
                     (n << self.host_shift) as usize,
-                    libc::MADV_DONTNEED,
                 )
-            };
-            if r != 0 {
-                return Err(MemoryError::Switch(format!(
-                    "discarding host pages {first}..{}: {}",
-                    first + n,
-                    io::Error::last_os_error()
-                )));
-            }
+            })
+            .collect();
+        // SAFETY: whole host pages inside our private mapping; nothing runs on it yet, and
+        // nothing holds a reference into it.
+        if let Err(e) = unsafe { crate::sys::discard::discard(&ranges) } {
+            return Err(MemoryError::Switch(format!(
+                "discarding {} runs of host pages: {e}",
+                ranges.len()
+            )));
         }
         // Relaxed: published to the other threads by the Release store of `postcopy`.
         self.pending.store(pending, Ordering::Relaxed);
@@ -518,6 +603,53 @@ impl DestMemory {
         // Release: the pending count and present bits before any postcopy placement.
         self.postcopy.store(true, Ordering::Release);
         Ok(pending)
+    }
+
+    /// Applies word `w` of the pending set of the block of `n` host pages from global host
+    /// page `hp0`: `missing` has a bit per pending host page. Counts them in `pending`, adds
+    /// those that hold precopy data to `discard` (runs of host pages), marks the others
+    /// present, and refuses a host page neither pending nor whole from precopy.
+    fn switch_word(
+        &self,
+        hp0: u64,
+        n: u64,
+        w: u64,
+        missing: u64,
+        pending: &mut u64,
+        discard: &mut Vec<(u64, u64)>,
+    ) -> Result<(), MemoryError> {
+        let first = hp0 + w * 64;
+        let valid = low_bits(n - w * 64);
+        let missing = missing & valid;
+        // Host pages of which precopy brought any / every target page.
+        let (any, all) = self.precopy_coverage(first, valid);
+        let lost = !missing & valid & !all;
+        if lost != 0 {
+            return Err(MemoryError::Switch(format!(
+                "host page {} is neither pending nor whole from precopy: a page would be lost",
+                first + u64::from(lost.trailing_zeros())
+            )));
+        }
+        *pending += u64::from(missing.count_ones());
+        for (f, len) in bit_runs(missing & any) {
+            match discard.last_mut() {
+                Some((start, run)) if *start + *run == first + f => *run += len,
+                _ => discard.push((first + f, len)),
+            }
+        }
+        // Relaxed: published to the other threads by the Release store of `postcopy`.
+        self.present
+            .or64(first, !missing & valid, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn precopy_coverage(&self, first: u64, valid: u64) -> (u64, u64) {
+        coverage(
+            &self.precopy_seen,
+            self.host_page_size() / TARGET_PAGE,
+            first,
+            valid,
+        )
     }
 
     /// Postcopy: places `[offset, offset + len)` of `block`: `data` (exactly `len` bytes)
@@ -769,5 +901,209 @@ impl DestMemory {
     /// The whole mapping as bytes (after the run, for verification).
     pub fn all_bytes(&self) -> &[u8] {
         &self.map[..]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::PendingSet;
+
+    /// A generator of reproducible patterns.
+    fn rng(seed: u64) -> impl FnMut() -> u64 {
+        let mut x = seed | 1;
+        move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        }
+    }
+
+    /// The switch-over of a layout whose second block starts off a word boundary, for
+    /// patterns of pages brought by precopy and pages pending: what it marks present,
+    /// discards and counts is what the page-by-page rule says.
+    #[test]
+    fn the_switch_word_by_word_does_what_the_page_by_page_rule_says() {
+        let layout = GuestLayout::new((16 << 20) + 3 * 4096, HostPageSize::Small, 1).unwrap();
+        assert_ne!(layout.low_pages() % 64, 0, "block 1 starts inside a word");
+        let pages = layout.pages();
+        for seed in 1..6 {
+            let mut r = rng(seed);
+            let mem = DestMemory::new(&layout, FaultPath::Software, false).unwrap();
+            let page = vec![0xabu8; TARGET_PAGE as usize];
+            let mut seen = vec![false; pages as usize];
+            for p in 0..pages {
+                // Runs and holes of every length, and whole words of either.
+                if (r() % 8 < 5) ^ (p / 200 % 3 == 0) {
+                    let loc = layout.location(p);
+                    mem.precopy_place(loc.block, loc.page * TARGET_PAGE, TARGET_PAGE, Some(&page))
+                        .unwrap();
+                    seen[p as usize] = true;
+                }
+            }
+            // Pending: every page precopy did not bring, and some that it did.
+            let pending_of =
+                |p: u64, r: &mut dyn FnMut() -> u64| !seen[p as usize] || r().is_multiple_of(4);
+            let mut is_pending = vec![false; pages as usize];
+            let mut sw_pending = Vec::new();
+            for (b, block) in layout.ram().blocks().iter().enumerate() {
+                let first = layout.block_first_page(b as u32);
+                let mut words = vec![0u64; block.host_pages().div_ceil(64) as usize];
+                for i in 0..block.host_pages() {
+                    if pending_of(first + i, &mut r) {
+                        words[(i / 64) as usize] |= 1 << (i % 64);
+                        is_pending[(first + i) as usize] = true;
+                    }
+                }
+                sw_pending.push(PendingSet::from_words(block.host_pages(), &words).unwrap());
+            }
+            let sw = switch_over(sw_pending);
+            let n = mem.switch(&sw).unwrap();
+            assert_eq!(n, is_pending.iter().filter(|&&x| x).count() as u64);
+            assert_eq!(n, sw.pending_host_pages());
+            let ram = mem.all_bytes();
+            for p in 0..pages {
+                let (pend, s) = (is_pending[p as usize], seen[p as usize]);
+                assert_eq!(mem.is_present(p), !pend, "seed {seed} page {p}");
+                let byte = ram[(p * TARGET_PAGE) as usize];
+                // Discarded pages read zero; kept ones hold what precopy brought.
+                let want = if s && !pend { 0xab } else { 0 };
+                assert_eq!(
+                    byte, want,
+                    "seed {seed} page {p} (pending {pend}, seen {s})"
+                );
+            }
+        }
+    }
+
+    /// Pure postcopy: nothing came in precopy, every page is pending (a run per block), and
+    /// a set that leaves a page out is refused.
+    #[test]
+    fn the_switch_of_pure_postcopy_takes_a_step_per_run() {
+        let layout = GuestLayout::new((16 << 20) + 3 * 4096, HostPageSize::Small, 1).unwrap();
+        let whole = |skip: Option<u64>| -> Vec<PendingSet> {
+            let mut hp0 = 0;
+            layout
+                .ram()
+                .blocks()
+                .iter()
+                .map(|b| {
+                    let n = b.host_pages();
+                    let mut w = vec![!0u64; n.div_ceil(64) as usize];
+                    if n % 64 != 0 {
+                        *w.last_mut().unwrap() = low_bits(n % 64);
+                    }
+                    if let Some(p) = skip.filter(|p| (hp0..hp0 + n).contains(p)) {
+                        w[((p - hp0) / 64) as usize] &= !(1 << ((p - hp0) % 64));
+                    }
+                    hp0 += n;
+                    PendingSet::from_words(n, &w).unwrap()
+                })
+                .collect()
+        };
+        let mem = DestMemory::new(&layout, FaultPath::Software, false).unwrap();
+        assert_eq!(
+            mem.switch(&switch_over(whole(None))).unwrap(),
+            layout.pages()
+        );
+        assert!((0..layout.pages()).all(|p| !mem.is_present(p)));
+        let mem = DestMemory::new(&layout, FaultPath::Software, false).unwrap();
+        let e = mem
+            .switch(&switch_over(whole(Some(3000))))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("host page 3000 is neither"), "{e}");
+    }
+
+    #[test]
+    fn a_page_neither_pending_nor_whole_from_precopy_is_refused_by_number() {
+        let layout = GuestLayout::new(16 << 20, HostPageSize::Small, 1).unwrap();
+        let mem = DestMemory::new(&layout, FaultPath::Software, false).unwrap();
+        // Everything pending but host page 1234 of block 0, which precopy never brought.
+        let mut words: Vec<Vec<u64>> = layout
+            .ram()
+            .blocks()
+            .iter()
+            .map(|b| {
+                let mut w = vec![!0u64; b.host_pages().div_ceil(64) as usize];
+                if b.host_pages() % 64 != 0 {
+                    *w.last_mut().unwrap() = low_bits(b.host_pages() % 64);
+                }
+                w
+            })
+            .collect();
+        words[0][1234 / 64] &= !(1 << (1234 % 64));
+        let sets: Vec<PendingSet> = layout
+            .ram()
+            .blocks()
+            .iter()
+            .zip(&words)
+            .map(|(b, w)| PendingSet::from_words(b.host_pages(), w).unwrap())
+            .collect();
+        let e = mem.switch(&switch_over(sets)).unwrap_err().to_string();
+        assert!(
+            e.contains("host page 1234 is neither pending nor whole"),
+            "{e}"
+        );
+        // And sets of another layout are refused, not read past their end.
+        let other = vec![PendingSet::from_words(64, &[!0]).unwrap(); 2];
+        let e = mem.switch(&switch_over(other)).unwrap_err().to_string();
+        assert!(e.contains("do not fit this layout"), "{e}");
+    }
+
+    #[test]
+    fn coverage_of_wide_host_pages_needs_every_target_page_for_whole() {
+        let seen = Bits::new(4 * 512);
+        // Host page 0: every target page; 1: one; 2: all but the last; 3: none.
+        for p in 0..512 {
+            seen.set(p, Ordering::Relaxed);
+        }
+        seen.set(512 + 300, Ordering::Relaxed);
+        for p in 1024..1535 {
+            seen.set(p, Ordering::Relaxed);
+        }
+        assert_eq!(coverage(&seen, 512, 0, 0b1111), (0b0111, 0b0001));
+        assert_eq!(coverage(&seen, 512, 1, 0b11), (0b11, 0b00));
+    }
+
+    #[test]
+    fn bits_read_and_set_across_words_and_runs_split_at_holes() {
+        let b = Bits::new(200);
+        b.or64(60, 0b1011, Ordering::Relaxed);
+        assert_eq!(b.load64(60, Ordering::Relaxed), 0b1011);
+        assert!(b.get(60, Ordering::Relaxed) && b.get(63, Ordering::Relaxed));
+        assert!(!b.get(62, Ordering::Relaxed));
+        // 200 bits are 4 words: bits past the last word are dropped, not a panic.
+        b.or64(250, !0, Ordering::Relaxed);
+        assert_eq!(b.load64(250, Ordering::Relaxed), 0b11_1111);
+        assert_eq!(b.load64(256, Ordering::Relaxed), 0);
+        assert_eq!(
+            bit_runs(0b1110_0110).collect::<Vec<_>>(),
+            vec![(1, 2), (5, 3)]
+        );
+        assert_eq!(bit_runs(!0).collect::<Vec<_>>(), vec![(0, 64)]);
+        assert_eq!(bit_runs(1 << 63).collect::<Vec<_>>(), vec![(63, 1)]);
+        assert_eq!(bit_runs(0).count(), 0);
+    }
+
+    fn switch_over(pending: Vec<PendingSet>) -> SwitchOver {
+        SwitchOver {
+            stop_ns: 0,
+            stopped_ns: 0,
+            synced_ns: 0,
+            built_ns: 0,
+            rounds: 0,
+            precopy_pages: 0,
+            precopy_bytes: 0,
+            source_run_ns: 0,
+            vcpus: Vec::new(),
+            pending,
+            guest: [0; 10],
+            dirty_per_round: Vec::new(),
+            sync_ns: Vec::new(),
+            drain_ns: Vec::new(),
+            kvm: crate::wire::switch::PrecopyKvm::default(),
+        }
     }
 }

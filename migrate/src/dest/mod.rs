@@ -35,7 +35,7 @@ pub mod thread_guest;
 use std::fmt;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use pagehint::UrgentRequest;
@@ -154,7 +154,9 @@ pub(crate) struct Dest<'a> {
     failure: Mutex<Option<RunError>>,
     requests_sent: AtomicU64,
     summary: Mutex<Option<Summary>>,
-    switch: Mutex<Option<SwitchOver>>,
+    /// The switch-over, once applied (the receiver signals `switch_ready`).
+    switch: Mutex<Option<Applied>>,
+    switch_ready: Condvar,
     /// Frames received (precopy + postcopy), for the idle check before the switch.
     frames: AtomicU64,
     /// The operator's control socket, if any.
@@ -340,17 +342,31 @@ pub enum GuestOutcome {
     },
 }
 
+/// The switch-over as the background receiver applied it.
+#[derive(Clone, Debug)]
+struct Applied {
+    switch: SwitchOver,
+    /// When applying it began (its frame due) and ended (destination clock).
+    start_ns: u64,
+    end_ns: u64,
+}
+
 /// Timestamps of one run (destination clock, ns).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Times {
     /// `START` sent.
     pub start: u64,
-    /// The switch-over applied (discard, registration).
+    /// The switch-over frame due (its arrival time on the link): applying it began.
+    pub switch_due: u64,
+    /// The switch-over applied (decode, discard, registration).
     pub switch_applied: u64,
     /// The guest resumed.
     pub resume: u64,
     /// Every missing page placed.
     pub complete: u64,
+    /// The kernel's memory counters when the guest resumed and when every page was in
+    /// (machine-wide; none where `/proc/vmstat` cannot be read).
+    pub vmstat: [Option<crate::sys::vmstat::Vmstat>; 2],
 }
 
 /// What a finished run left, for verification and measurement (the harness's `verify` and
@@ -525,6 +541,7 @@ impl<'a> Dest<'a> {
             requests_sent: AtomicU64::new(0),
             summary: Mutex::new(None),
             switch: Mutex::new(None),
+            switch_ready: Condvar::new(),
             frames: AtomicU64::new(0),
             control: None,
         }
@@ -591,7 +608,7 @@ impl<'a> Dest<'a> {
         let outcome = outcome?;
         let lost = || RunError::Wire(WireError::Closed(Channel::Background));
         let summary = take(&self.summary).ok_or_else(lost)?;
-        let switch = take(&self.switch).ok_or_else(lost)?;
+        let switch = take(&self.switch).ok_or_else(lost)?.switch;
         Ok(Left {
             summary,
             switch,

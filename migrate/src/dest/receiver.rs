@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use super::memory::Via;
-use super::{Dest, RunError};
+use super::{Applied, Dest, RunError};
 use crate::link::Held;
 use crate::sys::clock::now_ns;
 use crate::wire::{
@@ -189,9 +189,15 @@ impl Dest<'_> {
                 }
             }
             FrameKind::Switch if chan == Channel::Background => {
-                let sw = SwitchOver::decode(buf)?;
-                self.mem.switch(&sw)?;
-                *self.switch.lock().unwrap_or_else(|p| p.into_inner()) = Some(sw);
+                let start_ns = now_ns();
+                let switch = SwitchOver::decode(buf)?;
+                self.mem.switch(&switch)?;
+                *self.switch.lock().unwrap_or_else(|p| p.into_inner()) = Some(Applied {
+                    switch,
+                    start_ns,
+                    end_ns: now_ns(),
+                });
+                self.switch_ready.notify_all();
             }
             FrameKind::Summary if chan == Channel::Background => {
                 let s = Summary::decode(buf)?;

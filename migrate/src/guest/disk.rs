@@ -37,9 +37,9 @@ use iced_x86::code_asm::*;
 use iced_x86::IcedError;
 
 use super::image::{mix64, Params};
+use super::kvm::boot::boot_regs;
 use super::kvm::boot::GDT;
 use super::kvm::program::{self, mailbox};
-use super::kvm::boot::boot_regs;
 use super::layout::{
     GuestLayout, CODE_GPA, PARAMS_GPA, PDPT_GPA, PD_GPA, PML4_GPA, STACKS_GPA, TARGET_PAGE,
 };
@@ -442,15 +442,27 @@ pub fn image(spec: &DiskSpec) -> Result<Vec<u8>, String> {
     put(STAGE2, &stage2().map_err(asm)?);
     let fits = |what: &str, code: Vec<u8>, room: u64| {
         if code.len() as u64 > room {
-            Err(format!("the {what} code is {} bytes, {room} at most", code.len()))
+            Err(format!(
+                "the {what} code is {} bytes, {room} at most",
+                code.len()
+            ))
         } else {
             Ok(code)
         }
     };
     let long = long_entry(vcpus).map_err(asm)?;
-    put(LONG_ENTRY, &fits("long-mode entry", long, AP_LONG - LONG_ENTRY)?);
-    put(AP_LONG, &fits("long-mode AP", ap_long().map_err(asm)?, ENTER - AP_LONG)?);
-    put(ENTER, &fits("program entry", enter().map_err(asm)?, GDT64 - ENTER)?);
+    put(
+        LONG_ENTRY,
+        &fits("long-mode entry", long, AP_LONG - LONG_ENTRY)?,
+    );
+    put(
+        AP_LONG,
+        &fits("long-mode AP", ap_long().map_err(asm)?, ENTER - AP_LONG)?,
+    );
+    put(
+        ENTER,
+        &fits("program entry", enter().map_err(asm)?, GDT64 - ENTER)?,
+    );
     put(GDT64, &words(&GDT));
     let mut desc = [0u8; 6];
     desc[..2].copy_from_slice(&((GDT.len() * 8 - 1) as u16).to_le_bytes());
@@ -460,7 +472,10 @@ pub fn image(spec: &DiskSpec) -> Result<Vec<u8>, String> {
     let mut info = vec![spec.frame_tsc, 1];
     info.extend((0..vcpus).map(|i| boot_regs(i, spec.seed).rbx));
     put(BOOT_INFO, &words(&info));
-    put(AP_START, &fits("AP start", ap_start().map_err(asm)?, TARGET_PAGE)?);
+    put(
+        AP_START,
+        &fits("AP start", ap_start().map_err(asm)?, TARGET_PAGE)?,
+    );
     put(CODE_GPA, &program::assemble().map_err(asm)?);
     disk.extend_from_slice(&region);
     disk.resize(disk.len().div_ceil(1 << 20) << 20, 0);
@@ -499,7 +514,8 @@ mod tests {
         };
         let d = image(&four).unwrap();
         let info = load + (BOOT_INFO - LOAD_BASE) as usize;
-        let word = |i: usize| u64::from_le_bytes(d[info + 8 * i..info + 8 * i + 8].try_into().unwrap());
+        let word =
+            |i: usize| u64::from_le_bytes(d[info + 8 * i..info + 8 * i + 8].try_into().unwrap());
         assert_eq!((word(0), word(1)), (1000, 1));
         for v in 0..4 {
             assert_eq!(word(2 + v as usize), boot_regs(v, 1).rbx);

@@ -309,7 +309,9 @@ impl Params {
             init: 0,
             boot_rbx: 0,
             seq_windows: (0..layout.vcpus()).map(|v| layout.seq_window(v)).collect(),
-            stream_windows: (0..layout.vcpus()).map(|v| layout.stream_window(v)).collect(),
+            stream_windows: (0..layout.vcpus())
+                .map(|v| layout.stream_window(v))
+                .collect(),
         }
     }
 
@@ -355,9 +357,97 @@ impl Params {
     }
 }
 
-/// The contents of guest RAM before the guest boots, minus the parameter page and the
-/// program (which depend on the run): the generation table, every data page, the hash table.
-/// Built once per `(layout, seed)` and copied into each run's guest memory.
+/// Writes the contents of guest RAM before the guest boots, minus the parameter page and the
+/// program (which depend on the run), into `ram` (all of RAM in global page order, every byte
+/// zero: fresh anonymous memory): the generation table, every data page, the hash table, and
+/// `system` (the boot pieces: `(guest-physical address, bytes)`, all in the system area).
+///
+/// The source builds it straight into its guest RAM, so that a migration holds two copies of
+/// guest RAM (the source's and the destination's), not a third kept to copy from.
+pub fn build_image(
+    layout: &GuestLayout,
+    seed: u64,
+    system: &[(u64, Vec<u8>)],
+    ram: &mut [u8],
+) -> std::io::Result<()> {
+    if ram.len() as u64 != layout.mem() || ram.as_ptr().align_offset(8) != 0 {
+        return Err(std::io::Error::other(format!(
+            "the image needs {} bytes of 8-byte aligned RAM, not {} at {:p}",
+            layout.mem(),
+            ram.len(),
+            ram.as_ptr()
+        )));
+    }
+    let len = ram.len();
+    let pages = layout.pages();
+    let mut gens = vec![0u32; pages as usize];
+    {
+        // SAFETY: aligned for u64 (checked), `len` is a multiple of 8 (whole pages), and the
+        // slice borrows `ram` mutably for its lifetime.
+        let words: &mut [u64] =
+            unsafe { std::slice::from_raw_parts_mut(ram.as_mut_ptr().cast(), len / 8) };
+        for (p, page) in words.chunks_exact_mut(WORDS).enumerate() {
+            let p = p as u64;
+            if !layout.data.contains(&p) {
+                continue;
+            }
+            if layout.kv.contains(&p) {
+                // Signed below, after the keys are in.
+                gens[p as usize] = FIRST_GEN;
+                continue;
+            }
+            if starts_zero(seed, p) {
+                continue;
+            }
+            fill_random(seed, p, &mut page[3..]);
+            sign(page, layout.gpa(p) / TARGET_PAGE, FIRST_GEN);
+            gens[p as usize] = FIRST_GEN;
+        }
+        let (slots, keys) = kv_geometry(&layout.kv);
+        let kv0 = layout.kv.start;
+        for i in 0..keys {
+            let key = kv_key(seed, i);
+            let mut s = kv_home(key, slots);
+            loop {
+                let (page, off) = kv_slot(kv0, s);
+                let at = (page * TARGET_PAGE + off) as usize / 8;
+                if words[at] == 0 || words[at] == key {
+                    words[at] = key;
+                    words[at + 1] = kv_value(key);
+                    break;
+                }
+                s = (s + 1) % slots;
+            }
+        }
+        for p in layout.kv.clone() {
+            let at = (p * TARGET_PAGE) as usize / 8;
+            sign(
+                &mut words[at..at + WORDS],
+                layout.gpa(p) / TARGET_PAGE,
+                FIRST_GEN,
+            );
+        }
+    }
+    let gt = GENTAB_GPA as usize;
+    for (i, g) in gens.iter().enumerate() {
+        ram[gt + i * 4..gt + i * 4 + 4].copy_from_slice(&g.to_le_bytes());
+    }
+    let system_end = layout.system().end * TARGET_PAGE;
+    for (gpa, bytes) in system {
+        let end = gpa + bytes.len() as u64;
+        if end > system_end || end > GENTAB_GPA {
+            return Err(std::io::Error::other(format!(
+                "boot piece at {gpa:#x} ({} bytes) is outside the system area",
+                bytes.len()
+            )));
+        }
+        ram[*gpa as usize..end as usize].copy_from_slice(bytes);
+    }
+    Ok(())
+}
+
+/// The image of [`build_image`] in memory of its own, for what copies it into guest RAM
+/// that is mapped elsewhere (a snapshot file, a test's VM).
 #[derive(Debug)]
 pub struct Template {
     layout: GuestLayout,
@@ -377,70 +467,7 @@ impl Template {
         let mut mem = memmap2::MmapMut::map_anon(len)?;
         // Huge pages where the kernel has them: faster to fill.
         let _ = mem.advise(memmap2::Advice::HugePage);
-        let pages = layout.pages();
-        let mut gens = vec![0u32; pages as usize];
-        {
-            // SAFETY: the mapping is page aligned, so it is aligned for u64, and `len` is a
-            // multiple of 8; nothing else refers to it.
-            let words: &mut [u64] =
-                unsafe { std::slice::from_raw_parts_mut(mem.as_mut_ptr().cast(), len / 8) };
-            for (p, page) in words.chunks_exact_mut(WORDS).enumerate() {
-                let p = p as u64;
-                if !layout.data.contains(&p) {
-                    continue;
-                }
-                if layout.kv.contains(&p) {
-                    // Signed below, after the keys are in.
-                    gens[p as usize] = FIRST_GEN;
-                    continue;
-                }
-                if starts_zero(seed, p) {
-                    continue;
-                }
-                fill_random(seed, p, &mut page[3..]);
-                sign(page, layout.gpa(p) / TARGET_PAGE, FIRST_GEN);
-                gens[p as usize] = FIRST_GEN;
-            }
-            let (slots, keys) = kv_geometry(&layout.kv);
-            let kv0 = layout.kv.start;
-            for i in 0..keys {
-                let key = kv_key(seed, i);
-                let mut s = kv_home(key, slots);
-                loop {
-                    let (page, off) = kv_slot(kv0, s);
-                    let at = (page * TARGET_PAGE + off) as usize / 8;
-                    if words[at] == 0 || words[at] == key {
-                        words[at] = key;
-                        words[at + 1] = kv_value(key);
-                        break;
-                    }
-                    s = (s + 1) % slots;
-                }
-            }
-            for p in layout.kv.clone() {
-                let at = (p * TARGET_PAGE) as usize / 8;
-                sign(
-                    &mut words[at..at + WORDS],
-                    layout.gpa(p) / TARGET_PAGE,
-                    FIRST_GEN,
-                );
-            }
-        }
-        let gt = GENTAB_GPA as usize;
-        for (i, g) in gens.iter().enumerate() {
-            mem[gt + i * 4..gt + i * 4 + 4].copy_from_slice(&g.to_le_bytes());
-        }
-        let system_end = layout.system().end * TARGET_PAGE;
-        for (gpa, bytes) in system {
-            let end = gpa + bytes.len() as u64;
-            if end > system_end || end > GENTAB_GPA {
-                return Err(std::io::Error::other(format!(
-                    "boot piece at {gpa:#x} ({} bytes) is outside the system area",
-                    bytes.len()
-                )));
-            }
-            mem[*gpa as usize..end as usize].copy_from_slice(bytes);
-        }
+        build_image(layout, seed, system, &mut mem)?;
         Ok(Self {
             layout: layout.clone(),
             seed,

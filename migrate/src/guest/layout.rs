@@ -386,13 +386,25 @@ impl GuestLayout {
     /// vCPU `vcpu`'s own `seq` window (see the [module docs](self)): [`seq`](Self::seq)
     /// with one vCPU.
     pub fn seq_window(&self, vcpu: u32) -> Range<u64> {
-        spread(&self.data, &self.seq, self.host_page.pages(), vcpu, self.vcpus)
+        spread(
+            &self.data,
+            &self.seq,
+            self.host_page.pages(),
+            vcpu,
+            self.vcpus,
+        )
     }
 
     /// vCPU `vcpu`'s own `stream` window (see the [module docs](self)):
     /// [`stream`](Self::stream) with one vCPU.
     pub fn stream_window(&self, vcpu: u32) -> Range<u64> {
-        spread(&self.data, &self.stream, self.host_page.pages(), vcpu, self.vcpus)
+        spread(
+            &self.data,
+            &self.stream,
+            self.host_page.pages(),
+            vcpu,
+            self.vcpus,
+        )
     }
 
     /// The part of `range` (global pages) that vCPU `i` of `n` works on: contiguous shares,
@@ -491,7 +503,10 @@ mod tests {
                     for (v, win) in wins.iter().enumerate() {
                         let region = GuestLayout::share(&l.data, v as u32, n);
                         assert!(!win.is_empty() && win.start % per == 0 && win.end % per == 0);
-                        assert!(win.start >= region.start && win.end <= region.end, "{n}: {v}");
+                        assert!(
+                            win.start >= region.start && win.end <= region.end,
+                            "{n}: {v}"
+                        );
                     }
                     // Spread: each window a region further than the one before (give or
                     // take a host page of rounding, and the last region's remainder).

@@ -89,8 +89,14 @@ fn per_vcpu_windows(o: &Invocation) -> String {
     }
     let mib = |p: u64| (p * TARGET_PAGE) >> 20;
     let at = |w: fn(&crate::guest::layout::GuestLayout, u32) -> std::ops::Range<u64>| {
-        let starts: Vec<String> = (0..l.vcpus()).map(|v| mib(w(l, v).start).to_string()).collect();
-        format!("{} MiB each at {} MiB", mib(w(l, 0).end - w(l, 0).start), starts.join(", "))
+        let starts: Vec<String> = (0..l.vcpus())
+            .map(|v| mib(w(l, v).start).to_string())
+            .collect();
+        format!(
+            "{} MiB each at {} MiB",
+            mib(w(l, 0).end - w(l, 0).start),
+            starts.join(", ")
+        )
     };
     let rate = |w: Workload| w.stream_rate_each(o.cfg.guest.stream_rate, l.vcpus()) >> 20;
     format!(
@@ -275,7 +281,10 @@ pub fn run(o: &Invocation) -> Result<Outcome, String> {
 /// The runs of `repeat` repeats of `matrix`, each with its repeat's index: every other
 /// repeat runs each workload's modes in the opposite order, so that no mode always runs
 /// first (after the machine rested) or last.
-fn repeated<T: Copy>(matrix: &[(Workload, T, bool)], repeat: u32) -> Vec<(u32, (Workload, T, bool))> {
+fn repeated<T: Copy>(
+    matrix: &[(Workload, T, bool)],
+    repeat: u32,
+) -> Vec<(u32, (Workload, T, bool))> {
     let mut out = Vec::new();
     for r in 0..repeat {
         let mut i = 0;

@@ -144,7 +144,11 @@ pub fn table(rows: &[RunResult]) -> String {
 
 /// Each vCPU's blocked time and longest pause, one row per run (several vCPUs).
 fn per_vcpu_table(rows: &[RunResult]) -> String {
-    let n = rows.iter().map(|r| r.waits.vcpu_blocktime_ms.len()).max().unwrap_or(0);
+    let n = rows
+        .iter()
+        .map(|r| r.waits.vcpu_blocktime_ms.len())
+        .max()
+        .unwrap_or(0);
     let mut cells: Vec<Vec<String>> = vec![["workload", "mode"]
         .iter()
         .map(|s| s.to_string())
@@ -155,18 +159,24 @@ fn per_vcpu_table(rows: &[RunResult]) -> String {
         cells.push(
             [r.setup.workload.clone(), r.label()]
                 .into_iter()
-                .chain((0..n).map(|v| {
-                    match (w.vcpu_blocktime_ms.get(v), w.vcpu_pause_ms.get(v)) {
+                .chain((0..n).map(
+                    |v| match (w.vcpu_blocktime_ms.get(v), w.vcpu_pause_ms.get(v)) {
                         (Some(&b), Some(&p)) => format!("{} / {}", fmt_ms(b), fmt_ms(p)),
                         (Some(&b), None) => fmt_ms(b),
                         _ => String::new(),
-                    }
-                }))
+                    },
+                ))
                 .collect(),
         );
     }
     let widths: Vec<usize> = (0..n + 2)
-        .map(|c| cells.iter().map(|row| row[c].chars().count()).max().unwrap_or(0))
+        .map(|c| {
+            cells
+                .iter()
+                .map(|row| row[c].chars().count())
+                .max()
+                .unwrap_or(0)
+        })
         .collect();
     let mut out = String::from("\nper vCPU (blocked time / longest pause: a stream's time behind schedule, else the longest fault)\n");
     for row in &cells {
@@ -274,7 +284,6 @@ const BLOCKTIME: (&str, fn(&RunResult) -> f64) = ("blocktime", |r| r.waits.block
 const PAUSE: (&str, fn(&RunResult) -> f64) = ("longest pause", |r| r.waits.longest_pause_ms);
 const FIVE_X: (&str, fn(f64) -> bool) = (">= 5x", |x| x >= 5.0);
 const NO_WORSE: (&str, fn(f64) -> bool) = ("<= 1x (no worse)", |x| x <= 1.0);
-
 
 /// The targets between modes: the urgent channel against vanilla, the hint against
 /// preempt, and the hint costing nothing where it does not help.
@@ -389,7 +398,10 @@ fn one_vcpu_targets() -> Vec<ModeRatio> {
 /// The targets of `preempt-hints`, where it ran: with [`MANY_VCPUS`] vCPUs or more, or with
 /// one (`2M: ` prefixed with 2 MiB host pages).
 fn streams_targets(rows: &[RunResult]) -> Vec<TargetCheck> {
-    if !rows.iter().any(|r| r.setup.mode == MigrationMode::PreemptHints.name()) {
+    if !rows
+        .iter()
+        .any(|r| r.setup.mode == MigrationMode::PreemptHints.name())
+    {
         return Vec::new();
     }
     let vcpus = rows.iter().map(|r| r.setup.vcpus).max().unwrap_or(1);

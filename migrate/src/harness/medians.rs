@@ -41,7 +41,13 @@ fn median_each(vs: &[&Vec<f64>]) -> Vec<f64> {
 /// One median row per group of runs (workload, mode, resend), in the order the groups first
 /// ran.
 pub fn medians(rows: &[RunResult]) -> Vec<RunResult> {
-    let key = |r: &RunResult| (r.setup.workload.clone(), r.setup.mode.clone(), r.setup.resend);
+    let key = |r: &RunResult| {
+        (
+            r.setup.workload.clone(),
+            r.setup.mode.clone(),
+            r.setup.resend,
+        )
+    };
     let mut keys = Vec::new();
     for r in rows {
         if !keys.contains(&key(r)) {
@@ -64,15 +70,12 @@ fn median_row(group: &[&RunResult]) -> RunResult {
         .filter(|r| r.outcome.error.is_none())
         .collect();
     let failed = group.len() - ok.len();
-    let Some(&base) = ok
-        .iter()
-        .min_by(|a, b| {
-            let m = median(ok.iter().map(|r| r.waits.request_p50_us).collect());
-            (a.waits.request_p50_us - m)
-                .abs()
-                .total_cmp(&(b.waits.request_p50_us - m).abs())
-        })
-    else {
+    let Some(&base) = ok.iter().min_by(|a, b| {
+        let m = median(ok.iter().map(|r| r.waits.request_p50_us).collect());
+        (a.waits.request_p50_us - m)
+            .abs()
+            .total_cmp(&(b.waits.request_p50_us - m).abs())
+    }) else {
         return group[0].clone();
     };
     let f = |m: fn(&RunResult) -> f64| median(ok.iter().map(|r| m(r)).collect());
@@ -85,9 +88,17 @@ fn median_row(group: &[&RunResult]) -> RunResult {
     w.fault_max_us = f(|r| r.waits.fault_max_us);
     w.stall_ms = f(|r| r.waits.stall_ms);
     w.blocktime_ms = f(|r| r.waits.blocktime_ms);
-    w.vcpu_blocktime_ms = median_each(&ok.iter().map(|r| &r.waits.vcpu_blocktime_ms).collect::<Vec<_>>());
+    w.vcpu_blocktime_ms = median_each(
+        &ok.iter()
+            .map(|r| &r.waits.vcpu_blocktime_ms)
+            .collect::<Vec<_>>(),
+    );
     w.longest_pause_ms = f(|r| r.waits.longest_pause_ms);
-    w.vcpu_pause_ms = median_each(&ok.iter().map(|r| &r.waits.vcpu_pause_ms).collect::<Vec<_>>());
+    w.vcpu_pause_ms = median_each(
+        &ok.iter()
+            .map(|r| &r.waits.vcpu_pause_ms)
+            .collect::<Vec<_>>(),
+    );
     w.requests_sent = u(|r| r.waits.requests_sent);
     w.request_p50_us = f(|r| r.waits.request_p50_us);
     w.request_p99_us = f(|r| r.waits.request_p99_us);
@@ -147,7 +158,11 @@ pub fn median_targets(rows: &[RunResult]) -> Vec<TargetCheck> {
 pub fn ranges(checks: &[TargetCheck], rows: &[RunResult], repeat: u32) -> Vec<Option<(f64, f64)>> {
     let per: Vec<Vec<TargetCheck>> = (0..repeat)
         .map(|k| {
-            let of: Vec<RunResult> = rows.iter().filter(|r| r.setup.repeat == k).cloned().collect();
+            let of: Vec<RunResult> = rows
+                .iter()
+                .filter(|r| r.setup.repeat == k)
+                .cloned()
+                .collect();
             targets(&of)
         })
         .collect();
@@ -219,7 +234,10 @@ mod tests {
             .unwrap();
         assert_eq!(checks[i].ratio, Some(1.1));
         let (lo, hi) = r[i].unwrap();
-        assert!((lo - 1.1).abs() < 1e-9 && (hi - 1.8).abs() < 1e-9, "{lo} {hi}");
+        assert!(
+            (lo - 1.1).abs() < 1e-9 && (hi - 1.8).abs() < 1e-9,
+            "{lo} {hi}"
+        );
         // A failed run counts in no median, and the group says so.
         let mut bad = run(p, 3, 9999.0, 9999.0, vec![]);
         bad.outcome.error = Some("lost".into());
@@ -228,6 +246,10 @@ mod tests {
         let m = medians(&all);
         assert_eq!(m[0].waits.request_p50_us, 200.0);
         assert!(!m[0].outcome.verified);
-        assert!(m[0].outcome.problems.iter().any(|p| p == "1 of 4 runs failed"));
+        assert!(m[0]
+            .outcome
+            .problems
+            .iter()
+            .any(|p| p == "1 of 4 runs failed"));
     }
 }

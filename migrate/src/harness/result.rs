@@ -210,6 +210,9 @@ pub struct Transfer {
     pub kvm_log_cleared_pages: u64,
     /// Source vCPUs stop → destination vCPUs run, ms.
     pub downtime_ms: f64,
+    /// The downtime stage by stage, ms (they add up to it).
+    #[serde(default)]
+    pub downtime_stages_ms: DowntimeStages,
     /// START → the last page placed, ms.
     pub total_ms: f64,
     /// START → the source stopped the guest, ms.
@@ -218,6 +221,14 @@ pub struct Transfer {
     pub duration_ms: f64,
     /// Postcopy: RAM still to send over its duration, MiB/s.
     pub throughput_mib_s: f64,
+    /// Postcopy throughput over each eighth of the pages it placed, in the order they were
+    /// placed (from the resume), MiB/s: whether placing slows down as memory fills.
+    #[serde(default)]
+    pub throughput_eighths_mib_s: Vec<f64>,
+    /// The kernel's memory counters over postcopy (resume → every page in; machine-wide, so
+    /// on a shared machine they count others' work too); null where unreadable.
+    #[serde(default)]
+    pub vmstat_postcopy: Option<crate::sys::vmstat::Vmstat>,
     /// Link bytes in precopy.
     pub precopy_bytes: u64,
     /// Link bytes in postcopy.
@@ -230,6 +241,26 @@ pub struct Transfer {
     pub clock_offset_us: f64,
     /// Source and destination share `CLOCK_MONOTONIC` (same boot), so no offset is applied.
     pub same_clock: bool,
+}
+
+/// The downtime, stage by stage (ms; source stages on the source clock, the others on the
+/// destination's, joined through the clock offset): they add up to `downtime_ms`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct DowntimeStages {
+    /// Source: the vCPUs kicked out and their state saved, the device model and the dirty
+    /// harvest stopped.
+    pub stop: f64,
+    /// Source: the last dirty pages synced into the bitmap (KVM's dirty log or rings).
+    pub sync: f64,
+    /// Source: the set of host pages still to send built, and the switch-over frame.
+    pub build: f64,
+    /// The frame written, across the link, read and held until its arrival time.
+    pub link: f64,
+    /// Destination: the frame decoded and applied: pending pages discarded, the rest
+    /// checked whole and marked present, the memory registered with userfaultfd.
+    pub apply: f64,
+    /// Destination: the vCPUs loaded with the source's state and started.
+    pub resume: f64,
 }
 
 /// What the guest did at the source and at the destination.
@@ -439,7 +470,10 @@ impl GuestSide {
                     }
                 }
                 Self {
-                    vcpu_playback_ns: counters.iter().map(|c| tsc_ns(c.longest_pause_tsc)).collect(),
+                    vcpu_playback_ns: counters
+                        .iter()
+                        .map(|c| tsc_ns(c.longest_pause_tsc))
+                        .collect(),
                     vcpu_fault_ns,
                     lat: e
                         .events
@@ -559,6 +593,14 @@ impl Transfer {
             kvm_log_clears: sw.kvm.log_clears,
             kvm_log_cleared_pages: sw.kvm.cleared_pages,
             downtime_ms: ms(t.resume.saturating_sub(stop_local)),
+            downtime_stages_ms: DowntimeStages {
+                stop: ms(sw.stopped_ns.saturating_sub(sw.stop_ns)),
+                sync: ms(sw.synced_ns.saturating_sub(sw.stopped_ns)),
+                build: ms(sw.built_ns.saturating_sub(sw.synced_ns)),
+                link: ms(t.switch_due.saturating_sub(local(e, sw.built_ns))),
+                apply: ms(t.switch_applied.saturating_sub(t.switch_due)),
+                resume: ms(t.resume.saturating_sub(t.switch_applied)),
+            },
             total_ms: ms(complete_ns(e).saturating_sub(t.start)),
             precopy_ms: ms(stop_local.saturating_sub(t.start)),
             duration_ms: ms(duration),
@@ -566,6 +608,11 @@ impl Transfer {
                 pending_bytes as f64 / (1 << 20) as f64 / (duration as f64 / 1e9)
             } else {
                 0.0
+            },
+            throughput_eighths_mib_s: eighths(mem, t.resume),
+            vmstat_postcopy: match t.vmstat {
+                [Some(a), Some(b)] => Some(b.since(&a)),
+                _ => None,
             },
             precopy_bytes: sw.precopy_bytes,
             postcopy_bytes: e.summary.postcopy_bytes,
@@ -575,6 +622,35 @@ impl Transfer {
             same_clock: e.same_clock,
         }
     }
+}
+
+/// Throughput over each eighth of the host pages placed in postcopy, in placement order,
+/// from `resume`, MiB/s (empty if none was placed).
+fn eighths(mem: &DestMemory, resume: u64) -> Vec<f64> {
+    let mut placed: Vec<u64> = (0..mem.host_pages())
+        .map(|hp| mem.times(hp).1)
+        .filter(|&t| t != 0)
+        .collect();
+    placed.sort_unstable();
+    eighths_of(&placed, mem.host_page_size(), resume)
+}
+
+/// [`eighths`] of host pages of `host_page` bytes placed at the sorted times `placed`.
+fn eighths_of(placed: &[u64], host_page: u64, resume: u64) -> Vec<f64> {
+    let n = placed.len();
+    let mut out = Vec::new();
+    let (mut from, mut since) = (0usize, resume);
+    for i in 1..=8 {
+        let to = n * i / 8;
+        if to == from {
+            continue;
+        }
+        let end = placed[to - 1].max(since);
+        let bytes = ((to - from) as u64 * host_page) as f64;
+        out.push(bytes / (1 << 20) as f64 / ((end - since).max(1) as f64 / 1e9));
+        (from, since) = (to, end);
+    }
+    out
 }
 
 impl GuestRun {
@@ -782,6 +858,7 @@ mod tests {
         "dirty_per_round",
         "dirty_tracking",
         "downtime_ms",
+        "downtime_stages_ms",
         "duplicate_bytes",
         "duplicate_pages",
         "duplicate_share_pct",
@@ -859,6 +936,7 @@ mod tests {
         "stream_share",
         "tail",
         "takeovers",
+        "throughput_eighths_mib_s",
         "throughput_mib_s",
         "total_ms",
         "uffd_faults",
@@ -866,9 +944,27 @@ mod tests {
         "vcpu_pause_ms",
         "vcpus",
         "verified",
+        "vmstat_postcopy",
         "workload",
         "zero_host_pages",
     ];
+
+    #[test]
+    fn eighths_time_each_eighth_of_the_placements_from_the_resume() {
+        // 16 pages of 1 MiB: two per eighth; the first eighth takes 2 s from the resume at
+        // 1 s, each later one 1 s, the last 4 s.
+        let mut t: Vec<u64> = (0..16).map(|i| (3 + i / 2) * 1_000_000_000).collect();
+        t[14] = 13_000_000_000;
+        t[15] = 13_000_000_000;
+        let e = eighths_of(&t, 1 << 20, 1_000_000_000);
+        assert_eq!(e, vec![1.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0, 0.5]);
+        assert!(eighths_of(&[], 4096, 0).is_empty());
+        // Fewer pages than eighths: one figure per page.
+        assert_eq!(
+            eighths_of(&[2_000_000_000], 1 << 20, 1_000_000_000),
+            vec![1.0]
+        );
+    }
 
     #[test]
     fn the_json_keys_stay_the_same() {

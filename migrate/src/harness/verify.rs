@@ -291,18 +291,19 @@ fn duplicates(e: &Evidence, problems: &mut Vec<String>) {
 /// none other placed in postcopy; each recovery agreed on what was missing.
 fn connections(e: &Evidence, problems: &mut Vec<String>) {
     let mem = &e.mem;
-    let blocks = &e.switch.host_pages;
     let mut per_conn: Vec<u64> = vec![0; e.cuts.len() + 1];
     let (mut unplaced, mut first_unplaced) = (0u64, None);
     let (mut stray, mut first_stray) = (0u64, None);
     let (mut beyond, mut first_beyond) = (0u64, None);
     let mut hp = 0u64;
-    for (b, &n) in blocks.iter().enumerate() {
-        let words = e.switch.pending.get(b).map_or(&[][..], |w| &w[..]);
-        for i in 0..n {
-            let pending = words
-                .get((i / 64) as usize)
-                .is_some_and(|w| w & (1 << (i % 64)) != 0);
+    for set in &e.switch.pending {
+        let mut words = set.words();
+        let mut word = 0;
+        for i in 0..set.host_pages() {
+            if i % 64 == 0 {
+                word = words.next().unwrap_or(0);
+            }
+            let pending = word & (1 << (i % 64)) != 0;
             let by = if hp < mem.host_pages() {
                 mem.placed_by(hp)
             } else {

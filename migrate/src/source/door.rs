@@ -439,6 +439,11 @@ impl<'l> Door<'l> {
                             continue;
                         }
                         if pending.len() >= self.limits.max_pending {
+                            // Count again first: connections closed since the last poll
+                            // still hold their slots.
+                            self.reap_closed(&mut pending, deadline_ns);
+                        }
+                        if pending.len() >= self.limits.max_pending {
                             let why = format!(
                                 "too many connections waiting to say hello ({}); try again",
                                 self.limits.max_pending
@@ -485,6 +490,24 @@ impl<'l> Door<'l> {
     }
 
     /// Reads what `p` has; `Ok(true)` if bytes came, `Err` if it closed or failed.
+    /// Drops the pending connections whose peer closed (or reset) since the last poll, and
+    /// takes what the others sent meanwhile (routed at the next wake).
+    fn reap_closed(&self, pending: &mut Vec<Pending>, deadline_ns: u64) {
+        pending.retain_mut(|p| {
+            if p.need == 0 {
+                return true;
+            }
+            match self.read_more(p) {
+                Ok(true) => {
+                    p.deadline = now_ns() + deadline_ns;
+                    true
+                }
+                Ok(false) => true,
+                Err(()) => false,
+            }
+        });
+    }
+
     fn read_more(&self, p: &mut Pending) -> Result<bool, ()> {
         let at = p.buf.len() - p.need;
         match p.conn.read(&mut p.buf[at..]) {

@@ -1,8 +1,11 @@
-//! The source's guest RAM: a vm-memory `GuestMemoryMmap<RegionBitmap>` of two regions (the
-//! two RAM blocks) whose writes through vm-memory — the image copied in, the device model's
-//! writes — mark pagehint's shared [`DirtyBitmap`], exactly as a rust-vmm VMM's device
-//! emulation does. The vCPUs' writes reach the same bitmap through KVM's dirty log or rings
-//! ([`crate::guest::kvm::dirty`]).
+//! The source's guest RAM: one mapping (normal or hugetlb pages, or a shared mapping of the
+//! session's RAM file with `--ram-dir`) holding both RAM blocks back to back, with the
+//! guest's image built straight into it, seen as a vm-memory
+//! `GuestMemoryMmap<RegionBitmap>` of two regions (the two RAM blocks) whose writes through
+//! vm-memory — the parameter page, the device model's writes — mark pagehint's shared
+//! [`DirtyBitmap`], exactly as a rust-vmm VMM's device emulation does. The vCPUs' writes reach
+//! the same bitmap through KVM's dirty log or rings ([`crate::guest::kvm::dirty`]). The image
+//! itself marks nothing: a migration starts with every page dirty.
 //!
 //! Reads for sending go through vm-memory's volatile copies: the vCPUs may be writing the
 //! same pages during precopy (a page changed while it was read is dirty again, and is sent
@@ -10,12 +13,13 @@
 
 use std::sync::Arc;
 
+use memmap2::{MmapMut, MmapOptions};
 use pagehint::vmm::RegionBitmap;
 use pagehint::DirtyBitmap;
 use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestRegionMmap};
 
-use crate::guest::image::{page_checksum, Params, Template};
+use crate::guest::image::{build_image, page_checksum, Params};
 use crate::guest::layout::{
     GuestLayout, HostPageSize, DEVICE_GPA, GENTAB_GPA, PARAMS_GPA, TARGET_PAGE,
 };
@@ -24,31 +28,28 @@ use crate::guest::layout::{
 #[derive(Debug)]
 pub struct SourceMemory {
     layout: GuestLayout,
+    // Declared before `ram`: its regions point into it (and do not unmap it).
     mem: GuestMemoryMmap<RegionBitmap>,
+    ram: MmapMut,
     bitmap: Arc<DirtyBitmap>,
     hosts: [u64; 2],
 }
 
 impl SourceMemory {
     /// Maps RAM (hugetlb pages for 2 MiB host pages; a shared mapping of `file` when there
-    /// is one, the two blocks one after the other), copies `template` in and writes the
-    /// parameter page, all through vm-memory.
+    /// is one, the two blocks one after the other), builds the image of `(layout, seed)`
+    /// with the boot pieces `system` straight into it ([`build_image`]: `file` is new, every
+    /// byte zero), and writes the parameter page through vm-memory.
     pub fn new(
-        template: &Template,
+        layout: &GuestLayout,
+        seed: u64,
+        system: &[(u64, Vec<u8>)],
         params: &Params,
         file: Option<&std::fs::File>,
     ) -> Result<Self, String> {
-        let me = Self::map(template.layout().clone(), file)?;
-        let low = (me.layout.low_pages() * TARGET_PAGE) as usize;
-        for (i, (gpa, len)) in me.layout.block_ranges().into_iter().enumerate() {
-            let from = if i == 0 { 0 } else { low };
-            me.mem
-                .write_slice(
-                    &template.bytes()[from..from + len as usize],
-                    GuestAddress(gpa),
-                )
-                .map_err(|e| format!("copying the image in: {e}"))?;
-        }
+        let mut me = Self::map(layout.clone(), file)?;
+        build_image(&me.layout, seed, system, &mut me.ram)
+            .map_err(|e| format!("building the image: {e}"))?;
         let words: Vec<u8> = params
             .encode()
             .iter()
@@ -75,34 +76,53 @@ impl SourceMemory {
         if huge && file.is_some() {
             return Err("RAM in a file (--ram-dir) needs 4 KiB host pages".into());
         }
-        let mut at = 0u64;
+        let len = usize::try_from(layout.mem()).map_err(|e| e.to_string())?;
+        let mut opts = MmapOptions::new();
+        opts.len(len);
+        let (mapped, flags) = match file {
+            // SAFETY: the file is this session's own (created by it, or saved by an earlier
+            // session of this source and taken over): nothing else truncates it while mapped.
+            Some(f) => (unsafe { opts.map_mut(f) }, libc::MAP_SHARED),
+            None if huge => {
+                // hugetlb: no MAP_NORESERVE, so a short pool fails here, not with SIGBUS later.
+                opts.huge(Some(21));
+                (
+                    opts.map_anon(),
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_HUGETLB,
+                )
+            }
+            None => {
+                opts.no_reserve_swap();
+                (
+                    opts.map_anon(),
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                )
+            }
+        };
+        let mut ram = mapped.map_err(|e| {
+            format!(
+                "mapping {} MiB of source RAM{}: {e}",
+                len >> 20,
+                if huge { " in hugetlb pages" } else { "" }
+            )
+        })?;
+        let base = ram.as_mut_ptr();
         let regions = tracking
             .into_iter()
             .zip(layout.block_ranges())
-            .map(|(t, (gpa, len))| {
-                // hugetlb: no MAP_NORESERVE, so a short pool fails here, not with SIGBUS later.
-                let flags = if huge {
-                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_HUGETLB
-                } else if file.is_some() {
-                    libc::MAP_SHARED
-                } else {
-                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE
-                };
-                let mut b = MmapRegionBuilder::new_with_bitmap(len as usize, t)
-                    .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-                    .with_mmap_flags(flags);
-                if let Some(f) = file {
-                    let f = f.try_clone().map_err(|e| format!("the RAM file: {e}"))?;
-                    b = b.with_file_offset(vm_memory::FileOffset::new(f, at));
+            .enumerate()
+            .map(|(b, (t, (gpa, len)))| {
+                let at = (layout.block_first_page(b as u32) * TARGET_PAGE) as usize;
+                // SAFETY: `at .. at + len` lies inside `ram` (the blocks are laid out back to
+                // back in it), which outlives the regions (field order) and is page aligned.
+                let region = unsafe {
+                    MmapRegionBuilder::new_with_bitmap(len as usize, t)
+                        .with_raw_mmap_pointer(base.add(at))
                 }
-                at += len;
-                let region = b.build().map_err(|e| {
-                    format!(
-                        "mapping {} MiB of source RAM{}: {e}",
-                        len >> 20,
-                        if huge { " in hugetlb pages" } else { "" }
-                    )
-                })?;
+                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+                .with_mmap_flags(flags)
+                .build()
+                .map_err(|e| format!("source RAM block {b}: {e}"))?;
                 GuestRegionMmap::new(region, GuestAddress(gpa))
                     .ok_or_else(|| "guest region overflows".to_string())
             })
@@ -117,6 +137,7 @@ impl SourceMemory {
         Ok(Self {
             layout,
             mem,
+            ram,
             bitmap,
             hosts,
         })
@@ -170,22 +191,12 @@ impl SourceMemory {
     }
 
     /// The checksum of every target page, global page order (the source is stopped).
-    pub fn checksums(&self) -> Result<Vec<u64>, String> {
-        let mut out = Vec::with_capacity(self.layout.pages() as usize);
-        let mut buf = vec![0u8; 1 << 20];
-        for (b, (_, len)) in self.layout.block_ranges().into_iter().enumerate() {
-            let mut off = 0;
-            while off < len {
-                let n = (len - off).min(buf.len() as u64) as usize;
-                self.read(b as u32, off, &mut buf[..n])?;
-                out.extend(
-                    buf[..n]
-                        .chunks_exact(TARGET_PAGE as usize)
-                        .map(page_checksum),
-                );
-                off += n as u64;
-            }
-        }
-        Ok(out)
+    pub fn checksums(&self) -> Vec<u64> {
+        // Both blocks lie back to back in `ram`, in global page order; nothing writes guest
+        // RAM any more (the vCPUs and the device model are stopped), so a shared view is sound.
+        self.ram
+            .chunks_exact(TARGET_PAGE as usize)
+            .map(page_checksum)
+            .collect()
     }
 }

@@ -46,12 +46,12 @@ pub mod trace;
 
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use pagehint::DirtyBitmap;
 
-use crate::guest::image::{Params, Template};
+use crate::guest::image::Params;
 use crate::guest::kvm::dirty::{DirtyRing, DirtyTracker};
 use crate::guest::kvm::vcpu::VcpuEnd;
 use crate::guest::kvm::vm::{Tracking, VcpuState};
@@ -64,8 +64,8 @@ use crate::options::{DirtyTracking, GuestKind, MigrationMode, SourceFault};
 use crate::sys::clock::{now_ns, tight_timer_slack};
 use crate::sys::pin::{PinPlan, Role};
 use crate::wire::{
-    switch::PrecopyKvm, write_parts, Channel, FrameHeader, Guard, Hello, Summary, SwitchOver,
-    WireError,
+    switch::PrecopyKvm, write_parts, Channel, FrameHeader, Guard, Hello, PendingBuilder,
+    PendingSet, Summary, SwitchOver, WireError,
 };
 use memory::SourceMemory;
 use send::{Hooks, Outbound, SendError, Sent};
@@ -287,7 +287,6 @@ impl std::fmt::Display for ServerEvent {
 pub struct SourceServer {
     listener: TcpListener,
     opts: ServeOptions,
-    cache: Mutex<Option<Arc<Template>>>,
     /// Serialises preparations, so that each memory check sees the sessions before it.
     preparing: Mutex<()>,
 }
@@ -306,7 +305,6 @@ impl SourceServer {
         Ok(Self {
             listener,
             opts,
-            cache: Mutex::new(None),
             preparing: Mutex::new(()),
         })
     }
@@ -316,56 +314,20 @@ impl SourceServer {
         self.listener.local_addr()
     }
 
-    /// The image template for `(layout, seed)`, built once and reused.
-    fn template(&self, layout: &GuestLayout, seed: u64) -> Result<Arc<Template>, String> {
-        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(t) = cache.as_ref() {
-            if t.layout().ram() == layout.ram()
-                && t.layout().vcpus() == layout.vcpus()
-                && t.seed() == seed
-            {
-                return Ok(Arc::clone(t));
-            }
+    /// Refuses a guest whose memory does not fit in what this machine has available: its
+    /// RAM, with the image built straight into it (normal memory for 4 KiB host pages;
+    /// hugetlb pages, checked when mapped, for 2 MiB).
+    fn check_memory(layout: &GuestLayout) -> Result<(), String> {
+        if layout.host_page() != crate::guest::layout::HostPageSize::Small {
+            return Ok(());
         }
-        *cache = None; // free the old template before building a new one
-        let pieces = boot::system_pieces(layout)?;
-        let t = Arc::new(
-            Template::build(layout, seed, &pieces)
-                .map_err(|e| format!("building the image: {e}"))?,
-        );
-        *cache = Some(Arc::clone(&t));
-        Ok(t)
-    }
-
-    /// Refuses a guest whose memory does not fit in what this machine has available: the
-    /// image template (unless the cached one is reused) and guest RAM (normal memory for 4 KiB
-    /// host pages; hugetlb pages, checked when mapped, for 2 MiB).
-    fn check_memory(&self, layout: &GuestLayout, seed: u64) -> Result<(), String> {
-        // A cached template is reused, or freed before the new one is built.
-        let (cached, freed) = {
-            let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-            match cache.as_ref() {
-                Some(t)
-                    if t.layout().ram() == layout.ram()
-                        && t.layout().vcpus() == layout.vcpus()
-                        && t.seed() == seed =>
-                {
-                    (true, 0)
-                }
-                Some(t) => (false, t.layout().mem()),
-                None => (false, 0),
-            }
-        };
-        let copies = u64::from(!cached)
-            + u64::from(layout.host_page() == crate::guest::layout::HostPageSize::Small);
         crate::sys::warm::check_fits(
             &format!(
-                "a {} MiB guest ({copies} cop{} of its RAM at the source)",
-                layout.mem() >> 20,
-                if copies == 1 { "y" } else { "ies" }
+                "a {} MiB guest (one copy of its RAM at the source)",
+                layout.mem() >> 20
             ),
-            copies * layout.mem(),
-            crate::sys::warm::mem_available().map(|a| a + freed),
+            layout.mem(),
+            crate::sys::warm::mem_available(),
         )
     }
 
@@ -401,11 +363,11 @@ impl SourceServer {
         let _one = self.preparing.lock().unwrap_or_else(|e| e.into_inner());
         self.check_hello(h)?;
         let layout = &h.guest.layout;
-        self.check_memory(layout, h.guest.seed)?;
-        let template = self.template(layout, h.guest.seed)?;
+        Self::check_memory(layout)?;
+        let pieces = boot::system_pieces(layout)?;
         let params = Params::new(layout, h.workload, h.guest.seed, STREAM_FRAME_PAGES);
         let file = self.ram_file(token, h)?;
-        let mem = SourceMemory::new(&template, &params, file.as_ref())?;
+        let mem = SourceMemory::new(layout, h.guest.seed, &pieces, &params, file.as_ref())?;
         let (machine, rings) = match h.guest.kind {
             GuestKind::Thread => {
                 if h.precopy.tracking != DirtyTracking::None {
@@ -1131,8 +1093,7 @@ impl Session<'_> {
         self.bg_progress.store(now_ns(), Ordering::Relaxed);
         // Migration starts: every page is still to send.
         self.bitmap().mark_all();
-        let switch = self.precopy(rings);
-        let switch = match switch {
+        let mut switch = match self.precopy(rings) {
             Ok(s) => s,
             Err(e) => {
                 self.fail(e);
@@ -1147,6 +1108,7 @@ impl Session<'_> {
                 .map_err(SourceError::Memory)?;
             self.saved = Some(saved);
         }
+        switch.built_ns = now_ns();
         let body = switch.encode();
         let h = FrameHeader::switch(body.len());
         if let Err(e) = self
@@ -1200,13 +1162,12 @@ impl Session<'_> {
         let summed = AtomicBool::new(false);
         let sums = std::thread::scope(|s| {
             let h = s.spawn(|| {
-                let r = self.mem.checksums().and_then(|c| {
-                    let g = match self.hello.guest.kind {
-                        GuestKind::Kvm => self.mem.generations()?,
-                        GuestKind::Thread => Vec::new(),
-                    };
-                    Ok((c, g))
-                });
+                let c = self.mem.checksums();
+                let r = match self.hello.guest.kind {
+                    GuestKind::Kvm => self.mem.generations(),
+                    GuestKind::Thread => Ok(Vec::new()),
+                }
+                .map(|g| (c, g));
                 // Relaxed: a polled flag; the join below waits for the result.
                 summed.store(true, Ordering::Relaxed);
                 r
@@ -1273,9 +1234,10 @@ impl Session<'_> {
             // Stop the guest wherever it is, then everything else that marks pages.
             let stop_ns = now_ns();
             let (states, vcpu_failed) = self.stop_guest(vcpus);
-            // Relaxed: a polled flag; the joins below wait for the threads.
+            // Relaxed: a polled flag; the wake-up and the joins below wait for the threads.
             housekeeping_stop.store(true, Ordering::Relaxed);
             let (device, harvest) = keeping.join();
+            let stopped_ns = now_ns();
             let (report, kvm) = result?;
             if let Some(f) = vcpu_failed {
                 return Err(SourceError::Guest(f));
@@ -1283,13 +1245,18 @@ impl Session<'_> {
             device.map_err(SourceError::Memory)?;
             harvest.map_err(SourceError::Guest)?;
             if let Some(t) = &tracker {
-                t.sync().map_err(SourceError::Guest)?;
+                // Everything quiet now, the count is exact: when every page is still to send
+                // (pure postcopy), nothing the log holds can add to it, and the sync, which
+                // costs a walk of KVM's log per GiB, is skipped.
+                if self.bitmap().dirty_count() < self.layout().pages() {
+                    t.sync().map_err(SourceError::Guest)?;
+                }
                 if t.rejected() > 0 {
                     let refused = format!("{} dirty-ring entries were refused", t.rejected());
                     return Err(SourceError::Guest(refused));
                 }
             }
-            Ok(self.switch_over(stop_ns, t_run, states, report, kvm))
+            self.switch_over([stop_ns, stopped_ns], t_run, states, report, kvm)
         })
     }
 
@@ -1363,61 +1330,123 @@ impl Session<'_> {
         (states, failed)
     }
 
-    /// The switch-over of a guest stopped at `stop_ns` (it ran from `t_run`) in `states`,
-    /// after the precopy `report`.
+    /// The switch-over of a guest asked to stop at `stop_ns` and stopped (with everything
+    /// else that marks pages) at `stopped_ns` (it ran from `t_run`) in `states`, after the
+    /// precopy `report`.
     fn switch_over(
         &self,
-        stop_ns: u64,
+        [stop_ns, stopped_ns]: [u64; 2],
         t_run: u64,
         states: Vec<VcpuState>,
         report: precopy::PrecopyReport,
         kvm: PrecopyKvm,
-    ) -> SwitchOver {
+    ) -> Result<SwitchOver, SourceError> {
+        let synced_ns = now_ns();
         let guest = self.machine.map(|m| m.counters()).unwrap_or_default();
-        SwitchOver {
+        Ok(SwitchOver {
             stop_ns,
+            stopped_ns,
+            synced_ns,
+            // Stamped when the frame is encoded.
+            built_ns: 0,
             rounds: report.rounds,
             // Relaxed (both): the precopy sender is this thread.
             precopy_pages: self.out.sent.precopy_pages.load(Ordering::Relaxed),
             precopy_bytes: self.out.sent.precopy_bytes.load(Ordering::Relaxed),
             source_run_ns: stop_ns - t_run,
             vcpus: states,
-            pending: self.pending(),
-            host_pages: self
-                .layout()
-                .ram()
-                .blocks()
-                .iter()
-                .map(|b| b.host_pages())
-                .collect(),
+            pending: self.pending()?,
             guest: sum_counters(&guest),
             dirty_per_round: report.dirty_per_round,
             sync_ns: report.sync_ns,
             drain_ns: report.drain_ns,
             kvm,
-        }
+        })
     }
 
-    /// Per block, one bit per host page with a dirty target page (the vCPUs are stopped).
-    fn pending(&self) -> Vec<Vec<u64>> {
-        self.layout()
-            .ram()
-            .blocks()
-            .iter()
-            .enumerate()
-            .map(|(b, block)| {
-                let shift = block.host_page_shift();
-                let mut words = vec![0u64; block.host_pages().div_ceil(64) as usize];
-                let mut from = 0;
-                while let Ok(Some(p)) = self.bitmap().find_next_dirty(b as u32, from) {
-                    let hp = p >> shift;
-                    words[(hp / 64) as usize] |= 1 << (hp % 64);
-                    from = (hp + 1) << shift;
+    /// Per block, the host pages with a dirty target page (the vCPUs are stopped, so the
+    /// bitmap is still): read a chunk of words at a time into the runs the frame carries,
+    /// never page by page, and with no copy of the bitmap; one run per block where every
+    /// page or none is dirty (the exact count says so).
+    fn pending(&self) -> Result<Vec<PendingSet>, SourceError> {
+        let bitmap = self.bitmap();
+        let dirty = bitmap.dirty_count();
+        let uniform = (dirty == 0 || dirty == self.layout().pages()).then_some(dirty != 0);
+        let mut out = Vec::new();
+        let mut buf = Vec::new();
+        for (b, block) in self.layout().ram().blocks().iter().enumerate() {
+            let bad = |e: String| SourceError::Memory(format!("the pending set: {e}"));
+            if let Some(all) = uniform {
+                let hp = block.host_pages();
+                let mut set = PendingBuilder::new(hp);
+                set.push_fill(all, hp / 64);
+                if hp % 64 != 0 {
+                    set.push(if all { (1 << (hp % 64)) - 1 } else { 0 });
                 }
-                words
-            })
-            .collect()
+                out.push(
+                    set.finish()
+                        .ok_or_else(|| bad("does not fit the block".into()))?,
+                );
+                continue;
+            }
+            let shift = block.host_page_shift();
+            // Target-page words per word of host-page bits.
+            let per = 1usize << shift;
+            buf.resize(per.max(PENDING_CHUNK), 0);
+            let chunk = buf.len() / per * per;
+            let nwords = bitmap
+                .block_words(b as u32)
+                .map_err(|e| bad(e.to_string()))?;
+            let mut set = PendingBuilder::new(block.host_pages());
+            let mut hp = 0;
+            let mut w = 0;
+            while w < nwords {
+                let n = chunk.min(nwords - w);
+                bitmap
+                    .dirty_words(b as u32, w, &mut buf[..n])
+                    .map_err(|e| bad(e.to_string()))?;
+                for words in buf[..n].chunks(per) {
+                    let pages = (block.host_pages() - hp).min(64);
+                    set.push(host_page_word(words, shift, pages));
+                    hp += pages;
+                }
+                w += n;
+            }
+            out.push(
+                set.finish()
+                    .ok_or_else(|| bad("does not fit the block".into()))?,
+            );
+        }
+        Ok(out)
     }
+}
+
+/// Bitmap words read at a time for the pending set.
+const PENDING_CHUNK: usize = 512;
+
+/// The word of host-page bits of `pages` (≤ 64) host pages of `2^shift` target pages each,
+/// from their target pages' bits `dirty`: bit `i` set when any target page of host page `i`
+/// is dirty.
+fn host_page_word(dirty: &[u64], shift: u32, pages: u64) -> u64 {
+    if shift == 0 {
+        return dirty.first().copied().unwrap_or(0);
+    }
+    let n = 1u64 << shift;
+    let mut out = 0;
+    for i in 0..pages {
+        let first = i << shift;
+        let any = if n >= 64 {
+            dirty
+                .get((first / 64) as usize..((first + n) / 64) as usize)
+                .is_some_and(|ws| ws.iter().any(|&w| w != 0))
+        } else {
+            dirty
+                .get((first / 64) as usize)
+                .is_some_and(|&w| (w >> (first % 64)) & ((1 << n) - 1) != 0)
+        };
+        out |= u64::from(any) << i;
+    }
+    out
 }
 
 /// The source's guest counters summed over vCPUs, in the switch-over's order.
@@ -1459,7 +1488,8 @@ impl<'s> Housekeeping<'s> {
             while !stop.load(Ordering::Relaxed) {
                 n += 1;
                 session.mem.device_write(n)?;
-                std::thread::sleep(Duration::from_millis(1));
+                // Parked, not slept: `join` wakes it at once (the wait is downtime).
+                std::thread::park_timeout(Duration::from_millis(1));
             }
             Ok(())
         });
@@ -1471,7 +1501,7 @@ impl<'s> Housekeeping<'s> {
                     if let Some(t) = tracker {
                         t.sync()?;
                     }
-                    std::thread::sleep(Duration::from_millis(2));
+                    std::thread::park_timeout(Duration::from_millis(2));
                 }
                 Ok::<(), String>(())
             })
@@ -1479,8 +1509,13 @@ impl<'s> Housekeeping<'s> {
         Self { device, harvester }
     }
 
-    /// Joins them: the device thread's result, and the harvester's.
+    /// Wakes them (their stop flag is raised) and joins them: the device thread's result,
+    /// and the harvester's.
     fn join(self) -> (Result<(), String>, Result<(), String>) {
+        self.device.thread().unpark();
+        if let Some(h) = &self.harvester {
+            h.thread().unpark();
+        }
         let device = self
             .device
             .join()
@@ -1490,5 +1525,27 @@ impl<'s> Housekeeping<'s> {
                 .unwrap_or_else(|_| Err("harvester panicked".into()))
         });
         (device, harvest)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::host_page_word;
+
+    #[test]
+    fn a_host_page_is_pending_when_any_of_its_target_pages_is_dirty() {
+        // 4 KiB host pages: the word itself.
+        assert_eq!(host_page_word(&[0b1010], 0, 64), 0b1010);
+        // 16 KiB host pages (4 target pages, 16 per word): pages 5 and 127 of the 4 words
+        // → host pages 1 and 31.
+        assert_eq!(
+            host_page_word(&[1 << 5, 1 << 63, 0, 0], 2, 64),
+            (1 << 1) | (1 << 31)
+        );
+        // 2 MiB host pages (8 words each): one bit in word 9 → host page 1 only.
+        let mut dirty = vec![0u64; 24];
+        dirty[9] = 1 << 40;
+        assert_eq!(host_page_word(&dirty, 9, 3), 0b010);
+        assert_eq!(host_page_word(&[0; 24], 9, 3), 0);
     }
 }

@@ -275,8 +275,7 @@ mod tests {
         let b = RequestBody::encode(3, &req);
         let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
         assert_eq!(
-            hex,
-            "03000000504800000100000000002000000000000010000000000000",
+            hex, "03000000504800000100000000002000000000000010000000000000",
             "the layout is the protocol (a change must bump wire::VERSION)"
         );
         let split = RequestBody::split(&b).unwrap();

@@ -61,7 +61,7 @@ pub use io::{
     configure, read_full, wait_readable, write_parts, Channel, Guard, WireError, POLL_SLICE,
 };
 pub use summary::Summary;
-pub use switch::SwitchOver;
+pub use switch::{PendingBuilder, PendingSet, Segment, SwitchOver};
 
 /// The protocol version both directions carry (the last byte of the hello's and the
 /// reply's magic).

@@ -36,7 +36,8 @@ const PTE_HUGE: u64 = 0x80;
 
 /// `(guest-physical address, bytes)` of everything the boot needs in guest RAM: the GDT,
 /// the page tables and the program. Independent of the workload (the parameter page says
-/// which one runs), so it is part of the image template.
+/// which one runs), so it is part of the image
+/// ([`build_image`](crate::guest::image::build_image)).
 pub fn system_pieces(layout: &GuestLayout) -> Result<Vec<(u64, Vec<u8>)>, String> {
     let words = |w: &[u64]| w.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
     let gib = layout.gpa_end().div_ceil(1 << 30);

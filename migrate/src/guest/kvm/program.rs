@@ -1127,7 +1127,7 @@ mod tests {
             "{}",
             code.len()
         );
-        // Deterministic: the same bytes every time (the image template caches it).
+        // Deterministic: the same bytes every time (part of the image of a layout and seed).
         assert_eq!(code, assemble().unwrap());
     }
 }
