@@ -10,6 +10,13 @@
 //! the traced run's two latency sources both have samples. No timing thresholds: those are
 //! the full comparison's, printed, not asserted.
 //!
+//! Two more, on QEMU 11.1 and pagehint's preempt-hint and preempt-hints over QEMU's transport,
+//! check the same guest with **two vCPUs** (`--vcpus 2`: QEMU `-smp 2`, every vCPU alive, one
+//! blocktime per vCPU on both peers and the "vCPUs blocked" sum with its ratios) and on **2 MiB
+//! host pages** (`--host-page 2M`: QEMU's RAM on a hugetlb memfd; skipped with the reason where
+//! the huge page pool cannot be filled, unless `PAGEHINT_REQUIRE_KVM` or
+//! `PAGEHINT_REQUIRE_QEMU` is set).
+//!
 //! It needs KVM, root, QEMU 11.1 in the private prefix `scripts/install-deps.sh` fills, and
 //! the pace-preload library (built here if missing). Where one is missing it says so and
 //! skips, unless `PAGEHINT_REQUIRE_QEMU` is set (`scripts/test-all.sh` sets it where QEMU is
@@ -17,10 +24,45 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::{Mutex, MutexGuard};
 
 use pagehint_migrate::guest::kvm::ready_or_skip;
 use pagehint_migrate::qemu::cli::default_qemu11;
+use pagehint_migrate::sys::hugepages::HugePages;
 use serde_json::Value;
+
+/// One comparison at a time: each takes both CPUs (and the 2 MiB one the huge page pool).
+fn one_at_a_time() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Runs `compare-qemu` with `args` (plus `--workdir`, `--json` and `--svg` in `dir`); checks
+/// it succeeded; returns its JSON document and stdout.
+fn compare_qemu(dir: &Path, args: &[&str]) -> (Value, String) {
+    std::fs::create_dir_all(dir).unwrap();
+    let json = dir.join("side.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_pagehint-migrate"))
+        .arg("compare-qemu")
+        .args(args)
+        .arg("--workdir")
+        .arg(dir.join("work"))
+        .arg("--json")
+        .arg(&json)
+        .arg("--svg")
+        .arg(dir.join("side.svg"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "compare-qemu failed ({}):\n{stdout}\n{stderr}",
+        out.status
+    );
+    let c: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    (c, stdout)
+}
 
 fn ready(test: &str) -> bool {
     if !ready_or_skip(test) {
@@ -105,32 +147,32 @@ fn qemu_11_and_pagehint_migrate_the_guest_on_both_transports_with_no_empty_figur
         return;
     }
     let preload = preload();
+    let _one = one_at_a_time();
     let dir = std::env::temp_dir().join(format!("pagehint-qemu-test-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let json = dir.join("side.json");
-    let out = Command::new(env!("CARGO_BIN_EXE_pagehint-migrate"))
-        .args(["compare-qemu", "--mem", "64M", "--workloads", "random"])
-        .args(["--links", "1G", "--repeat", "1", "--qemu10", "none"])
-        .args(["--qemu-modes", "preempt", "--modes", "preempt-hint"])
-        .args(["--transports", "qemu,pagehint"])
-        .arg("--preload")
-        .arg(&preload)
-        .arg("--workdir")
-        .arg(dir.join("work"))
-        .arg("--json")
-        .arg(&json)
-        .arg("--svg")
-        .arg(dir.join("side.svg"))
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "compare-qemu failed ({}):\n{stdout}\n{stderr}",
-        out.status
+    let preload = preload.to_string_lossy();
+    let (c, stdout) = compare_qemu(
+        &dir,
+        &[
+            "--mem",
+            "64M",
+            "--workloads",
+            "random",
+            "--links",
+            "1G",
+            "--repeat",
+            "1",
+            "--qemu10",
+            "none",
+            "--qemu-modes",
+            "preempt",
+            "--modes",
+            "preempt-hint",
+            "--transports",
+            "qemu,pagehint",
+            "--preload",
+            &preload,
+        ],
     );
-    let c: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     let qemus = c["qemus"].as_array().unwrap();
     assert_eq!(qemus.len(), 1);
     assert!(qemus[0]["version"]
@@ -262,5 +304,167 @@ fn qemu_11_and_pagehint_migrate_the_guest_on_both_transports_with_no_empty_figur
     assert!(!c["targets"].as_array().unwrap().is_empty());
     let svg = std::fs::read_to_string(dir.join("side.svg")).unwrap();
     assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Checks a `--vcpus 2` comparison of QEMU 11.1 preempt against pagehint preempt-hint and
+/// preempt-hints on QEMU's transport: every run completed with every vCPU alive, and every
+/// row has its blocktime, **one blocked time per vCPU** (each above 0: the random guest
+/// faults on both), their sum, and the "vCPUs blocked" ratios against both pagehint modes.
+fn check_two_vcpus(c: &Value, stdout: &str, what: &str) {
+    let q = c["qemus"][0]["label"].as_str().unwrap();
+    let rows = c["rows"].as_array().unwrap();
+    let who: Vec<(&str, &str)> = rows
+        .iter()
+        .map(|r| (r["peer"].as_str().unwrap(), r["mode"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        who,
+        [
+            (q, "preempt"),
+            ("pagehint", "preempt-hint"),
+            ("pagehint", "preempt-hints")
+        ],
+        "{what}"
+    );
+    for r in rows {
+        let name = format!("{what}: {} {}", r["peer"], r["mode"]);
+        assert_eq!(r["completed"], true, "{name}: {}", r["error"]);
+        assert_eq!(r["guest_alive"], true, "{name}: {}", r["error"]);
+        assert_eq!(r["guest_errors"], 0, "{name}");
+        measured(&r["blocktime_ms"], &format!("{name} blocktime"));
+        let per = r["vcpu_blocktime_ms"].as_array().unwrap();
+        assert_eq!(per.len(), 2, "{name}: one blocked time per vCPU: {per:?}");
+        let sum: f64 = per
+            .iter()
+            .enumerate()
+            .map(|(i, v)| measured(v, &format!("{name} vCPU {i} blocked")))
+            .sum();
+        // Every vCPU blocked at once is no longer than any one vCPU blocked (1 ms: QEMU's
+        // figures are whole milliseconds, each rounded).
+        let bt = r["blocktime_ms"].as_f64().unwrap();
+        assert!(
+            bt <= sum + 1.0,
+            "{name}: blocktime {bt} > vCPUs blocked {sum}"
+        );
+        let lat = &r["latency"];
+        measured(&lat["p50_us"], &format!("{name} p50"));
+    }
+    // Against each pagehint mode, the blocktime ratios are measured where both runs made
+    // enough requests for one (MIN_REQUESTS, 20), and "not comparable" with the counts where
+    // not: never missing.
+    let splits = c["splits"].as_array().unwrap();
+    let requests = |peer: &str, mode: &str| {
+        rows.iter()
+            .find(|r| r["peer"] == peer && r["mode"] == mode)
+            .unwrap()["requests"]
+            .as_u64()
+            .unwrap()
+    };
+    for mode in ["preempt-hint", "preempt-hints"] {
+        let enough = requests(q, "preempt").min(requests("pagehint", mode)) >= 20;
+        for figure in ["blocktime", "vcpus-blocked"] {
+            let s = splits
+                .iter()
+                .find(|s| s["mode"] == mode && s["figure"] == figure)
+                .unwrap_or_else(|| panic!("{what}: no {figure} split against {mode}"));
+            let r = &s["sched_qemu_transport"];
+            if enough {
+                assert!(r["Measured"].is_object(), "{what} {mode} {figure}: {r}");
+                measured(&r["Measured"]["median"], &format!("{what} {mode} {figure}"));
+            } else {
+                assert!(
+                    r["NotComparable"].is_object(),
+                    "{what} {mode} {figure}: {r}"
+                );
+            }
+        }
+    }
+    assert!(stdout.contains("vCPUs blocked"), "{what}: {stdout}");
+    assert!(
+        stdout.contains("pagehint preempt-hints (above 1"),
+        "{what}: the attribution against preempt-hints: {stdout}"
+    );
+}
+
+/// The arguments of a short two-vCPU comparison on QEMU's transport.
+const TWO_VCPUS: [&str; 18] = [
+    "--vcpus",
+    "2",
+    "--workloads",
+    "random",
+    "--links",
+    "1G",
+    "--repeat",
+    "1",
+    "--qemu10",
+    "none",
+    "--qemu-modes",
+    "preempt",
+    "--modes",
+    "preempt-hint,preempt-hints",
+    "--transports",
+    "qemu",
+    "--trace-cost",
+    "off",
+];
+
+#[test]
+fn two_vcpus_migrate_on_qemu_11_and_pagehint_with_a_blocked_time_per_vcpu() {
+    let test = "two_vcpus_migrate_on_qemu_11_and_pagehint_with_a_blocked_time_per_vcpu";
+    if !ready(test) {
+        return;
+    }
+    let _one = one_at_a_time();
+    let dir = std::env::temp_dir().join(format!("pagehint-qemu-smp-{}", std::process::id()));
+    let mut args = vec!["--mem", "64M"];
+    args.extend(TWO_VCPUS);
+    let (c, stdout) = compare_qemu(&dir, &args);
+    assert!(
+        c["setup"]
+            .as_str()
+            .unwrap()
+            .contains("2 vCPUs, 64 MiB, 4 KiB"),
+        "{}",
+        c["setup"]
+    );
+    check_two_vcpus(&c, &stdout, "2 vCPUs, 4 KiB");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn two_vcpus_migrate_on_2m_hugetlb_pages_on_both_peers() {
+    let test = "two_vcpus_migrate_on_2m_hugetlb_pages_on_both_peers";
+    if !ready(test) {
+        return;
+    }
+    let _one = one_at_a_time();
+    // 128 MiB (the least with 2 MiB pages), a source's and a destination's at once.
+    let _huge = match HugePages::reserve(2 * 64) {
+        Ok(h) => h,
+        Err(e)
+            if std::env::var_os("PAGEHINT_REQUIRE_KVM").is_some()
+                || std::env::var_os("PAGEHINT_REQUIRE_QEMU").is_some() =>
+        {
+            panic!("{test}: PAGEHINT_REQUIRE_KVM/QEMU is set, but the huge page pool: {e}")
+        }
+        Err(e) => {
+            eprintln!("SKIPPED {test}: the huge page pool: {e}");
+            return;
+        }
+    };
+    let dir = std::env::temp_dir().join(format!("pagehint-qemu-huge-{}", std::process::id()));
+    let mut args = vec!["--mem", "128M", "--host-page", "2M"];
+    args.extend(TWO_VCPUS);
+    let (c, stdout) = compare_qemu(&dir, &args);
+    assert!(
+        c["setup"]
+            .as_str()
+            .unwrap()
+            .contains("2 vCPUs, 128 MiB, 2 MiB (hugetlb)"),
+        "{}",
+        c["setup"]
+    );
+    check_two_vcpus(&c, &stdout, "2 vCPUs, 2 MiB");
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -9,6 +9,7 @@ use pagehint::layout::parse_size;
 use super::netns::LinkSpec;
 use super::ours::Transport;
 use super::peer::QemuMode;
+use crate::guest::disk::DISK_MAX_VCPUS;
 use crate::guest::layout::{GuestLayout, HostPageSize};
 use crate::options::{MigrationMode, Workload};
 use crate::values::{parse_bits, parse_duration, parse_list};
@@ -24,9 +25,18 @@ pub const ABOUT: &str = "Migrate the same guest with QEMU 10.0 (before the page 
 /// (`cargo build --release -p pagehint-pace-preload`).
 #[derive(Args, Debug)]
 pub struct CompareQemuCli {
-    /// Guest RAM (one vCPU, 4 KiB pages, one RAM block below 4 GiB for QEMU's `pc` machine).
+    /// Guest RAM (one RAM block below 4 GiB for QEMU's `pc` machine).
     #[arg(long, default_value = "512M")]
     mem: String,
+    /// vCPUs of the guest, on both peers (QEMU: `-smp N`; pagehint: `--vcpus N`); each runs
+    /// the workload in its own window.
+    #[arg(long, default_value_t = 1)]
+    vcpus: u32,
+    /// Host page size of guest RAM on both peers: 4K, or 2M (hugetlb: QEMU's RAM is a
+    /// `memory-backend-memfd` with `hugetlb=on`; pagehint's `--host-page 2M`); the huge pages
+    /// are reserved for the run and given back after it.
+    #[arg(long, default_value = "4K")]
+    host_page: String,
     /// Guest workloads, comma separated: seq, random, stream, kv.
     #[arg(long, value_delimiter = ',', default_value = "seq,random,stream,kv")]
     workloads: Vec<String>,
@@ -111,6 +121,10 @@ pub struct CompareQemuCli {
 pub struct CompareOptions {
     /// Guest RAM, bytes.
     pub mem: u64,
+    /// vCPUs of the guest.
+    pub vcpus: u32,
+    /// Host page size of guest RAM.
+    pub host_page: HostPageSize,
     /// Workloads, in order.
     pub workloads: Vec<Workload>,
     /// Links, in order.
@@ -162,7 +176,18 @@ impl CompareOptions {
         if mem > (2 << 30) {
             return Err("--mem: at most 2G (QEMU's `pc` machine keeps RAM in one block below 4 GiB only up to there)".into());
         }
-        GuestLayout::new(mem, HostPageSize::Small, 1).map_err(|e| format!("--mem: {e}"))?;
+        let host_page: HostPageSize = c
+            .host_page
+            .parse()
+            .map_err(|e| format!("--host-page: {e}"))?;
+        if !(1..=DISK_MAX_VCPUS).contains(&c.vcpus) {
+            return Err(format!(
+                "--vcpus {}: 1 to {DISK_MAX_VCPUS} (the boot disk's most)",
+                c.vcpus
+            ));
+        }
+        GuestLayout::new(mem, host_page, c.vcpus)
+            .map_err(|e| format!("--mem/--vcpus/--host-page: {e}"))?;
         let workloads: Vec<Workload> = parse_list("workloads", &c.workloads)?;
         let queue = parse_duration(&c.link_queue).map_err(|e| format!("--link-queue: {e}"))?;
         if queue.is_zero() {
@@ -238,6 +263,8 @@ impl CompareOptions {
         };
         Ok(Self {
             mem,
+            vcpus: c.vcpus,
+            host_page,
             workloads,
             links,
             qemu_modes,
@@ -253,7 +280,7 @@ impl CompareOptions {
                 .lowat
                 .parse::<crate::link::LowWater>()
                 .map_err(|e| format!("--lowat: {e}"))?
-                .bytes(HostPageSize::Small),
+                .bytes(host_page),
             qemu10,
             qemu11,
             transports,
@@ -299,4 +326,45 @@ fn default_preload() -> Result<PathBuf, String> {
         .map(|d| d.join("libpagehint_pace_preload.so"))
         .find(|p| p.exists())
         .unwrap_or_else(|| dir.join("libpagehint_pace_preload.so")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Line {
+        #[command(flatten)]
+        c: CompareQemuCli,
+    }
+
+    fn options(args: &[&str]) -> Result<CompareOptions, String> {
+        let line =
+            Line::try_parse_from(std::iter::once("compare-qemu").chain(args.iter().copied()))
+                .map_err(|e| e.to_string())?;
+        CompareOptions::from_cli(line.c)
+    }
+
+    #[test]
+    fn vcpus_and_host_pages_are_checked_and_typed() {
+        let o = options(&["--mem", "64M"]).unwrap();
+        assert_eq!((o.vcpus, o.host_page), (1, HostPageSize::Small));
+        let o = options(&["--vcpus", "4", "--host-page", "2M", "--mem", "256M"]).unwrap();
+        assert_eq!((o.vcpus, o.host_page), (4, HostPageSize::Huge2M));
+        // pagehint's low-water mark in whole host pages, and QEMU's preload given the same.
+        assert_eq!(o.lowat_bytes % HostPageSize::Huge2M.bytes(), 0);
+        for (args, says) in [
+            (&["--vcpus", "0"][..], "--vcpus 0"),
+            (&["--vcpus", "17"][..], "--vcpus 17"),
+            (&["--host-page", "1G"][..], "--host-page"),
+            (
+                &["--vcpus", "2", "--host-page", "2M", "--mem", "32M"][..],
+                "too small",
+            ),
+        ] {
+            let e = options(args).expect_err(&format!("{args:?}"));
+            assert!(e.contains(says), "{args:?}: {e}");
+        }
+    }
 }

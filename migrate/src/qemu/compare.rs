@@ -25,6 +25,7 @@ use crate::guest::kvm::{frame_tsc, vm::host_tsc_khz};
 use crate::guest::layout::{GuestLayout, HostPageSize};
 use crate::guest::STREAM_FRAME_PAGES;
 use crate::options::Workload;
+use crate::sys::hugepages::HugePages;
 use crate::sys::pin::PinPlan;
 
 /// Port of QEMU's migration on the destination.
@@ -131,8 +132,18 @@ pub fn run(
     let workdir = &o.workdir.0;
     std::fs::create_dir_all(workdir)
         .map_err(|e| QemuError::Io(format!("creating {}", workdir.display()), e))?;
-    let layout = GuestLayout::new(o.mem, HostPageSize::Small, 1)
+    let layout = GuestLayout::new(o.mem, o.host_page, o.vcpus)
         .map_err(|e| QemuError::Setup(format!("guest layout: {e}")))?;
+    // 2 MiB pages: a source's and a destination's RAM at once (QEMU's two processes, or
+    // pagehint's), from the hugetlb pool, reserved for the whole comparison and given back
+    // when it ends; a pool the kernel cannot fill is an error before anything runs.
+    let _huge = match o.host_page {
+        HostPageSize::Small => None,
+        HostPageSize::Huge2M => Some(
+            HugePages::reserve(2 * layout.host_pages())
+                .map_err(|e| QemuError::Setup(format!("--host-page 2M: {e}")))?,
+        ),
+    };
     let mut disks = Vec::new();
     for &w in &o.workloads {
         let spec = DiskSpec {
@@ -167,6 +178,8 @@ pub fn run(
         let qsetup = |binary: &Path| QemuSetup {
             binary: binary.to_path_buf(),
             mem: o.mem,
+            vcpus: o.vcpus,
+            host_page: o.host_page,
             cap_bps,
             settle: o.settle,
             workdir: workdir.clone(),
@@ -176,6 +189,8 @@ pub fn run(
         let osetup = OursSetup {
             exe: exe.to_path_buf(),
             mem: o.mem,
+            vcpus: o.vcpus,
+            host_page: o.host_page,
             pace_bps: cap_bps,
             seed: o.seed,
             stream_rate: o.stream_rate,
@@ -289,8 +304,14 @@ pub fn run(
         qemus: qemus.iter().map(|q| q.info.clone()).collect(),
         anchor,
         setup: format!(
-            "KVM guest, 1 vCPU, {} MiB, 4 KiB pages, pure postcopy; {} repeat{} (peer order alternating); both capped at {:.0}% of the link rate; transports: QEMU's (max-bandwidth and max-postcopy-bandwidth: a 100 ms-window rate limiter at line rate; pagehint: the same limiter, --qemu-rate-limit) and pagehint's (kernel pacing at the cap, {} in preempt modes; QEMU: the pace-preload library on its sockets); threads {}",
+            "KVM guest, {} vCPU{}, {} MiB, {} host pages, pure postcopy; {} repeat{} (peer order alternating); both capped at {:.0}% of the link rate; transports: QEMU's (max-bandwidth and max-postcopy-bandwidth: a 100 ms-window rate limiter at line rate; pagehint: the same limiter, --qemu-rate-limit) and pagehint's (kernel pacing at the cap, {} in preempt modes; QEMU: the pace-preload library on its sockets); threads {}",
+            o.vcpus,
+            if o.vcpus == 1 { "" } else { "s" },
             o.mem >> 20,
+            match o.host_page {
+                HostPageSize::Small => "4 KiB",
+                HostPageSize::Huge2M => "2 MiB (hugetlb)",
+            },
             o.repeat,
             if o.repeat == 1 { "" } else { "s" },
             o.cap * 100.0,

@@ -1,6 +1,7 @@
 //! The side-by-side comparison out: the medians table, the attribution table (every ratio
 //! split into scheduler and transport), what tracing cost QEMU, the targets, a JSON document
-//! and an SVG (medians with min–max whiskers of request p50 and p99, blocktime and CPU per
+//! and an SVG (medians with min–max whiskers of request p50 and p99, blocktime, the vCPUs'
+//! blocked time added up and CPU per
 //! GiB, per link and workload).
 
 use std::fmt::Write as _;
@@ -81,11 +82,17 @@ pub fn run_line(r: &SideRow) -> String {
             (fmt_us(l.p50_us), fmt_us(l.p99_us), l.source.label())
         });
     format!(
-        "{head} {:>6} req, p50 {:>8}, p99 {:>8} ({src}), blocktime {:>8}, total {:>8}, CPU {:>5.0} ms/GiB, guest {}",
+        "{head} {:>6} req, p50 {:>8}, p99 {:>8} ({src}), blocktime {:>8}, vCPUs blocked {:>8} ({}), total {:>8}, CPU {:>5.0} ms/GiB, guest {}",
         r.requests,
         p50,
         p99,
         fmt_ms(r.blocktime_ms),
+        r.vcpus_blocked_ms().map_or("-".into(), fmt_ms),
+        r.vcpu_blocktime_ms
+            .iter()
+            .map(|&v| fmt_ms(v))
+            .collect::<Vec<_>>()
+            .join(" + "),
         r.span_ms.map_or("-".into(), fmt_ms),
         r.cpu_ms_per_gib,
         if r.guest_alive { "alive" } else { "NOT ALIVE" }
@@ -101,7 +108,7 @@ pub fn medians(series: &[Series]) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "{:<5} {:<7} {:<32} {:<9} {:>7} {:>9} {:>9} {:>10} {:>9} {:>9} {:>6}  runs",
+        "{:<5} {:<7} {:<32} {:<9} {:>7} {:>9} {:>9} {:>10} {:>13} {:>9} {:>9} {:>6}  runs",
         "link",
         "work",
         "peer / mode",
@@ -110,6 +117,7 @@ pub fn medians(series: &[Series]) -> String {
         "p50",
         "p99",
         "blocktime",
+        "vCPUs blocked",
         "total",
         "CPU/GiB",
         "MiB"
@@ -125,7 +133,7 @@ pub fn medians(series: &[Series]) -> String {
         let f = |i: usize| cell(Figure::ALL[i], &x.figures[i]);
         let _ = writeln!(
             s,
-            "{:<5} {:<7} {:<32} {:<9} {:>7} {:>9} {:>9} {:>10} {:>9} {:>9} {:>6}  {}/{}{}",
+            "{:<5} {:<7} {:<32} {:<9} {:>7} {:>9} {:>9} {:>10} {:>13} {:>9} {:>9} {:>6}  {}/{}{}",
             c.link,
             c.workload,
             format!("{} {}", c.peer, c.mode),
@@ -137,6 +145,7 @@ pub fn medians(series: &[Series]) -> String {
             f(2),
             f(3),
             f(4),
+            f(5),
             x.mib_sent
                 .map_or("-".into(), |m| format!("{:.0}", m.median)),
             x.ok,
@@ -150,22 +159,22 @@ pub fn medians(series: &[Series]) -> String {
 /// The attribution table, per link.
 pub fn attribution(splits: &[Split], anchor: &Anchor) -> String {
     let mut s = String::new();
-    let mut links: Vec<&str> = Vec::new();
+    let mut tables: Vec<(&str, &str)> = Vec::new();
     for x in splits {
-        if !links.contains(&x.link.as_str()) {
-            links.push(&x.link);
+        if !tables.contains(&(x.mode.as_str(), x.link.as_str())) {
+            tables.push((&x.mode, &x.link));
         }
     }
     let before = anchor.before.as_deref().unwrap_or("-");
-    for link in links {
+    for (mode, link) in tables {
         let _ = writeln!(
             s,
-            "link {link}: {} preempt / pagehint preempt-hint (above 1: pagehint lower); median (min-max) over the repeats",
+            "link {link}: {} preempt / pagehint {mode} (above 1: pagehint lower); median (min-max) over the repeats",
             anchor.qemu
         );
         let _ = writeln!(
             s,
-            "  {:<7} {:<12} {:>20} {:>20} {:>20} {:>20} {:>20} {:>20}",
+            "  {:<7} {:<13} {:>20} {:>20} {:>20} {:>20} {:>20} {:>20}",
             "work",
             "figure",
             "as shipped",
@@ -175,10 +184,10 @@ pub fn attribution(splits: &[Split], anchor: &Anchor) -> String {
             "transport:QEMU",
             format!("{before} shipped")
         );
-        for x in splits.iter().filter(|x| x.link == link) {
+        for x in splits.iter().filter(|x| x.link == link && x.mode == mode) {
             let _ = writeln!(
                 s,
-                "  {:<7} {:<12} {:>20} {:>20} {:>20} {:>20} {:>20} {:>20}",
+                "  {:<7} {:<13} {:>20} {:>20} {:>20} {:>20} {:>20} {:>20}",
                 x.workload,
                 x.figure.name(),
                 x.shipped.text(),
@@ -310,6 +319,7 @@ pub fn svg(c: &Comparison) -> String {
         Figure::P50,
         Figure::P99,
         Figure::Blocktime,
+        Figure::VcpusBlocked,
         Figure::CpuPerGib,
     ];
     let mut workloads: Vec<&str> = Vec::new();

@@ -5,7 +5,9 @@
 //! # What is the same for both
 //! * **The guest**: the harness's guest program ([`crate::guest::kvm::program`]), for QEMU
 //!   booted from a raw disk ([`crate::guest::disk`]) that runs the very same code on the same
-//!   image, memory size and access pattern; one vCPU, 4 KiB pages.
+//!   image, memory size and access pattern, on `--vcpus N` vCPUs (QEMU: `-smp N`; the disk
+//!   starts the others) and `--host-page` 4 KiB or 2 MiB pages (QEMU: guest RAM a hugetlb
+//!   `memory-backend-memfd`; pagehint: `--host-page 2M`; the pool reserved for the run).
 //! * **The link**: two network namespaces joined by a veth pair shaped by `tc tbf`
 //!   ([`netns`]); both sources run in one namespace and both destinations in the other, and
 //!   pagehint's emulated link is off, so the kernel queue does the queueing for both.
@@ -46,7 +48,7 @@ use std::process::ExitCode;
 
 const LEGEND: &str = "\
 p50/p99: request latency, fault read -> page placed (QEMU >= 10.1: its own query-migrate histogram, untraced; QEMU 10.0: its request trace, one write per request)
-blocktime: time every vCPU was blocked at once (QEMU: postcopy-blocktime); total: switch-over -> last page placed (QEMU: source STOP event -> destination completed event)
+blocktime: time every vCPU was blocked at once (QEMU: postcopy-blocktime); vCPUs blocked: each vCPU's blocked time, added up (QEMU: postcopy-vcpu-blocktime summed); total: switch-over -> last page placed (QEMU: source STOP event -> destination completed event)
 CPU/GiB: run time of the migration threads (QEMU: mig/*; pagehint: ph/*) per GiB sent; not the vCPUs, not the main threads (in the JSON: cpu_other)
 transport: qemu = a 100 ms-window rate limiter at line rate (QEMU's; pagehint with --qemu-rate-limit); pagehint = kernel pacing + unsent-bytes bound (pagehint's; QEMU with the pace-preload library)";
 
@@ -79,8 +81,10 @@ pub fn command(c: cli::CompareQemuCli) -> ExitCode {
             .map_or("none".into(), |p| p.display().to_string())
     };
     println!(
-        "compare-qemu: {} MiB guest, workloads {}, links {}, QEMU modes {} (10.0: {}, 11.1: {}), pagehint modes {}, transports {}, {} repeat(s)",
+        "compare-qemu: {} MiB guest, {} vCPU(s), {} host pages, workloads {}, links {}, QEMU modes {} (10.0: {}, 11.1: {}), pagehint modes {}, transports {}, {} repeat(s)",
         o.mem >> 20,
+        o.vcpus,
+        o.host_page,
         list(&o.workloads, |w| w.name().into()),
         list(&o.links, |l| l.name()),
         list(&o.qemu_modes, |m| m.name().into()),

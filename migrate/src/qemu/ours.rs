@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 use super::cpu::{CpuByThread, ThreadCpu};
 use super::netns::{End, ShapedLink};
 use super::QemuError;
+use crate::guest::layout::HostPageSize;
 use crate::harness::result::RunResult;
 use crate::names::named_enum;
 use crate::options::{MigrationMode, Workload};
@@ -62,6 +63,10 @@ pub struct OursSetup {
     pub exe: PathBuf,
     /// Guest RAM, bytes.
     pub mem: u64,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// Host page size of guest RAM (both sides).
+    pub host_page: HostPageSize,
     /// Pacing of the background channel, bits/s (QEMU's cap).
     pub pace_bps: u64,
     /// Image and workload seed.
@@ -186,7 +191,8 @@ pub fn migrate(
     let mut c = link.command(End::Destination, &setup.exe);
     c.arg("--connect")
         .arg(format!("{}:{}", link.ip(End::Source), source.port))
-        .args(["--guest", "kvm", "--vcpus", "1", "--host-page", "4K"])
+        .args(["--guest", "kvm", "--vcpus", &setup.vcpus.to_string()])
+        .args(["--host-page", &setup.host_page.to_string()])
         .args(["--mem", &format!("{}M", setup.mem >> 20)])
         .args(["--precopy-rounds", "0", "--bandwidth", "0", "--delay", "0"])
         .args(["--pace", &pace, "--lowat", &lowat])
@@ -240,8 +246,21 @@ pub fn migrate(
             rows.len()
         )));
     }
+    let result = rows.remove(0);
+    // The run must be the guest asked for: its vCPUs and host pages, and one blocktime per
+    // vCPU (an empty per-vCPU figure is an error, not a 0).
+    let (v, hp) = (result.setup.vcpus, result.setup.host_page);
+    let per = result.waits.vcpu_blocktime_ms.len();
+    if v != setup.vcpus || hp != setup.host_page.bytes() || per != setup.vcpus as usize {
+        return Err(QemuError::Protocol(format!(
+            "{}: a run of {v} vCPU(s), {hp}-byte host pages and {per} per-vCPU blocktimes, not {} vCPU(s) and {}",
+            json.display(),
+            setup.vcpus,
+            setup.host_page
+        )));
+    }
     Ok(OursOutcome {
-        result: rows.remove(0),
+        result,
         cpu: cpu_mig,
         cpu_other,
     })

@@ -2,13 +2,16 @@
 //! processes, one in each namespace of a [`ShapedLink`].
 //!
 //! # Protocol of one run
-//! 1. Start the source QEMU (KVM, one vCPU, the guest's boot disk) and the destination QEMU
+//! 1. Start the source QEMU (KVM, [`QemuSetup::vcpus`] vCPUs, the guest's boot disk; with
+//!    2 MiB host pages guest RAM is a `memory-backend-memfd` with `hugetlb=on`, as pagehint's
+//!    `--host-page 2M` maps its RAM from hugetlb) and the destination QEMU
 //!    (`-incoming defer`; with [`QemuRun::trace`], the request-only trace events of
 //!    [`super::trace`]); with [`QemuRun::preload`], both under the pace-preload library
 //!    (pagehint's transport on QEMU's sockets). A sampler reads the CPU time of every thread
 //!    of both processes from here on ([`super::cpu`]) and pins QEMU's threads by name.
-//! 2. Wait until the guest has built its image and runs its workload (its status page, read
-//!    with `pmemsave`, counts operations), then let it run for the settle time.
+//! 2. Wait until the guest has built its image and every vCPU runs its workload (each vCPU's
+//!    status page, read with `pmemsave`, counts its operations), then let it run for the
+//!    settle time.
 //! 3. Enable `postcopy-ram` (and `postcopy-preempt`) and `events` on both sides and
 //!    `postcopy-blocktime` on the destination; cap the source with `max-bandwidth` **and**
 //!    `max-postcopy-bandwidth` (the first alone does not cap postcopy).
@@ -16,8 +19,8 @@
 //!    on the source (pure postcopy: like the harness with `--precopy-rounds 0`).
 //! 5. Poll `query-migrate` on the source until `completed` (or `failed`), then on the
 //!    destination until `completed`; read both, and the `MIGRATION` events' time stamps.
-//! 6. Check that the guest still runs on the destination: its status page says running, no
-//!    failed checks, and its operation count grows over half a second.
+//! 6. Check that the guest still runs on the destination: **every** vCPU's status page says
+//!    running with no failed check, and every vCPU's operation count grows.
 //! 7. `quit` both (killed if they do not); read the trace and the preload's log.
 //!
 //! # Figures
@@ -27,7 +30,10 @@
 //!   passes through a new `postcopy-device` state first and enters `postcopy-active` only
 //!   when the destination has answered, at times hundreds of milliseconds later (seen here). QMP stamps events with the
 //!   host's clock, the same for both processes.
-//! * **blocktime**: the destination's `postcopy-blocktime`; **latency**: [`super::latency`].
+//! * **blocktime**: the destination's `postcopy-blocktime` (every vCPU blocked at once);
+//!   **vCPUs blocked**: the sum of its `postcopy-vcpu-blocktime` (one entry per vCPU, each
+//!   that vCPU's blocked time); a reply without either, or with another count of vCPUs, is an
+//!   error, never a 0. **latency**: [`super::latency`].
 //! * **CPU**: the migration threads' run time ([`is_migration_thread`]), not the vCPU's.
 
 use std::fs::File;
@@ -46,7 +52,7 @@ use super::QemuError;
 use crate::guest::disk::MAILBOX;
 use crate::guest::kvm::program::mailbox as mb;
 use crate::guest::kvm::GuestCounters;
-use crate::guest::layout::TARGET_PAGE;
+use crate::guest::layout::{HostPageSize, TARGET_PAGE};
 use crate::names::named_enum;
 use crate::sys::pin::{PinPlan, Role};
 
@@ -72,6 +78,10 @@ pub struct QemuSetup {
     pub binary: PathBuf,
     /// Guest RAM, bytes.
     pub mem: u64,
+    /// vCPUs (`-smp`).
+    pub vcpus: u32,
+    /// Host page size of guest RAM: 2 MiB puts it on hugetlb.
+    pub host_page: HostPageSize,
     /// Bandwidth cap, bits/s (`max-bandwidth` and `max-postcopy-bandwidth`).
     pub cap_bps: u64,
     /// How long the guest runs at the source before migrating.
@@ -126,7 +136,7 @@ pub struct QemuOutcome {
     pub requests: u64,
     /// Destination `postcopy-blocktime`, ms.
     pub blocktime_ms: f64,
-    /// Destination `postcopy-vcpu-blocktime`, ms.
+    /// Destination `postcopy-vcpu-blocktime`, ms, one per vCPU.
     pub vcpu_blocktime_ms: Vec<f64>,
     /// QEMU's own latency figures (QEMU ≥ 10.1).
     pub qmp_latency: Option<Latency>,
@@ -259,9 +269,20 @@ fn start(
             c.env("PAGEHINT_NOTSENT_LOWAT", p.lowat.to_string());
         }
     }
-    c.args(["-name", &format!("pagehint-{side},debug-threads=on")])
-        .args(["-machine", "pc", "-accel", "kvm", "-cpu", "host"])
-        .args(["-m", &format!("{}M", setup.mem >> 20), "-smp", "1"])
+    let mib = setup.mem >> 20;
+    c.args(["-name", &format!("pagehint-{side},debug-threads=on")]);
+    match setup.host_page {
+        HostPageSize::Small => c.args(["-machine", "pc"]),
+        // QEMU postcopy on hugetlb: RAM is one memfd of 2 MiB pages (shared, as QEMU's
+        // postcopy on hugetlb needs), each placed whole by UFFDIO_COPY.
+        HostPageSize::Huge2M => c
+            .args(["-machine", "pc,memory-backend=ram", "-object"])
+            .arg(format!(
+                "memory-backend-memfd,id=ram,size={mib}M,hugetlb=on,hugetlbsize=2M,share=on"
+            )),
+    };
+    c.args(["-accel", "kvm", "-cpu", "host"])
+        .args(["-m", &format!("{mib}M"), "-smp", &setup.vcpus.to_string()])
         .args([
             "-nodefaults",
             "-no-user-config",
@@ -293,7 +314,7 @@ fn start(
 /// on the bulk CPU, as [`crate::sys::pin`] places pagehint's.
 pub fn qemu_role(thread: &str) -> Option<Role> {
     Some(match thread {
-        "CPU 0/KVM" => Role::Guest,
+        t if is_vcpu_thread(t) => Role::Guest,
         "mig/dst/fault" => Role::FaultThread,
         "mig/dst/preempt" => Role::UrgentReceiver,
         "mig/src/return" => Role::ReturnPath,
@@ -301,6 +322,13 @@ pub fn qemu_role(thread: &str) -> Option<Role> {
         "mig/dst/listen" => Role::BackgroundReceiver,
         _ => return None,
     })
+}
+
+/// Whether a QEMU thread is a vCPU's (`CPU <i>/KVM`).
+fn is_vcpu_thread(name: &str) -> bool {
+    name.strip_prefix("CPU ")
+        .and_then(|t| t.strip_suffix("/KVM"))
+        .is_some_and(|i| !i.is_empty() && i.bytes().all(|b| b.is_ascii_digit()))
 }
 
 /// Whether a QEMU thread is one of the migration threads compared: the `mig/...` threads
@@ -356,24 +384,99 @@ fn event_us(events: &[Value], event: &str, status: Option<&str>) -> Option<u64> 
         .next()
 }
 
-fn status_page(q: &mut Qmp, workdir: &Path, side: &str) -> Result<GuestCounters, QemuError> {
+/// Every vCPU's status page (vCPU `i`'s at [`MAILBOX`] + `i` pages), read in one
+/// `pmemsave`.
+#[derive(Clone, Debug)]
+struct StatusPages(Vec<GuestCounters>);
+
+impl StatusPages {
+    /// Operations of all vCPUs.
+    fn ops(&self) -> u64 {
+        self.0.iter().map(|c| c.ops).sum()
+    }
+
+    /// Failed checks of all vCPUs.
+    fn errors(&self) -> u64 {
+        self.0.iter().map(|c| c.errors).sum()
+    }
+
+    /// Every vCPU runs its workload.
+    fn all_running(&self) -> bool {
+        self.0.iter().all(|c| c.state == mb::RUNNING)
+    }
+
+    /// Every vCPU's operation count is above its count in `before`.
+    fn all_grew_since(&self, before: &Self) -> bool {
+        self.0.len() == before.0.len() && self.0.iter().zip(&before.0).all(|(b, a)| b.ops > a.ops)
+    }
+
+    /// `vCPU 0 state 0x1 ops 12 errors 0; vCPU 1 ...`.
+    fn describe(&self) -> String {
+        self.0
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                format!(
+                    "vCPU {i} state {:#x} ops {} errors {}",
+                    c.state, c.ops, c.errors
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+}
+
+fn status_pages(
+    q: &mut Qmp,
+    workdir: &Path,
+    side: &str,
+    vcpus: u32,
+) -> Result<StatusPages, QemuError> {
     let file = workdir.join(format!("{side}-status.bin"));
+    let size = u64::from(vcpus) * TARGET_PAGE;
     q.execute(
         "pmemsave",
-        json!({"val": MAILBOX, "size": TARGET_PAGE, "filename": file.to_string_lossy()}),
+        json!({"val": MAILBOX, "size": size, "filename": file.to_string_lossy()}),
     )?;
-    let page = std::fs::read(&file)
+    let pages = std::fs::read(&file)
         .map_err(|e| QemuError::Io(format!("reading {}", file.display()), e))?;
-    if page.len() < TARGET_PAGE as usize {
+    if pages.len() < size as usize {
         return Err(QemuError::Protocol(format!(
-            "pmemsave wrote {} bytes of the status page",
-            page.len()
+            "pmemsave wrote {} bytes of {vcpus} status pages",
+            pages.len()
         )));
     }
-    Ok(GuestCounters::decode(|o| {
-        let o = o as usize;
-        u64::from_le_bytes(page[o..o + 8].try_into().expect("8 bytes"))
-    }))
+    Ok(StatusPages(
+        pages
+            .chunks_exact(TARGET_PAGE as usize)
+            .map(|page| {
+                GuestCounters::decode(|o| {
+                    let o = o as usize;
+                    u64::from_le_bytes(page[o..o + 8].try_into().expect("8 bytes"))
+                })
+            })
+            .collect(),
+    ))
+}
+
+/// The destination's blocktime figures: `postcopy-blocktime` and one
+/// `postcopy-vcpu-blocktime` entry per vCPU, ms; missing ones are an error, not a 0.
+fn blocktimes(dest_info: &Value, vcpus: u32) -> Result<(f64, Vec<f64>), QemuError> {
+    let total = dest_info["postcopy-blocktime"].as_f64().ok_or_else(|| {
+        QemuError::Protocol(format!(
+            "the destination's query-migrate has no postcopy-blocktime: {dest_info}"
+        ))
+    })?;
+    let per: Option<Vec<f64>> = dest_info["postcopy-vcpu-blocktime"]
+        .as_array()
+        .and_then(|v| v.iter().map(Value::as_f64).collect());
+    match per {
+        Some(v) if v.len() == vcpus as usize => Ok((total, v)),
+        _ => Err(QemuError::Protocol(format!(
+            "the destination's query-migrate has no postcopy-vcpu-blocktime for {vcpus} vCPUs: {}",
+            dest_info["postcopy-vcpu-blocktime"]
+        ))),
+    }
 }
 
 fn num(v: &Value, path: &[&str]) -> f64 {
@@ -434,24 +537,26 @@ pub fn migrate(
     // 2. The guest builds its image (about 10 s per GiB here), then runs its workload.
     let boot_limit = Duration::from_secs(30 + 60 * (setup.mem >> 30).max(1));
     let t = Instant::now();
+    let pages = |q: &mut Qmp, side: &str| status_pages(q, &setup.workdir, side, setup.vcpus);
     let first = loop {
         src.check_alive()?;
-        let c = status_page(&mut s, &setup.workdir, "source")?;
-        if c.state == mb::RUNNING && c.ops > 0 {
+        let c = pages(&mut s, "source")?;
+        if c.all_running() && c.0.iter().all(|v| v.ops > 0) {
             break c;
         }
         if t.elapsed() > boot_limit {
             return Err(QemuError::Timeout(format!(
-                "the guest did not start its workload within {boot_limit:?} (state {}, ops {})",
-                c.state, c.ops
+                "the guest did not start its workload on every vCPU within {boot_limit:?} ({})",
+                c.describe()
             )));
         }
         std::thread::sleep(Duration::from_millis(100));
     };
     let t0 = Instant::now();
     std::thread::sleep(setup.settle);
-    let before = status_page(&mut s, &setup.workdir, "source")?;
-    let ops_before_per_s = (before.ops - first.ops) as f64 / t0.elapsed().as_secs_f64();
+    let before = pages(&mut s, "source")?;
+    let ops_before_per_s =
+        before.ops().saturating_sub(first.ops()) as f64 / t0.elapsed().as_secs_f64();
 
     // 3. Capabilities and the bandwidth cap.
     let mut caps = vec![
@@ -542,39 +647,38 @@ pub fn migrate(
     drop(cpu);
 
     // 6. The guest runs on at the destination.
-    let a = status_page(&mut d, &setup.workdir, "destination")?;
+    let a = pages(&mut d, "destination")?;
     let ta = Instant::now();
-    let frozen = status_page(&mut s, &setup.workdir, "source")?;
+    let frozen = pages(&mut s, "source")?;
     let ops_postcopy_per_s =
-        a.ops.saturating_sub(frozen.ops) as f64 / (ta - t_migrate).as_secs_f64();
-    // Alive: running, its operation count growing, no failed check. Looked at every 500 ms
-    // for up to ALIVE_WITHIN, so that a vCPU a loaded host did not schedule in one look is
-    // not taken for a dead guest; a failed check or a stopped VM ends the wait at once.
+        a.ops().saturating_sub(frozen.ops()) as f64 / (ta - t_migrate).as_secs_f64();
+    // Alive: every vCPU running, its operation count growing, no failed check on any.
+    // Looked at every 500 ms for up to ALIVE_WITHIN, so that a vCPU a loaded host did not
+    // schedule in one look is not taken for a dead guest; a failed check or a stopped VM
+    // ends the wait at once.
     let (b, running) = loop {
         std::thread::sleep(Duration::from_millis(500));
-        let b = status_page(&mut d, &setup.workdir, "destination")?;
+        let b = pages(&mut d, "destination")?;
         let running = d.execute("query-status", json!({}))?;
-        let settled = b.errors != 0 || running["running"] != true || b.ops > a.ops;
+        let settled = b.errors() != 0 || running["running"] != true || b.all_grew_since(&a);
         if settled || ta.elapsed() >= ALIVE_WITHIN {
             break (b, running);
         }
     };
     let _ = s.execute("query-status", json!({}))?;
-    let ops_after_per_s = b.ops.saturating_sub(a.ops) as f64 / ta.elapsed().as_secs_f64();
-    let guest_errors = before.errors.max(b.errors);
+    let ops_after_per_s = b.ops().saturating_sub(a.ops()) as f64 / ta.elapsed().as_secs_f64();
+    let guest_errors = before.errors().max(b.errors());
     let guest_alive =
-        running["running"] == true && b.state == mb::RUNNING && b.ops > a.ops && b.errors == 0;
+        running["running"] == true && b.all_running() && b.all_grew_since(&a) && b.errors() == 0;
     if !guest_alive {
         eprintln!(
-            "QEMU {} {}: the guest is not alive at the destination: VM {}, guest state {:#x}, operations {} then {} over {:?}, {} failed checks",
+            "QEMU {} {}: the guest is not alive at the destination: VM {}, over {:?}: before {}; after {}",
             setup.binary.display(),
             run.mode,
             running["status"],
-            b.state,
-            a.ops,
-            b.ops,
             ta.elapsed(),
-            b.errors
+            a.describe(),
+            b.describe(),
         );
     }
     let pinned_threads = pinned_names
@@ -604,6 +708,7 @@ pub fn migrate(
     src.finish(Some(&mut s));
     dst.finish(Some(&mut d));
     let requests = num(&source_info, &["ram", "postcopy-requests"]) as u64;
+    let (blocktime_ms, vcpu_blocktime_ms) = blocktimes(&dest_info, setup.vcpus)?;
     let qmp_latency = latency::from_qmp(&dest_info, requests).map_err(QemuError::Protocol)?;
     let trace_latency = if run.trace {
         // No file is no event: an error below only if requests were made.
@@ -638,11 +743,8 @@ pub fn migrate(
         precopy_bytes: num(&source_info, &["ram", "precopy-bytes"]) as u64,
         postcopy_bytes: num(&source_info, &["ram", "postcopy-bytes"]) as u64,
         requests,
-        blocktime_ms: num(&dest_info, &["postcopy-blocktime"]),
-        vcpu_blocktime_ms: dest_info["postcopy-vcpu-blocktime"]
-            .as_array()
-            .map(|v| v.iter().map(|x| x.as_f64().unwrap_or(0.0)).collect())
-            .unwrap_or_default(),
+        blocktime_ms,
+        vcpu_blocktime_ms,
         qmp_latency,
         trace_latency,
         cpu: cpu_mig,
@@ -670,6 +772,55 @@ mod tests {
             "10.0.2"
         );
         assert_eq!(short_version("something else"), "?");
+    }
+
+    #[test]
+    fn every_vcpu_thread_is_placed_as_the_guest() {
+        for t in ["CPU 0/KVM", "CPU 1/KVM", "CPU 15/KVM"] {
+            assert_eq!(qemu_role(t), Some(Role::Guest), "{t}");
+        }
+        for t in ["CPU /KVM", "CPU x/KVM", "CPU 1/TCG", "mig/src/main"] {
+            assert_ne!(qemu_role(t), Some(Role::Guest), "{t}");
+        }
+    }
+
+    #[test]
+    fn a_guest_is_alive_only_if_every_vcpu_runs_on() {
+        let page = |ops: u64, errors: u64| GuestCounters {
+            ops,
+            errors,
+            state: mb::RUNNING,
+            ..GuestCounters::default()
+        };
+        let before = StatusPages(vec![page(10, 0), page(20, 0)]);
+        assert!(StatusPages(vec![page(11, 0), page(21, 0)]).all_grew_since(&before));
+        // One vCPU stuck (its operations did not grow), though the sum grew: not alive.
+        let stuck = StatusPages(vec![page(50, 0), page(20, 0)]);
+        assert!(stuck.ops() > before.ops());
+        assert!(!stuck.all_grew_since(&before));
+        // Another count of vCPUs is not the same guest.
+        assert!(!StatusPages(vec![page(11, 0)]).all_grew_since(&before));
+        // A failed check or a stopped workload on any vCPU shows.
+        assert_eq!(StatusPages(vec![page(11, 0), page(21, 2)]).errors(), 2);
+        let mut done = page(21, 0);
+        done.state = mb::RUNNING + 1;
+        assert!(!StatusPages(vec![page(11, 0), done]).all_running());
+    }
+
+    #[test]
+    fn blocktimes_need_one_entry_per_vcpu_and_are_never_made_up() {
+        let q = json!({"postcopy-blocktime": 549, "postcopy-vcpu-blocktime": [550, 548]});
+        assert_eq!(blocktimes(&q, 2).unwrap(), (549.0, vec![550.0, 548.0]));
+        // Another vCPU count, no list, no total: errors, not zeros.
+        assert!(blocktimes(&q, 1).is_err());
+        assert!(blocktimes(&q, 4).is_err());
+        assert!(blocktimes(&json!({"postcopy-blocktime": 549}), 1).is_err());
+        assert!(blocktimes(&json!({"postcopy-vcpu-blocktime": [5]}), 1).is_err());
+        let e = blocktimes(
+            &json!({"postcopy-blocktime": 1, "postcopy-vcpu-blocktime": [1, "x"]}),
+            2,
+        );
+        assert!(e.is_err());
     }
 
     #[test]

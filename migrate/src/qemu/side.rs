@@ -7,6 +7,7 @@
 //! |---|---|---|
 //! | request latency p50/p99 | ≥ 10.1: the destination's `query-migrate` histogram (untraced run); < 10.1: its request trace, one write per request ([`super::trace`]) | destination: fault read → page placed |
 //! | blocktime | destination `postcopy-blocktime` (every vCPU blocked at once) | the same definition, measured at the destination |
+//! | vCPUs blocked | destination `postcopy-vcpu-blocktime`, one entry per vCPU, summed | each vCPU's blocked time (its faults' waits), summed |
 //! | total time (one span for both) | source `STOP` event (vCPUs stopped) → destination `MIGRATION` `completed` event | source stopped → last page placed |
 //! | requests | source `ram.postcopy-requests` | requests sent by the destination |
 //! | CPU per GiB | run time of the `mig/...` threads (migration, return path; fault, preempt, listen), per GiB sent | run time of the `ph/...` threads (background sender, return path; fault, urgent and background receivers), per GiB sent |
@@ -71,8 +72,12 @@ pub struct SideRow {
     /// For a traced QEMU ≥ 10.1 run, the trace's latency too (its own figures are in
     /// `latency`): the cross-check of the two.
     pub trace_latency: Option<Latency>,
-    /// Total vCPU blocktime, ms.
+    /// Total vCPU blocktime (every vCPU blocked at once), ms.
     pub blocktime_ms: f64,
+    /// Each vCPU's blocked time, ms (empty in a failed run, and in documents written before
+    /// `--vcpus`).
+    #[serde(default)]
+    pub vcpu_blocktime_ms: Vec<f64>,
     /// The span compared: switch-over → last page placed, ms (see the module docs).
     pub span_ms: Option<f64>,
     /// The peer's own total time, ms (QEMU: `total-time`, migrate → completed at the source;
@@ -153,6 +158,7 @@ impl SideRow {
             latency: None,
             trace_latency: None,
             blocktime_ms: 0.0,
+            vcpu_blocktime_ms: Vec::new(),
             span_ms: None,
             own_total_ms: 0.0,
             downtime_ms: 0.0,
@@ -202,6 +208,7 @@ impl SideRow {
             latency,
             trace_latency,
             blocktime_ms: q.blocktime_ms,
+            vcpu_blocktime_ms: q.vcpu_blocktime_ms.clone(),
             span_ms: q.span_ms,
             own_total_ms: q.total_ms,
             downtime_ms: q.downtime_ms,
@@ -240,6 +247,7 @@ impl SideRow {
                 mean_us: None,
             }),
             blocktime_ms: w.blocktime_ms,
+            vcpu_blocktime_ms: w.vcpu_blocktime_ms.clone(),
             span_ms: Some(t.total_ms - t.precopy_ms),
             own_total_ms: t.total_ms,
             downtime_ms: t.downtime_ms,
@@ -260,6 +268,11 @@ impl SideRow {
     pub fn is_qemu(&self) -> bool {
         self.peer.starts_with("QEMU")
     }
+
+    /// The vCPUs' blocked time added up, ms (None where no per-vCPU figure was recorded).
+    pub fn vcpus_blocked_ms(&self) -> Option<f64> {
+        (!self.vcpu_blocktime_ms.is_empty()).then(|| self.vcpu_blocktime_ms.iter().sum())
+    }
 }
 
 /// Fewer requests than this on either side make a latency or blocktime ratio meaningless
@@ -274,8 +287,10 @@ pub enum Figure {
     P50,
     /// Request latency, 99th percentile.
     P99,
-    /// vCPU blocktime.
+    /// vCPU blocktime: every vCPU blocked at once.
     Blocktime,
+    /// Each vCPU's blocked time, added up.
+    VcpusBlocked,
     /// Switch-over → last page placed.
     Total,
     /// Migration threads' CPU per GiB.
@@ -284,10 +299,11 @@ pub enum Figure {
 
 impl Figure {
     /// All of them, in table order.
-    pub const ALL: [Self; 5] = [
+    pub const ALL: [Self; 6] = [
         Self::P50,
         Self::P99,
         Self::Blocktime,
+        Self::VcpusBlocked,
         Self::Total,
         Self::CpuPerGib,
     ];
@@ -298,6 +314,7 @@ impl Figure {
             Self::P50 => "request p50",
             Self::P99 => "request p99",
             Self::Blocktime => "blocktime",
+            Self::VcpusBlocked => "vCPUs blocked",
             Self::Total => "total",
             Self::CpuPerGib => "CPU/GiB",
         }
@@ -305,7 +322,10 @@ impl Figure {
 
     /// Whether its ratio needs [`MIN_REQUESTS`] on both sides.
     pub fn needs_requests(self) -> bool {
-        matches!(self, Self::P50 | Self::P99 | Self::Blocktime)
+        matches!(
+            self,
+            Self::P50 | Self::P99 | Self::Blocktime | Self::VcpusBlocked
+        )
     }
 
     /// Its value in `r`, if measured (latency: µs; times: ms).
@@ -319,6 +339,7 @@ impl Figure {
             Self::P50 => lat.map(|l| l.p50_us),
             Self::P99 => lat.map(|l| l.p99_us),
             Self::Blocktime => Some(r.blocktime_ms),
+            Self::VcpusBlocked => r.vcpus_blocked_ms(),
             Self::Total => r.span_ms,
             Self::CpuPerGib => (r.cpu_ms > 0.0).then_some(r.cpu_ms_per_gib),
         }
@@ -328,7 +349,7 @@ impl Figure {
     pub fn fmt(self, v: f64) -> String {
         match self {
             Self::P50 | Self::P99 => crate::harness::export::fmt_us(v),
-            Self::Blocktime | Self::Total => crate::harness::export::fmt_ms(v),
+            Self::Blocktime | Self::VcpusBlocked | Self::Total => crate::harness::export::fmt_ms(v),
             Self::CpuPerGib => format!("{v:.0} ms"),
         }
     }
@@ -569,6 +590,9 @@ pub struct Anchor {
 /// One line of the attribution table: a figure of a workload on a link, split.
 #[derive(Clone, Debug, Serialize)]
 pub struct Split {
+    /// pagehint's mode compared: `preempt-hint` (one slot, the seed's), or `preempt-hints`
+    /// (a slot per vCPU) where it ran.
+    pub mode: String,
     /// Link.
     pub link: String,
     /// Workload.
@@ -590,10 +614,23 @@ pub struct Split {
 }
 
 const HINT: &str = "preempt-hint";
+const HINTS: &str = "preempt-hints";
 const QPRE: &str = "preempt";
 
-/// The attribution table of preempt (QEMU with the hint) against preempt-hint (pagehint).
+/// The attribution table of preempt (QEMU with the hint) against preempt-hint (pagehint),
+/// and against preempt-hints where pagehint ran it.
 pub fn splits(rows: &[SideRow], anchor: &Anchor) -> Vec<Split> {
+    let mut out = Vec::new();
+    let hints_ran = rows.iter().any(|r| r.peer == "pagehint" && r.mode == HINTS);
+    let modes: &[&str] = if hints_ran { &[HINT, HINTS] } else { &[HINT] };
+    for &mode in modes {
+        out.extend(splits_of(rows, anchor, mode));
+    }
+    out
+}
+
+/// [`splits`] against pagehint's `mode`.
+fn splits_of(rows: &[SideRow], anchor: &Anchor, mode: &str) -> Vec<Split> {
     let mut out = Vec::new();
     for (link, w) in links_and_workloads(rows) {
         for f in Figure::ALL {
@@ -604,7 +641,7 @@ pub fn splits(rows: &[SideRow], anchor: &Anchor) -> Vec<Split> {
             };
             let p = |t| Side {
                 peer: "pagehint",
-                mode: HINT,
+                mode,
                 transport: t,
             };
             let r = |a, b| ratio(rows, &link, &w, f, a, b);
@@ -625,6 +662,7 @@ pub fn splits(rows: &[SideRow], anchor: &Anchor) -> Vec<Split> {
                     ),
                     None => Ratio::Missing,
                 },
+                mode: mode.into(),
                 link: link.clone(),
                 workload: w.clone(),
                 figure: f,
@@ -702,7 +740,7 @@ pub fn targets(rows: &[SideRow], anchor: &Anchor) -> Vec<Target> {
     let get = |link: &str, w: &str, f: Figure| {
         splits
             .iter()
-            .find(|s| s.link == link && s.workload == w && s.figure == f)
+            .find(|s| s.mode == HINT && s.link == link && s.workload == w && s.figure == f)
     };
     let mut links: Vec<String> = Vec::new();
     for r in rows {
@@ -765,6 +803,68 @@ pub fn targets(rows: &[SideRow], anchor: &Anchor) -> Vec<Target> {
                 r,
                 Goal::AtLeast(g),
             ));
+        }
+        // Several vCPUs (issue 21): a slot per vCPU against QEMU's one hint and pagehint's
+        // own one slot, on equal transport.
+        let vcpus = rows
+            .iter()
+            .filter(|r| &r.link == link)
+            .map(|r| r.vcpu_blocktime_ms.len())
+            .max()
+            .unwrap_or(0);
+        if vcpus > 1 {
+            for t in [Transport::Qemu, Transport::Pagehint] {
+                let side = |peer, mode| Side {
+                    peer,
+                    mode,
+                    transport: t,
+                };
+                let hints = side("pagehint", HINTS);
+                for (w, f, a, goal) in [
+                    (
+                        "seq",
+                        Figure::VcpusBlocked,
+                        side(q, QPRE),
+                        Goal::AtLeast(3.0),
+                    ),
+                    (
+                        "stream",
+                        Figure::VcpusBlocked,
+                        side(q, QPRE),
+                        Goal::AtLeast(3.0),
+                    ),
+                    (
+                        "seq",
+                        Figure::VcpusBlocked,
+                        side("pagehint", HINT),
+                        Goal::AtLeast(3.0),
+                    ),
+                    (
+                        "stream",
+                        Figure::VcpusBlocked,
+                        side("pagehint", HINT),
+                        Goal::AtLeast(3.0),
+                    ),
+                    (
+                        "random",
+                        Figure::P50,
+                        side("pagehint", HINT),
+                        Goal::AtLeast(1.0 / 1.1),
+                    ),
+                ] {
+                    let r = ratio(rows, link, w, f, a, hints);
+                    out.push(check(
+                        format!(
+                            "{link} {w} {}, {vcpus} vCPUs: {} {} / pagehint {HINTS}, both on {t}'s transport",
+                            f.name(),
+                            a.peer,
+                            a.mode
+                        ),
+                        r,
+                        goal,
+                    ));
+                }
+            }
         }
         for t in [Transport::Qemu, Transport::Pagehint] {
             for (l2, w) in links_and_workloads(rows) {
@@ -1012,6 +1112,73 @@ mod tests {
             .unwrap();
         assert_eq!(c.verdict, Verdict::NotComparable);
         assert!(targets_text(&t).contains("n/c (7/900 req)"));
+    }
+
+    #[test]
+    fn vcpus_blocked_is_the_per_vcpu_sum_and_multi_vcpu_runs_get_their_targets() {
+        // Two vCPUs, seq, QEMU's transport: QEMU 300 + 300 ms, one slot 200 + 200 ms, a slot
+        // per vCPU 50 + 40 ms.
+        let mut rows = Vec::new();
+        for (peer, mode, per) in [
+            (Q, "preempt", [300.0, 300.0]),
+            ("pagehint", HINT, [200.0, 200.0]),
+            ("pagehint", HINTS, [50.0, 40.0]),
+        ] {
+            let mut r = row(
+                0,
+                peer,
+                mode,
+                Transport::Qemu,
+                "seq",
+                [100.0, 1e3, 10.0, 1.0],
+            );
+            r.vcpu_blocktime_ms = per.to_vec();
+            rows.push(r);
+        }
+        assert_eq!(rows[2].vcpus_blocked_ms(), Some(90.0));
+        let s = splits(&rows, &anchor());
+        let of = |mode: &str| {
+            s.iter()
+                .find(|x| x.mode == mode && x.figure == Figure::VcpusBlocked)
+                .unwrap()
+                .sched_qemu_transport
+                .median()
+                .unwrap()
+        };
+        assert!((of(HINT) - 1.5).abs() < 1e-9);
+        assert!((of(HINTS) - 600.0 / 90.0).abs() < 1e-9);
+        let t = targets(&rows, &anchor());
+        let get = |w: &str| {
+            t.iter()
+                .find(|c| c.what.contains(w))
+                .unwrap_or_else(|| panic!("{w}: {t:?}"))
+        };
+        let vs_qemu = get("seq vCPUs blocked, 2 vCPUs: QEMU 11.1.3 preempt / pagehint preempt-hints, both on qemu's");
+        assert_eq!(vs_qemu.verdict, Verdict::Pass, "{vs_qemu:?}");
+        // 400 / 90 >= 3: pass; at 200 ms (400 / 200 = 2) it misses.
+        let vs_one = get("seq vCPUs blocked, 2 vCPUs: pagehint preempt-hint / pagehint preempt-hints, both on qemu's");
+        assert_eq!(vs_one.verdict, Verdict::Pass);
+        rows[2].vcpu_blocktime_ms = vec![100.0, 100.0];
+        let t = targets(&rows, &anchor());
+        let c = t
+            .iter()
+            .find(|c| {
+                c.what
+                    .contains("seq vCPUs blocked, 2 vCPUs: pagehint preempt-hint /")
+            })
+            .unwrap();
+        assert_eq!(c.verdict, Verdict::Miss, "{c:?}");
+        // A failed row has no figure: not a 0.
+        let mut failed = rows[0].clone();
+        failed.vcpu_blocktime_ms.clear();
+        assert_eq!(Figure::VcpusBlocked.of(&failed), None);
+        // One vCPU: no multi-vCPU targets.
+        for r in &mut rows {
+            r.vcpu_blocktime_ms.truncate(1);
+        }
+        assert!(!targets(&rows, &anchor())
+            .iter()
+            .any(|c| c.what.contains("vCPUs:")));
     }
 
     #[test]
