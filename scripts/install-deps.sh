@@ -133,6 +133,7 @@ if command -v rustup >/dev/null 2>&1; then
             rustup component add "$c" --toolchain nightly
     done
     cargo clippy --version >/dev/null 2>&1 || rustup component add clippy
+    cargo fmt --version >/dev/null 2>&1 || rustup component add rustfmt
     msrv=$(sed -n '/^\[package\]/,/^\[/s/^rust-version = "\(.*\)"/\1/p' Cargo.toml)
     rustup run "$msrv" rustc --version >/dev/null 2>&1 ||
         rustup toolchain install "$msrv" --profile minimal

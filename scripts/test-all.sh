@@ -47,7 +47,8 @@ step() {
     echo "==> $* ($(($(date +%s) - start)) s elapsed)"
 }
 
-step "clippy (all targets, all features), rustdoc warnings, and the library's MSRV build"
+step "formatting (cargo fmt --check), clippy (all targets, all features), rustdoc warnings, and the library's MSRV build"
+cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --all-features -- -D warnings
 RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --workspace --quiet
 RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --workspace --all-features --quiet

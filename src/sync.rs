@@ -76,6 +76,9 @@ impl<T> Queue<T> {
 /// before the model's main thread exits).
 pub(crate) const MODEL_CHECKED: bool = cfg!(any(pagehint_loom, pagehint_shuttle));
 
+/// The dirty count's atomics (see the other build's): out of the checker's view.
+#[cfg(all(any(pagehint_loom, pagehint_shuttle), not(pagehint_model_counts)))]
+pub(crate) use core::sync::atomic::AtomicU64 as CountAtomic;
 /// The dirty count's atomics (its per-thread slots and their registry, `bitmap/count.rs`).
 ///
 /// The checkers see them only in the count's own models (`--cfg pagehint_model_counts`, which
@@ -86,9 +89,6 @@ pub(crate) const MODEL_CHECKED: bool = cfg!(any(pagehint_loom, pagehint_shuttle)
 /// plain `core` atomics, like [`StatCounter`]; in ordinary builds they are `core`'s anyway.
 #[cfg(not(all(any(pagehint_loom, pagehint_shuttle), not(pagehint_model_counts))))]
 pub(crate) use AtomicU64 as CountAtomic;
-/// The dirty count's atomics (see the other build's): out of the checker's view.
-#[cfg(all(any(pagehint_loom, pagehint_shuttle), not(pagehint_model_counts)))]
-pub(crate) use core::sync::atomic::AtomicU64 as CountAtomic;
 
 /// The dirty count's slot registry (`bitmap/count.rs`): bit `i` set while a thread owns slot
 /// `i`. One per process in ordinary builds; one per execution under a checker (its lazy

@@ -72,7 +72,10 @@ fn check_precopy_left(r: &RunResult) {
     if *w == Workload::Random.name() {
         let ran = t.precopy_rounds_done as usize;
         assert!(
-            rounds.windows(2).take(ran.saturating_sub(1)).all(|p| p[1] < p[0]),
+            rounds
+                .windows(2)
+                .take(ran.saturating_sub(1))
+                .all(|p| p[1] < p[0]),
             "{w} / {m}: a round ran though the dirty set grew: {rounds:?}"
         );
         assert!(
@@ -104,7 +107,12 @@ fn precopy_with_the_dirty_log_and_the_dirty_ring_in_every_mode_and_workload() {
         let runs: Vec<_> = Workload::ALL
             .iter()
             .enumerate()
-            .map(|(i, &w)| (w, MigrationMode::ALL[(i + tracking.code() as usize) % modes]))
+            .map(|(i, &w)| {
+                (
+                    w,
+                    MigrationMode::ALL[(i + tracking.code() as usize) % modes],
+                )
+            })
             .collect();
         for r in run_all(c, runs) {
             check_kvm(&r, 2);
@@ -258,24 +266,41 @@ fn four_vcpus_each_followed_by_its_own_hint_slot() {
         assert_eq!(r.waits.vcpu_pause_ms.len(), 4, "{w} / {m}");
         let summed: f64 = r.waits.vcpu_blocktime_ms.iter().sum();
         assert!((summed - r.waits.stall_ms).abs() < 1e-6, "{w} / {m}");
-        assert!(r.waits.blocktime_ms <= summed, "all blocked at once is within each one's");
+        assert!(
+            r.waits.blocktime_ms <= summed,
+            "all blocked at once is within each one's"
+        );
         let slots = &r.source.stream_hints_taken;
         if m == "preempt-hints" {
             assert_eq!(slots.len(), 4, "{w}: {slots:?}");
             let followed = slots.iter().filter(|&&n| n > 0).count();
-            assert!(followed >= 2, "{w}: hints taken from one vCPU's slot only: {slots:?}");
+            assert!(
+                followed >= 2,
+                "{w}: hints taken from one vCPU's slot only: {slots:?}"
+            );
             assert_eq!(
                 slots.iter().sum::<u64>(),
                 r.source.hints_taken,
                 "{w}: every hint taken is some vCPU's"
             );
         } else {
-            assert!(slots.is_empty(), "{w} / {m}: one slot, no per-vCPU counters");
+            assert!(
+                slots.is_empty(),
+                "{w} / {m}: one slot, no per-vCPU counters"
+            );
         }
     }
     // The streams' cursors claimed pages after their faults (two of the four at least).
     let stream = common::run_of(&rows, "stream", "preempt-hints");
-    assert!(stream.source.stream_cursor_pages.iter().filter(|&&p| p > 0).count() >= 2);
+    assert!(
+        stream
+            .source
+            .stream_cursor_pages
+            .iter()
+            .filter(|&&p| p > 0)
+            .count()
+            >= 2
+    );
 }
 
 #[test]

@@ -318,11 +318,7 @@ impl Cli {
                     HandlerOptions {
                         policy,
                         prefetchers,
-                        handshake_timeout: duration(
-                            "handshake-timeout",
-                            &handshake_timeout,
-                            None,
-                        )?,
+                        handshake_timeout: duration("handshake-timeout", &handshake_timeout, None)?,
                         record,
                         record_for: match record_for {
                             Some(d) => Some(duration("record-for", &d, None)?),

@@ -323,9 +323,12 @@ fn ratios(case: &str, mine: &[Row]) -> Ratios {
     let faults = |p| of(p, &|r| r.faults_window as f64);
     let both = |a: Option<Vec<f64>>, b: Option<Vec<f64>>| ratio(&a?, &b?);
     let better = |l: Option<Vec<f64>>, p: Option<Vec<f64>>| match (l, p) {
-        (Some(l), Some(p)) if l.len() == p.len() => {
-            Some(l.iter().zip(&p).map(|(a, b)| a.max(*b)).collect::<Vec<f64>>())
-        }
+        (Some(l), Some(p)) if l.len() == p.len() => Some(
+            l.iter()
+                .zip(&p)
+                .map(|(a, b)| a.max(*b))
+                .collect::<Vec<f64>>(),
+        ),
         _ => None,
     };
     let best_online = better(work(Policy::Linear), work(Policy::Pagehint));
@@ -901,11 +904,19 @@ mod tests {
         .collect();
         let c = comparison_of(rows, 1 << 20, 2, 4096, 1, 3);
         let r = &c.ratios[0];
-        assert_eq!(r.work_recorded_pagehint_over_on_demand.unwrap().of_medians, 3.1);
+        assert_eq!(
+            r.work_recorded_pagehint_over_on_demand.unwrap().of_medians,
+            3.1
+        );
         let best = r.work_recorded_pagehint_over_best_online.unwrap();
         // Best per repetition: 250, 250, 240 → median 250; 310 / 250.
         assert_eq!(best.of_medians, 310.0 / 250.0);
-        assert_eq!(r.faults_recorded_pagehint_over_on_demand.unwrap().of_medians, 0.1);
+        assert_eq!(
+            r.faults_recorded_pagehint_over_on_demand
+                .unwrap()
+                .of_medians,
+            0.1
+        );
         let met: Vec<_> = r.targets.iter().map(|t| t.met).collect();
         assert_eq!(met, [Some(true); 6]);
         assert!(table(&c).contains("recorded+pagehint"));

@@ -70,10 +70,7 @@ pub fn picture(c: &Comparison) -> Canvas {
     for (i, wl) in workloads.iter().enumerate() {
         let x0 = plot.x0 + 10.0 + i as f64 * GROUP_W;
         for (j, p) in policies.iter().enumerate() {
-            let found = c
-                .summaries
-                .iter()
-                .find(|r| r.case == *wl && r.policy == *p);
+            let found = c.summaries.iter().find(|r| r.case == *wl && r.policy == *p);
             if let Some(r) = found {
                 let x = x0 + j as f64 * bar;
                 whisker_bar(&mut canvas, plot, x, bar - 2.0, max, r, colour(*p));

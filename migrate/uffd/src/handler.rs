@@ -1270,7 +1270,10 @@ mod tests {
         // 10 ms in poll, 30 µs of it running and 200 µs waiting for a CPU: slept.
         let before = c(1_000_000, 5_000, Some(100));
         let after = c(11_000_000, 35_000, Some(200_100));
-        assert_eq!(queued_after(900_000, before, after), (11_000_000 - 230_000, true));
+        assert_eq!(
+            queued_after(900_000, before, after),
+            (11_000_000 - 230_000, true)
+        );
         // The previous read was later than that: it still bounds.
         assert_eq!(queued_after(10_900_000, before, after), (10_900_000, true));
         // All of it awake (running or runnable): no sleep, the previous read bounds.

@@ -109,9 +109,8 @@ fn kill_vmm(pid: i32) -> bool {
     if pid as u32 == std::process::id() {
         return false;
     }
-    rustix::process::Pid::from_raw(pid).is_some_and(|p| {
-        rustix::process::kill_process(p, rustix::process::Signal::KILL).is_ok()
-    })
+    rustix::process::Pid::from_raw(pid)
+        .is_some_and(|p| rustix::process::kill_process(p, rustix::process::Signal::KILL).is_ok())
 }
 
 fn mem_server(listen: &str, mem_file: &Path, idle: Duration) -> Result<(), String> {
@@ -226,8 +225,7 @@ fn run(action: Action) -> Result<(), String> {
             if let Some(p) = svg_path {
                 std::fs::write(&p, svg(&c)).map_err(|e| format!("{}: {e}", p.display()))?;
             }
-            if c
-                .rows
+            if c.rows
                 .iter()
                 .any(|r| r.guest_errors > 0 || r.eexist > 0 || !r.placed_once)
             {

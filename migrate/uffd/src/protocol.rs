@@ -92,7 +92,9 @@ impl HandshakeFormat {
             (Some(1), Some(_)) => Err(format!(
                 "Firecracker {version} sends no page size in its handshake (v1.7 and later do)"
             )),
-            _ => Err(format!("{version}: a Firecracker 1.x release, e.g. 1.9 or 1.12")),
+            _ => Err(format!(
+                "{version}: a Firecracker 1.x release, e.g. 1.9 or 1.12"
+            )),
         }
     }
 
@@ -515,7 +517,10 @@ mod tests {
         for (tag, want) in RELEASES {
             assert_eq!(HandshakeFormat::of_release(tag), Ok(want), "{tag}");
         }
-        assert_eq!(HandshakeFormat::of_release("1.9"), Ok(HandshakeFormat::PageSizeKib));
+        assert_eq!(
+            HandshakeFormat::of_release("1.9"),
+            Ok(HandshakeFormat::PageSizeKib)
+        );
         assert!(HandshakeFormat::of_release("1.6.0")
             .unwrap_err()
             .contains("no page size"));
@@ -536,7 +541,12 @@ mod tests {
         ];
         let kib = br#"[{"base_host_virt_addr":139888628334592,"size":3221225472,"offset":0,"page_size_kib":4096},{"base_host_virt_addr":139892923301888,"size":1073741824,"offset":3221225472,"page_size_kib":4096}]"#;
         let both = br#"[{"base_host_virt_addr":139888628334592,"size":3221225472,"offset":0,"page_size":4096,"page_size_kib":4096},{"base_host_virt_addr":139892923301888,"size":1073741824,"offset":3221225472,"page_size":4096,"page_size_kib":4096}]"#;
-        let huge = [GuestRegionUffdMapping::new(0x7f00_0000_0000, 256 << 20, 0, 2 << 20)];
+        let huge = [GuestRegionUffdMapping::new(
+            0x7f00_0000_0000,
+            256 << 20,
+            0,
+            2 << 20,
+        )];
         let huge_kib = br#"[{"base_host_virt_addr":139637976727552,"size":268435456,"offset":0,"page_size_kib":2097152}]"#;
         let huge_both = br#"[{"base_host_virt_addr":139637976727552,"size":268435456,"offset":0,"page_size":2097152,"page_size_kib":2097152}]"#;
         for (maps, format, bytes) in [

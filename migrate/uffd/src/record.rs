@@ -66,7 +66,10 @@ impl fmt::Display for RecordError {
                  restore's regions (a record of another snapshot?)"
             ),
             Self::Duplicate { index, offset } => {
-                write!(f, "record entry {index}: file offset {offset:#x} recorded twice")
+                write!(
+                    f,
+                    "record entry {index}: file offset {offset:#x} recorded twice"
+                )
             }
         }
     }
@@ -137,8 +140,14 @@ mod tests {
         assert_eq!(b.len(), 16 + 24);
         assert_eq!(decode(&b).unwrap(), offs);
         assert_eq!(decode(&encode(&[])).unwrap(), Vec::<u64>::new());
-        assert!(matches!(decode(&b[..20]), Err(RecordError::Length { count: 3, bytes: 4 })));
-        assert!(matches!(decode(b"PHUFREC2\0\0\0\0\0\0\0\0"), Err(RecordError::Magic)));
+        assert!(matches!(
+            decode(&b[..20]),
+            Err(RecordError::Length { count: 3, bytes: 4 })
+        ));
+        assert!(matches!(
+            decode(b"PHUFREC2\0\0\0\0\0\0\0\0"),
+            Err(RecordError::Magic)
+        ));
         assert!(matches!(decode(b"short"), Err(RecordError::Magic)));
         let mut huge = b.clone();
         huge[8..16].copy_from_slice(&u64::MAX.to_le_bytes());

@@ -182,12 +182,15 @@ fn every_firecracker_handshake_is_served_whether_the_socket_closes_or_not() {
                     std::thread::sleep(Duration::from_millis(300));
                     for p in 0..PAGES {
                         // SAFETY: inside the mapping; faults are served by the handler.
-                        let b = unsafe { std::ptr::read_volatile((base as *const u8).add(p * 4096)) };
+                        let b =
+                            unsafe { std::ptr::read_volatile((base as *const u8).add(p * 4096)) };
                         assert_eq!(b, file_byte(p), "{format:?} {policy}: page {p}");
                     }
                     match v.take() {
                         Some(v) => drop(v), // the VMM exits: the session ends
-                        None => control.stop.store(true, std::sync::atomic::Ordering::Relaxed),
+                        None => control
+                            .stop
+                            .store(true, std::sync::atomic::Ordering::Relaxed),
                     }
                     t.join().unwrap().unwrap()
                 });
@@ -637,7 +640,10 @@ fn a_kvm_guest_restores_through_the_handler_with_clean_page_checks() {
                 "{policy}: no page placed twice: {rep:?}"
             );
             if policy.follows_record() {
-                assert!(rep.record_pages > 0 && rep.record_placed > 0, "{policy}: {rep:?}");
+                assert!(
+                    rep.record_pages > 0 && rep.record_placed > 0,
+                    "{policy}: {rep:?}"
+                );
             }
             if policy.lingers() {
                 assert_eq!(

@@ -46,7 +46,10 @@ fn start_serve(dir: &Path, extra: &[&str]) -> (Child, PathBuf) {
         .unwrap();
     let t = Instant::now();
     while !sock.exists() {
-        assert!(t.elapsed() < Duration::from_secs(10), "serve did not listen");
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "serve did not listen"
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
     (child, sock)
@@ -78,7 +81,10 @@ fn wait_for(pid: i32, limit: Duration) -> Ended {
                 cpu: tv(ru.ru_utime) + tv(ru.ru_stime),
             };
         }
-        assert!(t.elapsed() < limit, "pid {pid} still running after {limit:?}");
+        assert!(
+            t.elapsed() < limit,
+            "pid {pid} still running after {limit:?}"
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
 }
@@ -172,7 +178,11 @@ fn every_hostile_handshake_makes_serve_exit_non_zero_at_once() {
         assert_eq!(end.code, Some(1), "{what}: {err}");
         assert!(err.contains(want), "{what}: {err}");
         assert!(err.contains("left running"), "{what}: {err}");
-        assert!(end.cpu < Duration::from_millis(500), "{what}: {:?}", end.cpu);
+        assert!(
+            end.cpu < Duration::from_millis(500),
+            "{what}: {:?}",
+            end.cpu
+        );
     }
 }
 
@@ -189,7 +199,10 @@ fn a_fatal_error_kills_the_vmm() {
     let end = wait_for(child.id() as i32, Duration::from_secs(10));
     let err = stderr_of(&mut child);
     assert_eq!(end.code, Some(1), "{err}");
-    assert!(err.contains(&format!("killed the VMM (pid {vmm})")), "{err}");
+    assert!(
+        err.contains(&format!("killed the VMM (pid {vmm})")),
+        "{err}"
+    );
 }
 
 /// Forks a "VMM" that connects to `sock`, sends a handshake with `/dev/null` as its
@@ -261,7 +274,11 @@ fn a_vmm_in_another_process_is_served_with_each_handshake() {
             .arg(&snap)
             .output()
             .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         // How each session ends: v1.7-v1.11 when the VMM's process exits (or, if a prefetcher
         // notices first, when its address space is gone); v1.12+ when its socket closes
         // (which it does before it exits).
@@ -282,7 +299,14 @@ fn a_vmm_in_another_process_is_served_with_each_handshake() {
                 .spawn()
                 .unwrap();
             let restore = Command::new(BIN)
-                .args(["restore", "--run-for", "200ms", "--firecracker", release, "--dir"])
+                .args([
+                    "restore",
+                    "--run-for",
+                    "200ms",
+                    "--firecracker",
+                    release,
+                    "--dir",
+                ])
                 .arg(&snap)
                 .arg("--socket")
                 .arg(&sock)
@@ -318,8 +342,8 @@ fn a_vmm_in_another_process_is_served_with_each_handshake() {
 /// `pagehint-uffd` command of the section (the comparison's too) parses.
 #[test]
 fn the_readme_restore_steps_run_in_order() {
-    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md"))
-        .unwrap();
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md")).unwrap();
     let section = readme
         .split("\n## Snapshot restore with pagehint-uffd\n")
         .nth(1)
@@ -346,7 +370,10 @@ fn the_readme_restore_steps_run_in_order() {
     }
     let steps = blocks[0];
     let first = steps.lines().next().unwrap();
-    assert_eq!(first, "cargo build --release -p pagehint-uffd", "the build comes first");
+    assert_eq!(
+        first, "cargo build --release -p pagehint-uffd",
+        "the build comes first"
+    );
     if !ready_or_skip("the_readme_restore_steps_run_in_order") {
         return;
     }
