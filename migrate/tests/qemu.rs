@@ -340,13 +340,17 @@ fn check_two_vcpus(c: &Value, stdout: &str, what: &str) {
             .enumerate()
             .map(|(i, v)| measured(v, &format!("{name} vCPU {i} blocked")))
             .sum();
-        // Every vCPU blocked at once is no longer than any one vCPU blocked (1 ms: QEMU's
-        // figures are whole milliseconds, each rounded).
+        // Every vCPU blocked at once is no longer than any one vCPU blocked: pagehint's
+        // figures hold to it. QEMU's are QEMU's, reported as it gives them: QEMU 11.1 on
+        // 2 MiB pages once gave postcopy-blocktime 1092 ms beside per-vCPU figures summing
+        // to 786 ms (the README says so).
         let bt = r["blocktime_ms"].as_f64().unwrap();
-        assert!(
-            bt <= sum + 1.0,
-            "{name}: blocktime {bt} > vCPUs blocked {sum}"
-        );
+        if r["peer"] == "pagehint" {
+            assert!(
+                bt <= sum + 1.0,
+                "{name}: blocktime {bt} > vCPUs blocked {sum}"
+            );
+        }
         let lat = &r["latency"];
         measured(&lat["p50_us"], &format!("{name} p50"));
     }
