@@ -6,6 +6,8 @@ use std::process::ExitCode;
 
 use clap::{Args, CommandFactory, FromArgMatches};
 use pagehint_migrate::harness::cli::{Cli, Endpoint, Invocation, RecoverCli, RECOVER_ABOUT};
+use pagehint_migrate::harness::export::TargetCheck;
+use pagehint_migrate::harness::result::RunResult;
 use pagehint_migrate::harness::{compare, export, medians};
 use pagehint_migrate::qemu;
 use pagehint_migrate::sys::hugepages::HugePages;
@@ -57,18 +59,7 @@ fn main() -> ExitCode {
     let cli = match program() {
         Program::Migrate(cli) => cli,
         Program::CompareQemu(c) => return qemu::command(*c),
-        Program::Recover(r) => {
-            return match r.run() {
-                Ok(answer) => {
-                    println!("{answer}");
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    ExitCode::from(2)
-                }
-            }
-        }
+        Program::Recover(r) => return recover(r),
     };
     let opts = match Invocation::from_cli(*cli) {
         Ok(o) => o,
@@ -116,44 +107,9 @@ fn main() -> ExitCode {
         export::targets(rows)
     };
     if !rows.is_empty() {
-        if let Some(done) = rows.iter().find(|r| r.outcome.error.is_none()) {
-            println!("\nfault path: {}\n", done.waits.fault_path);
-        } else {
-            println!();
-        }
-        if opts.repeat > 1 {
-            println!("medians of {} repeats:", opts.repeat);
-        }
-        print!("{}", export::table(&shown));
-        println!("\n{LEGEND}\n");
-        if opts.repeat > 1 {
-            println!(
-                "targets (ratios of the medians of {} repeats; the range of each repeat's own ratio):",
-                opts.repeat
-            );
-            let ranges = medians::ranges(&targets, rows, opts.repeat);
-            print!("{}", export::targets_text_with(&targets, &ranges));
-        } else {
-            println!("targets (ratios from this run):");
-            print!("{}", export::targets_text(&targets));
-        }
-        println!("\ntotal time {:.1} s", outcome.seconds);
+        print_results(&opts, &outcome, &shown, &targets);
     }
-    let l = opts.cfg.layout();
-    let subtitle = format!(
-        "{}{} guest, {} vCPU(s), {} MiB in {} host pages, precopy {} round(s), link {}",
-        if opts.repeat > 1 {
-            format!("medians of {} repeats, ", opts.repeat)
-        } else {
-            String::new()
-        },
-        opts.cfg.guest.kind,
-        l.vcpus(),
-        l.mem() >> 20,
-        l.host_page(),
-        opts.cfg.precopy.rounds,
-        opts.cfg.link.describe(),
-    );
+    let subtitle = subtitle(&opts);
     let exit = export::Exit::of(rows, &outcome.failures, &targets, opts.check);
     let inv = export::Invocation {
         command_line: std::env::args().collect(),
@@ -175,6 +131,71 @@ fn main() -> ExitCode {
         return ExitCode::from(exit.status);
     }
     status
+}
+
+/// `recover`: sends the command to a running destination and prints its answer.
+fn recover(r: RecoverCli) -> ExitCode {
+    match r.run() {
+        Ok(answer) => {
+            println!("{answer}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// Prints the fault path, the table (`shown`), the legend, the `targets` and the total time.
+fn print_results(
+    opts: &Invocation,
+    outcome: &compare::Outcome,
+    shown: &[RunResult],
+    targets: &[TargetCheck],
+) {
+    let rows = &outcome.rows;
+    if let Some(done) = rows.iter().find(|r| r.outcome.error.is_none()) {
+        println!("\nfault path: {}\n", done.waits.fault_path);
+    } else {
+        println!();
+    }
+    if opts.repeat > 1 {
+        println!("medians of {} repeats:", opts.repeat);
+    }
+    print!("{}", export::table(shown));
+    println!("\n{LEGEND}\n");
+    if opts.repeat > 1 {
+        println!(
+            "targets (ratios of the medians of {} repeats; the range of each repeat's own ratio):",
+            opts.repeat
+        );
+        let ranges = medians::ranges(targets, rows, opts.repeat);
+        print!("{}", export::targets_text_with(targets, &ranges));
+    } else {
+        println!("targets (ratios from this run):");
+        print!("{}", export::targets_text(targets));
+    }
+    println!("\ntotal time {:.1} s", outcome.seconds);
+}
+
+/// The pictures' subtitle: the guest, its memory, precopy and the link.
+fn subtitle(opts: &Invocation) -> String {
+    let l = opts.cfg.layout();
+    format!(
+        "{}{} guest, {} vCPU(s), {} MiB in {} host pages, precopy {} round(s), link {}",
+        if opts.repeat > 1 {
+            format!("medians of {} repeats, ", opts.repeat)
+        } else {
+            String::new()
+        },
+        opts.cfg.guest.kind,
+        l.vcpus(),
+        l.mem() >> 20,
+        l.host_page(),
+        opts.cfg.precopy.rounds,
+        opts.cfg.link.describe(),
+    )
 }
 
 /// Writes each requested output whole (a temporary file renamed over it); failure if one

@@ -263,127 +263,17 @@ impl Dest<'_> {
         let received = self.mem.received_bitmap();
         let missing = self.mem.pending().saturating_sub(self.mem.placed());
         let token = self.conn.lock().unwrap_or_else(|p| p.into_inner()).token;
-        let window = self.cfg.recover_timeout.as_nanos() as u64;
-        let idle = self.cfg.idle_timeout;
-        let paused = self.cfg.recover_paused;
-        let mut to = *self.resume_to.lock().unwrap_or_else(|p| p.into_inner());
-        let never = AtomicBool::new(false);
-        // A command from the operator interrupts an attempt or a wait.
-        let interrupt = self.control.map_or(&never, |c| c.interrupt());
-        let mut backoff = FIRST_BACKOFF;
-        let mut attempts = 0u32;
-        let mut last_error = String::from("no attempt yet");
-        let tell = |to: SocketAddr, attempts: u32, last: &str| {
-            if let Some(c) = self.control {
-                c.paused(format!(
-                    "{cut}; retrying {to} ({attempts} attempts; the last: {last})"
-                ));
-            }
-        };
-        tell(to, 0, &last_error);
-        if paused {
-            self.say_paused(&cut, to, missing);
-        }
-        let (main, urgent, new_token) = loop {
-            if self.stopped() {
-                return Err(RunError::Wire(WireError::Stopped));
-            }
-            match self.control.and_then(|c| c.take()) {
-                Some(Command::Abort) => {
-                    return Err(RunError::Recovery {
-                        cut,
-                        why: format!(
-                            "given up by the operator ({attempts} attempts; the last: {last_error})"
-                        ),
-                    })
-                }
-                Some(Command::Recover(a)) => {
-                    to = a;
-                    backoff = FIRST_BACKOFF;
-                }
-                None => {}
-            }
-            let left = if paused {
-                u64::MAX
-            } else {
-                window.saturating_sub(now_ns() - detected)
-            };
-            if left == 0 {
-                return Err(RunError::Recovery {
-                    cut,
-                    why: format!(
-                        "the source did not take the session back within {:?} ({attempts} attempts; the last: {last_error})",
-                        self.cfg.recover_timeout
-                    ),
-                });
-            }
-            attempts += 1;
-            let connect = Duration::from_nanos(left).min(CONNECT_LIMIT);
-            let answer = if paused {
-                idle.max(PAUSED_ANSWER)
-            } else {
-                Duration::from_nanos(left).max(idle)
-            };
-            match handshake::resume(
-                to,
-                &self.hello,
-                token,
-                &received,
-                connect,
-                answer,
-                interrupt,
-            ) {
-                Ok(c) => break c,
-                // A command came meanwhile: act on it.
-                Err(ConnectError::Wire(WireError::Stopped)) => continue,
-                Err(ConnectError::Refused(r)) if paused => {
-                    last_error = format!("{to} refused: {r}");
-                }
-                Err(ConnectError::Refused(r)) => {
-                    return Err(RunError::Recovery {
-                        cut,
-                        why: format!("the source refused to resume: {r}"),
-                    })
-                }
-                Err(ConnectError::Wire(w)) if w.connection_lost() || paused => {
-                    last_error = format!("{to}: {w}");
-                }
-                Err(ConnectError::Wire(w)) => {
-                    return Err(RunError::Recovery {
-                        cut,
-                        why: w.to_string(),
-                    })
-                }
-            }
-            tell(to, attempts, &last_error);
-            let until = now_ns() + backoff.min(Duration::from_nanos(left)).as_nanos() as u64;
-            // Relaxed: a polled flag.
-            sleep_until_unless(until, || {
-                interrupt.load(Ordering::Relaxed) || self.stopped()
-            });
-            backoff = (backoff * 2).min(MAX_BACKOFF);
-        };
+        let resumed = self.reconnect(&cut, detected, token, &received, missing)?;
+        let (to, attempts) = (resumed.to, resumed.attempts);
         *self.resume_to.lock().unwrap_or_else(|p| p.into_inner()) = to;
         if let Some(c) = self.control {
             c.doing(format!("postcopy (resumed from {to})"));
         }
-        if paused {
+        if self.cfg.recover_paused {
             eprintln!("postcopy resumed from {to} after {attempts} attempt(s)");
         }
-        {
-            let mut c = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-            c.main = Arc::new(main);
-            c.urgent = Arc::new(urgent);
-            c.number = c.number.saturating_add(1);
-            c.token = new_token;
-            self.mem.set_connection(c.number);
-            *self.broken.lock().unwrap_or_else(|p| p.into_inner()) = None;
-            // Relaxed (all three): no receiver runs; the spawns below order these stores
-            // before the new receivers' loads.
-            self.conn_stop.store(false, Ordering::Relaxed);
-            self.bg_progress.store(now_ns(), Ordering::Relaxed);
-            self.urgent_progress.store(now_ns(), Ordering::Relaxed);
-        }
+        let new_token = resumed.token;
+        self.install(resumed);
         *receivers = self.spawn_receivers(s);
         let again = self.mem.requested_missing();
         for &hp in &again {
@@ -404,5 +294,169 @@ impl Dest<'_> {
                 new_source: new_token != token,
             });
         Ok(())
+    }
+
+    /// Step 2: reconnects (with backoff) and resumes the session `token` with the `received`
+    /// bitmap, until the recovery window after `detected` closes (paused: until the operator
+    /// gives up): the new connections.
+    fn reconnect(
+        &self,
+        cut: &str,
+        detected: u64,
+        token: u64,
+        received: &[u64],
+        missing: u64,
+    ) -> Result<Resumed, RunError> {
+        let window = self.cfg.recover_timeout.as_nanos() as u64;
+        let idle = self.cfg.idle_timeout;
+        let paused = self.cfg.recover_paused;
+        let mut to = *self.resume_to.lock().unwrap_or_else(|p| p.into_inner());
+        let never = AtomicBool::new(false);
+        // A command from the operator interrupts an attempt or a wait.
+        let interrupt = self.control.map_or(&never, |c| c.interrupt());
+        let mut backoff = FIRST_BACKOFF;
+        let mut attempts = 0u32;
+        let mut last_error = String::from("no attempt yet");
+        let tell = |to: SocketAddr, attempts: u32, last: &str| {
+            if let Some(c) = self.control {
+                c.paused(format!(
+                    "{cut}; retrying {to} ({attempts} attempts; the last: {last})"
+                ));
+            }
+        };
+        tell(to, 0, &last_error);
+        if paused {
+            self.say_paused(cut, to, missing);
+        }
+        let (main, urgent, new_token) = loop {
+            if self.stopped() {
+                return Err(RunError::Wire(WireError::Stopped));
+            }
+            self.take_command(cut, &mut to, &mut backoff, attempts, &last_error)?;
+            let left = if paused {
+                u64::MAX
+            } else {
+                window.saturating_sub(now_ns() - detected)
+            };
+            if left == 0 {
+                return Err(RunError::Recovery {
+                    cut: cut.to_string(),
+                    why: format!(
+                        "the source did not take the session back within {:?} ({attempts} attempts; the last: {last_error})",
+                        self.cfg.recover_timeout
+                    ),
+                });
+            }
+            attempts += 1;
+            let connect = Duration::from_nanos(left).min(CONNECT_LIMIT);
+            let answer = if paused {
+                idle.max(PAUSED_ANSWER)
+            } else {
+                Duration::from_nanos(left).max(idle)
+            };
+            match handshake::resume(to, &self.hello, token, received, connect, answer, interrupt) {
+                Ok(c) => break c,
+                Err(e) => match failed_attempt(e, to, paused, cut)? {
+                    Some(error) => last_error = error,
+                    // A command came meanwhile: act on it.
+                    None => continue,
+                },
+            }
+            tell(to, attempts, &last_error);
+            let until = now_ns() + backoff.min(Duration::from_nanos(left)).as_nanos() as u64;
+            // Relaxed: a polled flag.
+            sleep_until_unless(until, || {
+                interrupt.load(Ordering::Relaxed) || self.stopped()
+            });
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        };
+        Ok(Resumed {
+            main,
+            urgent,
+            token: new_token,
+            to,
+            attempts,
+        })
+    }
+
+    /// Acts on the operator's command, if one came: gives up on an abort; a new address
+    /// (`to`) starts the backoff again.
+    fn take_command(
+        &self,
+        cut: &str,
+        to: &mut SocketAddr,
+        backoff: &mut Duration,
+        attempts: u32,
+        last_error: &str,
+    ) -> Result<(), RunError> {
+        match self.control.and_then(|c| c.take()) {
+            Some(Command::Abort) => {
+                return Err(RunError::Recovery {
+                    cut: cut.to_string(),
+                    why: format!(
+                        "given up by the operator ({attempts} attempts; the last: {last_error})"
+                    ),
+                })
+            }
+            Some(Command::Recover(a)) => {
+                *to = a;
+                *backoff = FIRST_BACKOFF;
+            }
+            None => {}
+        }
+        Ok(())
+    }
+
+    /// Step 3: installs the resumed connections (their receivers not started yet).
+    fn install(&self, resumed: Resumed) {
+        let mut c = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        c.main = Arc::new(resumed.main);
+        c.urgent = Arc::new(resumed.urgent);
+        c.number = c.number.saturating_add(1);
+        c.token = resumed.token;
+        self.mem.set_connection(c.number);
+        *self.broken.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        // Relaxed (all three): no receiver runs; the spawns that follow order these stores
+        // before the new receivers' loads.
+        self.conn_stop.store(false, Ordering::Relaxed);
+        self.bg_progress.store(now_ns(), Ordering::Relaxed);
+        self.urgent_progress.store(now_ns(), Ordering::Relaxed);
+    }
+}
+
+/// A session resumed after a break.
+struct Resumed {
+    /// The new main connection.
+    main: TcpStream,
+    /// The new urgent connection.
+    urgent: TcpStream,
+    /// The session token from now on.
+    token: u64,
+    /// The source that took the session back.
+    to: SocketAddr,
+    /// Resume attempts made.
+    attempts: u32,
+}
+
+/// What a failed resume attempt to `to` means: `Ok(Some(why))` to try again after the backoff,
+/// `Ok(None)` to act on an operator's command at once, `Err` to give up.
+fn failed_attempt(
+    e: ConnectError,
+    to: SocketAddr,
+    paused: bool,
+    cut: &str,
+) -> Result<Option<String>, RunError> {
+    match e {
+        ConnectError::Wire(WireError::Stopped) => Ok(None),
+        ConnectError::Refused(r) if paused => Ok(Some(format!("{to} refused: {r}"))),
+        ConnectError::Refused(r) => Err(RunError::Recovery {
+            cut: cut.to_string(),
+            why: format!("the source refused to resume: {r}"),
+        }),
+        ConnectError::Wire(w) if w.connection_lost() || paused => Ok(Some(format!("{to}: {w}"))),
+        ConnectError::Wire(w) => Err(RunError::Recovery {
+            cut: cut.to_string(),
+            why: w.to_string(),
+        }),
     }
 }

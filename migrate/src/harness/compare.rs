@@ -150,59 +150,16 @@ pub fn run(o: &Invocation) -> Result<Outcome, String> {
         Endpoint::Listen(_) => return Err("a listening source runs no comparison".into()),
     };
     print!("{}", header(o, &shown));
-    let control = match &o.control {
-        Some(p) => {
-            let c = crate::dest::control::Control::open(p)?;
-            println!(
-                "  control      {} (pagehint-migrate recover --dest {} --connect ADDR | --abort | --status)",
-                p.display(),
-                p.display()
-            );
-            Some(c)
-        }
-        None => None,
-    };
-    let (normal, huge) = o.memory_needed();
-    let secs = crate::sys::warm::warm_up(normal, huge)?;
-    println!(
-        "  warm-up      touched {} MiB once before measuring ({secs:.1} s): first touches are slow on nested VMs\n",
-        (normal + (huge << 21)) >> 20
-    );
-    // A mode whose transport `--resend` does not change (vanilla: no urgent channel) runs
-    // once, whatever `--resend` says.
-    let matrix: Vec<(Workload, MigrationMode, bool)> = o
-        .workloads
-        .iter()
-        .flat_map(|&w| {
-            o.modes.iter().flat_map(move |&m| {
-                let variants: &[bool] = if m.transport(true) != m.transport(false) {
-                    &o.resend
-                } else {
-                    &[false]
-                };
-                variants.iter().map(move |&r| (w, m, r))
-            })
-        })
-        .collect();
-    let runs = repeated(&matrix, o.repeat);
+    let control = open_control(o)?;
+    warm_up(o)?;
+    let runs = repeated(&matrix(o), o.repeat);
     let started = Instant::now();
     let mut out = Outcome::default();
     for (i, &(repeat, (w, m, resend))) in runs.iter().enumerate() {
         let mut cfg = o.cfg.clone();
         cfg.resend = resend;
         let label = crate::harness::result::mode_label(m, resend);
-        let pb = if o.quiet {
-            ProgressBar::hidden()
-        } else {
-            ProgressBar::new(1)
-        };
-        pb.set_style(
-            ProgressStyle::with_template(
-                "{prefix:<28} [{bar:32}] {percent:>3}% of pages  {elapsed}",
-            )
-            .expect("valid template")
-            .progress_chars("=> "),
-        );
+        let pb = progress_bar(o.quiet);
         pb.set_prefix(format!("[{}/{}] {w} / {label}", i + 1, runs.len()));
         let reached = std::cell::Cell::new(None);
         let progress = |n: u64, total: u64| {
@@ -219,37 +176,10 @@ pub fn run(o: &Invocation) -> Result<Outcome, String> {
             control.as_ref(),
         );
         pb.finish_and_clear();
+        let at = format!("[{}/{}]", i + 1, runs.len());
         match r {
             Ok(r) => {
-                println!(
-                    "[{}/{}] {:<7} {:<24} precopy {:>6.1} ms, downtime {:>5.1} ms, postcopy {:>7.1} ms, {:>6} faults, request p50 {:>8.1} µs, blocktime {:>8.1} ms, {}",
-                    i + 1,
-                    runs.len(),
-                    r.setup.workload,
-                    label,
-                    r.transfer.precopy_ms,
-                    r.transfer.downtime_ms,
-                    r.transfer.duration_ms,
-                    r.waits.faults,
-                    r.waits.request_p50_us,
-                    r.waits.blocktime_ms,
-                    if r.outcome.verified {
-                        "verified".to_string()
-                    } else {
-                        format!("NOT VERIFIED: {}", r.outcome.problems.join("; "))
-                    }
-                );
-                if r.tail.requests > 0 {
-                    println!("        median   {}", r.tail.median.describe());
-                    println!("        slow 1%  {}", r.tail.slowest_1pct.describe());
-                }
-                if r.source.bad_requests > 0 {
-                    println!(
-                        "        the source rejected {} malformed page requests and went on (first: {})",
-                        r.source.bad_requests,
-                        r.source.rejected.first().cloned().unwrap_or_default()
-                    );
-                }
+                print_run(&at, &label, &r);
                 out.rows.push(RunResult {
                     setup: crate::harness::result::Setup { repeat, ..r.setup },
                     ..r
@@ -262,11 +192,7 @@ pub fn run(o: &Invocation) -> Result<Outcome, String> {
                     }
                     None => "before postcopy (setup, handshake or precopy)".to_string(),
                 };
-                println!(
-                    "[{}/{}] {w:<7} {label:<24} FAILED ({reached}): {e}",
-                    i + 1,
-                    runs.len()
-                );
+                println!("{at} {w:<7} {label:<24} FAILED ({reached}): {e}");
                 out.failures.push(format!("{w} / {m}: {e}"));
                 let mut r = RunResult::failed(&cfg, m, w, e.to_string(), reached);
                 r.setup.repeat = repeat;
@@ -276,6 +202,99 @@ pub fn run(o: &Invocation) -> Result<Outcome, String> {
     }
     out.seconds = started.elapsed().as_secs_f64();
     Ok(out)
+}
+
+/// Opens the `--control` socket, if asked for, and says how to use it.
+fn open_control(o: &Invocation) -> Result<Option<crate::dest::control::Control>, String> {
+    Ok(match &o.control {
+        Some(p) => {
+            let c = crate::dest::control::Control::open(p)?;
+            println!(
+                "  control      {} (pagehint-migrate recover --dest {} --connect ADDR | --abort | --status)",
+                p.display(),
+                p.display()
+            );
+            Some(c)
+        }
+        None => None,
+    })
+}
+
+/// Touches the memory the runs need once before measuring, and says how long it took.
+fn warm_up(o: &Invocation) -> Result<(), String> {
+    let (normal, huge) = o.memory_needed();
+    let secs = crate::sys::warm::warm_up(normal, huge)?;
+    println!(
+        "  warm-up      touched {} MiB once before measuring ({secs:.1} s): first touches are slow on nested VMs\n",
+        (normal + (huge << 21)) >> 20
+    );
+    Ok(())
+}
+
+/// Every workload × mode × `--resend` variant, in order.
+fn matrix(o: &Invocation) -> Vec<(Workload, MigrationMode, bool)> {
+    // A mode whose transport `--resend` does not change (vanilla: no urgent channel) runs
+    // once, whatever `--resend` says.
+    o.workloads
+        .iter()
+        .flat_map(|&w| {
+            o.modes.iter().flat_map(move |&m| {
+                let variants: &[bool] = if m.transport(true) != m.transport(false) {
+                    &o.resend
+                } else {
+                    &[false]
+                };
+                variants.iter().map(move |&r| (w, m, r))
+            })
+        })
+        .collect()
+}
+
+/// One run's progress bar over the pages placed (hidden with `quiet`).
+fn progress_bar(quiet: bool) -> ProgressBar {
+    let pb = if quiet {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(1)
+    };
+    pb.set_style(
+        ProgressStyle::with_template("{prefix:<28} [{bar:32}] {percent:>3}% of pages  {elapsed}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    pb
+}
+
+/// Prints a finished run's line (`at`: its place, `[i/n]`), its tail and the source's
+/// rejections.
+fn print_run(at: &str, label: &str, r: &RunResult) {
+    println!(
+        "{at} {:<7} {:<24} precopy {:>6.1} ms, downtime {:>5.1} ms, postcopy {:>7.1} ms, {:>6} faults, request p50 {:>8.1} µs, blocktime {:>8.1} ms, {}",
+        r.setup.workload,
+        label,
+        r.transfer.precopy_ms,
+        r.transfer.downtime_ms,
+        r.transfer.duration_ms,
+        r.waits.faults,
+        r.waits.request_p50_us,
+        r.waits.blocktime_ms,
+        if r.outcome.verified {
+            "verified".to_string()
+        } else {
+            format!("NOT VERIFIED: {}", r.outcome.problems.join("; "))
+        }
+    );
+    if r.tail.requests > 0 {
+        println!("        median   {}", r.tail.median.describe());
+        println!("        slow 1%  {}", r.tail.slowest_1pct.describe());
+    }
+    if r.source.bad_requests > 0 {
+        println!(
+            "        the source rejected {} malformed page requests and went on (first: {})",
+            r.source.bad_requests,
+            r.source.rejected.first().cloned().unwrap_or_default()
+        );
+    }
 }
 
 /// The runs of `repeat` repeats of `matrix`, each with its repeat's index: every other

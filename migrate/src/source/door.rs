@@ -35,7 +35,7 @@ use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use rustix::event::{poll, PollFd, PollFlags};
@@ -254,6 +254,24 @@ fn refusal(error: String) -> HelloReply {
     }
 }
 
+/// Keeps the lingering connections whose time is not up and whose peer has not closed,
+/// draining what the readable ones (`ready`) sent.
+fn drain_lingering(lingering: &mut Vec<Lingering>, ready: &[bool]) {
+    let now = now_ns();
+    let mut keep = Vec::with_capacity(lingering.len());
+    for (i, mut l) in lingering.drain(..).enumerate() {
+        let mut gone = now >= l.until;
+        if ready[i] {
+            let mut sink = [0u8; 4096];
+            gone |= !matches!(l.conn.read(&mut sink), Err(ref e) if e.kind() == std::io::ErrorKind::WouldBlock);
+        }
+        if !gone {
+            keep.push(l);
+        }
+    }
+    *lingering = keep;
+}
+
 impl<'l> Door<'l> {
     /// A door on `listener` (non-blocking) with `limits` and the sessions `saved` by an
     /// earlier source.
@@ -350,132 +368,161 @@ impl<'l> Door<'l> {
         let mut pending: Vec<Pending> = Vec::new();
         let mut lingering: Vec<Lingering> = Vec::new();
         let mut quiet = Quiet::default();
-        let deadline_ns = self.limits.deadline.as_nanos() as u64;
         // Relaxed (both): polled flags.
         while !stop.load(Ordering::Relaxed) && !done.load(Ordering::Relaxed) {
-            let now = now_ns();
-            let next = pending
-                .iter()
-                .map(|p| p.deadline)
-                .chain(lingering.iter().map(|l| l.until))
-                .min()
-                .map_or(POLL_SLICE.as_nanos() as u64, |d| {
-                    d.saturating_sub(now).max(1_000_000)
-                })
-                .min(POLL_SLICE.as_nanos() as u64);
-            let ready = {
-                let mut fds: Vec<PollFd<'_>> =
-                    Vec::with_capacity(1 + pending.len() + lingering.len());
-                fds.push(PollFd::new(self.listener, PollFlags::IN));
-                fds.extend(pending.iter().map(|p| PollFd::new(&p.conn, PollFlags::IN)));
-                fds.extend(
-                    lingering
-                        .iter()
-                        .map(|l| PollFd::new(&l.conn, PollFlags::IN)),
-                );
-                match poll(&mut fds, Some(&timespec(next))) {
-                    Ok(_) | Err(rustix::io::Errno::INTR) => {}
-                    Err(e) => {
-                        log(ServerEvent::Note(format!("the door's poll failed: {e}")));
-                        std::thread::sleep(POLL_SLICE);
-                    }
-                }
-                fds.iter()
-                    .map(|f| !f.revents().is_empty())
-                    .collect::<Vec<bool>>()
-            };
+            let ready = self.wait(&pending, &lingering, log);
             let (p_ready, l_ready) = ready[1..].split_at(pending.len());
             // Lingering connections: drain until the peer closes or the time is up.
-            let now = now_ns();
-            let mut keep = Vec::with_capacity(lingering.len());
-            for (i, mut l) in lingering.drain(..).enumerate() {
-                let mut gone = now >= l.until;
-                if l_ready[i] {
-                    let mut sink = [0u8; 4096];
-                    gone |= !matches!(l.conn.read(&mut sink), Err(ref e) if e.kind() == std::io::ErrorKind::WouldBlock);
-                }
-                if !gone {
-                    keep.push(l);
-                }
-            }
-            lingering = keep;
+            drain_lingering(&mut lingering, l_ready);
             // Pending connections: read what arrived, route what is whole, refuse the silent.
-            let mut still = Vec::with_capacity(pending.len());
-            for (mut p, ready) in pending.drain(..).zip(p_ready.iter().copied()) {
-                if ready {
-                    match self.read_more(&mut p) {
-                        Ok(true) => p.deadline = now_ns() + deadline_ns,
-                        Ok(false) => {}
-                        // Closed or reset before its hello was whole: nothing to answer.
-                        Err(()) => continue,
-                    }
-                }
-                if p.need == 0 {
-                    match self.route(p, sessions, &mut quiet, log) {
-                        Routed::Handed => {}
-                        Routed::Again(p) => still.push(p),
-                        Routed::Refused(conn) => self.linger(&mut lingering, conn),
-                    }
-                    continue;
-                }
-                if now_ns() >= p.deadline {
-                    let why = format!(
-                        "no hello within {:?} of the connection (or of its last byte): closed",
-                        self.limits.deadline
-                    );
-                    quiet.note(Kind::Silent, Some(p.peer), &why, log);
-                    answer(&p.conn, &refusal(why));
-                    self.linger(&mut lingering, p.conn);
-                    continue;
-                }
-                still.push(p);
-            }
-            pending = still;
+            pending =
+                self.serve_pending(pending, p_ready, &mut lingering, sessions, &mut quiet, log);
             // New connections.
-            loop {
-                match self.listener.accept() {
-                    Ok((conn, peer)) => {
-                        if conn.set_nonblocking(true).is_err() {
-                            continue;
-                        }
-                        if pending.len() >= self.limits.max_pending {
-                            // Count again first: connections closed since the last poll
-                            // still hold their slots.
-                            self.reap_closed(&mut pending, deadline_ns);
-                        }
-                        if pending.len() >= self.limits.max_pending {
-                            let why = format!(
-                                "too many connections waiting to say hello ({}); try again",
-                                self.limits.max_pending
-                            );
-                            quiet.note(Kind::Full, Some(peer), &why, log);
-                            answer(&conn, &refusal(why));
-                            self.linger(&mut lingering, conn);
-                            continue;
-                        }
-                        pending.push(Pending {
-                            conn,
-                            peer,
-                            buf: vec![0; Hello::LEN],
-                            need: Hello::LEN,
-                            words: None,
-                            deadline: now_ns() + deadline_ns,
-                        });
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                    // Out of descriptors, or a connection reset before it was taken: try
-                    // again at the next wake (the pending ones free theirs by their deadline).
-                    Err(e) => {
-                        quiet.note(Kind::Accept, None, &e.to_string(), log);
-                        // The listener stays readable: do not spin on it.
-                        std::thread::sleep(Duration::from_millis(10));
-                        break;
-                    }
-                }
-            }
+            self.accept_new(&mut pending, &mut lingering, &mut quiet, log);
             quiet.flush(false, log);
         }
         quiet.flush(true, log);
+    }
+
+    /// A pending connection's deadline in ns.
+    fn deadline_ns(&self) -> u64 {
+        self.limits.deadline.as_nanos() as u64
+    }
+
+    /// Polls the listener, the pending and the lingering connections until one is readable,
+    /// the nearest deadline, or [`POLL_SLICE`]: which are ready, the listener first.
+    fn wait(
+        &self,
+        pending: &[Pending],
+        lingering: &[Lingering],
+        log: &dyn Fn(ServerEvent),
+    ) -> Vec<bool> {
+        let now = now_ns();
+        let next = pending
+            .iter()
+            .map(|p| p.deadline)
+            .chain(lingering.iter().map(|l| l.until))
+            .min()
+            .map_or(POLL_SLICE.as_nanos() as u64, |d| {
+                d.saturating_sub(now).max(1_000_000)
+            })
+            .min(POLL_SLICE.as_nanos() as u64);
+        let mut fds: Vec<PollFd<'_>> = Vec::with_capacity(1 + pending.len() + lingering.len());
+        fds.push(PollFd::new(self.listener, PollFlags::IN));
+        fds.extend(pending.iter().map(|p| PollFd::new(&p.conn, PollFlags::IN)));
+        fds.extend(
+            lingering
+                .iter()
+                .map(|l| PollFd::new(&l.conn, PollFlags::IN)),
+        );
+        match poll(&mut fds, Some(&timespec(next))) {
+            Ok(_) | Err(rustix::io::Errno::INTR) => {}
+            Err(e) => {
+                log(ServerEvent::Note(format!("the door's poll failed: {e}")));
+                std::thread::sleep(POLL_SLICE);
+            }
+        }
+        fds.iter()
+            .map(|f| !f.revents().is_empty())
+            .collect::<Vec<bool>>()
+    }
+
+    /// Reads what arrived on the pending connections (`ready` says which), routes those whose
+    /// hello is whole and refuses those silent past their deadline: the ones still pending.
+    fn serve_pending(
+        &'l self,
+        pending: Vec<Pending>,
+        ready: &[bool],
+        lingering: &mut Vec<Lingering>,
+        sessions: &Sender<NewSession<'l>>,
+        quiet: &mut Quiet,
+        log: &dyn Fn(ServerEvent),
+    ) -> Vec<Pending> {
+        let deadline_ns = self.deadline_ns();
+        let mut still = Vec::with_capacity(pending.len());
+        for (mut p, ready) in pending.into_iter().zip(ready.iter().copied()) {
+            if ready {
+                match self.read_more(&mut p) {
+                    Ok(true) => p.deadline = now_ns() + deadline_ns,
+                    Ok(false) => {}
+                    // Closed or reset before its hello was whole: nothing to answer.
+                    Err(()) => continue,
+                }
+            }
+            if p.need == 0 {
+                match self.route(p, sessions, quiet, log) {
+                    Routed::Handed => {}
+                    Routed::Again(p) => still.push(p),
+                    Routed::Refused(conn) => self.linger(lingering, conn),
+                }
+                continue;
+            }
+            if now_ns() >= p.deadline {
+                let why = format!(
+                    "no hello within {:?} of the connection (or of its last byte): closed",
+                    self.limits.deadline
+                );
+                quiet.note(Kind::Silent, Some(p.peer), &why, log);
+                answer(&p.conn, &refusal(why));
+                self.linger(lingering, p.conn);
+                continue;
+            }
+            still.push(p);
+        }
+        still
+    }
+
+    /// Accepts every connection waiting on the listener into `pending`, refusing those beyond
+    /// `max_pending`.
+    fn accept_new(
+        &self,
+        pending: &mut Vec<Pending>,
+        lingering: &mut Vec<Lingering>,
+        quiet: &mut Quiet,
+        log: &dyn Fn(ServerEvent),
+    ) {
+        let deadline_ns = self.deadline_ns();
+        loop {
+            match self.listener.accept() {
+                Ok((conn, peer)) => {
+                    if conn.set_nonblocking(true).is_err() {
+                        continue;
+                    }
+                    if pending.len() >= self.limits.max_pending {
+                        // Count again first: connections closed since the last poll
+                        // still hold their slots.
+                        self.reap_closed(pending, deadline_ns);
+                    }
+                    if pending.len() >= self.limits.max_pending {
+                        let why = format!(
+                            "too many connections waiting to say hello ({}); try again",
+                            self.limits.max_pending
+                        );
+                        quiet.note(Kind::Full, Some(peer), &why, log);
+                        answer(&conn, &refusal(why));
+                        self.linger(lingering, conn);
+                        continue;
+                    }
+                    pending.push(Pending {
+                        conn,
+                        peer,
+                        buf: vec![0; Hello::LEN],
+                        need: Hello::LEN,
+                        words: None,
+                        deadline: now_ns() + deadline_ns,
+                    });
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                // Out of descriptors, or a connection reset before it was taken: try
+                // again at the next wake (the pending ones free theirs by their deadline).
+                Err(e) => {
+                    quiet.note(Kind::Accept, None, &e.to_string(), log);
+                    // The listener stays readable: do not spin on it.
+                    std::thread::sleep(Duration::from_millis(10));
+                    break;
+                }
+            }
+        }
     }
 
     /// A refused connection (its answer written, its write side shut) lingers for its answer
@@ -583,98 +630,129 @@ impl<'l> Door<'l> {
         {
             return Routed::Handed;
         }
-        let mut r = self.registry();
+        let r = self.registry();
         match h.role {
-            Role::Main => {
-                if let Some(why) = self.busy(&r) {
-                    drop(r);
-                    return self.refuse(p, Kind::Busy, why, quiet, log);
-                }
-                let doorway = self.register(&mut r, bitmap_words(&h));
-                drop(r);
-                if let Err(std::sync::mpsc::SendError(NewSession::Main { conn, .. })) = sessions
-                    .send(NewSession::Main {
-                        conn: p.conn,
-                        hello: h,
-                        doorway,
-                    })
-                {
-                    answer(&conn, &refusal("the source is shutting down".into()));
-                    return Routed::Refused(conn);
-                }
+            Role::Main => self.route_main(r, p, h, sessions, quiet, log),
+            Role::Urgent { token } => self.route_urgent(r, p, token, quiet, log),
+            Role::Resume { token } => self.route_resume(r, p, token, sessions, quiet, log),
+        }
+    }
+
+    /// Routes a main connection (registry `r` held): a new session for the server, unless busy.
+    fn route_main(
+        &'l self,
+        mut r: MutexGuard<'_, Registry>,
+        p: Pending,
+        h: Hello,
+        sessions: &Sender<NewSession<'l>>,
+        quiet: &mut Quiet,
+        log: &dyn Fn(ServerEvent),
+    ) -> Routed {
+        if let Some(why) = self.busy(&r) {
+            drop(r);
+            return self.refuse(p, Kind::Busy, why, quiet, log);
+        }
+        let doorway = self.register(&mut r, bitmap_words(&h));
+        drop(r);
+        if let Err(std::sync::mpsc::SendError(NewSession::Main { conn, .. })) =
+            sessions.send(NewSession::Main {
+                conn: p.conn,
+                hello: h,
+                doorway,
+            })
+        {
+            answer(&conn, &refusal("the source is shutting down".into()));
+            return Routed::Refused(conn);
+        }
+        Routed::Handed
+    }
+
+    /// Routes an urgent connection (registry `r` held): to the live session with `token` if it
+    /// waits for one.
+    fn route_urgent(
+        &self,
+        mut r: MutexGuard<'_, Registry>,
+        p: Pending,
+        token: u64,
+        quiet: &mut Quiet,
+        log: &dyn Fn(ServerEvent),
+    ) -> Routed {
+        match r.live.get_mut(&token) {
+            Some(l) if l.stage == Stage::Urgent => {
+                l.stage = Stage::Running;
+                let _ = l.inbox.send(ForSession::Urgent(p.conn));
                 Routed::Handed
             }
-            Role::Urgent { token } => match r.live.get_mut(&token) {
-                Some(l) if l.stage == Stage::Urgent => {
-                    l.stage = Stage::Running;
-                    let _ = l.inbox.send(ForSession::Urgent(p.conn));
-                    Routed::Handed
-                }
-                _ => {
-                    drop(r);
-                    let why = "no session here waits for an urgent connection with that token (a bad token, or the session gave up waiting); try again".to_string();
-                    self.refuse(p, Kind::Token, why, quiet, log)
-                }
-            },
-            Role::Resume { token } => {
-                // Its bitmap was read only if the token was known when the hello came.
-                let received = p
-                    .buf
-                    .get(Hello::LEN + 8..)
-                    .filter(|_| p.words.is_some())
-                    .map(handshake::received_words);
-                let live = r.live.get(&token).map(|l| l.inbox.clone());
-                let saved = r.saved.contains_key(&token);
-                let received = match (received, live.is_some() || saved) {
-                    (Some(b), true) => b,
-                    (_, known) => {
-                        let why = match r.ended.iter().find(|(t, _)| *t == token) {
-                            Some((_, how)) => {
-                                format!("no paused session with that token here: it {how}")
-                            }
-                            None if known => "the session appeared while its resume was being read; try again".to_string(),
-                            None => "no paused session with that token here (the source was restarted, or gave up waiting)".to_string(),
-                        };
-                        drop(r);
-                        return self.refuse(p, Kind::Token, why, quiet, log);
-                    }
-                };
-                if let Some(inbox) = live {
-                    // Sent under the registry lock: a session unregisters under it too, then
-                    // answers what its inbox holds (see `Doorway`'s drop), so no connection
-                    // can reach an inbox nobody will read.
-                    let _ = inbox.send(ForSession::Resume(p.conn, received));
-                    drop(r);
-                    return Routed::Handed;
-                }
-                {
-                    if let Some(why) = self.busy(&r) {
-                        drop(r);
-                        return self.refuse(p, Kind::Busy, why, quiet, log);
-                    }
-                    let saved = r.saved.remove(&token).expect("just seen");
-                    let doorway = self.register(&mut r, bitmap_words(&saved.hello));
-                    drop(r);
-                    let new = NewSession::Takeover {
-                        conn: p.conn,
-                        received,
-                        saved,
-                        doorway,
-                    };
-                    if let Err(std::sync::mpsc::SendError(NewSession::Takeover {
-                        conn,
-                        saved,
-                        ..
-                    })) = sessions.send(new)
-                    {
-                        self.keep_saved(saved);
-                        answer(&conn, &refusal("the source is shutting down".into()));
-                        return Routed::Refused(conn);
-                    }
-                    Routed::Handed
-                }
+            _ => {
+                drop(r);
+                let why = "no session here waits for an urgent connection with that token (a bad token, or the session gave up waiting); try again".to_string();
+                self.refuse(p, Kind::Token, why, quiet, log)
             }
         }
+    }
+
+    /// Routes a resume (registry `r` held): to the live session with `token`, or to the server
+    /// as a takeover of the saved one.
+    fn route_resume(
+        &'l self,
+        mut r: MutexGuard<'_, Registry>,
+        p: Pending,
+        token: u64,
+        sessions: &Sender<NewSession<'l>>,
+        quiet: &mut Quiet,
+        log: &dyn Fn(ServerEvent),
+    ) -> Routed {
+        // Its bitmap was read only if the token was known when the hello came.
+        let received = p
+            .buf
+            .get(Hello::LEN + 8..)
+            .filter(|_| p.words.is_some())
+            .map(handshake::received_words);
+        let live = r.live.get(&token).map(|l| l.inbox.clone());
+        let saved = r.saved.contains_key(&token);
+        let received = match (received, live.is_some() || saved) {
+            (Some(b), true) => b,
+            (_, known) => {
+                let why = match r.ended.iter().find(|(t, _)| *t == token) {
+                    Some((_, how)) => {
+                        format!("no paused session with that token here: it {how}")
+                    }
+                    None if known => "the session appeared while its resume was being read; try again".to_string(),
+                    None => "no paused session with that token here (the source was restarted, or gave up waiting)".to_string(),
+                };
+                drop(r);
+                return self.refuse(p, Kind::Token, why, quiet, log);
+            }
+        };
+        if let Some(inbox) = live {
+            // Sent under the registry lock: a session unregisters under it too, then
+            // answers what its inbox holds (see `Doorway`'s drop), so no connection
+            // can reach an inbox nobody will read.
+            let _ = inbox.send(ForSession::Resume(p.conn, received));
+            drop(r);
+            return Routed::Handed;
+        }
+        if let Some(why) = self.busy(&r) {
+            drop(r);
+            return self.refuse(p, Kind::Busy, why, quiet, log);
+        }
+        let saved = r.saved.remove(&token).expect("just seen");
+        let doorway = self.register(&mut r, bitmap_words(&saved.hello));
+        drop(r);
+        let new = NewSession::Takeover {
+            conn: p.conn,
+            received,
+            saved,
+            doorway,
+        };
+        if let Err(std::sync::mpsc::SendError(NewSession::Takeover { conn, saved, .. })) =
+            sessions.send(new)
+        {
+            self.keep_saved(saved);
+            answer(&conn, &refusal("the source is shutting down".into()));
+            return Routed::Refused(conn);
+        }
+        Routed::Handed
     }
 
     fn refuse(

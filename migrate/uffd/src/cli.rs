@@ -278,14 +278,86 @@ fn policy(s: &str) -> Result<Policy, String> {
     Policy::parse(s).ok_or_else(|| format!("--policy {s}: one of {}", Policy::names()))
 }
 
+/// A size (`--what`).
+fn size(s: &str, what: &str) -> Result<u64, String> {
+    parse_size(s).map_err(|e| format!("--{what}: {e}"))
+}
+
+/// `--host-page`.
+fn host_page_of(s: &str) -> Result<HostPageSize, String> {
+    s.parse::<HostPageSize>()
+        .map_err(|e| format!("--host-page: {e}"))
+}
+
+/// `serve`'s page source: the memory file, or the memory server at `remote`.
+fn source_spec(
+    mem_file: Option<PathBuf>,
+    remote: Option<String>,
+    remote_timeout: &str,
+) -> Result<SourceSpec, String> {
+    Ok(match (mem_file, remote) {
+        (Some(f), None) => SourceSpec::File(f),
+        (None, Some(addr)) => SourceSpec::Remote {
+            addr,
+            timeout: duration("remote-timeout", remote_timeout, None)?.max(Duration::from_secs(1)),
+        },
+        _ => return Err("give one of --mem-file and --remote".into()),
+    })
+}
+
+/// `serve`'s handler options: the policy `p`, with the record it needs.
+fn handler_options(
+    p: &str,
+    prefetchers: usize,
+    handshake_timeout: &str,
+    record: Option<PathBuf>,
+    record_for: Option<String>,
+) -> Result<HandlerOptions, String> {
+    let policy = policy(p)?;
+    if (policy.writes_record() || policy.follows_record()) && record.is_none() {
+        return Err(format!("--policy {policy} needs --record FILE"));
+    }
+    Ok(HandlerOptions {
+        policy,
+        prefetchers,
+        handshake_timeout: duration("handshake-timeout", handshake_timeout, None)?,
+        record,
+        record_for: match record_for {
+            Some(d) => Some(duration("record-for", &d, None)?),
+            None => None,
+        },
+    })
+}
+
+/// `--on-fatal`: kill or notify.
+fn on_fatal_of(s: &str) -> Result<OnFatal, String> {
+    match s {
+        "kill" => Ok(OnFatal::Kill),
+        "notify" => Ok(OnFatal::Notify),
+        o => Err(format!("--on-fatal {o}: kill or notify")),
+    }
+}
+
+/// `--changed`: `none`, or a list of workloads.
+fn changed_list(changed: &str) -> Result<Vec<Workload>, String> {
+    if changed == "none" {
+        Ok(Vec::new())
+    } else {
+        workload_list("changed", changed)
+    }
+}
+
+/// `--policies`: the policies listed, or all of [`Policy::COMPARED`].
+fn policy_list(policies: Option<String>) -> Result<Vec<Policy>, String> {
+    match policies {
+        None => Ok(Policy::COMPARED.to_vec()),
+        Some(list) => list.split(',').map(|p| policy(p.trim())).collect(),
+    }
+}
+
 impl Cli {
     /// Checks the arguments.
     pub fn action(self) -> Result<Action, String> {
-        let size = |s: &str, what: &str| parse_size(s).map_err(|e| format!("--{what}: {e}"));
-        let hp = |s: &str| {
-            s.parse::<HostPageSize>()
-                .map_err(|e| format!("--host-page: {e}"))
-        };
         Ok(match self.command {
             Command::Serve {
                 socket,
@@ -301,37 +373,10 @@ impl Cli {
                 on_fatal,
             } => Action::Serve(ServeOptions {
                 socket,
-                source: match (mem_file, remote) {
-                    (Some(f), None) => SourceSpec::File(f),
-                    (None, Some(addr)) => SourceSpec::Remote {
-                        addr,
-                        timeout: duration("remote-timeout", &remote_timeout, None)?
-                            .max(Duration::from_secs(1)),
-                    },
-                    _ => return Err("give one of --mem-file and --remote".into()),
-                },
-                handler: {
-                    let policy = policy(&p)?;
-                    if (policy.writes_record() || policy.follows_record()) && record.is_none() {
-                        return Err(format!("--policy {policy} needs --record FILE"));
-                    }
-                    HandlerOptions {
-                        policy,
-                        prefetchers,
-                        handshake_timeout: duration("handshake-timeout", &handshake_timeout, None)?,
-                        record,
-                        record_for: match record_for {
-                            Some(d) => Some(duration("record-for", &d, None)?),
-                            None => None,
-                        },
-                    }
-                },
+                source: source_spec(mem_file, remote, &remote_timeout)?,
+                handler: handler_options(&p, prefetchers, &handshake_timeout, record, record_for)?,
                 json,
-                on_fatal: match on_fatal.as_str() {
-                    "kill" => OnFatal::Kill,
-                    "notify" => OnFatal::Notify,
-                    o => return Err(format!("--on-fatal {o}: kill or notify")),
-                },
+                on_fatal: on_fatal_of(&on_fatal)?,
             }),
             Command::MemServer {
                 listen,
@@ -355,7 +400,7 @@ impl Cli {
                 mem: size(&mem, "mem")?,
                 vcpus,
                 workload: workload.parse().map_err(|e| format!("--workload: {e}"))?,
-                host_page: hp(&host_page)?,
+                host_page: host_page_of(&host_page)?,
                 warm: duration("warm", &warm, warm_ms)?,
             },
             Command::Restore {
@@ -390,20 +435,10 @@ impl Cli {
                     dir,
                     mem: size(&mem, "mem")?,
                     vcpus,
-                    host_page: hp(&host_page)?,
+                    host_page: host_page_of(&host_page)?,
                     workloads: workload_list("workloads", &workloads)?,
-                    changed: if changed == "none" {
-                        Vec::new()
-                    } else {
-                        workload_list("changed", &changed)?
-                    },
-                    policies: match policies {
-                        None => Policy::COMPARED.to_vec(),
-                        Some(list) => list
-                            .split(',')
-                            .map(|p| policy(p.trim()))
-                            .collect::<Result<_, String>>()?,
-                    },
+                    changed: changed_list(&changed)?,
+                    policies: policy_list(policies)?,
                     prefetchers: prefetchers.max(1),
                     run_for: duration("run-for", &run_for, run_ms)?,
                     warm: Duration::from_millis(200),

@@ -63,7 +63,7 @@ use std::io;
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -527,6 +527,68 @@ struct Shared<'a> {
     failed: AtomicBool,
 }
 
+impl<'a> Shared<'a> {
+    /// The shared state of a session over `regions`, nothing placed yet.
+    fn new(
+        regions: Regions,
+        sched: PageScheduler,
+        uffd: &'a Userfault,
+        source: &'a dyn PageSource,
+    ) -> Self {
+        let n = regions.host_pages as usize;
+        Shared {
+            sched,
+            uffd,
+            source,
+            gate: RemoveGate::new(n),
+            placed_ns: (0..n).map(|_| AtomicU64::new(0)).collect(),
+            stop: AtomicBool::new(false),
+            loaded: AtomicU64::new(0),
+            prefetched: AtomicU64::new(0),
+            removed_skipped: AtomicU64::new(0),
+            prefetch_cpu_ns: AtomicU64::new(0),
+            prefetch_wait_ns: AtomicU64::new(0),
+            eexist: AtomicU64::new(0),
+            retries: AtomicU64::new(0),
+            record_placed: AtomicU64::new(0),
+            record_hint_steps: AtomicU64::new(0),
+            gone: AtomicBool::new(false),
+            failure: Mutex::new(None),
+            failed: AtomicBool::new(false),
+            regions,
+        }
+    }
+
+    /// Adds the counters, when every page was in place, and the faults' placement times
+    /// to `report`; once every thread has been joined.
+    fn tally(&self, report: &mut HandlerReport) {
+        // Relaxed loads: every thread has been joined.
+        report.prefetched = self.prefetched.load(Ordering::Relaxed);
+        report.removed_skipped = self.removed_skipped.load(Ordering::Relaxed);
+        report.prefetch_cpu_ns = self.prefetch_cpu_ns.load(Ordering::Relaxed);
+        report.prefetch_wait_ns = self.prefetch_wait_ns.load(Ordering::Relaxed);
+        report.eexist = self.eexist.load(Ordering::Relaxed);
+        report.retries += self.retries.load(Ordering::Relaxed);
+        report.record_placed = self.record_placed.load(Ordering::Relaxed);
+        report.record_hint_steps = self.record_hint_steps.load(Ordering::Relaxed);
+        let mut last = 0;
+        let mut all = true;
+        for (hp, p) in self.placed_ns.iter().enumerate() {
+            // Relaxed: joined.
+            let (p, r) = (p.load(Ordering::Relaxed), self.gate.is_removed(hp));
+            if p == 0 && !r {
+                all = false;
+            }
+            last = last.max(p);
+        }
+        report.all_loaded_ns = all.then_some(last);
+        settle(&mut report.fault_records, |hp| {
+            // Relaxed: every thread has been joined.
+            self.placed_ns[hp as usize].load(Ordering::Relaxed)
+        });
+    }
+}
+
 impl Shared<'_> {
     /// Reads target page `page` of region `r` (one host page, `buf.len()` bytes) from the
     /// source. Done outside the gate: a slow source (a remote one) never holds up the event
@@ -780,45 +842,11 @@ pub fn serve(
     control: &Control,
 ) -> Result<HandlerReport, HandlerError> {
     let regions = Regions::new(maps)?;
-    let record_path = || {
-        opts.record
-            .as_deref()
-            .ok_or(HandlerError::NoRecord(opts.policy))
-    };
-    let recorded = if opts.policy.follows_record() {
-        let offsets = record::read(record_path()?)?;
-        regions.recorded_pages(&offsets)?
-    } else {
-        if opts.policy.writes_record() {
-            record_path()?;
-        }
-        Vec::new()
-    };
+    let recorded = recorded(&regions, opts)?;
     let sched = PageScheduler::new(regions.layout.clone(), opts.policy.scheduler())
         .map_err(HandlerError::Io)?;
     sched.bitmap().mark_all(); // nothing is loaded yet
-    let n = regions.host_pages as usize;
-    let shared = Shared {
-        sched,
-        uffd,
-        source,
-        gate: RemoveGate::new(n),
-        placed_ns: (0..n).map(|_| AtomicU64::new(0)).collect(),
-        stop: AtomicBool::new(false),
-        loaded: AtomicU64::new(0),
-        prefetched: AtomicU64::new(0),
-        removed_skipped: AtomicU64::new(0),
-        prefetch_cpu_ns: AtomicU64::new(0),
-        prefetch_wait_ns: AtomicU64::new(0),
-        eexist: AtomicU64::new(0),
-        retries: AtomicU64::new(0),
-        record_placed: AtomicU64::new(0),
-        record_hint_steps: AtomicU64::new(0),
-        gone: AtomicBool::new(false),
-        failure: Mutex::new(None),
-        failed: AtomicBool::new(false),
-        regions,
-    };
+    let shared = Shared::new(regions, sched, uffd, source);
     let prefetchers = opts.policy.prefetchers(opts.prefetchers);
     let mut report = HandlerReport {
         policy: Some(opts.policy),
@@ -832,24 +860,7 @@ pub fn serve(
         ..Default::default()
     };
     let result = std::thread::scope(|s| {
-        let mut jobs: Vec<Job<'_>> = match opts.policy.scan() {
-            Scan::None => Vec::new(),
-            Scan::FromStart => vec![Job::Scan(
-                shared.sched.background_from(PageLocation::new(0, 0)),
-            )],
-            Scan::Spaced => shared
-                .sched
-                .background_scanners(prefetchers)
-                .into_iter()
-                .map(Job::Scan)
-                .collect(),
-            Scan::Record => vec![Job::Record(recorded, None)],
-            Scan::RecordThenHint => {
-                let mut scans = shared.sched.background_scanners(prefetchers).into_iter();
-                let first = Job::Record(recorded, scans.next());
-                std::iter::once(first).chain(scans.map(Job::Scan)).collect()
-            }
-        };
+        let mut jobs = jobs(&shared.sched, opts.policy.scan(), prefetchers, recorded);
         let shared = &shared;
         for (i, job) in jobs.drain(..).enumerate().take(prefetchers) {
             std::thread::Builder::new()
@@ -865,30 +876,7 @@ pub fn serve(
         r
     });
     report.end_ns = now_ns();
-    // Relaxed loads: every thread has been joined.
-    report.prefetched = shared.prefetched.load(Ordering::Relaxed);
-    report.removed_skipped = shared.removed_skipped.load(Ordering::Relaxed);
-    report.prefetch_cpu_ns = shared.prefetch_cpu_ns.load(Ordering::Relaxed);
-    report.prefetch_wait_ns = shared.prefetch_wait_ns.load(Ordering::Relaxed);
-    report.eexist = shared.eexist.load(Ordering::Relaxed);
-    report.retries += shared.retries.load(Ordering::Relaxed);
-    report.record_placed = shared.record_placed.load(Ordering::Relaxed);
-    report.record_hint_steps = shared.record_hint_steps.load(Ordering::Relaxed);
-    let mut last = 0;
-    let mut all = true;
-    for (hp, p) in shared.placed_ns.iter().enumerate() {
-        // Relaxed: joined.
-        let (p, r) = (p.load(Ordering::Relaxed), shared.gate.is_removed(hp));
-        if p == 0 && !r {
-            all = false;
-        }
-        last = last.max(p);
-    }
-    report.all_loaded_ns = all.then_some(last);
-    settle(&mut report.fault_records, |hp| {
-        // Relaxed: every thread has been joined.
-        shared.placed_ns[hp as usize].load(Ordering::Relaxed)
-    });
+    shared.tally(&mut report);
     // A prefetcher's failure fails the session, even where the event thread ended it.
     let failure = shared
         .failure
@@ -900,20 +888,76 @@ pub fn serve(
     };
     report.ended_by = Some(end);
     if opts.policy.writes_record() {
-        let until = opts
-            .record_for
-            .map_or(u64::MAX, |d| report.start_ns + d.as_nanos() as u64);
-        let mut seen = vec![false; shared.regions.host_pages as usize];
-        let offsets: Vec<u64> = report
-            .fault_records
-            .iter()
-            .filter(|f| f.read_ns <= until && !std::mem::replace(&mut seen[f.hp as usize], true))
-            .map(|f| shared.regions.file_offset(f.hp))
-            .collect();
-        report.record_pages = offsets.len() as u64;
-        record::write(record_path()?, &offsets)?;
+        write_record(&shared.regions, opts, &mut report)?;
     }
     Ok(report)
+}
+
+/// The record a policy reads or writes (`--record`), which it must name.
+fn record_path(opts: &HandlerOptions) -> Result<&Path, HandlerError> {
+    opts.record
+        .as_deref()
+        .ok_or(HandlerError::NoRecord(opts.policy))
+}
+
+/// The record's pages for a policy that follows one (none for the others); checks that a
+/// policy that writes one names it.
+fn recorded(regions: &Regions, opts: &HandlerOptions) -> Result<Vec<(usize, u64)>, HandlerError> {
+    if opts.policy.follows_record() {
+        let offsets = record::read(record_path(opts)?)?;
+        Ok(regions.recorded_pages(&offsets)?)
+    } else {
+        if opts.policy.writes_record() {
+            record_path(opts)?;
+        }
+        Ok(Vec::new())
+    }
+}
+
+/// The prefetchers' jobs under `scan` (`prefetchers` of them at most are run).
+fn jobs(
+    sched: &PageScheduler,
+    scan: Scan,
+    prefetchers: usize,
+    recorded: Vec<(usize, u64)>,
+) -> Vec<Job<'_>> {
+    match scan {
+        Scan::None => Vec::new(),
+        Scan::FromStart => vec![Job::Scan(sched.background_from(PageLocation::new(0, 0)))],
+        Scan::Spaced => sched
+            .background_scanners(prefetchers)
+            .into_iter()
+            .map(Job::Scan)
+            .collect(),
+        Scan::Record => vec![Job::Record(recorded, None)],
+        Scan::RecordThenHint => {
+            let mut scans = sched.background_scanners(prefetchers).into_iter();
+            let first = Job::Record(recorded, scans.next());
+            std::iter::once(first).chain(scans.map(Job::Scan)).collect()
+        }
+    }
+}
+
+/// Writes the record: each host page's first fault within `record_for` of the start, in
+/// order, as file offsets.
+fn write_record(
+    regions: &Regions,
+    opts: &HandlerOptions,
+    report: &mut HandlerReport,
+) -> Result<(), HandlerError> {
+    let until = opts
+        .record_for
+        .map_or(u64::MAX, |d| report.start_ns + d.as_nanos() as u64);
+    let mut seen = vec![false; regions.host_pages as usize];
+    let offsets: Vec<u64> = report
+        .fault_records
+        .iter()
+        .filter(|f| f.read_ns <= until && !std::mem::replace(&mut seen[f.hp as usize], true))
+        .map(|f| regions.file_offset(f.hp))
+        .collect();
+    report.record_pages = offsets.len() as u64;
+    record::write(record_path(opts)?, &offsets)?;
+    Ok(())
 }
 
 /// A fault (or its copy) that must wait for the next read of events.

@@ -354,18 +354,7 @@ pub fn restore(
     if !uffd.origin().sees_kernel_faults() {
         return Err("userfaultfd sees only user-mode faults here; KVM needs kernel faults".into());
     }
-    let page = layout.host_page().bytes();
-    let mut maps = Vec::new();
-    let mut offset = 0;
-    for (i, &len) in sizes.iter().enumerate() {
-        if len == 0 {
-            continue;
-        }
-        // SAFETY: our own private mapping, alive until `ram` drops (after the VM).
-        unsafe { uffd.register(ram.addr(i), len) }.map_err(|e| format!("UFFDIO_REGISTER: {e}"))?;
-        maps.push(GuestRegionUffdMapping::new(ram.addr(i), len, offset, page));
-        offset += len;
-    }
+    let maps = register(&ram, sizes, &uffd, layout.host_page().bytes())?;
     let sock = send_handshake(
         &opts.socket,
         &maps,
@@ -409,9 +398,50 @@ pub fn restore(
         tids: Vec::new(),
         counters: Vec::new(),
     };
-    let ends: Vec<VcpuEnd> = std::thread::scope(|s| {
+    let ends = run_window(&m, &mut out, opts.run_for);
+    let until = now_ns() + opts.linger.as_nanos() as u64;
+    while now_ns() < until && !loaded() {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    drop(sock); // v1.12+: the handler's signal that the VMM is done
+    for (i, e) in ends.iter().enumerate() {
+        if !matches!(e, VcpuEnd::Done) {
+            return Err(format!("vCPU {i}: {e:?}"));
+        }
+    }
+    tally(&mut out, &m, snap, khz);
+    drop(m);
+    Ok(Restored { outcome: out, ram })
+}
+
+/// Registers guest memory's regions (`sizes`, the empty ones left out) with `uffd`: their
+/// mappings for the handshake, in host pages of `page` bytes.
+fn register(
+    ram: &GuestRam,
+    sizes: [u64; 2],
+    uffd: &Userfault,
+    page: u64,
+) -> Result<Vec<GuestRegionUffdMapping>, String> {
+    let mut maps = Vec::new();
+    let mut offset = 0;
+    for (i, &len) in sizes.iter().enumerate() {
+        if len == 0 {
+            continue;
+        }
+        // SAFETY: our own private mapping, alive until `ram` drops (after the VM).
+        unsafe { uffd.register(ram.addr(i), len) }.map_err(|e| format!("UFFDIO_REGISTER: {e}"))?;
+        maps.push(GuestRegionUffdMapping::new(ram.addr(i), len, offset, page));
+        offset += len;
+    }
+    Ok(maps)
+}
+
+/// Runs the vCPUs for `run_for` from `out.resumed_ns` (or until one ends), measuring their
+/// scheduler clocks and operations into `out`, then stops them: how each ended.
+fn run_window(m: &Machine, out: &mut RestoreOutcome, run_for: Duration) -> Vec<VcpuEnd> {
+    std::thread::scope(|s| {
         let hs = m.run(s, PinPlan::OFF, None);
-        let deadline = out.resumed_ns + opts.run_for.as_nanos() as u64;
+        let deadline = out.resumed_ns + run_for.as_nanos() as u64;
         // The vCPU threads' scheduler clocks over the window (each thread gives its id
         // as it starts).
         while now_ns() < deadline && m.controls().iter().any(|c| c.tid() == 0) {
@@ -437,24 +467,19 @@ pub fn restore(
             .collect();
         out.done_ns = now_ns();
         ends
-    });
-    let until = now_ns() + opts.linger.as_nanos() as u64;
-    while now_ns() < until && !loaded() {
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    drop(sock); // v1.12+: the handler's signal that the VMM is done
-    for (i, e) in ends.iter().enumerate() {
-        if !matches!(e, VcpuEnd::Done) {
-            return Err(format!("vCPU {i}: {e:?}"));
-        }
-    }
+    })
+}
+
+/// Adds the guest's own counters to `out` once its vCPUs are done: the work in the window,
+/// the first operation, the checks (`khz`: the TSC's rate; `snap`: the clocks at resume).
+fn tally(out: &mut RestoreOutcome, m: &Machine, snap: &Snapshot, khz: u32) {
     out.counters = m.counters();
     for (c, s) in out.counters.iter().zip(&snap.vcpus) {
         // Stamped: the first operation at or after the window's end counted those before
         // it; else every operation came before the end (the stop came after it).
         out.window_ops += if c.stamped { c.window_ops } else { c.ops };
         if c.first_op_clock != 0 {
-            let t = resumed_ns + ticks_ns(c.first_op_clock.wrapping_sub(s.tsc), khz);
+            let t = out.resumed_ns + ticks_ns(c.first_op_clock.wrapping_sub(s.tsc), khz);
             out.first_op_ns = Some(out.first_op_ns.map_or(t, |f: u64| f.min(t)));
         }
     }
@@ -462,6 +487,4 @@ pub fn restore(
     out.verified = out.counters.iter().map(|c| c.verified).sum();
     out.errors = out.counters.iter().map(|c| c.errors).sum();
     out.first_error = out.counters.iter().find_map(|c| c.first_error_text());
-    drop(m);
-    Ok(Restored { outcome: out, ram })
 }
