@@ -169,66 +169,36 @@ pub struct CompareOptions {
     pub svg: Option<PathBuf>,
 }
 
+/// QEMU's modes and pagehint's, and the two QEMUs (None: `none`), checked and typed.
+type Peers = (
+    Vec<QemuMode>,
+    Vec<MigrationMode>,
+    Option<PathBuf>,
+    Option<PathBuf>,
+);
+
+/// A list of modes; `none` runs no mode of that peer.
+fn modes<T: std::str::FromStr<Err = String>>(what: &str, v: &[String]) -> Result<Vec<T>, String> {
+    if v.len() == 1 && v[0] == "none" {
+        Ok(Vec::new())
+    } else {
+        parse_list(what, v)
+    }
+}
+
 impl CompareOptions {
     /// Checks and types the command line.
     pub fn from_cli(c: CompareQemuCli) -> Result<Self, String> {
-        let mem = parse_size(&c.mem).map_err(|e| format!("--mem: {e}"))?;
-        if mem > (2 << 30) {
-            return Err("--mem: at most 2G (QEMU's `pc` machine keeps RAM in one block below 4 GiB only up to there)".into());
-        }
-        let host_page: HostPageSize = c
-            .host_page
-            .parse()
-            .map_err(|e| format!("--host-page: {e}"))?;
-        if !(1..=DISK_MAX_VCPUS).contains(&c.vcpus) {
-            return Err(format!(
-                "--vcpus {}: 1 to {DISK_MAX_VCPUS} (the boot disk's most)",
-                c.vcpus
-            ));
-        }
-        GuestLayout::new(mem, host_page, c.vcpus)
-            .map_err(|e| format!("--mem/--vcpus/--host-page: {e}"))?;
+        let (mem, host_page) = Self::guest(&c)?;
         let workloads: Vec<Workload> = parse_list("workloads", &c.workloads)?;
-        let queue = parse_duration(&c.link_queue).map_err(|e| format!("--link-queue: {e}"))?;
-        if queue.is_zero() {
-            return Err("--link-queue: a tbf queue needs a length".into());
-        }
-        let links = c
-            .links
-            .iter()
-            .map(|l| {
-                let rate_bps = parse_bits(l).map_err(|e| format!("--links: {e}"))?;
-                if rate_bps < 1_000_000 {
-                    return Err(format!("--links: {l}: at least 1 Mbit/s"));
-                }
-                Ok(LinkSpec { rate_bps, queue })
-            })
-            .collect::<Result<Vec<_>, String>>()?;
+        let links = Self::links(&c)?;
         if !(c.cap > 0.0 && c.cap <= 1.0) {
             return Err(format!(
                 "--cap: {} (a fraction of the link rate, 0 < cap <= 1)",
                 c.cap
             ));
         }
-        // `none` runs no mode of that peer.
-        fn modes<T: std::str::FromStr<Err = String>>(
-            what: &str,
-            v: &[String],
-        ) -> Result<Vec<T>, String> {
-            if v.len() == 1 && v[0] == "none" {
-                Ok(Vec::new())
-            } else {
-                parse_list(what, v)
-            }
-        }
-        let qemu_modes: Vec<QemuMode> = modes("qemu-modes", &c.qemu_modes)?;
-        let modes: Vec<MigrationMode> = modes("modes", &c.modes)?;
-        let binary = |v: &str| (v != "none").then(|| PathBuf::from(v));
-        let qemu10 = binary(&c.qemu10);
-        let qemu11 = match &c.qemu11 {
-            Some(v) => binary(v),
-            None => Some(default_qemu11()),
-        };
+        let (qemu_modes, modes, qemu10, qemu11) = Self::peers(&c)?;
         let no_qemu = qemu_modes.is_empty() || (qemu10.is_none() && qemu11.is_none());
         if links.is_empty() || (no_qemu && modes.is_empty()) {
             return Err("nothing to compare".into());
@@ -246,7 +216,7 @@ impl CompareOptions {
             t => return Err(format!("--trace-cost: {t:?} (on, off)")),
         };
         let preload = match c.preload {
-            Some(p) => p,
+            Some(ref p) => p.clone(),
             None => default_preload()?,
         };
         let pin = match c.pin.as_str() {
@@ -255,12 +225,13 @@ impl CompareOptions {
             p => return Err(format!("--pin: {p:?} (auto, off)")),
         };
         let workdir = match c.workdir {
-            Some(d) => (d, true),
+            Some(ref d) => (d.clone(), true),
             None => (
                 std::env::temp_dir().join(format!("pagehint-compare-qemu-{}", std::process::id())),
                 false,
             ),
         };
+        let (lowat, lowat_bytes) = Self::lowat(&c, host_page)?;
         Ok(Self {
             mem,
             vcpus: c.vcpus,
@@ -270,17 +241,8 @@ impl CompareOptions {
             qemu_modes,
             modes,
             cap: c.cap,
-            lowat: match c.lowat.as_str() {
-                "auto" | "off" => c.lowat.clone(),
-                l => parse_size(l)
-                    .map(|_| l.to_string())
-                    .map_err(|e| format!("--lowat: {e} (auto, off or a size)"))?,
-            },
-            lowat_bytes: c
-                .lowat
-                .parse::<crate::link::LowWater>()
-                .map_err(|e| format!("--lowat: {e}"))?
-                .bytes(host_page),
+            lowat,
+            lowat_bytes,
             qemu10,
             qemu11,
             transports,
@@ -288,17 +250,7 @@ impl CompareOptions {
             preload,
             trace_cost,
             settle: parse_duration(&c.settle).map_err(|e| format!("--settle: {e}"))?,
-            stream_rate: match parse_size(&c.stream_rate)
-                .map_err(|e| format!("--stream-rate {}: {e}", c.stream_rate))?
-            {
-                0 => {
-                    return Err(format!(
-                        "--stream-rate {}: a stream needs a rate above 0 bytes/s",
-                        c.stream_rate
-                    ))
-                }
-                r => r,
-            },
+            stream_rate: Self::stream_rate(&c)?,
             seed: c.seed,
             pin,
             workdir,
@@ -306,6 +258,87 @@ impl CompareOptions {
             from_json: c.from_json,
             svg: c.svg,
         })
+    }
+
+    /// The guest's RAM and host page size, checked with its vCPUs.
+    fn guest(c: &CompareQemuCli) -> Result<(u64, HostPageSize), String> {
+        let mem = parse_size(&c.mem).map_err(|e| format!("--mem: {e}"))?;
+        if mem > (2 << 30) {
+            return Err("--mem: at most 2G (QEMU's `pc` machine keeps RAM in one block below 4 GiB only up to there)".into());
+        }
+        let host_page: HostPageSize = c
+            .host_page
+            .parse()
+            .map_err(|e| format!("--host-page: {e}"))?;
+        if !(1..=DISK_MAX_VCPUS).contains(&c.vcpus) {
+            return Err(format!(
+                "--vcpus {}: 1 to {DISK_MAX_VCPUS} (the boot disk's most)",
+                c.vcpus
+            ));
+        }
+        GuestLayout::new(mem, host_page, c.vcpus)
+            .map_err(|e| format!("--mem/--vcpus/--host-page: {e}"))?;
+        Ok((mem, host_page))
+    }
+
+    /// The link classes: each rate of `--links` with the `--link-queue`.
+    fn links(c: &CompareQemuCli) -> Result<Vec<LinkSpec>, String> {
+        let queue = parse_duration(&c.link_queue).map_err(|e| format!("--link-queue: {e}"))?;
+        if queue.is_zero() {
+            return Err("--link-queue: a tbf queue needs a length".into());
+        }
+        c.links
+            .iter()
+            .map(|l| {
+                let rate_bps = parse_bits(l).map_err(|e| format!("--links: {e}"))?;
+                if rate_bps < 1_000_000 {
+                    return Err(format!("--links: {l}: at least 1 Mbit/s"));
+                }
+                Ok(LinkSpec { rate_bps, queue })
+            })
+            .collect::<Result<Vec<_>, String>>()
+    }
+
+    /// QEMU's modes, pagehint's, and the QEMU before the hint and the one with it.
+    fn peers(c: &CompareQemuCli) -> Result<Peers, String> {
+        let qemu_modes: Vec<QemuMode> = modes("qemu-modes", &c.qemu_modes)?;
+        let modes: Vec<MigrationMode> = modes("modes", &c.modes)?;
+        let binary = |v: &str| (v != "none").then(|| PathBuf::from(v));
+        let qemu10 = binary(&c.qemu10);
+        let qemu11 = match &c.qemu11 {
+            Some(v) => binary(v),
+            None => Some(default_qemu11()),
+        };
+        Ok((qemu_modes, modes, qemu10, qemu11))
+    }
+
+    /// pagehint's `--lowat`, checked, and the bound it sets in bytes (0: off).
+    fn lowat(c: &CompareQemuCli, host_page: HostPageSize) -> Result<(String, u64), String> {
+        let lowat = match c.lowat.as_str() {
+            "auto" | "off" => c.lowat.clone(),
+            l => parse_size(l)
+                .map(|_| l.to_string())
+                .map_err(|e| format!("--lowat: {e} (auto, off or a size)"))?,
+        };
+        let bytes = c
+            .lowat
+            .parse::<crate::link::LowWater>()
+            .map_err(|e| format!("--lowat: {e}"))?
+            .bytes(host_page);
+        Ok((lowat, bytes))
+    }
+
+    /// The stream workload's rate, bytes/s, above 0.
+    fn stream_rate(c: &CompareQemuCli) -> Result<u64, String> {
+        match parse_size(&c.stream_rate)
+            .map_err(|e| format!("--stream-rate {}: {e}", c.stream_rate))?
+        {
+            0 => Err(format!(
+                "--stream-rate {}: a stream needs a rate above 0 bytes/s",
+                c.stream_rate
+            )),
+            r => Ok(r),
+        }
     }
 }
 

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use super::cli::CompareOptions;
 use super::export::{Comparison, LinkInfo, QemuInfo};
 use super::latency::Latency;
-use super::netns::ShapedLink;
+use super::netns::{LinkSpec, ShapedLink};
 use super::ours::{self, OursSetup, Transport};
 use super::peer::{self, Preload, QemuMode, QemuOutcome, QemuRun, QemuSetup};
 use super::side::{self, Anchor, RunKey, SideRow};
@@ -70,6 +70,7 @@ struct QemuPeer {
     info: QemuInfo,
 }
 
+/// The QEMU peer `binary` is, by its version.
 fn qemu_peer(binary: &Path) -> Result<QemuPeer, QemuError> {
     let line = peer::version(binary)?;
     let v = peer::short_version(&line);
@@ -98,13 +99,9 @@ fn qemu_peer(binary: &Path) -> Result<QemuPeer, QemuError> {
     })
 }
 
-/// Runs the comparison; `exe` is this `pagehint-migrate`, `line` receives each run.
-pub fn run(
-    o: &CompareOptions,
-    exe: &Path,
-    mut line: impl FnMut(&SideRow),
-) -> Result<Comparison, QemuError> {
-    let started = Instant::now();
+/// The QEMU peers of `o` (none without QEMU modes); an error if QEMU on pagehint's
+/// transport would need the pace-preload library and it is not there.
+fn qemu_peers(o: &CompareOptions) -> Result<Vec<QemuPeer>, QemuError> {
     let mut qemus = Vec::new();
     if !o.qemu_modes.is_empty() {
         for b in [&o.qemu10, &o.qemu11].into_iter().flatten() {
@@ -118,7 +115,13 @@ pub fn run(
             o.preload.display()
         )));
     }
-    let anchor = qemus
+    Ok(qemus)
+}
+
+/// The QEMU the others are compared with (the newest with the hint, else the last) and the
+/// one before the hint.
+fn anchor(qemus: &[QemuPeer]) -> Option<Anchor> {
+    qemus
         .iter()
         .rev()
         .find(|q| q.hint)
@@ -126,7 +129,12 @@ pub fn run(
         .map(|q| Anchor {
             qemu: q.label.clone(),
             before: qemus.iter().find(|b| !b.hint).map(|b| b.label.clone()),
-        });
+        })
+}
+
+/// Checks KVM, creates the work directory, reserves the hugetlb pool of 2 MiB pages, writes
+/// one boot disk per workload and warms memory up; returns the pool and the disks.
+fn prepare_guests(o: &CompareOptions) -> Result<(Option<HugePages>, Vec<PathBuf>), QemuError> {
     crate::guest::kvm::vm::probe().map_err(|e| QemuError::Setup(format!("KVM: {e}")))?;
     let tsc_khz = host_tsc_khz().map_err(|e| QemuError::Setup(format!("KVM: {e}")))?;
     let workdir = &o.workdir.0;
@@ -137,7 +145,7 @@ pub fn run(
     // 2 MiB pages: a source's and a destination's RAM at once (QEMU's two processes, or
     // pagehint's), from the hugetlb pool, reserved for the whole comparison and given back
     // when it ends; a pool the kernel cannot fill is an error before anything runs.
-    let _huge = match o.host_page {
+    let huge = match o.host_page {
         HostPageSize::Small => None,
         HostPageSize::Huge2M => Some(
             HugePages::reserve(2 * layout.host_pages())
@@ -161,31 +169,52 @@ pub fn run(
     // First touches of memory this VM never used are several times slower (see
     // crate::sys::warm::warm_up): pay them once, before anything is measured.
     crate::sys::warm::warm_up(3 * o.mem, 0).map_err(QemuError::Setup)?;
-    let mut rows = Vec::new();
-    let mut probes = Vec::new();
-    let mut links = Vec::new();
-    for &spec in &o.links {
+    Ok((huge, disks))
+}
+
+/// One link of the comparison: the shaped link, how each peer runs on it, and pagehint's
+/// sources on it, one per transport (fields in the order they are dropped: the sources
+/// before the link).
+struct OnLink<'a> {
+    /// pagehint's sources, one per transport (none without pagehint modes).
+    sources: Vec<ours::Source>,
+    /// How pagehint runs on this link.
+    osetup: OursSetup,
+    /// The comparison's options.
+    o: &'a CompareOptions,
+    /// The QEMU peers.
+    qemus: &'a [QemuPeer],
+    /// One boot disk per workload.
+    disks: &'a [PathBuf],
+    /// The link's name.
+    name: String,
+    /// The link's rate, bits/s.
+    rate_bps: u64,
+    /// Both peers' bandwidth cap, bits/s.
+    cap_bps: u64,
+    /// The shaped link.
+    link: ShapedLink,
+}
+
+impl<'a> OnLink<'a> {
+    /// Creates the link of `spec`, measures it and starts pagehint's sources on it.
+    fn start(
+        o: &'a CompareOptions,
+        exe: &Path,
+        spec: LinkSpec,
+        qemus: &'a [QemuPeer],
+        disks: &'a [PathBuf],
+    ) -> Result<(Self, LinkInfo), QemuError> {
         let link = ShapedLink::create(spec)?;
         let name = spec.name();
         let measured = link.probe(Duration::from_secs(1))?;
-        links.push(LinkInfo {
+        let info = LinkInfo {
             name: name.clone(),
             rate_bps: spec.rate_bps,
             measured_bps: measured,
             shaping: link.describe(),
-        });
-        let cap_bps = (spec.rate_bps as f64 * o.cap) as u64;
-        let qsetup = |binary: &Path| QemuSetup {
-            binary: binary.to_path_buf(),
-            mem: o.mem,
-            vcpus: o.vcpus,
-            host_page: o.host_page,
-            cap_bps,
-            settle: o.settle,
-            workdir: workdir.clone(),
-            port: QEMU_PORT,
-            pin: if o.pin { PinPlan::auto() } else { PinPlan::OFF },
         };
+        let cap_bps = (spec.rate_bps as f64 * o.cap) as u64;
         let osetup = OursSetup {
             exe: exe.to_path_buf(),
             mem: o.mem,
@@ -196,7 +225,7 @@ pub fn run(
             stream_rate: o.stream_rate,
             lowat: o.lowat.clone(),
             pin: o.pin,
-            workdir: workdir.clone(),
+            workdir: o.workdir.0.clone(),
             port: PAGEHINT_PORT,
         };
         let mut sources = Vec::new();
@@ -205,90 +234,196 @@ pub fn run(
                 sources.push(ours::Source::start(&link, &osetup, t)?);
             }
         }
-        for rep in 0..o.repeat {
-            let flip = rep % 2 == 1;
-            let mut transports = o.transports.clone();
+        let on = OnLink {
+            sources,
+            osetup,
+            o,
+            qemus,
+            disks,
+            name,
+            rate_bps: spec.rate_bps,
+            cap_bps,
+            link,
+        };
+        Ok((on, info))
+    }
+
+    /// How QEMU `binary` runs on this link.
+    fn qemu_setup(&self, binary: &Path) -> QemuSetup {
+        let o = self.o;
+        QemuSetup {
+            binary: binary.to_path_buf(),
+            mem: o.mem,
+            vcpus: o.vcpus,
+            host_page: o.host_page,
+            cap_bps: self.cap_bps,
+            settle: o.settle,
+            workdir: o.workdir.0.clone(),
+            port: QEMU_PORT,
+            pin: if o.pin { PinPlan::auto() } else { PinPlan::OFF },
+        }
+    }
+
+    /// Repeat `rep`: for each workload, QEMU's runs and pagehint's, QEMU first in even
+    /// repeats and pagehint first (transports reversed) in odd ones.
+    fn repeat(&self, rep: u32, record: &mut dyn FnMut(SideRow)) {
+        let flip = rep % 2 == 1;
+        let mut transports = self.o.transports.clone();
+        if flip {
+            transports.reverse();
+        }
+        for (&w, disk) in self.o.workloads.iter().zip(self.disks) {
             if flip {
-                transports.reverse();
+                self.ours_runs(rep, &transports, w, record);
+                self.qemu_runs(rep, &transports, w, disk, record);
+            } else {
+                self.qemu_runs(rep, &transports, w, disk, record);
+                self.ours_runs(rep, &transports, w, record);
             }
-            for (&w, disk) in o.workloads.iter().zip(&disks) {
-                let mut record = |row: SideRow| {
-                    line(&row);
-                    rows.push(row);
-                };
-                let qemu_runs = |record: &mut dyn FnMut(SideRow)| {
-                    for q in &qemus {
-                        let setup = qsetup(&q.binary);
-                        let ts: Vec<Transport> = if q.hint {
-                            transports.clone()
-                        } else {
-                            vec![Transport::Qemu]
-                        };
-                        for &m in &o.qemu_modes {
-                            for &t in &ts {
-                                let pre = preload(o, cap_bps, m, t);
-                                let run = QemuRun {
-                                    mode: m,
-                                    disk,
-                                    trace: !q.hint,
-                                    preload: pre.as_ref(),
-                                };
-                                let k = RunKey {
-                                    repeat: rep,
-                                    link: &name,
-                                    rate_bps: spec.rate_bps,
-                                    peer: &q.label,
-                                    mode: m.name(),
-                                    transport: t,
-                                    workload: w.name(),
-                                    traced: !q.hint,
-                                };
-                                record(match peer::migrate(&link, &setup, &run) {
-                                    Ok(out) => SideRow::qemu(&k, &out),
-                                    Err(e) => SideRow::failed(&k, e.to_string()),
-                                });
-                            }
-                        }
-                    }
-                };
-                let ours_runs = |record: &mut dyn FnMut(SideRow)| {
-                    for &m in &o.modes {
-                        for &t in &transports {
-                            let Some(src) = sources.iter().find(|s| s.transport() == t) else {
-                                continue;
-                            };
-                            let k = RunKey {
-                                repeat: rep,
-                                link: &name,
-                                rate_bps: spec.rate_bps,
-                                peer: "pagehint",
-                                mode: m.name(),
-                                transport: t,
-                                workload: w.name(),
-                                traced: false,
-                            };
-                            record(match ours::migrate(&link, &osetup, src, m, w) {
-                                Ok(out) => SideRow::pagehint(&k, &out),
-                                Err(e) => SideRow::failed(&k, e.to_string()),
-                            });
-                        }
-                    }
-                };
-                if flip {
-                    ours_runs(&mut record);
-                    qemu_runs(&mut record);
-                } else {
-                    qemu_runs(&mut record);
-                    ours_runs(&mut record);
+        }
+    }
+
+    /// Every QEMU's runs of workload `w` in each QEMU mode, on each transport (QEMU < 10.1
+    /// on its own only, traced).
+    fn qemu_runs(
+        &self,
+        rep: u32,
+        transports: &[Transport],
+        w: Workload,
+        disk: &Path,
+        record: &mut dyn FnMut(SideRow),
+    ) {
+        for q in self.qemus {
+            let setup = self.qemu_setup(&q.binary);
+            let ts: Vec<Transport> = if q.hint {
+                transports.to_vec()
+            } else {
+                vec![Transport::Qemu]
+            };
+            for &m in &self.o.qemu_modes {
+                for &t in &ts {
+                    let pre = preload(self.o, self.cap_bps, m, t);
+                    let run = QemuRun {
+                        mode: m,
+                        disk,
+                        trace: !q.hint,
+                        preload: pre.as_ref(),
+                    };
+                    let k = RunKey {
+                        repeat: rep,
+                        link: &self.name,
+                        rate_bps: self.rate_bps,
+                        peer: &q.label,
+                        mode: m.name(),
+                        transport: t,
+                        workload: w.name(),
+                        traced: !q.hint,
+                    };
+                    record(match peer::migrate(&self.link, &setup, &run) {
+                        Ok(out) => SideRow::qemu(&k, &out),
+                        Err(e) => SideRow::failed(&k, e.to_string()),
+                    });
                 }
             }
+        }
+    }
+
+    /// pagehint's runs of workload `w` in each of its modes, on each transport.
+    fn ours_runs(
+        &self,
+        rep: u32,
+        transports: &[Transport],
+        w: Workload,
+        record: &mut dyn FnMut(SideRow),
+    ) {
+        for &m in &self.o.modes {
+            for &t in transports {
+                let Some(src) = self.sources.iter().find(|s| s.transport() == t) else {
+                    continue;
+                };
+                let k = RunKey {
+                    repeat: rep,
+                    link: &self.name,
+                    rate_bps: self.rate_bps,
+                    peer: "pagehint",
+                    mode: m.name(),
+                    transport: t,
+                    workload: w.name(),
+                    traced: false,
+                };
+                record(match ours::migrate(&self.link, &self.osetup, src, m, w) {
+                    Ok(out) => SideRow::pagehint(&k, &out),
+                    Err(e) => SideRow::failed(&k, e.to_string()),
+                });
+            }
+        }
+    }
+
+    /// What tracing costs each QEMU in repeat `rep`, paired with its rows among `rows`.
+    fn trace_probes(&self, rep: u32, rows: &[SideRow]) -> Vec<TraceProbe> {
+        let mut probes = Vec::new();
+        for q in self.qemus {
+            let setup = self.qemu_setup(&q.binary);
+            if let Some(p) = trace_probe(
+                self.o, &self.link, &self.name, rep, q, &setup, self.disks, rows,
+            ) {
+                probes.push(p);
+            }
+        }
+        probes
+    }
+}
+
+/// The comparison's setup, in words.
+fn setup_text(o: &CompareOptions) -> String {
+    format!(
+        "KVM guest, {} vCPU{}, {} MiB, {} host pages, pure postcopy; {} repeat{} (peer order alternating); both capped at {:.0}% of the link rate; transports: QEMU's (max-bandwidth and max-postcopy-bandwidth: a 100 ms-window rate limiter at line rate; pagehint: the same limiter, --qemu-rate-limit) and pagehint's (kernel pacing at the cap, {} in preempt modes; QEMU: the pace-preload library on its sockets); threads {}",
+        o.vcpus,
+        if o.vcpus == 1 { "" } else { "s" },
+        o.mem >> 20,
+        match o.host_page {
+            HostPageSize::Small => "4 KiB",
+            HostPageSize::Huge2M => "2 MiB (hugetlb)",
+        },
+        o.repeat,
+        if o.repeat == 1 { "" } else { "s" },
+        o.cap * 100.0,
+        match o.lowat_bytes {
+            0 => "no bound on unsent bytes".to_string(),
+            b if b % (1 << 20) == 0 => format!("at most {} MiB unsent", b >> 20),
+            b => format!("at most {} KiB unsent", b.div_ceil(1 << 10)),
+        },
+        if o.pin {
+            "pinned alike (guest + fault path on one CPU, bulk streams on the other)"
+        } else {
+            "not pinned"
+        },
+    )
+}
+
+/// Runs the comparison; `exe` is this `pagehint-migrate`, `line` receives each run.
+pub fn run(
+    o: &CompareOptions,
+    exe: &Path,
+    mut line: impl FnMut(&SideRow),
+) -> Result<Comparison, QemuError> {
+    let started = Instant::now();
+    let qemus = qemu_peers(o)?;
+    let anchor = anchor(&qemus);
+    let (_huge, disks) = prepare_guests(o)?;
+    let mut rows = Vec::new();
+    let mut probes = Vec::new();
+    let mut links = Vec::new();
+    for &spec in &o.links {
+        let (on, info) = OnLink::start(o, exe, spec, &qemus, &disks)?;
+        links.push(info);
+        for rep in 0..o.repeat {
+            on.repeat(rep, &mut |row: SideRow| {
+                line(&row);
+                rows.push(row);
+            });
             if o.trace_cost {
-                for q in &qemus {
-                    let setup = qsetup(&q.binary);
-                    if let Some(p) = trace_probe(o, &link, &name, rep, q, &setup, &disks, &rows) {
-                        probes.push(p);
-                    }
-                }
+                probes.extend(on.trace_probes(rep, &rows));
             }
         }
     }
@@ -303,29 +438,7 @@ pub fn run(
     Ok(Comparison {
         qemus: qemus.iter().map(|q| q.info.clone()).collect(),
         anchor,
-        setup: format!(
-            "KVM guest, {} vCPU{}, {} MiB, {} host pages, pure postcopy; {} repeat{} (peer order alternating); both capped at {:.0}% of the link rate; transports: QEMU's (max-bandwidth and max-postcopy-bandwidth: a 100 ms-window rate limiter at line rate; pagehint: the same limiter, --qemu-rate-limit) and pagehint's (kernel pacing at the cap, {} in preempt modes; QEMU: the pace-preload library on its sockets); threads {}",
-            o.vcpus,
-            if o.vcpus == 1 { "" } else { "s" },
-            o.mem >> 20,
-            match o.host_page {
-                HostPageSize::Small => "4 KiB",
-                HostPageSize::Huge2M => "2 MiB (hugetlb)",
-            },
-            o.repeat,
-            if o.repeat == 1 { "" } else { "s" },
-            o.cap * 100.0,
-            match o.lowat_bytes {
-                0 => "no bound on unsent bytes".to_string(),
-                b if b % (1 << 20) == 0 => format!("at most {} MiB unsent", b >> 20),
-                b => format!("at most {} KiB unsent", b.div_ceil(1 << 10)),
-            },
-            if o.pin {
-                "pinned alike (guest + fault path on one CPU, bulk streams on the other)"
-            } else {
-                "not pinned"
-            },
-        ),
+        setup: setup_text(o),
         links,
         series: side::series(&rows),
         rows,

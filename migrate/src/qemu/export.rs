@@ -292,6 +292,7 @@ pub fn json(c: &Comparison) -> String {
     serde_json::to_string_pretty(c).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
 }
 
+/// The fill of configuration `x`'s bars and legend entry.
 fn color(x: &Series) -> &'static str {
     use super::ours::Transport::{Pagehint, Qemu};
     let c = &x.config;
@@ -312,6 +313,258 @@ fn color(x: &Series) -> &'static str {
     }
 }
 
+/// A configuration of the chart: peer, mode and transport.
+type Kind<'a> = (&'a str, &'a str, super::ours::Transport);
+
+/// The vertical extent of one panel's plot area and its log-scale axis, from decade `d0`
+/// to `d1`.
+struct Plot {
+    /// Top.
+    t: f64,
+    /// Bottom.
+    b: f64,
+    /// The lowest decade (log10).
+    d0: f64,
+    /// The highest decade (log10).
+    d1: f64,
+}
+
+impl Plot {
+    /// The y of value `v` (values below the axis at its bottom).
+    fn y(&self, v: f64) -> f64 {
+        self.b
+            - (v.max(10f64.powf(self.d0)).log10() - self.d0) / (self.d1 - self.d0)
+                * (self.b - self.t)
+    }
+}
+
+/// The chart of a comparison: its workloads and configurations, in the order they first
+/// appear, and the size of a panel.
+struct Chart<'a> {
+    /// The comparison.
+    c: &'a Comparison,
+    /// The workloads.
+    workloads: Vec<&'a str>,
+    /// The configurations.
+    kinds: Vec<Kind<'a>>,
+    /// A panel's width.
+    pw: f64,
+    /// A panel's height.
+    ph: f64,
+}
+
+impl<'a> Chart<'a> {
+    /// The workloads and configurations of `c`.
+    fn new(c: &'a Comparison) -> Self {
+        let mut workloads: Vec<&str> = Vec::new();
+        let mut kinds: Vec<Kind<'a>> = Vec::new();
+        for x in &c.series {
+            if !workloads.contains(&x.config.workload.as_str()) {
+                workloads.push(&x.config.workload);
+            }
+            let k = (
+                x.config.peer.as_str(),
+                x.config.mode.as_str(),
+                x.config.transport,
+            );
+            if !kinds.contains(&k) {
+                kinds.push(k);
+            }
+        }
+        Chart {
+            c,
+            workloads,
+            kinds,
+            pw: 720.0,
+            ph: 250.0,
+        }
+    }
+
+    /// Writes the title and the setup (wrapped at about 150 characters); returns where
+    /// the legend goes.
+    fn heading(&self, s: &mut String) -> f64 {
+        let names: Vec<String> = self.c.qemus.iter().map(|q| q.label.clone()).collect();
+        let _ = writeln!(
+            s,
+            r##"<text x="10" y="20" font-size="15" font-weight="bold">{} and pagehint, side by side: the same guest over the same shaped link, each on both transports</text>"##,
+            esc(&names.join(", "))
+        );
+        let mut lines: Vec<String> = vec![String::new()];
+        for part in self.c.setup.split("; ") {
+            let last = lines.last_mut().expect("one line");
+            if !last.is_empty() && last.len() + part.len() > 150 {
+                lines.push(part.to_string());
+            } else {
+                if !last.is_empty() {
+                    last.push_str("; ");
+                }
+                last.push_str(part);
+            }
+        }
+        for (i, l) in lines.iter().enumerate() {
+            let _ = writeln!(
+                s,
+                r##"<text x="10" y="{}" fill="#555" font-size="10">{}</text>"##,
+                34 + 13 * i,
+                esc(l)
+            );
+        }
+        40.0 + 13.0 * lines.len() as f64
+    }
+
+    /// Writes the legend, four configurations a row, from `top`.
+    fn legend(&self, s: &mut String, top: f64) {
+        for (i, &(peer, mode, t)) in self.kinds.iter().enumerate() {
+            let Some(x) = self.c.series.iter().find(|x| {
+                x.config.peer == peer && x.config.mode == mode && x.config.transport == t
+            }) else {
+                continue;
+            };
+            let (lx, ly) = (10.0 + 260.0 * (i % 4) as f64, top + 16.0 * (i / 4) as f64);
+            let _ = writeln!(
+                s,
+                r##"<rect x="{lx}" y="{ly}" width="12" height="10" fill="{}"/><text x="{}" y="{}">{}</text>"##,
+                color(x),
+                lx + 16.0,
+                ly + 9.0,
+                esc(&format!("{peer} {mode} [{t} transport]"))
+            );
+        }
+    }
+
+    /// Writes the panel of figure `f` on `link` at (`ox`, `oy`): title, decades, one group
+    /// of bars per workload, axis and the link's measured rate.
+    fn panel(&self, s: &mut String, f: Figure, link: &LinkInfo, ox: f64, oy: f64) {
+        let (l, t, r, b) = (
+            ox + 55.0,
+            oy + 22.0,
+            ox + self.pw - 15.0,
+            oy + self.ph - 40.0,
+        );
+        let series: Vec<&Series> = self
+            .c
+            .series
+            .iter()
+            .filter(|x| x.config.link == link.name)
+            .collect();
+        let fidx = Figure::ALL.iter().position(|g| *g == f).expect("a figure");
+        let vals: Vec<f64> = series
+            .iter()
+            .filter_map(|x| x.figures[fidx])
+            .flat_map(|sp| [sp.min, sp.max])
+            .filter(|v| *v > 0.0)
+            .collect();
+        let lo = vals.iter().copied().fold(f64::INFINITY, f64::min);
+        let hi = vals.iter().copied().fold(0.0, f64::max);
+        let (d0, d1) = if vals.is_empty() {
+            (0.0, 1.0)
+        } else {
+            (
+                lo.log10().floor(),
+                hi.log10().ceil().max(lo.log10().floor() + 1.0),
+            )
+        };
+        let p = Plot { t, b, d0, d1 };
+        let unit = match f {
+            Figure::P50 | Figure::P99 => "µs",
+            Figure::CpuPerGib => "CPU ms per GiB",
+            _ => "ms",
+        };
+        let _ = writeln!(
+            s,
+            r##"<text x="{l}" y="{}" font-weight="bold">{} ({unit}) — {} link</text>"##,
+            oy + 14.0,
+            esc(f.name()),
+            esc(&link.name)
+        );
+        let mut d = d0;
+        while d <= d1 + 1e-9 {
+            let yy = p.y(10f64.powf(d));
+            let _ = writeln!(
+                s,
+                r##"<line x1="{l}" y1="{yy:.1}" x2="{r}" y2="{yy:.1}" stroke="#ddd"/><text x="{}" y="{:.1}" text-anchor="end" fill="#555">{}</text>"##,
+                l - 4.0,
+                yy + 4.0,
+                10f64.powf(d)
+            );
+            d += 1.0;
+        }
+        let gw = (r - l) / self.workloads.len().max(1) as f64;
+        for (wi, wl) in self.workloads.iter().enumerate() {
+            self.group(s, &p, &series, fidx, wl, l + gw * wi as f64 + 6.0, gw);
+        }
+        let _ = writeln!(
+            s,
+            r##"<line x1="{l}" y1="{b}" x2="{r}" y2="{b}" stroke="#333"/><text x="{l}" y="{}" fill="#555" font-size="10">measured {:.2} Gbit/s; bars: medians, whiskers: min-max over the repeats</text>"##,
+            b + 28.0,
+            link.measured_bps / 1e9
+        );
+    }
+
+    /// Writes workload `wl`'s group of bars (one per configuration, its median, with a
+    /// min-max whisker) of figure `fidx` in `p`, the group at `gx`, `gw` wide.
+    #[allow(clippy::too_many_arguments)]
+    fn group(
+        &self,
+        s: &mut String,
+        p: &Plot,
+        series: &[&Series],
+        fidx: usize,
+        wl: &str,
+        gx: f64,
+        gw: f64,
+    ) {
+        let bw = (gw - 12.0) / self.kinds.len().max(1) as f64;
+        let _ = writeln!(
+            s,
+            r##"<text x="{:.1}" y="{:.1}" text-anchor="middle">{}</text>"##,
+            gx + (gw - 12.0) / 2.0,
+            p.b + 14.0,
+            esc(wl)
+        );
+        for (si, &(peer, mode, tr)) in self.kinds.iter().enumerate() {
+            let Some(x) = series.iter().find(|x| {
+                x.config.workload == *wl
+                    && x.config.peer == peer
+                    && x.config.mode == mode
+                    && x.config.transport == tr
+            }) else {
+                continue;
+            };
+            let Some(sp) = x.figures[fidx] else {
+                continue;
+            };
+            if sp.median <= 0.0 {
+                continue;
+            }
+            let (yy, bx) = (p.y(sp.median), gx + bw * si as f64);
+            let _ = writeln!(
+                s,
+                r##"<rect x="{bx:.1}" y="{yy:.1}" width="{:.1}" height="{:.1}" fill="{}"><title>{} {} [{}] {}: {:.1} ({:.1}-{:.1})</title></rect>"##,
+                (bw - 1.0).max(1.0),
+                (p.b - yy).max(0.5),
+                color(x),
+                esc(peer),
+                esc(mode),
+                tr,
+                esc(wl),
+                sp.median,
+                sp.min,
+                sp.max
+            );
+            if sp.n > 1 && sp.min > 0.0 {
+                let cx = bx + (bw - 1.0).max(1.0) / 2.0;
+                let _ = writeln!(
+                    s,
+                    r##"<line x1="{cx:.1}" y1="{:.1}" x2="{cx:.1}" y2="{:.1}" stroke="#333"/>"##,
+                    p.y(sp.min),
+                    p.y(sp.max)
+                );
+            }
+        }
+    }
+}
+
 /// One panel per (figure, link): for each workload, a log-scale bar per configuration (its
 /// median) with a whisker from min to max.
 pub fn svg(c: &Comparison) -> String {
@@ -322,24 +575,10 @@ pub fn svg(c: &Comparison) -> String {
         Figure::VcpusBlocked,
         Figure::CpuPerGib,
     ];
-    let mut workloads: Vec<&str> = Vec::new();
-    let mut kinds: Vec<(&str, &str, super::ours::Transport)> = Vec::new();
-    for x in &c.series {
-        if !workloads.contains(&x.config.workload.as_str()) {
-            workloads.push(&x.config.workload);
-        }
-        let k = (
-            x.config.peer.as_str(),
-            x.config.mode.as_str(),
-            x.config.transport,
-        );
-        if !kinds.contains(&k) {
-            kinds.push(k);
-        }
-    }
-    let (pw, ph) = (720.0, 250.0);
+    let chart = Chart::new(c);
+    let (pw, ph) = (chart.pw, chart.ph);
     let cols = c.links.len().max(1);
-    let legend_rows = kinds.len().div_ceil(4).max(1);
+    let legend_rows = chart.kinds.len().div_ceil(4).max(1);
     let (w, h) = (
         pw * cols as f64 + 20.0,
         ph * figures.len() as f64 + 80.0 + 16.0 * legend_rows as f64 + 40.0,
@@ -350,162 +589,12 @@ pub fn svg(c: &Comparison) -> String {
         r##"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" font-family="sans-serif" font-size="11">"##
     );
     let _ = writeln!(s, r##"<rect width="100%" height="100%" fill="white"/>"##);
-    let names: Vec<String> = c.qemus.iter().map(|q| q.label.clone()).collect();
-    let _ = writeln!(
-        s,
-        r##"<text x="10" y="20" font-size="15" font-weight="bold">{} and pagehint, side by side: the same guest over the same shaped link, each on both transports</text>"##,
-        esc(&names.join(", "))
-    );
-    let mut lines: Vec<String> = vec![String::new()];
-    for part in c.setup.split("; ") {
-        let last = lines.last_mut().expect("one line");
-        if !last.is_empty() && last.len() + part.len() > 150 {
-            lines.push(part.to_string());
-        } else {
-            if !last.is_empty() {
-                last.push_str("; ");
-            }
-            last.push_str(part);
-        }
-    }
-    for (i, l) in lines.iter().enumerate() {
-        let _ = writeln!(
-            s,
-            r##"<text x="10" y="{}" fill="#555" font-size="10">{}</text>"##,
-            34 + 13 * i,
-            esc(l)
-        );
-    }
-    let mut top = 40.0 + 13.0 * lines.len() as f64;
-    for (i, &(peer, mode, t)) in kinds.iter().enumerate() {
-        let Some(x) = c
-            .series
-            .iter()
-            .find(|x| x.config.peer == peer && x.config.mode == mode && x.config.transport == t)
-        else {
-            continue;
-        };
-        let (lx, ly) = (10.0 + 260.0 * (i % 4) as f64, top + 16.0 * (i / 4) as f64);
-        let _ = writeln!(
-            s,
-            r##"<rect x="{lx}" y="{ly}" width="12" height="10" fill="{}"/><text x="{}" y="{}">{}</text>"##,
-            color(x),
-            lx + 16.0,
-            ly + 9.0,
-            esc(&format!("{peer} {mode} [{t} transport]"))
-        );
-    }
+    let mut top = chart.heading(&mut s);
+    chart.legend(&mut s, top);
     top += 16.0 * legend_rows as f64 + 8.0;
-    for (fi, f) in figures.iter().enumerate() {
+    for (fi, &f) in figures.iter().enumerate() {
         for (li, link) in c.links.iter().enumerate() {
-            let ox = 10.0 + pw * li as f64;
-            let oy = top + ph * fi as f64;
-            let (l, t, r, b) = (ox + 55.0, oy + 22.0, ox + pw - 15.0, oy + ph - 40.0);
-            let series: Vec<&Series> = c
-                .series
-                .iter()
-                .filter(|x| x.config.link == link.name)
-                .collect();
-            let fidx = Figure::ALL.iter().position(|g| g == f).expect("a figure");
-            let vals: Vec<f64> = series
-                .iter()
-                .filter_map(|x| x.figures[fidx])
-                .flat_map(|sp| [sp.min, sp.max])
-                .filter(|v| *v > 0.0)
-                .collect();
-            let lo = vals.iter().copied().fold(f64::INFINITY, f64::min);
-            let hi = vals.iter().copied().fold(0.0, f64::max);
-            let (d0, d1) = if vals.is_empty() {
-                (0.0, 1.0)
-            } else {
-                (
-                    lo.log10().floor(),
-                    hi.log10().ceil().max(lo.log10().floor() + 1.0),
-                )
-            };
-            let y = |v: f64| b - (v.max(10f64.powf(d0)).log10() - d0) / (d1 - d0) * (b - t);
-            let unit = match f {
-                Figure::P50 | Figure::P99 => "µs",
-                Figure::CpuPerGib => "CPU ms per GiB",
-                _ => "ms",
-            };
-            let _ = writeln!(
-                s,
-                r##"<text x="{l}" y="{}" font-weight="bold">{} ({unit}) — {} link</text>"##,
-                oy + 14.0,
-                esc(f.name()),
-                esc(&link.name)
-            );
-            let mut d = d0;
-            while d <= d1 + 1e-9 {
-                let yy = y(10f64.powf(d));
-                let _ = writeln!(
-                    s,
-                    r##"<line x1="{l}" y1="{yy:.1}" x2="{r}" y2="{yy:.1}" stroke="#ddd"/><text x="{}" y="{:.1}" text-anchor="end" fill="#555">{}</text>"##,
-                    l - 4.0,
-                    yy + 4.0,
-                    10f64.powf(d)
-                );
-                d += 1.0;
-            }
-            let gw = (r - l) / workloads.len().max(1) as f64;
-            let bw = (gw - 12.0) / kinds.len().max(1) as f64;
-            for (wi, wl) in workloads.iter().enumerate() {
-                let gx = l + gw * wi as f64 + 6.0;
-                let _ = writeln!(
-                    s,
-                    r##"<text x="{:.1}" y="{:.1}" text-anchor="middle">{}</text>"##,
-                    gx + (gw - 12.0) / 2.0,
-                    b + 14.0,
-                    esc(wl)
-                );
-                for (si, &(peer, mode, tr)) in kinds.iter().enumerate() {
-                    let Some(x) = series.iter().find(|x| {
-                        x.config.workload == *wl
-                            && x.config.peer == peer
-                            && x.config.mode == mode
-                            && x.config.transport == tr
-                    }) else {
-                        continue;
-                    };
-                    let Some(sp) = x.figures[fidx] else {
-                        continue;
-                    };
-                    if sp.median <= 0.0 {
-                        continue;
-                    }
-                    let (yy, bx) = (y(sp.median), gx + bw * si as f64);
-                    let _ = writeln!(
-                        s,
-                        r##"<rect x="{bx:.1}" y="{yy:.1}" width="{:.1}" height="{:.1}" fill="{}"><title>{} {} [{}] {}: {:.1} ({:.1}-{:.1})</title></rect>"##,
-                        (bw - 1.0).max(1.0),
-                        (b - yy).max(0.5),
-                        color(x),
-                        esc(peer),
-                        esc(mode),
-                        tr,
-                        esc(wl),
-                        sp.median,
-                        sp.min,
-                        sp.max
-                    );
-                    if sp.n > 1 && sp.min > 0.0 {
-                        let cx = bx + (bw - 1.0).max(1.0) / 2.0;
-                        let _ = writeln!(
-                            s,
-                            r##"<line x1="{cx:.1}" y1="{:.1}" x2="{cx:.1}" y2="{:.1}" stroke="#333"/>"##,
-                            y(sp.min),
-                            y(sp.max)
-                        );
-                    }
-                }
-            }
-            let _ = writeln!(
-                s,
-                r##"<line x1="{l}" y1="{b}" x2="{r}" y2="{b}" stroke="#333"/><text x="{l}" y="{}" fill="#555" font-size="10">measured {:.2} Gbit/s; bars: medians, whiskers: min-max over the repeats</text>"##,
-                b + 28.0,
-                link.measured_bps / 1e9
-            );
+            chart.panel(&mut s, f, link, 10.0 + pw * li as f64, top + ph * fi as f64);
         }
     }
     s.push_str("</svg>\n");

@@ -46,36 +46,23 @@ pub mod trace;
 use std::fmt;
 use std::process::ExitCode;
 
+/// What the columns of the medians mean, printed under them.
 const LEGEND: &str = "\
 p50/p99: request latency, fault read -> page placed (QEMU >= 10.1: its own query-migrate histogram, untraced; QEMU 10.0: its request trace, one write per request)
 blocktime: time every vCPU was blocked at once (QEMU: postcopy-blocktime); vCPUs blocked: each vCPU's blocked time, added up (QEMU: postcopy-vcpu-blocktime summed); total: switch-over -> last page placed (QEMU: source STOP event -> destination completed event)
 CPU/GiB: run time of the migration threads (QEMU: mig/*; pagehint: ph/*) per GiB sent; not the vCPUs, not the main threads (in the JSON: cpu_other)
 transport: qemu = a 100 ms-window rate limiter at line rate (QEMU's; pagehint with --qemu-rate-limit); pagehint = kernel pacing + unsent-bytes bound (pagehint's; QEMU with the pace-preload library)";
 
-/// `pagehint-migrate compare-qemu`: cli → compare → export; the process's exit status
-/// (0: every run completed with the guest alive; 1: one did not or an output was not
-/// written; 2: the comparison could not run).
-pub fn command(c: cli::CompareQemuCli) -> ExitCode {
-    let o = match cli::CompareOptions::from_cli(c) {
-        Ok(o) => o,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    let exe = match std::env::current_exe() {
-        Ok(p) => p,
-        Err(e) => {
-            eprintln!("error: cannot find this executable: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    fn list<T>(v: &[T], name: impl Fn(&T) -> String) -> String {
-        match v.iter().map(name).collect::<Vec<_>>().join(",") {
-            l if l.is_empty() => "none".into(),
-            l => l,
-        }
+/// A list of names, comma-separated; `none` for none.
+fn list<T>(v: &[T], name: impl Fn(&T) -> String) -> String {
+    match v.iter().map(name).collect::<Vec<_>>().join(",") {
+        l if l.is_empty() => "none".into(),
+        l => l,
     }
+}
+
+/// Prints what the comparison will run, in one line.
+fn print_options(o: &cli::CompareOptions) {
     let path = |p: &Option<std::path::PathBuf>| {
         p.as_ref()
             .map_or("none".into(), |p| p.display().to_string())
@@ -94,20 +81,11 @@ pub fn command(c: cli::CompareQemuCli) -> ExitCode {
         list(&o.transports, |t| t.name().into()),
         o.repeat,
     );
-    let result = match &o.from_json {
-        Some(f) => std::fs::read_to_string(f)
-            .map_err(|e| QemuError::Io(format!("reading {}", f.display()), e))
-            .and_then(|t| compare::rederive(&t)),
-        None => compare::run(&o, &exe, |r| println!("{}", export::run_line(r))),
-    };
-    let c = match result {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("error: {e}");
-            eprintln!("(logs in {})", o.workdir.0.display());
-            return ExitCode::from(2);
-        }
-    };
+}
+
+/// Prints the comparison: peers, setup, links, medians, attribution, tracing's cost and
+/// targets; returns whether every run completed with the guest alive.
+fn print_comparison(c: &export::Comparison) -> bool {
     println!();
     for q in &c.qemus {
         println!(
@@ -143,8 +121,13 @@ pub fn command(c: cli::CompareQemuCli) -> ExitCode {
         if all_alive { "PASS" } else { "MISS" }
     );
     println!("\ntotal time {:.0} s", c.seconds);
+    all_alive
+}
+
+/// Writes `--json` and `--svg` where given; exit status 1 if one was not written.
+fn write_outputs(o: &cli::CompareOptions, c: &export::Comparison) -> ExitCode {
     let mut status = ExitCode::SUCCESS;
-    for (p, text) in [(&o.json, export::json(&c)), (&o.svg, export::svg(&c))] {
+    for (p, text) in [(&o.json, export::json(c)), (&o.svg, export::svg(c))] {
         if let Some(p) = p {
             // Whole: a temporary file renamed over it, as the harness writes its own.
             match crate::harness::export::write_whole(p, &text) {
@@ -156,6 +139,44 @@ pub fn command(c: cli::CompareQemuCli) -> ExitCode {
             }
         }
     }
+    status
+}
+
+/// `pagehint-migrate compare-qemu`: cli → compare → export; the process's exit status
+/// (0: every run completed with the guest alive; 1: one did not or an output was not
+/// written; 2: the comparison could not run).
+pub fn command(c: cli::CompareQemuCli) -> ExitCode {
+    let o = match cli::CompareOptions::from_cli(c) {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let exe = match std::env::current_exe() {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("error: cannot find this executable: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    print_options(&o);
+    let result = match &o.from_json {
+        Some(f) => std::fs::read_to_string(f)
+            .map_err(|e| QemuError::Io(format!("reading {}", f.display()), e))
+            .and_then(|t| compare::rederive(&t)),
+        None => compare::run(&o, &exe, |r| println!("{}", export::run_line(r))),
+    };
+    let c = match result {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            eprintln!("(logs in {})", o.workdir.0.display());
+            return ExitCode::from(2);
+        }
+    };
+    let all_alive = print_comparison(&c);
+    let status = write_outputs(&o, &c);
     if !all_alive {
         eprintln!(
             "error: some runs failed (logs in {})",

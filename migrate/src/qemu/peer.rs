@@ -39,6 +39,7 @@
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -174,6 +175,7 @@ struct Proc {
 }
 
 impl Proc {
+    /// Quits QEMU (over `qmp` when given) and waits up to 5 s for it to exit.
     fn finish(mut self, qmp: Option<&mut Qmp>) {
         if let Some(q) = qmp {
             let _ = q.execute("quit", json!({}));
@@ -187,6 +189,7 @@ impl Proc {
         }
     }
 
+    /// An error with the end of its log if QEMU has exited.
     fn check_alive(&mut self) -> Result<(), QemuError> {
         match self.child.try_wait() {
             Ok(Some(status)) => {
@@ -240,6 +243,7 @@ pub fn short_version(line: &str) -> String {
         .to_string()
 }
 
+/// Starts the QEMU of `end` in its namespace; returns it and its QMP socket's path.
 fn start(
     link: &ShapedLink,
     setup: &QemuSetup,
@@ -426,6 +430,7 @@ impl StatusPages {
     }
 }
 
+/// Every vCPU's status page on `side`, read with `pmemsave` into the work directory.
 fn status_pages(
     q: &mut Qmp,
     workdir: &Path,
@@ -479,6 +484,7 @@ fn blocktimes(dest_info: &Value, vcpus: u32) -> Result<(f64, Vec<f64>), QemuErro
     }
 }
 
+/// The number at `path` in a QMP reply, 0 where there is none.
 fn num(v: &Value, path: &[&str]) -> f64 {
     let mut x = v;
     for p in path {
@@ -487,16 +493,8 @@ fn num(v: &Value, path: &[&str]) -> f64 {
     x.as_f64().unwrap_or(0.0)
 }
 
-/// Migrates the guest booted from `run.disk` from one QEMU to another across `link`.
-pub fn migrate(
-    link: &ShapedLink,
-    setup: &QemuSetup,
-    run: &QemuRun<'_>,
-) -> Result<QemuOutcome, QemuError> {
-    let trace_file = setup.workdir.join("destination.trace");
-    let _ = std::fs::remove_file(&trace_file);
-    let preload_log = setup.workdir.join("preload.log");
-    let _ = std::fs::remove_file(&preload_log);
+/// The destination's extra arguments: the trace events when traced, then `-incoming defer`.
+fn dest_args(run: &QemuRun<'_>, trace_file: &Path) -> Vec<String> {
     let mut dest_args: Vec<String> = Vec::new();
     if run.trace {
         for e in trace::EVENTS {
@@ -511,16 +509,15 @@ pub fn migrate(
         ]);
     }
     dest_args.extend(["-incoming".into(), "defer".into()]);
-    let preload = run.preload.map(|p| (p, preload_log.as_path()));
-    let (mut src, src_sock) = start(link, setup, End::Source, run.disk, &[], preload)?;
-    let (mut dst, dst_sock) = start(link, setup, End::Destination, run.disk, &dest_args, preload)?;
-    // `ip netns exec` execs QEMU (and the wrapper of a private prefix execs it too): the
-    // child's pid is QEMU's.
-    let pids = [src.child.id(), dst.child.id()];
-    let plan = setup.pin;
+    dest_args
+}
+
+/// Samples the CPU time of every thread of `pids` and, unless `plan` is off, pins QEMU's
+/// threads as they appear; returns the sampler and the names of the threads pinned so far.
+fn sample_and_pin(plan: PinPlan, pids: [u32; 2]) -> (ThreadCpu, Arc<Mutex<Vec<String>>>) {
     let mut pinned = Vec::new();
-    let pinned_names = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let names2 = std::sync::Arc::clone(&pinned_names);
+    let pinned_names = Arc::new(Mutex::new(Vec::new()));
+    let names2 = Arc::clone(&pinned_names);
     let cpu = ThreadCpu::start(pids.to_vec(), move || {
         if plan != PinPlan::OFF {
             pin_new(plan, &pids, &mut pinned);
@@ -530,212 +527,383 @@ pub fn migrate(
                 .collect::<Vec<String>>();
         }
     });
-    let wait = Duration::from_secs(10);
-    let mut s = Qmp::connect(&src_sock, "source", wait)?;
-    let mut d = Qmp::connect(&dst_sock, "destination", wait)?;
+    (cpu, pinned_names)
+}
 
-    // 2. The guest builds its image (about 10 s per GiB here), then runs its workload.
-    let boot_limit = Duration::from_secs(30 + 60 * (setup.mem >> 30).max(1));
-    let t = Instant::now();
-    let pages = |q: &mut Qmp, side: &str| status_pages(q, &setup.workdir, side, setup.vcpus);
-    let first = loop {
-        src.check_alive()?;
-        let c = pages(&mut s, "source")?;
-        if c.all_running() && c.0.iter().all(|v| v.ops > 0) {
-            break c;
-        }
-        if t.elapsed() > boot_limit {
-            return Err(QemuError::Timeout(format!(
-                "the guest did not start its workload on every vCPU within {boot_limit:?} ({})",
-                c.describe()
-            )));
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    let t0 = Instant::now();
-    std::thread::sleep(setup.settle);
-    let before = pages(&mut s, "source")?;
-    let ops_before_per_s =
-        before.ops().saturating_sub(first.ops()) as f64 / t0.elapsed().as_secs_f64();
-
-    // 3. Capabilities and the bandwidth cap.
-    let mut caps = vec![
-        json!({"capability": "postcopy-ram", "state": true}),
-        json!({"capability": "events", "state": true}),
-    ];
-    if run.mode == QemuMode::Preempt {
-        caps.push(json!({"capability": "postcopy-preempt", "state": true}));
-    }
-    s.execute("migrate-set-capabilities", json!({ "capabilities": caps }))?;
-    let mut dcaps = caps.clone();
-    dcaps.push(json!({"capability": "postcopy-blocktime", "state": true}));
-    d.execute("migrate-set-capabilities", json!({ "capabilities": dcaps }))?;
-    let cap = setup.cap_bps / 8;
-    s.execute(
-        "migrate-set-parameters",
-        json!({"max-bandwidth": cap, "max-postcopy-bandwidth": cap}),
-    )?;
-
-    // 4. Pure postcopy.
-    d.execute(
-        "migrate-incoming",
-        json!({"uri": format!("tcp:{}:{}", link.ip(End::Destination), setup.port)}),
-    )?;
-    // The migration threads start now; the main threads and vCPUs count from here.
-    cpu.rebase(&pids);
-    let t_migrate = Instant::now();
-    s.execute(
-        "migrate",
-        json!({"uri": format!("tcp:{}:{}", link.ip(End::Destination), setup.port)}),
-    )?;
-    s.execute("migrate-start-postcopy", json!({}))?;
-
-    // 5. Completion on both sides.
-    let limit = Duration::from_secs_f64(
-        30.0 + 4.0 * (setup.mem as f64 * 8.0) / (setup.cap_bps.max(1) as f64),
-    );
-    let t = Instant::now();
-    let source_info = loop {
-        let q = s.execute("query-migrate", json!({}))?;
-        match q["status"].as_str() {
-            Some("completed") => break q,
-            Some("failed") | Some("cancelled") => {
-                return Err(QemuError::Exited(format!(
-                    "the migration {}: {}",
-                    q["status"].as_str().unwrap_or("?"),
-                    q["error-desc"].as_str().unwrap_or("no reason given")
-                )))
-            }
-            _ => {}
-        }
-        if t.elapsed() > limit {
-            return Err(QemuError::Timeout(format!(
-                "the migration did not complete within {limit:?}: {q}"
-            )));
-        }
-        dst.check_alive()?;
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let t = Instant::now();
-    let dest_info = loop {
-        let q = d.execute("query-migrate", json!({}))?;
-        if q["status"] == "completed" {
-            break q;
-        }
-        if t.elapsed() > Duration::from_secs(10) {
-            return Err(QemuError::Timeout(format!(
-                "the destination did not report completion: {q}"
-            )));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    // The migration threads have ended; what they ran is in.
-    let mut cpu = cpu;
-    cpu.stop();
-    let key = |mig: bool| {
-        move |pid: u32, tid: u32, name: &str| {
-            let dest = pid == pids[1];
-            let main = tid == pid;
-            (is_migration_thread(name) == mig).then(|| {
-                let side = if dest { "dst" } else { "src" };
-                format!("{side}:{}", if main { "main" } else { name })
-            })
-        }
-    };
-    let cpu_mig = cpu.now(key(true));
-    let cpu_other = cpu.now(key(false));
-    drop(cpu);
-
-    // 6. The guest runs on at the destination.
-    let a = pages(&mut d, "destination")?;
-    let ta = Instant::now();
-    let frozen = pages(&mut s, "source")?;
-    let ops_postcopy_per_s =
-        a.ops().saturating_sub(frozen.ops()) as f64 / (ta - t_migrate).as_secs_f64();
-    // Alive: every vCPU running, its operation count growing, no failed check on any.
-    // Looked at every 500 ms for up to ALIVE_WITHIN, so that a vCPU a loaded host did not
-    // schedule in one look is not taken for a dead guest; a failed check or a stopped VM
-    // ends the wait at once.
-    let (b, running) = loop {
-        std::thread::sleep(Duration::from_millis(500));
-        let b = pages(&mut d, "destination")?;
-        let running = d.execute("query-status", json!({}))?;
-        let settled = b.errors() != 0 || running["running"] != true || b.all_grew_since(&a);
-        if settled || ta.elapsed() >= ALIVE_WITHIN {
-            break (b, running);
-        }
-    };
-    let _ = s.execute("query-status", json!({}))?;
-    let ops_after_per_s = b.ops().saturating_sub(a.ops()) as f64 / ta.elapsed().as_secs_f64();
-    let guest_errors = before.errors().max(b.errors());
-    let guest_alive =
-        running["running"] == true && b.all_running() && b.all_grew_since(&a) && b.errors() == 0;
-    if !guest_alive {
-        eprintln!(
-            "QEMU {} {}: the guest is not alive at the destination: VM {}, over {:?}: before {}; after {}",
-            setup.binary.display(),
-            run.mode,
-            running["status"],
-            ta.elapsed(),
-            a.describe(),
-            b.describe(),
-        );
-    }
-    let pinned_threads = pinned_names
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .clone();
-    let span_ms = match (
-        event_us(&s.events, "STOP", None),
-        event_us(&d.events, "MIGRATION", Some("completed")),
+/// The source `STOP` event → the destination `MIGRATION` `completed` event, ms.
+fn span_ms(source_events: &[Value], dest_events: &[Value]) -> Option<f64> {
+    match (
+        event_us(source_events, "STOP", None),
+        event_us(dest_events, "MIGRATION", Some("completed")),
     ) {
         (Some(a), Some(b)) if b >= a => Some((b - a) as f64 / 1e3),
         _ => None,
-    };
-
-    // 7. Done.
-    for (side, info) in [("source", &source_info), ("destination", &dest_info)] {
-        let _ = std::fs::write(
-            setup.workdir.join(format!("{side}-query-migrate.json")),
-            serde_json::to_string_pretty(info).unwrap_or_default(),
-        );
     }
-    let _ = std::fs::write(
-        setup.workdir.join("events.json"),
-        serde_json::to_string_pretty(&json!({"source": s.events, "destination": d.events}))
-            .unwrap_or_default(),
-    );
-    src.finish(Some(&mut s));
-    dst.finish(Some(&mut d));
+}
+
+/// What step 6 saw of the guest.
+struct Liveness {
+    /// Guest operations per second from `migrate` to completion.
+    ops_postcopy_per_s: f64,
+    /// Guest operations per second at the destination after completion.
+    ops_after_per_s: f64,
+    /// Failed guest checks (source and destination).
+    guest_errors: u64,
+    /// The guest runs on the destination, without failed checks.
+    guest_alive: bool,
+}
+
+/// The two QEMU processes of a run, their QMP connections and the sampler of their
+/// threads (fields in the order they are dropped).
+struct Peers {
+    /// The destination's QMP connection.
+    d: Qmp,
+    /// The source's QMP connection.
+    s: Qmp,
+    /// CPU time of every thread of both processes; pins QEMU's threads too.
+    cpu: ThreadCpu,
+    /// Names of the threads pinned so far (written by the sampler).
+    pinned: Arc<Mutex<Vec<String>>>,
+    /// QEMU's pids, source then destination.
+    pids: [u32; 2],
+    /// The destination QEMU.
+    dst: Proc,
+    /// The source QEMU.
+    src: Proc,
+}
+
+impl Peers {
+    /// Step 1: starts both QEMUs and the sampler and pinner of their threads, and connects
+    /// to their QMP sockets.
+    fn launch(
+        link: &ShapedLink,
+        setup: &QemuSetup,
+        run: &QemuRun<'_>,
+        trace_file: &Path,
+        preload_log: &Path,
+    ) -> Result<Self, QemuError> {
+        let dest_args = dest_args(run, trace_file);
+        let preload = run.preload.map(|p| (p, preload_log));
+        let (src, src_sock) = start(link, setup, End::Source, run.disk, &[], preload)?;
+        let (dst, dst_sock) = start(link, setup, End::Destination, run.disk, &dest_args, preload)?;
+        // `ip netns exec` execs QEMU (and the wrapper of a private prefix execs it too): the
+        // child's pid is QEMU's.
+        let pids = [src.child.id(), dst.child.id()];
+        let (cpu, pinned) = sample_and_pin(setup.pin, pids);
+        let wait = Duration::from_secs(10);
+        let s = Qmp::connect(&src_sock, "source", wait)?;
+        let d = Qmp::connect(&dst_sock, "destination", wait)?;
+        Ok(Peers {
+            d,
+            s,
+            cpu,
+            pinned,
+            pids,
+            dst,
+            src,
+        })
+    }
+
+    /// The source's status pages.
+    fn source_pages(&mut self, setup: &QemuSetup) -> Result<StatusPages, QemuError> {
+        status_pages(&mut self.s, &setup.workdir, "source", setup.vcpus)
+    }
+
+    /// The destination's status pages.
+    fn dest_pages(&mut self, setup: &QemuSetup) -> Result<StatusPages, QemuError> {
+        status_pages(&mut self.d, &setup.workdir, "destination", setup.vcpus)
+    }
+
+    /// Step 2: waits until the guest has built its image (about 10 s per GiB here) and runs
+    /// its workload on every vCPU, then for the settle time; returns the status pages then
+    /// and the operations per second over the settle time.
+    fn settle(&mut self, setup: &QemuSetup) -> Result<(StatusPages, f64), QemuError> {
+        let boot_limit = Duration::from_secs(30 + 60 * (setup.mem >> 30).max(1));
+        let t = Instant::now();
+        let first = loop {
+            self.src.check_alive()?;
+            let c = self.source_pages(setup)?;
+            if c.all_running() && c.0.iter().all(|v| v.ops > 0) {
+                break c;
+            }
+            if t.elapsed() > boot_limit {
+                return Err(QemuError::Timeout(format!(
+                    "the guest did not start its workload on every vCPU within {boot_limit:?} ({})",
+                    c.describe()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        let t0 = Instant::now();
+        std::thread::sleep(setup.settle);
+        let before = self.source_pages(setup)?;
+        let ops_before_per_s =
+            before.ops().saturating_sub(first.ops()) as f64 / t0.elapsed().as_secs_f64();
+        Ok((before, ops_before_per_s))
+    }
+
+    /// Step 3: the capabilities on both sides and the bandwidth cap on the source.
+    fn configure(&mut self, setup: &QemuSetup, mode: QemuMode) -> Result<(), QemuError> {
+        let mut caps = vec![
+            json!({"capability": "postcopy-ram", "state": true}),
+            json!({"capability": "events", "state": true}),
+        ];
+        if mode == QemuMode::Preempt {
+            caps.push(json!({"capability": "postcopy-preempt", "state": true}));
+        }
+        self.s
+            .execute("migrate-set-capabilities", json!({ "capabilities": caps }))?;
+        let mut dcaps = caps.clone();
+        dcaps.push(json!({"capability": "postcopy-blocktime", "state": true}));
+        self.d
+            .execute("migrate-set-capabilities", json!({ "capabilities": dcaps }))?;
+        let cap = setup.cap_bps / 8;
+        self.s.execute(
+            "migrate-set-parameters",
+            json!({"max-bandwidth": cap, "max-postcopy-bandwidth": cap}),
+        )?;
+        Ok(())
+    }
+
+    /// Step 4: pure postcopy; returns when `migrate` was issued.
+    fn start_postcopy(
+        &mut self,
+        link: &ShapedLink,
+        setup: &QemuSetup,
+    ) -> Result<Instant, QemuError> {
+        self.d.execute(
+            "migrate-incoming",
+            json!({"uri": format!("tcp:{}:{}", link.ip(End::Destination), setup.port)}),
+        )?;
+        // The migration threads start now; the main threads and vCPUs count from here.
+        self.cpu.rebase(&self.pids);
+        let t_migrate = Instant::now();
+        self.s.execute(
+            "migrate",
+            json!({"uri": format!("tcp:{}:{}", link.ip(End::Destination), setup.port)}),
+        )?;
+        self.s.execute("migrate-start-postcopy", json!({}))?;
+        Ok(t_migrate)
+    }
+
+    /// Step 5: polls the source, then the destination, until each reports completion;
+    /// returns their `query-migrate` replies.
+    fn wait_completed(&mut self, setup: &QemuSetup) -> Result<(Value, Value), QemuError> {
+        let limit = Duration::from_secs_f64(
+            30.0 + 4.0 * (setup.mem as f64 * 8.0) / (setup.cap_bps.max(1) as f64),
+        );
+        let t = Instant::now();
+        let source_info = loop {
+            let q = self.s.execute("query-migrate", json!({}))?;
+            match q["status"].as_str() {
+                Some("completed") => break q,
+                Some("failed") | Some("cancelled") => {
+                    return Err(QemuError::Exited(format!(
+                        "the migration {}: {}",
+                        q["status"].as_str().unwrap_or("?"),
+                        q["error-desc"].as_str().unwrap_or("no reason given")
+                    )))
+                }
+                _ => {}
+            }
+            if t.elapsed() > limit {
+                return Err(QemuError::Timeout(format!(
+                    "the migration did not complete within {limit:?}: {q}"
+                )));
+            }
+            self.dst.check_alive()?;
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let t = Instant::now();
+        let dest_info = loop {
+            let q = self.d.execute("query-migrate", json!({}))?;
+            if q["status"] == "completed" {
+                break q;
+            }
+            if t.elapsed() > Duration::from_secs(10) {
+                return Err(QemuError::Timeout(format!(
+                    "the destination did not report completion: {q}"
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        Ok((source_info, dest_info))
+    }
+
+    /// Stops the sampler (the migration threads have ended; what they ran is in); returns
+    /// the CPU time of the migration threads and that of every other thread.
+    fn cpu_time(&mut self) -> (CpuByThread, CpuByThread) {
+        self.cpu.stop();
+        let pids = self.pids;
+        let key = |mig: bool| {
+            move |pid: u32, tid: u32, name: &str| {
+                let dest = pid == pids[1];
+                let main = tid == pid;
+                (is_migration_thread(name) == mig).then(|| {
+                    let side = if dest { "dst" } else { "src" };
+                    format!("{side}:{}", if main { "main" } else { name })
+                })
+            }
+        };
+        (self.cpu.now(key(true)), self.cpu.now(key(false)))
+    }
+
+    /// Step 6: whether the guest runs on at the destination, and its operations per second
+    /// during and after the migration.
+    fn liveness(
+        &mut self,
+        setup: &QemuSetup,
+        mode: QemuMode,
+        t_migrate: Instant,
+        before: &StatusPages,
+    ) -> Result<Liveness, QemuError> {
+        let a = self.dest_pages(setup)?;
+        let ta = Instant::now();
+        let frozen = self.source_pages(setup)?;
+        let ops_postcopy_per_s =
+            a.ops().saturating_sub(frozen.ops()) as f64 / (ta - t_migrate).as_secs_f64();
+        // Alive: every vCPU running, its operation count growing, no failed check on any.
+        // Looked at every 500 ms for up to ALIVE_WITHIN, so that a vCPU a loaded host did not
+        // schedule in one look is not taken for a dead guest; a failed check or a stopped VM
+        // ends the wait at once.
+        let (b, running) = loop {
+            std::thread::sleep(Duration::from_millis(500));
+            let b = self.dest_pages(setup)?;
+            let running = self.d.execute("query-status", json!({}))?;
+            let settled = b.errors() != 0 || running["running"] != true || b.all_grew_since(&a);
+            if settled || ta.elapsed() >= ALIVE_WITHIN {
+                break (b, running);
+            }
+        };
+        let _ = self.s.execute("query-status", json!({}))?;
+        let ops_after_per_s = b.ops().saturating_sub(a.ops()) as f64 / ta.elapsed().as_secs_f64();
+        let guest_errors = before.errors().max(b.errors());
+        let guest_alive = running["running"] == true
+            && b.all_running()
+            && b.all_grew_since(&a)
+            && b.errors() == 0;
+        if !guest_alive {
+            eprintln!(
+                "QEMU {} {}: the guest is not alive at the destination: VM {}, over {:?}: before {}; after {}",
+                setup.binary.display(),
+                mode,
+                running["status"],
+                ta.elapsed(),
+                a.describe(),
+                b.describe(),
+            );
+        }
+        Ok(Liveness {
+            ops_postcopy_per_s,
+            ops_after_per_s,
+            guest_errors,
+            guest_alive,
+        })
+    }
+
+    /// Names of the threads pinned, both processes.
+    fn pinned_threads(&self) -> Vec<String> {
+        self.pinned
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Step 7: saves both `query-migrate` replies and both sides' events in the work
+    /// directory, then quits both QEMUs.
+    fn finish(self, setup: &QemuSetup, source_info: &Value, dest_info: &Value) {
+        let Peers {
+            mut d,
+            mut s,
+            dst,
+            src,
+            ..
+        } = self;
+        for (side, info) in [("source", source_info), ("destination", dest_info)] {
+            let _ = std::fs::write(
+                setup.workdir.join(format!("{side}-query-migrate.json")),
+                serde_json::to_string_pretty(info).unwrap_or_default(),
+            );
+        }
+        let _ = std::fs::write(
+            setup.workdir.join("events.json"),
+            serde_json::to_string_pretty(&json!({"source": s.events, "destination": d.events}))
+                .unwrap_or_default(),
+        );
+        src.finish(Some(&mut s));
+        dst.finish(Some(&mut d));
+    }
+}
+
+/// Latency from the destination's request trace (None when not traced); no trace file is
+/// no event, an error only if requests were made.
+fn trace_latency(
+    run: &QemuRun<'_>,
+    trace_file: &Path,
+    requests: u64,
+) -> Result<Option<Latency>, QemuError> {
+    if !run.trace {
+        return Ok(None);
+    }
+    let log = match std::fs::read_to_string(trace_file) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        r => r.map_err(|e| QemuError::Io(format!("reading {}", trace_file.display()), e))?,
+    };
+    let t = trace::parse(&log, TARGET_PAGE).map_err(QemuError::Protocol)?;
+    Ok(Some(
+        latency::from_trace(&t, requests).map_err(QemuError::Protocol)?,
+    ))
+}
+
+/// Sockets the preload library configured in (source, destination) by its log, (0, 0)
+/// without it; an error if it configured none in either.
+fn preloaded_sockets(
+    run: &QemuRun<'_>,
+    preload_log: &Path,
+    pids: [u32; 2],
+) -> Result<(u64, u64), QemuError> {
+    if run.preload.is_none() {
+        return Ok((0, 0));
+    }
+    let log = std::fs::read_to_string(preload_log).unwrap_or_default();
+    let n = (preloaded(&log, pids[0]), preloaded(&log, pids[1]));
+    if n.0 == 0 || n.1 == 0 {
+        return Err(QemuError::Setup(format!(
+            "the pace-preload library configured {} source and {} destination sockets: QEMU did not run with pagehint's transport ({})",
+            n.0,
+            n.1,
+            preload_log.display()
+        )));
+    }
+    Ok(n)
+}
+
+/// Migrates the guest booted from `run.disk` from one QEMU to another across `link`.
+pub fn migrate(
+    link: &ShapedLink,
+    setup: &QemuSetup,
+    run: &QemuRun<'_>,
+) -> Result<QemuOutcome, QemuError> {
+    let trace_file = setup.workdir.join("destination.trace");
+    let _ = std::fs::remove_file(&trace_file);
+    let preload_log = setup.workdir.join("preload.log");
+    let _ = std::fs::remove_file(&preload_log);
+    let mut peers = Peers::launch(link, setup, run, &trace_file, &preload_log)?;
+    let (before, ops_before_per_s) = peers.settle(setup)?;
+    peers.configure(setup, run.mode)?;
+    let t_migrate = peers.start_postcopy(link, setup)?;
+    let (source_info, dest_info) = peers.wait_completed(setup)?;
+    let (cpu_mig, cpu_other) = peers.cpu_time();
+    let live = peers.liveness(setup, run.mode, t_migrate, &before)?;
+    let pinned_threads = peers.pinned_threads();
+    let span_ms = span_ms(&peers.s.events, &peers.d.events);
+    let pids = peers.pids;
+    peers.finish(setup, &source_info, &dest_info);
     let requests = num(&source_info, &["ram", "postcopy-requests"]) as u64;
     let (blocktime_ms, vcpu_blocktime_ms) = blocktimes(&dest_info, setup.vcpus)?;
     let qmp_latency = latency::from_qmp(&dest_info, requests).map_err(QemuError::Protocol)?;
-    let trace_latency = if run.trace {
-        // No file is no event: an error below only if requests were made.
-        let log = match std::fs::read_to_string(&trace_file) {
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-            r => r.map_err(|e| QemuError::Io(format!("reading {}", trace_file.display()), e))?,
-        };
-        let t = trace::parse(&log, TARGET_PAGE).map_err(QemuError::Protocol)?;
-        Some(latency::from_trace(&t, requests).map_err(QemuError::Protocol)?)
-    } else {
-        None
-    };
-    let preloaded_sockets = if run.preload.is_some() {
-        let log = std::fs::read_to_string(&preload_log).unwrap_or_default();
-        let n = (preloaded(&log, pids[0]), preloaded(&log, pids[1]));
-        if n.0 == 0 || n.1 == 0 {
-            return Err(QemuError::Setup(format!(
-                "the pace-preload library configured {} source and {} destination sockets: QEMU did not run with pagehint's transport ({})",
-                n.0,
-                n.1,
-                preload_log.display()
-            )));
-        }
-        n
-    } else {
-        (0, 0)
-    };
+    let trace_latency = trace_latency(run, &trace_file, requests)?;
+    let preloaded_sockets = preloaded_sockets(run, &preload_log, pids)?;
     Ok(QemuOutcome {
         total_ms: num(&source_info, &["total-time"]),
         span_ms,
@@ -751,10 +919,10 @@ pub fn migrate(
         cpu_other,
         preloaded_sockets,
         ops_before_per_s,
-        ops_postcopy_per_s,
-        ops_after_per_s,
-        guest_errors,
-        guest_alive,
+        ops_postcopy_per_s: live.ops_postcopy_per_s,
+        ops_after_per_s: live.ops_after_per_s,
+        guest_errors: live.guest_errors,
+        guest_alive: live.guest_alive,
         pinned_threads,
         source_info,
         dest_info,

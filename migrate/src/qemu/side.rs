@@ -709,12 +709,16 @@ pub struct Target {
     pub verdict: Verdict,
 }
 
+/// What a target's ratio must be.
 #[derive(Clone, Copy)]
 enum Goal {
+    /// At least this.
     AtLeast(f64),
+    /// Between 1/this and this.
     Within(f64),
 }
 
+/// The verdict on `ratio` against `goal`.
 fn check(what: String, ratio: Ratio, goal: Goal) -> Target {
     let verdict = match (&ratio, goal) {
         (Ratio::Measured(s), Goal::AtLeast(g)) if s.median >= g => Verdict::Pass,
@@ -734,14 +738,182 @@ fn check(what: String, ratio: Ratio, goal: Goal) -> Target {
     }
 }
 
+/// The split of the hint mode on `link`, workload `w`, figure `f`.
+fn hint_split<'s>(splits: &'s [Split], link: &str, w: &str, f: Figure) -> Option<&'s Split> {
+    splits
+        .iter()
+        .find(|s| s.mode == HINT && s.link == link && s.workload == w && s.figure == f)
+}
+
+/// The targets of pagehint's preempt-hint against QEMU `q`'s preempt on `link`, both on
+/// the same transport (each transport in turn), scheduling alone.
+fn same_transport_targets(out: &mut Vec<Target>, splits: &[Split], link: &str, q: &str) {
+    // CPU: pagehint <= 0.7x QEMU's, i.e. QEMU / pagehint >= 1/0.7.
+    let cpu_goal = 1.0 / 0.7;
+    for (t, name) in [
+        (Transport::Qemu, "QEMU's transport"),
+        (Transport::Pagehint, "pagehint's transport"),
+    ] {
+        let pick = |s: &Split| match t {
+            Transport::Qemu => s.sched_qemu_transport.clone(),
+            Transport::Pagehint => s.sched_pagehint_transport.clone(),
+        };
+        let mut wanted = vec![
+            ("random", Figure::P99, Goal::AtLeast(4.0)),
+            ("random", Figure::P50, Goal::AtLeast(0.9)),
+            ("seq", Figure::Blocktime, Goal::AtLeast(0.9)),
+            ("stream", Figure::Blocktime, Goal::AtLeast(0.9)),
+            ("kv", Figure::Blocktime, Goal::AtLeast(0.9)),
+        ];
+        for w in ["seq", "random", "stream", "kv"] {
+            wanted.push((w, Figure::CpuPerGib, Goal::AtLeast(cpu_goal)));
+        }
+        for (w, f, goal) in wanted {
+            let r = hint_split(splits, link, w, f).map_or(Ratio::Missing, pick);
+            let what = if f == Figure::CpuPerGib {
+                format!(
+                    "{link} {w} {}: {q} preempt / pagehint preempt-hint, both on {name} (pagehint <= 0.7x)",
+                    f.name()
+                )
+            } else {
+                format!(
+                    "{link} {w} {}: {q} preempt / pagehint preempt-hint, both on {name}",
+                    f.name()
+                )
+            };
+            out.push(check(what, r, goal));
+        }
+    }
+}
+
+/// The targets of pagehint's preempt-hint against QEMU `q`'s preempt on `link`, each peer
+/// on its own transport (as shipped).
+fn shipped_targets(out: &mut Vec<Target>, splits: &[Split], link: &str, q: &str) {
+    for (w, f, g) in [
+        ("random", Figure::P50, 2.0),
+        ("random", Figure::P99, 4.0),
+        ("seq", Figure::Blocktime, 1.0),
+        ("stream", Figure::Blocktime, 1.0),
+        ("kv", Figure::Blocktime, 1.0),
+    ] {
+        let r = hint_split(splits, link, w, f).map_or(Ratio::Missing, |s| s.shipped.clone());
+        out.push(check(
+            format!(
+                "{link} {w} {}: {q} preempt / pagehint preempt-hint, as shipped",
+                f.name()
+            ),
+            r,
+            Goal::AtLeast(g),
+        ));
+    }
+}
+
+/// Several vCPUs (issue 21): a slot per vCPU against QEMU `q`'s one hint and pagehint's own
+/// one slot on `link`, on equal transport; none with one vCPU.
+fn vcpu_targets(out: &mut Vec<Target>, rows: &[SideRow], link: &str, q: &str) {
+    let vcpus = rows
+        .iter()
+        .filter(|r| r.link == link)
+        .map(|r| r.vcpu_blocktime_ms.len())
+        .max()
+        .unwrap_or(0);
+    if vcpus <= 1 {
+        return;
+    }
+    for t in [Transport::Qemu, Transport::Pagehint] {
+        let side = |peer, mode| Side {
+            peer,
+            mode,
+            transport: t,
+        };
+        let hints = side("pagehint", HINTS);
+        for (w, f, a, goal) in [
+            (
+                "seq",
+                Figure::VcpusBlocked,
+                side(q, QPRE),
+                Goal::AtLeast(3.0),
+            ),
+            (
+                "stream",
+                Figure::VcpusBlocked,
+                side(q, QPRE),
+                Goal::AtLeast(3.0),
+            ),
+            (
+                "seq",
+                Figure::VcpusBlocked,
+                side("pagehint", HINT),
+                Goal::AtLeast(3.0),
+            ),
+            (
+                "stream",
+                Figure::VcpusBlocked,
+                side("pagehint", HINT),
+                Goal::AtLeast(3.0),
+            ),
+            (
+                "random",
+                Figure::P50,
+                side("pagehint", HINT),
+                Goal::AtLeast(1.0 / 1.1),
+            ),
+        ] {
+            let r = ratio(rows, link, w, f, a, hints);
+            out.push(check(
+                format!(
+                    "{link} {w} {}, {vcpus} vCPUs: {} {} / pagehint {HINTS}, both on {t}'s transport",
+                    f.name(),
+                    a.peer,
+                    a.mode
+                ),
+                r,
+                goal,
+            ));
+        }
+    }
+}
+
+/// pagehint's vanilla within 1.25x of QEMU `q`'s vanilla on `link`, on equal transport.
+fn vanilla_targets(out: &mut Vec<Target>, rows: &[SideRow], link: &str, q: &str) {
+    for t in [Transport::Qemu, Transport::Pagehint] {
+        for (l2, w) in links_and_workloads(rows) {
+            if l2 != link {
+                continue;
+            }
+            for f in [Figure::P50, Figure::P99, Figure::Blocktime, Figure::Total] {
+                let r = ratio(
+                    rows,
+                    link,
+                    &w,
+                    f,
+                    Side {
+                        peer: "pagehint",
+                        mode: "vanilla",
+                        transport: t,
+                    },
+                    Side {
+                        peer: q,
+                        mode: "vanilla",
+                        transport: t,
+                    },
+                );
+                out.push(check(
+                    format!(
+                        "{link} {w} {}: pagehint vanilla / {q} vanilla, both on {t}'s transport",
+                        f.name()
+                    ),
+                    r,
+                    Goal::Within(1.25),
+                ));
+            }
+        }
+    }
+}
+
 /// The issue's targets on `rows` (see the README): per link, against the anchor's preempt.
 pub fn targets(rows: &[SideRow], anchor: &Anchor) -> Vec<Target> {
     let splits = splits(rows, anchor);
-    let get = |link: &str, w: &str, f: Figure| {
-        splits
-            .iter()
-            .find(|s| s.mode == HINT && s.link == link && s.workload == w && s.figure == f)
-    };
     let mut links: Vec<String> = Vec::new();
     for r in rows {
         if !links.contains(&r.link) {
@@ -750,155 +922,11 @@ pub fn targets(rows: &[SideRow], anchor: &Anchor) -> Vec<Target> {
     }
     let q = &anchor.qemu;
     let mut out = Vec::new();
-    // CPU: pagehint <= 0.7x QEMU's, i.e. QEMU / pagehint >= 1/0.7.
-    let cpu_goal = 1.0 / 0.7;
     for link in &links {
-        for (t, name) in [
-            (Transport::Qemu, "QEMU's transport"),
-            (Transport::Pagehint, "pagehint's transport"),
-        ] {
-            let pick = |s: &Split| match t {
-                Transport::Qemu => s.sched_qemu_transport.clone(),
-                Transport::Pagehint => s.sched_pagehint_transport.clone(),
-            };
-            let mut wanted = vec![
-                ("random", Figure::P99, Goal::AtLeast(4.0)),
-                ("random", Figure::P50, Goal::AtLeast(0.9)),
-                ("seq", Figure::Blocktime, Goal::AtLeast(0.9)),
-                ("stream", Figure::Blocktime, Goal::AtLeast(0.9)),
-                ("kv", Figure::Blocktime, Goal::AtLeast(0.9)),
-            ];
-            for w in ["seq", "random", "stream", "kv"] {
-                wanted.push((w, Figure::CpuPerGib, Goal::AtLeast(cpu_goal)));
-            }
-            for (w, f, goal) in wanted {
-                let r = get(link, w, f).map_or(Ratio::Missing, pick);
-                let what = if f == Figure::CpuPerGib {
-                    format!(
-                        "{link} {w} {}: {q} preempt / pagehint preempt-hint, both on {name} (pagehint <= 0.7x)",
-                        f.name()
-                    )
-                } else {
-                    format!(
-                        "{link} {w} {}: {q} preempt / pagehint preempt-hint, both on {name}",
-                        f.name()
-                    )
-                };
-                out.push(check(what, r, goal));
-            }
-        }
-        for (w, f, g) in [
-            ("random", Figure::P50, 2.0),
-            ("random", Figure::P99, 4.0),
-            ("seq", Figure::Blocktime, 1.0),
-            ("stream", Figure::Blocktime, 1.0),
-            ("kv", Figure::Blocktime, 1.0),
-        ] {
-            let r = get(link, w, f).map_or(Ratio::Missing, |s| s.shipped.clone());
-            out.push(check(
-                format!(
-                    "{link} {w} {}: {q} preempt / pagehint preempt-hint, as shipped",
-                    f.name()
-                ),
-                r,
-                Goal::AtLeast(g),
-            ));
-        }
-        // Several vCPUs (issue 21): a slot per vCPU against QEMU's one hint and pagehint's
-        // own one slot, on equal transport.
-        let vcpus = rows
-            .iter()
-            .filter(|r| &r.link == link)
-            .map(|r| r.vcpu_blocktime_ms.len())
-            .max()
-            .unwrap_or(0);
-        if vcpus > 1 {
-            for t in [Transport::Qemu, Transport::Pagehint] {
-                let side = |peer, mode| Side {
-                    peer,
-                    mode,
-                    transport: t,
-                };
-                let hints = side("pagehint", HINTS);
-                for (w, f, a, goal) in [
-                    (
-                        "seq",
-                        Figure::VcpusBlocked,
-                        side(q, QPRE),
-                        Goal::AtLeast(3.0),
-                    ),
-                    (
-                        "stream",
-                        Figure::VcpusBlocked,
-                        side(q, QPRE),
-                        Goal::AtLeast(3.0),
-                    ),
-                    (
-                        "seq",
-                        Figure::VcpusBlocked,
-                        side("pagehint", HINT),
-                        Goal::AtLeast(3.0),
-                    ),
-                    (
-                        "stream",
-                        Figure::VcpusBlocked,
-                        side("pagehint", HINT),
-                        Goal::AtLeast(3.0),
-                    ),
-                    (
-                        "random",
-                        Figure::P50,
-                        side("pagehint", HINT),
-                        Goal::AtLeast(1.0 / 1.1),
-                    ),
-                ] {
-                    let r = ratio(rows, link, w, f, a, hints);
-                    out.push(check(
-                        format!(
-                            "{link} {w} {}, {vcpus} vCPUs: {} {} / pagehint {HINTS}, both on {t}'s transport",
-                            f.name(),
-                            a.peer,
-                            a.mode
-                        ),
-                        r,
-                        goal,
-                    ));
-                }
-            }
-        }
-        for t in [Transport::Qemu, Transport::Pagehint] {
-            for (l2, w) in links_and_workloads(rows) {
-                if &l2 != link {
-                    continue;
-                }
-                for f in [Figure::P50, Figure::P99, Figure::Blocktime, Figure::Total] {
-                    let r = ratio(
-                        rows,
-                        link,
-                        &w,
-                        f,
-                        Side {
-                            peer: "pagehint",
-                            mode: "vanilla",
-                            transport: t,
-                        },
-                        Side {
-                            peer: q,
-                            mode: "vanilla",
-                            transport: t,
-                        },
-                    );
-                    out.push(check(
-                        format!(
-                            "{link} {w} {}: pagehint vanilla / {q} vanilla, both on {t}'s transport",
-                            f.name()
-                        ),
-                        r,
-                        Goal::Within(1.25),
-                    ));
-                }
-            }
-        }
+        same_transport_targets(&mut out, &splits, link, q);
+        shipped_targets(&mut out, &splits, link, q);
+        vcpu_targets(&mut out, rows, link, q);
+        vanilla_targets(&mut out, rows, link, q);
     }
     out
 }
