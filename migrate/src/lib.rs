@@ -23,8 +23,8 @@
 //! [`link`] (the emulated link, a mode's [`link::Transport`], the low-water mark) →
 //! [`options`] (a run's typed settings) → [`wire`] (every message, declared once, over
 //! [`wire::io`]) → [`handshake`] → [`source`] and [`dest`] (the two sides of a migration,
-//! [`dest::run`] leaving its evidence); [`blocktime`] and [`svg`] are shared by the
-//! programs. Imports only point down (lower modules never name higher ones, and no wing
+//! [`dest::run`] leaving its evidence); [`blocktime`], [`spread`] and [`svg`] are shared by
+//! the programs. Imports only point down (lower modules never name higher ones, and no wing
 //! names another but `qemu` → `harness`; `pagehint-uffd` names neither): `tests/structure.rs`
 //! checks it.
 //!
@@ -74,6 +74,7 @@ mod names;
 pub mod options;
 pub mod qemu;
 pub mod source;
+pub mod spread;
 pub mod svg;
 pub mod sys;
 pub mod values;

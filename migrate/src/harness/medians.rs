@@ -9,19 +9,12 @@
 
 use crate::harness::export::{targets, TargetCheck};
 use crate::harness::result::RunResult;
+use crate::spread::Spread;
 
-/// The median of `v` (the mean of the two middle values for an even count; 0 if empty).
-pub fn median(mut v: Vec<f64>) -> f64 {
-    if v.is_empty() {
-        return 0.0;
-    }
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
+/// The median of the finite values of `v` (the mean of the two middle values for an even
+/// count; 0 if there is none).
+pub fn median(v: Vec<f64>) -> f64 {
+    Spread::of(v).map_or(0.0, |s| s.median)
 }
 
 /// The median of the counts `v`, rounded to the nearest.

@@ -260,8 +260,7 @@ pub fn tracing(probes: &[TraceProbe]) -> String {
                 probes
                     .iter()
                     .filter(|p| p.link == link && p.peer == peer && p.error.is_none())
-                    .filter_map(f)
-                    .collect(),
+                    .filter_map(f),
             )
         };
         let total = of(&|p| Some(p.span_ms.1? / p.span_ms.0? - 1.0));

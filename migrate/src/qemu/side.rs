@@ -390,41 +390,9 @@ impl Config {
     }
 }
 
-/// Median and range.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
-pub struct Spread {
-    /// Median (of an even count: the mean of the middle two).
-    pub median: f64,
-    /// Smallest.
-    pub min: f64,
-    /// Largest.
-    pub max: f64,
-    /// Values.
-    pub n: usize,
-}
+pub use crate::spread::Spread;
 
 impl Spread {
-    /// Of `v` (None if empty).
-    pub fn of(mut v: Vec<f64>) -> Option<Self> {
-        v.retain(|x| x.is_finite());
-        if v.is_empty() {
-            return None;
-        }
-        v.sort_by(f64::total_cmp);
-        let n = v.len();
-        let median = if n % 2 == 1 {
-            v[n / 2]
-        } else {
-            (v[n / 2 - 1] + v[n / 2]) / 2.0
-        };
-        Some(Self {
-            median,
-            min: v[0],
-            max: v[n - 1],
-            n,
-        })
-    }
-
     /// `1.23x (1.10-1.40)`.
     pub fn ratio_text(&self) -> String {
         if self.n > 1 {
@@ -469,15 +437,14 @@ pub fn series(rows: &[SideRow]) -> Vec<Series> {
             Series {
                 runs: of.len(),
                 ok: of.iter().filter(|r| r.completed && r.guest_alive).count(),
-                requests: Spread::of(done.iter().map(|r| r.requests as f64).collect()),
+                requests: Spread::of(done.iter().map(|r| r.requests as f64)),
                 mib_sent: Spread::of(
                     done.iter()
-                        .map(|r| (r.precopy_bytes + r.postcopy_bytes) as f64 / (1u64 << 20) as f64)
-                        .collect(),
+                        .map(|r| (r.precopy_bytes + r.postcopy_bytes) as f64 / (1u64 << 20) as f64),
                 ),
                 figures: Figure::ALL
                     .iter()
-                    .map(|f| Spread::of(done.iter().filter_map(|r| f.of(r)).collect()))
+                    .map(|f| Spread::of(done.iter().filter_map(|r| f.of(r))))
                     .collect(),
                 config: c,
             }
@@ -1207,13 +1174,5 @@ mod tests {
         assert!(!targets(&rows, &anchor())
             .iter()
             .any(|c| c.what.contains("vCPUs:")));
-    }
-
-    #[test]
-    fn spreads_are_medians_with_ranges() {
-        let s = Spread::of(vec![3.0, 1.0, 2.0, f64::INFINITY]).unwrap();
-        assert_eq!((s.median, s.min, s.max, s.n), (2.0, 1.0, 3.0, 3));
-        assert_eq!(Spread::of(vec![1.0, 2.0]).unwrap().median, 1.5);
-        assert!(Spread::of(vec![]).is_none());
     }
 }

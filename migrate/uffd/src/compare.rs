@@ -138,38 +138,7 @@ pub struct Row {
     pub prefetch_wait_ms: f64,
 }
 
-/// The median and the range of one measure over the repetitions.
-#[derive(Clone, Copy, Debug, Serialize, PartialEq)]
-pub struct Spread {
-    /// Median (of an even count: the mean of the middle two).
-    pub median: f64,
-    /// Smallest.
-    pub min: f64,
-    /// Largest.
-    pub max: f64,
-}
-
-impl Spread {
-    /// The spread of `v` (`None` if empty).
-    pub fn of(v: impl IntoIterator<Item = f64>) -> Option<Self> {
-        let mut v: Vec<f64> = v.into_iter().collect();
-        if v.is_empty() {
-            return None;
-        }
-        v.sort_by(f64::total_cmp);
-        let n = v.len();
-        let median = if n % 2 == 1 {
-            v[n / 2]
-        } else {
-            (v[n / 2 - 1] + v[n / 2]) / 2.0
-        };
-        Some(Self {
-            median,
-            min: v[0],
-            max: v[n - 1],
-        })
-    }
-}
+pub use pagehint_migrate::spread::Spread;
 
 /// One case and policy over its repetitions.
 #[derive(Clone, Debug, Serialize)]
@@ -791,10 +760,6 @@ mod tests {
 
     #[test]
     fn medians_and_ranges() {
-        let s = Spread::of([3.0, 1.0, 2.0]).unwrap();
-        assert_eq!((s.median, s.min, s.max), (2.0, 1.0, 3.0));
-        assert_eq!(Spread::of([4.0, 1.0, 2.0, 3.0]).unwrap().median, 2.5);
-        assert!(Spread::of([]).is_none());
         let r = ratio(&[6.0, 9.0, 3.0], &[1.0, 3.0, 3.0]).unwrap();
         assert_eq!(r.of_medians, 2.0);
         assert_eq!((r.per_run_min, r.per_run_max), (1.0, 6.0));
