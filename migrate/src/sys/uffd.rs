@@ -352,16 +352,7 @@ impl Userfault {
             };
             // SAFETY: UFFDIO_COPY takes a `struct uffdio_copy`; `src` is readable for `len`.
             let r = unsafe { ioctl::ioctl(&self.fd, Updater::<COPY, _>::new(&mut c)) };
-            match r {
-                Ok(()) => done += c.copy.max(0) as u64,
-                // A partial copy (e.g. interrupted): continue after the copied part.
-                Err(Errno::AGAIN) if c.copy > 0 => done += c.copy as u64,
-                Err(Errno::AGAIN) if give_up && done == 0 => return Err(PlaceError::Retry),
-                Err(Errno::AGAIN) => {}
-                Err(Errno::EXIST) => return Err(PlaceError::AlreadyPlaced { addr: dst + done }),
-                Err(Errno::SRCH) => return Err(PlaceError::Gone),
-                Err(e) => return Err(PlaceError::Os(e)),
-            }
+            done += placed(r, c.copy, dst, done, give_up)?;
         }
         Ok(())
     }
@@ -399,15 +390,7 @@ impl Userfault {
             };
             // SAFETY: UFFDIO_ZEROPAGE takes a `struct uffdio_zeropage`.
             let r = unsafe { ioctl::ioctl(&self.fd, Updater::<ZEROPAGE, _>::new(&mut z)) };
-            match r {
-                Ok(()) => done += z.zeropage.max(0) as u64,
-                Err(Errno::AGAIN) if z.zeropage > 0 => done += z.zeropage as u64,
-                Err(Errno::AGAIN) if give_up && done == 0 => return Err(PlaceError::Retry),
-                Err(Errno::AGAIN) => {}
-                Err(Errno::EXIST) => return Err(PlaceError::AlreadyPlaced { addr: dst + done }),
-                Err(Errno::SRCH) => return Err(PlaceError::Gone),
-                Err(e) => return Err(PlaceError::Os(e)),
-            }
+            done += placed(r, z.zeropage, dst, done, give_up)?;
         }
         Ok(())
     }
@@ -491,5 +474,27 @@ impl Userfault {
 impl AsFd for Userfault {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.fd.as_fd()
+    }
+}
+
+/// What one `UFFDIO_COPY` or `UFFDIO_ZEROPAGE` call at `dst + done` did, from its result and
+/// the bytes it reports `moved`: the bytes placed (0: call again), or why placing stops
+/// (`give_up`: `EAGAIN` with nothing placed yet is [`PlaceError::Retry`]).
+fn placed(
+    r: Result<(), Errno>,
+    moved: i64,
+    dst: u64,
+    done: u64,
+    give_up: bool,
+) -> Result<u64, PlaceError> {
+    match r {
+        Ok(()) => Ok(moved.max(0) as u64),
+        // A partial copy (e.g. interrupted): continue after the copied part.
+        Err(Errno::AGAIN) if moved > 0 => Ok(moved as u64),
+        Err(Errno::AGAIN) if give_up && done == 0 => Err(PlaceError::Retry),
+        Err(Errno::AGAIN) => Ok(0),
+        Err(Errno::EXIST) => Err(PlaceError::AlreadyPlaced { addr: dst + done }),
+        Err(Errno::SRCH) => Err(PlaceError::Gone),
+        Err(e) => Err(PlaceError::Os(e)),
     }
 }
