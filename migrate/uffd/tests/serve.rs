@@ -387,8 +387,7 @@ fn the_readme_restore_steps_run_in_order() {
         .lines()
         .skip(1)
         .map(|l| {
-            l.replace(bin, BIN)
-                .replace("/tmp/", &format!("{}/", dir.display()))
+            l.replace("/tmp/", &format!("{}/", dir.display()))
                 .replace("7070", &port.to_string())
         })
         .collect::<Vec<_>>()
@@ -398,6 +397,8 @@ fn the_readme_restore_steps_run_in_order() {
         !script.replace(&d, "").contains("/tmp/"),
         "every path is substituted"
     );
+    // The binary last: this build's path may itself lie under /tmp (a clone in `mktemp -d`).
+    let script = script.replace(bin, BIN);
     let out = within(Duration::from_secs(480), move || {
         Command::new("bash")
             .args(["-euo", "pipefail", "-c", &script])
