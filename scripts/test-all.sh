@@ -46,6 +46,10 @@ step() {
     echo
     echo "==> $* ($(($(date +%s) - start)) s elapsed)"
 }
+# Room to build and to write test guests' memory files: said up front, so a run that ends in
+# "No space left on device" shows where the space was short. Tests keep their scratch only
+# when they fail; the largest (a 256 MiB snapshot) goes to /dev/shm where it has room.
+df -h . "${TMPDIR:-/tmp}" /dev/shm 2>/dev/null || true
 
 step "formatting (cargo fmt --check), clippy (all targets, all features), rustdoc warnings, and the library's MSRV build"
 cargo fmt --all -- --check

@@ -4,6 +4,8 @@
 //! snapshot through the handler with every policy, its own page checks clean and every page
 //! placed exactly once.
 
+#[path = "../../tests/common/scratch.rs"]
+mod scratch;
 #[path = "../../tests/common/within.rs"]
 mod within;
 
@@ -11,7 +13,7 @@ use std::io::Write;
 use std::net::{Ipv4Addr, TcpListener};
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::AtomicBool;
 use std::sync::{mpsc, Mutex};
 use std::time::Duration;
@@ -29,17 +31,17 @@ use pagehint_uffd::protocol::{send_raw, GuestRegionUffdMapping, HandshakeFormat,
 use pagehint_uffd::remote::{serve_memory, RemoteSource};
 use pagehint_uffd::source::{FileSource, PageSource};
 use pagehint_uffd::vmm::take_snapshot;
+use scratch::Scratch;
 use within::within;
 
-fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("pagehint-restore-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+fn tmp(name: &str) -> Scratch {
+    Scratch::new("pagehint-restore", name)
 }
 
+/// The file stays open after its folder is removed.
 fn mem_file(name: &str, bytes: &[u8]) -> FileSource {
-    let p = tmp(name).join("mem");
+    let dir = tmp(name);
+    let p = dir.join("mem");
     std::fs::write(&p, bytes).unwrap();
     FileSource::open(&p).unwrap()
 }
@@ -536,7 +538,8 @@ fn removed_ranges_come_back_as_zeros_and_pages_are_placed_once() {
         return;
     }
     let src = mem_file("remove", &contents());
-    let record = tmp("remove-record").join("record");
+    let record_dir = tmp("remove-record");
+    let record = record_dir.join("record");
     let ordered = Policy::ALL.iter().position(|&p| p == Policy::Record)
         < Policy::ALL.iter().position(|p| p.follows_record());
     assert!(ordered, "the record is written before it is followed");
@@ -566,7 +569,8 @@ fn a_remote_source_over_tcp_serves_the_handler() {
         std::thread::scope(|s| {
             let server = s.spawn(|| serve_memory(&listener, &file, &stop, Duration::from_secs(5)));
             let mut fetched = 0;
-            let record = tmp("remote-record").join("record");
+            let record_dir = tmp("remote-record");
+            let record = record_dir.join("record");
             for policy in Policy::ALL {
                 let src = RemoteSource::connect(addr, 3, Duration::from_secs(5)).unwrap();
                 let r = remove_scenario(&src, policy, &record);
@@ -593,7 +597,7 @@ fn a_kvm_guest_restores_through_the_handler_with_clean_page_checks() {
         return;
     }
     within(Duration::from_secs(60), || {
-        let dir = tmp("snap-kv");
+        let dir = Scratch::for_bytes("pagehint-restore", "snap-kv", 32 << 20);
         let snap = take_snapshot(
             &dir,
             32 << 20,

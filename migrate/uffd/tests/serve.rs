@@ -5,6 +5,8 @@
 //! session ends when the VMM exits); and the README's restore steps run, in order, as
 //! written.
 
+#[path = "../../tests/common/scratch.rs"]
+mod scratch;
 #[path = "../../tests/common/within.rs"]
 mod within;
 
@@ -17,15 +19,13 @@ use std::time::{Duration, Instant};
 
 use pagehint_migrate::guest::kvm::ready_or_skip;
 use pagehint_uffd::protocol::send_raw;
+use scratch::Scratch;
 use within::within;
 
 const BIN: &str = env!("CARGO_BIN_EXE_pagehint-uffd");
 
-fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("pagehint-serve-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+fn tmp(name: &str) -> Scratch {
+    Scratch::new("pagehint-serve", name)
 }
 
 /// `serve` on `dir/uffd.sock` over a 1 MiB memory file, with `extra` flags; returns once
@@ -267,7 +267,7 @@ fn a_vmm_in_another_process_is_served_with_each_handshake() {
         return;
     }
     within(Duration::from_secs(240), || {
-        let dir = tmp("two-processes");
+        let dir = Scratch::for_bytes("pagehint-serve", "two-processes", 40 << 20);
         let snap = dir.join("snap");
         let out = Command::new(BIN)
             .args(["snapshot", "--mem", "32M", "--workload", "kv", "--dir"])
@@ -377,7 +377,8 @@ fn the_readme_restore_steps_run_in_order() {
     if !ready_or_skip("the_readme_restore_steps_run_in_order") {
         return;
     }
-    let dir = tmp("readme");
+    // The section's snapshot is 256 MiB: in memory where there is room for it.
+    let dir = Scratch::for_bytes("pagehint-serve", "readme", 300 << 20);
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
