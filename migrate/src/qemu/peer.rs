@@ -226,12 +226,19 @@ pub fn version(binary: &Path) -> Result<String, QemuError> {
             ))
         })?;
     let text = String::from_utf8_lossy(&out.stdout);
-    Ok(text
-        .lines()
-        .next()
-        .unwrap_or("QEMU (unknown version)")
-        .trim()
-        .to_string())
+    let line = text.lines().next().unwrap_or("").trim();
+    // A wrapper left pointing at a removed prefix runs, fails and prints nothing: refused
+    // here, before a run starts, rather than labelled "unknown" and failing every run.
+    if !out.status.success() || !line.contains("version") {
+        let err = String::from_utf8_lossy(&out.stderr);
+        return Err(QemuError::Setup(format!(
+            "{} --version failed ({}): {}; scripts/install-deps.sh installs QEMU 10.0 (system) and QEMU 11.1 (.deps/qemu-11.1)",
+            binary.display(),
+            out.status,
+            err.lines().last().unwrap_or("no output").trim()
+        )));
+    }
+    Ok(line.to_string())
 }
 
 /// `10.0.2` from a `--version` line.
@@ -940,6 +947,36 @@ mod tests {
             "10.0.2"
         );
         assert_eq!(short_version("something else"), "?");
+    }
+
+    /// A binary that runs but fails (a wrapper whose prefix was removed) is refused with
+    /// what it said, not labelled "unknown" and run.
+    #[test]
+    fn a_qemu_that_does_not_answer_its_version_is_refused_with_why() {
+        let dir =
+            std::env::temp_dir().join(format!("pagehint-qemu-version-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let wrapper = dir.join("qemu-system-x86_64");
+        std::fs::write(
+            &wrapper,
+            "#!/bin/sh\necho \"exec: /gone/qemu-system-x86_64.real: not found\" >&2\nexit 127\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(
+            &wrapper,
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap();
+        let err = version(&wrapper).unwrap_err().to_string();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(
+            err.contains("--version failed") && err.contains("not found"),
+            "{err}"
+        );
+        let err = version(Path::new("/nonexistent/qemu"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("does not run"), "{err}");
     }
 
     #[test]
