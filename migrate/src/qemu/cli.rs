@@ -11,7 +11,7 @@ use super::ours::Transport;
 use super::peer::QemuMode;
 use crate::guest::disk::DISK_MAX_VCPUS;
 use crate::guest::layout::{GuestLayout, HostPageSize};
-use crate::options::{MigrationMode, Workload};
+use crate::options::{CursorPolicy, MigrationMode, Workload};
 use crate::values::{parse_bits, parse_duration, parse_list};
 
 /// `compare-qemu` in `pagehint-migrate --help`.
@@ -93,6 +93,14 @@ pub struct CompareQemuCli {
     /// Playback rate of the stream workload, bytes/s.
     #[arg(long, default_value = "256M")]
     stream_rate: String,
+    /// pagehint preempt-hints: target pages each vCPU's cursor may claim after its fault (the
+    /// library's default run), as the harness's `--stream-run`.
+    #[arg(long, value_name = "PAGES", default_value_t = pagehint::streams::StreamPolicy::DEFAULT_RUN)]
+    stream_run: u64,
+    /// pagehint preempt-hints: cursor claims between two steps of the linear scan (the
+    /// library's default share), as the harness's `--stream-share`.
+    #[arg(long, value_name = "N", default_value_t = pagehint::streams::StreamPolicy::DEFAULT_SHARE)]
+    stream_share: u32,
     /// Seed of the guest image and workloads.
     #[arg(long, default_value_t = 1)]
     seed: u64,
@@ -155,6 +163,8 @@ pub struct CompareOptions {
     pub settle: Duration,
     /// Stream rate, bytes/s.
     pub stream_rate: u64,
+    /// pagehint preempt-hints' cursors.
+    pub cursors: CursorPolicy,
     /// Seed.
     pub seed: u64,
     /// Pin both peers' threads.
@@ -251,6 +261,7 @@ impl CompareOptions {
             trace_cost,
             settle: parse_duration(&c.settle).map_err(|e| format!("--settle: {e}"))?,
             stream_rate: Self::stream_rate(&c)?,
+            cursors: Self::cursors(&c)?,
             seed: c.seed,
             pin,
             workdir,
@@ -328,6 +339,18 @@ impl CompareOptions {
         Ok((lowat, bytes))
     }
 
+    /// pagehint's cursor policy, checked as the library checks it (a run or share of 0 is
+    /// refused here, before any run).
+    fn cursors(c: &CompareQemuCli) -> Result<CursorPolicy, String> {
+        let p = CursorPolicy {
+            run: c.stream_run,
+            share: c.stream_share,
+        };
+        p.policy(c.vcpus.max(1))
+            .map_err(|e| format!("--stream-run/--stream-share: {e}"))?;
+        Ok(p)
+    }
+
     /// The stream workload's rate, bytes/s, above 0.
     fn stream_rate(c: &CompareQemuCli) -> Result<u64, String> {
         match parse_size(&c.stream_rate)
@@ -399,5 +422,66 @@ mod tests {
             let e = options(args).expect_err(&format!("{args:?}"));
             assert!(e.contains(says), "{args:?}: {e}");
         }
+    }
+
+    /// preempt-hints' cursor policy reaches pagehint's runs as the harness takes it, and a
+    /// policy the library refuses is refused before any run.
+    #[test]
+    fn the_cursor_policy_is_checked_and_passed_on() {
+        let o = options(&[]).unwrap();
+        assert_eq!(o.cursors, CursorPolicy::DEFAULT);
+        let o = options(&["--stream-run", "16384", "--stream-share", "8"]).unwrap();
+        assert_eq!(
+            o.cursors,
+            CursorPolicy {
+                run: 16384,
+                share: 8
+            }
+        );
+        for (args, says) in [
+            (&["--stream-run", "0"][..], "run"),
+            (&["--stream-share", "0"][..], "claim"),
+        ] {
+            let e = options(args).expect_err(&format!("{args:?}"));
+            assert!(
+                e.contains("--stream-run/--stream-share") && e.contains(says),
+                "{e}"
+            );
+        }
+    }
+
+    /// `scripts/measure-streams-qemu.sh`'s command line, with its shell variables given
+    /// values, parses (the script is run by hand, not by CI).
+    #[test]
+    fn the_streams_script_command_parses() {
+        let script = include_str!("../../../scripts/measure-streams-qemu.sh");
+        let start = script
+            .find("compare-qemu")
+            .expect("the script runs compare-qemu");
+        let mut cmd = String::new();
+        for line in script[start..].lines() {
+            cmd.push_str(line.trim_end_matches('\\'));
+            cmd.push(' ');
+            if !line.ends_with('\\') {
+                break;
+            }
+        }
+        let cmd = cmd
+            .replace("\"$n\"", "4")
+            .replace("\"$hp\"", "2M")
+            .replace("\"$work\"", "seq,stream")
+            .replace("\"$rate\"", "64M")
+            .replace("\"$repeat\"", "3");
+        let args: Vec<&str> = cmd
+            .split_whitespace()
+            .skip(1)
+            .take_while(|a| *a != "--json")
+            .collect();
+        assert!(!args.iter().any(|a| a.contains('$')), "{args:?}");
+        let o = options(&args).unwrap();
+        assert_eq!(
+            (o.vcpus, o.host_page, o.repeat),
+            (4, HostPageSize::Huge2M, 3)
+        );
     }
 }

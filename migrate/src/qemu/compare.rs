@@ -223,6 +223,7 @@ impl<'a> OnLink<'a> {
             pace_bps: cap_bps,
             seed: o.seed,
             stream_rate: o.stream_rate,
+            cursors: o.cursors,
             lowat: o.lowat.clone(),
             pin: o.pin,
             workdir: o.workdir.0.clone(),
@@ -377,7 +378,7 @@ impl<'a> OnLink<'a> {
 /// The comparison's setup, in words.
 fn setup_text(o: &CompareOptions) -> String {
     format!(
-        "KVM guest, {} vCPU{}, {} MiB, {} host pages, pure postcopy; {} repeat{} (peer order alternating); both capped at {:.0}% of the link rate; transports: QEMU's (max-bandwidth and max-postcopy-bandwidth: a 100 ms-window rate limiter at line rate; pagehint: the same limiter, --qemu-rate-limit) and pagehint's (kernel pacing at the cap, {} in preempt modes; QEMU: the pace-preload library on its sockets); threads {}",
+        "KVM guest, {} vCPU{}, {} MiB, {} host pages, pure postcopy; {} repeat{} (peer order alternating); both capped at {:.0}% of the link rate; transports: QEMU's (max-bandwidth and max-postcopy-bandwidth: a 100 ms-window rate limiter at line rate; pagehint: the same limiter, --qemu-rate-limit) and pagehint's (kernel pacing at the cap, {} in preempt modes; QEMU: the pace-preload library on its sockets); preempt-hints' cursors: runs of {} pages, {} cursor claims per linear step; threads {}",
         o.vcpus,
         if o.vcpus == 1 { "" } else { "s" },
         o.mem >> 20,
@@ -393,6 +394,8 @@ fn setup_text(o: &CompareOptions) -> String {
             b if b % (1 << 20) == 0 => format!("at most {} MiB unsent", b >> 20),
             b => format!("at most {} KiB unsent", b.div_ceil(1 << 10)),
         },
+        o.cursors.run,
+        o.cursors.share,
         if o.pin {
             "pinned alike (guest + fault path on one CPU, bulk streams on the other)"
         } else {

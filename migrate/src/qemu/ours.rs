@@ -29,7 +29,7 @@ use super::QemuError;
 use crate::guest::layout::HostPageSize;
 use crate::harness::result::RunResult;
 use crate::names::named_enum;
-use crate::options::{MigrationMode, Workload};
+use crate::options::{CursorPolicy, MigrationMode, Workload};
 
 named_enum!(
     /// How a peer's background stream meets the link.
@@ -73,6 +73,8 @@ pub struct OursSetup {
     pub seed: u64,
     /// Stream playback rate, bytes/s.
     pub stream_rate: u64,
+    /// preempt-hints' cursors (`--stream-run`, `--stream-share`).
+    pub cursors: CursorPolicy,
     /// `--lowat` of the background channel.
     pub lowat: String,
     /// Pin threads (`--pin auto`) or not.
@@ -199,6 +201,8 @@ pub fn migrate(
         .args(["--modes", mode.name(), "--workloads", workload.name()])
         .args(["--seed", &setup.seed.to_string()])
         .args(["--stream-rate", &setup.stream_rate.to_string()])
+        .args(["--stream-run", &setup.cursors.run.to_string()])
+        .args(["--stream-share", &setup.cursors.share.to_string()])
         .args(["--pin", if setup.pin { "auto" } else { "off" }])
         .args(["--timeout", "60s", "--quiet", "--json"])
         .arg(&json)
