@@ -227,6 +227,18 @@ pub enum FaultPath {
     Software,
 }
 
+/// How the KVM guest waits when its stream is ahead of schedule.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum GuestWait {
+    /// The host sleeps for it (the program asks with an `out`): its vCPU thread uses no CPU
+    /// while it waits.
+    #[default]
+    Sleep,
+    /// It spins until due, as a booted guest without a paravirtual sleep does (QEMU's, in
+    /// `compare-qemu`): its vCPU thread keeps its CPU busy.
+    Spin,
+}
+
 /// The guest of a run: kind, size, host pages, vCPUs, the workload's pace and its seed.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct GuestSpec {
@@ -238,6 +250,8 @@ pub struct GuestSpec {
     pub stream_rate: u64,
     /// Image and workload seed.
     pub seed: u64,
+    /// How the KVM guest waits out its stream's schedule (the destination's choice).
+    pub wait: GuestWait,
 }
 
 impl GuestSpec {
@@ -256,6 +270,7 @@ impl GuestSpec {
             layout: GuestLayout::new(mem, host_page, vcpus)?,
             stream_rate: 256 << 20,
             seed: 1,
+            wait: GuestWait::Sleep,
         })
     }
 }

@@ -436,6 +436,39 @@ fn the_command_line_migrates_a_kvm_guest_and_prints_the_targets() {
     }
 }
 
+/// `--guest-wait spin` (what `compare-qemu` gives pagehint's guest, as QEMU's booted guest
+/// has no host to sleep for it): a stream far ahead of its schedule spins until due, plays
+/// on, verifies, and the JSON says how it waited.
+#[test]
+fn a_spinning_guest_streams_and_says_so() {
+    if !ready_or_skip("a_spinning_guest_streams_and_says_so") {
+        return;
+    }
+    for wait in ["spin", "sleep"] {
+        let (_, rows, _) = command_line(
+            &format!("pagehint-migrate-wait-{wait}"),
+            &[
+                "--mem",
+                "64M",
+                "--modes",
+                "preempt-hint",
+                "--workloads",
+                "stream",
+                "--stream-rate",
+                "16M",
+                "--guest-wait",
+                wait,
+                "--quiet",
+            ],
+        );
+        for r in &rows {
+            assert_eq!(r["guest_wait"], wait);
+            assert_eq!(r["verified"], true, "{r}");
+            assert!(r["guest_ops_postcopy"].as_u64().unwrap() > 0, "{r}");
+        }
+    }
+}
+
 #[test]
 fn a_very_slow_stream_stops_when_postcopy_completes() {
     if !ready_or_skip("a_very_slow_stream_stops_when_postcopy_completes") {

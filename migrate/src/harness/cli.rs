@@ -12,8 +12,8 @@ use pagehint::ClaimBatch;
 use crate::guest::layout::{GuestLayout, GuestLayoutError, HostPageSize};
 use crate::link::{LinkParams, LowWater};
 use crate::options::{
-    CursorPolicy, DestFault, DirtyTracking, FaultPath, GuestKind, GuestSpec, MigrationMode,
-    Precopy, RunConfig, SourceFault, SourceHooks, TestHooks, Workload,
+    CursorPolicy, DestFault, DirtyTracking, FaultPath, GuestKind, GuestSpec, GuestWait,
+    MigrationMode, Precopy, RunConfig, SourceFault, SourceHooks, TestHooks, Workload,
 };
 use crate::source::ServeOptions;
 use crate::sys::pin::PinPlan;
@@ -46,6 +46,14 @@ enum DirtyLog {
     /// Manual re-protection: the get only reads the log; each chunk the precopy drain takes
     /// is cleared (`KVM_CLEAR_DIRTY_LOG`) just before its pages are read.
     Manual,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+enum GuestWaitArg {
+    /// The host sleeps for the guest: its vCPU thread is idle while it waits.
+    Sleep,
+    /// The guest spins until due: its vCPU thread stays busy.
+    Spin,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
@@ -186,6 +194,11 @@ pub struct Cli {
     /// Playback rate of the stream workload, bytes/s.
     #[arg(long, allow_hyphen_values = true, default_value = "256M")]
     stream_rate: String,
+    /// How the destination's KVM guest waits when its stream is ahead of schedule: sleep
+    /// (the host sleeps for it) or spin (until due, as a booted guest does: compare-qemu
+    /// gives pagehint's guest `spin`, as QEMU's has no other way).
+    #[arg(long, value_enum, default_value = "sleep")]
+    guest_wait: GuestWaitArg,
     /// Seed of the guest image and workloads.
     #[arg(long, default_value_t = 1)]
     seed: u64,
@@ -516,6 +529,10 @@ fn guest(cli: &Cli) -> Result<(GuestSpec, String), String> {
         e => format!("--mem {} with --host-page {}: {e}", cli.mem, cli.host_page),
     })?;
     guest.seed = cli.seed;
+    guest.wait = match cli.guest_wait {
+        GuestWaitArg::Sleep => GuestWait::Sleep,
+        GuestWaitArg::Spin => GuestWait::Spin,
+    };
     guest.stream_rate = match size("stream-rate", &cli.stream_rate)? {
         0 => {
             return Err(format!(

@@ -103,6 +103,9 @@ pub struct Setup {
     pub stream_share: u32,
     /// Stream playback rate, bytes/s.
     pub stream_rate: u64,
+    /// How the destination's KVM guest waited when ahead of schedule: `sleep` or `spin`.
+    #[serde(default)]
+    pub guest_wait: String,
     /// Image and workload seed.
     pub seed: u64,
     /// Thread placement (`--pin`).
@@ -830,6 +833,11 @@ impl Setup {
             stream_run: cfg.cursors.run,
             stream_share: cfg.cursors.share,
             stream_rate: cfg.guest.stream_rate,
+            guest_wait: match cfg.guest.wait {
+                crate::options::GuestWait::Sleep => "sleep",
+                crate::options::GuestWait::Spin => "spin",
+            }
+            .to_string(),
             seed: cfg.guest.seed,
             pin: cfg.pin.describe(),
             resend: transport.resend,
@@ -875,6 +883,7 @@ mod tests {
         "guest_ops_postcopy",
         "guest_ops_precopy",
         "guest_verified_pages",
+        "guest_wait",
         "guest_writes",
         "hints_accepted",
         "hints_offered",

@@ -397,7 +397,7 @@ fn setup_text(o: &CompareOptions) -> String {
         o.cursors.run,
         o.cursors.share,
         if o.pin {
-            "pinned alike (guest + fault path on one CPU, bulk streams on the other)"
+            "pinned alike (vCPU 0 + fault path on one CPU, bulk streams on the other, further vCPUs floating over both)"
         } else {
             "not pinned"
         },

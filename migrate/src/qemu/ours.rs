@@ -201,6 +201,9 @@ pub fn migrate(
         .args(["--modes", mode.name(), "--workloads", workload.name()])
         .args(["--seed", &setup.seed.to_string()])
         .args(["--stream-rate", &setup.stream_rate.to_string()])
+        // The booted guest QEMU runs spins while its stream is ahead of schedule (no host
+        // sleeps for it): pagehint's guest spins too, so both vCPUs keep their CPUs alike.
+        .args(["--guest-wait", "spin"])
         .args(["--stream-run", &setup.cursors.run.to_string()])
         .args(["--stream-share", &setup.cursors.share.to_string()])
         .args(["--pin", if setup.pin { "auto" } else { "off" }])

@@ -319,13 +319,16 @@ fn start(
 }
 
 /// The harness's thread roles of QEMU's threads, by the names `-name ...,debug-threads=on`
-/// gives them: the vCPU and the fault path (fault thread, preempt-channel receiver, return
-/// path, which in postcopy-preempt sends the urgent pages itself) on the fault CPU, the bulk
+/// gives them: the first vCPU and the fault path (fault thread, preempt-channel receiver, return
+/// path, which in postcopy-preempt sends the urgent pages itself) on the fault CPU, the other
+/// vCPUs floating over both CPUs, the bulk
 /// streams (migration thread, the destination's listen thread that loads the main stream)
 /// on the bulk CPU, as [`crate::sys::pin`] places pagehint's.
 pub fn qemu_role(thread: &str) -> Option<Role> {
     Some(match thread {
-        t if is_vcpu_thread(t) => Role::Guest,
+        // vCPU 0 as pagehint's first vCPU; the others float over both CPUs as pagehint's do.
+        "CPU 0/KVM" => Role::Guest,
+        t if is_vcpu_thread(t) => Role::ExtraVcpu,
         "mig/dst/fault" => Role::FaultThread,
         "mig/dst/preempt" => Role::UrgentReceiver,
         "mig/src/return" => Role::ReturnPath,
@@ -979,13 +982,20 @@ mod tests {
         assert!(err.contains("does not run"), "{err}");
     }
 
+    /// QEMU's vCPUs are placed as pagehint's: the first with the fault path, the others
+    /// floating over both CPUs (not all on the fault path's CPU, where they would compete
+    /// with QEMU's fault thread and not with pagehint's).
     #[test]
-    fn every_vcpu_thread_is_placed_as_the_guest() {
-        for t in ["CPU 0/KVM", "CPU 1/KVM", "CPU 15/KVM"] {
-            assert_eq!(qemu_role(t), Some(Role::Guest), "{t}");
+    fn vcpu_threads_are_placed_as_pagehints_vcpus() {
+        assert_eq!(qemu_role("CPU 0/KVM"), Some(Role::Guest));
+        for t in ["CPU 1/KVM", "CPU 15/KVM"] {
+            assert_eq!(qemu_role(t), Some(Role::ExtraVcpu), "{t}");
         }
         for t in ["CPU /KVM", "CPU x/KVM", "CPU 1/TCG", "mig/src/main"] {
-            assert_ne!(qemu_role(t), Some(Role::Guest), "{t}");
+            assert!(
+                !matches!(qemu_role(t), Some(Role::Guest | Role::ExtraVcpu)),
+                "{t}"
+            );
         }
     }
 

@@ -9,6 +9,8 @@
 //!   compete with it. This is what a VMM does when it keeps its fault thread near the vCPU.
 //! * **bulk CPU** (the first allowed CPU): the source's background sender and the
 //!   destination's background receiver, which stream pages at link rate.
+//! * **vCPUs after the first** float over both CPUs (set explicitly, so that they do not
+//!   inherit the CPU of the thread that started them); `compare-qemu` places QEMU's the same.
 //!
 //! With one allowed CPU, or `--pin off`, nothing is pinned.
 
@@ -108,14 +110,22 @@ impl PinPlan {
     /// Pins thread `tid` (another process's too, with the right to) for `role`; `None` is the
     /// calling thread. Whether it was pinned.
     pub fn apply_to(&self, tid: Option<rustix::thread::Pid>, role: Role) -> bool {
-        match self.cpu(role) {
-            Some(cpu) => {
-                let mut set = CpuSet::new();
-                set.set(cpu);
-                sched_setaffinity(tid, &set).is_ok()
-            }
-            None => false,
+        let mut set = CpuSet::new();
+        match (role, self.cpu(role)) {
+            (_, Some(cpu)) => set.set(cpu),
+            // Floating over both CPUs, said explicitly: a vCPU thread would otherwise inherit
+            // whatever CPU the thread that started it was pinned to (and QEMU's and pagehint's
+            // differ there).
+            (Role::ExtraVcpu, None) => match (self.fault_cpu, self.bulk_cpu) {
+                (Some(f), Some(b)) => {
+                    set.set(f);
+                    set.set(b);
+                }
+                _ => return false,
+            },
+            (_, None) => return false,
         }
+        sched_setaffinity(tid, &set).is_ok()
     }
 
     /// One-line description.

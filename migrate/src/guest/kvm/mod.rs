@@ -126,6 +126,8 @@ pub struct Machine {
     tsc_khz: u32,
     /// KVM's counters of each vCPU and of the VM (`None` where KVM has no stats file).
     stats: Option<(Vec<KvmStats>, KvmStats)>,
+    /// The program's sleep requests are not served (the guest spins until due).
+    spin: std::sync::atomic::AtomicBool,
 }
 
 /// KVM's counters summed over a machine's vCPUs (see [`stats`]).
@@ -198,6 +200,7 @@ impl Machine {
                 controls,
                 tsc_khz,
                 stats,
+                spin: std::sync::atomic::AtomicBool::new(false),
             },
             rings,
         ))
@@ -261,6 +264,18 @@ impl Machine {
         }
     }
 
+    /// How the program waits when its stream is ahead of schedule, from the next [`run`]
+    /// on: the host sleeps for it, or it spins (its sleep requests return at once).
+    ///
+    /// [`run`]: Machine::run
+    pub fn set_wait(&self, wait: crate::options::GuestWait) {
+        // Relaxed: read by the vCPU threads `run` starts after this call (the spawn orders it).
+        self.spin.store(
+            wait == crate::options::GuestWait::Spin,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+
     /// Runs every vCPU on its own thread of `scope` until it is kicked, done or failed.
     /// `ring_full(i)` harvests vCPU `i`'s dirty ring when KVM says it is full.
     pub fn run<'s>(
@@ -271,6 +286,8 @@ impl Machine {
     ) -> Vec<ScopedJoinHandle<'s, VcpuEnd>> {
         let mailboxes = self.vm.mailboxes();
         let tsc_khz = self.tsc_khz;
+        // Relaxed: written before this call, on this thread (`set_wait`).
+        let spin = self.spin.load(std::sync::atomic::Ordering::Relaxed);
         self.vcpus
             .iter()
             .zip(&self.controls)
@@ -286,6 +303,7 @@ impl Machine {
                             mailboxes,
                             tsc_khz,
                             ring_full,
+                            spin,
                         };
                         let mut vcpu = vcpu.lock().unwrap_or_else(|p| p.into_inner());
                         vcpu::run(&mut vcpu, ctl, &env)

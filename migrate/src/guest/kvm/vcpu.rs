@@ -133,6 +133,8 @@ pub struct VcpuEnv<'a> {
     pub tsc_khz: u32,
     /// Harvests this vCPU's dirty ring when KVM says it is full (dirty-ring tracking).
     pub ring_full: Option<&'a (dyn Fn(u32) -> Result<(), String> + Sync)>,
+    /// Sleep requests return at once: the program spins until due.
+    pub spin: bool,
 }
 
 const KVM_EXIT_DIRTY_RING_FULL: u32 = 31;
@@ -184,7 +186,9 @@ fn run_loop(vcpu: &mut VcpuFd, ctl: &VcpuControl, env: &VcpuEnv<'_>) -> VcpuEnd 
                         let ticks = env.mailboxes.read(i, mb::SLEEP_TSC);
                         let ns =
                             (u128::from(ticks) * 1_000_000 / u128::from(env.tsc_khz.max(1))) as u64;
-                        sleep_unless_stopped(ctl, env, ns.min(1_000_000_000));
+                        if !env.spin {
+                            sleep_unless_stopped(ctl, env, ns.min(1_000_000_000));
+                        }
                     }
                     Some(Event::Done) => return VcpuEnd::Done,
                     None => {
