@@ -10,7 +10,7 @@ use pagehint::streams::{StreamPolicy, StreamPolicyError};
 use pagehint::{ClaimBatch, HintPolicy, SchedulerConfig};
 
 use crate::guest::layout::{GuestLayout, GuestLayoutError, HostPageSize};
-pub use crate::guest::Workload;
+pub use crate::guest::{GuestWait, Workload};
 use crate::link::{LinkParams, LowWater};
 pub use crate::link::{RequestRoute, Transport};
 use crate::names::named_enum;
@@ -225,18 +225,6 @@ pub enum FaultPath {
     Auto,
     /// The software path: the guest checks the received bitmap before each access.
     Software,
-}
-
-/// How the KVM guest waits when its stream is ahead of schedule.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum GuestWait {
-    /// The host sleeps for it (the program asks with an `out`): its vCPU thread uses no CPU
-    /// while it waits.
-    #[default]
-    Sleep,
-    /// It spins until due, as a booted guest without a paravirtual sleep does (QEMU's, in
-    /// `compare-qemu`): its vCPU thread keeps its CPU busy.
-    Spin,
 }
 
 /// The guest of a run: kind, size, host pages, vCPUs, the workload's pace and its seed.

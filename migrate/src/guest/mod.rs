@@ -14,4 +14,4 @@ pub mod kvm;
 pub mod layout;
 pub mod workload;
 
-pub use workload::{Pause, Workload, STREAM_FRAME_PAGES};
+pub use workload::{GuestWait, Pause, Workload, STREAM_FRAME_PAGES};

@@ -152,3 +152,15 @@ mod tests {
         assert_eq!(Workload::Seq.role(3), Workload::Seq);
     }
 }
+
+/// How the KVM guest waits when its stream is ahead of schedule.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum GuestWait {
+    /// The host sleeps for it (the program asks with an `out`): its vCPU thread uses no CPU
+    /// while it waits.
+    #[default]
+    Sleep,
+    /// It spins until due, as a booted guest without a paravirtual sleep does (QEMU's, in
+    /// `compare-qemu`): its vCPU thread keeps its CPU busy.
+    Spin,
+}

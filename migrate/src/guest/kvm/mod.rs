@@ -268,10 +268,10 @@ impl Machine {
     /// on: the host sleeps for it, or it spins (its sleep requests return at once).
     ///
     /// [`run`]: Machine::run
-    pub fn set_wait(&self, wait: crate::options::GuestWait) {
+    pub fn set_wait(&self, wait: crate::guest::GuestWait) {
         // Relaxed: read by the vCPU threads `run` starts after this call (the spawn orders it).
         self.spin.store(
-            wait == crate::options::GuestWait::Spin,
+            wait == crate::guest::GuestWait::Spin,
             std::sync::atomic::Ordering::Relaxed,
         );
     }
