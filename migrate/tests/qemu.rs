@@ -31,6 +31,10 @@ use pagehint_migrate::qemu::cli::default_qemu11;
 use pagehint_migrate::sys::hugepages::HugePages;
 use serde_json::Value;
 
+#[path = "common/scratch.rs"]
+mod scratch;
+use scratch::Scratch;
+
 /// One comparison at a time: each takes both CPUs (and the 2 MiB one the huge page pool).
 fn one_at_a_time() -> MutexGuard<'static, ()> {
     static LOCK: Mutex<()> = Mutex::new(());
@@ -40,7 +44,6 @@ fn one_at_a_time() -> MutexGuard<'static, ()> {
 /// Runs `compare-qemu` with `args` (plus `--workdir`, `--json` and `--svg` in `dir`); checks
 /// it succeeded; returns its JSON document and stdout.
 fn compare_qemu(dir: &Path, args: &[&str]) -> (Value, String) {
-    std::fs::create_dir_all(dir).unwrap();
     let json = dir.join("side.json");
     let out = Command::new(env!("CARGO_BIN_EXE_pagehint-migrate"))
         .arg("compare-qemu")
@@ -148,7 +151,7 @@ fn qemu_11_and_pagehint_migrate_the_guest_on_both_transports_with_no_empty_figur
     }
     let preload = preload();
     let _one = one_at_a_time();
-    let dir = std::env::temp_dir().join(format!("pagehint-qemu-test-{}", std::process::id()));
+    let dir = Scratch::new("pagehint-qemu", "test");
     let preload = preload.to_string_lossy();
     let (c, stdout) = compare_qemu(
         &dir,
@@ -304,7 +307,6 @@ fn qemu_11_and_pagehint_migrate_the_guest_on_both_transports_with_no_empty_figur
     assert!(!c["targets"].as_array().unwrap().is_empty());
     let svg = std::fs::read_to_string(dir.join("side.svg")).unwrap();
     assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// Checks a `--vcpus 2` comparison of QEMU 11.1 preempt against pagehint preempt-hint and
@@ -420,7 +422,7 @@ fn two_vcpus_migrate_on_qemu_11_and_pagehint_with_a_blocked_time_per_vcpu() {
         return;
     }
     let _one = one_at_a_time();
-    let dir = std::env::temp_dir().join(format!("pagehint-qemu-smp-{}", std::process::id()));
+    let dir = Scratch::new("pagehint-qemu", "smp");
     let mut args = vec!["--mem", "64M"];
     args.extend(TWO_VCPUS);
     let (c, stdout) = compare_qemu(&dir, &args);
@@ -433,7 +435,6 @@ fn two_vcpus_migrate_on_qemu_11_and_pagehint_with_a_blocked_time_per_vcpu() {
         c["setup"]
     );
     check_two_vcpus(&c, &stdout, "2 vCPUs, 4 KiB");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -457,7 +458,7 @@ fn two_vcpus_migrate_on_2m_hugetlb_pages_on_both_peers() {
             return;
         }
     };
-    let dir = std::env::temp_dir().join(format!("pagehint-qemu-huge-{}", std::process::id()));
+    let dir = Scratch::new("pagehint-qemu", "huge");
     let mut args = vec!["--mem", "128M", "--host-page", "2M"];
     args.extend(TWO_VCPUS);
     let (c, stdout) = compare_qemu(&dir, &args);
@@ -470,5 +471,4 @@ fn two_vcpus_migrate_on_2m_hugetlb_pages_on_both_peers() {
         c["setup"]
     );
     check_two_vcpus(&c, &stdout, "2 vCPUs, 2 MiB");
-    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -133,9 +133,8 @@ impl<'s> Dest<'s> {
                 .map_err(|e| RunError::Setup(format!("loading the vCPU state: {e}")))?;
             let rate = workload.stream_rate_each(cfg.guest.stream_rate, cfg.layout().vcpus());
             m.set_stream_rate(rate, crate::guest::STREAM_FRAME_PAGES);
-            m.set_wait(cfg.guest.wait);
             times.resume = now_ns();
-            return Ok(Running::Kvm(m, m.run(s, cfg.pin, None)));
+            return Ok(Running::Kvm(m, m.run(s, cfg.pin, cfg.guest.wait, None)));
         }
         times.resume = now_ns();
         Ok(Running::Thread(s.spawn(move || {

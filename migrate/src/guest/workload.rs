@@ -153,14 +153,14 @@ mod tests {
     }
 }
 
-/// How the KVM guest waits when its stream is ahead of schedule.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum GuestWait {
-    /// The host sleeps for it (the program asks with an `out`): its vCPU thread uses no CPU
-    /// while it waits.
-    #[default]
-    Sleep,
-    /// It spins until due, as a booted guest without a paravirtual sleep does (QEMU's, in
-    /// `compare-qemu`): its vCPU thread keeps its CPU busy.
-    Spin,
-}
+named_enum!(
+    /// How the KVM guest waits when its stream is ahead of schedule (`--guest-wait`).
+    GuestWait, "guest wait" {
+        /// The host sleeps for it (the program asks with an `out`): its vCPU thread uses no
+        /// CPU while it waits.
+        Sleep = 0, "sleep";
+        /// It spins until due, as a booted guest without a paravirtual sleep does (QEMU's, in
+        /// `compare-qemu`): its vCPU thread keeps its CPU busy.
+        Spin = 1, "spin";
+    }
+);

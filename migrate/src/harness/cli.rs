@@ -49,14 +49,6 @@ enum DirtyLog {
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
-enum GuestWaitArg {
-    /// The host sleeps for the guest: its vCPU thread is idle while it waits.
-    Sleep,
-    /// The guest spins until due: its vCPU thread stays busy.
-    Spin,
-}
-
-#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
 enum GuestArg {
     /// KVM where `/dev/kvm` opens (and userfaultfd sees kernel faults), else thread.
     Auto,
@@ -197,8 +189,8 @@ pub struct Cli {
     /// How the destination's KVM guest waits when its stream is ahead of schedule: sleep
     /// (the host sleeps for it) or spin (until due, as a booted guest does: compare-qemu
     /// gives pagehint's guest `spin`, as QEMU's has no other way).
-    #[arg(long, value_enum, default_value = "sleep")]
-    guest_wait: GuestWaitArg,
+    #[arg(long, default_value = "sleep")]
+    guest_wait: String,
     /// Seed of the guest image and workloads.
     #[arg(long, default_value_t = 1)]
     seed: u64,
@@ -529,10 +521,7 @@ fn guest(cli: &Cli) -> Result<(GuestSpec, String), String> {
         e => format!("--mem {} with --host-page {}: {e}", cli.mem, cli.host_page),
     })?;
     guest.seed = cli.seed;
-    guest.wait = match cli.guest_wait {
-        GuestWaitArg::Sleep => GuestWait::Sleep,
-        GuestWaitArg::Spin => GuestWait::Spin,
-    };
+    guest.wait = cli.guest_wait.parse::<GuestWait>()?;
     guest.stream_rate = match size("stream-rate", &cli.stream_rate)? {
         0 => {
             return Err(format!(
@@ -994,6 +983,10 @@ mod tests {
                 "--stream-rate 0: a stream needs a rate above 0",
             ),
             (&["--timeout", "0"][..], "--timeout 0: at least 200ms"),
+            (
+                &["--guest-wait", "nap"][..],
+                "unknown guest wait \"nap\" (sleep, spin)",
+            ),
             (
                 &["--timeout", "100ms"][..],
                 "--timeout 100ms: at least 200ms",

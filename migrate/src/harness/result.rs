@@ -833,11 +833,7 @@ impl Setup {
             stream_run: cfg.cursors.run,
             stream_share: cfg.cursors.share,
             stream_rate: cfg.guest.stream_rate,
-            guest_wait: match cfg.guest.wait {
-                crate::options::GuestWait::Sleep => "sleep",
-                crate::options::GuestWait::Spin => "spin",
-            }
-            .to_string(),
+            guest_wait: cfg.guest.wait.name().to_string(),
             seed: cfg.guest.seed,
             pin: cfg.pin.describe(),
             resend: transport.resend,

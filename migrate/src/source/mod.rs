@@ -57,7 +57,7 @@ use crate::guest::kvm::vcpu::VcpuEnd;
 use crate::guest::kvm::vm::{Tracking, VcpuState};
 use crate::guest::kvm::{boot, GuestCounters, Machine, RING_BYTES};
 use crate::guest::layout::GuestLayout;
-use crate::guest::STREAM_FRAME_PAGES;
+use crate::guest::{GuestWait, STREAM_FRAME_PAGES};
 use crate::handshake::{self, HANDSHAKE_DEADLINE};
 use crate::link::Link;
 use crate::options::{DirtyTracking, GuestKind, MigrationMode, SourceFault};
@@ -1226,7 +1226,7 @@ impl Session<'_> {
                 Housekeeping::start(self, s, &housekeeping_stop, tracker.as_ref(), rings_on);
             let vcpus = self
                 .machine
-                .map(|m| m.run(s, self.pin, rings_on.then_some(ring_full)));
+                .map(|m| m.run(s, self.pin, GuestWait::Sleep, rings_on.then_some(ring_full)));
             let t_run = now_ns();
             self.pin.apply(Role::BackgroundSender);
             tight_timer_slack();

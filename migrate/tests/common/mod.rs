@@ -4,7 +4,6 @@
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -14,6 +13,8 @@ use std::time::Duration;
 #[path = "within.rs"]
 mod within_;
 pub use within_::within;
+pub mod scratch;
+use scratch::Scratch;
 
 use pagehint_migrate::guest::layout::HostPageSize;
 use pagehint_migrate::options::{GuestKind, GuestSpec};
@@ -150,8 +151,7 @@ pub fn huge_pages(pages: u64) -> Option<(MutexGuard<'static, ()>, HugePages)> {
 /// after `test`; checks it succeeded (and its JSON says so); returns its stdout, the JSON's
 /// rows and the SVG text.
 pub fn command_line(test: &str, args: &[&str]) -> (String, Vec<serde_json::Value>, String) {
-    let dir: PathBuf = std::env::temp_dir().join(format!("{test}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = Scratch::new(test, "cli");
     let (json, svg) = (dir.join("r.json"), dir.join("r.svg"));
     let out = within(Duration::from_secs(180), {
         let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
@@ -177,6 +177,5 @@ pub fn command_line(test: &str, args: &[&str]) -> (String, Vec<serde_json::Value
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     assert_eq!(whole["exit_status"], 0, "{whole}");
     let svg = std::fs::read_to_string(&svg).unwrap();
-    let _ = std::fs::remove_dir_all(&dir);
     (stdout, whole["rows"].as_array().unwrap().clone(), svg)
 }

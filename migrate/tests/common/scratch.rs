@@ -2,6 +2,9 @@
 //! (and its path printed) when it fails, so a failure can be looked at and a passing run
 //! leaves nothing behind. Snapshots of hundreds of MiB add up over runs on a shared disk.
 
+// Each test binary uses the part it needs.
+#![allow(dead_code)]
+
 use std::ops::Deref;
 use std::path::{Path, PathBuf};
 

@@ -38,7 +38,7 @@ use pagehint_migrate::guest::kvm::vcpu::VcpuEnd;
 use pagehint_migrate::guest::kvm::vm::{Tracking, VcpuState};
 use pagehint_migrate::guest::kvm::{boot, GuestCounters, Machine};
 use pagehint_migrate::guest::layout::{GuestLayout, HostPageSize, PARAMS_GPA, TARGET_PAGE};
-use pagehint_migrate::guest::STREAM_FRAME_PAGES;
+use pagehint_migrate::guest::{GuestWait, STREAM_FRAME_PAGES};
 use pagehint_migrate::options::Workload;
 use pagehint_migrate::sys::clock::now_ns;
 use pagehint_migrate::sys::pin::PinPlan;
@@ -180,7 +180,7 @@ pub fn take_snapshot(
         STREAM_FRAME_PAGES,
     );
     let ends: Vec<VcpuEnd> = std::thread::scope(|s| {
-        let hs = m.run(s, PinPlan::OFF, None);
+        let hs = m.run(s, PinPlan::OFF, GuestWait::Sleep, None);
         std::thread::sleep(warm);
         m.kick_all();
         hs.into_iter()
@@ -440,7 +440,7 @@ fn register(
 /// scheduler clocks and operations into `out`, then stops them: how each ended.
 fn run_window(m: &Machine, out: &mut RestoreOutcome, run_for: Duration) -> Vec<VcpuEnd> {
     std::thread::scope(|s| {
-        let hs = m.run(s, PinPlan::OFF, None);
+        let hs = m.run(s, PinPlan::OFF, GuestWait::Sleep, None);
         let deadline = out.resumed_ns + run_for.as_nanos() as u64;
         // The vCPU threads' scheduler clocks over the window (each thread gives its id
         // as it starts).

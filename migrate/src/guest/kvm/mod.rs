@@ -26,6 +26,7 @@ use kvm_ioctls::VcpuFd;
 
 use crate::guest::image::PageFault;
 use crate::guest::layout::GuestLayout;
+use crate::guest::GuestWait;
 use crate::sys::pin::{PinPlan, Role};
 use dirty::DirtyRing;
 use program::mailbox as mb;
@@ -126,8 +127,6 @@ pub struct Machine {
     tsc_khz: u32,
     /// KVM's counters of each vCPU and of the VM (`None` where KVM has no stats file).
     stats: Option<(Vec<KvmStats>, KvmStats)>,
-    /// The program's sleep requests are not served (the guest spins until due).
-    spin: std::sync::atomic::AtomicBool,
 }
 
 /// KVM's counters summed over a machine's vCPUs (see [`stats`]).
@@ -200,7 +199,6 @@ impl Machine {
                 controls,
                 tsc_khz,
                 stats,
-                spin: std::sync::atomic::AtomicBool::new(false),
             },
             rings,
         ))
@@ -264,30 +262,19 @@ impl Machine {
         }
     }
 
-    /// How the program waits when its stream is ahead of schedule, from the next [`run`]
-    /// on: the host sleeps for it, or it spins (its sleep requests return at once).
-    ///
-    /// [`run`]: Machine::run
-    pub fn set_wait(&self, wait: crate::guest::GuestWait) {
-        // Relaxed: read by the vCPU threads `run` starts after this call (the spawn orders it).
-        self.spin.store(
-            wait == crate::guest::GuestWait::Spin,
-            std::sync::atomic::Ordering::Relaxed,
-        );
-    }
-
-    /// Runs every vCPU on its own thread of `scope` until it is kicked, done or failed.
-    /// `ring_full(i)` harvests vCPU `i`'s dirty ring when KVM says it is full.
+    /// Runs every vCPU on its own thread of `scope` until it is kicked, done or failed,
+    /// waiting out its stream's schedule as `wait` says. `ring_full(i)` harvests vCPU `i`'s
+    /// dirty ring when KVM says it is full.
     pub fn run<'s>(
         &'s self,
         scope: &'s Scope<'s, '_>,
         pin: PinPlan,
+        wait: GuestWait,
         ring_full: Option<&'s (dyn Fn(u32) -> Result<(), String> + Sync)>,
     ) -> Vec<ScopedJoinHandle<'s, VcpuEnd>> {
         let mailboxes = self.vm.mailboxes();
         let tsc_khz = self.tsc_khz;
-        // Relaxed: written before this call, on this thread (`set_wait`).
-        let spin = self.spin.load(std::sync::atomic::Ordering::Relaxed);
+        let spin = wait == GuestWait::Spin;
         self.vcpus
             .iter()
             .zip(&self.controls)

@@ -143,7 +143,7 @@ fn run_until(
     m.boot(5).unwrap();
     m.set_stream_rate(256 << 20, 16);
     let ends: Vec<VcpuEnd> = std::thread::scope(|s| {
-        let handles = m.run(s, PinPlan::OFF, None);
+        let handles = m.run(s, PinPlan::OFF, GuestWait::Sleep, None);
         std::thread::sleep(run_for);
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         while !done(&m.counters()) && std::time::Instant::now() < deadline {
