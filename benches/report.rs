@@ -893,8 +893,9 @@ impl Report {
                         &mut |n| f.run(Slots::One, false, n),
                     );
                     let note = format!(
-                        "{} hints at evenly spaced places, runs until claimed pages, share 16; ClaimBatch: 16",
-                        STREAM_COUNTS[i]
+                        "{} hints at evenly spaced places, runs until claimed pages, share {}; ClaimBatch: 16",
+                        STREAM_COUNTS[i],
+                        pagehint::streams::StreamPolicy::DEFAULT_SHARE
                     );
                     self.push(
                         case,

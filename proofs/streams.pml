@@ -7,10 +7,11 @@
  * thread polls both slots before each step; a hint (re)starts its stream's cursor with a run
  * of RUN host pages. While a cursor is live, turns go to the cursors in round robin, one claim
  * each, and after SHARE cursor claims the linear scan takes one step (scan_claim, as in
- * postcopy.pml). A cursor claims the host page at its edge (ClaimBatch::HOST_PAGE) and retires
- * when that host page has nothing to claim, at its block's end, or when its run is spent;
- * a spent run hands its edge to the linear scan, which jumps there and restarts its clean
- * count. Completion is the linear scan's alone: swept >= TOTAL after a step that claimed
+ * postcopy.pml). A cursor claims the host page at its edge (ClaimBatch::HOST_PAGE), passing
+ * over host pages with nothing to claim (each counts against its run), and retires at its
+ * block's end or when its run is spent; a run spent by a claim hands its edge to the linear
+ * scan, which jumps there and restarts its clean count (one spent passing over hands nothing
+ * off). A hint inside what the live run has claimed continues the run with a fresh budget. Completion is the linear scan's alone: swept >= TOTAL after a step that claimed
  * nothing.
  *
  * Same scaled layout as pagehint.pml (block 0: two narrow host pages; block 1: one wide host
@@ -29,6 +30,11 @@
  *   MUT_CURSOR_COUNTS     the host pages a cursor claims count as verified clean by the linear
  *                         scan (its count is no longer contiguous): done while a host page is
  *                         dirty, rejected by I3;
+ * A hint in the other block while a run is live is a detour (its host page claimed at the
+ * cursor's next turn, the run goes on), a second one in a row a new run ("far" is the other
+ * block in this layout; src/cursors.rs measures a run's reach; reached with -DRUN=2).
+ * Not reached in this layout: a run continued by a hint inside what it claimed (a cursor's
+ * run ends at its block's end after one host page here); shuttle's six-stream case reaches it.
  * Not modelled here: a hand-off jump that keeps the clean count (loom's and shuttle's
  * JumpKeepsCount). In this layout the only hand-off point, (0,2), directly follows the
  * cursor's own host page, so the pages such a jump skips are always claimed; see README.md.
@@ -126,11 +132,21 @@ proctype Urgent() {
     }
 }
 
-/* Starts stream s's cursor at the hint v (any valid page; the cursor claims its host page). */
+/* Starts stream s's cursor at the hint v (any valid page; the cursor claims its host page).
+ * A hint inside what the live run claimed (cf..cp) continues the run: a fresh budget, the
+ * same edge. */
+#define CONT(s, v) (clive[s] && cb[s] == DECB(v) && cf[s] <= DECP(v) && DECP(v) < cp[s])
+#define FAR(s, v)  (clive[s] && !cdet[s] && cb[s] != DECB(v))
 inline start(s, v) {
     atomic {
         if
-        :: DECP(v) < PAGES(DECB(v)) -> cb[s] = DECB(v); cp[s] = DECP(v); clive[s] = 1; cbud[s] = RUN
+        :: DECP(v) < PAGES(DECB(v)) && CONT(s, v) ->
+            cbud[s] = RUN; cdet[s] = 0; printf("T2: stream %d's run continues\n", s)
+        :: DECP(v) < PAGES(DECB(v)) && !CONT(s, v) && FAR(s, v) ->
+            cdv[s] = v; cdet[s] = 1; printf("T2: stream %d detours to (%d,%d)\n", s, DECB(v), DECP(v))
+        :: DECP(v) < PAGES(DECB(v)) && !CONT(s, v) && !FAR(s, v) ->
+            cb[s] = DECB(v); cp[s] = DECP(v); cf[s] = DECP(v); clive[s] = 1; cbud[s] = RUN;
+            cdet[s] = 0; cdv[s] = 0
         :: else -> skip
         fi
     }
@@ -139,8 +155,8 @@ inline start(s, v) {
 proctype Background(byte blk; byte pg) {
     byte swept = 0, since = 0, last = 1;
     byte v, tb, cand, s, got, x, end, k, q;
-    byte cb[2], cp[2], cbud[2];
-    bit  clive[2], served;
+    byte cb[2], cp[2], cf[2], cbud[2], cdv[2], db, dp;
+    bit  clive[2], cdet[2], served;
     byte tid = 2, mine, cfirst, cmask, cwi, cold;
     do
     :: /* poll both slots */
@@ -151,12 +167,43 @@ proctype Background(byte blk; byte pg) {
         /* the cursors' turn: round robin after `last`, unless the linear scan is due */
         served = 0;
         if
-        :: (clive[0] || clive[1]) && since < SHARE ->
+        :: (clive[0] || clive[1] || cdv[0] != 0 || cdv[1] != 0) && since < SHARE ->
             for (q : 1 .. 2) {
                 s = (last + q) % 2;
+                /* a detour first: the chunk at a far hint, then the run goes on */
+                if
+                :: !served && cdv[s] != 0 ->
+                    atomic { db = DECB(cdv[s]); dp = DECP(cdv[s]); cdv[s] = 0 };
+                    claim_chunk(db, dp, HSHIFT(db), got);
+                    if
+                    :: got != 0 ->
+                        send_claim(db, got);
+                        atomic { served = 1; last = s; since++; db = 0; dp = 0 }
+                    :: else -> atomic { db = 0; dp = 0 }
+                    fi
+                :: else -> skip
+                fi;
                 if
                 :: !served && clive[s] ->
-                    claim_chunk(cb[s], cp[s], HSHIFT(cb[s]), got);
+                    /* the edge passes over host pages with nothing to claim, within the run;
+                     * a run spent that way, or at the block's end, retires (no hand-off) */
+                    do
+                    :: claim_chunk(cb[s], cp[s], HSHIFT(cb[s]), got);
+                        if
+                        :: got != 0 -> break
+                        :: else ->
+                            atomic {
+                                end = ((cp[s] >> HSHIFT(cb[s])) + 1) << HSHIFT(cb[s]);
+                                if
+                                :: end >= PAGES(cb[s]) || cbud[s] <= 1 -> clive[s] = 0;
+                                    printf("T2: stream %d's cursor retires\n", s)
+                                :: else -> cp[s] = end; cbud[s]--;
+                                    printf("T2: stream %d's cursor passes over a taken host page\n", s)
+                                fi
+                            };
+                            if :: !clive[s] -> break :: else -> skip fi
+                        fi
+                    od;
                     if
                     :: got != 0 ->
                         send_claim(cb[s], got);
@@ -185,7 +232,7 @@ proctype Background(byte blk; byte pg) {
                                 fi
                             fi
                         }
-                    :: else -> atomic { clive[s] = 0; printf("T2: stream %d's cursor retires\n", s) }
+                    :: else -> skip
                     fi
                 :: else -> skip
                 fi

@@ -7,19 +7,31 @@
 //! * **Poll**: before each step the scanner takes every pending hint (one relaxed load per
 //!   slot, a swap only for a pending one). A hint taken from slot `s` (re)starts stream `s`'s
 //!   cursor there with a fresh *run*: a budget of [`StreamPolicy::run`] target pages.
-//! * **Direction**: a hint in the same block below the stream's previous one means the stream
-//!   runs backward; its cursor then *bubbles* both ways from the fault (Hines, Deshpande and
-//!   Gopalan, 2009), alternating a claim above with a claim below. Otherwise it runs forward.
+//!   A hint inside what the live run has already claimed forward (from where the run started
+//!   up to its forward edge) *continues* the run instead: the stream faulted on a page its own
+//!   cursor has on the way, and restarting there would find that chunk taken and retire the
+//!   cursor, leaving the stream to the linear scan wherever it is; the cursor keeps its edges
+//!   and takes a fresh budget.
+//! * **Direction**: a hint in the same block below the stream's previous one, by at most one
+//!   run, means the stream runs backward; its cursor then *bubbles* both ways from the fault
+//!   (Hines, Deshpande and Gopalan, 2009), alternating a claim above with a claim below.
+//!   Otherwise it runs forward: a stream that jumps back further than a run reaches (a
+//!   reader starting its window again, a new file) starts a new forward pass; bubbling there
+//!   would spend half its claims below a reader that never goes there.
 //! * **Turns**: a turn is one claim. While cursors are live, turns go to them in round robin
 //!   (in stream order, starting after the stream served last), and after
 //!   [`StreamPolicy::share`] cursor claims the linear scan takes one step; when no cursor is
 //!   live, the linear scan takes every step.
 //! * **A cursor step** claims the chunk at the cursor's edge (the chunk the linear scan would
-//!   claim there: [`ClaimBatch`] pages, whole host pages), without searching further. A cursor
-//!   *retires* when its run is spent, when the chunk at its edge has nothing to claim (clean, or
-//!   just taken by someone else: that part of the stream is already on its way), or at its
-//!   block's edge; the linear scan goes on meanwhile.
-//! * **Hand-off**: when a run is spent with its forward edge still inside the block, the stream
+//!   claim there: [`ClaimBatch`] pages, whole host pages), without searching further. A
+//!   forward edge whose chunk has nothing to claim (taken already: by the linear scan, the
+//!   urgent path, another cursor, or this stream's own earlier run, all on their way) passes
+//!   over it, counting its pages against the run: the stream reads on behind them, as one
+//!   slot's scan searches on from its hint past claimed pages. A bubbling run's edges retire
+//!   there instead (that side of a backward stream is on its way; the rest of the run goes to
+//!   the other side). A cursor *retires* when its run is spent, when both edges have retired,
+//!   or at its block's edge; the linear scan goes on meanwhile.
+//! * **Hand-off**: when a run is spent by a claim with its forward edge still inside the block, the stream
 //!   had more to read there: the linear scan *jumps* to that edge (as a one-slot scanner jumps
 //!   to a hint), so that a lone stream is followed as far as one slot would follow it.
 //!
@@ -36,13 +48,14 @@
 //!   edge: the models' `JumpKeepsCount` mutant, caught by their I3 check (and a cursor whose
 //!   claims counted as verified, Spin's `MUT_CURSOR_COUNTS`).
 //! * **I5, progress**: between two linear steps there are at most `share` cursor claims, and
-//!   each linear step advances the sweep; every hand-off follows a spent run, at most one per
-//!   hint taken, so in postcopy there are finitely many jumps and the round ends (after the
-//!   last one, within `share + 1` times the steps of a plain linear round). A cursor claims at
-//!   most `run` target pages (plus less than one chunk) per hint taken, so cursors stop when
-//!   faults stop. In round robin a live
-//!   cursor waits at most for every other live cursor's claim and one linear step: no stream
-//!   starves another. Each of the three bounds has a mutant in the models (`NeverYields`,
+//!   each linear step advances the sweep; every hand-off follows a run spent by a claim, at
+//!   most one per hint taken, so in postcopy there are finitely many jumps and the round ends
+//!   (after the last one, within `share + 1` times the steps of a plain linear round). A
+//!   cursor claims, or passes over, at most `run` target pages (plus less than one chunk) per
+//!   hint taken (a continued run included: each continuation is a hint taken), so cursors
+//!   stop when faults stop and a turn's steps without a claim are bounded. In round robin a
+//!   live cursor waits at most for every other live cursor's claim and one linear step: no
+//!   stream starves another. Each of the three bounds has a mutant in the models (`NeverYields`,
 //!   `NeverRetired`, `KeepsTurn`).
 //! * **I6**: a hint only starts a cursor; a location outside the layout is taken, counted and
 //!   ignored.
@@ -66,10 +79,32 @@ struct Cursor {
     back_live: bool,
     /// Bubbling: the next claim goes below.
     next_back: bool,
+    /// The run bubbles (the stream runs backward): an edge with nothing to claim retires.
+    bubbling: bool,
     /// Target pages the run may still claim.
     budget: u64,
+    /// Where the run started (its hint): the run has claimed `first..fwd` forward.
+    first: u64,
+    /// A hint far from the live run, its chunk claimed at the cursor's next step (a detour:
+    /// the run goes on after it).
+    detour: Option<PageLocation>,
+    /// The stream's last hint was a detour: a second far hint in a row moves the run there.
+    detoured: bool,
     /// The stream's previous hint, for its direction.
     prev: Option<PageLocation>,
+}
+
+/// What a hint did to its stream's cursor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Started {
+    /// A new forward run.
+    Forward,
+    /// A new run bubbling both ways (the stream runs backward).
+    Backward,
+    /// Inside what the live run claimed: the run goes on with a fresh budget.
+    Continued,
+    /// Far from the live run: one chunk there, then the run goes on.
+    Detour,
 }
 
 /// What one cursor step did.
@@ -84,19 +119,45 @@ struct Step {
 
 impl Cursor {
     fn live(&self) -> bool {
-        self.fwd_live || self.back_live
+        self.fwd_live || self.back_live || self.detour.is_some()
+    }
+
+    /// Whether `h` lies within a run's reach of the live run (same block, from a run below
+    /// where it started or reached down to, to a run above its forward edge).
+    fn near(&self, h: PageLocation, run: u64) -> bool {
+        let low = self.first.min(self.back).saturating_sub(run);
+        h.block == self.block && (low..=self.fwd.saturating_add(run)).contains(&h.page)
     }
 
     /// A new run from hint `h` (a page of the layout; the page right after the faulted host
     /// page of `host_shift`), claiming chunks of `chunk_shift`. Returns whether the stream
-    /// runs backward (the run bubbles both ways).
-    fn start(&mut self, h: PageLocation, run: u64, host_shift: u32, chunk_shift: u32) -> bool {
+    /// runs backward (the run bubbles both ways): the hint lies below the previous one, in
+    /// its block, within one run (a backward reader's next fault comes right under what the
+    /// last run bubbled down to; a jump back further is a new forward pass).
+    fn start(&mut self, h: PageLocation, run: u64, host_shift: u32, chunk_shift: u32) -> Started {
+        // Inside what the live run has claimed forward: the run goes on from its edges.
+        if self.fwd_live && h.block == self.block && (self.first..self.fwd).contains(&h.page) {
+            self.prev = Some(h);
+            self.budget = run;
+            self.detoured = false;
+            return Started::Continued;
+        }
+        // Far from a live run, once: a detour (one chunk there), the run goes on. A second
+        // far hint in a row means the stream has moved: a new run there.
+        if (self.fwd_live || self.back_live) && !self.detoured && !self.near(h, run) {
+            self.detour = Some(h);
+            self.detoured = true;
+            return Started::Detour;
+        }
+        self.detoured = false;
+        self.detour = None;
         let backward = self
             .prev
-            .is_some_and(|p| p.block == h.block && h.page < p.page);
+            .is_some_and(|p| p.block == h.block && h.page < p.page && p.page - h.page <= run);
         self.prev = Some(h);
         self.block = h.block;
         self.fwd = h.page;
+        self.first = h.page;
         self.fwd_live = true;
         // The backward edge starts where the forward edge's first chunk does not reach:
         // below that chunk if the hint is inside one; below the faulted host page if chunks
@@ -111,29 +172,51 @@ impl Cursor {
             h.page.saturating_sub(chunk)
         };
         self.back_live = backward && self.back > 0;
+        self.bubbling = backward;
         self.next_back = false;
         self.budget = run;
-        backward
+        if backward {
+            Started::Backward
+        } else {
+            Started::Forward
+        }
     }
 
     /// One claim at an edge (forward first, then alternating while both are live). An edge
     /// with nothing to claim retires and the step claims nothing.
     fn step(&mut self, bitmap: &DirtyBitmap, batch_shift: u32) -> Step {
+        if let Some(d) = self.detour.take() {
+            // The detour's chunk (nothing if it is already on its way), outside the run's
+            // budget: one chunk per hint taken.
+            return Step {
+                claim: bitmap.claim_chunk_at(d.block, d.page, batch_shift).claim,
+                spent_at: None,
+                spent: false,
+            };
+        }
         let below = self.back_live && (self.next_back || !self.fwd_live);
         let at = if below { self.back - 1 } else { self.fwd };
         let st = bitmap.claim_chunk_at(self.block, at, batch_shift);
         let Some(claim) = st.claim else {
-            // Clean, or taken by another claimer: this side of the stream is on its way.
-            if below {
-                self.back_live = false;
-            } else {
-                self.fwd_live = false;
+            // Clean, or taken by another claimer: this part of the stream is on its way.
+            if self.bubbling {
+                // Bubbling around a backward stream: that side of it is on its way; this edge
+                // retires (the rest of the run goes to the other side).
+                if below {
+                    self.back_live = false;
+                } else {
+                    self.fwd_live = false;
+                }
+                return Step {
+                    claim: None,
+                    spent_at: None,
+                    spent: false,
+                };
             }
-            return Step {
-                claim: None,
-                spent_at: None,
-                spent: false,
-            };
+            // Forward: the stream reads on past them; pass over the chunk within the run.
+            self.fwd = st.end;
+            self.fwd_live = !st.block_end;
+            return self.spend(st.end - st.first, None);
         };
         if below {
             self.back = st.first;
@@ -143,15 +226,25 @@ impl Cursor {
             self.fwd_live = !st.block_end;
         }
         self.next_back = !below;
-        self.budget = self.budget.saturating_sub(st.end - st.first);
+        self.spend(st.end - st.first, Some(claim))
+    }
+
+    /// Counts `pages` (claimed, or passed over) against the run; a spent run retires both
+    /// edges and, if it was spent by a claim with its forward edge inside the block, says
+    /// where the linear scan takes over. A run spent passing over taken chunks hands nothing
+    /// off: what it passed is on its way, and the linear scan, which may have taken it,
+    /// goes on where it is.
+    fn spend(&mut self, pages: u64, claim: Option<Claim>) -> Step {
+        self.budget = self.budget.saturating_sub(pages);
         let spent = self.budget == 0;
-        let spent_at = (spent && self.fwd_live).then(|| PageLocation::new(self.block, self.fwd));
+        let spent_at = (spent && self.fwd_live && claim.is_some())
+            .then(|| PageLocation::new(self.block, self.fwd));
         if spent {
             self.fwd_live = false;
             self.back_live = false;
         }
         Step {
-            claim: Some(claim),
+            claim,
             spent_at,
             spent,
         }
@@ -214,7 +307,7 @@ impl Cursors {
             let c = &mut self.cursors[s];
             let was_live = c.live();
             let chunk_shift = bitmap.chunk_shift(h.block, batch_shift);
-            if c.start(h, self.run, b.host_page_shift(), chunk_shift) {
+            if c.start(h, self.run, b.host_page_shift(), chunk_shift) == Started::Backward {
                 self.local[s].backward_hints += 1;
             }
             if !was_live {
@@ -245,14 +338,14 @@ impl Cursors {
                 if !self.cursors[s].live() {
                     self.live -= 1;
                 }
+                self.local[s].runs_spent += u64::from(step.spent);
+                if step.spent_at.is_some() {
+                    self.handoff = step.spent_at;
+                }
                 if let Some(claim) = step.claim {
                     let local = &mut self.local[s];
                     local.cursor_claims += 1;
                     local.cursor_pages += claim.pages_to_send();
-                    local.runs_spent += u64::from(step.spent);
-                    if step.spent_at.is_some() {
-                        self.handoff = step.spent_at;
-                    }
                     self.last = s;
                     self.since_linear += 1;
                     self.source = ClaimSource::Stream(s as u32);
@@ -374,7 +467,7 @@ mod tests {
     }
 
     #[test]
-    fn cursor_retires_on_clean_pages_and_at_the_block_edge() {
+    fn a_forward_edge_passes_over_taken_chunks_within_its_run() {
         let l = layout();
         let bm = DirtyBitmap::new(&l).unwrap();
         bm.mark_range(0, 0, 40).unwrap();
@@ -385,12 +478,37 @@ mod tests {
         c.poll(&slots, &l, &bm, 4);
         assert_eq!(pages(&c.turn(&bm, 4).unwrap())[0], 16);
         assert_eq!(pages(&c.turn(&bm, 4).unwrap())[0], 32);
-        assert!(c.turn(&bm, 4).is_none(), "pages 48.. are clean: retired");
-        assert_eq!(c.live(), 0);
-        slots.offer(PageLocation::new(0, 240)).unwrap();
-        c.poll(&slots, &l, &bm, 4);
-        assert!(c.turn(&bm, 4).is_some());
+        // Pages 48..240 are clean (sent, or on their way): the edge passes over them (192
+        // pages of its default run) and claims the block's last chunk, then retires there.
+        assert_eq!(pages(&c.turn(&bm, 4).unwrap())[0], 240);
         assert_eq!(c.live(), 0, "the block's last chunk: retired at the edge");
+        assert_eq!(
+            c.take_handoff(),
+            None,
+            "nothing left in the block to hand off"
+        );
+    }
+
+    #[test]
+    fn a_run_spent_passing_over_taken_chunks_hands_nothing_off() {
+        let l = layout();
+        let bm = DirtyBitmap::new(&l).unwrap();
+        bm.mark_range(0, 0, 40).unwrap();
+        let slots = HintSlots::new(1).unwrap();
+        let policy = StreamPolicy::new(1).unwrap().with_run(48).unwrap();
+        let mut c = Cursors::new(policy.with_share(100).unwrap());
+        slots.offer(PageLocation::new(0, 20)).unwrap();
+        c.poll(&slots, &l, &bm, 4);
+        assert_eq!(pages(&c.turn(&bm, 4).unwrap())[0], 16);
+        assert_eq!(pages(&c.turn(&bm, 4).unwrap())[0], 32);
+        assert!(
+            c.turn(&bm, 4).is_none(),
+            "[48, 64) passed over: the run is spent"
+        );
+        assert_eq!(c.live(), 0);
+        assert_eq!(c.take_handoff(), None, "the linear scan stays where it is");
+        c.publish(&slots);
+        assert_eq!(slots.stats(0).unwrap().runs_spent, 1);
     }
 
     #[test]
@@ -411,6 +529,123 @@ mod tests {
         assert_eq!(firsts, [96, 80, 112, 64]);
         c.publish(&slots);
         assert_eq!(slots.stats(0).unwrap().backward_hints, 1);
+    }
+
+    #[test]
+    fn a_hint_inside_the_runs_claimed_pages_continues_the_run() {
+        let l = layout();
+        let bm = DirtyBitmap::new(&l).unwrap();
+        bm.mark_all();
+        let slots = HintSlots::new(1).unwrap();
+        let mut c = Cursors::new(
+            StreamPolicy::new(1)
+                .unwrap()
+                .with_run(32)
+                .unwrap()
+                .with_share(100)
+                .unwrap(),
+        );
+        slots.offer(PageLocation::new(0, 20)).unwrap();
+        c.poll(&slots, &l, &bm, 4);
+        assert_eq!(pages(&c.turn(&bm, 4).unwrap())[0], 16);
+        // The stream faults on page 24, which its cursor claimed: restarting at 25 would find
+        // chunk [16, 32) taken and retire. The run goes on at its edge with a fresh budget.
+        slots.offer(PageLocation::new(0, 25)).unwrap();
+        c.poll(&slots, &l, &bm, 4);
+        assert_eq!(c.live(), 1);
+        let firsts: Vec<u64> = (0..2).map(|_| pages(&c.turn(&bm, 4).unwrap())[0]).collect();
+        assert_eq!(firsts, [32, 48], "32 more pages from the edge");
+        assert!(c.turn(&bm, 4).is_none(), "then spent");
+        assert_eq!(c.take_handoff(), Some(PageLocation::new(0, 64)));
+        c.publish(&slots);
+        let st = slots.stats(0).unwrap();
+        assert_eq!(
+            (
+                st.hints_taken,
+                st.cursor_pages,
+                st.runs_spent,
+                st.backward_hints
+            ),
+            (2, 48, 1, 0)
+        );
+    }
+
+    #[test]
+    fn a_far_hint_beside_a_live_run_is_a_detour_and_a_second_one_moves_the_run() {
+        let l = layout();
+        let bm = DirtyBitmap::new(&l).unwrap();
+        bm.mark_all();
+        let slots = HintSlots::new(1).unwrap();
+        let mut c = Cursors::new(
+            StreamPolicy::new(1)
+                .unwrap()
+                .with_run(64)
+                .unwrap()
+                .with_share(100)
+                .unwrap(),
+        );
+        slots.offer(PageLocation::new(0, 0)).unwrap();
+        c.poll(&slots, &l, &bm, 4);
+        assert_eq!(pages(&c.turn(&bm, 4).unwrap())[0], 0);
+        // The stream reads a page of another block (its metadata, say): one chunk there,
+        // then its run goes on where it was.
+        slots.offer(PageLocation::new(1, 513)).unwrap();
+        c.poll(&slots, &l, &bm, 4);
+        assert_eq!(c.live(), 1);
+        let got: Vec<(u32, u64)> = (0..3)
+            .map(|_| {
+                let claim = c.turn(&bm, 4).unwrap();
+                (claim.block(), pages(&claim)[0])
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [(1, 512), (0, 16), (0, 32)],
+            "the detour's chunk, then the run"
+        );
+        // Back at the run (near it: no detour), then far twice in a row: the stream moved.
+        slots.offer(PageLocation::new(0, 49)).unwrap();
+        c.poll(&slots, &l, &bm, 4);
+        for far in [200, 220] {
+            slots.offer(PageLocation::new(0, far)).unwrap();
+            c.poll(&slots, &l, &bm, 4);
+        }
+        let got: Vec<u64> = (0..2).map(|_| pages(&c.turn(&bm, 4).unwrap())[0]).collect();
+        assert_eq!(got, [208, 224], "moved: a new run at the second far hint");
+        c.publish(&slots);
+        assert_eq!(slots.stats(0).unwrap().hints_taken, 5);
+    }
+
+    #[test]
+    fn a_jump_back_beyond_a_run_starts_a_new_forward_pass() {
+        let l = layout();
+        let bm = DirtyBitmap::new(&l).unwrap();
+        bm.mark_all();
+        let slots = HintSlots::new(1).unwrap();
+        let mut c = Cursors::new(
+            StreamPolicy::new(1)
+                .unwrap()
+                .with_run(64)
+                .unwrap()
+                .with_share(100)
+                .unwrap(),
+        );
+        // A reader at page 200 (its run spent meanwhile) starts its window again at page 100:
+        // 100 pages back, more than the run of 64 reaches. It reads forward from there.
+        slots.offer(PageLocation::new(0, 201)).unwrap();
+        c.poll(&slots, &l, &bm, 4);
+        while c.turn(&bm, 4).is_some() {}
+        assert_eq!(c.live(), 0, "retired at the block's edge");
+        slots.offer(PageLocation::new(0, 101)).unwrap();
+        c.poll(&slots, &l, &bm, 4);
+        let firsts: Vec<u64> = (0..3).map(|_| pages(&c.turn(&bm, 4).unwrap())[0]).collect();
+        assert_eq!(
+            firsts,
+            [96, 112, 128],
+            "forward only, nothing below the fault"
+        );
+        c.publish(&slots);
+        assert_eq!(slots.stats(0).unwrap().backward_hints, 0);
     }
 
     #[test]

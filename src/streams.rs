@@ -100,13 +100,20 @@ impl fmt::Display for StreamPolicyError {
 impl std::error::Error for StreamPolicyError {}
 
 impl StreamPolicy {
-    /// Target pages a cursor may claim after each fault, by default: 1024 (4 MiB of 4 KiB
-    /// pages). Chosen with the sweep of `tests/streams_demo.rs` (see the README): runs of 1 to
-    /// 4 MiB tie there, and a shorter run wastes less on a stream that stopped.
-    pub const DEFAULT_RUN: u64 = 1024;
-    /// Cursor claims between two linear scan steps, by default: 16 (the linear scan gets one
-    /// step in 17 while cursors are live). A smaller share costs link-bound streams most.
-    pub const DEFAULT_SHARE: u32 = 16;
+    /// Target pages a cursor may claim after each fault, by default: 2048 (8 MiB of 4 KiB
+    /// pages). Chosen with the sweep of `tests/streams_demo.rs` (see the README): runs of 8 MiB
+    /// did best there once a forward edge passes over chunks already on their way (4 MiB
+    /// before), and a shorter run wastes less on a stream that stopped.
+    pub const DEFAULT_RUN: u64 = 2048;
+    /// Cursor claims between two linear scan steps, by default: 128 (the linear scan gets one
+    /// step in 129 while cursors are live). That is a default run's claims in default chunks
+    /// (2048 pages in [`ClaimBatch::DEFAULT`] chunks of 16), so a lone stream's run goes out
+    /// without a linear step in between and is then handed to the linear scan: one stream is
+    /// followed as one slot follows it. A smaller share costs link-bound streams most (the
+    /// sweep of `tests/streams_demo.rs`).
+    ///
+    /// [`ClaimBatch::DEFAULT`]: crate::ClaimBatch::DEFAULT
+    pub const DEFAULT_SHARE: u32 = 128;
 
     /// `streams` streams (1 to [`MAX_STREAMS`]) with the default run and share.
     pub fn new(streams: u32) -> Result<Self, StreamPolicyError> {

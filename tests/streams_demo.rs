@@ -399,7 +399,7 @@ fn policy_sweep_supports_the_defaults() {
         }
     };
     let runs = [64, 256, 512, 1024, 2048, 4096];
-    let shares = [4, 16, 64];
+    let shares = [4, 16, 64, 128];
     let mut table = Vec::new();
     for run in runs {
         for share in shares {

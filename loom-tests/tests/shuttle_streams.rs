@@ -3,7 +3,9 @@
 //! thread offering stray hints into the slots, and the per-stream background scanner; a cold
 //! block, a block of narrow host pages and a block of wide ones (128 target pages, a
 //! scaled-down 2 MiB page). Streams 0 to 3 fault forward, stream 4 backward (its cursor
-//! bubbles both ways), stream 5 in the wide block. Random and PCT schedules; shuttle treats
+//! bubbles both ways), stream 5 in the wide block. Runs of 16 pages reach past a stream's
+//! next fault, so schedules include a forward edge passing over a host page the urgent path
+//! took and a hint landing inside what the stream's live run claimed (the run continues). Random and PCT schedules; shuttle treats
 //! every ordering as sequentially consistent (loom, `loom_streams`, covers weak memory).
 //!
 //! The MUTANTS of `pagehint_models::streams` (a cursor that never yields to the linear scan,
@@ -26,8 +28,9 @@ fn case() -> StreamsCase {
             // Streams 0-3: forward, 16 host pages apart, faulting every 5th host page.
             requests.push((s, at(1, 32 * u64::from(s) + 10 * k + 1)));
         }
-        // Stream 4: backward, from the top of block 1.
-        requests.push((4, at(1, 126 - 12 * k)));
+        // Stream 4: backward, from the top of block 1, each fault within a run (16 pages)
+        // of the one before, as a backward reader's are (further back is a new forward pass).
+        requests.push((4, at(1, 126 - 6 * k)));
         // Stream 5: wide host pages of block 2.
         requests.push((5, at(2, 128 * k + 7)));
     }
@@ -43,7 +46,7 @@ fn case() -> StreamsCase {
         .unwrap(),
         policy: StreamPolicy::new(6)
             .unwrap()
-            .with_run(8)
+            .with_run(16)
             .unwrap()
             .with_share(2)
             .unwrap(),

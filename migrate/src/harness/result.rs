@@ -332,6 +332,12 @@ pub struct SourceCounters {
     /// Target pages each stream's cursor claimed after its faults (a slot per vCPU).
     #[serde(default)]
     pub stream_cursor_pages: Vec<u64>,
+    /// Hints each stream's cursor took as running backward (bubbling both ways).
+    #[serde(default)]
+    pub stream_backward_hints: Vec<u64>,
+    /// Runs each stream's cursor spent to the end of its budget.
+    #[serde(default)]
+    pub stream_runs_spent: Vec<u64>,
 }
 
 /// How the destination placed what arrived: duplicates, on purpose or not.
@@ -692,6 +698,8 @@ impl SourceCounters {
             resent_bytes: summary.resent_bytes,
             stream_hints_taken: summary.streams.iter().map(|s| s.hints_taken).collect(),
             stream_cursor_pages: summary.streams.iter().map(|s| s.cursor_pages).collect(),
+            stream_backward_hints: summary.streams.iter().map(|s| s.backward_hints).collect(),
+            stream_runs_spent: summary.streams.iter().map(|s| s.runs_spent).collect(),
         }
     }
 }
@@ -934,10 +942,12 @@ mod tests {
         "same_clock",
         "seed",
         "stall_ms",
+        "stream_backward_hints",
         "stream_cursor_pages",
         "stream_hints_taken",
         "stream_rate",
         "stream_run",
+        "stream_runs_spent",
         "stream_share",
         "tail",
         "takeovers",
