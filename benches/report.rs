@@ -893,7 +893,7 @@ impl Report {
                         &mut |n| f.run(Slots::One, false, n),
                     );
                     let note = format!(
-                        "{} hints at evenly spaced places, runs until claimed pages, share {}; ClaimBatch: 16",
+                        "{} hints at evenly spaced places, runs of a K-th of the block, share {}; ClaimBatch: 16",
                         STREAM_COUNTS[i],
                         pagehint::streams::StreamPolicy::DEFAULT_SHARE
                     );

@@ -66,14 +66,17 @@ struct Pair {
 }
 
 impl Pair {
-    fn new(bytes: u64, run: u64) -> Self {
+    /// `run(pages, k)`: the cursors' run with `k` streams over `pages` target pages.
+    fn new(bytes: u64, run: impl Fn(u64, u32) -> u64) -> Self {
         let layout = RamLayout::single("pc.ram", bytes, PAGE).expect("valid layout");
         let pages = layout.total_pages();
         let one = PageScheduler::new(layout.clone(), SchedulerConfig::preempt_hint())
             .expect("bitmap storage");
         let per = STREAM_COUNTS
             .iter()
-            .map(|&k| PageScheduler::new(layout.clone(), per_stream(k, run)).expect("storage"))
+            .map(|&k| {
+                PageScheduler::new(layout.clone(), per_stream(k, run(pages, k))).expect("storage")
+            })
             .collect();
         Self { one, per, pages }
     }
@@ -94,7 +97,7 @@ pub struct StreamServe {
 impl StreamServe {
     /// The fixture over a `bytes` block of 4 KiB pages.
     pub fn new(bytes: u64) -> Self {
-        let s = Arc::new(Pair::new(bytes, StreamPolicy::DEFAULT_RUN));
+        let s = Arc::new(Pair::new(bytes, |_, _| StreamPolicy::DEFAULT_RUN));
         let pages = s.pages;
         let watch = Arc::new(Stopwatch::default());
         let background: Role<Job> = {
@@ -203,10 +206,11 @@ pub struct CursorScan {
 }
 
 impl CursorScan {
-    /// The fixture over a `bytes` block of 4 KiB pages; cursors run until they meet claimed
-    /// pages.
+    /// The fixture over a `bytes` block of 4 KiB pages; with K streams each cursor's run is a
+    /// K-th of the block, from its hint to the next stream's (it spends its run as it meets
+    /// the next cursor's claims: a longer run would pass over them to the block's end).
     pub fn new(bytes: u64) -> Self {
-        let pair = Pair::new(bytes, u64::MAX);
+        let pair = Pair::new(bytes, |pages, k| pages / u64::from(k));
         let pages = pair.pages;
         Self { pair, pages }
     }

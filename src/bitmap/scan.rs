@@ -159,10 +159,10 @@ impl DirtyBitmap {
     }
 
     /// One step of a stream's cursor: claims the chunk of [`scan_step`]'s size that contains
-    /// `page` of `block`, without searching further (one read-modify-write; a chunk with
-    /// nothing left to claim is the cursor's signal to retire, met once per run, so a
-    /// pre-check load would cost every other step more than it saves). The chunk is clamped
-    /// to the block's end. `block` and `page` must be valid.
+    /// `page` of `block`, without searching further (one read-modify-write; a forward cursor
+    /// passes over chunks with nothing left to claim, at most a run's worth per hint: a
+    /// pre-check load measured no faster, `scan_claim_*streams_cursors_vs_linear`). The chunk
+    /// is clamped to the block's end. `block` and `page` must be valid.
     ///
     /// [`scan_step`]: DirtyBitmap::scan_step
     #[inline]
