@@ -398,6 +398,17 @@ mod tests {
         .unwrap()
     }
 
+    /// One stream over the test layout, every page dirty: the layout, bitmap, slot and
+    /// cursors (runs of `run` pages; the linear scan's share out of the way).
+    fn one_stream(run: u64) -> (RamLayout, DirtyBitmap, HintSlots, Cursors) {
+        let l = layout();
+        let bm = DirtyBitmap::new(&l).unwrap();
+        bm.mark_all();
+        let slots = HintSlots::new(1).unwrap();
+        let policy = StreamPolicy::new(1).unwrap().with_run(run).unwrap();
+        (l, bm, slots, Cursors::new(policy.with_share(100).unwrap()))
+    }
+
     fn pages(c: &Claim) -> Vec<u64> {
         c.host_pages().map(|hp| hp.first_page).collect()
     }
@@ -513,11 +524,7 @@ mod tests {
 
     #[test]
     fn backward_stream_bubbles_both_ways() {
-        let l = layout();
-        let bm = DirtyBitmap::new(&l).unwrap();
-        bm.mark_all();
-        let slots = HintSlots::new(1).unwrap();
-        let mut c = Cursors::new(StreamPolicy::new(1).unwrap().with_share(100).unwrap());
+        let (l, bm, slots, mut c) = one_stream(StreamPolicy::DEFAULT_RUN);
         // The stream faults on page 200, then on page 100 (its hints: the pages after).
         for h in [201, 101] {
             slots.offer(PageLocation::new(0, h)).unwrap();
@@ -533,18 +540,7 @@ mod tests {
 
     #[test]
     fn a_hint_inside_the_runs_claimed_pages_continues_the_run() {
-        let l = layout();
-        let bm = DirtyBitmap::new(&l).unwrap();
-        bm.mark_all();
-        let slots = HintSlots::new(1).unwrap();
-        let mut c = Cursors::new(
-            StreamPolicy::new(1)
-                .unwrap()
-                .with_run(32)
-                .unwrap()
-                .with_share(100)
-                .unwrap(),
-        );
+        let (l, bm, slots, mut c) = one_stream(32);
         slots.offer(PageLocation::new(0, 20)).unwrap();
         c.poll(&slots, &l, &bm, 4);
         assert_eq!(pages(&c.turn(&bm, 4).unwrap())[0], 16);
@@ -572,18 +568,7 @@ mod tests {
 
     #[test]
     fn a_far_hint_beside_a_live_run_is_a_detour_and_a_second_one_moves_the_run() {
-        let l = layout();
-        let bm = DirtyBitmap::new(&l).unwrap();
-        bm.mark_all();
-        let slots = HintSlots::new(1).unwrap();
-        let mut c = Cursors::new(
-            StreamPolicy::new(1)
-                .unwrap()
-                .with_run(64)
-                .unwrap()
-                .with_share(100)
-                .unwrap(),
-        );
+        let (l, bm, slots, mut c) = one_stream(64);
         slots.offer(PageLocation::new(0, 0)).unwrap();
         c.poll(&slots, &l, &bm, 4);
         assert_eq!(pages(&c.turn(&bm, 4).unwrap())[0], 0);
@@ -618,18 +603,7 @@ mod tests {
 
     #[test]
     fn a_jump_back_beyond_a_run_starts_a_new_forward_pass() {
-        let l = layout();
-        let bm = DirtyBitmap::new(&l).unwrap();
-        bm.mark_all();
-        let slots = HintSlots::new(1).unwrap();
-        let mut c = Cursors::new(
-            StreamPolicy::new(1)
-                .unwrap()
-                .with_run(64)
-                .unwrap()
-                .with_share(100)
-                .unwrap(),
-        );
+        let (l, bm, slots, mut c) = one_stream(64);
         // A reader at page 200 (its run spent meanwhile) starts its window again at page 100:
         // 100 pages back, more than the run of 64 reaches. It reads forward from there.
         slots.offer(PageLocation::new(0, 201)).unwrap();
@@ -650,18 +624,7 @@ mod tests {
 
     #[test]
     fn wide_host_pages_bubble_from_the_page_below_the_fault() {
-        let l = layout();
-        let bm = DirtyBitmap::new(&l).unwrap();
-        bm.mark_all();
-        let slots = HintSlots::new(1).unwrap();
-        let mut c = Cursors::new(
-            StreamPolicy::new(1)
-                .unwrap()
-                .with_run(4 * 512)
-                .unwrap()
-                .with_share(100)
-                .unwrap(),
-        );
+        let (l, bm, slots, mut c) = one_stream(4 * 512);
         // Faults on host pages 6 and then 4 of block 1 (hints after them: 7 and 5).
         for hp in [7, 5] {
             slots.offer(PageLocation::new(1, hp * 512)).unwrap();
