@@ -11,7 +11,7 @@
 #       1 vCPU runs three times REPEAT)
 #
 # Writes OUT_DIR/v{N}-{4K,2M}-{workloads}.{txt,json,svg} and the load average before and
-# after each invocation (the figures are only as quiet as the machine). About 15 minutes.
+# after each invocation (the figures are only as quiet as the machine). About 25 minutes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-target/measure-streams-qemu}

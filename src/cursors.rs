@@ -9,9 +9,9 @@
 //!   cursor there with a fresh *run*: a budget of [`StreamPolicy::run`] target pages.
 //!   A hint inside what the live run has already claimed forward (from where the run started
 //!   up to its forward edge) *continues* the run instead: the stream faulted on a page its own
-//!   cursor has on the way, and restarting there would find that chunk taken and retire the
-//!   cursor, leaving the stream to the linear scan wherever it is; the cursor keeps its edges
-//!   and takes a fresh budget.
+//!   cursor has on the way; the cursor keeps its edges and takes a fresh budget from there,
+//!   where a restart at the hint would spend the new run passing over what is already on its
+//!   way.
 //! * **Direction**: a hint in the same block below the stream's previous one, by at most one
 //!   run, means the stream runs backward; its cursor then *bubbles* both ways from the fault
 //!   (Hines, Deshpande and Gopalan, 2009), alternating a claim above with a claim below.
@@ -110,11 +110,22 @@ enum Started {
 /// What one cursor step did.
 struct Step {
     claim: Option<Claim>,
-    /// The step spent the run's budget with the forward edge still inside the block: where
-    /// the linear scan takes over.
+    /// The step spent the run's budget by a claim with the forward edge still inside the
+    /// block: where the linear scan takes over.
     spent_at: Option<PageLocation>,
     /// The step spent the run's budget.
     spent: bool,
+}
+
+impl Step {
+    /// A step that left the run's budget as it was.
+    fn unspent(claim: Option<Claim>) -> Self {
+        Self {
+            claim,
+            spent_at: None,
+            spent: false,
+        }
+    }
 }
 
 impl Cursor {
@@ -123,9 +134,10 @@ impl Cursor {
     }
 
     /// Whether `h` lies within a run's reach of the live run (same block, from a run below
-    /// where it started or reached down to, to a run above its forward edge).
+    /// its backward edge, which is never above where it started, to a run above its forward
+    /// edge).
     fn near(&self, h: PageLocation, run: u64) -> bool {
-        let low = self.first.min(self.back).saturating_sub(run);
+        let low = self.back.saturating_sub(run);
         h.block == self.block && (low..=self.fwd.saturating_add(run)).contains(&h.page)
     }
 
@@ -182,17 +194,14 @@ impl Cursor {
         }
     }
 
-    /// One claim at an edge (forward first, then alternating while both are live). An edge
-    /// with nothing to claim retires and the step claims nothing.
+    /// One step: a pending detour's chunk, else one claim at an edge (forward first, then
+    /// alternating while both are live). A forward edge with nothing to claim passes over
+    /// the chunk; a bubbling run's edge retires there; either way the step claims nothing.
     fn step(&mut self, bitmap: &DirtyBitmap, batch_shift: u32) -> Step {
         if let Some(d) = self.detour.take() {
             // The detour's chunk (nothing if it is already on its way), outside the run's
             // budget: one chunk per hint taken.
-            return Step {
-                claim: bitmap.claim_chunk_at(d.block, d.page, batch_shift).claim,
-                spent_at: None,
-                spent: false,
-            };
+            return Step::unspent(bitmap.claim_chunk_at(d.block, d.page, batch_shift).claim);
         }
         let below = self.back_live && (self.next_back || !self.fwd_live);
         let at = if below { self.back - 1 } else { self.fwd };
@@ -207,11 +216,7 @@ impl Cursor {
                 } else {
                     self.fwd_live = false;
                 }
-                return Step {
-                    claim: None,
-                    spent_at: None,
-                    spent: false,
-                };
+                return Step::unspent(None);
             }
             // Forward: the stream reads on past them; pass over the chunk within the run.
             self.fwd = st.end;
@@ -544,8 +549,8 @@ mod tests {
         slots.offer(PageLocation::new(0, 20)).unwrap();
         c.poll(&slots, &l, &bm, 4);
         assert_eq!(pages(&c.turn(&bm, 4).unwrap())[0], 16);
-        // The stream faults on page 24, which its cursor claimed: restarting at 25 would find
-        // chunk [16, 32) taken and retire. The run goes on at its edge with a fresh budget.
+        // The stream faults on page 24, which its cursor claimed: a restart at 25 would spend
+        // its run passing over [16, 32). The run goes on at its edge with a fresh budget.
         slots.offer(PageLocation::new(0, 25)).unwrap();
         c.poll(&slots, &l, &bm, 4);
         assert_eq!(c.live(), 1);
